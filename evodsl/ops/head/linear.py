@@ -1,0 +1,30 @@
+"""head(linear, d_out=K): y = W h + b, a per-token projection to K outputs (regression, tagging)."""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..registry import Op, OpEnv, OpParams, register
+
+
+class LinearHeadParams(OpParams):
+    d_out: int = Field(ge=1, le=1 << 24, description="output width")
+    bias: bool = Field(True, description="learned bias b")
+
+
+class LinearHead(nn.Module):
+    def __init__(self, p: LinearHeadParams, env: OpEnv):
+        super().__init__()
+        self.proj = nn.Linear(env.d, p.d_out, bias=p.bias)
+
+    def forward(self, h: torch.Tensor, ctx=None) -> torch.Tensor:
+        return self.proj(h)
+
+
+OP = register(Op(
+    family="head", variant="linear", params=LinearHeadParams, module=LinearHead, causal="n.a.",
+    shape=lambda p, env: (*env.shape[:-1], p.d_out),
+    paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762 (output projection)",
+    summary="W h + b",
+))

@@ -1,0 +1,45 @@
+"""head(lm): logits = h W^T, with W the token embedding E when tied=true (Press & Wolf 2016)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ..registry import Op, OpEnv, OpParams, ShapeProblem, register
+
+
+class LMHeadParams(OpParams):
+    tied: bool = Field(True, description="share the weight with embed(token)")
+    bias: bool = Field(False, description="learned output bias")
+
+
+def _shape(p: LMHeadParams, env: OpEnv):
+    if env.vocab is None:
+        raise ShapeProblem("head(lm) predicts tokens, but the model's input is not input(tokens, vocab=V)",
+                           hint="use head(linear, d_out=...) for continuous outputs")
+    if len(env.shape) != 3:
+        raise ShapeProblem("head(lm) needs a [b, n, d] stream")
+    return (*env.shape[:-1], env.vocab)
+
+
+class LMHead(nn.Module):
+    def __init__(self, p: LMHeadParams, env: OpEnv):
+        super().__init__()
+        self.tied = p.tied
+        self.weight = None if p.tied else nn.Parameter(torch.empty(env.vocab, env.d).normal_())
+        self.bias = nn.Parameter(torch.zeros(env.vocab)) if p.bias else None
+
+    def tie(self, embedding: nn.Module) -> None:
+        """Called by the backend with the model's embed(token) module when tied=true."""
+        self.weight = embedding.weight
+
+    def forward(self, h: torch.Tensor, ctx=None) -> torch.Tensor:
+        return F.linear(h, self.weight, self.bias)
+
+
+OP = register(Op(
+    family="head", variant="lm", params=LMHeadParams, module=LMHead, causal="n.a.", shape=_shape,
+    paper="Using the Output Embedding to Improve Language Models, Press & Wolf 2016, arXiv:1608.05859",
+    summary="logits = h E^T (tied) or h W^T (+ b)", note="LLM/000.md",
+))

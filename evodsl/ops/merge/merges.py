@@ -1,0 +1,58 @@
+"""merge(sum|mean|concat): how parallel(a, b, ..., merge=V) combines its k branches.
+
+sum: y = sum_i y_i; mean: y = (1/k) sum_i y_i; concat: y = W [y_1; ...; y_k] + b, a projection from k*d back to
+d, as Branchformer's concatenation merge (Peng et al. 2022)."""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..registry import Op, OpEnv, OpParams, ShapeProblem, register
+
+
+class NoMergeParams(OpParams):
+    pass
+
+
+class ConcatParams(OpParams):
+    bias: bool = Field(True, description="bias of the projection")
+
+
+def _same(p, env: OpEnv):
+    first = env.in_shapes[0]
+    for s in env.in_shapes[1:]:
+        if tuple(s) != tuple(first):
+            raise ShapeProblem(f"parallel branches disagree in shape: [{', '.join(map(str, first))}] vs "
+                               f"[{', '.join(map(str, s))}]", hint="every branch must keep the stream's width")
+    return first
+
+
+class SumMerge(nn.Module):
+    def __init__(self, mean: bool):
+        super().__init__()
+        self.mean = mean
+
+    def forward(self, xs: list, ctx=None) -> torch.Tensor:
+        y = xs[0]
+        for x in xs[1:]:
+            y = y + x
+        return y / len(xs) if self.mean else y
+
+
+class ConcatMerge(nn.Module):
+    def __init__(self, p: ConcatParams, env: OpEnv):
+        super().__init__()
+        self.proj = nn.Linear(env.d * len(env.in_shapes), env.d, bias=p.bias)
+
+    def forward(self, xs: list, ctx=None) -> torch.Tensor:
+        return self.proj(torch.cat(xs, dim=-1))
+
+
+PAPER = "Branchformer, Peng et al. 2022, arXiv:2207.02971"
+register(Op(family="merge", variant="sum", params=NoMergeParams, module=lambda p, env: SumMerge(False),
+            causal="n.a.", shape=_same, inputs=-1, paper=PAPER, summary="sum_i y_i", note="Arch/007.md"))
+register(Op(family="merge", variant="mean", params=NoMergeParams, module=lambda p, env: SumMerge(True),
+            causal="n.a.", shape=_same, inputs=-1, paper=PAPER, summary="(1/k) sum_i y_i", note="Arch/007.md"))
+register(Op(family="merge", variant="concat", params=ConcatParams, module=ConcatMerge, causal="n.a.", shape=_same,
+            inputs=-1, paper=PAPER, summary="W [y_1; ...; y_k] + b", note="Arch/007.md"))

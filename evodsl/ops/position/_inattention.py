@@ -1,0 +1,16 @@
+"""The interface of position schemes applied inside attention (rope, alibi): `attach()` returns one of these."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class InAttentionPosition(nn.Module):
+    """rotate(q, k) acts on q, k [b, h, n, dh] at positions 0..n-1; bias(i, j) returns an additive
+    score bias [h, *broadcast(i, j)] for query positions i and key positions j (integer tensors), or None."""
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor):
+        return q, k
+
+    def bias(self, i: torch.Tensor, j: torch.Tensor):
+        return None

@@ -1,0 +1,135 @@
+"""The op registry: every variant is declared once, as an `Op`, in its own file under evodsl/ops/<family>/.
+
+An `Op` carries everything about a variant: its pydantic params model, shape rule, causal claim, paper
+reference and torch module factory. Validation, `evodsl ops` and every backend read that one declaration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Union
+
+from pydantic import BaseModel, ConfigDict
+
+Dim = Union[int, str]  # an int, or a symbol such as "b" (batch) or "n" (sequence length)
+Shape = tuple  # tuple[Dim, ...]
+Causal = Literal["yes", "no", "n.a."]  # yes: has a causal form (and a bidirectional one); n.a.: per-token op
+
+
+class OpParams(BaseModel):
+    """Base of every op's params model: frozen, no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NoParams(OpParams):
+    pass
+
+
+class ShapeProblem(Exception):
+    """Raised by a shape rule; becomes a diagnostic pointing at `field`'s argument (or the call)."""
+
+    def __init__(self, message: str, field: str | None = None, hint: str = ""):
+        super().__init__(message)
+        self.message, self.field, self.hint = message, field, hint
+
+
+@dataclass(frozen=True)
+class OpEnv:
+    """What an op sees when its shape is inferred and its module built: shapes only, never data."""
+
+    in_shapes: tuple  # tuple[Shape, ...], one per input
+    causal: bool = False  # the model is autoregressive: token mixers must not look ahead
+    pos: tuple | None = None  # (Op, params) of the position scheme applied inside attention (rope, alibi)
+    vocab: int | None = None  # the model's token vocabulary, when its input is input(tokens, vocab=V)
+    residual_scores: bool = False  # RealFormer: add the previous layer's raw scores (residual(..., scores=true))
+
+    @property
+    def shape(self) -> Shape:
+        return self.in_shapes[0]
+
+    @property
+    def d(self) -> int:
+        """Width of the (first) input's last dimension."""
+        return self.in_shapes[0][-1]
+
+
+def same_shape(params: OpParams, env: OpEnv) -> Shape:
+    return env.shape
+
+
+@dataclass(frozen=True)
+class Op:
+    family: str  # "mha", "ffn", "norm", ...
+    variant: str  # "softmax", "glu", ...
+    params: type[OpParams]
+    module: Callable  # (params, env) -> torch.nn.Module with forward(x, ctx) (merge: forward(xs, ctx))
+    causal: Causal
+    paper: str  # "Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762"
+    summary: str  # the defining equation in one line
+    shape: Callable = same_shape  # (params, env) -> Shape, raises ShapeProblem
+    note: str = ""  # path under ../shared/reference/transformer-evolution/, if any
+    inputs: int = 1  # number of inputs; -1 = two or more (merge)
+    supports: frozenset = frozenset()  # attention: "rope", "alibi" (applied inside), "residual_scores" (RealFormer)
+    attach: Callable | None = None  # pos ops applied inside attention: (params, heads, head_dim) -> nn.Module
+
+    @property
+    def id(self) -> str:
+        return f"{self.family}({self.variant})"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    default: str | None  # the variant used when a call names none (`norm` = `norm(layernorm)`)
+    role: str  # "sublayer" (mha, ffn, mixer: residual sugar applies), "norm", "input", "stream", "internal"
+    module_name: str  # prefix of the module's name in the built model (`attn` -> blocks.0.attn.q_proj)
+    doc: str
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("input", None, "input", "input", "model input: tokens(vocab) ids [b, n] or features(d) [b, n, d]"),
+    Family("embed", "token", "stream", "embed", "token or feature embedding into d_model"),
+    Family("pos", None, "stream", "pos", "positions: added to the stream, or applied inside attention"),
+    Family("norm", "layernorm", "norm", "norm", "per-token normalization"),
+    Family("mha", "softmax", "sublayer", "attn", "multi-head attention (token mixing)"),
+    Family("mixer", None, "sublayer", "mixer", "token mixing without attention"),
+    Family("ffn", "mlp", "sublayer", "ffn", "position-wise feed-forward (channel mixing)"),
+    Family("head", "lm", "stream", "head", "output head"),
+    Family("residual", None, "internal", "scale", "residual branch scaling, used as residual(..., scale=V)"),
+    Family("merge", "sum", "internal", "merge", "merge of parallel branches, used as parallel(..., merge=V)"),
+    Family("dropout", "standard", "stream", "dropout", "dropout on the stream (training only)"),
+]}
+
+REGISTRY: dict[tuple[str, str], Op] = {}
+
+
+def register(op: Op) -> Op:
+    """Add an op; a duplicate (family, variant) or an unknown family is an error."""
+    if op.family not in FAMILIES:
+        raise ValueError(f"unknown op family {op.family!r} for {op.id}; known: {sorted(FAMILIES)}")
+    if (op.family, op.variant) in REGISTRY:
+        raise ValueError(f"op {op.id} is registered twice")
+    cfg = op.params.model_config
+    if not (cfg.get("frozen") and cfg.get("extra") == "forbid"):
+        raise ValueError(f"{op.id}: params model must be frozen with extra='forbid' (derive from OpParams)")
+    REGISTRY[(op.family, op.variant)] = op
+    return op
+
+
+def variants(family: str) -> list[str]:
+    return sorted(v for f, v in REGISTRY if f == family)
+
+
+def lookup(family: str, variant: str) -> Op | None:
+    return REGISTRY.get((family, variant))
+
+
+@dataclass
+class Ctx:
+    """Per-forward state shared by the modules of one model call (torch backend).
+
+    scores: the previous layer's raw attention scores, for RealFormer-style residual attention.
+    """
+
+    scores: object = None
+    extra: dict = field(default_factory=dict)

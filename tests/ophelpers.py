@@ -1,0 +1,48 @@
+"""Helpers for op tests: build one registered op's module standalone, and the causal leak check."""
+from __future__ import annotations
+
+import torch
+
+from evodsl.ops import OpEnv, load_all, lookup
+
+
+def make_op(family: str, variant: str, d: int = 32, causal: bool = False, pos=None, seed: int = 0,
+            dtype=torch.float64, residual_scores: bool = False, vocab=None, in_shapes=None, **kwargs):
+    """Build op `family(variant, **kwargs)` for a [b, n, d] stream. `pos` = ("rope", {...}) or ("alibi", {})
+    attaches that in-attention position scheme. Returns (module, params, env) in `dtype`, eval mode."""
+    load_all()
+    op = lookup(family, variant)
+    assert op is not None, f"{family}({variant}) is not registered"
+    params = op.params(**kwargs)
+    pos_pair = None
+    if pos is not None:
+        pos_op = lookup("pos", pos[0])
+        pos_pair = (pos_op, pos_op.params(**pos[1]))
+    env = OpEnv(in_shapes=in_shapes or (("b", "n", d),), causal=causal, pos=pos_pair, vocab=vocab,
+                residual_scores=residual_scores)
+    op.shape(params, env)  # the shape rule must accept what the test builds
+    torch.manual_seed(seed)
+    module = op.module(params, env).to(dtype).eval()
+    return module, params, env
+
+
+def perturb_params(module: torch.nn.Module, seed: int = 1, scale: float = 0.5) -> None:
+    """Give every parameter random values, so a test does not pass because of zero/one initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def assert_no_leak(fn, b: int = 2, n: int = 24, d: int = 32, dtype=torch.float64, atol: float = 1e-10) -> None:
+    """Leak test: for every t, changing tokens t+1.. never changes outputs at positions 0..t."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(b, n, d, generator=g, dtype=dtype)
+    y = fn(x)
+    for t in range(n - 1):
+        x2 = x.clone()
+        x2[:, t + 1:] = torch.randn(b, n - t - 1, d, generator=g, dtype=dtype) * 3
+        y2 = fn(x2)
+        diff = (y2[:, : t + 1] - y[:, : t + 1]).abs().max().item()
+        assert diff <= atol, f"output at positions <= {t} changed by {diff} when tokens > {t} changed"
+    # and the check itself can fail: the future does reach the last position's neighbours in general
