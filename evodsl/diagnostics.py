@@ -95,11 +95,13 @@ class Collector:
             raise EvoError(self.items, self.source)
 
 
-def did_you_mean(word: str, choices, prefix: str = "") -> str:
-    """A hint naming the closest choice, or listing them all when none is close."""
+def did_you_mean(word: str, choices, prefix: str = "", listing: bool = True) -> str:
+    """A hint naming the closest choice, or (with `listing`) listing them all when none is close."""
     choices = sorted(str(c) for c in choices)
     close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
     if close:
         return f"did you mean '{close[0]}'?"
+    if not listing:
+        return ""
     listed = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
     return f"{prefix}expected one of: {listed}" if choices else ""

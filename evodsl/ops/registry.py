@@ -18,7 +18,7 @@ Causal = Literal["yes", "no", "n.a."]  # yes: has a causal form (and a bidirecti
 class OpParams(BaseModel):
     """Base of every op's params model: frozen, no unknown fields."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 class NoParams(OpParams):

@@ -26,7 +26,7 @@ def _shape(p: TokenEmbeddingParams, env: OpEnv):
 class TokenEmbedding(nn.Module):
     def __init__(self, p: TokenEmbeddingParams, env: OpEnv):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(env.vocab, p.d_model).normal_())
+        self.weight = nn.Parameter(torch.empty(env.vocab, p.d_model).normal_(0.0, 0.02))
         self.segment = nn.Embedding(p.segments, p.d_model) if p.segments else None
         self.multiplier = math.sqrt(p.d_model) if p.scale else 1.0
 

@@ -27,7 +27,7 @@ class LMHead(nn.Module):
     def __init__(self, p: LMHeadParams, env: OpEnv):
         super().__init__()
         self.tied = p.tied
-        self.weight = None if p.tied else nn.Parameter(torch.empty(env.vocab, env.d).normal_())
+        self.weight = None if p.tied else nn.Parameter(torch.empty(env.vocab, env.d).normal_(0.0, 0.02))
         self.bias = nn.Parameter(torch.zeros(env.vocab)) if p.bias else None
 
     def tie(self, embedding: nn.Module) -> None:

@@ -15,7 +15,7 @@ class LearnedPositionParams(OpParams):
 class LearnedPosition(nn.Module):
     def __init__(self, p: LearnedPositionParams, env: OpEnv):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(p.max_len, env.d).normal_())
+        self.weight = nn.Parameter(torch.empty(p.max_len, env.d).normal_(0.0, 0.02))
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         n = x.shape[1]

@@ -1,0 +1,94 @@
+"""PyTorch backend: lowers a validated Graph to an ordinary nn.Module tree, interpreting the nodes in order.
+
+Module names follow the graph (`blocks.0.attn.q_proj.weight`). Weights are initialised deterministically from
+`seed`; on the meta device no memory is allocated (inspect a 7B spec's structure and parameter count).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from evodsl.ir import Graph
+from evodsl.ops.registry import Ctx
+
+
+class GraphModule(nn.Module):
+    """Runs one graph scope: each instruction is (value, kind, module name, input values)."""
+
+    def __init__(self, graph: Graph):
+        super().__init__()
+        self._program: list[tuple] = []
+        self._input = graph.input.name
+        for n in graph.nodes[1:]:
+            if n.kind == "call":
+                self.add_module(n.module, n.op.module(n.params, n.meta["env"]))
+            elif n.kind == "repeat":
+                copies = 1 if n.shared else n.count
+                self.add_module(n.module, Repeat([GraphModule(n.body) for _ in range(copies)], n.count))
+            multi = n.kind == "call" and n.op.inputs == -1
+            self._program.append((n.name, n.kind, n.module, tuple(n.inputs), multi))
+        self._output = graph.output.inputs[0]
+
+    def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        values = {self._input: x}
+        for name, kind, module, inputs, multi in self._program:
+            if kind == "add":
+                values[name] = values[inputs[0]] + values[inputs[1]]
+            elif kind == "output":
+                continue
+            elif multi:
+                values[name] = getattr(self, module)([values[i] for i in inputs], ctx)
+            else:
+                values[name] = getattr(self, module)(values[inputs[0]], ctx)
+        return values[self._output]
+
+
+class Repeat(nn.ModuleList):
+    """`count` applications of its bodies: one body per application, or a single shared body."""
+
+    def __init__(self, bodies: list, count: int):
+        super().__init__(bodies)
+        self.count = count
+
+    def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        for i in range(self.count):
+            x = self[i % len(self)](x, ctx)
+        return x
+
+
+class EvoModel(GraphModule):
+    """The compiled model. forward(input_ids [b, n]) -> logits [b, n, vocab] for LMs; features [b, n, d] in,
+    the last op's output out otherwise. `aux_loss()` sums the ops' auxiliary losses (e.g. adaptive span)."""
+
+    def __init__(self, graph: Graph, spec: str = "", file: str = ""):
+        super().__init__(graph)
+        self.spec, self.spec_file, self.graph_name = spec, file, graph.name
+        self.input_kind = graph.input.variant
+        calls = [n for n in graph.nodes if n.kind == "call"]
+        embed = next((n for n in calls if (n.family, n.variant) == ("embed", "token")), None)
+        for n in calls:  # ops with tied=true share the token embedding's weight (validated by the shape pass)
+            if getattr(n.params, "tied", False):
+                getattr(self, n.module).tie(getattr(self, embed.module))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x, Ctx())
+
+    def aux_loss(self) -> torch.Tensor:
+        losses = [m.aux_loss() for m in self.modules() if m is not self and hasattr(m, "aux_loss")]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+def lower(graph: Graph, seed: int = 0, device=None, dtype=None, spec: str = "", file: str = "") -> EvoModel:
+    device = torch.device(device) if device is not None else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if device is not None and device.type == "meta":
+            with torch.device("meta"):
+                model = EvoModel(graph, spec, file)
+        else:
+            model = EvoModel(graph, spec, file)
+    if device is not None and device.type != "meta":
+        model = model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

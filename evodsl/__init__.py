@@ -1,0 +1,99 @@
+"""evodsl: declare a Transformer variant in a few lines, check it, and build it as a PyTorch module.
+
+    import evodsl
+    graph = evodsl.parse("specs/gpt2.evo")        # validated graph IR; print(graph) shows it
+    model = evodsl.compile("specs/gpt2.evo")      # torch.nn.Module: input_ids [b, n] -> logits [b, n, vocab]
+
+Every problem in a spec raises one `EvoError` whose `.diagnostics` list each with file:line:col.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .diagnostics import Diagnostic, EvoError, Span
+from .ir import Graph
+from .ops import load_all
+from .passes.build import build
+from .passes.shapes import infer_shapes
+from .syntax import parse_program
+
+__all__ = ["EvoError", "Diagnostic", "Span", "Graph", "parse", "compile", "save", "load", "read_source"]
+__version__ = "0.1.0"
+
+ARTIFACT_FORMAT = "evodsl-torch/1"
+
+
+def read_source(text_or_path) -> tuple[str, str]:
+    """(source text, file name). A Path, or a one-line string ending in .evo, is read as a file."""
+    if isinstance(text_or_path, Path) or (isinstance(text_or_path, str) and "\n" not in text_or_path
+                                          and text_or_path.strip().endswith(".evo")):
+        path = Path(text_or_path)
+        try:
+            return path.read_text(encoding="utf-8"), str(text_or_path)
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+            raise EvoError([Diagnostic("E401", f"cannot read spec {str(text_or_path)!r}: {reason}",
+                                       help="pass a path to a .evo file, or the spec text itself")]) from None
+    if not isinstance(text_or_path, str):
+        raise EvoError([Diagnostic("E401", f"expected spec text or a path, got {type(text_or_path).__name__}")])
+    return text_or_path, "<string>"
+
+
+def parse(text_or_path) -> Graph:
+    """Parse and validate a spec: returns the graph IR with shapes inferred, or raises EvoError."""
+    load_all()
+    source, file = read_source(text_or_path)
+    program = parse_program(source, file)
+    graph, collector = build(program)
+    collector.raise_if_any()
+    infer_shapes(graph, collector)
+    collector.raise_if_any()
+    graph.lint()
+    graph.source, graph.file = source, file
+    return graph
+
+
+def compile(text_or_path, backend: str = "torch", seed: int = 0, device=None, dtype=None):  # noqa: A001
+    """Build a spec. backend="torch" returns an nn.Module (eval mode) with weights drawn from `seed`;
+    device="meta" builds the structure without allocating weights."""
+    if backend != "torch":
+        raise EvoError([Diagnostic("E402", f"unknown backend {backend!r}", help="available backends: torch")])
+    graph = parse(text_or_path)
+    from .backends.lower_torch import lower
+
+    return lower(graph, seed=seed, device=device, dtype=dtype, spec=graph.source, file=graph.file)
+
+
+def save(model, path) -> None:
+    """Write a compiled model as an artifact: its spec text and state_dict (loads back with `load`).
+    The file appears whole or not at all."""
+    import torch
+
+    payload = {"format": ARTIFACT_FORMAT, "spec": model.spec, "spec_file": model.spec_file,
+               "state_dict": model.state_dict()}
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(path, device=None):
+    """Load an artifact written by `save` (or `evodsl compile -o`): rebuilds the spec, loads the weights."""
+    import torch
+
+    payload = torch.load(path, map_location=device or "cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
+        raise EvoError([Diagnostic("E403", f"{path} is not an evodsl artifact ({ARTIFACT_FORMAT})")])
+    from .backends.lower_torch import lower
+
+    graph = parse(payload["spec"])
+    model = lower(graph, device=device, spec=payload["spec"], file=payload["spec_file"])
+    model.load_state_dict(payload["state_dict"])
+    return model
