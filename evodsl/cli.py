@@ -67,6 +67,9 @@ def _cmd_ops(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return EXIT_OK
+    if args.markdown:
+        print(markdown_table(rows))
+        return EXIT_OK
     for r in rows:
         print(f"{r['op']:<22} causal={r['causal']:<4} {r['summary']}")
         print(f"{'':<22} {r['paper']}")
@@ -74,6 +77,17 @@ def _cmd_ops(args) -> int:
             default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
             print(f"{'':<24}{p['name']}: {p['type']} ({default}) {p['description']}")
     return EXIT_OK
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The README's op table (tests/test_readme.py checks the README holds exactly this)."""
+    out = ["| op | parameters (default) | causal | equation | paper |", "|---|---|---|---|---|"]
+    for r in rows:
+        params = ", ".join(p["name"] + ("" if p["required"] else f"={json.dumps(p['default'])}")
+                           for p in r["params"]) or "-"
+        cells = [f"`{r['op']}`", params, r["causal"], r["summary"], r["paper"]]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(out)
 
 
 def _type_name(annotation) -> str:
@@ -98,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--meta", action="store_true", help="build on the meta device: no weights are allocated")
     b.set_defaults(run=_cmd_compile)
     o = sub.add_parser("ops", help="list the registered ops", description="List every op with its parameters.")
-    o.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt = o.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt.add_argument("--markdown", action="store_true", help="a markdown table (the README's op table)")
     o.set_defaults(run=_cmd_ops)
     return p
 

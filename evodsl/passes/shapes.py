@@ -54,8 +54,10 @@ def _infer(g: Graph, c: Collector, causal: bool, vocab, pos, top: Graph):
     return pos
 
 
-def _call(n: Node, ins, c: Collector, causal: bool, vocab, pos, top: Graph):
+def _call(n: Node, ins, c: Collector, causal: bool, vocab, pos_node: Node | None, top: Graph):
+    """`pos_node` is the pos(...) call whose scheme applies inside attention from here on (rope, alibi)."""
     op = n.op
+    pos = (pos_node.op, pos_node.params) if pos_node is not None else None
     env = OpEnv(in_shapes=tuple(tuple(s) for s in ins), causal=causal, pos=pos, vocab=vocab,
                 residual_scores=n.residual_scores)
     spans = n.meta.get("arg_spans", {})
@@ -74,5 +76,11 @@ def _call(n: Node, ins, c: Collector, causal: bool, vocab, pos, top: Graph):
     except ShapeProblem as p:
         c.error("E300", p.message, spans.get(p.field, n.span), help=p.hint)
         raise _Stop from None
+    if op.family == "mha" and pos is not None and pos[0].variant in op.supports:
+        try:  # the scheme's own checks against this attention's heads (e.g. rope's rotated channels)
+            pos[0].attach(pos[1], n.params.heads, n.params.head_dim or env.d // n.params.heads)
+        except ShapeProblem as p:
+            c.error("E300", p.message, pos_node.meta.get("arg_spans", {}).get(p.field, pos_node.span),
+                    help=p.hint)
     n.meta["shape"], n.meta["env"] = tuple(shape), env
-    return (op, n.params) if op.attach is not None else pos
+    return n if op.attach is not None else pos_node

@@ -19,8 +19,7 @@ class LearnedPosition(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         n = x.shape[1]
-        torch._check(n <= self.weight.shape[0], lambda: f"sequence length {n} > pos(learned) max_len "
-                                                        f"{self.weight.shape[0]}")
+        torch._check(n <= self.weight.shape[0], lambda: "sequence longer than pos(learned) max_len")
         return x + self.weight[:n]
 
 
