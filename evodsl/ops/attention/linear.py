@@ -1,0 +1,90 @@
+"""mha(linear, phi=elu1, eps=1e-6): linear attention, "Transformers are RNNs" (Katharopoulos et al. 2020).
+
+Per head, with the feature map phi(x) = elu(x) + 1 applied elementwise to q_i, k_j in R^dh (no 1/sqrt(dh)
+scaling and no softmax are part of the method):
+
+    bidirectional:  V'_i = phi(q_i)^T S / (phi(q_i)^T z + eps),        S = sum_j phi(k_j) v_j^T,  z = sum_j phi(k_j)
+    causal:         V'_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps),    S_i, z_i the same sums over j <= i
+
+The causal form runs in chunks of C tokens: within a chunk, the masked C x C products phi(Q) phi(K)^T (j <= i);
+across chunks, the [dh x dh] state S and the [dh] state z of all earlier chunks (an exclusive cumulative sum over
+per-chunk states). Time and memory are O(n C dh + (n / C) dh^2): no n x n tensor, no per-position [dh x dh]
+state. kv_heads < heads shares K/V heads. A rotary position scheme rotates q and k before phi (which keeps
+every weight phi(q_i)^T phi(k_j) positive); ALiBi's additive score bias has no place here.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..registry import Op, OpEnv, ShapeProblem, register
+from ._common import AttentionBase, AttentionParams, attention_shape
+
+FEATURE_MAPS = {
+    "elu1": lambda x: F.elu(x) + 1,  # Katharopoulos et al. 2020, eq. 7
+}
+
+
+class LinearAttentionParams(AttentionParams):
+    phi: Literal["elu1"] = Field("elu1", description="feature map applied to q and k: elu1 = elu(x) + 1")
+    eps: float = Field(1e-6, ge=0.0, description="added to the denominator phi(q_i)^T sum_j phi(k_j)")
+
+
+def linear_attention_shape(p: LinearAttentionParams, env: OpEnv):
+    if p.dropout:
+        raise ShapeProblem("mha(linear) never forms the attention weights, so it has none to drop out", "dropout",
+                           "remove dropout=, or put dropout(standard) on the stream")
+    return attention_shape(p, env)
+
+
+class LinearAttention(AttentionBase):
+    chunk = 64  # C, tokens per chunk of the causal form
+
+    def __init__(self, p: LinearAttentionParams, env: OpEnv):
+        super().__init__(p, env)
+        self.phi, self.eps = p.phi, p.eps
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        k, v = self.expand_kv(k), self.expand_kv(v)
+        return self.out(self._causal(q, k, v) if self.causal else self._bidirectional(q, k, v))
+
+    def _bidirectional(self, q, k, v):
+        phi = FEATURE_MAPS[self.phi]
+        q, k = phi(q), phi(k)
+        s = k.transpose(-1, -2) @ v  # [b, h, dh, dh]: sum_j phi(k_j) v_j^T
+        z = k.sum(-2, keepdim=True)  # [b, h, 1, dh]: sum_j phi(k_j)
+        den = (q * z).sum(-1, keepdim=True)
+        return (q @ s) / (den + self.eps)
+
+    def _causal(self, q, k, v):
+        b, h, n, dh = q.shape
+        c = min(self.chunk, n)
+        pad = -n % c  # padded tokens come last, so causally they reach only padded outputs, which are dropped
+        if pad:
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        m = (n + pad) // c
+        phi = FEATURE_MAPS[self.phi]
+        q, k = phi(q.reshape(b, h, m, c, dh)), phi(k.reshape(b, h, m, c, dh))
+        v = v.reshape(b, h, m, c, v.shape[-1])
+        # within a chunk: phi(q_i)^T phi(k_j) for j <= i, a [C x C] block per chunk
+        future = torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1)
+        a = (q @ k.transpose(-1, -2)).masked_fill(future, 0.0)
+        # across chunks: the states of all earlier chunks, an exclusive cumulative sum over chunks
+        s = F.pad((k.transpose(-1, -2) @ v).cumsum(2), (0, 0, 0, 0, 1, 0))[:, :, :m]  # [b, h, m, dh, dh]
+        z = F.pad(k.sum(-2).cumsum(2), (0, 0, 1, 0))[:, :, :m].unsqueeze(-1)  # [b, h, m, dh, 1]
+        num = a @ v + q @ s
+        den = a.sum(-1, keepdim=True) + q @ z
+        return (num / (den + self.eps)).reshape(b, h, m * c, -1)[:, :, :n]
+
+
+OP = register(Op(
+    family="mha", variant="linear", params=LinearAttentionParams, module=LinearAttention,
+    causal="yes", shape=linear_attention_shape, supports=frozenset({"rope"}),
+    paper="Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention, Katharopoulos et al. "
+          "2020, arXiv:2006.16236",
+    summary="phi(q_i)^T sum_j phi(k_j) v_j^T / (phi(q_i)^T sum_j phi(k_j) + eps), phi = elu + 1; causal: j <= i",
+))

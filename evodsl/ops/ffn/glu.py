@@ -1,0 +1,61 @@
+"""ffn(glu | bilinear | reglu | geglu | swiglu): FFN_act(x) = (act(x W) ⊙ x V) W2 (Shazeer 2020).
+
+One module, five variants, read from the VARIANTS table. W, V, W2 are `gate_proj`, `up_proj`, `down_proj`
+as in LLaMA, so ffn(swiglu) has HF LlamaMLP's parameters. Three matrices instead of two: to keep the
+parameter count of a 4 d FFN the paper takes d_ff = 8 d / 3; our default rounds that UP to a multiple of 64
+(d = 512 -> 1408, d = 4096 -> 10944); a d_ff set by the user is taken as is (LLaMA-7B: 11008).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ..registry import Op, OpEnv, OpParams, register
+
+# variant -> (activation on the gate x W, summary)
+VARIANTS = {
+    "glu": (torch.sigmoid, "(sigmoid(x W) ⊙ x V) W2"),
+    "bilinear": (lambda z: z, "(x W ⊙ x V) W2"),
+    "reglu": (F.relu, "(relu(x W) ⊙ x V) W2"),
+    "geglu": (F.gelu, "(gelu(x W) ⊙ x V) W2"),  # exact GELU, x * Phi(x)
+    "swiglu": (F.silu, "(swish(x W) ⊙ x V) W2"),  # Swish with beta = 1, i.e. SiLU
+}
+
+
+def default_d_ff(d: int) -> int:
+    """8 d / 3 rounded up to a multiple of 64."""
+    return -(-8 * d // (3 * 64)) * 64
+
+
+class GLUParams(OpParams):
+    d_ff: int | None = Field(None, ge=1, description="hidden width; default 8 d_model / 3 rounded up to a "
+                                                      "multiple of 64")
+    bias: bool = Field(False, description="biases on W, V, W2 (the paper's FFNs have none)")
+
+
+class GatedFFN(nn.Module):
+    def __init__(self, p: GLUParams, env: OpEnv, variant: str = "swiglu"):
+        super().__init__()
+        d_ff = p.d_ff or default_d_ff(env.d)
+        self.variant = variant
+        self.act = VARIANTS[variant][0]
+        self.gate_proj = nn.Linear(env.d, d_ff, bias=p.bias)  # W
+        self.up_proj = nn.Linear(env.d, d_ff, bias=p.bias)  # V
+        self.down_proj = nn.Linear(d_ff, env.d, bias=p.bias)  # W2
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant}"
+
+
+OPS = [register(Op(
+    family="ffn", variant=name, params=GLUParams, module=partial(GatedFFN, variant=name), causal="n.a.",
+    paper="GLU Variants Improve Transformer, Shazeer 2020, arXiv:2002.05202",
+    summary=summary, note="FFN/003.md",
+)) for name, (_, summary) in VARIANTS.items()]

@@ -1,0 +1,30 @@
+"""head(pooler): BERT's pooler, y = tanh(W h_0 + b) on the first ([CLS]) token only: [b, n, d] -> [b, d]."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import NoParams, Op, OpEnv, ShapeProblem, register
+
+
+def _shape(p: NoParams, env: OpEnv):
+    if len(env.shape) != 3:
+        raise ShapeProblem("head(pooler) needs a [b, n, d] stream")
+    return (env.shape[0], env.d)
+
+
+class Pooler(nn.Module):
+    def __init__(self, p: NoParams, env: OpEnv):
+        super().__init__()
+        self.dense = nn.Linear(env.d, env.d)
+
+    def forward(self, h: torch.Tensor, ctx=None) -> torch.Tensor:
+        return torch.tanh(self.dense(h[:, 0]))
+
+
+OP = register(Op(
+    family="head", variant="pooler", params=NoParams, module=Pooler, causal="n.a.", shape=_shape,
+    paper="BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding, "
+          "Devlin et al. 2018, arXiv:1810.04805",
+    summary="tanh(W h_0 + b), h_0 the first token's state",
+))

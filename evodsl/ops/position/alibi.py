@@ -1,0 +1,64 @@
+"""pos(alibi): attention with linear biases (ALiBi, Press et al. 2021), applied inside every attention layer
+downstream; on the stream it is the identity, and no position embedding is added.
+
+Head h adds −m_h·(i − j) to the score of query i for key j ≤ i. The paper is causal; for bidirectional
+attention this op uses −m_h·|i − j|, the common symmetric extension (the paper does not define one).
+Slopes: for H heads, H a power of two, m_h = 2^(−8h/H), h = 1..H. Otherwise (the official code's rule) take
+the slopes of 2^k heads, 2^k the largest power of two below H, then the slopes of 2^(k+1) heads at odd
+positions h = 1, 3, 5, ... for the remaining H − 2^k heads.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..registry import Op, OpEnv, OpParams, register
+from ._inattention import InAttentionPosition
+
+
+class AlibiParams(OpParams):
+    pass
+
+
+def alibi_slopes(heads: int) -> list[float]:
+    """m_1..m_H of the paper (and of its official code for H not a power of two)."""
+    if heads & (heads - 1) == 0:
+        return [2.0 ** (-8.0 * h / heads) for h in range(1, heads + 1)]
+    low = 2 ** int(math.floor(math.log2(heads)))
+    return alibi_slopes(low) + alibi_slopes(2 * low)[0::2][: heads - low]
+
+
+class AlibiBias(InAttentionPosition):
+    """bias(i, j) = −m_h·|i − j|, shape [h, *broadcast(i, j)]; the causal mask removes j > i."""
+
+    def __init__(self, p: AlibiParams, heads: int, head_dim: int):
+        super().__init__()
+        self.register_buffer("slopes", torch.tensor(alibi_slopes(heads), dtype=torch.float32), persistent=False)
+
+    def bias(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        distance = (i - j).abs()
+        return -self.slopes.view(-1, *([1] * distance.dim())) * distance
+
+    def extra_repr(self) -> str:
+        return f"heads={self.slopes.numel()}"
+
+
+class AlibiStream(nn.Module):
+    """On the stream pos(alibi) is the identity: the attention layers downstream add the bias."""
+
+    def __init__(self, p: AlibiParams, env: OpEnv):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        return x
+
+
+OP = register(Op(
+    family="pos", variant="alibi", params=AlibiParams, module=AlibiStream, causal="yes", attach=AlibiBias,
+    paper="Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation, "
+          "Press et al. 2021, arXiv:2108.12409",
+    summary="score_h(i, j) += −m_h·(i − j) for j ≤ i (bidirectional: −m_h·|i − j|), m_h = 2^(−8h/H)",
+    note="LLM/001.md",
+))

@@ -1,0 +1,46 @@
+"""pos(sinusoidal, base=10000): h_t = x_t + PE[t], the fixed table of Vaswani et al. 2017:
+PE(t, 2i) = sin(t / base^(2i/d)), PE(t, 2i+1) = cos(t / base^(2i/d)).
+
+No parameters and no length limit: the table is computed for the actual n on every call (O(n d), the same
+as the addition). An odd d keeps the last sine channel and drops its cosine partner.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..registry import Op, OpEnv, OpParams, register
+
+
+class SinusoidalPositionParams(OpParams):
+    base: float = Field(10000.0, gt=1.0, description="wavelengths run from 2π to base·2π")
+
+
+def sinusoidal_table(n: int, d: int, base: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """PE [n, d]: column 2i is sin(t·ω_i), column 2i+1 is cos(t·ω_i), with ω_i = base^(-2i/d)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32  # angles in at least float32
+    t = torch.arange(n, device=device, dtype=work)
+    omega = base ** (-torch.arange(0, d, 2, device=device, dtype=work) / d)  # [ceil(d/2)]
+    angle = t[:, None] * omega[None, :]
+    return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)[:, :d].to(dtype)
+
+
+class SinusoidalPosition(nn.Module):
+    def __init__(self, p: SinusoidalPositionParams, env: OpEnv):
+        super().__init__()
+        self.base = p.base
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        return x + sinusoidal_table(x.shape[1], x.shape[-1], self.base, x.device, x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"base={self.base:g}"
+
+
+OP = register(Op(
+    family="pos", variant="sinusoidal", params=SinusoidalPositionParams, module=SinusoidalPosition,
+    causal="yes",
+    paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",
+    summary="x_t + PE[t], PE(t, 2i) = sin(t / base^(2i/d)), PE(t, 2i+1) = cos(t / base^(2i/d))",
+))
