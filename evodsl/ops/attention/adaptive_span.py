@@ -1,0 +1,95 @@
+"""mha(adaptive_span): every head learns how far back it looks (Sukhbaatar et al. 2019).
+
+Head h has a learned span z_h = S * clamp(p_h, 0, 1) (S = max_span, p_h a parameter initialised to
+span_init) and a soft mask over the distance x between query and key, with ramp length R:
+
+    m_z(x) = clamp((R + z - x) / R, 0, 1)
+    a_tr   = m_z(x_tr) exp(s_tr) / sum_{q in W(t)} m_z(x_tq) exp(s_tq),   s_tr = q_t . k_r / sqrt(dh)
+    o_t    = sum_{r in W(t)} a_tr v_r
+    causal:        W(t) = {r : t-S+1 <= r <= t},  x_tr = t - r      (distances 0 .. S-1)
+    bidirectional: W(t) = {r : |t-r| < S},        x_tr = |t - r|
+
+clipped to 0 .. n-1 (with ALiBi, its bias is added to s_tr). It is computed exactly as softmax over the
+band of s_tr + log m_z(x_tr), with log 0 = -inf, by the O(n * S) banded kernel (_banded.py). Keys with
+x >= R + z_h have m = 0 for every head, so outside tracing the band is cut to distance floor(R + max_h z_h):
+the cost shrinks with the learned spans, as in the paper, and the result and gradients are unchanged.
+
+The spans are trained by the model's loss plus `aux_loss()` = penalty * mean_h z_h (the paper's
+lambda / M * sum_i z_i over this layer's M heads); the model's aux_loss() sums those of its modules.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..registry import Op, OpEnv, ShapeProblem, register
+from ._banded import banded_attention
+from ._common import AttentionBase, AttentionParams, attention_shape
+
+
+class AdaptiveSpanAttentionParams(AttentionParams):
+    R: int = Field(32, ge=1, description="ramp length of the soft mask m_z")
+    max_span: int = Field(1024, ge=1, description="S: the longest span a head can learn (keys it may see)")
+    span_init: float = Field(0.0, ge=0.0, le=1.0, description="initial span z / S of every head")
+    penalty: float = Field(2e-6, ge=0.0, description="lambda: aux loss lambda * mean_h z_h")
+
+
+def adaptive_span_shape(p: AdaptiveSpanAttentionParams, env: OpEnv):
+    shape = attention_shape(p, env)
+    if p.R > p.max_span:
+        raise ShapeProblem(f"ramp R={p.R} is longer than max_span={p.max_span}", "R",
+                           f"the soft mask ramps over R of the max_span={p.max_span} keys: use "
+                           f"R <= {p.max_span} (the paper: R=32, max_span 8192)")
+    return shape
+
+
+class AdaptiveSpanAttention(AttentionBase):
+    def __init__(self, p: AdaptiveSpanAttentionParams, env: OpEnv):
+        super().__init__(p, env)
+        self.R, self.max_span, self.penalty = p.R, p.max_span, p.penalty
+        self.span = nn.Parameter(torch.full((self.heads,), float(p.span_init)))  # p_h; z_h = S clamp(p_h)
+
+    def spans(self) -> torch.Tensor:
+        """z [heads]: the current span of every head, in positions."""
+        return self.max_span * self.span.clamp(0.0, 1.0)
+
+    def aux_loss(self) -> torch.Tensor:
+        """The span penalty, penalty * mean_h z_h."""
+        return self.penalty * self.spans().mean()
+
+    def _reach(self, z: torch.Tensor) -> int:
+        """Largest distance with m_z > 0 for some head (x < R + z); S - 1 when z has no value to read
+        (tracing, compiling or exporting: static shapes; meta tensors)."""
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or z.is_meta:
+            return self.max_span - 1
+        return min(self.max_span - 1, math.floor(self.R + z.detach().max().item()))
+
+    def forward(self, x, ctx):
+        q, k, v = self.qkv(x)
+        z = self.spans().to(q.dtype)
+
+        def bias(i, j):
+            dist = i - j if self.causal else (i - j).abs()
+            m = ((self.R + z.view(-1, 1, 1, 1) - dist) / self.R).clamp(max=1.0)  # [h, nb, B, K]
+            pos = m > 0
+            log_m = torch.where(pos, torch.where(pos, m, 1.0).log(), float("-inf"))  # no 0 * inf in grads
+            alibi = self.position_bias(i, j)
+            return log_m if alibi is None else log_m + alibi.to(q.dtype)
+
+        lo = self._reach(z)
+        o = banded_attention(q, self.expand_kv(k), self.expand_kv(v), lo, 0 if self.causal else lo, bias,
+                             dropout=self.dropout if self.training else 0.0)
+        return self.out(o)
+
+
+OP = register(Op(
+    family="mha", variant="adaptive_span", params=AdaptiveSpanAttentionParams, module=AdaptiveSpanAttention,
+    causal="yes", shape=adaptive_span_shape, supports=frozenset({"rope", "alibi"}),
+    paper="Adaptive Attention Span in Transformers, Sukhbaatar et al. 2019, arXiv:1905.07799",
+    summary="a_tr ∝ m_z(x) exp(q_t.k_r/sqrt(dh)), m_z(x) = clamp((R + z_h - x)/R, 0, 1), x = t-r in 0..S-1 "
+            "(bidirectional |t-r| < S), learned span z_h per head; aux loss penalty * mean_h z_h",
+    note="MHA/LocalGlobal/005.md",
+))

@@ -1,0 +1,47 @@
+"""mha(local): sliding-window attention, each query attends only the keys within `window` positions of it.
+
+With w = window and s_tr = q_t . k_r / sqrt(dh) (+ the ALiBi bias, if any), per head
+
+    o_t = sum_{r in W(t)} softmax_{r in W(t)}(s_tr) v_r,
+    causal:        W(t) = {r : t-w+1 <= r <= t}      (w keys, the query's own included)
+    bidirectional: W(t) = {r : |t-r| < w}            (2w-1 keys)
+
+clipped to 0 .. n-1. Xiong et al. 2021 find this plain local attention competitive with the sparse and
+low-rank schemes on long-context tasks. Computed blockwise (see _banded.py): O(n * w) time and memory.
+"""
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..registry import Op, OpEnv, register
+from ._banded import banded_attention
+from ._common import AttentionBase, AttentionParams, attention_shape
+
+
+class LocalAttentionParams(AttentionParams):
+    window: int = Field(128, ge=1, description="w: causal, keys t-w+1 .. t; bidirectional, keys |t-r| < w")
+
+
+class LocalAttention(AttentionBase):
+    def __init__(self, p: LocalAttentionParams, env: OpEnv):
+        super().__init__(p, env)
+        self.window = p.window
+
+    def forward(self, x, ctx):
+        q, k, v = self.qkv(x)
+        lo = self.window - 1
+        bias = self.position_bias if self.pos is not None else None
+        o = banded_attention(q, self.expand_kv(k), self.expand_kv(v), lo, 0 if self.causal else lo, bias,
+                             dropout=self.dropout if self.training else 0.0)
+        return self.out(o)
+
+
+OP = register(Op(
+    family="mha", variant="local", params=LocalAttentionParams, module=LocalAttention,
+    causal="yes", shape=attention_shape, supports=frozenset({"rope", "alibi"}),
+    paper="Simple Local Attentions Remain Competitive for Long-Context Tasks, Xiong et al. 2021, "
+          "arXiv:2112.07210",
+    summary="softmax(Q K^T / sqrt(dh)) V over a sliding window: causal keys t-w+1..t, bidirectional "
+            "|t-r| < w; O(n w)",
+    note="MHA/SparseOrLowRank/014.md",
+))

@@ -1,0 +1,123 @@
+"""mha(local) against its defining equation: a full masked n x n softmax, computed here in float64.
+
+The op itself must never build an n x n tensor: the last tests record every tensor it makes at n = 4096."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from evodsl.ops import Ctx, load_all, lookup
+from ophelpers import assert_no_leak, make_op, perturb_params
+
+D = 32
+
+
+def skip_unless_pos(pos):
+    load_all()
+    if pos is not None and lookup("pos", pos[0]) is None:
+        pytest.skip(f"pos({pos[0]}) is not registered yet")
+
+
+def project(m, x):
+    """q [b, h, n, dh], k, v [b, kv, n, dh]: from the weights directly, or through m.qkv when a position
+    scheme rotates q and k (rope is tested on its own)."""
+    if m.pos is not None:
+        return m.qkv(x)
+    b, n, _ = x.shape
+
+    def lin(layer, heads):
+        y = x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
+        return y.view(b, n, heads, m.head_dim).transpose(1, 2)
+
+    return lin(m.q_proj, m.heads), lin(m.k_proj, m.kv_heads), lin(m.v_proj, m.kv_heads)
+
+
+def reference_local(m, x, window, causal):
+    """o_t = sum_r softmax_r(q_t.k_r / sqrt(dh) + bias) v_r over causal t-w+1 <= r <= t or |t-r| < w."""
+    q, k, v = project(m, x)
+    b, h, n, dh = q.shape
+    group = h // k.shape[1]
+    t, r = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    band = ((t - r >= 0) & (t - r < window)) if causal else ((t - r).abs() < window)
+    bias = m.position_bias(t, r)
+    heads = []
+    for hh in range(h):
+        s = q[:, hh] @ k[:, hh // group].transpose(-1, -2) / math.sqrt(dh)
+        if bias is not None:
+            s = s + bias[hh]
+        s = s.masked_fill(~band, float("-inf"))
+        heads.append(s.softmax(-1) @ v[:, hh // group])
+    o = torch.stack(heads, 1).transpose(1, 2).reshape(b, n, h * dh)
+    return o @ m.o_proj.weight.T + m.o_proj.bias
+
+
+CASES = [  # causal, window, n, kv_heads, pos
+    (True, 5, 77, None, None),  # three blocks of 32, the last one partial
+    (False, 5, 77, 2, None),  # grouped-query, 2 K/V heads for 4 query heads
+    (True, 40, 150, 2, None),  # blocks of 39: four, the last one partial
+    (False, 40, 150, None, None),
+    (True, 100, 40, None, None),  # n < window: one block, every earlier key
+    (False, 100, 40, 2, None),
+    (False, 1, 37, None, None),  # each token attends only itself
+    (True, 7, 50, None, ("rope", {})),
+    (True, 7, 50, 2, ("alibi", {})),
+    (False, 7, 50, None, ("alibi", {})),
+]
+
+
+@pytest.mark.parametrize("causal, window, n, kv_heads, pos", CASES)
+def test_local_matches_equation(causal, window, n, kv_heads, pos):
+    skip_unless_pos(pos)
+    m, _, _ = make_op("mha", "local", d=D, causal=causal, pos=pos, heads=4, kv_heads=kv_heads, window=window)
+    perturb_params(m)
+    x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x, Ctx())
+        ref = reference_local(m, x, window, causal)
+        assert (y - ref).abs().max().item() < 1e-10
+        if window < n:  # the comparison sees the window's edge
+            assert (y - reference_local(m, x, window + 1, causal)).abs().max().item() > 1e-6
+
+
+def test_local_causal_does_not_leak():
+    m, _, _ = make_op("mha", "local", d=D, causal=True, heads=4, kv_heads=2, window=6)
+    perturb_params(m)
+    with torch.no_grad():
+        assert_no_leak(lambda x: m(x, Ctx()), n=70, d=D)
+
+
+def test_local_bidirectional_leaks():
+    m, _, _ = make_op("mha", "local", d=D, causal=False, heads=4, window=6)
+    perturb_params(m)
+    with torch.no_grad(), pytest.raises(AssertionError, match="changed by"):
+        assert_no_leak(lambda x: m(x, Ctx()), n=40, d=D)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest numel of any tensor an aten op returns (views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), str(func)
+        return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_local_has_no_n_by_n_tensor(causal):
+    n, w, h = 4096, 64, 2
+    m, _, _ = make_op("mha", "local", d=D, causal=causal, heads=h, window=w, dtype=torch.float32)
+    x = torch.randn(1, n, D)
+    with torch.no_grad(), LargestTensor() as rec:
+        m(x, Ctx())
+    assert rec.largest <= 4 * h * n * w, (rec.largest, rec.op)  # O(n w): scores over 2-3 w keys per query
+    assert rec.largest < n * n // 8
