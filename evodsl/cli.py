@@ -37,9 +37,13 @@ def _cmd_compile(args) -> int:
     total = sum(p.numel() for p in model.parameters())
     print(f"{model.graph_name}: {type(model).__name__} from {args.spec} (backend {args.backend}, seed {args.seed})")
     width = max((len(name) for name, _ in model.named_children()), default=4)
+    seen: set[int] = set()
     for name, child in model.named_children():
-        n = sum(p.numel() for p in child.parameters())
-        print(f"  {name:<{width}}  {type(child).__name__:<24} {n:>15,d}")
+        own = [p for p in child.parameters() if id(p) not in seen]
+        shared = sum(1 for p in child.parameters() if id(p) in seen)
+        seen.update(id(p) for p in own)
+        note = "  (+ shared weights counted above)" if shared else ""
+        print(f"  {name:<{width}}  {type(child).__name__:<24} {sum(p.numel() for p in own):>15,d}{note}")
     print(f"parameters: {total:,d} ({_fmt_count(total)})")
     if args.output:
         if args.meta:

@@ -98,9 +98,9 @@ class Graph:
         for n in self.nodes:
             args = ", ".join(f"%{i}" for i in n.inputs)
             if n.kind == "call":
-                fields = type(n.params).model_fields
+                fields, given = type(n.params).model_fields, n.meta.get("arg_spans", {})
                 extra = [f"{k}={_fmt_value(v)}" for k, v in n.params.model_dump().items()
-                         if fields[k].is_required() or fields[k].default != v]
+                         if k in given or fields[k].is_required() or fields[k].default != v]
                 if n.residual_scores:
                     extra.append("residual_scores=true")
                 text = f"call[{n.family}]({', '.join([args, n.variant] + extra) if args else ', '.join([n.variant] + extra)})"

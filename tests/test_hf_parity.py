@@ -1,0 +1,119 @@
+"""Parity with Hugging Face reference implementations, built from config objects only (nothing is downloaded).
+
+Parameter counts of the GPT-2, BERT, LLaMA-7B and FNet specs equal those of the HF models of the same
+configuration (all built on the meta device, so no weights are allocated). For GPT-2 the architecture itself is
+checked: a tiny configuration of the spec, loaded with HF's weights, gives HF's logits.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import evodsl
+
+transformers = pytest.importorskip("transformers")
+
+SPECS = Path(__file__).resolve().parents[1] / "specs"
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def hf_meta(cls, config):
+    with torch.device("meta"):
+        return cls(config)
+
+
+def evo_meta(name: str):
+    return evodsl.compile(SPECS / f"{name}.evo", device="meta")
+
+
+def test_gpt2_parameter_count():
+    hf = hf_meta(transformers.GPT2LMHeadModel, transformers.GPT2Config())
+    assert count(evo_meta("gpt2")) == count(hf) == 124_439_808
+
+
+def test_bert_parameter_count():
+    hf = hf_meta(transformers.BertModel, transformers.BertConfig())
+    assert count(evo_meta("bert")) == count(hf) == 109_482_240
+
+
+def test_llama_7b_parameter_count():
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                      rms_norm_eps=1e-6, tie_word_embeddings=False)
+    hf = hf_meta(transformers.LlamaForCausalLM, config)
+    assert count(evo_meta("llama")) == count(hf) == 6_738_415_616
+
+
+def test_fnet_parameter_count():
+    hf = hf_meta(transformers.FNetModel, transformers.FNetConfig())
+    assert count(evo_meta("fnet")) == count(hf) == 82_861_056
+
+
+# ---------------------------------------------------------------- GPT-2: same logits from the same weights
+
+TINY = dict(vocab=97, n_ctx=32, d_model=64, heads=4, layers=2)
+
+
+def tiny_gpt2_spec() -> str:
+    """specs/gpt2.evo with its hyperparameter bindings made small; every architecture line is kept as written."""
+    text = (SPECS / "gpt2.evo").read_text(encoding="utf-8")
+    for name, value in TINY.items():
+        text, n = re.subn(rf"^{name}\s*=.*$", f"{name} = {value}", text, flags=re.M)
+        assert n == 1, f"gpt2.evo has no binding line for {name}"
+    return text
+
+
+def gpt2_weights_to_evodsl(hf_state: dict, layers: int, d: int) -> dict:
+    """Map GPT2LMHeadModel's state_dict onto the evodsl names. HF's Conv1D stores W as [in, out] (y = x W + b),
+    so every Conv1D weight is transposed into nn.Linear's [out, in]; c_attn holds q, k, v side by side."""
+    out = {"embed.weight": hf_state["transformer.wte.weight"], "pos.weight": hf_state["transformer.wpe.weight"],
+           "norm.weight": hf_state["transformer.ln_f.weight"], "norm.bias": hf_state["transformer.ln_f.bias"],
+           "head.weight": hf_state["lm_head.weight"]}
+    for i in range(layers):
+        h, e = f"transformer.h.{i}.", f"blocks.{i}."
+        q, k, v = hf_state[h + "attn.c_attn.weight"].t().split(d, dim=0)
+        qb, kb, vb = hf_state[h + "attn.c_attn.bias"].split(d)
+        out.update({
+            e + "norm1.weight": hf_state[h + "ln_1.weight"], e + "norm1.bias": hf_state[h + "ln_1.bias"],
+            e + "attn.q_proj.weight": q, e + "attn.k_proj.weight": k, e + "attn.v_proj.weight": v,
+            e + "attn.q_proj.bias": qb, e + "attn.k_proj.bias": kb, e + "attn.v_proj.bias": vb,
+            e + "attn.o_proj.weight": hf_state[h + "attn.c_proj.weight"].t(),
+            e + "attn.o_proj.bias": hf_state[h + "attn.c_proj.bias"],
+            e + "norm2.weight": hf_state[h + "ln_2.weight"], e + "norm2.bias": hf_state[h + "ln_2.bias"],
+            e + "ffn.up_proj.weight": hf_state[h + "mlp.c_fc.weight"].t(),
+            e + "ffn.up_proj.bias": hf_state[h + "mlp.c_fc.bias"],
+            e + "ffn.down_proj.weight": hf_state[h + "mlp.c_proj.weight"].t(),
+            e + "ffn.down_proj.bias": hf_state[h + "mlp.c_proj.bias"],
+        })
+    return out
+
+
+def test_gpt2_logits_match_hf_with_copied_weights():
+    config = transformers.GPT2Config(vocab_size=TINY["vocab"], n_positions=TINY["n_ctx"], n_embd=TINY["d_model"],
+                                     n_head=TINY["heads"], n_layer=TINY["layers"], bos_token_id=0,
+                                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # move LayerNorm and bias values away from their 1 / 0 initialisation
+        for name, p in hf.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    evo = evodsl.compile(tiny_gpt2_spec())
+    mapped = gpt2_weights_to_evodsl(hf.state_dict(), TINY["layers"], TINY["d_model"])
+    assert set(mapped) == set(evo.state_dict()), "the name mapping covers exactly the evodsl weights"
+    evo.load_state_dict(mapped, strict=True)
+    assert count(evo) == count(hf)
+    assert evo.head.weight is evo.embed.weight, "the LM head stays tied to the embedding"
+
+    ids = torch.randint(0, TINY["vocab"], (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = evo(ids)
+    assert got.shape == want.shape == (2, 16, TINY["vocab"])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
