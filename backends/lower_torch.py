@@ -25,21 +25,27 @@ class GraphModule(nn.Module):
             elif n.kind == "repeat":
                 copies = 1 if n.shared else n.count
                 self.add_module(n.module, Repeat([GraphModule(n.body) for _ in range(copies)], n.count))
-            multi = n.kind == "call" and n.op.inputs == -1
-            self._program.append((n.name, n.kind, n.module, tuple(n.inputs), multi))
         self._output = graph.output.inputs[0]
+        last_use = {}
+        for k, n in enumerate(graph.nodes[1:-1]):
+            for i in n.inputs:
+                last_use[i] = k
+        for k, n in enumerate(graph.nodes[1:-1]):
+            multi = n.kind == "call" and n.op.inputs == -1
+            done = tuple(i for i in dict.fromkeys(n.inputs) if last_use[i] == k and i != self._output)
+            self._program.append((n.name, n.kind, n.module, tuple(n.inputs), multi, done))
 
     def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
         values = {self._input: x}
-        for name, kind, module, inputs, multi in self._program:
+        for name, kind, module, inputs, multi, done in self._program:
             if kind == "add":
                 values[name] = values[inputs[0]] + values[inputs[1]]
-            elif kind == "output":
-                continue
             elif multi:
                 values[name] = getattr(self, module)([values[i] for i in inputs], ctx)
             else:
                 values[name] = getattr(self, module)(values[inputs[0]], ctx)
+            for i in done:  # free each value after its last use, as eager code would
+                del values[i]
         return values[self._output]
 
 
