@@ -71,6 +71,8 @@ class Op:
     inputs: int = 1  # number of inputs; -1 = two or more (merge)
     supports: frozenset = frozenset()  # attention: "rope", "alibi" (applied inside), "residual_scores" (RealFormer)
     attach: Callable | None = None  # pos ops applied inside attention: (params, heads, head_dim) -> nn.Module
+    cost: Callable | None = None  # (params, env, symbols) -> evodsl.ops.cost.Cost, formulas over shapes only
+    attach_cost: Callable | None = None  # in-attention pos ops: (params, symbols, heads, kv_heads, head_dim) -> Cost
 
     @property
     def id(self) -> str:

@@ -1,0 +1,131 @@
+"""Measured costs, to hold `evodsl cost` to account: FLOPs by torch's FlopCounterMode and activation memory by a
+storage-level tracker (a TorchDispatchMode that sees every tensor an op creates, forward and backward).
+
+FlopCounterMode (torch 2.13) has no formula for the CPU flash-attention kernel that
+F.scaled_dot_product_attention runs on CPU; `register_cpu_sdpa_flops()` adds
+aten._scaled_dot_product_flash_attention_for_cpu and its backward, with torch's own SDPA counting.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+aten = torch.ops.aten
+CPU_SDPA = aten._scaled_dot_product_flash_attention_for_cpu
+CPU_SDPA_BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def register_cpu_sdpa_flops() -> None:
+    """Teach FlopCounterMode the CPU SDPA kernels (idempotent)."""
+    if CPU_SDPA in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(CPU_SDPA)
+    def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @flop_counter.register_flop_formula(CPU_SDPA_BACKWARD)
+    def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _ones_like_output(out: torch.Tensor) -> torch.Tensor:
+    """A stride-0 gradient of ones: backward starts without a full-size gradient buffer."""
+    return torch.ones((), dtype=out.dtype, device=out.device).expand_as(out)
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor, train: bool = False) -> dict:
+    """{"forward": FLOPs, "backward": FLOPs} of one call, as FlopCounterMode counts them."""
+    register_cpu_sdpa_flops()
+    with flop_counter.FlopCounterMode(display=False) as fwd:
+        with torch.set_grad_enabled(train):
+            out = model(x)
+    result = {"forward": fwd.get_total_flops(), "backward": 0}
+    if train:
+        with flop_counter.FlopCounterMode(display=False) as bwd:
+            out.backward(_ones_like_output(out))
+        result["backward"] = bwd.get_total_flops()
+    return result
+
+
+class StorageTracker(TorchDispatchMode):
+    """Records when each new storage is created and when it dies; params and inputs are not counted."""
+
+    def __init__(self, exclude=()):
+        super().__init__()
+        self.excluded = {StorageWeakRef(t.untyped_storage()).cdata for t in exclude}
+        self.live: dict[int, tuple] = {}  # cdata -> (weakref, nbytes)
+        self.events: list[tuple[int, int]] = []  # (cdata, +nbytes | -nbytes)
+        self.marks: dict[str, int] = {}
+
+    def _sweep(self) -> None:
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.events.append((key, -self.live.pop(key)[1]))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._sweep()
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                ref = StorageWeakRef(st)
+                if ref.cdata not in self.excluded and ref.cdata not in self.live:
+                    self.live[ref.cdata] = (ref, st.nbytes())
+                    self.events.append((ref.cdata, st.nbytes()))
+        return out
+
+    def mark(self, name: str) -> None:
+        self._sweep()
+        self.marks[name] = len(self.events)
+
+    def peak(self, start: int = 0, end: int | None = None, ignore=frozenset()) -> int:
+        """Largest live total within events[start:end], not counting storages in `ignore`."""
+        cur = best = 0
+        for i, (key, delta) in enumerate(self.events[: end if end is not None else len(self.events)]):
+            if key in ignore:
+                continue
+            cur += delta
+            if i >= start:
+                best = max(best, cur)
+        return best
+
+    def live_at(self, mark: str, ignore=frozenset()) -> int:
+        return sum(d for k, d in self.events[: self.marks[mark]] if k not in ignore)
+
+
+@dataclass
+class MemoryMeasurement:
+    inference_peak: int  # bytes: peak of new tensors during a no-grad forward (output included)
+    training_saved: int  # bytes alive at the end of a grad-recording forward: kept for backward, plus output
+    training_peak: int  # bytes: peak over forward + backward through the activations (no parameter gradients)
+
+
+def measure_memory(model: torch.nn.Module, x: torch.Tensor) -> MemoryMeasurement:
+    exclude = [*model.parameters(), *model.buffers(), x]
+    with torch.no_grad(), StorageTracker(exclude) as tr:
+        out = model(x)
+        del out
+        tr.mark("end")
+    inference = tr.peak()
+
+    # Backward with respect to activations only: the forward saves exactly what training saves (the parameters
+    # require grad), but no parameter gradient is computed, so what is measured is activation memory alone.
+    first = next(iter(model.children()))
+    captured = []
+    hook = first.register_forward_hook(lambda mod, args, out: captured.append(out))
+    try:
+        with StorageTracker(exclude) as tr:
+            out = model(x)
+            tr.mark("forward")
+            torch.autograd.grad(out, captured[:1], grad_outputs=_ones_like_output(out))
+            del out
+            captured.clear()
+            tr.mark("end")
+    finally:
+        hook.remove()
+    return MemoryMeasurement(inference, tr.live_at("forward"), tr.peak())

@@ -1,0 +1,64 @@
+"""What an op costs, as formulas over symbols: every op declares `cost(params, env, s) -> Cost` beside its module.
+
+Formulas see shapes only, never data (after torch's register_flop_formula). `s.b` and `s.n` are the batch and
+sequence symbols; `s.d` is the op's input width; `s.sym("w", 128)` names another quantity (window, heads, ...)
+so that the complexity class can be read off the formula. A multiply-add counts as 2 FLOPs.
+
+Memory fields are bytes; `s.bytes` is the size of one element of the model's dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import sympy as sp
+
+B, N = sp.symbols("b n", positive=True, integer=True)
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: object = 0  # parameter count
+    fwd: object = 0  # forward FLOPs in matmuls (what FlopCounterMode counts, incl. SDPA)
+    fwd_other: object = 0  # forward FLOPs outside matmuls: softmax, norms, elementwise, FFT
+    bwd: object = 0  # backward FLOPs in matmuls
+    bwd_other: object = 0  # backward FLOPs outside matmuls
+    saved: object = 0  # bytes the op keeps for backward, beyond its input and output tensors
+    saves_input: bool = False  # the op keeps its input tensor for backward
+    saves_output: bool = False  # the op keeps its output tensor for backward
+    peak: object = 0  # bytes alive inside the op at its inference peak, beyond its input and output
+    cache: object = 0  # decoding state in bytes for a prefix of n tokens (KV cache, recurrent state)
+    inplace: bool = False  # the output reuses the input's storage (no new bytes)
+
+    def __add__(self, other: "Cost") -> "Cost":
+        """Sum of two ops applied one after the other (the boolean flags must be resolved by the caller)."""
+        vals = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
+                if f.type != "bool"}
+        return Cost(**vals)
+
+    def scaled(self, k) -> "Cost":
+        return Cost(**{f.name: getattr(self, f.name) * k for f in fields(self) if f.type != "bool"})
+
+
+class Symbols:
+    """The symbols an op's cost formula uses, with the values they stand for in this graph."""
+
+    def __init__(self, d: int | None, bytes_per: int):
+        self.b, self.n = B, N
+        self.bytes = bytes_per
+        self.values: dict = {}
+        self.d = self.sym("d", d) if d is not None else None
+
+    def sym(self, name: str, value) -> sp.Symbol:
+        s = sp.Symbol(name, positive=True)
+        self.values[s] = value
+        return s
+
+
+def linear(s: Symbols, d_in, d_out, bias: bool, tokens=None) -> Cost:
+    """nn.Linear on `tokens` rows (default b*n): params, forward/backward FLOPs; it saves its input."""
+    t = s.b * s.n if tokens is None else tokens
+    return Cost(params=d_in * d_out + (d_out if bias else 0),
+                fwd=2 * t * d_in * d_out,
+                bwd=4 * t * d_in * d_out,  # grad wrt input and wrt weight
+                fwd_other=0, bwd_other=(t * d_out if bias else 0),  # bias grad: a row sum
+                saves_input=True)

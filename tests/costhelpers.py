@@ -1,0 +1,95 @@
+"""Hold one op's declared Cost to measurement: params exact; matmul FLOPs against FlopCounterMode (with the CPU
+SDPA formulas registered); bytes kept for backward against torch's saved-tensor hooks; the inference peak
+against the storage tracker."""
+from __future__ import annotations
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.flop_counter import FlopCounterMode
+
+from evodsl.measure import StorageTracker, register_cpu_sdpa_flops
+from evodsl.ops import lookup
+from evodsl.ops.cost import Symbols
+from evodsl.passes.cost import _num
+from ophelpers import make_op
+
+
+def _key(t: torch.Tensor) -> int:
+    return StorageWeakRef(t.untyped_storage()).cdata
+
+
+def declared(family, variant, b, n, dtype=torch.float32, **build):
+    module, params, env = make_op(family, variant, dtype=dtype, **build)
+    s = Symbols(env.d if isinstance(env.d, int) else None, torch.finfo(dtype).bits // 8)
+    cost = lookup(family, variant).cost(params, env, s)
+    return module, env, cost, (lambda e: _num(e, s.values, b, n))
+
+
+def make_input(env, b, n, dtype, vocab=None):
+    g = torch.Generator().manual_seed(0)
+    if len(env.in_shapes[0]) == 2:  # token ids
+        return torch.randint(0, env.vocab, (b, n), generator=g)
+    xs = [torch.randn(b, n, s[-1], generator=g, dtype=dtype).requires_grad_() for s in env.in_shapes]
+    return xs if len(xs) > 1 else xs[0]
+
+
+def measure_op(module, x, train_mode: bool = True) -> dict:
+    """FLOPs (fwd/bwd), bytes kept for backward (by saved-tensor hooks) and the inference peak of one op."""
+    register_cpu_sdpa_flops()
+    from evodsl.ops import Ctx
+
+    inputs = x if isinstance(x, list) else [x]
+    params = {_key(p) for p in module.parameters()} | {_key(bf) for bf in module.buffers()}
+    in_keys = {_key(t) for t in inputs}
+    call = (lambda: module(x, Ctx()))
+
+    module.eval()
+    with torch.no_grad(), StorageTracker([*module.parameters(), *module.buffers(), *inputs]) as tr:
+        out = call()
+        out_key, out_bytes = _key(out), out.untyped_storage().nbytes()
+        inplace = out_key in in_keys
+    peak = tr.peak() - (0 if inplace else out_bytes)
+    del out
+
+    module.train(train_mode)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[_key(t)] = t.untyped_storage().nbytes()
+        return t
+
+    with FlopCounterMode(display=False) as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = call()
+    out_key = _key(out)
+    result = {"fwd": fwd.get_total_flops(), "peak": peak, "inplace": inplace,
+              "saves_input": bool(in_keys & saved.keys()), "saves_output": out_key in saved,
+              "saved": sum(v for k, v in saved.items() if k not in params | in_keys | {out_key}),
+              "params": sum(p.numel() for p in module.parameters())}
+    if out.requires_grad:
+        with FlopCounterMode(display=False) as bwd:
+            out.backward(torch.ones((), dtype=out.dtype).expand_as(out))
+        result["bwd"] = bwd.get_total_flops()
+    else:
+        result["bwd"] = 0
+    module.eval()
+    return result
+
+
+def check_op_cost(family, variant, b=2, n=64, dtype=torch.float32, mem_rtol=0.10, mem_atol=4096,
+                  flop_rtol=0.01, train_mode=True, **build):
+    """Assert that op `family(variant)` built with `build` (make_op's arguments) costs what it declares."""
+    module, env, cost, ev = declared(family, variant, b, n, dtype=dtype, **build)
+    x = make_input(env, b, n, dtype)
+    m = measure_op(module, x, train_mode=train_mode)
+    label = f"{family}({variant}) b={b} n={n} {build}"
+    assert ev(cost.params) == m["params"], f"{label}: params {ev(cost.params)} != {m['params']}"
+    for key in ("fwd", "bwd"):
+        want, got = ev(getattr(cost, key)), m[key]
+        assert abs(want - got) <= flop_rtol * max(got, 1), f"{label}: {key} FLOPs declared {want}, measured {got}"
+    assert cost.saves_input == m["saves_input"], f"{label}: saves_input declared {cost.saves_input}"
+    assert cost.saves_output == m["saves_output"], f"{label}: saves_output declared {cost.saves_output}"
+    assert cost.inplace == m["inplace"], f"{label}: inplace declared {cost.inplace}"
+    for key in ("saved", "peak"):
+        want, got = ev(getattr(cost, key)), m[key]
+        assert abs(want - got) <= mem_rtol * got + mem_atol, f"{label}: {key} bytes declared {want}, measured {got}"
+    return m
