@@ -54,9 +54,9 @@ class Diagnostic:
 
 
 def _line(source: str, lineno: int) -> str | None:
-    lines = source.splitlines()
+    lines = source.split("\n")  # lines as the parser counts them: str.splitlines() also breaks at \f, \x1c, ...
     if 1 <= lineno <= len(lines):
-        return lines[lineno - 1].replace("\t", " ")
+        return lines[lineno - 1].rstrip("\r").replace("\t", " ")
     return None
 
 
@@ -104,4 +104,6 @@ def did_you_mean(word: str, choices, prefix: str = "", listing: bool = True) -> 
     if not listing:
         return ""
     listed = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
-    return f"{prefix}expected one of: {listed}" if choices else ""
+    if not choices:
+        return ""
+    return f"{prefix.strip()}: {listed}" if prefix else f"expected one of: {listed}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from .diagnostics import Diagnostic, EvoError, Span
@@ -224,6 +224,8 @@ def _parser() -> Lark:
     )
 
 
+RESERVED = frozenset({"model", "residual", "parallel", "repeat", "true", "false"})
+
 # What users see for grammar terminals in "expected ..." hints.
 _TERMINAL_TEXT = {
     "NAME": "a name", "NUMBER": "a number", "EQUAL": "'='", "LPAR": "'('", "RPAR": "')'", "COMMA": "','",
@@ -242,10 +244,13 @@ def _syntax_diagnostic(err: UnexpectedInput, file: str, source: str) -> Diagnost
     line, col = max(getattr(err, "line", 1) or 1, 1), max(getattr(err, "column", 1) or 1, 1)
     if isinstance(err, UnexpectedCharacters):
         ch = source[err.pos_in_stream] if err.pos_in_stream < len(source) else ""
+        if ch == ">" and err.pos_in_stream > 0 and source[err.pos_in_stream - 1] == "-":  # '-' lexed as minus
+            return Diagnostic("E101", "unexpected '->'", Span(file, line, col - 1, line, col + 1),
+                              help="'->' goes between two layers: a -> b")
         return Diagnostic("E102", f"unexpected character {ch!r}", Span(file, line, col, line, col + 1),
                           help="names are letters, digits and '_'; comments start with '#'")
     if isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END"):
-        lines = source.rstrip().splitlines() or [""]
+        lines = source.rstrip().split("\n")  # as the parser counts lines (not str.splitlines)
         line, col = len(lines), len(lines[-1]) + 1
         return Diagnostic("E103", "unexpected end of file", Span(file, line, col, line, col + 1),
                           label="the statement is not finished", help=f"expected {_expected(err.expected)}")
@@ -259,13 +264,39 @@ def _syntax_diagnostic(err: UnexpectedInput, file: str, source: str) -> Diagnost
     return Diagnostic("E101", f"unexpected {what}", Span(file, line, col, line, end), help=hint)
 
 
+MAX_DEPTH = 100  # nesting levels (parentheses, calls, a + b + ..., -x): far beyond any real spec, and far below
+                 # what the recursive passes (and Python's recursion limit) can take
+
+
+def _too_deep(tree: Tree, file: str) -> Diagnostic | None:
+    stack = [(tree, 0)]
+    while stack:
+        t, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            m = t.meta
+            return Diagnostic("E104", f"the spec nests more than {MAX_DEPTH} levels deep",
+                              Span(file, m.line, m.column, m.line, m.column + 1),
+                              help="split the expression into named definitions or bindings")
+        stack.extend((c, depth + 1) for c in t.children if isinstance(c, Tree))
+    return None
+
+
 def parse_program(source: str, file: str = "<string>") -> Program:
     """Parse .evo source into a Program, or raise EvoError (E1xx) with the location of the problem."""
     try:
         tree = _parser().parse(source)
+        too_deep = _too_deep(tree, file)
+        if too_deep is not None:
+            raise EvoError([too_deep], source)
         stmts = _ToAst(file).transform(tree)
     except UnexpectedInput as err:
         raise EvoError([_syntax_diagnostic(err, file, source)], source) from None
     except VisitError as err:  # a bug in _ToAst; still never a raw Lark exception
         raise EvoError([Diagnostic("E100", f"internal parser error: {err.orig_exc}")], source) from None
+    # The contextual lexer reads a keyword as a NAME where only a name can follow (`repeat = 4`, `model true`).
+    reserved = [Diagnostic("E101", f"unexpected '{st.name}'", st.name_span,
+                           help=f"'{st.name}' is a reserved word and cannot be a name")
+                for st in stmts if st.name in RESERVED]
+    if reserved:
+        raise EvoError(reserved, source)
     return Program(tuple(stmts), file, source)

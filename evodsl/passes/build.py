@@ -34,10 +34,12 @@ class Definition:
 
 
 class Builder:
-    def __init__(self, program: Program):
+    def __init__(self, program: Program, overrides: dict | None = None):
         self.program = program
+        self.overrides = dict(overrides or {})  # binding name -> value that replaces the spec's
         self.c = Collector(program.source)
         self.bindings: dict[str, Binding] = {}
+        self.failed: set[str] = set()  # bindings whose value had an error (already reported): no follow-on errors
         self.defs: dict[str, Definition] = {}
         self.models: list[ModelDef] = []
         self._expanding: list[str] = []
@@ -53,12 +55,17 @@ class Builder:
             if not self._declare(st):
                 continue
             if self._is_layer(st.value):
+                if self._self_reference(st) is not None:  # reported; a stored definition is never recursive
+                    self.failed.add(st.name)
+                    continue
                 self.defs[st.name] = Definition(st.value, st.span)
                 self._emit(st.value, self._scratch(), "x", wire=True)  # validate even if never used
             else:
-                v = self._eval(st.value)
+                v = self.overrides.pop(st.name) if st.name in self.overrides else self._eval(st.value)
                 if v is not _ERR:
                     self.bindings[st.name] = Binding(v, st.span)
+                else:
+                    self.failed.add(st.name)
         if len(self.models) > 1:
             m = self.models[1]
             self.c.error("E218", "a spec defines one model", m.name_span,
@@ -67,6 +74,8 @@ class Builder:
             return self._model(self.models[0])
         if self.defs:
             return self._standalone(list(self.defs)[-1])
+        if self.c.items:  # the layers were rejected (E206, E209): "nothing to build" would only repeat that
+            return None
         end = self.program.source.count("\n") + 1
         self.c.error("E219", "nothing to build: the spec defines no model and no layer",
                      Span(self.program.file, 1, 1, 1, 1),
@@ -87,11 +96,31 @@ class Builder:
             return False
         return True
 
+    def _self_reference(self, st: Assign):
+        """E207: the reference in `st.value` through which definition `st.name` would use itself, or None."""
+        seen: set[str] = set()
+
+        def uses(name: str) -> bool:
+            if name == st.name:
+                return True
+            if name not in self.defs or name in seen:
+                return False
+            seen.add(name)
+            return any(uses(_ref_name(r)) for r in _layer_refs(self.defs[name].expr))
+
+        ref = next((r for r in _layer_refs(st.value) if uses(_ref_name(r))), None)
+        if ref is not None:
+            via = "" if _ref_name(ref) == st.name else f"'{_ref_name(ref)}' uses '{st.name}'; "
+            self.c.error("E207", f"'{st.name}' is defined in terms of itself",
+                         ref.span if isinstance(ref, Name) else ref.name_span,
+                         help=f"{via}definitions cannot be recursive; use repeat(...) for depth")
+        return ref
+
     def _is_layer(self, expr) -> bool:
         if isinstance(expr, (Pipe, Residual, Parallel, Repeat, Call)):
             return True
         if isinstance(expr, Name):
-            return expr.id not in self.bindings  # unknown names are reported as unknown ops by _emit
+            return expr.id not in self.bindings and expr.id not in self.failed  # unknown names are reported as unknown ops by _emit
         return False
 
     # ------------------------------------------------------------------ values
@@ -102,6 +131,8 @@ class Builder:
         if isinstance(e, Name):
             if e.id in self.bindings:
                 return self.bindings[e.id].value
+            if e.id in self.failed:
+                return _ERR
             what = "a layer" if (e.id in self.defs or e.id in FAMILIES) else "not defined"
             self.c.error("E205", f"'{e.id}' is {what}; a number is needed here", e.span,
                          help=did_you_mean(e.id, self.bindings) if self.bindings and what != "a layer"
@@ -137,7 +168,7 @@ class Builder:
 
     def _arg(self, e):
         """A keyword argument's value: a number, true/false, a bound name, or a bare symbol (act=gelu)."""
-        if isinstance(e, Name) and e.id not in self.bindings:
+        if isinstance(e, Name) and e.id not in self.bindings and e.id not in self.failed:
             if e.id in self.defs:
                 self.c.error("E214", f"'{e.id}' is a layer; a value is needed here", e.span)
                 return _ERR
@@ -211,6 +242,8 @@ class Builder:
 
     def _emit_call(self, call: Call, g: Graph, x: str) -> str:
         name = call.name
+        if name in self.failed:  # a rejected definition or binding: its error is already reported
+            return x
         if name in self._expanding:
             self.c.error("E207", f"'{name}' is defined in terms of itself", call.name_span,
                          help="definitions cannot be recursive; use repeat(...) for depth")
@@ -298,6 +331,8 @@ class Builder:
     def _param_error(self, op, call, e, spans, from_binding, data):
         field = str(e["loc"][0]) if e["loc"] else None
         if e["type"] == "missing":
+            if field in self.failed:  # its binding's error is already reported
+                return
             self.c.error("E204", f"{op.id} needs parameter '{field}'", call.span,
                          help=f"write {op.family}({op.variant}, {field}=...) or bind `{field} = ...` at the top")
             return
@@ -319,6 +354,9 @@ class Builder:
             if kw.name not in allowed:
                 self.c.error("E203", f"unknown parameter '{kw.name}' for {what}", kw.name_span,
                              help=did_you_mean(kw.name, allowed, prefix=f"{what} takes "))
+                continue
+            if kw.name in out:
+                self.c.error("E206", f"parameter '{kw.name}' is given twice", kw.name_span)
                 continue
             v = self._arg(kw.value)
             if v is _ERR:
@@ -416,7 +454,8 @@ class Builder:
         try:
             params = op.params(d=d)
         except ValidationError:
-            self.c.error("E204", f"invalid d_model {d!r}", self.bindings["d_model"].span, help="a width >= 1")
+            shown = "true" if d is True else "false" if d is False else d
+            self.c.error("E204", f"invalid d_model {shown}", self.bindings["d_model"].span, help="a width >= 1")
             return None
         g.add(Node(name="x", kind="input", family="input", variant="features", params=params,
                    span=self.defs[name].span, meta={"arg_spans": {}}))
@@ -435,6 +474,24 @@ class Builder:
         return b.value
 
 
+def _ref_name(e) -> str:
+    return e.id if isinstance(e, Name) else e.name
+
+
+def _layer_refs(e):
+    """The names used as layers in an expression (op calls, definitions), inside residual/parallel/repeat too."""
+    if isinstance(e, (Name, Call)):
+        yield e
+    elif isinstance(e, Pipe):
+        for item in e.items:
+            yield from _layer_refs(item)
+    elif isinstance(e, (Residual, Repeat)):
+        yield from _layer_refs(e.body)
+    elif isinstance(e, Parallel):
+        for branch in e.branches:
+            yield from _layer_refs(branch)
+
+
 def name_modules(g: Graph) -> None:
     """Name each call/repeat node's module after its family (attn, ffn, norm1, norm2, blocks, ...)."""
     def base(n: Node) -> str:
@@ -451,7 +508,16 @@ def name_modules(g: Graph) -> None:
         n.module = b if totals[b] == 1 else f"{b}{seen[b]}"
 
 
-def build(program: Program) -> tuple[Graph | None, Collector]:
-    b = Builder(program)
-    graph = b.run()
+def build(program: Program, overrides: dict | None = None) -> tuple[Graph | None, Collector]:
+    """AST -> Graph. `overrides` replace the values of the spec's bindings of the same names."""
+    b = Builder(program, overrides)
+    try:
+        graph = b.run()
+    except RecursionError:  # definitions inlined into definitions, each within MAX_DEPTH, still too deep
+        graph = None
+        b.c.error("E104", "the spec nests too deeply to build (through its definitions)",
+                  Span(program.file, 1, 1, 1, 1), help="flatten some definitions, or use repeat(...)")
+    for name in b.overrides:  # not consumed: the spec has no such binding
+        b.c.error("E220", f"--set {name}: the spec has no binding '{name}'",
+                  help=did_you_mean(name, b.bindings) or "only existing bindings can be overridden")
     return graph, b.c
