@@ -38,14 +38,15 @@ class GraphModule(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
         values = {self._input: x}
         for name, kind, module, inputs, multi, done in self._program:
-            if kind == "add":
-                values[name] = values[inputs[0]] + values[inputs[1]]
-            elif multi:
-                values[name] = getattr(self, module)([values[i] for i in inputs], ctx)
-            else:
-                values[name] = getattr(self, module)(values[inputs[0]], ctx)
-            for i in done:  # free each value after its last use, as eager code would
+            args = [values[i] for i in inputs]
+            for i in done:  # drop each value at its last use, as eager code would
                 del values[i]
+            if kind == "add":
+                values[name] = args[0] + args[1]
+            elif multi or kind == "repeat":  # a Repeat takes the list and empties it: no reference stays here
+                values[name] = getattr(self, module)(args, ctx)
+            else:
+                values[name] = getattr(self, module)(args[0], ctx)
         return values[self._output]
 
 
@@ -56,7 +57,8 @@ class Repeat(nn.ModuleList):
         super().__init__(bodies)
         self.count = count
 
-    def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+    def forward(self, xs: list, ctx: Ctx) -> torch.Tensor:
+        x = xs.pop()  # own the only reference: each copy's input is freed once the next copy has run
         for i in range(self.count):
             x = self[i % len(self)](x, ctx)
         return x

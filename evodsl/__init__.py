@@ -19,7 +19,7 @@ from .passes.build import build
 from .passes.shapes import infer_shapes
 from .syntax import parse_program
 
-__all__ = ["EvoError", "Diagnostic", "Span", "Graph", "parse", "compile", "save", "load", "read_source"]
+__all__ = ["EvoError", "Diagnostic", "Span", "Graph", "parse", "compile", "cost", "save", "load", "read_source"]
 __version__ = "0.1.0"
 
 ARTIFACT_FORMAT = "evodsl-torch/1"
@@ -41,29 +41,46 @@ def read_source(text_or_path) -> tuple[str, str]:
     return text_or_path, "<string>"
 
 
-def parse(text_or_path) -> Graph:
-    """Parse and validate a spec: returns the graph IR with shapes inferred, or raises EvoError."""
+def parse(text_or_path, overrides: dict | None = None) -> Graph:
+    """Parse and validate a spec: returns the graph IR with shapes inferred, or raises EvoError.
+    `overrides` ({"d_model": 256, ...}) replace the values of the spec's bindings of those names."""
     load_all()
     source, file = read_source(text_or_path)
     program = parse_program(source, file)
-    graph, collector = build(program)
+    graph, collector = build(program, overrides)
     collector.raise_if_any()
     infer_shapes(graph, collector)
     collector.raise_if_any()
     graph.lint()
-    graph.source, graph.file = source, file
+    graph.source, graph.file, graph.overrides = source, file, dict(overrides or {})
     return graph
 
 
-def compile(text_or_path, backend: str = "torch", seed: int = 0, device=None, dtype=None):  # noqa: A001
+def compile(text_or_path, backend: str = "torch", seed: int = 0, device=None, dtype=None,  # noqa: A001
+            overrides: dict | None = None):
     """Build a spec. backend="torch" returns an nn.Module (eval mode) with weights drawn from `seed`;
     device="meta" builds the structure without allocating weights."""
     if backend != "torch":
         raise EvoError([Diagnostic("E402", f"unknown backend {backend!r}", help="available backends: torch")])
-    graph = parse(text_or_path)
+    graph = parse(text_or_path, overrides)
     from .backends.lower_torch import lower
 
-    return lower(graph, seed=seed, device=device, dtype=dtype, spec=graph.source, file=graph.file)
+    model = lower(graph, seed=seed, device=device, dtype=dtype, spec=graph.source, file=graph.file)
+    model.overrides = graph.overrides
+    return model
+
+
+def cost(text_or_path, seq: int = 1024, batch: int = 1, dtype: str = "float32", overrides: dict | None = None) -> dict:
+    """Parameters, FLOPs, memory and complexity of a spec at (batch, seq), computed from the graph alone:
+    the same data as `evodsl cost --json`. No weights are built."""
+    from .passes.cost import DTYPE_BYTES
+    from .report import build_report, cost_data
+
+    if dtype not in DTYPE_BYTES:
+        raise EvoError([Diagnostic("E404", f"unknown dtype {dtype!r}", help=f"one of: {', '.join(DTYPE_BYTES)}")])
+    if not (isinstance(seq, int) and isinstance(batch, int) and seq >= 1 and batch >= 1):
+        raise EvoError([Diagnostic("E404", f"seq and batch must be whole numbers >= 1, got {seq!r}, {batch!r}")])
+    return cost_data(build_report(parse(text_or_path, overrides), dtype), seq, batch, dtype)
 
 
 def save(model, path) -> None:
@@ -72,7 +89,7 @@ def save(model, path) -> None:
     import torch
 
     payload = {"format": ARTIFACT_FORMAT, "spec": model.spec, "spec_file": model.spec_file,
-               "state_dict": model.state_dict()}
+               "overrides": dict(getattr(model, "overrides", {})), "state_dict": model.state_dict()}
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -93,7 +110,8 @@ def load(path, device=None):
         raise EvoError([Diagnostic("E403", f"{path} is not an evodsl artifact ({ARTIFACT_FORMAT})")])
     from .backends.lower_torch import lower
 
-    graph = parse(payload["spec"])
+    graph = parse(payload["spec"], payload.get("overrides"))
     model = lower(graph, device=device, spec=payload["spec"], file=payload["spec_file"])
+    model.overrides = graph.overrides
     model.load_state_dict(payload["state_dict"])
     return model

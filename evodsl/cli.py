@@ -14,7 +14,7 @@ EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 def _cmd_check(args) -> int:
     import evodsl
 
-    graph = evodsl.parse(Path(args.spec))
+    graph = evodsl.parse(Path(args.spec), dict(args.set))
     print(graph)
     return EXIT_OK
 
@@ -33,7 +33,8 @@ def _cmd_compile(args) -> int:
         print(f"evodsl compile: error: output folder does not exist: {Path(args.output).parent}", file=sys.stderr)
         return EXIT_USAGE
     device = "meta" if args.meta else None
-    model = evodsl.compile(Path(args.spec), backend=args.backend, seed=args.seed, device=device)
+    model = evodsl.compile(Path(args.spec), backend=args.backend, seed=args.seed, device=device,
+                           overrides=dict(args.set))
     total = sum(p.numel() for p in model.parameters())
     print(f"{model.graph_name}: {type(model).__name__} from {args.spec} (backend {args.backend}, seed {args.seed})")
     width = max((len(name) for name, _ in model.named_children()), default=4)
@@ -52,6 +53,84 @@ def _cmd_compile(args) -> int:
         evodsl.save(model, args.output)
         print(f"wrote {args.output} (load with evodsl.load({str(args.output)!r}))")
     return EXIT_OK
+
+
+def _assignment(text: str) -> tuple[str, object]:
+    """--set NAME=VALUE: VALUE is a whole number, a number, true or false."""
+    name, eq, value = text.partition("=")
+    if not eq or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    v = value.strip().lower()
+    if v in ("true", "false"):
+        return name, v == "true"
+    try:
+        return name, int(v)
+    except ValueError:
+        try:
+            return name, float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--set {name}: {value!r} is not a number, true or false") from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number >= 1: {text!r}")
+    return int(text)
+
+
+def _seq_list(text: str) -> list[int]:
+    """'1k,4k,16k' -> [1024, 4096, 16384]; k = 1024, m = 1048576."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        mult = {"k": 1024, "m": 1024 * 1024}.get(part[-1:], 1)
+        digits = part[:-1] if mult > 1 else part
+        if not digits.isdigit() or int(digits) * mult < 1:
+            raise argparse.ArgumentTypeError(f"not a sequence length: {part!r} (e.g. 1024, 4k, 1k,4k,16k)")
+        out.append(int(digits) * mult)
+    return out
+
+
+def _cmd_cost(args) -> int:
+    import evodsl
+
+    from .report import build_report, cost_data, plot, render_sweep, render_table
+
+    if args.plot and not Path(args.plot).parent.is_dir():
+        print(f"evodsl cost: error: output folder does not exist: {Path(args.plot).parent}", file=sys.stderr)
+        return EXIT_USAGE
+    graphs = {}
+    for spec in args.specs:
+        graph = evodsl.parse(Path(spec), dict(args.set))
+        graphs[Path(spec).stem if Path(spec).stem not in graphs else spec] = graph
+    reports = {name: build_report(g, args.dtype) for name, g in graphs.items()}
+    if args.json:
+        results = [cost_data(r, n, args.batch, args.dtype) for r in reports.values() for n in args.seq]
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    elif len(reports) == 1 and len(args.seq) == 1:
+        report = next(iter(reports.values()))
+        print(render_table(cost_data(report, args.seq[0], args.batch, args.dtype), args.train, args.formula))
+    else:
+        print(render_sweep(reports, args.seq, args.batch))
+    if args.plot:
+        _write_atomic(args.plot, lambda tmp: plot(reports, args.seq, args.batch, tmp))
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return EXIT_OK
+
+
+def _write_atomic(path: str, write) -> None:
+    import os
+    import tempfile
+
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _cmd_ops(args) -> int:
@@ -106,6 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a spec and print its graph",
                        description="Validate SPEC and print its graph IR with inferred shapes.")
     c.add_argument("spec", metavar="SPEC", help="a .evo file")
+    c.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
+                   help="override a binding of the spec (repeatable), e.g. --set d_model=256")
     c.set_defaults(run=_cmd_check)
     b = sub.add_parser("compile", help="build a spec with a backend",
                        description="Build SPEC; print a module summary with the parameter count.")
@@ -114,7 +195,25 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", metavar="FILE", help="save an artifact (spec + weights); load with evodsl.load")
     b.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     b.add_argument("--meta", action="store_true", help="build on the meta device: no weights are allocated")
+    b.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
+                   help="override a binding of the spec (repeatable), e.g. --set layers=2")
     b.set_defaults(run=_cmd_compile)
+    k = sub.add_parser("cost", help="parameters, FLOPs, memory and complexity, from the graph",
+                       description="Cost SPEC analytically (no weights are built). With several specs or "
+                                   "sequence lengths, print them side by side with the crossover lengths.")
+    k.add_argument("specs", metavar="SPEC", nargs="+", help="one or more .evo files")
+    k.add_argument("--seq", type=_seq_list, default=[1024], metavar="N[,N...]",
+                   help="sequence length(s), e.g. 1024 or 1k,4k,16k,64k (default 1024)")
+    k.add_argument("--batch", type=_positive, default=1, metavar="B", help="batch size (default 1)")
+    k.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="element type of weights and activations (default float32)")
+    k.add_argument("--train", action="store_true", help="add backward FLOPs and training memory")
+    k.add_argument("--formula", action="store_true", help="print the symbolic totals in b and n")
+    k.add_argument("--json", action="store_true", help="one JSON object (a list for sweeps)")
+    k.add_argument("--plot", metavar="PNG", help="draw FLOPs and memory against n on log axes")
+    k.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
+                   help="override a binding of every spec (repeatable), e.g. --set layers=80")
+    k.set_defaults(run=_cmd_cost)
     o = sub.add_parser("ops", help="list the registered ops", description="List every op with its parameters.")
     fmt = o.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="machine-readable output")

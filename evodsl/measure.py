@@ -116,16 +116,25 @@ def measure_memory(model: torch.nn.Module, x: torch.Tensor) -> MemoryMeasurement
     # Backward with respect to activations only: the forward saves exactly what training saves (the parameters
     # require grad), but no parameter gradient is computed, so what is measured is activation memory alone.
     first = next(iter(model.children()))
-    captured = []
+    captured, saved = [], set()
     hook = first.register_forward_hook(lambda mod, args, out: captured.append(out))
+
+    def pack(t):
+        saved.add(StorageWeakRef(t.untyped_storage()).cdata)
+        return t
+
     try:
         with StorageTracker(exclude) as tr:
-            out = model(x)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = model(x)
             tr.mark("forward")
+            # the anchor we differentiate against is alive only because we hold it, unless autograd keeps it
+            anchor = StorageWeakRef(captured[0].untyped_storage()).cdata
+            pinned = {anchor} if anchor not in saved else set()
             torch.autograd.grad(out, captured[:1], grad_outputs=_ones_like_output(out))
             del out
             captured.clear()
             tr.mark("end")
     finally:
         hook.remove()
-    return MemoryMeasurement(inference, tr.live_at("forward"), tr.peak())
+    return MemoryMeasurement(inference, tr.live_at("forward", pinned), tr.peak(ignore=pinned))

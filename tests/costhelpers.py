@@ -62,6 +62,7 @@ def measure_op(module, x, train_mode: bool = True) -> dict:
         out = call()
     out_key = _key(out)
     result = {"fwd": fwd.get_total_flops(), "peak": peak, "inplace": inplace,
+              "inplace_in_training": out_key in in_keys,
               "saves_input": bool(in_keys & saved.keys()), "saves_output": out_key in saved,
               "saved": sum(v for k, v in saved.items() if k not in params | in_keys | {out_key}),
               "params": sum(p.numel() for p in module.parameters())}
@@ -89,6 +90,7 @@ def check_op_cost(family, variant, b=2, n=64, dtype=torch.float32, mem_rtol=0.10
     assert cost.saves_input == m["saves_input"], f"{label}: saves_input declared {cost.saves_input}"
     assert cost.saves_output == m["saves_output"], f"{label}: saves_output declared {cost.saves_output}"
     assert cost.inplace == m["inplace"], f"{label}: inplace declared {cost.inplace}"
+    assert cost.new_output_in_training != m["inplace_in_training"], f"{label}: inplace_in_training declared wrong"
     for key in ("saved", "peak"):
         want, got = ev(getattr(cost, key)), m[key]
         assert abs(want - got) <= mem_rtol * got + mem_atol, f"{label}: {key} bytes declared {want}, measured {got}"

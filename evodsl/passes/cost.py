@@ -89,36 +89,46 @@ class Report:
             total += int(sp.sympify(r.cost.params).subs(r.values)) * (r.count if not _shared(self.graph, r) else 1)
         return total
 
-    def symbolic(self, attr: str):
-        """Sum of one field with the ops' own symbols kept (d, h, w, ...): for complexity classes."""
-        return sp.expand(sum(sp.sympify(getattr(r.cost, attr)) for r in self.rows))
-
     # ---------------------------------------------------------------- memory at (b, n)
 
     def activations_training(self, b: int, n: int) -> int:
         """Bytes alive at the end of a grad-recording forward: everything kept for backward, plus the output."""
         return int(self._saved(self.graph, b, n, top=True))
 
-    def _saved(self, g: Graph, b: int, n: int, top: bool) -> float:
+    def _kept(self, g: Graph, top: bool) -> dict[str, bool]:
+        """Which values of `g` are alive at the end of the forward: an op that uses one saves its input, its
+        producer saves its output, it is the model's output, or an in-place op passes it on to a kept value."""
         rows = self._by_node()
-        consumers: dict[str, list[Node]] = {}
+        users: dict[str, list[Node]] = {}
         for node in g.nodes:
             for i in node.inputs:
-                consumers.setdefault(i, []).append(node)
+                users.setdefault(i, []).append(node)
+        kept: dict[str, bool] = {}
+        for node in reversed(g.nodes[:-1]):
+            us = users.get(node.name, [])
+            k = any(self._saves_input(u) for u in us) or (top and any(u.kind == "output" for u in us))
+            k = k or any(u.kind == "call" and not rows[id(u)].cost.new_output_in_training and kept.get(u.name)
+                         for u in us)
+            if node.kind == "call":
+                k = k or rows[id(node)].cost.saves_output
+            kept[node.name] = k
+        return kept
+
+    def _saved(self, g: Graph, b: int, n: int, top: bool) -> float:
+        rows = self._by_node()
+        kept = self._kept(g, top)
         total = 0
         for node in g.nodes[1:-1]:
             out = _num(_elems(node.meta["shape"]) * self.bytes_per, {}, b, n)
-            if node.kind == "repeat":  # values crossing between copies: saved if the body keeps its input
+            new = True
+            if node.kind == "repeat":  # values crossing between copies: kept if the body keeps its input
                 total += node.count * self._saved(node.body, b, n, top=False)
                 total += (node.count - 1) * self._body_saves_input(node.body) * out
-                r = None
-            else:
+            elif node.kind == "call":
                 r = rows[id(node)]
                 total += r.num(r.cost.saved, b, n)
-            users = consumers.get(node.name, [])
-            kept = ((r is not None and r.cost.saves_output) or any(self._saves_input(c) for c in users)
-                    or (top and any(c.kind == "output" for c in users)))
-            if kept and not (r is not None and r.cost.inplace):
+                new = r.cost.new_output_in_training
+            if kept[node.name] and new:
                 total += out
         return total
 
@@ -130,7 +140,7 @@ class Report:
         return self._by_node()[id(node)].cost.saves_input
 
     def _body_saves_input(self, g: Graph) -> bool:
-        return any(self._saves_input(c) for c in g.nodes if g.input.name in c.inputs)
+        return self._kept(g, top=False)[g.input.name]
 
     def activations_inference(self, b: int, n: int) -> int:
         """Peak bytes of activations during a no-grad forward (the output included, the input not)."""
@@ -145,19 +155,22 @@ class Report:
         live = {g.input.name: in_bytes}
         best = base + in_bytes
         for k, node in enumerate(g.nodes[1:-1], start=1):
+            dying = [i for i in dict.fromkeys(node.inputs) if last[i] == k]
             if node.kind == "repeat":
-                x = node.inputs[0]
-                others = sum(v for name, v in live.items() if name != x)
-                inner = self._peak(node.body, b, n, base + others, live[x])
-                best = max(best, inner)
+                # the block's input stays referenced while each copy runs (as in any eager loop), so it is
+                # pinned: counted in the base, never freed inside the body
+                best = max(best, self._peak(node.body, b, n, base + sum(live.values()), 0))
                 out = _num(_elems(node.meta["shape"]) * self.bytes_per, {}, b, n)
             else:
-                r = rows[id(node)]
-                out = 0 if r.cost.inplace else r.num(r.out_bytes, b, n)
-                best = max(best, base + sum(live.values()) + r.num(r.cost.peak, b, n) + out)
-            for i in set(node.inputs):
-                if last[i] == k:
-                    live.pop(i, None)
+                r = rows[id(node)] if node.kind == "call" else None
+                inplace = r is not None and r.cost.inplace
+                new = 0 if inplace else (r.num(r.out_bytes, b, n) if r else
+                                         _num(_elems(node.meta["shape"]) * self.bytes_per, {}, b, n))
+                best = max(best, base + sum(live.values()) + (r.num(r.cost.peak, b, n) if r else 0) + new)
+                # an in-place output is its input's storage: it inherits the bytes when the input dies here
+                out = live.get(node.inputs[0], 0) if inplace and node.inputs[0] in dying else new
+            for i in dying:
+                live.pop(i, None)
             live[node.name] = out
         return best
 
@@ -193,28 +206,47 @@ def _asymptotic(expr):
     return sp.expand(expr)
 
 
-def complexity(expr) -> str:
-    """'O(n^2 d)'-style class of a formula in n: its leading terms, coefficients and dominated terms dropped."""
-    expr = _asymptotic(sp.sympify(expr).subs(B, 1))
-    if expr == 0:
+def _dominated(a: tuple, b: tuple) -> bool:
+    """Monomial a grows no faster than b in every symbol, and they differ."""
+    da, db = dict(a), dict(b)
+    return da != db and all(db.get(k, 0) >= v for k, v in da.items())
+
+
+def complexity(parts) -> str:
+    """'O(n^2 d)'-style class of a cost in n: its leading terms in n, with coefficients dropped, and terms of
+    the same order under 5% of the largest (at the spec's sizes, n = 1) left out.
+
+    `parts` is a formula, or a list of (formula, {symbol: value}) pairs whose costs add up."""
+    if not isinstance(parts, list):
+        parts = [(parts, {})]
+    weight: dict = {}  # (order, monomial) -> size at the spec's values
+    for expr, values in parts:
+        expr = _asymptotic(sp.sympify(expr).subs(B, 1))
+        for t in sp.Add.make_args(expr):
+            if t == 0:
+                continue
+            coeff, factors = t.as_coeff_Mul()
+            powers = factors.as_powers_dict()
+            deg = powers.get(N, 0)
+            logs = sum(p for base, p in powers.items() if isinstance(base, sp.log) and base.has(N))
+            syms = tuple(sorted((str(k), v) for k, v in powers.items()
+                                if k != N and not isinstance(k, sp.log) and not k.is_number))
+            size = sp.sympify(t).subs(values).subs(N, 1)
+            size = abs(float(size)) if size.is_number else 1.0
+            key = ((deg, logs), syms)
+            weight[key] = weight.get(key, 0.0) + size
+    if not weight:
         return "O(1)"
-    terms = []
-    for t in sp.Add.make_args(expr):
-        _, factors = t.as_coeff_Mul()
-        powers = factors.as_powers_dict()
-        deg = powers.get(N, 0)
-        logs = sum(p for base, p in powers.items() if isinstance(base, sp.log) and base.has(N))
-        syms = frozenset((str(k), v) for k, v in powers.items() if k != N and not isinstance(k, sp.log)
-                         and not k.is_number)
-        terms.append(((deg, logs), syms, factors))
-    top = max(t[0] for t in terms)
-    lead = {t[1]: t[2] for t in terms if t[0] == top}
-    kept = [s for s in lead if not any(s < o for o in lead)]  # n*d dominates n
-    parts = []
-    for syms in sorted(kept, key=lambda s: sorted(s)):
-        deg, logs = top
-        bits = [("n" if deg == 1 else f"n^{deg}")] if deg else []
-        bits += [name if p == 1 else f"{name}^{p}" for name, p in sorted(syms)]
+    top = max(order for order, _ in weight)
+    lead = {syms: w for (order, syms), w in weight.items() if order == top}
+    biggest = max(lead.values())
+    kept = [syms for syms, w in lead.items() if w >= 0.05 * biggest or not biggest]
+    kept = [s for s in kept if not any(_dominated(s, o) for o in kept)]  # n*d dominates n, d^2 dominates d
+    deg, logs = top
+    parts_out = []
+    for syms in sorted(kept):
+        bits = ([("n" if deg == 1 else f"n^{deg}")] if deg else [])
+        bits += [name if p == 1 else f"{name}^{p}" for name, p in syms]
         bits += (["log n"] if logs else [])
-        parts.append(" ".join(bits) or "1")
-    return "O(" + " + ".join(parts) + ")"
+        parts_out.append(" ".join(bits) or "1")
+    return "O(" + " + ".join(parts_out) + ")"

@@ -5,6 +5,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost, linear
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, register
 
 
@@ -29,8 +30,13 @@ class LinearEmbedding(nn.Module):
         return self.proj(x)
 
 
+def cost(p: LinearEmbeddingParams, env: OpEnv, s) -> Cost:
+    """One linear from the feature width d to d_model; it keeps its input."""
+    return linear(s, s.d, s.sym("d_model", p.d_model), p.bias)
+
+
 OP = register(Op(
     family="embed", variant="linear", params=LinearEmbeddingParams, module=LinearEmbedding, causal="n.a.",
     shape=_shape, paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762 (input projection)",
-    summary="W x + b",
+    summary="W x + b", cost=cost,
 ))

@@ -7,6 +7,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, register
 
 
@@ -39,8 +40,19 @@ class TokenEmbedding(nn.Module):
         return h
 
 
+def cost(p: TokenEmbeddingParams, env: OpEnv, s) -> Cost:
+    """A lookup is no FLOP; its backward scatter-adds the gradient into E (1 per element). The sqrt(d) scale and
+    the segment add cost 1 per element each; backward: the scale's product, the segment row's sum. It keeps its
+    int64 ids for backward (saves_input; the pass counts the ids, input(tokens)'s output, as in place)."""
+    d, V = s.sym("d", p.d_model), s.sym("V", env.vocab)
+    elems = s.b * s.n * d
+    steps = int(p.scale) + int(p.segments > 0)  # elementwise ops after the lookup
+    return Cost(params=(V + p.segments) * d, fwd_other=steps * elems, bwd_other=(1 + steps) * elems,
+                saves_input=True, peak=(elems * s.bytes if steps else 0))
+
+
 OP = register(Op(
     family="embed", variant="token", params=TokenEmbeddingParams, module=TokenEmbedding, causal="n.a.",
     shape=_shape, paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",
-    summary="E[x] (* sqrt(d_model) if scale)",
+    summary="E[x] (* sqrt(d_model) if scale)", cost=cost,
 ))

@@ -11,18 +11,21 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+import sympy as sp
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost, linear
 from ..registry import Op, OpEnv, OpParams, register
+from .mlp import ACT_FLOPS
 
-# variant -> (activation on the gate x W, summary)
+# variant -> (activation on the gate x W, summary, its name in ACT_FLOPS)
 VARIANTS = {
-    "glu": (torch.sigmoid, "(sigmoid(x W) ⊙ x V) W2"),
-    "bilinear": (lambda z: z, "(x W ⊙ x V) W2"),
-    "reglu": (F.relu, "(relu(x W) ⊙ x V) W2"),
-    "geglu": (F.gelu, "(gelu(x W) ⊙ x V) W2"),  # exact GELU, x * Phi(x)
-    "swiglu": (F.silu, "(swish(x W) ⊙ x V) W2"),  # Swish with beta = 1, i.e. SiLU
+    "glu": (torch.sigmoid, "(sigmoid(x W) ⊙ x V) W2", "sigmoid"),
+    "bilinear": (lambda z: z, "(x W ⊙ x V) W2", "identity"),
+    "reglu": (F.relu, "(relu(x W) ⊙ x V) W2", "relu"),
+    "geglu": (F.gelu, "(gelu(x W) ⊙ x V) W2", "gelu"),  # exact GELU, x * Phi(x)
+    "swiglu": (F.silu, "(swish(x W) ⊙ x V) W2", "silu"),  # Swish with beta = 1, i.e. SiLU
 }
 
 
@@ -54,8 +57,24 @@ class GatedFFN(nn.Module):
         return f"variant={self.variant}"
 
 
+def cost(p: GLUParams, env: OpEnv, s, variant: str = "swiglu") -> Cost:
+    """Three linears; the gate's activation (ACT_FLOPS) and the product, 1 FLOP each per hidden element,
+    backward ~2x. Kept for backward, each [b, n, d_ff]: x V, act(x W), the product, and x W too when the
+    activation needs its input (geglu, swiglu; sigmoid and relu keep their result, bilinear has none). At the
+    inference peak act(x W), x V and the product are alive."""
+    f = s.sym("f", p.d_ff or default_d_ff(env.d))
+    act = VARIANTS[variant][2]
+    hidden = s.b * s.n * f * s.bytes
+    out = s.b * s.n * s.d * s.bytes
+    c = linear(s, s.d, f, p.bias) + linear(s, s.d, f, p.bias) + linear(s, f, s.d, p.bias)
+    other = (ACT_FLOPS[act] + 1) * s.b * s.n * f
+    return Cost(params=c.params, fwd=c.fwd, bwd=c.bwd, fwd_other=other, bwd_other=c.bwd_other + 2 * other,
+                saves_input=True, saved=hidden * (4 if act in ("gelu", "silu") else 3),
+                peak=sp.Max(3 * hidden, hidden + out) - out)
+
+
 OPS = [register(Op(
     family="ffn", variant=name, params=GLUParams, module=partial(GatedFFN, variant=name), causal="n.a.",
     paper="GLU Variants Improve Transformer, Shazeer 2020, arXiv:2002.05202",
-    summary=summary, note="FFN/003.md",
-)) for name, (_, summary) in VARIANTS.items()]
+    summary=summary, note="FFN/003.md", cost=partial(cost, variant=name),
+)) for name, (_, summary, _) in VARIANTS.items()]

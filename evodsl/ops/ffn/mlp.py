@@ -5,9 +5,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import sympy as sp
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost, linear
 from ..registry import Op, OpEnv, OpParams, register
 
 ACTIVATIONS = {
@@ -16,6 +18,11 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's approximation
     "silu": F.silu,  # x * sigmoid(x), Swish with beta = 1 (Ramachandran et al. 2017)
 }
+
+# Forward FLOPs per element, counting each arithmetic op and each exp/erf/tanh as 1 (ffn(glu) uses this too):
+# relu max(z, 0); gelu z/√2, erf, +1, ·z, ·0.5; gelu_tanh z³ (2), ·c, +z, ·√(2/π), tanh, +1, ·z, ·0.5;
+# sigmoid −z, exp, +1, 1/·; silu sigmoid then ·z.
+ACT_FLOPS = {"relu": 1, "gelu": 5, "gelu_tanh": 9, "sigmoid": 4, "silu": 5, "identity": 0}
 
 
 class MLPParams(OpParams):
@@ -36,10 +43,24 @@ class MLP(nn.Module):
         return self.down_proj(ACTIVATIONS[self.act_name](self.up_proj(x)))
 
 
+def cost(p: MLPParams, env: OpEnv, s) -> Cost:
+    """Two linears; the activation costs ACT_FLOPS per hidden element, its backward ~2x. Kept for backward: the
+    hidden pre-activation (not for relu, which keeps only its result) and post-activation [b, n, d_ff]. At the
+    inference peak both hidden tensors are alive (or the post-activation beside the output, if d_ff < d)."""
+    f = s.sym("f", p.d_ff or 4 * env.d)
+    hidden = s.b * s.n * f * s.bytes
+    out = s.b * s.n * s.d * s.bytes
+    c = linear(s, s.d, f, p.bias) + linear(s, f, s.d, p.bias)
+    act = ACT_FLOPS[p.act] * s.b * s.n * f
+    return Cost(params=c.params, fwd=c.fwd, bwd=c.bwd, fwd_other=act, bwd_other=c.bwd_other + 2 * act,
+                saves_input=True, saved=hidden * (1 if p.act == "relu" else 2),
+                peak=sp.Max(2 * hidden, hidden + out) - out)
+
+
 OP = register(Op(
     family="ffn", variant="mlp", params=MLPParams, module=MLP, causal="n.a.",
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762 (GELU: arXiv:1606.08415; "
           "Swish/SiLU: arXiv:1710.05941)",
-    summary="W2 act(W1 x + b1) + b2",
+    summary="W2 act(W1 x + b1) + b2", cost=cost,
     note="FFN/001.md",
 ))

@@ -5,6 +5,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost, linear
 from ..registry import Op, OpEnv, OpParams, register
 
 
@@ -22,9 +23,14 @@ class LinearHead(nn.Module):
         return self.proj(h)
 
 
+def cost(p: LinearHeadParams, env: OpEnv, s) -> Cost:
+    """One linear from d to d_out; it keeps its input."""
+    return linear(s, s.d, s.sym("d_out", p.d_out), p.bias)
+
+
 OP = register(Op(
     family="head", variant="linear", params=LinearHeadParams, module=LinearHead, causal="n.a.",
     shape=lambda p, env: (*env.shape[:-1], p.d_out),
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762 (output projection)",
-    summary="W h + b",
+    summary="W h + b", cost=cost,
 ))

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost, linear
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, register
 
 
@@ -38,8 +39,17 @@ class LMHead(nn.Module):
         return F.linear(h, self.weight, self.bias)
 
 
+def cost(p: LMHeadParams, env: OpEnv, s) -> Cost:
+    """The logits matmul, 2 b n d V; tied, the weight is embed(token)'s and adds no parameters. It keeps its
+    input; the [b, n, V] logits are its output, which the cost pass accounts for."""
+    V = s.sym("V", env.vocab)
+    c = linear(s, s.d, V, p.bias)
+    return Cost(params=(0 if p.tied else s.d * V) + (V if p.bias else 0), fwd=c.fwd, bwd=c.bwd,
+                bwd_other=c.bwd_other, saves_input=True)
+
+
 OP = register(Op(
     family="head", variant="lm", params=LMHeadParams, module=LMHead, causal="n.a.", shape=_shape,
     paper="Using the Output Embedding to Improve Language Models, Press & Wolf 2016, arXiv:1608.05859",
-    summary="logits = h E^T (tied) or h W^T (+ b)", note="LLM/000.md",
+    summary="logits = h E^T (tied) or h W^T (+ b)", note="LLM/000.md", cost=cost,
 ))

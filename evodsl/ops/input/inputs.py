@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost
 from ..registry import Op, OpParams, register
 
 
@@ -22,11 +23,18 @@ class ModelInput(nn.Module):
         return x
 
 
+def cost(p, env, s) -> Cost:
+    """The identity: free, and its output is the caller's tensor (not counted as activation memory)."""
+    return Cost(inplace=True)
+
+
 register(Op(
     family="input", variant="tokens", params=TokensParams, module=lambda p, env: ModelInput(), causal="n.a.",
     shape=lambda p, env: ("b", "n"), paper="-", summary="token ids [b, n] in [0, vocab)",
+    cost=cost,
 ))
 register(Op(
     family="input", variant="features", params=FeaturesParams, module=lambda p, env: ModelInput(),
     causal="n.a.", shape=lambda p, env: ("b", "n", p.d), paper="-", summary="features [b, n, d]",
+    cost=cost,
 ))

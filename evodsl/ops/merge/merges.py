@@ -4,10 +4,13 @@ sum: y = sum_i y_i; mean: y = (1/k) sum_i y_i; concat: y = W [y_1; ...; y_k] + b
 d, as Branchformer's concatenation merge (Peng et al. 2022)."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost, linear
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, register
 
 
@@ -49,10 +52,31 @@ class ConcatMerge(nn.Module):
         return self.proj(torch.cat(xs, dim=-1))
 
 
+def sum_cost(p, env: OpEnv, s, mean: bool = False) -> Cost:
+    """k - 1 adds (and the 1/k scale for mean), 1 FLOP per element each; backward: the adds pass the gradient
+    through, mean scales it once. Nothing is kept. At the inference peak one partial sum is alive beside the
+    output (none when the two branches' sum is the output itself)."""
+    k = len(env.in_shapes)
+    elems = s.b * s.n * s.d
+    return Cost(fwd_other=(k - 1 + int(mean)) * elems, bwd_other=int(mean) * elems,
+                peak=elems * s.bytes if (k > 2 or mean) else 0)
+
+
+def concat_cost(p: ConcatParams, env: OpEnv, s) -> Cost:
+    """A linear from k·d to d on the concatenation (a copy: no FLOPs), which it keeps for backward and which is
+    alive at the inference peak; the branches themselves are not kept."""
+    k = s.sym("k", len(env.in_shapes))
+    cat = k * s.b * s.n * s.d * s.bytes
+    c = linear(s, k * s.d, s.d, p.bias)
+    return Cost(params=c.params, fwd=c.fwd, bwd=c.bwd, bwd_other=c.bwd_other, saved=cat, peak=cat)
+
+
 PAPER = "Branchformer, Peng et al. 2022, arXiv:2207.02971"
 register(Op(family="merge", variant="sum", params=NoMergeParams, module=lambda p, env: SumMerge(False),
-            causal="n.a.", shape=_same, inputs=-1, paper=PAPER, summary="sum_i y_i", note="Arch/007.md"))
+            causal="n.a.", shape=_same, inputs=-1, paper=PAPER, summary="sum_i y_i", note="Arch/007.md",
+            cost=sum_cost))
 register(Op(family="merge", variant="mean", params=NoMergeParams, module=lambda p, env: SumMerge(True),
-            causal="n.a.", shape=_same, inputs=-1, paper=PAPER, summary="(1/k) sum_i y_i", note="Arch/007.md"))
+            causal="n.a.", shape=_same, inputs=-1, paper=PAPER, summary="(1/k) sum_i y_i", note="Arch/007.md",
+            cost=partial(sum_cost, mean=True)))
 register(Op(family="merge", variant="concat", params=ConcatParams, module=ConcatMerge, causal="n.a.", shape=_same,
-            inputs=-1, paper=PAPER, summary="W [y_1; ...; y_k] + b", note="Arch/007.md"))
+            inputs=-1, paper=PAPER, summary="W [y_1; ...; y_k] + b", note="Arch/007.md", cost=concat_cost))

@@ -6,9 +6,11 @@ every input position, so there is no causal form: FNet is encoder-only.
 """
 from __future__ import annotations
 
+import sympy as sp
 import torch
 from torch import nn
 
+from ..cost import Cost
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, register
 
 
@@ -28,12 +30,25 @@ class FourierMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()  # no half-precision FFT on CPU
-        return torch.fft.fft2(work, dim=(-2, -1)).real.to(x.dtype)
+        # .real is a view into the complex result, twice the output's bytes: copy it out so that the complex
+        # buffer dies here instead of living as long as the output
+        return torch.fft.fft2(work, dim=(-2, -1)).real.to(x.dtype).contiguous()
+
+
+def cost(p: FNetParams, env: OpEnv, s) -> Cost:
+    """No matmuls. A complex FFT of length L costs 5 L log2 L real FLOPs (the radix-2 Cooley-Tukey count):
+    b·d FFTs of length n and b·n of length d. Backward: the adjoint transform of the gradient, the same count.
+    Nothing is kept for backward. At the inference peak torch holds the input cast to complex and the complex
+    result (plus the float32 copy of a half-precision input)."""
+    fft = 5 * s.b * s.n * s.d * (sp.log(s.n, 2) + sp.log(s.d, 2))
+    work = max(4, s.bytes)
+    up = work if s.bytes < 4 else 0
+    return Cost(fwd_other=fft, bwd_other=fft, peak=s.b * s.n * s.d * (up + 2 * 2 * work - s.bytes))
 
 
 OP = register(Op(
     family="mixer", variant="fnet", params=FNetParams, module=FourierMixer, causal="no", shape=fnet_shape,
     paper="FNet: Mixing Tokens with Fourier Transforms, Lee-Thorp et al. 2021, arXiv:2105.03824",
-    summary="Re(FFT_seq(FFT_hidden(x))), no parameters",
+    summary="Re(FFT_seq(FFT_hidden(x))), no parameters", cost=cost,
     note="MHA/FFT/004.md",
 ))

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost
 from ..registry import Op, OpEnv, OpParams, register
 
 
@@ -23,9 +24,24 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
 
 
+def cost(p: RMSNormParams, env: OpEnv, s) -> Cost:
+    """Per element: square, sum, normalise, scale g: 4 FLOPs; backward ~2x.
+
+    F.rms_norm is composite on CPU (torch 2.13), computed in at least float32: it keeps the input (below
+    float32: its float32 copy instead), rstd [b, n] and the normalised x·rstd [b, n, d] for g's gradient; at its
+    peak x·rstd and rstd are alive beside the output (below float32: the copy, rstd, x·rstd and the float32
+    result, before the output is cast down)."""
+    work = max(4, s.bytes)  # bytes of the compute dtype
+    up = s.b * s.n * s.d * work if s.bytes < 4 else 0  # the float32 copy of a half-precision input
+    kept = s.b * s.n * (s.d + 1) * work  # x·rstd and rstd
+    return Cost(params=s.d, fwd_other=4 * s.b * s.n * s.d, bwd_other=8 * s.b * s.n * s.d,
+                saves_input=s.bytes >= 4, saved=kept + up,
+                peak=kept + (2 * up - s.b * s.n * s.d * s.bytes if up else 0))
+
+
 OP = register(Op(
     family="norm", variant="rmsnorm", params=RMSNormParams, module=RMSNorm, causal="n.a.",
     paper="Root Mean Square Layer Normalization, Zhang & Sennrich 2019, arXiv:1910.07467",
-    summary="x / sqrt(mean(x^2) + eps) * g",
+    summary="x / sqrt(mean(x^2) + eps) * g", cost=cost,
     note="Others/002.md",  # Narang et al. 2021: across implementations, RMSNorm transfers best
 ))

@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost
 from ..registry import Op, OpEnv, OpParams, register
 
 
@@ -26,10 +27,18 @@ class ScaleNorm(nn.Module):
         return x * (self.scale / norm)
 
 
+def cost(p: ScaleNormParams, env: OpEnv, s) -> Cost:
+    """One parameter, g. Per element: square, sum, multiply by g/||x||: 3 FLOPs (per-token work is dropped);
+    backward ~2x. Kept for backward: ||x||, its clamp and g/||x||, each [b, n, 1]; two are alive at the peak."""
+    tokens = s.b * s.n
+    return Cost(params=1, fwd_other=3 * tokens * s.d, bwd_other=6 * tokens * s.d,
+                saves_input=True, saved=3 * tokens * s.bytes, peak=2 * tokens * s.bytes)
+
+
 OP = register(Op(
     family="norm", variant="scalenorm", params=ScaleNormParams, module=ScaleNorm, causal="n.a.",
     paper="Transformers without Tears: Improving the Normalization of Self-Attention, "
           "Nguyen & Salazar 2019, arXiv:1910.05895",
-    summary="g * x / max(||x||_2, eps), g a learned scalar, g(0) = sqrt(d)",
+    summary="g * x / max(||x||_2, eps), g a learned scalar, g(0) = sqrt(d)", cost=cost,
     note="Normalize_And_Residual/006.md",
 ))

@@ -5,6 +5,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost
 from ..registry import Op, OpEnv, OpParams, register
 
 
@@ -23,8 +24,14 @@ class LearnedPosition(nn.Module):
         return x + self.weight[:n]
 
 
+def cost(p: LearnedPositionParams, env: OpEnv, s) -> Cost:
+    """L·d parameters; the add, 1 FLOP per element; backward: P's gradient sums the batch, 1 per element.
+    Nothing is kept."""
+    return Cost(params=s.sym("L", p.max_len) * s.d, fwd_other=s.b * s.n * s.d, bwd_other=s.b * s.n * s.d)
+
+
 OP = register(Op(
     family="pos", variant="learned", params=LearnedPositionParams, module=LearnedPosition, causal="yes",
     paper="Convolutional Sequence to Sequence Learning, Gehring et al. 2017, arXiv:1705.03122",
-    summary="x_t + P[t], P learned, t < max_len",
+    summary="x_t + P[t], P learned, t < max_len", cost=cost,
 ))

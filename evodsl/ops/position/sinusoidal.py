@@ -6,10 +6,12 @@ as the addition). An odd d keeps the last sine channel and drops its cosine part
 """
 from __future__ import annotations
 
+import sympy as sp
 import torch
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost
 from ..registry import Op, OpEnv, OpParams, register
 
 
@@ -38,9 +40,21 @@ class SinusoidalPosition(nn.Module):
         return f"base={self.base:g}"
 
 
+def cost(p: SinusoidalPositionParams, env: OpEnv, s) -> Cost:
+    """The table: angles, sin and cos, n·d/2 FLOPs each; the add, 1 per element; backward free (no
+    parameters). Nothing is kept. At the inference peak either the angles, sines, cosines and their interleaved
+    stack are alive (in float32, or float64) with t [n] and ω [d/2], or the [n, d] table beside the output."""
+    work = 8 if s.bytes == 8 else 4  # the angles' dtype
+    out = s.b * s.n * s.d * s.bytes
+    angles = (sp.Rational(5, 2) * s.n * s.d + s.n + s.d / 2) * work
+    table = sp.Max(angles, s.n * s.d * s.bytes + out) - out
+    return Cost(fwd_other=sp.Rational(3, 2) * s.n * s.d + s.b * s.n * s.d, peak=table)
+
+
 OP = register(Op(
     family="pos", variant="sinusoidal", params=SinusoidalPositionParams, module=SinusoidalPosition,
     causal="yes",
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",
     summary="x_t + PE[t], PE(t, 2i) = sin(t / base^(2i/d)), PE(t, 2i+1) = cos(t / base^(2i/d))",
+    cost=cost,
 ))

@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost
 from ..registry import Op, OpEnv, OpParams, register
 
 
@@ -23,8 +24,16 @@ class ReZeroScale(nn.Module):
         return self.alpha * fx
 
 
+def cost(p: ReZeroParams, env: OpEnv, s) -> Cost:
+    """One parameter; alpha·F(x), 1 FLOP per element; backward: alpha·g for F(x), sum(g·F(x)) for alpha,
+    3 per element. It keeps its input F(x) for alpha's gradient."""
+    elems = s.b * s.n * s.d
+    return Cost(params=1, fwd_other=elems, bwd_other=3 * elems, saves_input=True)
+
+
 OP = register(Op(
     family="residual", variant="rezero", params=ReZeroParams, module=ReZeroScale, causal="n.a.",
     paper="ReZero is All You Need, Bachlechner et al. 2020, arXiv:2003.04887",
     summary="x + alpha * F(x), alpha learned, alpha(0) = 0", note="Normalize_And_Residual/001.md",
+    cost=cost,
 ))

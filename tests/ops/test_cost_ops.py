@@ -1,0 +1,134 @@
+"""The declared Cost of every op outside attention, held to measurement (tests/costhelpers.py) in float32 at two
+sizes (and in bfloat16 where a formula branches on the dtype): parameters exact, matmul FLOPs within 1 % of FlopCounterMode, bytes kept for backward (saved-tensor hooks)
+and the inference peak (storage tracker) within 10 % + 4 KiB, the saves_input/saves_output/inplace flags exact.
+Non-matmul FLOPs are a convention, documented beside each formula; they are not measured."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import costhelpers
+from costhelpers import check_op_cost, declared, make_input, measure_op
+from evodsl.ops import REGISTRY, OpEnv, load_all, lookup
+from evodsl.passes.cost import complexity
+from ophelpers import make_op
+
+SIZES = [(2, 32, 64), (1, 48, 96)]  # (b, n, d)
+V = 100  # vocabulary
+TOKENS = (("b", "n"),)
+
+
+def _branches(k):
+    return lambda d: {"in_shapes": (("b", "n", d),) * k}
+
+
+# (family, variant, build(d) -> make_op's keyword arguments)
+CASES = [
+    ("norm", "layernorm", lambda d: {}),
+    ("norm", "layernorm", lambda d: {"bias": False}),
+    ("norm", "rmsnorm", lambda d: {}),
+    ("norm", "scalenorm", lambda d: {}),
+    ("ffn", "mlp", lambda d: {"act": "relu"}),  # relu keeps only its result
+    ("ffn", "mlp", lambda d: {"act": "gelu"}),
+    ("ffn", "mlp", lambda d: {"act": "gelu_tanh"}),
+    ("ffn", "mlp", lambda d: {"act": "silu"}),
+    ("ffn", "mlp", lambda d: {"act": "gelu", "bias": False, "d_ff": d // 2}),  # d_ff < d: a different peak
+    *[("ffn", v, lambda d: {}) for v in ("glu", "bilinear", "reglu", "geglu", "swiglu")],
+    ("ffn", "swiglu", lambda d: {"bias": True, "d_ff": 3 * d}),
+    ("mixer", "fnet", lambda d: {}),
+    ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
+    ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
+    ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),
+    ("embed", "linear", lambda d: {"d_model": 2 * d}),
+    ("embed", "linear", lambda d: {"d_model": d + 8, "bias": False}),
+    ("head", "lm", lambda d: {"vocab": V, "tied": False}),
+    ("head", "lm", lambda d: {"vocab": V, "tied": False, "bias": True}),
+    ("head", "linear", lambda d: {"d_out": 10}),
+    ("head", "linear", lambda d: {"d_out": 3, "bias": False}),
+    ("head", "pooler", lambda d: {}),
+    ("pos", "learned", lambda d: {"max_len": 64}),
+    ("pos", "sinusoidal", lambda d: {}),
+    ("pos", "rope", lambda d: {}),
+    ("pos", "alibi", lambda d: {}),
+    ("merge", "sum", _branches(2)),
+    ("merge", "sum", _branches(3)),
+    ("merge", "mean", _branches(2)),
+    ("merge", "concat", _branches(2)),
+    ("merge", "concat", _branches(3)),
+    ("merge", "concat", lambda d: {**_branches(2)(d), "bias": False}),
+    ("residual", "rezero", lambda d: {}),
+    ("dropout", "standard", lambda d: {"p": 0.1}),  # train mode: the noise is kept
+    ("dropout", "standard", lambda d: {"p": 0.0}),
+]
+
+
+def _id(case) -> str:
+    family, variant, build = case
+    extra = ",".join(f"{k}={v}" for k, v in build(64).items() if k != "in_shapes")
+    k = len(build(64).get("in_shapes", ())) if family == "merge" else 0
+    return f"{family}({variant}{',' + extra if extra else ''}{f',k={k}' if k else ''})"
+
+
+@pytest.mark.parametrize("b,n,d", SIZES)
+@pytest.mark.parametrize("family,variant,build", CASES, ids=[_id(c) for c in CASES])
+def test_declared_cost_matches_measured(family, variant, build, b, n, d):
+    check_op_cost(family, variant, b=b, n=n, d=d, **build(d))
+
+
+@pytest.mark.parametrize("family,variant,build", [
+    ("norm", "layernorm", {}), ("norm", "rmsnorm", {}), ("mixer", "fnet", {}), ("ffn", "swiglu", {}),
+    ("pos", "sinusoidal", {}),
+])
+def test_half_precision_formulas(family, variant, build):
+    """The formulas that branch on the dtype (upcasts to float32 on CPU) hold in bfloat16 too."""
+    check_op_cost(family, variant, b=2, n=32, d=64, dtype=torch.bfloat16, **build)
+
+
+@pytest.mark.parametrize("b,n,d", SIZES)
+def test_tied_lm_head(b, n, d):
+    """Tied, the head borrows embed(token)'s table: it declares 0 parameters, and the only parameter measured on
+    it is that [V, d] table; everything else as measured."""
+    head, env, cost, ev = declared("head", "lm", b, n, dtype=torch.float32, d=d, vocab=V, tied=True)
+    embed, _, _ = make_op("embed", "token", dtype=torch.float32, in_shapes=TOKENS, vocab=V, d_model=d)
+    head.tie(embed)
+    m = measure_op(head, make_input(env, b, n, torch.float32))
+    assert ev(cost.params) == 0 and m["params"] == V * d
+    assert ev(cost.fwd) == m["fwd"] == 2 * b * n * d * V and ev(cost.bwd) == m["bwd"]
+    assert (cost.saves_input, cost.saves_output, cost.inplace) == (m["saves_input"], m["saves_output"], m["inplace"])
+    assert ev(cost.saved) == m["saved"] == 0 and ev(cost.peak) == m["peak"] == 0
+
+
+@pytest.mark.parametrize("b,n,d", SIZES)
+@pytest.mark.parametrize("variant,params,shape", [("features", {"d": 0}, ("b", "n", 0)),
+                                                   ("tokens", {"vocab": V}, ("b", "n"))])
+def test_input_ops_are_free_identities(monkeypatch, variant, params, shape, b, n, d):
+    """make_op's own `d` and `vocab` arguments shadow these ops' params, so they are built here."""
+    def make(family, variant, dtype, **_):
+        op = lookup(family, variant)
+        p = op.params(**{k: (d if v == 0 else v) for k, v in params.items()})
+        env = OpEnv(in_shapes=(tuple(d if x == 0 else x for x in shape),), vocab=V)
+        return op.module(p, env).to(dtype).eval(), p, env
+
+    monkeypatch.setattr(costhelpers, "make_op", make)
+    m = check_op_cost("input", variant, b=b, n=n)
+    assert m["inplace"] and m["fwd"] == m["saved"] == m["peak"] == 0
+
+
+def test_every_op_outside_attention_declares_cost():
+    load_all()
+    missing = [op.id for op in REGISTRY.values() if op.family != "mha" and op.cost is None]
+    assert not missing, f"ops without cost=: {missing}"
+
+
+@pytest.mark.parametrize("family,variant,build,field,expected", [
+    ("ffn", "mlp", {}, "fwd", "O(n d f)"),
+    ("ffn", "swiglu", {}, "fwd", "O(n d f)"),
+    ("mixer", "fnet", {}, "fwd_other", "O(n d log n)"),
+    ("head", "lm", {"vocab": V}, "fwd", "O(n V d)"),
+    ("embed", "token", {"in_shapes": TOKENS, "vocab": V, "d_model": 64}, "params", "O(V d)"),
+    ("pos", "learned", {"max_len": 64}, "params", "O(L d)"),
+    ("norm", "layernorm", {}, "fwd_other", "O(n d)"),
+])
+def test_complexity_reads_off_the_formula(family, variant, build, field, expected):
+    _, _, cost, _ = declared(family, variant, 1, 1, d=64, **build)
+    assert complexity(getattr(cost, field)) == expected
