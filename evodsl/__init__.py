@@ -105,9 +105,17 @@ def load(path, device=None):
     """Load an artifact written by `save` (or `evodsl compile -o`): rebuilds the spec, loads the weights."""
     import torch
 
-    payload = torch.load(path, map_location=device or "cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
-        raise EvoError([Diagnostic("E403", f"{path} is not an evodsl artifact ({ARTIFACT_FORMAT})")])
+    try:
+        payload = torch.load(path, map_location=device or "cpu", weights_only=True)
+    except OSError as err:
+        raise EvoError([Diagnostic("E401", f"cannot read artifact {str(path)!r}: {err.strerror or err}")]) from None
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
+        raise EvoError([Diagnostic("E403", f"{path} is not an evodsl artifact ({type(err).__name__})",
+                                   help="artifacts are written by `evodsl compile SPEC -o FILE`")]) from None
+    if not (isinstance(payload, dict) and payload.get("format") == ARTIFACT_FORMAT
+            and {"spec", "spec_file", "state_dict"} <= payload.keys()):
+        raise EvoError([Diagnostic("E403", f"{path} is not an evodsl artifact ({ARTIFACT_FORMAT})",
+                                   help="artifacts are written by `evodsl compile SPEC -o FILE`")])
     from .backends.lower_torch import lower
 
     graph = parse(payload["spec"], payload.get("overrides"))

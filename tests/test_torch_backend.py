@@ -69,3 +69,31 @@ def test_aux_loss_sums_the_ops_losses():
     assert m.aux_loss().requires_grad
     assert torch.allclose(m.aux_loss(), m.attn.aux_loss())
     assert evodsl.compile("d_model = 32\nblock = norm -> ffn").aux_loss().item() == 0.0
+
+
+def test_load_reports_bad_artifacts_as_evo_errors(tmp_path):
+    import pytest
+
+    with pytest.raises(evodsl.EvoError) as missing:
+        evodsl.load(tmp_path / "missing.pt")
+    assert missing.value.codes == ["E401"]
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(evodsl.EvoError) as bad:
+        evodsl.load(junk)
+    assert bad.value.codes == ["E403"]
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(evodsl.EvoError) as other:
+        evodsl.load(tmp_path / "other.pt")
+    assert other.value.codes == ["E403"]
+
+
+def test_nested_repeat_and_count_bound():
+    import pytest
+
+    spec = "d_model = 16\nheads = 2\nblock = norm -> mha -> norm -> ffn\nstack = repeat(repeat(block, 3), 2)"
+    m = evodsl.compile(spec)
+    assert "blocks.1.blocks.2.attn.q_proj.weight" in m.state_dict()
+    with pytest.raises(evodsl.EvoError) as err:
+        evodsl.parse("d_model = 16\nstack = repeat(norm, 100000000)")
+    assert err.value.codes == ["E204"]

@@ -16,7 +16,7 @@ from ..ops.registry import FAMILIES, variants
 from ..ops.registry import lookup as lookup_op
 from ..syntax import Assign, BinOp, Bool, Call, ModelDef, Name, Neg, Number, Parallel, Pipe, Program, Repeat, Residual
 
-RESERVED = {"model", "residual", "parallel", "repeat", "true", "false"}
+MAX_REPEAT = 10_000  # copies in one repeat(...): far past any real model, short of hanging the builder
 DEFAULT_D_MODEL = 512  # width of a layer compiled on its own when the spec binds no d_model
 _ERR = object()  # an expression whose error was already reported
 
@@ -408,8 +408,10 @@ class Builder:
     def _emit_repeat(self, r: Repeat, g: Graph, x: str) -> str:
         kw = self._kwargs(r.kwargs, {"shared": bool}, "repeat")
         count = self._eval(r.count)
-        if count is not _ERR and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-            self.c.error("E204", f"repeat count must be a whole number >= 1, got {count}", r.count.span)
+        if count is not _ERR and (isinstance(count, bool) or not isinstance(count, int)
+                                  or not 1 <= count <= MAX_REPEAT):
+            self.c.error("E204", f"repeat count must be a whole number from 1 to {MAX_REPEAT:,}, got {count}",
+                         r.count.span, help="deeper stacks: nest repeats, e.g. repeat(repeat(block, 100), 200)")
             count = _ERR
         body = Graph("body")
         body.add(Node(name="x", kind="input"))
