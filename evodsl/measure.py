@@ -107,11 +107,14 @@ class MemoryMeasurement:
 
 def measure_memory(model: torch.nn.Module, x: torch.Tensor) -> MemoryMeasurement:
     exclude = [*model.parameters(), *model.buffers(), x]
+    was_training = model.training
+    model.eval()  # inference: dropout off, as deployed
     with torch.no_grad(), StorageTracker(exclude) as tr:
         out = model(x)
         del out
         tr.mark("end")
     inference = tr.peak()
+    model.train()  # training: dropout on, as in a training step
 
     # Backward with respect to activations only: the forward saves exactly what training saves (the parameters
     # require grad), but no parameter gradient is computed, so what is measured is activation memory alone.
@@ -137,4 +140,5 @@ def measure_memory(model: torch.nn.Module, x: torch.Tensor) -> MemoryMeasurement
             tr.mark("end")
     finally:
         hook.remove()
+        model.train(was_training)
     return MemoryMeasurement(inference, tr.live_at("forward", pinned), tr.peak(ignore=pinned))

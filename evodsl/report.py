@@ -59,6 +59,7 @@ def cost_data(report: Report, seq: int, batch: int, dtype: str) -> dict:
         "memory": {"params": params * DTYPE_BYTES[dtype],
                    "activations_inference": report.activations_inference(b, n),
                    "activations_training": report.activations_training(b, n),
+                   "activations_training_peak": report.activations_training_peak(b, n),
                    "kv_cache": report.kv_cache(b, n),
                    "gradients": params * DTYPE_BYTES[dtype],
                    "adam_states": params * 4 * 2},

@@ -26,6 +26,16 @@ def small(spec: Path) -> dict:
     return {k: v for k, v in SMALL.items() if any(line.split("=")[0].strip() == k for line in text.splitlines())}
 
 
+def full_spans(model):
+    """Adaptive span declares the cost of its full max_span band (an upper bound: learned spans shorter than
+    max_span shrink the band at run time); measure it at that bound."""
+    for mod in model.modules():
+        if hasattr(mod, "spans") and hasattr(mod, "span"):
+            with torch.no_grad():
+                mod.span.fill_(1.0)
+    return model
+
+
 def model_input(graph, b, n, device="cpu"):
     shape = graph.input.meta["shape"]
     if len(shape) == 2:
@@ -57,7 +67,7 @@ def test_forward_flops_full_size_on_meta(spec, b, n):
 def test_train_flops_small(spec, b, n):
     over = small(spec)
     graph = evodsl.parse(spec, over)
-    model = evodsl.compile(spec, overrides=over).train()
+    model = full_spans(evodsl.compile(spec, overrides=over).train())
     measured = count_flops(model, model_input(graph, b, n), train=True)
     declared = evodsl.cost(spec, seq=n, batch=b, overrides=over)["flops"]
     assert declared["forward_matmul"] == pytest.approx(measured["forward"], rel=0.01)
@@ -69,12 +79,12 @@ def test_train_flops_small(spec, b, n):
 def test_activation_memory_small(spec, b, n):
     over = small(spec)
     graph = evodsl.parse(spec, over)
-    model = evodsl.compile(spec, overrides=over).train()
+    model = full_spans(evodsl.compile(spec, overrides=over).train())
     measured = measure_memory(model, model_input(graph, b, n))
     mem = evodsl.cost(spec, seq=n, batch=b, overrides=over)["memory"]
     assert mem["activations_inference"] == pytest.approx(measured.inference_peak, rel=0.10)
     assert mem["activations_training"] == pytest.approx(measured.training_saved, rel=0.10)
-    assert mem["activations_training"] == pytest.approx(measured.training_peak, rel=0.10)
+    assert mem["activations_training_peak"] == pytest.approx(measured.training_peak, rel=0.10)
 
 
 def test_gpt2_forward_flops_match_hf_at_1024():

@@ -27,12 +27,14 @@ class Cost:
     saves_output: bool = False  # the op keeps its output tensor for backward
     peak: object = 0  # bytes alive inside the op at its inference peak, beyond its input and output
     cache: object = 0  # decoding state in bytes for a prefix of n tokens (KV cache, recurrent state)
+    bwd_peak: object = None  # bytes newly created at the peak of the op's backward (gradient of its input
+    #                           included); None: just the input's gradient
     inplace: bool = False  # the output reuses the input's storage (no new bytes), in an inference forward
     inplace_in_training: bool | None = None  # the same in a training forward (None: as `inplace`; dropout differs)
 
     def __add__(self, other: "Cost") -> "Cost":
         """Sum of two ops applied one after the other (the boolean flags must be resolved by the caller)."""
-        vals = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
+        vals = {f.name: (getattr(self, f.name) or 0) + (getattr(other, f.name) or 0) for f in fields(self)
                 if f.type not in ("bool", "bool | None")}
         return Cost(**vals)
 
@@ -41,7 +43,8 @@ class Cost:
         return not (self.inplace if self.inplace_in_training is None else self.inplace_in_training)
 
     def scaled(self, k) -> "Cost":
-        return Cost(**{f.name: getattr(self, f.name) * k for f in fields(self) if f.type not in ("bool", "bool | None")})
+        return Cost(**{f.name: (getattr(self, f.name) or 0) * k for f in fields(self)
+                       if f.type not in ("bool", "bool | None")})
 
 
 class Symbols:

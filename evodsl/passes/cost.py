@@ -115,22 +115,48 @@ class Report:
         return kept
 
     def _saved(self, g: Graph, b: int, n: int, top: bool) -> float:
+        return sum(kept for kept, _ in self._steps(g, b, n, top))
+
+    def _steps(self, g: Graph, b: int, n: int, top: bool) -> list[tuple[float, float]]:
+        """Per executed op, in forward order (repeats unrolled): (bytes it leaves alive for backward, bytes its
+        backward needs beyond that: its saved internals and the gradients of its input and output)."""
         rows = self._by_node()
         kept = self._kept(g, top)
-        total = 0
+        steps: list[tuple[float, float]] = []
         for node in g.nodes[1:-1]:
             out = _num(_elems(node.meta["shape"]) * self.bytes_per, {}, b, n)
             new = True
             if node.kind == "repeat":  # values crossing between copies: kept if the body keeps its input
-                total += node.count * self._saved(node.body, b, n, top=False)
-                total += (node.count - 1) * self._body_saves_input(node.body) * out
-            elif node.kind == "call":
+                body = self._steps(node.body, b, n, top=False)
+                crossing = self._body_saves_input(node.body) * out
+                for i in range(node.count):
+                    steps += body + ([(crossing, 0.0)] if i < node.count - 1 else [])
+                steps.append((out if kept[node.name] else 0.0, 0.0))
+                continue
+            saved, transient = 0.0, 0.0
+            if node.kind == "call":
                 r = rows[id(node)]
-                total += r.num(r.cost.saved, b, n)
+                saved = r.num(r.cost.saved, b, n)
                 new = r.cost.new_output_in_training
-            if kept[node.name] and new:
-                total += out
-        return total
+                if new:  # its backward: the incoming gradient (none for the model's output: seeded stride-0)
+                    # plus what the op's backward creates (default: its input's gradient)
+                    ins = sum(_num(_elems(g.node(i).meta["shape"]) * self.bytes_per, {}, b, n)
+                              for i in node.inputs if len(g.node(i).meta["shape"]) > 2)
+                    created = ins if r.cost.bwd_peak is None else r.num(r.cost.bwd_peak, b, n)
+                    final = top and node is g.nodes[-2]
+                    transient = created + (0.0 if final else out)
+            steps.append((saved + (out if kept[node.name] and new else 0.0), transient))
+        return steps
+
+    def activations_training_peak(self, b: int, n: int) -> int:
+        """Peak bytes over a training forward + backward through the activations: going backward, what the ops
+        before k still keep, plus op k's backward working set."""
+        steps = self._steps(self.graph, b, n, top=True)
+        total, prefix, best = sum(k for k, _ in steps), 0.0, 0.0
+        for kept, transient in steps:
+            prefix += kept
+            best = max(best, prefix + transient)
+        return int(max(best, total))
 
     def _saves_input(self, node: Node) -> bool:
         if node.kind == "repeat":
@@ -209,7 +235,7 @@ def _asymptotic(expr):
 def _dominated(a: tuple, b: tuple) -> bool:
     """Monomial a grows no faster than b in every symbol, and they differ."""
     da, db = dict(a), dict(b)
-    return da != db and all(db.get(k, 0) >= v for k, v in da.items())
+    return da != db and all(db.get(k, 0) >= da.get(k, 0) for k in da.keys() | db.keys())
 
 
 def complexity(parts) -> str:

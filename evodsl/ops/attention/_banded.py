@@ -14,10 +14,17 @@ bias needs one). Padded query rows (n not a multiple of B) are computed against 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+import sympy as sp
 import torch
 import torch.nn.functional as F
+
+from ..cost import Cost, Symbols
+from ..registry import OpEnv
+from ._common import (LSE_BYTES, AttentionParams, attention_cost, head_symbols, position_cost, rotates,
+                      score_bias)
 
 MIN_BLOCK = 32  # smallest query block: below it, per-block overhead outweighs the wasted out-of-band scores
 
@@ -36,6 +43,23 @@ def band_blocks(n: int, lo: int, hi: int, block: int | None = None):
     return lo, hi, B, nb, lo, B + lo + hi
 
 
+def _band_mask(n: int, lo: int, hi: int, B: int, nb: int, left: int, K: int, bias: Bias | None, dtype,
+               device) -> torch.Tensor:
+    """The additive mask [H, nb, B, K] (H = h, or 1 without a per-head bias): 0 or bias in the band, -inf
+    outside it. Its int64 position and distance tensors die on return, before attention runs."""
+    i = torch.arange(nb * B, device=device).view(nb, B, 1)
+    j = (torch.arange(nb, device=device) * B - left).view(nb, 1, 1) + torch.arange(K, device=device).view(1, 1, K)
+    dist = i - j  # t - r
+    allowed = (dist <= lo) & (dist >= -hi) & (j >= 0) & (j < n)
+    del dist
+    extra = None if bias is None else bias(i, j)
+    extra = torch.zeros((), dtype=dtype, device=device) if extra is None else extra.to(dtype)
+    mask = torch.where(allowed, extra, float("-inf"))
+    del extra
+    mask.masked_fill_(i >= n, 0.0)  # padded queries: any finite row; their outputs are cut
+    return mask if mask.dim() == 4 else mask.unsqueeze(0)
+
+
 def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi: int,
                      bias: Bias | None = None, dropout: float = 0.0, block: int | None = None) -> torch.Tensor:
     """q, k, v [b, h, n, dh] -> [b, h, n, dh]: query t attends keys t-lo .. t+hi (clipped to 0 .. n-1).
@@ -47,25 +71,109 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int,
     b, h, n, dh = q.shape
     lo, hi, B, nb, left, K = band_blocks(n, lo, hi, block)
     right = (nb - 1) * B + K - left - n
-    dev = q.device
-    i = torch.arange(nb * B, device=dev).view(nb, B, 1)
-    j = (torch.arange(nb, device=dev) * B - left).view(nb, 1, 1) + torch.arange(K, device=dev).view(1, 1, K)
-    dist = i - j  # t - r
-    allowed = (dist <= lo) & (dist >= -hi) & (j >= 0) & (j < n)
-    extra = None if bias is None else bias(i, j)
-    mask = torch.zeros((), dtype=q.dtype, device=dev) if extra is None else extra.to(q.dtype)
-    mask = torch.where(allowed, mask, float("-inf"))
-    mask = torch.where(i >= n, 0.0, mask)  # padded queries: any finite row; their outputs are cut
-    if mask.dim() == 3:
-        mask = mask.unsqueeze(0)  # [H, nb, B, K], H = h or 1
+    mask = _band_mask(n, lo, hi, B, nb, left, K, bias, q.dtype, q.device)  # [H, nb, B, K], H = h or 1
 
-    qb = F.pad(q, (0, 0, 0, nb * B - n)).view(b, h, nb, B, dh)
-    kb = F.pad(k, (0, 0, left, right)).unfold(2, K, B).transpose(-1, -2)  # [b, h, nb, K, dh], a view
-    vb = F.pad(v, (0, 0, left, right)).unfold(2, K, B).transpose(-1, -2)
+    # Pad only where needed: a zero pad would copy q (keeping its [b, n, h, dh] layout) before the reshape
+    # below copies it again.
+    qb = (F.pad(q, (0, 0, 0, nb * B - n)) if nb * B > n else q).view(b, h, nb, B, dh)
+    kb, vb = ((F.pad(t, (0, 0, left, right)) if left or right else t).unfold(2, K, B).transpose(-1, -2)
+              for t in (k, v))  # [b, h, nb, K, dh], views of the padded keys
     if mask.shape[0] == 1:  # one band for all heads: batch dims (b*h, nb), the mask broadcasts uncopied
-        lead, mask = (b * h, nb), mask
+        lead = (b * h, nb)
     else:  # a per-head bias: batch dims (b, h*nb)
         lead, mask = (b, h * nb), mask.expand(h, nb, B, K).reshape(1, h * nb, B, K)
     o = F.scaled_dot_product_attention(qb.reshape(*lead, B, dh), kb.reshape(*lead, K, dh),
                                        vb.reshape(*lead, K, dh), attn_mask=mask, dropout_p=dropout)
     return o.view(b, h, nb * B, dh)[:, :, :n]
+
+
+# -------------------------------------------------------------------- cost
+
+
+def band_layout(n, lo, hi):
+    """band_blocks (default block) as formulas in n: (B, nb, K, L), L the padded key length. lo and hi are
+    formulas for the band before clipping (w - 1, S - 1, or 0 for hi)."""
+    lo, hi = sp.Min(lo, n - 1), (sp.Min(hi, n - 1) if hi != 0 else 0)
+    B = sp.Min(n, sp.Max(lo, MIN_BLOCK))
+    nb = sp.ceiling(n / B)
+    several = sp.Min(1, sp.Max(0, n - MIN_BLOCK))  # 1 for several blocks (n > MIN_BLOCK), 0 for one
+    K = B + several * (lo + hi)
+    return B, nb, K, (nb - 1) * B + K
+
+
+@dataclass(frozen=True)
+class BandBias:
+    """A per-head score bias evaluated on the band ([h, nb, B, K], I = nb*B*K elements per head), as formulas
+    in h, I and `by` (bytes per element of the model dtype): its forward FLOPs, the bytes it keeps for
+    backward, the bytes alive at its construction over q, k, v, and whether it needs a gradient (then SDPA
+    runs its math kernel in training: the [b, h, nb, B, K] weights are kept, backward counts 2x)."""
+
+    other: Callable  # (h, I) -> FLOPs
+    saved: Callable  # (h, I, by) -> bytes
+    peak: Callable  # (h, I, by) -> bytes, the band's own bool mask and int64 distances included
+    grad: bool = False
+
+    def plus_position(self) -> "BandBias":
+        """This bias with a position scheme's added (adaptive span with ALiBi): its FLOPs, and at the sum its
+        [h, ...] bias and int64 |i - j| besides."""
+        return BandBias(other=lambda h, I: self.other(h, I) + POSITION_BIAS.other(h, I), saved=self.saved,
+                        peak=lambda h, I, by: self.peak(h, I, by) + h * I * by + 8 * I, grad=self.grad)
+
+
+# ALiBi (or any position scheme's bias) on the band: int64 distances and their absolute value, the [h, ...]
+# product, then the masked copy beside it.
+POSITION_BIAS = BandBias(other=lambda h, I: (2 + h) * I, saved=lambda h, I, by: 0,
+                         peak=lambda h, I, by: sp.Max(17 * I, 2 * h * I * by + I))
+
+
+def banded_attention_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, hi, bias: BandBias | None = None,
+                          cache_keys=None) -> Cost:
+    """The cost of an attention variant that runs banded_attention(q, k, v, lo, hi, bias) after the shared
+    projections: the kernel reads the nb blocks of B queries against K keys each, [b, h, nb, B, K] scores."""
+    h, kv, dh = head_symbols(p, s)
+    b, n, by = s.b, s.n, s.bytes
+    B, nb, K, L = band_layout(n, lo, hi)
+    if score_bias(env):  # the position scheme's bias on the band, alone or added to the variant's own
+        bias = POSITION_BIAS if bias is None else bias.plus_position()
+    pos = Cost() if score_bias(env) else position_cost(env, s, h, kv, dh)  # a bias is counted on the band
+    I = nb * B * K  # band elements per head
+    scores = b * h * I
+    q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
+    qkv, grouped = q + 2 * kvb, (2 * q if kv != h else 0)  # k, v repeated to h heads
+    qb = b * h * nb * B * dh * by  # the blocked queries, and the kernel's output
+    mask = (h if bias else 1) * I * by
+    several = sp.Min(1, nb - 1)
+    # Layouts decide the copies. q and k come as views of the projections' [b, n, h, dh] outputs, or
+    # contiguous [b, h, n, dh] (rotated; repeated for grouped K/V heads). The blocked batch dims are (b*h, nb),
+    # or (b, h*nb) with a per-head bias, and SDPA's output takes q's layout.
+    viewed = not rotates(env) and kv == h  # k in the projection's layout
+    keys = 2 * b * h * L * dh * by  # k and v, zero-padded to L when the band needs it: the kernel reads views
+    keys_new = sp.Min(1, (L - n) + ((b - 1) if viewed else 0))  # is that storage new (padded or copied)?
+    copies = 2 * b * h * nb * K * dh * by * several if bias else 0  # the (b, h*nb) layout copies the views
+    padded = sp.Min(1, nb * B - n)
+    if rotates(env):
+        q_copy, o_copy = padded, 1
+    elif bias:
+        q_copy = o_copy = several
+    else:
+        q_copy = o_copy = sp.Min(1, (b - 1) + (nb * B - n))
+    kept_keys = copies + (keys * (1 - several) if bias else keys)
+
+    other = 5 * scores + 8 * I + (bias.other(h, I) if bias else 0)  # softmax; mask: distances, tests, where
+    grad = bias is not None and bias.grad
+    if grad or p.dropout > 0:  # training runs SDPA's math kernel (in float32 for 16-bit dtypes): when the mask
+        # needs a gradient, or with dropout (which the fused CPU kernel lacks)
+        core = Cost(fwd=4 * scores * dh, bwd=8 * scores * dh, fwd_other=other, bwd_other=2 * other)
+        weights = 3 if p.dropout > 0 else 1  # the weights; with dropout its float mask and the dropped weights
+        saved = ((b * h * nb * (B + 2 * K) * dh + weights * scores) * max(by, 4) + q  # q, k scaled; v; o_proj's
+                 + (bias.saved(h, I, by) + I + nb * B if grad else 0))  # the bias's own; band, padding masks
+    else:
+        core = Cost(fwd=4 * scores * dh, bwd=10 * scores * dh, fwd_other=other, bwd_other=2 * other)
+        saved = mask + qb + kept_keys + qb + LSE_BYTES * b * h * nb * B + o_copy * q
+    phases = [qkv + grouped + (bias.peak(h, I, by) if bias else 11 * I),  # building the mask
+              qkv + grouped + mask + q_copy * qb + keys_new * keys + copies + qb + LSE_BYTES * b * h * nb * B,
+              qkv + qb + o_copy * q + out]  # at o_proj
+    if env.pos is not None:
+        phases.append(qkv + pos.peak)
+    cache = 2 * b * sp.Min(n, cache_keys) * kv * dh * by
+    return attention_cost(p, s, h, kv, dh, core, pos, saved + pos.saved, phases, cache)

@@ -1,12 +1,41 @@
 """What every multi-head attention variant shares: params (heads, kv_heads for MQA/GQA, head_dim, bias,
-dropout), the shape rule, and the q/k/v/o projections with the position scheme applied inside attention."""
+dropout), the shape rule, the q/k/v/o projections with the position scheme applied inside attention, and the
+cost of those shared parts.
+
+Cost conventions of the attention variants (each variant adds what its kernel does):
+- Symbols: b, n, d; h (heads); kv (K/V heads, only where kv_heads != heads); dh (head width, d/h unless
+  head_dim is set, so that h*dh reads as d). Memory is in bytes, `s.bytes` per element.
+- fwd/bwd: the matmul FLOPs FlopCounterMode counts. F.scaled_dot_product_attention over [B, K] scores counts
+  4*B*K*dh forward (causal not halved) and 2.5x that backward (its kernel recomputes the weights); explicit
+  matmuls count 2x backward, and so does SDPA's math kernel, which runs in training when the mask needs a
+  gradient or with dropout (the fused CPU kernel has none; it computes in float32 for 16-bit dtypes).
+- fwd_other: softmax 5 FLOPs per score (scale, max, exp of the difference, sum, divide); any other
+  elementwise op 1 per element; bwd_other twice fwd_other.
+- saved: what autograd keeps beyond the op's input and output. SDPA keeps q, k, v, its output and a float32
+  logsumexp per query; the CPU kernel lays its output out like q, so with q a view of q_proj's [b, n, h, dh]
+  output o_proj's reshape is free, and with a contiguous q (rotated, blocked) it is one more copy.
+- peak: the largest live total during a no-grad forward (eval: no dropout), the output included, minus the
+  output: the Max over the phases that compete (position scheme, mask, kernel, o_proj).
+- cache: K and V of the keys a decoder still needs (all n; the last w or S), or linear attention's state.
+- A position scheme applied inside attention declares `attach_cost(params, s, heads, kv_heads, head_dim)`:
+  its FLOPs; `saved`, what it keeps for backward; `peak`, the bytes it adds over q, k, v while it is built.
+  That is its cost in dense attention over n x n scores; banded kernels evaluate a score bias (ALiBi) on their
+  band only and count it themselves.
+"""
 from __future__ import annotations
 
+from dataclasses import replace
+
+import sympy as sp
 import torch
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost, Symbols, linear
+from ..position._inattention import InAttentionPosition
 from ..registry import OpEnv, OpParams, ShapeProblem
+
+LSE_BYTES = 4  # SDPA's logsumexp per query is float32 whatever the dtype
 
 
 class AttentionParams(OpParams):
@@ -75,3 +104,52 @@ class AttentionBase(nn.Module):
     def out(self, o: torch.Tensor) -> torch.Tensor:
         b, h, n, dh = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(b, n, h * dh))
+
+
+# -------------------------------------------------------------------- cost of the shared parts
+
+
+def head_symbols(p: AttentionParams, s: Symbols):
+    """h, kv, dh for cost formulas: kv is h itself unless kv_heads differs, dh is d/h unless head_dim is set."""
+    h = s.sym("h", p.heads)
+    kv = h if p.kv_heads in (None, p.heads) else s.sym("kv", p.kv_heads)
+    dh = s.d / h if p.head_dim is None else s.sym("dh", p.head_dim)
+    return h, kv, dh
+
+
+def projections_cost(p: AttentionParams, s: Symbols, h, kv, dh) -> Cost:
+    """q, k, v and o projections: params and FLOPs (what they keep is the variant's to count)."""
+    return (linear(s, s.d, h * dh, p.bias) + linear(s, s.d, kv * dh, p.bias).scaled(2)
+            + linear(s, h * dh, s.d, p.bias))
+
+
+def rotates(env: OpEnv) -> bool:
+    """The position scheme turns q and k (rope): they come back contiguous [b, h, n, dh]."""
+    return env.pos is not None and env.pos[0].attach.rotate is not InAttentionPosition.rotate
+
+
+def score_bias(env: OpEnv) -> bool:
+    """The position scheme adds a per-head bias to the scores (ALiBi)."""
+    return env.pos is not None and env.pos[0].attach.bias is not InAttentionPosition.bias
+
+
+def position_cost(env: OpEnv, s: Symbols, h, kv, dh) -> Cost:
+    """The in-attention position scheme's own cost (Cost() without one)."""
+    if env.pos is None:
+        return Cost()
+    op, params = env.pos
+    if op.attach_cost is None:
+        raise NotImplementedError(f"{op.id} is applied inside attention but declares no attach_cost")
+    return op.attach_cost(params, s, h, kv, dh)
+
+
+def attention_cost(p: AttentionParams, s: Symbols, h, kv, dh, core: Cost, pos: Cost, saved, phases,
+                   cache) -> Cost:
+    """Projections + position scheme + `core` (the kernel's FLOPs); `saved`, all the bytes kept beyond the
+    input and the output; the inference peak is the largest of the live totals in `phases` (the output among
+    them where it exists by then), less the output. Attention keeps its input (the projections do), never its
+    output."""
+    out = s.b * s.n * s.d * s.bytes
+    peak = (sp.Max(*phases) if len(phases) > 1 else phases[0]) - out
+    total = projections_cost(p, s, h, kv, dh) + pos + core
+    return replace(total, saved=saved, peak=peak, cache=cache, saves_input=True, saves_output=False)

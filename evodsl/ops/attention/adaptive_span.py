@@ -20,13 +20,15 @@ lambda / M * sum_i z_i over this layer's M heads); the model's aux_loss() sums t
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, ShapeProblem, register
-from ._banded import banded_attention
+from ._banded import BandBias, banded_attention, banded_attention_cost
 from ._common import AttentionBase, AttentionParams, attention_shape
 
 
@@ -85,11 +87,27 @@ class AdaptiveSpanAttention(AttentionBase):
         return self.out(o)
 
 
+# The soft mask's log on the band, per element of [h, nb, B, K]: 7 elementwise ops (and the int64 distances);
+# clamp and log keep their float inputs and the where its bool condition; at its largest, the ramp m, the
+# condition, the log and the result are alive with the distances and the band's bool mask.
+SPAN_BIAS = BandBias(other=lambda h, I: 7 * h * I + 2 * I, saved=lambda h, I, by: (2 * by + 1) * h * I,
+                     peak=lambda h, I, by: 3 * h * I * by + h * I + 9 * I, grad=True)
+
+
+def adaptive_span_cost(p: AdaptiveSpanAttentionParams, env: OpEnv, s: Symbols) -> Cost:
+    """The full band of S keys: an upper bound, reached when some head's span is at its maximum (the band
+    shrinks to R + max_h z_h with the learned spans, which only the data decides)."""
+    S = s.sym("S", p.max_span)
+    band = banded_attention_cost(p, env, s, lo=S - 1, hi=0 if env.causal else S - 1, bias=SPAN_BIAS,
+                                 cache_keys=S)
+    return replace(band, params=band.params + s.sym("h", p.heads))  # one learned span per head
+
+
 OP = register(Op(
     family="mha", variant="adaptive_span", params=AdaptiveSpanAttentionParams, module=AdaptiveSpanAttention,
     causal="yes", shape=adaptive_span_shape, supports=frozenset({"rope", "alibi"}),
     paper="Adaptive Attention Span in Transformers, Sukhbaatar et al. 2019, arXiv:1905.07799",
     summary="a_tr ∝ m_z(x) exp(q_t.k_r/sqrt(dh)), m_z(x) = clamp((R + z_h - x)/R, 0, 1), x = t-r in 0..S-1 "
             "(bidirectional |t-r| < S), learned span z_h per head; aux loss penalty * mean_h z_h",
-    note="MHA/LocalGlobal/005.md",
+    note="MHA/LocalGlobal/005.md", cost=adaptive_span_cost,
 ))

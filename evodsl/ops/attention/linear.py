@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from typing import Literal
 
+import sympy as sp
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, ShapeProblem, register
-from ._common import AttentionBase, AttentionParams, attention_shape
+from ._common import AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols, position_cost
 
 FEATURE_MAPS = {
     "elu1": lambda x: F.elu(x) + 1,  # Katharopoulos et al. 2020, eq. 7
@@ -54,7 +56,10 @@ class LinearAttention(AttentionBase):
 
     def _bidirectional(self, q, k, v):
         phi = FEATURE_MAPS[self.phi]
-        q, k = phi(q), phi(k)
+        # one copy each, in the [b, h, n, dh] layout the matmuls use (made one at a time)
+        q = phi(q.contiguous())
+        k = phi(k.contiguous())
+        v = v.contiguous()
         s = k.transpose(-1, -2) @ v  # [b, h, dh, dh]: sum_j phi(k_j) v_j^T
         z = k.sum(-2, keepdim=True)  # [b, h, 1, dh]: sum_j phi(k_j)
         den = (q * z).sum(-1, keepdim=True)
@@ -64,21 +69,59 @@ class LinearAttention(AttentionBase):
         b, h, n, dh = q.shape
         c = min(self.chunk, n)
         pad = -n % c  # padded tokens come last, so causally they reach only padded outputs, which are dropped
-        if pad:
-            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         m = (n + pad) // c
+
+        def chunked(t):  # one copy, padded, in the [b, h, n, dh] layout the chunked matmuls read as views
+            return (F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()).view(b, h, m, c, t.shape[-1])
+
         phi = FEATURE_MAPS[self.phi]
-        q, k = phi(q.reshape(b, h, m, c, dh)), phi(k.reshape(b, h, m, c, dh))
-        v = v.reshape(b, h, m, c, v.shape[-1])
+        q = phi(chunked(q))
+        k = phi(chunked(k))
+        v = chunked(v)
         # within a chunk: phi(q_i)^T phi(k_j) for j <= i, a [C x C] block per chunk
         future = torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1)
-        a = (q @ k.transpose(-1, -2)).masked_fill(future, 0.0)
+        a = (q @ k.transpose(-1, -2)).masked_fill_(future, 0.0)
         # across chunks: the states of all earlier chunks, an exclusive cumulative sum over chunks
-        s = F.pad((k.transpose(-1, -2) @ v).cumsum(2), (0, 0, 0, 0, 1, 0))[:, :, :m]  # [b, h, m, dh, dh]
-        z = F.pad(k.sum(-2).cumsum(2), (0, 0, 1, 0))[:, :, :m].unsqueeze(-1)  # [b, h, m, dh, 1]
-        num = a @ v + q @ s
+        # (shifting by padding after the slice leaves s and z contiguous, so the matmuls below read them uncopied)
+        s = F.pad((k.transpose(-1, -2) @ v).cumsum(2)[:, :, :-1], (0, 0, 0, 0, 1, 0))  # [b, h, m, dh, dh]
+        z = F.pad(k.sum(-2).cumsum(2)[:, :, :-1], (0, 0, 1, 0)).unsqueeze(-1)  # [b, h, m, dh, 1]
+        num = (q @ s).add_(a @ v)
         den = a.sum(-1, keepdim=True) + q @ z
         return (num / (den + self.eps)).reshape(b, h, m * c, -1)[:, :, :n]
+
+
+def linear_attention_cost(p: LinearAttentionParams, env: OpEnv, s: Symbols) -> Cost:
+    """Bidirectional: phi(K)^T V and phi(Q) S, 2*n*dh^2 each per head. Causal, over N = m*C tokens (n padded to
+    C-token chunks): per chunk the C x C products phi(Q) phi(K)^T and A V, the state phi(K)^T V and phi(Q) S,
+    phi(Q) z. Kept: the inputs of the two phi (copies of q, k), phi(q), phi(k), a copy of v, the numerator,
+    the states, the denominator (and A and the causal mask); o_proj's input is a copy. Decoding keeps S and z."""
+    h, kv, dh = head_symbols(p, s)
+    b, n, by = s.b, s.n, s.bytes
+    pos = position_cost(env, s, h, kv, dh)
+    q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
+    qkv, qkv_h = q + 2 * kvb, 3 * q  # q, k, v; and after k, v are repeated to h heads
+    if env.causal:
+        c = sp.Min(LinearAttention.chunk, n)
+        N = sp.ceiling(n / c) * c
+        a, mask = b * h * N * c * by, c ** 2  # the C x C blocks, and the bool mask of the future
+        fwd = 4 * b * h * N * c * dh + 4 * b * h * N * dh ** 2 + 2 * b * h * N * dh
+        other = 7 * b * h * N * dh + 2 * b * h * N * c + b * h * N / c * (dh ** 2 + dh) + 2 * b * h * N
+        states = b * h * N / c * (dh ** 2 + dh) * by  # S and z before every chunk
+    else:
+        N, a, mask = n, 0, 0
+        fwd = 4 * b * h * n * dh ** 2
+        other = 8 * b * h * n * dh + b * h * n
+        states = b * h * (dh ** 2 + dh) * by
+    t, den = b * h * N * dh * by, b * h * N * by
+    padded = sp.Min(1, N - n)
+    v_copy = t if kv == h else t * padded  # v's chunked copy: repeated heads are contiguous already
+    core = Cost(fwd=fwd, bwd=2 * fwd, fwd_other=other, bwd_other=2 * other)
+    saved = 6 * t + a + mask + states + den + q + pos.saved
+    phases = [qkv_h + 2 * t + v_copy + a + mask + states + 2 * t + 2 * den,  # at the division
+              qkv_h + t + q + out]  # at o_proj
+    if env.pos is not None:
+        phases.append(qkv + pos.peak)
+    return attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache=b * kv * (dh ** 2 + dh) * by)
 
 
 OP = register(Op(
@@ -87,4 +130,5 @@ OP = register(Op(
     paper="Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention, Katharopoulos et al. "
           "2020, arXiv:2006.16236",
     summary="phi(q_i)^T sum_j phi(k_j) v_j^T / (phi(q_i)^T sum_j phi(k_j) + eps), phi = elu + 1; causal: j <= i",
+    cost=linear_attention_cost,
 ))

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, register
-from ._banded import banded_attention
+from ._banded import banded_attention, banded_attention_cost
 from ._common import AttentionBase, AttentionParams, attention_shape
 
 
@@ -36,6 +37,12 @@ class LocalAttention(AttentionBase):
         return self.out(o)
 
 
+def local_attention_cost(p: LocalAttentionParams, env: OpEnv, s: Symbols) -> Cost:
+    """The band of w keys back (and, bidirectional, ahead); decoding keeps the last w keys and values."""
+    w = s.sym("w", p.window)
+    return banded_attention_cost(p, env, s, lo=w - 1, hi=0 if env.causal else w - 1, cache_keys=w)
+
+
 OP = register(Op(
     family="mha", variant="local", params=LocalAttentionParams, module=LocalAttention,
     causal="yes", shape=attention_shape, supports=frozenset({"rope", "alibi"}),
@@ -43,5 +50,5 @@ OP = register(Op(
           "arXiv:2112.07210",
     summary="softmax(Q K^T / sqrt(dh)) V over a sliding window: causal keys t-w+1..t, bidirectional "
             "|t-r| < w; O(n w)",
-    note="MHA/SparseOrLowRank/014.md",
+    note="MHA/SparseOrLowRank/014.md", cost=local_attention_cost,
 ))

@@ -8,12 +8,16 @@ the softmax, so the scores are materialized (O(n^2) memory, as the method requir
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+import sympy as sp
 import torch
 import torch.nn.functional as F
 
+from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, register
-from ._common import AttentionBase, AttentionParams, attention_shape
+from ._common import (LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols,
+                      position_cost, rotates, score_bias)
 
 
 class SoftmaxAttentionParams(AttentionParams):
@@ -29,7 +33,7 @@ class SoftmaxAttention(AttentionBase):
         idx = torch.arange(n, device=device)
         bias = self.position_bias(idx[:, None], idx[None, :])
         if bias is not None and self.causal:
-            bias = bias.masked_fill(idx[None, :] > idx[:, None], float("-inf"))
+            bias.masked_fill_(idx[None, :] > idx[:, None], float("-inf"))  # in place: the bias is ours, new
         return bias
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
@@ -39,8 +43,8 @@ class SoftmaxAttention(AttentionBase):
         if self.residual_scores:
             return self.out(self._residual_scores(q, k, v, ctx, drop))
         bias = self._bias(n, x.device)
-        if bias is not None:
-            bias = bias.to(q.dtype)
+        if bias is not None:  # [1, h, n, n]: the fused kernels take a 2-D or 4-D mask only (3-D falls back to math)
+            bias = bias.to(q.dtype).unsqueeze(0)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop,
                                            is_causal=self.causal and bias is None,
                                            enable_gqa=self.kv_heads != self.heads)
@@ -60,10 +64,47 @@ class SoftmaxAttention(AttentionBase):
         return w @ self.expand_kv(v)
 
 
+def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) -> Cost:
+    """SDPA on [b, h, n, n] scores (GQA read in place); RealFormer's path runs the matmuls itself and keeps the
+    [b, h, n, n] weights. With ALiBi the [1, h, n, n] bias is SDPA's mask, and SDPA keeps it for backward."""
+    h, kv, dh = head_symbols(p, s)
+    b, n, by = s.b, s.n, s.bytes
+    pos = position_cost(env, s, h, kv, dh)
+    scores, bias = b * h * n ** 2, (h * n ** 2 * by if score_bias(env) else 0)
+    dropout = p.dropout > 0  # the cost of training: dropout on the weights is active
+    q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by  # q (and o), k (and v), the output
+    qkv = q + 2 * kvb
+    if env.residual_scores:  # scores = q k^T / sqrt(dh) (+ previous scores), (+ bias, masked), softmax, @ v
+        w = scores * by  # one [b, h, n, n] tensor: the scores (kept in ctx), a masked copy, the weights
+        masked = w if env.causal or score_bias(env) else 0
+        mask = n ** 2 if env.causal and not score_bias(env) else 0  # the bool causal mask masked_fill keeps
+        v_copy = q if kv != h else q * sp.Min(1, b - 1)  # v repeated to h heads, or made contiguous for bmm
+        core = Cost(fwd=4 * scores * dh, bwd=8 * scores * dh, fwd_other=8 * scores, bwd_other=16 * scores)
+        saved = 3 * q + w * (1 + 2 * dropout) + mask + q + pos.saved  # q, k, v (h heads), the weights (with
+        # dropout: its float mask and the dropped weights), o_proj's copy of the output
+        phases = [qkv + 2 * w + masked + v_copy + q + bias,  # at weights @ v
+                  qkv + w + 2 * q + bias + out]  # at o_proj: the scores, the output and its copy, the result
+        pos_phase = qkv + pos.peak + (w if score_bias(env) else 0)  # the bias is built after the scores
+    else:
+        copy = q if rotates(env) else 0  # o_proj's input: a copy unless SDPA's output is laid out [b, n, h, dh]
+        core = Cost(fwd=4 * scores * dh, bwd=10 * scores * dh, fwd_other=5 * scores, bwd_other=10 * scores)
+        saved = qkv + q + LSE_BYTES * b * h * n + copy + bias + pos.saved
+        if dropout:  # training with dropout runs SDPA's math kernel (the fused CPU kernel has none), in float32
+            core = replace(core, bwd=8 * scores * dh)
+            saved = 3 * (b * n * h * dh + scores) * max(by, 4) + q + pos.saved  # scaled q, k; v (h heads);
+            # the weights, the dropout mask, the dropped weights; o_proj's copy of the output
+        phases = [qkv + q + copy + bias + out]  # at o_proj: q, k, v, SDPA's output (and its copy), the output
+        pos_phase = qkv + pos.peak  # while the position scheme is applied
+    if env.pos is not None:
+        phases.append(pos_phase)
+    return attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache=2 * b * n * kv * dh * by)
+
+
 OP = register(Op(
     family="mha", variant="softmax", params=SoftmaxAttentionParams, module=SoftmaxAttention,
     causal="yes", shape=attention_shape, supports=frozenset({"rope", "alibi", "residual_scores"}),
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",
     summary="softmax(Q K^T / sqrt(dh)) V per head; kv_heads < heads shares K/V heads (MQA/GQA)",
+    cost=softmax_attention_cost,
     note="README.md; Head/002.md (MQA)",
 ))

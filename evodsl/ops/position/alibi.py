@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, OpParams, register
 from ._inattention import InAttentionPosition
 
@@ -55,8 +56,19 @@ class AlibiStream(nn.Module):
         return x
 
 
+def alibi_attach_cost(p: AlibiParams, s: Symbols, heads, kv_heads, head_dim) -> Cost:
+    """Inside dense attention: the [h, n, n] bias, built from int64 distances |i - j| (2 FLOPs per pair, then
+    one product per head) and added to every score; nothing of it needs a gradient. At its construction the
+    bias and the distances are alive besides q, k, v: ALiBi's O(n^2) memory."""
+    n2 = s.n ** 2
+    return Cost(fwd_other=(2 + heads) * n2 + s.b * heads * n2, bwd_other=0,
+                peak=heads * n2 * s.bytes + 8 * n2)
+
+
 OP = register(Op(
     family="pos", variant="alibi", params=AlibiParams, module=AlibiStream, causal="yes", attach=AlibiBias,
+    attach_cost=alibi_attach_cost,
+    cost=lambda p, env, s: Cost(inplace=True),  # the identity on the stream: free
     paper="Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation, "
           "Press et al. 2021, arXiv:2108.12409",
     summary="score_h(i, j) += −m_h·(i − j) for j ≤ i (bidirectional: −m_h·|i − j|), m_h = 2^(−8h/H)",

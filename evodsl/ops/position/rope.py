@@ -8,10 +8,12 @@ only. Nothing depends on a maximum length: the angles are computed for the actua
 """
 from __future__ import annotations
 
+import sympy as sp
 import torch
 from pydantic import Field
 from torch import nn
 
+from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, register
 from ._inattention import InAttentionPosition
 
@@ -71,9 +73,21 @@ class RotaryStream(nn.Module):
         return x
 
 
+def rotary_attach_cost(p: RotaryParams, s: Symbols, heads, kv_heads, head_dim) -> Cost:
+    """Inside attention: r = fraction*dh channels of q and k turn, 3 FLOPs per channel (4 products, a sum and
+    a difference per pair), plus the angles; cos and sin [n, r/2] are kept for backward. While k turns, the
+    turned q, k's pair products and its result (r + dh per head) and cos, sin are alive besides q, k, v."""
+    r = head_dim * sp.Rational(str(p.fraction))
+    b, n, by = s.b, s.n, s.bytes
+    other = 3 * b * n * (heads + kv_heads) * r + 3 * n * r / 2
+    return Cost(fwd_other=other, bwd_other=2 * other, saved=n * r * by,
+                peak=b * n * (heads * head_dim + kv_heads * (r + head_dim)) * by + n * r * by)
+
+
 OP = register(Op(
     family="pos", variant="rope", params=RotaryParams, module=RotaryStream, causal="yes",
-    attach=Rotary,
+    attach=Rotary, attach_cost=rotary_attach_cost,
+    cost=lambda p, env, s: Cost(inplace=True),  # the identity on the stream: free
     paper="RoFormer: Enhanced Transformer with Rotary Position Embedding, Su et al. 2021, arXiv:2104.09864",
     summary="rotate q, k pairs (x_2i, x_2i+1) at position t by t·base^(-2i/r); q_m·k_n depends on m−n only",
     note="Arch/001.md",

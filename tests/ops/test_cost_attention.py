@@ -1,0 +1,120 @@
+"""The attention variants' declared costs against measurement (tests/costhelpers.py): params exact, matmul FLOPs
+within 1% of FlopCounterMode, bytes kept for backward and the inference peak within 10% + 4 KiB, in float32,
+at two sizes (n = 160 is a multiple of no block or chunk), causal and bidirectional, with grouped K/V heads,
+without biases, with head_dim set, with rope and ALiBi inside, RealFormer's residual scores, and dropout on the
+weights (training: SDPA's math kernel on CPU, whose fused kernel has no dropout).
+
+Then what the formulas say about growth in n, the complexity class: softmax is quadratic, local, adaptive_span
+and linear are linear in n, and their decoding state stops growing."""
+from __future__ import annotations
+
+import pytest
+import sympy as sp
+import torch
+
+from costhelpers import check_op_cost, declared, make_input, measure_op
+from evodsl.ops import load_all, lookup
+from evodsl.ops.cost import Symbols
+from evodsl.passes.cost import _num
+from ophelpers import make_op
+
+SIZES = [(2, 64, 64), (1, 160, 96)]  # (b, n, d), heads=4: dh 16 and 24
+ROPE, HALF_ROPE, ALIBI = ("rope", {}), ("rope", {"fraction": 0.5}), ("alibi", {})
+BOTH, SMALL, ODD = (0, 1), (0,), (1,)  # which of SIZES a build runs at (the file stays under ~30 s)
+
+CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectional
+    "softmax": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"pos": ROPE}, BOTH), ({"pos": ALIBI}, BOTH),
+                ({"residual_scores": True}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                ({"pos": HALF_ROPE, "kv_heads": 2}, SMALL), ({"residual_scores": True, "kv_heads": 2}, SMALL),
+                ({"residual_scores": True, "pos": ALIBI}, ODD), ({"dropout": 0.1}, SMALL),
+                ({"residual_scores": True, "dropout": 0.1}, ODD)],
+    "local": [({"window": 16}, BOTH), ({"window": 40, "kv_heads": 2}, BOTH), ({"window": 16, "pos": ALIBI}, BOTH),
+              ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
+              ({"window": 200}, ODD), ({"window": 16, "dropout": 0.1}, SMALL)],
+    # span_init=1: every head at its full span, the band the cost declares (an upper bound otherwise)
+    "adaptive_span": [({"max_span": 48, "R": 8}, BOTH), ({"max_span": 20, "R": 4, "pos": ALIBI}, BOTH),
+                      ({"max_span": 20, "R": 4, "kv_heads": 2}, ODD), ({"max_span": 20, "R": 4, "pos": ROPE}, SMALL),
+                      ({"max_span": 70, "R": 16, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+                      ({"max_span": 40, "R": 8, "dropout": 0.1}, SMALL)],
+    "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+               ({"pos": HALF_ROPE}, SMALL)],
+}
+
+
+def _cases() -> list:
+    cases = []
+    for variant, builds in CASES.items():
+        for build, sizes in builds:
+            for causal in (False, True):
+                for b, n, d in (SIZES[i] for i in sizes):
+                    args = {"heads": 4, **build, "causal": causal, "d": d}
+                    if variant == "adaptive_span":
+                        args["span_init"] = 1.0
+                    label = ",".join(f"{k}={v[0] if k == 'pos' else v}" for k, v in args.items() if k != "d")
+                    cases.append(pytest.param(variant, b, n, args, id=f"{variant}-b{b}n{n}d{d}-{label}"))
+    return cases
+
+
+@pytest.mark.parametrize("variant,b,n,build", _cases())
+def test_declared_cost_matches_measurement(variant, b, n, build):
+    check_op_cost("mha", variant, b=b, n=n, **build)
+
+
+def test_alibi_runs_the_fused_kernel():
+    """The [h, n, n] ALiBi bias goes to SDPA as a 4-D mask, which the fused kernel takes (a 3-D one sends it
+    to the math kernel): its backward counts 2.5x the attention matmuls, not 2x."""
+    b, n, d = 2, 64, 64
+    m = check_op_cost("mha", "softmax", b=b, n=n, d=d, heads=4, pos=ALIBI)
+    attention_fwd, attention_bwd = m["fwd"] - 8 * b * n * d * d, m["bwd"] - 16 * b * n * d * d
+    assert attention_bwd == 2.5 * attention_fwd
+
+
+def test_adaptive_span_declares_the_full_band_an_upper_bound():
+    """Spans start at 0: the band is cut to R keys, data dependent; the declared cost is that of max_span."""
+    module, env, cost, ev = declared("mha", "adaptive_span", 2, 160, dtype=torch.float32, d=64, heads=4,
+                                     max_span=96, R=8)
+    m = measure_op(module, make_input(env, 2, 160, torch.float32))
+    assert m["fwd"] < ev(cost.fwd) and m["bwd"] < ev(cost.bwd)
+    assert m["saved"] < ev(cost.saved)
+
+
+def _cost(variant, d=512, heads=8, **build):
+    load_all()
+    _, params, env = make_op("mha", variant, d=d, heads=heads, **build)
+    s = Symbols(d, 2)
+    return lookup("mha", variant).cost(params, env, s), s.values
+
+
+def _growth(expr, values, n=2 ** 20):
+    """How the cost grows when n doubles, at a large n."""
+    return _num(expr, values, 1, 2 * n) / _num(expr, values, 1, n)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("variant,build,time,memory", [
+    ("softmax", {}, 4, 2),  # SDPA: n^2 time, but only O(n) kept
+    ("softmax", {"residual_scores": True}, 4, 4),  # RealFormer keeps the [b, h, n, n] weights
+    ("softmax", {"pos": ALIBI}, 4, 4),  # ALiBi's [h, n, n] bias
+    ("local", {"window": 128}, 2, 2),
+    ("local", {"window": 128, "pos": ALIBI}, 2, 2),  # the bias on the band only
+    ("adaptive_span", {"max_span": 1024}, 2, 2),
+    ("linear", {}, 2, 2),
+])
+def test_complexity_in_n(variant, build, time, memory, causal):
+    cost, values = _cost(variant, causal=causal, **build)
+    assert _growth(sp.sympify(cost.fwd) + cost.fwd_other, values) == pytest.approx(time, rel=0.05)
+    assert _growth(cost.saved, values) == pytest.approx(memory, rel=0.05)
+    assert _growth(cost.peak, values) == pytest.approx(memory, rel=0.05)
+
+
+def test_decoding_state():
+    n, by = 4096, 2
+    softmax, v = _cost("softmax", kv_heads=2, causal=True)
+    assert _num(softmax.cache, v, 1, n) == 2 * n * 2 * 64 * by  # K and V: n tokens, 2 heads of 64
+    local, v = _cost("local", window=128, causal=True)
+    assert _num(local.cache, v, 1, n) == 2 * 128 * 8 * 64 * by  # the last w keys and values
+    assert _num(local.cache, v, 1, 100) == 2 * 100 * 8 * 64 * by
+    span, v = _cost("adaptive_span", max_span=1024, causal=True)
+    assert _num(span.cache, v, 1, n) == 2 * 1024 * 8 * 64 * by
+    linear, v = _cost("linear", causal=True)
+    assert _num(linear.cache, v, 1, n) == _num(linear.cache, v, 1, 1) == 8 * (64 * 64 + 64) * by  # S, z
