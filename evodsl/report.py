@@ -164,12 +164,13 @@ def render_sweep(reports: dict, seqs: list[int], batch: int) -> str:
     names = list(reports)
     data = sweep(reports, seqs, batch)
     out = []
+    w = max(14, *(len(s) + 2 for s in names))
     for m, (label, fn) in METRICS.items():
         fmt = human if m == "flops" else human_bytes
         out.append(f"{label} (batch {batch})")
-        out.append("  " + "seq".rjust(8) + "".join(n.rjust(18) for n in names))
+        out.append("  " + "seq".rjust(8) + "".join(s.rjust(w) for s in names))
         for i, n in enumerate(seqs):
-            out.append("  " + f"{n:>8}" + "".join(fmt(data[s][m][i]).rjust(18) for s in names))
+            out.append("  " + f"{n:>8}" + "".join(fmt(data[s][m][i]).rjust(w) for s in names))
         for i, a in enumerate(names):
             for bname in names[i + 1:]:
                 ra, rb = reports[a], reports[bname]

@@ -16,7 +16,7 @@ from evodsl.measure import count_flops, measure_memory, register_cpu_sdpa_flops
 SPECS = sorted((Path(__file__).resolve().parents[1] / "specs").glob("*.evo"))
 IDS = [p.stem for p in SPECS]
 # Small sizes for measuring with real weights (only the bindings a spec has are overridden).
-SMALL = {"d_model": 64, "heads": 4, "layers": 2, "vocab": 97, "d_ff": 128, "max_span": 48, "n_ctx": 256,
+SMALL = {"d_model": 64, "heads": 4, "kv_heads": 2, "layers": 2, "vocab": 97, "d_ff": 128, "max_span": 48, "n_ctx": 256,
          "max_len": 256, "window": 16}
 
 

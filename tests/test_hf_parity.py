@@ -50,6 +50,14 @@ def test_llama_7b_parameter_count():
     assert count(evo_meta("llama")) == count(hf) == 6_738_415_616
 
 
+def test_llama2_70b_gqa_parameter_count():
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                                      num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                                      rms_norm_eps=1e-5, tie_word_embeddings=False)
+    hf = hf_meta(transformers.LlamaForCausalLM, config)
+    assert count(evo_meta("llama2_70b")) == count(hf) == 68_976_648_192
+
+
 def test_fnet_parameter_count():
     hf = hf_meta(transformers.FNetModel, transformers.FNetConfig())
     assert count(evo_meta("fnet")) == count(hf) == 82_861_056

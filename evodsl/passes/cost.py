@@ -229,7 +229,11 @@ def _asymptotic(expr):
                         lambda e: sp.Min(*[a for a in e.args if not a.has(N)]) if len(e.args) > 1 else e)
     expr = expr.replace(lambda e: isinstance(e, sp.Max) and e.has(N),
                         lambda e: sp.Max(*[a for a in e.args if a.has(N)]))
-    return sp.expand(expr)
+    # a numeric floor or cap on a size (max(32, w - 1): a block is at least 32) does not change the class
+    expr = expr.replace(lambda e: isinstance(e, (sp.Max, sp.Min)) and any(a.is_number for a in e.args)
+                        and not all(a.is_number for a in e.args),
+                        lambda e: type(e)(*[a for a in e.args if not a.is_number]))
+    return sp.expand(sp.cancel(expr))  # ceil(n / w) * w -> n once the ceiling is gone
 
 
 def _dominated(a: tuple, b: tuple) -> bool:
@@ -272,7 +276,8 @@ def complexity(parts) -> str:
     parts_out = []
     for syms in sorted(kept):
         bits = ([("n" if deg == 1 else f"n^{deg}")] if deg else [])
-        bits += [name if p == 1 else f"{name}^{p}" for name, p in syms]
+        bits += [name if p == 1 else f"{name}^{p}" for name, p in syms if p > 0]
         bits += (["log n"] if logs else [])
-        parts_out.append(" ".join(bits) or "1")
+        below = [name if p == -1 else f"{name}^{-p}" for name, p in syms if p < 0]
+        parts_out.append((" ".join(bits) or "1") + ("/" + " ".join(below) if below else ""))
     return "O(" + " + ".join(parts_out) + ")"

@@ -1,0 +1,211 @@
+"""Does each attention variant grow in n as `evodsl cost` claims? Fitted exponents of forward time and memory.
+
+For each variant a one-layer spec (`block = mha(VARIANT, ...)` on features [b, n, d_model], so the layer plus its
+residual add) is compiled and run at n = 1024 .. 8192 (b = 1). The claimed exponent in n is read from
+`evodsl.cost(spec)["layers"]` (the attention layer's complexity strings: "O(n^2 d)" -> 2, "O(n w d)" -> 1,
+"O(n d log n)" -> 1 + log). Measured per n:
+- forward wall time: torch.inference_mode, `--warmup` untimed runs, then `--rounds` rounds that run every n once
+  (interleaved, so drifting load hits every n alike); the median per n (the exponent fitted to the minima is
+  printed beside it: under contention the minimum is the steadier estimate; pass is judged on the median);
+- memory, by evodsl.measure.measure_memory (a storage tracker: new tensors only, weights and input excluded):
+  the inference peak of a no-grad forward, and the bytes a grad-recording forward keeps for backward (plus the
+  output), which is what the claimed memory class counts (saved + output).
+The fitted exponent is the least-squares slope of log(value) against log(n). A claim with log n factors is
+compared with the slope that n^p (log n)^k itself has over the same n (e.g. 1.13 for n log n over 1k..8k).
+Pass: every fitted exponent within --tol (0.25) of the claim. The raw table also gives the minor page faults per
+timed forward (getrusage): large temporaries that glibc hands back to the OS on free and faults in again on the
+next call show there, and can bend the time curve (BENCHMARKS.md; the GLIBC_TUNABLES in effect are printed).
+
+    .venv/bin/python benchmarks/bench_complexity.py [--ns 1024,2048,4096,8192] [--d 32] [--heads 2]
+        [--window 128] [--max-span 256] [--span-init 0.5] [--rounds 7] [--threads 1] [--causal both]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import time
+
+import evodsl
+
+
+def variants(args) -> list[tuple[str, str]]:
+    """(label, the mha(...) arguments after the variant name)."""
+    return [
+        ("softmax", "softmax"),
+        (f"local, window={args.window}", f"local, window={args.window}"),
+        (f"adaptive_span, max_span={args.max_span}, R={args.R}, span_init={args.span_init}",
+         f"adaptive_span, max_span={args.max_span}, R={args.R}, span_init={args.span_init}"),
+        ("linear", "linear"),
+    ]
+
+
+def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:
+    return (f"d_model = {d}\nheads = {heads}\ncausal = {'true' if causal else 'false'}\n"
+            f"block = mha({mha_args}, heads={heads})\n")
+
+
+def power_of_n(cls: str) -> tuple[int, int]:
+    """'O(n^2 d + n^2 h)' -> (2, 0); 'O(n w d)' -> (1, 0); 'O(n d log n)' -> (1, 1); 'O(d)' -> (0, 0):
+    the largest (power of n, power of log n) over the terms."""
+    body = cls.strip()
+    if not (body.startswith("O(") and body.endswith(")")):
+        raise ValueError(f"not a complexity class: {cls!r}")
+    if not body[2:-1].strip():
+        raise ValueError(f"empty complexity class {cls!r}")
+    best = (0, 0)
+    for term in body[2:-1].split(" + "):
+        logs = len(re.findall(r"log n", term))
+        rest = re.sub(r"log n", "", term).split()
+        deg = 0
+        for tok in rest:
+            m = re.fullmatch(r"n(?:\^(\d+))?", tok)
+            if m:
+                deg += int(m.group(1) or 1)
+        best = max(best, (deg, logs))
+    return best
+
+
+def slope(ns, values) -> float:
+    """Least-squares slope of log(value) against log(n)."""
+    xs, ys = [math.log(n) for n in ns], [math.log(v) for v in values]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def effective(power: tuple[int, int], ns) -> float:
+    """The slope n^p (log n)^k has over these n: p when k = 0."""
+    p, k = power
+    return slope(ns, [n ** p * math.log(n) ** k for n in ns])
+
+
+def claim_str(power: tuple[int, int]) -> str:
+    p, k = power
+    return f"{p}" + (" + log" if k else "")
+
+
+def attention_layer(cost: dict) -> dict:
+    return next(layer for layer in cost["layers"] if layer["op"].startswith("mha("))
+
+
+def load() -> str:
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ns", default="1024,2048,4096,8192", help="sequence lengths, comma separated")
+    ap.add_argument("--d", type=int, default=32, help="d_model")
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--window", type=int, default=128, help="mha(local) window")
+    ap.add_argument("--max-span", type=int, default=256, help="mha(adaptive_span) max_span")
+    ap.add_argument("--R", type=int, default=32, help="mha(adaptive_span) ramp")
+    ap.add_argument("--span-init", type=float, default=0.5, help="mha(adaptive_span) span_init (z / max_span)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed forwards per n")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every n once)")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: steadier)")
+    ap.add_argument("--causal", choices=["true", "false", "both"], default="both")
+    ap.add_argument("--tol", type=float, default=0.25, help="largest |fitted - claimed| exponent that passes")
+    ap.add_argument("--only", default="", help="run only the variants whose label starts with this")
+    args = ap.parse_args()
+
+    import torch
+
+    from evodsl.measure import measure_memory
+
+    torch.set_num_threads(args.threads)
+    ns = [int(n) for n in args.ns.split(",")]
+    causals = {"true": [True], "false": [False], "both": [True, False]}[args.causal]
+    load_before = load()
+    print(f"Fitted exponents in n: one mha layer (+ residual add), b 1, d_model {args.d}, heads {args.heads}, "
+          f"float32, n = {', '.join(map(str, ns))}")
+    print(f"torch {torch.__version__}, torch.set_num_threads({args.threads}) (of {os.cpu_count()} cores), "
+          f"{platform.machine()}, {datetime.date.today().isoformat()}, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
+    print(f"time: median of {args.rounds} interleaved rounds after {args.warmup} warm-up runs per n, "
+          f"torch.inference_mode; memory: evodsl.measure.measure_memory; pass: |fitted - claimed| <= {args.tol}\n")
+
+    results, raw = [], []
+    for causal in causals:
+        for label, mha_args in variants(args):
+            if args.only and not label.startswith(args.only):
+                continue
+            spec = spec_text(mha_args, args.d, args.heads, causal)
+            try:
+                layer = attention_layer(evodsl.cost(spec))
+                claimed = {"time": layer["complexity"]["time"], "memory": layer["complexity"]["memory"]}
+                predicted = {n: evodsl.cost(spec, seq=n)["memory"]["activations_inference"] for n in ns}
+            except Exception as err:  # the variant's cost formula may not exist yet: measure anyway
+                claimed, predicted = {"error": f"{type(err).__name__}: {err}"}, {}
+            model = evodsl.compile(spec)
+            xs = {n: torch.randn(1, n, args.d, generator=torch.Generator().manual_seed(n)) for n in ns}
+
+            mem = {n: measure_memory(model, xs[n]) for n in ns}
+            times, faults = {n: [] for n in ns}, {n: 0 for n in ns}
+            with torch.inference_mode():
+                for n in ns:
+                    for _ in range(args.warmup):
+                        model(xs[n])
+                for _ in range(args.rounds):
+                    for n in ns:
+                        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                        start = time.perf_counter()
+                        model(xs[n])
+                        times[n].append(time.perf_counter() - start)
+                        faults[n] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            med = {n: statistics.median(times[n]) for n in ns}
+            fit = {"time": slope(ns, [med[n] for n in ns]), "time_min": slope(ns, [min(times[n]) for n in ns]),
+                   "peak": slope(ns, [mem[n].inference_peak for n in ns]),
+                   "saved": slope(ns, [mem[n].training_saved for n in ns])}
+            name = f"mha({label})"
+            results.append((name, causal, claimed, fit))
+            for n in ns:
+                raw.append((name, causal, n, med[n], min(times[n]), max(times[n]), faults[n] / args.rounds,
+                            mem[n].inference_peak, predicted.get(n), mem[n].training_saved))
+
+    print("| variant | causal | claimed time | claimed exp | fitted time exp (median) | (min) | claimed memory "
+          "| claimed exp | fitted inference-peak exp | fitted saved exp | pass |")
+    print("|---|---|---|---:|---:|---:|---|---:|---:|---:|---|")
+    failures = 0
+    for name, causal, claimed, fit in results:
+        if "error" in claimed:
+            print(f"| {name} | {str(causal).lower()} | cost failed: {claimed['error'][:60]} | | {fit['time']:.2f} "
+                  f"| {fit['time_min']:.2f} | | | {fit['peak']:.2f} | {fit['saved']:.2f} | no claim |")
+            failures += 1
+            continue
+        ok, shown = {}, {}
+        for kind, fitted in (("time", ("time",)), ("memory", ("peak", "saved"))):
+            try:
+                power = power_of_n(claimed[kind])
+            except ValueError:  # a class with no terms: nothing to compare with
+                shown[kind] = "malformed"
+                ok.update({f: False for f in fitted})
+                continue
+            exp = effective(power, ns)
+            shown[kind] = f"{claim_str(power)} ({exp:.2f})"
+            ok.update({f: abs(fit[f] - exp) <= args.tol for f in fitted})
+        verdict = "pass" if all(ok.values()) else "FAIL (" + ", ".join(k for k, v in ok.items() if not v) + ")"
+        failures += not all(ok.values())
+        print(f"| {name} | {str(causal).lower()} | {claimed['time']} | {shown['time']} | {fit['time']:.2f} "
+              f"| {fit['time_min']:.2f} | {claimed['memory']} | {shown['memory']} | {fit['peak']:.2f} "
+              f"| {fit['saved']:.2f} | {verdict} |")
+
+    print("\nRaw numbers (time in ms; memory in KiB; 'cost' = evodsl.cost's activations_inference at that n)\n")
+    print("| variant | causal | n | median ms | min ms | max ms | page faults / forward | inference peak KiB "
+          "| cost KiB | saved KiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, causal, n, med, lo, hi, flt, peak, pred, saved in raw:
+        pred_s = f"{pred / 1024:.0f}" if pred is not None else "n/a"
+        print(f"| {name} | {str(causal).lower()} | {n} | {med * 1e3:.2f} | {lo * 1e3:.2f} | {hi * 1e3:.2f} | {flt:.0f} "
+              f"| {peak / 1024:.0f} | {pred_s} | {saved / 1024:.0f} |")
+    print(f"\n1-min load average {load_before} before, {load()} after; {len(results) - failures} of {len(results)} "
+          f"variants pass")
+
+
+if __name__ == "__main__":
+    main()
