@@ -19,7 +19,8 @@ from .passes.build import build
 from .passes.shapes import infer_shapes
 from .syntax import parse_program
 
-__all__ = ["EvoError", "Diagnostic", "Span", "Graph", "parse", "compile", "cost", "save", "load", "read_source"]
+__all__ = ["EvoError", "Diagnostic", "Span", "Graph", "parse", "compile", "cost", "export", "save", "load",
+           "read_source"]
 __version__ = "0.1.0"
 
 ARTIFACT_FORMAT = "evodsl-torch/1"
@@ -81,6 +82,33 @@ def cost(text_or_path, seq: int = 1024, batch: int = 1, dtype: str = "float32", 
     if not (isinstance(seq, int) and isinstance(batch, int) and seq >= 1 and batch >= 1):
         raise EvoError([Diagnostic("E404", f"seq and batch must be whole numbers >= 1, got {seq!r}, {batch!r}")])
     return cost_data(build_report(parse(text_or_path, overrides), dtype), seq, batch, dtype)
+
+
+def export(text_or_path, path, weights=None, seed: int = 0, overrides: dict | None = None, opset: int = 18):
+    """Export a spec to an ONNX file at `path` (opset 18, dynamic batch and sequence axes, named input and
+    output), with the weights `compile` builds from `seed`, or those of an artifact `weights` (written by
+    `save` / `evodsl compile -o`). The file is checked (onnx checker, onnxruntime against torch) before it is
+    moved into place; a failure leaves no file. Returns the check's numbers (backends.lower_onnx.ExportResult)."""
+    from .backends.lower_onnx import export as onnx_export
+    from .backends.lower_torch import lower
+
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise EvoError([Diagnostic("E401", f"output folder does not exist: {target.parent}")])
+    graph = parse(text_or_path, overrides)
+    from .backends.lower_onnx import check_memory
+    from .report import build_report
+
+    check_memory(graph, build_report(graph, "float32").params() * 4)  # before any weight is built
+    if weights is not None:
+        model = load(weights)
+        if str(parse(model.spec, getattr(model, "overrides", None))) != str(graph):
+            raise EvoError([Diagnostic("E408", f"the weights in {weights} were built from another spec "
+                                               f"('{model.graph_name}' from {model.spec_file})",
+                                       help="export the spec the artifact was compiled from, or recompile it")])
+    else:
+        model = lower(graph, seed=seed, spec=graph.source, file=graph.file)
+    return onnx_export(model, graph, target, opset=opset)
 
 
 def save(model, path) -> None:

@@ -14,6 +14,7 @@ bias needs one). Padded query rows (n not a multiple of B) are computed against 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -69,6 +70,8 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int,
     bias broadcastable to [h, nb, B, K], with -inf allowed, or None. Every query keeps its own key (t - r = 0)
     in the band, so it must give that key a finite bias."""
     b, h, n, dh = q.shape
+    if not isinstance(n, int) or torch.jit.is_tracing():
+        return _gathered_band(q, k, v, lo, hi, bias, dropout)
     lo, hi, B, nb, left, K = band_blocks(n, lo, hi, block)
     right = (nb - 1) * B + K - left - n
     mask = _band_mask(n, lo, hi, B, nb, left, K, bias, q.dtype, q.device)  # [H, nb, B, K], H = h or 1
@@ -170,10 +173,38 @@ def banded_attention_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, hi, bi
     else:
         core = Cost(fwd=4 * scores * dh, bwd=10 * scores * dh, fwd_other=other, bwd_other=2 * other)
         saved = mask + qb + kept_keys + qb + LSE_BYTES * b * h * nb * B + o_copy * q
+    # backward: the fused kernel takes a copy of o's gradient and gives those of the blocked q, k and v; the
+    # key gradients fold back (unfold_backward) onto the padded keys, one at a time. The math kernel (float32)
+    # has the weights' gradient beside v's, then the scores' (softmax), then the gradients of k and q
+    work = max(by, 4)
+    Gq, Gk, Lk = b * h * nb * B * dh * by, b * h * nb * K * dh * by, b * h * L * dh * by
+    if grad or p.dropout > 0:
+        W, Gq, Gk = scores * work, Gq * work / by, Gk * work / by
+        bwd = [Gk + 2 * W, 2 * Gk + Gq + W]
+    else:
+        bwd = [2 * Gq + 2 * Gk, Gq + 2 * Gk + Lk]
     phases = [qkv + grouped + (bias.peak(h, I, by) if bias else 11 * I),  # building the mask
               qkv + grouped + mask + q_copy * qb + keys_new * keys + copies + qb + LSE_BYTES * b * h * nb * B,
               qkv + qb + o_copy * q + out]  # at o_proj
     if env.pos is not None:
         phases.append(qkv + pos.peak)
     cache = 2 * b * sp.Min(n, cache_keys) * kv * dh * by
-    return attention_cost(p, s, h, kv, dh, core, pos, saved + pos.saved, phases, cache)
+    return attention_cost(p, s, h, kv, dh, core, pos, saved + pos.saved, phases, cache, bwd_phases=bwd)
+
+
+def _gathered_band(q, k, v, lo: int, hi: int, bias: Bias | None, dropout: float) -> torch.Tensor:
+    """The same attention for a symbolic n (torch.export, ONNX export with a dynamic sequence axis): each query
+    gathers its own W = lo + hi + 1 keys, [b, h, n, W, dh], still O(n * w) and never n x n, with shapes that
+    only scale n (the blocked layout's reshapes would tie the exported graph to one n)."""
+    n, dh = q.shape[2], q.shape[3]
+    i = torch.arange(n, device=q.device).unsqueeze(1)  # [n, 1]
+    j = i + torch.arange(-lo, hi + 1, device=q.device)  # [n, W] key positions
+    inside = (j >= 0) & (j < n)
+    jc = j.clamp(0, n - 1)
+    kg, vg = k[:, :, jc], v[:, :, jc]  # [b, h, n, W, dh]
+    s = (q.unsqueeze(-2) @ kg.transpose(-1, -2)).squeeze(-2) * (1.0 / math.sqrt(dh))  # [b, h, n, W]
+    extra = None if bias is None else bias(i, j)
+    if extra is not None:
+        s = s + extra.to(s.dtype)
+    p = F.dropout(s.masked_fill(~inside, float("-inf")).softmax(-1), dropout)
+    return (p.unsqueeze(-2) @ vg).squeeze(-2)

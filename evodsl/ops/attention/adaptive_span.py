@@ -75,7 +75,7 @@ class AdaptiveSpanAttention(AttentionBase):
 
         def bias(i, j):
             dist = i - j if self.causal else (i - j).abs()
-            m = ((self.R + z.view(-1, 1, 1, 1) - dist) / self.R).clamp(max=1.0)  # [h, nb, B, K]
+            m = ((self.R + z.view(-1, *(1,) * dist.dim()) - dist) / self.R).clamp(max=1.0)  # [h, *dist]
             pos = m > 0
             log_m = torch.where(pos, torch.where(pos, m, 1.0).log(), float("-inf"))  # no 0 * inf in grads
             alibi = self.position_bias(i, j)

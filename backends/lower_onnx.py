@@ -1,0 +1,211 @@
+"""ONNX backend: the torch module that `evodsl.compile` builds, exported with torch's dynamo ONNX exporter
+(opset 18), with dynamic batch and sequence axes and named inputs and outputs, then checked: the ONNX checker
+(full_check) and an onnxruntime run against the torch module. The file appears whole or not at all.
+
+Opset 18 is used because onnxruntime runs every op the exporter emits at 18, and every deployment runtime
+in use reads it; the newer fused ops (opset 23 Attention, RotaryEmbedding, RMSNormalization) are not emitted
+by the exporter for our modules, and our variants (banded, adaptive-span, linear attention) have no fused
+standard op anyway, so the graph is made of standard MatMul / Softmax / Gather / DFT ops.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evodsl.diagnostics import Diagnostic, EvoError
+from evodsl.ir import Graph
+
+OPSET = 18
+TWO_GB = 2 * 1024**3
+# Peak memory of an export, in units of the weights' bytes: the module's own weights plus about 3 more copies
+# that torch 2.13's dynamo ONNX exporter holds while it builds and writes the graph (measured on GPT-2 at 2, 12
+# and 24 layers: RSS grows 3.05x the weights, BENCHMARKS.md), plus a margin.
+EXPORT_MEMORY_FACTOR = 4.2
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    input_name: str
+    output_name: str
+    max_abs_diff: float
+    output_scale: float
+    external_data: bool
+    bytes: int
+
+
+def io_names(graph: Graph) -> tuple[str, str]:
+    """input_ids -> logits for LMs; features -> hidden_states / pooled / output otherwise."""
+    inp = "input_ids" if graph.input.variant == "tokens" else "features"
+    last = graph.node(graph.output.inputs[0])
+    out = {("head", "lm"): "logits", ("head", "pooler"): "pooled", ("head", "linear"): "output"}.get(
+        (last.family, last.variant), "hidden_states")
+    return inp, out
+
+
+def example_input(graph: Graph, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = graph.input.meta["shape"]
+    if len(shape) == 2:
+        return torch.randint(0, graph.input.params.vocab, (batch, seq), generator=g)
+    return torch.randn(batch, seq, shape[-1], generator=g)
+
+
+def max_positions(graph: Graph) -> int | None:
+    """The longest sequence the model accepts (a learned position table), or None."""
+    caps = [n.params.max_len for n in graph.calls() if (n.family, n.variant) == ("pos", "learned")]
+    return min(caps) if caps else None
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(graph: Graph, param_bytes: int) -> None:
+    """Refuse, with the numbers, an export this machine cannot hold."""
+    need = int(param_bytes * EXPORT_MEMORY_FACTOR)
+    have = _available_memory()
+    if have is not None and need > have:
+        gib = lambda x: f"{x / 2**30:.1f} GiB"  # noqa: E731
+        raise EvoError([Diagnostic(
+            "E405", f"exporting '{graph.name}' needs about {gib(need)} of memory; this machine has {gib(have)} "
+                    f"available",
+            help=f"its weights alone are {gib(param_bytes)} (float32), and torch's ONNX exporter holds about 3 "
+                 f"more copies while it builds and writes the graph; export a smaller configuration "
+                 f"(--set d_model=... --set layers=...) here, or run the export on a machine with more memory")])
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter logs its progress and optional-package notes; the CLI prints its own summary."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _failure(err: Exception, graph: Graph) -> EvoError:
+    text = f"{type(err).__name__}: {err}"
+    modules = sorted({m for m in re.findall(r"\b(?:blocks\.\d+\.)?[a-z_]+\d*\b", text)
+                      if m.split(".")[-1] in {n.module for n in graph.calls()}})
+    ops = sorted(set(re.findall(r"aten[.:]+[A-Za-z0-9_.]+", text)))
+    where = f" in {', '.join(modules[:3])}" if modules else ""
+    what = f" (op {', '.join(ops[:3])})" if ops else ""
+    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    return EvoError([Diagnostic("E406", f"ONNX export failed{where}{what}: {first}",
+                                help="no file was written; report this with the spec, it is a gap in the "
+                                     "ONNX lowering")])
+
+
+def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verify_seq: int = 8) -> ExportResult:
+    """Export `model` (built from `graph`) to `path`, check it, and compare onnxruntime with torch."""
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(path)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    check_memory(graph, param_bytes)
+    inp_name, out_name = io_names(graph)
+    cap = max_positions(graph)
+    seq = min(16, cap) if cap else 16
+    x = example_input(graph, 2, seq)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    length = torch.export.Dim("seq", min=2, max=cap or 1 << 20)
+    external = param_bytes >= TWO_GB
+    tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        tmp = tmpdir / path.name
+        try:
+            with warnings.catch_warnings(), torch.no_grad(), _quiet():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(model.eval(), (x,), dynamo=True, opset_version=opset,
+                                            input_names=[inp_name], output_names=[out_name],
+                                            dynamic_shapes={"x": {0: batch, 1: length}}, verbose=False)
+                program.save(str(tmp), external_data=external)
+        except EvoError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the exporter raises many types; the user gets one error
+            raise _failure(err, graph) from None
+        xs = example_input(graph, 1, min(verify_seq, cap) if cap else verify_seq, seed=1)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            got = session.run(None, {inp_name: xs.numpy()})[0]
+        except Exception as err:  # noqa: BLE001 - checker and onnxruntime errors: one EvoError, no file
+            raise EvoError([Diagnostic("E407", f"the exported ONNX model failed its own check: "
+                                               f"{type(err).__name__}: {str(err).strip()[:300]}",
+                                       help="no file was written; this is a bug in the ONNX lowering")]) from None
+        with torch.no_grad():
+            want = model(xs).float().numpy()
+        diff = float(np.abs(got - want).max())
+        scale = float(np.abs(want).max())
+        files = list(tmpdir.iterdir())
+        for f in files:  # the model and its external data, moved into place together
+            os.replace(f, path.parent / f.name)
+        size = sum((path.parent / f.name).stat().st_size for f in files)
+        return ExportResult(path, inp_name, out_name, diff, scale, external, size)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def matmul_flops(path, batch: int, seq: int) -> tuple[int, int]:
+    """FLOPs of the MatMul and Gemm nodes of an exported model, read off the graph after ONNX shape inference
+    with the input fixed at [batch, seq(, d)] (2 per multiply-add, as FlopCounterMode). Returns (flops,
+    number of matmuls whose shapes could not be inferred)."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(path), load_external_data=False)
+    for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, (batch, seq)):
+        dim.Clear()
+        dim.dim_value = value
+    model = shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {}
+    for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output, *model.graph.initializer]:
+        if isinstance(vi, onnx.TensorProto):
+            shapes[vi.name] = list(vi.dims)
+        else:
+            dims = vi.type.tensor_type.shape.dim
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    total, unknown = 0, 0
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if not a or not b or None in a or None in b:
+            unknown += 1
+            continue
+        if node.op_type == "Gemm":
+            trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+            trans_b = any(at.name == "transB" and at.i for at in node.attribute)
+            m, k = (a[1], a[0]) if trans_a else (a[0], a[1])
+            n = b[0] if trans_b else b[1]
+            total += 2 * m * k * n
+            continue
+        a2, b2 = (a if len(a) > 1 else [1, *a]), (b if len(b) > 1 else [*b, 1])
+        lead = np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2]))
+        total += 2 * int(np.prod(lead, dtype=np.int64)) * a2[-2] * a2[-1] * b2[-1]
+    return total, unknown
