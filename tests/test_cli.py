@@ -91,7 +91,7 @@ def test_check_missing_file_exits_1_with_e401(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [
-    [], ["frobnicate"], ["check"], ["compile"], ["compile", "GPT2", "--backend", "onnx"],
+    [], ["frobnicate"], ["check"], ["compile"], ["compile", "GPT2", "--backend", "tensorflow"],
     ["compile", "GPT2", "--seed", "x"], ["ops", "--json", "--bogus"],
 ], ids=["no-args", "unknown-command", "check-no-file", "compile-no-file", "bad-backend", "bad-seed", "bad-flag"])
 def test_usage_errors_exit_2(argv, capsys):
