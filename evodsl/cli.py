@@ -204,6 +204,11 @@ def _type_name(annotation) -> str:
     return text.replace("typing.", "").replace("NoneType", "None")
 
 
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
+                        help="override a binding of the spec (repeatable), e.g. --set d_model=256")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evodsl", description="Declare, check and build Transformer variants.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -211,8 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a spec and print its graph",
                        description="Validate SPEC and print its graph IR with inferred shapes.")
     c.add_argument("spec", metavar="SPEC", help="a .evo file")
-    c.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
-                   help="override a binding of the spec (repeatable), e.g. --set d_model=256")
+    _add_set(c)
     c.set_defaults(run=_cmd_check)
     b = sub.add_parser("compile", help="build a spec with a backend",
                        description="Build SPEC; print a module summary with the parameter count.")
@@ -223,8 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", metavar="FILE", help="save an artifact (spec + weights); load with evodsl.load")
     b.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     b.add_argument("--meta", action="store_true", help="build on the meta device: no weights are allocated")
-    b.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
-                   help="override a binding of the spec (repeatable), e.g. --set layers=2")
+    _add_set(b)
     b.set_defaults(run=_cmd_compile)
     e = sub.add_parser("export", help="export a spec to ONNX (= compile --backend onnx)",
                        description="Export SPEC to an ONNX file (opset 18, dynamic batch and sequence axes), "
@@ -233,8 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", metavar="FILE", required=True, help="the .onnx file to write")
     e.add_argument("--weights", metavar="ARTIFACT", help="export these weights (from evodsl compile -o)")
     e.add_argument("--seed", type=int, default=0, help="initialisation seed when no --weights (default 0)")
-    e.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
-                   help="override a binding of the spec (repeatable)")
+    _add_set(e)
     e.set_defaults(run=_cmd_export)
     k = sub.add_parser("cost", help="parameters, FLOPs, memory and complexity, from the graph",
                        description="Cost SPEC analytically (no weights are built). With several specs or "
@@ -249,8 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--formula", action="store_true", help="print the symbolic totals in b and n")
     k.add_argument("--json", action="store_true", help="one JSON object (a list for sweeps)")
     k.add_argument("--plot", metavar="PNG", help="draw FLOPs and memory against n on log axes")
-    k.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
-                   help="override a binding of every spec (repeatable), e.g. --set layers=80")
+    _add_set(k)
     k.set_defaults(run=_cmd_cost)
     o = sub.add_parser("ops", help="list the registered ops", description="List every op with its parameters.")
     fmt = o.add_mutually_exclusive_group()
