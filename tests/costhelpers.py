@@ -1,6 +1,6 @@
 """Hold one op's declared Cost to measurement: params exact; matmul FLOPs against FlopCounterMode (with the CPU
-SDPA formulas registered); bytes kept for backward against torch's saved-tensor hooks; the inference peak
-against the storage tracker."""
+SDPA formulas registered); bytes kept for backward against torch's saved-tensor hooks; the inference peak and
+the backward's peak (bwd_peak) against the storage tracker."""
 from __future__ import annotations
 
 import torch
@@ -33,8 +33,23 @@ def make_input(env, b, n, dtype, vocab=None):
     return xs if len(xs) > 1 else xs[0]
 
 
+def _net_peak(tr: StorageTracker, start: str, end: str) -> int:
+    """Peak, over events[start:end], of the bytes created after `start` less those of older storages freed
+    since (the op's saved tensors, which autograd releases as each node of its backward has run)."""
+    cur = best = 0
+    for _, delta in tr.events[tr.marks[start]: tr.marks[end]]:
+        cur += delta
+        best = max(best, cur)
+    return best
+
+
 def measure_op(module, x, train_mode: bool = True) -> dict:
-    """FLOPs (fwd/bwd), bytes kept for backward (by saved-tensor hooks) and the inference peak of one op."""
+    """FLOPs (fwd/bwd), bytes kept for backward (by saved-tensor hooks), the inference peak of one op, and its
+    backward's peak (bwd_peak): torch.autograd.grad(out, inputs) under a real, full-size incoming gradient
+    made before it starts (not counted; the input and the output are held, as in a network), with respect to
+    the inputs only (no parameter gradient; the parameters still require grad, so the forward saves what
+    training saves): the peak of the bytes it creates less those of the op's saved tensors it has released
+    by then, which the cost pass counts as kept up to that op. 0 for token ids, which have no gradient."""
     register_cpu_sdpa_flops()
     from evodsl.ops import Ctx
 
@@ -58,20 +73,32 @@ def measure_op(module, x, train_mode: bool = True) -> dict:
         saved[_key(t)] = t.untyped_storage().nbytes()
         return t
 
-    with FlopCounterMode(display=False) as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = call()
-    out_key = _key(out)
-    result = {"fwd": fwd.get_total_flops(), "peak": peak, "inplace": inplace,
-              "inplace_in_training": out_key in in_keys,
-              "saves_input": bool(in_keys & saved.keys()), "saves_output": out_key in saved,
-              "saved": sum(v for k, v in saved.items() if k not in params | in_keys | {out_key}),
-              "params": sum(p.numel() for p in module.parameters())}
-    if out.requires_grad:
-        with FlopCounterMode(display=False) as bwd:
-            out.backward(torch.ones((), dtype=out.dtype).expand_as(out))
-        result["bwd"] = bwd.get_total_flops()
-    else:
-        result["bwd"] = 0
+    # The training forward runs under the tracker too, so that what exists before the backward (the saved
+    # tensors, the output) is known to it and views of them are not taken for new storages.
+    with StorageTracker([*module.parameters(), *module.buffers(), *inputs]) as tr:
+        with FlopCounterMode(display=False) as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = call()
+        out_key = _key(out)
+        result = {"fwd": fwd.get_total_flops(), "peak": peak, "inplace": inplace,
+                  "inplace_in_training": out_key in in_keys,
+                  "saves_input": bool(in_keys & saved.keys()), "saves_output": out_key in saved,
+                  "saved": sum(v for k, v in saved.items() if k not in params | in_keys | {out_key}),
+                  "params": sum(p.numel() for p in module.parameters()), "bwd": 0, "bwd_peak": 0}
+        wrt = [t for t in inputs if t.requires_grad]
+        if out.requires_grad:
+            with FlopCounterMode(display=False) as bwd:
+                out.backward(torch.ones((), dtype=out.dtype).expand_as(out), retain_graph=bool(wrt))
+            result["bwd"] = bwd.get_total_flops()
+            module.zero_grad(set_to_none=True)
+            for t in inputs:
+                t.grad = None
+        if out.requires_grad and wrt:
+            grad_out = torch.ones_like(out)  # a real, full-size incoming gradient, as inside a network
+            tr.mark("backward")
+            grads = torch.autograd.grad(out, wrt, grad_outputs=grad_out)
+            del grads
+            tr.mark("end")
+            result["bwd_peak"] = _net_peak(tr, "backward", "end")
     module.eval()
     return result
 
@@ -91,7 +118,11 @@ def check_op_cost(family, variant, b=2, n=64, dtype=torch.float32, mem_rtol=0.10
     assert cost.saves_output == m["saves_output"], f"{label}: saves_output declared {cost.saves_output}"
     assert cost.inplace == m["inplace"], f"{label}: inplace declared {cost.inplace}"
     assert cost.new_output_in_training != m["inplace_in_training"], f"{label}: inplace_in_training declared wrong"
-    for key in ("saved", "peak"):
-        want, got = ev(getattr(cost, key)), m[key]
+    in_bytes = sum(t.untyped_storage().nbytes() for t in (x if isinstance(x, list) else [x]) if t.requires_grad)
+    # bwd_peak defaults to the input's gradient; an op that is the identity in training passes its gradient on
+    bwd_default = in_bytes if cost.new_output_in_training else 0
+    for key in ("saved", "peak", "bwd_peak"):
+        want = ev(getattr(cost, key)) if getattr(cost, key) is not None else bwd_default
+        got = m[key]
         assert abs(want - got) <= mem_rtol * got + mem_atol, f"{label}: {key} bytes declared {want}, measured {got}"
     return m

@@ -27,8 +27,9 @@ class Cost:
     saves_output: bool = False  # the op keeps its output tensor for backward
     peak: object = 0  # bytes alive inside the op at its inference peak, beyond its input and output
     cache: object = 0  # decoding state in bytes for a prefix of n tokens (KV cache, recurrent state)
-    bwd_peak: object = None  # bytes newly created at the peak of the op's backward (gradient of its input
-    #                           included); None: just the input's gradient
+    bwd_peak: object = None  # bytes at the peak of the op's backward wrt its input (no parameter gradient):
+    #                           created (its input's gradient included, the incoming one not) less those of its
+    #                           saved tensors already released; None: just the input's gradient
     inplace: bool = False  # the output reuses the input's storage (no new bytes), in an inference forward
     inplace_in_training: bool | None = None  # the same in a training forward (None: as `inplace`; dropout differs)
 

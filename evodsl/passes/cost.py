@@ -145,6 +145,10 @@ class Report:
                     created = ins if r.cost.bwd_peak is None else r.num(r.cost.bwd_peak, b, n)
                     final = top and node is g.nodes[-2]
                     transient = created + (0.0 if final else out)
+                    # its output, kept for the ops after it that save their input, is released by their
+                    # backward before this one runs (unless it keeps its output itself, or it is the model's)
+                    if kept[node.name] and not r.cost.saves_output and not final:
+                        transient -= out
             steps.append((saved + (out if kept[node.name] and new else 0.0), transient))
         return steps
 
@@ -152,10 +156,13 @@ class Report:
         """Peak bytes over a training forward + backward through the activations: going backward, what the ops
         before k still keep, plus op k's backward working set."""
         steps = self._steps(self.graph, b, n, top=True)
+        # the model's output (kept by the last step) stays alive through the whole backward: its caller holds
+        # it (as a loss does), so the ops before the last one see it beside what they keep
+        output = _num(_elems(self.graph.nodes[-1].meta["shape"]) * self.bytes_per, {}, b, n)
         total, prefix, best = sum(k for k, _ in steps), 0.0, 0.0
-        for kept, transient in steps:
+        for i, (kept, transient) in enumerate(steps):
             prefix += kept
-            best = max(best, prefix + transient)
+            best = max(best, prefix + transient + (output if i < len(steps) - 1 else 0.0))
         return int(max(best, total))
 
     def _saves_input(self, node: Node) -> bool:

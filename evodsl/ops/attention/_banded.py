@@ -173,16 +173,16 @@ def banded_attention_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, hi, bi
     else:
         core = Cost(fwd=4 * scores * dh, bwd=10 * scores * dh, fwd_other=other, bwd_other=2 * other)
         saved = mask + qb + kept_keys + qb + LSE_BYTES * b * h * nb * B + o_copy * q
-    # backward: the fused kernel takes a copy of o's gradient and gives those of the blocked q, k and v; the
-    # key gradients fold back (unfold_backward) onto the padded keys, one at a time. The math kernel (float32)
-    # has the weights' gradient beside v's, then the scores' (softmax), then the gradients of k and q
-    work = max(by, 4)
-    Gq, Gk, Lk = b * h * nb * B * dh * by, b * h * nb * K * dh * by, b * h * L * dh * by
+    # backward: o's gradient laid out as the blocked queries (a copy, or padded), o_proj's copy released; the
+    # fused kernel gives the gradients of the blocked q, k and v. The math kernel (float32) gives v's and the
+    # weights', then (v and the copy released) the scores' (softmax) beside the weights' (with dropout the
+    # dropped weights are released first)
+    Gq, Gk = b * h * nb * B * dh * by, b * h * nb * K * dh * by
     if grad or p.dropout > 0:
-        W, Gq, Gk = scores * work, Gq * work / by, Gk * work / by
-        bwd = [Gk + 2 * W, 2 * Gk + Gq + W]
+        W, Gq, Gk = scores * max(by, 4), Gq * max(by, 4) / by, Gk * max(by, 4) / by
+        bwd = [Gq + Gk + W - o_copy * q, (1 if p.dropout > 0 else 2) * W - o_copy * q]
     else:
-        bwd = [2 * Gq + 2 * Gk, Gq + 2 * Gk + Lk]
+        bwd = [2 * Gq + 2 * Gk - o_copy * q]
     phases = [qkv + grouped + (bias.peak(h, I, by) if bias else 11 * I),  # building the mask
               qkv + grouped + mask + q_copy * qb + keys_new * keys + copies + qb + LSE_BYTES * b * h * nb * B,
               qkv + qb + o_copy * q + out]  # at o_proj

@@ -17,8 +17,15 @@ Cost conventions of the attention variants (each variant adds what its kernel do
 - peak: the largest live total during a no-grad forward (eval: no dropout), the output included, minus the
   output: the Max over the phases that compete (position scheme, mask, kernel, o_proj).
 - cache: K and V of the keys a decoder still needs (all n; the last w or S), or linear attention's state.
+- bwd_peak: at the peak of the backward with respect to the input (the incoming gradient not counted, no
+  parameter gradient), the bytes it has created less those of its saved tensors it has already released
+  (autograd frees what a node saved once the node has run): the Max over its phases, the kernel's (the
+  gradient of o_proj's input, those of q, k, v and what the kernel's backward builds: weights, scores,
+  chunks), the position scheme's, and the projections' (q's gradient beside the input's three, two of them
+  summed out of place, when everything the op saved is released: q + 3 inputs - saved).
 - A position scheme applied inside attention declares `attach_cost(params, s, heads, kv_heads, head_dim)`:
-  its FLOPs; `saved`, what it keeps for backward; `peak`, the bytes it adds over q, k, v while it is built.
+  its FLOPs; `saved`, what it keeps for backward; `peak`, the bytes it adds over q, k, v while it is built;
+  `bwd_peak`, the bytes its backward adds over the gradients of q, k and v (None: it has none).
   That is its cost in dense attention over n x n scores; banded kernels evaluate a score bias (ALiBi) on their
   band only and count it themselves.
 """
@@ -144,12 +151,18 @@ def position_cost(env: OpEnv, s: Symbols, h, kv, dh) -> Cost:
 
 
 def attention_cost(p: AttentionParams, s: Symbols, h, kv, dh, core: Cost, pos: Cost, saved, phases,
-                   cache) -> Cost:
+                   cache, bwd_phases=()) -> Cost:
     """Projections + position scheme + `core` (the kernel's FLOPs); `saved`, all the bytes kept beyond the
     input and the output; the inference peak is the largest of the live totals in `phases` (the output among
-    them where it exists by then), less the output. Attention keeps its input (the projections do), never its
-    output."""
+    them where it exists by then), less the output; the backward's peak (bwd_peak) the largest of the kernel's
+    `bwd_phases`, the position scheme's and the projections'. Attention keeps its input (the projections do),
+    never its output."""
     out = s.b * s.n * s.d * s.bytes
     peak = (sp.Max(*phases) if len(phases) > 1 else phases[0]) - out
+    q, kvb = s.b * s.n * h * dh * s.bytes, s.b * s.n * kv * dh * s.bytes
+    bwd = [q + 3 * out - saved, *bwd_phases]  # the projections: q's gradient beside the input's three
+    if pos.bwd_peak:  # the position scheme's backward beside the gradients of q, k, v, the kernel's released
+        bwd.append(q + 2 * kvb + pos.bwd_peak - (saved - pos.saved))
     total = projections_cost(p, s, h, kv, dh) + pos + core
-    return replace(total, saved=saved, peak=peak, cache=cache, saves_input=True, saves_output=False)
+    return replace(total, saved=saved, peak=peak, cache=cache, saves_input=True, saves_output=False,
+                   bwd_peak=sp.Max(*bwd) if len(bwd) > 1 else bwd[0])

@@ -107,8 +107,9 @@ def linear_attention_cost(p: LinearAttentionParams, env: OpEnv, s: Symbols) -> C
         fwd = 4 * b * h * N * c * dh + 4 * b * h * N * dh ** 2 + 2 * b * h * N * dh
         other = 7 * b * h * N * dh + 2 * b * h * N * c + b * h * N / c * (dh ** 2 + dh) + 2 * b * h * N
         states = b * h * N / c * (dh ** 2 + dh) * by  # S and z before every chunk
+        z_grad = b * h * N / c * dh * by
     else:
-        N, a, mask = n, 0, 0
+        N, a, mask, z_grad = n, 0, 0, 0
         fwd = 4 * b * h * n * dh ** 2
         other = 8 * b * h * n * dh + b * h * n
         states = b * h * (dh ** 2 + dh) * by
@@ -121,7 +122,12 @@ def linear_attention_cost(p: LinearAttentionParams, env: OpEnv, s: Symbols) -> C
               qkv_h + t + q + out]  # at o_proj
     if env.pos is not None:
         phases.append(qkv + pos.peak)
-    return attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache=b * kv * (dh ** 2 + dh) * by)
+    # backward: at the division, the numerator's gradient and the denominator's (three temporaries) beside o's
+    # (padded: a copy), o_proj's copy released; causal, the gradient of A beside those of q (q z) and v (A^T),
+    # (unpadded: and a copy of the numerator's), the division's saved tensors released
+    bwd = [5 * t - q] + ([3 * t + a - q - t * padded] if env.causal else [])
+    return attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache=b * kv * (dh ** 2 + dh) * by,
+                          bwd_phases=bwd)
 
 
 OP = register(Op(

@@ -85,6 +85,9 @@ def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) ->
         phases = [qkv + 2 * w + masked + v_copy + q + bias,  # at weights @ v
                   qkv + w + 2 * q + bias + out]  # at o_proj: the scores, the output and its copy, the result
         pos_phase = qkv + pos.peak + (w if score_bias(env) else 0)  # the bias is built after the scores
+        # backward: the gradients of v and of the weights; then the scores' (softmax) beside the weights',
+        # v's summed to its K/V heads, o's gradient and v released (with dropout: the dropped weights first)
+        bwd = [q + w] if dropout else [q + w, 2 * w + kvb - 2 * q]
     else:
         copy = q if rotates(env) else 0  # o_proj's input: a copy unless SDPA's output is laid out [b, n, h, dh]
         core = Cost(fwd=4 * scores * dh, bwd=10 * scores * dh, fwd_other=5 * scores, bwd_other=10 * scores)
@@ -95,9 +98,14 @@ def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) ->
             # the weights, the dropout mask, the dropped weights; o_proj's copy of the output
         phases = [qkv + q + copy + bias + out]  # at o_proj: q, k, v, SDPA's output (and its copy), the output
         pos_phase = qkv + pos.peak  # while the position scheme is applied
+        bwd = [2 * q + 2 * kvb - copy]  # the kernel: o's gradient and those of q, k, v (of the K/V heads),
+        # o_proj's copy released
+        if dropout:  # the math kernel (in float32): v's gradient and the dropped weights'
+            bwd = [q + scores * max(by, 4)]
     if env.pos is not None:
         phases.append(pos_phase)
-    return attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache=2 * b * n * kv * dh * by)
+    return attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache=2 * b * n * kv * dh * by,
+                          bwd_phases=bwd)
 
 
 OP = register(Op(

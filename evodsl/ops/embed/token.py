@@ -43,12 +43,13 @@ class TokenEmbedding(nn.Module):
 def cost(p: TokenEmbeddingParams, env: OpEnv, s) -> Cost:
     """A lookup is no FLOP; its backward scatter-adds the gradient into E (1 per element). The sqrt(d) scale and
     the segment add cost 1 per element each; backward: the scale's product, the segment row's sum. It keeps its
-    int64 ids for backward (saves_input; the pass counts the ids, input(tokens)'s output, as in place)."""
+    int64 ids for backward (saves_input; the pass counts the ids, input(tokens)'s output, as in place). Its
+    input, token ids, has no gradient: a backward through the activations stops at its output."""
     d, V = s.sym("d", p.d_model), s.sym("V", env.vocab)
     elems = s.b * s.n * d
     steps = int(p.scale) + int(p.segments > 0)  # elementwise ops after the lookup
     return Cost(params=(V + p.segments) * d, fwd_other=steps * elems, bwd_other=(1 + steps) * elems,
-                saves_input=True, peak=(elems * s.bytes if steps else 0))
+                saves_input=True, peak=(elems * s.bytes if steps else 0), bwd_peak=0)
 
 
 OP = register(Op(

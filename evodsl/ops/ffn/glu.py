@@ -61,16 +61,19 @@ def cost(p: GLUParams, env: OpEnv, s, variant: str = "swiglu") -> Cost:
     """Three linears; the gate's activation (ACT_FLOPS) and the product, 1 FLOP each per hidden element,
     backward ~2x. Kept for backward, each [b, n, d_ff]: x V, act(x W), the product, and x W too when the
     activation needs its input (geglu, swiglu; sigmoid and relu keep their result, bilinear has none). At the
-    inference peak act(x W), x V and the product are alive."""
+    inference peak act(x W), x V and the product are alive. Backward (net of what it has released): the two
+    factors' gradients once the kept product is released, and at the end the input's two gradients and
+    their sum, everything kept released."""
     f = s.sym("f", p.d_ff or default_d_ff(env.d))
     act = VARIANTS[variant][2]
     hidden = s.b * s.n * f * s.bytes
     out = s.b * s.n * s.d * s.bytes
     c = linear(s, s.d, f, p.bias) + linear(s, s.d, f, p.bias) + linear(s, f, s.d, p.bias)
     other = (ACT_FLOPS[act] + 1) * s.b * s.n * f
+    saved = hidden * (4 if act in ("gelu", "silu") else 3)
     return Cost(params=c.params, fwd=c.fwd, bwd=c.bwd, fwd_other=other, bwd_other=c.bwd_other + 2 * other,
-                saves_input=True, saved=hidden * (4 if act in ("gelu", "silu") else 3),
-                peak=sp.Max(3 * hidden, hidden + out) - out)
+                saves_input=True, saved=saved, peak=sp.Max(3 * hidden, hidden + out) - out,
+                bwd_peak=sp.Max(2 * hidden, 3 * out - saved))
 
 
 OPS = [register(Op(

@@ -46,7 +46,10 @@ class MLP(nn.Module):
 def cost(p: MLPParams, env: OpEnv, s) -> Cost:
     """Two linears; the activation costs ACT_FLOPS per hidden element, its backward ~2x. Kept for backward: the
     hidden pre-activation (not for relu, which keeps only its result) and post-activation [b, n, d_ff]. At the
-    inference peak both hidden tensors are alive (or the post-activation beside the output, if d_ff < d)."""
+    inference peak both hidden tensors are alive (or the post-activation beside the output, if d_ff < d).
+    Backward (net of what it has released): relu, the gradients of the post- and the pre-activation, then the
+    input's once the kept result is released; otherwise the post-activation's gradient as the kept
+    post-activation is released, then the input's once both kept tensors are."""
     f = s.sym("f", p.d_ff or 4 * env.d)
     hidden = s.b * s.n * f * s.bytes
     out = s.b * s.n * s.d * s.bytes
@@ -54,7 +57,7 @@ def cost(p: MLPParams, env: OpEnv, s) -> Cost:
     act = ACT_FLOPS[p.act] * s.b * s.n * f
     return Cost(params=c.params, fwd=c.fwd, bwd=c.bwd, fwd_other=act, bwd_other=c.bwd_other + 2 * act,
                 saves_input=True, saved=hidden * (1 if p.act == "relu" else 2),
-                peak=sp.Max(2 * hidden, hidden + out) - out)
+                peak=sp.Max(2 * hidden, hidden + out) - out, bwd_peak=(sp.Max(2 * hidden, out) if p.act == "relu" else sp.Max(hidden, out - hidden)))
 
 
 OP = register(Op(

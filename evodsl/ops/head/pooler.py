@@ -26,10 +26,12 @@ class Pooler(nn.Module):
 def cost(p: NoParams, env: OpEnv, s) -> Cost:
     """A d x d linear on b tokens (the first of each sequence), then tanh (1 FLOP per element, backward 2).
     The linear keeps h[:, 0], a view that holds the whole input; tanh keeps its output. At the inference peak
-    the linear's [b, d] result is alive beside the output."""
+    the linear's [b, d] result is alive beside the output. Backward: h[:, 0]'s gradient, then the input's,
+    zeros but for the first token."""
     c = linear(s, s.d, s.d, True, tokens=s.b)
     return Cost(params=c.params, fwd=c.fwd, bwd=c.bwd, fwd_other=s.b * s.d, bwd_other=c.bwd_other + 2 * s.b * s.d,
-                saves_input=True, saves_output=True, peak=s.b * s.d * s.bytes)
+                saves_input=True, saves_output=True, peak=s.b * s.d * s.bytes,
+                bwd_peak=s.b * s.n * s.d * s.bytes + s.b * s.d * s.bytes)
 
 
 OP = register(Op(

@@ -55,16 +55,18 @@ class ConcatMerge(nn.Module):
 def sum_cost(p, env: OpEnv, s, mean: bool = False) -> Cost:
     """k - 1 adds (and the 1/k scale for mean), 1 FLOP per element each; backward: the adds pass the gradient
     through, mean scales it once. Nothing is kept. At the inference peak one partial sum is alive beside the
-    output (none when the two branches' sum is the output itself)."""
+    output (none when the two branches' sum is the output itself). Backward: every branch gets the output's
+    gradient itself (sum: nothing is created), or its 1/k scaling, one tensor shared by all (mean)."""
     k = len(env.in_shapes)
     elems = s.b * s.n * s.d
     return Cost(fwd_other=(k - 1 + int(mean)) * elems, bwd_other=int(mean) * elems,
-                peak=elems * s.bytes if (k > 2 or mean) else 0)
+                peak=elems * s.bytes if (k > 2 or mean) else 0, bwd_peak=elems * s.bytes if mean else 0)
 
 
 def concat_cost(p: ConcatParams, env: OpEnv, s) -> Cost:
     """A linear from k·d to d on the concatenation (a copy: no FLOPs), which it keeps for backward and which is
-    alive at the inference peak; the branches themselves are not kept."""
+    alive at the inference peak; the branches themselves are not kept. Backward: the concatenation's gradient,
+    whose slices are the branches' (bwd_peak: the default, the inputs' gradients)."""
     k = s.sym("k", len(env.in_shapes))
     cat = k * s.b * s.n * s.d * s.bytes
     c = linear(s, k * s.d, s.d, p.bias)

@@ -39,11 +39,13 @@ def cost(p: FNetParams, env: OpEnv, s) -> Cost:
     """No matmuls. A complex FFT of length L costs 5 L log2 L real FLOPs (the radix-2 Cooley-Tukey count):
     b·d FFTs of length n and b·n of length d. Backward: the adjoint transform of the gradient, the same count.
     Nothing is kept for backward. At the inference peak torch holds the input cast to complex and the complex
-    result (plus the float32 copy of a half-precision input)."""
+    result (plus the float32 copy of a half-precision input). Backward: the complex gradient of the result and
+    its inverse transform, alive together."""
     fft = 5 * s.b * s.n * s.d * (sp.log(s.n, 2) + sp.log(s.d, 2))
     work = max(4, s.bytes)
     up = work if s.bytes < 4 else 0
-    return Cost(fwd_other=fft, bwd_other=fft, peak=s.b * s.n * s.d * (up + 2 * 2 * work - s.bytes))
+    return Cost(fwd_other=fft, bwd_other=fft, peak=s.b * s.n * s.d * (up + 2 * 2 * work - s.bytes),
+                bwd_peak=s.b * s.n * s.d * 2 * 2 * work)
 
 
 OP = register(Op(

@@ -30,13 +30,14 @@ def cost(p: RMSNormParams, env: OpEnv, s) -> Cost:
     F.rms_norm is composite on CPU (torch 2.13), computed in at least float32: it keeps the input (below
     float32: its float32 copy instead), rstd [b, n] and the normalised x·rstd [b, n, d] for g's gradient; at its
     peak x·rstd and rstd are alive beside the output (below float32: the copy, rstd, x·rstd and the float32
-    result, before the output is cast down)."""
+    result, before the output is cast down). Its backward, composite too: at its peak four [b, n, d]
+    temporaries in the compute dtype, rstd released."""
     work = max(4, s.bytes)  # bytes of the compute dtype
     up = s.b * s.n * s.d * work if s.bytes < 4 else 0  # the float32 copy of a half-precision input
     kept = s.b * s.n * (s.d + 1) * work  # x·rstd and rstd
     return Cost(params=s.d, fwd_other=4 * s.b * s.n * s.d, bwd_other=8 * s.b * s.n * s.d,
                 saves_input=s.bytes >= 4, saved=kept + up,
-                peak=kept + (2 * up - s.b * s.n * s.d * s.bytes if up else 0))
+                peak=kept + (2 * up - s.b * s.n * s.d * s.bytes if up else 0), bwd_peak=s.b * s.n * (4 * s.d - 1) * work)
 
 
 OP = register(Op(

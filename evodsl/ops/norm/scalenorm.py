@@ -29,10 +29,13 @@ class ScaleNorm(nn.Module):
 
 def cost(p: ScaleNormParams, env: OpEnv, s) -> Cost:
     """One parameter, g. Per element: square, sum, multiply by g/||x||: 3 FLOPs (per-token work is dropped);
-    backward ~2x. Kept for backward: ||x||, its clamp and g/||x||, each [b, n, 1]; two are alive at the peak."""
+    backward ~2x. Kept for backward: ||x||, its clamp and g/||x||, each [b, n, 1]; two are alive at the peak.
+    Backward: the gradient through x and the one through ||x|| (two [b, n, d]) and their sum (per-token
+    values left out)."""
     tokens = s.b * s.n
     return Cost(params=1, fwd_other=3 * tokens * s.d, bwd_other=6 * tokens * s.d,
-                saves_input=True, saved=3 * tokens * s.bytes, peak=2 * tokens * s.bytes)
+                saves_input=True, saved=3 * tokens * s.bytes, peak=2 * tokens * s.bytes,
+                bwd_peak=3 * tokens * s.d * s.bytes)
 
 
 OP = register(Op(

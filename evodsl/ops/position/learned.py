@@ -26,8 +26,9 @@ class LearnedPosition(nn.Module):
 
 def cost(p: LearnedPositionParams, env: OpEnv, s) -> Cost:
     """L·d parameters; the add, 1 FLOP per element; backward: P's gradient sums the batch, 1 per element.
-    Nothing is kept."""
-    return Cost(params=s.sym("L", p.max_len) * s.d, fwd_other=s.b * s.n * s.d, bwd_other=s.b * s.n * s.d)
+    Nothing is kept. The input's gradient is the output's, passed on: nothing is created (bwd_peak 0)."""
+    return Cost(params=s.sym("L", p.max_len) * s.d, fwd_other=s.b * s.n * s.d, bwd_other=s.b * s.n * s.d,
+                bwd_peak=0)
 
 
 OP = register(Op(

@@ -76,12 +76,16 @@ class RotaryStream(nn.Module):
 def rotary_attach_cost(p: RotaryParams, s: Symbols, heads, kv_heads, head_dim) -> Cost:
     """Inside attention: r = fraction*dh channels of q and k turn, 3 FLOPs per channel (4 products, a sum and
     a difference per pair), plus the angles; cos and sin [n, r/2] are kept for backward. While k turns, the
-    turned q, k's pair products and its result (r + dh per head) and cos, sin are alive besides q, k, v."""
+    turned q, k's pair products and its result (r + dh per head) and cos, sin are alive besides q, k, v.
+    Backward, beside the gradients of q, k, v: q's turned back, the four products of its pairs, then the
+    gradients of its rotated and passed channels, each a full [b, h, n, dh] (slice_backward), and their sum:
+    two q's worth at the most."""
     r = head_dim * sp.Rational(str(p.fraction))
     b, n, by = s.b, s.n, s.bytes
     other = 3 * b * n * (heads + kv_heads) * r + 3 * n * r / 2
     return Cost(fwd_other=other, bwd_other=2 * other, saved=n * r * by,
-                peak=b * n * (heads * head_dim + kv_heads * (r + head_dim)) * by + n * r * by)
+                peak=b * n * (heads * head_dim + kv_heads * (r + head_dim)) * by + n * r * by,
+                bwd_peak=2 * b * n * heads * head_dim * by)
 
 
 OP = register(Op(

@@ -43,12 +43,13 @@ class SinusoidalPosition(nn.Module):
 def cost(p: SinusoidalPositionParams, env: OpEnv, s) -> Cost:
     """The table: angles, sin and cos, n·d/2 FLOPs each; the add, 1 per element; backward free (no
     parameters). Nothing is kept. At the inference peak either the angles, sines, cosines and their interleaved
-    stack are alive (in float32, or float64) with t [n] and ω [d/2], or the [n, d] table beside the output."""
+    stack are alive (in float32, or float64) with t [n] and ω [d/2], or the [n, d] table beside the output.
+    The input's gradient is the output's, passed on (bwd_peak 0)."""
     work = 8 if s.bytes == 8 else 4  # the angles' dtype
     out = s.b * s.n * s.d * s.bytes
     angles = (sp.Rational(5, 2) * s.n * s.d + s.n + s.d / 2) * work
     table = sp.Max(angles, s.n * s.d * s.bytes + out) - out
-    return Cost(fwd_other=sp.Rational(3, 2) * s.n * s.d + s.b * s.n * s.d, peak=table)
+    return Cost(fwd_other=sp.Rational(3, 2) * s.n * s.d + s.b * s.n * s.d, peak=table, bwd_peak=0)
 
 
 OP = register(Op(
