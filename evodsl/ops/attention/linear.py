@@ -67,6 +67,8 @@ class LinearAttention(AttentionBase):
 
     def _causal(self, q, k, v):
         b, h, n, dh = q.shape
+        if not isinstance(n, int) or torch.jit.is_tracing():
+            return self._prefix_sums(q, k, v)
         c = min(self.chunk, n)
         pad = -n % c  # padded tokens come last, so causally they reach only padded outputs, which are dropped
         m = (n + pad) // c
@@ -88,6 +90,20 @@ class LinearAttention(AttentionBase):
         num = (q @ s).add_(a @ v)
         den = a.sum(-1, keepdim=True) + q @ z
         return (num / (den + self.eps)).reshape(b, h, m * c, -1)[:, :, :n]
+
+
+    def _prefix_sums(self, q, k, v):
+        """The causal form for a symbolic n (torch.export, ONNX with a dynamic sequence axis): the running sums
+        S_i = sum_{j<=i} phi(k_j) v_j^T and z_i = sum_{j<=i} phi(k_j) as cumulative sums over positions. O(n dh^2)
+        memory, linear in n and never n x n, with shapes that only scale n (the chunked layout's reshapes would
+        tie the exported graph to some lengths)."""
+        phi = FEATURE_MAPS[self.phi]
+        q, k = phi(q), phi(k)
+        s = (k.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)  # [b, h, n, dh, dh]
+        z = k.cumsum(2)  # [b, h, n, dh]
+        num = (q.unsqueeze(-2) @ s).squeeze(-2)
+        den = (q * z).sum(-1, keepdim=True)
+        return num / (den + self.eps)
 
 
 def linear_attention_cost(p: LinearAttentionParams, env: OpEnv, s: Symbols) -> Cost:

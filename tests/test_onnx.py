@@ -1,0 +1,421 @@
+"""ONNX backend (evodsl.export): every spec in specs/ and every registered op exports, passes the ONNX checker
+and runs in onnxruntime with PyTorch's numbers at several batch sizes and sequence lengths from one file;
+causal models stay causal; weights, failures, external data, the memory refusal, FLOPs and the CLI.
+
+Each case is exported once (a module-scoped cache) and the file is reused by the numeric, causality and FLOPs
+tests: an export takes 1 to 5 s, the checks on the file a fraction of that.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import evodsl
+import evodsl.backends.lower_onnx as lower_onnx
+import evodsl.backends.lower_torch as lower_torch
+from evodsl.backends.lower_onnx import example_input, io_names, matmul_flops
+from evodsl.cli import main
+from evodsl.ops import REGISTRY, load_all
+from ophelpers import perturb_params
+from test_cost import small
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "specs").glob("*.evo"))
+BATCHES, SEQS = (1, 3), (7, 33, 70)  # 70 > the 64-token chunks of causal linear attention and the 32-query blocks
+TOL = 1e-4  # max |onnxruntime - torch| <= TOL * max |torch|, float32
+
+# ---------------------------------------------------------------- one-op specs, made from the registry
+
+HEADER = "d_model = 32\nheads = 4\nkv_heads = 2\nvocab = 61\n"
+# Arguments an op needs to stand alone at this size: required ones, and bands narrower than the test sequences.
+ARGS = {("mha", "local"): "window=5", ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5",
+        ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8"}
+FEATURES, OUT = "input(features, d=32)", "head(linear, d_out=8)"
+# family -> (the model around its ops, how one variant appears in it, whether all variants share one spec).
+# Per-token families share one spec (a chain of all their variants); the others get a spec per variant.
+WRAPPERS = {
+    "embed": (f"input(features, d=16) -> {{ops}} -> mha -> {OUT}", "{call}", False),
+    "pos": (f"{FEATURES} -> {{ops}} -> mha -> {OUT}", "{call}", False),  # rope / alibi act inside the mha
+    "norm": (f"{FEATURES} -> {{ops}} -> mha -> {OUT}", "{call}", True),
+    "mha": (f"{FEATURES} -> {{ops}} -> {OUT}", "{call}", False),
+    "mixer": (f"{FEATURES} -> {{ops}} -> {OUT}", "residual({call})", False),
+    "ffn": (f"{FEATURES} -> mha -> {{ops}} -> {OUT}", "{call}", True),
+    "head": (f"{FEATURES} -> mha -> {{ops}}", "{call}", False),
+    "residual": (f"{FEATURES} -> {{ops}} -> {OUT}", "residual(norm -> mha, scale={variant})", True),
+    "merge": (f"{FEATURES} -> {{ops}} -> {OUT}", "parallel(mha, norm -> ffn, merge={variant})", True),
+    "dropout": (f"{FEATURES} -> {{ops}} -> mha -> {OUT}", "{call}", True),
+}
+# Variants that need token ids around them.
+TOKEN_MODELS = {("embed", "token"): f"input(tokens) -> {{ops}} -> mha -> {OUT}",
+                ("head", "lm"): "input(tokens) -> embed(token) -> mha -> {ops}"}
+
+
+def call(family: str, variant: str) -> str:
+    args = ARGS.get((family, variant))
+    return f"{family}({variant}{', ' + args if args else ''})"
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    source: object  # a spec path, or spec text
+    overrides: dict
+    ops: tuple = ()  # the (family, variant) pairs the case is there to export
+
+    def graph(self):
+        return evodsl.parse(self.source, self.overrides)
+
+
+def op_cases() -> list[Case]:
+    load_all()
+    groups: dict[tuple, list[str]] = {}
+    for family, variant in sorted(REGISTRY):
+        if family == "input":
+            continue
+        assert family in WRAPPERS, f"add a wrapper for the new op family {family!r} to tests/test_onnx.py"
+        key = (family,) if WRAPPERS[family][2] else (family, variant)
+        groups.setdefault(key, []).append(variant)
+    cases = []
+    for key, variants in groups.items():
+        family = key[0]
+        model, piece, _ = WRAPPERS[family]
+        model = TOKEN_MODELS.get(key, model)
+        ops = " -> ".join(piece.format(call=call(family, v), variant=v) for v in variants)
+        causal = all(REGISTRY[family, v].causal != "no" for v in variants)
+        src = f"{HEADER}model m(causal={str(causal).lower()}) = {model.format(ops=ops)}\n"
+        cases.append(Case(f"{family}({','.join(variants)})", src, {}, tuple((family, v) for v in variants)))
+    # every token mixer with a causal form, once more in a bidirectional model (the leak test must see leaks)
+    mixers = [(f, v) for (f, v), op in sorted(REGISTRY.items()) if f in ("mha", "mixer") and op.causal != "n.a."]
+    chain = " -> ".join(WRAPPERS[f][1].format(call=call(f, v), variant=v) for f, v in mixers)
+    cases.append(Case("bidirectional", f"{HEADER}model m(causal=false) = {FEATURES} -> {chain} -> {OUT}\n", {},
+                      tuple(mixers)))
+    # a case whose ops other cases export already, in a model as causal, is left out (head(linear) ends every
+    # features model, mha(softmax) is the default mha)
+    def exports(case):
+        graph = case.graph()
+        return {(n.family, n.variant, graph.options["causal"]) for n in graph.calls()}
+
+    made = {c.id: exports(c) for c in cases}
+    for case in list(cases):
+        if {op for op in made[case.id] if op[:2] in case.ops} <= set().union(
+                *(made[c.id] for c in cases if c is not case)):
+            cases.remove(case)
+    return cases
+
+
+SPEC_CASES = [Case(f"spec:{p.stem}", p, small(p)) for p in SPECS]  # the 7B and 70B specs too, at small sizes
+OP_CASES = op_cases()
+CASES = SPEC_CASES + OP_CASES
+IDS = [c.id for c in CASES]
+# Banded attention: torch runs it in query blocks of B positions over K = B + w - 1 keys each (what `evodsl cost`
+# declares); the export, whose sequence axis is symbolic, computes it in the per-query gather form
+# (_gathered_band in evodsl/ops/attention/_banded.py): each query against its own w keys. Same O(n w) class,
+# fewer multiply-adds, so the ONNX graph's matmul FLOPs are below the declared ones, not equal.
+BANDED = {("mha", "local"), ("mha", "adaptive_span")}
+# Causal linear attention likewise: torch runs it in chunks of 64 tokens (what `evodsl cost` declares); the
+# export runs the prefix-sum form (_prefix_sums in evodsl/ops/attention/linear.py), whose running states are
+# elementwise products and cumulative sums, so fewer of its FLOPs are matmuls.
+def export_form_differs(graph) -> bool:
+    return any((n.family, n.variant) in BANDED or ((n.family, n.variant) == ("mha", "linear") and
+                                                    graph.options.get("causal")) for n in graph.calls())
+
+
+@dataclass
+class Exported:
+    path: Path
+    graph: object
+    result: object
+    session: ort.InferenceSession
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    cache: dict[str, Exported | evodsl.EvoError] = {}
+
+    def get(case: Case) -> Exported:
+        if case.id not in cache:
+            path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+            try:
+                result = evodsl.export(case.source, path, overrides=case.overrides)
+            except evodsl.EvoError as err:  # kept: the case's other tests fail with it, without exporting again
+                cache[case.id] = err
+            else:
+                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                cache[case.id] = Exported(path, case.graph(), result, session)
+        if isinstance(cache[case.id], evodsl.EvoError):
+            pytest.fail(f"export failed:\n{cache[case.id].render()}", pytrace=False)
+        return cache[case.id]
+
+    return get
+
+
+def run(session, x: torch.Tensor) -> np.ndarray:
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_every_registered_op_is_exported():
+    """Every registered op (inputs aside) appears in the graph of some case, so some test exports it."""
+    load_all()
+    seen = set()
+    for case in CASES:
+        ops = {(n.family, n.variant) for n in case.graph().calls()}
+        assert set(case.ops) <= ops, case.id
+        seen |= ops
+    missing = {op for op in REGISTRY if op[0] != "input"} - seen
+    assert not missing, f"ops no ONNX case exports: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_onnxruntime_matches_torch(case, exported):
+    """One file, dynamic axes: onnxruntime equals evodsl.compile (same default seed) at 2 batch sizes x 3 lengths."""
+    ex = exported(case)
+    assert ex.result.max_abs_diff <= TOL * ex.result.output_scale  # export()'s own check
+    inp = ex.session.get_inputs()[0]
+    assert (inp.name, ex.session.get_outputs()[0].name) == io_names(ex.graph)
+    assert all(isinstance(dim, str) for dim in inp.shape[:2]), f"batch and seq must be dynamic: {inp.shape}"
+    model = evodsl.compile(case.source, overrides=case.overrides)  # the weights export() used by default
+    for b in BATCHES:
+        for n in SEQS:
+            x = example_input(ex.graph, b, n, seed=10 * b + n)
+            with torch.no_grad():
+                want = model(x).numpy()
+            got = run(ex.session, x)
+            assert got.shape == want.shape
+            scale = float(np.abs(want).max())
+            diff = float(np.abs(got - want).max())
+            assert diff <= TOL * scale, f"batch {b}, seq {n}: max |ORT - torch| {diff:.3g}, scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_causality_in_onnxruntime(case, exported):
+    """Causal models: changing tokens t+1.. never changes outputs 0..t, in one batched onnxruntime run of all the
+    perturbed copies. Bidirectional ones: the same check finds the leak (so it can fail)."""
+    ex = exported(case)
+    n = 12
+    g = torch.Generator().manual_seed(3)
+    x = example_input(ex.graph, 1, n, seed=5)
+    copies = [x[0]]
+    for t in range(n - 1):  # copy t + 1 differs from x at positions t+1 .. only
+        c = x[0].clone()
+        if c.dtype == torch.long:
+            vocab = ex.graph.input.params.vocab
+            c[t + 1:] = (c[t + 1:] + torch.randint(1, vocab, (n - t - 1,), generator=g)) % vocab
+        else:
+            c[t + 1:] = torch.randn(c[t + 1:].shape, generator=g) * 3
+        copies.append(c)
+    y = run(ex.session, torch.stack(copies))
+    if y.ndim == 2:  # pooled: the first token's state, i.e. the output at position 0
+        y = y[:, None]
+    scale = float(np.abs(y).max())
+    leaks = [float(np.abs(y[t + 1, : t + 1] - y[0, : t + 1]).max()) for t in range(min(n - 1, y.shape[1]))]
+    if ex.graph.options.get("causal"):
+        assert max(leaks) <= 1e-5 * scale, f"positions <= t changed with tokens > t: {leaks}"
+    else:
+        assert max(leaks) > 1e-3 * scale, "a bidirectional model must show the leak the check looks for"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_matmul_flops_match_cost(case, exported):
+    """MatMul / Gemm FLOPs read off the ONNX graph (shape inference at b, n) against evodsl.cost's forward_matmul."""
+    ex = exported(case)
+    b, n = 2, 37
+    flops, unknown = matmul_flops(ex.path, b, n)
+    declared = evodsl.cost(case.source, seq=n, batch=b, overrides=case.overrides)["flops"]["forward_matmul"]
+    assert unknown == 0
+    if export_form_differs(ex.graph):
+        assert 0 < flops < declared  # the gather / prefix-sum forms: see BANDED
+    else:
+        assert flops == pytest.approx(declared, rel=0.01)
+
+
+# ---------------------------------------------------------------- weights
+
+WEIGHTS_SPEC = (HEADER + "model m(causal=true) = input(features, d=32) -> pos(rope)"
+                " -> residual(norm(rmsnorm) -> mha, scale=rezero)"
+                " -> parallel(mha(local, window=5), ffn(swiglu), merge=concat) -> head(linear, d_out=8)\n")
+
+
+def test_weights_artifact_is_exported(tmp_path):
+    model = evodsl.compile(WEIGHTS_SPEC)
+    perturb_params(model, scale=0.3)  # rezero's alpha, among others, away from its initial 0
+    evodsl.save(model, tmp_path / "w.pt")
+    r = evodsl.export(WEIGHTS_SPEC, tmp_path / "w.onnx", weights=tmp_path / "w.pt")
+    session = ort.InferenceSession(str(r.path), providers=["CPUExecutionProvider"])
+    loaded = evodsl.load(tmp_path / "w.pt")
+    default = evodsl.compile(WEIGHTS_SPEC)
+    graph = evodsl.parse(WEIGHTS_SPEC)
+    for b, n in ((1, 9), (3, 40)):
+        x = example_input(graph, b, n, seed=n)
+        with torch.no_grad():
+            want, other = loaded(x).numpy(), default(x).numpy()
+        got = run(session, x)
+        scale = float(np.abs(want).max())
+        assert np.abs(got - want).max() <= TOL * scale
+        assert np.abs(got - other).max() > 1e-2 * scale  # the artifact's weights, not the seed's
+
+
+def test_weights_from_another_spec_are_refused(tmp_path):
+    evodsl.save(evodsl.compile(WEIGHTS_SPEC), tmp_path / "w.pt")
+    other = WEIGHTS_SPEC.replace("ffn(swiglu)", "ffn(geglu)")
+    with pytest.raises(evodsl.EvoError) as err:
+        evodsl.export(other, tmp_path / "w.onnx", weights=tmp_path / "w.pt")
+    assert [d.code for d in err.value.diagnostics] == ["E408"]
+    assert "built from another spec" in err.value.render()
+    assert sorted(os.listdir(tmp_path)) == ["w.pt"]
+
+
+# ---------------------------------------------------------------- failures leave nothing behind
+
+GPT2 = ROOT / "specs" / "gpt2.evo"
+
+
+def test_failed_export_names_the_op_and_leaves_no_file(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to convert 'aten.some_op.default' (in blocks.0.attn): no ONNX decomposition\n"
+                           "  a long exporter trace follows")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(evodsl.EvoError) as err:
+        evodsl.export(GPT2, tmp_path / "m.onnx", overrides=small(GPT2))
+    [diag] = err.value.diagnostics
+    assert diag.code == "E406"
+    assert "aten.some_op" in diag.message and "blocks.0.attn" in diag.message
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]  # no model, no hidden temporary folder
+
+    args = ["export", str(GPT2), "-o", str(tmp_path / "m.onnx")] + [f"--set={k}={v}" for k, v in small(GPT2).items()]
+    assert main(args) == 1
+    out, errtext = capsys.readouterr()
+    assert "error[E406]" in errtext and "aten.some_op" in errtext and "blocks.0.attn" in errtext
+    assert "Traceback" not in out + errtext
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+
+
+def test_graph_valid_at_some_lengths_only_is_refused(tmp_path):
+    """A module whose trace depends on n (a Python branch on n % 4) would give a file that is wrong at other
+    lengths (torch.onnx.export keeps such guards as runtime asserts, which the ONNX graph drops): E406 instead."""
+    src = HEADER + "model m(causal=true) = input(features, d=32) -> norm -> head(linear, d_out=8)\n"
+    model, graph = evodsl.compile(src), evodsl.parse(src)
+    norm = model.norm.forward
+    model.norm.forward = lambda x, ctx=None: norm(x, ctx) if x.shape[1] % 4 == 0 else norm(x, ctx) * 2
+    with pytest.raises(evodsl.EvoError) as err:
+        lower_onnx.export(model, graph, tmp_path / "m.onnx")
+    [diag] = err.value.diagnostics
+    assert diag.code == "E406" and "holds only where" in diag.message and "% 4" in diag.message, diag.message
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_check_leaves_no_file(tmp_path, monkeypatch):
+    """onnxruntime failing on the written model (E407): the temporary folder holding it is removed."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot run this model")
+
+    monkeypatch.setattr(ort, "InferenceSession", broken)
+    with pytest.raises(evodsl.EvoError) as err:
+        evodsl.export(OP_CASES[0].source, tmp_path / "m.onnx")
+    assert [d.code for d in err.value.diagnostics] == ["E407"]
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- large models
+
+def test_external_data_lands_beside_the_model(tmp_path, monkeypatch):
+    """Weights at or over TWO_GB go to a data file beside the .onnx (protobuf's 2 GB limit); shrunk here."""
+    monkeypatch.setattr(lower_onnx, "TWO_GB", 1024)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = evodsl.export(GPT2, out / "gpt2.onnx", overrides=small(GPT2))
+    assert r.external_data
+    files = sorted(os.listdir(out))
+    assert files[0] == "gpt2.onnx" and len(files) == 2, files  # the model and its data file, nothing else
+    proto = onnx.load(str(out / "gpt2.onnx"), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+    assert locations == {files[1]}  # a relative name: the pair can move together
+    assert r.bytes == sum((out / f).stat().st_size for f in files)
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    session = ort.InferenceSession(str(moved / "gpt2.onnx"), providers=["CPUExecutionProvider"])
+    graph = evodsl.parse(GPT2, small(GPT2))
+    x = example_input(graph, 2, 20)
+    with torch.no_grad():
+        want = evodsl.compile(GPT2, overrides=small(GPT2))(x).numpy()
+    assert np.abs(run(session, x) - want).max() <= TOL * np.abs(want).max()
+
+
+def _no_weights(*args, **kwargs):
+    raise AssertionError("weights were built")
+
+
+@pytest.mark.parametrize("spec", ["llama", "llama2_70b"])
+def test_big_model_is_refused_before_any_weight_is_built(spec, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lower_onnx, "_available_memory", lambda: 24 * 2**30)
+    monkeypatch.setattr(lower_torch, "lower", _no_weights)
+    path = ROOT / "specs" / f"{spec}.evo"
+    params = evodsl.cost(path)["params"]
+    need = f"{params * 4 * lower_onnx.EXPORT_MEMORY_FACTOR / 2**30:.1f} GiB"
+    start = time.perf_counter()
+    with pytest.raises(evodsl.EvoError) as err:
+        evodsl.export(path, tmp_path / "m.onnx")
+    [diag] = err.value.diagnostics
+    assert diag.code == "E405"
+    assert f"needs about {need}" in diag.message and "has 24.0 GiB available" in diag.message
+    assert f"{params * 4 / 2**30:.1f} GiB" in diag.help  # the weights alone
+
+    assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 1
+    _, errtext = capsys.readouterr()
+    assert "error[E405]" in errtext and need in errtext and "Traceback" not in errtext
+    assert time.perf_counter() - start < 15  # parse and count only
+    assert os.listdir(tmp_path) == []
+
+
+def test_enough_memory_goes_on_to_build_the_weights(tmp_path, monkeypatch):
+    """With plenty of memory reported the check lets the 7B export through: stopped where the weights would be
+    built, so none are."""
+    class Built(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(lower_onnx, "_available_memory", lambda: 1 << 40)
+    monkeypatch.setattr(lower_torch, "lower", stop)
+    with pytest.raises(Built):
+        evodsl.export(ROOT / "specs" / "llama.evo", tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_cli_export_console_script(tmp_path):
+    script = Path(sys.executable).with_name("evodsl")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    sets = [f"--set={k}={v}" for k, v in small(GPT2).items()]
+    done = subprocess.run([script, "export", "specs/gpt2.evo", "-o", str(tmp_path / "g.onnx"), *sets], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {tmp_path / 'g.onnx'}" in done.stdout and "max abs difference" in done.stdout
+    assert os.listdir(tmp_path) == ["g.onnx"]
+
+
+def test_cli_compile_backend_onnx(tmp_path, capsys):
+    sets = [f"--set={k}={v}" for k, v in small(GPT2).items()]
+    assert main(["compile", str(GPT2), "--backend", "onnx", "-o", str(tmp_path / "g.onnx"), *sets]) == 0
+    out = capsys.readouterr().out
+    assert "max abs difference" in out and "input 'input_ids'" in out and "output 'logits'" in out
+    assert os.listdir(tmp_path) == ["g.onnx"]
+
+
+def test_cli_onnx_backend_needs_an_output_file(capsys):
+    assert main(["compile", str(GPT2), "--backend", "onnx"]) == 2
+    assert "-o FILE.onnx" in capsys.readouterr().err
