@@ -97,3 +97,13 @@ def test_nested_repeat_and_count_bound():
     with pytest.raises(evodsl.EvoError) as err:
         evodsl.parse("d_model = 16\nstack = repeat(norm, 100000000)")
     assert err.value.codes == ["E204"]
+
+
+def test_torch_compile_on_spec_files():
+    """torch.compile (fullgraph) on real spec files at small sizes: llama (RoPE, RMSNorm, SwiGLU) and adaptive span."""
+    for spec, over in [("specs/llama.evo", {"d_model": 64, "heads": 4, "layers": 2, "vocab": 97, "d_ff": 128}),
+                       ("specs/adaptive_span.evo", {"d_model": 64, "heads": 4, "layers": 2, "vocab": 97,
+                                                    "max_span": 48})]:
+        m = evodsl.compile(spec, overrides=over)
+        ids = torch.randint(0, 97, (2, 20))
+        torch.testing.assert_close(torch.compile(m, backend="eager", fullgraph=True)(ids), m(ids))
