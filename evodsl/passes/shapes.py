@@ -70,7 +70,7 @@ def _call(n: Node, ins, c: Collector, causal: bool, vocab, pos_node: Node | None
     if getattr(n.params, "tied", False) and not any(m.family == "embed" and m.variant == "token"
                                                      for m in top.nodes if m.kind == "call"):
         c.error("E307", f"{op.id} is tied, but the model has no embed(token)", n.span,
-                help=f"set tied=false, or embed the tokens with embed(token)")
+                help="set tied=false, or embed the tokens with embed(token)")
     try:
         shape = op.shape(n.params, env)
     except ShapeProblem as p:

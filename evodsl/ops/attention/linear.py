@@ -123,9 +123,8 @@ def linear_attention_cost(p: LinearAttentionParams, env: OpEnv, s: Symbols) -> C
         fwd = 4 * b * h * N * c * dh + 4 * b * h * N * dh ** 2 + 2 * b * h * N * dh
         other = 7 * b * h * N * dh + 2 * b * h * N * c + b * h * N / c * (dh ** 2 + dh) + 2 * b * h * N
         states = b * h * N / c * (dh ** 2 + dh) * by  # S and z before every chunk
-        z_grad = b * h * N / c * dh * by
     else:
-        N, a, mask, z_grad = n, 0, 0, 0
+        N, a, mask = n, 0, 0
         fwd = 4 * b * h * n * dh ** 2
         other = 8 * b * h * n * dh + b * h * n
         states = b * h * (dh ** 2 + dh) * by
