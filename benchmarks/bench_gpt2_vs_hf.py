@@ -12,12 +12,12 @@ import argparse
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import evodsl
+from _timing import interleaved
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "gpt2.evo"
 TARGET = 1.05
@@ -54,11 +54,6 @@ def copy_hf_weights(hf, evo) -> None:
     evo.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=True)
 
 
-def timed_ms(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -79,20 +74,13 @@ def main() -> None:
 
     load_before = os.getloadavg()
     runs = {"evodsl": lambda: evo(ids), "HF": lambda: hf(input_ids=ids).logits}
-    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
         logits = {name: fn() for name, fn in runs.items()}
         shapes = {name: tuple(t.shape) for name, t in logits.items()}
         assert shapes["evodsl"] == shapes["HF"], f"logits shapes differ: {shapes}"
         diff = (logits["evodsl"] - logits["HF"]).abs().max().item()
         del logits
-        for _ in range(args.warmup):
-            for fn in runs.values():
-                fn()
-        for i in range(args.pairs):
-            order = list(runs) if i % 2 == 0 else list(runs)[::-1]  # alternate who goes first
-            for name in order:
-                times[name].append(timed_ms(runs[name]))
+        times = interleaved(runs, args.warmup, args.pairs)
 
     load_after = os.getloadavg()
     med = {name: statistics.median(t) for name, t in times.items()}

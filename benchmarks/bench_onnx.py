@@ -24,14 +24,10 @@ import onnxruntime as ort
 import torch
 
 import evodsl
+from _timing import interleaved
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "gpt2.evo"
 
-
-def timed_ms(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -67,16 +63,9 @@ def main() -> None:
             ids = torch.randint(0, 50257, (args.batch, n), generator=torch.Generator().manual_seed(n))
             feed = {result.input_name: ids.numpy()}
             runs = {"torch": lambda: model(ids), "onnxruntime": lambda: sess.run(None, feed)}
-            times: dict[str, list[float]] = {name: [] for name in runs}
             with torch.inference_mode():
                 diff = float(np.abs(model(ids).numpy() - sess.run(None, feed)[0]).max())
-                for _ in range(args.warmup):
-                    for fn in runs.values():
-                        fn()
-                for i in range(args.pairs):
-                    order = list(runs) if i % 2 == 0 else list(runs)[::-1]  # alternate who goes first
-                    for name in order:
-                        times[name].append(timed_ms(runs[name]))
+                times = interleaved(runs, args.warmup, args.pairs)
             rows.append((n, times, diff))
     load_after = os.getloadavg()
 

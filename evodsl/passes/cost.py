@@ -74,8 +74,12 @@ class Report:
     graph: Graph
     bytes_per: int
 
+    def __post_init__(self):
+        self._rows_by_node = {id(r.node): r for r in self.rows}
+        self._kept_cache: dict = {}
+
     def _by_node(self) -> dict:
-        return {id(r.node): r for r in self.rows}
+        return self._rows_by_node
 
     # ---------------------------------------------------------------- symbolic totals
 
@@ -98,6 +102,9 @@ class Report:
     def _kept(self, g: Graph, top: bool) -> dict[str, bool]:
         """Which values of `g` are alive at the end of the forward: an op that uses one saves its input, its
         producer saves its output, it is the model's output, or an in-place op passes it on to a kept value."""
+        key = (id(g), top)
+        if key in self._kept_cache:
+            return self._kept_cache[key]
         rows = self._by_node()
         users: dict[str, list[Node]] = {}
         for node in g.nodes:
@@ -112,6 +119,7 @@ class Report:
             if node.kind == "call":
                 k = k or rows[id(node)].cost.saves_output
             kept[node.name] = k
+        self._kept_cache[key] = kept
         return kept
 
     def _saved(self, g: Graph, b: int, n: int, top: bool) -> float:

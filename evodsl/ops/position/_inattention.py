@@ -14,3 +14,14 @@ class InAttentionPosition(nn.Module):
 
     def bias(self, i: torch.Tensor, j: torch.Tensor):
         return None
+
+
+class InAttentionStream(nn.Module):
+    """On the stream, a position scheme applied inside attention is the identity: the attention layers
+    downstream rotate q and k (rope) or add the bias (alibi)."""
+
+    def __init__(self, params=None, env=None):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        return x

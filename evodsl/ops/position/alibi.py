@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+
 
 from ..cost import Cost, Symbols
-from ..registry import Op, OpEnv, OpParams, register
-from ._inattention import InAttentionPosition
+from ..registry import Op, OpParams, register
+from ._inattention import InAttentionPosition, InAttentionStream
 
 
 class AlibiParams(OpParams):
@@ -46,15 +46,6 @@ class AlibiBias(InAttentionPosition):
         return f"heads={self.slopes.numel()}"
 
 
-class AlibiStream(nn.Module):
-    """On the stream pos(alibi) is the identity: the attention layers downstream add the bias."""
-
-    def __init__(self, p: AlibiParams, env: OpEnv):
-        super().__init__()
-
-    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        return x
-
 
 def alibi_attach_cost(p: AlibiParams, s: Symbols, heads, kv_heads, head_dim) -> Cost:
     """Inside dense attention: the [h, n, n] bias, built from int64 distances |i - j| (2 FLOPs per pair, then
@@ -66,7 +57,7 @@ def alibi_attach_cost(p: AlibiParams, s: Symbols, heads, kv_heads, head_dim) -> 
 
 
 OP = register(Op(
-    family="pos", variant="alibi", params=AlibiParams, module=AlibiStream, causal="yes", attach=AlibiBias,
+    family="pos", variant="alibi", params=AlibiParams, module=InAttentionStream, causal="yes", attach=AlibiBias,
     attach_cost=alibi_attach_cost,
     cost=lambda p, env, s: Cost(inplace=True),  # the identity on the stream: free
     paper="Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation, "

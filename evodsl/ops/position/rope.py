@@ -11,11 +11,11 @@ from __future__ import annotations
 import sympy as sp
 import torch
 from pydantic import Field
-from torch import nn
+
 
 from ..cost import Cost, Symbols
-from ..registry import Op, OpEnv, OpParams, ShapeProblem, register
-from ._inattention import InAttentionPosition
+from ..registry import Op, OpParams, ShapeProblem, register
+from ._inattention import InAttentionPosition, InAttentionStream
 
 
 class RotaryParams(OpParams):
@@ -63,15 +63,6 @@ class Rotary(InAttentionPosition):
         return f"base={self.base:g}, rotated_channels={self.rot}"
 
 
-class RotaryStream(nn.Module):
-    """On the stream pos(rope) is the identity: the attention layers downstream rotate q and k."""
-
-    def __init__(self, p: RotaryParams, env: OpEnv):
-        super().__init__()
-
-    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        return x
-
 
 def rotary_attach_cost(p: RotaryParams, s: Symbols, heads, kv_heads, head_dim) -> Cost:
     """Inside attention: r = fraction*dh channels of q and k turn, 3 FLOPs per channel (4 products, a sum and
@@ -89,7 +80,7 @@ def rotary_attach_cost(p: RotaryParams, s: Symbols, heads, kv_heads, head_dim) -
 
 
 OP = register(Op(
-    family="pos", variant="rope", params=RotaryParams, module=RotaryStream, causal="yes",
+    family="pos", variant="rope", params=RotaryParams, module=InAttentionStream, causal="yes",
     attach=Rotary, attach_cost=rotary_attach_cost,
     cost=lambda p, env, s: Cost(inplace=True),  # the identity on the stream: free
     paper="RoFormer: Enhanced Transformer with Rotary Position Embedding, Su et al. 2021, arXiv:2104.09864",
