@@ -40,7 +40,7 @@ REQUIRED = {
     "e208_extra_positional": ["E208"], "e209_op_name": ["E209"], "e212_not_whole": ["E212"],
     "e216_missing_variant": ["E216"], "e300_heads_divide": ["E300"], "e300_heads_divide_binding": ["E300"],
     "e301_causal_fnet": ["E301"], "e302_alibi_linear": ["E302"], "e303_scores_need_softmax": ["E303"],
-    "e305_residual_shape": ["E305"],
+    "e305_residual_shape": ["E305"], "e308_tied_width": ["E308"],
     "multiple_errors": ["E212", "E201", "E203", "E204", "E204", "E206"],
 }
 

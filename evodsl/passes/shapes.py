@@ -67,10 +67,16 @@ def _call(n: Node, ins, c: Collector, causal: bool, vocab, pos_node: Node | None
     if op.family == "mha" and pos is not None and pos[0].variant not in op.supports:
         c.error("E302", f"{op.id} cannot apply pos({pos[0].variant})", n.span,
                 help=f"{op.id} supports: {', '.join(sorted(op.supports - {'residual_scores'})) or 'no positions'}")
-    if getattr(n.params, "tied", False) and not any(m.family == "embed" and m.variant == "token"
-                                                     for m in top.nodes if m.kind == "call"):
-        c.error("E307", f"{op.id} is tied, but the model has no embed(token)", n.span,
-                help="set tied=false, or embed the tokens with embed(token)")
+    if getattr(n.params, "tied", False):
+        embed = next((m for m in top.nodes if m.kind == "call" and (m.family, m.variant) == ("embed", "token")), None)
+        if embed is None:
+            c.error("E307", f"{op.id} is tied, but the model has no embed(token)", n.span,
+                    help="set tied=false, or embed the tokens with embed(token)")
+        elif ins and ins[0][-1] != embed.params.d_model:
+            c.error("E308", f"{op.id} is tied to a [V, {embed.params.d_model}] embedding, but reads a stream of "
+                            f"width {ins[0][-1]}", n.span,
+                    help="set tied=false, or give the head the embedding's width")
+            raise _Stop
     try:
         shape = op.shape(n.params, env)
     except ShapeProblem as p:

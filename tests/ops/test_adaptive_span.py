@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from evodsl.ops import Ctx, OpEnv, ShapeProblem, lookup
 from ophelpers import assert_no_leak, make_op, perturb_params
-from .test_local import LargestTensor, project, skip_unless_pos
+from .test_local import LargestTensor, project, require_pos
 
 D = 32
 
@@ -68,7 +68,7 @@ CASES = [  # causal, S, R, n, p, kv_heads, pos
 
 @pytest.mark.parametrize("causal, S, R, n, p, kv_heads, pos", CASES)
 def test_adaptive_span_matches_equation(causal, S, R, n, p, kv_heads, pos):
-    skip_unless_pos(pos)
+    require_pos(pos)
     m = build(causal, S, R, p, pos, kv_heads)
     x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     with torch.no_grad():

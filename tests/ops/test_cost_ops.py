@@ -1,6 +1,6 @@
 """The declared Cost of every op outside attention, held to measurement (tests/costhelpers.py) in float32 at two
 sizes (and in bfloat16 where a formula branches on the dtype): parameters exact, matmul FLOPs within 1 % of FlopCounterMode, bytes kept for backward (saved-tensor hooks)
-and the inference peak (storage tracker) within 10 % + 4 KiB, the saves_input/saves_output/inplace flags exact.
+and the inference peak (storage tracker) within 10 % (no absolute slack), the saves_input/saves_output/inplace flags exact.
 Non-matmul FLOPs are a convention, documented beside each formula; they are not measured."""
 from __future__ import annotations
 

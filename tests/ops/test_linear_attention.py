@@ -78,8 +78,6 @@ def test_linear_attention_equation(causal, n, chunk, heads, kv_heads, eps):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_linear_attention_rope(causal):
     load_all()
-    if lookup("pos", "rope") is None:
-        pytest.skip("pos(rope) is not registered")
     m, _, _ = make_op("mha", "linear", d=D, causal=causal, heads=4, kv_heads=2, pos=("rope", {}))
     m.chunk = 8
     perturb_params(m)

@@ -1,0 +1,99 @@
+"""Every causal attention op passes the leak test with every position scheme it supports, at an n that spans
+several of its query blocks or chunks; and the leak test itself fails on ops that leak (tests/ophelpers.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evodsl.ops import REGISTRY, Ctx, load_all
+from ophelpers import assert_no_leak, make_op, perturb_params
+
+load_all()
+D = 32
+N = 70  # > 2 of the banded kernels' 32-query blocks; > 4 of linear attention's chunks at LINEAR_CHUNK
+LINEAR_CHUNK = 16
+
+BUILD = {  # mha variant -> small-window arguments, so that N spans several bands and blocks
+    "softmax": {},
+    "local": {"window": 6},
+    "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
+    "linear": {},
+}
+CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
+POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {})}
+
+
+def test_every_causal_attention_is_covered():
+    assert set(CAUSAL_MHA) <= set(BUILD), f"add a small build to BUILD for: {set(CAUSAL_MHA) - set(BUILD)}"
+
+
+def _cases():
+    for variant in CAUSAL_MHA:
+        supports = REGISTRY[("mha", variant)].supports
+        for pos in [None, *(p for p in POSITIONS if POSITIONS[p][0] in supports)]:
+            yield pytest.param(variant, pos, False, id=f"{variant}-{pos or 'nopos'}")
+        if "residual_scores" in supports:
+            yield pytest.param(variant, None, True, id=f"{variant}-residual_scores")
+
+
+@pytest.mark.parametrize("variant,pos,scores", list(_cases()))
+def test_causal_attention_never_leaks(variant, pos, scores):
+    m, _, _ = make_op("mha", variant, d=D, causal=True, heads=4, kv_heads=2, residual_scores=scores,
+                      pos=POSITIONS[pos] if pos else None, **BUILD[variant])
+    if variant == "linear":
+        m.chunk = LINEAR_CHUNK
+    perturb_params(m)
+    if variant == "adaptive_span":  # perturbed spans spread over (0, 1]: heads reach back different distances
+        with torch.no_grad():
+            m.span.copy_(torch.tensor([0.2, 0.5, 0.8, 1.0], dtype=m.span.dtype))
+
+    def run(x):
+        ctx = Ctx()
+        if scores:  # the previous layer's raw scores, [b, h, n, n], causal: nothing in them looks ahead
+            g = torch.Generator().manual_seed(3)
+            ctx.scores = torch.randn(x.shape[0], 4, x.shape[1], x.shape[1], generator=g, dtype=x.dtype)
+        return m(x, ctx)
+
+    with torch.no_grad():
+        assert_no_leak(run, n=N, d=D)
+
+
+# ------------------------------------------------------------------ the check itself can fail
+
+
+def _peek_ahead(x):
+    """Causal but for one token: position t also reads t + 1."""
+    return x.cumsum(1) + 0.5 * torch.nn.functional.pad(x[:, 1:], (0, 0, 0, 1))
+
+
+def _block_causal(x, block=16):
+    """Causal across blocks, bidirectional within each block of 16: the leak a chunked kernel would have
+    if it forgot its mask inside the chunk."""
+    b, n, d = x.shape
+    pad = -n % block
+    xs = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(b, -1, block, d)
+    totals = xs.sum(2, keepdim=True).cumsum(1)  # each block sees all of itself and the blocks before
+    return totals.expand_as(xs).reshape(b, -1, d)[:, :n]
+
+
+def _last_block_leaks(x, block=32):
+    """Exactly causal except that the last position of each 32-block reads the next block's first token."""
+    y = x.cumsum(1).clone()
+    for end in range(block - 1, x.shape[1] - 1, block):
+        y[:, end] += x[:, end + 1]
+    return y
+
+
+@pytest.mark.parametrize("fn", [_peek_ahead, _block_causal, _last_block_leaks])
+def test_leak_check_fails_on_a_leaky_op(fn):
+    with pytest.raises(AssertionError, match="changed by"):
+        assert_no_leak(fn, n=N, d=4)
+
+
+def test_leak_check_fails_on_an_op_that_ignores_its_input():
+    with pytest.raises(AssertionError, match="proves nothing"):
+        assert_no_leak(lambda x: torch.zeros_like(x), n=N, d=4)
+
+
+def test_leak_check_passes_an_exactly_causal_op():
+    assert_no_leak(lambda x: x.cumsum(1), n=N, d=4)
