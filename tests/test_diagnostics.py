@@ -41,6 +41,7 @@ REQUIRED = {
     "e216_missing_variant": ["E216"], "e300_heads_divide": ["E300"], "e300_heads_divide_binding": ["E300"],
     "e301_causal_fnet": ["E301"], "e302_alibi_linear": ["E302"], "e303_scores_need_softmax": ["E303"],
     "e305_residual_shape": ["E305"], "e308_tied_width": ["E308"],
+    "e221_node_limit": ["E221"],
     "multiple_errors": ["E212", "E201", "E203", "E204", "E204", "E206"],
 }
 

@@ -326,3 +326,53 @@ def test_same_seed_same_weights_other_seed_other_weights():
     assert all(torch.equal(a[k], b[k]) for k in a)
     random_init = [k for k in a if a[k].unique().numel() > 1]  # not the ones/zeros of norms and biases
     assert random_init and all(not torch.equal(a[k], c[k]) for k in random_init)
+
+
+# ---------------------------------------------------------------- validation work is linear in the spec
+
+
+def _chain(k: int, uses: int) -> str:
+    """k definitions, each using the previous one `uses` times, and a model using the last."""
+    lines = ["d_model = 16", "heads = 2", "l0 = norm -> mha -> ffn"]
+    lines += [f"l{i} = " + " -> ".join([f"l{i - 1}"] * uses) + (" -> ffn" if uses == 1 else "") for i in range(1, k + 1)]
+    return "\n".join(lines + [f"model m = input(tokens, vocab=10) -> embed(token) -> l{k} -> head(lm)"])
+
+
+def _nodes_built(src: str, monkeypatch) -> int:
+    """Graph nodes created while parsing `src` (every scratch graph included): the build's work."""
+    from evodsl.ir import Graph
+
+    added = []
+    original = Graph.add
+    monkeypatch.setattr(Graph, "add", lambda self, node: added.append(1) or original(self, node))
+    try:
+        evodsl.parse(src)
+    except evodsl.EvoError:
+        pass
+    monkeypatch.setattr(Graph, "add", original)
+    return len(added)
+
+
+def test_validation_work_grows_linearly_with_a_chain_of_definitions(monkeypatch):
+    """Each definition is validated once, at its statement, with the definitions it uses left unexpanded:
+    doubling a chain of definitions doubles the nodes built (expanding every use, it would quadruple)."""
+    small, big = _nodes_built(_chain(100, 1), monkeypatch), _nodes_built(_chain(200, 1), monkeypatch)
+    assert 1.9 < big / small < 2.1, (small, big)
+
+
+def test_a_chain_that_doubles_is_refused_at_the_node_limit_without_expanding_it(monkeypatch):
+    """200 definitions each using the previous one twice would expand to 2^200 blocks: E221 names the first
+    definition past the limit, once, and the work done stays under the limit's size."""
+    from evodsl.passes.layers import MAX_NODES
+
+    with pytest.raises(evodsl.EvoError) as err:
+        evodsl.parse(_chain(200, 2))
+    assert [d.code for d in err.value.diagnostics] == ["E221"]
+    assert f"limit of {MAX_NODES:,}" in err.value.diagnostics[0].message
+    assert _nodes_built(_chain(200, 2), monkeypatch) < 2 * MAX_NODES
+
+
+def test_the_node_limit_counts_a_repeated_body_once():
+    """repeat(block, 10000) is one body: far under the limit, however large the count."""
+    g = evodsl.parse("d_model = 16\nheads = 2\nblock = norm -> mha -> norm -> ffn\nstack = repeat(block, 10000)")
+    assert g.nodes[1].count == 10000
