@@ -56,6 +56,34 @@ def io_names(graph: Graph) -> tuple[str, str]:
     return inp, out
 
 
+def extra_inputs(graph: Graph) -> list[str]:
+    """The model's inputs after input_ids: attention_mask when every op honours padding (fnet refuses it),
+    token_type_ids when an embed(token) has segments."""
+    calls = list(graph.calls())
+    names = ["attention_mask"] if all(c.op.padding for c in calls) else []
+    if any((c.family, c.variant) == ("embed", "token") and c.params.segments for c in calls):
+        names.append("token_type_ids")
+    return names
+
+
+FORWARD_ARGS = ("input_ids", "attention_mask", "token_type_ids")  # the compiled model's forward, in order
+
+
+def example_args(graph: Graph, batch: int, seq: int, seed: int = 0) -> tuple:
+    """The forward's arguments: the input, then attention_mask (the last row right-padded to half its length)
+    and token_type_ids (segment 0, then 1) where the model takes them, None where it does not."""
+    x = example_input(graph, batch, seq, seed)
+    extra = extra_inputs(graph)
+    mask = types = None
+    if "attention_mask" in extra:
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[-1, max(1, seq // 2):] = 0
+    if "token_type_ids" in extra:
+        types = torch.ones(batch, seq, dtype=torch.long)
+        types[:, : seq // 2] = 0
+    return (x, mask, types)
+
+
 def example_input(graph: Graph, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     shape = graph.input.meta["shape"]
@@ -119,7 +147,7 @@ def _failure(err: Exception, graph: Graph) -> EvoError:
     first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
     guards = re.findall(r"satisfy the generated guard (.+?)\.?$", str(err), flags=re.M)
     if guards:  # torch.export's constraint violation: the traced graph holds for some input sizes only
-        first = (f"the traced graph holds only where {guards[0][:200]} (L['x'].size()[0] is the batch, [1] the "
+        first = (f"the traced graph holds only where {guards[0][:200]} (L['input_ids'].size()[0] is the batch, [1] the "
                  f"sequence length), not at every batch and sequence length; the file would be wrong elsewhere")
     return EvoError([Diagnostic("E406", f"ONNX export failed{where}{what}: {first}",
                                 help="no file was written; report this with the spec, it is a gap in the "
@@ -160,9 +188,11 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
     inp_name, out_name = io_names(graph)
     cap = max_positions(graph)
     seq = min(16, cap) if cap else 16
-    x = example_input(graph, 2, seq)
+    args = example_args(graph, 2, seq)
+    names = [inp_name, *extra_inputs(graph)]
     batch = torch.export.Dim("batch", min=1, max=4096)
     length = torch.export.Dim("seq", min=2, max=cap or 1 << 20)
+    dynamic = {arg: (None if a is None else {0: batch, 1: length}) for arg, a in zip(FORWARD_ARGS, args)}
     external = param_bytes >= TWO_GB
     tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
@@ -173,10 +203,9 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
                 # torch.export first, so that a graph valid for some lengths only is an error: given the module,
                 # torch.onnx.export turns such guards (a branch on n % chunk, say) into runtime asserts that
                 # the ONNX graph drops, and the file is silently wrong at the other lengths
-                exported = torch.export.export(model.eval(), (x,), dynamic_shapes={"x": {0: batch, 1: length}},
-                                               strict=False)
-                program = torch.onnx.export(exported, (x,), dynamo=True, opset_version=opset,
-                                            input_names=[inp_name], output_names=[out_name], verbose=False)
+                exported = torch.export.export(model.eval(), args, dynamic_shapes=dynamic, strict=False)
+                program = torch.onnx.export(exported, args, dynamo=True, opset_version=opset,
+                                            input_names=names, output_names=[out_name], verbose=False)
                 program.save(str(tmp), external_data=external)
                 if any(node.op_type == "DFT" for node in program.model.graph):
                     _dft_in_double(tmp)
@@ -184,17 +213,17 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
             raise
         except Exception as err:  # noqa: BLE001 - the exporter raises many types; the user gets one error
             raise _failure(err, graph) from None
-        xs = example_input(graph, 1, min(verify_seq, cap) if cap else verify_seq, seed=1)
+        xs = example_args(graph, 2, min(verify_seq, cap) if cap else verify_seq, seed=1)
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
             session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-            got = session.run(None, {inp_name: xs.numpy()})[0]
+            got = session.run(None, {k: v.numpy() for k, v in zip(names, [a for a in xs if a is not None])})[0]
         except Exception as err:  # noqa: BLE001 - checker and onnxruntime errors: one EvoError, no file
             raise EvoError([Diagnostic("E407", f"the exported ONNX model failed its own check: "
                                                f"{type(err).__name__}: {str(err).strip()[:300]}",
                                        help="no file was written; this is a bug in the ONNX lowering")]) from None
         with torch.no_grad():
-            want = model(xs).float().numpy()
+            want = model(*xs).float().numpy()
         diff = float(np.abs(got - want).max())
         scale = float(np.abs(want).max())
         files = list(tmpdir.iterdir())
@@ -215,11 +244,12 @@ def matmul_flops(path, batch: int, seq: int) -> tuple[int, int]:
 
     model = onnx.load(str(path), load_external_data=False)
     symbols = {}
-    for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, (batch, seq)):
-        if dim.dim_param:
-            symbols[dim.dim_param] = value
-        dim.Clear()
-        dim.dim_value = value
+    for inp in model.graph.input:  # input_ids (or features), attention_mask, token_type_ids: [batch, seq, ...]
+        for dim, value in zip(inp.type.tensor_type.shape.dim, (batch, seq)):
+            if dim.dim_param:
+                symbols[dim.dim_param] = value
+            dim.Clear()
+            dim.dim_value = value
     model = shape_inference.infer_shapes(model, data_prop=True)
     shapes = {}
     for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output, *model.graph.initializer]:

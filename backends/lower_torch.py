@@ -78,12 +78,26 @@ class EvoModel(GraphModule):
             if getattr(n.params, "tied", False):
                 getattr(self, n.module).tie(getattr(self, embed.module))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x, Ctx())
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [b, n] (token ids, or features [b, n, d]); attention_mask [b, n], 1 for a token and 0 for
+        padding, as HF models take it (all ones, or None: nothing is masked and the fused kernels run);
+        token_type_ids [b, n] for embed(token, segments=k)."""
+        return super().forward(input_ids, Ctx(mask=key_padding(attention_mask), token_type_ids=token_type_ids))
 
     def aux_loss(self) -> torch.Tensor:
         losses = [m.aux_loss() for m in self.modules() if m is not self and hasattr(m, "aux_loss")]
         return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+def key_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """HF's attention_mask (1 = token, 0 = padding, any integer or bool dtype) as a bool [b, n] key mask, or
+    None when nothing is padded (checked eagerly; while tracing or exporting the mask is always applied)."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting() or mask.is_meta
+    return mask if tracing or not bool(mask.all()) else None
 
 
 def lower(graph: Graph, seed: int = 0, device=None, dtype=None, spec: str = "", file: str = "") -> EvoModel:

@@ -61,7 +61,7 @@ def main() -> None:
         rows = []
         for n in seqs:
             ids = torch.randint(0, 50257, (args.batch, n), generator=torch.Generator().manual_seed(n))
-            feed = {result.input_name: ids.numpy()}
+            feed = {result.input_name: ids.numpy(), "attention_mask": np.ones_like(ids.numpy())}
             runs = {"torch": lambda: model(ids), "onnxruntime": lambda: sess.run(None, feed)}
             with torch.inference_mode():
                 diff = float(np.abs(model(ids).numpy() - sess.run(None, feed)[0]).max())

@@ -125,3 +125,21 @@ def test_gpt2_logits_match_hf_with_copied_weights():
         got = evo(ids)
     assert got.shape == want.shape == (2, 16, TINY["vocab"])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_gpt2_padded_batch_matches_hf_attention_mask():
+    """HF's attention_mask, right padding: the real positions' logits equal HF GPT-2's with the same mask."""
+    config = transformers.GPT2Config(vocab_size=TINY["vocab"], n_positions=TINY["n_ctx"], n_embd=TINY["d_model"],
+                                     n_head=TINY["heads"], n_layer=TINY["layers"], resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(1)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    evo = evodsl.compile(tiny_gpt2_spec())
+    evo.load_state_dict(gpt2_weights_to_evodsl(hf.state_dict(), TINY["layers"], TINY["d_model"]), strict=True)
+    ids = torch.randint(0, TINY["vocab"], (3, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[1, 9:], mask[2, 4:] = 0, 0
+    with torch.no_grad():
+        want, got = hf(ids, attention_mask=mask).logits, evo(ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)

@@ -27,7 +27,7 @@ from evodsl.backends.lower_onnx import example_input, io_names, matmul_flops
 from evodsl.cli import main
 from evodsl.ops import REGISTRY, load_all
 from ophelpers import perturb_params
-from test_cost import small
+from spechelpers import small
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "specs").glob("*.evo"))
@@ -159,8 +159,39 @@ def exported(tmp_path_factory):
     return get
 
 
-def run(session, x: torch.Tensor) -> np.ndarray:
-    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+def run(session, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> np.ndarray:
+    """The session on x; an attention_mask input gets `attention_mask` (all ones if None), token_type_ids 0."""
+    feed = {}
+    for inp in session.get_inputs():
+        if inp.name == "attention_mask":
+            feed[inp.name] = (torch.ones(x.shape[:2], dtype=torch.long) if attention_mask is None
+                              else attention_mask).numpy()
+        elif inp.name == "token_type_ids":
+            feed[inp.name] = np.zeros(x.shape[:2], dtype=np.int64)
+        else:
+            feed[inp.name] = x.numpy()
+    return session.run(None, feed)[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_padding_in_onnxruntime(case, exported):
+    """Every exported model whose ops honour padding takes attention_mask: a right-padded batch gives, at every
+    real position, what each sequence gives alone, in onnxruntime; a model with fnet takes none."""
+    ex = exported(case)
+    names = [i.name for i in ex.session.get_inputs()]
+    takes = all(c.op.padding for c in ex.graph.calls())
+    assert ("attention_mask" in names) == takes, names
+    if not takes:
+        return
+    n, lengths = 20, [20, 13, 5]
+    x = example_input(ex.graph, len(lengths), n, seed=4)
+    mask = (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).long()
+    y = run(ex.session, x, mask)
+    for i, L in enumerate(lengths):
+        alone = run(ex.session, x[i:i + 1, :L])[0]
+        got = y[i] if y.ndim == 2 else y[i, :L]
+        scale = float(np.abs(alone).max())
+        assert np.abs(got - alone).max() <= TOL * scale, f"sequence {i} (length {L})"
 
 
 def test_every_registered_op_is_exported():

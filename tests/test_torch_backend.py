@@ -57,7 +57,7 @@ def test_torch_export_with_dynamic_sequence():
     m = evodsl.compile(SMALL_LM)
     ids = torch.randint(0, 97, (2, 12))
     n = torch.export.Dim("n", min=2, max=64)
-    prog = torch.export.export(m, (ids,), dynamic_shapes={"x": {1: n}})
+    prog = torch.export.export(m, (ids,), dynamic_shapes={"input_ids": {1: n}})
     for length in (5, 12, 40):
         x = torch.randint(0, 97, (2, length))
         torch.testing.assert_close(prog.module()(x), m(x))

@@ -73,6 +73,7 @@ class Op:
     attach: Callable | None = None  # pos ops applied inside attention: (params, heads, head_dim) -> nn.Module
     cost: Callable | None = None  # (params, env, symbols) -> evodsl.ops.cost.Cost, formulas over shapes only
     attach_cost: Callable | None = None  # in-attention pos ops: (params, symbols, heads, kv_heads, head_dim) -> Cost
+    padding: bool = True  # honours a padding mask (attention_mask); False: its forward refuses one (E409)
 
     @property
     def id(self) -> str:
@@ -131,7 +132,12 @@ class Ctx:
     """Per-forward state shared by the modules of one model call (torch backend).
 
     scores: the previous layer's raw attention scores, for RealFormer-style residual attention.
+    mask: key padding, bool [b, n] (True = a token, False = padding), or None when nothing is padded. Every
+        attention op gives padded keys no weight; an op that cannot keep padding out refuses it (E409).
+    token_type_ids: segment ids [b, n] for embed(token, segments=k), or None (segment 0 everywhere).
     """
 
     scores: object = None
+    mask: object = None
+    token_type_ids: object = None
     extra: dict = field(default_factory=dict)

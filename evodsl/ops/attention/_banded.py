@@ -61,17 +61,31 @@ def _band_mask(n: int, lo: int, hi: int, B: int, nb: int, left: int, K: int, bia
     return mask if mask.dim() == 4 else mask.unsqueeze(0)
 
 
+def _without_padded_keys(mask, key_mask, n: int, B: int, nb: int, left: int, K: int):
+    """The band mask [H, nb, B, K] with the padded keys of each sequence at -inf: [b, H, nb, B, K]. A query
+    left with no key (a padded position) reads its own, so that every row is finite."""
+    right = (nb - 1) * B + K - left - n
+    keep = F.pad(key_mask, (left, right), value=False).unfold(1, K, B)[:, None, :, None, :]  # [b, 1, nb, 1, K]
+    i = torch.arange(nb * B, device=mask.device).view(nb, B, 1)
+    j = (torch.arange(nb, device=mask.device) * B - left).view(nb, 1, 1) + torch.arange(K, device=mask.device)
+    keep = keep & torch.isfinite(mask)
+    keep = keep | ((i == j) & ~keep.any(-1, keepdim=True))
+    return torch.where(keep, mask, float("-inf"))
+
+
 def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi: int,
-                     bias: Bias | None = None, dropout: float = 0.0, block: int | None = None) -> torch.Tensor:
+                     bias: Bias | None = None, dropout: float = 0.0, block: int | None = None,
+                     key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v [b, h, n, dh] -> [b, h, n, dh]: query t attends keys t-lo .. t+hi (clipped to 0 .. n-1).
 
     `bias(i, j)` gets absolute query positions i [nb, B, 1] and key positions j [nb, 1, K] (int64; keys of
     the padding lie outside 0 .. n-1 and are masked whatever the bias says) and returns an additive score
     bias broadcastable to [h, nb, B, K], with -inf allowed, or None. Every query keeps its own key (t - r = 0)
-    in the band, so it must give that key a finite bias."""
+    in the band, so it must give that key a finite bias. `key_mask` (bool [b, n], False = padding) takes the
+    padded keys out of every band."""
     b, h, n, dh = q.shape
     if not isinstance(n, int) or torch.jit.is_tracing():
-        return _gathered_band(q, k, v, lo, hi, bias, dropout)
+        return _gathered_band(q, k, v, lo, hi, bias, dropout, key_mask)
     lo, hi, B, nb, left, K = band_blocks(n, lo, hi, block)
     right = (nb - 1) * B + K - left - n
     mask = _band_mask(n, lo, hi, B, nb, left, K, bias, q.dtype, q.device)  # [H, nb, B, K], H = h or 1
@@ -81,7 +95,11 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int,
     qb = (F.pad(q, (0, 0, 0, nb * B - n)) if nb * B > n else q).view(b, h, nb, B, dh)
     kb, vb = ((F.pad(t, (0, 0, left, right)) if left or right else t).unfold(2, K, B).transpose(-1, -2)
               for t in (k, v))  # [b, h, nb, K, dh], views of the padded keys
-    if mask.shape[0] == 1:  # one band for all heads: batch dims (b*h, nb), the mask broadcasts uncopied
+    if key_mask is not None:  # per sequence: [b, H, nb, B, K]
+        mask = _without_padded_keys(mask, key_mask, n, B, nb, left, K)
+        lead = (b * h, nb) if mask.shape[1] == 1 else (b, h * nb)
+        mask = mask.expand(b, h, nb, B, K).reshape(*lead, B, K)
+    elif mask.shape[0] == 1:  # one band for all heads: batch dims (b*h, nb), the mask broadcasts uncopied
         lead = (b * h, nb)
     else:  # a per-head bias: batch dims (b, h*nb)
         lead, mask = (b, h * nb), mask.expand(h, nb, B, K).reshape(1, h * nb, B, K)
@@ -192,7 +210,8 @@ def banded_attention_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, hi, bi
     return attention_cost(p, s, h, kv, dh, core, pos, saved + pos.saved, phases, cache, bwd_phases=bwd)
 
 
-def _gathered_band(q, k, v, lo: int, hi: int, bias: Bias | None, dropout: float) -> torch.Tensor:
+def _gathered_band(q, k, v, lo: int, hi: int, bias: Bias | None, dropout: float,
+                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The same attention for a symbolic n (torch.export, ONNX export with a dynamic sequence axis): each query
     gathers its own W = lo + hi + 1 keys, [b, h, n, W, dh], still O(n * w) and never n x n, with shapes that
     only scale n (the blocked layout's reshapes would tie the exported graph to one n)."""
@@ -206,5 +225,9 @@ def _gathered_band(q, k, v, lo: int, hi: int, bias: Bias | None, dropout: float)
     extra = None if bias is None else bias(i, j)
     if extra is not None:
         s = s + extra.to(s.dtype)
+    if key_mask is not None:  # [b, 1, n, W]; a query with no key left reads its own (column lo)
+        inside = inside & key_mask[:, jc].unsqueeze(1)
+        own = torch.arange(lo + hi + 1, device=q.device) == lo
+        inside = inside | (own & ~inside.any(-1, keepdim=True))
     p = F.dropout(s.masked_fill(~inside, float("-inf")).softmax(-1), dropout)
     return (p.unsqueeze(-2) @ vg).squeeze(-2)

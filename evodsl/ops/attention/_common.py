@@ -104,6 +104,19 @@ class AttentionBase(nn.Module):
         g = self.heads // self.kv_heads
         return t if g == 1 else t.repeat_interleave(g, dim=1)
 
+    def allowed(self, ctx, n: int, device) -> torch.Tensor | None:
+        """bool [b, 1, n, n], which keys each query may read: no padded key (ctx.mask) and, causal, none after
+        it. A query left with no key (a padded position before every token, under left padding) reads its own:
+        its output is finite and meaningless, and no token reads it. None when nothing is padded."""
+        if ctx is None or ctx.mask is None:
+            return None
+        keep = ctx.mask[:, None, None, :]
+        idx = torch.arange(n, device=device)
+        own = idx[:, None] == idx[None, :]
+        if self.causal:
+            keep = keep & (idx[None, :] <= idx[:, None])
+        return keep | (own & ~keep.any(-1, keepdim=True))
+
     def position_bias(self, i: torch.Tensor, j: torch.Tensor):
         """Additive score bias [h, *broadcast(i, j)] from the position scheme (ALiBi), or None."""
         return None if self.pos is None else self.pos.bias(i, j)

@@ -52,23 +52,27 @@ class LinearAttention(AttentionBase):
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         q, k, v = self.qkv(x)
         k, v = self.expand_kv(k), self.expand_kv(v)
-        return self.out(self._causal(q, k, v) if self.causal else self._bidirectional(q, k, v))
+        # padded keys add nothing to the sums S and z: their phi(k) is zeroed
+        keep = None if ctx is None or ctx.mask is None else ctx.mask[:, None, :, None].to(q.dtype)
+        return self.out(self._causal(q, k, v, keep) if self.causal else self._bidirectional(q, k, v, keep))
 
-    def _bidirectional(self, q, k, v):
+    def _bidirectional(self, q, k, v, keep=None):
         phi = FEATURE_MAPS[self.phi]
         # one copy each, in the [b, h, n, dh] layout the matmuls use (made one at a time)
         q = phi(q.contiguous())
         k = phi(k.contiguous())
+        if keep is not None:
+            k = k * keep
         v = v.contiguous()
         s = k.transpose(-1, -2) @ v  # [b, h, dh, dh]: sum_j phi(k_j) v_j^T
         z = k.sum(-2, keepdim=True)  # [b, h, 1, dh]: sum_j phi(k_j)
         den = (q * z).sum(-1, keepdim=True)
         return (q @ s) / (den + self.eps)
 
-    def _causal(self, q, k, v):
+    def _causal(self, q, k, v, keep=None):
         b, h, n, dh = q.shape
         if not isinstance(n, int) or torch.jit.is_tracing():
-            return self._prefix_sums(q, k, v)
+            return self._prefix_sums(q, k, v, keep)
         c = min(self.chunk, n)
         pad = -n % c  # padded tokens come last, so causally they reach only padded outputs, which are dropped
         m = (n + pad) // c
@@ -79,6 +83,8 @@ class LinearAttention(AttentionBase):
         phi = FEATURE_MAPS[self.phi]
         q = phi(chunked(q))
         k = phi(chunked(k))
+        if keep is not None:
+            k = k * (F.pad(keep, (0, 0, 0, pad)) if pad else keep).view(b, 1, m, c, 1)
         v = chunked(v)
         # within a chunk: phi(q_i)^T phi(k_j) for j <= i, a [C x C] block per chunk
         future = torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1)
@@ -92,13 +98,15 @@ class LinearAttention(AttentionBase):
         return (num / (den + self.eps)).reshape(b, h, m * c, -1)[:, :, :n]
 
 
-    def _prefix_sums(self, q, k, v):
+    def _prefix_sums(self, q, k, v, keep=None):
         """The causal form for a symbolic n (torch.export, ONNX with a dynamic sequence axis): the running sums
         S_i = sum_{j<=i} phi(k_j) v_j^T and z_i = sum_{j<=i} phi(k_j) as cumulative sums over positions. O(n dh^2)
         memory, linear in n and never n x n, with shapes that only scale n (the chunked layout's reshapes would
         tie the exported graph to some lengths)."""
         phi = FEATURE_MAPS[self.phi]
         q, k = phi(q), phi(k)
+        if keep is not None:
+            k = k * keep
         s = (k.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)  # [b, h, n, dh, dh]
         z = k.cumsum(2)  # [b, h, n, dh]
         num = (q.unsqueeze(-2) @ s).squeeze(-2)

@@ -40,17 +40,20 @@ class SoftmaxAttention(AttentionBase):
         q, k, v = self.qkv(x)
         n = x.shape[1]
         drop = self.dropout if self.training else 0.0
+        allowed = self.allowed(ctx, n, x.device)  # key padding: None without any (the flash path stays)
         if self.residual_scores:
-            return self.out(self._residual_scores(q, k, v, ctx, drop))
+            return self.out(self._residual_scores(q, k, v, ctx, drop, allowed))
         bias = self._bias(n, x.device)
         if bias is not None:  # [1, h, n, n]: the fused kernels take a 2-D or 4-D mask only (3-D falls back to math)
             bias = bias.to(q.dtype).unsqueeze(0)
+        if allowed is not None:  # [b, 1, n, n] bool, or the bias with the padded keys at -inf, [b, h, n, n]
+            bias = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop,
                                            is_causal=self.causal and bias is None,
                                            enable_gqa=self.kv_heads != self.heads)
         return self.out(o)
 
-    def _residual_scores(self, q, k, v, ctx, drop):
+    def _residual_scores(self, q, k, v, ctx, drop, allowed=None):
         scores = q @ self.expand_kv(k).transpose(-1, -2) / math.sqrt(self.head_dim)
         if ctx.scores is not None:
             scores = scores + ctx.scores
@@ -58,7 +61,9 @@ class SoftmaxAttention(AttentionBase):
         n = q.shape[2]
         bias = self._bias(n, q.device)
         s = scores if bias is None else scores + bias
-        if self.causal and bias is None:
+        if allowed is not None:  # padding (and the causal mask with it)
+            s = s.masked_fill(~allowed, float("-inf"))
+        elif self.causal and bias is None:
             s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
         w = F.dropout(s.softmax(-1), drop)
         return w @ self.expand_kv(v)

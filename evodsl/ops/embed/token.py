@@ -36,7 +36,8 @@ class TokenEmbedding(nn.Module):
         if self.multiplier != 1.0:
             h = h * self.multiplier
         if self.segment is not None:  # segment ids default to 0 (one segment), as in BertModel
-            h = h + self.segment.weight[0]
+            types = None if ctx is None else ctx.token_type_ids
+            h = h + (self.segment.weight[0] if types is None else nn.functional.embedding(types, self.segment.weight))
         return h
 
 

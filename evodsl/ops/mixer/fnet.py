@@ -10,6 +10,7 @@ import sympy as sp
 import torch
 from torch import nn
 
+from ...diagnostics import Diagnostic, EvoError
 from ..cost import Cost
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, register
 
@@ -29,6 +30,11 @@ class FourierMixer(nn.Module):
         super().__init__()
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        if ctx is not None and ctx.mask is not None:  # the transform over positions mixes padding into every token
+            raise EvoError([Diagnostic(
+                "E409", "mixer(fnet) cannot honour a padding mask: its Fourier transform over the sequence mixes "
+                        "every position, padding included, into every token",
+                help="run each sequence at its own length (batch sequences of equal length), or use attention")])
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()  # no half-precision FFT on CPU
         # .real is a view into the complex result, twice the output's bytes: copy it out so that the complex
         # buffer dies here instead of living as long as the output
@@ -51,6 +57,7 @@ def cost(p: FNetParams, env: OpEnv, s) -> Cost:
 OP = register(Op(
     family="mixer", variant="fnet", params=FNetParams, module=FourierMixer, causal="no", shape=fnet_shape,
     paper="FNet: Mixing Tokens with Fourier Transforms, Lee-Thorp et al. 2021, arXiv:2105.03824",
+    padding=False,
     summary="Re(FFT_seq(FFT_hidden(x))), no parameters", cost=cost,
     note="MHA/FFT/004.md",
 ))

@@ -1,0 +1,130 @@
+"""Padding masks: a right-padded batch of sequences of different lengths gives, at every real position, the
+outputs of each sequence run alone (float64, 1e-10), for every attention op with every position scheme it
+supports, causal and bidirectional, and for every spec; an op that cannot keep padding out refuses it (E409).
+The mask is HF's attention_mask: [b, n], 1 for a token, 0 for padding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import evodsl
+from evodsl import EvoError
+from evodsl.ops import REGISTRY, Ctx, load_all
+from ophelpers import make_op, perturb_params
+from spechelpers import IDS, SPECS, full_spans, small
+
+load_all()
+D, N = 32, 70  # N spans 3 of the banded kernels' 32-query blocks and 5 of linear attention's 16-token chunks
+LENGTHS = [N, 45, 20, 1]
+BUILD = {"softmax": {}, "local": {"window": 6}, "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
+         "linear": {}}
+POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {})}
+ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
+
+
+def test_every_attention_is_covered():
+    assert set(ATTENTION) <= set(BUILD)
+
+
+def _cases():
+    for variant in ATTENTION:
+        supports = REGISTRY[("mha", variant)].supports
+        for causal in (False, True):
+            for pos in [None, *(p for p in POSITIONS if p in supports)]:
+                yield pytest.param(variant, causal, pos, False,
+                                   id=f"{variant}-{'causal' if causal else 'bidir'}-{pos or 'nopos'}")
+            if "residual_scores" in supports:
+                yield pytest.param(variant, causal, None, True, id=f"{variant}-{'causal' if causal else 'bidir'}-scores")
+
+
+def padded_batch(lengths, n, d, generator, left=False):
+    x = torch.randn(len(lengths), n, d, generator=generator, dtype=torch.float64)
+    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    return x, (mask.flip(1) if left else mask)
+
+
+def _sided():
+    """Left padding where the op sees relative positions only (rope in softmax scores, ALiBi, bands), so that a
+    sequence moved to the end of its row is the same sequence (not linear attention with rope: phi is applied
+    after the rotation, which then depends on the absolute position); causal, only left padding puts padded
+    keys before tokens."""
+    for case in _cases():
+        variant, causal, pos, scores = case.values
+        yield pytest.param(*case.values, "right", id=f"{case.id}-right")
+        if not (variant == "linear" and pos == "rope"):
+            yield pytest.param(*case.values, "left", id=f"{case.id}-left")
+
+
+@pytest.mark.parametrize("variant,causal,pos,scores,side", list(_sided()))
+def test_padded_batch_equals_each_sequence_alone(variant, causal, pos, scores, side):
+    m, _, _ = make_op("mha", variant, d=D, causal=causal, heads=4, kv_heads=2, residual_scores=scores,
+                      pos=POSITIONS[pos] if pos else None, **BUILD[variant])
+    if variant == "linear":
+        m.chunk = 16
+    perturb_params(m)
+    if variant == "adaptive_span":
+        with torch.no_grad():
+            m.span.copy_(torch.tensor([0.2, 0.5, 0.8, 1.0], dtype=m.span.dtype))
+    g = torch.Generator().manual_seed(0)
+    x, mask = padded_batch(LENGTHS, N, D, g, left=side == "left")
+    x[~mask] = torch.randn(int((~mask).sum()), D, generator=g, dtype=torch.float64) * 5  # padding is noise
+    with torch.no_grad():
+        y = m(x, Ctx(mask=mask))
+        assert torch.isfinite(y).all(), "padded positions must stay finite: the next layer reads them as keys"
+        for i, L in enumerate(LENGTHS):
+            real = mask[i]
+            alone = m(x[i:i + 1, real], Ctx())
+            err = (y[i, real] - alone[0]).abs().max().item()
+            assert err <= 1e-10 * max(alone.abs().max().item(), 1.0), f"sequence {i} (length {L}): {err}"
+        # the negative control: without the mask, padding reaches the shorter sequences (causal: from the left)
+        if not causal or side == "left":
+            unmasked = m(x, Ctx())
+            assert (unmasked[2, mask[2]] - y[2, mask[2]]).abs().max().item() > 1e-6
+
+
+def test_fnet_refuses_padding():
+    m, _, _ = make_op("mixer", "fnet", d=D)
+    x, mask = padded_batch([8, 5], 8, D, torch.Generator().manual_seed(0))
+    with pytest.raises(EvoError, match="mixer\\(fnet\\) cannot honour a padding mask"):
+        m(x, Ctx(mask=mask))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_padded_batch_equals_each_sequence_alone_in_every_spec(spec):
+    over = small(spec)
+    graph = evodsl.parse(spec, over)
+    model = full_spans(evodsl.compile(spec, seed=0, overrides=over, dtype=torch.float64))
+    n, lengths = 70, [70, 33, 9]
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, graph.input.params.vocab, (len(lengths), n), generator=g)
+    mask = (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).long()
+    if any(c.op.id == "mixer(fnet)" for c in graph.calls()):
+        with pytest.raises(EvoError, match="E409|cannot honour a padding mask"):
+            model(ids, attention_mask=mask)
+        return
+    with torch.no_grad():
+        y = model(ids, attention_mask=mask)
+        assert torch.isfinite(y).all()
+        for i, L in enumerate(lengths):
+            alone = model(ids[i:i + 1, :L])
+            got = y[i] if y.dim() == 2 else y[i, :L]  # a pooler's [b, d], or [b, n, ...]
+            want = alone[0]
+            err = (got - want).abs().max().item()
+            assert err <= 1e-10 * want.abs().max().item(), f"{spec.stem}, sequence {i} (length {L}): {err}"
+        assert torch.equal(model(ids, attention_mask=torch.ones_like(mask)), model(ids)), "all ones = no mask"
+
+
+def test_token_type_ids_reach_the_segment_embedding():
+    """BERT's embed(token, segments=2): token_type_ids pick each token's segment row; None means segment 0."""
+    spec = SPECS[IDS.index("bert")]
+    over = small(spec)
+    model = evodsl.compile(spec, seed=0, overrides=over, dtype=torch.float64)
+    emb = model.embed
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    types = torch.tensor([[0] * 4 + [1] * 5, [1] * 9])
+    want = emb.weight[ids] + emb.segment.weight[types]
+    assert torch.equal(emb(ids, Ctx(token_type_ids=types)), want)
+    assert torch.equal(emb(ids, Ctx()), emb.weight[ids] + emb.segment.weight[0])
+    with torch.no_grad():
+        assert not torch.equal(model(ids, token_type_ids=types), model(ids))
+        assert torch.equal(model(ids, token_type_ids=torch.zeros_like(types)), model(ids))
