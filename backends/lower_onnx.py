@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evodsl.backends.lower_torch import FORWARD_ARGS, extra_inputs
 from evodsl.diagnostics import Diagnostic, EvoError
 from evodsl.ir import Graph
 
@@ -56,17 +57,6 @@ def io_names(graph: Graph) -> tuple[str, str]:
     return inp, out
 
 
-def extra_inputs(graph: Graph) -> list[str]:
-    """The model's inputs after input_ids: attention_mask when every op honours padding (fnet refuses it),
-    token_type_ids when an embed(token) has segments."""
-    calls = list(graph.calls())
-    names = ["attention_mask"] if all(c.op.padding for c in calls) else []
-    if any((c.family, c.variant) == ("embed", "token") and c.params.segments for c in calls):
-        names.append("token_type_ids")
-    return names
-
-
-FORWARD_ARGS = ("input_ids", "attention_mask", "token_type_ids")  # the compiled model's forward, in order
 
 
 def example_args(graph: Graph, batch: int, seq: int, seed: int = 0) -> tuple:

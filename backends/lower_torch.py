@@ -90,6 +90,19 @@ class EvoModel(GraphModule):
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
 
+FORWARD_ARGS = ("input_ids", "attention_mask", "token_type_ids")  # EvoModel.forward's arguments, in order
+
+
+def extra_inputs(graph: Graph) -> list[str]:
+    """What the model takes after its input: attention_mask when every op honours padding (fnet refuses it),
+    token_type_ids when an embed(token) has segments."""
+    calls = list(graph.calls())
+    names = ["attention_mask"] if all(c.op.padding for c in calls) else []
+    if any((c.family, c.variant) == ("embed", "token") and c.params.segments for c in calls):
+        names.append("token_type_ids")
+    return names
+
+
 def key_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """HF's attention_mask (1 = token, 0 = padding, any integer or bool dtype) as a bool [b, n] key mask, or
     None when nothing is padded (checked eagerly; while tracing or exporting the mask is always applied)."""

@@ -219,3 +219,14 @@ def test_console_script(bad):
                           timeout=120)
     assert fail.returncode == 1 and fail.stdout == ""
     assert fail.stderr.startswith(f"{bad}:2:36: error[E300]") and "Traceback" not in fail.stderr
+
+
+@pytest.mark.parametrize("spec,line", [
+    ("gpt2", "inputs: input_ids [b, n], attention_mask [b, n] (optional) -> [b, n, 50257]"),
+    ("bert", "inputs: input_ids [b, n], attention_mask [b, n] (optional), token_type_ids [b, n] (optional) "
+             "-> [b, 768]"),
+    ("fnet", "inputs: input_ids [b, n], token_type_ids [b, n] (optional) -> [b, 768]"),  # fnet refuses padding
+])
+def test_compile_summarises_what_the_model_takes(spec, line, capsys):
+    assert main(["compile", "--meta", str(ROOT / "specs" / f"{spec}.evo")]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == line
