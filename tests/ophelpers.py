@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from evodsl.ops import OpEnv, load_all, lookup
+from evodsl.ops import Ctx, OpEnv, load_all, lookup
+from evodsl.ops.position._inattention import InAttentionStream
 
 
 def make_op(family: str, variant: str, d: int = 32, causal: bool = False, pos=None, seed: int = 0,
@@ -23,14 +24,31 @@ def make_op(family: str, variant: str, d: int = 32, causal: bool = False, pos=No
     op.shape(params, env)  # the shape rule must accept what the test builds
     torch.manual_seed(seed)
     module = op.module(params, env).to(dtype).eval()
+    if pos_pair is not None and pos_pair[0].module is not InAttentionStream:  # a scheme with state upstream
+        bind_upstream(module, pos_pair[0].module(pos_pair[1], env).to(dtype))
     return module, params, env
+
+
+def bind_upstream(module: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Run `source` (a pos op's stream module, T5's table) before each forward of `module`, as the pos node
+    upstream would in a model, so that it hands its state over through the Ctx. It stays outside the module's
+    parameters (a model counts it once, on the pos node); module.pos_source is it."""
+    module.__dict__["pos_source"] = source
+
+    def before(mod, args):
+        x, ctx = args[0], (args[1] if len(args) > 1 and args[1] is not None else Ctx())
+        source(x, ctx)
+        return (x, ctx, *args[2:])
+
+    module.register_forward_pre_hook(before)
 
 
 def perturb_params(module: torch.nn.Module, seed: int = 1, scale: float = 0.5) -> None:
     """Give every parameter random values, so a test does not pass because of zero/one initialisation."""
     g = torch.Generator().manual_seed(seed)
+    upstream = module.__dict__.get("pos_source")  # a position scheme's state bound from upstream (make_op)
     with torch.no_grad():
-        for p in module.parameters():
+        for p in [*module.parameters(), *(upstream.parameters() if upstream is not None else ())]:
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 

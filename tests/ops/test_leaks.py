@@ -20,7 +20,8 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "linear": {},
 }
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
-POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {})}
+POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {}),
+             "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20})}
 
 
 def test_every_causal_attention_is_covered():

@@ -153,6 +153,12 @@ def score_bias(env: OpEnv) -> bool:
     return env.pos is not None and env.pos[0].attach.bias is not InAttentionPosition.bias
 
 
+def learned_bias(env: OpEnv) -> bool:
+    """The score bias has parameters (T5's table): it needs a gradient, so SDPA runs its math kernel in
+    training (the fused kernels give a mask no gradient)."""
+    return score_bias(env) and getattr(env.pos[0].attach, "learned", False)
+
+
 def position_cost(env: OpEnv, s: Symbols, h, kv, dh) -> Cost:
     """The in-attention position scheme's own cost (Cost() without one)."""
     if env.pos is None:

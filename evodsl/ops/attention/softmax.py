@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, register
 from ._common import (LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols,
-                      position_cost, rotates, score_bias)
+                      learned_bias, position_cost, rotates, score_bias)
 
 
 class SoftmaxAttentionParams(AttentionParams):
@@ -30,13 +30,15 @@ class SoftmaxAttention(AttentionBase):
         self.residual_scores = env.residual_scores
 
     def _bias(self, n: int, device) -> torch.Tensor | None:
-        idx = torch.arange(n, device=device)
-        bias = self.position_bias(idx[:, None], idx[None, :])
+        bias = None if self.pos is None else self.pos.dense(n, device)
         if bias is not None and self.causal:
+            idx = torch.arange(n, device=device)
             bias.masked_fill_(idx[None, :] > idx[:, None], float("-inf"))  # in place: the bias is ours, new
         return bias
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        if self.pos is not None:
+            self.pos.bind(ctx)
         q, k, v = self.qkv(x)
         n = x.shape[1]
         drop = self.dropout if self.training else 0.0
@@ -97,16 +99,22 @@ def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) ->
         copy = q if rotates(env) else 0  # o_proj's input: a copy unless SDPA's output is laid out [b, n, h, dh]
         core = Cost(fwd=4 * scores * dh, bwd=10 * scores * dh, fwd_other=5 * scores, bwd_other=10 * scores)
         saved = qkv + q + LSE_BYTES * b * h * n + copy + bias + pos.saved
-        if dropout:  # training with dropout runs SDPA's math kernel (the fused CPU kernel has none), in float32
+        math_kernel = dropout or learned_bias(env)  # in training: dropout (the fused CPU kernel has none), or a
+        # bias with a gradient (T5's); it computes in float32
+        if math_kernel:
             core = replace(core, bwd=8 * scores * dh)
-            saved = 3 * (b * n * h * dh + scores) * max(by, 4) + q + pos.saved  # scaled q, k; v (h heads);
-            # the weights, the dropout mask, the dropped weights; o_proj's copy of the output
+            weights = 3 if dropout else 1  # the weights (with dropout: its float mask and the dropped weights)
+            causal_mask = n ** 2 if env.causal and learned_bias(env) else 0  # masked_fill_ on a bias with a grad
+            saved = (3 * b * n * h * dh + weights * scores) * max(by, 4) + q + causal_mask + pos.saved  # scaled
+            # q, k; v (h heads); the weights; o_proj's copy of the output
         phases = [qkv + q + copy + bias + out]  # at o_proj: q, k, v, SDPA's output (and its copy), the output
         pos_phase = qkv + pos.peak  # while the position scheme is applied
         bwd = [2 * q + 2 * kvb - copy]  # the kernel: o's gradient and those of q, k, v (of the K/V heads),
         # o_proj's copy released
         if dropout:  # the math kernel (in float32): v's gradient and the dropped weights'
             bwd = [q + scores * max(by, 4)]
+        elif math_kernel:  # the weights' gradient beside the scores', o_proj's copy released
+            bwd = [2 * scores * max(by, 4) - q]
     if env.pos is not None:
         phases.append(pos_phase)
     return attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache=2 * b * n * kv * dh * by,
@@ -115,7 +123,7 @@ def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) ->
 
 OP = register(Op(
     family="mha", variant="softmax", params=SoftmaxAttentionParams, module=SoftmaxAttention,
-    causal="yes", shape=attention_shape, supports=frozenset({"rope", "alibi", "residual_scores"}),
+    causal="yes", shape=attention_shape, supports=frozenset({"rope", "alibi", "t5_bias", "residual_scores"}),
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",
     summary="softmax(Q K^T / sqrt(dh)) V per head; kv_heads < heads shares K/V heads (MQA/GQA)",
     cost=softmax_attention_cost,

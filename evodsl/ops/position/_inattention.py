@@ -12,8 +12,17 @@ class InAttentionPosition(nn.Module):
     def rotate(self, q: torch.Tensor, k: torch.Tensor):
         return q, k
 
+    def bind(self, ctx) -> None:
+        """Called with the forward's Ctx before rotate/bias: a scheme whose state lives upstream (T5's shared
+        table) takes it from there."""
+
     def bias(self, i: torch.Tensor, j: torch.Tensor):
         return None
+
+    def dense(self, n: int, device):
+        """bias(i, j) for every query i and key j in 0..n-1, [h, n, n] (or None)."""
+        idx = torch.arange(n, device=device)
+        return self.bias(idx[:, None], idx[None, :])
 
 
 class InAttentionStream(nn.Module):
