@@ -83,7 +83,9 @@ class EvoModel(GraphModule):
         """input_ids [b, n] (token ids, or features [b, n, d]); attention_mask [b, n], 1 for a token and 0 for
         padding, as HF models take it (all ones, or None: nothing is masked and the fused kernels run);
         token_type_ids [b, n] for embed(token, segments=k)."""
-        return super().forward(input_ids, Ctx(mask=key_padding(attention_mask), token_type_ids=token_type_ids))
+        mask = key_padding(attention_mask)
+        return super().forward(input_ids, Ctx(mask=mask, right_padded=right_padded(mask),
+                                              token_type_ids=token_type_ids))
 
     def aux_loss(self) -> torch.Tensor:
         losses = [m.aux_loss() for m in self.modules() if m is not self and hasattr(m, "aux_loss")]
@@ -111,6 +113,14 @@ def key_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     mask = attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
     tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting() or mask.is_meta
     return mask if tracing or not bool(mask.all()) else None
+
+
+def right_padded(mask: torch.Tensor | None) -> bool:
+    """Every row is tokens, then padding (checked eagerly; never assumed while tracing or exporting)."""
+    if mask is None or torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting() \
+            or mask.is_meta:
+        return False
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def lower(graph: Graph, seed: int = 0, device=None, dtype=None, spec: str = "", file: str = "") -> EvoModel:

@@ -1,8 +1,8 @@
 """What a padding mask and T5's learned bias cost in softmax attention, one layer, forward, 1 thread.
 
 Rows, each against plain causal SDPA at the same size (the flash path): a right-padded attention_mask (the last
-quarter of every other row padded; a [b, 1, n, n] bool mask then goes to SDPA), an all-ones mask (dropped before
-the kernel: must cost nothing), pos(t5_bias) with its Toeplitz layout (buckets of the 2n - 1 distances, one
+quarter of every other row padded: a causal op needs no mask for it and keeps its fast path), the same batch
+left-padded (a [b, 1, n, n] bool mask then goes to SDPA), an all-ones mask (dropped before the kernel), pos(t5_bias) with its Toeplitz layout (buckets of the 2n - 1 distances, one
 [h, n, n] copy) and the same bias gathered per pair (buckets of all n^2 distances, the export path).
 Interleaved pairs, medians (benchmarks/_timing.py).
 
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved  # noqa: E402
 
-from evodsl.backends.lower_torch import key_padding  # noqa: E402
+from evodsl.backends.lower_torch import key_padding, right_padded  # noqa: E402
 from evodsl.ops import Ctx, load_all, lookup  # noqa: E402
 from evodsl.ops.registry import OpEnv  # noqa: E402
 
@@ -55,13 +55,15 @@ def main() -> None:
           f"(inference_mode); torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} thread(s); {datetime.date.today()}; load {os.getloadavg()[0]:.2f}")
     print()
-    print("| n | SDPA ms | padded mask ms | all-ones mask ms | t5_bias (Toeplitz) ms | t5_bias (per pair) ms |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| n | SDPA ms | right-padded ms | left-padded ms | all-ones mask ms | t5_bias (Toeplitz) ms "
+          "| t5_bias (per pair) ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in [int(s) for s in args.ns.split(",")]:
         x = torch.randn(args.batch, n, args.d, generator=torch.Generator().manual_seed(n))
         padded = torch.ones(args.batch, n, dtype=torch.bool)
         padded[::2, 3 * n // 4:] = False
         ones = torch.ones(args.batch, n, dtype=torch.long)
+        left = padded.flip(1)
 
         def with_table(ctx, gather=False):
             table(x, ctx)
@@ -71,7 +73,8 @@ def main() -> None:
 
         runs = {
             "sdpa": lambda: attn(x, Ctx()),
-            "padded": lambda: attn(x, Ctx(mask=padded)),
+            "padded": lambda: attn(x, Ctx(mask=padded, right_padded=right_padded(padded))),  # as EvoModel does
+            "left": lambda: attn(x, Ctx(mask=left, right_padded=right_padded(left))),
             "ones": lambda: attn(x, Ctx(mask=key_padding(ones))),  # EvoModel's check, then no mask
             "t5": lambda: with_table(Ctx()),
             "t5_pairs": lambda: with_table(Ctx(), gather=True),
@@ -79,7 +82,7 @@ def main() -> None:
         with torch.inference_mode():
             times = interleaved(runs, warmup=2, pairs=args.pairs)
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"| {n} | {med['sdpa']:.1f} | {med['padded']:.1f} | {med['ones']:.1f} | {med['t5']:.1f} | "
+        print(f"| {n} | {med['sdpa']:.1f} | {med['padded']:.1f} | {med['left']:.1f} | {med['ones']:.1f} | {med['t5']:.1f} | "
               f"{med['t5_pairs']:.1f} |")
 
 

@@ -129,3 +129,22 @@ def test_token_type_ids_reach_the_segment_embedding():
     with torch.no_grad():
         assert not torch.equal(model(ids, token_type_ids=types), model(ids))
         assert torch.equal(model(ids, token_type_ids=torch.zeros_like(types)), model(ids))
+
+
+def test_a_causal_model_keeps_its_fast_path_on_a_right_padded_batch(monkeypatch):
+    """Right padding puts every padded key after every token: a causal model's attention needs no mask (SDPA
+    keeps is_causal); left padding does need it; a bidirectional model always does."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: seen.append(k.get("attn_mask") is None) or sdpa(*a, **k))
+    src = "d_model = 32\nheads = 4\nmodel m(causal={c}) = input(tokens, vocab=50) -> embed(token) -> mha -> head(lm)"
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+    right = (torch.arange(10)[None, :] < torch.tensor([[10], [6]])).long()
+    for causal, mask, unmasked in (("true", right, True), ("true", right.flip(1), False), ("false", right, False)):
+        seen.clear()
+        with torch.no_grad():
+            evodsl.compile(src.format(c=causal))(ids, attention_mask=mask)
+        assert seen == [unmasked], (causal, mask.tolist())

@@ -134,10 +134,13 @@ class Ctx:
     scores: the previous layer's raw attention scores, for RealFormer-style residual attention.
     mask: key padding, bool [b, n] (True = a token, False = padding), or None when nothing is padded. Every
         attention op gives padded keys no weight; an op that cannot keep padding out refuses it (E409).
+    right_padded: every row of the mask is tokens then padding (HF's default), so a causal op's real queries
+        never reach a padded key and it may ignore the mask (its fast path; padded positions stay finite).
     token_type_ids: segment ids [b, n] for embed(token, segments=k), or None (segment 0 everywhere).
     """
 
     scores: object = None
     mask: object = None
+    right_padded: bool = False
     token_type_ids: object = None
     extra: dict = field(default_factory=dict)

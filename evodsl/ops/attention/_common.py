@@ -104,13 +104,21 @@ class AttentionBase(nn.Module):
         g = self.heads // self.kv_heads
         return t if g == 1 else t.repeat_interleave(g, dim=1)
 
+    def key_mask(self, ctx) -> torch.Tensor | None:
+        """ctx.mask, or None where it changes nothing a token reads: a causal op on a right-padded batch (every
+        padded key comes after every token), which then keeps its fast, unmasked path."""
+        if ctx is None or ctx.mask is None or (self.causal and ctx.right_padded):
+            return None
+        return ctx.mask
+
     def allowed(self, ctx, n: int, device) -> torch.Tensor | None:
         """bool [b, 1, n, n], which keys each query may read: no padded key (ctx.mask) and, causal, none after
         it. A query left with no key (a padded position before every token, under left padding) reads its own:
         its output is finite and meaningless, and no token reads it. None when nothing is padded."""
-        if ctx is None or ctx.mask is None:
+        key_mask = self.key_mask(ctx)
+        if key_mask is None:
             return None
-        keep = ctx.mask[:, None, None, :]
+        keep = key_mask[:, None, None, :]
         idx = torch.arange(n, device=device)
         own = idx[:, None] == idx[None, :]
         if self.causal:

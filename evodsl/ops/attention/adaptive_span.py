@@ -83,7 +83,7 @@ class AdaptiveSpanAttention(AttentionBase):
 
         lo = self._reach(z)
         o = banded_attention(q, self.expand_kv(k), self.expand_kv(v), lo, 0 if self.causal else lo, bias,
-                             dropout=self.dropout if self.training else 0.0, key_mask=ctx.mask if ctx else None)
+                             dropout=self.dropout if self.training else 0.0, key_mask=self.key_mask(ctx))
         return self.out(o)
 
 

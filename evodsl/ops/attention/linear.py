@@ -53,7 +53,8 @@ class LinearAttention(AttentionBase):
         q, k, v = self.qkv(x)
         k, v = self.expand_kv(k), self.expand_kv(v)
         # padded keys add nothing to the sums S and z: their phi(k) is zeroed
-        keep = None if ctx is None or ctx.mask is None else ctx.mask[:, None, :, None].to(q.dtype)
+        key_mask = self.key_mask(ctx)
+        keep = None if key_mask is None else key_mask[:, None, :, None].to(q.dtype)
         return self.out(self._causal(q, k, v, keep) if self.causal else self._bidirectional(q, k, v, keep))
 
     def _bidirectional(self, q, k, v, keep=None):

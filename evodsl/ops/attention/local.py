@@ -33,7 +33,7 @@ class LocalAttention(AttentionBase):
         lo = self.window - 1
         bias = self.position_bias if self.pos is not None else None
         o = banded_attention(q, self.expand_kv(k), self.expand_kv(v), lo, 0 if self.causal else lo, bias,
-                             dropout=self.dropout if self.training else 0.0, key_mask=ctx.mask if ctx else None)
+                             dropout=self.dropout if self.training else 0.0, key_mask=self.key_mask(ctx))
         return self.out(o)
 
 
