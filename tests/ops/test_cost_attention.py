@@ -120,3 +120,12 @@ def test_decoding_state():
     assert _num(span.cache, v, 1, n) == 2 * 1024 * 8 * 64 * by
     linear, v = _cost("linear", causal=True)
     assert _num(linear.cache, v, 1, n) == _num(linear.cache, v, 1, 1) == 8 * (64 * 64 + 64) * by  # S, z
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("b,n,d,heads", [(2, 64, 64, 4), (1, 96, 64, 2), (3, 48, 64, 8)])
+def test_t5_bias_memory_is_exact(b, n, d, heads, causal):
+    """With T5's bias every byte is accounted for, so its memory is checked with no tolerance at all: at 10%
+    the causal bool mask that masked_fill_ keeps (n^2 bytes, ~1% of the total) would go unseen."""
+    check_op_cost("mha", "softmax", b=b, n=n, d=d, heads=heads, causal=causal, mem_rtol=0.0,
+                  pos=("t5_bias", {"heads": heads}))
