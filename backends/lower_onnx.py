@@ -57,8 +57,6 @@ def io_names(graph: Graph) -> tuple[str, str]:
     return inp, out
 
 
-
-
 def example_args(graph: Graph, batch: int, seq: int, seed: int = 0) -> tuple:
     """The forward's arguments: the input, then attention_mask (the last row right-padded to half its length)
     and token_type_ids (segment 0, then 1) where the model takes them, None where it does not."""

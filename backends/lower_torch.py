@@ -72,6 +72,8 @@ class EvoModel(GraphModule):
         super().__init__(graph)
         self.spec, self.spec_file, self.graph_name = spec, file, graph.name
         self.input_kind = graph.input.variant
+        self.input_shape, self.output_shape = tuple(graph.input.meta["shape"]), tuple(graph.output.meta["shape"])
+        self.extra_inputs = extra_inputs(graph)  # the optional arguments it honours, after its input
         calls = [n for n in graph.nodes if n.kind == "call"]
         embed = next((n for n in calls if (n.family, n.variant) == ("embed", "token")), None)
         for n in calls:  # ops with tied=true share the token embedding's weight (validated by the shape pass)
@@ -111,16 +113,19 @@ def key_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     if attention_mask is None:
         return None
     mask = attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
-    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting() or mask.is_meta
-    return mask if tracing or not bool(mask.all()) else None
+    return mask if _symbolic(mask) or not bool(mask.all()) else None
 
 
 def right_padded(mask: torch.Tensor | None) -> bool:
     """Every row is tokens, then padding (checked eagerly; never assumed while tracing or exporting)."""
-    if mask is None or torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting() \
-            or mask.is_meta:
+    if mask is None or _symbolic(mask):
         return False
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def _symbolic(t: torch.Tensor) -> bool:
+    """No values to read: tracing, compiling or exporting (the graph must hold for every mask), or meta."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting() or t.is_meta
 
 
 def lower(graph: Graph, seed: int = 0, device=None, dtype=None, spec: str = "", file: str = "") -> EvoModel:

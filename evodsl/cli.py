@@ -48,13 +48,10 @@ def _cmd_compile(args) -> int:
         note = "  (+ shared weights counted above)" if shared else ""
         print(f"  {name:<{width}}  {type(child).__name__:<24} {sum(p.numel() for p in own):>15,d}{note}")
     print(f"parameters: {total:,d} ({_fmt_count(total)})")
-    graph = evodsl.parse(Path(args.spec), dict(args.set))
-    from .backends.lower_torch import extra_inputs
-
-    first = "input_ids [b, n]" if graph.input.variant == "tokens" else f"features [b, n, {graph.input.params.d}]"
-    takes = [first] + [f"{name} [b, n] (optional)" for name in extra_inputs(graph)]
-    shape = ", ".join(str(s) for s in graph.output.meta["shape"])
-    print(f"inputs: {', '.join(takes)} -> [{shape}]")
+    dims = lambda shape: ", ".join(map(str, shape))  # noqa: E731
+    first = "input_ids" if model.input_kind == "tokens" else "features"
+    takes = [f"{first} [{dims(model.input_shape)}]"] + [f"{name} [b, n] (optional)" for name in model.extra_inputs]
+    print(f"inputs: {', '.join(takes)} -> [{dims(model.output_shape)}]")
     if args.output:
         if args.meta:
             print("evodsl compile: error: -o needs real weights; drop --meta", file=sys.stderr)

@@ -233,16 +233,15 @@ def _fits(field, spelling: str) -> bool:
 def _good_call(draw):
     op = REGISTRY[draw(st.sampled_from(LAYER_OPS))]
     fields = op.params.model_fields
-    args = [op.variant]
+    given = {}
     for name in draw(st.lists(st.sampled_from(sorted(fields)), max_size=2, unique=True)) if fields else []:
         values = [v for v in _values_for(fields[name].annotation) if _fits(fields[name], v)]
         if values:  # rope's base > 1 has none among _values_for's: left at its default
-            args.append(f"{name}={draw(st.sampled_from(values))}")
-    if any(f.is_required() for k, f in fields.items() if f"{k}=" not in " ".join(args)):
-        return f"{op.family}({op.variant}, " + ", ".join(
-            f"{k}={16 if k in ('d_model', 'max_len') else 3}" for k, f in fields.items()
-            if f.is_required() and f"{k}=" not in " ".join(args)) + (", " + ", ".join(args[1:]) if args[1:] else "") + ")"
-    return f"{op.family}({', '.join(args)})"
+            given[name] = draw(st.sampled_from(values))
+    for name, f in fields.items():  # a required field not drawn: the stream's width, or a small count
+        if f.is_required() and name not in given:
+            given[name] = "16" if name in ("d_model", "max_len") else "3"
+    return f"{op.family}({', '.join([op.variant, *(f'{k}={v}' for k, v in given.items())])})"
 
 
 def _good_layer(inner):

@@ -109,13 +109,6 @@ class Builder(Layers):
     def _self_reference(self, st: Assign):
         """E207: the reference in `st.value` through which definition `st.name` would use itself, or None."""
         seen: set[str] = set()
-        if st.name not in self._forward:  # no stored definition can reach it: only a direct use is recursive
-            ref = next((r for r in _layer_refs(st.value) if _ref_name(r) == st.name), None)
-            if ref is not None:
-                self.c.error("E207", f"'{st.name}' is defined in terms of itself",
-                             ref.span if isinstance(ref, Name) else ref.name_span,
-                             help="definitions cannot be recursive; use repeat(...) for depth")
-            return ref
 
         def uses(name: str) -> bool:
             if name == st.name:
@@ -125,7 +118,10 @@ class Builder(Layers):
             seen.add(name)
             return any(uses(_ref_name(r)) for r in _layer_refs(self.defs[name].expr))
 
-        ref = next((r for r in _layer_refs(st.value) if uses(_ref_name(r))), None)
+        # A stored definition can reach st.name only if some definition used it before it was defined; else
+        # only a direct use is recursive (and the search stays linear in the spec).
+        reaches = uses if st.name in self._forward else (lambda name: name == st.name)
+        ref = next((r for r in _layer_refs(st.value) if reaches(_ref_name(r))), None)
         if ref is not None:
             via = "" if _ref_name(ref) == st.name else f"'{_ref_name(ref)}' uses '{st.name}'; "
             self.c.error("E207", f"'{st.name}' is defined in terms of itself",

@@ -12,7 +12,7 @@ from .values import _ERR, Values
 
 MAX_REPEAT = 10_000  # copies in one repeat(...): far past any real model, short of hanging the builder
 MAX_NODES = 10_000  # graph nodes a definition or model may expand to, definitions inlined (a repeat's body
-                    # counts once, whatever its count): LLaMA 2 70B has 23; a spec past it is refused (E221)
+                    # counts once, whatever its count): the specs in specs/ have 15 to 18; past it, E221
 
 
 class Layers(Values):

@@ -66,10 +66,10 @@ def _without_padded_keys(mask, key_mask, n: int, B: int, nb: int, left: int, K: 
     left with no key (a padded position) reads its own, so that every row is finite."""
     right = (nb - 1) * B + K - left - n
     keep = F.pad(key_mask, (left, right), value=False).unfold(1, K, B)[:, None, :, None, :]  # [b, 1, nb, 1, K]
-    i = torch.arange(nb * B, device=mask.device).view(nb, B, 1)
-    j = (torch.arange(nb, device=mask.device) * B - left).view(nb, 1, 1) + torch.arange(K, device=mask.device)
+    own = torch.arange(B, device=mask.device)[:, None] + left == torch.arange(K, device=mask.device)  # [B, K]:
+    # query t of a block reads key t + left of its window, in every block
     keep = keep & torch.isfinite(mask)
-    keep = keep | ((i == j) & ~keep.any(-1, keepdim=True))
+    keep = keep | (own & ~keep.any(-1, keepdim=True))
     return torch.where(keep, mask, float("-inf"))
 
 
