@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evodsl.backends.lower_torch import FORWARD_ARGS, extra_inputs
+from evodsl.backends.lower_torch import extra_inputs, forward_args
 from evodsl.diagnostics import Diagnostic, EvoError
 from evodsl.ir import Graph
 
@@ -46,6 +46,7 @@ class ExportResult:
     output_scale: float
     external_data: bool
     bytes: int
+    input_names: tuple = ()  # every input, in order (input_ids, attention_mask, ...)
 
 
 def io_names(graph: Graph) -> tuple[str, str]:
@@ -57,32 +58,70 @@ def io_names(graph: Graph) -> tuple[str, str]:
     return inp, out
 
 
-def example_args(graph: Graph, batch: int, seq: int, seed: int = 0) -> tuple:
-    """The forward's arguments: the input, then attention_mask (the last row right-padded to half its length)
-    and token_type_ids (segment 0, then 1) where the model takes them, None where it does not."""
-    x = example_input(graph, batch, seq, seed)
-    extra = extra_inputs(graph)
-    mask = types = None
-    if "attention_mask" in extra:
-        mask = torch.ones(batch, seq, dtype=torch.long)
-        mask[-1, max(1, seq // 2):] = 0
-    if "token_type_ids" in extra:
-        types = torch.ones(batch, seq, dtype=torch.long)
-        types[:, : seq // 2] = 0
-    return (x, mask, types)
+def example_args(graph: Graph, batch: int, seq: int, seed: int = 0, decoder_seq: int | None = None) -> tuple:
+    """The forward's arguments, in its order (None where the model takes none): the input(s), then each input's
+    attention mask (its last row right-padded to half its length) and token_type_ids (segment 0, then 1). A model
+    with two inputs gets a second of `decoder_seq` tokens (default: seq - 1, so that n and m differ)."""
+    m = decoder_seq or max(2, seq - 1)
+    lengths = {"input_ids": seq, "attention_mask": seq, "token_type_ids": seq, "decoder_input_ids": m,
+               "decoder_attention_mask": m}
+    taken = set(extra_inputs(graph))
+    out = []
+    for k, name in enumerate(forward_args(graph)):
+        L = lengths[name]
+        if k == 0:
+            out.append(example_input(graph, batch, seq, seed))
+        elif name == "decoder_input_ids":
+            out.append(example_input(graph, batch, m, seed + 1, graph.inputs[1]))
+        elif name not in taken:
+            out.append(None)
+        elif name.endswith("attention_mask"):
+            mask = torch.ones(batch, L, dtype=torch.long)
+            mask[-1, max(1, L // 2):] = 0
+            out.append(mask)
+        else:  # token_type_ids
+            types = torch.ones(batch, L, dtype=torch.long)
+            types[:, : L // 2] = 0
+            out.append(types)
+    return tuple(out)
 
 
-def example_input(graph: Graph, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+def input_names(graph: Graph) -> list[str]:
+    """The exported model's inputs, in order: the forward's arguments it takes (features for feature input)."""
+    taken = set(extra_inputs(graph))
+    names = [a for k, a in enumerate(forward_args(graph)) if k == 0 or a in taken]
+    return [io_names(graph)[0], *names[1:]]
+
+
+def example_input(graph: Graph, batch: int, seq: int, seed: int = 0, node=None) -> torch.Tensor:
+    """Random token ids (or features) for the graph's first input, or for input `node`."""
     g = torch.Generator().manual_seed(seed)
-    shape = graph.input.meta["shape"]
+    node = node or graph.inputs[0]
+    shape = node.meta["shape"]
     if len(shape) == 2:
-        return torch.randint(0, graph.input.params.vocab, (batch, seq), generator=g)
+        return torch.randint(0, node.params.vocab, (batch, seq), generator=g)
     return torch.randn(batch, seq, shape[-1], generator=g)
+
+
+def min_positions(graph: Graph) -> int:
+    """The shortest input the model takes: slice(last=k) and slice(first=k) keep k positions, a drop leaves one."""
+    need = 2
+    for n in graph.calls():
+        if n.family == "slice":
+            kind, k = next((f, v) for f, v in n.params.model_dump().items() if v is not None)
+            need = max(need, k + (1 if kind.startswith("drop") else 0))
+    return need
 
 
 def max_positions(graph: Graph) -> int | None:
     """The longest sequence the model accepts (a learned position table), or None."""
-    caps = [n.params.max_len for n in graph.calls() if (n.family, n.variant) == ("pos", "learned")]
+    from evodsl.ops.cost import length
+
+    caps = []
+    for n in graph.calls():
+        if (n.family, n.variant) == ("pos", "learned"):  # a stream of n + k positions: n <= max_len - k
+            seq = length(n.meta["shape"][1])
+            caps.append(n.params.max_len - int(seq.subs({s: 0 for s in seq.free_symbols})))
     return min(caps) if caps else None
 
 
@@ -175,12 +214,15 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
     check_memory(graph, param_bytes)
     inp_name, out_name = io_names(graph)
     cap = max_positions(graph)
-    seq = min(16, cap) if cap else 16
+    seq = max(min(16, cap) if cap else 16, min_positions(graph))
     args = example_args(graph, 2, seq)
-    names = [inp_name, *extra_inputs(graph)]
+    names = input_names(graph)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    length = torch.export.Dim("seq", min=2, max=cap or 1 << 20)
-    dynamic = {arg: (None if a is None else {0: batch, 1: length}) for arg, a in zip(FORWARD_ARGS, args)}
+    least = min_positions(graph)
+    length = torch.export.Dim("seq", min=least, max=cap or 1 << 20)
+    decoder_length = torch.export.Dim("decoder_seq", min=2, max=cap or 1 << 20)
+    dynamic = {arg: (None if a is None else {0: batch, 1: decoder_length if arg.startswith("decoder") else length})
+               for arg, a in zip(forward_args(graph), args)}
     external = param_bytes >= TWO_GB
     tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
@@ -201,7 +243,8 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
             raise
         except Exception as err:  # noqa: BLE001 - the exporter raises many types; the user gets one error
             raise _failure(err, graph) from None
-        xs = example_args(graph, 2, min(verify_seq, cap) if cap else verify_seq, seed=1)
+        verify = max(verify_seq, min_positions(graph))
+        xs = example_args(graph, 2, min(verify, cap) if cap else verify, seed=1)
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
             session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
@@ -212,8 +255,12 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
                                        help="no file was written; this is a bug in the ONNX lowering")]) from None
         with torch.no_grad():
             want = model(*xs).float().numpy()
-        real = xs[1]  # with a padding mask, the real positions only: a padded one's output is no one's business
-        if real is not None and want.ndim >= 3:  # (torch's causal ops skip a right-padded mask; ONNX applies it)
+        # with a padding mask, the real positions only: a padded one's output is no one's business (torch's
+        # causal ops skip a right-padded mask; ONNX applies it); an encoder-decoder's output is the target's
+        real = dict(zip(forward_args(graph), xs)).get(
+            "decoder_attention_mask" if len(graph.inputs) > 1 else "attention_mask")
+        if real is not None and want.ndim >= 3:  # an output of the last positions only: theirs (Perceiver AR)
+            real = real[:, real.shape[1] - want.shape[1]:]
             got, want = got[real.bool().numpy()], want[real.bool().numpy()]
         diff = float(np.abs(got - want).max())
         scale = float(np.abs(want).max())
@@ -221,14 +268,15 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
         for f in files:  # the model and its external data, moved into place together
             os.replace(f, path.parent / f.name)
         size = sum((path.parent / f.name).stat().st_size for f in files)
-        return ExportResult(path, inp_name, out_name, diff, scale, external, size)
+        return ExportResult(path, inp_name, out_name, diff, scale, external, size, tuple(names))
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def matmul_flops(path, batch: int, seq: int) -> tuple[int, int]:
+def matmul_flops(path, batch: int, seq: int, decoder_seq: int | None = None) -> tuple[int, int]:
     """FLOPs of the MatMul and Gemm nodes of an exported model, read off the graph after ONNX shape inference
-    with the input fixed at [batch, seq(, d)] (2 per multiply-add, as FlopCounterMode). Returns (flops,
+    with the input fixed at [batch, seq(, d)] (an encoder-decoder's decoder inputs at [batch, decoder_seq]) (2 per
+    multiply-add, as FlopCounterMode). Returns (flops,
     number of matmuls whose shapes could not be inferred)."""
     import onnx
     from onnx import shape_inference
@@ -236,7 +284,8 @@ def matmul_flops(path, batch: int, seq: int) -> tuple[int, int]:
     model = onnx.load(str(path), load_external_data=False)
     symbols = {}
     for inp in model.graph.input:  # input_ids (or features), attention_mask, token_type_ids: [batch, seq, ...]
-        for dim, value in zip(inp.type.tensor_type.shape.dim, (batch, seq)):
+        length = (decoder_seq or seq) if inp.name.startswith("decoder") else seq  # decoder_*: [batch, decoder_seq]
+        for dim, value in zip(inp.type.tensor_type.shape.dim, (batch, length)):
             if dim.dim_param:
                 symbols[dim.dim_param] = value
             dim.Clear()

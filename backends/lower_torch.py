@@ -9,17 +9,20 @@ import torch
 from torch import nn
 
 from evodsl.ir import Graph
-from evodsl.ops.registry import Ctx
+from evodsl.ops.registry import Ctx, right_padded
+from evodsl.ops.registry import is_symbolic as _symbolic
 
 
 class GraphModule(nn.Module):
-    """Runs one graph scope: each instruction is (value, kind, module name, input values)."""
+    """Runs one graph scope: each instruction is (value, kind, module name, input values, ...). Its inputs are
+    the scope's input nodes: a model's inputs, or a repeat body's input and the streams it reads."""
 
     def __init__(self, graph: Graph):
         super().__init__()
         self._program: list[tuple] = []
-        self._input = graph.input.name
-        for n in graph.nodes[1:]:
+        self._inputs = [n.name for n in graph.inputs]
+        nodes = graph.nodes[len(self._inputs):-1]
+        for n in nodes:
             if n.kind == "call":
                 self.add_module(n.module, n.op.module(n.params, n.meta["env"]))
             elif n.kind == "repeat":
@@ -27,17 +30,19 @@ class GraphModule(nn.Module):
                 self.add_module(n.module, Repeat([GraphModule(n.body) for _ in range(copies)], n.count))
         self._output = graph.output.inputs[0]
         last_use = {}
-        for k, n in enumerate(graph.nodes[1:-1]):
+        for k, n in enumerate(nodes):
             for i in n.inputs:
                 last_use[i] = k
-        for k, n in enumerate(graph.nodes[1:-1]):
+        for k, n in enumerate(nodes):
             multi = n.kind == "call" and n.op.inputs == -1
             done = tuple(i for i in dict.fromkeys(n.inputs) if last_use[i] == k and i != self._output)
             self._program.append((n.name, n.kind, n.module, tuple(n.inputs), multi, done))
 
-    def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
-        values = {self._input: x}
+    def forward(self, x: torch.Tensor, ctx: Ctx, *streams: torch.Tensor) -> torch.Tensor:
+        values = dict(zip(self._inputs, (x, *streams)))
+        del x, streams
         for name, kind, module, inputs, multi, done in self._program:
+            self._enter(name, ctx)
             args = [values[i] for i in inputs]
             for i in done:  # drop each value at its last use, as eager code would
                 del values[i]
@@ -45,22 +50,29 @@ class GraphModule(nn.Module):
                 values[name] = args[0] + args[1]
             elif multi or kind == "repeat":  # a Repeat takes the list and empties it: no reference stays here
                 values[name] = getattr(self, module)(args, ctx)
+            elif len(args) > 1:  # an op that reads streams: forward(x, ctx, *streams)
+                values[name] = getattr(self, module)(args[0], ctx, *args[1:])
             else:
                 values[name] = getattr(self, module)(args[0], ctx)
         return values[self._output]
 
+    def _enter(self, name: str, ctx: Ctx) -> None:
+        """Before each node: a model with streams switches the padding mask where a stream begins."""
+
 
 class Repeat(nn.ModuleList):
-    """`count` applications of its bodies: one body per application, or a single shared body."""
+    """`count` applications of its bodies: one body per application, or a single shared body. Its inputs are
+    the stream it transforms and the streams its body reads (the same for every copy)."""
 
     def __init__(self, bodies: list, count: int):
         super().__init__(bodies)
         self.count = count
 
     def forward(self, xs: list, ctx: Ctx) -> torch.Tensor:
-        x = xs.pop()  # own the only reference: each copy's input is freed once the next copy has run
+        x, streams = xs[0], xs[1:]
+        xs.clear()  # own the only reference: each copy's input is freed once the next copy has run
         for i in range(self.count):
-            x = self[i % len(self)](x, ctx)
+            x = self[i % len(self)](x, ctx, *streams)
         return x
 
 
@@ -71,12 +83,31 @@ class EvoModel(GraphModule):
     def __init__(self, graph: Graph, spec: str = "", file: str = ""):
         super().__init__(graph)
         self.spec, self.spec_file, self.graph_name = spec, file, graph.name
-        self.input_kind = graph.input.variant
-        self.input_shape, self.output_shape = tuple(graph.input.meta["shape"]), tuple(graph.output.meta["shape"])
+        first = graph.inputs[0]
+        self.input_kind = first.variant
+        self.input_shape, self.output_shape = tuple(first.meta["shape"]), tuple(graph.output.meta["shape"])
+        self.input_shapes = {n.name: tuple(n.meta["shape"]) for n in graph.inputs}
         self.extra_inputs = extra_inputs(graph)  # the optional arguments it honours, after its input
+        self.streams = [(st.name, st.causal) for st in graph.streams]
+        # where each stream begins: (stream, where its mask comes from: ("input", arg) / ("stream", name) / None)
+        masks = dict(zip([n.name for n in graph.inputs], MASK_ARGS))
+        self._switch = {}
+        # a stream with no op of its own (`x = input(...)`, `y = x`) has the mask of what it starts from: its
+        # input's (set up front), or that of the stream it starts from (set as that stream ends)
+        self._input_streams, self._same_mask = [], {}
+        for st in graph.streams:
+            begin = next((n.name for n in graph.nodes if n.kind != "input" and n.meta.get("stream") == st.name), None)
+            src = (("input", masks[st.source[1]]) if st.source[0] == "input" else
+                   ("stream", st.source[1]) if st.source[0] == "stream" else None)
+            if begin is not None:
+                self._switch[begin] = (st.name, src)
+            elif src is not None and src[0] == "input":
+                self._input_streams.append((st.name, src[1]))
+            elif src is not None:
+                self._same_mask.setdefault(src[1], []).append(st.name)
         calls = [n for n in graph.nodes if n.kind == "call"]
         embed = next((n for n in calls if (n.family, n.variant) == ("embed", "token")), None)
-        for n in calls:  # ops with tied=true share the token embedding's weight (validated by the shape pass)
+        for n in calls:  # ops with tied=true share the first token embedding's weight (checked by the shape pass)
             if getattr(n.params, "tied", False):
                 getattr(self, n.module).tie(getattr(self, embed.module))
 
@@ -85,23 +116,82 @@ class EvoModel(GraphModule):
         """input_ids [b, n] (token ids, or features [b, n, d]); attention_mask [b, n], 1 for a token and 0 for
         padding, as HF models take it (all ones, or None: nothing is masked and the fused kernels run);
         token_type_ids [b, n] for embed(token, segments=k)."""
-        mask = key_padding(attention_mask)
-        return super().forward(input_ids, Ctx(mask=mask, right_padded=right_padded(mask),
-                                              token_type_ids=token_type_ids))
+        return self._run([input_ids], {"attention_mask": attention_mask}, token_type_ids)
+
+    def _run(self, inputs: list, masks: dict, token_type_ids=None) -> torch.Tensor:
+        masks = {k: key_padding(v) for k, v in masks.items()}
+        first = masks.get("attention_mask")
+        ctx = Ctx(mask=first, right_padded=right_padded(first), token_type_ids=token_type_ids)
+        ctx.extra["masks"] = masks
+        for name, arg in self._input_streams:
+            self._finish(ctx, name, masks.get(arg))
+        return GraphModule.forward(self, inputs[0], ctx, *inputs[1:])
+
+    def _finish(self, ctx: Ctx, stream: str, mask) -> None:
+        """Record a finished stream's mask (for the ops that read it), and that of the streams that are it."""
+        ctx.streams[stream] = (mask, right_padded(mask))
+        for same in self._same_mask.get(stream, ()):
+            self._finish(ctx, same, mask)
+
+    def _enter(self, name: str, ctx: Ctx) -> None:
+        switch = self._switch.get(name)
+        if switch is None:
+            return
+        stream, src = switch
+        prev = ctx.extra.get("stream")
+        if prev is not None:
+            self._finish(ctx, prev, ctx.mask)
+        mask = (ctx.extra["masks"].get(src[1]) if src[0] == "input" else ctx.streams[src[1]][0]) if src else None
+        if src is not None and src[0] == "input" and src[1] != "attention_mask":
+            ctx.token_type_ids = None  # segments belong to the first input's tokens
+        ctx.mask, ctx.right_padded = mask, right_padded(mask)
+        ctx.extra["stream"] = stream
+
+    def input_modules(self) -> list[nn.Module]:
+        """The modules that read the model's inputs (its embeddings; a latent array reads the batch size)."""
+        inputs = set(self._inputs)
+        return [getattr(self, module) for _, kind, module, args, *_ in self._program
+                if kind == "call" and inputs & set(args)]
 
     def aux_loss(self) -> torch.Tensor:
         losses = [m.aux_loss() for m in self.modules() if m is not self and hasattr(m, "aux_loss")]
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
 
-FORWARD_ARGS = ("input_ids", "attention_mask", "token_type_ids")  # EvoModel.forward's arguments, in order
+class EvoSeq2SeqModel(EvoModel):
+    """A model with two inputs (an encoder-decoder): forward(input_ids [b, n], decoder_input_ids [b, m])
+    -> the output of its last stream, logits [b, m, vocab] for an LM."""
+
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,  # noqa: D417
+                attention_mask: torch.Tensor | None = None,
+                decoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [b, n] the source, decoder_input_ids [b, m] the target; attention_mask [b, n] and
+        decoder_attention_mask [b, m]: 1 for a token, 0 for padding (None: nothing padded)."""
+        return self._run([input_ids, decoder_input_ids],
+                         {"attention_mask": attention_mask, "decoder_attention_mask": decoder_attention_mask})
+
+
+MASK_ARGS = ("attention_mask", "decoder_attention_mask")  # the padding mask of each input, in order
+
+
+def forward_args(graph: Graph) -> tuple[str, ...]:
+    """The model's forward arguments, in order."""
+    if len(graph.inputs) > 1:
+        return ("input_ids", "decoder_input_ids", "attention_mask", "decoder_attention_mask")
+    return FORWARD_ARGS
+
+
+FORWARD_ARGS = ("input_ids", "attention_mask", "token_type_ids")  # a one-input model's forward arguments
 
 
 def extra_inputs(graph: Graph) -> list[str]:
-    """What the model takes after its input: attention_mask when every op honours padding (fnet refuses it),
-    token_type_ids when an embed(token) has segments."""
+    """What the model takes after its input: (decoder_input_ids,) attention_mask (decoder_attention_mask) when
+    every op honours padding (fnet refuses it), token_type_ids when an embed(token) has segments."""
     calls = list(graph.calls())
-    names = ["attention_mask"] if all(c.op.padding for c in calls) else []
+    padding = all(c.op.padding for c in calls)
+    if len(graph.inputs) > 1:
+        return ["decoder_input_ids", *(MASK_ARGS if padding else ())]
+    names = ["attention_mask"] if padding else []
     if any((c.family, c.variant) == ("embed", "token") and c.params.segments for c in calls):
         names.append("token_type_ids")
     return names
@@ -116,27 +206,16 @@ def key_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask if _symbolic(mask) or not bool(mask.all()) else None
 
 
-def right_padded(mask: torch.Tensor | None) -> bool:
-    """Every row is tokens, then padding (checked eagerly; never assumed while tracing or exporting)."""
-    if mask is None or _symbolic(mask):
-        return False
-    return bool((mask[:, 1:] <= mask[:, :-1]).all())
-
-
-def _symbolic(t: torch.Tensor) -> bool:
-    """No values to read: tracing, compiling or exporting (the graph must hold for every mask), or meta."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting() or t.is_meta
-
-
 def lower(graph: Graph, seed: int = 0, device=None, dtype=None, spec: str = "", file: str = "") -> EvoModel:
     device = torch.device(device) if device is not None else None
+    cls = EvoSeq2SeqModel if len(graph.inputs) > 1 else EvoModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if device is not None and device.type == "meta":
             with torch.device("meta"):
-                model = EvoModel(graph, spec, file)
+                model = cls(graph, spec, file)
         else:
-            model = EvoModel(graph, spec, file)
+            model = cls(graph, spec, file)
     if device is not None and device.type != "meta":
         model = model.to(device)
     if dtype is not None:

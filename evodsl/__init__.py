@@ -71,17 +71,21 @@ def compile(text_or_path, backend: str = "torch", seed: int = 0, device=None, dt
     return model
 
 
-def cost(text_or_path, seq: int = 1024, batch: int = 1, dtype: str = "float32", overrides: dict | None = None) -> dict:
+def cost(text_or_path, seq: int = 1024, batch: int = 1, dtype: str = "float32", overrides: dict | None = None,
+         decoder_seq: int | None = None) -> dict:
     """Parameters, FLOPs, memory and complexity of a spec at (batch, seq), computed from the graph alone:
-    the same data as `evodsl cost --json`. No weights are built."""
+    the same data as `evodsl cost --json`. An encoder-decoder's target length is `decoder_seq` (default seq).
+    No weights are built."""
     from .passes.cost import DTYPE_BYTES
     from .report import build_report, cost_data
 
     if dtype not in DTYPE_BYTES:
         raise EvoError([Diagnostic("E404", f"unknown dtype {dtype!r}", help=f"one of: {', '.join(DTYPE_BYTES)}")])
-    if not (isinstance(seq, int) and isinstance(batch, int) and seq >= 1 and batch >= 1):
-        raise EvoError([Diagnostic("E404", f"seq and batch must be whole numbers >= 1, got {seq!r}, {batch!r}")])
-    return cost_data(build_report(parse(text_or_path, overrides), dtype), seq, batch, dtype)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+               for v in (seq, batch, 1 if decoder_seq is None else decoder_seq)):
+        raise EvoError([Diagnostic("E404", f"seq, decoder_seq and batch must be whole numbers >= 1, got {seq!r}, "
+                                           f"{decoder_seq!r}, {batch!r}")])
+    return cost_data(build_report(parse(text_or_path, overrides), dtype, decoder_seq), seq, batch, dtype)
 
 
 def export(text_or_path, path, weights=None, seed: int = 0, overrides: dict | None = None, opset: int = 18):

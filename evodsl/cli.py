@@ -16,7 +16,19 @@ def _cmd_check(args) -> int:
 
     graph = evodsl.parse(Path(args.spec), dict(args.set))
     print(graph)
+    for st in graph.streams:
+        start = {"input": lambda: f"input {st.source[1]}", "stream": lambda: f"stream {st.source[1]}",
+                 "latent": lambda: "a latent array"}[st.source[0]]()
+        reads = sorted({n.params.__dict__[f] for n in _calls_in(graph, st.name) for f in n.op.streams
+                        if getattr(n.params, f, None) is not None})
+        shape = ", ".join(map(str, graph.node(st.value).meta["shape"]))
+        print(f"stream {st.name}: [{shape}], {'causal' if st.causal else 'bidirectional'}, from {start}"
+              + (f", reads {', '.join(reads)}" if reads else ""))
     return EXIT_OK
+
+
+def _calls_in(graph, stream: str):
+    return [n for n in graph.calls() if n.meta.get("stream") == stream]
 
 
 def _fmt_count(n: int) -> str:
@@ -50,8 +62,14 @@ def _cmd_compile(args) -> int:
     print(f"parameters: {total:,d} ({_fmt_count(total)})")
     dims = lambda shape: ", ".join(map(str, shape))  # noqa: E731
     first = "input_ids" if model.input_kind == "tokens" else "features"
-    takes = [f"{first} [{dims(model.input_shape)}]"] + [f"{name} [b, n] (optional)" for name in model.extra_inputs]
+    shapes = list(model.input_shapes.values())
+    length = lambda name: shapes[1][1] if name.startswith("decoder") else shapes[0][1]  # noqa: E731
+    takes = [f"{first} [{dims(model.input_shape)}]"] + [
+        f"{name} [{dims(shapes[1])}]" if name == "decoder_input_ids" else f"{name} [b, {length(name)}] (optional)"
+        for name in model.extra_inputs]
     print(f"inputs: {', '.join(takes)} -> [{dims(model.output_shape)}]")
+    for name, causal in model.streams:
+        print(f"stream {name}: {'causal' if causal else 'bidirectional'}")
     if args.output:
         if args.meta:
             print("evodsl compile: error: -o needs real weights; drop --meta", file=sys.stderr)
@@ -109,7 +127,7 @@ def _cmd_cost(args) -> int:
     for spec in args.specs:
         graph = evodsl.parse(Path(spec), dict(args.set))
         graphs[Path(spec).stem if Path(spec).stem not in graphs else spec] = graph
-    reports = {name: build_report(g, args.dtype) for name, g in graphs.items()}
+    reports = {name: build_report(g, args.dtype, args.decoder_seq) for name, g in graphs.items()}
     if args.json:
         results = [cost_data(r, n, args.batch, args.dtype) for r in reports.values() for n in args.seq]
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
@@ -152,8 +170,10 @@ def _export(args) -> int:
                       overrides=dict(args.set))
     rel = r.max_abs_diff / max(r.output_scale, 1e-30)
     data = " (+ external data)" if r.external_data else ""
-    print(f"wrote {r.path}{data}: {r.bytes / 2**20:.1f} MiB, opset 18, input '{r.input_name}' [batch, seq"
-          f"{'' if r.input_name == 'input_ids' else ', d'}] -> output '{r.output_name}'")
+    dims = lambda name: ("[batch, decoder_seq]" if name.startswith("decoder") else  # noqa: E731
+                         "[batch, seq, d]" if name == "features" else "[batch, seq]")
+    ins = ", ".join(f"'{name}' {dims(name)}" for name in r.input_names or (r.input_name,))
+    print(f"wrote {r.path}{data}: {r.bytes / 2**20:.1f} MiB, opset 18, inputs {ins} -> output '{r.output_name}'")
     print(f"checked: onnx.checker (full_check) ok; onnxruntime vs torch on a random input: max abs difference "
           f"{r.max_abs_diff:.3g} ({rel:.2g} of the output scale {r.output_scale:.3g})")
     return EXIT_OK
@@ -248,6 +268,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("specs", metavar="SPEC", nargs="+", help="one or more .evo files")
     k.add_argument("--seq", type=_seq_list, default=[1024], metavar="N[,N...]",
                    help="sequence length(s), e.g. 1024 or 1k,4k,16k,64k (default 1024)")
+    k.add_argument("--decoder-seq", type=_positive, default=None, metavar="M",
+                   help="an encoder-decoder's target length m (default: the same as --seq)")
     k.add_argument("--batch", type=_positive, default=1, metavar="B", help="batch size (default 1)")
     k.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="element type of weights and activations (default float32)")

@@ -6,6 +6,7 @@ into `node.meta` (shape, env). `str(graph)` prints it as text; `graph.lint()` ch
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import networkx as nx
@@ -50,12 +51,26 @@ def _fmt_value(v) -> str:
     return str(v)
 
 
+@dataclass
+class Stream:
+    """A named stream of a model with streams: its last value, causality, what it starts from (("input",
+    node), ("stream", name) or ("latent", None)) and its first value (`start`)."""
+
+    name: str
+    value: str
+    causal: bool
+    source: tuple
+    start: str
+
+
 class Graph:
-    """An ordered list of nodes (topological by construction) over a networkx DiGraph of data edges."""
+    """An ordered list of nodes (topological by construction) over a networkx DiGraph of data edges. Input nodes
+    come first: the model's inputs, or a repeat body's input and the streams it reads."""
 
     def __init__(self, name: str, options: dict | None = None):
         self.name = name
         self.options = dict(options or {})  # model options: causal, ...
+        self.streams: list[Stream] = []  # a model with streams: each, in order (the last is the output)
         self.nodes: list[Node] = []
         self.nx = nx.DiGraph()
         self._counter = 0
@@ -71,6 +86,22 @@ class Graph:
         for src in node.inputs:
             self.nx.add_edge(src, node.name)
         return node
+
+    def insert_input(self, node: Node) -> Node:
+        """Add an input node after the other inputs."""
+        k = next((i for i, n in enumerate(self.nodes) if n.kind != "input"), len(self.nodes))
+        self.nodes.insert(k, node)
+        self.nx.add_node(node.name, node=node)
+        return node
+
+    @property
+    def inputs(self) -> list[Node]:
+        return [n for n in self.nodes if n.kind == "input"]
+
+    def stream(self, name: str) -> Stream | None:
+        if len(getattr(self, "_stream_index", ())) != len(self.streams):
+            self._stream_index = {s.name: s for s in self.streams}
+        return self._stream_index.get(name)
 
     def node(self, name: str) -> Node:
         return self.nx.nodes[name]["node"]
@@ -122,6 +153,9 @@ class Graph:
             out.append(line.rstrip())
             if n.kind == "repeat":
                 out.extend(n.body._lines(indent + "    "))
+            for st in (s for s in self.streams if s.value == n.name):
+                out.append(f"{indent}# stream {st.name} = %{st.value}  ({'causal' if st.causal else 'bidirectional'}"
+                           f"{', ' + fmt_shape(n.meta['shape']) if 'shape' in n.meta else ''})")
         return out
 
     def __str__(self) -> str:
@@ -137,27 +171,36 @@ class Graph:
         assert nx.is_directed_acyclic_graph(self.nx), f"{self.name}: cycle"
         seen: set[str] = set()
         modules: set[str] = set()
+        inputs_done = False
         for n in self.nodes:
             assert n.kind in KINDS, f"unknown node kind {n.kind}"
             assert n.name not in seen, f"duplicate value %{n.name}"
             for i in n.inputs:
                 assert i in seen, f"%{n.name} uses %{i} before it is defined"
             seen.add(n.name)
-            want = {"input": 0, "output": 1, "add": 2, "repeat": 1}.get(n.kind)
+            want = {"input": 0, "output": 1, "add": 2}.get(n.kind)
             if want is not None:
                 assert len(n.inputs) == want, f"%{n.name}: {n.kind} takes {want} inputs"
+            if n.kind == "input":
+                assert inputs_done is False, f"%{n.name}: input nodes come first"
+            else:
+                inputs_done = True
             if n.kind == "call":
                 op = n.op
                 assert op is not None, f"%{n.name}: unregistered op {n.family}({n.variant})"
                 assert isinstance(n.params, op.params), f"%{n.name}: params are not {op.params.__name__}"
-                assert (len(n.inputs) >= 2) if op.inputs == -1 else len(n.inputs) == op.inputs, f"%{n.name}: arity"
+                assert (len(n.inputs) >= 2) if op.inputs == -1 else len(n.inputs) == op.arity(n.params), \
+                    f"%{n.name}: arity"
                 assert n.family in FAMILIES
             if n.kind in ("call", "repeat"):
                 assert n.module and n.module not in modules, f"%{n.name}: module name {n.module!r} not unique"
                 modules.add(n.module)
             if n.kind == "repeat":
                 assert n.body is not None and n.count >= 1
+                assert len(n.inputs) == len(n.body.inputs), f"%{n.name}: one input per input of its body"
                 n.body.lint()
+        for st in self.streams:
+            assert st.value in seen and st.start in seen, f"stream {st.name}: unknown values"
         shaped = ["shape" in n.meta for n in self.nodes]
         assert all(shaped) or not any(shaped), f"{self.name}: shapes inferred for some nodes only"
 

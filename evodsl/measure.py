@@ -39,12 +39,17 @@ def _ones_like_output(out: torch.Tensor) -> torch.Tensor:
     return torch.ones((), dtype=out.dtype, device=out.device).expand_as(out)
 
 
-def count_flops(model: torch.nn.Module, x: torch.Tensor, train: bool = False) -> dict:
+def _args(x) -> list:
+    """A model's inputs: one tensor, or a list (an encoder-decoder's source and target)."""
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def count_flops(model: torch.nn.Module, x, train: bool = False) -> dict:
     """{"forward": FLOPs, "backward": FLOPs} of one call, as FlopCounterMode counts them."""
     register_cpu_sdpa_flops()
     with flop_counter.FlopCounterMode(display=False) as fwd:
         with torch.set_grad_enabled(train):
-            out = model(x)
+            out = model(*_args(x))
     result = {"forward": fwd.get_total_flops(), "backward": 0}
     if train:
         with flop_counter.FlopCounterMode(display=False) as bwd:
@@ -105,12 +110,15 @@ class MemoryMeasurement:
     training_peak: int  # bytes: peak over forward + backward through the activations (no parameter gradients)
 
 
-def measure_memory(model: torch.nn.Module, x: torch.Tensor) -> MemoryMeasurement:
-    exclude = [*model.parameters(), *model.buffers(), x]
+def measure_memory(model: torch.nn.Module, x) -> MemoryMeasurement:
+    """x: the model's input, or a list of them. The backward is taken with respect to the outputs of the
+    modules that read the inputs (model.input_modules(), else the first child): through every activation."""
+    xs = _args(x)
+    exclude = [*model.parameters(), *model.buffers(), *xs]
     was_training = model.training
     model.eval()  # inference: dropout off, as deployed
     with torch.no_grad(), StorageTracker(exclude) as tr:
-        out = model(x)
+        out = model(*xs)
         del out
         tr.mark("end")
     inference = tr.peak()
@@ -118,9 +126,9 @@ def measure_memory(model: torch.nn.Module, x: torch.Tensor) -> MemoryMeasurement
 
     # Backward with respect to activations only: the forward saves exactly what training saves (the parameters
     # require grad), but no parameter gradient is computed, so what is measured is activation memory alone.
-    first = next(iter(model.children()))
+    firsts = model.input_modules() if hasattr(model, "input_modules") else [next(iter(model.children()))]
     captured, saved = [], set()
-    hook = first.register_forward_hook(lambda mod, args, out: captured.append(out))
+    hooks = [m.register_forward_hook(lambda mod, args, out: captured.append(out)) for m in firsts]
 
     def pack(t):
         saved.add(StorageWeakRef(t.untyped_storage()).cdata)
@@ -129,16 +137,18 @@ def measure_memory(model: torch.nn.Module, x: torch.Tensor) -> MemoryMeasurement
     try:
         with StorageTracker(exclude) as tr:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = model(x)
+                out = model(*xs)
             tr.mark("forward")
-            # the anchor we differentiate against is alive only because we hold it, unless autograd keeps it
-            anchor = StorageWeakRef(captured[0].untyped_storage()).cdata
-            pinned = {anchor} if anchor not in saved else set()
-            torch.autograd.grad(out, captured[:1], grad_outputs=_ones_like_output(out))
+            # the anchors we differentiate against are alive only because we hold them, unless autograd keeps them
+            anchors = {StorageWeakRef(t.untyped_storage()).cdata for t in captured}
+            pinned = anchors - saved
+            wrt = [t for t in captured if t.requires_grad]
+            torch.autograd.grad(out, wrt, grad_outputs=_ones_like_output(out), allow_unused=True)
             del out
             captured.clear()
             tr.mark("end")
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         model.train(was_training)
     return MemoryMeasurement(inference, tr.live_at("forward", pinned), tr.peak(ignore=pinned))

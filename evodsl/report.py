@@ -5,30 +5,34 @@ from functools import lru_cache
 
 import sympy as sp
 
-from .ops.cost import B, N
+from .ops.cost import B, M, N
 from .passes.cost import DTYPE_BYTES, Report, collect, complexity
 
 FIELDS = ("params", "fwd", "fwd_other", "bwd", "bwd_other", "saved", "peak", "cache")
 
 
-def build_report(graph, dtype: str = "float32") -> Report:
-    return Report(collect(graph, DTYPE_BYTES[dtype]), graph, DTYPE_BYTES[dtype])
+def build_report(graph, dtype: str = "float32", decoder_seq: int | None = None) -> Report:
+    """The cost report of a graph; `decoder_seq`: the second input's length m of a model with two (default n)."""
+    return Report(collect(graph, DTYPE_BYTES[dtype]), graph, DTYPE_BYTES[dtype], decoder_seq)
 
 
 @lru_cache(maxsize=4096)
 def _lambda(expr):
-    return sp.lambdify((B, N), expr, modules="math")
+    return sp.lambdify((B, N, M), expr, modules="math")
 
 
-def _at(expr, b: int, n: int) -> int:
-    value = _lambda(sp.sympify(expr))(b, n) if isinstance(expr, sp.Basic) else expr
+def _at(expr, b: int, n) -> int:
+    """`expr` at batch b and length n, or (n, m) for a model with two inputs."""
+    n, m = n if isinstance(n, tuple) else (n, n)
+    value = _lambda(sp.sympify(expr))(b, n, m) if isinstance(expr, sp.Basic) else expr
     return int(round(value))
 
 
 def cost_data(report: Report, seq: int, batch: int, dtype: str) -> dict:
-    """Everything `evodsl cost --json` prints (and `evodsl.cost()` returns), at one (batch, seq)."""
+    """Everything `evodsl cost --json` prints (and `evodsl.cost()` returns), at one (batch, seq) (and the
+    report's decoder_seq for a model with two inputs)."""
     totals = {f: report.total(f) for f in FIELDS}
-    b, n = batch, seq
+    b, n = batch, report.lengths(seq)
     fwd_mm, fwd_other = _at(totals["fwd"], b, n), _at(totals["fwd_other"], b, n)
     bwd_mm, bwd_other = _at(totals["bwd"], b, n), _at(totals["bwd_other"], b, n)
     params = report.params()
@@ -51,6 +55,7 @@ def cost_data(report: Report, seq: int, batch: int, dtype: str) -> dict:
     mem_parts = [((sp.sympify(r.cost.saved) + r.out_bytes) * r.count, r.values) for r in report.rows]
     return {
         "spec": report.graph.file, "model": report.graph.name, "seq": seq, "batch": batch, "dtype": dtype,
+        **({"decoder_seq": n[1]} if isinstance(n, tuple) else {}),
         "params": params,
         "flops": {"forward": fwd_mm + fwd_other, "backward": bwd_mm + bwd_other,
                   "forward_matmul": fwd_mm, "forward_other": fwd_other,
@@ -89,7 +94,8 @@ def human_bytes(x: float) -> str:
 
 
 def render_table(data: dict, train: bool, formula: bool) -> str:
-    head = (f"{data['model']} ({data['spec']}): batch {data['batch']}, seq {data['seq']}, {data['dtype']}")
+    dec = f", decoder seq {data['decoder_seq']}" if "decoder_seq" in data else ""
+    head = (f"{data['model']} ({data['spec']}): batch {data['batch']}, seq {data['seq']}{dec}, {data['dtype']}")
     cols = ["layer", "op", "count", "params", "fwd FLOPs", "(not matmul)", "time"]
     align = "<<>>>><"
     if train:
@@ -131,10 +137,10 @@ def render_table(data: dict, train: bool, formula: bool) -> str:
 # -------------------------------------------------------------------- sweeps and crossovers
 
 METRICS = {  # name -> (label, function of (report, b, n))
-    "flops": ("forward FLOPs", lambda r, b, n: _at(r.total("fwd") + r.total("fwd_other"), b, n)),
-    "activations": ("activations (inference)", lambda r, b, n: r.activations_inference(b, n)),
-    "training": ("activations (training)", lambda r, b, n: r.activations_training(b, n)),
-    "kv_cache": ("KV cache / state", lambda r, b, n: r.kv_cache(b, n)),
+    "flops": ("forward FLOPs", lambda r, b, n: _at(r.total("fwd") + r.total("fwd_other"), b, r.lengths(n))),
+    "activations": ("activations (inference)", lambda r, b, n: r.activations_inference(b, r.lengths(n))),
+    "training": ("activations (training)", lambda r, b, n: r.activations_training(b, r.lengths(n))),
+    "kv_cache": ("KV cache / state", lambda r, b, n: r.kv_cache(b, r.lengths(n))),
 }
 
 

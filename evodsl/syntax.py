@@ -108,12 +108,27 @@ class Assign:
 
 
 @dataclass(frozen=True)
-class ModelDef:
+class StreamDef:
+    """`name(options) = pipe` inside `model NAME { ... }`."""
+
     name: str
     options: tuple[Kwarg, ...]
     body: object
     span: Span
     name_span: Span
+
+
+@dataclass(frozen=True)
+class ModelDef:
+    """`model NAME(options) = pipe` (one stream; `body` is the pipe), or `model NAME(options) { streams }`
+    (`body` is None, `streams` the StreamDefs in order; the last one is the model's output)."""
+
+    name: str
+    options: tuple[Kwarg, ...]
+    body: object
+    span: Span
+    name_span: Span
+    streams: tuple[StreamDef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -213,6 +228,17 @@ class _ToAst(Transformer):
         opts, body = (rest[0], rest[1]) if len(rest) == 2 else ((), rest[0])
         return ModelDef(str(tok), opts, body, self._span(meta), _tok_span(self.file, tok))
 
+    @v_args(meta=True, inline=True)
+    def model_streams(self, meta, tok, *rest):
+        opts = rest[0] if rest and isinstance(rest[0], tuple) else ()
+        streams = tuple(r for r in rest if isinstance(r, StreamDef))
+        return ModelDef(str(tok), opts, None, self._span(meta), _tok_span(self.file, tok), streams)
+
+    @v_args(meta=True, inline=True)
+    def stream(self, meta, tok, *rest):
+        opts, body = (rest[0], rest[1]) if len(rest) == 2 else ((), rest[0])
+        return StreamDef(str(tok), opts or (), body, self._span(meta), _tok_span(self.file, tok))
+
     def start(self, items):
         return tuple(items)
 
@@ -231,7 +257,7 @@ _TERMINAL_TEXT = {
     "NAME": "a name", "NUMBER": "a number", "EQUAL": "'='", "LPAR": "'('", "RPAR": "')'", "COMMA": "','",
     "__ANON_0": "'->'", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "MODEL": "'model'",
     "RESIDUAL": "'residual'", "PARALLEL": "'parallel'", "REPEAT": "'repeat'", "TRUE": "'true'",
-    "FALSE": "'false'", "$END": "end of file",
+    "FALSE": "'false'", "LBRACE": "'{'", "RBRACE": "'}'", "$END": "end of file",
 }
 
 
@@ -296,7 +322,8 @@ def parse_program(source: str, file: str = "<string>") -> Program:
     # The contextual lexer reads a keyword as a NAME where only a name can follow (`repeat = 4`, `model true`).
     reserved = [Diagnostic("E101", f"unexpected '{st.name}'", st.name_span,
                            help=f"'{st.name}' is a reserved word and cannot be a name")
-                for st in stmts if st.name in RESERVED]
+                for st in [*stmts, *(sd for m in stmts if isinstance(m, ModelDef) for sd in m.streams)]
+                if st.name in RESERVED]
     if reserved:
         raise EvoError(reserved, source)
     return Program(tuple(stmts), file, source)

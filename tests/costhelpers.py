@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from evodsl.measure import StorageTracker, register_cpu_sdpa_flops
 from evodsl.ops import lookup
+from evodsl.ops.merge.merges import ConcatMerge, SumMerge
 from evodsl.ops.cost import Symbols
 from evodsl.passes.cost import _num
 from ophelpers import make_op
@@ -29,7 +30,8 @@ def make_input(env, b, n, dtype, vocab=None):
     g = torch.Generator().manual_seed(0)
     if len(env.in_shapes[0]) == 2:  # token ids
         return torch.randint(0, env.vocab, (b, n), generator=g)
-    xs = [torch.randn(b, n, s[-1], generator=g, dtype=dtype).requires_grad_() for s in env.in_shapes]
+    xs = [torch.randn(b, s[1] if isinstance(s[1], int) else n, s[-1], generator=g, dtype=dtype).requires_grad_()
+          for s in env.in_shapes]  # a stream of fixed length (xattn's keys) keeps it
     return xs if len(xs) > 1 else xs[0]
 
 
@@ -56,7 +58,8 @@ def measure_op(module, x, train_mode: bool = True) -> dict:
     inputs = x if isinstance(x, list) else [x]
     params = {_key(p) for p in module.parameters()} | {_key(bf) for bf in module.buffers()}
     in_keys = {_key(t) for t in inputs}
-    call = (lambda: module(x, Ctx()))
+    streams = isinstance(x, list) and not isinstance(module, (SumMerge, ConcatMerge))  # reads streams (xattn)
+    call = (lambda: module(x[0], Ctx(), *x[1:])) if streams else (lambda: module(x, Ctx()))
 
     module.eval()
     with torch.no_grad(), StorageTracker([*module.parameters(), *module.buffers(), *inputs]) as tr:
@@ -95,7 +98,7 @@ def measure_op(module, x, train_mode: bool = True) -> dict:
         if out.requires_grad and wrt:
             grad_out = torch.ones_like(out)  # a real, full-size incoming gradient, as inside a network
             tr.mark("backward")
-            grads = torch.autograd.grad(out, wrt, grad_outputs=grad_out)
+            grads = torch.autograd.grad(out, wrt, grad_outputs=grad_out, allow_unused=True)  # latent: unused
             del grads
             tr.mark("end")
             result["bwd_peak"] = _net_peak(tr, "backward", "end")

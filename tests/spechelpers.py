@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 import evodsl
+from evodsl.backends.lower_onnx import min_positions as min_length  # noqa: F401 - the shortest input a model takes
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "specs").glob("*.evo"))
 IDS = [p.stem for p in SPECS]
@@ -13,7 +14,7 @@ IDS = [p.stem for p in SPECS]
 # max_len leave room for sequences that span several of the attention kernels' 32-query blocks and 64-token
 # chunks; window and max_span are short, so that such a sequence spans several bands too.
 SMALL = {"d_model": 64, "heads": 4, "kv_heads": 2, "layers": 2, "vocab": 97, "d_ff": 128, "max_span": 48, "n_ctx": 256,
-         "max_len": 256, "window": 16}
+         "max_len": 256, "window": 16, "latents": 5, "memory": 3}
 
 
 def small(spec: Path) -> dict:
@@ -31,6 +32,29 @@ def full_spans(model):
             with torch.no_grad():
                 mod.span.fill_(1.0)
     return model
+
+
+def model_inputs(graph, b, n, m=None, device="cpu", generator=None) -> list:
+    """The model's inputs: [x], or [source of n tokens, target of m (default n)] for an encoder-decoder."""
+    xs = [model_input(graph, b, n, device, generator)]
+    if len(graph.inputs) > 1:
+        inp = graph.inputs[1]
+        xs.append(torch.randint(0, inp.params.vocab, (b, m or n), generator=generator).to(device))
+    return xs
+
+
+def output_input(graph) -> int:
+    """Which input the output's positions are those of: the target's (1) in an encoder-decoder, else 0."""
+    st = graph.streams[-1] if graph.streams else None
+    while st is not None and st.source[0] == "stream":
+        st = graph.stream(st.source[1])
+    names = [n.name for n in graph.inputs]
+    return names.index(st.source[1]) if st is not None and st.source[0] == "input" else 0
+
+
+def output_causal(graph) -> bool:
+    """The output's stream is causal (the model's option, for a model without streams)."""
+    return graph.streams[-1].causal if graph.streams else bool(graph.options.get("causal"))
 
 
 def model_input(graph, b, n, device="cpu", generator=None):

@@ -230,3 +230,37 @@ def test_console_script(bad):
 def test_compile_summarises_what_the_model_takes(spec, line, capsys):
     assert main(["compile", "--meta", str(ROOT / "specs" / f"{spec}.evo")]) == 0
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == line
+
+
+# ---------------------------------------------------------------- models with streams
+
+T5 = ROOT / "specs" / "t5_small.evo"
+
+
+def test_check_lists_the_streams(capsys):
+    code, out, _ = run(["check", T5], capsys)
+    assert code == 0
+    assert "  # stream encoder = %" in out and "(bidirectional, [b, n, 512])" in out
+    lines = out.splitlines()
+    assert lines[-2:] == ["stream encoder: [b, n, 512], bidirectional, from input input_ids",
+                          "stream decoder: [b, m, 32128], causal, from input decoder_input_ids, reads encoder"]
+
+
+def test_compile_prints_both_inputs_and_the_streams(capsys):
+    code, out, _ = run(["compile", T5, "--meta"], capsys)
+    assert code == 0
+    assert ("inputs: input_ids [b, n], decoder_input_ids [b, m], attention_mask [b, n] (optional), "
+            "decoder_attention_mask [b, m] (optional) -> [b, m, 32128]") in out
+    assert "stream encoder: bidirectional\nstream decoder: causal" in out
+
+
+def test_cost_takes_the_target_length(capsys):
+    code, out, _ = run(["cost", T5, "--seq", "512", "--decoder-seq", "64", "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert (data["seq"], data["decoder_seq"]) == (512, 64)
+    assert data == evodsl.cost(T5, seq=512, decoder_seq=64)
+    assert data["flops"]["forward"] != evodsl.cost(T5, seq=512)["flops"]["forward"]  # m = n by default
+    code, out, _ = run(["cost", T5, "--seq", "512", "--decoder-seq", "64"], capsys)
+    assert "batch 1, seq 512, decoder seq 64, float32" in out
+    assert "time O(n^2 d + m^2 d + n m d)" in out

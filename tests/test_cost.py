@@ -12,7 +12,18 @@ from torch.utils.flop_counter import FlopCounterMode
 import evodsl
 from evodsl.cli import main
 from evodsl.measure import count_flops, measure_memory, register_cpu_sdpa_flops
-from spechelpers import IDS, SPECS, full_spans, model_input, small
+from spechelpers import IDS, SPECS, full_spans, min_length, model_inputs, small
+
+
+def _inputs(graph, b, n, device="cpu"):
+    """The model's inputs at batch b: n positions (at least what its slices keep), an encoder-decoder's target
+    n // 2 + 3 (another length, so that a formula that mixes n and m up is caught)."""
+    return model_inputs(graph, b, max(n, min_length(graph)), n // 2 + 3, device)
+
+
+def _cost(spec, b, n, graph, **kw):
+    m = n // 2 + 3 if len(graph.inputs) > 1 else None
+    return evodsl.cost(spec, seq=max(n, min_length(graph)), batch=b, decoder_seq=m, **kw)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
@@ -29,8 +40,8 @@ def test_forward_flops_full_size_on_meta(spec, b, n):
     graph = evodsl.parse(spec)
     model = evodsl.compile(spec, device="meta")
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(model_input(graph, b, n, device="meta"))
-    declared = evodsl.cost(spec, seq=n, batch=b)["flops"]["forward_matmul"]
+        model(*_inputs(graph, b, n, device="meta"))
+    declared = _cost(spec, b, n, graph)["flops"]["forward_matmul"]
     assert declared == pytest.approx(fc.get_total_flops(), rel=0.01)
 
 
@@ -40,8 +51,8 @@ def test_train_flops_small(spec, b, n):
     over = small(spec)
     graph = evodsl.parse(spec, over)
     model = full_spans(evodsl.compile(spec, overrides=over).train())
-    measured = count_flops(model, model_input(graph, b, n), train=True)
-    declared = evodsl.cost(spec, seq=n, batch=b, overrides=over)["flops"]
+    measured = count_flops(model, _inputs(graph, b, n), train=True)
+    declared = _cost(spec, b, n, graph, overrides=over)["flops"]
     assert declared["forward_matmul"] == pytest.approx(measured["forward"], rel=0.01)
     assert declared["backward_matmul"] == pytest.approx(measured["backward"], rel=0.01)
 
@@ -52,8 +63,8 @@ def test_activation_memory_small(spec, b, n):
     over = small(spec)
     graph = evodsl.parse(spec, over)
     model = full_spans(evodsl.compile(spec, overrides=over).train())
-    measured = measure_memory(model, model_input(graph, b, n))
-    mem = evodsl.cost(spec, seq=n, batch=b, overrides=over)["memory"]
+    measured = measure_memory(model, _inputs(graph, b, n))
+    mem = _cost(spec, b, n, graph, overrides=over)["memory"]
     assert mem["activations_inference"] == pytest.approx(measured.inference_peak, rel=0.10)
     assert mem["activations_training"] == pytest.approx(measured.training_saved, rel=0.10)
     assert mem["activations_training_peak"] == pytest.approx(measured.training_peak, rel=0.10)
@@ -104,7 +115,14 @@ def test_kv_cache_of_llama_is_the_textbook_number():
     assert c["memory"]["kv_cache"] == 2 * 32 * 4096 * 4096 * 2  # K and V, 32 layers, n, d, 2 bytes
 
 
-COMPLEXITY = {  # spec: (time, memory) in n, exactly as `evodsl cost` prints them
+COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target), exactly as `evodsl cost` prints them
+    # encoder-decoders: self-attention in each stream, cross-attention over both
+    "transformer": ("O(n^2 d + m^2 d + n m d)", "O(n d + n f + m d + m f)"),
+    "bart_base": ("O(n^2 d + m^2 d + n m d)", "O(n d + n f + m d + m f)"),
+    "t5_small": ("O(n^2 d + m^2 d + n m d)", "O(n^2 h + m^2 h + n m h)"),  # attention dropout: weights kept
+    # a fixed number of latents: the context costs its projections and one cross-attention, linear in n
+    "perceiver_ar": ("O(n d^2)", "O(n d)"),
+    "memory_transformer": ("O(n^2 d)", "O(n d + n f)"),  # n + 20 positions: the class of n
     "adaptive_span": ("O(n S d + n d f + n d^2)", "O(n S h)"),  # a band of S = max_span keys; its weights kept
     "bert": ("O(n^2 d)", "O(n^2 h)"),  # dropout on the attention weights: the [b, h, n, n] mask is kept
     "fnet": ("O(n d log n)", "O(n d + n f)"),

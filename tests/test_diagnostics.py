@@ -42,6 +42,10 @@ REQUIRED = {
     "e301_causal_fnet": ["E301"], "e302_alibi_linear": ["E302"], "e303_scores_need_softmax": ["E303"],
     "e305_residual_shape": ["E305"], "e308_tied_width": ["E308"],
     "e221_node_limit": ["E221"],
+    # streams
+    "e224_stream_before_definition": ["E224"], "e222_stream_unused": ["E222"], "e223_xattn_without_streams": ["E223"],
+    "e225_unknown_stream": ["E225"], "e309_bidirectional_reads_causal": ["E309"], "e300_cat_widths": ["E300"],
+    "e300_slice_too_long": ["E300"], "e206_two_streams_one_name": ["E206"], "e301_causal_stream_fnet": ["E301"],
     "multiple_errors": ["E212", "E201", "E203", "E204", "E204", "E206"],
 }
 

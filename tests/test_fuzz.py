@@ -14,11 +14,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import sympy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import evodsl
 from evodsl import EvoError
+from evodsl.backends.lower_onnx import min_positions
 from evodsl.ops import FAMILIES, REGISTRY, load_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,10 +36,10 @@ VARIANTS = sorted({v for _, v in REGISTRY})
 PARAMS = sorted({f for op in REGISTRY.values() for f in op.params.model_fields}) + [
     "scale", "scores", "merge", "shared", "causal", "vocab", "d"]
 SYMBOLS = ["sum", "mean", "concat", "rezero", "none", "tokens", "features", "gelu", "relu", "gelu_tanh", "silu"]
-NAMES = ["x", "block", "d_model", "heads", "layers", "vocab", "d_ff", "n_ctx", "_", "a1", "mlp2"]
+NAMES = ["x", "block", "d_model", "heads", "layers", "vocab", "d_ff", "n_ctx", "_", "a1", "mlp2", "src", "tgt", "mem"]
 NUMBERS = ["0", "1", "2", "3", "4", "7", "8", "16", "64", "512", "-1", "2.5", "0.0", "1e-12", "1e400",
            "99999999999999999999", "007", "1.", ".5"]
-PUNCT = ["->", "(", ")", ",", "=", "+", "-", "*", "/", "#", "\n", "# comment\n", ">", "-", "--", "=>"]
+PUNCT = ["->", "(", ")", ",", "=", "+", "-", "*", "/", "#", "\n", "# comment\n", ">", "-", "--", "=>", "{", "}"]
 TOKENS = KEYWORDS + OPS + VARIANTS + PARAMS + SYMBOLS + NAMES + NUMBERS + PUNCT
 
 FUZZ = settings(derandomize=True, deadline=None, database=None, print_blob=True,
@@ -86,15 +88,23 @@ def compile_on_meta(src: str, graph) -> bool:
     model = evodsl.compile(src, device="meta")
     if module_count(graph) > MAX_FORWARD:
         return False
-    inp = graph.input
-    n = min([4] + [c.params.max_len for c in graph.calls() if (c.family, c.variant) == ("pos", "learned")])
-    if inp.variant == "tokens":
-        x = torch.empty(2, n, dtype=torch.long, device="meta")
-    else:
-        x = torch.empty(2, n, inp.params.d, device="meta")
+    need = min_positions(graph)
+    fits = [n for n in range(need, max(need, 4) + 1) if all(  # every learned table covers its stream at n
+        int(sympy.sympify(str(c.meta["shape"][1])).subs({"n": n, "m": max(1, n - 1)})) <= c.params.max_len
+        for c in graph.calls() if (c.family, c.variant) == ("pos", "learned"))]
+    if not fits:
+        return False
+    n = fits[-1]
+    xs = []
+    for inp in graph.inputs:  # an encoder-decoder's source of n positions and target of n - 1
+        length = n if not xs else max(1, n - 1)
+        xs.append(torch.empty(2, length, dtype=torch.long, device="meta") if inp.variant == "tokens"
+                  else torch.empty(2, length, inp.params.d, device="meta"))
     with torch.no_grad():
-        y = model(x)
-    want = tuple({"b": 2, "n": n}.get(s, s) if isinstance(s, str) else s for s in graph.output.meta["shape"])
+        y = model(*xs)
+    lengths = {"b": 2, "n": n, "m": max(1, n - 1)}
+    want = tuple(int(sympy.sympify(str(s)).subs(lengths)) if isinstance(s, str) else s
+                 for s in graph.output.meta["shape"])
     assert y.device.type == "meta" and tuple(y.shape) == want, f"output {tuple(y.shape)}, declared {want}"
     return True
 
@@ -198,6 +208,16 @@ _model = st.tuples(st.sampled_from(["", "(causal=true)", "(causal=false)", "(cau
                    st.sampled_from(["input(tokens, vocab=100)", "input(tokens)", "input(features, d=16)", "norm"]),
                    _layers, st.sampled_from(["", " -> head(lm)", " -> head(lm, tied=false)", " -> head(pooler)"])
                    ).map(lambda t: f"model m{t[0]} = {t[1]} -> embed(token, d_model=16) -> {t[2]}{t[3]}")
+_stream_model = st.tuples(
+    st.sampled_from(["", "(causal=true)", "(causal=false)"]),
+    st.sampled_from(["src", "mem", "x"]), st.sampled_from(["input(tokens, vocab=100)", "latent(array, length=3)",
+                                                           "input(features, d=16)", "tgt", "norm"]),
+    _layers, st.sampled_from(["tgt", "tgt(causal=true)", "src", "out(causal=false)", "x"]),
+    st.sampled_from(["input(tokens, vocab=100) -> embed(token, d_model=16)", "src", "latent(array, length=2)"]),
+    st.sampled_from(["xattn(softmax, kv=src)", "cat(prefix=mem)", "cat(suffix=src)", "xattn(kv=tgt)",
+                     "slice(last=2)", "slice(drop_first=3)", "xattn(softmax)"]),
+    st.sampled_from(["", " -> head(lm)", " -> head(linear, d_out=2)"]),
+).map(lambda t: f"model m{t[0]} {{\n  {t[1]} = {t[2]} -> {t[3]}\n  {t[4]} = {t[5]} -> {t[6]}{t[7]}\n}}")
 
 
 @st.composite
@@ -206,7 +226,7 @@ def _near_valid_program(draw):
     parser and fail in the build and shape passes, each with its own error."""
     bindings = draw(st.lists(_binding, max_size=3, unique_by=lambda b: b[0]))
     layers = draw(st.lists(_layers, min_size=1, max_size=4))
-    model = draw(st.one_of(st.none(), _model))
+    model = draw(st.one_of(st.none(), _model, _stream_model))
     stmts = [f"{k} = {v}" for k, v in bindings if k not in ("d_model", "heads")]
     stmts += [f"{name} = {layer}" for name, layer in zip(DEF_NAMES, layers)]
     return "\n".join(["d_model = 16", "heads = 2", *stmts] + ([model] if model else []))
@@ -229,18 +249,27 @@ def _fits(field, spelling: str) -> bool:
     return True
 
 
+# ops that read or make streams (xattn, cat, latent, slice) need a model with streams: the well-formed programs
+# write them in the models with streams below
+STREAM_OPS = {"xattn", "cat", "latent", "slice"}
+GOOD_OPS = [key for key in LAYER_OPS if key[0] not in STREAM_OPS]
+
+
 @st.composite
 def _good_call(draw):
-    op = REGISTRY[draw(st.sampled_from(LAYER_OPS))]
+    op = REGISTRY[draw(st.sampled_from(GOOD_OPS))]
     fields = op.params.model_fields
     given = {}
     for name in draw(st.lists(st.sampled_from(sorted(fields)), max_size=2, unique=True)) if fields else []:
         values = [v for v in _values_for(fields[name].annotation) if _fits(fields[name], v)]
         if values:  # rope's base > 1 has none among _values_for's: left at its default
             given[name] = draw(st.sampled_from(values))
-    for name, f in fields.items():  # a required field not drawn: the stream's width, or a small count
+    for name, f in fields.items():  # a required field not drawn: the stream's width, a stream, or a small count
         if f.is_required() and name not in given:
-            given[name] = "16" if name in ("d_model", "max_len") else "3"
+            given[name] = "16" if name in ("d_model", "max_len") else "src" if name in op.streams else "3"
+    for name in op.streams:  # a stream a well-formed model with streams has
+        if name in given:
+            given[name] = "src"
     return f"{op.family}({', '.join([op.variant, *(f'{k}={v}' for k, v in given.items())])})"
 
 
@@ -273,6 +302,20 @@ def _good_program(draw):
         body = " -> ".join(draw(st.lists(st.sampled_from(DEF_NAMES[:len(layers)]), min_size=1, max_size=3)))
         opts = draw(st.sampled_from(["", "(causal=true)", "(causal=false)"]))
         stmts.append(f"model m{opts} = {_STARTS[kind]} -> {body}{draw(st.sampled_from(_ENDS[kind]))}")
+    elif draw(st.booleans()):  # an encoder-decoder, or memory tokens: a model with streams
+        enc = " -> ".join(draw(st.lists(st.sampled_from(DEF_NAMES[:len(layers)]), min_size=1, max_size=2)))
+        dec = " -> ".join(draw(st.lists(st.sampled_from(DEF_NAMES[:len(layers)]), min_size=1, max_size=2)))
+        opts = draw(st.sampled_from(["", "(causal=true)"]))
+        kind = draw(st.sampled_from(["seq2seq", "memory", "latents"]))
+        if kind == "seq2seq":
+            tgt = f"{_STARTS['tokens']} -> {dec} -> residual(xattn(softmax, kv=src)) -> head(lm)"
+            stmts.append(f"model m{opts} {{\n  src = {_STARTS['tokens']} -> {enc}\n  tgt(causal=true) = {tgt}\n}}")
+        elif kind == "memory":
+            body = f"{_STARTS['tokens']} -> cat(prefix=mem) -> {dec} -> slice(drop_first=2) -> head(lm)"
+            stmts.append(f"model m{opts} {{\n  mem = latent(array, length=2)\n  src = {body}\n}}")
+        else:
+            lat = f"latent(array, length=3) -> residual(xattn(softmax, kv=src)) -> {dec} -> head(linear, d_out=2)"
+            stmts.append(f"model m {{\n  src = {_STARTS['features']} -> {enc}\n  lat = {lat}\n}}")
     return "\n".join(stmts)
 
 
@@ -290,11 +333,15 @@ def _fuzz_programs(examples: int):
         if graph is not None:
             stats["valid"] += 1
             if module_count(graph) <= MAX_MODULES:
-                stats["ran"] += compile_on_meta(src, graph)
+                ran = compile_on_meta(src, graph)
+                stats["ran"] += ran
+                stats["ran with streams"] += ran and bool(graph.streams)
 
     run()
     assert stats["valid"] >= VALID_SHARE * stats["examples"], f"too few programs validate: {dict(stats)}"
     assert stats["ran"] >= 0.9 * stats["valid"], f"too few validated programs were built and run: {dict(stats)}"
+    assert stats["ran with streams"] >= 0.05 * stats["examples"], f"too few models with streams ran: {dict(stats)}"
+    print(dict(stats))
 
 
 def test_programs_validate_build_and_run():

@@ -27,11 +27,12 @@ from evodsl.backends.lower_onnx import example_input, io_names, matmul_flops
 from evodsl.cli import main
 from evodsl.ops import REGISTRY, load_all
 from ophelpers import perturb_params
-from spechelpers import small
+from spechelpers import output_causal, output_input, small
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "specs").glob("*.evo"))
 BATCHES, SEQS = (1, 3), (7, 33, 70)  # 70 > the 64-token chunks of causal linear attention and the 32-query blocks
+TARGET_SEQS = (5, 41, 9)  # an encoder-decoder's target lengths beside SEQS: shorter, longer, much shorter
 TOL = 1e-4  # max |onnxruntime - torch| <= TOL * max |torch|, float32
 
 # ---------------------------------------------------------------- one-op specs, made from the registry
@@ -39,7 +40,8 @@ TOL = 1e-4  # max |onnxruntime - torch| <= TOL * max |torch|, float32
 HEADER = "d_model = 32\nheads = 4\nkv_heads = 2\nvocab = 61\n"
 # Arguments an op needs to stand alone at this size: required ones, and bands narrower than the test sequences.
 ARGS = {("mha", "local"): "window=5", ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5",
-        ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8"}
+        ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
+        ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4"}
 FEATURES, OUT = "input(features, d=32)", "head(linear, d_out=8)"
 # family -> (the model around its ops, how one variant appears in it, whether all variants share one spec).
 # Per-token families share one spec (a chain of all their variants); the others get a spec per variant.
@@ -54,6 +56,13 @@ WRAPPERS = {
     "residual": (f"{FEATURES} -> {{ops}} -> {OUT}", "residual(norm -> mha, scale={variant})", True),
     "merge": (f"{FEATURES} -> {{ops}} -> {OUT}", "parallel(mha, norm -> ffn, merge={variant})", True),
     "dropout": (f"{FEATURES} -> {{ops}} -> mha -> {OUT}", "{call}", True),
+    # models with streams (`{ ... }`): cross-attention reading another stream; memory tokens from a latent array
+    # joined before the tokens, attended with them, and dropped before the head
+    "xattn": (f"{{{{ x = {FEATURES} -> mha  y = x -> residual({{ops}}) -> {OUT} }}}}", "{call}", False),
+    **{fam: (f"{{{{ x = {FEATURES} -> mha  mem = {mem}  y = x -> {cat} -> mha -> {cut} -> {OUT} }}}}", "{call}", True)
+       for fam, mem, cat, cut in [("latent", "{ops}", "cat(seq, prefix=mem)", "slice(seq, drop_first=4)"),
+                                  ("cat", "latent(array, length=4)", "{ops}", "slice(seq, drop_first=4)"),
+                                  ("slice", "latent(array, length=4)", "cat(seq, prefix=mem)", "{ops}")]},
 }
 # Variants that need token ids around them.
 TOKEN_MODELS = {("embed", "token"): f"input(tokens) -> {{ops}} -> mha -> {OUT}",
@@ -92,7 +101,8 @@ def op_cases() -> list[Case]:
         model = TOKEN_MODELS.get(key, model)
         ops = " -> ".join(piece.format(call=call(family, v), variant=v) for v in variants)
         causal = all(REGISTRY[family, v].causal != "no" for v in variants)
-        src = f"{HEADER}model m(causal={str(causal).lower()}) = {model.format(ops=ops)}\n"
+        body = model.format(ops=ops)
+        src = f"{HEADER}model m(causal={str(causal).lower()}){' ' if body.startswith('{') else ' = '}{body}\n"
         cases.append(Case(f"{family}({','.join(variants)})", src, {}, tuple((family, v) for v in variants)))
     # every token mixer with a causal form, once more in a bidirectional model (the leak test must see leaks)
     mixers = [(f, v) for (f, v), op in sorted(REGISTRY.items()) if f in ("mha", "mixer") and op.causal != "n.a."]
@@ -159,37 +169,67 @@ def exported(tmp_path_factory):
     return get
 
 
-def run(session, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> np.ndarray:
-    """The session on x; an attention_mask input gets `attention_mask` (all ones if None), token_type_ids 0."""
-    feed = {}
+def inputs(graph, b: int, n: int, seed: int, m: int | None = None) -> list[torch.Tensor]:
+    """The model's token (or feature) inputs: [x], or [source of n, target of m] for an encoder-decoder."""
+    xs = [example_input(graph, b, n, seed)]
+    if len(graph.inputs) > 1:
+        xs.append(example_input(graph, b, m or max(2, n - 3), seed + 1, graph.inputs[1]))
+    return xs
+
+
+def run(session, xs, masks: dict | None = None) -> np.ndarray:
+    """The session on the inputs `xs` (a tensor, or a list as `inputs` makes); the masks it takes from `masks`
+    (all ones where not given), token_type_ids 0."""
+    xs = list(xs) if isinstance(xs, (list, tuple)) else [xs]
+    masks = masks or {}
+    feed, data = {}, iter(xs)
     for inp in session.get_inputs():
-        if inp.name == "attention_mask":
-            feed[inp.name] = (torch.ones(x.shape[:2], dtype=torch.long) if attention_mask is None
-                              else attention_mask).numpy()
+        if inp.name.endswith("attention_mask"):
+            like = xs[1] if inp.name.startswith("decoder") else xs[0]
+            mask = masks.get(inp.name)
+            feed[inp.name] = (torch.ones(like.shape[:2], dtype=torch.long) if mask is None else mask).numpy()
         elif inp.name == "token_type_ids":
-            feed[inp.name] = np.zeros(x.shape[:2], dtype=np.int64)
+            feed[inp.name] = np.zeros(xs[0].shape[:2], dtype=np.int64)
         else:
-            feed[inp.name] = x.numpy()
+            feed[inp.name] = next(data).numpy()
     return session.run(None, feed)[0]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_padding_in_onnxruntime(case, exported):
-    """Every exported model whose ops honour padding takes attention_mask: a right-padded batch gives, at every
-    real position, what each sequence gives alone, in onnxruntime; a model with fnet takes none."""
+    """Every exported model whose ops honour padding takes attention_mask (and an encoder-decoder
+    decoder_attention_mask): a right-padded batch gives, at every real position, what each sequence gives alone,
+    in onnxruntime; a model with fnet takes none."""
     ex = exported(case)
     names = [i.name for i in ex.session.get_inputs()]
     takes = all(c.op.padding for c in ex.graph.calls())
     assert ("attention_mask" in names) == takes, names
     if not takes:
         return
+    two = len(ex.graph.inputs) > 1
+    assert ("decoder_attention_mask" in names) == two, names
+    out = ex.graph.output.meta["shape"]
+    if len(out) == 3 and isinstance(out[1], int):  # the last positions only (Perceiver AR): no run alone to
+        # compare with (test_padding.py says why); left-padded, the padded tokens change no output
+        n = 20
+        x = inputs(ex.graph, 3, n, seed=4)[0]
+        mask = (torch.arange(n)[None, :] >= torch.tensor([[0], [7], [12]])).long()
+        other = x.clone()
+        other[mask == 0] = (other[mask == 0] + 1) % ex.graph.input.params.vocab
+        y, y2 = run(ex.session, x, {"attention_mask": mask}), run(ex.session, other, {"attention_mask": mask})
+        assert np.abs(y - y2).max() <= TOL * np.abs(y).max()
+        assert np.abs(run(ex.session, x) - run(ex.session, other)).max() > 1e-3 * np.abs(y).max()  # the control
+        return
     n, lengths = 20, [20, 13, 5]
-    x = example_input(ex.graph, len(lengths), n, seed=4)
-    mask = (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).long()
-    y = run(ex.session, x, mask)
+    m, target_lengths = 11, [6, 11, 3]
+    xs = inputs(ex.graph, len(lengths), n, seed=4, m=m)
+    masks = {"attention_mask": (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).long(),
+             "decoder_attention_mask": (torch.arange(m)[None, :] < torch.tensor(target_lengths)[:, None]).long()}
+    y = run(ex.session, xs, masks)
     for i, L in enumerate(lengths):
-        alone = run(ex.session, x[i:i + 1, :L])[0]
-        got = y[i] if y.ndim == 2 else y[i, :L]
+        alone = run(ex.session, [xs[0][i:i + 1, :L], *([xs[1][i:i + 1, :target_lengths[i]]] if two else [])])[0]
+        keep = target_lengths[i] if two else L
+        got = y[i] if y.ndim == 2 else y[i, :keep]
         scale = float(np.abs(alone).max())
         assert np.abs(got - alone).max() <= TOL * scale, f"sequence {i} (length {L})"
 
@@ -208,19 +248,23 @@ def test_every_registered_op_is_exported():
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_onnxruntime_matches_torch(case, exported):
-    """One file, dynamic axes: onnxruntime equals evodsl.compile (same default seed) at 2 batch sizes x 3 lengths."""
+    """One file, dynamic axes: onnxruntime equals evodsl.compile (same default seed) at 2 batch sizes x 3 lengths
+    (3 pairs of source and target lengths for an encoder-decoder)."""
     ex = exported(case)
     assert ex.result.max_abs_diff <= TOL * ex.result.output_scale  # export()'s own check
-    inp = ex.session.get_inputs()[0]
-    assert (inp.name, ex.session.get_outputs()[0].name) == io_names(ex.graph)
-    assert all(isinstance(dim, str) for dim in inp.shape[:2]), f"batch and seq must be dynamic: {inp.shape}"
+    ins = ex.session.get_inputs()
+    assert (ins[0].name, ex.session.get_outputs()[0].name) == io_names(ex.graph)
+    for inp in ins:
+        assert all(isinstance(dim, str) for dim in inp.shape[:2]), f"batch and lengths must be dynamic: {inp}"
+    if len(ex.graph.inputs) > 1:
+        assert ins[1].name == "decoder_input_ids" and ins[1].shape[1] != ins[0].shape[1], "two length axes"
     model = evodsl.compile(case.source, overrides=case.overrides)  # the weights export() used by default
     for b in BATCHES:
-        for n in SEQS:
-            x = example_input(ex.graph, b, n, seed=10 * b + n)
+        for n, m in zip(SEQS, TARGET_SEQS):
+            xs = inputs(ex.graph, b, n, seed=10 * b + n, m=m)
             with torch.no_grad():
-                want = model(x).numpy()
-            got = run(ex.session, x)
+                want = model(*xs).numpy()
+            got = run(ex.session, xs)
             assert got.shape == want.shape
             scale = float(np.abs(want).max())
             diff = float(np.abs(got - want).max())
@@ -229,39 +273,55 @@ def test_onnxruntime_matches_torch(case, exported):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_causality_in_onnxruntime(case, exported):
-    """Causal models: changing tokens t+1.. never changes outputs 0..t, in one batched onnxruntime run of all the
-    perturbed copies. Bidirectional ones: the same check finds the leak (so it can fail)."""
+    """Causal models: changing tokens t+1.. (the target's, in an encoder-decoder) never changes outputs 0..t, in
+    one batched onnxruntime run of all the perturbed copies. Bidirectional ones: the same check finds the leak
+    (so it can fail). An encoder-decoder's output does change with its source (the negative control)."""
     ex = exported(case)
     n = 12
     g = torch.Generator().manual_seed(3)
-    x = example_input(ex.graph, 1, n, seed=5)
+    xs = inputs(ex.graph, 1, n, seed=5, m=n)
+    k = output_input(ex.graph)
+    x = xs[k]
     copies = [x[0]]
     for t in range(n - 1):  # copy t + 1 differs from x at positions t+1 .. only
         c = x[0].clone()
         if c.dtype == torch.long:
-            vocab = ex.graph.input.params.vocab
+            vocab = ex.graph.inputs[k].params.vocab
             c[t + 1:] = (c[t + 1:] + torch.randint(1, vocab, (n - t - 1,), generator=g)) % vocab
         else:
             c[t + 1:] = torch.randn(c[t + 1:].shape, generator=g) * 3
         copies.append(c)
-    y = run(ex.session, torch.stack(copies))
+    batch = [t.expand(n, *t.shape[1:]) for t in xs]
+    batch[k] = torch.stack(copies)
+    y = run(ex.session, batch)
     if y.ndim == 2:  # pooled: the first token's state, i.e. the output at position 0
         y = y[:, None]
     scale = float(np.abs(y).max())
-    leaks = [float(np.abs(y[t + 1, : t + 1] - y[0, : t + 1]).max()) for t in range(min(n - 1, y.shape[1]))]
-    if ex.graph.options.get("causal"):
+    shape = ex.graph.output.meta["shape"]
+    window = len(shape) == 3 and isinstance(shape[1], int)  # the last positions only: j is position j + offset
+    offset = n - y.shape[1] if window else 0
+    leaks = [float(np.abs(y[t + 1, : t + 1 - offset] - y[0, : t + 1 - offset]).max())
+             for t in range(offset, min(n - 1, y.shape[1] + offset))]
+    if output_causal(ex.graph):
         assert max(leaks) <= 1e-5 * scale, f"positions <= t changed with tokens > t: {leaks}"
     else:
         assert max(leaks) > 1e-3 * scale, "a bidirectional model must show the leak the check looks for"
+    if len(xs) > 1:  # the source is read: a source whose tokens all differ changes the target's first output
+        vocab = ex.graph.inputs[0].params.vocab
+        src = (xs[0] + torch.randint(1, vocab, xs[0].shape, generator=g)) % vocab
+        other = run(ex.session, [src, xs[1]])
+        assert float(np.abs(other[0, 0] - y[0, 0]).max()) > 1e-3 * scale
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_matmul_flops_match_cost(case, exported):
-    """MatMul / Gemm FLOPs read off the ONNX graph (shape inference at b, n) against evodsl.cost's forward_matmul."""
+    """MatMul / Gemm FLOPs read off the ONNX graph (shape inference at b, n (, m)) against evodsl.cost's
+    forward_matmul."""
     ex = exported(case)
-    b, n = 2, 37
-    flops, unknown = matmul_flops(ex.path, b, n)
-    declared = evodsl.cost(case.source, seq=n, batch=b, overrides=case.overrides)["flops"]["forward_matmul"]
+    b, n, m = 2, 37, 23
+    flops, unknown = matmul_flops(ex.path, b, n, decoder_seq=m)
+    declared = evodsl.cost(case.source, seq=n, batch=b, overrides=case.overrides,
+                           decoder_seq=m if len(ex.graph.inputs) > 1 else None)["flops"]["forward_matmul"]
     assert unknown == 0
     if export_form_differs(ex.graph):
         assert 0 < flops < declared  # the gather / prefix-sum forms: see BANDED
@@ -443,7 +503,7 @@ def test_cli_compile_backend_onnx(tmp_path, capsys):
     sets = [f"--set={k}={v}" for k, v in small(GPT2).items()]
     assert main(["compile", str(GPT2), "--backend", "onnx", "-o", str(tmp_path / "g.onnx"), *sets]) == 0
     out = capsys.readouterr().out
-    assert "max abs difference" in out and "input 'input_ids'" in out and "output 'logits'" in out
+    assert "max abs difference" in out and "inputs 'input_ids' [batch, seq]" in out and "output 'logits'" in out
     assert os.listdir(tmp_path) == ["g.onnx"]
 
 

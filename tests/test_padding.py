@@ -11,7 +11,7 @@ import evodsl
 from evodsl import EvoError
 from evodsl.ops import REGISTRY, Ctx, load_all
 from ophelpers import make_op, perturb_params
-from spechelpers import IDS, SPECS, full_spans, small
+from spechelpers import IDS, SPECS, full_spans, model_inputs, small
 
 load_all()
 D, N = 32, 70  # N spans 3 of the banded kernels' 32-query blocks and 5 of linear attention's 16-token chunks
@@ -92,27 +92,62 @@ def test_fnet_refuses_padding():
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_padded_batch_equals_each_sequence_alone_in_every_spec(spec):
+    """A right-padded batch (an encoder-decoder's source and target both padded) gives at every real position
+    what each sequence gives alone. An output of the last positions only (Perceiver AR's latents) has no such
+    twin (which latents there are depends on where the window falls): _window_padding checks it instead."""
     over = small(spec)
     graph = evodsl.parse(spec, over)
     model = full_spans(evodsl.compile(spec, seed=0, overrides=over, dtype=torch.float64))
-    n, lengths = 70, [70, 33, 9]
+    two = len(graph.inputs) > 1
+    n, m = 70, 41
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, graph.input.params.vocab, (len(lengths), n), generator=g)
-    mask = (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).long()
+    xs = model_inputs(graph, 3, n, m, generator=g)
+    out = graph.output.meta["shape"]
+    tail = out[1] if len(out) == 3 and isinstance(out[1], int) else None  # [b, L, ...]: the last L positions
+    if tail is not None:
+        return _window_padding(spec, graph, model, xs[0], tail)
+    lengths, target_lengths = [70, 33, 9], [29, 41, 6]
+    masks = {"attention_mask": (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).long()}
+    if two:
+        masks["decoder_attention_mask"] = (torch.arange(m)[None, :] < torch.tensor(target_lengths)[:, None]).long()
     if any(c.op.id == "mixer(fnet)" for c in graph.calls()):
         with pytest.raises(EvoError, match="E409|cannot honour a padding mask"):
-            model(ids, attention_mask=mask)
+            model(*xs, **masks)
         return
     with torch.no_grad():
-        y = model(ids, attention_mask=mask)
+        y = model(*xs, **masks)
         assert torch.isfinite(y).all()
         for i, L in enumerate(lengths):
-            alone = model(ids[i:i + 1, :L])
-            got = y[i] if y.dim() == 2 else y[i, :L]  # a pooler's [b, d], or [b, n, ...]
-            want = alone[0]
+            alone = model(xs[0][i:i + 1, :L], *([xs[1][i:i + 1, :target_lengths[i]]] if two else []))[0]
+            if y.dim() == 2:  # a pooler's [b, d]
+                got, want = y[i], alone
+            else:
+                real = target_lengths[i] if two else L  # positions 0 .. real - 1 are tokens
+                got, want = y[i, :real], alone[:real]
             err = (got - want).abs().max().item()
             assert err <= 1e-10 * want.abs().max().item(), f"{spec.stem}, sequence {i} (length {L}): {err}"
-        assert torch.equal(model(ids, attention_mask=torch.ones_like(mask)), model(ids)), "all ones = no mask"
+        ones = {k: torch.ones_like(v) for k, v in masks.items()}
+        assert torch.equal(model(*xs, **ones), model(*xs)), "all ones = no mask"
+
+
+def _window_padding(spec, graph, model, ids, tail):
+    """A model whose output is its last `tail` positions, on a left-padded batch (so that the window holds
+    tokens): changing the padded tokens changes no output, and without the mask it does (the control)."""
+    n = ids.shape[1]
+    lengths = [n, n - 10, n - 30]
+    assert min(lengths) >= tail
+    mask = (torch.arange(n)[None, :] >= n - torch.tensor(lengths)[:, None]).long()
+    other = ids.clone()
+    g = torch.Generator().manual_seed(5)
+    pad = mask == 0
+    other[pad] = (ids[pad] + torch.randint(1, graph.input.params.vocab, (int(pad.sum()),), generator=g)) \
+        % graph.input.params.vocab
+    with torch.no_grad():
+        y, y2 = model(ids, attention_mask=mask), model(other, attention_mask=mask)
+        unmasked, unmasked2 = model(ids), model(other)
+    scale = y.abs().max().item()
+    assert (y - y2).abs().max().item() <= 1e-10 * scale, f"{spec.stem}: padded tokens reached the output"
+    assert (unmasked[1:] - unmasked2[1:]).abs().max().item() > 1e-3 * scale, f"{spec.stem}: the control"
 
 
 def test_token_type_ids_reach_the_segment_embedding():

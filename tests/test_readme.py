@@ -20,12 +20,18 @@ def test_readme_has_examples():
 
 @pytest.mark.parametrize("i", range(len(EXAMPLES)))
 def test_every_example_compiles_and_runs(i):
+    """Each example builds and runs (on meta) with its output shaped as its graph says: [2, 8] for a model on
+    8 positions, [2, 5] for an encoder-decoder's 5 target positions, [2, 16] for 16 latents."""
     model = evodsl.compile(EXAMPLES[i], device="meta")
     graph = evodsl.parse(EXAMPLES[i])
-    shape = graph.input.meta["shape"]
-    x = (torch.zeros(2, 8, dtype=torch.long, device="meta") if len(shape) == 2
-         else torch.zeros(2, 8, shape[-1], device="meta"))
-    assert model(x).shape[:2] == (2, 8)
+    xs = []
+    for inp, n in zip(graph.inputs, (8, 5)):
+        shape = inp.meta["shape"]
+        xs.append(torch.zeros(2, n, dtype=torch.long, device="meta") if len(shape) == 2
+                  else torch.zeros(2, n, shape[-1], device="meta"))
+    length = graph.output.meta["shape"][1]
+    want = {"n": 8, "m": 5}.get(length, length)
+    assert model(*xs).shape[:2] == (2, want)
 
 
 def test_op_table_is_generated(capsys):

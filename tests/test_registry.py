@@ -20,9 +20,22 @@ CATALOG = [
 ]
 
 
+# The multi-stream issue (7): cross-attention, latent arrays, joining and slicing streams, T5's bias.
+STREAMS = ["xattn(softmax)", "latent(array)", "cat(seq)", "slice(seq)", "pos(t5_bias)"]
+
+
 def test_first_catalog_is_registered():
     ids = {op.id for op in REGISTRY.values()}
-    assert not [c for c in CATALOG if c not in ids]
+    assert not [c for c in CATALOG + STREAMS if c not in ids]
+
+
+def test_ops_that_read_streams_name_them_in_their_params():
+    """An op's `streams` are fields of its params naming a stream (a str, or None when not given)."""
+    for op in REGISTRY.values():
+        for f in op.streams:
+            assert f in op.params.model_fields, f"{op.id}: {f} is not a parameter"
+    assert REGISTRY["xattn", "softmax"].streams == ("kv",)
+    assert REGISTRY["cat", "seq"].streams == ("prefix", "suffix")
 
 
 @pytest.mark.parametrize("key", sorted(REGISTRY), ids=lambda k: f"{k[0]}({k[1]})")

@@ -17,7 +17,7 @@ import torch
 
 import evodsl
 from evodsl.cli import main as cli_main
-from spechelpers import full_spans, small
+from spechelpers import full_spans, min_length, model_inputs, output_causal, output_input, small
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "specs").glob("*.evo"))
@@ -39,16 +39,9 @@ def meta_model(spec: Path):
     return evodsl.compile(spec, device="meta")
 
 
-def concrete(shape, b: int, n: int) -> tuple:
+def concrete(shape, b: int, n: int, m: int | None = None) -> tuple:
     """A symbolic output shape ([b, n, 512]) with the batch and sequence symbols filled in."""
-    return tuple({"b": b, "n": n}.get(s, s) if isinstance(s, str) else s for s in shape)
-
-
-def sample_input(graph, b: int, n: int, device=None, generator=None) -> torch.Tensor:
-    inp = graph.input
-    if inp.variant == "tokens":
-        return torch.randint(0, inp.params.vocab, (b, n), generator=generator).to(device or "cpu")
-    return torch.randn(b, n, inp.params.d, generator=generator).to(device or "cpu")
+    return tuple({"b": b, "n": n, "m": m}.get(s, s) if isinstance(s, str) else s for s in shape)
 
 
 def test_specs_exist():
@@ -101,52 +94,70 @@ def test_forward(built):
     if not on_meta:
         assert count(model) == count(meta_model(spec)), "real and meta builds differ"
     device = "meta" if on_meta else "cpu"
-    x = sample_input(graph, BATCH, SEQ, device, torch.Generator().manual_seed(0))
+    n = max(SEQ, min_length(graph))
+    xs = model_inputs(graph, BATCH, n, n - 5, device, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        y = model(x)
-    assert tuple(y.shape) == concrete(graph.output.meta["shape"], BATCH, SEQ)
+        y = model(*xs)
+    assert tuple(y.shape) == concrete(graph.output.meta["shape"], BATCH, n, n - 5)
     if graph.input.variant == "tokens" and any(n.family == "head" and n.variant == "lm" for n in graph.calls()):
-        assert tuple(y.shape) == (BATCH, SEQ, graph.input.params.vocab)
+        assert tuple(y.shape) == (BATCH, concrete(graph.output.meta["shape"], BATCH, n, n - 5)[1],
+                                  graph.input.params.vocab)
     if on_meta:
         assert y.device.type == "meta"
     else:
         assert torch.isfinite(y).all()
 
 
-CAUSAL = [p for p in SPECS if evodsl.parse(p).options.get("causal")]
+CAUSAL = [p for p in SPECS if output_causal(evodsl.parse(p))]
 LEAK_N = 160  # 5 of the banded kernels' 32-query blocks, 3 of linear attention's 64-token chunks, 10 windows of 16
 
 
 def test_every_causal_spec_is_leak_tested():
     assert {p.stem for p in CAUSAL} >= {"gpt2", "vanilla", "llama", "llama2_70b", "adaptive_span",
-                                        "linear_transformer"}
+                                        "linear_transformer", "transformer", "t5_small", "bart_base",
+                                        "perceiver_ar", "memory_transformer"}
 
 
 @pytest.mark.parametrize("spec", CAUSAL, ids=[p.stem for p in CAUSAL])
 def test_causal_specs_never_leak(spec):
-    """Changing tokens t+1.. never changes the outputs at 0..t, for every t < LEAK_N, at small sizes (every
-    causal spec, 7B and 70B included) in float64; all variants in one batch. Adaptive spans are set to their
-    full max_span, so that every band reaches back as far as it can."""
+    """Changing tokens t+1.. (the target's, in an encoder-decoder) never changes the outputs at 0..t, for every
+    t < LEAK_N, at small sizes (every causal spec, 7B and 70B included) in float64; all variants in one batch.
+    Adaptive spans are set to their full max_span, so that every band reaches back as far as it can. An output
+    shorter than its input is that of its last positions (Perceiver AR: output j is position j + n - m). An
+    encoder-decoder's output does change with its source: it is read whole (the negative control)."""
     over = small(spec)
     graph = evodsl.parse(spec, over)
     model = full_spans(evodsl.compile(spec, seed=0, overrides=over, dtype=torch.float64))
-    assert graph.input.variant == "tokens", "leak test written for token models"
-    vocab, n = graph.input.params.vocab, LEAK_N
+    k = output_input(graph)
+    assert graph.inputs[k].variant == "tokens", "leak test written for token models"
+    vocab, n = graph.inputs[k].params.vocab, LEAK_N
     g = torch.Generator().manual_seed(1)
-    base = torch.randint(0, vocab, (n,), generator=g)
+    xs = [x.expand(n, -1) for x in model_inputs(graph, 1, n, generator=g)]
+    base = xs[k][0]
     rows = [base]
     for t in range(n - 1):
         row = base.clone()
         row[t + 1:] = (base[t + 1:] + torch.randint(1, vocab, (n - t - 1,), generator=g)) % vocab  # all differ
         rows.append(row)
+    xs[k] = torch.stack(rows)
     with torch.no_grad():
-        y = model(torch.stack(rows))
+        y = model(*xs)
     scale = y[0].abs().max().item()
+    offset = n - y.shape[1]  # output j is the output of position j + offset
+    assert offset >= 0
     for t in range(n - 1):
-        diff = (y[t + 1, : t + 1] - y[0, : t + 1]).abs().max().item()
-        assert diff <= 1e-12 * scale, f"{spec.stem}: outputs at positions <= {t} changed by {diff} when tokens > {t} changed"
-        # the negative control: the changed tokens do reach position t + 1 itself
-        assert (y[t + 1, t + 1] - y[0, t + 1]).abs().max().item() > 1e-3 * scale, f"{spec.stem}: t={t} reached nothing"
+        upto = t + 1 - offset  # outputs j < upto are those of positions <= t
+        if upto > 0:
+            diff = (y[t + 1, :upto] - y[0, :upto]).abs().max().item()
+            assert diff <= 1e-12 * scale, \
+                f"{spec.stem}: outputs at positions <= {t} changed by {diff} when tokens > {t} changed"
+        if upto >= 0:  # the negative control: the changed tokens do reach position t + 1 itself
+            assert (y[t + 1, upto] - y[0, upto]).abs().max().item() > 1e-3 * scale, f"{spec.stem}: t={t} reached nothing"
+    if len(xs) > 1:  # the source reaches the target's first position: a source whose tokens all differ
+        src = (xs[0][:1] + torch.randint(1, graph.inputs[0].params.vocab, (1, n), generator=g)) % graph.inputs[0].params.vocab
+        with torch.no_grad():
+            other = model(src, xs[1][:1])
+        assert (other[0, 0] - y[0, 0]).abs().max().item() > 1e-3 * scale, f"{spec.stem}: the source is not read"
 
 
 # hand-derived counts (d = d_model, V = vocab, L = layers): an independent check of the specs' arithmetic
@@ -155,6 +166,12 @@ def _attn(d: int, bias: bool = True) -> int:
 
 
 CLOSED_FORM = {
+    # GPT-2 small (HF's count) with 20 memory vectors and 20 more rows of learned positions
+    "memory_transformer": 124_439_808 + 20 * 768 + 20 * 768,
+    # one embedding (source, target, head); encoder layer: attention, 2 LayerNorms, ReLU MLP; decoder layer: the
+    # same with cross-attention and a third LayerNorm
+    "transformer": 37000 * 512 + 6 * (_attn(512) + 2 * 2 * 512 + 2 * 512 * 2048 + 2048 + 512)
+                   + 6 * (2 * _attn(512) + 3 * 2 * 512 + 2 * 512 * 2048 + 2048 + 512),
     # tied head; per layer: attention, 2 LayerNorms, ReLU MLP
     "vanilla": 37000 * 512 + 6 * (_attn(512) + 2 * 2 * 512 + 2 * 512 * 2048 + 2048 + 512),
     # untied head; per layer: attention + 8 learned spans, 2 LayerNorms, GLU with d_ff = 1408; final LayerNorm

@@ -12,7 +12,14 @@ from dataclasses import dataclass, fields
 
 import sympy as sp
 
-B, N = sp.symbols("b n", positive=True, integer=True)
+B, N, M = sp.symbols("b n m", positive=True, integer=True)  # batch; the lengths of a model's first and second inputs
+
+
+def length(dim) -> sp.Expr:
+    """A shape's dimension as a formula: "n" -> n, "m" -> m, 64 -> 64, "n + 16" -> n + 16."""
+    if isinstance(dim, int):
+        return sp.Integer(dim)
+    return sp.sympify(dim, locals={"b": B, "n": N, "m": M})
 
 
 @dataclass(frozen=True)
@@ -51,11 +58,16 @@ class Cost:
 class Symbols:
     """The symbols an op's cost formula uses, with the values they stand for in this graph."""
 
-    def __init__(self, d: int | None, bytes_per: int):
-        self.b, self.n = B, N
+    def __init__(self, d: int | None, bytes_per: int, n="n"):
+        """`n`: the op's sequence length, a shape dimension ("n", "m", 64, "n + 16")."""
+        self.b, self.n = B, length(n)
         self.bytes = bytes_per
         self.values: dict = {}
         self.d = self.sym("d", d) if d is not None else None
+
+    @staticmethod
+    def length(dim) -> sp.Expr:
+        return length(dim)
 
     def sym(self, name: str, value) -> sp.Symbol:
         s = sp.Symbol(name, positive=True)

@@ -10,7 +10,8 @@ from typing import Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict
 
-Dim = Union[int, str]  # an int, or a symbol such as "b" (batch) or "n" (sequence length)
+Dim = Union[int, str]  # an int, or a symbol such as "b" (batch), "n" (sequence length), "m" (a model's second
+#                       input's length), or a sum of them ("n + 16": a stream with 16 tokens concatenated)
 Shape = tuple  # tuple[Dim, ...]
 Causal = Literal["yes", "no", "n.a."]  # yes: has a causal form (and a bidirectional one); n.a.: per-token op
 
@@ -42,6 +43,7 @@ class OpEnv:
     pos: tuple | None = None  # (Op, params) of the position scheme applied inside attention (rope, alibi)
     vocab: int | None = None  # the model's token vocabulary, when its input is input(tokens, vocab=V)
     residual_scores: bool = False  # RealFormer: add the previous layer's raw scores (residual(..., scores=true))
+    in_causal: tuple = ()  # per input: its stream is causal (time-ordered; xattn over it reads only its past)
 
     @property
     def shape(self) -> Shape:
@@ -54,6 +56,15 @@ class OpEnv:
 
 
 def same_shape(params: OpParams, env: OpEnv) -> Shape:
+    return env.shape
+
+
+def sequence_shape(params: OpParams, env: OpEnv) -> Shape:
+    """The shape rule of an op on positions: a [b, n, d] stream in, the same out (not token ids, not a pooled
+    [b, d])."""
+    if len(env.shape) != 3 or not isinstance(env.shape[-1], int):
+        raise ShapeProblem(f"positions need a [b, n, d] stream, got [{', '.join(map(str, env.shape))}]",
+                           hint="put pos(...) after the embedding and before any pooling head")
     return env.shape
 
 
@@ -74,10 +85,16 @@ class Op:
     cost: Callable | None = None  # (params, env, symbols) -> evodsl.ops.cost.Cost, formulas over shapes only
     attach_cost: Callable | None = None  # in-attention pos ops: (params, symbols, heads, kv_heads, head_dim) -> Cost
     padding: bool = True  # honours a padding mask (attention_mask); False: its forward refuses one (E409)
+    streams: tuple = ()  # params that name a stream of the model (xattn's kv): each given one is an input
+    #                      after the first, in this order; the module's forward(x, ctx, *those streams)
 
     @property
     def id(self) -> str:
         return f"{self.family}({self.variant})"
+
+    def arity(self, params) -> int:
+        """Inputs of a call with these params: op.inputs, plus one per stream it names."""
+        return self.inputs + sum(getattr(params, f, None) is not None for f in self.streams)
 
 
 @dataclass(frozen=True)
@@ -96,11 +113,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("norm", "layernorm", "norm", "norm", "per-token normalization"),
     Family("mha", "softmax", "sublayer", "attn", "multi-head attention (token mixing)"),
     Family("mixer", None, "sublayer", "mixer", "token mixing without attention"),
+    Family("xattn", "softmax", "sublayer", "xattn", "cross-attention: queries from the stream, keys and values "
+                                                    "from a named stream (kv=NAME)"),
     Family("ffn", "mlp", "sublayer", "ffn", "position-wise feed-forward (channel mixing)"),
     Family("head", "lm", "stream", "head", "output head"),
     Family("residual", None, "internal", "scale", "residual branch scaling, used as residual(..., scale=V)"),
     Family("merge", "sum", "internal", "merge", "merge of parallel branches, used as parallel(..., merge=V)"),
     Family("dropout", "standard", "stream", "dropout", "dropout on the stream (training only)"),
+    Family("latent", "array", "stream", "latent", "a learned array of vectors [b, length, d]: a stream of its "
+                                                  "own (Perceiver latents, inducing points, memory tokens)"),
+    Family("cat", "seq", "stream", "cat", "concatenation along the sequence: named streams before (prefix=) or "
+                                          "after (suffix=) this one"),
+    Family("slice", "seq", "stream", "slice", "positions kept along the sequence: first=k, last=k, drop_first=k "
+                                              "or drop_last=k"),
 ]}
 
 REGISTRY: dict[tuple[str, str], Op] = {}
@@ -137,6 +162,8 @@ class Ctx:
     right_padded: every row of the mask is tokens then padding (HF's default), so a causal op's real queries
         never reach a padded key and it may ignore the mask (its fast path; padded positions stay finite).
     token_type_ids: segment ids [b, n] for embed(token, segments=k), or None (segment 0 everywhere).
+    mask and right_padded are those of the stream being computed (cat and slice change them with it);
+    streams holds each finished stream's (mask, right_padded), read by the ops that name a stream (xattn).
     """
 
     scores: object = None
@@ -144,3 +171,32 @@ class Ctx:
     right_padded: bool = False
     token_type_ids: object = None
     extra: dict = field(default_factory=dict)
+    streams: dict = field(default_factory=dict)
+
+
+def is_symbolic(t) -> bool:
+    """No values to read: tracing, compiling or exporting (the graph must hold for every mask), or meta."""
+    import torch
+
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting() or t.is_meta
+
+
+def right_padded(mask) -> bool:
+    """Every row is tokens, then padding (checked eagerly; never assumed while tracing or exporting)."""
+    if mask is None or is_symbolic(mask):
+        return False
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def seq_len(shape) -> Dim:
+    """The sequence length of a [b, n, ...] shape."""
+    return shape[1]
+
+
+def add_len(*dims) -> Dim:
+    """The sum of sequence lengths: an int when every one is, else a normalized symbolic sum ("n + 16")."""
+    if all(isinstance(d, int) for d in dims):
+        return sum(dims)
+    import sympy as sp
+
+    return str(sp.expand(sum(sp.sympify(str(d)) for d in dims)))

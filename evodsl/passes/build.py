@@ -12,10 +12,11 @@ from pydantic import ValidationError
 
 from ..diagnostics import Collector, Span, did_you_mean
 from ..ir import Graph, Node
-from ..ops.registry import FAMILIES, variants
+from ..ops.registry import FAMILIES
 from ..ops.registry import lookup as lookup_op
 from ..syntax import Assign, Call, ModelDef, Name, Parallel, Pipe, Program, Repeat, Residual
 from .layers import Layers, name_modules
+from .streams import Streams
 from .values import _ERR, Binding
 
 DEFAULT_D_MODEL = 512  # width of a layer compiled on its own when the spec binds no d_model
@@ -27,7 +28,7 @@ class Definition:
     span: Span
 
 
-class Builder(Layers):
+class Builder(Streams, Layers):
     def __init__(self, program: Program, overrides: dict | None = None):
         self.program = program
         self.overrides = dict(overrides or {})  # binding name -> value that replaces the spec's
@@ -43,6 +44,8 @@ class Builder(Layers):
         self._in_scores = 0  # depth of residual(..., scores=true): there, definitions are expanded
         self._calls: dict = {}  # (span and name of a call, bindings so far) -> its validated (variant, params, spans)
         self._scores: list[list] = []  # stack: mha nodes inside residual(..., scores=true)
+        self._streams = None  # a model with streams, while it is built (passes/streams.py)
+        self._scopes: list = []
 
     # ------------------------------------------------------------------ statements
 
@@ -148,6 +151,13 @@ class Builder(Layers):
     def _model(self, m: ModelDef) -> Graph | None:
         opts = {k: v for k, (v, _) in self._kwargs(m.options, {"causal": bool}, "model").items()}
         opts.setdefault("causal", self._binding_bool("causal"))
+        if m.streams:
+            if any(self._too_big(sd.body, f"stream '{sd.name}'", sd.name_span) for sd in m.streams):
+                return None
+            g = self._model_streams(m, opts)
+            if g is not None:
+                name_modules(g)
+            return g
         g = Graph(m.name, opts)
         if self._too_big(m.body, f"model '{m.name}'", m.name_span):
             return None
@@ -157,14 +167,7 @@ class Builder(Layers):
             self.c.error("E217", "a model starts with its input", first.span,
                          help="write `model NAME = input(tokens, vocab=V) -> ...` or input(features, d=D)")
             return None
-        variant = self._variant(first, FAMILIES["input"])
-        op = lookup_op("input", variant) if variant else None
-        if variant and op is None:
-            self.c.error("E202", f"unknown variant '{variant}' for op 'input'", first.args[0].span,
-                         help=did_you_mean(variant, variants("input")))
-        params, spans = self._params(op, first) if op else (None, {})
-        g.add(Node(name="x", kind="input", family="input", variant=variant, params=params, span=first.span,
-                   meta={"arg_spans": spans}))
+        g.add(self._input_node(first, "x", "n"))
         out = self._emit_items(items[1:], g, "x", wire=True)
         g.add(Node(name="out", kind="output", inputs=[out]))
         name_modules(g)

@@ -13,7 +13,7 @@ from math import prod
 import sympy as sp
 
 from ..ir import Graph, Node
-from ..ops.cost import B, N, Cost, Symbols
+from ..ops.cost import B, M, N, Cost, Symbols, length
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -34,15 +34,17 @@ class Row:
         return _num(expr, self.values, b, n)
 
 
-def _num(expr, values: dict, b: int, n: int):
+def _num(expr, values: dict, b: int, n):
+    """`expr` at batch b and length n: an int, or (n, m) for a model with two inputs (m: the second's length)."""
     if not isinstance(expr, sp.Basic):
         return expr
-    v = expr.subs(values).subs({B: b, N: n})
+    n, m = n if isinstance(n, tuple) else (n, n)
+    v = expr.subs(values).subs({B: b, N: n, M: m})
     return int(v) if v.is_integer else float(v)
 
 
 def _elems(shape) -> object:
-    return prod((B if d == "b" else N if d == "n" else int(d)) for d in shape)
+    return prod((B if d == "b" else length(d)) for d in shape)
 
 
 def _node_cost(node: Node, bytes_per: int) -> tuple[Cost, dict]:
@@ -50,7 +52,7 @@ def _node_cost(node: Node, bytes_per: int) -> tuple[Cost, dict]:
         e = _elems(node.meta["shape"])
         return Cost(fwd_other=e, bwd_other=0), {}
     env = node.meta["env"]
-    s = Symbols(env.d if isinstance(env.d, int) else None, bytes_per)
+    s = Symbols(env.d if isinstance(env.d, int) else None, bytes_per, env.shape[1] if len(env.shape) > 1 else "n")
     return node.op.cost(node.params, env, s), s.values
 
 
@@ -73,6 +75,11 @@ class Report:
     rows: list[Row]
     graph: Graph
     bytes_per: int
+    decoder_seq: int | None = None  # a model with two inputs: the second's length m (None: m = n)
+
+    def lengths(self, n: int):
+        """What the formulas take for a sequence length n: n, or (n, m) for a model with two inputs."""
+        return (n, self.decoder_seq or n) if len(self.graph.inputs) > 1 else n
 
     def __post_init__(self):
         self._rows_by_node = {id(r.node): r for r in self.rows}
@@ -113,7 +120,7 @@ class Report:
         kept: dict[str, bool] = {}
         for node in reversed(g.nodes[:-1]):
             us = users.get(node.name, [])
-            k = any(self._saves_input(u) for u in us) or (top and any(u.kind == "output" for u in us))
+            k = any(self._saves_input(u, node.name) for u in us) or (top and any(u.kind == "output" for u in us))
             k = k or any(u.kind == "call" and not rows[id(u)].cost.new_output_in_training and kept.get(u.name)
                          for u in us)
             if node.kind == "call":
@@ -132,6 +139,8 @@ class Report:
         kept = self._kept(g, top)
         steps: list[tuple[float, float]] = []
         for node in g.nodes[1:-1]:
+            if node.kind == "input":  # a second input, or a stream a repeat body reads: not the body's to keep
+                continue
             out = _num(_elems(node.meta["shape"]) * self.bytes_per, {}, b, n)
             new = True
             if node.kind == "repeat":  # values crossing between copies: kept if the body keeps its input
@@ -157,6 +166,8 @@ class Report:
                     # backward before this one runs (unless it keeps its output itself, or it is the model's)
                     if kept[node.name] and not r.cost.saves_output and not final:
                         transient -= out
+                elif r.cost.bwd_peak is not None:  # a view whose backward still makes its input's gradient
+                    transient = r.num(r.cost.bwd_peak, b, n)
             steps.append((saved + (out if kept[node.name] and new else 0.0), transient))
         return steps
 
@@ -173,9 +184,11 @@ class Report:
             best = max(best, prefix + transient + (output if i < len(steps) - 1 else 0.0))
         return int(max(best, total))
 
-    def _saves_input(self, node: Node) -> bool:
-        if node.kind == "repeat":
-            return self._body_saves_input(node.body)
+    def _saves_input(self, node: Node, value: str | None = None) -> bool:
+        """Whether `node` keeps its input `value` (default: its first) for backward."""
+        if node.kind == "repeat":  # its k-th input is its body's k-th input node
+            k = node.inputs.index(value) if value in node.inputs else 0
+            return self._kept(node.body, top=False)[node.body.inputs[k].name]
         if node.kind in ("add", "output"):
             return False
         return self._by_node()[id(node)].cost.saves_input
@@ -196,6 +209,8 @@ class Report:
         live = {g.input.name: in_bytes}
         best = base + in_bytes
         for k, node in enumerate(g.nodes[1:-1], start=1):
+            if node.kind == "input":  # a second input (the caller's), or a stream a body reads (pinned outside)
+                continue
             dying = [i for i in dict.fromkeys(node.inputs) if last[i] == k]
             if node.kind == "repeat":
                 # the block's input stays referenced while each copy runs (as in any eager loop), so it is
@@ -258,8 +273,9 @@ def _dominated(a: tuple, b: tuple) -> bool:
 
 
 def complexity(parts) -> str:
-    """'O(n^2 d)'-style class of a cost in n: its leading terms in n, with coefficients dropped, and terms of
-    the same order under 5% of the largest (at the spec's sizes, n = 1) left out.
+    """'O(n^2 d)'-style class of a cost in n (and m, a second input's length): its leading terms, with
+    coefficients dropped, and terms of the same order under 5% of the largest (at the spec's sizes, n = m = 1)
+    left out. The order of a term is its degree in n and m together (n m and m^2 are as n^2), then its logs.
 
     `parts` is a formula, or a list of (formula, {symbol: value}) pairs whose costs add up."""
     if not isinstance(parts, list):
@@ -272,11 +288,11 @@ def complexity(parts) -> str:
                 continue
             coeff, factors = t.as_coeff_Mul()
             powers = factors.as_powers_dict()
-            deg = powers.get(N, 0)
-            logs = sum(p for base, p in powers.items() if isinstance(base, sp.log) and base.has(N))
+            deg = powers.get(N, 0) + powers.get(M, 0)
+            logs = sum(p for base, p in powers.items() if isinstance(base, sp.log) and base.has(N, M))
             syms = tuple(sorted((str(k), v) for k, v in powers.items()
-                                if k != N and not isinstance(k, sp.log) and not k.is_number))
-            size = sp.sympify(t).subs(values).subs(N, 1)
+                                if not isinstance(k, sp.log) and not k.is_number))
+            size = sp.sympify(t).subs(values).subs({N: 1, M: 1})
             size = abs(float(size)) if size.is_number else 1.0
             key = ((deg, logs), syms)
             weight[key] = weight.get(key, 0.0) + size
@@ -287,12 +303,13 @@ def complexity(parts) -> str:
     biggest = max(lead.values())
     kept = [syms for syms, w in lead.items() if w >= 0.05 * biggest or not biggest]
     kept = [s for s in kept if not any(_dominated(s, o) for o in kept)]  # n*d dominates n, d^2 dominates d
-    deg, logs = top
+    _, logs = top
     parts_out = []
-    for syms in sorted(kept):
-        bits = ([("n" if deg == 1 else f"n^{deg}")] if deg else [])
-        bits += [name if p == 1 else f"{name}^{p}" for name, p in syms if p > 0]
+    lengths = {"m": 1, "n": 0}  # printed first, n before m
+    for syms in sorted(kept, key=lambda s: ([lengths.get(k, 2) for k, p in s if k in lengths and p > 0], s)):
+        ordered = sorted(syms, key=lambda kv: (lengths.get(kv[0], 2), kv[0]))
+        bits = [name if p == 1 else f"{name}^{p}" for name, p in ordered if p > 0]
         bits += (["log n"] if logs else [])
-        below = [name if p == -1 else f"{name}^{-p}" for name, p in syms if p < 0]
+        below = [name if p == -1 else f"{name}^{-p}" for name, p in ordered if p < 0]
         parts_out.append((" ".join(bits) or "1") + ("/" + " ".join(below) if below else ""))
     return "O(" + " + ".join(parts_out) + ")"

@@ -154,8 +154,11 @@ class Layers(Values):
         variant, params, spans = self._calls[key]
         if params is None:
             return x
-        node = g.add(Node(name=g.fresh(), kind="call", family=name, variant=variant, params=params, inputs=[x],
-                          span=call.span, meta={"arg_spans": spans}))
+        streams = self._stream_inputs(lookup_op(name, variant), params, call, g)  # xattn(kv=src): src's value
+        if streams is None:
+            return x
+        node = g.add(Node(name=g.fresh(), kind="call", family=name, variant=variant, params=params,
+                          inputs=[x, *streams], span=call.span, meta={"arg_spans": spans}))
         if self._scores:
             self._scores[-1].append(node)
         return node.name
@@ -235,19 +238,28 @@ class Layers(Values):
             count = _ERR
         body = Graph("body")
         body.add(Node(name="x", kind="input"))
-        out = self._emit(r.body, body, "x", wire=True)
+        if self._streams is not None:  # a model with streams: the body captures those it reads
+            self._scopes.append((body, {}))
+        try:
+            out = self._emit(r.body, body, "x", wire=True)
+            streams = self._body_streams(len(self._scopes) - 1) if self._streams is not None else []
+        finally:
+            if self._streams is not None:
+                self._scopes.pop()
         body.add(Node(name="out", kind="output", inputs=[out]))
         name_modules(body)
-        if count is _ERR:
+        if count is _ERR or streams is None:
             return x
-        return g.add(Node(name=g.fresh(), kind="repeat", inputs=[x], body=body, count=count,
+        return g.add(Node(name=g.fresh(), kind="repeat", inputs=[x, *streams], body=body, count=count,
                           shared=kw.get("shared", (False,))[0], span=r.span)).name
 
 
 def name_modules(g: Graph) -> None:
-    """Name each call/repeat node's module after its family (attn, ffn, norm1, norm2, blocks, ...)."""
+    """Name each call/repeat node's module after its family (attn, ffn, norm1, norm2, blocks, ...); in a model
+    with streams, after its stream too (encoder_embed, decoder_blocks)."""
     def base(n: Node) -> str:
-        return "blocks" if n.kind == "repeat" else FAMILIES[n.family].module_name
+        name = "blocks" if n.kind == "repeat" else FAMILIES[n.family].module_name
+        return f"{n.meta['stream']}_{name}" if g.streams and "stream" in n.meta else name
 
     owners = [n for n in g.nodes if n.kind in ("call", "repeat") or (n.kind == "input" and n.family)]
     totals: dict[str, int] = {}

@@ -13,13 +13,29 @@ class _Stop(Exception):
 
 def infer_shapes(graph: Graph, c: Collector) -> None:
     causal = bool(graph.options.get("causal", False))
-    inp = graph.input
-    vocab = getattr(inp.params, "vocab", None)
+    streams = {st.name: st.causal for st in graph.streams}
+    first = graph.inputs[0]
+    vocab = getattr(first.params, "vocab", None)
     try:
-        inp.meta["shape"] = inp.op.shape(inp.params, OpEnv(in_shapes=()))
-        _infer(graph, c, causal, vocab, pos=None, top=graph)
+        for inp in graph.inputs:
+            shape = inp.op.shape(inp.params, OpEnv(in_shapes=()))
+            length = inp.meta.get("length", "n")
+            inp.meta["shape"] = tuple(length if dim == "n" else dim for dim in shape)
+        _infer(graph, c, _Where(causal, streams, vocab, {}), top=graph)
     except _Stop:
         _clear(graph)
+
+
+class _Where:
+    """What a node's checks depend on besides its inputs: the causality of its stream (the model's when it has
+    no streams), the vocabulary, and per stream the position scheme applied inside attention from here on."""
+
+    def __init__(self, causal: bool, streams: dict, vocab, pos: dict):
+        self.causal, self.streams, self.vocab, self.pos = causal, streams, vocab, pos
+        self.vocabs: dict = {}  # stream -> the vocabulary of the input it reads tokens from
+
+    def causal_of(self, n: Node) -> bool:
+        return self.streams.get(n.meta.get("stream"), self.causal)
 
 
 def _clear(graph: Graph) -> None:
@@ -29,11 +45,14 @@ def _clear(graph: Graph) -> None:
             _clear(n.body)
 
 
-def _infer(g: Graph, c: Collector, causal: bool, vocab, pos, top: Graph):
-    for n in g.nodes[1:]:
+def _infer(g: Graph, c: Collector, where: _Where, top: Graph):
+    for n in g.nodes:
+        if n.kind == "input":
+            continue
         ins = [g.node(i).meta["shape"] for i in n.inputs]
         if n.kind == "call":
-            pos = _call(n, ins, c, causal, vocab, pos, top)
+            in_causal = tuple(where.causal_of(g.node(i)) for i in n.inputs)
+            _call(n, ins, c, where, in_causal, top)
         elif n.kind == "add":
             if tuple(ins[0]) != tuple(ins[1]):
                 c.error("E305", f"residual branch changes the shape: {fmt_shape(ins[0])} + {fmt_shape(ins[1])}",
@@ -41,8 +60,9 @@ def _infer(g: Graph, c: Collector, causal: bool, vocab, pos, top: Graph):
                 raise _Stop
             n.meta["shape"] = ins[0]
         elif n.kind == "repeat":
-            n.body.input.meta["shape"] = ins[0]
-            pos = _infer(n.body, c, causal, vocab, pos, top)
+            for inner, shape in zip(n.body.inputs, ins):
+                inner.meta["shape"] = shape
+            _infer(n.body, c, where, top)
             out = n.body.output.meta["shape"]
             if tuple(out) != tuple(ins[0]):
                 c.error("E306", f"a repeated layer must keep its shape: {fmt_shape(ins[0])} -> {fmt_shape(out)}",
@@ -51,31 +71,47 @@ def _infer(g: Graph, c: Collector, causal: bool, vocab, pos, top: Graph):
             n.meta["shape"] = ins[0]
         else:  # output
             n.meta["shape"] = ins[0]
-    return pos
+    return None
 
 
-def _call(n: Node, ins, c: Collector, causal: bool, vocab, pos_node: Node | None, top: Graph):
-    """`pos_node` is the pos(...) call whose scheme applies inside attention from here on (rope, alibi)."""
+def _call(n: Node, ins, c: Collector, where: _Where, in_causal: tuple, top: Graph):
+    """where.pos[stream] is the pos(...) call whose scheme applies inside attention from here on (rope, alibi)."""
     op = n.op
+    stream = n.meta.get("stream")
+    causal = where.causal_of(n)
+    pos_node = _pos(stream, top, where)
     pos = (pos_node.op, pos_node.params) if pos_node is not None else None
-    env = OpEnv(in_shapes=tuple(tuple(s) for s in ins), causal=causal, pos=pos, vocab=vocab,
-                residual_scores=n.residual_scores)
+    env = OpEnv(in_shapes=tuple(tuple(s) for s in ins), causal=causal, pos=pos, vocab=_vocab(n, top, where),
+                residual_scores=n.residual_scores, in_causal=in_causal)
     spans = n.meta.get("arg_spans", {})
     if causal and op.causal == "no":
-        c.error("E301", f"{op.id} has no causal form, but the model is causal", n.span,
-                help="it would let every position see the future: use another op, or model(causal=false)")
+        where_ = f"stream '{stream}' is causal" if top.streams else "the model is causal"
+        c.error("E301", f"{op.id} has no causal form, but {where_}", n.span,
+                help="it would let every position see the future: use another op, or "
+                     + (f"{stream}(causal=false)" if top.streams else "model(causal=false)"))
     if op.family == "mha" and pos is not None and pos[0].variant not in op.supports:
         c.error("E302", f"{op.id} cannot apply pos({pos[0].variant})", n.span,
                 help=f"{op.id} supports: {', '.join(sorted(op.supports - {'residual_scores'})) or 'no positions'}")
     if getattr(n.params, "tied", False):
-        embed = next((m for m in top.nodes if m.kind == "call" and (m.family, m.variant) == ("embed", "token")), None)
+        embed = next((m for m in top.nodes if m.kind == "call" and (m.family, m.variant) == ("embed", "token")),
+                     None)
+        if embed is n:
+            c.error("E307", f"{op.id} is tied, but it is the model's first embed(token): the table is its own",
+                    n.span, help="tie a later embed(token) (an encoder-decoder's target) to this one")
+            raise _Stop
         if embed is None:
-            c.error("E307", f"{op.id} is tied, but the model has no embed(token)", n.span,
+            c.error("E307", f"{op.id} is tied, but the model has no {'other ' if op.family == 'embed' else ''}"
+                            "embed(token)", n.span,
                     help="set tied=false, or embed the tokens with embed(token)")
-        elif ins and ins[0][-1] != embed.params.d_model:
+        elif ins and op.family == "head" and ins[0][-1] != embed.params.d_model:
             c.error("E308", f"{op.id} is tied to a [V, {embed.params.d_model}] embedding, but reads a stream of "
                             f"width {ins[0][-1]}", n.span,
                     help="set tied=false, or give the head the embedding's width")
+            raise _Stop
+        elif op.family == "embed" and (n.params.d_model != embed.params.d_model or env.vocab != embed.meta["env"].vocab):
+            c.error("E308", f"{op.id} is tied to the first embed(token), [{embed.meta['env'].vocab}, "
+                            f"{embed.params.d_model}], but is [{env.vocab}, {n.params.d_model}]", n.span,
+                    help="tied embeddings share one vocabulary and width")
             raise _Stop
     try:
         shape = op.shape(n.params, env)
@@ -89,4 +125,28 @@ def _call(n: Node, ins, c: Collector, causal: bool, vocab, pos_node: Node | None
             c.error("E300", p.message, pos_node.meta.get("arg_spans", {}).get(p.field, pos_node.span),
                     help=p.hint)
     n.meta["shape"], n.meta["env"] = tuple(shape), env
-    return n if op.attach is not None else pos_node
+    if op.attach is not None:
+        where.pos[stream] = n
+
+
+def _pos(stream, top: Graph, where: _Where):
+    """The scheme applied inside attention in `stream`: its own latest pos(...), else that of the stream it
+    starts from (looked up once per stream)."""
+    if stream not in where.pos:
+        st = top.stream(stream) if top.streams else None
+        where.pos[stream] = _pos(st.source[1], top, where) if st is not None and st.source[0] == "stream" else None
+    return where.pos[stream]
+
+
+def _vocab(n: Node, top: Graph, where: _Where):
+    """The vocabulary of the input the node's stream reads tokens from (the model's first input's otherwise)."""
+    stream = n.meta.get("stream")
+    if stream not in where.vocabs:
+        st = top.stream(stream) if top.streams else None
+        if st is not None and st.source[0] == "stream":
+            where.vocabs[stream] = _vocab(top.node(top.stream(st.source[1]).value), top, where)
+        elif st is not None and st.source[0] == "input":
+            where.vocabs[stream] = getattr(top.node(st.source[1]).params, "vocab", None)
+        else:
+            where.vocabs[stream] = where.vocab
+    return where.vocabs[stream]

@@ -43,10 +43,12 @@ CASES = [
     ("embed", "linear", lambda d: {"d_model": d + 8, "bias": False}),
     ("head", "lm", lambda d: {"vocab": V, "tied": False}),
     ("head", "lm", lambda d: {"vocab": V, "tied": False, "bias": True}),
+    ("head", "lm", lambda d: {"vocab": V, "tied": False, "rescale": True}),
     ("head", "linear", lambda d: {"d_out": 10}),
     ("head", "linear", lambda d: {"d_out": 3, "bias": False}),
     ("head", "pooler", lambda d: {}),
     ("pos", "learned", lambda d: {"max_len": 64}),
+    ("pos", "learned", lambda d: {"max_len": 64, "offset": 2}),
     ("pos", "sinusoidal", lambda d: {}),
     ("pos", "rope", lambda d: {}),
     ("pos", "alibi", lambda d: {}),
@@ -60,13 +62,22 @@ CASES = [
     ("residual", "rezero", lambda d: {}),
     ("dropout", "standard", lambda d: {"p": 0.1}),  # train mode: the noise is kept
     ("dropout", "standard", lambda d: {"p": 0.0}),
+    # streams: a latent array (its input gives the batch size), a memory joined before and after, slices
+    ("latent", "array", lambda d: {"length": 7, "d_model": d}),
+    ("latent", "array", lambda d: {"in_shapes": TOKENS, "vocab": V, "length": 5, "d_model": d}),
+    ("cat", "seq", lambda d: {"in_shapes": (("b", "n", d), ("b", 6, d)), "prefix": "mem"}),
+    ("cat", "seq", lambda d: {"in_shapes": (("b", "n", d), ("b", 6, d), ("b", 3, d)), "prefix": "mem",
+                              "suffix": "glob"}),
+    ("slice", "seq", lambda d: {"last": 5}),
+    ("slice", "seq", lambda d: {"drop_first": 4}),
+    ("slice", "seq", lambda d: {"first": 3}),
 ]
 
 
 def _id(case) -> str:
     family, variant, build = case
     extra = ",".join(f"{k}={v}" for k, v in build(64).items() if k != "in_shapes")
-    k = len(build(64).get("in_shapes", ())) if family == "merge" else 0
+    k = len(build(64).get("in_shapes", ())) if family in ("merge", "cat") else 0
     return f"{family}({variant}{',' + extra if extra else ''}{f',k={k}' if k else ''})"
 
 

@@ -77,15 +77,16 @@ def attention_shape(p: AttentionParams, env: OpEnv):
 class AttentionBase(nn.Module):
     """Projections q_proj, k_proj, v_proj, o_proj; `pos` is the in-attention position scheme (or None)."""
 
-    def __init__(self, p: AttentionParams, env: OpEnv):
+    def __init__(self, p: AttentionParams, env: OpEnv, d_kv: int | None = None):
+        """`d_kv`: the width of the stream keys and values are read from (cross-attention), default d."""
         super().__init__()
         d = env.d
         self.heads, self.kv_heads = p.heads, p.kv_heads or p.heads
         self.head_dim = p.head_dim or d // p.heads
         self.causal, self.dropout = env.causal, p.dropout
         self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=p.bias)
-        self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=p.bias)
-        self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=p.bias)
+        self.k_proj = nn.Linear(d_kv or d, self.kv_heads * self.head_dim, bias=p.bias)
+        self.v_proj = nn.Linear(d_kv or d, self.kv_heads * self.head_dim, bias=p.bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=p.bias)
         self.pos = env.pos[0].attach(env.pos[1], self.heads, self.head_dim) if env.pos else None
 

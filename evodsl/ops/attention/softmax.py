@@ -1,4 +1,4 @@
-"""mha(softmax): scaled dot-product attention, softmax(Q K^T / sqrt(dh)) V per head.
+"""mha(softmax): scaled dot-product attention, softmax(Q K^T / sqrt(dh)) V per head (scale=s: Q K^T * s; T5: 1).
 
 Lowers to F.scaled_dot_product_attention. With kv_heads=1 it is multi-query attention (Shazeer 2019), with
 1 < kv_heads < heads grouped-query attention (Ainslie et al. 2023). Inside residual(..., scores=true) it is
@@ -14,6 +14,8 @@ import sympy as sp
 import torch
 import torch.nn.functional as F
 
+from pydantic import Field
+
 from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, register
 from ._common import (LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols,
@@ -21,13 +23,15 @@ from ._common import (LSE_BYTES, AttentionBase, AttentionParams, attention_cost,
 
 
 class SoftmaxAttentionParams(AttentionParams):
-    pass
+    scale: float | None = Field(None, gt=0, description="score scale; default 1/sqrt(head_dim) (T5: 1.0, the "
+                                                        "scale folded into its initialisation)")
 
 
 class SoftmaxAttention(AttentionBase):
     def __init__(self, p: SoftmaxAttentionParams, env: OpEnv):
         super().__init__(p, env)
         self.residual_scores = env.residual_scores
+        self.scale = p.scale  # None: SDPA's 1/sqrt(head_dim)
 
     def _bias(self, n: int, device) -> torch.Tensor | None:
         bias = None if self.pos is None else self.pos.dense(n, device)
@@ -51,12 +55,12 @@ class SoftmaxAttention(AttentionBase):
         if allowed is not None:  # [b, 1, n, n] bool, or the bias with the padded keys at -inf, [b, h, n, n]
             bias = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop,
-                                           is_causal=self.causal and bias is None,
+                                           is_causal=self.causal and bias is None, scale=self.scale,
                                            enable_gqa=self.kv_heads != self.heads)
         return self.out(o)
 
     def _residual_scores(self, q, k, v, ctx, drop, allowed=None):
-        scores = q @ self.expand_kv(k).transpose(-1, -2) / math.sqrt(self.head_dim)
+        scores = q @ self.expand_kv(k).transpose(-1, -2) * (self.scale or 1 / math.sqrt(self.head_dim))
         if ctx.scores is not None:
             scores = scores + ctx.scores
         ctx.scores = scores
@@ -125,7 +129,8 @@ OP = register(Op(
     family="mha", variant="softmax", params=SoftmaxAttentionParams, module=SoftmaxAttention,
     causal="yes", shape=attention_shape, supports=frozenset({"rope", "alibi", "t5_bias", "residual_scores"}),
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",
-    summary="softmax(Q K^T / sqrt(dh)) V per head; kv_heads < heads shares K/V heads (MQA/GQA)",
+    summary="softmax(Q K^T * scale) V per head, scale 1/sqrt(dh) by default; kv_heads < heads shares K/V heads "
+            "(MQA/GQA)",
     cost=softmax_attention_cost,
     note="README.md; Head/002.md (MQA)",
 ))

@@ -1,4 +1,5 @@
-"""embed(token): h = E[x] (times sqrt(d_model) with scale=true, as in Vaswani et al.)."""
+"""embed(token): h = E[x] (times sqrt(d_model) with scale=true, as in Vaswani et al.). With tied=true, E is the
+model's first embed(token)'s: one table for an encoder-decoder's source and target (and a tied head)."""
 from __future__ import annotations
 
 import math
@@ -15,6 +16,8 @@ class TokenEmbeddingParams(OpParams):
     d_model: int = Field(ge=1, le=1 << 20, description="embedding width (default: the binding d_model)")
     scale: bool = Field(False, description="multiply by sqrt(d_model)")
     segments: int = Field(0, ge=0, description="token-type (segment) embeddings added, as in BERT; 0 = none")
+    tied: bool = Field(False, description="share E with the model's first embed(token) (an encoder-decoder's "
+                                          "source and target)")
 
 
 def _shape(p: TokenEmbeddingParams, env: OpEnv):
@@ -27,9 +30,13 @@ def _shape(p: TokenEmbeddingParams, env: OpEnv):
 class TokenEmbedding(nn.Module):
     def __init__(self, p: TokenEmbeddingParams, env: OpEnv):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(env.vocab, p.d_model).normal_(0.0, 0.02))
+        self.weight = None if p.tied else nn.Parameter(torch.empty(env.vocab, p.d_model).normal_(0.0, 0.02))
         self.segment = nn.Embedding(p.segments, p.d_model) if p.segments else None
         self.multiplier = math.sqrt(p.d_model) if p.scale else 1.0
+
+    def tie(self, embedding: nn.Module) -> None:
+        """Called by the backend with the model's first embed(token) module when tied=true."""
+        self.weight = embedding.weight
 
     def forward(self, ids: torch.Tensor, ctx=None) -> torch.Tensor:
         h = nn.functional.embedding(ids, self.weight)
@@ -49,12 +56,12 @@ def cost(p: TokenEmbeddingParams, env: OpEnv, s) -> Cost:
     d, V = s.sym("d", p.d_model), s.sym("V", env.vocab)
     elems = s.b * s.n * d
     steps = int(p.scale) + int(p.segments > 0)  # elementwise ops after the lookup
-    return Cost(params=(V + p.segments) * d, fwd_other=steps * elems, bwd_other=(1 + steps) * elems,
+    return Cost(params=((0 if p.tied else V) + p.segments) * d, fwd_other=steps * elems, bwd_other=(1 + steps) * elems,
                 saves_input=True, peak=(elems * s.bytes if steps else 0), bwd_peak=0)
 
 
 OP = register(Op(
     family="embed", variant="token", params=TokenEmbeddingParams, module=TokenEmbedding, causal="n.a.",
     shape=_shape, paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",
-    summary="E[x] (* sqrt(d_model) if scale)", cost=cost,
+    summary="E[x] (* sqrt(d_model) if scale); tied: E is the model's first embed(token)'s", cost=cost,
 ))

@@ -1,4 +1,5 @@
-"""head(lm): logits = h W^T, with W the token embedding E when tied=true (Press & Wolf 2016)."""
+"""head(lm): logits = h W^T, with W the token embedding E when tied=true (Press & Wolf 2016); with rescale=true,
+(h d^-1/2) W^T, as T5's tied head (Raffel et al. 2019: the embedding serves input and output at one scale)."""
 from __future__ import annotations
 
 import torch
@@ -13,6 +14,7 @@ from ..registry import Op, OpEnv, OpParams, ShapeProblem, register
 class LMHeadParams(OpParams):
     tied: bool = Field(True, description="share the weight with embed(token)")
     bias: bool = Field(False, description="learned output bias")
+    rescale: bool = Field(False, description="multiply h by d^-1/2 first (T5's tied head)")
 
 
 def _shape(p: LMHeadParams, env: OpEnv):
@@ -30,26 +32,33 @@ class LMHead(nn.Module):
         self.tied = p.tied
         self.weight = None if p.tied else nn.Parameter(torch.empty(env.vocab, env.d).normal_(0.0, 0.02))
         self.bias = nn.Parameter(torch.zeros(env.vocab)) if p.bias else None
+        self.multiplier = env.d ** -0.5 if p.rescale else None
 
     def tie(self, embedding: nn.Module) -> None:
         """Called by the backend with the model's embed(token) module when tied=true."""
         self.weight = embedding.weight
 
     def forward(self, h: torch.Tensor, ctx=None) -> torch.Tensor:
+        if self.multiplier is not None:
+            h = h * self.multiplier
         return F.linear(h, self.weight, self.bias)
 
 
 def cost(p: LMHeadParams, env: OpEnv, s) -> Cost:
     """The logits matmul, 2 b n d V; tied, the weight is embed(token)'s and adds no parameters. It keeps its
-    input; the [b, n, V] logits are its output, which the cost pass accounts for."""
+    input; the [b, n, V] logits are its output, which the cost pass accounts for. rescale: 1 FLOP per element
+    forward and backward; the matmul keeps the scaled copy instead of the input, alive at the peak too."""
     V = s.sym("V", env.vocab)
     c = linear(s, s.d, V, p.bias)
+    h = s.b * s.n * s.d
+    scaled = h * s.bytes if p.rescale else 0
     return Cost(params=(0 if p.tied else s.d * V) + (V if p.bias else 0), fwd=c.fwd, bwd=c.bwd,
-                bwd_other=c.bwd_other, saves_input=True)
+                fwd_other=h if p.rescale else 0, bwd_other=c.bwd_other + (h if p.rescale else 0),
+                saves_input=not p.rescale, saved=scaled, peak=scaled)
 
 
 OP = register(Op(
     family="head", variant="lm", params=LMHeadParams, module=LMHead, causal="n.a.", shape=_shape,
     paper="Using the Output Embedding to Improve Language Models, Press & Wolf 2016, arXiv:1608.05859",
-    summary="logits = h E^T (tied) or h W^T (+ b)", note="LLM/000.md", cost=cost,
+    summary="logits = h E^T (tied) or h W^T (+ b); rescale: h d^-1/2 first", note="LLM/000.md", cost=cost,
 ))

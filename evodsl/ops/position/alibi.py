@@ -15,7 +15,7 @@ import torch
 
 
 from ..cost import Cost, Symbols
-from ..registry import Op, OpParams, register
+from ..registry import Op, OpParams, register, sequence_shape
 from ._inattention import InAttentionPosition, InAttentionStream
 
 
@@ -57,7 +57,7 @@ def alibi_attach_cost(p: AlibiParams, s: Symbols, heads, kv_heads, head_dim) -> 
 
 
 OP = register(Op(
-    family="pos", variant="alibi", params=AlibiParams, module=InAttentionStream, causal="yes", attach=AlibiBias,
+    shape=sequence_shape, family="pos", variant="alibi", params=AlibiParams, module=InAttentionStream, causal="yes", attach=AlibiBias,
     attach_cost=alibi_attach_cost,
     cost=lambda p, env, s: Cost(inplace=True),  # the identity on the stream: free
     paper="Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation, "

@@ -14,7 +14,7 @@ from pydantic import Field
 
 
 from ..cost import Cost, Symbols
-from ..registry import Op, OpParams, ShapeProblem, register
+from ..registry import Op, OpParams, ShapeProblem, register, sequence_shape
 from ._inattention import InAttentionPosition, InAttentionStream
 
 
@@ -80,7 +80,7 @@ def rotary_attach_cost(p: RotaryParams, s: Symbols, heads, kv_heads, head_dim) -
 
 
 OP = register(Op(
-    family="pos", variant="rope", params=RotaryParams, module=InAttentionStream, causal="yes",
+    shape=sequence_shape, family="pos", variant="rope", params=RotaryParams, module=InAttentionStream, causal="yes",
     attach=Rotary, attach_cost=rotary_attach_cost,
     cost=lambda p, env, s: Cost(inplace=True),  # the identity on the stream: free
     paper="RoFormer: Enhanced Transformer with Rotary Position Embedding, Su et al. 2021, arXiv:2104.09864",

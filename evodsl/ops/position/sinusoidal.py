@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import nn
 
 from ..cost import Cost
-from ..registry import Op, OpEnv, OpParams, register
+from ..registry import Op, OpEnv, OpParams, register, sequence_shape
 
 
 class SinusoidalPositionParams(OpParams):
@@ -53,7 +53,7 @@ def cost(p: SinusoidalPositionParams, env: OpEnv, s) -> Cost:
 
 
 OP = register(Op(
-    family="pos", variant="sinusoidal", params=SinusoidalPositionParams, module=SinusoidalPosition,
+    shape=sequence_shape, family="pos", variant="sinusoidal", params=SinusoidalPositionParams, module=SinusoidalPosition,
     causal="yes",
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",
     summary="x_t + PE[t], PE(t, 2i) = sin(t / base^(2i/d)), PE(t, 2i+1) = cos(t / base^(2i/d))",

@@ -17,13 +17,13 @@ from pydantic import Field
 from torch import nn
 
 from ..cost import Cost, Symbols
-from ..registry import Op, OpEnv, OpParams, ShapeProblem, register
+from ..registry import Op, OpEnv, OpParams, ShapeProblem, register, sequence_shape
 from ._inattention import InAttentionPosition
 
 
 class T5BiasParams(OpParams):
     heads: int = Field(8, ge=1, le=4096, description="heads of the attention layers it serves (binding heads)")
-    buckets: int = Field(32, ge=2, le=4096, description="relative-distance buckets")
+    buckets: int = Field(32, ge=4, le=4096, description="relative-distance buckets (bidirectional: half per side)")
     max_distance: int = Field(128, ge=2, description="distances from here on share the last bucket")
 
 
@@ -112,13 +112,23 @@ def t5_bias_attach_cost(p: T5BiasParams, s: Symbols, heads, kv_heads, head_dim) 
                 peak=heads * n2 * s.bytes + 16 * r, saved=8 * r)
 
 
+def _shape(p: T5BiasParams, env: OpEnv):
+    sequence_shape(p, env)
+    exact = (p.buckets if env.causal else p.buckets // 2) // 2  # distances below it get a bucket each
+    if p.max_distance <= exact:
+        raise ShapeProblem(f"pos(t5_bias) max_distance={p.max_distance} does not reach past its {exact} exact "
+                           f"distances", "max_distance", f"log-spaced buckets cover {exact} .. max_distance: "
+                           f"set max_distance > {exact}, or fewer buckets")
+    return env.shape
+
+
 def t5_bias_cost(p: T5BiasParams, env: OpEnv, s: Symbols) -> Cost:
     """The identity on the stream; the table's parameters are counted here, once."""
     return Cost(params=p.buckets * p.heads, inplace=True)
 
 
 OP = register(Op(
-    family="pos", variant="t5_bias", params=T5BiasParams, module=T5BiasTable, causal="yes", attach=T5Bias,
+    family="pos", variant="t5_bias", params=T5BiasParams, module=T5BiasTable, causal="yes", attach=T5Bias, shape=_shape,
     attach_cost=t5_bias_attach_cost, cost=t5_bias_cost,
     paper="Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer, Raffel et al. "
           "2019, arXiv:1910.10683",
