@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from evodsl.ir import Graph
+from evodsl.decode import DecodeState, pick_next
+from evodsl.diagnostics import Diagnostic, EvoError
 from evodsl.ops.registry import Ctx, right_padded
 from evodsl.ops.registry import is_symbolic as _symbolic
 
@@ -42,7 +44,11 @@ class GraphModule(nn.Module):
         values = dict(zip(self._inputs, (x, *streams)))
         del x, streams
         for name, kind, module, inputs, multi, done in self._program:
-            self._enter(name, ctx)
+            given = self._enter(name, ctx)
+            if given is not None:  # decoding: a stream computed once, at the prompt (its value, or SKIP)
+                if given is not SKIP:
+                    values[name] = given
+                continue
             args = [values[i] for i in inputs]
             for i in done:  # drop each value at its last use, as eager code would
                 del values[i]
@@ -54,10 +60,18 @@ class GraphModule(nn.Module):
                 values[name] = getattr(self, module)(args[0], ctx, *args[1:])
             else:
                 values[name] = getattr(self, module)(args[0], ctx)
+            self._leave(name, values[name], ctx)
         return values[self._output]
 
-    def _enter(self, name: str, ctx: Ctx) -> None:
-        """Before each node: a model with streams switches the padding mask where a stream begins."""
+    def _enter(self, name: str, ctx: Ctx):
+        """Before each node: a model with streams switches the padding mask where a stream begins; decoding, a
+        stream computed at the prompt gives its value (or SKIP) instead of being run again."""
+
+    def _leave(self, name: str, value: torch.Tensor, ctx: Ctx) -> None:
+        """After each node: decoding keeps the value of a stream that is computed once."""
+
+
+SKIP = object()  # _enter's answer for a node whose value is not needed again
 
 
 class Repeat(nn.ModuleList):
@@ -89,6 +103,15 @@ class EvoModel(GraphModule):
         self.input_shapes = {n.name: tuple(n.meta["shape"]) for n in graph.inputs}
         self.extra_inputs = extra_inputs(graph)  # the optional arguments it honours, after its input
         self.streams = [(st.name, st.causal) for st in graph.streams]
+        self._causal_output = graph.streams[-1].causal if graph.streams else bool(graph.options.get("causal"))
+        self._forms = [(n.op.id, n.op.decode_form(n.params)) for n in graph.calls()]
+        # decoding an encoder-decoder: the streams that do not read the target (the encoder) run once, at the
+        # prompt; their last values are kept in the state (and their nodes skipped at every step)
+        static = self._static = graph.static_streams()
+        self._static_nodes = {n.name for n in graph.nodes if n.kind != "input" and n.meta.get("stream") in static}
+        self._static_values = {st.value: st.name for st in graph.streams if st.name in static}
+        self._static_reads = [(n.op.id, n.params.kv) for n in graph.calls() if n.family == "xattn"
+                              and n.params.kv not in static]
         # where each stream begins: (stream, where its mask comes from: ("input", arg) / ("stream", name) / None)
         masks = dict(zip([n.name for n in graph.inputs], MASK_ARGS))
         self._switch = {}
@@ -118,13 +141,18 @@ class EvoModel(GraphModule):
         token_type_ids [b, n] for embed(token, segments=k)."""
         return self._run([input_ids], {"attention_mask": attention_mask}, token_type_ids)
 
-    def _run(self, inputs: list, masks: dict, token_type_ids=None) -> torch.Tensor:
+    def _run(self, inputs: list, masks: dict, token_type_ids=None, state: DecodeState | None = None) -> torch.Tensor:
         masks = {k: key_padding(v) for k, v in masks.items()}
         first = masks.get("attention_mask")
-        ctx = Ctx(mask=first, right_padded=right_padded(first), token_type_ids=token_type_ids)
-        ctx.extra["masks"] = masks
+        ctx = Ctx(mask=first, right_padded=right_padded(first), token_type_ids=token_type_ids, cache=state,
+                  offset=state.seen if state is not None else 0)
+        ctx.extra["masks"], ctx.extra["cache"] = masks, state
         for name, arg in self._input_streams:
             self._finish(ctx, name, masks.get(arg))
+        if state is not None and state.seen:  # the masks of the streams computed at the prompt
+            for key, value in state.kept.items():
+                if isinstance(key, tuple) and key[0] == "mask":
+                    ctx.streams[key[1]] = value
         return GraphModule.forward(self, inputs[0], ctx, *inputs[1:])
 
     def _finish(self, ctx: Ctx, stream: str, mask) -> None:
@@ -133,10 +161,12 @@ class EvoModel(GraphModule):
         for same in self._same_mask.get(stream, ()):
             self._finish(ctx, same, mask)
 
-    def _enter(self, name: str, ctx: Ctx) -> None:
+    def _enter(self, name: str, ctx: Ctx):
+        if ctx.cache is not None and ctx.offset and name in self._static_nodes:  # computed at the prompt
+            return ctx.cache.kept.get(name, SKIP)
         switch = self._switch.get(name)
         if switch is None:
-            return
+            return None
         stream, src = switch
         prev = ctx.extra.get("stream")
         if prev is not None:
@@ -146,6 +176,78 @@ class EvoModel(GraphModule):
             ctx.token_type_ids = None  # segments belong to the first input's tokens
         ctx.mask, ctx.right_padded = mask, right_padded(mask)
         ctx.extra["stream"] = stream
+        ctx.cache = None if stream in self._static else ctx.extra.get("cache")  # an encoder runs as a forward
+        return None
+
+    def _leave(self, name: str, value: torch.Tensor, ctx: Ctx) -> None:
+        state = ctx.extra.get("cache")
+        if state is not None and not ctx.offset and name in self._static_values:  # the prompt: keep it, and its
+            state.kept[name] = _shape_only(value)  # mask, for the steps after: the value itself is read again by
+            # no op (cross-attention keeps its K/V), only its shape (cat)
+            state.kept[("mask", self._static_values[name])] = (ctx.mask, ctx.right_padded)
+
+    # ---------------------------------------------------------------- decoding
+
+    def decodable(self) -> str | None:
+        """Why this model cannot decode incrementally (generate), or None if it can: its output stream must be
+        causal, give next-token logits, and every op must have a step form (cross-attention: over a stream
+        computed once, an encoder's)."""
+        if not self._causal_output:
+            return "the model is not causal: every position reads the whole sequence, so there is nothing to extend"
+        for op_id, kv in self._static_reads:
+            return f"{op_id} reads stream '{kv}', which grows while decoding (it would be read again each step)"
+        length = "m" if len(self._inputs) > 1 else "n"
+        if self.input_kind != "tokens" or len(self.output_shape) != 3 or self.output_shape[1] != length:
+            return "it does not give next-token logits at every position (input(tokens) ... head(lm))"
+        for op_id, form in self._forms:
+            if form is None:
+                return f"{op_id} has no step form"
+        return None
+
+    def decode(self, input_ids: torch.Tensor, state: DecodeState | None = None) -> tuple[torch.Tensor, DecodeState]:
+        """Run the next tokens [b, k] after those `state` has seen (None: a fresh state, i.e. a prompt): returns
+        their logits [b, k, vocab] and the state after them. A prompt, its pieces one by one (chunked prefill)
+        and then one token at a time give the full forward's logits at every position. No padding: every row
+        has the same number of tokens."""
+        why = self.decodable()
+        if why is not None:
+            raise EvoError([Diagnostic("E411", f"'{self.graph_name}' cannot decode: {why}",
+                                       help="generate needs a causal model whose every op has a step form "
+                                            "(evodsl ops --json lists each op's)")])
+        state = DecodeState() if state is None else state
+        out = self._run([input_ids], {}, state=state)
+        state.seen += input_ids.shape[1]
+        return out, state
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """input_ids [b, n] -> [b, n + max_new_tokens]: greedy by default; with do_sample, a sample at
+        `temperature` from the top_k tokens and the top_p nucleus (reproducible with `generator`). A row stops at
+        eos_token_id and is padded with it after. One prefill of the prompt, then one step per token."""
+        return self._generate(input_ids, self.decode, max_new_tokens, do_sample, temperature, top_k, top_p,
+                              eos_token_id, generator)
+
+    def _generate(self, input_ids, first, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                  generator) -> torch.Tensor:
+        """One prefill (`first(input_ids)` -> logits, state), then one decode step per new token."""
+        logits, state = first(input_ids)
+        out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i in range(max_new_tokens):
+            nxt = pick_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill(done, eos_token_id)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+                break
+            logits, state = self.decode(nxt[:, None], state)
+        ids = torch.cat(out, dim=1)
+        missing = input_ids.shape[1] + max_new_tokens - ids.shape[1]  # every row stopped early
+        if missing:
+            ids = torch.cat([ids, ids.new_full((ids.shape[0], missing), eos_token_id)], dim=1)
+        return ids
 
     def input_modules(self) -> list[nn.Module]:
         """The modules that read the model's inputs (its embeddings; a latent array reads the batch size)."""
@@ -169,6 +271,45 @@ class EvoSeq2SeqModel(EvoModel):
         decoder_attention_mask [b, m]: 1 for a token, 0 for padding (None: nothing padded)."""
         return self._run([input_ids, decoder_input_ids],
                          {"attention_mask": attention_mask, "decoder_attention_mask": decoder_attention_mask})
+
+    def decode(self, decoder_input_ids: torch.Tensor, state: DecodeState | None = None,
+               input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
+        """The next target tokens [b, k] after those `state` has seen. The first call (state None) takes the
+        source, input_ids [b, n] (and its attention_mask): the encoder runs once, its output and every
+        cross-attention's K/V stay in the state. Returns (logits [b, k, vocab], state)."""
+        why = self.decodable()
+        if why is not None:
+            raise EvoError([Diagnostic("E411", f"'{self.graph_name}' cannot decode: {why}")])
+        if state is None:
+            if input_ids is None:
+                raise EvoError([Diagnostic("E411", "the first decode of an encoder-decoder needs the source",
+                                           help="model.decode(decoder_input_ids, input_ids=source_ids)")])
+            state = DecodeState()
+            state.kept["input_ids"] = _shape_only(input_ids)  # later steps skip the encoder, its only reader
+        source = input_ids if not state.seen else state.kept["input_ids"]
+        out = self._run([source, decoder_input_ids], {"attention_mask": attention_mask}, state=state)
+        state.seen += decoder_input_ids.shape[1]
+        return out, state
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None = None,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
+                 decoder_start_token_id: int = 0) -> torch.Tensor:
+        """The target for the source input_ids [b, n]: decoder_input_ids [b, k] (default: one
+        decoder_start_token_id, 0 as T5's and Marian's pad; BART starts from 2), then max_new_tokens more, as
+        EvoModel.generate. Returns [b, k + max_new_tokens]."""
+        if decoder_input_ids is None:
+            decoder_input_ids = input_ids.new_full((input_ids.shape[0], 1), decoder_start_token_id)
+        first = lambda ids: self.decode(ids, input_ids=input_ids, attention_mask=attention_mask)  # noqa: E731
+        return self._generate(decoder_input_ids, first, max_new_tokens, do_sample, temperature, top_k, top_p,
+                              eos_token_id, generator)
+
+
+def _shape_only(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of t's shape holding one element: what a step needs of a value computed at the prompt."""
+    return t.new_zeros(()).expand(t.shape)
 
 
 MASK_ARGS = ("attention_mask", "decoder_attention_mask")  # the padding mask of each input, in order

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .diagnostics import EvoError
+from .diagnostics import Diagnostic, EvoError
 
 EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -25,6 +25,51 @@ def _cmd_check(args) -> int:
         print(f"stream {st.name}: [{shape}], {'causal' if st.causal else 'bidirectional'}, from {start}"
               + (f", reads {', '.join(reads)}" if reads else ""))
     return EXIT_OK
+
+
+def _cmd_generate(args) -> int:
+    """Generate from a causal LM (or an encoder-decoder, given --source): a text prompt for a byte-level model
+    (vocab 256: the prompt's UTF-8 bytes, the output decoded back), token ids (--ids 1,2,3) in and out otherwise."""
+    import evodsl
+    import torch
+
+    model = (evodsl.load(args.weights) if args.weights else
+             evodsl.compile(Path(args.spec), seed=args.seed, overrides=dict(args.set)))
+    if args.weights and str(evodsl.parse(Path(args.spec), dict(args.set))) != str(evodsl.parse(model.spec, model.overrides)):
+        raise EvoError([Diagnostic("E408", f"the weights in {args.weights} were built from another spec "
+                                           f"('{model.graph_name}' from {model.spec_file})")])
+    byte_level = model.input_shapes and len(model.input_shape) == 2 and _vocab(model) == 256
+
+    def tokens(text: str | None, ids: str | None, what: str):
+        if ids is not None:
+            return torch.tensor([[int(t) for t in ids.split(",") if t.strip()]])
+        if text is None:
+            return None
+        if not byte_level:
+            raise EvoError([Diagnostic("E412", f"a text {what} needs a byte-level model (vocab 256)",
+                                       help=f"give token ids: --{'source-' if what == 'source' else ''}ids 1,2,3")])
+        return torch.tensor([list(text.encode("utf-8"))])
+
+    prompt = tokens(args.prompt, args.ids, "prompt")
+    source = tokens(args.source, args.source_ids, "source")
+    gen = torch.Generator().manual_seed(args.seed)
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, eos_token_id=args.eos, generator=gen)
+    if source is not None:
+        out = model.generate(source, decoder_input_ids=prompt, **kw)
+    else:
+        if prompt is None:
+            raise EvoError([Diagnostic("E412", "nothing to continue", help="give --prompt TEXT or --ids 1,2,3")])
+        out = model.generate(prompt, **kw)
+    row = out[0].tolist()
+    as_text = byte_level and (args.prompt is not None or (args.ids is None and args.source is not None))
+    print(bytes(row).decode("utf-8", errors="replace") if as_text else ",".join(map(str, row)))  # as given
+    return EXIT_OK
+
+
+def _vocab(model) -> int | None:
+    head = getattr(model, "output_shape", ())
+    return head[-1] if len(head) == 3 and isinstance(head[-1], int) else None
 
 
 def _calls_in(graph, stream: str):
@@ -196,7 +241,9 @@ def _cmd_ops(args) -> int:
                            "description": f.description or ""})
         rows.append({"op": op.id, "family": family, "variant": variant, "causal": op.causal,
                      "summary": op.summary, "paper": op.paper, "note": op.note, "params": params,
-                     "supports": sorted(op.supports)})
+                     "supports": sorted(op.supports),
+                     "decode": (op.decode.__doc__.strip().splitlines()[0] if callable(op.decode) and op.decode.__doc__
+                                else op.decode)})
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return EXIT_OK
@@ -279,6 +326,24 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--plot", metavar="PNG", help="draw FLOPs and memory against n on log axes")
     _add_set(k)
     k.set_defaults(run=_cmd_cost)
+    gn = sub.add_parser("generate", help="continue a prompt with a causal LM (or translate with an encoder-decoder)",
+                        description="Generate tokens: a text prompt for byte-level models (vocab 256), token ids "
+                                    "otherwise. The weights of an artifact (compile -o), or those of --seed.")
+    gn.add_argument("spec", metavar="SPEC", help="a .evo file")
+    gn.add_argument("--weights", metavar="ARTIFACT", help="weights written by evodsl compile SPEC -o FILE")
+    gn.add_argument("--prompt", metavar="TEXT", help="the text to continue (byte-level models)")
+    gn.add_argument("--ids", metavar="I,J,...", help="the token ids to continue")
+    gn.add_argument("--source", metavar="TEXT", help="an encoder-decoder's source text (byte-level models)")
+    gn.add_argument("--source-ids", metavar="I,J,...", help="an encoder-decoder's source token ids")
+    gn.add_argument("--max-new-tokens", type=_positive, default=32, metavar="N", help="tokens to add (default 32)")
+    gn.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    gn.add_argument("--temperature", type=float, default=1.0)
+    gn.add_argument("--top-k", type=_positive, default=None, metavar="K")
+    gn.add_argument("--top-p", type=float, default=None, metavar="P")
+    gn.add_argument("--eos", type=int, default=None, metavar="ID", help="stop a row at this token")
+    gn.add_argument("--seed", type=int, default=0, help="weights (without --weights) and sampling seed")
+    _add_set(gn)
+    gn.set_defaults(run=_cmd_generate)
     o = sub.add_parser("ops", help="list the registered ops", description="List every op with its parameters.")
     fmt = o.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="machine-readable output")

@@ -98,6 +98,18 @@ class Graph:
     def inputs(self) -> list[Node]:
         return [n for n in self.nodes if n.kind == "input"]
 
+    def static_streams(self) -> set[str]:
+        """In a model with two inputs, the streams that do not start from the second (the target) or from a
+        stream that does: an encoder's, computed once when decoding (no decoding state of their own)."""
+        if len(self.inputs) < 2:
+            return set()
+        target, dynamic = self.inputs[1].name, set()
+        for st in self.streams:
+            if (st.source[0] == "input" and st.source[1] == target) or (st.source[0] == "stream"
+                                                                          and st.source[1] in dynamic):
+                dynamic.add(st.name)
+        return {st.name for st in self.streams} - dynamic
+
     def stream(self, name: str) -> Stream | None:
         if len(getattr(self, "_stream_index", ())) != len(self.streams):
             self._stream_index = {s.name: s for s in self.streams}

@@ -36,7 +36,7 @@ def cost_data(report: Report, seq: int, batch: int, dtype: str) -> dict:
     fwd_mm, fwd_other = _at(totals["fwd"], b, n), _at(totals["fwd_other"], b, n)
     bwd_mm, bwd_other = _at(totals["bwd"], b, n), _at(totals["bwd_other"], b, n)
     params = report.params()
-    layers = []
+    layers, decoding = [], {id(r) for r in report.decoding_rows()}
     for r in report.rows:
         c = {f: sp.sympify(getattr(r.cost, f)).subs(r.values) for f in FIELDS}
         layers.append({
@@ -47,7 +47,7 @@ def cost_data(report: Report, seq: int, batch: int, dtype: str) -> dict:
                       "forward_other": _at(c["fwd_other"], b, n) * r.count,
                       "backward": (_at(c["bwd"], b, n) + _at(c["bwd_other"], b, n)) * r.count},
             "memory": {"saved_for_backward": (_at(c["saved"], b, n)) * r.count,
-                       "output": _at(r.out_bytes, b, n), "kv_cache": _at(c["cache"], b, n) * r.count},
+                       "output": _at(r.out_bytes, b, n), "kv_cache": _at(c["cache"], b, n) * r.count * (id(r) in decoding)},
             "complexity": {"time": complexity([(sp.sympify(r.cost.fwd) + r.cost.fwd_other, r.values)]),
                            "memory": complexity([(sp.sympify(r.cost.saved) + r.out_bytes, r.values)])},
         })

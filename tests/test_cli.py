@@ -264,3 +264,31 @@ def test_cost_takes_the_target_length(capsys):
     code, out, _ = run(["cost", T5, "--seq", "512", "--decoder-seq", "64"], capsys)
     assert "batch 1, seq 512, decoder seq 64, float32" in out
     assert "time O(n^2 d + m^2 d + n m d)" in out
+
+
+# ---------------------------------------------------------------- generate
+
+CHAR_LM = ("vocab = 256\nd_model = 32\nheads = 4\n"
+           "model char(causal=true) = input(tokens) -> embed(token) -> pos(rope) -> repeat(norm -> mha -> norm -> ffn, 2)"
+           " -> norm -> head(lm)\n")
+
+
+def test_generate_continues_a_text_prompt_with_saved_weights(tmp_path, capsys):
+    spec = tmp_path / "char.evo"
+    spec.write_text(CHAR_LM)
+    assert run(["compile", spec, "--seed", "4", "-o", tmp_path / "w.pt"], capsys)[0] == 0
+    code, out, err = run(["generate", spec, "--weights", tmp_path / "w.pt", "--prompt", "abc", "--max-new-tokens",
+                          "7"], capsys)
+    assert code == 0, err
+    model = evodsl.load(tmp_path / "w.pt")
+    want = model.generate(torch.tensor([list(b"abc")]), max_new_tokens=7)[0].tolist()
+    assert out == bytes(want).decode("utf-8", errors="replace") + "\n"
+    code, out, _ = run(["generate", spec, "--ids", "97,98,99", "--max-new-tokens", "7", "--seed", "4"], capsys)
+    assert code == 0 and out.strip() == ",".join(map(str, want))  # the same seed's weights, as token ids
+
+
+def test_generate_says_what_it_cannot_do(tmp_path, capsys):
+    code, _, err = run(["generate", GPT2, "--prompt", "hi", "--set", "layers=1"], capsys)
+    assert code == 1 and "E412" in err and "byte-level" in err
+    code, _, err = run(["generate", ROOT / "specs" / "bert.evo", "--ids", "1,2", "--set", "layers=1"], capsys)
+    assert code == 1 and "E411" in err and "not causal" in err

@@ -143,3 +143,25 @@ def test_gpt2_padded_batch_matches_hf_attention_mask():
         want, got = hf(ids, attention_mask=mask).logits, evo(ids, attention_mask=mask)
     real = mask.bool()
     torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)
+
+
+def test_gpt2_greedy_generate_matches_hf():
+    """HF GPT-2 with its KV cache and ours with its decoding state, the same weights: 16 greedy tokens alike."""
+    config = transformers.GPT2Config(vocab_size=TINY["vocab"], n_positions=TINY["n_ctx"], n_embd=TINY["d_model"],
+                                     n_head=TINY["heads"], n_layer=TINY["layers"], resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=None,
+                                     pad_token_id=0)
+    torch.manual_seed(2)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    evo = evodsl.compile(tiny_gpt2_spec())
+    evo.load_state_dict(gpt2_weights_to_evodsl(hf.state_dict(), TINY["layers"], TINY["d_model"]), strict=True)
+    prompt = torch.randint(0, TINY["vocab"], (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
+                           min_new_tokens=16)
+    got = evo.generate(prompt, max_new_tokens=16)
+    assert torch.equal(got, want)

@@ -87,10 +87,16 @@ class Op:
     padding: bool = True  # honours a padding mask (attention_mask); False: its forward refuses one (E409)
     streams: tuple = ()  # params that name a stream of the model (xattn's kv): each given one is an input
     #                      after the first, in this order; the module's forward(x, ctx, *those streams)
+    decode: object = "per token"  # how it runs incrementally (ctx.cache, ctx.offset): what it keeps between
+    #                      calls, in words; None: no step form (generate refuses it); a callable(params) -> either
 
     @property
     def id(self) -> str:
         return f"{self.family}({self.variant})"
+
+    def decode_form(self, params) -> str | None:
+        """How this call decodes (what it keeps between steps), or None if it cannot."""
+        return self.decode(params) if callable(self.decode) else self.decode
 
     def arity(self, params) -> int:
         """Inputs of a call with these params: op.inputs, plus one per stream it names."""
@@ -164,9 +170,14 @@ class Ctx:
     token_type_ids: segment ids [b, n] for embed(token, segments=k), or None (segment 0 everywhere).
     mask and right_padded are those of the stream being computed (cat and slice change them with it);
     streams holds each finished stream's (mask, right_padded), read by the ops that name a stream (xattn).
+
+    cache: decoding state (evodsl.decode.DecodeState) when the model runs incrementally, else None; offset:
+        the positions of the current stream already seen (in the cache), where the new ones start.
     """
 
     scores: object = None
+    cache: object = None
+    offset: int = 0
     mask: object = None
     right_padded: bool = False
     token_type_ids: object = None

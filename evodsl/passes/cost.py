@@ -91,8 +91,15 @@ class Report:
     # ---------------------------------------------------------------- symbolic totals
 
     def total(self, attr: str):
-        """Sum of one Cost field over all executions (a formula in b, n, numbers substituted)."""
-        return sp.expand(sum(sp.sympify(getattr(r.cost, attr)).subs(r.values) * r.count for r in self.rows))
+        """Sum of one Cost field over all executions (a formula in b, n, numbers substituted); the decoding state
+        ("cache") over the layers that keep one (not an encoder's)."""
+        rows = self.decoding_rows() if attr == "cache" else self.rows
+        return sp.expand(sum(sp.sympify(getattr(r.cost, attr)).subs(r.values) * r.count for r in rows))
+
+    def decoding_rows(self) -> list:
+        """The rows that keep decoding state: all, but an encoder's (it runs once, at the prompt)."""
+        static = self.graph.static_streams()
+        return [r for r in self.rows if r.node.meta.get("stream") not in static]
 
     def params(self) -> int:
         total = 0
@@ -231,7 +238,8 @@ class Report:
         return best
 
     def kv_cache(self, b: int, n: int) -> int:
-        return int(sum(r.num(r.cost.cache, b, n) * r.count for r in self.rows))
+        """Decoding state after n tokens (an encoder's layers keep none: it runs once, at the prompt)."""
+        return int(sum(r.num(r.cost.cache, b, n) * r.count for r in self.decoding_rows()))
 
 
 def _shared(graph: Graph, row: Row) -> bool:

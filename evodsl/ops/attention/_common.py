@@ -35,6 +35,7 @@ from dataclasses import replace
 
 import sympy as sp
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -90,14 +91,15 @@ class AttentionBase(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=p.bias)
         self.pos = env.pos[0].attach(env.pos[1], self.heads, self.head_dim) if env.pos else None
 
-    def qkv(self, x: torch.Tensor):
-        """q [b, h, n, dh]; k, v [b, kv_heads, n, dh]; the position scheme's rotation applied to q and k."""
+    def qkv(self, x: torch.Tensor, offset: int = 0):
+        """q [b, h, n, dh]; k, v [b, kv_heads, n, dh]; the position scheme's rotation applied to q and k (at
+        positions offset.. when decoding)."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.pos is not None:
-            q, k = self.pos.rotate(q, k)
+            q, k = self.pos.rotate(q, k, offset)
         return q, k, v
 
     def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
@@ -125,6 +127,29 @@ class AttentionBase(nn.Module):
         if self.causal:
             keep = keep & (idx[None, :] <= idx[:, None])
         return keep | (own & ~keep.any(-1, keepdim=True))
+
+    def window_step(self, x: torch.Tensor, ctx, window: int, bias=None) -> torch.Tensor:
+        """Decoding a causal band (local, adaptive span): the new queries against the cached K/V of the last
+        `window` positions and their own, query t reading keys t-window+1 .. t, with the additive score `bias(i,
+        j)` [h, ...] of positions (ALiBi's added); the cache then keeps the last `window` (rotated, K/V heads)."""
+        start = ctx.offset
+        q, k, v = self.qkv(x, start)
+        old = ctx.cache.caches.get(id(self))
+        if old is not None:
+            k, v = torch.cat((old[0], k), dim=2), torch.cat((old[1], v), dim=2)
+        n, keys = q.shape[2], k.shape[2]
+        i = torch.arange(start, start + n, device=x.device)[:, None]
+        j = torch.arange(start + n - keys, start + n, device=x.device)[None, :]
+        keep = (j <= i) & (j > i - window)
+        mask = torch.zeros(keep.shape, dtype=q.dtype, device=x.device).masked_fill_(~keep, float("-inf"))
+        for extra in (self.position_bias(i, j), None if bias is None else bias(i, j)):
+            if extra is not None:
+                mask = mask + extra.to(q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
+        if keys > window:  # keep the last w alone (a view would keep the whole concatenation alive)
+            k, v = k[:, :, -window:].clone(), v[:, :, -window:].clone()
+        ctx.cache.caches[id(self)] = (k, v)
+        return self.out(o)
 
     def position_bias(self, i: torch.Tensor, j: torch.Tensor):
         """Additive score bias [h, *broadcast(i, j)] from the position scheme (ALiBi), or None."""

@@ -69,11 +69,21 @@ class AdaptiveSpanAttention(AttentionBase):
             return self.max_span - 1
         return min(self.max_span - 1, math.floor(self.R + z.detach().max().item()))
 
+    def _log_mask(self, z: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """log m_z(x) [h, *x] for the distances x of positions i, j (-inf where m = 0)."""
+        dist = i - j if self.causal else (i - j).abs()
+        m = ((self.R + z.view(-1, *(1,) * dist.dim()) - dist) / self.R).clamp(max=1.0)  # [h, *dist]
+        pos = m > 0
+        return torch.where(pos, torch.where(pos, m, 1.0).log(), float("-inf"))  # no 0 * inf in grads
+
     def forward(self, x, ctx):
+        if ctx is not None and ctx.cache is not None:  # decoding: the last S positions' K/V
+            z = self.spans().to(self.q_proj.weight.dtype)
+            return self.window_step(x, ctx, self.max_span, lambda i, j: self._log_mask(z, i, j))
         q, k, v = self.qkv(x)
         z = self.spans().to(q.dtype)
 
-        def bias(i, j):
+        def bias(i, j):  # the soft mask written out here, as its cost counts it (ALiBi's built beside it)
             dist = i - j if self.causal else (i - j).abs()
             m = ((self.R + z.view(-1, *(1,) * dist.dim()) - dist) / self.R).clamp(max=1.0)  # [h, *dist]
             pos = m > 0
@@ -104,6 +114,7 @@ def adaptive_span_cost(p: AdaptiveSpanAttentionParams, env: OpEnv, s: Symbols) -
 
 
 OP = register(Op(
+    decode="a cache of the last max_span keys and values (kv_heads heads), the soft mask on them",
     family="mha", variant="adaptive_span", params=AdaptiveSpanAttentionParams, module=AdaptiveSpanAttention,
     causal="yes", shape=adaptive_span_shape, supports=frozenset({"rope", "alibi"}),
     paper="Adaptive Attention Span in Transformers, Sukhbaatar et al. 2019, arXiv:1905.07799",

@@ -50,12 +50,30 @@ class LinearAttention(AttentionBase):
         self.phi, self.eps = p.phi, p.eps
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        if ctx is not None and ctx.cache is not None:
+            return self._step(x, ctx)
         q, k, v = self.qkv(x)
         k, v = self.expand_kv(k), self.expand_kv(v)
         # padded keys add nothing to the sums S and z: their phi(k) is zeroed
         key_mask = self.key_mask(ctx)
         keep = None if key_mask is None else key_mask[:, None, :, None].to(q.dtype)
         return self.out(self._causal(q, k, v, keep) if self.causal else self._bidirectional(q, k, v, keep))
+
+    def _step(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        """Decoding (causal): the new tokens read the running sums S = sum_j phi(k_j) v_j^T and z = sum_j phi(k_j)
+        of every earlier token, plus each other causally; then S and z take theirs in. The state is [dh x dh]
+        and [dh] per K/V head, whatever the number of tokens."""
+        q, k, v = self.qkv(x, ctx.offset)
+        phi = FEATURE_MAPS[self.phi]
+        q, k = phi(q), phi(k)
+        b, kvh, n, dh = k.shape
+        s, z = ctx.cache.caches.get(id(self), (k.new_zeros(b, kvh, dh, v.shape[-1]), k.new_zeros(b, kvh, dh)))
+        kx, vx = self.expand_kv(k), self.expand_kv(v)
+        a = (q @ kx.transpose(-1, -2)).masked_fill_(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), 0.0)
+        num = q @ self.expand_kv(s) + a @ vx
+        den = (q * self.expand_kv(z)[:, :, None, :]).sum(-1, keepdim=True) + a.sum(-1, keepdim=True)
+        ctx.cache.caches[id(self)] = (s + k.transpose(-1, -2) @ v, z + k.sum(-2))
+        return self.out(num / (den + self.eps))
 
     def _bidirectional(self, q, k, v, keep=None):
         phi = FEATURE_MAPS[self.phi]
@@ -155,6 +173,7 @@ def linear_attention_cost(p: LinearAttentionParams, env: OpEnv, s: Symbols) -> C
 
 
 OP = register(Op(
+    decode="the running sums S [dh x dh] and z [dh] per K/V head: constant in the tokens seen",
     family="mha", variant="linear", params=LinearAttentionParams, module=LinearAttention,
     causal="yes", shape=linear_attention_shape, supports=frozenset({"rope"}),
     paper="Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention, Katharopoulos et al. "

@@ -29,12 +29,19 @@ class LocalAttention(AttentionBase):
         self.window = p.window
 
     def forward(self, x, ctx):
+        if ctx is not None and ctx.cache is not None:
+            return self._step(x, ctx)
         q, k, v = self.qkv(x)
         lo = self.window - 1
         bias = self.position_bias if self.pos is not None else None
         o = banded_attention(q, self.expand_kv(k), self.expand_kv(v), lo, 0 if self.causal else lo, bias,
                              dropout=self.dropout if self.training else 0.0, key_mask=self.key_mask(ctx))
         return self.out(o)
+
+
+    def _step(self, x, ctx):
+        """Decoding (causal): each new query reads the last w positions; the cache keeps their K/V."""
+        return self.window_step(x, ctx, self.window)
 
 
 def local_attention_cost(p: LocalAttentionParams, env: OpEnv, s: Symbols) -> Cost:
@@ -44,6 +51,7 @@ def local_attention_cost(p: LocalAttentionParams, env: OpEnv, s: Symbols) -> Cos
 
 
 OP = register(Op(
+    decode="a cache of the last w keys and values (kv_heads heads)",
     family="mha", variant="local", params=LocalAttentionParams, module=LocalAttention,
     causal="yes", shape=attention_shape, supports=frozenset({"rope", "alibi"}),
     paper="Simple Local Attentions Remain Competitive for Long-Context Tasks, Xiong et al. 2021, "

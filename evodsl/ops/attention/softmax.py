@@ -18,6 +18,7 @@ from pydantic import Field
 
 from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, register
+from ...decode import append_kv
 from ._common import (LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols,
                       learned_bias, position_cost, rotates, score_bias)
 
@@ -33,16 +34,26 @@ class SoftmaxAttention(AttentionBase):
         self.residual_scores = env.residual_scores
         self.scale = p.scale  # None: SDPA's 1/sqrt(head_dim)
 
-    def _bias(self, n: int, device) -> torch.Tensor | None:
-        bias = None if self.pos is None else self.pos.dense(n, device)
+    def _bias(self, n: int, device, start: int = 0) -> torch.Tensor | None:
+        """The position scheme's bias [h, n, start + n] of queries start.. against keys 0.. (decoding: start
+        positions are cached), -inf after each query when causal; None without a scheme that adds one."""
+        if self.pos is None:
+            return None
+        if start:
+            i, j = torch.arange(start, start + n, device=device), torch.arange(start + n, device=device)
+            bias = self.pos.bias(i[:, None], j[None, :])
+        else:
+            bias = self.pos.dense(n, device)
         if bias is not None and self.causal:
-            idx = torch.arange(n, device=device)
-            bias.masked_fill_(idx[None, :] > idx[:, None], float("-inf"))  # in place: the bias is ours, new
+            i, j = torch.arange(start, start + n, device=device), torch.arange(start + n, device=device)
+            bias.masked_fill_(j[None, :] > i[:, None], float("-inf"))  # in place: the bias is ours, new
         return bias
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         if self.pos is not None:
             self.pos.bind(ctx)
+        if ctx is not None and ctx.cache is not None:
+            return self._step(x, ctx)
         q, k, v = self.qkv(x)
         n = x.shape[1]
         drop = self.dropout if self.training else 0.0
@@ -59,13 +70,34 @@ class SoftmaxAttention(AttentionBase):
                                            enable_gqa=self.kv_heads != self.heads)
         return self.out(o)
 
-    def _residual_scores(self, q, k, v, ctx, drop, allowed=None):
+    def _step(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        """Decoding: the new positions' queries against the cached keys and values and their own (appended to
+        the cache), each reading only its past; no padding (generate takes whole rows)."""
+        start = ctx.offset
+        q, k, v = self.qkv(x, start)
+        k, v = append_kv(ctx, self, k, v)
+        n = x.shape[1]
+        if self.residual_scores:
+            keep = torch.arange(start + n, device=x.device)[None, :] <= torch.arange(start, start + n,
+                                                                                       device=x.device)[:, None]
+            return self.out(self._residual_scores(q, k, v, ctx, 0.0, keep, start))
+        bias = self._bias(n, x.device, start)
+        if bias is None and self.causal and start and n > 1:  # a chunk after the cache: the mask aligned at the end
+            i, j = torch.arange(start, start + n, device=x.device), torch.arange(start + n, device=x.device)
+            bias = j[None, :] <= i[:, None]
+        elif bias is not None:
+            bias = bias.to(q.dtype).unsqueeze(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=self.causal and bias is None and not start,
+                                           scale=self.scale, enable_gqa=self.kv_heads != self.heads)
+        return self.out(o)
+
+    def _residual_scores(self, q, k, v, ctx, drop, allowed=None, start: int = 0):
         scores = q @ self.expand_kv(k).transpose(-1, -2) * (self.scale or 1 / math.sqrt(self.head_dim))
         if ctx.scores is not None:
             scores = scores + ctx.scores
         ctx.scores = scores
         n = q.shape[2]
-        bias = self._bias(n, q.device)
+        bias = self._bias(n, q.device, start)
         s = scores if bias is None else scores + bias
         if allowed is not None:  # padding (and the causal mask with it)
             s = s.masked_fill(~allowed, float("-inf"))
@@ -126,6 +158,7 @@ def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) ->
 
 
 OP = register(Op(
+    decode="a K/V cache of every position so far (kv_heads heads)",
     family="mha", variant="softmax", params=SoftmaxAttentionParams, module=SoftmaxAttention,
     causal="yes", shape=attention_shape, supports=frozenset({"rope", "alibi", "t5_bias", "residual_scores"}),
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",

@@ -42,6 +42,9 @@ class Concat(nn.Module):
     def forward(self, x: torch.Tensor, ctx, *joined: torch.Tensor) -> torch.Tensor:
         names = [n for n in (self.prefix, self.suffix) if n is not None]
         parts = dict(zip(names, joined))
+        if ctx is not None and ctx.cache is not None and ctx.offset:  # decoding after the prompt: the prefix is
+            ctx.offset += parts[self.prefix].shape[1]  # in every cache already; the new tokens come after it
+            return x
         order = [(self.prefix, parts.get(self.prefix)), (None, x), (self.suffix, parts.get(self.suffix))]
         order = [(name, t) for name, t in order if t is not None]
         if ctx is not None:
@@ -58,8 +61,13 @@ def cost(p: CatParams, env: OpEnv, s) -> Cost:
     return Cost(bwd_peak=0)
 
 
+def _decode(p: CatParams):
+    """A prefix is joined at the prompt (then cached); the new tokens come after it. A suffix would have to move."""
+    return None if p.suffix is not None else "the prefix joins the prompt; later tokens follow it in the caches"
+
+
 OP = register(Op(
-    family="cat", variant="seq", params=CatParams, module=Concat, causal="n.a.", shape=_shape,
+    decode=_decode, family="cat", variant="seq", params=CatParams, module=Concat, causal="n.a.", shape=_shape,
     streams=("prefix", "suffix"),
     paper="Memory Transformer, Burtsev et al. 2020, arXiv:2006.11527 (memory tokens as a prefix)",
     summary="[prefix; x; suffix] along the sequence", cost=cost,

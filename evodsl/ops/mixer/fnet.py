@@ -55,6 +55,7 @@ def cost(p: FNetParams, env: OpEnv, s) -> Cost:
 
 
 OP = register(Op(
+    decode=None,
     family="mixer", variant="fnet", params=FNetParams, module=FourierMixer, causal="no", shape=fnet_shape,
     paper="FNet: Mixing Tokens with Fourier Transforms, Lee-Thorp et al. 2021, arXiv:2105.03824",
     padding=False,

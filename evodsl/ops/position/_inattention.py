@@ -6,10 +6,11 @@ from torch import nn
 
 
 class InAttentionPosition(nn.Module):
-    """rotate(q, k) acts on q, k [b, h, n, dh] at positions 0..n-1; bias(i, j) returns an additive
-    score bias [h, *broadcast(i, j)] for query positions i and key positions j (integer tensors), or None."""
+    """rotate(q, k, offset) acts on q, k [b, h, n, dh] at positions offset..offset+n-1 (decoding: the new
+    positions); bias(i, j) returns an additive score bias [h, *broadcast(i, j)] for query positions i and key
+    positions j (integer tensors), or None."""
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor):
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
         return q, k
 
     def bind(self, ctx) -> None:

@@ -57,6 +57,7 @@ def alibi_attach_cost(p: AlibiParams, s: Symbols, heads, kv_heads, head_dim) -> 
 
 
 OP = register(Op(
+    decode="the bias of the new queries against every key so far",
     shape=sequence_shape, family="pos", variant="alibi", params=AlibiParams, module=InAttentionStream, causal="yes", attach=AlibiBias,
     attach_cost=alibi_attach_cost,
     cost=lambda p, env, s: Cost(inplace=True),  # the identity on the stream: free

@@ -23,9 +23,9 @@ class LearnedPosition(nn.Module):
         self.offset = p.offset
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        n = x.shape[1]
-        torch._check(n <= self.weight.shape[0] - self.offset, lambda: "sequence longer than pos(learned) max_len")
-        return x + self.weight[self.offset: self.offset + n]
+        n, start = x.shape[1], self.offset + (ctx.offset if ctx is not None else 0)  # decoding: after those seen
+        torch._check(start + n <= self.weight.shape[0], lambda: "sequence longer than pos(learned) max_len")
+        return x + self.weight[start: start + n]
 
 
 def _shape(p: LearnedPositionParams, env: OpEnv):
@@ -46,6 +46,7 @@ def cost(p: LearnedPositionParams, env: OpEnv, s) -> Cost:
 
 
 OP = register(Op(
+    decode="the positions after those seen (offset)",
     family="pos", variant="learned", params=LearnedPositionParams, module=LearnedPosition, causal="yes",
     shape=_shape,
     paper="Convolutional Sequence to Sequence Learning, Gehring et al. 2017, arXiv:1705.03122",

@@ -42,11 +42,12 @@ class Rotary(InAttentionPosition):
         super().__init__()
         self.base, self.rot, self.head_dim = p.base, rotary_channels(p, head_dim), head_dim
 
-    def angles(self, n: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [n, r/2] of t·θ_i, computed in at least float32 and returned in `dtype`."""
+    def angles(self, n: int, device, dtype, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, r/2] of t·θ_i for t = offset..offset+n-1, computed in at least float32 and returned in
+        `dtype`."""
         work = torch.float64 if dtype == torch.float64 else torch.float32
         theta = self.base ** (-torch.arange(0, self.rot, 2, device=device, dtype=work) / self.rot)
-        angle = torch.arange(n, device=device, dtype=work)[:, None] * theta[None, :]
+        angle = torch.arange(offset, offset + n, device=device, dtype=work)[:, None] * theta[None, :]
         return angle.cos().to(dtype), angle.sin().to(dtype)
 
     def _turn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -55,8 +56,8 @@ class Rotary(InAttentionPosition):
         turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
         return turned if self.rot == self.head_dim else torch.cat((turned, rest), dim=-1)
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor):
-        cos, sin = self.angles(q.shape[-2], q.device, q.dtype)
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
+        cos, sin = self.angles(q.shape[-2], q.device, q.dtype, offset)
         return self._turn(q, cos, sin), self._turn(k, cos, sin)
 
     def extra_repr(self) -> str:
@@ -80,6 +81,7 @@ def rotary_attach_cost(p: RotaryParams, s: Symbols, heads, kv_heads, head_dim) -
 
 
 OP = register(Op(
+    decode="q, k turned at the positions after those seen (offset)",
     shape=sequence_shape, family="pos", variant="rope", params=RotaryParams, module=InAttentionStream, causal="yes",
     attach=Rotary, attach_cost=rotary_attach_cost,
     cost=lambda p, env, s: Cost(inplace=True),  # the identity on the stream: free

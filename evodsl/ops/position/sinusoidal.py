@@ -19,10 +19,11 @@ class SinusoidalPositionParams(OpParams):
     base: float = Field(10000.0, gt=1.0, description="wavelengths run from 2π to base·2π")
 
 
-def sinusoidal_table(n: int, d: int, base: float, device=None, dtype=torch.float32) -> torch.Tensor:
-    """PE [n, d]: column 2i is sin(t·ω_i), column 2i+1 is cos(t·ω_i), with ω_i = base^(-2i/d)."""
+def sinusoidal_table(n: int, d: int, base: float, device=None, dtype=torch.float32, offset: int = 0) -> torch.Tensor:
+    """PE [n, d] of positions t = offset..offset+n-1: column 2i is sin(t·ω_i), column 2i+1 is cos(t·ω_i), with
+    ω_i = base^(-2i/d)."""
     work = torch.float64 if dtype == torch.float64 else torch.float32  # angles in at least float32
-    t = torch.arange(n, device=device, dtype=work)
+    t = torch.arange(offset, offset + n, device=device, dtype=work)
     omega = base ** (-torch.arange(0, d, 2, device=device, dtype=work) / d)  # [ceil(d/2)]
     angle = t[:, None] * omega[None, :]
     return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)[:, :d].to(dtype)
@@ -34,7 +35,8 @@ class SinusoidalPosition(nn.Module):
         self.base = p.base
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        return x + sinusoidal_table(x.shape[1], x.shape[-1], self.base, x.device, x.dtype)
+        offset = ctx.offset if ctx is not None else 0  # decoding: the positions after those seen
+        return x + sinusoidal_table(x.shape[1], x.shape[-1], self.base, x.device, x.dtype, offset)
 
     def extra_repr(self) -> str:
         return f"base={self.base:g}"
@@ -53,6 +55,7 @@ def cost(p: SinusoidalPositionParams, env: OpEnv, s) -> Cost:
 
 
 OP = register(Op(
+    decode="the positions after those seen (offset)",
     shape=sequence_shape, family="pos", variant="sinusoidal", params=SinusoidalPositionParams, module=SinusoidalPosition,
     causal="yes",
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",

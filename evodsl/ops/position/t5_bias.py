@@ -128,6 +128,7 @@ def t5_bias_cost(p: T5BiasParams, env: OpEnv, s: Symbols) -> Cost:
 
 
 OP = register(Op(
+    decode="the bias of the new queries against every key so far",
     family="pos", variant="t5_bias", params=T5BiasParams, module=T5BiasTable, causal="yes", attach=T5Bias, shape=_shape,
     attach_cost=t5_bias_attach_cost, cost=t5_bias_cost,
     paper="Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer, Raffel et al. "

@@ -54,6 +54,9 @@ class Slice(nn.Module):
         return t[:, start:stop]
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        if ctx is not None and ctx.cache is not None and ctx.offset:  # decoding after the prompt: the dropped
+            ctx.offset -= self.k  # prefix was dropped then; the new positions all stay
+            return x
         n = x.shape[1]
         if isinstance(n, int) and (self.k > n or (self.kind.startswith("drop") and self.k == n)):
             from ...diagnostics import Diagnostic, EvoError
@@ -74,8 +77,14 @@ def cost(p: SliceParams, env: OpEnv, s) -> Cost:
     return Cost(inplace=True, bwd_peak=s.b * s.n * env.d * s.bytes)
 
 
+def _decode(p: SliceParams):
+    """Dropping a prefix (memory tokens) decodes: the new positions all stay. Keeping the last k moves the window
+    with every token (Perceiver AR), the first k or dropping the last k depends on the end: no step form."""
+    return "the prefix is dropped at the prompt; every new position stays" if p.drop_first else None
+
+
 OP = register(Op(
-    family="slice", variant="seq", params=SliceParams, module=Slice, causal="n.a.", shape=_shape,
+    decode=_decode, family="slice", variant="seq", params=SliceParams, module=Slice, causal="n.a.", shape=_shape,
     paper="Perceiver AR, Hawthorne et al. 2022, arXiv:2202.07765 (the last positions as queries)",
     summary="x[:, :k], x[:, -k:], x[:, k:] or x[:, :-k]", cost=cost,
 ))

@@ -60,8 +60,14 @@ class CrossAttention(AttentionBase):
         b, m, _ = x.shape
         n = kv.shape[1]
         q = self.q_proj(x).view(b, m, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(kv).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(kv).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        cached = ctx.cache.caches.get(id(self)) if ctx is not None and ctx.cache is not None else None
+        if cached is not None:  # decoding: the source's K/V, computed at the prompt
+            k, v = cached
+        else:
+            k = self.k_proj(kv).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = self.v_proj(kv).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            if ctx is not None and ctx.cache is not None:
+                ctx.cache.caches[id(self)] = (k, v)
         if self.causal and isinstance(m, int) and isinstance(n, int) and m > n:
             from ...diagnostics import Diagnostic, EvoError
 
@@ -129,6 +135,7 @@ def cost(p: CrossAttentionParams, env: OpEnv, s: Symbols) -> Cost:
 
 
 OP = register(Op(
+    decode="the named stream's K/V, computed once at the prompt (an encoder's output)",
     family="xattn", variant="softmax", params=CrossAttentionParams, module=CrossAttention, causal="yes",
     shape=_shape, streams=("kv",),
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762 (encoder-decoder attention)",

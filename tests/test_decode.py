@@ -1,0 +1,205 @@
+"""Decoding: a prefill of any length, then chunks or single tokens, gives the full forward's logits at every
+position (float64, 1e-10 relative); the live state holds exactly `evodsl cost`'s kv_cache bytes; generate is
+the argmax (or a reproducible sample) of that; a model with an op that has no step form is refused up front."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import evodsl
+from evodsl import EvoError
+from spechelpers import SPECS, output_causal, small
+
+DECODABLE = [p for p in SPECS if output_causal(evodsl.parse(p)) and len(evodsl.parse(p).inputs) == 1
+             and evodsl.compile(p, device="meta").decodable() is None]
+SEQ2SEQ = [p for p in SPECS if len(evodsl.parse(p).inputs) == 2]
+
+
+def _chunks(total: int, g: torch.Generator) -> list[int]:
+    """Random pieces of a sequence: a prompt of any length, then chunks of 1 to 5 tokens."""
+    sizes, left = [], total
+    first = int(torch.randint(1, total, (1,), generator=g))
+    sizes.append(first)
+    left -= first
+    while left:
+        k = min(left, int(torch.randint(1, 6, (1,), generator=g)))
+        sizes.append(k)
+        left -= k
+    return sizes
+
+
+def _check_decode_equals_forward(model, ids, g, rtol=1e-10):
+    with torch.no_grad():
+        full = model(ids)
+        state, pieces, at = None, [], 0
+        for k in _chunks(ids.shape[1], g):
+            logits, state = model.decode(ids[:, at:at + k], state)
+            pieces.append(logits)
+            at += k
+    got = torch.cat(pieces, dim=1)
+    assert got.shape == full.shape
+    err = (got - full).abs().max().item()
+    assert err <= rtol * full.abs().max().item(), f"decoded logits differ from the forward's by {err}"
+    return state
+
+
+def test_every_causal_spec_with_step_forms_is_decoded():
+    assert {p.stem for p in DECODABLE} >= {"gpt2", "llama", "llama2_70b", "vanilla", "memory_transformer",
+                                           "linear_transformer", "adaptive_span"}
+
+
+@pytest.mark.parametrize("spec", DECODABLE, ids=[p.stem for p in DECODABLE])
+def test_decoding_equals_the_forward(spec):
+    over = small(spec)
+    model = evodsl.compile(spec, overrides=over, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    vocab = evodsl.parse(spec, over).input.params.vocab
+    for trial in range(3):
+        ids = torch.randint(0, vocab, (2, 37), generator=g)
+        state = _check_decode_equals_forward(model, ids, g)
+    # the live state holds what `evodsl cost` declares for this many tokens (float64: 8 bytes an element)
+    declared = evodsl.cost(spec, seq=37, batch=2, overrides=over, dtype="float32")["memory"]["kv_cache"]
+    assert state.nbytes() == declared * 2
+
+
+@pytest.mark.parametrize("spec", SEQ2SEQ, ids=[p.stem for p in SEQ2SEQ])
+def test_encoder_decoders_decode(spec):
+    """The encoder runs once, at the first call; the target in random pieces then gives the full forward's
+    logits; the state holds the decoder's K/V and every cross-attention's source K/V, as `evodsl cost` says
+    (the encoder keeps none); generate is the argmax of the forward."""
+    over = small(spec)
+    model = evodsl.compile(spec, overrides=over, dtype=torch.float64)
+    vocab = evodsl.parse(spec, over).input.params.vocab
+    g = torch.Generator().manual_seed(5)
+    src, tgt = torch.randint(0, vocab, (2, 23), generator=g), torch.randint(0, vocab, (2, 19), generator=g)
+    with torch.no_grad():
+        full = model(src, tgt)
+        state, pieces, at = None, [], 0
+        for k in _chunks(19, g):
+            logits, state = model.decode(tgt[:, at:at + k], state, input_ids=src if state is None else None)
+            pieces.append(logits)
+            at += k
+    got = torch.cat(pieces, dim=1)
+    assert (got - full).abs().max().item() <= 1e-10 * full.abs().max().item()
+    declared = evodsl.cost(spec, seq=23, decoder_seq=19, batch=2, overrides=over)["memory"]["kv_cache"]
+    assert state.nbytes() == 2 * declared
+    out = model.generate(src, max_new_tokens=6, decoder_start_token_id=3)
+    ids = src.new_full((2, 1), 3)
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat([ids, model(src, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+
+
+ATTENTION = """
+vocab = 53
+d_model = 32
+heads = 4
+model m(causal=true) = input(tokens) -> embed(token) -> {pos}
+    -> repeat({block}, 2) -> norm -> head(lm)
+"""
+POSITIONS = ["pos(rope)", "pos(rope, fraction=0.5)", "pos(alibi)", "pos(t5_bias, heads=4)", "pos(learned, max_len=64)",
+             "pos(sinusoidal)"]
+BLOCKS = ["norm -> mha(softmax) -> norm -> ffn", "norm -> mha(softmax, kv_heads=2) -> norm -> ffn(swiglu)",
+          "norm -> mha(softmax, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
+          "residual(mha(softmax), scores=true) -> norm -> residual(ffn) -> norm"]
+
+
+# local attention across several windows (29 tokens, w = 5), and w past the sequence; linear attention
+BANDED = ["norm -> mha(local, window=5) -> norm -> ffn", "norm -> mha(local, window=40, kv_heads=2) -> norm -> ffn",
+          "norm -> mha(local, window=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+LINEAR = ["norm -> mha(linear) -> norm -> ffn", "norm -> mha(linear, kv_heads=2) -> norm -> ffn(swiglu)"]
+SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
+        "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
+CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR])
+
+
+@pytest.mark.parametrize("pos,block", CASES)
+def test_attention_decodes_with_every_position_scheme(pos, block):
+    """Softmax (MQA/GQA, RealFormer scores), local, adaptive-span (random learned spans) and linear attention,
+    with every position scheme each supports: the decoded logits are the forward's, and the state holds exactly
+    the declared cache."""
+    src = ATTENTION.format(pos=pos, block=block)
+    model = evodsl.compile(src, dtype=torch.float64)
+    for mod in model.modules():  # adaptive spans away from their shared initial value
+        if hasattr(mod, "spans"):
+            with torch.no_grad():
+                mod.span.copy_(torch.rand(mod.span.shape, generator=torch.Generator().manual_seed(4),
+                                          dtype=mod.span.dtype))
+    g = torch.Generator().manual_seed(1)
+    state = _check_decode_equals_forward(model, torch.randint(0, 53, (3, 29), generator=g), g)
+    assert state.nbytes() == 2 * evodsl.cost(src, seq=29, batch=3)["memory"]["kv_cache"]
+
+
+def test_linear_attention_state_does_not_grow():
+    """Linear attention decodes with a constant state: the same bytes after 100 and after 1000 tokens; local
+    attention's stays at its window; softmax's grows with every token."""
+    sizes = {}
+    for name, block in (("linear", LINEAR[0]), ("local", BANDED[0]), ("softmax", BLOCKS[0])):
+        model = evodsl.compile(ATTENTION.format(pos="pos(rope)", block=block))
+        _, state = model.decode(torch.zeros(1, 10, dtype=torch.long))
+        seen = {}
+        with torch.no_grad():
+            for t in range(1000 - 10):
+                _, state = model.decode(torch.zeros(1, 1, dtype=torch.long), state)
+                if state.seen in (100, 1000):
+                    seen[state.seen] = state.nbytes()
+        sizes[name] = seen
+    assert sizes["linear"][100] == sizes["linear"][1000] == 2 * 4 * (8 * 8 + 8) * 4  # 2 layers, 4 heads, dh 8
+    assert sizes["local"][100] == sizes["local"][1000] == 2 * 2 * 5 * 4 * 8 * 4  # K and V of the last 5
+    assert sizes["softmax"][1000] == 10 * sizes["softmax"][100]
+
+
+def test_generate_is_the_argmax_of_the_forward():
+    src = ATTENTION.format(pos="pos(rope)", block=BLOCKS[1])
+    model = evodsl.compile(src, dtype=torch.float64)
+    prompt = torch.randint(0, 53, (2, 5), generator=torch.Generator().manual_seed(2))
+    out = model.generate(prompt, max_new_tokens=12)
+    assert out.shape == (2, 17) and torch.equal(out[:, :5], prompt)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(12):  # the slow way: the whole sequence again for every token
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_sampling_is_reproducible_and_follows_its_knobs():
+    model = evodsl.compile(ATTENTION.format(pos="pos(alibi)", block=BLOCKS[0]))
+    prompt = torch.randint(0, 53, (3, 4), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=20, do_sample=True, temperature=1.5)
+    a = model.generate(prompt, generator=torch.Generator().manual_seed(7), **kw)
+    b = model.generate(prompt, generator=torch.Generator().manual_seed(7), **kw)
+    c = model.generate(prompt, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = model.generate(prompt, max_new_tokens=20)
+    top1 = model.generate(prompt, generator=torch.Generator().manual_seed(7), top_k=1, **kw)
+    assert torch.equal(top1, greedy)  # top_k=1 is the argmax
+    tiny_p = model.generate(prompt, generator=torch.Generator().manual_seed(9), top_p=1e-6, **kw)
+    assert torch.equal(tiny_p, greedy)  # the nucleus of the smallest p is the most likely token
+
+
+def test_generation_stops_per_row_at_eos():
+    model = evodsl.compile(ATTENTION.format(pos="pos(rope)", block=BLOCKS[0]))
+    prompt = torch.randint(0, 53, (2, 4), generator=torch.Generator().manual_seed(4))
+    free = model.generate(prompt, max_new_tokens=10)
+    eos = int(free[0, 6])  # the token row 0 produces third: row 0 stops there
+    out = model.generate(prompt, max_new_tokens=10, eos_token_id=eos)
+    first = (free[0, 4:] == eos).nonzero()[0].item() + 4
+    assert torch.equal(out[0, :first + 1], free[0, :first + 1])
+    assert (out[0, first + 1:] == eos).all()  # padded after its eos
+    other = (free[1, 4:] == eos).nonzero()
+    if len(other) == 0:  # row 1 never produces it: it runs to the end, as without eos
+        assert torch.equal(out[1], free[1])
+
+
+def test_ops_without_a_step_form_are_named_before_any_work():
+    src = ("vocab = 20\nd_model = 16\nheads = 2\nmodel m(causal=true) {\n x = input(tokens) -> embed(token)\n"
+           " y = x -> residual(xattn(softmax, kv=x)) -> head(lm)\n}")
+    model = evodsl.compile(src)
+    with pytest.raises(EvoError, match=r"E411.*xattn\(softmax\) reads stream 'x', which grows"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)
+    one = "vocab = 20\nd_model = 16\nheads = 2\nmodel m(causal=true) = input(tokens) -> embed(token) -> mha -> head(lm)"
+    bidirectional = evodsl.compile(one.replace("causal=true", "causal=false"))
+    with pytest.raises(EvoError, match="E411.*not causal"):
+        bidirectional.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)
