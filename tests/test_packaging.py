@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,9 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    """A wheel built from a clean copy of the tracked and new files (a build/ folder left in the checkout would
+    hide a package missing from pyproject's list)."""
+    out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src")
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--cached", "--others", "--exclude-standard"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(out), str(ROOT)], capture_output=True, text=True)
+                           "-w", str(out), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return next(out.glob("evodsl-*.whl"))
 
@@ -28,6 +37,10 @@ def test_wheel_holds_only_the_evodsl_package(wheel):
     assert "evodsl/grammars/evo.lark" in names
     assert "evodsl/backends/lower_torch.py" in names
     assert any(n.startswith("evodsl/ops/attention/") for n in names)
+    # every op file of the tree is in the wheel (a family missing from pyproject's package list would be
+    # silently absent: load_all registers the folders it finds)
+    ops = {str(p.relative_to(ROOT)) for p in (ROOT / "evodsl" / "ops").glob("*/*.py")}
+    assert ops <= set(names), sorted(ops - set(names))
 
 
 def test_installed_wheel_parses_and_compiles(wheel, tmp_path):
