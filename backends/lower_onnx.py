@@ -105,12 +105,9 @@ def example_input(graph: Graph, batch: int, seq: int, seed: int = 0, node=None) 
 
 def min_positions(graph: Graph) -> int:
     """The shortest input the model takes: slice(last=k) and slice(first=k) keep k positions, a drop leaves one."""
-    need = 2
-    for n in graph.calls():
-        if n.family == "slice":
-            kind, k = next((f, v) for f, v in n.params.model_dump().items() if v is not None)
-            need = max(need, k + (1 if kind.startswith("drop") else 0))
-    return need
+    from evodsl.ops.slice.seq import shortest_input
+
+    return max([2] + [shortest_input(n.params) for n in graph.calls() if n.family == "slice"])
 
 
 def max_positions(graph: Graph) -> int | None:
@@ -214,11 +211,11 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
     check_memory(graph, param_bytes)
     inp_name, out_name = io_names(graph)
     cap = max_positions(graph)
-    seq = max(min(16, cap) if cap else 16, min_positions(graph))
+    least = min_positions(graph)
+    seq = max(min(16, cap) if cap else 16, least)
     args = example_args(graph, 2, seq)
     names = input_names(graph)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    least = min_positions(graph)
     length = torch.export.Dim("seq", min=least, max=cap or 1 << 20)
     decoder_length = torch.export.Dim("decoder_seq", min=2, max=cap or 1 << 20)
     dynamic = {arg: (None if a is None else {0: batch, 1: decoder_length if arg.startswith("decoder") else length})
@@ -243,7 +240,7 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
             raise
         except Exception as err:  # noqa: BLE001 - the exporter raises many types; the user gets one error
             raise _failure(err, graph) from None
-        verify = max(verify_seq, min_positions(graph))
+        verify = max(verify_seq, least)
         xs = example_args(graph, 2, min(verify, cap) if cap else verify, seed=1)
         try:
             onnx.checker.check_model(str(tmp), full_check=True)

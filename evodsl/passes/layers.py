@@ -154,7 +154,7 @@ class Layers(Values):
         variant, params, spans = self._calls[key]
         if params is None:
             return x
-        streams = self._stream_inputs(lookup_op(name, variant), params, call, g)  # xattn(kv=src): src's value
+        streams = self._stream_inputs(lookup_op(name, variant), params, call)  # xattn(kv=src): src's value
         if streams is None:
             return x
         node = g.add(Node(name=g.fresh(), kind="call", family=name, variant=variant, params=params,

@@ -156,8 +156,8 @@ class Streams:
         return Node(name=name, kind="input", family="input", variant=variant, params=params, span=first.span,
                     meta={"arg_spans": spans, "length": length})
 
-    def _stream_inputs(self, op, params, call: Call, g: Graph) -> list[str] | None:
-        """The values of the streams `call` names (op.streams), in g; None after an error."""
+    def _stream_inputs(self, op, params, call: Call) -> list[str] | None:
+        """The values of the streams `call` names (op.streams), in the scope being built; None after an error."""
         names = [(f, getattr(params, f)) for f in op.streams if getattr(params, f, None) is not None]
         if not names or self._opaque:
             return []  # a definition checked on its own: its streams are wired where a model uses it

@@ -28,6 +28,12 @@ def _which(p: SliceParams) -> tuple[str, int]:
     return given[0]
 
 
+def shortest_input(p: SliceParams) -> int:
+    """The fewest positions its stream must have: k to keep k, k + 1 to drop k."""
+    kind, k = _which(p)
+    return k + (1 if kind.startswith("drop") else 0)
+
+
 def _shape(p: SliceParams, env: OpEnv):
     kind, k = _which(p)
     if len(env.shape) < 2:
