@@ -85,8 +85,14 @@ class Repeat(nn.ModuleList):
     def forward(self, xs: list, ctx: Ctx) -> torch.Tensor:
         x, streams = xs[0], xs[1:]
         xs.clear()  # own the only reference: each copy's input is freed once the next copy has run
+        shared = len(self) < self.count and ctx is not None and ctx.cache is not None
+        outer = ctx.extra.get("copy", ()) if shared else ()
         for i in range(self.count):
+            if shared:  # decoding: each application of the shared body keeps its own state
+                ctx.extra["copy"] = (*outer, i)
             x = self[i % len(self)](x, ctx, *streams)
+        if shared:
+            ctx.extra["copy"] = outer
         return x
 
 

@@ -17,7 +17,7 @@ class DecodeState:
     number of tokens seen. `nbytes()` is the memory it holds."""
 
     seen: int = 0  # tokens of the input processed so far
-    caches: dict = field(default_factory=dict)  # id(module) -> tuple of tensors (K, V, ...)
+    caches: dict = field(default_factory=dict)  # slot(ctx, module) -> tuple of tensors (K, V, ...)
     kept: dict = field(default_factory=dict)  # an encoder-decoder's bookkeeping: the shapes of the values computed
     #                                           at the prompt (one element each) and the source's padding mask
 
@@ -36,10 +36,16 @@ class DecodeState:
         return total
 
 
+def slot(ctx, owner) -> tuple:
+    """Where `owner` (a module) keeps its state in this call: the module, and which application of a shared
+    repeat body runs it (`repeat(block, 12, shared=true)` runs one module 12 times, each with its own cache)."""
+    return id(owner), ctx.extra.get("copy", ())
+
+
 def append_kv(ctx, owner, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K, V of every position so far: the cached ones followed by these (the cache keeps the result)."""
     cache = ctx.cache.caches
-    key = id(owner)
+    key = slot(ctx, owner)
     if key in cache:
         k0, v0 = cache[key]
         k, v = torch.cat((k0, k), dim=2), torch.cat((v0, v), dim=2)

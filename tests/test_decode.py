@@ -132,6 +132,18 @@ def test_attention_decodes_with_every_position_scheme(pos, block):
     assert state.nbytes() == 2 * evodsl.cost(src, seq=29, batch=3)["memory"]["kv_cache"]
 
 
+@pytest.mark.parametrize("block", [BLOCKS[1], BANDED[0], LINEAR[0]])
+def test_a_shared_body_keeps_a_state_per_application(block):
+    """repeat(block, 3, shared=true) runs one module three times: each application has its own cache (one
+    cache per module would mix the layers' keys), and the state holds three layers' worth."""
+    src = ATTENTION.format(pos="pos(rope)", block=block).replace(", 2)", ", 3, shared=true)")
+    model = evodsl.compile(src, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    state = _check_decode_equals_forward(model, torch.randint(0, 53, (2, 23), generator=g), g)
+    assert len(state.caches) == 3
+    assert state.nbytes() == 2 * evodsl.cost(src, seq=23, batch=2)["memory"]["kv_cache"]
+
+
 def test_linear_attention_state_does_not_grow():
     """Linear attention decodes with a constant state: the same bytes after 100 and after 1000 tokens; local
     attention's stays at its window; softmax's grows with every token."""

@@ -42,6 +42,7 @@ from torch import nn
 from ..cost import Cost, Symbols, linear
 from ..position._inattention import InAttentionPosition
 from ..registry import OpEnv, OpParams, ShapeProblem
+from ...decode import slot
 
 LSE_BYTES = 4  # SDPA's logsumexp per query is float32 whatever the dtype
 
@@ -134,7 +135,7 @@ class AttentionBase(nn.Module):
         j)` [h, ...] of positions (ALiBi's added); the cache then keeps the last `window` (rotated, K/V heads)."""
         start = ctx.offset
         q, k, v = self.qkv(x, start)
-        old = ctx.cache.caches.get(id(self))
+        old = ctx.cache.caches.get(slot(ctx, self))
         if old is not None:
             k, v = torch.cat((old[0], k), dim=2), torch.cat((old[1], v), dim=2)
         n, keys = q.shape[2], k.shape[2]
@@ -148,7 +149,7 @@ class AttentionBase(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
         if keys > window:  # keep the last w alone (a view would keep the whole concatenation alive)
             k, v = k[:, :, -window:].clone(), v[:, :, -window:].clone()
-        ctx.cache.caches[id(self)] = (k, v)
+        ctx.cache.caches[slot(ctx, self)] = (k, v)
         return self.out(o)
 
     def position_bias(self, i: torch.Tensor, j: torch.Tensor):

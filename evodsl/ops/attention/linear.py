@@ -23,6 +23,7 @@ from pydantic import Field
 
 from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, ShapeProblem, register
+from ...decode import slot
 from ._common import AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols, position_cost
 
 FEATURE_MAPS = {
@@ -67,12 +68,12 @@ class LinearAttention(AttentionBase):
         phi = FEATURE_MAPS[self.phi]
         q, k = phi(q), phi(k)
         b, kvh, n, dh = k.shape
-        s, z = ctx.cache.caches.get(id(self), (k.new_zeros(b, kvh, dh, v.shape[-1]), k.new_zeros(b, kvh, dh)))
+        s, z = ctx.cache.caches.get(slot(ctx, self), (k.new_zeros(b, kvh, dh, v.shape[-1]), k.new_zeros(b, kvh, dh)))
         kx, vx = self.expand_kv(k), self.expand_kv(v)
         a = (q @ kx.transpose(-1, -2)).masked_fill_(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), 0.0)
         num = q @ self.expand_kv(s) + a @ vx
         den = (q * self.expand_kv(z)[:, :, None, :]).sum(-1, keepdim=True) + a.sum(-1, keepdim=True)
-        ctx.cache.caches[id(self)] = (s + k.transpose(-1, -2) @ v, z + k.sum(-2))
+        ctx.cache.caches[slot(ctx, self)] = (s + k.transpose(-1, -2) @ v, z + k.sum(-2))
         return self.out(num / (den + self.eps))
 
     def _bidirectional(self, q, k, v, keep=None):

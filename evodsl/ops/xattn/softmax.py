@@ -20,6 +20,7 @@ from pydantic import Field
 from ..attention._common import LSE_BYTES, AttentionBase, AttentionParams, attention_shape, head_symbols
 from ..cost import Cost, Symbols, length, linear
 from ..registry import Op, OpEnv, ShapeProblem, register
+from ...decode import slot
 
 
 class CrossAttentionParams(AttentionParams):
@@ -60,14 +61,14 @@ class CrossAttention(AttentionBase):
         b, m, _ = x.shape
         n = kv.shape[1]
         q = self.q_proj(x).view(b, m, self.heads, self.head_dim).transpose(1, 2)
-        cached = ctx.cache.caches.get(id(self)) if ctx is not None and ctx.cache is not None else None
+        cached = ctx.cache.caches.get(slot(ctx, self)) if ctx is not None and ctx.cache is not None else None
         if cached is not None:  # decoding: the source's K/V, computed at the prompt
             k, v = cached
         else:
             k = self.k_proj(kv).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
             v = self.v_proj(kv).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
             if ctx is not None and ctx.cache is not None:
-                ctx.cache.caches[id(self)] = (k, v)
+                ctx.cache.caches[slot(ctx, self)] = (k, v)
         if self.causal and isinstance(m, int) and isinstance(n, int) and m > n:
             from ...diagnostics import Diagnostic, EvoError
 
