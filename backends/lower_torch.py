@@ -10,6 +10,7 @@ from torch import nn
 
 from evodsl.ir import Graph
 from evodsl.decode import DecodeState, pick_next
+from evodsl.segments import SegmentState, run_segments
 from evodsl.diagnostics import Diagnostic, EvoError
 from evodsl.ops.registry import Ctx, right_padded
 from evodsl.ops.registry import is_symbolic as _symbolic
@@ -147,12 +148,13 @@ class EvoModel(GraphModule):
         token_type_ids [b, n] for embed(token, segments=k)."""
         return self._run([input_ids], {"attention_mask": attention_mask}, token_type_ids)
 
-    def _run(self, inputs: list, masks: dict, token_type_ids=None, state: DecodeState | None = None) -> torch.Tensor:
+    def _run(self, inputs: list, masks: dict, token_type_ids=None, state: DecodeState | None = None,
+             segments: SegmentState | None = None) -> torch.Tensor:
         masks = {k: key_padding(v) for k, v in masks.items()}
         first = masks.get("attention_mask")
         ctx = Ctx(mask=first, right_padded=right_padded(first), token_type_ids=token_type_ids, cache=state,
                   offset=state.seen if state is not None else 0)
-        ctx.extra["masks"], ctx.extra["cache"] = masks, state
+        ctx.extra["masks"], ctx.extra["cache"], ctx.extra["segments"] = masks, state, segments
         for name, arg in self._input_streams:
             self._finish(ctx, name, masks.get(arg))
         if state is not None and state.seen:  # the masks of the streams computed at the prompt
@@ -192,6 +194,26 @@ class EvoModel(GraphModule):
             # no op (cross-attention keeps its K/V), only its shape (cat)
             state.kept[("mask", self._static_values[name])] = (ctx.mask, ctx.right_padded)
 
+    # ---------------------------------------------------------------- segments
+
+    def recur(self, input_ids: torch.Tensor, state: SegmentState | None = None,
+              attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, SegmentState]:
+        """One segment of a long sequence: input_ids [b, n] after the segments `state` has seen (None: the
+        first). Returns the output and the state the next segment reads: each memory(xl) attention's last
+        mem_len inputs, each memory(rmt) stream's tokens as its writer left them (evodsl.segments)."""
+        state = SegmentState() if state is None else state
+        out = self._run([input_ids], {"attention_mask": attention_mask}, segments=state)
+        state.segments += 1
+        state.seen += input_ids.shape[1]
+        return out, state
+
+    def run_segments(self, input_ids: torch.Tensor, segment_len: int, state: SegmentState | None = None,
+                     grad_segments: int | None = None) -> tuple[torch.Tensor, SegmentState]:
+        """input_ids [b, N] in segments of segment_len, each `recur`red with the state of the one before:
+        the outputs concatenated, and the final state. grad_segments=k backpropagates through the memory of the
+        last k segments only (evodsl.segments.run_segments)."""
+        return run_segments(self, input_ids, segment_len, state, grad_segments)
+
     # ---------------------------------------------------------------- decoding
 
     def decodable(self) -> str | None:
@@ -207,7 +229,9 @@ class EvoModel(GraphModule):
             return "it does not give next-token logits at every position (input(tokens) ... head(lm))"
         for op_id, form in self._forms:
             if form is None:
-                return f"{op_id} has no step form"
+                return f"{op_id} has no step form" + (": it carries state from one segment to the next (run it "
+                                                      "with model.recur or model.run_segments)"
+                                                      if op_id.startswith("memory(") else "")
         return None
 
     def decode(self, input_ids: torch.Tensor, state: DecodeState | None = None) -> tuple[torch.Tensor, DecodeState]:

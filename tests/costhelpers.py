@@ -45,7 +45,7 @@ def _net_peak(tr: StorageTracker, start: str, end: str) -> int:
     return best
 
 
-def measure_op(module, x, train_mode: bool = True) -> dict:
+def measure_op(module, x, train_mode: bool = True, make_ctx=None) -> dict:
     """FLOPs (fwd/bwd), bytes kept for backward (by saved-tensor hooks), the inference peak of one op, and its
     backward's peak (bwd_peak): torch.autograd.grad(out, inputs) under a real, full-size incoming gradient
     made before it starts (not counted; the input and the output are held, as in a network), with respect to
@@ -59,7 +59,8 @@ def measure_op(module, x, train_mode: bool = True) -> dict:
     params = {_key(p) for p in module.parameters()} | {_key(bf) for bf in module.buffers()}
     in_keys = {_key(t) for t in inputs}
     streams = isinstance(x, list) and not isinstance(module, (SumMerge, ConcatMerge))  # reads streams (xattn)
-    call = (lambda: module(x[0], Ctx(), *x[1:])) if streams else (lambda: module(x, Ctx()))
+    make_ctx = make_ctx or Ctx  # a Ctx per call (a segment memory's, say)
+    call = (lambda: module(x[0], make_ctx(), *x[1:])) if streams else (lambda: module(x, make_ctx()))
 
     module.eval()
     with torch.no_grad(), StorageTracker([*module.parameters(), *module.buffers(), *inputs]) as tr:
@@ -108,10 +109,11 @@ def measure_op(module, x, train_mode: bool = True) -> dict:
 
 def check_op_cost(family, variant, b=2, n=64, dtype=torch.float32, mem_rtol=0.10,
                   flop_rtol=0.01, train_mode=True, **build):
-    """Assert that op `family(variant)` built with `build` (make_op's arguments) costs what it declares."""
+    """Assert that op `family(variant)` built with `build` (make_op's arguments) costs what it declares. With
+    mem_len (memory(xl)), it runs in steady state: a full memory of mem_len earlier inputs."""
     module, env, cost, ev = declared(family, variant, b, n, dtype=dtype, **build)
     x = make_input(env, b, n, dtype)
-    m = measure_op(module, x, train_mode=train_mode)
+    m = measure_op(module, x, train_mode=train_mode, make_ctx=_memory_ctx(module, b, env, build, dtype))
     label = f"{family}({variant}) b={b} n={n} {build}"
     assert ev(cost.params) == m["params"], f"{label}: params {ev(cost.params)} != {m['params']}"
     for key in ("fwd", "bwd"):
@@ -129,3 +131,22 @@ def check_op_cost(family, variant, b=2, n=64, dtype=torch.float32, mem_rtol=0.10
         got = m[key]
         assert abs(want - got) <= mem_rtol * got, f"{label}: {key} bytes declared {want}, measured {got}"
     return m
+
+
+def _memory_ctx(module, b, env, build, dtype):
+    """A Ctx factory whose segment state holds a full memory (mem_len earlier inputs) for the module, or None."""
+    if not build.get("mem_len"):
+        return None
+    from evodsl.ops import Ctx
+    from evodsl.segments import SegmentState
+
+    state = SegmentState()
+    g = torch.Generator().manual_seed(5)
+    state.memory[(id(module), ())] = torch.randn(b, build["mem_len"], env.d, generator=g, dtype=dtype)
+
+    def make():
+        ctx = Ctx()
+        ctx.extra["segments"] = state
+        return ctx
+
+    return make

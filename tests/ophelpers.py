@@ -9,7 +9,7 @@ from evodsl.ops.position._inattention import InAttentionStream
 
 def make_op(family: str, variant: str, d: int = 32, causal: bool = False, pos=None, seed: int = 0,
             dtype=torch.float64, residual_scores: bool = False, vocab=None, in_shapes=None, in_causal=(),
-            **kwargs):
+            mem_len: int | None = None, **kwargs):
     """Build op `family(variant, **kwargs)` for a [b, n, d] stream. `pos` = ("rope", {...}) or ("alibi", {})
     attaches that in-attention position scheme. Returns (module, params, env) in `dtype`, eval mode."""
     load_all()
@@ -20,8 +20,11 @@ def make_op(family: str, variant: str, d: int = 32, causal: bool = False, pos=No
     if pos is not None:
         pos_op = lookup("pos", pos[0])
         pos_pair = (pos_op, pos_op.params(**pos[1]))
+    memory = None
+    if mem_len is not None:  # memory(xl, mem_len=M) reaches it
+        memory = (lookup("memory", "xl"), lookup("memory", "xl").params(mem_len=mem_len))
     env = OpEnv(in_shapes=in_shapes or (("b", "n", d),), causal=causal, pos=pos_pair, vocab=vocab,
-                residual_scores=residual_scores, in_causal=tuple(in_causal))
+                residual_scores=residual_scores, in_causal=tuple(in_causal), memory=memory)
     op.shape(params, env)  # the shape rule must accept what the test builds
     torch.manual_seed(seed)
     module = op.module(params, env).to(dtype).eval()

@@ -14,7 +14,7 @@ IDS = [p.stem for p in SPECS]
 # max_len leave room for sequences that span several of the attention kernels' 32-query blocks and 64-token
 # chunks; window and max_span are short, so that such a sequence spans several bands too.
 SMALL = {"d_model": 64, "heads": 4, "kv_heads": 2, "layers": 2, "vocab": 97, "d_ff": 128, "max_span": 48, "n_ctx": 256,
-         "max_len": 256, "window": 16, "latents": 5, "memory": 3}
+         "max_len": 256, "window": 16, "latents": 5, "n_memory": 3, "mem_len": 24, "d_inner": 128}
 
 
 def small(spec: Path) -> dict:
@@ -32,6 +32,33 @@ def full_spans(model):
             with torch.no_grad():
                 mod.span.fill_(1.0)
     return model
+
+
+class Steady(torch.nn.Module):
+    """A model with a segment memory (memory(xl)) in the steady state its cost declares: every call is a segment
+    after ones that filled the memory (a copy of a warmed state each call). Others are returned as they are."""
+
+    def __init__(self, model, state):
+        super().__init__()
+        self.model, self.state = model, state
+
+    def forward(self, ids, *rest):
+        from evodsl.segments import SegmentState
+
+        return self.model.recur(ids, SegmentState(dict(self.state.memory)))[0]
+
+    def input_modules(self) -> list:
+        return self.model.input_modules()
+
+
+def steady(model, inputs: list):
+    mem = max((getattr(m, "mem_len", 0) for m in model.modules()), default=0)
+    if not mem:
+        return model
+    ids = inputs[0]
+    with torch.no_grad():
+        _, state = model.recur(torch.zeros(ids.shape[0], mem, dtype=ids.dtype, device=ids.device))
+    return Steady(model, state)
 
 
 def model_inputs(graph, b, n, m=None, device="cpu", generator=None) -> list:

@@ -112,7 +112,8 @@ LINEAR = ["norm -> mha(linear) -> norm -> ffn", "norm -> mha(linear, kv_heads=2)
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR]
+         + [("pos(xl_rel)", b) for b in BLOCKS[:3]])  # Transformer-XL's relative scores, against the cache
 
 
 @pytest.mark.parametrize("pos,block", CASES)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import sympy as sp
 
 B, N, M = sp.symbols("b n m", positive=True, integer=True)  # batch; the lengths of a model's first and second inputs
+MEM = sp.Symbol("M", positive=True)  # a segment memory's length (memory(xl, mem_len=M)): a length, as n and m
 
 
 def length(dim) -> sp.Expr:

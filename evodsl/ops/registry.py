@@ -44,6 +44,7 @@ class OpEnv:
     vocab: int | None = None  # the model's token vocabulary, when its input is input(tokens, vocab=V)
     residual_scores: bool = False  # RealFormer: add the previous layer's raw scores (residual(..., scores=true))
     in_causal: tuple = ()  # per input: its stream is causal (time-ordered; xattn over it reads only its past)
+    memory: tuple | None = None  # (Op, params) of the segment memory the attention keeps (memory(xl, mem_len=M))
 
     @property
     def shape(self) -> Shape:
@@ -80,13 +81,16 @@ class Op:
     shape: Callable = same_shape  # (params, env) -> Shape, raises ShapeProblem
     note: str = ""  # path under ../shared/reference/transformer-evolution/, if any
     inputs: int = 1  # number of inputs; -1 = two or more (merge)
-    supports: frozenset = frozenset()  # attention: "rope", "alibi" (applied inside), "residual_scores" (RealFormer)
+    supports: frozenset = frozenset()  # attention: "rope", "alibi" (applied inside), "residual_scores" (RealFormer),
+    #                                     "memory" (memory(xl))
     attach: Callable | None = None  # pos ops applied inside attention: (params, heads, head_dim) -> nn.Module
     cost: Callable | None = None  # (params, env, symbols) -> evodsl.ops.cost.Cost, formulas over shapes only
     attach_cost: Callable | None = None  # in-attention pos ops: (params, symbols, heads, kv_heads, head_dim) -> Cost
     padding: bool = True  # honours a padding mask (attention_mask); False: its forward refuses one (E409)
     streams: tuple = ()  # params that name a stream of the model (xattn's kv): each given one is an input
     #                      after the first, in this order; the module's forward(x, ctx, *those streams)
+    sets: str | None = None  # an op that configures the attention ops after it in its stream: the OpEnv field
+    #                      its (op, params) fills there ("memory"); position schemes use `attach` instead
     decode: object = "per token"  # how it runs incrementally (ctx.cache, ctx.offset): what it keeps between
     #                      calls, in words; None: no step form (generate refuses it); a callable(params) -> either
 
@@ -128,6 +132,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("dropout", "standard", "stream", "dropout", "dropout on the stream (training only)"),
     Family("latent", "array", "stream", "latent", "a learned array of vectors [b, length, d]: a stream of its "
                                                   "own (Perceiver latents, inducing points, memory tokens)"),
+    Family("memory", None, "stream", "memory", "state carried from one segment to the next: xl (each "
+                                               "attention's previous inputs as extra keys), rmt (memory tokens)"),
     Family("cat", "seq", "stream", "cat", "concatenation along the sequence: named streams before (prefix=) or "
                                           "after (suffix=) this one"),
     Family("slice", "seq", "stream", "slice", "positions kept along the sequence: first=k, last=k, drop_first=k "

@@ -13,7 +13,7 @@ from math import prod
 import sympy as sp
 
 from ..ir import Graph, Node
-from ..ops.cost import B, M, N, Cost, Symbols, length
+from ..ops.cost import MEM, B, M, N, Cost, Symbols, length
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -281,7 +281,7 @@ def _dominated(a: tuple, b: tuple) -> bool:
 
 
 def complexity(parts) -> str:
-    """'O(n^2 d)'-style class of a cost in n (and m, a second input's length): its leading terms, with
+    """'O(n^2 d)'-style class of a cost in n (and m, a second input's length; M, a segment memory's): its leading terms, with
     coefficients dropped, and terms of the same order under 5% of the largest (at the spec's sizes, n = m = 1)
     left out. The order of a term is its degree in n and m together (n m and m^2 are as n^2), then its logs.
 
@@ -296,11 +296,11 @@ def complexity(parts) -> str:
                 continue
             coeff, factors = t.as_coeff_Mul()
             powers = factors.as_powers_dict()
-            deg = powers.get(N, 0) + powers.get(M, 0)
-            logs = sum(p for base, p in powers.items() if isinstance(base, sp.log) and base.has(N, M))
+            deg = powers.get(N, 0) + powers.get(M, 0) + powers.get(MEM, 0)
+            logs = sum(p for base, p in powers.items() if isinstance(base, sp.log) and base.has(N, M, MEM))
             syms = tuple(sorted((str(k), v) for k, v in powers.items()
                                 if not isinstance(k, sp.log) and not k.is_number))
-            size = sp.sympify(t).subs(values).subs({N: 1, M: 1})
+            size = sp.sympify(t).subs({N: 1, M: 1, MEM: 1}).subs(values)
             size = abs(float(size)) if size.is_number else 1.0
             key = ((deg, logs), syms)
             weight[key] = weight.get(key, 0.0) + size
@@ -313,9 +313,9 @@ def complexity(parts) -> str:
     kept = [s for s in kept if not any(_dominated(s, o) for o in kept)]  # n*d dominates n, d^2 dominates d
     _, logs = top
     parts_out = []
-    lengths = {"m": 1, "n": 0}  # printed first, n before m
-    for syms in sorted(kept, key=lambda s: ([lengths.get(k, 2) for k, p in s if k in lengths and p > 0], s)):
-        ordered = sorted(syms, key=lambda kv: (lengths.get(kv[0], 2), kv[0]))
+    lengths = {"M": 2, "m": 1, "n": 0}  # printed first, n before m before M
+    for syms in sorted(kept, key=lambda s: ([lengths.get(k, 3) for k, p in s if k in lengths and p > 0], s)):
+        ordered = sorted(syms, key=lambda kv: (lengths.get(kv[0], 3), kv[0]))
         bits = [name if p == 1 else f"{name}^{p}" for name, p in ordered if p > 0]
         bits += (["log n"] if logs else [])
         below = [name if p == -1 else f"{name}^{-p}" for name, p in ordered if p < 0]

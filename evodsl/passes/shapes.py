@@ -33,6 +33,7 @@ class _Where:
     def __init__(self, causal: bool, streams: dict, vocab, pos: dict):
         self.causal, self.streams, self.vocab, self.pos = causal, streams, vocab, pos
         self.vocabs: dict = {}  # stream -> the vocabulary of the input it reads tokens from
+        self.sets: dict = {}  # OpEnv field -> {stream: the latest op that sets it there (memory(xl))}
 
     def causal_of(self, n: Node) -> bool:
         return self.streams.get(n.meta.get("stream"), self.causal)
@@ -81,8 +82,10 @@ def _call(n: Node, ins, c: Collector, where: _Where, in_causal: tuple, top: Grap
     causal = where.causal_of(n)
     pos_node = _pos(stream, top, where)
     pos = (pos_node.op, pos_node.params) if pos_node is not None else None
+    mem_node = _pos(stream, top, where, "memory") if op.family == "mha" else None
+    memory = (mem_node.op, mem_node.params) if mem_node is not None else None
     env = OpEnv(in_shapes=tuple(tuple(s) for s in ins), causal=causal, pos=pos, vocab=_vocab(n, top, where),
-                residual_scores=n.residual_scores, in_causal=in_causal)
+                residual_scores=n.residual_scores, in_causal=in_causal, memory=memory)
     spans = n.meta.get("arg_spans", {})
     if causal and op.causal == "no":
         where_ = f"stream '{stream}' is causal" if top.streams else "the model is causal"
@@ -91,7 +94,17 @@ def _call(n: Node, ins, c: Collector, where: _Where, in_causal: tuple, top: Grap
                      + (f"{stream}(causal=false)" if top.streams else "model(causal=false)"))
     if op.family == "mha" and pos is not None and pos[0].variant not in op.supports:
         c.error("E302", f"{op.id} cannot apply pos({pos[0].variant})", n.span,
-                help=f"{op.id} supports: {', '.join(sorted(op.supports - {'residual_scores'})) or 'no positions'}")
+                help=f"{op.id} supports: {', '.join(sorted(op.supports - NOT_POSITIONS)) or 'no positions'}")
+    if memory is not None and "memory" not in op.supports:
+        c.error("E302", f"{op.id} cannot keep {mem_node.op.id}'s memory", n.span,
+                help="segment memory works with: " + ", ".join(
+                    f"{o.family}({o.variant})" for o in _memory_ops()))
+    elif memory is not None and pos is not None and not getattr(pos[0].attach, "relative", False):
+        c.error("E302", f"{mem_node.op.id} cannot be combined with pos({pos[0].variant}) inside attention", n.span,
+                help="positions that reach into the memory are relative: use pos(xl_rel), or none")
+    if n.residual_scores and (memory is not None or (pos is not None and getattr(pos[0].attach, "relative", False))):
+        c.error("E302", f"{op.id} cannot add residual scores on Transformer-XL's path", n.span,
+                help="residual(..., scores=true) works with the other position schemes, without memory(xl)")
     if getattr(n.params, "tied", False):
         embed = next((m for m in top.nodes if m.kind == "call" and (m.family, m.variant) == ("embed", "token")),
                      None)
@@ -127,15 +140,29 @@ def _call(n: Node, ins, c: Collector, where: _Where, in_causal: tuple, top: Grap
     n.meta["shape"], n.meta["env"] = tuple(shape), env
     if op.attach is not None:
         where.pos[stream] = n
+    if op.sets is not None:
+        where.sets.setdefault(op.sets, {})[stream] = n
 
 
-def _pos(stream, top: Graph, where: _Where):
-    """The scheme applied inside attention in `stream`: its own latest pos(...), else that of the stream it
-    starts from (looked up once per stream)."""
-    if stream not in where.pos:
+NOT_POSITIONS = frozenset({"residual_scores", "memory"})  # what `supports` lists besides position schemes
+
+
+def _memory_ops() -> list:
+    from ..ops.registry import REGISTRY
+
+    return [o for o in REGISTRY.values() if "memory" in o.supports]
+
+
+def _pos(stream, top: Graph, where: _Where, what: str = "pos"):
+    """The node that configures attention in `stream` (`what`: "pos", the scheme applied inside attention; or an
+    OpEnv field an op `sets`, "memory"): the stream's own latest, else that of the stream it starts from
+    (looked up once per stream)."""
+    found = where.pos if what == "pos" else where.sets.setdefault(what, {})
+    if stream not in found:
         st = top.stream(stream) if top.streams else None
-        where.pos[stream] = _pos(st.source[1], top, where) if st is not None and st.source[0] == "stream" else None
-    return where.pos[stream]
+        found[stream] = (_pos(st.source[1], top, where, what) if st is not None and st.source[0] == "stream"
+                         else None)
+    return found[stream]
 
 
 def _vocab(n: Node, top: Graph, where: _Where):

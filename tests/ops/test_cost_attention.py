@@ -20,6 +20,7 @@ from ophelpers import make_op
 
 SIZES = [(2, 64, 64), (1, 160, 96)]  # (b, n, d), heads=4: dh 16 and 24
 ROPE, HALF_ROPE, ALIBI, T5 = ("rope", {}), ("rope", {"fraction": 0.5}), ("alibi", {}), ("t5_bias", {"heads": 4})
+XL = ("xl_rel", {})
 BOTH, SMALL, ODD = (0, 1), (0,), (1,)  # which of SIZES a build runs at (the file stays under ~30 s)
 
 CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectional
@@ -29,7 +30,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"residual_scores": True, "pos": ALIBI}, ODD), ({"dropout": 0.1}, SMALL),
                 ({"residual_scores": True, "dropout": 0.1}, ODD),
                 # T5's learned bias: the math kernel in training (its gradient), the Toeplitz bias's one copy
-                ({"pos": T5}, BOTH), ({"pos": T5, "kv_heads": 2}, ODD), ({"pos": T5, "dropout": 0.1}, SMALL)],
+                ({"pos": T5}, BOTH), ({"pos": T5, "kv_heads": 2}, ODD), ({"pos": T5, "dropout": 0.1}, SMALL),
+                # Transformer-XL: a full memory of mem_len earlier inputs (steady state), relative scores
+                ({"pos": XL, "mem_len": 32}, BOTH), ({"mem_len": 32, "kv_heads": 2}, BOTH), ({"pos": XL}, SMALL),
+                ({"pos": XL, "mem_len": 20, "heads": 2, "head_dim": 8, "bias": False}, ODD)],
     "local": [({"window": 16}, BOTH), ({"window": 40, "kv_heads": 2}, BOTH), ({"window": 16, "pos": ALIBI}, BOTH),
               ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
               ({"window": 200}, ODD), ({"window": 16, "dropout": 0.1}, SMALL)],

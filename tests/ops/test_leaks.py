@@ -21,11 +21,13 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
 }
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
 POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {}),
-             "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20})}
+             "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}), "xl_rel": ("xl_rel", {})}
 
 
 def test_every_causal_attention_is_covered():
     assert set(CAUSAL_MHA) <= set(BUILD), f"add a small build to BUILD for: {set(CAUSAL_MHA) - set(BUILD)}"
+    in_attention = {v for (f, v), op in REGISTRY.items() if f == "pos" and op.attach is not None}
+    assert in_attention <= {p[0] for p in POSITIONS.values()}, "add every in-attention scheme to POSITIONS"
 
 
 def _cases():

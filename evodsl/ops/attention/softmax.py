@@ -19,6 +19,7 @@ from pydantic import Field
 from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, register
 from ...decode import append_kv
+from ._xl import xl_attention_cost, xl_forward
 from ._common import (LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols,
                       learned_bias, position_cost, rotates, score_bias)
 
@@ -33,6 +34,8 @@ class SoftmaxAttention(AttentionBase):
         super().__init__(p, env)
         self.residual_scores = env.residual_scores
         self.scale = p.scale  # None: SDPA's 1/sqrt(head_dim)
+        self.mem_len = env.memory[1].mem_len if env.memory else 0  # memory(xl): inputs kept from earlier segments
+        self.xl = bool(self.mem_len) or getattr(self.pos, "relative", False)  # Transformer-XL's path (_xl.py)
 
     def _bias(self, n: int, device, start: int = 0) -> torch.Tensor | None:
         """The position scheme's bias [h, n, start + n] of queries start.. against keys 0.. (decoding: start
@@ -50,6 +53,8 @@ class SoftmaxAttention(AttentionBase):
         return bias
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        if self.xl:
+            return xl_forward(self, x, ctx)
         if self.pos is not None:
             self.pos.bind(ctx)
         if ctx is not None and ctx.cache is not None:
@@ -111,6 +116,8 @@ def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) ->
     """SDPA on [b, h, n, n] scores (GQA read in place); RealFormer's path runs the matmuls itself and keeps the
     [b, h, n, n] weights. With ALiBi the [1, h, n, n] bias is SDPA's mask, and SDPA keeps it for backward."""
     h, kv, dh = head_symbols(p, s)
+    if env.memory or (env.pos is not None and getattr(env.pos[0].attach, "relative", False)):
+        return xl_attention_cost(p, env, s, h, kv, dh)  # Transformer-XL's path
     b, n, by = s.b, s.n, s.bytes
     pos = position_cost(env, s, h, kv, dh)
     scores, bias = b * h * n ** 2, (h * n ** 2 * by if score_bias(env) else 0)
@@ -160,7 +167,7 @@ def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) ->
 OP = register(Op(
     decode="a K/V cache of every position so far (kv_heads heads)",
     family="mha", variant="softmax", params=SoftmaxAttentionParams, module=SoftmaxAttention,
-    causal="yes", shape=attention_shape, supports=frozenset({"rope", "alibi", "t5_bias", "residual_scores"}),
+    causal="yes", shape=attention_shape, supports=frozenset({"rope", "alibi", "t5_bias", "xl_rel", "residual_scores", "memory"}),
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",
     summary="softmax(Q K^T * scale) V per head, scale 1/sqrt(dh) by default; kv_heads < heads shares K/V heads "
             "(MQA/GQA)",
