@@ -47,6 +47,9 @@ class ExportResult:
     external_data: bool
     bytes: int
     input_names: tuple = ()  # every input, in order (input_ids, attention_mask, ...)
+    output_names: tuple = ()  # every output, in order (a step export: logits, present.*)
+    dims: dict | None = None  # a step export: each input's and output's axes as written ('batch', 'past_seq', 8)
+    state_rel_diff: float | None = None  # a step export: the largest difference of a present.* tensor / its scale
 
 
 def io_names(graph: Graph) -> tuple[str, str]:
@@ -224,22 +227,7 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
     tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         tmp = tmpdir / path.name
-        try:
-            with warnings.catch_warnings(), torch.no_grad(), _quiet():
-                warnings.simplefilter("ignore")
-                # torch.export first, so that a graph valid for some lengths only is an error: given the module,
-                # torch.onnx.export turns such guards (a branch on n % chunk, say) into runtime asserts that
-                # the ONNX graph drops, and the file is silently wrong at the other lengths
-                exported = torch.export.export(model.eval(), args, dynamic_shapes=dynamic, strict=False)
-                program = torch.onnx.export(exported, args, dynamo=True, opset_version=opset,
-                                            input_names=names, output_names=[out_name], verbose=False)
-                program.save(str(tmp), external_data=external)
-                if any(node.op_type == "DFT" for node in program.model.graph):
-                    _dft_in_double(tmp)
-        except EvoError:
-            raise
-        except Exception as err:  # noqa: BLE001 - the exporter raises many types; the user gets one error
-            raise _failure(err, graph) from None
+        write_onnx(model, args, dynamic, names, [out_name], tmp, opset, external, graph)
         verify = max(verify_seq, least)
         xs = example_args(graph, 2, min(verify, cap) if cap else verify, seed=1)
         try:
@@ -261,13 +249,40 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
             got, want = got[real.bool().numpy()], want[real.bool().numpy()]
         diff = float(np.abs(got - want).max())
         scale = float(np.abs(want).max())
-        files = list(tmpdir.iterdir())
-        for f in files:  # the model and its external data, moved into place together
-            os.replace(f, path.parent / f.name)
-        size = sum((path.parent / f.name).stat().st_size for f in files)
+        size = move_into_place(tmpdir, path)
         return ExportResult(path, inp_name, out_name, diff, scale, external, size, tuple(names))
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def write_onnx(module: torch.nn.Module, args: tuple, dynamic, names: list, out_names: list, tmp: Path, opset: int,
+               external: bool, graph: Graph) -> None:
+    """torch.export `module` at `args` with `dynamic` shapes, then the dynamo ONNX exporter, saved at `tmp`
+    (every DFT in float64); any exporter failure is one EvoError (E406)."""
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), _quiet():
+            warnings.simplefilter("ignore")
+            # torch.export first, so that a graph valid for some lengths only is an error: given the module,
+            # torch.onnx.export turns such guards (a branch on n % chunk, say) into runtime asserts that
+            # the ONNX graph drops, and the file is silently wrong at the other lengths
+            exported = torch.export.export(module.eval(), args, dynamic_shapes=dynamic, strict=False)
+            program = torch.onnx.export(exported, args, dynamo=True, opset_version=opset,
+                                        input_names=names, output_names=out_names, verbose=False)
+            program.save(str(tmp), external_data=external)
+            if any(node.op_type == "DFT" for node in program.model.graph):
+                _dft_in_double(tmp)
+    except EvoError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the exporter raises many types; the user gets one error
+        raise _failure(err, graph) from None
+
+
+def move_into_place(tmpdir: Path, path: Path) -> int:
+    """Move the checked model and its external data from `tmpdir` beside `path`, together; their bytes."""
+    files = list(tmpdir.iterdir())
+    for f in files:
+        os.replace(f, path.parent / f.name)
+    return sum((path.parent / f.name).stat().st_size for f in files)
 
 
 def matmul_flops(path, batch: int, seq: int, decoder_seq: int | None = None) -> tuple[int, int]:

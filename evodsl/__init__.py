@@ -88,11 +88,14 @@ def cost(text_or_path, seq: int = 1024, batch: int = 1, dtype: str = "float32", 
     return cost_data(build_report(parse(text_or_path, overrides), dtype, decoder_seq), seq, batch, dtype)
 
 
-def export(text_or_path, path, weights=None, seed: int = 0, overrides: dict | None = None, opset: int = 18):
+def export(text_or_path, path, weights=None, seed: int = 0, overrides: dict | None = None, opset: int = 18,
+           step: bool = False):
     """Export a spec to an ONNX file at `path` (opset 18, dynamic batch and sequence axes, named input and
     output), with the weights `compile` builds from `seed`, or those of an artifact `weights` (written by
     `save` / `evodsl compile -o`). The file is checked (onnx checker, onnxruntime against torch) before it is
-    moved into place; a failure leaves no file. Returns the check's numbers (backends.lower_onnx.ExportResult)."""
+    moved into place; a failure leaves no file. Returns the check's numbers (backends.lower_onnx.ExportResult).
+    step=True exports one decoding step of a causal LM instead: the new tokens and the state in, their logits
+    and the next state out (backends.onnx_step; README, "One decoding step")."""
     from .backends.lower_onnx import export as onnx_export
     from .backends.lower_torch import lower
 
@@ -103,6 +106,12 @@ def export(text_or_path, path, weights=None, seed: int = 0, overrides: dict | No
     from .backends.lower_onnx import check_memory
     from .report import build_report
 
+    if step:  # a model without a step form is refused before any weight is built
+        from .backends.onnx_step import export_step, refusal
+
+        error = refusal(lower(graph, device="meta"), graph)
+        if error is not None:
+            raise error
     check_memory(graph, build_report(graph, "float32").params() * 4)  # before any weight is built
     if weights is not None:
         model = load(weights)
@@ -112,6 +121,8 @@ def export(text_or_path, path, weights=None, seed: int = 0, overrides: dict | No
                                        help="export the spec the artifact was compiled from, or recompile it")])
     else:
         model = lower(graph, seed=seed, spec=graph.source, file=graph.file)
+    if step:
+        return export_step(model, graph, target, opset=opset)
     return onnx_export(model, graph, target, opset=opset)
 
 

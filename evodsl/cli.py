@@ -91,6 +91,10 @@ def _cmd_compile(args) -> int:
         return EXIT_USAGE
     if args.backend == "onnx":
         return _export(args)
+    if args.step:
+        print("evodsl compile: error: --step exports a decoding step: give --backend onnx -o FILE.onnx",
+              file=sys.stderr)
+        return EXIT_USAGE
     device = "meta" if args.meta else None
     model = evodsl.compile(Path(args.spec), backend=args.backend, seed=args.seed, device=device,
                            overrides=dict(args.set))
@@ -212,7 +216,12 @@ def _export(args) -> int:
         print(f"evodsl: error: output folder does not exist: {Path(args.output).parent}", file=sys.stderr)
         return EXIT_USAGE
     r = evodsl.export(Path(args.spec), args.output, weights=getattr(args, "weights", None), seed=args.seed,
-                      overrides=dict(args.set))
+                      overrides=dict(args.set), step=args.step)
+    if args.step:
+        from .backends.onnx_step import describe
+
+        print("\n".join(describe(r)))
+        return EXIT_OK
     rel = r.max_abs_diff / max(r.output_scale, 1e-30)
     data = " (+ external data)" if r.external_data else ""
     dims = lambda name: ("[batch, decoder_seq]" if name.startswith("decoder") else  # noqa: E731
@@ -295,6 +304,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="torch (a module summary; -o saves an artifact) or onnx (-o FILE.onnx) (default torch)")
     b.add_argument("--weights", metavar="ARTIFACT", help="onnx: export these weights (from compile -o)")
+    b.add_argument("--step", action="store_true", help="onnx: one decoding step of a causal LM (see export --step)")
     b.add_argument("-o", "--output", metavar="FILE", help="save an artifact (spec + weights); load with evodsl.load")
     b.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     b.add_argument("--meta", action="store_true", help="build on the meta device: no weights are allocated")
@@ -307,6 +317,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", metavar="FILE", required=True, help="the .onnx file to write")
     e.add_argument("--weights", metavar="ARTIFACT", help="export these weights (from evodsl compile -o)")
     e.add_argument("--seed", type=int, default=0, help="initialisation seed when no --weights (default 0)")
+    e.add_argument("--step", action="store_true",
+                   help="one decoding step of a causal LM: input_ids, attention_mask and the state (past.*) in, "
+                        "logits and the next state (present.*) out")
     _add_set(e)
     e.set_defaults(run=_cmd_export)
     k = sub.add_parser("cost", help="parameters, FLOPs, memory and complexity, from the graph",

@@ -147,8 +147,10 @@ class AttentionBase(nn.Module):
             if extra is not None:
                 mask = mask + extra.to(q.dtype)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
-        if keys > window:  # keep the last w alone (a view would keep the whole concatenation alive)
-            k, v = k[:, :, -window:].clone(), v[:, :, -window:].clone()
+        # keep the last w (all while there are fewer), with no branch on their number: one exported step serves
+        # every length (sym_min: export would read [-w:] as w long); a copy, as a view keeps the concatenation
+        drop = keys - torch.sym_min(keys, window)  # the keys that leave the window
+        k, v = k[:, :, drop:].clone(), v[:, :, drop:].clone()
         ctx.cache.caches[slot(ctx, self)] = (k, v)
         return self.out(o)
 
