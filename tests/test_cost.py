@@ -135,6 +135,7 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     "llama": ("O(n^2 d)", "O(n d + n f)"),
     "llama2_70b": ("O(n^2 d)", "O(n d + n f)"),
     "vanilla": ("O(n^2 d)", "O(n d + n f)"),
+    "transformer_xl": ("O(n^2 d + n M d)", "O(n^2 h + n M h)"),  # L = n + M keys; the weights kept (XL path)
 }
 
 
