@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from evodsl.backends.torch_state import ModelState, Seq2SeqState, _own, _shape_only
+from evodsl.decode import DecodeState
 from evodsl.ir import Graph
-from evodsl.decode import DecodeState, pick_next
-from evodsl.segments import SegmentState, run_segments
-from evodsl.diagnostics import Diagnostic, EvoError
 from evodsl.ops.registry import Ctx, right_padded
 from evodsl.ops.registry import is_symbolic as _symbolic
+from evodsl.segments import SegmentState
 
 
 class GraphModule(nn.Module):
@@ -97,7 +97,7 @@ class Repeat(nn.ModuleList):
         return x
 
 
-class EvoModel(GraphModule):
+class EvoModel(ModelState, GraphModule):
     """The compiled model. forward(input_ids [b, n]) -> logits [b, n, vocab] for LMs; features [b, n, d] in,
     the last op's output out otherwise. `aux_loss()` sums the ops' auxiliary losses (e.g. adaptive span)."""
 
@@ -117,6 +117,7 @@ class EvoModel(GraphModule):
         static = self._static = graph.static_streams()
         self._static_nodes = {n.name for n in graph.nodes if n.kind != "input" and n.meta.get("stream") in static}
         self._static_values = {st.value: st.name for st in graph.streams if st.name in static}
+        self._writes = {st.value: st.writes for st in graph.streams if st.writes}  # value -> the memory it gives
         self._static_reads = [(n.op.id, n.params.kv) for n in graph.calls() if n.family == "xattn"
                               and n.params.kv not in static]
         # where each stream begins: (stream, where its mask comes from: ("input", arg) / ("stream", name) / None)
@@ -188,96 +189,14 @@ class EvoModel(GraphModule):
         return None
 
     def _leave(self, name: str, value: torch.Tensor, ctx: Ctx) -> None:
+        segments = ctx.extra.get("segments")
+        if segments is not None and name in self._writes:  # the next segment's value of a memory(rmt) stream
+            segments.memory[self._writes[name]] = _own(value)
         state = ctx.extra.get("cache")
         if state is not None and not ctx.offset and name in self._static_values:  # the prompt: keep it, and its
             state.kept[name] = _shape_only(value)  # mask, for the steps after: the value itself is read again by
             # no op (cross-attention keeps its K/V), only its shape (cat)
             state.kept[("mask", self._static_values[name])] = (ctx.mask, ctx.right_padded)
-
-    # ---------------------------------------------------------------- segments
-
-    def recur(self, input_ids: torch.Tensor, state: SegmentState | None = None,
-              attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, SegmentState]:
-        """One segment of a long sequence: input_ids [b, n] after the segments `state` has seen (None: the
-        first). Returns the output and the state the next segment reads: each memory(xl) attention's last
-        mem_len inputs, each memory(rmt) stream's tokens as its writer left them (evodsl.segments)."""
-        state = SegmentState() if state is None else state
-        out = self._run([input_ids], {"attention_mask": attention_mask}, segments=state)
-        state.segments += 1
-        state.seen += input_ids.shape[1]
-        return out, state
-
-    def run_segments(self, input_ids: torch.Tensor, segment_len: int, state: SegmentState | None = None,
-                     grad_segments: int | None = None) -> tuple[torch.Tensor, SegmentState]:
-        """input_ids [b, N] in segments of segment_len, each `recur`red with the state of the one before:
-        the outputs concatenated, and the final state. grad_segments=k backpropagates through the memory of the
-        last k segments only (evodsl.segments.run_segments)."""
-        return run_segments(self, input_ids, segment_len, state, grad_segments)
-
-    # ---------------------------------------------------------------- decoding
-
-    def decodable(self) -> str | None:
-        """Why this model cannot decode incrementally (generate), or None if it can: its output stream must be
-        causal, give next-token logits, and every op must have a step form (cross-attention: over a stream
-        computed once, an encoder's)."""
-        if not self._causal_output:
-            return "the model is not causal: every position reads the whole sequence, so there is nothing to extend"
-        for op_id, kv in self._static_reads:
-            return f"{op_id} reads stream '{kv}', which grows while decoding (it would be read again each step)"
-        length = "m" if len(self._inputs) > 1 else "n"
-        if self.input_kind != "tokens" or len(self.output_shape) != 3 or self.output_shape[1] != length:
-            return "it does not give next-token logits at every position (input(tokens) ... head(lm))"
-        for op_id, form in self._forms:
-            if form is None:
-                return f"{op_id} has no step form" + (": it carries state from one segment to the next (run it "
-                                                      "with model.recur or model.run_segments)"
-                                                      if op_id.startswith("memory(") else "")
-        return None
-
-    def decode(self, input_ids: torch.Tensor, state: DecodeState | None = None) -> tuple[torch.Tensor, DecodeState]:
-        """Run the next tokens [b, k] after those `state` has seen (None: a fresh state, i.e. a prompt): returns
-        their logits [b, k, vocab] and the state after them. A prompt, its pieces one by one (chunked prefill)
-        and then one token at a time give the full forward's logits at every position. No padding: every row
-        has the same number of tokens."""
-        why = self.decodable()
-        if why is not None:
-            raise EvoError([Diagnostic("E411", f"'{self.graph_name}' cannot decode: {why}",
-                                       help="generate needs a causal model whose every op has a step form "
-                                            "(evodsl ops --json lists each op's)")])
-        state = DecodeState() if state is None else state
-        out = self._run([input_ids], {}, state=state)
-        state.seen += input_ids.shape[1]
-        return out, state
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """input_ids [b, n] -> [b, n + max_new_tokens]: greedy by default; with do_sample, a sample at
-        `temperature` from the top_k tokens and the top_p nucleus (reproducible with `generator`). A row stops at
-        eos_token_id and is padded with it after. One prefill of the prompt, then one step per token."""
-        return self._generate(input_ids, self.decode, max_new_tokens, do_sample, temperature, top_k, top_p,
-                              eos_token_id, generator)
-
-    def _generate(self, input_ids, first, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                  generator) -> torch.Tensor:
-        """One prefill (`first(input_ids)` -> logits, state), then one decode step per new token."""
-        logits, state = first(input_ids)
-        out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for i in range(max_new_tokens):
-            nxt = pick_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                nxt = nxt.masked_fill(done, eos_token_id)
-                done |= nxt == eos_token_id
-            out.append(nxt[:, None])
-            if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
-                break
-            logits, state = self.decode(nxt[:, None], state)
-        ids = torch.cat(out, dim=1)
-        missing = input_ids.shape[1] + max_new_tokens - ids.shape[1]  # every row stopped early
-        if missing:
-            ids = torch.cat([ids, ids.new_full((ids.shape[0], missing), eos_token_id)], dim=1)
-        return ids
 
     def input_modules(self) -> list[nn.Module]:
         """The modules that read the model's inputs (its embeddings; a latent array reads the batch size)."""
@@ -290,7 +209,7 @@ class EvoModel(GraphModule):
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
 
-class EvoSeq2SeqModel(EvoModel):
+class EvoSeq2SeqModel(Seq2SeqState, EvoModel):
     """A model with two inputs (an encoder-decoder): forward(input_ids [b, n], decoder_input_ids [b, m])
     -> the output of its last stream, logits [b, m, vocab] for an LM."""
 
@@ -301,45 +220,6 @@ class EvoSeq2SeqModel(EvoModel):
         decoder_attention_mask [b, m]: 1 for a token, 0 for padding (None: nothing padded)."""
         return self._run([input_ids, decoder_input_ids],
                          {"attention_mask": attention_mask, "decoder_attention_mask": decoder_attention_mask})
-
-    def decode(self, decoder_input_ids: torch.Tensor, state: DecodeState | None = None,
-               input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
-        """The next target tokens [b, k] after those `state` has seen. The first call (state None) takes the
-        source, input_ids [b, n] (and its attention_mask): the encoder runs once, its output and every
-        cross-attention's K/V stay in the state. Returns (logits [b, k, vocab], state)."""
-        why = self.decodable()
-        if why is not None:
-            raise EvoError([Diagnostic("E411", f"'{self.graph_name}' cannot decode: {why}")])
-        if state is None:
-            if input_ids is None:
-                raise EvoError([Diagnostic("E411", "the first decode of an encoder-decoder needs the source",
-                                           help="model.decode(decoder_input_ids, input_ids=source_ids)")])
-            state = DecodeState()
-            state.kept["input_ids"] = _shape_only(input_ids)  # later steps skip the encoder, its only reader
-        source = input_ids if not state.seen else state.kept["input_ids"]
-        out = self._run([source, decoder_input_ids], {"attention_mask": attention_mask}, state=state)
-        state.seen += decoder_input_ids.shape[1]
-        return out, state
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None = None,
-                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
-                 decoder_start_token_id: int = 0) -> torch.Tensor:
-        """The target for the source input_ids [b, n]: decoder_input_ids [b, k] (default: one
-        decoder_start_token_id, 0 as T5's and Marian's pad; BART starts from 2), then max_new_tokens more, as
-        EvoModel.generate. Returns [b, k + max_new_tokens]."""
-        if decoder_input_ids is None:
-            decoder_input_ids = input_ids.new_full((input_ids.shape[0], 1), decoder_start_token_id)
-        first = lambda ids: self.decode(ids, input_ids=input_ids, attention_mask=attention_mask)  # noqa: E731
-        return self._generate(decoder_input_ids, first, max_new_tokens, do_sample, temperature, top_k, top_p,
-                              eos_token_id, generator)
-
-
-def _shape_only(t: torch.Tensor) -> torch.Tensor:
-    """A tensor of t's shape holding one element: what a step needs of a value computed at the prompt."""
-    return t.new_zeros(()).expand(t.shape)
 
 
 MASK_ARGS = ("attention_mask", "decoder_attention_mask")  # the padding mask of each input, in order

@@ -18,12 +18,13 @@ def _cmd_check(args) -> int:
     print(graph)
     for st in graph.streams:
         start = {"input": lambda: f"input {st.source[1]}", "stream": lambda: f"stream {st.source[1]}",
-                 "latent": lambda: "a latent array"}[st.source[0]]()
+                 "latent": lambda: next(n.op.id for n in _calls_in(graph, st.name))}[st.source[0]]()
         reads = sorted({getattr(n.params, f) for n in _calls_in(graph, st.name) for f in n.op.streams
                         if getattr(n.params, f, None) is not None})
         shape = ", ".join(map(str, graph.node(st.value).meta["shape"]))
         print(f"stream {st.name}: [{shape}], {'causal' if st.causal else 'bidirectional'}, from {start}"
-              + (f", reads {', '.join(reads)}" if reads else ""))
+              + (f", reads {', '.join(reads)}" if reads else "")
+              + (f", writes {st.writes} (its next segment's value)" if st.writes else ""))
     return EXIT_OK
 
 

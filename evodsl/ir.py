@@ -54,13 +54,16 @@ def _fmt_value(v) -> str:
 @dataclass
 class Stream:
     """A named stream of a model with streams: its last value, causality, what it starts from (("input",
-    node), ("stream", name) or ("latent", None)) and its first value (`start`)."""
+    node), ("stream", name) or ("latent", None): an op that begins a stream, latent(array) or memory(rmt)), its
+    first value (`start`), and the carried stream (memory(rmt)) whose next-segment value it gives, if any."""
 
     name: str
     value: str
     causal: bool
     source: tuple
     start: str
+    writes: str | None = None
+    writes_span: object = None  # the span of `writes=NAME`, for the shape pass's diagnostic
 
 
 class Graph:

@@ -136,6 +136,9 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     "llama2_70b": ("O(n^2 d)", "O(n d + n f)"),
     "vanilla": ("O(n^2 d)", "O(n d + n f)"),
     "transformer_xl": ("O(n^2 d + n M d)", "O(n^2 h + n M h)"),  # L = n + M keys; the weights kept (XL path)
+    # per segment of n tokens: n + 2 L positions (L memory tokens, a number); XL's relative scores keep the weights.
+    # A sequence of N tokens in segments of n costs N/n segments: linear in N
+    "rmt": ("O(n^2 d)", "O(n^2 h)"),
 }
 
 

@@ -46,6 +46,9 @@ REQUIRED = {
     "e224_stream_before_definition": ["E224"], "e222_stream_unused": ["E222"], "e223_xattn_without_streams": ["E223"],
     "e225_unknown_stream": ["E225"], "e309_bidirectional_reads_causal": ["E309"], "e300_cat_widths": ["E300"],
     "e300_slice_too_long": ["E300"], "e206_two_streams_one_name": ["E206"], "e301_causal_stream_fnet": ["E301"],
+    # segment memory
+    "e226_writes_not_carried": ["E226", "E227"], "e227_memory_never_written": ["E227"],
+    "e310_written_shape": ["E310"], "e311_stream_op_in_pipeline": ["E311"],
     "multiple_errors": ["E212", "E201", "E203", "E204", "E204", "E206"],
 }
 

@@ -22,11 +22,13 @@ CATALOG = [
 
 # The multi-stream issue (7): cross-attention, latent arrays, joining and slicing streams, T5's bias.
 STREAMS = ["xattn(softmax)", "latent(array)", "cat(seq)", "slice(seq)", "pos(t5_bias)"]
+# Decoding and state (issue 8): segment memories and XL's relative positions.
+STATE = ["memory(xl)", "memory(rmt)", "pos(xl_rel)"]
 
 
 def test_first_catalog_is_registered():
     ids = {op.id for op in REGISTRY.values()}
-    assert not [c for c in CATALOG + STREAMS if c not in ids]
+    assert not [c for c in CATALOG + STREAMS + STATE if c not in ids]
 
 
 def test_ops_that_read_streams_name_them_in_their_params():
@@ -36,6 +38,16 @@ def test_ops_that_read_streams_name_them_in_their_params():
             assert f in op.params.model_fields, f"{op.id}: {f} is not a parameter"
     assert REGISTRY["xattn", "softmax"].streams == ("kv",)
     assert REGISTRY["cat", "seq"].streams == ("prefix", "suffix")
+
+
+def test_ops_that_begin_streams_have_no_stream_input():
+    """An op that begins a stream reads only its input's batch size; one whose value is carried across
+    segments begins a stream and has no step form."""
+    starts = {op.id for op in REGISTRY.values() if op.starts}
+    assert starts == {"latent(array)", "memory(rmt)"}
+    for op in REGISTRY.values():
+        assert not op.starts or (op.inputs == 1 and not op.streams)
+        assert not op.carried or (op.starts and op.decode_form(None) is None)
 
 
 @pytest.mark.parametrize("key", sorted(REGISTRY), ids=lambda k: f"{k[0]}({k[1]})")

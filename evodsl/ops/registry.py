@@ -45,6 +45,7 @@ class OpEnv:
     residual_scores: bool = False  # RealFormer: add the previous layer's raw scores (residual(..., scores=true))
     in_causal: tuple = ()  # per input: its stream is causal (time-ordered; xattn over it reads only its past)
     memory: tuple | None = None  # (Op, params) of the segment memory the attention keeps (memory(xl, mem_len=M))
+    stream: str | None = None  # the stream the op is in (a model with streams), else None
 
     @property
     def shape(self) -> Shape:
@@ -91,6 +92,10 @@ class Op:
     #                      after the first, in this order; the module's forward(x, ctx, *those streams)
     sets: str | None = None  # an op that configures the attention ops after it in its stream: the OpEnv field
     #                      its (op, params) fills there ("memory"); position schemes use `attach` instead
+    starts: bool = False  # it begins a stream of its own, reading only its input's batch size (latent(array),
+    #                      memory(rmt)): `name = latent(array, length=L) -> ...`
+    carried: bool = False  # its stream's value is carried from one segment to the next: a stream declared with
+    #                      writes=NAME gives the value the next segment reads (memory(rmt))
     decode: object = "per token"  # how it runs incrementally (ctx.cache, ctx.offset): what it keeps between
     #                      calls, in words; None: no step form (generate refuses it); a callable(params) -> either
 

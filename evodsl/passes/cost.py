@@ -97,7 +97,12 @@ class Report:
         return sp.expand(sum(sp.sympify(getattr(r.cost, attr)).subs(r.values) * r.count for r in rows))
 
     def decoding_rows(self) -> list:
-        """The rows that keep decoding state: all, but an encoder's (it runs once, at the prompt)."""
+        """The rows that keep state: all, but an encoder's (it runs once, at the prompt); in a model that carries
+        state from one segment to the next (memory(rmt), memory(xl)), the ops that carry it (the others keep
+        nothing between segments)."""
+        carried = [r for r in self.rows if r.node.kind == "call" and (r.node.op.carried or r.node.meta["env"].memory)]
+        if carried:
+            return carried
         static = self.graph.static_streams()
         return [r for r in self.rows if r.node.meta.get("stream") not in static]
 

@@ -24,6 +24,21 @@ def infer_shapes(graph: Graph, c: Collector) -> None:
         _infer(graph, c, _Where(causal, streams, vocab, {}), top=graph)
     except _Stop:
         _clear(graph)
+        return
+    _check_writes(graph, c)
+
+
+def _check_writes(graph: Graph, c: Collector) -> None:
+    """E310 for a stream that writes a carried stream (`next(writes=mem) = ...`) a value of another shape."""
+    for st in graph.streams:
+        if st.writes is None or st.writes_span is None:
+            continue
+        mem = next(n for n in graph.nodes if n.kind == "call" and n.meta.get("stream") == st.writes and n.op.carried)
+        got, want = graph.node(st.value).meta["shape"], mem.meta["shape"]
+        if tuple(got) != tuple(want):
+            c.error("E310", f"stream '{st.name}' writes {fmt_shape(got)} to memory '{st.writes}' of {fmt_shape(want)}",
+                    st.writes_span, help=f"the next segment reads it as '{st.writes}': keep its {want[1]} positions, "
+                                         f"e.g. {st.name}(writes={st.writes}) = h -> slice(last={want[1]})")
 
 
 class _Where:
@@ -52,6 +67,11 @@ def _infer(g: Graph, c: Collector, where: _Where, top: Graph):
             continue
         ins = [g.node(i).meta["shape"] for i in n.inputs]
         if n.kind == "call":
+            if n.op.starts and not (g is top and g.node(n.inputs[0]).kind == "input"):
+                c.error("E311", f"{n.op.id} begins a stream of its own", n.span,
+                        help=f"it reads nothing from the stream before it: start a stream with it, "
+                             f"name = {n.op.family}({n.op.variant}, ...), and join it (cat(prefix=name))")
+                raise _Stop
             in_causal = tuple(where.causal_of(g.node(i)) for i in n.inputs)
             _call(n, ins, c, where, in_causal, top)
         elif n.kind == "add":
@@ -85,7 +105,8 @@ def _call(n: Node, ins, c: Collector, where: _Where, in_causal: tuple, top: Grap
     mem_node = _pos(stream, top, where, "memory") if op.family == "mha" else None
     memory = (mem_node.op, mem_node.params) if mem_node is not None else None
     env = OpEnv(in_shapes=tuple(tuple(s) for s in ins), causal=causal, pos=pos, vocab=_vocab(n, top, where),
-                residual_scores=n.residual_scores, in_causal=in_causal, memory=memory)
+                residual_scores=n.residual_scores, in_causal=in_causal, memory=memory,
+                stream=stream if top.streams else None)
     spans = n.meta.get("arg_spans", {})
     if causal and op.causal == "no":
         where_ = f"stream '{stream}' is causal" if top.streams else "the model is causal"

@@ -3,6 +3,8 @@ input (the first is the model's `input_ids`, the second its `decoder_input_ids`)
 or from a latent array; ops that name a stream (xattn(kv=a), cat(prefix=a)) take its value as an extra input,
 and a repeat body that reads a stream captures it as an extra input node. The last stream is the model's output.
 Causality is per stream: declared (`tgt(causal=true) = ...`), else the stream it starts from, else the model's.
+A stream declared `next(writes=mem) = ...` gives the value that a carried stream (`mem = memory(rmt, ...)`) has at
+the next segment (model.recur).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..diagnostics import Span, did_you_mean
 from ..ir import Graph, Node, Stream
-from ..ops.registry import FAMILIES, variants
+from ..ops.registry import FAMILIES, REGISTRY, variants
 from ..ops.registry import lookup as lookup_op
 from ..syntax import Call, ModelDef, Name
 
@@ -28,6 +30,7 @@ class _StreamState:
     value: str | None = None  # the stream's last value in the top graph, once defined
     used: bool = False
     reads: list = field(default_factory=list)  # (stream name, span) of every stream it reads
+    writes: tuple | None = None  # (carried stream's name, span) it gives the next segment's value of
 
 
 class Streams:
@@ -57,6 +60,7 @@ class Streams:
                 return None
         self._current = None
         self._check_reads(m, errors)
+        self._check_writes(m, g)
         g.add(Node(name="out", kind="output", inputs=[g.streams[-1].value]))
         return g
 
@@ -102,8 +106,11 @@ class Streams:
 
     def _build_stream(self, sd, items: list, inputs: list[Node], opts: dict, g: Graph) -> bool:
         """Emit one stream's pipeline into g from where it starts; False after an error."""
-        declared = self._kwargs(sd.options, {"causal": bool}, f"stream '{sd.name}'").get("causal")
-        st = _StreamState(sd.name, sd.span, sd.name_span, bool(opts.get("causal")))
+        options = self._kwargs(sd.options, {"causal": bool, "writes": str}, f"stream '{sd.name}'")
+        declared = options.get("causal")
+        st = _StreamState(sd.name, sd.span, sd.name_span, bool(opts.get("causal")), writes=options.get("writes"))
+        if st.writes is not None:
+            st.used = True  # the next segment reads it
         self._streams[sd.name] = st
         self._current = sd.name
         first, start = items[0], len(g.nodes)
@@ -117,19 +124,63 @@ class Streams:
                 return False
             rest, source = items[1:], ("stream", fname)
             st.causal = self._streams[fname].causal
-        elif isinstance(first, Call) and first.name == "latent":
+        elif _starting_op(first) is not None:
             x, rest, source = inputs[0].name, items, ("latent", None)  # it reads the batch size only
         else:
-            self.c.error("E217", "a stream starts with input(...), an earlier stream's name, or latent(...)",
-                         first.span, help=f"streams defined so far: {', '.join(self._streams) or 'none'}")
+            self.c.error("E217", "a stream starts with input(...), an earlier stream's name, or an op that begins "
+                                 "one: " + ", ".join(o.id for o in REGISTRY.values() if o.starts), first.span,
+                         help=f"streams defined so far: {', '.join(self._streams) or 'none'}")
             return False
         if declared is not None:
             st.causal = declared[0]
         st.value = self._emit_items(rest, g, x, wire=True)
         for n in g.nodes[start:]:
             _tag(n, sd.name)
-        g.streams.append(Stream(sd.name, st.value, st.causal, source, start=x))
+        g.streams.append(Stream(sd.name, st.value, st.causal, source, start=x,
+                                writes=st.writes[0] if st.writes else None))
         return True
+
+    def _check_writes(self, m: ModelDef, g: Graph) -> None:
+        """Each carried stream (memory(rmt)) is written by exactly one stream, not the model's output (E226 for a
+        write to anything else, E227 for a carried stream no one writes). Shapes are compared by the shape pass."""
+        carried = {st.name: _carried_node(g, st.name) for st in g.streams}
+        carried = {k: v for k, v in carried.items() if v is not None}
+        last = m.streams[-1].name
+        writers: dict[str, str] = {}
+        for st in self._streams.values():
+            if st.writes is None:
+                continue
+            target, span = st.writes
+            if not isinstance(target, str) or target not in self._streams:
+                self.c.error("E225", f"unknown stream '{target}'", span,
+                             help=did_you_mean(str(target), list(carried)) or "writes= names a stream of this model "
+                                  "that starts with memory(rmt, length=m)")
+            elif target == st.name:
+                self.c.error("E226", f"stream '{st.name}' writes itself", span,
+                             help=f"a stream gives the next segment's value of a memory: {target}(writes=mem) = ...")
+            elif target not in carried:
+                self.c.error("E226", f"stream '{target}' is not carried from one segment to the next", span,
+                             help="writes= gives the next segment's value of a stream that starts with "
+                                  "memory(rmt, length=m)")
+            elif target in writers:
+                self.c.error("E226", f"memory '{target}' is written by two streams, '{writers[target]}' and "
+                                     f"'{st.name}'", span, help="one stream gives its next value")
+            elif self._all_stream_names.index(st.name) < self._all_stream_names.index(target):
+                self.c.error("E226", f"stream '{st.name}' writes memory '{target}', which is defined after it", span,
+                             help=f"define '{st.name}' after '{target}' (it gives the value of the next segment)")
+            elif st.name == last:
+                self.c.error("E226", f"the model's output stream '{st.name}' cannot write memory '{target}'", span,
+                             help=f"give the write a stream of its own before the output: "
+                                  f"next(writes={target}) = ...")
+            else:
+                writers[target] = st.name
+                g.stream(st.name).writes_span = span
+        for name in carried:
+            if name not in writers and not any(s.writes and s.writes[0] == name for s in self._streams.values()):
+                st = self._streams[name]
+                self.c.error("E227", f"memory '{name}' is never written", st.name_span,
+                             help=f"declare the stream that gives its next value, e.g. "
+                                  f"next(writes={name}) = h -> slice(last=m), where h is the stream that reads it")
 
     def _check_reads(self, m: ModelDef, errors: int) -> None:
         """E309 for a bidirectional stream that reads a causal one; E222 for a stream no one reads (unless
@@ -209,6 +260,21 @@ class Streams:
         _, captured = self._scopes[depth]
         values = [self._stream_value(name, depth - 1, span) for name, (_, span) in captured.items()]
         return None if None in values else values
+
+
+def _starting_op(first):
+    """The op of `first` if it begins a stream of its own (latent(array), memory(rmt)), else None."""
+    if not isinstance(first, Call) or first.name not in FAMILIES:
+        return None
+    fam = FAMILIES[first.name]
+    variant = first.args[0].id if first.args and isinstance(first.args[0], Name) else fam.default
+    op = lookup_op(first.name, variant) if variant else None
+    return op if op is not None and op.starts else None
+
+
+def _carried_node(g: Graph, stream: str) -> Node | None:
+    """The node of a carried op (memory(rmt)) that begins `stream`, if any."""
+    return next((n for n in g.nodes if n.kind == "call" and n.meta.get("stream") == stream and n.op.carried), None)
 
 
 def _tag(n: Node, stream: str) -> None:

@@ -71,6 +71,8 @@ CASES = [
     ("slice", "seq", lambda d: {"last": 5}),
     ("slice", "seq", lambda d: {"drop_first": 4}),
     ("slice", "seq", lambda d: {"first": 3}),
+    ("memory", "rmt", lambda d: {"length": 7, "d_model": d}),  # a first segment: the learned tokens, copied
+    ("memory", "rmt", lambda d: {"in_shapes": TOKENS, "vocab": V, "length": 2, "d_model": d}),
 ]
 
 

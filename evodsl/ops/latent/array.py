@@ -38,6 +38,7 @@ def cost(p: LatentParams, env: OpEnv, s) -> Cost:
 OP = register(Op(
     family="latent", variant="array", params=LatentParams, module=LatentArray, causal="n.a.",
     shape=lambda p, env: (env.shape[0], p.length, p.d_model),
+    starts=True,
     paper="Perceiver: General Perception with Iterative Attention, Jaegle et al. 2021, arXiv:2103.03206",
     summary="L learned vectors [L, d], one copy per sequence: [b, L, d]", cost=cost,
 ))
