@@ -112,6 +112,8 @@ class EvoModel(ModelState, GraphModule):
         self.streams = [(st.name, st.causal) for st in graph.streams]
         self._causal_output = graph.streams[-1].causal if graph.streams else bool(graph.options.get("causal"))
         self._forms = [(n.op.id, n.op.decode_form(n.params)) for n in graph.calls()]
+        # output lengths that end at the last token (the queries of slice(last=k): Perceiver AR)
+        self._last_slices = {n.params.last for n in graph.calls() if n.op.id == "slice(seq)" and n.params.last}
         # decoding an encoder-decoder: the streams that do not read the target (the encoder) run once, at the
         # prompt; their last values are kept in the state (and their nodes skipped at every step)
         static = self._static = graph.static_streams()

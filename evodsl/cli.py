@@ -55,7 +55,7 @@ def _cmd_generate(args) -> int:
     source = tokens(args.source, args.source_ids, "source")
     gen = torch.Generator().manual_seed(args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, eos_token_id=args.eos, generator=gen)
+              top_k=args.top_k, top_p=args.top_p, eos_token_id=args.eos, generator=gen, use_cache=not args.no_cache)
     if source is not None:
         out = model.generate(source, decoder_input_ids=prompt, **kw)
     else:
@@ -356,6 +356,8 @@ def _parser() -> argparse.ArgumentParser:
     gn.add_argument("--top-p", type=float, default=None, metavar="P")
     gn.add_argument("--eos", type=int, default=None, metavar="ID", help="stop a row at this token")
     gn.add_argument("--seed", type=int, default=0, help="weights (without --weights) and sampling seed")
+    gn.add_argument("--no-cache", action="store_true",
+                    help="run the whole sequence at every token (models whose ops have no step form)")
     _add_set(gn)
     gn.set_defaults(run=_cmd_generate)
     o = sub.add_parser("ops", help="list the registered ops", description="List every op with its parameters.")

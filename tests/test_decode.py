@@ -1,7 +1,10 @@
 """Decoding: a prefill of any length, then chunks or single tokens, gives the full forward's logits at every
 position (float64, 1e-10 relative); the live state holds exactly `evodsl cost`'s kv_cache bytes; generate is
-the argmax (or a reproducible sample) of that; a model with an op that has no step form is refused up front."""
+the argmax (or a reproducible sample) of that; a model with an op that has no step form is refused up front,
+and generates with use_cache=False (the whole sequence again at every token)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from spechelpers import SPECS, output_causal, small
 DECODABLE = [p for p in SPECS if output_causal(evodsl.parse(p)) and len(evodsl.parse(p).inputs) == 1
              and evodsl.compile(p, device="meta").decodable() is None]
 SEQ2SEQ = [p for p in SPECS if len(evodsl.parse(p).inputs) == 2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _chunks(total: int, g: torch.Generator) -> list[int]:
@@ -216,3 +220,35 @@ def test_ops_without_a_step_form_are_named_before_any_work():
     bidirectional = evodsl.compile(one.replace("causal=true", "causal=false"))
     with pytest.raises(EvoError, match="E411.*not causal"):
         bidirectional.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(EvoError, match="E411.*not causal"):
+        bidirectional.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, use_cache=False)
+
+
+def test_use_cache_false_recomputes_and_equals_the_cache():
+    """generate(use_cache=False) runs the whole sequence at every token: for a model with step forms it gives
+    the cached generate's tokens (greedy and sampled, one generator seed); for a model without (the cross-attention
+    above reads a stream that grows; Perceiver AR's latent window moves) it is the argmax of the forward."""
+    model = evodsl.compile(ATTENTION.format(pos="pos(rope)", block=BLOCKS[1]), dtype=torch.float64)
+    prompt = torch.randint(0, 53, (2, 5), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(model.generate(prompt, max_new_tokens=9, use_cache=False),
+                       model.generate(prompt, max_new_tokens=9))
+    kw = dict(max_new_tokens=9, do_sample=True, top_k=10)
+    assert torch.equal(model.generate(prompt, generator=torch.Generator().manual_seed(1), use_cache=False, **kw),
+                       model.generate(prompt, generator=torch.Generator().manual_seed(1), **kw))
+    spec = ROOT / "specs" / "perceiver_ar.evo"
+    par = evodsl.compile(spec, overrides=small(spec), dtype=torch.float64)
+    with pytest.raises(EvoError, match=r"(?s)E411.*reads stream 'keys'.*use_cache=False"):
+        par.generate(prompt, max_new_tokens=2)
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(6))  # >= its 5 latents
+    out = par.generate(ids, max_new_tokens=5, use_cache=False)
+    with torch.no_grad():
+        for _ in range(5):
+            ids = torch.cat([ids, par(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_use_cache_false_for_an_encoder_decoder():
+    spec = ROOT / "specs" / "t5_small.evo"
+    model = evodsl.compile(spec, overrides=small(spec), dtype=torch.float64)
+    src = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(model.generate(src, max_new_tokens=6, use_cache=False), model.generate(src, max_new_tokens=6))
