@@ -1,0 +1,103 @@
+"""Every attention op grows in n as its cost formulas declare: the FLOPs it executes, the bytes it holds at its
+peak and the bytes it allocates in total, forward and backward, measured at n = 1k..8k (tests/growth.py). A deliberately quadratic
+local attention (scores of every query against every key, in row blocks, masked to the band) fails it."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from costhelpers import declared
+from evodsl.ops import REGISTRY, Ctx, load_all
+from growth import CLASSES, NS, Series, check_growth, classify, declared_growth, measure_growth, slope
+
+load_all()
+D, HEADS = 64, 2
+# What each attention variant needs at these sizes (bands far narrower than n). A new variant adds its row.
+ARGS = {
+    "softmax": {},
+    "local": {"window": 64},
+    "adaptive_span": {"max_span": 64, "R": 16, "span_init": 1.0},
+    "linear": {},
+}
+ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
+CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
+         if not (causal and REGISTRY["mha", v].causal == "no")]
+
+
+def test_every_attention_op_is_in_the_harness():
+    assert sorted(ARGS) == ATTENTION, "add the new attention op's arguments to ARGS"
+
+
+def _x(n: int) -> torch.Tensor:
+    return torch.randn(1, n, D, generator=torch.Generator().manual_seed(n))
+
+
+def _declared(variant, causal):
+    def at(n):
+        _, _, cost, ev = declared("mha", variant, 1, n, dtype=torch.float32, d=D, causal=causal, heads=HEADS,
+                                  **ARGS[variant])
+        # the output [1, n, D] is part of the measured peak
+        return ev(cost.fwd), ev(cost.peak) + n * D * 4, ev(cost.bwd)
+    return declared_growth(at)
+
+
+@pytest.mark.parametrize("variant,causal", CASES, ids=[f"{v}-{'causal' if c else 'bidir'}" for v, c in CASES])
+def test_attention_grows_as_declared(variant, causal):
+    module, _, _, _ = declared("mha", variant, 1, NS[0], dtype=torch.float32, d=D, causal=causal, heads=HEADS,
+                               **ARGS[variant])
+    module.train()  # the backward as in training (no dropout here: the forward is the same)
+    got = measure_growth(lambda x: module(x, Ctx()), _x, exclude=[module], train=True)
+    flops, peak, bwd = _declared(variant, causal)
+    check_growth(f"mha({variant}) {'causal' if causal else 'bidirectional'}", got, flops, peak, bwd)
+
+
+class QuadraticLocal(torch.nn.Module):
+    """mha(local)'s equation computed the wasteful way: every query block against all n keys, masked to the
+    band. Its largest tensor is [h, 128, n]: the old "no n x n tensor" check let it pass."""
+
+    def __init__(self, local):
+        super().__init__()
+        self.m, self.block = local, 128
+
+    def forward(self, x, ctx=None):
+        q, k, v = self.m.qkv(x)
+        n, w = x.shape[1], self.m.window
+        out = []
+        for s in range(0, n, self.block):
+            t = torch.arange(s, min(s + self.block, n))[:, None]
+            r = torch.arange(n)[None, :]
+            band = (t - r >= 0) & (t - r < w)
+            out.append(F.scaled_dot_product_attention(q[:, :, s:s + self.block], k, v, attn_mask=band))
+        o = torch.cat(out, dim=2)
+        return self.m.out(o)
+
+
+def test_a_quadratic_local_attention_fails_the_harness():
+    local, _, _, _ = declared("mha", "local", 1, NS[0], dtype=torch.float32, d=D, causal=True, heads=HEADS,
+                              window=64)
+    slow = QuadraticLocal(local)
+    x = _x(300)
+    with torch.no_grad():  # the same function
+        assert torch.allclose(slow(x), local(x, Ctx()), atol=1e-5)
+    got = measure_growth(lambda x: slow(x), _x, exclude=[local])
+    flops, peak, _ = _declared("local", True)
+    with pytest.raises(AssertionError, match="FLOPs measured n\\^2"):
+        check_growth("quadratic local", got, flops, peak)
+
+
+@pytest.mark.parametrize("cls", [c for c in CLASSES if c != "1"])
+def test_classes_are_told_apart(cls):
+    """A series of class c with a lower-order term (a constant) is classified as c, n log n and n sqrt n
+    included, and its slope is the class's own."""
+    f = CLASSES[cls]
+    values = [3.0 * f(n) + 1000.0 for n in NS]
+    assert classify(NS, values) == cls
+    assert abs(slope(NS, values) - slope(NS, [f(n) for n in NS])) < 0.15
+
+
+def test_series_prints_its_class():
+    assert str(Series(NS, tuple(float(n * n) for n in NS))).startswith("n^2 (exponent 2.00")
+    assert math.isclose(slope(NS, [n * n for n in NS]), 2.0)
