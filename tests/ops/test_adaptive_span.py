@@ -12,20 +12,20 @@ from torch.func import functional_call
 
 from evodsl.ops import Ctx, OpEnv, ShapeProblem, lookup
 from ophelpers import assert_no_leak, make_op, perturb_params
-from .test_local import project, require_pos
+from .test_local import position_bias, project, require_pos
 
 D = 32
 
 
-def reference_adaptive_span(m, x, S, R, p, causal):
+def reference_adaptive_span(m, x, S, R, p, causal, pos=None):
     """Per head, z = S clamp(p, 0, 1); keys r in W(t) (causal: 0 <= t-r <= S-1, bidirectional: |t-r| < S)."""
-    q, k, v = project(m, x)
+    q, k, v = project(m, x, pos)
     b, h, n, dh = q.shape
     group = h // k.shape[1]
     t, r = torch.arange(n)[:, None], torch.arange(n)[None, :]
     dist = ((t - r) if causal else (t - r).abs()).to(torch.float64)
     band = (dist >= 0) & (dist <= S - 1)
-    bias = m.position_bias(t, r)
+    bias = position_bias(pos, h, t, r)
     heads = []
     for hh in range(h):
         z = S * min(max(p[hh], 0.0), 1.0)
@@ -61,6 +61,7 @@ CASES = [  # causal, S, R, n, p, kv_heads, pos
     (True, 100, 8, 30, [0.03, 0.2, 0.5, 1.0], None, None),  # n < max_span: one block
     (False, 100, 8, 30, [0.03, 0.2, 0.5, 1.0], 2, None),
     (True, 12, 4, 40, P_MIXED, None, ("rope", {})),
+    (False, 12, 4, 40, P_MIXED, 2, ("rope", {"fraction": 0.5, "base": 100.0})),
     (True, 12, 4, 40, P_MIXED, 2, ("alibi", {})),
     (False, 12, 4, 40, P_MIXED, None, ("alibi", {})),
 ]
@@ -73,9 +74,9 @@ def test_adaptive_span_matches_equation(causal, S, R, n, p, kv_heads, pos):
     x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     with torch.no_grad():
         y = m(x, Ctx())
-        assert (y - reference_adaptive_span(m, x, S, R, p, causal)).abs().max().item() < 1e-10
+        assert (y - reference_adaptive_span(m, x, S, R, p, causal, pos)).abs().max().item() < 1e-10
         other = [v + 0.02 for v in p]  # the comparison sees the spans
-        assert (y - reference_adaptive_span(m, x, S, R, other, causal)).abs().max().item() > 1e-6
+        assert (y - reference_adaptive_span(m, x, S, R, other, causal, pos)).abs().max().item() > 1e-6
 
 
 def test_aux_loss_is_penalty_times_mean_span():

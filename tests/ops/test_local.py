@@ -10,6 +10,7 @@ import torch
 
 from evodsl.ops import Ctx, load_all, lookup
 from ophelpers import assert_no_leak, make_op, perturb_params
+from .test_positions import ref_rope
 
 D = 32
 
@@ -20,28 +21,39 @@ def require_pos(pos):
     assert pos is None or lookup("pos", pos[0]) is not None, f"pos({pos[0]}) is not registered"
 
 
-def project(m, x):
-    """q [b, h, n, dh], k, v [b, kv, n, dh]: from the weights directly, or through m.qkv when a position
-    scheme rotates q and k (rope is tested on its own)."""
-    if m.pos is not None:
-        return m.qkv(x)
+def project(m, x, pos=None):
+    """q [b, h, n, dh], k, v [b, kv, n, dh] from the weights; with pos = ("rope", {...}), q and k turned by the
+    RoFormer rotation written in test_positions (ref_rope), not by the module's."""
     b, n, _ = x.shape
 
     def lin(layer, heads):
         y = x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
         return y.view(b, n, heads, m.head_dim).transpose(1, 2)
 
-    return lin(m.q_proj, m.heads), lin(m.k_proj, m.kv_heads), lin(m.v_proj, m.kv_heads)
+    q, k, v = lin(m.q_proj, m.heads), lin(m.k_proj, m.kv_heads), lin(m.v_proj, m.kv_heads)
+    if pos is not None and pos[0] == "rope":
+        base, rot = pos[1].get("base", 10000.0), int(m.head_dim * pos[1].get("fraction", 1.0))
+        q, k = ref_rope(q, base, rot), ref_rope(k, base, rot)
+    return q, k, v
 
 
-def reference_local(m, x, window, causal):
+def position_bias(pos, heads, t, r):
+    """ALiBi (Press et al. 2022): -m_h |t - r| with m_h = 2^(-8h/H), h = 1..H (H a power of two); else None."""
+    if pos is None or pos[0] != "alibi":
+        return None
+    assert heads & (heads - 1) == 0
+    slopes = torch.tensor([2.0 ** (-8 * h / heads) for h in range(1, heads + 1)], dtype=torch.float64)
+    return -slopes[:, None, None] * (t - r).abs()
+
+
+def reference_local(m, x, window, causal, pos=None):
     """o_t = sum_r softmax_r(q_t.k_r / sqrt(dh) + bias) v_r over causal t-w+1 <= r <= t or |t-r| < w."""
-    q, k, v = project(m, x)
+    q, k, v = project(m, x, pos)
     b, h, n, dh = q.shape
     group = h // k.shape[1]
     t, r = torch.arange(n)[:, None], torch.arange(n)[None, :]
     band = ((t - r >= 0) & (t - r < window)) if causal else ((t - r).abs() < window)
-    bias = m.position_bias(t, r)
+    bias = position_bias(pos, h, t, r)
     heads = []
     for hh in range(h):
         s = q[:, hh] @ k[:, hh // group].transpose(-1, -2) / math.sqrt(dh)
@@ -62,6 +74,7 @@ CASES = [  # causal, window, n, kv_heads, pos
     (False, 100, 40, 2, None),
     (False, 1, 37, None, None),  # each token attends only itself
     (True, 7, 50, None, ("rope", {})),
+    (False, 7, 50, 2, ("rope", {"fraction": 0.5, "base": 100.0})),
     (True, 7, 50, 2, ("alibi", {})),
     (False, 7, 50, None, ("alibi", {})),
 ]
@@ -75,10 +88,10 @@ def test_local_matches_equation(causal, window, n, kv_heads, pos):
     x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     with torch.no_grad():
         y = m(x, Ctx())
-        ref = reference_local(m, x, window, causal)
+        ref = reference_local(m, x, window, causal, pos)
         assert (y - ref).abs().max().item() < 1e-10
         if window < n:  # the comparison sees the window's edge
-            assert (y - reference_local(m, x, window + 1, causal)).abs().max().item() > 1e-6
+            assert (y - reference_local(m, x, window + 1, causal, pos)).abs().max().item() > 1e-6
 
 
 def test_local_causal_does_not_leak():
