@@ -42,7 +42,10 @@ def variants(args) -> list[tuple[str, str]]:
         (f"adaptive_span, max_span={args.max_span}, R={args.R}, span_init={args.span_init}",
          f"adaptive_span, max_span={args.max_span}, R={args.R}, span_init={args.span_init}"),
         ("linear", "linear"),
+        (f"linformer, k={args.k}", f"linformer, k={args.k}, max_len={max(int(n) for n in args.ns.split(','))}"),
     ]
+
+BIDIRECTIONAL_ONLY = ("linformer",)  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:
@@ -103,6 +106,7 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=32, help="d_model")
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--window", type=int, default=128, help="mha(local) window")
+    ap.add_argument("--k", type=int, default=256, help="mha(linformer) projected length")
     ap.add_argument("--max-span", type=int, default=256, help="mha(adaptive_span) max_span")
     ap.add_argument("--R", type=int, default=32, help="mha(adaptive_span) ramp")
     ap.add_argument("--span-init", type=float, default=0.5, help="mha(adaptive_span) span_init (z / max_span)")
@@ -134,6 +138,8 @@ def main() -> None:
     for causal in causals:
         for label, mha_args in variants(args):
             if args.only and not label.startswith(args.only):
+                continue
+            if causal and label.startswith(BIDIRECTIONAL_ONLY):
                 continue
             spec = spec_text(mha_args, args.d, args.heads, causal)
             try:

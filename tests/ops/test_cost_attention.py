@@ -13,10 +13,12 @@ import sympy as sp
 import torch
 
 from costhelpers import check_op_cost, declared, make_input, measure_op
-from evodsl.ops import load_all, lookup
+from evodsl.ops import REGISTRY, load_all, lookup
 from evodsl.ops.cost import Symbols
 from evodsl.passes.cost import _num
 from ophelpers import make_op
+
+load_all()
 
 SIZES = [(2, 64, 64), (1, 160, 96)]  # (b, n, d), heads=4: dh 16 and 24
 ROPE, HALF_ROPE, ALIBI, T5 = ("rope", {}), ("rope", {"fraction": 0.5}), ("alibi", {}), ("t5_bias", {"heads": 4})
@@ -42,6 +44,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                       ({"max_span": 20, "R": 4, "kv_heads": 2}, ODD), ({"max_span": 20, "R": 4, "pos": ROPE}, SMALL),
                       ({"max_span": 70, "R": 16, "heads": 2, "head_dim": 8, "bias": False}, ODD),
                       ({"max_span": 40, "R": 8, "dropout": 0.1}, SMALL)],
+    "linformer": [({"k": 16, "max_len": 256}, BOTH), ({"k": 16, "max_len": 256, "kv_heads": 2}, BOTH),
+                  ({"k": 8, "max_len": 256, "share_kv": True, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+                  ({"k": 16, "max_len": 256, "dropout": 0.1}, BOTH)],
     "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                ({"pos": HALF_ROPE}, SMALL)],
 }
@@ -51,7 +56,7 @@ def _cases() -> list:
     cases = []
     for variant, builds in CASES.items():
         for build, sizes in builds:
-            for causal in (False, True):
+            for causal in (False, True) if REGISTRY["mha", variant].causal != "no" else (False,):
                 for b, n, d in (SIZES[i] for i in sizes):
                     args = {"heads": 4, **build, "causal": causal, "d": d}
                     if variant == "adaptive_span":
