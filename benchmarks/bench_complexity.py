@@ -43,9 +43,10 @@ def variants(args) -> list[tuple[str, str]]:
          f"adaptive_span, max_span={args.max_span}, R={args.R}, span_init={args.span_init}"),
         ("linear", "linear"),
         (f"linformer, k={args.k}", f"linformer, k={args.k}, max_len={max(int(n) for n in args.ns.split(','))}"),
+        ("efficient", "efficient"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer",)  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

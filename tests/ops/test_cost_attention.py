@@ -47,6 +47,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "linformer": [({"k": 16, "max_len": 256}, BOTH), ({"k": 16, "max_len": 256, "kv_heads": 2}, BOTH),
                   ({"k": 8, "max_len": 256, "share_kv": True, "heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"k": 16, "max_len": 256, "dropout": 0.1}, BOTH)],
+    "efficient": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"norm": "scaling", "heads": 2, "head_dim": 8, "bias": False}, ODD),
+                  ({"norm": "scaling"}, BOTH)],
     "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                ({"pos": HALF_ROPE}, SMALL)],
 }

@@ -22,6 +22,7 @@ ARGS = {
     "adaptive_span": {"max_span": 64, "R": 16, "span_init": 1.0},
     "linear": {},
     "linformer": {"k": 64, "max_len": 8192},
+    "efficient": {},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
