@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from ..cost import Cost, Symbols
