@@ -44,9 +44,10 @@ def variants(args) -> list[tuple[str, str]]:
         ("linear", "linear"),
         (f"linformer, k={args.k}", f"linformer, k={args.k}, max_len={max(int(n) for n in args.ns.split(','))}"),
         ("efficient", "efficient"),
+        ("fastformer", "fastformer"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

@@ -49,6 +49,7 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                   ({"k": 16, "max_len": 256, "dropout": 0.1}, BOTH)],
     "efficient": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"norm": "scaling", "heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"norm": "scaling"}, BOTH)],
+    "fastformer": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD)],
     "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                ({"pos": HALF_ROPE}, SMALL)],
 }

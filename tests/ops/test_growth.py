@@ -23,6 +23,7 @@ ARGS = {
     "linear": {},
     "linformer": {"k": 64, "max_len": 8192},
     "efficient": {},
+    "fastformer": {},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
