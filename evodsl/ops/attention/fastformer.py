@@ -65,7 +65,7 @@ def fastformer_cost(p: FastformerParams, env: OpEnv, s: Symbols) -> Cost:
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     D = h * dh
-    q, kvb, out = b * n * D * by, b * n * kv * dh * by, b * n * s.d * by
+    q, out = b * n * D * by, b * n * s.d * by
     e = b * n * D  # elements of one [b, h, n, dh] tensor
     transform = linear(s, D, D, p.bias)
     core = Cost(params=2 * D + transform.params, fwd=transform.fwd, bwd=transform.bwd,
