@@ -113,6 +113,11 @@ class Graph:
                 dynamic.add(st.name)
         return {st.name for st in self.streams} - dynamic
 
+    def carried(self, stream: str) -> "Node | None":
+        """The call that begins `stream` if its value is carried across segments (memory(rmt)), else None."""
+        return next((n for n in self.nodes if n.kind == "call" and n.meta.get("stream") == stream and n.op.carried),
+                    None)
+
     def stream(self, name: str) -> Stream | None:
         if len(getattr(self, "_stream_index", ())) != len(self.streams):
             self._stream_index = {s.name: s for s in self.streams}

@@ -71,3 +71,20 @@ def assert_no_leak(fn, b: int = 2, n: int = 24, d: int = 32, dtype=torch.float64
         assert diff <= atol, f"output at positions <= {t} changed by {diff} when tokens > {t} changed"
         reached = (y2[:, t + 1] - y[:, t + 1]).abs().max().item()
         assert reached > 1e3 * atol, f"changing tokens > {t} left position {t + 1} unchanged: the test proves nothing"
+
+
+def head_projections(m, x: torch.Tensor):
+    """q [b, n, heads, dh], k and v [b, n, kv_heads, dh] from an attention module's weights alone (for float64
+    references written from an equation, not through the module's own qkv)."""
+    b, n, _ = x.shape
+
+    def proj(layer, heads):
+        return (x @ layer.weight.T + (0 if layer.bias is None else layer.bias)).view(b, n, heads, m.head_dim)
+
+    return proj(m.q_proj, m.heads), proj(m.k_proj, m.kv_heads), proj(m.v_proj, m.kv_heads)
+
+
+def output_projection(m, o: torch.Tensor) -> torch.Tensor:
+    """o_proj applied from its weights: o [b, n, heads * dh] -> [b, n, d]."""
+    return o @ m.o_proj.weight.T + (0 if m.o_proj.bias is None else m.o_proj.bias)
+

@@ -33,7 +33,7 @@ def _check_writes(graph: Graph, c: Collector) -> None:
     for st in graph.streams:
         if st.writes is None or st.writes_span is None:
             continue
-        mem = next(n for n in graph.nodes if n.kind == "call" and n.meta.get("stream") == st.writes and n.op.carried)
+        mem = graph.carried(st.writes)
         got, want = graph.node(st.value).meta["shape"], mem.meta["shape"]
         if tuple(got) != tuple(want):
             c.error("E310", f"stream '{st.name}' writes {fmt_shape(got)} to memory '{st.writes}' of {fmt_shape(want)}",

@@ -143,8 +143,7 @@ class Streams:
     def _check_writes(self, m: ModelDef, g: Graph) -> None:
         """Each carried stream (memory(rmt)) is written by exactly one stream, not the model's output (E226 for a
         write to anything else, E227 for a carried stream no one writes). Shapes are compared by the shape pass."""
-        carried = {st.name: _carried_node(g, st.name) for st in g.streams}
-        carried = {k: v for k, v in carried.items() if v is not None}
+        carried = [st.name for st in g.streams if g.carried(st.name) is not None]  # in stream order
         last = m.streams[-1].name
         writers: dict[str, str] = {}
         for st in self._streams.values():
@@ -153,7 +152,7 @@ class Streams:
             target, span = st.writes
             if not isinstance(target, str) or target not in self._streams:
                 self.c.error("E225", f"unknown stream '{target}'", span,
-                             help=did_you_mean(str(target), list(carried)) or "writes= names a stream of this model "
+                             help=did_you_mean(str(target), carried) or "writes= names a stream of this model "
                                   "that starts with memory(rmt, length=m)")
             elif target == st.name:
                 self.c.error("E226", f"stream '{st.name}' writes itself", span,
@@ -175,8 +174,8 @@ class Streams:
             else:
                 writers[target] = st.name
                 g.stream(st.name).writes_span = span
-        for name in carried:
-            if name not in writers and not any(s.writes and s.writes[0] == name for s in self._streams.values()):
+        for name in carried:  # no E227 where a write to it was refused above
+            if not any(s.writes and s.writes[0] == name for s in self._streams.values()):
                 st = self._streams[name]
                 self.c.error("E227", f"memory '{name}' is never written", st.name_span,
                              help=f"declare the stream that gives its next value, e.g. "
@@ -270,11 +269,6 @@ def _starting_op(first):
     variant = first.args[0].id if first.args and isinstance(first.args[0], Name) else fam.default
     op = lookup_op(first.name, variant) if variant else None
     return op if op is not None and op.starts else None
-
-
-def _carried_node(g: Graph, stream: str) -> Node | None:
-    """The node of a carried op (memory(rmt)) that begins `stream`, if any."""
-    return next((n for n in g.nodes if n.kind == "call" and n.meta.get("stream") == stream and n.op.carried), None)
 
 
 def _tag(n: Node, stream: str) -> None:

@@ -11,7 +11,7 @@ import torch
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx, OpEnv, ShapeProblem, lookup
-from ophelpers import make_op, perturb_params
+from ophelpers import head_projections, make_op, output_projection, perturb_params
 
 D = 32
 
@@ -19,11 +19,7 @@ D = 32
 def reference_efficient(m, x, norm):
     b, n, _ = x.shape
     h, g, dh = m.heads, m.kv_heads, m.head_dim
-
-    def proj(layer, heads):
-        return (x @ layer.weight.T + (0 if layer.bias is None else layer.bias)).view(b, n, heads, dh)
-
-    q, k, v = proj(m.q_proj, h), proj(m.k_proj, g), proj(m.v_proj, g)
+    q, k, v = head_projections(m, x)
     out = torch.zeros(b, n, h, dh, dtype=x.dtype)
     for hh in range(h):
         qh, kh, vh = q[:, :, hh], k[:, :, hh // (h // g)], v[:, :, hh // (h // g)]
@@ -34,7 +30,7 @@ def reference_efficient(m, x, norm):
             rq, rk = qh / math.sqrt(n), kh / math.sqrt(n)
         G = torch.einsum("bjc,bje->bce", rk, vh)  # sum_j rho_k(k_j)_c v_je
         out[:, :, hh] = torch.einsum("bic,bce->bie", rq, G)
-    return out.reshape(b, n, h * dh) @ m.o_proj.weight.T + (0 if m.o_proj.bias is None else m.o_proj.bias)
+    return output_projection(m, out.reshape(b, n, h * dh))
 
 
 @pytest.mark.parametrize("norm", ["softmax", "scaling"])

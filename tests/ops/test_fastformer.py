@@ -11,7 +11,7 @@ import torch
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx, OpEnv, ShapeProblem, lookup
-from ophelpers import make_op, perturb_params
+from ophelpers import head_projections, make_op, output_projection, perturb_params
 
 D = 32
 
@@ -19,11 +19,7 @@ D = 32
 def reference_fastformer(m, x):
     b, n, _ = x.shape
     h, g, dh = m.heads, m.kv_heads, m.head_dim
-
-    def proj(layer, heads):
-        return (x @ layer.weight.T + (0 if layer.bias is None else layer.bias)).view(b, n, heads, dh)
-
-    q, k, v = proj(m.q_proj, h), proj(m.k_proj, g), proj(m.v_proj, g)
+    q, k, v = head_projections(m, x)
     u = torch.zeros(b, n, h, dh, dtype=x.dtype)
     for hh in range(h):
         qh, kh, vh = q[:, :, hh], k[:, :, hh // (h // g)], v[:, :, hh // (h // g)]
@@ -38,7 +34,7 @@ def reference_fastformer(m, x):
     u = u.reshape(b, n, h * dh)
     t = u @ m.transform.weight.T + (0 if m.transform.bias is None else m.transform.bias)
     o = t + q.reshape(b, n, h * dh)
-    return o @ m.o_proj.weight.T + (0 if m.o_proj.bias is None else m.o_proj.bias)
+    return output_projection(m, o)
 
 
 @pytest.mark.parametrize("n,kv_heads,bias", [(40, None, True), (17, 2, False), (70, 1, True)])

@@ -12,7 +12,7 @@ import torch
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx, OpEnv, ShapeProblem, lookup
-from ophelpers import make_op, perturb_params
+from ophelpers import head_projections, make_op, output_projection, perturb_params
 
 D = 32
 
@@ -20,11 +20,7 @@ D = 32
 def reference_linformer(m, x):
     b, n, _ = x.shape
     h, g, dh = m.heads, m.kv_heads, m.head_dim
-
-    def proj(layer, heads):
-        return (x @ layer.weight.T + (0 if layer.bias is None else layer.bias)).view(b, n, heads, dh)
-
-    q, k, v = proj(m.q_proj, h), proj(m.k_proj, g), proj(m.v_proj, g)
+    q, k, v = head_projections(m, x)
     E = m.E[:, :n]
     Fm = E if m.F is None else m.F[:, :n]
     out = torch.zeros(b, n, h, dh, dtype=x.dtype)
@@ -35,7 +31,7 @@ def reference_linformer(m, x):
         s = torch.einsum("bid,brd->bir", q[:, :, hh], kp) / math.sqrt(dh)
         w = torch.exp(s - s.amax(-1, keepdim=True))
         out[:, :, hh] = torch.einsum("bir,brd->bid", w / w.sum(-1, keepdim=True), vp)
-    return out.reshape(b, n, h * dh) @ m.o_proj.weight.T + (0 if m.o_proj.bias is None else m.o_proj.bias)
+    return output_projection(m, out.reshape(b, n, h * dh))
 
 
 @pytest.mark.parametrize("n,k,kv_heads,share", [(40, 8, None, False), (64, 64, 2, False), (17, 32, 1, True),

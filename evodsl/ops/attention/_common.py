@@ -76,6 +76,17 @@ def attention_shape(p: AttentionParams, env: OpEnv):
     return env.shape
 
 
+def weightless_shape(op_id: str):
+    """The shape rule of an attention that never forms weights between positions (linear, efficient,
+    fastformer): attention_shape, with dropout= refused, as there are no weights to drop out."""
+    def shape(p: AttentionParams, env: OpEnv):
+        if p.dropout:
+            raise ShapeProblem(f"{op_id} never forms the attention weights, so it has none to drop out", "dropout",
+                               "remove dropout=, or put dropout(standard) on the stream")
+        return attention_shape(p, env)
+    return shape
+
+
 class AttentionBase(nn.Module):
     """Projections q_proj, k_proj, v_proj, o_proj; `pos` is the in-attention position scheme (or None)."""
 

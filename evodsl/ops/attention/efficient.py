@@ -18,8 +18,8 @@ from typing import Literal
 from pydantic import Field
 
 from ..cost import Cost, Symbols
-from ..registry import Op, OpEnv, ShapeProblem, register
-from ._common import AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols
+from ..registry import Op, OpEnv, register
+from ._common import AttentionBase, AttentionParams, attention_cost, head_symbols, weightless_shape
 
 
 class EfficientAttentionParams(AttentionParams):
@@ -27,11 +27,6 @@ class EfficientAttentionParams(AttentionParams):
                                                                        "channels, keys over positions) or 1/sqrt(n)")
 
 
-def efficient_attention_shape(p: EfficientAttentionParams, env: OpEnv):
-    if p.dropout:
-        raise ShapeProblem("mha(efficient) never forms the attention weights, so it has none to drop out", "dropout",
-                           "remove dropout=, or put dropout(standard) on the stream")
-    return attention_shape(p, env)
 
 
 class EfficientAttention(AttentionBase):
@@ -76,9 +71,9 @@ def efficient_attention_cost(p: EfficientAttentionParams, env: OpEnv, s: Symbols
 OP = register(Op(
     decode=None,  # bidirectional only: G sums every position
     family="mha", variant="efficient", params=EfficientAttentionParams, module=EfficientAttention,
-    causal="no", shape=efficient_attention_shape, cost=efficient_attention_cost,
+    causal="no", shape=weightless_shape("mha(efficient)"), cost=efficient_attention_cost,
     paper="Efficient Attention: Attention with Linear Complexities, Shen et al. 2018, arXiv:1812.01243",
     summary="rho_q(Q) (rho_k(K)^T V): queries softmaxed over channels, keys over positions, a dh x dh context "
             "per head; O(n dh^2)",
-    note="seeds/002 (efficient attention list)",
+    note="",  # no note in the reference; seed 002 lists it
 ))

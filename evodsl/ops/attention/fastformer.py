@@ -18,19 +18,14 @@ from pydantic import Field
 from torch import nn
 
 from ..cost import Cost, Symbols, linear
-from ..registry import Op, OpEnv, ShapeProblem, register
-from ._common import AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols
+from ..registry import Op, OpEnv, register
+from ._common import AttentionBase, AttentionParams, attention_cost, head_symbols, weightless_shape
 
 
 class FastformerParams(AttentionParams):
     bias: bool = Field(True, description="biases on the projections and the transform W_r")
 
 
-def fastformer_shape(p: FastformerParams, env: OpEnv):
-    if p.dropout:
-        raise ShapeProblem("mha(fastformer) never forms attention weights between positions, so it has none to "
-                           "drop out", "dropout", "remove dropout=, or put dropout(standard) on the stream")
-    return attention_shape(p, env)
 
 
 class FastformerAttention(AttentionBase):
@@ -82,9 +77,9 @@ def fastformer_cost(p: FastformerParams, env: OpEnv, s: Symbols) -> Cost:
 OP = register(Op(
     decode=None,  # bidirectional only: the global query and key pool every position
     family="mha", variant="fastformer", params=FastformerParams, module=FastformerAttention,
-    causal="no", shape=fastformer_shape, cost=fastformer_cost,
+    causal="no", shape=weightless_shape("mha(fastformer)"), cost=fastformer_cost,
     paper="Fastformer: Additive Attention Can Be All You Need, Wu et al. 2021, arXiv:2108.09084",
     summary="global query q = sum softmax(w_q.q_i) q_i, global key k = sum softmax(w_k.(q*k_i)) (q*k_i), "
             "o_i = W_r (k * v_i) + q_i; O(n d)",
-    note="CATALOG.md (afa inbox)",
+    note="",  # no note in the reference; CATALOG.md lists it
 ))

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..cost import Cost, Symbols
-from ..registry import Op, OpEnv, ShapeProblem, register
+from ..registry import Op, OpEnv, register
 from ...decode import slot
-from ._common import AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols, position_cost
+from ._common import AttentionBase, AttentionParams, attention_cost, head_symbols, weightless_shape, position_cost
 
 FEATURE_MAPS = {
     "elu1": lambda x: F.elu(x) + 1,  # Katharopoulos et al. 2020, eq. 7
@@ -36,11 +36,6 @@ class LinearAttentionParams(AttentionParams):
     eps: float = Field(1e-6, ge=0.0, description="added to the denominator phi(q_i)^T sum_j phi(k_j)")
 
 
-def linear_attention_shape(p: LinearAttentionParams, env: OpEnv):
-    if p.dropout:
-        raise ShapeProblem("mha(linear) never forms the attention weights, so it has none to drop out", "dropout",
-                           "remove dropout=, or put dropout(standard) on the stream")
-    return attention_shape(p, env)
 
 
 class LinearAttention(AttentionBase):
@@ -176,7 +171,7 @@ def linear_attention_cost(p: LinearAttentionParams, env: OpEnv, s: Symbols) -> C
 OP = register(Op(
     decode="the running sums S [dh x dh] and z [dh] per K/V head: constant in the tokens seen",
     family="mha", variant="linear", params=LinearAttentionParams, module=LinearAttention,
-    causal="yes", shape=linear_attention_shape, supports=frozenset({"rope"}),
+    causal="yes", shape=weightless_shape("mha(linear)"), supports=frozenset({"rope"}),
     paper="Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention, Katharopoulos et al. "
           "2020, arXiv:2006.16236",
     summary="phi(q_i)^T sum_j phi(k_j) v_j^T / (phi(q_i)^T sum_j phi(k_j) + eps), phi = elu + 1; causal: j <= i",
