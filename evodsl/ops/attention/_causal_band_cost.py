@@ -55,7 +55,7 @@ def causal_band_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, bias=None, 
     build = bias.peak(h, Ib + P * P, by) if bias else 11 * Ib
     phases = [qkv + grouped + pmask + head + lse,  # the prefix call
               qkv + grouped + head + blocks * (q + mask + build),  # the result allocated, the block mask built
-              qkv + blocks * q + out]  # at o_proj
+              qkv + blocks * q + (1 - blocks) * head + out]  # at o_proj: the joined blocks, or the one call's output
     if env.pos is not None:
         phases.append(qkv + pos.peak)
     cache = 2 * b * sp.Min(n, cache_keys) * kv * dh * by
