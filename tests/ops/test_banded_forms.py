@@ -1,6 +1,6 @@
-"""The causal band's two code paths (inference: one SDPA call per block on slices; autograd: the full blocks in
-one call over unfolded key windows) and its prefix call equal the gathered band (one query's keys at a time),
-values and gradients, with and without a per-head bias and a padding mask, at n spanning several blocks."""
+"""The causal band's two code paths (inference: a causal SDPA prefix, then one SDPA call per block on slices;
+autograd: all blocks in one call) equal the gathered band (one query's keys at a time), values and gradients,
+with and without a per-head bias and a padding mask, at n spanning several blocks and at w >= n (one call)."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +17,11 @@ def test_causal_band_paths_agree(n, w, use_bias, pad):
     h, dh = 4, 8
     q, k, v = (torch.randn(2, h, n, dh, dtype=torch.float64, generator=g) for _ in range(3))
     slopes = torch.rand(h, dtype=torch.float64, generator=g)
-    bias = (lambda i, j: -slopes[:, None, None] * (i - j).abs()) if use_bias else None
+    def bias(i, j):  # [h, *dist]: the blocked form passes 3-D positions, the others 2-D
+        dist = (i - j).abs()
+        return -slopes.view(-1, *(1,) * dist.dim()) * dist
+
+    bias = bias if use_bias else None
     km = None
     if pad:
         km = torch.ones(2, n, dtype=torch.bool)

@@ -38,12 +38,16 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"pos": XL, "mem_len": 20, "heads": 2, "head_dim": 8, "bias": False}, ODD)],
     "local": [({"window": 16}, BOTH), ({"window": 40, "kv_heads": 2}, BOTH), ({"window": 16, "pos": ALIBI}, BOTH),
               ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
-              ({"window": 200}, ODD), ({"window": 16, "dropout": 0.1}, SMALL)],
+              ({"window": 200}, ODD), ({"window": 16, "dropout": 0.1}, SMALL),
+              # causal bands as wide as the sequence at n = 64 (one SDPA call), the prefix and blocks at n = 160
+              ({"window": 80, "kv_heads": 2}, BOTH), ({"window": 100, "pos": ALIBI}, BOTH),
+              ({"window": 64, "pos": ROPE}, SMALL), ({"window": 70, "dropout": 0.1}, SMALL)],
     # span_init=1: every head at its full span, the band the cost declares (an upper bound otherwise)
     "adaptive_span": [({"max_span": 48, "R": 8}, BOTH), ({"max_span": 20, "R": 4, "pos": ALIBI}, BOTH),
                       ({"max_span": 20, "R": 4, "kv_heads": 2}, ODD), ({"max_span": 20, "R": 4, "pos": ROPE}, SMALL),
                       ({"max_span": 70, "R": 16, "heads": 2, "head_dim": 8, "bias": False}, ODD),
-                      ({"max_span": 40, "R": 8, "dropout": 0.1}, SMALL)],
+                      ({"max_span": 40, "R": 8, "dropout": 0.1}, SMALL),
+                      ({"max_span": 90, "R": 8}, BOTH), ({"max_span": 64, "R": 8, "pos": ALIBI}, SMALL)],
     "linformer": [({"k": 16, "max_len": 256}, BOTH), ({"k": 16, "max_len": 256, "kv_heads": 2}, BOTH),
                   ({"k": 8, "max_len": 256, "share_kv": True, "heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"k": 16, "max_len": 256, "dropout": 0.1}, BOTH)],

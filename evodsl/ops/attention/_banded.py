@@ -85,12 +85,19 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int,
     `bias(i, j)` gets absolute query positions i and key positions j (int64, broadcasting) and returns an
     additive score bias broadcastable to [h, *i - j], -inf allowed, or None; it depends on i - j only (ALiBi, the
     adaptive-span ramp) and gives a query's own key a finite value. `key_mask` (bool [b, n], False = padding)
-    takes the padded keys out of every band. Causal bands (hi = 0) run _causal_band, the others _blocked_band."""
+    takes the padded keys out of every band.
+
+    Forms: a causal band (hi = 0) as wide as the sequence is one causal SDPA call. Narrower, it runs _causal_band
+    at inference (without autograd: a causal SDPA prefix, then blocks of queries, peak no larger than SDPA's) and
+    _blocked_band under autograd (all blocks in one SDPA call, whose backward holds O(n w) bytes; per-block calls
+    would each leave a full-size gradient of q, k and v). Bidirectional bands run _blocked_band."""
     b, h, n, dh = q.shape
     if not isinstance(n, int) or torch.jit.is_tracing():
         return _gathered_band(q, k, v, lo, hi, bias, dropout, key_mask)
-    if hi == 0:
-        return _causal_band(q, k, v, min(lo, n - 1), bias, dropout, block, key_mask)
+    lo = min(lo, n - 1)
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if hi == 0 and (lo == n - 1 or not recording):
+        return _causal_band(q, k, v, lo, bias, dropout, block, key_mask)
     return _blocked_band(q, k, v, lo, hi, bias, dropout, block, key_mask)
 
 
@@ -100,11 +107,9 @@ def _causal_band(q, k, v, lo: int, bias, dropout: float, block, key_mask) -> tor
     blocks of B (band_block) against their K = B + lo keys, t - lo - (B - 1) .. t, with the block mask shared by
     all blocks (bool without a bias). Scores: P^2 + (n - P)(B + lo) at most, never more than causal SDPA's
     n^2 for any w <= n (whose fused kernel also skips only whole masked tiles).
-    - Inference: one SDPA call per block on slices of q, k, v (views), each written into one result laid out
-      as q's projection [b, n, h, dh] (o_proj reads it uncopied): no tensor larger than q but the prefix's.
-    - With autograd, per-block slices would each cost a full-size gradient in the backward (O(n^2 / B) bytes):
-      the full blocks go in one SDPA call over unfolded key windows, the last partial block in its own, and
-      the pieces are joined by one cat."""
+    One SDPA call per block on slices of q, k, v (views), each written into one result laid out as q's
+    projection [b, n, h, dh] (o_proj reads it uncopied): no tensor larger than q but the prefix's. Without
+    autograd only (banded_attention), but for P = n (one call)."""
     b, h, n, dh = q.shape
     sdpa = F.scaled_dot_product_attention
     P = min(n, lo + 1)
@@ -120,8 +125,6 @@ def _causal_band(q, k, v, lo: int, bias, dropout: float, block, key_mask) -> tor
     B = block or band_block(lo, 0)
     K = B + lo
     band = _block_mask(B, K, lo, 0, bias, q.dtype, q.device)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, band)):
-        return _causal_blocks_recorded(q, k, v, head, P, B, lo, band, dropout, key_mask)
     o = q.new_empty(b, n, h, dh).transpose(1, 2)
     o[:, :, :P] = head
     del head
@@ -133,42 +136,6 @@ def _causal_band(q, k, v, lo: int, bias, dropout: float, block, key_mask) -> tor
         o[:, :, s:e] = sdpa(q[:, :, s:e], k[:, :, s - lo:e], v[:, :, s - lo:e], attn_mask=mask, dropout_p=dropout)
         del mask
     return o
-
-
-def _causal_blocks_recorded(q, k, v, head, P: int, B: int, lo: int, band, dropout: float, key_mask):
-    """_causal_band's blocks under autograd: nf full blocks in one SDPA call ([b*h, nf] batch dims over key
-    windows unfolded from k and v: views), the r leftover queries in another."""
-    b, h, n, dh = q.shape
-    sdpa = F.scaled_dot_product_attention
-    K = B + lo
-    nf, r = divmod(n - P, B)
-    parts = [head.transpose(1, 2)]
-    if nf:
-        end = P + nf * B
-        qb = q[:, :, P:end].unflatten(2, (nf, B))  # [b, h, nf, B, dh]
-        kb, vb = (t[:, :, P - lo:end].unfold(2, K, B).transpose(-1, -2) for t in (k, v))  # [b, h, nf, K, dh]
-        mask = band.reshape(1, -1, 1, B, K)  # [1, 1 | H, 1, B, K]
-        if key_mask is not None:  # the padded keys of each window out; a query left with none reads its own
-            ok = mask if mask.dtype == torch.bool else torch.isfinite(mask)
-            ok = ok & key_mask[:, P - lo:end].unfold(1, K, B)[:, None, :, None, :]  # [b, 1 | H, nf, B, K]
-            own = torch.arange(B, device=q.device)[:, None] + lo == torch.arange(K, device=q.device)
-            ok = ok | (own & ~ok.any(-1, keepdim=True))
-            mask = ok if mask.dtype == torch.bool else torch.where(ok, mask, float("-inf"))
-        if mask.dim() == 5 and mask.shape[1] * mask.shape[0] > 1:  # per head or per sequence: batch dims (b, h nf)
-            mask = mask.expand(mask.shape[0], h, nf, B, K).reshape(mask.shape[0], h * nf, B, K)
-        else:  # one band for all: [B, K], broadcast (a 4-D SDPA call runs the fused kernel; 5-D, the math one)
-            mask = mask.reshape(B, K)
-        o = sdpa(*(t.reshape(b, h * nf, -1, dh) for t in (qb, kb, vb)), attn_mask=mask, dropout_p=dropout)
-        parts.append(o.reshape(b, h, nf * B, dh).transpose(1, 2))
-        del o
-    if r:
-        s = n - r
-        mask = band[..., :r, :r + lo]
-        if key_mask is not None:
-            mask = _padded(mask, key_mask[:, s - lo:], lo)
-        parts.append(sdpa(q[:, :, s:], k[:, :, s - lo:], v[:, :, s - lo:], attn_mask=mask,
-                          dropout_p=dropout).transpose(1, 2))
-    return torch.cat(parts, dim=1).transpose(1, 2)
 
 
 def band_blocks(n: int, lo: int, hi: int, block: int | None = None):
@@ -289,14 +256,11 @@ POSITION_BIAS = BandBias(other=lambda h, I: (2 + h) * I, saved=lambda h, I, by: 
 def banded_attention_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, hi, bias: BandBias | None = None,
                           cache_keys=None) -> Cost:
     """The cost of an attention variant that runs banded_attention(q, k, v, lo, hi, bias) after the shared
-    projections. Causal (hi = 0): _causal_band_cost. Bidirectional: the kernel reads the nb blocks of B queries
-    against K keys each, [b, h, nb, B, K] scores."""
-    if hi == 0:
-        from ._causal_band_cost import causal_band_cost
-
-        return causal_band_cost(p, env, s, lo, bias, cache_keys)
+    projections: _blocked_band, whose kernel reads the nb blocks of B queries against K keys each,
+    [b, h, nb, B, K] scores; a causal band (hi = 0) runs other forms too (_causal_band_cost)."""
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
+    bias0 = bias
     B, nb, K, L = band_layout(n, lo, hi)
     if score_bias(env):  # the position scheme's bias on the band, alone or added to the variant's own
         bias = POSITION_BIAS if bias is None else bias.plus_position()
@@ -351,7 +315,12 @@ def banded_attention_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, hi, bi
     if env.pos is not None:
         phases.append(qkv + pos.peak)
     cache = 2 * b * sp.Min(n, cache_keys) * kv * dh * by
-    return attention_cost(p, s, h, kv, dh, core, pos, saved + pos.saved, phases, cache, bwd_phases=bwd)
+    cost = attention_cost(p, s, h, kv, dh, core, pos, saved + pos.saved, phases, cache, bwd_phases=bwd)
+    if hi == 0:  # the forms a causal band runs in (banded_attention)
+        from ._causal_band_cost import causal_band_cost
+
+        return causal_band_cost(p, env, s, lo, bias0, cache, cost)
+    return cost
 
 
 def _gathered_band(q, k, v, lo: int, hi: int, bias: Bias | None, dropout: float,

@@ -1,9 +1,14 @@
-"""The cost of _banded._causal_band: a causal band of lo + 1 keys, as a prefix of P = min(n, lo + 1) queries in
-one causal SDPA call, then blocks of B queries against B + lo keys (the last one r < B queries).
+"""The cost of a causal band (banded_attention with hi = 0) in the form that runs (_banded.py):
 
-Scores per (sequence, head): I = P^2 + nf B (B + lo) + r (r + lo), nf = floor((n - P) / B), r = n - P - nf B
-(FlopCounterMode counts a causal SDPA call's whole P x P square, as these formulas do)."""
+- n <= lo + 1 (the band covers the sequence): one causal SDPA call, in training and at inference;
+- otherwise training runs _blocked_band (all blocks in one call; its cost is `blocked`, from
+  banded_attention_cost), and inference _causal_band: a causal SDPA prefix of P = lo + 1 queries, then blocks of
+  B queries (band_block) against B + lo keys, written one by one into one result. The inference peak below is
+  that form's; the forward FLOPs declared are the training form's (the inference form's are
+  P^2 + (n - P)(B + lo) scores per sequence and head, at most causal SDPA's n^2)."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import sympy as sp
 
@@ -12,51 +17,63 @@ from ..registry import OpEnv
 from ._common import LSE_BYTES, AttentionParams, attention_cost, head_symbols, position_cost, rotates, score_bias
 
 
-def causal_band_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, bias=None, cache_keys=None) -> Cost:
+def causal_band_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, bias, cache, blocked: Cost) -> Cost:
     from ._banded import POSITION_BIAS, band_block
 
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
-    B = band_block(int(sp.sympify(lo).subs(s.values)), 0)
-    P = sp.Min(n, lo + 1)
-    rest = n - P
-    nf = sp.floor(rest / B)
-    r = rest - nf * B
-    blocks = sp.Min(1, rest)  # 1 when any query is past the prefix
-    I = P ** 2 + nf * B * (B + lo) + r * (r + lo)
     if score_bias(env):  # the position scheme's bias on the band, alone or added to the variant's own
         bias = POSITION_BIAS if bias is None else bias.plus_position()
     pos = Cost() if score_bias(env) else position_cost(env, s, h, kv, dh)
-    scores = b * h * I
     q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
-    qkv, grouped = q + 2 * kvb, (2 * q if kv != h else 0)  # k, v repeated to h heads for the kernel
+    qkv = q + 2 * kvb
+    grouped = 2 * q if kv != h else 0  # k, v repeated to h heads before the kernel
     kept_kv = 2 * q if kv != h else 2 * kvb
-    head = b * h * P * dh * by  # the prefix's output
-    lse = LSE_BYTES * b * h * n
-    Ib = B * (B + lo)  # the block mask's elements
-    mask = blocks * (h if bias else 1) * Ib * by if bias else blocks * Ib  # bool without a bias
-    pmask = h * P * P * by if bias else 0  # the prefix's [1, H, P, P] mask (a causal call needs none)
-    other = 5 * scores + 8 * (Ib + P * P) + (bias.other(h, Ib + P * P) if bias else 0)
     grad = bias is not None and bias.grad
-    joined = blocks * q  # the blocks' outputs beside the prefix's, joined by one cat into o_proj's input
-    # in training the nf full blocks run as one call with batch dims (b, h nf): q's blocks and the unfolded key
-    # windows are copied to that layout when nf >= 2 (one block is a view), and the copies are kept
-    copies = sp.Min(1, sp.Max(0, nf - 1)) * b * h * nf * (B + 2 * (B + lo)) * dh * by
+
+    # One causal SDPA call over n x n scores, with the bias as a [1, H, n, n] mask when there is one
+    scores, nn, lse = b * h * n ** 2, n ** 2, LSE_BYTES * b * h * n
+    copy = q if rotates(env) else 0  # o_proj's input: a copy unless the fused kernel's output is laid out
+    # [b, n, h, dh] (as q is, unrotated); the math kernel's always is
+    mask = h * nn * by if bias else 0
+    other = 5 * scores + (8 * nn + bias.other(h, nn) if bias else 0)
     if grad or p.dropout > 0:  # the math kernel (float32 for 16-bit dtypes): the weights are kept
         core = Cost(fwd=4 * scores * dh, bwd=8 * scores * dh, fwd_other=other, bwd_other=2 * other)
         weights = 3 if p.dropout > 0 else 1
-        saved = (q + kept_kv + weights * scores * max(by, 4) + q + joined + mask + pmask + copies
-                 + (bias.saved(h, Ib + P * P, by) if grad else 0))
-        bwd = [q + kept_kv + scores * max(by, 4) - joined]
+        saved = ((3 * b * n * h * dh + weights * scores) * max(by, 4) + q  # o_proj's copy
+                 + (bias.saved(h, nn, by) + nn if grad else 0))
+        bwd = [q + scores * max(by, 4)] if p.dropout > 0 else [2 * scores * max(by, 4) - q]
     else:
         core = Cost(fwd=4 * scores * dh, bwd=10 * scores * dh, fwd_other=other, bwd_other=2 * other)
-        saved = q + kept_kv + q + lse + joined + mask + pmask + copies
-        bwd = [2 * q + 2 * kept_kv - joined]
-    build = bias.peak(h, Ib + P * P, by) if bias else 11 * Ib
-    phases = [qkv + grouped + pmask + head + lse,  # the prefix call
-              qkv + grouped + head + blocks * (q + mask + build),  # the result allocated, the block mask built
-              qkv + blocks * q + (1 - blocks) * head + out]  # at o_proj: the joined blocks, or the one call's output
+        saved = q + kept_kv + q + lse + copy + mask  # q, k, v, o, its logsumexp
+        bwd = [2 * q + kept_kv - copy]  # o's gradient and those of q, k, v; o_proj's copy released
+    phases = [qkv + grouped + mask + q + lse, qkv + q + copy + out]  # the call (inference: the fused kernel); o_proj
+    if bias:
+        phases.append(qkv + grouped + bias.peak(h, nn, by))
     if env.pos is not None:
         phases.append(qkv + pos.peak)
-    cache = 2 * b * sp.Min(n, cache_keys) * kv * dh * by
-    return attention_cost(p, s, h, kv, dh, core, pos, saved + pos.saved, phases, cache, bwd_phases=bwd)
+    single = attention_cost(p, s, h, kv, dh, core, pos, saved + pos.saved, phases, cache, bwd_phases=bwd)
+
+    # Inference, n > lo + 1: the prefix call, then the blocks into one result laid out [b, n, h, dh]
+    B = band_block(int(sp.sympify(lo).subs(s.values)), 0)
+    P, Ib = lo + 1, B * (B + lo)  # the prefix's queries; the elements of the block mask
+    head = b * h * P * dh * by
+    pmask = h * P ** 2 * by if bias else 0
+    bmask = h * Ib * by if bias else Ib  # additive with a bias, else bool
+    phases = [qkv + grouped + pmask + head,  # the prefix call
+              qkv + grouped + head + (bias.peak(h, Ib, by) if bias else 11 * Ib),  # the block mask built
+              qkv + grouped + head + bmask + q,  # the result allocated, the prefix's output copied in
+              qkv + grouped + q + bmask + b * h * B * dh * by,  # a block's call
+              qkv + q + out]  # at o_proj
+    if bias:
+        phases.append(qkv + grouped + bias.peak(h, P ** 2, by))  # the prefix's mask built
+    if env.pos is not None:
+        phases.append(qkv + pos.peak)
+    infer_peak = sp.Max(*phases) - out
+
+    def form(one, other):
+        return sp.Piecewise((one, n <= lo + 1), (other, True))
+
+    fields = ("fwd", "fwd_other", "bwd", "bwd_other", "saved", "bwd_peak")
+    return replace(blocked, **{f: form(getattr(single, f), getattr(blocked, f)) for f in fields},
+                   peak=form(single.peak, infer_peak))
