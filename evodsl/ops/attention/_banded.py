@@ -87,18 +87,31 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int,
     adaptive-span ramp) and gives a query's own key a finite value. `key_mask` (bool [b, n], False = padding)
     takes the padded keys out of every band.
 
-    Forms: a causal band (hi = 0) as wide as the sequence is one causal SDPA call. Narrower, it runs _causal_band
+    Forms: a band as wide as the sequence is one SDPA call (causal, or over every key). Narrower, it runs _causal_band
     at inference (without autograd: a causal SDPA prefix, then blocks of queries, peak no larger than SDPA's) and
     _blocked_band under autograd (all blocks in one SDPA call, whose backward holds O(n w) bytes; per-block calls
     would each leave a full-size gradient of q, k and v). Bidirectional bands run _blocked_band."""
     b, h, n, dh = q.shape
     if not isinstance(n, int) or torch.jit.is_tracing():
         return _gathered_band(q, k, v, lo, hi, bias, dropout, key_mask)
-    lo = min(lo, n - 1)
+    lo, hi = min(lo, n - 1), min(hi, n - 1)
+    if lo == hi == n - 1:  # every query reads every key
+        return _one_call(q, k, v, n, bias, dropout, key_mask, causal=False)
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if hi == 0 and (lo == n - 1 or not recording):
         return _causal_band(q, k, v, lo, bias, dropout, block, key_mask)
     return _blocked_band(q, k, v, lo, hi, bias, dropout, block, key_mask)
+
+
+def _one_call(q, k, v, P: int, bias, dropout: float, key_mask, causal: bool) -> torch.Tensor:
+    """The first P queries against the first P keys in one SDPA call: causal (is_causal without a bias or
+    padding), or every key; a bias or padding goes in as a [1 | b, H, P, P] mask."""
+    mask = None if bias is None else _prefix_mask(P, bias, causal, q.dtype, q.device)
+    if key_mask is not None:
+        base = mask if mask is not None else torch.ones(P, P, dtype=torch.bool, device=q.device)
+        mask = _padded(base.tril_() if mask is None and causal else base, key_mask[:, :P], None)
+    return F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], attn_mask=mask, dropout_p=dropout,
+                                          is_causal=causal and mask is None and P > 1)
 
 
 def _causal_band(q, k, v, lo: int, bias, dropout: float, block, key_mask) -> torch.Tensor:
@@ -113,13 +126,7 @@ def _causal_band(q, k, v, lo: int, bias, dropout: float, block, key_mask) -> tor
     b, h, n, dh = q.shape
     sdpa = F.scaled_dot_product_attention
     P = min(n, lo + 1)
-    mask = None if bias is None else _prefix_mask(P, bias, True, q.dtype, q.device)
-    if key_mask is not None:
-        base = mask if mask is not None else torch.ones(P, P, dtype=torch.bool, device=q.device).tril_()
-        mask = _padded(base, key_mask[:, :P], None)
-    head = sdpa(q[:, :, :P], k[:, :, :P], v[:, :, :P], attn_mask=mask, dropout_p=dropout,
-                is_causal=mask is None and P > 1)
-    del mask
+    head = _one_call(q, k, v, P, bias, dropout, key_mask, causal=True)
     if P == n:
         return head
     B = block or band_block(lo, 0)
@@ -257,7 +264,8 @@ def banded_attention_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, hi, bi
                           cache_keys=None) -> Cost:
     """The cost of an attention variant that runs banded_attention(q, k, v, lo, hi, bias) after the shared
     projections: _blocked_band, whose kernel reads the nb blocks of B queries against K keys each,
-    [b, h, nb, B, K] scores; a causal band (hi = 0) runs other forms too (_causal_band_cost)."""
+    [b, h, nb, B, K] scores; a causal band (hi = 0) and a band as wide as the sequence run other forms
+    (_band_cost.py)."""
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     bias0 = bias
@@ -316,11 +324,11 @@ def banded_attention_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, hi, bi
         phases.append(qkv + pos.peak)
     cache = 2 * b * sp.Min(n, cache_keys) * kv * dh * by
     cost = attention_cost(p, s, h, kv, dh, core, pos, saved + pos.saved, phases, cache, bwd_phases=bwd)
-    if hi == 0:  # the forms a causal band runs in (banded_attention)
-        from ._causal_band_cost import causal_band_cost
+    from ._band_cost import causal_band_cost, one_call_cost, with_one_call
 
+    if hi == 0:  # the forms a causal band runs in (banded_attention)
         return causal_band_cost(p, env, s, lo, bias0, cache, cost)
-    return cost
+    return with_one_call(cost, one_call_cost(p, env, s, bias, cache, causal=False), n, lo, hi)
 
 
 def _gathered_band(q, k, v, lo: int, hi: int, bias: Bias | None, dropout: float,

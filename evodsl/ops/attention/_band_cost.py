@@ -1,7 +1,8 @@
-"""The cost of a causal band (banded_attention with hi = 0) in the form that runs (_banded.py):
+"""The cost of a band in the form that runs (_banded.banded_attention):
 
-- n <= lo + 1 (the band covers the sequence): one causal SDPA call, in training and at inference;
-- otherwise training runs _blocked_band (all blocks in one call; its cost is `blocked`, from
+- the band covers the sequence: one SDPA call (causal, or over every key), in training and at inference;
+- bidirectional otherwise: _blocked_band (banded_attention_cost's own formulas);
+- causal otherwise: training runs _blocked_band (all blocks in one call; its cost is `blocked`, from
   banded_attention_cost), and inference _causal_band: a causal SDPA prefix of P = lo + 1 queries, then blocks of
   B queries (band_block) against B + lo keys, written one by one into one result. The inference peak below is
   that form's; the forward FLOPs declared are the training form's (the inference form's are
@@ -17,6 +18,56 @@ from ..registry import OpEnv
 from ._common import LSE_BYTES, AttentionParams, attention_cost, head_symbols, position_cost, rotates, score_bias
 
 
+def one_call_cost(p: AttentionParams, env: OpEnv, s: Symbols, bias, cache, causal: bool) -> Cost:
+    """_banded._one_call over the whole sequence: n x n scores, causal or not, the bias (if any) as a
+    [1, H, n, n] mask. `bias`: the variant's BandBias with the position scheme's already added."""
+    h, kv, dh = head_symbols(p, s)
+    b, n, by = s.b, s.n, s.bytes
+    pos = Cost() if score_bias(env) else position_cost(env, s, h, kv, dh)
+    q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
+    qkv = q + 2 * kvb
+    grouped = 2 * q if kv != h else 0  # k, v repeated to h heads before the kernel
+    kept_kv = 2 * q if kv != h else 2 * kvb
+    grad = bias is not None and bias.grad
+    scores, nn, lse = b * h * n ** 2, n ** 2, LSE_BYTES * b * h * n
+    copy = q if rotates(env) else 0  # o_proj's input: a copy unless the fused kernel's output is laid out
+    # [b, n, h, dh] (as q is, unrotated); the math kernel's always is
+    mask = h * nn * by if bias else 0
+    other = 5 * scores + (8 * nn + bias.other(h, nn) if bias else 0)
+    if grad or p.dropout > 0:  # the math kernel (float32 for 16-bit dtypes): the weights are kept
+        core = Cost(fwd=4 * scores * dh, bwd=8 * scores * dh, fwd_other=other, bwd_other=2 * other)
+        weights = 3 if p.dropout > 0 else 1
+        saved = ((3 * b * n * h * dh + weights * scores) * max(by, 4) + q  # o_proj's copy
+                 + (bias.saved(h, nn, by) + (nn if causal else 0) if grad else 0))  # the causal where's condition
+        bwd = [q + scores * max(by, 4)] if p.dropout > 0 else [2 * scores * max(by, 4) - q]
+    else:
+        core = Cost(fwd=4 * scores * dh, bwd=10 * scores * dh, fwd_other=other, bwd_other=2 * other)
+        saved = q + kept_kv + q + lse + copy + mask  # q, k, v, o, its logsumexp
+        bwd = [2 * q + kept_kv - copy]  # o's gradient and those of q, k, v; o_proj's copy released
+    phases = [qkv + grouped + mask + q + lse, qkv + q + copy + out]  # the call (inference: the fused kernel); o_proj
+    if bias:  # built: POSITION_BIAS's peak counts its masked copy, which a mask over every key is not
+        from ._banded import POSITION_BIAS
+
+        phases.append(qkv + grouped + bias.peak(h, nn, by) - (h * nn * by if bias is POSITION_BIAS and not causal
+                                                                 else 0))
+    if env.pos is not None:
+        phases.append(qkv + pos.peak)
+    return attention_cost(p, s, h, kv, dh, core, pos, saved + pos.saved, phases, cache, bwd_phases=bwd)
+
+
+def with_one_call(blocked: Cost, single: Cost, n, lo, hi, peak=None) -> Cost:
+    """`single` where the band covers the sequence (n <= lo + 1, and n <= hi + 1 unless causal), else
+    `blocked` (its peak replaced by `peak` if given)."""
+    covers = (n <= lo + 1) if hi == 0 else sp.And(n <= lo + 1, n <= hi + 1)
+
+    def form(one, other):
+        return sp.Piecewise((one, covers), (other, True))
+
+    fields = ("fwd", "fwd_other", "bwd", "bwd_other", "saved", "bwd_peak")
+    return replace(blocked, **{f: form(getattr(single, f), getattr(blocked, f)) for f in fields},
+                   peak=form(single.peak, blocked.peak if peak is None else peak))
+
+
 def causal_band_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, bias, cache, blocked: Cost) -> Cost:
     from ._banded import POSITION_BIAS, band_block
 
@@ -27,32 +78,8 @@ def causal_band_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, bias, cache
     pos = Cost() if score_bias(env) else position_cost(env, s, h, kv, dh)
     q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
     qkv = q + 2 * kvb
-    grouped = 2 * q if kv != h else 0  # k, v repeated to h heads before the kernel
-    kept_kv = 2 * q if kv != h else 2 * kvb
-    grad = bias is not None and bias.grad
-
-    # One causal SDPA call over n x n scores, with the bias as a [1, H, n, n] mask when there is one
-    scores, nn, lse = b * h * n ** 2, n ** 2, LSE_BYTES * b * h * n
-    copy = q if rotates(env) else 0  # o_proj's input: a copy unless the fused kernel's output is laid out
-    # [b, n, h, dh] (as q is, unrotated); the math kernel's always is
-    mask = h * nn * by if bias else 0
-    other = 5 * scores + (8 * nn + bias.other(h, nn) if bias else 0)
-    if grad or p.dropout > 0:  # the math kernel (float32 for 16-bit dtypes): the weights are kept
-        core = Cost(fwd=4 * scores * dh, bwd=8 * scores * dh, fwd_other=other, bwd_other=2 * other)
-        weights = 3 if p.dropout > 0 else 1
-        saved = ((3 * b * n * h * dh + weights * scores) * max(by, 4) + q  # o_proj's copy
-                 + (bias.saved(h, nn, by) + nn if grad else 0))
-        bwd = [q + scores * max(by, 4)] if p.dropout > 0 else [2 * scores * max(by, 4) - q]
-    else:
-        core = Cost(fwd=4 * scores * dh, bwd=10 * scores * dh, fwd_other=other, bwd_other=2 * other)
-        saved = q + kept_kv + q + lse + copy + mask  # q, k, v, o, its logsumexp
-        bwd = [2 * q + kept_kv - copy]  # o's gradient and those of q, k, v; o_proj's copy released
-    phases = [qkv + grouped + mask + q + lse, qkv + q + copy + out]  # the call (inference: the fused kernel); o_proj
-    if bias:
-        phases.append(qkv + grouped + bias.peak(h, nn, by))
-    if env.pos is not None:
-        phases.append(qkv + pos.peak)
-    single = attention_cost(p, s, h, kv, dh, core, pos, saved + pos.saved, phases, cache, bwd_phases=bwd)
+    grouped = 2 * q if kv != h else 0
+    single = one_call_cost(p, env, s, bias, cache, causal=True)
 
     # Inference, n > lo + 1: the prefix call, then the blocks into one result laid out [b, n, h, dh]
     B = band_block(int(sp.sympify(lo).subs(s.values)), 0)
@@ -69,11 +96,4 @@ def causal_band_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, bias, cache
         phases.append(qkv + grouped + bias.peak(h, P ** 2, by))  # the prefix's mask built
     if env.pos is not None:
         phases.append(qkv + pos.peak)
-    infer_peak = sp.Max(*phases) - out
-
-    def form(one, other):
-        return sp.Piecewise((one, n <= lo + 1), (other, True))
-
-    fields = ("fwd", "fwd_other", "bwd", "bwd_other", "saved", "bwd_peak")
-    return replace(blocked, **{f: form(getattr(single, f), getattr(blocked, f)) for f in fields},
-                   peak=form(single.peak, infer_peak))
+    return with_one_call(blocked, single, n, lo, 0, peak=sp.Max(*phases) - out)
