@@ -45,9 +45,10 @@ def variants(args) -> list[tuple[str, str]]:
         (f"linformer, k={args.k}", f"linformer, k={args.k}, max_len={max(int(n) for n in args.ns.split(','))}"),
         ("efficient", "efficient"),
         ("fastformer", "fastformer"),
+        (f"nystrom, landmarks={args.landmarks}, conv={args.conv}", f"nystrom, landmarks={args.landmarks}, conv={args.conv}"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "nystrom")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:
@@ -109,6 +110,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--window", type=int, default=128, help="mha(local) window")
     ap.add_argument("--k", type=int, default=256, help="mha(linformer) projected length")
+    ap.add_argument("--landmarks", type=int, default=16, help="mha(nystrom) landmarks (dividing every n; at d 32, "
+                    "64 keep more of the iteration's [m, m] tensors than of n-long ones up to n = 8k)")
+    ap.add_argument("--conv", type=int, default=33, help="mha(nystrom) taps of the convolution of V")
     ap.add_argument("--max-span", type=int, default=256, help="mha(adaptive_span) max_span")
     ap.add_argument("--R", type=int, default=32, help="mha(adaptive_span) ramp")
     ap.add_argument("--span-init", type=float, default=0.5, help="mha(adaptive_span) span_init (z / max_span)")

@@ -165,3 +165,81 @@ def test_gpt2_greedy_generate_matches_hf():
                            min_new_tokens=16)
     got = evo.generate(prompt, max_new_tokens=16)
     assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------- Nyströmformer: parameters, and the last hidden state
+
+def test_nystromformer_parameter_count():
+    hf = hf_meta(transformers.NystromformerModel, transformers.NystromformerConfig())
+    assert count(evo_meta("nystromformer")) == count(hf) == 108_500_112
+
+
+NYSTROM_TINY = dict(vocab=97, n_ctx=62, d_model=64, heads=4, d_ff=128, layers=2, landmarks=8, conv=5)
+
+
+def tiny_spec(name: str, values: dict) -> str:
+    """specs/<name>.evo with its hyperparameter bindings made small; every architecture line is kept as written."""
+    text = (SPECS / f"{name}.evo").read_text(encoding="utf-8")
+    for key, value in values.items():
+        text, n = re.subn(rf"^{key}\s*=.*$", f"{key} = {value}", text, flags=re.M)
+        assert n == 1, f"{name}.evo has no binding line for {key}"
+    return text
+
+
+def nystromformer_weights_to_evodsl(hf_state: dict, layers: int) -> dict:
+    """NystromformerModel's state_dict under the evodsl names (its position table is copied whole: both read
+    position t at row t + 2)."""
+    out = {"embed.weight": hf_state["embeddings.word_embeddings.weight"],
+           "embed.segment.weight": hf_state["embeddings.token_type_embeddings.weight"],
+           "pos.weight": hf_state["embeddings.position_embeddings.weight"],
+           "norm.weight": hf_state["embeddings.LayerNorm.weight"], "norm.bias": hf_state["embeddings.LayerNorm.bias"]}
+    names = {"attn.q_proj": "attention.self.query", "attn.k_proj": "attention.self.key",
+             "attn.v_proj": "attention.self.value", "attn.o_proj": "attention.output.dense",
+             "norm1": "attention.output.LayerNorm", "ffn.up_proj": "intermediate.dense",
+             "ffn.down_proj": "output.dense", "norm2": "output.LayerNorm"}
+    for i in range(layers):
+        h, e = f"encoder.layer.{i}.", f"blocks.{i}."
+        out[e + "attn.conv"] = hf_state[h + "attention.self.conv.weight"]
+        for ours, theirs in names.items():
+            out[e + ours + ".weight"] = hf_state[h + theirs + ".weight"]
+            out[e + ours + ".bias"] = hf_state[h + theirs + ".bias"]
+    return out
+
+
+@pytest.mark.parametrize("n", [32, 8], ids=["nystrom-path", "exact-path"])
+def test_nystromformer_last_hidden_state_matches_hf_with_copied_weights(n):
+    """HF takes the Nyström path when num_landmarks < segment_means_seq_len = n (n = 32, 8 landmarks: segments of
+    4), and exact softmax attention when they are equal (n = 8), as the spec's mha(nystrom) does at n <= landmarks.
+    HF scales Z_0 by one largest column sum over the whole batch (coupling its sequences); the spec's
+    pinv_init=sequence takes it over each sequence's heads, so a batch of two equals HF run on each alone."""
+    t = NYSTROM_TINY
+    config = transformers.NystromformerConfig(
+        vocab_size=t["vocab"], hidden_size=t["d_model"], num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+        intermediate_size=t["d_ff"], max_position_embeddings=t["n_ctx"], num_landmarks=t["landmarks"],
+        segment_means_seq_len=n, conv_kernel_size=t["conv"], hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(4)
+    hf = transformers.NystromformerModel(config).eval()
+    with torch.no_grad():  # move LayerNorm and bias values away from their 1 / 0 initialisation; queries and keys
+        for name, p in hf.named_parameters():  # 10x: with HF's 0.02 init every weight in a row is alike, and
+            if "self.query" in name or "self.key" in name:  # neither Z_0's scale nor the landmarks would show
+                p.mul_(10.0)
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    evo = evodsl.compile(tiny_spec("nystromformer", t)).eval()
+    mapped = nystromformer_weights_to_evodsl(hf.state_dict(), t["layers"])
+    assert set(mapped) == set(evo.state_dict()), "the name mapping covers exactly the evodsl weights"
+    evo.load_state_dict(mapped, strict=True)
+    assert count(evo) == count(hf)
+
+    ids = torch.randint(0, t["vocab"], (2, n), generator=torch.Generator().manual_seed(5))
+    types = torch.randint(0, 2, (2, n), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = torch.cat([hf(ids[i:i + 1], token_type_ids=types[i:i + 1]).last_hidden_state for i in range(2)])
+        got = evo(ids, token_type_ids=types)
+    assert got.shape == want.shape == (2, n, t["d_model"])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    if n > t["landmarks"]:  # HF on the batch of two: Z_0's scale read across both sequences changes them
+        with torch.no_grad():
+            coupled = hf(ids, token_type_ids=types).last_hidden_state
+        assert (coupled - want).abs().max().item() > 1e-3

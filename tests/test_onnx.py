@@ -41,7 +41,7 @@ TOL = 1e-4  # max |onnxruntime - torch| <= TOL * max |torch|, float32
 
 HEADER = "d_model = 32\nheads = 4\nkv_heads = 2\nvocab = 61\n"
 # Arguments an op needs to stand alone at this size: required ones, and bands narrower than the test sequences.
-ARGS = {("mha", "local"): "window=5", ("mha", "linformer"): "k=16, max_len=128", ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5",
+ARGS = {("mha", "local"): "window=5", ("mha", "linformer"): "k=16, max_len=128", ("mha", "nystrom"): "landmarks=8, conv=3", ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5",
         ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
         ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
         ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4"}
@@ -145,6 +145,13 @@ BANDED = {("mha", "local"), ("mha", "adaptive_span")}
 def export_form_differs(graph) -> bool:
     return any((n.family, n.variant) in BANDED or ((n.family, n.variant) == ("mha", "linear") and
                                                     graph.options.get("causal")) for n in graph.calls())
+
+
+# Nyströmformer: the export, whose sequence axis is symbolic, runs the landmark form at every n (the averaging
+# matrix, with exact attention for short sequences picked by a select); torch runs plain exact attention at n <=
+# landmarks, which is what `evodsl cost` declares there: fewer FLOPs than the export's (above landmarks, equal).
+def export_runs_landmarks_below(graph, n: int) -> bool:
+    return any((c.family, c.variant) == ("mha", "nystrom") and n <= c.params.landmarks for c in graph.calls())
 
 
 @dataclass
@@ -339,6 +346,8 @@ def test_matmul_flops_match_cost(case, exported):
         # the gather / prefix-sum forms (see BANDED): the gather reads lo + hi + 1 keys per query whatever n,
         # more than torch's one causal call when the band is wider than the sequence (adaptive span's 8192)
         assert flops > 0
+    elif export_runs_landmarks_below(ex.graph, n):
+        assert flops > declared
     else:
         assert flops == pytest.approx(declared, rel=0.01)
 

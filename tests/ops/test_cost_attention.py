@@ -54,6 +54,12 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "efficient": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"norm": "scaling", "heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"norm": "scaling"}, BOTH)],
     "fastformer": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD)],
+    # landmarks dividing n (means of views), not dividing it (the averaging matrix), and n <= landmarks (exact)
+    "nystrom": [({"landmarks": 16}, BOTH), ({"landmarks": 16, "kv_heads": 2, "conv": 5}, BOTH),
+                ({"landmarks": 12, "conv": 7}, BOTH), ({"landmarks": 12, "kv_heads": 1}, BOTH),
+                ({"landmarks": 64, "conv": 3}, BOTH), ({"landmarks": 64, "kv_heads": 2, "conv": 3}, SMALL),
+                ({"landmarks": 8, "heads": 2, "head_dim": 8, "bias": False, "pinv_init": "sequence", "conv": 3}, ODD),
+                ({"landmarks": 32, "pinv_iters": 3, "kv_heads": 2}, ODD)],
     "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                ({"pos": HALF_ROPE}, SMALL)],
 }

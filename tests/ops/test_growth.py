@@ -26,6 +26,7 @@ ARGS = {
     "linformer": {"k": 64, "max_len": 8192},
     "efficient": {},
     "fastformer": {},
+    "nystrom": {"landmarks": 16, "conv": 33},  # 64 landmarks: the iteration's [m, m] temporaries, a constant, hide n
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
