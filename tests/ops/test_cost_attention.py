@@ -52,6 +52,7 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "fastformer": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD)],
     "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                ({"pos": HALF_ROPE}, SMALL)],
+    "fanet": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
 }
 
 
@@ -113,6 +114,7 @@ def _growth(expr, values, n=2 ** 20):
     ("local", {"window": 128, "pos": ALIBI}, 2, 2),  # the bias on the band only
     ("adaptive_span", {"max_span": 1024}, 2, 2),
     ("linear", {}, 2, 2),
+    ("fanet", {}, 2, 2),
 ])
 def test_complexity_in_n(variant, build, time, memory, causal):
     cost, values = _cost(variant, causal=causal, **build)

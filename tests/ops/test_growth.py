@@ -24,6 +24,7 @@ ARGS = {
     "linformer": {"k": 64, "max_len": 8192},
     "efficient": {},
     "fastformer": {},
+    "fanet": {},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
