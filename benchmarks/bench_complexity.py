@@ -46,9 +46,10 @@ def variants(args) -> list[tuple[str, str]]:
         ("efficient", "efficient"),
         ("fastformer", "fastformer"),
         ("fanet", "fanet"),
+        ("ufo", "ufo"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

@@ -25,6 +25,7 @@ ARGS = {
     "efficient": {},
     "fastformer": {},
     "fanet": {},
+    "ufo": {},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
