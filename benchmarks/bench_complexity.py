@@ -47,6 +47,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("fastformer", "fastformer"),
         ("fanet", "fanet"),
         ("ufo", "ufo"),
+        ("simpletron", "simpletron"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo")  # variants with no causal form: run bidirectional only

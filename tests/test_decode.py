@@ -114,7 +114,8 @@ BANDED = ["norm -> mha(local, window=5) -> norm -> ffn", "norm -> mha(local, win
           "norm -> mha(local, window=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 LINEAR = ["norm -> mha(linear) -> norm -> ffn", "norm -> mha(linear, kv_heads=2) -> norm -> ffn(swiglu)"]
 # the right-product attentions without a denominator: no position scheme inside, so the stream's own
-RIGHT_PRODUCT = ["norm -> mha(fanet) -> norm -> ffn", "norm -> mha(fanet, kv_heads=2, bias=false) -> norm -> ffn"]
+RIGHT_PRODUCT = ["norm -> mha(fanet) -> norm -> ffn", "norm -> mha(fanet, kv_heads=2, bias=false) -> norm -> ffn",
+                 "norm -> mha(simpletron) -> norm -> ffn", "norm -> mha(simpletron, kv_heads=1) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN]

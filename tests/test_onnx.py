@@ -142,7 +142,7 @@ BANDED = {("mha", "local"), ("mha", "adaptive_span")}
 # Causal linear attention likewise: torch runs it in chunks of 64 tokens (what `evodsl cost` declares); the
 # export runs the prefix-sum form (_prefix_sums in evodsl/ops/attention/linear.py), whose running states are
 # elementwise products and cumulative sums, so fewer of its FLOPs are matmuls.
-PREFIX_SUMS = {("mha", "linear"), ("mha", "fanet")}  # causal forms exported as prefix sums
+PREFIX_SUMS = {("mha", "linear"), ("mha", "fanet"), ("mha", "simpletron")}  # causal forms exported as prefix sums
 
 
 def export_form_differs(graph) -> bool:

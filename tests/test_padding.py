@@ -18,8 +18,8 @@ D, N = 32, 70  # N spans 3 of the banded kernels' 32-query blocks and 5 of linea
 LENGTHS = [N, 45, 20, 1]
 BUILD = {"softmax": {}, "local": {"window": 6}, "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
          "linear": {}, "linformer": {"k": 16, "max_len": 128},
-         "efficient": {}, "fastformer": {}, "fanet": {}, "ufo": {}}
-CHUNKED = ("linear", "fanet")  # causal forms in chunks: 16 tokens here, so that N spans several
+         "efficient": {}, "fastformer": {}, "fanet": {}, "ufo": {}, "simpletron": {}}
+CHUNKED = ("linear", "fanet", "simpletron")  # causal forms in chunks: 16 tokens here, so that N spans several
 POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {}), "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8,
                                                                                       "max_distance": 20})}
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")

@@ -53,6 +53,7 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                ({"pos": HALF_ROPE}, SMALL)],
     "fanet": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    "simpletron": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
 }
 
@@ -116,6 +117,7 @@ def _growth(expr, values, n=2 ** 20):
     ("adaptive_span", {"max_span": 1024}, 2, 2),
     ("linear", {}, 2, 2),
     ("fanet", {}, 2, 2),
+    ("simpletron", {}, 2, 2),
 ])
 def test_complexity_in_n(variant, build, time, memory, causal):
     cost, values = _cost(variant, causal=causal, **build)

@@ -26,6 +26,7 @@ ARGS = {
     "fastformer": {},
     "fanet": {},
     "ufo": {},
+    "simpletron": {},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)

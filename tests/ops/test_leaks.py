@@ -19,8 +19,9 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
     "linear": {},
     "fanet": {},
+    "simpletron": {},
 }
-CHUNKED = ("linear", "fanet")  # causal forms in chunks of LINEAR_CHUNK tokens here
+CHUNKED = ("linear", "fanet", "simpletron")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
 POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {}),
              "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}), "xl_rel": ("xl_rel", {})}
