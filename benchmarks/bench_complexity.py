@@ -48,9 +48,10 @@ def variants(args) -> list[tuple[str, str]]:
         ("fanet", "fanet"),
         ("ufo", "ufo"),
         ("simpletron", "simpletron"),
+        ("separable", "separable"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

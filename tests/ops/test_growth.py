@@ -27,6 +27,7 @@ ARGS = {
     "fanet": {},
     "ufo": {},
     "simpletron": {},
+    "separable": {},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
