@@ -133,8 +133,8 @@ def right_product_cost(p: AttentionParams, env: OpEnv, s: Symbols, normalized: b
         phases = [3 * q + 2 * kvb + g_kv + out]  # at o_proj: q', k', v, G, the output and its copy
         if normalized:
             phases.append(2 * q + 3 * kvb)  # q, k, v, q' and k' while k is normalised
-        if normalized:  # (measured) F.normalize's backward: three [b, h, n, dh] gradients at once, G's released;
-            # with grouped K/V heads one of k's size and k's two norms fewer
+            # backward (measured): F.normalize's, three [b, h, n, dh] gradients at once, G's released; with
+            # grouped K/V heads one of k's size and k's two norms fewer
             bwd = [3 * q - g if kv == h else 3 * q - kvb - 2 * b * kv * n * by - g]
         else:  # the gradients of q and of G, o_proj's copy released
             bwd = [q + g]
