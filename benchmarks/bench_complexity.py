@@ -46,9 +46,13 @@ def variants(args) -> list[tuple[str, str]]:
         ("efficient", "efficient"),
         ("fastformer", "fastformer"),
         (f"nystrom, landmarks={args.landmarks}, conv={args.conv}", f"nystrom, landmarks={args.landmarks}, conv={args.conv}"),
+        ("fanet", "fanet"),
+        ("ufo", "ufo"),
+        ("simpletron", "simpletron"),
+        ("separable", "separable"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "nystrom")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

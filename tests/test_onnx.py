@@ -142,8 +142,11 @@ BANDED = {("mha", "local"), ("mha", "adaptive_span")}
 # Causal linear attention likewise: torch runs it in chunks of 64 tokens (what `evodsl cost` declares); the
 # export runs the prefix-sum form (_prefix_sums in evodsl/ops/attention/linear.py), whose running states are
 # elementwise products and cumulative sums, so fewer of its FLOPs are matmuls.
+PREFIX_SUMS = {("mha", "linear"), ("mha", "fanet"), ("mha", "simpletron")}  # causal forms exported as prefix sums
+
+
 def export_form_differs(graph) -> bool:
-    return any((n.family, n.variant) in BANDED or ((n.family, n.variant) == ("mha", "linear") and
+    return any((n.family, n.variant) in BANDED or ((n.family, n.variant) in PREFIX_SUMS and
                                                     graph.options.get("causal")) for n in graph.calls())
 
 

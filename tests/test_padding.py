@@ -18,7 +18,9 @@ D, N = 32, 70  # N spans 3 of the banded kernels' 32-query blocks and 5 of linea
 LENGTHS = [N, 45, 20, 1]
 BUILD = {"softmax": {}, "local": {"window": 6}, "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
          "linear": {}, "linformer": {"k": 16, "max_len": 128},
-         "efficient": {}, "fastformer": {}, "nystrom": {"landmarks": 24, "conv": 5}}
+         "efficient": {}, "fastformer": {}, "fanet": {}, "ufo": {}, "simpletron": {},
+         "separable": {}, "nystrom": {"landmarks": 24, "conv": 5}}
+CHUNKED = ("linear", "fanet", "simpletron")  # causal forms in chunks: 16 tokens here, so that N spans several
 POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {}), "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8,
                                                                                       "max_distance": 20})}
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
@@ -59,9 +61,10 @@ def _sided():
 
 @pytest.mark.parametrize("variant,causal,pos,scores,side", list(_sided()))
 def test_padded_batch_equals_each_sequence_alone(variant, causal, pos, scores, side):
-    m, _, _ = make_op("mha", variant, d=D, causal=causal, heads=4, kv_heads=2, residual_scores=scores,
-                      pos=POSITIONS[pos] if pos else None, **BUILD[variant])
-    if variant == "linear":
+    grouped = {"kv_heads": 2} if "kv_heads" in REGISTRY["mha", variant].params.model_fields else {}
+    m, _, _ = make_op("mha", variant, d=D, causal=causal, heads=4, residual_scores=scores,
+                      pos=POSITIONS[pos] if pos else None, **grouped, **BUILD[variant])
+    if variant in CHUNKED:
         m.chunk = 16
     perturb_params(m)
     if variant == "adaptive_span":

@@ -62,6 +62,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"landmarks": 32, "pinv_iters": 3, "kv_heads": 2}, ODD)],
     "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                ({"pos": HALF_ROPE}, SMALL)],
+    "fanet": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    "simpletron": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    "separable": [({}, BOTH), ({"heads": 1}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD),
+                  ({"dropout": 0.1}, SMALL)],
+    "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
 }
 
 
@@ -123,6 +128,8 @@ def _growth(expr, values, n=2 ** 20):
     ("local", {"window": 128, "pos": ALIBI}, 2, 2),  # the bias on the band only
     ("adaptive_span", {"max_span": 1024}, 2, 2),
     ("linear", {}, 2, 2),
+    ("fanet", {}, 2, 2),
+    ("simpletron", {}, 2, 2),
 ])
 def test_complexity_in_n(variant, build, time, memory, causal):
     cost, values = _cost(variant, causal=causal, **build)

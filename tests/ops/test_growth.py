@@ -27,6 +27,10 @@ ARGS = {
     "efficient": {},
     "fastformer": {},
     "nystrom": {"landmarks": 16, "conv": 33},  # 64 landmarks: the iteration's [m, m] temporaries, a constant, hide n
+    "fanet": {},
+    "ufo": {},
+    "simpletron": {},
+    "separable": {},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)

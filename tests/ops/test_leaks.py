@@ -18,7 +18,10 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "local": {"window": 6},
     "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
     "linear": {},
+    "fanet": {},
+    "simpletron": {},
 }
+CHUNKED = ("linear", "fanet", "simpletron")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
 POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {}),
              "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}), "xl_rel": ("xl_rel", {})}
@@ -43,7 +46,7 @@ def _cases():
 def test_causal_attention_never_leaks(variant, pos, scores):
     m, _, _ = make_op("mha", variant, d=D, causal=True, heads=4, kv_heads=2, residual_scores=scores,
                       pos=POSITIONS[pos] if pos else None, **BUILD[variant])
-    if variant == "linear":
+    if variant in CHUNKED:
         m.chunk = LINEAR_CHUNK
     perturb_params(m)
     if variant == "adaptive_span":  # perturbed spans spread over (0, 1]: heads reach back different distances
