@@ -70,7 +70,10 @@ def test_linear_attention_equation(causal, n, chunk, heads, kv_heads, eps):
     m.chunk = chunk
     perturb_params(m)
     x = _x(2, n)
-    torch.testing.assert_close(m(x, None), reference(m, x, heads, kv_heads, causal, eps), rtol=1e-9, atol=1e-10)
+    ref = reference(m, x, heads, kv_heads, causal, eps)
+    torch.testing.assert_close(m(x, None), ref, rtol=1e-9, atol=1e-10)  # recording: the chunked form
+    with torch.no_grad():  # causal: the chunk-by-chunk inference form
+        torch.testing.assert_close(m(x, None), ref, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])

@@ -49,10 +49,13 @@ class LinearAttention(AttentionBase):
         if ctx is not None and ctx.cache is not None:
             return self._step(x, ctx)
         q, k, v = self.qkv(x)
-        k, v = self.expand_kv(k), self.expand_kv(v)
         # padded keys add nothing to the sums S and z: their phi(k) is zeroed
         key_mask = self.key_mask(ctx)
         keep = None if key_mask is None else key_mask[:, None, :, None].to(q.dtype)
+        recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if self.causal and not recording and isinstance(x.shape[1], int) and not torch.jit.is_tracing():
+            return self.out(self._causal_inference(q, k, v, keep))
+        k, v = self.expand_kv(k), self.expand_kv(v)
         return self.out(self._causal(q, k, v, keep) if self.causal else self._bidirectional(q, k, v, keep))
 
     def _step(self, x: torch.Tensor, ctx) -> torch.Tensor:
@@ -113,6 +116,39 @@ class LinearAttention(AttentionBase):
         return (num / (den + self.eps)).reshape(b, h, m * c, -1)[:, :, :n]
 
 
+    def _causal_inference(self, q, k, v, keep=None):
+        """The causal form without autograd: chunk by chunk, the running sums S and z of the earlier chunks
+        (per K/V head, read by its group of query heads in place), each chunk's outputs written into one result
+        laid out as q's projection [b, n, h, dh] (o_proj reads it uncopied). Beyond q, k, v and the result it
+        holds one chunk's temporaries: the peak of SDPA's flash path. The chunked form (_causal) keeps every
+        chunk's states and products for the backward."""
+        b, h, n, dh = q.shape
+        kvh, dv = k.shape[1], v.shape[-1]
+        g, c = h // kvh, min(self.chunk, n)
+        phi = FEATURE_MAPS[self.phi]
+        o = q.new_empty(b, n, h, dv).transpose(1, 2)
+        og, qg = o.view(b, kvh, g, n, dv), q.view(b, kvh, g, n, dh)
+        s = q.new_zeros(b, kvh, dh, dv)  # sum over the earlier chunks of phi(k_j) v_j^T
+        z = q.new_zeros(b, kvh, dh, 1)  # sum over the earlier chunks of phi(k_j)
+        future = torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1)
+        for t in range(0, n, c):
+            e = min(t + c, n)
+            # a K/V head's g query heads as one [g C] block of rows: its matmuls broadcast nothing (no copies)
+            qc = phi(qg[:, :, :, t:e]).reshape(b, kvh, g * (e - t), dh)
+            kc, vc = phi(k[:, :, t:e]), v[:, :, t:e]
+            if keep is not None:
+                kc = kc * keep[:, :, t:e]
+            a = (qc @ kc.transpose(-1, -2)).view(b, kvh, g, e - t, e - t).masked_fill_(future[:e - t, :e - t], 0.0)
+            a = a.view(b, kvh, g * (e - t), e - t)
+            num = (qc @ s).add_(a @ vc)
+            den = (qc @ z).add_(a.sum(-1, keepdim=True)).add_(self.eps)
+            del a, qc
+            og[:, :, :, t:e] = num.div_(den).view(b, kvh, g, e - t, dv)
+            del num, den
+            s += kc.transpose(-1, -2) @ vc
+            z += kc.sum(-2).unsqueeze(-1)
+        return o
+
     def _prefix_sums(self, q, k, v, keep=None):
         """The causal form for a symbolic n (torch.export, ONNX with a dynamic sequence axis): the running sums
         S_i = sum_{j<=i} phi(k_j) v_j^T and z_i = sum_{j<=i} phi(k_j) as cumulative sums over positions. O(n dh^2)
@@ -156,8 +192,15 @@ def linear_attention_cost(p: LinearAttentionParams, env: OpEnv, s: Symbols) -> C
     v_copy = t if kv == h else t * padded  # v's chunked copy: repeated heads are contiguous already
     core = Cost(fwd=fwd, bwd=2 * fwd, fwd_other=other, bwd_other=2 * other)
     saved = 6 * t + a + mask + states + den + q + pos.saved
-    phases = [qkv_h + 2 * t + v_copy + a + mask + states + 2 * t + 2 * den,  # at the division
-              qkv_h + t + q + out]  # at o_proj
+    if env.causal:  # inference runs _causal_inference: the result, the K/V heads' running sums, one chunk's
+        # phi(q), phi(k), A and the two terms of the numerator
+        C = sp.Min(LinearAttention.chunk, n)
+        chunk = b * C * (3 * h * dh + kv * dh + h * C) * by
+        phases = [qkv + q + b * kv * (dh ** 2 + dh) * by + chunk,  # at the numerator
+                  qkv + q + out]  # at o_proj
+    else:
+        phases = [qkv_h + 2 * t + v_copy + a + mask + states + 2 * t + 2 * den,  # at the division
+                  qkv_h + t + q + out]  # at o_proj
     if env.pos is not None:
         phases.append(qkv + pos.peak)
     # backward: at the division, the numerator's gradient and the denominator's (three temporaries) beside o's
