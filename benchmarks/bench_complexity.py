@@ -1,7 +1,7 @@
 """Does each attention variant grow in n as `evodsl cost` claims? Fitted exponents of forward time and memory.
 
 For each variant a one-layer spec (`block = mha(VARIANT, ...)` on features [b, n, d_model], so the layer plus its
-residual add) is compiled and run at n = 1024 .. 8192 (b = 1). The claimed exponent in n is read from
+residual add; d_model 256, 4 heads by default) is compiled and run at n = 1024 .. 16384 (b = 1). The claimed exponent in n is read from
 `evodsl.cost(spec)["layers"]` (the attention layer's complexity strings: "O(n^2 d)" -> 2, "O(n w d)" -> 1,
 "O(n d log n)" -> 1 + log). Measured per n:
 - forward wall time: torch.inference_mode, `--warmup` untimed runs, then `--rounds` rounds that run every n once
@@ -15,9 +15,13 @@ compared with the slope that n^p (log n)^k itself has over the same n (e.g. 1.13
 Pass: every fitted exponent within --tol (0.25) of the claim. The raw table also gives the minor page faults per
 timed forward (getrusage): large temporaries that glibc hands back to the OS on free and faults in again on the
 next call show there, and can bend the time curve (BENCHMARKS.md; the GLIBC_TUNABLES in effect are printed).
+Then the crossover with SDPA (mha(softmax) of the same causality): the n from which each variant's forward is
+faster, measured (interpolated on log-log axes) and as `evodsl cost` predicts it from forward FLOPs; --plot draws
+the time curves on log-log axes.
 
-    .venv/bin/python benchmarks/bench_complexity.py [--ns 1024,2048,4096,8192] [--d 32] [--heads 2]
+    .venv/bin/python benchmarks/bench_complexity.py [--ns 1024,...,16384] [--d 256] [--heads 4]
         [--window 128] [--max-span 256] [--span-init 0.5] [--rounds 7] [--threads 1] [--causal both]
+        [--plot benchmarks/complexity.png]
 """
 from __future__ import annotations
 
@@ -109,9 +113,10 @@ def load() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ns", default="1024,2048,4096,8192", help="sequence lengths, comma separated")
-    ap.add_argument("--d", type=int, default=32, help="d_model")
-    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--ns", default="1024,2048,4096,8192,16384", help="sequence lengths, comma separated")
+    ap.add_argument("--d", type=int, default=256, help="d_model")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--plot", default="", help="write a log-log plot of forward time against n (PNG)")
     ap.add_argument("--window", type=int, default=128, help="mha(local) window")
     ap.add_argument("--k", type=int, default=256, help="mha(linformer) projected length")
     ap.add_argument("--landmarks", type=int, default=16, help="mha(nystrom) landmarks (dividing every n; at d 32, "
@@ -144,7 +149,7 @@ def main() -> None:
     print(f"time: median of {args.rounds} interleaved rounds after {args.warmup} warm-up runs per n, "
           f"torch.inference_mode; memory: evodsl.measure.measure_memory; pass: |fitted - claimed| <= {args.tol}\n")
 
-    results, raw = [], []
+    results, raw, curves = [], [], {}
     for causal in causals:
         for label, mha_args in variants(args):
             if args.only and not label.startswith(args.only):
@@ -180,6 +185,7 @@ def main() -> None:
                    "saved": slope(ns, [mem[n].training_saved for n in ns])}
             name = f"mha({label})"
             results.append((name, causal, claimed, fit))
+            curves[name, causal] = (spec, [med[n] for n in ns])
             for n in ns:
                 raw.append((name, causal, n, med[n], min(times[n]), max(times[n]), faults[n] / args.rounds,
                             mem[n].inference_peak, predicted.get(n), mem[n].training_saved))
@@ -219,8 +225,74 @@ def main() -> None:
         pred_s = f"{pred / 1024:.0f}" if pred is not None else "n/a"
         print(f"| {name} | {str(causal).lower()} | {n} | {med * 1e3:.2f} | {lo * 1e3:.2f} | {hi * 1e3:.2f} | {flt:.0f} "
               f"| {peak / 1024:.0f} | {pred_s} | {saved / 1024:.0f} |")
+    print_crossovers(curves, ns)
+    if args.plot:
+        plot(curves, ns, args.plot)
     print(f"\n1-min load average {load_before} before, {load()} after; {len(results) - failures} of {len(results)} "
           f"variants pass")
+
+
+def measured_crossover(ns, ratio) -> str:
+    """The n where time / SDPA's time falls through 1, interpolated on log-log axes between the measured n."""
+    if ratio[0] <= 1:
+        slower = [n for n, r in zip(ns, ratio) if r > 1]
+        return f"<= {ns[0]}" + (f" (slower at {', '.join(map(str, slower))})" if slower else "")
+    for (n0, r0), (n1, r1) in zip(zip(ns, ratio), zip(ns[1:], ratio[1:])):
+        if r1 <= 1:
+            f = math.log(r0) / (math.log(r0) - math.log(r1))
+            return f"{math.exp(math.log(n0) + f * (math.log(n1) - math.log(n0))):,.0f}"
+    return f"> {ns[-1]}"
+
+
+def forward_flops(spec: str, n: int) -> float:
+    flops = evodsl.cost(spec, seq=n)["flops"]
+    return flops["forward_matmul"] + flops["forward_other"]
+
+
+def print_crossovers(curves: dict, ns: list[int]) -> None:
+    """Each variant against SDPA (mha(softmax), same causality): the measured crossover of forward time and the
+    one `evodsl cost` predicts from forward FLOPs (report.crossover, n from 64 to 2^24)."""
+    from evodsl.report import crossover
+
+    print("\nCrossover with SDPA (mha(softmax), same causality): the n from which the variant's forward is faster\n")
+    print("| variant | causal | time / SDPA at each n | measured crossover n | predicted by evodsl cost (FLOPs) |")
+    print("|---|---|---|---:|---:|")
+    for (name, causal), (spec, times) in curves.items():
+        base = curves.get(("mha(softmax)", causal))
+        if base is None or name == "mha(softmax)":
+            continue
+        ratio = [t / b for t, b in zip(times, base[1])]
+        try:
+            x = crossover(lambda n: forward_flops(spec, n), lambda n: forward_flops(base[0], n), lo=64)
+            cheaper_at_64 = forward_flops(spec, 64) < forward_flops(base[0], 64)
+            predicted = ("<= 64" if cheaper_at_64 and x is None else "never" if x is None
+                         else f"{x:,}" if not cheaper_at_64 else f"cheaper below {x:,}")
+        except Exception as err:  # a variant whose cost formula fails: say so
+            predicted = f"cost failed: {type(err).__name__}"
+        print(f"| {name} | {str(causal).lower()} | {', '.join(f'{r:.2f}' for r in ratio)} "
+              f"| {measured_crossover(ns, ratio)} | {predicted} |")
+
+
+def plot(curves: dict, ns: list[int], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for ax, causal in zip(axes, (True, False)):
+        for (name, c), (_, times) in curves.items():
+            if c == causal:
+                ax.loglog(ns, [t * 1e3 for t in times], marker="o", lw=2.5 if name == "mha(softmax)" else 1.2,
+                          color="black" if name == "mha(softmax)" else None, label=name.split(",")[0] + ")")
+        ax.set_title(f"{'causal' if causal else 'bidirectional'}: forward time of one layer")
+        ax.set_xlabel("n")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    axes[0].set_ylabel("ms (median)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"\nplot written to {path}")
 
 
 if __name__ == "__main__":
