@@ -130,6 +130,7 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     "adaptive_span": ("O(n S d + n d f + n d^2)", "O(n S h)"),  # a band of S = max_span keys; its weights kept
     "bert": ("O(n^2 d)", "O(n^2 h)"),  # dropout on the attention weights: the [b, h, n, n] mask is kept
     "fnet": ("O(n d log n)", "O(n d + n f)"),
+    "nystromformer": ("O(n d f + n d m_l + n d^2)", "O(n d + n f)"),  # m_l landmarks; no [n, m] weights kept
     "gpt2": ("O(n^2 d)", "O(n d + n f)"),  # SDPA keeps O(n) for backward
     "linear_transformer": ("O(n d f + n d^2)", "O(n d + n d^2/h + n f + n h)"),  # causal prefix sums kept
     "llama": ("O(n^2 d)", "O(n d + n f)"),
