@@ -5,10 +5,10 @@ from functools import lru_cache
 
 import sympy as sp
 
-from .ops.cost import B, M, N
+from .ops.cost import B, M, N, cost_field
 from .passes.cost import DTYPE_BYTES, Report, collect, complexity
 
-FIELDS = ("params", "fwd", "fwd_other", "bwd", "bwd_other", "saved", "peak", "cache")
+FIELDS = ("params", "fwd", "fwd_inference", "fwd_other", "bwd", "bwd_other", "saved", "peak", "cache")
 
 
 def build_report(graph, dtype: str = "float32", decoder_seq: int | None = None) -> Report:
@@ -33,17 +33,19 @@ def cost_data(report: Report, seq: int, batch: int, dtype: str) -> dict:
     report's decoder_seq for a model with two inputs)."""
     totals = {f: report.total(f) for f in FIELDS}
     b, n = batch, report.lengths(seq)
-    fwd_mm, fwd_other = _at(totals["fwd"], b, n), _at(totals["fwd_other"], b, n)
+    # forward: where autograd records nothing (what inference runs); a training step's forward may run another form
+    fwd_mm, fwd_other = _at(totals["fwd_inference"], b, n), _at(totals["fwd_other"], b, n)
+    fwd_train = _at(totals["fwd"], b, n)
     bwd_mm, bwd_other = _at(totals["bwd"], b, n), _at(totals["bwd_other"], b, n)
     params = report.params()
     layers, decoding = [], {id(r) for r in report.decoding_rows()}
     for r in report.rows:
-        c = {f: sp.sympify(getattr(r.cost, f)).subs(r.values) for f in FIELDS}
+        c = {f: sp.sympify(cost_field(r.cost, f)).subs(r.values) for f in FIELDS}
         layers.append({
             "name": r.path, "op": r.op, "count": r.count,
             "params": _at(c["params"], b, n) * r.count,
-            "flops": {"forward": (_at(c["fwd"], b, n) + _at(c["fwd_other"], b, n)) * r.count,
-                      "forward_matmul": _at(c["fwd"], b, n) * r.count,
+            "flops": {"forward": (_at(c["fwd_inference"], b, n) + _at(c["fwd_other"], b, n)) * r.count,
+                      "forward_matmul": _at(c["fwd_inference"], b, n) * r.count,
                       "forward_other": _at(c["fwd_other"], b, n) * r.count,
                       "backward": (_at(c["bwd"], b, n) + _at(c["bwd_other"], b, n)) * r.count},
             "memory": {"saved_for_backward": (_at(c["saved"], b, n)) * r.count,
@@ -60,7 +62,8 @@ def cost_data(report: Report, seq: int, batch: int, dtype: str) -> dict:
         "flops": {"forward": fwd_mm + fwd_other, "backward": bwd_mm + bwd_other,
                   "forward_matmul": fwd_mm, "forward_other": fwd_other,
                   "backward_matmul": bwd_mm, "backward_other": bwd_other,
-                  "train_step": fwd_mm + fwd_other + bwd_mm + bwd_other},
+                  "training_forward_matmul": fwd_train,
+                  "train_step": fwd_train + fwd_other + bwd_mm + bwd_other},
         "memory": {"params": params * DTYPE_BYTES[dtype],
                    "activations_inference": report.activations_inference(b, n),
                    "activations_training": report.activations_training(b, n),
@@ -69,7 +72,7 @@ def cost_data(report: Report, seq: int, batch: int, dtype: str) -> dict:
                    "gradients": params * DTYPE_BYTES[dtype],
                    "adam_states": params * 4 * 2},
         "complexity": {"time": complexity(time_parts), "memory": complexity(mem_parts)},
-        "formula": {"flops_forward": str(sp.nsimplify(totals["fwd"] + totals["fwd_other"])),
+        "formula": {"flops_forward": str(sp.nsimplify(totals["fwd_inference"] + totals["fwd_other"])),
                     "flops_backward": str(sp.nsimplify(totals["bwd"] + totals["bwd_other"])),
                     "kv_cache": str(totals["cache"])},
         "layers": layers,
@@ -137,7 +140,7 @@ def render_table(data: dict, train: bool, formula: bool) -> str:
 # -------------------------------------------------------------------- sweeps and crossovers
 
 METRICS = {  # name -> (label, function of (report, b, n))
-    "flops": ("forward FLOPs", lambda r, b, n: _at(r.total("fwd") + r.total("fwd_other"), b, r.lengths(n))),
+    "flops": ("forward FLOPs", lambda r, b, n: _at(r.total("fwd_inference") + r.total("fwd_other"), b, r.lengths(n))),
     "activations": ("activations (inference)", lambda r, b, n: r.activations_inference(b, r.lengths(n))),
     "training": ("activations (training)", lambda r, b, n: r.activations_training(b, r.lengths(n))),
     "kv_cache": ("KV cache / state", lambda r, b, n: r.kv_cache(b, r.lengths(n))),
@@ -182,8 +185,11 @@ def render_sweep(reports: dict, seqs: list[int], batch: int) -> str:
                 ra, rb = reports[a], reports[bname]
                 x = crossover(lambda n: fn(ra, batch, n), lambda n: fn(rb, batch, n))
                 if x is not None:
-                    cheaper = a if fn(ra, batch, x) < fn(rb, batch, x) else bname
-                    out.append(f"  crossover: {cheaper} is cheaper from n = {x:,}")
+                    fa, fb = fn(ra, batch, x), fn(rb, batch, x)
+                    if fa == fb:  # the lead ends in a tie (e.g. a shared peak elsewhere in the model takes over)
+                        out.append(f"  crossover: {a} and {bname} are even from n = {x:,}")
+                    else:
+                        out.append(f"  crossover: {a if fa < fb else bname} is cheaper from n = {x:,}")
                 else:
                     same = fn(ra, batch, 1024) - fn(rb, batch, 1024)
                     who = a if same < 0 else bname if same > 0 else None

@@ -202,7 +202,10 @@ def test_api_path_input_raises_evoerror_with_location(fn, kind, tmp_path):
     ("block = mha(softmax, dropout=2)", "E204", 1, 30),  # pydantic ValidationError
     ("block = mha(softmax, heads=1e400)", "E204", 1, 28),  # a float where an int is needed
     ("d_model = 30\nblock = mha(softmax, heads=4)", "E300", 2, 28),  # shape rule
-], ids=["eof", "char", "token", "pydantic", "float", "shape"])
+    # a pooled [b, d] vector is not token ids [b, n] (found by the fuzzer: it reached torch's embedding)
+    ("d_model = 16\nmodel m = input(tokens, vocab=9) -> embed(token) -> head(pooler) -> embed(token)",
+     "E300", 2, 69),
+], ids=["eof", "char", "token", "pydantic", "float", "shape", "pooled-ids"])
 def test_no_raw_library_exception(src, code, line, col):
     with pytest.raises(EvoError) as info:
         evodsl.compile(src, device="meta")

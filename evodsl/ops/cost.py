@@ -26,7 +26,9 @@ def length(dim) -> sp.Expr:
 @dataclass(frozen=True)
 class Cost:
     params: object = 0  # parameter count
-    fwd: object = 0  # forward FLOPs in matmuls (what FlopCounterMode counts, incl. SDPA)
+    fwd: object = 0  # forward FLOPs in matmuls (what FlopCounterMode counts, incl. SDPA), as autograd records
+    fwd_inference: object = None  # the same where autograd records nothing, for an op that runs another form
+    #                               then (a chunk-by-chunk loop that keeps no states); None: as `fwd`
     fwd_other: object = 0  # forward FLOPs outside matmuls: softmax, norms, elementwise, FFT
     bwd: object = 0  # backward FLOPs in matmuls
     bwd_other: object = 0  # backward FLOPs outside matmuls
@@ -45,15 +47,26 @@ class Cost:
         """Sum of two ops applied one after the other (the boolean flags must be resolved by the caller)."""
         vals = {f.name: (getattr(self, f.name) or 0) + (getattr(other, f.name) or 0) for f in fields(self)
                 if f.type not in ("bool", "bool | None")}
-        return Cost(**vals)
+        both = self.fwd_inference is None and other.fwd_inference is None
+        return Cost(**{**vals, "fwd_inference": None if both else self.inference_fwd + other.inference_fwd})
+
+    @property
+    def inference_fwd(self):
+        """Forward matmul FLOPs where autograd records nothing."""
+        return self.fwd if self.fwd_inference is None else self.fwd_inference
 
     @property
     def new_output_in_training(self) -> bool:
         return not (self.inplace if self.inplace_in_training is None else self.inplace_in_training)
 
     def scaled(self, k) -> "Cost":
-        return Cost(**{f.name: (getattr(self, f.name) or 0) * k for f in fields(self)
-                       if f.type not in ("bool", "bool | None")})
+        vals = {f.name: (getattr(self, f.name) or 0) * k for f in fields(self) if f.type not in ("bool", "bool | None")}
+        return Cost(**{**vals, "fwd_inference": None if self.fwd_inference is None else self.fwd_inference * k})
+
+
+def cost_field(cost: Cost, name: str):
+    """One field of `cost`; "fwd_inference" is never None (an op with one form runs it in both modes)."""
+    return cost.inference_fwd if name == "fwd_inference" else getattr(cost, name)
 
 
 class Symbols:

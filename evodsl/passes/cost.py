@@ -13,7 +13,7 @@ from math import prod
 import sympy as sp
 
 from ..ir import Graph, Node
-from ..ops.cost import MEM, B, M, N, Cost, Symbols, length
+from ..ops.cost import MEM, B, M, N, Cost, Symbols, cost_field, length
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -94,7 +94,7 @@ class Report:
         """Sum of one Cost field over all executions (a formula in b, n, numbers substituted); the decoding state
         ("cache") over the layers that keep one (not an encoder's)."""
         rows = self.decoding_rows() if attr == "cache" else self.rows
-        return sp.expand(sum(sp.sympify(getattr(r.cost, attr)).subs(r.values) * r.count for r in rows))
+        return sp.expand(sum(sp.sympify(cost_field(r.cost, attr)).subs(r.values) * r.count for r in rows))
 
     def decoding_rows(self) -> list:
         """The rows that keep state: all, but an encoder's (it runs once, at the prompt); in a model that carries

@@ -15,7 +15,8 @@ import sympy as sp
 
 from ..cost import Cost, Symbols
 from ..registry import OpEnv
-from ._common import LSE_BYTES, AttentionParams, attention_cost, head_symbols, position_cost, rotates, score_bias
+from ._common import (LSE_BYTES, AttentionParams, attention_cost, head_symbols, position_cost, projections_cost,
+                      rotates, score_bias)
 
 
 def one_call_cost(p: AttentionParams, env: OpEnv, s: Symbols, bias, cache, causal: bool) -> Cost:
@@ -55,9 +56,9 @@ def one_call_cost(p: AttentionParams, env: OpEnv, s: Symbols, bias, cache, causa
     return attention_cost(p, s, h, kv, dh, core, pos, saved + pos.saved, phases, cache, bwd_phases=bwd)
 
 
-def with_one_call(blocked: Cost, single: Cost, n, lo, hi, peak=None) -> Cost:
+def with_one_call(blocked: Cost, single: Cost, n, lo, hi, peak=None, fwd_inference=None) -> Cost:
     """`single` where the band covers the sequence (n <= lo + 1, and n <= hi + 1 unless causal), else
-    `blocked` (its peak replaced by `peak` if given)."""
+    `blocked` (its peak and its forward FLOPs without autograd replaced by `peak`, `fwd_inference` if given)."""
     covers = (n <= lo + 1) if hi == 0 else sp.And(n <= lo + 1, n <= hi + 1)
 
     def form(one, other):
@@ -65,7 +66,8 @@ def with_one_call(blocked: Cost, single: Cost, n, lo, hi, peak=None) -> Cost:
 
     fields = ("fwd", "fwd_other", "bwd", "bwd_other", "saved", "bwd_peak")
     return replace(blocked, **{f: form(getattr(single, f), getattr(blocked, f)) for f in fields},
-                   peak=form(single.peak, blocked.peak if peak is None else peak))
+                   peak=form(single.peak, blocked.peak if peak is None else peak),
+                   fwd_inference=form(single.fwd, blocked.inference_fwd if fwd_inference is None else fwd_inference))
 
 
 def causal_band_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, bias, cache, blocked: Cost) -> Cost:
@@ -96,4 +98,9 @@ def causal_band_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, bias, cache
         phases.append(qkv + grouped + bias.peak(h, P ** 2, by))  # the prefix's mask built
     if env.pos is not None:
         phases.append(qkv + pos.peak)
-    return with_one_call(blocked, single, n, lo, 0, peak=sp.Max(*phases) - out)
+    # the prefix's P x P scores (SDPA counts the masked half too), then the blocks: B queries against B + lo
+    # keys each, the last r = (n - P) mod B queries against r + lo
+    r = sp.Mod(n - P, B)
+    scores = b * h * (P ** 2 + (n - P - r) * (B + lo) + r * (r + lo))
+    fwd = projections_cost(p, s, h, kv, dh).fwd + pos.fwd + 4 * scores * dh
+    return with_one_call(blocked, single, n, lo, 0, peak=sp.Max(*phases) - out, fwd_inference=fwd)

@@ -14,6 +14,7 @@ every weight phi(q_i)^T phi(k_j) positive); ALiBi's additive score bias has no p
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import sympy as sp
@@ -191,6 +192,12 @@ def linear_attention_cost(p: LinearAttentionParams, env: OpEnv, s: Symbols) -> C
     padded = sp.Min(1, N - n)
     v_copy = t if kv == h else t * padded  # v's chunked copy: repeated heads are contiguous already
     core = Cost(fwd=fwd, bwd=2 * fwd, fwd_other=other, bwd_other=2 * other)
+    if env.causal:  # inference (_causal_inference) runs the unpadded chunks, m of C tokens and one of r, and
+        # updates the states per K/V head
+        m = sp.floor(n / c)
+        r = n - m * c
+        core = replace(core, fwd_inference=4 * b * h * dh * (m * c ** 2 + r ** 2) + 2 * b * h * n * dh ** 2
+                       + 2 * b * h * n * dh + 2 * b * kv * n * dh ** 2)
     saved = 6 * t + a + mask + states + den + q + pos.saved
     if env.causal:  # inference runs _causal_inference: the result, the K/V heads' running sums, one chunk's
         # phi(q), phi(k), A and the two terms of the numerator

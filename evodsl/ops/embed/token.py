@@ -21,8 +21,8 @@ class TokenEmbeddingParams(OpParams):
 
 
 def _shape(p: TokenEmbeddingParams, env: OpEnv):
-    if env.vocab is None or len(env.shape) != 2:
-        raise ShapeProblem("embed(token) needs token ids from input(tokens, vocab=V)",
+    if env.vocab is None or len(env.shape) != 2 or isinstance(env.shape[1], int):  # [b, d]: a pooled vector
+        raise ShapeProblem("embed(token) needs token ids [b, n] from input(tokens, vocab=V)",
                            hint="for continuous inputs use input(features, d=...) -> embed(linear)")
     return (*env.shape, p.d_model)
 
