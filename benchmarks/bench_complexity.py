@@ -45,6 +45,8 @@ def variants(args) -> list[tuple[str, str]]:
         (f"linformer, k={args.k}", f"linformer, k={args.k}, max_len={max(int(n) for n in args.ns.split(','))}"),
         ("efficient", "efficient"),
         ("fastformer", "fastformer"),
+        ("performer", "performer"),
+        ("rfa", "rfa"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer")  # variants with no causal form: run bidirectional only

@@ -113,10 +113,15 @@ BLOCKS = ["norm -> mha(softmax) -> norm -> ffn", "norm -> mha(softmax, kv_heads=
 BANDED = ["norm -> mha(local, window=5) -> norm -> ffn", "norm -> mha(local, window=40, kv_heads=2) -> norm -> ffn",
           "norm -> mha(local, window=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 LINEAR = ["norm -> mha(linear) -> norm -> ffn", "norm -> mha(linear, kv_heads=2) -> norm -> ffn(swiglu)"]
+# random-feature attention: Performer's running key max (its state rescaled), RFA plain and gated
+RANDOM_FEATURES = ["norm -> mha(performer, features=16) -> norm -> ffn",
+                   "norm -> mha(performer, features=12, kv_heads=2) -> norm -> ffn(swiglu)",
+                   "norm -> mha(rfa, features=8, kv_heads=2) -> norm -> ffn",
+                   "norm -> mha(rfa, features=8, gate=true, kv_heads=2) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]])  # Transformer-XL's relative scores, against the cache
 
 

@@ -52,6 +52,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "fastformer": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD)],
     "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                ({"pos": HALF_ROPE}, SMALL)],
+    "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
+                  ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                  ({"features": 64, "pos": HALF_ROPE}, SMALL)],
 }
 
 

@@ -24,6 +24,8 @@ ARGS = {
     "linformer": {"k": 64, "max_len": 8192},
     "efficient": {},
     "fastformer": {},
+    "performer": {"features": 64},
+    "rfa": {"features": 32},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)

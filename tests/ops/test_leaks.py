@@ -18,6 +18,8 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "local": {"window": 6},
     "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
     "linear": {},
+    "performer": {"features": 16},
+    "rfa": {"features": 8},
 }
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
 POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {}),
@@ -43,7 +45,7 @@ def _cases():
 def test_causal_attention_never_leaks(variant, pos, scores):
     m, _, _ = make_op("mha", variant, d=D, causal=True, heads=4, kv_heads=2, residual_scores=scores,
                       pos=POSITIONS[pos] if pos else None, **BUILD[variant])
-    if variant == "linear":
+    if variant in ("linear", "performer", "rfa"):  # chunked causal forms
         m.chunk = LINEAR_CHUNK
     perturb_params(m)
     if variant == "adaptive_span":  # perturbed spans spread over (0, 1]: heads reach back different distances
