@@ -55,6 +55,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                   ({"features": 64, "pos": HALF_ROPE}, SMALL)],
+    # gate=true (causal only; its backward's peak approximate): tests/ops/test_rfa.py
+    "rfa": [({"features": 16}, BOTH), ({"features": 16, "kv_heads": 2}, BOTH), ({}, SMALL),
+            ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+            ({"features": 32, "pos": HALF_ROPE}, SMALL)],
 }
 
 

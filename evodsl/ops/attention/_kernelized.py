@@ -6,13 +6,15 @@ Per head, with phi(q_i), phi(k_j) in R^F (F features) and v_j in R^e:
     causal:         the same with S_i, z_i summed over j <= i
 
 computed together as phi(q_i)^T [S z] with [S z] = sum_j phi(k_j) [v_j 1]^T (v with a column of ones); the
-caller divides num by den (each op guards the denominator its own way). The causal form is linear.py's
+caller divides num by den (each op guards the denominator its own way). `gated` is the decayed recurrence of
+mha(rfa, gate=true). The causal form is linear.py's
 chunked scheme (mha(linear)): within a chunk of C tokens the masked C x C products phi(Q) phi(K)^T; across
 chunks the [F x e] and [F] states of all earlier chunks, an exclusive cumulative sum over chunks. O(n C F +
 (n / C) F e), never n x n. `prefix_sums` is the same for a symbolic n (export); `step` the decoding form.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import sympy as sp
@@ -72,6 +74,29 @@ def step(fq, fk, v, s, expand):
     return fq @ expand(s) + a @ expand(v), s + fk.transpose(-1, -2) @ v
 
 
+def gated(fq, fk, v, lg, l1, s, last: bool = False):
+    """The gated recurrence over chunks: fq, fk [b, h, m, c, F], v = [v 1] [b, h, m, c, e + 1], lg = log g,
+    l1 = log(1 - g) [b, h, m, c]; s = [S z] [b, h, F, e + 1] the state before the first chunk. Within a chunk,
+    key j reaches query i >= j with weight (1 - g_j) prod_{j < t <= i} g_t; the state before each chunk is the
+    one before the last, decayed by that chunk's gates, plus its keys. Returns [num den] and, with last=True
+    (decoding), the state after the last chunk (else None: no work for it)."""
+    c = fq.shape[-2]
+    cum = lg.cumsum(-1)  # log prod_{t <= i} g_t within the chunk
+    future = torch.ones(c, c, dtype=torch.bool, device=fq.device).triu(1)
+    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2) + l1.unsqueeze(-2)).masked_fill_(future, -math.inf).exp_()
+    a = (fq @ fk.transpose(-1, -2)).mul_(decay)
+    m = fq.shape[2] if last else fq.shape[2] - 1  # the chunks whose state a later chunk (or the caller) reads
+    own = (fk[:, :, :m] * (cum[:, :, :m, -1:] - cum[:, :, :m] + l1[:, :, :m]).exp_().unsqueeze(-1)).transpose(-1, -2)
+    own = own @ v[:, :, :m]  # each chunk's keys as its end state holds them
+    carry = cum[:, :, :m, -1].exp()[..., None, None]  # [b, h, m, 1, 1]
+    states = [s]
+    for i in range(m):
+        states.append(carry[:, :, i] * states[-1] + own[:, :, i])
+    # the state before the chunk reaches query i decayed by g_1 .. g_i
+    o = (fq * cum.exp().unsqueeze(-1) @ torch.stack(states[:fq.shape[2]], 2)).add_(a @ v)
+    return o, (states[-1] if last else None)
+
+
 @dataclass
 class KernelCost:
     flops: Cost  # the kernel's FLOPs
@@ -80,10 +105,12 @@ class KernelCost:
     bwd_phases: list
 
 
-def kernel_cost(s, env, h, kv, dh, f, fq, fk, grouped: bool, chunk: int) -> KernelCost:
+def kernel_cost(s, env, h, kv, dh, f, fq, fk, grouped: bool, chunk: int, positive: bool) -> KernelCost:
     """The cost of `bidirectional` / `causal` above on F = f features per position (fq, fk: the bytes of the
     features at the query heads and at the K/V heads, alive throughout; `grouped`: fewer K/V heads than query
-    heads), and of the division and o_proj after them."""
+    heads), and of the division and o_proj after them. The backward's phases were measured with the features'
+    own backward after the kernel's: `positive`, Performer's exp (its gradient a product beside phi's); else
+    RFA's sin and cos (a concatenation's slices)."""
     b, n, by = s.b, s.n, s.bytes
     q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
     e = dh + 1  # v and its column of ones
@@ -114,7 +141,7 @@ def kernel_cost(s, env, h, kv, dh, f, fq, fk, grouped: bool, chunk: int) -> Kern
         # where phi(k) is its own chunked view), with o_proj's copy, [num den], the states and the mask released
         start = oN - q - b * h * n * by
         released = oN + b * h * n * by + q + states + c ** 2
-        own = 0 if grouped else 1 - padded  # phi(k) chunked in place
+        own = 0 if grouped or not positive else 1 - padded  # exp(.) chunked in place (its output is its gradient's)
         bwd = [4 * q, a + start, a + fN + start - states - c ** 2, (4 + own) * fN - own * a - released]
     else:
         fwd = 2 * b * kv * n * f * e + 2 * b * h * n * f * e
@@ -129,5 +156,6 @@ def kernel_cost(s, env, h, kv, dh, f, fq, fk, grouped: bool, chunk: int) -> Kern
         # backward: at the division; phi(q)'s and phi(k)'s gradients (the sums, num and den released); the logits'
         # of q beside phi(q)'s gradient (with grouped K/V heads)
         released = q + b * h * n * (e + 2) * by
-        bwd = [4 * q, fq + 2 * fk - released - sums, 2 * fq - fk - released]
+        bwd = [4 * q, fq + 2 * fk - released - sums, 2 * fq - fk - released] if positive else \
+            [4 * q, fq + sums - b * h * n * e * by]  # phi(q)'s gradient beside [S z]'s
     return KernelCost(Cost(fwd=fwd, bwd=2 * fwd, fwd_other=other, bwd_other=2 * other), saved, phases, bwd)

@@ -125,7 +125,7 @@ def performer_cost(p: PerformerParams, env: OpEnv, s: Symbols) -> Cost:
     building = [q + 2 * kvb + q * (1 + clone) + fq + b * h * n * by + m * dh * by,
                 q + 2 * kvb + fq + kvb * (1 + clone) + fk + b * kv * n * by + m * dh * by]
     kernel = kern.kernel_cost(s, env, h, kv, dh, m, fq, fk, p.kv_heads not in (None, p.heads),
-                              PerformerAttention.chunk)
+                              PerformerAttention.chunk, positive=True)
     saved = q + kvb + fq + fk + 2 * m * dh * by + kernel.saved + pos.saved
     phases = [*building, *kernel.phases] + ([q + 2 * kvb + pos.peak] if env.pos is not None else [])
     return attention_cost(p, s, h, kv, dh, feat + kernel.flops, pos, saved, phases,

@@ -11,7 +11,8 @@ learned, the paper's learned variance by reparameterisation, initialised to 1) a
     gate=true:  S_t = g_t S_{t-1} + (1 - g_t) phi(k_t) v_t^T,  z_t likewise,  g_t = sigmoid(w_g . x_t + b_g)
 
 The features are not positive, so phi(q)^T z can be near zero or negative: as the authors' code does, the
-denominator is clamped from below (eps, default 1e-3; it also gives a query with no key, a padded position
+denominator is clamped from below (eps, default 1e-3, the clamp of the authors' attention weights; their
+decoder's step clamps at 1.0; it also gives a query with no key, a padded position
 before every token, the output 0). The gate is the paper's recency bias of the causal (decoder) form, one gate
 per K/V head (the state it decays is per K/V head); bidirectional with gate=true is refused. omega is drawn once
 per K/V head at construction from torch's generator (evodsl.compile(seed=...)) and kept as the buffer `omega`,
@@ -21,8 +22,7 @@ with an isotropic sigma the kernel then reads q^T R_{j-i} k, relative. Score bia
 """
 from __future__ import annotations
 
-import math
-
+import sympy as sp
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -30,7 +30,7 @@ from torch import nn
 
 from ...decode import slot
 from ...diagnostics import Diagnostic, EvoError
-from ..cost import Cost, Symbols
+from ..cost import Cost, Symbols, linear
 from ..registry import Op, OpEnv, ShapeProblem, register
 from . import _kernelized as kern
 from ._common import AttentionBase, AttentionParams, attention_cost, head_symbols, position_cost, weightless_shape
@@ -55,26 +55,6 @@ def rfa_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """phi(x / |x|): x [b, H, n, dh], w [H, m, dh] (or broadcastable) -> [b, H, n, 2m]."""
     u = F.normalize(x, dim=-1) @ w.transpose(-1, -2)
     return torch.cat((u.sin(), u.cos()), -1).mul_(w.shape[-2] ** -0.5)
-
-
-def gated(fq, fk, v, lg, l1, s):
-    """The gated recurrence over chunks: fq, fk [b, h, m, c, F], v = [v 1] [b, h, m, c, e + 1], lg = log g,
-    l1 = log(1 - g) [b, h, m, c]; s = [S z] [b, h, F, e + 1] the state before the first chunk. Within a chunk,
-    key j reaches query i >= j with weight (1 - g_j) prod_{j < t <= i} g_t; the state before each chunk is the
-    one before the last, decayed by that chunk's gates, plus its keys. Returns [num den] and the last state."""
-    c = fq.shape[-2]
-    cum = lg.cumsum(-1)  # log prod_{t <= i} g_t within the chunk
-    future = torch.ones(c, c, dtype=torch.bool, device=fq.device).triu(1)
-    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2) + l1.unsqueeze(-2)).masked_fill_(future, -math.inf).exp_()
-    a = (fq @ fk.transpose(-1, -2)).mul_(decay)
-    own = (fk * (cum[..., -1:] - cum + l1).exp_().unsqueeze(-1)).transpose(-1, -2) @ v  # at the chunk's end
-    carry = cum[..., -1].exp()[..., None, None]  # [b, h, m, 1, 1]
-    states = []
-    for i in range(fq.shape[2]):
-        states.append(s)
-        s = carry[:, :, i] * s + own[:, :, i]
-    # the state before the chunk reaches query i decayed by g_1 .. g_i
-    return (fq * cum.exp().unsqueeze(-1) @ torch.stack(states, 2)).add_(a @ v), s
 
 
 class RFAAttention(AttentionBase):
@@ -131,7 +111,7 @@ class RFAAttention(AttentionBase):
         lg, l1 = (kern.chunked(t, c, pad)[..., 0] for t in (lg, l1))
         fq, fk = kern.chunked(fq, c, pad), kern.chunked(self.expand_kv(fk), c, pad)
         v = kern.chunked(kern.ones_column(self.expand_kv(v)), c, pad)
-        o, _ = gated(fq, fk, v, lg, l1, fq.new_zeros(b, h, fk.shape[-1], v.shape[-1]))
+        o, _ = kern.gated(fq, fk, v, lg, l1, fq.new_zeros(b, h, fk.shape[-1], v.shape[-1]))
         return o.view(b, h, -1, v.shape[-1])[:, :, :n]
 
     def _step(self, x: torch.Tensor, ctx) -> torch.Tensor:
@@ -145,15 +125,81 @@ class RFAAttention(AttentionBase):
             o, s = kern.step(fq, fk, v, s, self.expand_kv)
         else:  # one chunk of the new tokens at the query heads; a K/V head's state is its first query head's
             lg, l1 = (self.expand_kv(t).unsqueeze(2) for t in self._gates(x))
-            o, s = gated(fq.unsqueeze(2), self.expand_kv(fk).unsqueeze(2),
-                         kern.ones_column(self.expand_kv(v)).unsqueeze(2), lg, l1, self.expand_kv(s))
+            o, s = kern.gated(fq.unsqueeze(2), self.expand_kv(fk).unsqueeze(2),
+                         kern.ones_column(self.expand_kv(v)).unsqueeze(2), lg, l1, self.expand_kv(s), last=True)
             o, s = o[:, :, 0], s[:, ::self.heads // self.kv_heads].contiguous()
         ctx.cache.caches[slot(ctx, self)] = (s,)
         return self.out(o[..., :-1] / o[..., -1:].clamp_min(self.eps))
 
 
 def rfa_cost(p: RFAParams, env: OpEnv, s: Symbols) -> Cost:
-    raise NotImplementedError
+    """The projections W q / |q| (m x dh per position and head, W = sigma * omega with a gradient), sin and cos,
+    then the kernel on the 2m features (_kernelized.kernel_cost); gated, the recurrence over chunks instead.
+    Kept per side (q, k): its input and norm (twice), W repeated per sequence and head, the normalised copy,
+    the projections (for sin and cos) and the features."""
+    h, kv, dh = head_symbols(p, s)
+    b, n, by = s.b, s.n, s.bytes
+    m = s.sym("m", p.features)
+    pos = position_cost(env, s, h, kv, dh)
+    q, kvb = b * n * h * dh * by, b * n * kv * dh * by
+    proj = 2 * b * n * (h + kv) * dh * m
+    fq, fk = 2 * b * h * n * m * by, 2 * b * kv * n * m * by
+    other = b * n * (h + kv) * (5 * m + 3 * dh)
+    feat = Cost(params=kv * dh, fwd=proj, bwd=2 * proj, fwd_other=other, bwd_other=2 * other)
+    sides = 2 * (q + kvb) + 2 * b * n * (h + kv) * by + b * (h + kv) * m * dh * by + b * n * (h + kv) * m * by
+    w = kv * m * dh * by  # sigma * omega
+    building = [q + 2 * kvb + w + h * m * dh * by + 3 * fq / 2 + fq,  # phi(q): u, sin u, cos u, their concatenation
+                q + 2 * kvb + w + fq + 3 * fk / 2 + fk]
+    if p.gate:
+        return _gated_cost(p, env, s, h, kv, dh, m, feat, pos, sides, building, fq, fk)
+    grouped = p.kv_heads not in (None, p.heads)
+    kernel = kern.kernel_cost(s, env, h, kv, dh, 2 * m, fq, fk, grouped, RFAAttention.chunk, positive=False)
+    read = fq + fk  # the features the kernel reads as they are (its matmuls keep them); causal, only unpadded
+    if env.causal:
+        c = sp.Min(RFAAttention.chunk, n)
+        read = (fq + (0 if grouped else fk)) * (1 - sp.Min(1, sp.ceiling(n / c) * c - n))
+    saved = sides + read + kernel.saved + pos.saved
+    phases = [*building, *kernel.phases] + ([q + 2 * kvb + pos.peak] if env.pos is not None else [])
+    return attention_cost(p, s, h, kv, dh, feat + kernel.flops, pos, saved, phases,
+                          cache=b * kv * 2 * m * (dh + 1) * by, bwd_phases=kernel.bwd_phases)
+
+
+def _gated_cost(p, env, s, h, kv, dh, m, feat, pos, sides, building, fq, fk) -> Cost:
+    """The gated causal form: the gate (a linear d -> kv), per chunk the decays (a C x C block), A, each key's
+    weight, the chunk's own state; the loop's states, stacked; phi(q) decayed; A [v 1] and the states read."""
+    b, n, by = s.b, s.n, s.bytes
+    q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
+    c = sp.Min(RFAAttention.chunk, n)
+    N = sp.ceiling(n / c) * c
+    f, e = 2 * m, dh + 1
+    gate = linear(s, s.d, kv, True)
+    single = 2 - sp.Min(2, N / c)  # one chunk: the states read are the zeros, which have no gradient
+    own = 2 * b * h * (N - c) * f * e  # the chunks' own states (not the last's: no chunk reads it)
+    fwd = 2 * b * h * N * c * (f + e) + 2 * b * h * N * f * e + own
+    other = 6 * b * h * N * c + 3 * b * h * N * f + b * h * N / c * f * e + 8 * b * kv * n
+    core = gate + Cost(fwd=fwd, bwd=2 * fwd - 2 * b * h * N * f * e * single, fwd_other=other, bwd_other=2 * other)
+    fN, oN, a, g = b * h * N * f * by, b * h * N * e * by, b * h * N * c * by, b * h * N * by
+    states, m1 = b * h * N / c * f * e * by, b * h * (N - c) * by  # all chunks' states; elements of all but one
+    # kept: the gate's input to logsigmoid (and its buffers, -a), the mask; the decays, A before and after
+    # their product; phi(q), phi(k) chunked, [v 1]; each key's weight and weighted phi(k), but the last chunk's;
+    # the loop's carries and states (but the last), their stack; phi(q) decayed and its decays; [num den] (and
+    # den clamped), o_proj's copy
+    saved = (sides + 4 * b * kv * n * by + c ** 2 + 3 * a + 2 * fN + oN + m1 * (1 + f) + (m1 / c) * (1 + f * e)
+             + g + states + fN * (1 - single) + oN + b * h * n * by + q + pos.saved)
+    padded = sp.Min(1, N - n)
+    chunks = fN * padded + fN * (1 if p.kv_heads not in (None, p.heads) else padded)  # copies (else views)
+    base = kvb + fq + fk + chunks + oN + 2 * g + c ** 2  # v, the features, their chunks, [v 1], log g, log(1 - g)
+    phases = [*building, base + 3 * a,  # the decays built
+              base + 2 * a + fN + states,  # the chunks' own states
+              base + 2 * a + 3 * states + fN + 2 * oN,  # [num den]
+              kvb + fq + fk + oN + b * h * n * by + q, 2 * q + out]
+    if env.pos is not None:
+        phases.append(q + 2 * kvb + pos.peak)
+    # backward: approximate (measured -26% .. +24% at b <= 2, n <= 160, m <= 128; tests/ops/test_rfa.py): at the
+    # division; A's gradient beside [num den]'s; two feature-sized gradients at once
+    bwd = [4 * q, a + oN, 2 * fN - oN]
+    return attention_cost(p, s, h, kv, dh, feat + core, pos, saved, phases, cache=b * kv * f * e * by,
+                          bwd_phases=bwd)
 
 
 OP = register(Op(
