@@ -54,6 +54,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("ufo", "ufo"),
         ("simpletron", "simpletron"),
         ("separable", "separable"),
+        ("performer", "performer"),
+        ("rfa", "rfa"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom")  # variants with no causal form: run bidirectional only

@@ -61,11 +61,14 @@ def measure_op(module, x, train_mode: bool = True, make_ctx=None) -> dict:
     streams = isinstance(x, list) and not isinstance(module, (SumMerge, ConcatMerge))  # reads streams (xattn)
     make_ctx = make_ctx or Ctx  # a Ctx per call (a segment memory's, say)
     call = (lambda: module(x[0], make_ctx(), *x[1:])) if streams else (lambda: module(x, make_ctx()))
+    detached = [t.detach() for t in inputs]  # no view made under no_grad requires grad (FlopCounterMode's hooks)
+    infer = (lambda: module(detached[0], make_ctx(), *detached[1:])) if streams else \
+        (lambda: module(detached if isinstance(x, list) else detached[0], make_ctx()))
 
     module.eval()
     with torch.no_grad(), StorageTracker([*module.parameters(), *module.buffers(), *inputs]) as tr:
         with FlopCounterMode(display=False) as fwd_inference:
-            out = call()
+            out = infer()
         out_key, out_bytes = _key(out), out.untyped_storage().nbytes()
         inplace = out_key in in_keys
     peak = tr.peak() - (0 if inplace else out_bytes)

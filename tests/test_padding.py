@@ -19,11 +19,12 @@ LENGTHS = [N, 45, 20, 1]
 BUILD = {"softmax": {}, "local": {"window": 6}, "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
          "linear": {}, "linformer": {"k": 16, "max_len": 128},
          "efficient": {}, "fastformer": {}, "fanet": {}, "ufo": {}, "simpletron": {},
-         "separable": {}, "nystrom": {"landmarks": 24, "conv": 5}}
-CHUNKED = ("linear", "fanet", "simpletron")  # causal forms in chunks: 16 tokens here, so that N spans several
+         "separable": {}, "nystrom": {"landmarks": 24, "conv": 5}, "performer": {"features": 16}, "rfa": {"features": 8}}
+CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa")  # causal forms in chunks: 16 tokens here, so that N spans several
 POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {}), "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8,
                                                                                       "max_distance": 20})}
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
+KERNELIZED = ("linear", "performer", "rfa")  # chunked causal forms; phi after rope (absolute positions)
 
 
 def test_every_attention_is_covered():
@@ -49,13 +50,13 @@ def padded_batch(lengths, n, d, generator, left=False):
 
 def _sided():
     """Left padding where the op sees relative positions only (rope in softmax scores, ALiBi, bands), so that a
-    sequence moved to the end of its row is the same sequence (not linear attention with rope: phi is applied
-    after the rotation, which then depends on the absolute position); causal, only left padding puts padded
+    sequence moved to the end of its row is the same sequence (not linear, performer or rfa attention with rope:
+    phi is applied after the rotation, which then depends on the absolute position); causal, only left padding puts padded
     keys before tokens."""
     for case in _cases():
         variant, causal, pos, scores = case.values
         yield pytest.param(*case.values, "right", id=f"{case.id}-right")
-        if not (variant == "linear" and pos == "rope") and variant != "linformer":  # linformer: E409 (its test)
+        if not (variant in KERNELIZED and pos == "rope") and variant != "linformer":  # linformer: E409 (its test)
             yield pytest.param(*case.values, "left", id=f"{case.id}-left")
 
 

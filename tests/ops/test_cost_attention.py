@@ -67,6 +67,13 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "separable": [({}, BOTH), ({"heads": 1}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"dropout": 0.1}, SMALL)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
+    "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
+                  ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                  ({"features": 64, "pos": HALF_ROPE}, SMALL)],
+    # gate=true (causal only; its backward's peak approximate): tests/ops/test_rfa.py
+    "rfa": [({"features": 16}, BOTH), ({"features": 16, "kv_heads": 2}, BOTH), ({}, SMALL),
+            ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+            ({"features": 32, "pos": HALF_ROPE}, SMALL)],
 }
 
 

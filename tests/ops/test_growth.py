@@ -31,6 +31,8 @@ ARGS = {
     "ufo": {},
     "simpletron": {},
     "separable": {},
+    "performer": {"features": 64},
+    "rfa": {"features": 32},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)

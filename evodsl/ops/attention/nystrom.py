@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..cost import Cost, Symbols
+from ..cost import Cost, Symbols, cost_field
 from ..registry import Op, OpEnv, ShapeProblem, register
 from ._common import LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols
 
@@ -190,7 +190,7 @@ def nystrom_cost(p: NystromParams, env: OpEnv, s: Symbols) -> Cost:
 def _piecewise(pieces) -> Cost:
     """One Cost whose every formula is that of the first piece whose condition holds."""
     first = pieces[0][0]
-    vals = {f.name: sp.Piecewise(*[(getattr(c, f.name) or 0, cond) for c, cond in pieces])
+    vals = {f.name: sp.Piecewise(*[(cost_field(c, f.name) or 0, cond) for c, cond in pieces])
             for f in fields(Cost) if f.type not in ("bool", "bool | None") and f.name != "params"}
     return replace(first, params=first.params, **vals)
 
