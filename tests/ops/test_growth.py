@@ -31,6 +31,7 @@ ARGS = {
     "ufo": {},
     "simpletron": {},
     "separable": {},
+    "sparse": {"stride": 64},  # n / l = 16 .. 128 blocks: the class scores (n^2 / l) grow past the band's (n l)
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
