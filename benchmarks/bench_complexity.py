@@ -56,6 +56,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("separable", "separable"),
         ("performer", "performer"),
         ("rfa", "rfa"),
+        (f"sparse, stride={args.stride}", f"sparse, stride={args.stride}"),
+        (f"sparse, fixed, stride={args.stride}, c={args.c}", f"sparse, pattern=fixed, stride={args.stride}, c={args.c}"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom")  # variants with no causal form: run bidirectional only
@@ -120,6 +122,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--plot", default="", help="write a log-log plot of forward time against n (PNG)")
     ap.add_argument("--window", type=int, default=128, help="mha(local) window")
+    ap.add_argument("--stride", type=int, default=64, help="mha(sparse) stride l (about sqrt n)")
+    ap.add_argument("--c", type=int, default=8, help="mha(sparse, pattern=fixed) summary keys per block")
     ap.add_argument("--k", type=int, default=256, help="mha(linformer) projected length")
     ap.add_argument("--landmarks", type=int, default=16, help="mha(nystrom) landmarks (dividing every n; at d 32, "
                     "64 keep more of the iteration's [m, m] tensors than of n-long ones up to n = 8k)")

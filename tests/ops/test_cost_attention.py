@@ -66,6 +66,13 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "simpletron": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "separable": [({}, BOTH), ({"heads": 1}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"dropout": 0.1}, SMALL)],
+    # blocks of l over n = 64 and 160 (padded at l = 12, 24), grouped K/V heads, rope, dropout, l >= n (one call)
+    "sparse": [({"stride": 16}, BOTH), ({"stride": 12, "kv_heads": 2}, BOTH), ({"stride": 24, "pos": ROPE}, BOTH),
+               ({"stride": 8, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"stride": 16, "dropout": 0.1}, SMALL),
+               ({"stride": 200}, ODD), ({"pattern": "fixed", "stride": 8, "c": 2}, BOTH),
+               ({"pattern": "fixed", "stride": 12, "c": 3, "kv_heads": 2}, BOTH),
+               ({"pattern": "fixed", "stride": 16, "pos": ROPE}, BOTH), ({"pattern": "fixed", "stride": 8, "c": 7}, ODD),
+               ({"pattern": "fixed", "stride": 6, "dropout": 0.1}, SMALL)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),

@@ -33,6 +33,7 @@ ARGS = {
     "separable": {},
     "performer": {"features": 64},
     "rfa": {"features": 32},
+    "sparse": {"stride": 64},  # n / l = 16 .. 128 blocks: the class scores (n^2 / l) grow past the band's (n l)
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
