@@ -31,6 +31,8 @@ ARGS = {
     "ufo": {},
     "simpletron": {},
     "separable": {},
+    # 8 .. 64 global tokens beside a band of 129 keys: near linear at these n (g = n / l grows: n^2 / l)
+    "tglobal": {"radius": 64, "block": 128},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
