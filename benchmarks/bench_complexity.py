@@ -58,9 +58,10 @@ def variants(args) -> list[tuple[str, str]]:
         ("rfa", "rfa"),
         (f"sparse, stride={args.stride}", f"sparse, stride={args.stride}"),
         (f"sparse, fixed, stride={args.stride}, c={args.c}", f"sparse, pattern=fixed, stride={args.stride}, c={args.c}"),
+        (f"tglobal, radius={args.radius}, block={args.block}", f"tglobal, radius={args.radius}, block={args.block}"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:
@@ -128,6 +129,8 @@ def main() -> None:
     ap.add_argument("--landmarks", type=int, default=16, help="mha(nystrom) landmarks (dividing every n; at d 32, "
                     "64 keep more of the iteration's [m, m] tensors than of n-long ones up to n = 8k)")
     ap.add_argument("--conv", type=int, default=33, help="mha(nystrom) taps of the convolution of V")
+    ap.add_argument("--radius", type=int, default=127, help="mha(tglobal) local radius (LongT5's 127)")
+    ap.add_argument("--block", type=int, default=16, help="mha(tglobal) tokens per transient global token")
     ap.add_argument("--max-span", type=int, default=256, help="mha(adaptive_span) max_span")
     ap.add_argument("--R", type=int, default=32, help="mha(adaptive_span) ramp")
     ap.add_argument("--span-init", type=float, default=0.5, help="mha(adaptive_span) span_init (z / max_span)")

@@ -73,6 +73,12 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                ({"pattern": "fixed", "stride": 12, "c": 3, "kv_heads": 2}, BOTH),
                ({"pattern": "fixed", "stride": 16, "pos": ROPE}, BOTH), ({"pattern": "fixed", "stride": 8, "c": 7}, ODD),
                ({"pattern": "fixed", "stride": 6, "dropout": 0.1}, SMALL)],
+    # the band in blocks of 32 queries (n = 64: 2, 160: 5) or 40 (padded queries); one block (radius 200); T5's
+    # bias on the band; global tokens of 8, 16 or 32 positions (n = 160 and 16: none left over)
+    "tglobal": [({"radius": 8, "block": 8}, BOTH), ({"radius": 40, "block": 8, "kv_heads": 2}, BOTH),
+                ({"radius": 5, "block": 32, "pos": T5}, BOTH), ({"radius": 200, "block": 16, "pos": T5}, ODD),
+                ({"radius": 3, "block": 16, "heads": 2, "head_dim": 8, "bias": False, "scale": 1.0}, ODD),
+                ({"radius": 8, "block": 12, "dropout": 0.1}, BOTH), ({"radius": 8, "block": 7, "kv_heads": 1}, BOTH)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
