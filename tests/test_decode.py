@@ -116,12 +116,17 @@ LINEAR = ["norm -> mha(linear) -> norm -> ffn", "norm -> mha(linear, kv_heads=2)
 # the right-product attentions without a denominator: no position scheme inside, so the stream's own
 RIGHT_PRODUCT = ["norm -> mha(fanet) -> norm -> ffn", "norm -> mha(fanet, kv_heads=2, bias=false) -> norm -> ffn",
                  "norm -> mha(simpletron) -> norm -> ffn", "norm -> mha(simpletron, kv_heads=1) -> norm -> ffn"]
+# the Attention Free Transformer: running sums (simple), the K/V cache (full, local, conv, daft)
+AFT = ["norm -> mixer(aft) -> norm -> ffn", "norm -> mixer(aft, mode=full, max_len=64) -> norm -> ffn",
+       "norm -> mixer(aft, mode=local, max_len=64, window=4) -> norm -> ffn",
+       "norm -> mixer(aft, mode=conv, kernel=3, heads=2) -> norm -> ffn", "norm -> mixer(daft, max_len=64, rank=4)"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT])  # Transformer-XL's relative scores, against the cache
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT]
+         + [("pos(sinusoidal)", b) for b in AFT])  # Transformer-XL's relative scores, against the cache
 
 
 @pytest.mark.parametrize("pos,block", CASES)
@@ -136,6 +141,9 @@ def test_attention_decodes_with_every_position_scheme(pos, block):
             with torch.no_grad():
                 mod.span.copy_(torch.rand(mod.span.shape, generator=torch.Generator().manual_seed(4),
                                           dtype=mod.span.dtype))
+        if hasattr(mod, "offsets") and mod.w is not None:  # AFT's position biases away from their initial 0
+            with torch.no_grad():
+                mod.w.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(4))
     g = torch.Generator().manual_seed(1)
     state = _check_decode_equals_forward(model, torch.randint(0, 53, (3, 29), generator=g), g)
     assert state.nbytes() == 2 * evodsl.cost(src, seq=29, batch=3)["memory"]["kv_cache"]
