@@ -121,6 +121,10 @@ RANDOM_FEATURES = ["norm -> mha(performer, features=16) -> norm -> ffn",
                    "norm -> mha(performer, features=12, kv_heads=2) -> norm -> ffn(swiglu)",
                    "norm -> mha(rfa, features=8, kv_heads=2) -> norm -> ffn",
                    "norm -> mha(rfa, features=8, gate=true, kv_heads=2) -> norm -> ffn"]
+# the Attention Free Transformer: running sums (simple), the K/V cache (full, local, conv, daft)
+AFT = ["norm -> mixer(aft) -> norm -> ffn", "norm -> mixer(aft, mode=full, max_len=64) -> norm -> ffn",
+       "norm -> mixer(aft, mode=local, max_len=64, window=4) -> norm -> ffn",
+       "norm -> mixer(aft, mode=conv, kernel=3, heads=2) -> norm -> ffn", "norm -> mixer(daft, max_len=64, rank=4)"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
@@ -130,7 +134,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
+         + [("pos(sinusoidal)", b) for b in AFT])
 
 
 @pytest.mark.parametrize("pos,block", CASES)
@@ -145,6 +150,9 @@ def test_attention_decodes_with_every_position_scheme(pos, block):
             with torch.no_grad():
                 mod.span.copy_(torch.rand(mod.span.shape, generator=torch.Generator().manual_seed(4),
                                           dtype=mod.span.dtype))
+        if hasattr(mod, "offsets") and mod.w is not None:  # AFT's position biases away from their initial 0
+            with torch.no_grad():
+                mod.w.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(4))
     g = torch.Generator().manual_seed(1)
     state = _check_decode_equals_forward(model, torch.randint(0, 53, (3, 29), generator=g), g)
     assert state.nbytes() == 2 * evodsl.cost(src, seq=29, batch=3)["memory"]["kv_cache"]

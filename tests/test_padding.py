@@ -89,6 +89,41 @@ def test_padded_batch_equals_each_sequence_alone(variant, causal, pos, scores, s
             assert (unmasked[2, mask[2]] - y[2, mask[2]]).abs().max().item() > 1e-6
 
 
+# token mixers that honour padding (mixer family), each mode; full and local read absolute positions: right
+# padding only (left padding is refused, E409: tests/ops/test_aft.py)
+MIXER_BUILD = {"aft-full": ("aft", {"mode": "full", "max_len": N}, ("right",)),
+               "aft-simple": ("aft", {"mode": "simple"}, ("right", "left")),
+               "aft-local": ("aft", {"mode": "local", "max_len": N, "window": 6}, ("right",)),
+               "aft-conv": ("aft", {"mode": "conv", "kernel": 5, "heads": 4}, ("right", "left")),
+               "daft": ("daft", {"max_len": N, "rank": 4}, ("right",))}
+MIXER_CASES = [(k, c, side) for k, (_, _, sides) in MIXER_BUILD.items() for c in (False, True) for side in sides]
+
+
+def test_every_padded_mixer_is_covered():
+    padded = {v for (f, v), op in REGISTRY.items() if f == "mixer" and op.padding}
+    assert padded <= {v for v, _, _ in MIXER_BUILD.values()}
+
+
+@pytest.mark.parametrize("key,causal,side", MIXER_CASES,
+                         ids=[f"{k}-{'causal' if c else 'bidir'}-{s}" for k, c, s in MIXER_CASES])
+def test_padded_mixer_equals_each_sequence_alone(key, causal, side):
+    variant, args, _ = MIXER_BUILD[key]
+    m, _, _ = make_op("mixer", variant, d=D, causal=causal, **args)
+    perturb_params(m)
+    g = torch.Generator().manual_seed(0)
+    x, mask = padded_batch(LENGTHS, N, D, g, left=side == "left")
+    x[~mask] = torch.randn(int((~mask).sum()), D, generator=g, dtype=torch.float64) * 5
+    with torch.no_grad():
+        y = m(x, Ctx(mask=mask, right_padded=side == "right"))
+        assert torch.isfinite(y).all()
+        for i in range(len(LENGTHS)):
+            alone = m(x[i:i + 1, mask[i]], Ctx())
+            err = (y[i, mask[i]] - alone[0]).abs().max().item()
+            assert err <= 1e-10 * max(alone.abs().max().item(), 1.0), f"sequence {i}: {err}"
+        if not causal or side == "left":
+            assert (m(x, Ctx())[2, mask[2]] - y[2, mask[2]]).abs().max().item() > 1e-6
+
+
 def test_fnet_refuses_padding():
     m, _, _ = make_op("mixer", "fnet", d=D)
     x, mask = padded_batch([8, 5], 8, D, torch.Generator().manual_seed(0))

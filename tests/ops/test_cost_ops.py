@@ -36,6 +36,13 @@ CASES = [
     *[("ffn", v, lambda d: {}) for v in ("glu", "bilinear", "reglu", "geglu", "swiglu")],
     ("ffn", "swiglu", lambda d: {"bias": True, "d_ff": 3 * d}),
     ("mixer", "fnet", lambda d: {}),
+    # AFT, bidirectional and causal: the [n, n] table, the sums, a band (narrower and wider than n), kernels
+    *[("mixer", "aft", lambda d, c=c, a=a: {"causal": c, **a}) for c in (False, True) for a in (
+        {"mode": "full", "max_len": 64}, {"mode": "simple"}, {"mode": "local", "max_len": 64, "window": 5},
+        {"mode": "local", "max_len": 64, "window": 40, "bias": False}, {"mode": "conv", "kernel": 7, "heads": 4},
+        {"mode": "conv", "kernel": 3})],
+    *[("mixer", "daft", lambda d, c=c, a=a: {"causal": c, **a}) for c in (False, True)
+      for a in ({"max_len": 64, "rank": 8}, {"max_len": 64, "rank": 1, "bias": False})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -67,6 +67,27 @@ def test_causal_attention_never_leaks(variant, pos, scores):
         assert_no_leak(run, n=N, d=D)
 
 
+# token mixers with a causal form (mixer family): every mode, at N across several bands
+MIXER_BUILD = {"aft-full": ("aft", {"mode": "full", "max_len": N}), "aft-simple": ("aft", {"mode": "simple"}),
+               "aft-local": ("aft", {"mode": "local", "max_len": N, "window": 6}),
+               "aft-conv": ("aft", {"mode": "conv", "kernel": 5, "heads": 4}),
+               "daft": ("daft", {"max_len": N, "rank": 4})}
+CAUSAL_MIXERS = sorted(v for (f, v), op in REGISTRY.items() if f == "mixer" and op.causal == "yes")
+
+
+def test_every_causal_mixer_is_covered():
+    assert set(CAUSAL_MIXERS) <= {v for v, _ in MIXER_BUILD.values()}, "add a build to MIXER_BUILD"
+
+
+@pytest.mark.parametrize("key", list(MIXER_BUILD))
+def test_causal_mixer_never_leaks(key):
+    variant, args = MIXER_BUILD[key]
+    m, _, _ = make_op("mixer", variant, d=D, causal=True, **args)
+    perturb_params(m)
+    with torch.no_grad():
+        assert_no_leak(lambda x: m(x, Ctx()), n=N, d=D)
+
+
 # ------------------------------------------------------------------ the check itself can fail
 
 
