@@ -1,0 +1,5 @@
+from ..cost import Cost
+
+
+def longformer_cost(p, env, s):
+    return Cost()
