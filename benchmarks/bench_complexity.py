@@ -45,9 +45,13 @@ def variants(args) -> list[tuple[str, str]]:
         (f"linformer, k={args.k}", f"linformer, k={args.k}, max_len={max(int(n) for n in args.ns.split(','))}"),
         ("efficient", "efficient"),
         ("fastformer", "fastformer"),
+        # Longformer: with a global token (bidirectional only), and its causal form (no globals), dilated
+        (f"longformer-global, window={args.window}, globals=1",
+         f"longformer, window={args.window + args.window % 2}, globals=1"),
+        (f"longformer, window={args.window}, dilation=2", f"longformer, window={args.window + args.window % 2}, dilation=2"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "longformer-global")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

@@ -112,12 +112,16 @@ BLOCKS = ["norm -> mha(softmax) -> norm -> ffn", "norm -> mha(softmax, kv_heads=
 # local attention across several windows (29 tokens, w = 5), and w past the sequence; linear attention
 BANDED = ["norm -> mha(local, window=5) -> norm -> ffn", "norm -> mha(local, window=40, kv_heads=2) -> norm -> ffn",
           "norm -> mha(local, window=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+# Longformer's causal form: keys t-2 .. t, and dilated (every third key back to t - 9), absolute positions only
+LONGFORMER = ["norm -> mha(longformer, window=4) -> norm -> ffn",
+              "norm -> mha(longformer, window=6, dilation=3, kv_heads=2) -> norm -> ffn"]
 LINEAR = ["norm -> mha(linear) -> norm -> ffn", "norm -> mha(linear, kv_heads=2) -> norm -> ffn(swiglu)"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR]
-         + [("pos(xl_rel)", b) for b in BLOCKS[:3]])  # Transformer-XL's relative scores, against the cache
+         + [("pos(xl_rel)", b) for b in BLOCKS[:3]]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER])  # Transformer-XL's relative scores, against the cache
 
 
 @pytest.mark.parametrize("pos,block", CASES)
