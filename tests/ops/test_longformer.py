@@ -166,3 +166,24 @@ def test_global_projections_only_with_globals():
     without, _, _ = make_op("mha", "longformer", d=D, heads=4, window=4)
     count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
     assert count(with_g) - count(without) == 3 * (D * D + D)
+
+
+def test_globals_grow_as_declared():
+    """The growth harness (tests/growth.py, n = 1k..8k) on the bidirectional op with global tokens and dilation,
+    which test_growth.py's one row per variant (run causal too, where globals are refused) leaves out: the
+    window by blocks and the [g x n] global rows stay linear in n, as the cost declares."""
+    from costhelpers import declared
+    from growth import NS, check_growth, declared_growth, measure_growth
+
+    args = dict(dtype=torch.float32, d=64, heads=2, window=64, globals=2, dilation=2)
+    module, _, _, _ = declared("mha", "longformer", 1, NS[0], **args)
+    module.train()
+
+    def at(n):
+        _, _, cost, ev = declared("mha", "longformer", 1, n, **args)
+        return ev(cost.fwd), ev(cost.peak) + n * 64 * 4, ev(cost.bwd)
+
+    got = measure_growth(lambda x: module(x, Ctx()), lambda n: torch.randn(1, n, 64, generator=torch.Generator()
+                                                                          .manual_seed(n)), exclude=[module], train=True)
+    flops, peak, bwd = declared_growth(at)
+    check_growth("mha(longformer, globals=2, dilation=2)", got, flops, peak, bwd)
