@@ -120,8 +120,8 @@ SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> f
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR]
-         + [("pos(xl_rel)", b) for b in BLOCKS[:3]]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER])  # Transformer-XL's relative scores, against the cache
+         + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER])
 
 
 @pytest.mark.parametrize("pos,block", CASES)
