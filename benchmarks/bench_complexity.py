@@ -59,9 +59,14 @@ def variants(args) -> list[tuple[str, str]]:
         (f"sparse, stride={args.stride}", f"sparse, stride={args.stride}"),
         (f"sparse, fixed, stride={args.stride}, c={args.c}", f"sparse, pattern=fixed, stride={args.stride}, c={args.c}"),
         (f"tglobal, radius={args.radius}, block={args.block}", f"tglobal, radius={args.radius}, block={args.block}"),
+        # Longformer: with a global token (bidirectional only), and its causal form (no globals), dilated
+        (f"longformer-global, window={args.window}, globals=1",
+         f"longformer, window={args.window + args.window % 2}, globals=1"),
+        (f"longformer, window={args.window}, dilation=2", f"longformer, window={args.window + args.window % 2}, dilation=2"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
+                      "longformer-global")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

@@ -112,6 +112,9 @@ BLOCKS = ["norm -> mha(softmax) -> norm -> ffn", "norm -> mha(softmax, kv_heads=
 # local attention across several windows (29 tokens, w = 5), and w past the sequence; linear attention
 BANDED = ["norm -> mha(local, window=5) -> norm -> ffn", "norm -> mha(local, window=40, kv_heads=2) -> norm -> ffn",
           "norm -> mha(local, window=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+# Longformer's causal form: keys t-2 .. t, and dilated (every third key back to t - 9), absolute positions only
+LONGFORMER = ["norm -> mha(longformer, window=4) -> norm -> ffn",
+              "norm -> mha(longformer, window=6, dilation=3, kv_heads=2) -> norm -> ffn"]
 LINEAR = ["norm -> mha(linear) -> norm -> ffn", "norm -> mha(linear, kv_heads=2) -> norm -> ffn(swiglu)"]
 # the right-product attentions without a denominator: no position scheme inside, so the stream's own
 RIGHT_PRODUCT = ["norm -> mha(fanet) -> norm -> ffn", "norm -> mha(fanet, kv_heads=2, bias=false) -> norm -> ffn",
@@ -135,7 +138,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
-         + [("pos(sinusoidal)", b) for b in AFT])
+         + [("pos(sinusoidal)", b) for b in AFT]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER])
 
 
 @pytest.mark.parametrize("pos,block", CASES)

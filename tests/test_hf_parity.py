@@ -243,3 +243,100 @@ def test_nystromformer_last_hidden_state_matches_hf_with_copied_weights(n):
         with torch.no_grad():
             coupled = hf(ids, token_type_ids=types).last_hidden_state
         assert (coupled - want).abs().max().item() > 1e-3
+# ---------------------------------------------------------------- Longformer: local + global attention, as HF's
+
+def test_longformer_parameter_count():
+    hf = hf_meta(transformers.LongformerModel, transformers.LongformerConfig())
+    assert count(evo_meta("longformer_base")) == count(hf) == 130_743_552
+
+
+# Both run in float64, but HF's LongformerSelfAttention takes its softmax in float32 (dtype=torch.float32, then
+# back): outputs of order 1 agree to ~1e-10, not to float64's 1e-15.
+HF_SOFTMAX_TOL = 1e-8
+LONGFORMER_TINY = dict(vocab=97, n_ctx=64, d_model=32, heads=4, d_ff=64, layers=2, window=8)
+
+
+def tiny_longformer_spec() -> str:
+    return tiny_spec("longformer_base", LONGFORMER_TINY)
+
+
+def longformer_weights_to_evodsl(hf_state: dict, layers: int) -> dict:
+    """LongformerModel's state_dict under the evodsl names. The position table is copied whole: the spec reads it
+    at offset 2, as HF (RoBERTa's position ids start at padding_idx + 1 = 2), so HF's row p + 2 serves position
+    p in both."""
+    out = {"embed.weight": hf_state["embeddings.word_embeddings.weight"],
+           "embed.segment.weight": hf_state["embeddings.token_type_embeddings.weight"],
+           "pos.weight": hf_state["embeddings.position_embeddings.weight"],
+           "norm.weight": hf_state["embeddings.LayerNorm.weight"], "norm.bias": hf_state["embeddings.LayerNorm.bias"],
+           "head.dense.weight": hf_state["pooler.dense.weight"], "head.dense.bias": hf_state["pooler.dense.bias"]}
+    names = {"attention.self.query": "attn.q_proj", "attention.self.key": "attn.k_proj",
+             "attention.self.value": "attn.v_proj", "attention.self.query_global": "attn.query_global",
+             "attention.self.key_global": "attn.key_global", "attention.self.value_global": "attn.value_global",
+             "attention.output.dense": "attn.o_proj", "attention.output.LayerNorm": "norm1",
+             "intermediate.dense": "ffn.up_proj", "output.dense": "ffn.down_proj", "output.LayerNorm": "norm2"}
+    for i in range(layers):
+        for hf_name, evo_name in names.items():
+            for leaf in ("weight", "bias"):
+                out[f"blocks.{i}.{evo_name}.{leaf}"] = hf_state[f"encoder.layer.{i}.{hf_name}.{leaf}"]
+    return out
+
+
+def tiny_longformer_pair(seed: int):
+    t = LONGFORMER_TINY
+    config = transformers.LongformerConfig(vocab_size=t["vocab"], max_position_embeddings=t["n_ctx"] + 2,
+                                           hidden_size=t["d_model"], num_attention_heads=t["heads"],
+                                           intermediate_size=t["d_ff"], num_hidden_layers=t["layers"],
+                                           attention_window=t["window"], hidden_dropout_prob=0.0,
+                                           attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    hf = transformers.LongformerModel(config).double().eval()
+    with torch.no_grad():  # LayerNorm and bias values away from their 1 / 0 initialisation
+        for name, p in hf.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    evo = evodsl.compile(tiny_longformer_spec(), dtype=torch.float64).eval()
+    mapped = longformer_weights_to_evodsl(hf.state_dict(), t["layers"])
+    assert set(mapped) == set(evo.state_dict()), "the name mapping covers exactly the evodsl weights"
+    evo.load_state_dict(mapped, strict=True)
+    assert count(evo) == count(hf)
+    return hf, evo
+
+
+def _longformer_ids(b: int, n: int, seed: int) -> torch.Tensor:
+    """Token ids other than HF's pad id 1 (whose position id would be the padding row)."""
+    return torch.randint(2, LONGFORMER_TINY["vocab"], (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("n", [24, 21], ids=["three-windows", "padded-by-hf"])
+def test_longformer_matches_hf_with_copied_weights(n):
+    """The tiny spec with HF's random weights: HF's hidden states and pooled output, the first token global
+    (global_attention_mask). n = 24 is three of HF's attention_window (8); at n = 21 HF pads to 24 internally."""
+    hf, evo = tiny_longformer_pair(seed=0)
+    ids = _longformer_ids(2, n, seed=n)
+    glob = torch.zeros_like(ids)
+    glob[:, 0] = 1
+    types = torch.randint(0, 2, ids.shape, generator=torch.Generator().manual_seed(1))
+    seen = []
+    hook = evo.head.register_forward_hook(lambda mod, args, out: seen.append(args[0]))  # the pooler's input
+    with torch.no_grad():
+        want = hf(ids, global_attention_mask=glob, token_type_ids=types)
+        pooled = evo(ids, token_type_ids=types)
+    hook.remove()
+    torch.testing.assert_close(seen[0], want.last_hidden_state, rtol=0, atol=HF_SOFTMAX_TOL)
+    torch.testing.assert_close(pooled, want.pooler_output, rtol=0, atol=HF_SOFTMAX_TOL)
+    with torch.no_grad():  # the control: without its global token HF gives other numbers
+        local_only = hf(ids, token_type_ids=types).pooler_output
+    assert (local_only - pooled).abs().max() > 1e-3
+
+
+def test_longformer_padded_batch_matches_hf():
+    """Right padding (HF's attention_mask): the pooled output of every sequence equals HF's."""
+    hf, evo = tiny_longformer_pair(seed=1)
+    ids = _longformer_ids(3, 24, seed=5)
+    mask = (torch.arange(24)[None, :] < torch.tensor([[24], [13], [5]])).long()
+    glob = torch.zeros_like(ids)
+    glob[:, 0] = 1
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, global_attention_mask=glob).pooler_output
+        got = evo(ids, attention_mask=mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=HF_SOFTMAX_TOL)

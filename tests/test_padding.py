@@ -16,7 +16,9 @@ from spechelpers import IDS, SPECS, full_spans, model_inputs, small
 load_all()
 D, N = 32, 70  # N spans 3 of the banded kernels' 32-query blocks and 5 of linear attention's 16-token chunks
 LENGTHS = [N, 45, 20, 1]
-BUILD = {"softmax": {}, "local": {"window": 6}, "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
+# longformer: its causal form has no globals (padding with globals: test_longformer.py and the longformer_base spec)
+BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dilation": 2},
+         "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
          "linear": {}, "linformer": {"k": 16, "max_len": 128},
          "efficient": {}, "fastformer": {}, "fanet": {}, "ufo": {}, "simpletron": {},
          "separable": {}, "nystrom": {"landmarks": 24, "conv": 5}, "performer": {"features": 16}, "rfa": {"features": 8},

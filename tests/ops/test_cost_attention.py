@@ -48,6 +48,15 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                       ({"max_span": 70, "R": 16, "heads": 2, "head_dim": 8, "bias": False}, ODD),
                       ({"max_span": 40, "R": 8, "dropout": 0.1}, SMALL),
                       ({"max_span": 90, "R": 8}, BOTH), ({"max_span": 64, "R": 8, "pos": ALIBI}, SMALL)],
+    # longformer: g = 0, d = 1 runs the banded kernel (local's costs); globals and dilation the dilated band
+    # (blocks of residues, padded where n is no multiple of the blocks); globals have no causal form
+    "longformer": [({"window": 8}, SMALL), ({"window": 8, "globals": 2}, BOTH), ({"window": 16, "dilation": 2}, BOTH),
+                   ({"window": 16, "globals": 1, "dilation": 3}, BOTH), ({"window": 8, "globals": 2, "kv_heads": 2}, BOTH),
+                   ({"window": 6, "dilation": 3, "kv_heads": 2}, BOTH), ({"window": 100, "globals": 2, "dilation": 2}, ODD),
+                   ({"window": 8, "globals": 3, "heads": 2, "head_dim": 8, "bias": False, "dilation": 2}, BOTH),
+                   ({"window": 8, "globals": 2, "dropout": 0.1}, BOTH), ({"window": 16, "dilation": 2, "dropout": 0.1}, SMALL),
+                   ({"window": 16, "globals": 1, "dilation": 3, "kv_heads": 2, "dropout": 0.1}, ODD),
+                   ({"window": 8, "globals": 3, "heads": 2, "head_dim": 8, "bias": False, "dropout": 0.1}, SMALL)],
     "linformer": [({"k": 16, "max_len": 256}, BOTH), ({"k": 16, "max_len": 256, "kv_heads": 2}, BOTH),
                   ({"k": 8, "max_len": 256, "share_kv": True, "heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"k": 16, "max_len": 256, "dropout": 0.1}, BOTH)],
@@ -94,7 +103,8 @@ def _cases() -> list:
     cases = []
     for variant, builds in CASES.items():
         for build, sizes in builds:
-            for causal in (False, True) if REGISTRY["mha", variant].causal != "no" else (False,):
+            causal_form = REGISTRY["mha", variant].causal != "no" and not build.get("globals")  # longformer's
+            for causal in (False, True) if causal_form else (False,):
                 for b, n, d in (SIZES[i] for i in sizes):
                     args = {"heads": 4, **build, "causal": causal, "d": d}
                     if variant == "adaptive_span":

@@ -24,6 +24,7 @@ ARGS = {
     "adaptive_span": {"max_span": 32, "R": 16, "span_init": 1.0},
     "linear": {},
     "linformer": {"k": 64, "max_len": 8192},
+    "longformer": {"window": 64, "dilation": 2},  # causal too: no globals (test_longformer.py grows them)
     "efficient": {},
     "fastformer": {},
     "nystrom": {"landmarks": 16, "conv": 33},  # 64 landmarks: the iteration's [m, m] temporaries, a constant, hide n

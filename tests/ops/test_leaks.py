@@ -16,6 +16,7 @@ LINEAR_CHUNK = 16
 BUILD = {  # mha variant -> small-window arguments, so that N spans several bands and blocks
     "softmax": {},
     "local": {"window": 6},
+    "longformer": {"window": 6, "dilation": 2},  # the causal form has no globals; d = 1 is local's kernel
     "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
     "linear": {},
     "fanet": {},
