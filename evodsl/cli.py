@@ -325,7 +325,7 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(run=_cmd_export)
     k = sub.add_parser("cost", help="parameters, FLOPs, memory and complexity, from the graph",
                        description="Cost SPEC analytically (no weights are built). With several specs or "
-                                   "sequence lengths, print them side by side with the crossover lengths.")
+                                   "sequence lengths, print them side by side with the crossover lengths (against the first spec).")
     k.add_argument("specs", metavar="SPEC", nargs="+", help="one or more .evo files")
     k.add_argument("--seq", type=_seq_list, default=[1024], metavar="N[,N...]",
                    help="sequence length(s), e.g. 1024 or 1k,4k,16k,64k (default 1024)")

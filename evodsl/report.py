@@ -58,7 +58,7 @@ def cost_data(report: Report, seq: int, batch: int, dtype: str) -> dict:
     return {
         "spec": report.graph.file, "model": report.graph.name, "seq": seq, "batch": batch, "dtype": dtype,
         **({"decoder_seq": n[1]} if isinstance(n, tuple) else {}),
-        "params": params,
+        "params": params, "decodes": bool(report.decoding_rows()),
         "flops": {"forward": fwd_mm + fwd_other, "backward": bwd_mm + bwd_other,
                   "forward_matmul": fwd_mm, "forward_other": fwd_other,
                   "backward_matmul": bwd_mm, "backward_other": bwd_other,
@@ -122,7 +122,8 @@ def render_table(data: dict, train: bool, formula: bool) -> str:
            f"forward FLOPs         {human(f['forward'])}  (matmul {human(f['forward_matmul'])}, "
            f"other {human(f['forward_other'])})",
            f"activations (infer)   {human_bytes(m['activations_inference'])} peak",
-           f"KV cache / state      {human_bytes(m['kv_cache'])} for {data['seq']} tokens",
+           f"KV cache / state      {human_bytes(m['kv_cache'])} for {data['seq']} tokens" if data["decodes"] else
+           "KV cache / state      none: the output is bidirectional (the model does not decode)",
            f"complexity            time {data['complexity']['time']}, memory {data['complexity']['memory']}"]
     if train:
         out += [f"backward FLOPs        {human(f['backward'])}  (matmul {human(f['backward_matmul'])}, "
@@ -153,20 +154,23 @@ def sweep(reports: dict, seqs: list[int], batch: int) -> dict:
 
 
 def crossover(fa, fb, lo: int = 1, hi: int = 1 << 24) -> int | None:
-    """Smallest n in [lo, hi] where sign(fa - fb) differs from its sign at lo, or None."""
+    """The length from which the sign of fa - fb is the one it has at hi (the long-sequence verdict): the
+    smallest n above the last sampled length (lo, 2 lo, 4 lo, ..., hi) where the sign differs, found by
+    bisection; None if the sign is the same at every sampled length."""
     sign = lambda n: (fa(n) > fb(n)) - (fa(n) < fb(n))
-    s0 = sign(lo)
-    k = lo
-    while k < hi:
-        nxt = min(k * 2, hi)
-        if sign(nxt) != s0:
-            a, z = k, nxt
-            while z - a > 1:
-                mid = (a + z) // 2
-                a, z = (mid, z) if sign(mid) == s0 else (a, mid)
-            return z
-        k = nxt
-    return None
+    samples = [lo]
+    while samples[-1] < hi:
+        samples.append(min(samples[-1] * 2, hi))
+    final = sign(hi)
+    differs = [k for k in samples if sign(k) != final]
+    if not differs:
+        return None
+    a = differs[-1]
+    z = samples[samples.index(a) + 1]
+    while z - a > 1:
+        mid = (a + z) // 2
+        a, z = (a, mid) if sign(mid) == final else (mid, z)
+    return z
 
 
 def render_sweep(reports: dict, seqs: list[int], batch: int) -> str:
@@ -180,20 +184,22 @@ def render_sweep(reports: dict, seqs: list[int], batch: int) -> str:
         out.append("  " + "seq".rjust(8) + "".join(s.rjust(w) for s in names))
         for i, n in enumerate(seqs):
             out.append("  " + f"{n:>8}" + "".join(fmt(data[s][m][i]).rjust(w) for s in names))
-        for i, a in enumerate(names):
-            for bname in names[i + 1:]:
-                ra, rb = reports[a], reports[bname]
-                x = crossover(lambda n: fn(ra, batch, n), lambda n: fn(rb, batch, n))
-                if x is not None:
-                    fa, fb = fn(ra, batch, x), fn(rb, batch, x)
-                    if fa == fb:  # the lead ends in a tie (e.g. a shared peak elsewhere in the model takes over)
-                        out.append(f"  crossover: {a} and {bname} are even from n = {x:,}")
-                    else:
-                        out.append(f"  crossover: {a if fa < fb else bname} is cheaper from n = {x:,}")
+        # two specs: their crossover; more: each against the first (the baseline), the pair named
+        pairs = [(names[0], bname) for bname in names[1:]]
+        for a, bname in pairs:
+            ra, rb = reports[a], reports[bname]
+            named = "" if len(names) == 2 else f" ({bname} vs {a})"
+            x = crossover(lambda n: fn(ra, batch, n), lambda n: fn(rb, batch, n))
+            if x is not None:
+                fa, fb = fn(ra, batch, x), fn(rb, batch, x)
+                if fa == fb:  # the lead ends in a tie (e.g. a shared peak elsewhere in the model takes over)
+                    out.append(f"  crossover{named}: {a} and {bname} are even from n = {x:,}")
                 else:
-                    same = fn(ra, batch, 1024) - fn(rb, batch, 1024)
-                    who = a if same < 0 else bname if same > 0 else None
-                    out.append(f"  no crossover up to n = {1 << 24:,}" + (f": {who} is cheaper throughout" if who else ""))
+                    out.append(f"  crossover{named}: {a if fa < fb else bname} is cheaper from n = {x:,}")
+            else:
+                same = fn(ra, batch, 1024) - fn(rb, batch, 1024)
+                who = a if same < 0 else bname if same > 0 else None
+                out.append(f"  no crossover{named} up to n = {1 << 24:,}" + (f": {who} is cheaper throughout" if who else ""))
         out.append("")
     return "\n".join(out).rstrip()
 

@@ -97,12 +97,16 @@ class Report:
         return sp.expand(sum(sp.sympify(cost_field(r.cost, attr)).subs(r.values) * r.count for r in rows))
 
     def decoding_rows(self) -> list:
-        """The rows that keep state: all, but an encoder's (it runs once, at the prompt); in a model that carries
+        """The rows that keep state: none in a model whose output is bidirectional (it does not decode); all, but
+        an encoder's (it runs once, at the prompt); in a model that carries
         state from one segment to the next (memory(rmt), memory(xl)), the ops that carry it (the others keep
         nothing between segments)."""
         carried = [r for r in self.rows if r.node.kind == "call" and (r.node.op.carried or r.node.meta["env"].memory)]
         if carried:
             return carried
+        g = self.graph
+        if not (g.streams[-1].causal if g.streams else g.options.get("causal")):
+            return []  # a bidirectional output: every position reads the whole sequence, nothing is decoded
         static = self.graph.static_streams()
         return [r for r in self.rows if r.node.meta.get("stream") not in static]
 
