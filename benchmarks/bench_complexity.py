@@ -54,6 +54,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("ufo", "ufo"),
         ("simpletron", "simpletron"),
         ("separable", "separable"),
+        (f"chunk, c={args.window}", f"chunk, c={args.window}"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom")  # variants with no causal form: run bidirectional only

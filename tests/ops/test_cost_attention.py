@@ -66,6 +66,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "simpletron": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "separable": [({}, BOTH), ({"heads": 1}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"dropout": 0.1}, SMALL)],
+    # whole chunks (n = 64 and 160 at c = 16), chunks and a tail call (c = 24: 16 tokens left at both sizes)
+    "chunk": [({"c": 16}, BOTH), ({"c": 24}, BOTH), ({"c": 16, "kv_heads": 2}, BOTH), ({"c": 24, "kv_heads": 2}, BOTH),
+              ({"c": 16, "pos": ROPE}, SMALL), ({"c": 24, "pos": ROPE}, SMALL), ({"c": 16, "pos": ALIBI}, BOTH),
+              ({"c": 24, "pos": ALIBI}, BOTH), ({"c": 20, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+              ({"c": 16, "dropout": 0.1}, SMALL), ({"c": 24, "dropout": 0.1}, SMALL), ({"c": 200}, ODD)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
 }
 

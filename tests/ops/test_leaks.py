@@ -20,6 +20,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "linear": {},
     "fanet": {},
     "simpletron": {},
+    "chunk": {"c": 16},  # four chunks of 16 and 6 tokens left over
 }
 CHUNKED = ("linear", "fanet", "simpletron")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
