@@ -55,9 +55,10 @@ def variants(args) -> list[tuple[str, str]]:
         ("simpletron", "simpletron"),
         ("separable", "separable"),
         (f"chunk, c={args.window}", f"chunk, c={args.window}"),
+        ("blockwise, blocks=4", "blockwise, blocks=4"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "blockwise")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

@@ -71,6 +71,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
               ({"c": 16, "pos": ROPE}, SMALL), ({"c": 24, "pos": ROPE}, SMALL), ({"c": 16, "pos": ALIBI}, BOTH),
               ({"c": 24, "pos": ALIBI}, BOTH), ({"c": 20, "heads": 2, "head_dim": 8, "bias": False}, ODD),
               ({"c": 16, "dropout": 0.1}, SMALL), ({"c": 24, "dropout": 0.1}, SMALL), ({"c": 200}, ODD)],
+    # blocks dividing n (4: no mask) and not (3, 7: the slots past a shorter block masked)
+    "blockwise": [({"blocks": 4}, BOTH), ({"blocks": 3}, BOTH), ({"blocks": 3, "kv_heads": 2, "identity": 1}, BOTH),
+                  ({"blocks": 7, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"blocks": 4, "dropout": 0.1}, SMALL),
+                  ({"blocks": 3, "dropout": 0.1}, SMALL)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
 }
 

@@ -32,6 +32,7 @@ ARGS = {
     "simpletron": {},
     "separable": {},
     "chunk": {"c": 64},
+    "blockwise": {"blocks": 8},  # blocks of n/8: quadratic, an 8th of softmax's scores
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
