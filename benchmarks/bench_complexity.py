@@ -63,10 +63,12 @@ def variants(args) -> list[tuple[str, str]]:
         (f"longformer-global, window={args.window}, globals=1",
          f"longformer, window={args.window + args.window % 2}, globals=1"),
         (f"longformer, window={args.window}, dilation=2", f"longformer, window={args.window + args.window % 2}, dilation=2"),
+        (f"chunk, c={args.window}", f"chunk, c={args.window}"),
+        ("blockwise, blocks=4", "blockwise, blocks=4"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
-                      "longformer-global")  # variants with no causal form: run bidirectional only
+                      "longformer-global", "blockwise")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

@@ -128,12 +128,15 @@ RANDOM_FEATURES = ["norm -> mha(performer, features=16) -> norm -> ffn",
 AFT = ["norm -> mixer(aft) -> norm -> ffn", "norm -> mixer(aft, mode=full, max_len=64) -> norm -> ffn",
        "norm -> mixer(aft, mode=local, max_len=64, window=4) -> norm -> ffn",
        "norm -> mixer(aft, mode=conv, kernel=3, heads=2) -> norm -> ffn", "norm -> mixer(daft, max_len=64, rank=4)"]
+# chunks of 5 across the 29 tokens (the cache: the unfinished chunk), one chunk past the sequence
+CHUNK = ["norm -> mha(chunk, c=5) -> norm -> ffn", "norm -> mha(chunk, c=40, kv_heads=2) -> norm -> ffn",
+         "norm -> mha(chunk, c=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
 SPARSE = ["norm -> mha(sparse, stride=4) -> norm -> ffn", "norm -> mha(sparse, pattern=fixed, stride=5, c=2, kv_heads=2) "
           "-> norm -> ffn", "norm -> mha(sparse, stride=40, kv_heads=1) -> norm -> ffn"]
-CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN]
+CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT]

@@ -88,6 +88,15 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"radius": 5, "block": 32, "pos": T5}, BOTH), ({"radius": 200, "block": 16, "pos": T5}, ODD),
                 ({"radius": 3, "block": 16, "heads": 2, "head_dim": 8, "bias": False, "scale": 1.0}, ODD),
                 ({"radius": 8, "block": 12, "dropout": 0.1}, BOTH), ({"radius": 8, "block": 7, "kv_heads": 1}, BOTH)],
+    # whole chunks (n = 64 and 160 at c = 16), chunks and a tail call (c = 24: 16 tokens left at both sizes)
+    "chunk": [({"c": 16}, BOTH), ({"c": 24}, BOTH), ({"c": 16, "kv_heads": 2}, BOTH), ({"c": 24, "kv_heads": 2}, BOTH),
+              ({"c": 16, "pos": ROPE}, SMALL), ({"c": 24, "pos": ROPE}, SMALL), ({"c": 16, "pos": ALIBI}, BOTH),
+              ({"c": 24, "pos": ALIBI}, BOTH), ({"c": 20, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+              ({"c": 16, "dropout": 0.1}, SMALL), ({"c": 24, "dropout": 0.1}, SMALL), ({"c": 200}, ODD)],
+    # blocks dividing n (4: no mask) and not (3, 7: the slots past a shorter block masked)
+    "blockwise": [({"blocks": 4}, BOTH), ({"blocks": 3}, BOTH), ({"blocks": 3, "kv_heads": 2, "identity": 1}, BOTH),
+                  ({"blocks": 7, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"blocks": 4, "dropout": 0.1}, SMALL),
+                  ({"blocks": 3, "dropout": 0.1}, SMALL)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),

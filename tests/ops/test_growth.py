@@ -37,6 +37,8 @@ ARGS = {
     "sparse": {"stride": 64},  # n / l = 16 .. 128 blocks: the class scores (n^2 / l) grow past the band's (n l)
     # 8 .. 64 global tokens beside a band of 129 keys: near linear at these n (g = n / l grows: n^2 / l)
     "tglobal": {"radius": 64, "block": 128},
+    "chunk": {"c": 64},
+    "blockwise": {"blocks": 8},  # blocks of n/8: quadratic, an 8th of softmax's scores
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
