@@ -54,9 +54,10 @@ def variants(args) -> list[tuple[str, str]]:
         ("ufo", "ufo"),
         ("simpletron", "simpletron"),
         ("separable", "separable"),
+        (f"long_short, w={args.window}, r={args.r}", f"long_short, w={args.window}, r={args.r}"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "long_short")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--plot", default="", help="write a log-log plot of forward time against n (PNG)")
     ap.add_argument("--window", type=int, default=128, help="mha(local) window")
+    ap.add_argument("--r", type=int, default=16, help="mha(long_short) projected keys")
     ap.add_argument("--k", type=int, default=256, help="mha(linformer) projected length")
     ap.add_argument("--landmarks", type=int, default=16, help="mha(nystrom) landmarks (dividing every n; at d 32, "
                     "64 keep more of the iteration's [m, m] tensors than of n-long ones up to n = 8k)")

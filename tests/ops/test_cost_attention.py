@@ -66,6 +66,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "simpletron": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "separable": [({}, BOTH), ({"heads": 1}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"dropout": 0.1}, SMALL)],
+    # segments of w: several with a remainder (n = 160), one covering the sequence (w >= n), an odd w
+    "long_short": [({"w": 16, "r": 8}, BOTH), ({"w": 16, "r": 8, "kv_heads": 2}, BOTH), ({"w": 100, "r": 8}, BOTH),
+                   ({"w": 7, "r": 1}, SMALL), ({"w": 20, "r": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                   ({"w": 16, "r": 8, "dropout": 0.1}, SMALL), ({"w": 33, "r": 8, "kv_heads": 2, "dropout": 0.1}, ODD)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
 }
 
