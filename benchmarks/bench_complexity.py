@@ -55,6 +55,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("simpletron", "simpletron"),
         ("separable", "separable"),
         (f"long_short, w={args.window}, r={args.r}", f"long_short, w={args.window}, r={args.r}"),
+        (f"fmm, w={args.window}", f"fmm, w={args.window}"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "long_short")  # variants with no causal form: run bidirectional only

@@ -42,7 +42,7 @@ TOL = 1e-4  # max |onnxruntime - torch| <= TOL * max |torch|, float32
 HEADER = "d_model = 32\nheads = 4\nkv_heads = 2\nvocab = 61\n"
 # Arguments an op needs to stand alone at this size: required ones, and bands narrower than the test sequences.
 ARGS = {("mha", "local"): "window=5", ("mha", "linformer"): "k=16, max_len=128", ("mha", "nystrom"): "landmarks=8, conv=3", ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5",
-        ("mha", "long_short"): "w=6, r=4",
+        ("mha", "long_short"): "w=6, r=4", ("mha", "fmm"): "w=5, kernels=3",
         ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
         ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
         ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4"}
@@ -139,7 +139,7 @@ IDS = [c.id for c in CASES]
 # call when the band covers the sequence (what `evodsl cost` declares); the export, whose sequence axis is
 # symbolic, computes it in the per-query gather form (_gathered_band in evodsl/ops/attention/_banded.py): each
 # query against its own w keys. Same O(n w) class, other multiply-adds, so the ONNX graph's matmul FLOPs differ.
-BANDED = {("mha", "local"), ("mha", "adaptive_span"), ("mha", "long_short")}  # long_short: its segments
+BANDED = {("mha", "local"), ("mha", "adaptive_span"), ("mha", "long_short"), ("mha", "fmm")}  # segments; fmm's band
 # Causal linear attention likewise: torch runs it in chunks of 64 tokens (what `evodsl cost` declares); the
 # export runs the prefix-sum form (_prefix_sums in evodsl/ops/attention/linear.py), whose running states are
 # elementwise products and cumulative sums, so fewer of its FLOPs are matmuls.

@@ -32,6 +32,7 @@ ARGS = {
     "simpletron": {},
     "separable": {},
     "long_short": {"w": 64, "r": 16},
+    "fmm": {"w": 64},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)

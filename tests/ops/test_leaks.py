@@ -20,8 +20,9 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "linear": {},
     "fanet": {},
     "simpletron": {},
+    "fmm": {"w": 6, "kernels": 3},
 }
-CHUNKED = ("linear", "fanet", "simpletron")  # causal forms in chunks of LINEAR_CHUNK tokens here
+CHUNKED = ("linear", "fanet", "simpletron", "fmm")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
 POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {}),
              "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}), "xl_rel": ("xl_rel", {})}
