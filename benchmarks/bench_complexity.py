@@ -65,10 +65,12 @@ def variants(args) -> list[tuple[str, str]]:
         (f"longformer, window={args.window}, dilation=2", f"longformer, window={args.window + args.window % 2}, dilation=2"),
         (f"chunk, c={args.window}", f"chunk, c={args.window}"),
         ("blockwise, blocks=4", "blockwise, blocks=4"),
+        (f"long_short, w={args.window}, r={args.r}", f"long_short, w={args.window}, r={args.r}"),
+        (f"fmm, w={args.window}", f"fmm, w={args.window}"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
-                      "longformer-global", "blockwise")  # variants with no causal form: run bidirectional only
+                      "longformer-global", "blockwise", "long_short")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:
@@ -132,6 +134,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=128, help="mha(local) window")
     ap.add_argument("--stride", type=int, default=64, help="mha(sparse) stride l (about sqrt n)")
     ap.add_argument("--c", type=int, default=8, help="mha(sparse, pattern=fixed) summary keys per block")
+    ap.add_argument("--r", type=int, default=16, help="mha(long_short) projected keys")
     ap.add_argument("--k", type=int, default=256, help="mha(linformer) projected length")
     ap.add_argument("--landmarks", type=int, default=16, help="mha(nystrom) landmarks (dividing every n; at d 32, "
                     "64 keep more of the iteration's [m, m] tensors than of n-long ones up to n = 8k)")

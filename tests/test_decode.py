@@ -131,6 +131,9 @@ AFT = ["norm -> mixer(aft) -> norm -> ffn", "norm -> mixer(aft, mode=full, max_l
 # chunks of 5 across the 29 tokens (the cache: the unfinished chunk), one chunk past the sequence
 CHUNK = ["norm -> mha(chunk, c=5) -> norm -> ffn", "norm -> mha(chunk, c=40, kv_heads=2) -> norm -> ffn",
          "norm -> mha(chunk, c=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+# FMMformer: the band's last w keys and values beside each feature map's running sums
+FMM = ["norm -> mha(fmm, w=5) -> norm -> ffn", "norm -> mha(fmm, w=40, kv_heads=2, kernels=3) -> norm -> ffn",
+       "norm -> mha(fmm, w=3, kv_heads=1, kernels=1, head_dim=4, bias=false) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
@@ -139,7 +142,7 @@ SPARSE = ["norm -> mha(sparse, stride=4) -> norm -> ffn", "norm -> mha(sparse, p
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER])

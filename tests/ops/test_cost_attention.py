@@ -97,6 +97,14 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "blockwise": [({"blocks": 4}, BOTH), ({"blocks": 3}, BOTH), ({"blocks": 3, "kv_heads": 2, "identity": 1}, BOTH),
                   ({"blocks": 7, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"blocks": 4, "dropout": 0.1}, SMALL),
                   ({"blocks": 3, "dropout": 0.1}, SMALL)],
+    # segments of w: several with a remainder (n = 160), one covering the sequence (w >= n), an odd w
+    "long_short": [({"w": 16, "r": 8}, BOTH), ({"w": 16, "r": 8, "kv_heads": 2}, BOTH), ({"w": 100, "r": 8}, BOTH),
+                   ({"w": 7, "r": 1}, SMALL), ({"w": 20, "r": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                   ({"w": 16, "r": 8, "dropout": 0.1}, SMALL), ({"w": 33, "r": 8, "kv_heads": 2, "dropout": 0.1}, ODD)],
+    # the band over several blocks, as wide as the sequence at n = 64 (one SDPA call), and wider than n = 160
+    "fmm": [({"w": 16}, BOTH), ({"w": 16, "kv_heads": 2}, BOTH), ({"w": 80, "kernels": 1}, SMALL),
+            ({"w": 33, "kernels": 3, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"w": 200}, ODD),
+            ({"w": 16, "dropout": 0.1}, SMALL)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),

@@ -39,6 +39,8 @@ ARGS = {
     "tglobal": {"radius": 64, "block": 128},
     "chunk": {"c": 64},
     "blockwise": {"blocks": 8},  # blocks of n/8: quadratic, an 8th of softmax's scores
+    "long_short": {"w": 64, "r": 16},
+    "fmm": {"w": 64},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)

@@ -144,16 +144,21 @@ class AttentionBase(nn.Module):
         """Decoding a causal band (local, adaptive span): the new queries against the cached K/V of the last
         `window` positions and their own, query t reading keys t-window+1 .. t, with the additive score `bias(i,
         j)` [h, ...] of positions (ALiBi's added); the cache then keeps the last `window` (rotated, K/V heads)."""
-        start = ctx.offset
-        q, k, v = self.qkv(x, start)
-        old = ctx.cache.caches.get(slot(ctx, self))
+        q, k, v = self.qkv(x, ctx.offset)
+        o, ctx.cache.caches[slot(ctx, self)] = self.window_attend(q, k, v, ctx.cache.caches.get(slot(ctx, self)),
+                                                                  ctx.offset, window, bias)
+        return self.out(o)
+
+    def window_attend(self, q, k, v, old, start: int, window: int, bias=None):
+        """window_step's attention: the new q, k, v (positions start..) against `old` (the cached (K, V), or None):
+        (o [b, h, n, dh], the (K, V) of the last `window` positions to cache)."""
         if old is not None:
             k, v = torch.cat((old[0], k), dim=2), torch.cat((old[1], v), dim=2)
         n, keys = q.shape[2], k.shape[2]
-        i = torch.arange(start, start + n, device=x.device)[:, None]
-        j = torch.arange(start + n - keys, start + n, device=x.device)[None, :]
+        i = torch.arange(start, start + n, device=q.device)[:, None]
+        j = torch.arange(start + n - keys, start + n, device=q.device)[None, :]
         keep = (j <= i) & (j > i - window)
-        mask = torch.zeros(keep.shape, dtype=q.dtype, device=x.device).masked_fill_(~keep, float("-inf"))
+        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
         for extra in (self.position_bias(i, j), None if bias is None else bias(i, j)):
             if extra is not None:
                 mask = mask + extra.to(q.dtype)
@@ -161,9 +166,7 @@ class AttentionBase(nn.Module):
         # keep the last w (all while there are fewer), with no branch on their number: one exported step serves
         # every length (sym_min: export would read [-w:] as w long); a copy, as a view keeps the concatenation
         drop = keys - torch.sym_min(keys, window)  # the keys that leave the window
-        k, v = k[:, :, drop:].clone(), v[:, :, drop:].clone()
-        ctx.cache.caches[slot(ctx, self)] = (k, v)
-        return self.out(o)
+        return o, (k[:, :, drop:].clone(), v[:, :, drop:].clone())
 
     def position_bias(self, i: torch.Tensor, j: torch.Tensor):
         """Additive score bias [h, *broadcast(i, j)] from the position scheme (ALiBi), or None."""

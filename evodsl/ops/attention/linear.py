@@ -64,19 +64,24 @@ class LinearAttention(AttentionBase):
         of every earlier token, plus each other causally; then S and z take theirs in. The state is [dh x dh]
         and [dh] per K/V head, whatever the number of tokens."""
         q, k, v = self.qkv(x, ctx.offset)
-        phi = FEATURE_MAPS[self.phi]
+        o, ctx.cache.caches[slot(ctx, self)] = self._state_step(q, k, v, ctx.cache.caches.get(slot(ctx, self)))
+        return self.out(o)
+
+    def _state_step(self, q, k, v, state, phi=None):
+        """_step's attention: the new q, k, v against the running sums `state` = (S, z), or None at the start:
+        (the output [b, h, n, dh], the sums with the new tokens in)."""
+        phi = phi or FEATURE_MAPS[self.phi]
         q, k = phi(q), phi(k)
         b, kvh, n, dh = k.shape
-        s, z = ctx.cache.caches.get(slot(ctx, self), (k.new_zeros(b, kvh, dh, v.shape[-1]), k.new_zeros(b, kvh, dh)))
+        s, z = state if state is not None else (k.new_zeros(b, kvh, dh, v.shape[-1]), k.new_zeros(b, kvh, dh))
         kx, vx = self.expand_kv(k), self.expand_kv(v)
-        a = (q @ kx.transpose(-1, -2)).masked_fill_(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), 0.0)
+        a = (q @ kx.transpose(-1, -2)).masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), 0.0)
         num = q @ self.expand_kv(s) + a @ vx
         den = (q * self.expand_kv(z)[:, :, None, :]).sum(-1, keepdim=True) + a.sum(-1, keepdim=True)
-        ctx.cache.caches[slot(ctx, self)] = (s + k.transpose(-1, -2) @ v, z + k.sum(-2))
-        return self.out(num / (den + self.eps))
+        return num / (den + self.eps), (s + k.transpose(-1, -2) @ v, z + k.sum(-2))
 
-    def _bidirectional(self, q, k, v, keep=None):
-        phi = FEATURE_MAPS[self.phi]
+    def _bidirectional(self, q, k, v, keep=None, phi=None):
+        phi = phi or FEATURE_MAPS[self.phi]
         # one copy each, in the [b, h, n, dh] layout the matmuls use (made one at a time)
         q = phi(q.contiguous())
         k = phi(k.contiguous())
@@ -88,10 +93,10 @@ class LinearAttention(AttentionBase):
         den = (q * z).sum(-1, keepdim=True)
         return (q @ s) / (den + self.eps)
 
-    def _causal(self, q, k, v, keep=None):
+    def _causal(self, q, k, v, keep=None, phi=None):
         b, h, n, dh = q.shape
         if not isinstance(n, int) or torch.jit.is_tracing():
-            return self._prefix_sums(q, k, v, keep)
+            return self._prefix_sums(q, k, v, keep, phi)
         c = min(self.chunk, n)
         pad = -n % c  # padded tokens come last, so causally they reach only padded outputs, which are dropped
         m = (n + pad) // c
@@ -99,7 +104,7 @@ class LinearAttention(AttentionBase):
         def chunked(t):  # one copy, padded, in the [b, h, n, dh] layout the chunked matmuls read as views
             return (F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()).view(b, h, m, c, t.shape[-1])
 
-        phi = FEATURE_MAPS[self.phi]
+        phi = phi or FEATURE_MAPS[self.phi]
         q = phi(chunked(q))
         k = phi(chunked(k))
         if keep is not None:
@@ -117,7 +122,7 @@ class LinearAttention(AttentionBase):
         return (num / (den + self.eps)).reshape(b, h, m * c, -1)[:, :, :n]
 
 
-    def _causal_inference(self, q, k, v, keep=None):
+    def _causal_inference(self, q, k, v, keep=None, phi=None):
         """The causal form without autograd: chunk by chunk, the running sums S and z of the earlier chunks
         (per K/V head, read by its group of query heads in place), each chunk's outputs written into one result
         laid out as q's projection [b, n, h, dh] (o_proj reads it uncopied). Beyond q, k, v and the result it
@@ -126,7 +131,7 @@ class LinearAttention(AttentionBase):
         b, h, n, dh = q.shape
         kvh, dv = k.shape[1], v.shape[-1]
         g, c = h // kvh, min(self.chunk, n)
-        phi = FEATURE_MAPS[self.phi]
+        phi = phi or FEATURE_MAPS[self.phi]
         o = q.new_empty(b, n, h, dv).transpose(1, 2)
         og, qg = o.view(b, kvh, g, n, dv), q.view(b, kvh, g, n, dh)
         s = q.new_zeros(b, kvh, dh, dv)  # sum over the earlier chunks of phi(k_j) v_j^T
@@ -150,12 +155,12 @@ class LinearAttention(AttentionBase):
             z += kc.sum(-2).unsqueeze(-1)
         return o
 
-    def _prefix_sums(self, q, k, v, keep=None):
+    def _prefix_sums(self, q, k, v, keep=None, phi=None):
         """The causal form for a symbolic n (torch.export, ONNX with a dynamic sequence axis): the running sums
         S_i = sum_{j<=i} phi(k_j) v_j^T and z_i = sum_{j<=i} phi(k_j) as cumulative sums over positions. O(n dh^2)
         memory, linear in n and never n x n, with shapes that only scale n (the chunked layout's reshapes would
         tie the exported graph to some lengths)."""
-        phi = FEATURE_MAPS[self.phi]
+        phi = phi or FEATURE_MAPS[self.phi]
         q, k = phi(q), phi(k)
         if keep is not None:
             k = k * keep
