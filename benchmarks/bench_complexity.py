@@ -54,9 +54,10 @@ def variants(args) -> list[tuple[str, str]]:
         ("ufo", "ufo"),
         ("simpletron", "simpletron"),
         ("separable", "separable"),
+        (f"isab, m={args.inducing}", f"isab, m={args.inducing}"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "isab")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:
@@ -121,6 +122,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=256, help="mha(linformer) projected length")
     ap.add_argument("--landmarks", type=int, default=16, help="mha(nystrom) landmarks (dividing every n; at d 32, "
                     "64 keep more of the iteration's [m, m] tensors than of n-long ones up to n = 8k)")
+    ap.add_argument("--inducing", type=int, default=16, help="mha(isab) inducing points m, mha(luna) packed length l")
     ap.add_argument("--conv", type=int, default=33, help="mha(nystrom) taps of the convolution of V")
     ap.add_argument("--max-span", type=int, default=256, help="mha(adaptive_span) max_span")
     ap.add_argument("--R", type=int, default=32, help="mha(adaptive_span) ramp")

@@ -66,6 +66,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "simpletron": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "separable": [({}, BOTH), ({"heads": 1}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"dropout": 0.1}, SMALL)],
+    # M < n, M > n (the MAB's tensors lead the peaks), one K/V head
+    "isab": [({"m": 8}, BOTH), ({"m": 100, "kv_heads": 2}, BOTH), ({"m": 5, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+             ({"m": 300, "kv_heads": 1}, SMALL)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
 }
 
