@@ -69,6 +69,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     # M < n, M > n (the MAB's tensors lead the peaks), one K/V head
     "isab": [({"m": 8}, BOTH), ({"m": 100, "kv_heads": 2}, BOTH), ({"m": 5, "heads": 2, "head_dim": 8, "bias": False}, ODD),
              ({"m": 300, "kv_heads": 1}, SMALL)],
+    "luna": [({"l": 8}, BOTH), ({"l": 100, "kv_heads": 2}, BOTH), ({"l": 5, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+             ({"l": 300, "kv_heads": 1}, SMALL)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
 }
 

@@ -32,6 +32,7 @@ ARGS = {
     "simpletron": {},
     "separable": {},
     "isab": {"m": 16},
+    "luna": {"l": 16},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
