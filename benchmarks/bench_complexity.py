@@ -56,9 +56,10 @@ def variants(args) -> list[tuple[str, str]]:
         ("separable", "separable"),
         (f"isab, m={args.inducing}", f"isab, m={args.inducing}"),
         (f"luna, l={args.inducing}", f"luna, l={args.inducing}"),
+        ("star", "star"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "isab", "luna")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "isab", "luna", "star")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

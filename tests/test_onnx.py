@@ -42,7 +42,7 @@ TOL = 1e-4  # max |onnxruntime - torch| <= TOL * max |torch|, float32
 HEADER = "d_model = 32\nheads = 4\nkv_heads = 2\nvocab = 61\n"
 # Arguments an op needs to stand alone at this size: required ones, and bands narrower than the test sequences.
 ARGS = {("mha", "local"): "window=5", ("mha", "linformer"): "k=16, max_len=128", ("mha", "nystrom"): "landmarks=8, conv=3", ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5",
-        ("mha", "isab"): "m=6", ("mha", "luna"): "l=6",
+        ("mha", "isab"): "m=6", ("mha", "luna"): "l=6", ("mha", "star"): "rounds=2",
         ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
         ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
         ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4"}

@@ -71,6 +71,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
              ({"m": 300, "kv_heads": 1}, SMALL)],
     "luna": [({"l": 8}, BOTH), ({"l": 100, "kv_heads": 2}, BOTH), ({"l": 5, "heads": 2, "head_dim": 8, "bias": False}, ODD),
              ({"l": 300, "kv_heads": 1}, SMALL)],
+    # one round (no relay update), three with grouped K/V heads, two with narrow heads (d-wide tensors lead)
+    "star": [({}, BOTH), ({"rounds": 3, "kv_heads": 2}, BOTH), ({"rounds": 2, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+             ({"rounds": 2, "kv_heads": 1}, SMALL)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
 }
 

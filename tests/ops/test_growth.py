@@ -33,6 +33,7 @@ ARGS = {
     "separable": {},
     "isab": {"m": 16},
     "luna": {"l": 16},
+    "star": {"rounds": 2},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
