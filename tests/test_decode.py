@@ -116,11 +116,14 @@ LINEAR = ["norm -> mha(linear) -> norm -> ffn", "norm -> mha(linear, kv_heads=2)
 # the right-product attentions without a denominator: no position scheme inside, so the stream's own
 RIGHT_PRODUCT = ["norm -> mha(fanet) -> norm -> ffn", "norm -> mha(fanet, kv_heads=2, bias=false) -> norm -> ffn",
                  "norm -> mha(simpletron) -> norm -> ffn", "norm -> mha(simpletron, kv_heads=1) -> norm -> ffn"]
+# causal Luna: its prefix sums continued from the state (the positions seen give t)
+LUNA = ["norm -> mha(luna, l=5) -> norm -> ffn", "norm -> mha(luna, l=3, kv_heads=2, act=softplus) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LUNA]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT])  # Transformer-XL's relative scores, against the cache
 
 

@@ -20,6 +20,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "linear": {},
     "fanet": {},
     "simpletron": {},
+    "luna": {"l": 6},
 }
 CHUNKED = ("linear", "fanet", "simpletron")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")

@@ -23,8 +23,7 @@ def reference_luna(m, x, keep=None):
     b, n, _ = x.shape
     h, g, dh = m.heads, m.kv_heads, m.head_dim
     q, k, v = head_projections(m, x)
-    P = m.packed @ m.p_proj.weight.T + (0 if m.p_proj.bias is None else m.p_proj.bias)
-    P = P.view(-1, h, dh)
+    P = m.p_q.view(-1, h, dh)  # P's queries, learned
     out = torch.zeros(b, n, h, dh, dtype=x.dtype)
     for hh in range(h):
         kh = hh // (h // g)
@@ -48,7 +47,7 @@ def test_luna_matches_equation(n, L, kv_heads, bias):
     with torch.no_grad():
         y, ref = m(x, Ctx()), reference_luna(m, x)
         assert (y - ref).abs().max().item() < 1e-10 * max(ref.abs().max().item(), 1.0)
-        m.packed[0, 0] += 1.0  # P is read
+        m.p_q[0, 0] += 1.0  # P is read
         assert (m(x, Ctx()) - y).abs().max().item() > 1e-6
 
 
@@ -69,3 +68,41 @@ def test_luna_refuses_dropout():
     op = lookup("mha", "luna")
     with pytest.raises(ShapeProblem, match="no dropout"):
         op.shape(op.params(l=4, dropout=0.1), OpEnv(in_shapes=(("b", "n", D),)))
+
+
+def reference_causal_luna(m, x, keep=None):
+    """The paper's causal Luna, per head and position t with explicit prefix sums over j <= t."""
+    b, n, _ = x.shape
+    h, g, dh = m.heads, m.kv_heads, m.head_dim
+    q, k, v = head_projections(m, x)
+    P = m.p_q.view(-1, h, dh)
+    act = {"elu1": lambda t: torch.nn.functional.elu(t) + 1, "softplus": torch.nn.functional.softplus}[m.act]
+    out = torch.zeros(b, n, h, dh, dtype=x.dtype)
+    for bb in range(b):
+        for hh in range(h):
+            kh = hh // (h // g)
+            sk = torch.zeros(P.shape[0], dh, dtype=x.dtype)
+            sv = torch.zeros(P.shape[0], dh, dtype=x.dtype)
+            count = 0
+            for t in range(n):
+                if keep is None or keep[bb, t]:
+                    a = act(P[:, hh] @ k[bb, t, kh] / math.sqrt(dh))  # [L]
+                    sk, sv, count = sk + torch.outer(a, k[bb, t, kh]), sv + torch.outer(a, v[bb, t, kh]), count + 1
+                c = max(count, 1)
+                w = _softmax((sk / c) @ q[bb, t, hh] / math.sqrt(dh))
+                out[bb, t, hh] = w @ (sv / c)
+    return output_projection(m, out.reshape(b, n, h * dh))
+
+
+@pytest.mark.parametrize("n,L,kv_heads,act", [(23, 8, None, "elu1"), (17, 5, 2, "softplus"), (9, 3, 1, "elu1")])
+def test_causal_luna_matches_equation(n, L, kv_heads, act):
+    m, _, _ = make_op("mha", "luna", d=D, causal=True, heads=4, kv_heads=kv_heads, l=L, act=act)
+    perturb_params(m)
+    x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    with torch.no_grad():
+        y, ref = m(x, Ctx()), reference_causal_luna(m, x)
+        assert (y - ref).abs().max().item() < 1e-10 * max(ref.abs().max().item(), 1.0)
+        keep = torch.ones(2, n, dtype=torch.bool)
+        keep[1, :4] = False  # left padding: padded positions neither add to the sums nor count
+        y, ref = m(x, Ctx(mask=keep)), reference_causal_luna(m, x, keep)
+        assert (y[keep] - ref[keep]).abs().max().item() < 1e-10 * max(ref.abs().max().item(), 1.0)
