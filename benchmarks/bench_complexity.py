@@ -67,10 +67,13 @@ def variants(args) -> list[tuple[str, str]]:
         ("blockwise, blocks=4", "blockwise, blocks=4"),
         (f"long_short, w={args.window}, r={args.r}", f"long_short, w={args.window}, r={args.r}"),
         (f"fmm, w={args.window}", f"fmm, w={args.window}"),
+        (f"isab, m={args.inducing}", f"isab, m={args.inducing}"),
+        (f"luna, l={args.inducing}", f"luna, l={args.inducing}"),
+        ("star", "star"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
-                      "longformer-global", "blockwise", "long_short")  # variants with no causal form: run bidirectional only
+                      "longformer-global", "blockwise", "long_short", "isab", "star")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:
@@ -138,6 +141,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=256, help="mha(linformer) projected length")
     ap.add_argument("--landmarks", type=int, default=16, help="mha(nystrom) landmarks (dividing every n; at d 32, "
                     "64 keep more of the iteration's [m, m] tensors than of n-long ones up to n = 8k)")
+    ap.add_argument("--inducing", type=int, default=16, help="mha(isab) inducing points m, mha(luna) packed length l")
     ap.add_argument("--conv", type=int, default=33, help="mha(nystrom) taps of the convolution of V")
     ap.add_argument("--radius", type=int, default=127, help="mha(tglobal) local radius (LongT5's 127)")
     ap.add_argument("--block", type=int, default=16, help="mha(tglobal) tokens per transient global token")

@@ -105,6 +105,14 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "fmm": [({"w": 16}, BOTH), ({"w": 16, "kv_heads": 2}, BOTH), ({"w": 80, "kernels": 1}, SMALL),
             ({"w": 33, "kernels": 3, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"w": 200}, ODD),
             ({"w": 16, "dropout": 0.1}, SMALL)],
+    # M < n, M > n (the MAB's tensors lead the peaks), one K/V head
+    "isab": [({"m": 8}, BOTH), ({"m": 100, "kv_heads": 2}, BOTH), ({"m": 5, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+             ({"m": 300, "kv_heads": 1}, SMALL)],
+    "luna": [({"l": 8}, BOTH), ({"l": 100, "kv_heads": 2}, BOTH), ({"l": 5, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+             ({"l": 300, "kv_heads": 1}, SMALL)],
+    # one round (no relay update), three with grouped K/V heads, two with narrow heads (d-wide tensors lead)
+    "star": [({}, BOTH), ({"rounds": 3, "kv_heads": 2}, BOTH), ({"rounds": 2, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+             ({"rounds": 2, "kv_heads": 1}, SMALL)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),

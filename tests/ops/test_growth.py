@@ -41,6 +41,9 @@ ARGS = {
     "blockwise": {"blocks": 8},  # blocks of n/8: quadratic, an 8th of softmax's scores
     "long_short": {"w": 64, "r": 16},
     "fmm": {"w": 64},
+    "isab": {"m": 16},
+    "luna": {"l": 16},
+    "star": {"rounds": 2},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)

@@ -1,0 +1,179 @@
+"""mha(luna, l=L): Luna, linear unified nested attention (Ma et al. 2021), O(n L d).
+
+Pack: L learned vectors P in R^{L x d} (one set per layer) attend the sequence; unpack: the sequence attends the
+packed result. Per head i, with q_j, k_j, v_j the projections of position j and p_r the query of P_r:
+
+    A = softmax_j(p_r . k_j / sqrt(dh))  in R^{L x n}                            (pack)
+    K~ = A K,  V~ = A V  in R^{L x dh}                                            (the packed context)
+    out_j = softmax_r(q_j . K~_r / sqrt(dh)) V~                                   (unpack), then o_proj
+
+That is the paper's Y_P = Attn(P, X), Y_X = Attn(X, Y_P) with the unpack's key and value projections applied
+before the pack, where they commute with it (per head: (A X) W = A (X W)), as in its causal form (below), whose
+f(Q, K, A^T) and f(A_unpack, A^T, V) read the projected keys and values; the authors' code projects after
+packing (5 projections, as here). In the paper P is a second stream carried from layer to layer (P' =
+LayerNorm(Y_P + P)); here each layer learns its own P and keeps the packed result to itself, so that its pack
+queries P W_q are one free [L, h dh] table, learned as such (p_q; a P read from a stream would need W_q back).
+Both steps run as
+SDPA (the pack twice, once with K as values, once with V): [L, n] then [n, L] scores per head, never n x n.
+Padding: padded keys get no pack weight, so a padded batch equals each sequence alone. K/V heads (GQA): the
+pack's query heads read their group's K and V.
+
+Causal (the paper's causal Luna): a softmax over the positions would let a packed vector see the future, so the
+pack weights are a positive activation w (elu + 1 or softplus) of each score, and the packed context at t is the
+mean over the prefix, f_t(X, Y, Z) = (1/t) x_t sum_{j<=t} y_j^T z_j:
+
+    a_j = w(P_q k_j / sqrt(dh)) in R^L,   K~_t = (1/t) sum_{j<=t} a_j k_j^T,   V~_t = (1/t) sum_{j<=t} a_j v_j^T
+    out_t = softmax_r(q_t . K~_t,r / sqrt(dh)) V~_t
+
+computed with prefix sums of the [L, dh] states per head: O(n L d) time and memory, never n x n. Decoding keeps
+the two sums (and reads t from the positions seen). Left padding: padded positions add nothing to the sums
+and are not counted in t.
+"""
+from __future__ import annotations
+
+import sympy as sp
+import torch
+import torch.nn.functional as F
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from ..cost import Cost, Symbols
+from ..registry import Op, OpEnv, register
+from ...decode import slot
+from ._common import LSE_BYTES, AttentionBase, AttentionParams, attention_cost, head_symbols
+from .isab import no_dropout_shape
+
+
+ACTIVATIONS = {"elu1": lambda t: F.elu(t) + 1, "softplus": F.softplus}
+
+
+class LunaParams(AttentionParams):
+    l: int = Field(16, ge=1, le=1 << 16, description="L: length of the packed sequence (learned P)")  # noqa: E741
+    act: Literal["elu1", "softplus"] = Field("elu1", description="causal form: the pack weights' activation")
+
+
+class LunaAttention(AttentionBase):
+    def __init__(self, p: LunaParams, env: OpEnv):
+        super().__init__(p, env)
+        self.p_q = nn.Parameter(torch.empty(p.l, self.heads * self.head_dim).normal_(0.0, 1.0))  # P W_q
+        self.act = p.act
+
+    def forward(self, x, ctx):
+        if self.causal:
+            return self._causal(x, ctx)
+        mask = self.key_mask(ctx)
+        keep = None if mask is None else mask[:, None, None, :]
+        if keep is not None:
+            keep = keep | ~keep.any(-1, keepdim=True)  # a row with no token reads all: finite, read by no one
+        kp, vp = self._pack(x, keep)
+        o = F.scaled_dot_product_attention(self.q_proj(x).view(*x.shape[:2], self.heads, self.head_dim).transpose(1, 2),
+                                           kp, vp)
+        del kp, vp
+        return self.out(o)
+
+    def _pack(self, x, keep):
+        """K~ = A K and V~ = A V, [b, heads, L, dh]: P's queries (learned, shared by the batch) over the
+        sequence's keys, with the keys and then the values as values."""
+        b, n, _ = x.shape
+        p = self.p_q.view(1, -1, self.heads, self.head_dim).transpose(1, 2).expand(b, -1, -1, -1)
+        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        gqa = self.kv_heads != self.heads
+        kp = F.scaled_dot_product_attention(p, k, k, attn_mask=keep, enable_gqa=gqa)
+        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        return kp, F.scaled_dot_product_attention(p, k, v, attn_mask=keep, enable_gqa=gqa)
+
+
+    def _causal(self, x, ctx):
+        """The causal form; decoding (ctx.cache) continues the prefix sums from the state it keeps."""
+        b, n, _ = x.shape
+        h, dh = self.heads, self.head_dim
+        start = ctx.offset if ctx is not None and ctx.cache is not None else 0
+        q, k, v = self.qkv(x)
+        k, v = self.expand_kv(k), self.expand_kv(v)
+        p = self.p_q.view(-1, h, dh).transpose(0, 1)  # [h, L, dh]
+        a = ACTIVATIONS[self.act](k @ p.transpose(-1, -2) * dh ** -0.5)  # [b, h, n, L]
+        key_mask = self.key_mask(ctx)
+        if key_mask is None:
+            t = torch.arange(start + 1, start + n + 1, device=x.device, dtype=x.dtype)[:, None]  # [n, 1]
+        else:  # padded positions add nothing and are not counted
+            keep = key_mask[:, None, :, None].to(x.dtype)
+            a = a * keep
+            t = keep.cumsum(2).clamp(min=1)  # [b, 1, n, 1]
+        sk = (a[..., None] * k[..., None, :]).cumsum_(2)  # [b, h, n, L, dh]: sum_{j<=t} a_j k_j^T
+        sv = (a[..., None] * v[..., None, :]).cumsum_(2)
+        del a
+        if start:
+            old = ctx.cache.caches[slot(ctx, self)]
+            sk, sv = sk + old[0][:, :, None], sv + old[1][:, :, None]
+        if ctx is not None and ctx.cache is not None:
+            ctx.cache.caches[slot(ctx, self)] = (sk[:, :, -1], sv[:, :, -1])
+        w = ((sk @ q[..., None]).squeeze(-1) / t * dh ** -0.5).softmax(-1)  # [b, h, n, L]
+        del sk, q, k, v
+        o = (w[..., None, :] @ sv).squeeze(-2) / t
+        del w, sv
+        return self.out(o)
+
+
+def luna_cost(p: LunaParams, env: OpEnv, s: Symbols) -> Cost:
+    """The projections, the pack (P's learned queries) as two SDPA calls over
+    [b, h, L, n] scores, the unpack as one over [b, h, n, L]."""
+    h, kv, dh = head_symbols(p, s)
+    b, n, by = s.b, s.n, s.bytes
+    L = s.sym("L", p.l)
+    pq = Cost(params=L * h * dh)  # P's queries, learned
+    if env.causal:
+        return causal_luna_cost(p, s, h, kv, dh, L, pq)
+    scores = b * h * L * n
+    core = Cost(params=pq.params, fwd=12 * scores * dh, bwd=30 * scores * dh, fwd_other=15 * scores,
+                bwd_other=30 * scores)
+    q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
+    cb = b * L * h * dh * by  # K~ or V~
+    lse_l, lse_n = LSE_BYTES * b * h * L, LSE_BYTES * b * h * n
+    saved = 2 * kvb + 2 * (cb + lse_l) + q + q + lse_n  # the unpack: q, K~, V~ (kept), its output, lse
+    phases = [2 * kvb + 2 * cb + lse_l,  # the second pack
+              q + 2 * cb + q + lse_n,  # the unpack
+              q + out]  # at o_proj
+    # backward: the unpack's gradients beside o's; the second pack's (P's queries, k's, v's) beside K~'s and the
+    # input's, the unpack's saved tensors released; then the input's from v_proj, summed, beside k's and K~'s,
+    # the second pack's saved tensors released too
+    late = 2 * q + lse_n
+    bwd = [2 * q + 2 * cb, out + 3 * cb + 2 * kvb - late, 3 * out + cb + kvb - (late + kvb + cb + lse_l)]
+    return attention_cost(p, s, h, kv, dh, core, Cost(), saved, phases, cache=0, bwd_phases=bwd)
+
+
+def causal_luna_cost(p: LunaParams, s: Symbols, h, kv, dh, L, pq: Cost) -> Cost:
+    """The pack scores K P_q^T ([n, dh] x [dh, L] per head), the prefix sums of a_j k_j^T and a_j v_j^T
+    ([b, h, n, L, dh], elementwise and cumsum), the unpack scores and output (per position [L, dh] x [dh] and
+    [L] x [L, dh])."""
+    b, n, by = s.b, s.n, s.bytes
+    e = b * h * n * L * dh  # one prefix-sum tensor
+    core = Cost(params=pq.params, fwd=6 * e, bwd=12 * e, fwd_other=4 * e + 12 * b * h * n * L,
+                bwd_other=8 * e + 24 * b * h * n * L)
+    q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
+    sums, sl = e * by, b * h * n * L * by  # one prefix-sum tensor; the pack scores (or weights)
+    # kept: P_q^T for every sequence (the batched matmul's copy), k for it (a copy; grouped K/V heads: their
+    # repetition, contiguous), the pack scores, a, k and v (at h heads), q (a copy, for the per-position
+    # matmul), both prefix sums, t, the unpack weights, o_proj's input (a copy)
+    kv_kept = q * sp.Min(1, b - 1) + 2 * kvb if kv == h else 2 * q  # one sequence: k is read uncopied
+    saved = b * L * h * dh * by + kv_kept + 3 * sl + 2 * q + 2 * sums + n * by
+    # at the unpack scores: q, k and v (h heads), P_q, both prefix sums, q's copy, the scores
+    phases = [4 * q + 2 * sums + sl + n * by,
+              2 * q + out + n * by]  # at o_proj: o, its copy (o_proj's input)
+    # backward: the prefix sums' (flip, cumsum, flip of one sum's gradient, beside the other's), the unpack's
+    # saved tensors released
+    bwd = [3 * sums - q - sl - n * by]
+    return attention_cost(p, s, h, kv, dh, core, Cost(), saved, phases, cache=2 * b * h * L * dh * by,
+                          bwd_phases=bwd)
+
+
+OP = register(Op(
+    decode="the two prefix sums sum_j a_j k_j^T and sum_j a_j v_j^T, [L x dh] per head: constant in the tokens seen",
+    family="mha", variant="luna", params=LunaParams, module=LunaAttention,
+    causal="yes", shape=no_dropout_shape("mha(luna)"), cost=luna_cost,
+    paper="Luna: Linear Unified Nested Attention, Ma et al. 2021, arXiv:2106.01540",
+    summary="pack A = softmax(P_q K^T / sqrt(dh)) (L x n), unpack softmax(Q (A K)^T / sqrt(dh)) (A V); P in "
+            "R^{L x d} learned per layer; O(n L d)",
+    note="MHA/SparseOrLowRank/011.md",
+))
