@@ -54,9 +54,10 @@ def variants(args) -> list[tuple[str, str]]:
         ("ufo", "ufo"),
         ("simpletron", "simpletron"),
         ("separable", "separable"),
+        (f"skyformer, landmarks={args.landmarks}", f"skyformer, landmarks={args.landmarks}"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "skyformer")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:
