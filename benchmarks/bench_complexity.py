@@ -55,9 +55,10 @@ def variants(args) -> list[tuple[str, str]]:
         ("simpletron", "simpletron"),
         ("separable", "separable"),
         (f"skyformer, landmarks={args.landmarks}", f"skyformer, landmarks={args.landmarks}"),
+        (f"soft, landmarks={args.landmarks}", f"soft, landmarks={args.landmarks}"),
     ]
 
-BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "skyformer")  # variants with no causal form: run bidirectional only
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "skyformer", "soft")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

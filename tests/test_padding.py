@@ -20,7 +20,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "adaptive_span": {"max_span": 12
          "linear": {}, "linformer": {"k": 16, "max_len": 128},
          "efficient": {}, "fastformer": {}, "fanet": {}, "ufo": {}, "simpletron": {},
          "separable": {}, "nystrom": {"landmarks": 24, "conv": 5},
-         "skyformer": {"landmarks": 24}}
+         "skyformer": {"landmarks": 24}, "soft": {"landmarks": 24}}
 CHUNKED = ("linear", "fanet", "simpletron")  # causal forms in chunks: 16 tokens here, so that N spans several
 POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {}), "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8,
                                                                                       "max_distance": 20})}

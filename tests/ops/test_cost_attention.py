@@ -65,6 +65,12 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                   ({"landmarks": 64, "kv_heads": 2}, SMALL), ({"landmarks": 40, "kv_heads": 2}, ODD),
                   ({"landmarks": 8, "ridge": 0.0, "heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"landmarks": 8, "kv_heads": 1, "pinv_iters": 2}, SMALL)],
+    # the same regimes; V heads shared (K is Q: no key projection)
+    "soft": [({"landmarks": 16}, BOTH), ({"landmarks": 12, "kv_heads": 2}, BOTH), ({"landmarks": 64}, SMALL),
+             ({"landmarks": 64, "kv_heads": 2}, SMALL), ({"landmarks": 40, "kv_heads": 2}, ODD),
+             ({"landmarks": 8, "ridge": 0.0, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+             ({"landmarks": 200, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+             ({"landmarks": 8, "kv_heads": 1, "pinv_iters": 3}, SMALL)],
     "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                ({"pos": HALF_ROPE}, SMALL)],
     "fanet": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],

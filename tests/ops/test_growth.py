@@ -32,6 +32,7 @@ ARGS = {
     "simpletron": {},
     "separable": {},
     "skyformer": {"landmarks": 16},
+    "soft": {"landmarks": 16},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
