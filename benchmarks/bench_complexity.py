@@ -70,10 +70,13 @@ def variants(args) -> list[tuple[str, str]]:
         (f"isab, m={args.inducing}", f"isab, m={args.inducing}"),
         (f"luna, l={args.inducing}", f"luna, l={args.inducing}"),
         ("star", "star"),
+        (f"skyformer, landmarks={args.landmarks}", f"skyformer, landmarks={args.landmarks}"),
+        (f"soft, landmarks={args.landmarks}", f"soft, landmarks={args.landmarks}"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
-                      "longformer-global", "blockwise", "long_short", "isab", "star")  # variants with no causal form: run bidirectional only
+                      "longformer-global", "blockwise", "long_short", "isab", "star",
+                      "skyformer", "soft")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

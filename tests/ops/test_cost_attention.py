@@ -69,6 +69,17 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"landmarks": 64, "conv": 3}, BOTH), ({"landmarks": 64, "kv_heads": 2, "conv": 3}, SMALL),
                 ({"landmarks": 8, "heads": 2, "head_dim": 8, "bias": False, "pinv_init": "sequence", "conv": 3}, ODD),
                 ({"landmarks": 32, "pinv_iters": 3, "kv_heads": 2}, ODD)],
+    # n > landmarks (the landmark form, one sequence and two: bmm's copy of v), n <= landmarks (exact)
+    "skyformer": [({"landmarks": 16}, BOTH), ({"landmarks": 12, "kv_heads": 2}, BOTH), ({"landmarks": 64}, SMALL),
+                  ({"landmarks": 64, "kv_heads": 2}, SMALL), ({"landmarks": 40, "kv_heads": 2}, ODD),
+                  ({"landmarks": 8, "ridge": 0.0, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+                  ({"landmarks": 8, "kv_heads": 1, "pinv_iters": 2}, SMALL)],
+    # the same regimes; V heads shared (K is Q: no key projection)
+    "soft": [({"landmarks": 16}, BOTH), ({"landmarks": 12, "kv_heads": 2}, BOTH), ({"landmarks": 64}, SMALL),
+             ({"landmarks": 64, "kv_heads": 2}, SMALL), ({"landmarks": 40, "kv_heads": 2}, ODD),
+             ({"landmarks": 8, "ridge": 0.0, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+             ({"landmarks": 200, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+             ({"landmarks": 8, "kv_heads": 1, "pinv_iters": 3}, SMALL)],
     "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                ({"pos": HALF_ROPE}, SMALL)],
     "fanet": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],

@@ -44,6 +44,8 @@ ARGS = {
     "isab": {"m": 16},
     "luna": {"l": 16},
     "star": {"rounds": 2},
+    "skyformer": {"landmarks": 16},
+    "soft": {"landmarks": 16},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)

@@ -221,16 +221,18 @@ def position_cost(env: OpEnv, s: Symbols, h, kv, dh) -> Cost:
 
 
 def attention_cost(p: AttentionParams, s: Symbols, h, kv, dh, core: Cost, pos: Cost, saved, phases,
-                   cache, bwd_phases=()) -> Cost:
+                   cache, bwd_phases=(), projections_bwd=None) -> Cost:
     """Projections + position scheme + `core` (the kernel's FLOPs); `saved`, all the bytes kept beyond the
     input and the output; the inference peak is the largest of the live totals in `phases` (the output among
     them where it exists by then), less the output; the backward's peak (bwd_peak) the largest of the kernel's
-    `bwd_phases`, the position scheme's and the projections'. Attention keeps its input (the projections do),
+    `bwd_phases`, the position scheme's and the projections' (`projections_bwd` in place of the default q + 3
+    inputs - saved, for an op without three input projections). Attention keeps its input (the projections do),
     never its output."""
     out = s.b * s.n * s.d * s.bytes
     peak = (sp.Max(*phases) if len(phases) > 1 else phases[0]) - out
     q, kvb = s.b * s.n * h * dh * s.bytes, s.b * s.n * kv * dh * s.bytes
-    bwd = [q + 3 * out - saved, *bwd_phases]  # the projections: q's gradient beside the input's three
+    # the projections: q's gradient beside the input's three
+    bwd = [q + 3 * out - saved if projections_bwd is None else projections_bwd, *bwd_phases]
     if pos.bwd_peak:  # the position scheme's backward beside the gradients of q, k, v, the kernel's released
         bwd.append(q + 2 * kvb + pos.bwd_peak - (saved - pos.saved))
     total = projections_cost(p, s, h, kv, dh) + pos + core

@@ -188,7 +188,8 @@ def nystrom_cost(p: NystromParams, env: OpEnv, s: Symbols) -> Cost:
 
 
 def _piecewise(pieces) -> Cost:
-    """One Cost whose every formula is that of the first piece whose condition holds."""
+    """One Cost whose every formula is that of the first piece whose condition holds (fwd_inference: None where
+    every piece's is, i.e. as fwd; else each piece's inference_fwd)."""
     first = pieces[0][0]
     vals = {f.name: sp.Piecewise(*[(cost_field(c, f.name) or 0, cond) for c, cond in pieces])
             for f in fields(Cost) if f.type not in ("bool", "bool | None") and f.name != "params"}
