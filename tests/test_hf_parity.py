@@ -426,7 +426,7 @@ def test_bigbird_matches_hf_with_its_random_blocks(mode):
     hook = evo.head.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
     with torch.no_grad():
         want = hf(ids, token_type_ids=types)
-        mine = evo(ids, token_type_ids=types)
+        evo(ids, token_type_ids=types)  # the op's own draw (seen[0])
         assert len(drawn) == t["layers"] and all(d.shape == (t["heads"], n // t["bblock"] - 2, t["rblocks"])
                                                  for d in drawn)
         assert all((d == 0).all() for d in drawn) == (mode == "eval")

@@ -17,6 +17,8 @@ load_all()
 D, N = 32, 70  # N spans 3 of the banded kernels' 32-query blocks and 5 of linear attention's 16-token chunks
 LENGTHS = [N, 45, 20, 1]
 # longformer: its causal form has no globals (padding with globals: test_longformer.py and the longformer_base spec)
+# bigbird: not here; its blocks (the last one global, the random draw) follow the padded length, as HF's: padded
+# keys take no part, but a padded sequence is not the sequence alone (tests/ops/test_bigbird.py)
 BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dilation": 2},
          "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
          "linear": {}, "linformer": {"k": 16, "max_len": 128},

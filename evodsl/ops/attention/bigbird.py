@@ -117,7 +117,7 @@ class BigBirdAttention(AttentionBase):
 
     def forward(self, x, ctx):
         b, n, _ = x.shape
-        B, h, kv, dh = self.block, self.heads, self.kv_heads, self.head_dim
+        B, h, kv = self.block, self.heads, self.kv_heads
         nb = -(-n // B)
         N, g = nb * B, self.first + self.last
         q, k, v = self.qkv(x)
@@ -127,16 +127,18 @@ class BigBirdAttention(AttentionBase):
             mask = None if key_mask is None else key_mask[:, None, None, :]
             return self.out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                            enable_gqa=kv != h))
+        pad = not isinstance(n, int) or N != n  # a symbolic n (export): always the padded form
         keep = None  # bool [b | 1, N]: the real, unpadded keys
-        if key_mask is not None or N != n:
+        if key_mask is not None or pad:
             keep = torch.arange(N, device=x.device)[None] < n
             keep = keep if key_mask is None else keep & F.pad(key_mask, (0, N - n), value=False)
-        q, k, v = (F.pad(t, (0, 0, 0, N - n)) if N != n else t for t in (q, k, v))
-        og = self._global_rows(q, k, v, keep, N, dropout)
-        y = torch.cat([og[:, :, :self.first * B], self._local_rows(q, k, v, keep, nb, dropout),
-                       og[:, :, self.first * B:]], 2)
-        del og
-        return self.out(y[:, :, :n])
+        q, k, v = (F.pad(t, (0, 0, 0, N - n)) if pad else t for t in (q, k, v))
+        y = self._local_rows(q, k, v, keep, nb, dropout)
+        if g:  # the global blocks' rows around the local ones
+            og = self._global_rows(q, k, v, keep, N, dropout)
+            y = torch.cat([og[:, :, :self.first * B], y, og[:, :, self.first * B:]], 2)
+            del og
+        return self.out(y[:, :, :n] if pad else y)
 
     def _global_rows(self, q, k, v, keep, N, dropout):
         """The g B queries of the global blocks against every key: [b, h, g B, dh]."""
@@ -157,12 +159,13 @@ class BigBirdAttention(AttentionBase):
         kb, vb = (t.reshape(b, kv * nb, B, dh).index_select(1, flat).view(b, h * R, S * B, dh) for t in (k, v))
         ok = valid[..., None].expand(h, R, S, B)[None]  # [1 | b, h, R, S, B]
         if keep is not None:
-            ok = ok & keep.view(-1, nb, B)[:, blocks]
+            ok = ok & keep.view(keep.shape[0], nb, B)[:, blocks]
             own = torch.arange(S, device=q.device)[:, None] == self.window // 2  # the query's own block
             ok = ok | (own & ~ok.flatten(-2).any(-1)[..., None, None])  # a block of padding reads itself
         mask = torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~ok, float("-inf"))
         qb = q[:, :, self.first * B:N - self.last * B].reshape(b, h * R, B, dh)
-        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.view(-1, h * R, 1, S * B), dropout_p=dropout)
+        mask = mask.view(mask.shape[0], h * R, 1, S * B)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout)
         return o.view(b, h, R * B, dh)
 
 
