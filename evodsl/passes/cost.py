@@ -39,7 +39,14 @@ def _num(expr, values: dict, b: int, n):
     if not isinstance(expr, sp.Basic):
         return expr
     n, m = n if isinstance(n, tuple) else (n, n)
-    v = expr.subs(values).subs({B: b, N: n, M: m})
+    # every symbol at once (xreplace): substituting the sizes first and b, n after would have sympy simplify the
+    # Max / Min / Piecewise terms over symbolic n on the way, seconds per formula
+    at = {k: sp.sympify(x) for k, x in {**values, B: b, N: n, M: m}.items()}
+    v = expr.xreplace(at)
+    while v.free_symbols & at.keys():  # a value that is itself a formula (a length such as n + 16)
+        v = v.xreplace(at)
+    if v.free_symbols:
+        v = v.subs(at)
     return int(v) if v.is_integer else float(v)
 
 
