@@ -50,6 +50,15 @@ def _num(expr, values: dict, b: int, n):
     return int(v) if v.is_integer else float(v)
 
 
+def _sizes(expr, values: dict):
+    """`expr` with the op's sizes (not b, n, m) put in, all at once (xreplace): subs would have sympy simplify
+    its Max / Min terms over symbolic n after each one."""
+    expr = sp.sympify(expr)
+    at = {k: sp.sympify(v) for k, v in values.items()}
+    out = expr.xreplace(at)
+    return out.subs(at) if out.free_symbols & at.keys() else out
+
+
 def _elems(shape) -> object:
     return prod((B if d == "b" else length(d)) for d in shape)
 
@@ -101,7 +110,7 @@ class Report:
         """Sum of one Cost field over all executions (a formula in b, n, numbers substituted); the decoding state
         ("cache") over the layers that keep one (not an encoder's)."""
         rows = self.decoding_rows() if attr == "cache" else self.rows
-        return sp.expand(sum(sp.sympify(cost_field(r.cost, attr)).subs(r.values) * r.count for r in rows))
+        return sp.expand(sum(_sizes(cost_field(r.cost, attr), r.values) * r.count for r in rows))
 
     def decoding_rows(self) -> list:
         """The rows that keep state: none in a model whose output is bidirectional (it does not decode); all, but
