@@ -1,4 +1,5 @@
-"""The cost of mha(bigbird) in the form that runs (bigbird.py), for nb = ceil(n / B) > g blocks:
+"""The cost of mha(bigbird) in the form that runs (bigbird.py): for nb = ceil(n / B) <= g blocks, full attention
+(one SDPA call, softmax's cost); for more,
 
 - the R = nb - g local query blocks: one SDPA call of [b, h R, B, dh] queries against their S = w + g + r key
   blocks, [b, h R, S B, dh] keys and values gathered by index_select (from a contiguous [b, kv, N, dh] copy
@@ -12,12 +13,19 @@ from dataclasses import replace
 
 import sympy as sp
 
-from ..cost import Cost, Symbols
+from ..cost import Cost, Symbols, piecewise
 from ..registry import OpEnv
 from ._common import LSE_BYTES, AttentionParams, attention_cost, head_symbols
 
 
 def bigbird_cost(p: AttentionParams, env: OpEnv, s: Symbols) -> Cost:
+    from .softmax import softmax_attention_cost
+
+    full = replace(softmax_attention_cost(p, env, s), cache=0)  # nb <= g: every block global
+    return piecewise([(full, sp.ceiling(s.n / s.sym("B", p.block)) <= p.globals), (_sparse_cost(p, env, s), True)])
+
+
+def _sparse_cost(p: AttentionParams, env: OpEnv, s: Symbols) -> Cost:
     """Forward FLOPs: the projections and the two SDPA calls' 4 scores dh. Memory: what the torch code
     allocates, for an unmasked call (the phases below)."""
     h, kv, dh = head_symbols(p, s)
@@ -51,6 +59,13 @@ def bigbird_cost(p: AttentionParams, env: OpEnv, s: Symbols) -> Cost:
     # backward: the global call's first (its saved tensors then released), then the local call's gradients of
     # q, k and v beside a contiguous copy of its output's gradient (a slice of the concatenation's, with g > 0)
     bwd = [Ql + 2 * KB + (Ql - 2 * Gq - lse_g if g else 0)]
-    if p.dropout > 0:
+    if p.dropout > 0:  # SDPA's math kernel (the fused one has no dropout): it keeps the weights, the dropout
+        # mask and the dropped weights (float32) in place of the outputs, their logsumexp and the additive mask
         core = replace(core, bwd=core.bwd - 2 * (local + glob) * dh)
+        saved = saved + 3 * (local + glob) * max(by, 4) - (Ql + lse_l + M) - (Gq + lse_g if g else 0)
+        Ls, Gs = local * max(by, 4), glob * max(by, 4)
+        # backward: the global call's first (the weights' gradient, v's at h heads, o's slice), then the local
+        # call's (the weights' and the gathered values' gradients) once the global call's weights, mask, dropped
+        # weights and scaled q are released and its K/V gradients summed to kv heads
+        bwd = [Ls + KB - (3 * Gs + 2 * Gq + Qn - 2 * KVn if g else 0)] + ([Gs + Gq + Qn] if g else [])
     return attention_cost(p, s, h, kv, dh, core, Cost(), saved, phases, 0, bwd_phases=bwd)

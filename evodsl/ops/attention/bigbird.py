@@ -65,11 +65,12 @@ def _hash(seed: int, head: torch.Tensor, row: torch.Tensor, slot: int) -> torch.
     return x
 
 
-def random_blocks(nb, heads: int, r: int, window: int, first: int, last: int, seed: int, device):
+def random_blocks(nb, heads: int, r: int, window: int, first: int, last: int, seed: int, device, rows=None):
     """(blocks [h, nb - first - last, r] long, valid bool of the same shape): for each head and local query block
     i (first .. nb - last - 1), r distinct blocks drawn among the m(i) outside its window and the global blocks
-    (Floyd's algorithm over the candidates' ranks; the slots beyond m(i) invalid)."""
-    i = torch.arange(first, nb - last, device=device)
+    (Floyd's algorithm over the candidates' ranks; the slots beyond m(i) invalid). rows: the query blocks i
+    instead (a long tensor of local blocks; repeats allowed)."""
+    i = torch.arange(first, nb - last, device=device) if rows is None else rows
     lo, hi = (i - window // 2).clamp(min=first), (i + window // 2).clamp(max=nb - last - 1)
     a = lo - first  # candidates first .. lo-1, then hi+1 .. nb-last-1
     m = a + (nb - last - 1 - hi)
@@ -96,18 +97,19 @@ class BigBirdAttention(AttentionBase):
         self.block, self.window, self.random, self.seed = p.block, p.window, p.random, p.seed
         self.first, self.last = (p.globals + 1) // 2, p.globals // 2
 
-    def random_blocks(self, nb, device):
-        return random_blocks(nb, self.heads, self.random, self.window, self.first, self.last, self.seed, device)
+    def random_blocks(self, nb, device, rows=None):
+        return random_blocks(nb, self.heads, self.random, self.window, self.first, self.last, self.seed, device,
+                             rows)
 
-    def slots(self, nb, device):
-        """(blocks [h, R, S], valid [h, R, S]) for the R = nb - g local query blocks: the w window blocks (invalid
-        outside the sequence or at a global block), the g global blocks, the r random ones."""
+    def slots(self, nb, device, rows=None):
+        """(blocks [h, R, S], valid [h, R, S]) for the R = nb - g local query blocks (or the blocks `rows`): the w
+        window blocks (invalid outside the sequence or at a global block), the g global blocks, the r random ones."""
         first, last, half = self.first, self.last, self.window // 2
-        i = torch.arange(first, nb - last, device=device)
+        i = torch.arange(first, nb - last, device=device) if rows is None else rows
         win = i[:, None] + torch.arange(-half, half + 1, device=device)
         win_ok = (win >= first) & (win < nb - last)
         glob = torch.cat([torch.arange(first, device=device), torch.arange(nb - last, nb, device=device)])
-        rnd, rnd_ok = self.random_blocks(nb, device)
+        rnd, rnd_ok = self.random_blocks(nb, device) if rows is None else self.random_blocks(nb, device, rows)
         h, R = self.heads, i.shape[0]
         blocks = torch.cat([torch.where(win_ok, win, i[:, None]).expand(h, R, -1),
                             glob.expand(h, R, -1), rnd], -1)
@@ -118,8 +120,10 @@ class BigBirdAttention(AttentionBase):
     def forward(self, x, ctx):
         b, n, _ = x.shape
         B, h, kv = self.block, self.heads, self.kv_heads
-        nb = -(-n // B)
-        N, g = nb * B, self.first + self.last
+        nb, g = (n + B - 1) // B, self.first + self.last  # not -(-n // B): ONNX Div truncates
+        if not isinstance(n, int):  # export: one graph for every n, so at least g + 1 blocks (padding), where the
+            nb = torch.sym_max(nb, g + 1)  # one local block reads all the others: full attention, as eager's below
+        N = nb * B
         q, k, v = self.qkv(x)
         key_mask = self.key_mask(ctx)
         dropout = self.dropout if self.training else 0.0
@@ -133,11 +137,13 @@ class BigBirdAttention(AttentionBase):
             keep = torch.arange(N, device=x.device)[None] < n
             keep = keep if key_mask is None else keep & F.pad(key_mask, (0, N - n), value=False)
         q, k, v = (F.pad(t, (0, 0, 0, N - n)) if pad else t for t in (q, k, v))
-        y = self._local_rows(q, k, v, keep, nb, dropout)
+        y = self._local_rows(q, k, v, keep, nb, dropout, every=not isinstance(n, int))
         if g:  # the global blocks' rows around the local ones
             og = self._global_rows(q, k, v, keep, N, dropout)
             y = torch.cat([og[:, :, :self.first * B], y, og[:, :, self.first * B:]], 2)
             del og
+        if not isinstance(n, int):  # export: the first n rows by a gather (n <= N is beyond torch.export's algebra)
+            return self.out(y.index_select(2, torch.arange(n, device=x.device)))
         return self.out(y[:, :, :n] if pad else y)
 
     def _global_rows(self, q, k, v, keep, N, dropout):
@@ -148,31 +154,40 @@ class BigBirdAttention(AttentionBase):
         return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, dropout_p=dropout,
                                               enable_gqa=self.kv_heads != self.heads)
 
-    def _local_rows(self, q, k, v, keep, nb, dropout):
-        """Each local query block against its S key blocks, one SDPA call: [b, h, R B, dh]."""
+    def _local_rows(self, q, k, v, keep, nb, dropout, every: bool = False):
+        """Each local query block against its S key blocks: [b, h, R B, dh]. Eager: one SDPA call over [b, h R]
+        blocks. every (export, a symbolic n): every one of the nb blocks as a query block, a global one reading as
+        its nearest local one does (rows thrown away), blocks an axis of their own and SDPA's math written out
+        (the exporter lowers 4-d SDPA only): no tensor has a dimension of nb - g, whose size 1 would make
+        torch.export specialize (nb >= g + 1 >= 2 is known to it; nb - g >= 2 is not)."""
         b, _, N, dh = q.shape
         B, h, kv = self.block, self.heads, self.kv_heads
-        blocks, valid = self.slots(nb, q.device)  # [h, R, S]
+        rows = torch.arange(nb, device=q.device).clamp(self.first, nb - self.last - 1) if every else None
+        blocks, valid = self.slots(nb, q.device, rows)  # [h, R, S]
         R, S = blocks.shape[1], blocks.shape[2]
         head = torch.arange(h, device=q.device)[:, None, None] // (h // kv)  # each query head's K/V head
-        flat = (head * nb + blocks).flatten()
-        kb, vb = (t.reshape(b, kv * nb, B, dh).index_select(1, flat).view(b, h * R, S * B, dh) for t in (k, v))
         ok = valid[..., None].expand(h, R, S, B)[None]  # [1 | b, h, R, S, B]
         if keep is not None:
-            ok = ok & keep.view(keep.shape[0], nb, B)[:, blocks]
+            ok = ok & keep.unflatten(1, (nb, B))[:, blocks]
             own = torch.arange(S, device=q.device)[:, None] == self.window // 2  # the query's own block
             ok = ok | (own & ~ok.flatten(-2).any(-1)[..., None, None])  # a block of padding reads itself
         mask = torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~ok, float("-inf"))
+        if every:
+            kb, vb = (t.unflatten(2, (nb, B))[:, head, blocks].flatten(3, 4) for t in (k, v))  # [b, h, nb, S B, dh]
+            w = (q.unflatten(2, (nb, B)) @ kb.transpose(-1, -2) * dh ** -0.5 + mask.flatten(3, 4).unsqueeze(3))
+            o = (F.dropout(w.softmax(-1), dropout) @ vb).flatten(2, 3)
+            return o[:, :, self.first * B:N - self.last * B]
+        flat = (head * nb + blocks).flatten()
+        kb, vb = (t.reshape(b, kv * nb, B, dh).index_select(1, flat).view(b, h * R, S * B, dh) for t in (k, v))
         qb = q[:, :, self.first * B:N - self.last * B].reshape(b, h * R, B, dh)
         mask = mask.view(mask.shape[0], h * R, 1, S * B)
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout)
         return o.view(b, h, R * B, dh)
 
-
 OP = register(Op(
     decode=None,  # bidirectional only: the global blocks read every position
     family="mha", variant="bigbird", params=BigBirdParams, module=BigBirdAttention,
-    causal="no", shape=bigbird_shape, cost=bigbird_cost,
+    causal="no", shape=bigbird_shape, cost=bigbird_cost, pad_alone=False,
     paper="Big Bird: Transformers for Longer Sequences, Zaheer et al. 2020, arXiv:2007.14062",
     summary="blocks of B queries read w window blocks, g global blocks (first and last, which read all) and r "
             "seeded random blocks, one softmax; O(n (w + g + r) B d)",
