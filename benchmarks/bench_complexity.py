@@ -72,11 +72,12 @@ def variants(args) -> list[tuple[str, str]]:
         ("star", "star"),
         (f"skyformer, landmarks={args.landmarks}", f"skyformer, landmarks={args.landmarks}"),
         (f"soft, landmarks={args.landmarks}", f"soft, landmarks={args.landmarks}"),
+        ("bigbird, block=64, random=3", "bigbird, block=64, window=3, globals=2, random=3"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",
-                      "skyformer", "soft")  # variants with no causal form: run bidirectional only
+                      "skyformer", "soft", "bigbird")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

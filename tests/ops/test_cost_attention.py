@@ -57,6 +57,13 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                    ({"window": 8, "globals": 2, "dropout": 0.1}, BOTH), ({"window": 16, "dilation": 2, "dropout": 0.1}, SMALL),
                    ({"window": 16, "globals": 1, "dilation": 3, "kv_heads": 2, "dropout": 0.1}, ODD),
                    ({"window": 8, "globals": 3, "heads": 2, "head_dim": 8, "bias": False, "dropout": 0.1}, SMALL)],
+    # blocks of 8 (n = 64: 8 blocks, 160: 20) and 12 (the last block padded), no global blocks, three (two first,
+    # one last), grouped K/V heads; with dropout (SDPA's math kernel); 32-token blocks at n = 64: full attention
+    "bigbird": [({"block": 8, "random": 2}, BOTH), ({"block": 8, "random": 2, "kv_heads": 2}, BOTH),
+                ({"block": 8, "globals": 0, "random": 1}, BOTH), ({"block": 12, "random": 1}, BOTH),
+                ({"block": 8, "window": 1, "globals": 3, "random": 2, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+                ({"block": 32, "random": 1}, SMALL), ({"block": 8, "random": 2, "dropout": 0.1}, BOTH),
+                ({"block": 12, "random": 1, "globals": 3, "kv_heads": 2, "dropout": 0.1}, BOTH)],
     "linformer": [({"k": 16, "max_len": 256}, BOTH), ({"k": 16, "max_len": 256, "kv_heads": 2}, BOTH),
                   ({"k": 8, "max_len": 256, "share_kv": True, "heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"k": 16, "max_len": 256, "dropout": 0.1}, BOTH)],

@@ -37,6 +37,7 @@ ARGS = {
     "sparse": {"stride": 64},  # n / l = 16 .. 128 blocks: the class scores (n^2 / l) grow past the band's (n l)
     # 8 .. 64 global tokens beside a band of 129 keys: near linear at these n (g = n / l grows: n^2 / l)
     "tglobal": {"radius": 64, "block": 128},
+    "bigbird": {"block": 64, "random": 3},
     "chunk": {"c": 64},
     "blockwise": {"blocks": 8},  # blocks of n/8: quadratic, an 8th of softmax's scores
     "long_short": {"w": 64, "r": 16},
