@@ -64,6 +64,7 @@ def variants(args) -> list[tuple[str, str]]:
          f"longformer, window={args.window + args.window % 2}, globals=1"),
         (f"longformer, window={args.window}, dilation=2", f"longformer, window={args.window + args.window % 2}, dilation=2"),
         (f"chunk, c={args.window}", f"chunk, c={args.window}"),
+        ("logsparse, conv=3", "logsparse, conv=3"),
         (f"jukebox, row, block={args.stride}", f"jukebox, block={args.stride}"),
         (f"jukebox, column, block={args.stride}", f"jukebox, pattern=column, block={args.stride}"),
         (f"jukebox, prev_row, block={args.stride}", f"jukebox, pattern=prev_row, block={args.stride}"),

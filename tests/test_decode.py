@@ -145,13 +145,15 @@ SPARSE = ["norm -> mha(sparse, stride=4) -> norm -> ffn", "norm -> mha(sparse, p
 JUKEBOX = ["norm -> mha(jukebox, block=4) -> norm -> mha(jukebox, pattern=column, block=4, kv_heads=2) -> norm -> "
            "mha(jukebox, pattern=prev_row, block=4) -> ffn", "norm -> mha(jukebox, pattern=prev_row, block=40, kv_heads=1) "
            "-> norm -> mha(jukebox, block=40) -> ffn"]
+# LogSparse's log-spaced keys (back to t - 16 at 29 tokens), the local variant, the convolution's last inputs
+LOGSPARSE = ["norm -> mha(logsparse) -> norm -> ffn", "norm -> mha(logsparse, window=3, conv=4, kv_heads=2) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER])
 
 

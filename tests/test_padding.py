@@ -23,7 +23,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "efficient": {}, "fastformer": {}, "fanet": {}, "ufo": {}, "simpletron": {},
          "separable": {}, "nystrom": {"landmarks": 24, "conv": 5}, "performer": {"features": 16}, "rfa": {"features": 8},
          "sparse": {"stride": 6}, "tglobal": {"radius": 5, "block": 8},
-         "chunk": {"c": 16}, "jukebox": {"block": 6}, "blockwise": {"blocks": 3, "identity": 2},
+         "chunk": {"c": 16}, "jukebox": {"block": 6}, "logsparse": {"window": 2, "conv": 3}, "blockwise": {"blocks": 3, "identity": 2},
          "long_short": {"w": 8, "r": 4}, "fmm": {"w": 6, "kernels": 3},
          "isab": {"m": 6}, "luna": {"l": 6}, "star": {"rounds": 2},
          "skyformer": {"landmarks": 24}, "soft": {"landmarks": 24}}

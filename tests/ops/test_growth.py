@@ -38,6 +38,7 @@ ARGS = {
     # 8 .. 64 global tokens beside a band of 129 keys: near linear at these n (g = n / l grows: n^2 / l)
     "tglobal": {"radius": 64, "block": 128},
     "chunk": {"c": 64},
+    "logsparse": {"window": 8, "conv": 3},  # 8 + 7 .. 10 keys per query: n log n
     "jukebox": {"block": 64},  # the row pattern (rows of 64: linear); column reads n / l keys per query (quadratic)
     "blockwise": {"blocks": 8},  # blocks of n/8: quadratic, an 8th of softmax's scores
     "long_short": {"w": 64, "r": 16},
