@@ -141,12 +141,19 @@ SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> f
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
 SPARSE = ["norm -> mha(sparse, stride=4) -> norm -> ffn", "norm -> mha(sparse, pattern=fixed, stride=5, c=2, kv_heads=2) "
           "-> norm -> ffn", "norm -> mha(sparse, stride=40, kv_heads=1) -> norm -> ffn"]
+# Jukebox's patterns over rows of 4 (29 tokens: a part row at the end), and a row past the sequence
+JUKEBOX = ["norm -> mha(jukebox, block=4) -> norm -> mha(jukebox, pattern=column, block=4, kv_heads=2) -> norm -> "
+           "mha(jukebox, pattern=prev_row, block=4) -> ffn", "norm -> mha(jukebox, pattern=prev_row, block=40, kv_heads=1) "
+           "-> norm -> mha(jukebox, block=40) -> ffn"]
+# LogSparse's log-spaced keys (back to t - 16 at 29 tokens), the local variant, the convolution's last inputs
+LOGSPARSE = ["norm -> mha(logsparse) -> norm -> ffn", "norm -> mha(logsparse, window=3, conv=4, kv_heads=2) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER])
 
 

@@ -32,11 +32,33 @@ TOL = 1e-4  # max |onnxruntime - torch| <= TOL * max |torch|, float32
 
 HEADER = "d_model = 32\nheads = 4\nkv_heads = 2\nvocab = 61\n"
 # Arguments an op needs to stand alone at this size: required ones, and bands narrower than the test sequences.
-ARGS = {("mha", "local"): "window=5", ("mha", "longformer"): "window=4, dilation=2", ("mha", "linformer"): "k=16, max_len=128", ("mha", "nystrom"): "landmarks=8, conv=3", ("mha", "skyformer"): "landmarks=8", ("mha", "soft"): "landmarks=8", ("mha", "performer"): "features=16", ("mha", "rfa"): "features=8", ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5", ("mha", "sparse"): "stride=6", ("mha", "tglobal"): "radius=5, block=4", ("mha", "chunk"): "c=5", ("mha", "long_short"): "w=6, r=4", ("mha", "fmm"): "w=5, kernels=3", ("mha", "isab"): "m=6", ("mha", "luna"): "l=6", ("mha", "star"): "rounds=2", ("mha", "blockwise"): "blocks=3, identity=2", ("mha", "bigbird"): "block=2, random=2",
-        ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
-        ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
-        ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
-        ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4"}
+ARGS = {  # one entry per line: helpers add rows side by side
+    ("mha", "local"): "window=5",
+    ("mha", "longformer"): "window=4, dilation=2",
+    ("mha", "linformer"): "k=16, max_len=128",
+    ("mha", "nystrom"): "landmarks=8, conv=3",
+    ("mha", "skyformer"): "landmarks=8",
+    ("mha", "soft"): "landmarks=8",
+    ("mha", "performer"): "features=16",
+    ("mha", "rfa"): "features=8",
+    ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5",
+    ("mha", "sparse"): "stride=6",
+    ("mha", "tglobal"): "radius=5, block=4",
+    ("mha", "chunk"): "c=5",
+    ("mha", "long_short"): "w=6, r=4",
+    ("mha", "fmm"): "w=5, kernels=3",
+    ("mha", "isab"): "m=6",
+    ("mha", "luna"): "l=6",
+    ("mha", "star"): "rounds=2",
+    ("mha", "blockwise"): "blocks=3, identity=2",
+    ("mha", "bigbird"): "block=2, random=2",
+    ("mha", "logsparse"): "window=2, conv=3",
+    ("mha", "jukebox"): "pattern=column, block=6",
+    ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
+    ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
+    ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
+    ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4",
+}
 FEATURES, OUT = "input(features, d=32)", "head(linear, d_out=8)"
 # family -> (the model around its ops, how one variant appears in it, whether all variants share one spec).
 # Per-token families share one spec (a chain of all their variants); the others get a spec per variant.
@@ -132,7 +154,7 @@ IDS = [c.id for c in CASES]
 # symbolic, computes it in the per-query gather form (_gathered_band in evodsl/ops/attention/_banded.py): each
 # query against its own w keys. Same O(n w) class, other multiply-adds, so the ONNX graph's matmul FLOPs differ.
 BANDED = {("mha", "local"), ("mha", "adaptive_span"), ("mha", "sparse"), ("mha", "tglobal"),
-          ("mha", "longformer"), ("mha", "chunk"),
+          ("mha", "longformer"), ("mha", "chunk"), ("mha", "jukebox"), ("mha", "logsparse"),
           ("mha", "long_short"), ("mha", "fmm")}  # sparse: each query gathers its keys
 # Causal linear attention likewise: torch runs it in chunks of 64 tokens (what `evodsl cost` declares); the
 # export runs the prefix-sum form (_prefix_sums in evodsl/ops/attention/linear.py), whose running states are

@@ -100,6 +100,17 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                ({"pattern": "fixed", "stride": 12, "c": 3, "kv_heads": 2}, BOTH),
                ({"pattern": "fixed", "stride": 16, "pos": ROPE}, BOTH), ({"pattern": "fixed", "stride": 8, "c": 7}, ODD),
                ({"pattern": "fixed", "stride": 6, "dropout": 0.1}, SMALL)],
+    # rows of l over n = 64 (l = 16 divides it, 12 does not) and 160 (24: a padded last row), one row (l >= n)
+    "jukebox": [({"block": 16}, BOTH), ({"block": 12, "kv_heads": 2}, BOTH), ({"pattern": "column", "block": 16}, BOTH),
+                ({"pattern": "column", "block": 12, "kv_heads": 2}, BOTH), ({"pattern": "prev_row", "block": 16}, BOTH),
+                ({"pattern": "prev_row", "block": 12, "kv_heads": 1}, BOTH),
+                ({"pattern": "column", "block": 200, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+                ({"pattern": "row", "block": 200}, ODD), ({"pattern": "prev_row", "block": 24, "dropout": 0.1}, ODD),
+                ({"block": 12, "dropout": 0.1}, SMALL), ({"pattern": "column", "block": 16, "dropout": 0.1}, SMALL)],
+    # the LogSparse set (w = 1), the local variant, the convolutional q and k, a window past the sequence
+    "logsparse": [({}, BOTH), ({"window": 4}, BOTH), ({"window": 2, "kv_heads": 2}, BOTH), ({"conv": 3}, BOTH),
+                  ({"window": 3, "conv": 5, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+                  ({"conv": 2, "kv_heads": 1}, SMALL), ({"window": 200}, ODD), ({"dropout": 0.1}, SMALL)],
     # the band in blocks of 32 queries (n = 64: 2, 160: 5) or 40 (padded queries); one block (radius 200); T5's
     # bias on the band; global tokens of 8, 16 or 32 positions (n = 160 and 16: none left over)
     "tglobal": [({"radius": 8, "block": 8}, BOTH), ({"radius": 40, "block": 8, "kv_heads": 2}, BOTH),

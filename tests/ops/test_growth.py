@@ -39,6 +39,8 @@ ARGS = {
     "tglobal": {"radius": 64, "block": 128},
     "bigbird": {"block": 64, "random": 3},
     "chunk": {"c": 64},
+    "logsparse": {"window": 8, "conv": 3},  # 8 + 7 .. 10 keys per query: n log n
+    "jukebox": {"block": 64},  # the row pattern (rows of 64: linear); column reads n / l keys per query (quadratic)
     "blockwise": {"blocks": 8},  # blocks of n/8: quadratic, an 8th of softmax's scores
     "long_short": {"w": 64, "r": 16},
     "fmm": {"w": 64},

@@ -25,6 +25,8 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "rfa": {"features": 8},
     "sparse": {"stride": 6},  # the fixed pattern's leak test: tests/ops/test_sparse.py
     "chunk": {"c": 16},  # four chunks of 16 and 6 tokens left over
+    "logsparse": {"window": 2, "conv": 3},
+    "jukebox": {"block": 6},  # rows of 6 (column and prev_row: tests/ops/test_jukebox.py)
     "fmm": {"w": 6, "kernels": 3},
     "luna": {"l": 6},
 }
