@@ -32,7 +32,7 @@ TOL = 1e-4  # max |onnxruntime - torch| <= TOL * max |torch|, float32
 
 HEADER = "d_model = 32\nheads = 4\nkv_heads = 2\nvocab = 61\n"
 # Arguments an op needs to stand alone at this size: required ones, and bands narrower than the test sequences.
-ARGS = {("mha", "local"): "window=5", ("mha", "longformer"): "window=4, dilation=2", ("mha", "linformer"): "k=16, max_len=128", ("mha", "nystrom"): "landmarks=8, conv=3", ("mha", "skyformer"): "landmarks=8", ("mha", "soft"): "landmarks=8", ("mha", "performer"): "features=16", ("mha", "rfa"): "features=8", ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5", ("mha", "sparse"): "stride=6", ("mha", "tglobal"): "radius=5, block=4", ("mha", "chunk"): "c=5", ("mha", "long_short"): "w=6, r=4", ("mha", "fmm"): "w=5, kernels=3", ("mha", "isab"): "m=6", ("mha", "luna"): "l=6", ("mha", "star"): "rounds=2", ("mha", "blockwise"): "blocks=3, identity=2",
+ARGS = {("mha", "local"): "window=5", ("mha", "longformer"): "window=4, dilation=2", ("mha", "linformer"): "k=16, max_len=128", ("mha", "nystrom"): "landmarks=8, conv=3", ("mha", "skyformer"): "landmarks=8", ("mha", "soft"): "landmarks=8", ("mha", "performer"): "features=16", ("mha", "rfa"): "features=8", ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5", ("mha", "sparse"): "stride=6", ("mha", "tglobal"): "radius=5, block=4", ("mha", "chunk"): "c=5", ("mha", "long_short"): "w=6, r=4", ("mha", "fmm"): "w=5, kernels=3", ("mha", "isab"): "m=6", ("mha", "luna"): "l=6", ("mha", "star"): "rounds=2", ("mha", "blockwise"): "blocks=3, identity=2", ("mha", "bpt"): "k=2",
         ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
         ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
         ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
@@ -142,8 +142,13 @@ PREFIX_SUMS = {("mha", "linear"), ("mha", "fanet"), ("mha", "simpletron"), ("mha
                ("mha", "rfa")}  # causal forms exported as prefix sums
 
 
+# BP-Transformer: torch gathers each query's spans from a tree of pooled levels as deep as n needs; the export
+# (a symbolic n) takes span sums from prefix sums over a fixed number of levels, most of them masked.
+TREES = {("mha", "bpt")}
+
+
 def export_form_differs(graph) -> bool:
-    return any((n.family, n.variant) in BANDED or ((n.family, n.variant) in PREFIX_SUMS and
+    return any((n.family, n.variant) in BANDED | TREES or ((n.family, n.variant) in PREFIX_SUMS and
                                                     graph.options.get("causal")) for n in graph.calls())
 
 
