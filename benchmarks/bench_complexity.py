@@ -77,6 +77,7 @@ def variants(args) -> list[tuple[str, str]]:
         (f"skyformer, landmarks={args.landmarks}", f"skyformer, landmarks={args.landmarks}"),
         (f"soft, landmarks={args.landmarks}", f"soft, landmarks={args.landmarks}"),
         ("bigbird, block=64, random=3", "bigbird, block=64, window=3, globals=2, random=3"),
+        (f"bpt, k={args.bpt_k}", f"bpt, k={args.bpt_k}"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
@@ -156,6 +157,7 @@ def main() -> None:
     ap.add_argument("--max-span", type=int, default=256, help="mha(adaptive_span) max_span")
     ap.add_argument("--R", type=int, default=32, help="mha(adaptive_span) ramp")
     ap.add_argument("--span-init", type=float, default=0.5, help="mha(adaptive_span) span_init (z / max_span)")
+    ap.add_argument("--bpt-k", type=int, default=4, help="mha(bpt) spans per level and side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed forwards per n")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every n once)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: steadier)")

@@ -54,6 +54,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "bigbird"): "block=2, random=2",
     ("mha", "logsparse"): "window=2, conv=3",
     ("mha", "jukebox"): "pattern=column, block=6",
+    ("mha", "bpt"): "k=2",
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
@@ -164,8 +165,13 @@ PREFIX_SUMS = {("mha", "linear"), ("mha", "fanet"), ("mha", "simpletron"), ("mha
                ("mha", "rfa")}  # causal forms exported as prefix sums
 
 
+# BP-Transformer: torch gathers each query's spans from a tree of pooled levels as deep as n needs; the export
+# (a symbolic n) takes span sums from prefix sums over a fixed number of levels, most of them masked.
+TREES = {("mha", "bpt")}
+
+
 def export_form_differs(graph) -> bool:
-    return any((n.family, n.variant) in BANDED or ((n.family, n.variant) in PREFIX_SUMS and
+    return any((n.family, n.variant) in BANDED | TREES or ((n.family, n.variant) in PREFIX_SUMS and
                                                     graph.options.get("causal")) for n in graph.calls())
 
 

@@ -49,6 +49,7 @@ ARGS = {
     "star": {"rounds": 2},
     "skyformer": {"landmarks": 16},
     "soft": {"landmarks": 16},
+    "bpt": {"k": 1},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)

@@ -29,6 +29,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "jukebox": {"block": 6},  # rows of 6 (column and prev_row: tests/ops/test_jukebox.py)
     "fmm": {"w": 6, "kernels": 3},
     "luna": {"l": 6},
+    "bpt": {"k": 2},  # levels of 2, 4, 8 .. tokens: spans across the whole 70
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
