@@ -132,6 +132,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "rfa": [({"features": 16}, BOTH), ({"features": 16, "kv_heads": 2}, BOTH), ({}, SMALL),
             ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
             ({"features": 32, "pos": HALF_ROPE}, SMALL)],
+    "momentum": [({}, BOTH), ({"kv_heads": 2, "beta": 0.9}, BOTH),
+                 ({"kv_heads": 1, "head_dim": 8, "bias": False, "gamma": 0.5}, ODD)],
 }
 
 
