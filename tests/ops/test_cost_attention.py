@@ -134,6 +134,7 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
             ({"features": 32, "pos": HALF_ROPE}, SMALL)],
     "momentum": [({}, BOTH), ({"kv_heads": 2, "beta": 0.9}, BOTH),
                  ({"kv_heads": 1, "head_dim": 8, "bias": False, "gamma": 0.5}, ODD)],
+    "flowformer": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
 }
 
 
