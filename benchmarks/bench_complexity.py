@@ -56,6 +56,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("separable", "separable"),
         ("performer", "performer"),
         ("rfa", "rfa"),
+        ("momentum", "momentum"),
+        ("flowformer", "flowformer"),
         (f"sparse, stride={args.stride}", f"sparse, stride={args.stride}"),
         (f"sparse, fixed, stride={args.stride}, c={args.c}", f"sparse, pattern=fixed, stride={args.stride}, c={args.c}"),
         (f"tglobal, radius={args.radius}, block={args.block}", f"tglobal, radius={args.radius}, block={args.block}"),

@@ -124,6 +124,10 @@ RANDOM_FEATURES = ["norm -> mha(performer, features=16) -> norm -> ffn",
                    "norm -> mha(performer, features=12, kv_heads=2) -> norm -> ffn(swiglu)",
                    "norm -> mha(rfa, features=8, kv_heads=2) -> norm -> ffn",
                    "norm -> mha(rfa, features=8, gate=true, kv_heads=2) -> norm -> ffn"]
+# Momentum Transformer: the plain sums, the momentum and z, read by new tokens in pieces
+MOMENTUM = ["norm -> mha(momentum) -> norm -> ffn", "norm -> mha(momentum, beta=0.9, gamma=0.5, kv_heads=2) -> norm -> ffn"]
+# Flowformer: the flows' running sums and the competition-weighted state
+FLOWFORMER = ["norm -> mha(flowformer) -> norm -> ffn", "norm -> mha(flowformer, kv_heads=2) -> norm -> ffn"]
 # the Attention Free Transformer: running sums (simple), the K/V cache (full, local, conv, daft)
 AFT = ["norm -> mixer(aft) -> norm -> ffn", "norm -> mixer(aft, mode=full, max_len=64) -> norm -> ffn",
        "norm -> mixer(aft, mode=local, max_len=64, window=4) -> norm -> ffn",
@@ -152,7 +156,7 @@ LOGSPARSE = ["norm -> mha(logsparse) -> norm -> ffn", "norm -> mha(logsparse, wi
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]

@@ -161,7 +161,7 @@ BANDED = {("mha", "local"), ("mha", "adaptive_span"), ("mha", "sparse"), ("mha",
 # export runs the prefix-sum form (_prefix_sums in evodsl/ops/attention/linear.py), whose running states are
 # elementwise products and cumulative sums, so fewer of its FLOPs are matmuls. Performer and RFA run the same
 # scheme on their features (evodsl/ops/attention/_kernelized.py).
-PREFIX_SUMS = {("mha", "linear"), ("mha", "fanet"), ("mha", "simpletron"), ("mha", "performer"),
+PREFIX_SUMS = {("mha", "linear"), ("mha", "fanet"), ("mha", "simpletron"), ("mha", "performer"), ("mha", "momentum"), ("mha", "flowformer"),
                ("mha", "rfa")}  # causal forms exported as prefix sums
 
 

@@ -153,6 +153,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     # spans of up to 32 and 64 tokens (J = 6, 7 levels), narrow heads (the tree and the table weigh more)
     "bpt": [({"k": 2}, BOTH), ({"k": 2, "kv_heads": 2}, BOTH), ({"k": 4, "rel_pos": False}, SMALL),
             ({"k": 1, "heads": 2, "head_dim": 8, "bias": False, "kv_heads": 1}, ODD), ({"k": 2, "dropout": 0.1}, SMALL)],
+    "momentum": [({}, BOTH), ({"kv_heads": 2, "beta": 0.9}, BOTH),
+                 ({"kv_heads": 1, "head_dim": 8, "bias": False, "gamma": 0.5}, ODD)],
+    "flowformer": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
 }
 
 

@@ -34,6 +34,8 @@ ARGS = {
     "separable": {},
     "performer": {"features": 64},
     "rfa": {"features": 32},
+    "momentum": {},
+    "flowformer": {},
     "sparse": {"stride": 64},  # n / l = 16 .. 128 blocks: the class scores (n^2 / l) grow past the band's (n l)
     # 8 .. 64 global tokens beside a band of 129 keys: near linear at these n (g = n / l grows: n^2 / l)
     "tglobal": {"radius": 64, "block": 128},

@@ -30,8 +30,10 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "fmm": {"w": 6, "kernels": 3},
     "luna": {"l": 6},
     "bpt": {"k": 2},  # levels of 2, 4, 8 .. tokens: spans across the whole 70
+    "momentum": {},
+    "flowformer": {},
 }
-CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm")  # causal forms in chunks of LINEAR_CHUNK tokens here
+CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
 POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {}),
              "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}), "xl_rel": ("xl_rel", {})}
