@@ -49,6 +49,7 @@ def variants(args) -> list[tuple[str, str]]:
         (f"linformer, k={args.k}", f"linformer, k={args.k}, max_len={max(int(n) for n in args.ns.split(','))}"),
         ("efficient", "efficient"),
         ("fastformer", "fastformer"),
+        (f"lambda, r={args.r_lambda}", f"lambda, r={args.r_lambda}"),
         (f"nystrom, landmarks={args.landmarks}, conv={args.conv}", f"nystrom, landmarks={args.landmarks}, conv={args.conv}"),
         ("fanet", "fanet"),
         ("ufo", "ufo"),
@@ -76,7 +77,7 @@ def variants(args) -> list[tuple[str, str]]:
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",
-                      "skyformer", "soft")  # variants with no causal form: run bidirectional only
+                      "skyformer", "soft", "lambda")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:
@@ -142,6 +143,7 @@ def main() -> None:
     ap.add_argument("--c", type=int, default=8, help="mha(sparse, pattern=fixed) summary keys per block")
     ap.add_argument("--r", type=int, default=16, help="mha(long_short) projected keys")
     ap.add_argument("--k", type=int, default=256, help="mha(linformer) projected length")
+    ap.add_argument("--r-lambda", type=int, default=23, help="mha(lambda) scope of the position lambdas (odd)")
     ap.add_argument("--landmarks", type=int, default=16, help="mha(nystrom) landmarks (dividing every n; at d 32, "
                     "64 keep more of the iteration's [m, m] tensors than of n-long ones up to n = 8k)")
     ap.add_argument("--inducing", type=int, default=16, help="mha(isab) inducing points m, mha(luna) packed length l")

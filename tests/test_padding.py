@@ -20,7 +20,7 @@ LENGTHS = [N, 45, 20, 1]
 BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dilation": 2},
          "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
          "linear": {}, "linformer": {"k": 16, "max_len": 128},
-         "efficient": {}, "fastformer": {}, "fanet": {}, "ufo": {}, "simpletron": {},
+         "efficient": {}, "fastformer": {}, "fanet": {}, "ufo": {}, "simpletron": {}, "lambda": {"k": 8, "u": 2, "r": 7},
          "separable": {}, "nystrom": {"landmarks": 24, "conv": 5}, "performer": {"features": 16}, "rfa": {"features": 8},
          "sparse": {"stride": 6}, "tglobal": {"radius": 5, "block": 8},
          "chunk": {"c": 16}, "blockwise": {"blocks": 3, "identity": 2},

@@ -63,6 +63,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "efficient": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"norm": "scaling", "heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"norm": "scaling"}, BOTH)],
     "fastformer": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD)],
+    # multi-query (the window a view of the padded values at b = 1), K/V groups with intra-depth (einsum's copies)
+    "lambda": [({}, BOTH), ({"kv_heads": 2, "u": 2, "k": 8, "r": 5}, BOTH), ({"kv_heads": 2, "k": 8, "r": 5}, ODD),
+               ({"kv_heads": 4, "u": 3, "head_dim": 8, "bias": False}, SMALL)],
     # landmarks dividing n (means of views), not dividing it (the averaging matrix), and n <= landmarks (exact)
     "nystrom": [({"landmarks": 16}, BOTH), ({"landmarks": 16, "kv_heads": 2, "conv": 5}, BOTH),
                 ({"landmarks": 12, "conv": 7}, BOTH), ({"landmarks": 12, "kv_heads": 1}, BOTH),

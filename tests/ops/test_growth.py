@@ -27,6 +27,7 @@ ARGS = {
     "longformer": {"window": 64, "dilation": 2},  # causal too: no globals (test_longformer.py grows them)
     "efficient": {},
     "fastformer": {},
+    "lambda": {"k": 16, "r": 15},
     "nystrom": {"landmarks": 16, "conv": 33},  # 64 landmarks: the iteration's [m, m] temporaries, a constant, hide n
     "fanet": {},
     "ufo": {},
