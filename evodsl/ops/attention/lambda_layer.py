@@ -20,6 +20,8 @@ side the padding is on. No attention weights: no dropout.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sympy as sp
 import torch
 import torch.nn.functional as F
@@ -120,12 +122,7 @@ def lambda_cost(p: LambdaParams, env: OpEnv, s: Symbols) -> Cost:
     # backward: q's and the lambdas' gradients (y's beside, y released); then the window's beside them and the
     # content lambda's, q, the lambdas and y released
     bwd = sp.Max(q + lam, window + c - y)
-    return replace_cost(proj + core, saved=saved, peak=peak, bwd_peak=bwd)
-
-
-def replace_cost(c: Cost, **fields) -> Cost:
-    from dataclasses import replace
-    return replace(c, saves_input=True, saves_output=False, cache=0, **fields)
+    return replace(proj + core, saved=saved, peak=peak, bwd_peak=bwd, saves_input=True, saves_output=False, cache=0)
 
 
 OP = register(Op(
