@@ -49,6 +49,8 @@ def variants(args) -> list[tuple[str, str]]:
         (f"linformer, k={args.k}", f"linformer, k={args.k}, max_len={max(int(n) for n in args.ns.split(','))}"),
         ("efficient", "efficient"),
         ("fastformer", "fastformer"),
+        (f"lambda, r={args.r_lambda}", f"lambda, r={args.r_lambda}"),
+        (f"smart_bird, s={args.s_bird}", f"smart_bird, s={args.s_bird}"),
         (f"nystrom, landmarks={args.landmarks}, conv={args.conv}", f"nystrom, landmarks={args.landmarks}, conv={args.conv}"),
         ("fanet", "fanet"),
         ("ufo", "ufo"),
@@ -84,7 +86,7 @@ def variants(args) -> list[tuple[str, str]]:
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",
-                      "skyformer", "soft", "bigbird")  # variants with no causal form: run bidirectional only
+                      "skyformer", "soft", "bigbird", "lambda", "smart_bird")  # no causal form: bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:
@@ -150,6 +152,8 @@ def main() -> None:
     ap.add_argument("--c", type=int, default=8, help="mha(sparse, pattern=fixed) summary keys per block")
     ap.add_argument("--r", type=int, default=16, help="mha(long_short) projected keys")
     ap.add_argument("--k", type=int, default=256, help="mha(linformer) projected length")
+    ap.add_argument("--s-bird", type=int, default=32, help="mha(smart_bird) keys sampled per query and head")
+    ap.add_argument("--r-lambda", type=int, default=23, help="mha(lambda) scope of the position lambdas (odd)")
     ap.add_argument("--landmarks", type=int, default=16, help="mha(nystrom) landmarks (dividing every n; at d 32, "
                     "64 keep more of the iteration's [m, m] tensors than of n-long ones up to n = 8k)")
     ap.add_argument("--inducing", type=int, default=16, help="mha(isab) inducing points m, mha(luna) packed length l")

@@ -55,6 +55,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "logsparse"): "window=2, conv=3",
     ("mha", "jukebox"): "pattern=column, block=6",
     ("mha", "bpt"): "k=2",
+    ("mha", "lambda"): "k=8, u=2, r=5",
+    ("mha", "smart_bird"): "s=6, e=8",
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",

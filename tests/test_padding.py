@@ -24,6 +24,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "linear": {}, "linformer": {"k": 16, "max_len": 128},
          "efficient": {}, "fastformer": {}, "fanet": {}, "ufo": {}, "simpletron": {},
          "separable": {}, "nystrom": {"landmarks": 24, "conv": 5}, "performer": {"features": 16}, "rfa": {"features": 8}, "momentum": {}, "flowformer": {},
+         "lambda": {"k": 8, "u": 2, "r": 7}, "smart_bird": {"s": 6, "e": 8},
          "sparse": {"stride": 6}, "tglobal": {"radius": 5, "block": 8},
          "chunk": {"c": 16}, "jukebox": {"block": 6}, "logsparse": {"window": 2, "conv": 3}, "blockwise": {"blocks": 3, "identity": 2},
          "long_short": {"w": 8, "r": 4}, "fmm": {"w": 6, "kernels": 3},
@@ -35,7 +36,7 @@ POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {}), "t5_bias": ("t5_bias"
                                                                                       "max_distance": 20})}
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
 KERNELIZED = ("linear", "performer", "rfa")  # chunked causal forms; phi after rope (absolute positions)
-RIGHT_ONLY = ("linformer", "chunk", "blockwise", "long_short", "jukebox", "bpt")  # read positions counted from each row's start: left padding is refused
+RIGHT_ONLY = ("linformer", "chunk", "blockwise", "long_short", "jukebox", "bpt", "smart_bird")  # read positions counted from each row's start: left padding is refused
 
 
 def test_every_attention_is_covered():

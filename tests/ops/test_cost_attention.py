@@ -70,6 +70,12 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "efficient": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"norm": "scaling", "heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"norm": "scaling"}, BOTH)],
     "fastformer": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD)],
+    # multi-query (the window a view of the padded values at b = 1), K/V groups with intra-depth (einsum's copies)
+    # s < n (n = 64, 160), s >= n (every key), grouped K/V heads, a narrow sketch
+    "smart_bird": [({"s": 8}, BOTH), ({"s": 8, "kv_heads": 2, "e": 4}, BOTH), ({"s": 100, "kv_heads": 1}, BOTH),
+                   ({"s": 5, "heads": 2, "head_dim": 8, "bias": False}, ODD)],
+    "lambda": [({}, BOTH), ({"kv_heads": 2, "u": 2, "k": 8, "r": 5}, BOTH), ({"kv_heads": 2, "k": 8, "r": 5}, ODD),
+               ({"kv_heads": 4, "u": 3, "head_dim": 8, "bias": False}, SMALL)],
     # landmarks dividing n (means of views), not dividing it (the averaging matrix), and n <= landmarks (exact)
     "nystrom": [({"landmarks": 16}, BOTH), ({"landmarks": 16, "kv_heads": 2, "conv": 5}, BOTH),
                 ({"landmarks": 12, "conv": 7}, BOTH), ({"landmarks": 12, "kv_heads": 1}, BOTH),
