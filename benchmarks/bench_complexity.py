@@ -72,11 +72,12 @@ def variants(args) -> list[tuple[str, str]]:
         ("star", "star"),
         (f"skyformer, landmarks={args.landmarks}", f"skyformer, landmarks={args.landmarks}"),
         (f"soft, landmarks={args.landmarks}", f"soft, landmarks={args.landmarks}"),
+        (f"lara, C={args.landmarks}", f"lara, C={args.landmarks}"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",
-                      "skyformer", "soft")  # variants with no causal form: run bidirectional only
+                      "skyformer", "soft", "lara")  # variants with no causal form: run bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

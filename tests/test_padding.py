@@ -26,7 +26,8 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "chunk": {"c": 16}, "blockwise": {"blocks": 3, "identity": 2},
          "long_short": {"w": 8, "r": 4}, "fmm": {"w": 6, "kernels": 3},
          "isab": {"m": 6}, "luna": {"l": 6}, "star": {"rounds": 2},
-         "skyformer": {"landmarks": 24}, "soft": {"landmarks": 24}}
+         "skyformer": {"landmarks": 24}, "soft": {"landmarks": 24},
+         "lara": {"C": 5, "m": 2}}
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm")  # causal forms in chunks: 16 tokens here, so that N spans several
 POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {}), "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8,
                                                                                       "max_distance": 20})}

@@ -132,6 +132,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "rfa": [({"features": 16}, BOTH), ({"features": 16, "kv_heads": 2}, BOTH), ({}, SMALL),
             ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
             ({"features": 32, "pos": HALF_ROPE}, SMALL)],
+    # S = C m samples: fewer than n, as many (n = 64), more
+    "lara": [({"C": 4, "m": 2}, BOTH), ({"C": 8, "kv_heads": 2}, BOTH), ({"C": 16, "m": 4}, SMALL),
+             ({"C": 3, "m": 2, "kv_heads": 1, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+             ({"C": 32, "m": 8, "kv_heads": 2}, ODD)],
 }
 
 

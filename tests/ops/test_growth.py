@@ -46,6 +46,7 @@ ARGS = {
     "star": {"rounds": 2},
     "skyformer": {"landmarks": 16},
     "soft": {"landmarks": 16},
+    "lara": {"C": 8, "m": 2},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
