@@ -73,6 +73,7 @@ def variants(args) -> list[tuple[str, str]]:
         (f"skyformer, landmarks={args.landmarks}", f"skyformer, landmarks={args.landmarks}"),
         (f"soft, landmarks={args.landmarks}", f"soft, landmarks={args.landmarks}"),
         (f"lara, C={args.landmarks}", f"lara, C={args.landmarks}"),
+        ("learned_kernel", "learned_kernel"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",

@@ -47,6 +47,7 @@ ARGS = {
     "skyformer": {"landmarks": 16},
     "soft": {"landmarks": 16},
     "lara": {"C": 8, "m": 2},
+    "learned_kernel": {"components": 4, "features": 16},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
