@@ -74,6 +74,7 @@ def variants(args) -> list[tuple[str, str]]:
         (f"soft, landmarks={args.landmarks}", f"soft, landmarks={args.landmarks}"),
         (f"lara, C={args.landmarks}", f"lara, C={args.landmarks}"),
         ("learned_kernel", "learned_kernel"),
+        ("slim", "slim"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",

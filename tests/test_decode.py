@@ -124,7 +124,8 @@ RANDOM_FEATURES = ["norm -> mha(performer, features=16) -> norm -> ffn",
                    "norm -> mha(performer, features=12, kv_heads=2) -> norm -> ffn(swiglu)",
                    "norm -> mha(rfa, features=8, kv_heads=2) -> norm -> ffn",
                    "norm -> mha(rfa, features=8, gate=true, kv_heads=2) -> norm -> ffn",
-                   "norm -> mha(learned_kernel, components=2, features=6, kv_heads=2) -> norm -> ffn"]
+                   "norm -> mha(learned_kernel, components=2, features=6, kv_heads=2) -> norm -> ffn",
+                   "norm -> mha(slim, features=12, chunk=8, kv_heads=2) -> norm -> ffn"]
 # the Attention Free Transformer: running sums (simple), the K/V cache (full, local, conv, daft)
 AFT = ["norm -> mixer(aft) -> norm -> ffn", "norm -> mixer(aft, mode=full, max_len=64) -> norm -> ffn",
        "norm -> mixer(aft, mode=local, max_len=64, window=4) -> norm -> ffn",

@@ -32,7 +32,7 @@ TOL = 1e-4  # max |onnxruntime - torch| <= TOL * max |torch|, float32
 
 HEADER = "d_model = 32\nheads = 4\nkv_heads = 2\nvocab = 61\n"
 # Arguments an op needs to stand alone at this size: required ones, and bands narrower than the test sequences.
-ARGS = {("mha", "local"): "window=5", ("mha", "longformer"): "window=4, dilation=2", ("mha", "linformer"): "k=16, max_len=128", ("mha", "nystrom"): "landmarks=8, conv=3", ("mha", "skyformer"): "landmarks=8", ("mha", "soft"): "landmarks=8", ("mha", "performer"): "features=16", ("mha", "rfa"): "features=8", ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5", ("mha", "sparse"): "stride=6", ("mha", "tglobal"): "radius=5, block=4", ("mha", "chunk"): "c=5", ("mha", "long_short"): "w=6, r=4", ("mha", "fmm"): "w=5, kernels=3", ("mha", "isab"): "m=6", ("mha", "luna"): "l=6", ("mha", "star"): "rounds=2", ("mha", "blockwise"): "blocks=3, identity=2", ("mha", "lara"): "C=5, m=2", ("mha", "learned_kernel"): "components=2, features=8",
+ARGS = {("mha", "local"): "window=5", ("mha", "longformer"): "window=4, dilation=2", ("mha", "linformer"): "k=16, max_len=128", ("mha", "nystrom"): "landmarks=8, conv=3", ("mha", "skyformer"): "landmarks=8", ("mha", "soft"): "landmarks=8", ("mha", "performer"): "features=16", ("mha", "rfa"): "features=8", ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5", ("mha", "sparse"): "stride=6", ("mha", "tglobal"): "radius=5, block=4", ("mha", "chunk"): "c=5", ("mha", "long_short"): "w=6, r=4", ("mha", "fmm"): "w=5, kernels=3", ("mha", "isab"): "m=6", ("mha", "luna"): "l=6", ("mha", "star"): "rounds=2", ("mha", "blockwise"): "blocks=3, identity=2", ("mha", "lara"): "C=5, m=2", ("mha", "learned_kernel"): "components=2, features=8", ("mha", "slim"): "features=16, chunk=16",
         ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
         ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
         ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
@@ -139,7 +139,7 @@ BANDED = {("mha", "local"), ("mha", "adaptive_span"), ("mha", "sparse"), ("mha",
 # elementwise products and cumulative sums, so fewer of its FLOPs are matmuls. Performer and RFA run the same
 # scheme on their features (evodsl/ops/attention/_kernelized.py).
 PREFIX_SUMS = {("mha", "linear"), ("mha", "fanet"), ("mha", "simpletron"), ("mha", "performer"),
-               ("mha", "rfa"), ("mha", "learned_kernel")}  # causal forms exported as prefix sums
+               ("mha", "rfa"), ("mha", "learned_kernel"), ("mha", "slim")}  # causal forms exported as prefix sums
 
 
 def export_form_differs(graph) -> bool:

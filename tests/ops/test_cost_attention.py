@@ -139,6 +139,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "learned_kernel": [({"components": 2, "features": 16}, BOTH), ({"components": 2, "features": 16, "kv_heads": 2}, BOTH), ({"components": 3, "features": 8}, ODD),
                        ({"components": 1, "features": 8, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                        ({"components": 4, "features": 16, "pos": HALF_ROPE}, SMALL)],
+    "slim": [({"features": 32, "chunk": 16}, BOTH), ({"features": 32, "kv_heads": 2, "chunk": 24}, BOTH),
+             ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"features": 64, "chunk": 8}, SMALL),
+             ({"features": 32, "chunk": 16, "pos": HALF_ROPE}, SMALL)],
 }
 
 

@@ -48,6 +48,7 @@ ARGS = {
     "soft": {"landmarks": 16},
     "lara": {"C": 8, "m": 2},
     "learned_kernel": {"components": 4, "features": 16},
+    "slim": {"features": 64},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
