@@ -82,11 +82,14 @@ def variants(args) -> list[tuple[str, str]]:
         (f"soft, landmarks={args.landmarks}", f"soft, landmarks={args.landmarks}"),
         ("bigbird, block=64, random=3", "bigbird, block=64, window=3, globals=2, random=3"),
         (f"bpt, k={args.bpt_k}", f"bpt, k={args.bpt_k}"),
+        (f"lara, C={args.landmarks}", f"lara, C={args.landmarks}"),
+        ("learned_kernel", "learned_kernel"),
+        ("slim", "slim"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",
-                      "skyformer", "soft", "bigbird", "lambda", "smart_bird")  # no causal form: bidirectional only
+                      "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara")  # no causal form: bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:

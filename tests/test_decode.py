@@ -123,7 +123,9 @@ RIGHT_PRODUCT = ["norm -> mha(fanet) -> norm -> ffn", "norm -> mha(fanet, kv_hea
 RANDOM_FEATURES = ["norm -> mha(performer, features=16) -> norm -> ffn",
                    "norm -> mha(performer, features=12, kv_heads=2) -> norm -> ffn(swiglu)",
                    "norm -> mha(rfa, features=8, kv_heads=2) -> norm -> ffn",
-                   "norm -> mha(rfa, features=8, gate=true, kv_heads=2) -> norm -> ffn"]
+                   "norm -> mha(rfa, features=8, gate=true, kv_heads=2) -> norm -> ffn",
+                   "norm -> mha(learned_kernel, components=2, features=6, kv_heads=2) -> norm -> ffn",
+                   "norm -> mha(slim, features=12, chunk=8, kv_heads=2) -> norm -> ffn"]
 # Momentum Transformer: the plain sums, the momentum and z, read by new tokens in pieces
 MOMENTUM = ["norm -> mha(momentum) -> norm -> ffn", "norm -> mha(momentum, beta=0.9, gamma=0.5, kv_heads=2) -> norm -> ffn"]
 # Flowformer: the flows' running sums and the competition-weighted state

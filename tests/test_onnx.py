@@ -57,6 +57,9 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "bpt"): "k=2",
     ("mha", "lambda"): "k=8, u=2, r=5",
     ("mha", "smart_bird"): "s=6, e=8",
+    ("mha", "lara"): "C=5, m=2",
+    ("mha", "learned_kernel"): "components=2, features=8",
+    ("mha", "slim"): "features=16, chunk=16",
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
@@ -121,7 +124,7 @@ BANDED = {("mha", "local"), ("mha", "adaptive_span"), ("mha", "sparse"), ("mha",
 # elementwise products and cumulative sums, so fewer of its FLOPs are matmuls. Performer and RFA run the same
 # scheme on their features (evodsl/ops/attention/_kernelized.py).
 PREFIX_SUMS = {("mha", "linear"), ("mha", "fanet"), ("mha", "simpletron"), ("mha", "performer"), ("mha", "momentum"), ("mha", "flowformer"),
-               ("mha", "rfa")}  # causal forms exported as prefix sums
+               ("mha", "rfa"), ("mha", "learned_kernel"), ("mha", "slim")}  # causal forms exported as prefix sums
 
 
 # BP-Transformer: torch gathers each query's spans from a tree of pooled levels as deep as n needs; the export

@@ -162,6 +162,16 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "momentum": [({}, BOTH), ({"kv_heads": 2, "beta": 0.9}, BOTH),
                  ({"kv_heads": 1, "head_dim": 8, "bias": False, "gamma": 0.5}, ODD)],
     "flowformer": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    # S = C m samples: fewer than n, as many (n = 64), more
+    "lara": [({"C": 4, "m": 2}, BOTH), ({"C": 8, "kv_heads": 2}, BOTH), ({"C": 16, "m": 4}, SMALL),
+             ({"C": 3, "m": 2, "kv_heads": 1, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+             ({"C": 32, "m": 8, "kv_heads": 2}, ODD)],
+    "learned_kernel": [({"components": 2, "features": 16}, BOTH), ({"components": 2, "features": 16, "kv_heads": 2}, BOTH), ({"components": 3, "features": 8}, ODD),
+                       ({"components": 1, "features": 8, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                       ({"components": 4, "features": 16, "pos": HALF_ROPE}, SMALL)],
+    "slim": [({"features": 32, "chunk": 16}, BOTH), ({"features": 32, "kv_heads": 2, "chunk": 24}, BOTH),
+             ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"features": 64, "chunk": 8}, SMALL),
+             ({"features": 32, "chunk": 16, "pos": HALF_ROPE}, SMALL)],
 }
 
 

@@ -56,6 +56,9 @@ ARGS = {
     "skyformer": {"landmarks": 16},
     "soft": {"landmarks": 16},
     "bpt": {"k": 1},
+    "lara": {"C": 8, "m": 2},
+    "learned_kernel": {"components": 4, "features": 16},
+    "slim": {"features": 64},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 SLOW = ("smart_bird",)  # variants whose harness run takes a minute or more: under the slow mark
