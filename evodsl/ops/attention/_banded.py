@@ -354,8 +354,10 @@ def _gathered_band(q, k, v, lo: int, hi: int, bias: Bias | None, dropout: float,
     extra = None if bias is None else bias(i, j)
     if extra is not None:
         s = s + extra.to(s.dtype)
-    if key_mask is not None:  # [b, 1, n, W]; a query with no key left reads its own (column lo)
-        inside = inside & key_mask[:, jc].unsqueeze(1)
+    if key_mask is not None:  # [b, 1 | h, n, W]; a query with no key left (padded, or weighed 0 by the bias: an
+        inside = inside & key_mask[:, jc].unsqueeze(1)  # adaptive span's padded query) reads its own (column lo)
+        if extra is not None:
+            inside = inside & torch.isfinite(extra)
         own = torch.arange(lo + hi + 1, device=q.device) == lo
         inside = inside | (own & ~inside.any(-1, keepdim=True))
     p = F.dropout(s.masked_fill(~inside, float("-inf")).softmax(-1), dropout)
