@@ -46,11 +46,8 @@ def one_call_cost(p: AttentionParams, env: OpEnv, s: Symbols, bias, cache, causa
         saved = q + kept_kv + q + lse + copy + mask  # q, k, v, o, its logsumexp
         bwd = [2 * q + kept_kv - copy]  # o's gradient and those of q, k, v; o_proj's copy released
     phases = [qkv + grouped + mask + q + lse, qkv + q + copy + out]  # the call (inference: the fused kernel); o_proj
-    if bias:  # built: POSITION_BIAS's peak counts its masked copy, which a mask over every key is not
-        from ._banded import POSITION_BIAS
-
-        phases.append(qkv + grouped + bias.peak(h, nn, by) - (h * nn * by if bias is POSITION_BIAS and not causal
-                                                                 else 0))
+    if bias:  # built: a bias whose peak counts its masked copy (bias.masked_copy) needs none over every key
+        phases.append(qkv + grouped + bias.peak(h, nn, by) - (h * nn * by if bias.masked_copy and not causal else 0))
     if env.pos is not None:
         phases.append(qkv + pos.peak)
     return attention_cost(p, s, h, kv, dh, core, pos, saved + pos.saved, phases, cache, bwd_phases=bwd)

@@ -254,6 +254,7 @@ class BandBias:
     saved: Callable  # (h, I, by) -> bytes
     peak: Callable  # (h, I, by) -> bytes, the band's own bool mask and int64 distances included
     grad: bool = False
+    masked_copy: bool = False  # peak counts an [h, I] copy masked to the band, which one call over every key skips
 
     def plus_position(self) -> "BandBias":
         """This bias with a position scheme's added (adaptive span with ALiBi): its FLOPs, and at the sum its
@@ -265,7 +266,7 @@ class BandBias:
 # ALiBi (or any position scheme's bias) on the band: int64 distances and their absolute value, the [h, ...]
 # product, then the masked copy beside it.
 POSITION_BIAS = BandBias(other=lambda h, I: (2 + h) * I, saved=lambda h, I, by: 0,
-                         peak=lambda h, I, by: sp.Max(17 * I, 2 * h * I * by + I))
+                         peak=lambda h, I, by: sp.Max(17 * I, 2 * h * I * by + I), masked_copy=True)
 
 
 def banded_attention_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, hi, bias: BandBias | None = None,
