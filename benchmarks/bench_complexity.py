@@ -72,6 +72,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("star", "star"),
         (f"skyformer, landmarks={args.landmarks}", f"skyformer, landmarks={args.landmarks}"),
         (f"soft, landmarks={args.landmarks}", f"soft, landmarks={args.landmarks}"),
+        ("memory_compressed, k=3", "memory_compressed, k=3"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",

@@ -136,6 +136,11 @@ FMM = ["norm -> mha(fmm, w=5) -> norm -> ffn", "norm -> mha(fmm, w=40, kv_heads=
        "norm -> mha(fmm, w=3, kv_heads=1, kernels=1, head_dim=4, bias=false) -> norm -> ffn"]
 # causal Luna: its prefix sums continued from the state (the positions seen give t)
 LUNA = ["norm -> mha(luna, l=5) -> norm -> ffn", "norm -> mha(luna, l=3, kv_heads=2, act=softplus) -> norm -> ffn"]
+# memory-compressed attention: the finished slots and the unfinished slot's raw tokens (29 tokens, k = 3 and 4), k past
+# the sequence (raw tokens only)
+MEMORY_COMPRESSED = ["norm -> mha(memory_compressed, k=3) -> norm -> ffn",
+                     "norm -> mha(memory_compressed, k=4, kv_heads=2) -> norm -> ffn",
+                     "norm -> mha(memory_compressed, k=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
@@ -144,7 +149,7 @@ SPARSE = ["norm -> mha(sparse, stride=4) -> norm -> ffn", "norm -> mha(sparse, p
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + MEMORY_COMPRESSED]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER])

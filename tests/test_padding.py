@@ -26,13 +26,14 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "chunk": {"c": 16}, "blockwise": {"blocks": 3, "identity": 2},
          "long_short": {"w": 8, "r": 4}, "fmm": {"w": 6, "kernels": 3},
          "isab": {"m": 6}, "luna": {"l": 6}, "star": {"rounds": 2},
-         "skyformer": {"landmarks": 24}, "soft": {"landmarks": 24}}
+         "skyformer": {"landmarks": 24}, "soft": {"landmarks": 24},
+         "memory_compressed": {"k": 3}}
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm")  # causal forms in chunks: 16 tokens here, so that N spans several
 POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {}), "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8,
                                                                                       "max_distance": 20})}
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
 KERNELIZED = ("linear", "performer", "rfa")  # chunked causal forms; phi after rope (absolute positions)
-RIGHT_ONLY = ("linformer", "chunk", "blockwise", "long_short")  # read positions counted from each row's start: left padding is refused
+RIGHT_ONLY = ("linformer", "chunk", "blockwise", "long_short", "memory_compressed")  # read positions counted from each row's start: left padding is refused
 
 
 def test_every_attention_is_covered():

@@ -124,6 +124,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     # one round (no relay update), three with grouped K/V heads, two with narrow heads (d-wide tensors lead)
     "star": [({}, BOTH), ({"rounds": 3, "kv_heads": 2}, BOTH), ({"rounds": 2, "heads": 2, "head_dim": 8, "bias": False}, ODD),
              ({"rounds": 2, "kv_heads": 1}, SMALL)],
+    # k dividing n (64 at 4 and 16) and not (3, 5: a partial last slot, copies for several rows), k > n
+    "memory_compressed": [({"k": 3}, BOTH), ({"k": 4, "kv_heads": 2}, BOTH), ({"k": 16}, SMALL), ({"k": 3, "kv_heads": 1}, ODD),
+                          ({"k": 5, "heads": 2, "head_dim": 8, "bias": False}, BOTH), ({"k": 200}, ODD)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),

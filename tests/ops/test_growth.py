@@ -43,6 +43,7 @@ ARGS = {
     "fmm": {"w": 64},
     "isab": {"m": 16},
     "luna": {"l": 16},
+    "memory_compressed": {"k": 2},  # n^2 / k leads the n d terms from n = 1k
     "star": {"rounds": 2},
     "skyformer": {"landmarks": 16},
     "soft": {"landmarks": 16},

@@ -27,6 +27,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "chunk": {"c": 16},  # four chunks of 16 and 6 tokens left over
     "fmm": {"w": 6, "kernels": 3},
     "luna": {"l": 6},
+    "memory_compressed": {"k": 3},  # 23 slots; each query also reads its unfinished slot raw
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
