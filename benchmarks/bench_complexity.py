@@ -49,6 +49,8 @@ def variants(args) -> list[tuple[str, str]]:
         (f"linformer, k={args.k}", f"linformer, k={args.k}, max_len={max(int(n) for n in args.ns.split(','))}"),
         ("efficient", "efficient"),
         ("fastformer", "fastformer"),
+        (f"lambda, r={args.r_lambda}", f"lambda, r={args.r_lambda}"),
+        (f"smart_bird, s={args.s_bird}", f"smart_bird, s={args.s_bird}"),
         (f"nystrom, landmarks={args.landmarks}, conv={args.conv}", f"nystrom, landmarks={args.landmarks}, conv={args.conv}"),
         ("fanet", "fanet"),
         ("ufo", "ufo"),
@@ -56,6 +58,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("separable", "separable"),
         ("performer", "performer"),
         ("rfa", "rfa"),
+        ("momentum", "momentum"),
+        ("flowformer", "flowformer"),
         (f"sparse, stride={args.stride}", f"sparse, stride={args.stride}"),
         (f"sparse, fixed, stride={args.stride}, c={args.c}", f"sparse, pattern=fixed, stride={args.stride}, c={args.c}"),
         (f"tglobal, radius={args.radius}, block={args.block}", f"tglobal, radius={args.radius}, block={args.block}"),
@@ -64,6 +68,10 @@ def variants(args) -> list[tuple[str, str]]:
          f"longformer, window={args.window + args.window % 2}, globals=1"),
         (f"longformer, window={args.window}, dilation=2", f"longformer, window={args.window + args.window % 2}, dilation=2"),
         (f"chunk, c={args.window}", f"chunk, c={args.window}"),
+        ("logsparse, conv=3", "logsparse, conv=3"),
+        (f"jukebox, row, block={args.stride}", f"jukebox, block={args.stride}"),
+        (f"jukebox, column, block={args.stride}", f"jukebox, pattern=column, block={args.stride}"),
+        (f"jukebox, prev_row, block={args.stride}", f"jukebox, pattern=prev_row, block={args.stride}"),
         ("blockwise, blocks=4", "blockwise, blocks=4"),
         (f"long_short, w={args.window}, r={args.r}", f"long_short, w={args.window}, r={args.r}"),
         (f"fmm, w={args.window}", f"fmm, w={args.window}"),
@@ -72,12 +80,17 @@ def variants(args) -> list[tuple[str, str]]:
         ("star", "star"),
         (f"skyformer, landmarks={args.landmarks}", f"skyformer, landmarks={args.landmarks}"),
         (f"soft, landmarks={args.landmarks}", f"soft, landmarks={args.landmarks}"),
+        ("bigbird, block=64, random=3", "bigbird, block=64, window=3, globals=2, random=3"),
+        (f"bpt, k={args.bpt_k}", f"bpt, k={args.bpt_k}"),
+        (f"lara, C={args.landmarks}", f"lara, C={args.landmarks}"),
+        ("learned_kernel", "learned_kernel"),
+        ("slim", "slim"),
         ("memory_compressed, k=3", "memory_compressed, k=3"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",
-                      "skyformer", "soft")  # variants with no causal form: run bidirectional only
+                      "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara")  # no causal form: bidirectional only
 
 
 def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:
@@ -143,6 +156,8 @@ def main() -> None:
     ap.add_argument("--c", type=int, default=8, help="mha(sparse, pattern=fixed) summary keys per block")
     ap.add_argument("--r", type=int, default=16, help="mha(long_short) projected keys")
     ap.add_argument("--k", type=int, default=256, help="mha(linformer) projected length")
+    ap.add_argument("--s-bird", type=int, default=32, help="mha(smart_bird) keys sampled per query and head")
+    ap.add_argument("--r-lambda", type=int, default=23, help="mha(lambda) scope of the position lambdas (odd)")
     ap.add_argument("--landmarks", type=int, default=16, help="mha(nystrom) landmarks (dividing every n; at d 32, "
                     "64 keep more of the iteration's [m, m] tensors than of n-long ones up to n = 8k)")
     ap.add_argument("--inducing", type=int, default=16, help="mha(isab) inducing points m, mha(luna) packed length l")
@@ -152,6 +167,7 @@ def main() -> None:
     ap.add_argument("--max-span", type=int, default=256, help="mha(adaptive_span) max_span")
     ap.add_argument("--R", type=int, default=32, help="mha(adaptive_span) ramp")
     ap.add_argument("--span-init", type=float, default=0.5, help="mha(adaptive_span) span_init (z / max_span)")
+    ap.add_argument("--bpt-k", type=int, default=4, help="mha(bpt) spans per level and side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed forwards per n")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every n once)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: steadier)")

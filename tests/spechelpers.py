@@ -6,15 +6,17 @@ from pathlib import Path
 import torch
 
 import evodsl
-from evodsl.backends.lower_onnx import min_positions as min_length  # noqa: F401 - the shortest input a model takes
+from evodsl.backends.lower_onnx import min_positions
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "specs").glob("*.evo"))
 IDS = [p.stem for p in SPECS]
+min_length = min_positions  # the shortest input a model takes
 # Small sizes for running a spec with real weights (only the bindings a spec has are overridden). n_ctx and
 # max_len leave room for sequences that span several of the attention kernels' 32-query blocks and 64-token
 # chunks; window and max_span are short, so that such a sequence spans several bands too.
 SMALL = {"d_model": 64, "heads": 4, "kv_heads": 2, "layers": 2, "vocab": 97, "d_ff": 128, "max_span": 48, "n_ctx": 256,
-         "max_len": 256, "window": 16, "latents": 5, "n_memory": 3, "mem_len": 24, "d_inner": 128}
+         "max_len": 256, "window": 16, "latents": 5, "n_memory": 3, "mem_len": 24, "d_inner": 128,
+         "bblock": 2}  # bigbird_base: blocks of 2, so that the tests' shortest sequences have more blocks than globals
 
 
 def small(spec: Path) -> dict:

@@ -123,7 +123,13 @@ RIGHT_PRODUCT = ["norm -> mha(fanet) -> norm -> ffn", "norm -> mha(fanet, kv_hea
 RANDOM_FEATURES = ["norm -> mha(performer, features=16) -> norm -> ffn",
                    "norm -> mha(performer, features=12, kv_heads=2) -> norm -> ffn(swiglu)",
                    "norm -> mha(rfa, features=8, kv_heads=2) -> norm -> ffn",
-                   "norm -> mha(rfa, features=8, gate=true, kv_heads=2) -> norm -> ffn"]
+                   "norm -> mha(rfa, features=8, gate=true, kv_heads=2) -> norm -> ffn",
+                   "norm -> mha(learned_kernel, components=2, features=6, kv_heads=2) -> norm -> ffn",
+                   "norm -> mha(slim, features=12, chunk=8, kv_heads=2) -> norm -> ffn"]
+# Momentum Transformer: the plain sums, the momentum and z, read by new tokens in pieces
+MOMENTUM = ["norm -> mha(momentum) -> norm -> ffn", "norm -> mha(momentum, beta=0.9, gamma=0.5, kv_heads=2) -> norm -> ffn"]
+# Flowformer: the flows' running sums and the competition-weighted state
+FLOWFORMER = ["norm -> mha(flowformer) -> norm -> ffn", "norm -> mha(flowformer, kv_heads=2) -> norm -> ffn"]
 # the Attention Free Transformer: running sums (simple), the K/V cache (full, local, conv, daft)
 AFT = ["norm -> mixer(aft) -> norm -> ffn", "norm -> mixer(aft, mode=full, max_len=64) -> norm -> ffn",
        "norm -> mixer(aft, mode=local, max_len=64, window=4) -> norm -> ffn",
@@ -136,6 +142,8 @@ FMM = ["norm -> mha(fmm, w=5) -> norm -> ffn", "norm -> mha(fmm, w=40, kv_heads=
        "norm -> mha(fmm, w=3, kv_heads=1, kernels=1, head_dim=4, bias=false) -> norm -> ffn"]
 # causal Luna: its prefix sums continued from the state (the positions seen give t)
 LUNA = ["norm -> mha(luna, l=5) -> norm -> ffn", "norm -> mha(luna, l=3, kv_heads=2, act=softplus) -> norm -> ffn"]
+# BP-Transformer: spans of up to 16 tokens across the 29 (the cache: every key and value)
+BPT = ["norm -> mha(bpt, k=2) -> norm -> ffn", "norm -> mha(bpt, k=1, kv_heads=2, rel_pos=false) -> norm -> ffn"]
 # memory-compressed attention: the finished slots and the unfinished slot's raw tokens (29 tokens, k = 3 and 4), k past
 # the sequence (raw tokens only)
 MEMORY_COMPRESSED = ["norm -> mha(memory_compressed, k=3) -> norm -> ffn",
@@ -146,12 +154,19 @@ SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> f
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
 SPARSE = ["norm -> mha(sparse, stride=4) -> norm -> ffn", "norm -> mha(sparse, pattern=fixed, stride=5, c=2, kv_heads=2) "
           "-> norm -> ffn", "norm -> mha(sparse, stride=40, kv_heads=1) -> norm -> ffn"]
+# Jukebox's patterns over rows of 4 (29 tokens: a part row at the end), and a row past the sequence
+JUKEBOX = ["norm -> mha(jukebox, block=4) -> norm -> mha(jukebox, pattern=column, block=4, kv_heads=2) -> norm -> "
+           "mha(jukebox, pattern=prev_row, block=4) -> ffn", "norm -> mha(jukebox, pattern=prev_row, block=40, kv_heads=1) "
+           "-> norm -> mha(jukebox, block=40) -> ffn"]
+# LogSparse's log-spaced keys (back to t - 16 at 29 tokens), the local variant, the convolution's last inputs
+LOGSPARSE = ["norm -> mha(logsparse) -> norm -> ffn", "norm -> mha(logsparse, window=3, conv=4, kv_heads=2) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + MEMORY_COMPRESSED]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER])
 
 

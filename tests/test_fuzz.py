@@ -89,9 +89,10 @@ def compile_on_meta(src: str, graph) -> bool:
     if module_count(graph) > MAX_FORWARD:
         return False
     need = min_positions(graph)
-    fits = [n for n in range(need, max(need, 4) + 1) if all(  # every learned table covers its stream at n
+    fits = [n for n in range(need, max(need, 4) + 1) if all(  # every table sized by max_len (learned positions,
+        # Linformer's projections, AFT's position biases) covers its stream at n
         int(sympy.sympify(str(c.meta["shape"][1])).subs({"n": n, "m": max(1, n - 1)})) <= c.params.max_len
-        for c in graph.calls() if (c.family, c.variant) == ("pos", "learned"))]
+        for c in graph.calls() if getattr(c.params, "max_len", None) is not None)]
     if not fits:
         return False
     n = fits[-1]

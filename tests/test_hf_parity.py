@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -340,3 +341,98 @@ def test_longformer_padded_batch_matches_hf():
         want = hf(ids, attention_mask=mask, global_attention_mask=glob).pooler_output
         got = evo(ids, attention_mask=mask)
     torch.testing.assert_close(got, want, rtol=0, atol=HF_SOFTMAX_TOL)
+
+
+# ---------------------------------------------------------------- BigBird: block-sparse attention (ITC), as HF's
+
+def test_bigbird_parameter_count():
+    hf = hf_meta(transformers.BigBirdModel, transformers.BigBirdConfig())
+    assert count(evo_meta("bigbird_base")) == count(hf) == 127_468_800
+
+
+# 16 blocks of 4: more than HF's (5 + 2 r) blocks, below which it falls back to full attention
+BIGBIRD_TINY = dict(vocab=97, n_ctx=64, d_model=32, heads=4, d_ff=64, layers=2, bblock=4, rblocks=3, p_drop=0.0)
+
+
+def bigbird_weights_to_evodsl(hf_state: dict, layers: int) -> dict:
+    """BigBirdModel's state_dict under the evodsl names (positions from 0: the tables are the same)."""
+    out = {"embed.weight": hf_state["embeddings.word_embeddings.weight"],
+           "embed.segment.weight": hf_state["embeddings.token_type_embeddings.weight"],
+           "pos.weight": hf_state["embeddings.position_embeddings.weight"],
+           "norm.weight": hf_state["embeddings.LayerNorm.weight"], "norm.bias": hf_state["embeddings.LayerNorm.bias"],
+           "head.dense.weight": hf_state["pooler.weight"], "head.dense.bias": hf_state["pooler.bias"]}
+    names = {"attn.q_proj": "attention.self.query", "attn.k_proj": "attention.self.key",
+             "attn.v_proj": "attention.self.value", "attn.o_proj": "attention.output.dense",
+             "norm1": "attention.output.LayerNorm", "ffn.up_proj": "intermediate.dense",
+             "ffn.down_proj": "output.dense", "norm2": "output.LayerNorm"}
+    for i in range(layers):
+        for ours, theirs in names.items():
+            for leaf in ("weight", "bias"):
+                out[f"blocks.{i}.{ours}.{leaf}"] = hf_state[f"encoder.layer.{i}.{theirs}.{leaf}"]
+    return out
+
+
+def tiny_bigbird_pair(seed: int):
+    t = BIGBIRD_TINY
+    config = transformers.BigBirdConfig(vocab_size=t["vocab"], max_position_embeddings=t["n_ctx"],
+                                        hidden_size=t["d_model"], num_attention_heads=t["heads"],
+                                        intermediate_size=t["d_ff"], num_hidden_layers=t["layers"],
+                                        block_size=t["bblock"], num_random_blocks=t["rblocks"],
+                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    hf = transformers.BigBirdModel(config).double().eval()
+    with torch.no_grad():  # LayerNorm and bias values away from their 1 / 0 initialisation
+        for name, p in hf.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+            if "self.query.weight" in name or "self.key.weight" in name:  # peaked weights: the pattern shows
+                p.mul_(10.0)
+    evo = evodsl.compile(tiny_spec("bigbird_base", t), dtype=torch.float64).eval()
+    mapped = bigbird_weights_to_evodsl(hf.state_dict(), t["layers"])
+    assert set(mapped) == set(evo.state_dict()), "the name mapping covers exactly the evodsl weights"
+    evo.load_state_dict(mapped, strict=True)
+    assert count(evo) == count(hf)
+    return hf, evo
+
+
+def _use_random_blocks(evo, tables: list) -> None:
+    """Give layer i's attention HF's random blocks tables[i] ([h, nb - 2, r]) in place of its own draw."""
+    for i, table in enumerate(tables):
+        attn = evo.get_submodule(f"blocks.{i}.attn")
+        attn.random_blocks = lambda nb, device, t=table: (t.to(device), torch.ones_like(t, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_bigbird_matches_hf_with_its_random_blocks(mode):
+    """The tiny spec with HF's weights and HF's random blocks gives HF's hidden states and pooled output. In eval
+    mode HF's random blocks are all block 0 (_bigbird_block_rand_mask_with_head returns zeros: block 0 counted
+    r + 1 times); in training (dropout 0) HF seeds np.random with the layer index and draws distinct blocks per
+    head outside the window and the globals, recorded here. Both are deterministic; the op computes either
+    table's attention exactly. Its own seeded draw differs from both (the control)."""
+    hf, evo = tiny_bigbird_pair(seed=0)
+    t, n = BIGBIRD_TINY, 64
+    ids = torch.randint(1, t["vocab"], (2, n), generator=torch.Generator().manual_seed(3))
+    types = torch.randint(0, 2, ids.shape, generator=torch.Generator().manual_seed(4))
+    drawn = []
+    layers = [hf.encoder.layer[i].attention.self for i in range(t["layers"])]
+    for layer in layers:
+        original = layer._bigbird_block_rand_mask_with_head
+        layer._bigbird_block_rand_mask_with_head = (
+            lambda *a, f=original, **k: drawn.append(torch.tensor(np.stack(f(*a, **k)), dtype=torch.long))
+            or drawn[-1].numpy())
+    if mode == "train":
+        hf.train()
+    seen = []
+    hook = evo.head.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        want = hf(ids, token_type_ids=types)
+        evo(ids, token_type_ids=types)  # the op's own draw (seen[0])
+        assert len(drawn) == t["layers"] and all(d.shape == (t["heads"], n // t["bblock"] - 2, t["rblocks"])
+                                                 for d in drawn)
+        assert all((d == 0).all() for d in drawn) == (mode == "eval")
+        _use_random_blocks(evo, drawn)
+        pooled = evo(ids, token_type_ids=types)
+    hook.remove()
+    torch.testing.assert_close(seen[1], want.last_hidden_state, rtol=0, atol=1e-10)
+    torch.testing.assert_close(pooled, want.pooler_output, rtol=0, atol=1e-10)
+    assert (seen[0] - seen[1]).abs().max() > 1e-2  # the op's own draw is another pattern

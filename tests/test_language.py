@@ -10,10 +10,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import evodsl
-from evodsl.ops.registry import Ctx
 
 D = 16
 HEADS = 4

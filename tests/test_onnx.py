@@ -1,6 +1,7 @@
 """ONNX backend (evodsl.export): every spec in specs/ and every registered op exports, passes the ONNX checker
 and runs in onnxruntime with PyTorch's numbers at several batch sizes and sequence lengths from one file;
-causal models stay causal; weights, failures, external data, the memory refusal, FLOPs and the CLI.
+causal models stay causal, and their matmul FLOPs are what `evodsl cost` declares (artifacts, failures and the
+CLI: test_onnx_artifacts.py).
 
 Each case is exported once (a module-scoped cache) and the file is reused by the numeric, causality and FLOPs
 tests: an export takes 1 to 5 s, the checks on the file a fraction of that.
@@ -8,27 +9,17 @@ tests: an export takes 1 to 5 s, the checks on the file a fraction of that.
 from __future__ import annotations
 
 import re
-
-import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
 import evodsl
-import evodsl.backends.lower_onnx as lower_onnx
-import evodsl.backends.lower_torch as lower_torch
 from evodsl.backends.lower_onnx import example_input, io_names, matmul_flops
-from evodsl.cli import main
 from evodsl.ops import REGISTRY, load_all
-from ophelpers import perturb_params
 from spechelpers import output_causal, output_input, small
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +32,39 @@ TOL = 1e-4  # max |onnxruntime - torch| <= TOL * max |torch|, float32
 
 HEADER = "d_model = 32\nheads = 4\nkv_heads = 2\nvocab = 61\n"
 # Arguments an op needs to stand alone at this size: required ones, and bands narrower than the test sequences.
-ARGS = {("mha", "local"): "window=5", ("mha", "longformer"): "window=4, dilation=2", ("mha", "linformer"): "k=16, max_len=128", ("mha", "nystrom"): "landmarks=8, conv=3", ("mha", "skyformer"): "landmarks=8", ("mha", "soft"): "landmarks=8", ("mha", "performer"): "features=16", ("mha", "rfa"): "features=8", ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5", ("mha", "sparse"): "stride=6", ("mha", "tglobal"): "radius=5, block=4", ("mha", "chunk"): "c=5", ("mha", "long_short"): "w=6, r=4", ("mha", "fmm"): "w=5, kernels=3", ("mha", "isab"): "m=6", ("mha", "luna"): "l=6", ("mha", "star"): "rounds=2", ("mha", "blockwise"): "blocks=3, identity=2",
-        ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
-        ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
-        ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
-        ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4"}
+ARGS = {  # one entry per line: helpers add rows side by side
+    ("mha", "local"): "window=5",
+    ("mha", "longformer"): "window=4, dilation=2",
+    ("mha", "linformer"): "k=16, max_len=128",
+    ("mha", "nystrom"): "landmarks=8, conv=3",
+    ("mha", "skyformer"): "landmarks=8",
+    ("mha", "soft"): "landmarks=8",
+    ("mha", "performer"): "features=16",
+    ("mha", "rfa"): "features=8",
+    ("mha", "adaptive_span"): "max_span=12, R=4, span_init=0.5",
+    ("mha", "sparse"): "stride=6",
+    ("mha", "tglobal"): "radius=5, block=4",
+    ("mha", "chunk"): "c=5",
+    ("mha", "long_short"): "w=6, r=4",
+    ("mha", "fmm"): "w=5, kernels=3",
+    ("mha", "isab"): "m=6",
+    ("mha", "luna"): "l=6",
+    ("mha", "star"): "rounds=2",
+    ("mha", "blockwise"): "blocks=3, identity=2",
+    ("mha", "bigbird"): "block=2, random=2",
+    ("mha", "logsparse"): "window=2, conv=3",
+    ("mha", "jukebox"): "pattern=column, block=6",
+    ("mha", "bpt"): "k=2",
+    ("mha", "lambda"): "k=8, u=2, r=5",
+    ("mha", "smart_bird"): "s=6, e=8",
+    ("mha", "lara"): "C=5, m=2",
+    ("mha", "learned_kernel"): "components=2, features=8",
+    ("mha", "slim"): "features=16, chunk=16",
+    ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
+    ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
+    ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
+    ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4",
+}
 FEATURES, OUT = "input(features, d=32)", "head(linear, d_out=8)"
 # family -> (the model around its ops, how one variant appears in it, whether all variants share one spec).
 # Per-token families share one spec (a chain of all their variants); the others get a spec per variant.
@@ -93,6 +112,26 @@ class Case:
         return evodsl.parse(self.source, self.overrides)
 
 
+# Banded attention: torch runs it in query blocks of B positions over K = B + w - 1 keys each, or as one causal
+# call when the band covers the sequence (what `evodsl cost` declares); the export, whose sequence axis is
+# symbolic, computes it in the per-query gather form (_gathered_band in evodsl/ops/attention/_banded.py): each
+# query against its own w keys. Same O(n w) class, other multiply-adds, so the ONNX graph's matmul FLOPs differ.
+BANDED = {("mha", "local"), ("mha", "adaptive_span"), ("mha", "sparse"), ("mha", "tglobal"),
+          ("mha", "longformer"), ("mha", "chunk"), ("mha", "jukebox"), ("mha", "logsparse"),
+          ("mha", "long_short"), ("mha", "fmm")}  # sparse: each query gathers its keys
+# Causal linear attention likewise: torch runs it in chunks of 64 tokens (what `evodsl cost` declares); the
+# export runs the prefix-sum form (_prefix_sums in evodsl/ops/attention/linear.py), whose running states are
+# elementwise products and cumulative sums, so fewer of its FLOPs are matmuls. Performer and RFA run the same
+# scheme on their features (evodsl/ops/attention/_kernelized.py).
+PREFIX_SUMS = {("mha", "linear"), ("mha", "fanet"), ("mha", "simpletron"), ("mha", "performer"), ("mha", "momentum"), ("mha", "flowformer"),
+               ("mha", "rfa"), ("mha", "learned_kernel"), ("mha", "slim")}  # causal forms exported as prefix sums
+
+
+# BP-Transformer: torch gathers each query's spans from a tree of pooled levels as deep as n needs; the export
+# (a symbolic n) takes span sums from prefix sums over a fixed number of levels, most of them masked.
+TREES = {("mha", "bpt")}
+
+
 def op_cases() -> list[Case]:
     load_all()
     groups: dict[tuple, list[str]] = {}
@@ -112,12 +151,15 @@ def op_cases() -> list[Case]:
         body = model.format(ops=ops)
         src = f"{HEADER}model m(causal={str(causal).lower()}){' ' if body.startswith('{') else ' = '}{body}\n"
         cases.append(Case(f"{family}({','.join(variants)})", src, {}, tuple((family, v) for v in variants)))
-    # every token mixer with a causal form, once more in a bidirectional model (the leak test must see leaks)
+    # every token mixer with a causal form, once more in a bidirectional model (the leak test must see leaks): those
+    # whose export runs the form torch runs in one chain (its matmul FLOPs checked against the cost), those whose
+    # export gathers (BANDED, TREES) in another
     mixers = [(f, v) for (f, v), op in sorted(REGISTRY.items()) if f in ("mha", "mixer") and op.causal != "n.a."]
-    # a norm before each: unnormalised mixers (right products, Q = K kernels) would compound the scale over the chain
-    chain = " -> ".join("norm -> " + WRAPPERS[f][1].format(call=call(f, v), variant=v) for f, v in mixers)
-    cases.append(Case("bidirectional", f"{HEADER}model m(causal=false) = {FEATURES} -> {chain} -> {OUT}\n", {},
-                      tuple(mixers)))
+    for name, part in (("bidirectional", [m for m in mixers if m not in BANDED | TREES]),
+                       ("bidirectional-gathered", [m for m in mixers if m in BANDED | TREES])):
+        # a norm before each: unnormalised mixers (right products, Q = K kernels) would compound the scale
+        chain = " -> ".join("norm -> " + WRAPPERS[f][1].format(call=call(f, v), variant=v) for f, v in part)
+        cases.append(Case(name, f"{HEADER}model m(causal=false) = {FEATURES} -> {chain} -> {OUT}\n", {}, tuple(part)))
     # a case whose ops other cases export already, in a model as causal, is left out (head(linear) ends every
     # features model, mha(softmax) is the default mha)
     def exports(case):
@@ -136,23 +178,8 @@ SPEC_CASES = [Case(f"spec:{p.stem}", p, small(p)) for p in SPECS]  # the 7B and 
 OP_CASES = op_cases()
 CASES = SPEC_CASES + OP_CASES
 IDS = [c.id for c in CASES]
-# Banded attention: torch runs it in query blocks of B positions over K = B + w - 1 keys each, or as one causal
-# call when the band covers the sequence (what `evodsl cost` declares); the export, whose sequence axis is
-# symbolic, computes it in the per-query gather form (_gathered_band in evodsl/ops/attention/_banded.py): each
-# query against its own w keys. Same O(n w) class, other multiply-adds, so the ONNX graph's matmul FLOPs differ.
-BANDED = {("mha", "local"), ("mha", "adaptive_span"), ("mha", "sparse"), ("mha", "tglobal"),
-          ("mha", "longformer"), ("mha", "chunk"),
-          ("mha", "long_short"), ("mha", "fmm")}  # sparse: each query gathers its keys
-# Causal linear attention likewise: torch runs it in chunks of 64 tokens (what `evodsl cost` declares); the
-# export runs the prefix-sum form (_prefix_sums in evodsl/ops/attention/linear.py), whose running states are
-# elementwise products and cumulative sums, so fewer of its FLOPs are matmuls. Performer and RFA run the same
-# scheme on their features (evodsl/ops/attention/_kernelized.py).
-PREFIX_SUMS = {("mha", "linear"), ("mha", "fanet"), ("mha", "simpletron"), ("mha", "performer"),
-               ("mha", "rfa")}  # causal forms exported as prefix sums
-
-
 def export_form_differs(graph) -> bool:
-    return any((n.family, n.variant) in BANDED or ((n.family, n.variant) in PREFIX_SUMS and
+    return any((n.family, n.variant) in BANDED | TREES or ((n.family, n.variant) in PREFIX_SUMS and
                                                     graph.options.get("causal")) for n in graph.calls())
 
 
@@ -253,6 +280,16 @@ def test_padding_in_onnxruntime(case, exported):
     masks = {"attention_mask": (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).long(),
              "decoder_attention_mask": (torch.arange(m)[None, :] < torch.tensor(target_lengths)[:, None]).long()}
     y = run(ex.session, xs, masks)
+    if not all(c.op.pad_alone for c in ex.graph.calls()):  # a layout that follows the padded length (BigBird):
+        other = xs[0].clone()  # not the sequence alone, but the padded tokens change no real output
+        pad = masks["attention_mask"] == 0
+        other[pad] = other[pad] + 1 if other.is_floating_point() else (other[pad] + 1) % ex.graph.input.params.vocab
+        y2 = run(ex.session, [other, *xs[1:]], masks)
+        real = y if y.ndim == 2 else y[masks["attention_mask"].bool().numpy()]
+        real2 = y2 if y2.ndim == 2 else y2[masks["attention_mask"].bool().numpy()]
+        assert np.abs(real - real2).max() <= TOL * np.abs(real).max()
+        assert np.abs(run(ex.session, [other, *xs[1:]]) - run(ex.session, xs)).max() > 1e-3 * np.abs(y).max()
+        return
     for i, L in enumerate(lengths):
         alone = run(ex.session, [xs[0][i:i + 1, :L], *([xs[1][i:i + 1, :target_lengths[i]]] if two else [])])[0]
         keep = target_lengths[i] if two else L
@@ -347,202 +384,20 @@ def test_matmul_flops_match_cost(case, exported):
     ex = exported(case)
     b, n, m = 2, 37, 23
     flops, unknown = matmul_flops(ex.path, b, n, decoder_seq=m)
+    assert unknown == 0
+    if export_form_differs(ex.graph):
+        # the gather / prefix-sum forms (see BANDED): the gather reads lo + hi + 1 keys per query whatever n,
+        # more than torch's one causal call when the band is wider than the sequence (adaptive span's 8192)
+        assert flops > 0
+        return
     declared = evodsl.cost(case.source, seq=n, batch=b, overrides=case.overrides,
                            decoder_seq=m if len(ex.graph.inputs) > 1 else None)["flops"]["forward_matmul"]
-    assert unknown == 0
     if any(n.op.id == "memory(xl)" for n in ex.graph.calls()):  # the export is a first segment: no memory yet
         source = case.source.read_text() if isinstance(case.source, Path) else case.source
         first = re.sub(r"->\s*memory\(xl[^)]*\)", "", source)  # the same model with no memory to read
         assert first != source
         declared = evodsl.cost(first, seq=n, batch=b, overrides=case.overrides)["flops"]["forward_matmul"]
-    if export_form_differs(ex.graph):
-        # the gather / prefix-sum forms (see BANDED): the gather reads lo + hi + 1 keys per query whatever n,
-        # more than torch's one causal call when the band is wider than the sequence (adaptive span's 8192)
-        assert flops > 0
-    elif export_runs_landmarks_below(ex.graph, n):
+    if export_runs_landmarks_below(ex.graph, n):
         assert flops > declared
     else:
         assert flops == pytest.approx(declared, rel=0.01)
-
-
-# ---------------------------------------------------------------- weights
-
-WEIGHTS_SPEC = (HEADER + "model m(causal=true) = input(features, d=32) -> pos(rope)"
-                " -> residual(norm(rmsnorm) -> mha, scale=rezero)"
-                " -> parallel(mha(local, window=5), ffn(swiglu), merge=concat) -> head(linear, d_out=8)\n")
-
-
-def test_weights_artifact_is_exported(tmp_path):
-    model = evodsl.compile(WEIGHTS_SPEC)
-    perturb_params(model, scale=0.3)  # rezero's alpha, among others, away from its initial 0
-    evodsl.save(model, tmp_path / "w.pt")
-    r = evodsl.export(WEIGHTS_SPEC, tmp_path / "w.onnx", weights=tmp_path / "w.pt")
-    session = ort.InferenceSession(str(r.path), providers=["CPUExecutionProvider"])
-    loaded = evodsl.load(tmp_path / "w.pt")
-    default = evodsl.compile(WEIGHTS_SPEC)
-    graph = evodsl.parse(WEIGHTS_SPEC)
-    for b, n in ((1, 9), (3, 40)):
-        x = example_input(graph, b, n, seed=n)
-        with torch.no_grad():
-            want, other = loaded(x).numpy(), default(x).numpy()
-        got = run(session, x)
-        scale = float(np.abs(want).max())
-        assert np.abs(got - want).max() <= TOL * scale
-        assert np.abs(got - other).max() > 1e-2 * scale  # the artifact's weights, not the seed's
-
-
-def test_weights_from_another_spec_are_refused(tmp_path):
-    evodsl.save(evodsl.compile(WEIGHTS_SPEC), tmp_path / "w.pt")
-    other = WEIGHTS_SPEC.replace("ffn(swiglu)", "ffn(geglu)")
-    with pytest.raises(evodsl.EvoError) as err:
-        evodsl.export(other, tmp_path / "w.onnx", weights=tmp_path / "w.pt")
-    assert [d.code for d in err.value.diagnostics] == ["E408"]
-    assert "built from another spec" in err.value.render()
-    assert sorted(os.listdir(tmp_path)) == ["w.pt"]
-
-
-# ---------------------------------------------------------------- failures leave nothing behind
-
-GPT2 = ROOT / "specs" / "gpt2.evo"
-
-
-def test_failed_export_names_the_op_and_leaves_no_file(tmp_path, monkeypatch, capsys):
-    def broken(*args, **kwargs):
-        raise RuntimeError("Failed to convert 'aten.some_op.default' (in blocks.0.attn): no ONNX decomposition\n"
-                           "  a long exporter trace follows")
-
-    monkeypatch.setattr(torch.onnx, "export", broken)
-    (tmp_path / "keep.txt").write_text("x")
-    with pytest.raises(evodsl.EvoError) as err:
-        evodsl.export(GPT2, tmp_path / "m.onnx", overrides=small(GPT2))
-    [diag] = err.value.diagnostics
-    assert diag.code == "E406"
-    assert "aten.some_op" in diag.message and "blocks.0.attn" in diag.message
-    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]  # no model, no hidden temporary folder
-
-    args = ["export", str(GPT2), "-o", str(tmp_path / "m.onnx")] + [f"--set={k}={v}" for k, v in small(GPT2).items()]
-    assert main(args) == 1
-    out, errtext = capsys.readouterr()
-    assert "error[E406]" in errtext and "aten.some_op" in errtext and "blocks.0.attn" in errtext
-    assert "Traceback" not in out + errtext
-    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
-
-
-def test_graph_valid_at_some_lengths_only_is_refused(tmp_path):
-    """A module whose trace depends on n (a Python branch on n % 4) would give a file that is wrong at other
-    lengths (torch.onnx.export keeps such guards as runtime asserts, which the ONNX graph drops): E406 instead."""
-    src = HEADER + "model m(causal=true) = input(features, d=32) -> norm -> head(linear, d_out=8)\n"
-    model, graph = evodsl.compile(src), evodsl.parse(src)
-    norm = model.norm.forward
-    model.norm.forward = lambda x, ctx=None: norm(x, ctx) if x.shape[1] % 4 == 0 else norm(x, ctx) * 2
-    with pytest.raises(evodsl.EvoError) as err:
-        lower_onnx.export(model, graph, tmp_path / "m.onnx")
-    [diag] = err.value.diagnostics
-    assert diag.code == "E406" and "holds only where" in diag.message and "% 4" in diag.message, diag.message
-    assert os.listdir(tmp_path) == []
-
-
-def test_failed_check_leaves_no_file(tmp_path, monkeypatch):
-    """onnxruntime failing on the written model (E407): the temporary folder holding it is removed."""
-    def broken(*args, **kwargs):
-        raise RuntimeError("cannot run this model")
-
-    monkeypatch.setattr(ort, "InferenceSession", broken)
-    with pytest.raises(evodsl.EvoError) as err:
-        evodsl.export(OP_CASES[0].source, tmp_path / "m.onnx")
-    assert [d.code for d in err.value.diagnostics] == ["E407"]
-    assert os.listdir(tmp_path) == []
-
-
-# ---------------------------------------------------------------- large models
-
-def test_external_data_lands_beside_the_model(tmp_path, monkeypatch):
-    """Weights at or over TWO_GB go to a data file beside the .onnx (protobuf's 2 GB limit); shrunk here."""
-    monkeypatch.setattr(lower_onnx, "TWO_GB", 1024)
-    out = tmp_path / "out"
-    out.mkdir()
-    r = evodsl.export(GPT2, out / "gpt2.onnx", overrides=small(GPT2))
-    assert r.external_data
-    files = sorted(os.listdir(out))
-    assert files[0] == "gpt2.onnx" and len(files) == 2, files  # the model and its data file, nothing else
-    proto = onnx.load(str(out / "gpt2.onnx"), load_external_data=False)
-    locations = {e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-                 for e in t.external_data if e.key == "location"}
-    assert locations == {files[1]}  # a relative name: the pair can move together
-    assert r.bytes == sum((out / f).stat().st_size for f in files)
-    moved = tmp_path / "moved"
-    out.rename(moved)
-    session = ort.InferenceSession(str(moved / "gpt2.onnx"), providers=["CPUExecutionProvider"])
-    graph = evodsl.parse(GPT2, small(GPT2))
-    x = example_input(graph, 2, 20)
-    with torch.no_grad():
-        want = evodsl.compile(GPT2, overrides=small(GPT2))(x).numpy()
-    assert np.abs(run(session, x) - want).max() <= TOL * np.abs(want).max()
-
-
-def _no_weights(*args, **kwargs):
-    raise AssertionError("weights were built")
-
-
-@pytest.mark.parametrize("spec", ["llama", "llama2_70b"])
-def test_big_model_is_refused_before_any_weight_is_built(spec, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lower_onnx, "_available_memory", lambda: 24 * 2**30)
-    monkeypatch.setattr(lower_torch, "lower", _no_weights)
-    path = ROOT / "specs" / f"{spec}.evo"
-    params = evodsl.cost(path)["params"]
-    need = f"{params * 4 * lower_onnx.EXPORT_MEMORY_FACTOR / 2**30:.1f} GiB"
-    start = time.perf_counter()
-    with pytest.raises(evodsl.EvoError) as err:
-        evodsl.export(path, tmp_path / "m.onnx")
-    [diag] = err.value.diagnostics
-    assert diag.code == "E405"
-    assert f"needs about {need}" in diag.message and "has 24.0 GiB available" in diag.message
-    assert f"{params * 4 / 2**30:.1f} GiB" in diag.help  # the weights alone
-
-    assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 1
-    _, errtext = capsys.readouterr()
-    assert "error[E405]" in errtext and need in errtext and "Traceback" not in errtext
-    assert time.perf_counter() - start < 15  # parse and count only
-    assert os.listdir(tmp_path) == []
-
-
-def test_enough_memory_goes_on_to_build_the_weights(tmp_path, monkeypatch):
-    """With plenty of memory reported the check lets the 7B export through: stopped where the weights would be
-    built, so none are."""
-    class Built(Exception):
-        pass
-
-    def stop(*args, **kwargs):
-        raise Built
-
-    monkeypatch.setattr(lower_onnx, "_available_memory", lambda: 1 << 40)
-    monkeypatch.setattr(lower_torch, "lower", stop)
-    with pytest.raises(Built):
-        evodsl.export(ROOT / "specs" / "llama.evo", tmp_path / "m.onnx")
-    assert os.listdir(tmp_path) == []
-
-
-# ---------------------------------------------------------------- the command line
-
-def test_cli_export_console_script(tmp_path):
-    script = Path(sys.executable).with_name("evodsl")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    sets = [f"--set={k}={v}" for k, v in small(GPT2).items()]
-    done = subprocess.run([script, "export", "specs/gpt2.evo", "-o", str(tmp_path / "g.onnx"), *sets], cwd=ROOT,
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert f"wrote {tmp_path / 'g.onnx'}" in done.stdout and "max abs difference" in done.stdout
-    assert os.listdir(tmp_path) == ["g.onnx"]
-
-
-def test_cli_compile_backend_onnx(tmp_path, capsys):
-    sets = [f"--set={k}={v}" for k, v in small(GPT2).items()]
-    assert main(["compile", str(GPT2), "--backend", "onnx", "-o", str(tmp_path / "g.onnx"), *sets]) == 0
-    out = capsys.readouterr().out
-    assert "max abs difference" in out and "inputs 'input_ids' [batch, seq]" in out and "output 'logits'" in out
-    assert os.listdir(tmp_path) == ["g.onnx"]
-
-
-def test_cli_onnx_backend_needs_an_output_file(capsys):
-    assert main(["compile", str(GPT2), "--backend", "onnx"]) == 2
-    assert "-o FILE.onnx" in capsys.readouterr().err

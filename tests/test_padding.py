@@ -17,23 +17,30 @@ load_all()
 D, N = 32, 70  # N spans 3 of the banded kernels' 32-query blocks and 5 of linear attention's 16-token chunks
 LENGTHS = [N, 45, 20, 1]
 # longformer: its causal form has no globals (padding with globals: test_longformer.py and the longformer_base spec)
+# bigbird (pad_alone=False): its blocks (the last one global, the random draw) follow the padded length, as HF's:
+# a padded sequence is not the sequence alone, so the check is that the padding changes no real output
 BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dilation": 2},
          "adaptive_span": {"max_span": 12, "R": 4, "span_init": 0.5},
          "linear": {}, "linformer": {"k": 16, "max_len": 128},
          "efficient": {}, "fastformer": {}, "fanet": {}, "ufo": {}, "simpletron": {},
-         "separable": {}, "nystrom": {"landmarks": 24, "conv": 5}, "performer": {"features": 16}, "rfa": {"features": 8},
+         "separable": {}, "nystrom": {"landmarks": 24, "conv": 5}, "performer": {"features": 16}, "rfa": {"features": 8}, "momentum": {}, "flowformer": {},
+         "lambda": {"k": 8, "u": 2, "r": 7}, "smart_bird": {"s": 6, "e": 8},
          "sparse": {"stride": 6}, "tglobal": {"radius": 5, "block": 8},
-         "chunk": {"c": 16}, "blockwise": {"blocks": 3, "identity": 2},
+         "chunk": {"c": 16}, "jukebox": {"block": 6}, "logsparse": {"window": 2, "conv": 3}, "blockwise": {"blocks": 3, "identity": 2},
          "long_short": {"w": 8, "r": 4}, "fmm": {"w": 6, "kernels": 3},
          "isab": {"m": 6}, "luna": {"l": 6}, "star": {"rounds": 2},
-         "skyformer": {"landmarks": 24}, "soft": {"landmarks": 24},
-         "memory_compressed": {"k": 3}}
-CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm")  # causal forms in chunks: 16 tokens here, so that N spans several
+         "skyformer": {"landmarks": 24}, "soft": {"landmarks": 24}, "bigbird": {"block": 8, "random": 1},
+         "bpt": {"k": 2}, "memory_compressed": {"k": 3}, "lara": {"C": 5, "m": 2}, "learned_kernel": {"components": 1, "features": 16},
+         "slim": {"features": 16}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
+# with the padding's large-norm noise keys, whose unmasked weight is then ~1e-8 (the control)
+CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel",
+           "slim")  # causal forms in chunks: 16 tokens here, so that N spans several
 POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {}), "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8,
                                                                                       "max_distance": 20})}
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
-KERNELIZED = ("linear", "performer", "rfa")  # chunked causal forms; phi after rope (absolute positions)
-RIGHT_ONLY = ("linformer", "chunk", "blockwise", "long_short", "memory_compressed")  # read positions counted from each row's start: left padding is refused
+KERNELIZED = ("linear", "performer", "rfa", "learned_kernel", "slim")  # chunked causal forms; phi after rope (absolute positions)
+RIGHT_ONLY = ("linformer", "chunk", "blockwise", "long_short", "jukebox", "bpt", "smart_bird",
+             "memory_compressed")  # read positions counted from each row's start: left padding is refused
 
 
 def test_every_attention_is_covered():
@@ -86,7 +93,12 @@ def test_padded_batch_equals_each_sequence_alone(variant, causal, pos, scores, s
     with torch.no_grad():
         y = m(x, Ctx(mask=mask))
         assert torch.isfinite(y).all(), "padded positions must stay finite: the next layer reads them as keys"
-        for i, L in enumerate(LENGTHS):
+        if not REGISTRY["mha", variant].pad_alone:
+            x2 = x.clone()
+            x2[~mask] = torch.randn(int((~mask).sum()), D, generator=g, dtype=torch.float64) * 5
+            err = (m(x2, Ctx(mask=mask))[mask] - y[mask]).abs().max().item()
+            assert err <= 1e-10 * y[mask].abs().max().item(), f"other padding changed real outputs: {err}"
+        for i, L in enumerate(LENGTHS if REGISTRY["mha", variant].pad_alone else ()):
             real = mask[i]
             alone = m(x[i:i + 1, real], Ctx())
             err = (y[i, real] - alone[0]).abs().max().item()
@@ -166,6 +178,16 @@ def test_padded_batch_equals_each_sequence_alone_in_every_spec(spec):
     with torch.no_grad():
         y = model(*xs, **masks)
         assert torch.isfinite(y).all()
+        if not all(c.op.pad_alone for c in graph.calls()):  # padding read nowhere (its layout may follow it)
+            other = [t.clone() for t in xs]
+            for t, key in zip(other, ("attention_mask", "decoder_attention_mask")):
+                pad = masks[key] == 0
+                t[pad] = t[pad] + 1 if t.is_floating_point() else (t[pad] + 1) % graph.inputs[0].params.vocab
+            y2 = model(*other, **masks)
+            real = slice(None) if y.dim() == 2 else masks["decoder_attention_mask" if two else "attention_mask"].bool()
+            err = (y2[real] - y[real]).abs().max().item()
+            assert err <= 1e-10 * y[real].abs().max().item(), f"{spec.stem}: other padding changed real outputs"
+            lengths = ()
         for i, L in enumerate(lengths):
             alone = model(xs[0][i:i + 1, :L], *([xs[1][i:i + 1, :target_lengths[i]]] if two else []))[0]
             if y.dim() == 2:  # a pooler's [b, d]

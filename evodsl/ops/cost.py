@@ -69,6 +69,17 @@ def cost_field(cost: Cost, name: str):
     return cost.inference_fwd if name == "fwd_inference" else getattr(cost, name)
 
 
+def piecewise(pieces) -> Cost:
+    """One Cost whose every formula is that of the first (cost, condition) piece whose condition holds: an op
+    whose form depends on the sizes (fwd_inference: each piece's inference_fwd; params: the first piece's)."""
+    from dataclasses import replace
+
+    first = pieces[0][0]
+    vals = {f.name: sp.Piecewise(*[(cost_field(c, f.name) or 0, cond) for c, cond in pieces])
+            for f in fields(Cost) if f.type not in ("bool", "bool | None") and f.name != "params"}
+    return replace(first, params=first.params, **vals)
+
+
 class Symbols:
     """The symbols an op's cost formula uses, with the values they stand for in this graph."""
 

@@ -88,6 +88,8 @@ class Op:
     cost: Callable | None = None  # (params, env, symbols) -> evodsl.ops.cost.Cost, formulas over shapes only
     attach_cost: Callable | None = None  # in-attention pos ops: (params, symbols, heads, kv_heads, head_dim) -> Cost
     padding: bool = True  # honours a padding mask (attention_mask); False: its forward refuses one (E409)
+    pad_alone: bool = True  # a right-padded sequence's outputs are the sequence's alone; False: padded keys get no
+    #                      weight, but the op's layout follows the padded length (BigBird's last global block)
     streams: tuple = ()  # params that name a stream of the model (xattn's kv): each given one is an input
     #                      after the first, in this order; the module's forward(x, ctx, *those streams)
     sets: str | None = None  # an op that configures the attention ops after it in its stream: the OpEnv field

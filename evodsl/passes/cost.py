@@ -39,8 +39,24 @@ def _num(expr, values: dict, b: int, n):
     if not isinstance(expr, sp.Basic):
         return expr
     n, m = n if isinstance(n, tuple) else (n, n)
-    v = expr.subs(values).subs({B: b, N: n, M: m})
+    # every symbol at once (xreplace): substituting the sizes first and b, n after would have sympy simplify the
+    # Max / Min / Piecewise terms over symbolic n on the way, seconds per formula
+    at = {k: sp.sympify(x) for k, x in {**values, B: b, N: n, M: m}.items()}
+    v = expr.xreplace(at)
+    while v.free_symbols & at.keys():  # a value that is itself a formula (a length such as n + 16)
+        v = v.xreplace(at)
+    if v.free_symbols:
+        v = v.subs(at)
     return int(v) if v.is_integer else float(v)
+
+
+def _sizes(expr, values: dict):
+    """`expr` with the op's sizes (not b, n, m) put in, all at once (xreplace): subs would have sympy simplify
+    its Max / Min terms over symbolic n after each one."""
+    expr = sp.sympify(expr)
+    at = {k: sp.sympify(v) for k, v in values.items()}
+    out = expr.xreplace(at)
+    return out.subs(at) if out.free_symbols & at.keys() else out
 
 
 def _elems(shape) -> object:
@@ -94,7 +110,7 @@ class Report:
         """Sum of one Cost field over all executions (a formula in b, n, numbers substituted); the decoding state
         ("cache") over the layers that keep one (not an encoder's)."""
         rows = self.decoding_rows() if attr == "cache" else self.rows
-        return sp.expand(sum(sp.sympify(cost_field(r.cost, attr)).subs(r.values) * r.count for r in rows))
+        return sp.expand(sum(_sizes(cost_field(r.cost, attr), r.values) * r.count for r in rows))
 
     def decoding_rows(self) -> list:
         """The rows that keep state: none in a model whose output is bidirectional (it does not decode); all, but

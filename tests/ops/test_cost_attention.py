@@ -57,12 +57,25 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                    ({"window": 8, "globals": 2, "dropout": 0.1}, BOTH), ({"window": 16, "dilation": 2, "dropout": 0.1}, SMALL),
                    ({"window": 16, "globals": 1, "dilation": 3, "kv_heads": 2, "dropout": 0.1}, ODD),
                    ({"window": 8, "globals": 3, "heads": 2, "head_dim": 8, "bias": False, "dropout": 0.1}, SMALL)],
+    # blocks of 8 (n = 64: 8 blocks, 160: 20) and 12 (the last block padded), no global blocks, three (two first,
+    # one last), grouped K/V heads; with dropout (SDPA's math kernel); 32-token blocks at n = 64: full attention
+    "bigbird": [({"block": 8, "random": 2}, BOTH), ({"block": 8, "random": 2, "kv_heads": 2}, BOTH),
+                ({"block": 8, "globals": 0, "random": 1}, BOTH), ({"block": 12, "random": 1}, BOTH),
+                ({"block": 8, "window": 1, "globals": 3, "random": 2, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+                ({"block": 32, "random": 1}, SMALL), ({"block": 8, "random": 2, "dropout": 0.1}, BOTH),
+                ({"block": 12, "random": 1, "globals": 3, "kv_heads": 2, "dropout": 0.1}, BOTH)],
     "linformer": [({"k": 16, "max_len": 256}, BOTH), ({"k": 16, "max_len": 256, "kv_heads": 2}, BOTH),
                   ({"k": 8, "max_len": 256, "share_kv": True, "heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"k": 16, "max_len": 256, "dropout": 0.1}, BOTH)],
     "efficient": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"norm": "scaling", "heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"norm": "scaling"}, BOTH)],
     "fastformer": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD)],
+    # multi-query (the window a view of the padded values at b = 1), K/V groups with intra-depth (einsum's copies)
+    # s < n (n = 64, 160), s >= n (every key), grouped K/V heads, a narrow sketch
+    "smart_bird": [({"s": 8}, BOTH), ({"s": 8, "kv_heads": 2, "e": 4}, BOTH), ({"s": 100, "kv_heads": 1}, BOTH),
+                   ({"s": 5, "heads": 2, "head_dim": 8, "bias": False}, ODD)],
+    "lambda": [({}, BOTH), ({"kv_heads": 2, "u": 2, "k": 8, "r": 5}, BOTH), ({"kv_heads": 2, "k": 8, "r": 5}, ODD),
+               ({"kv_heads": 4, "u": 3, "head_dim": 8, "bias": False}, SMALL)],
     # landmarks dividing n (means of views), not dividing it (the averaging matrix), and n <= landmarks (exact)
     "nystrom": [({"landmarks": 16}, BOTH), ({"landmarks": 16, "kv_heads": 2, "conv": 5}, BOTH),
                 ({"landmarks": 12, "conv": 7}, BOTH), ({"landmarks": 12, "kv_heads": 1}, BOTH),
@@ -93,6 +106,17 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                ({"pattern": "fixed", "stride": 12, "c": 3, "kv_heads": 2}, BOTH),
                ({"pattern": "fixed", "stride": 16, "pos": ROPE}, BOTH), ({"pattern": "fixed", "stride": 8, "c": 7}, ODD),
                ({"pattern": "fixed", "stride": 6, "dropout": 0.1}, SMALL)],
+    # rows of l over n = 64 (l = 16 divides it, 12 does not) and 160 (24: a padded last row), one row (l >= n)
+    "jukebox": [({"block": 16}, BOTH), ({"block": 12, "kv_heads": 2}, BOTH), ({"pattern": "column", "block": 16}, BOTH),
+                ({"pattern": "column", "block": 12, "kv_heads": 2}, BOTH), ({"pattern": "prev_row", "block": 16}, BOTH),
+                ({"pattern": "prev_row", "block": 12, "kv_heads": 1}, BOTH),
+                ({"pattern": "column", "block": 200, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+                ({"pattern": "row", "block": 200}, ODD), ({"pattern": "prev_row", "block": 24, "dropout": 0.1}, ODD),
+                ({"block": 12, "dropout": 0.1}, SMALL), ({"pattern": "column", "block": 16, "dropout": 0.1}, SMALL)],
+    # the LogSparse set (w = 1), the local variant, the convolutional q and k, a window past the sequence
+    "logsparse": [({}, BOTH), ({"window": 4}, BOTH), ({"window": 2, "kv_heads": 2}, BOTH), ({"conv": 3}, BOTH),
+                  ({"window": 3, "conv": 5, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+                  ({"conv": 2, "kv_heads": 1}, SMALL), ({"window": 200}, ODD), ({"dropout": 0.1}, SMALL)],
     # the band in blocks of 32 queries (n = 64: 2, 160: 5) or 40 (padded queries); one block (radius 200); T5's
     # bias on the band; global tokens of 8, 16 or 32 positions (n = 160 and 16: none left over)
     "tglobal": [({"radius": 8, "block": 8}, BOTH), ({"radius": 40, "block": 8, "kv_heads": 2}, BOTH),
@@ -135,6 +159,22 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "rfa": [({"features": 16}, BOTH), ({"features": 16, "kv_heads": 2}, BOTH), ({}, SMALL),
             ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
             ({"features": 32, "pos": HALF_ROPE}, SMALL)],
+    # spans of up to 32 and 64 tokens (J = 6, 7 levels), narrow heads (the tree and the table weigh more)
+    "bpt": [({"k": 2}, BOTH), ({"k": 2, "kv_heads": 2}, BOTH), ({"k": 4, "rel_pos": False}, SMALL),
+            ({"k": 1, "heads": 2, "head_dim": 8, "bias": False, "kv_heads": 1}, ODD), ({"k": 2, "dropout": 0.1}, SMALL)],
+    "momentum": [({}, BOTH), ({"kv_heads": 2, "beta": 0.9}, BOTH),
+                 ({"kv_heads": 1, "head_dim": 8, "bias": False, "gamma": 0.5}, ODD)],
+    "flowformer": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    # S = C m samples: fewer than n, as many (n = 64), more
+    "lara": [({"C": 4, "m": 2}, BOTH), ({"C": 8, "kv_heads": 2}, BOTH), ({"C": 16, "m": 4}, SMALL),
+             ({"C": 3, "m": 2, "kv_heads": 1, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+             ({"C": 32, "m": 8, "kv_heads": 2}, ODD)],
+    "learned_kernel": [({"components": 2, "features": 16}, BOTH), ({"components": 2, "features": 16, "kv_heads": 2}, BOTH), ({"components": 3, "features": 8}, ODD),
+                       ({"components": 1, "features": 8, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                       ({"components": 4, "features": 16, "pos": HALF_ROPE}, SMALL)],
+    "slim": [({"features": 32, "chunk": 16}, BOTH), ({"features": 32, "kv_heads": 2, "chunk": 24}, BOTH),
+             ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"features": 64, "chunk": 8}, SMALL),
+             ({"features": 32, "chunk": 16, "pos": HALF_ROPE}, SMALL)],
 }
 
 

@@ -27,6 +27,10 @@ ARGS = {
     "longformer": {"window": 64, "dilation": 2},  # causal too: no globals (test_longformer.py grows them)
     "efficient": {},
     "fastformer": {},
+    "lambda": {"k": 16, "r": 15},
+    # the sketch's [n, n] scores and the sampling noise's hash: quadratic (s = 1: the backward's n^2, the sketch's
+    # gradient, leads its allocations from n = 1k); ~1 min at these n: slow
+    "smart_bird": {"s": 1, "e": 8},
     "nystrom": {"landmarks": 16, "conv": 33},  # 64 landmarks: the iteration's [m, m] temporaries, a constant, hide n
     "fanet": {},
     "ufo": {},
@@ -34,10 +38,15 @@ ARGS = {
     "separable": {},
     "performer": {"features": 64},
     "rfa": {"features": 32},
+    "momentum": {},
+    "flowformer": {},
     "sparse": {"stride": 64},  # n / l = 16 .. 128 blocks: the class scores (n^2 / l) grow past the band's (n l)
     # 8 .. 64 global tokens beside a band of 129 keys: near linear at these n (g = n / l grows: n^2 / l)
     "tglobal": {"radius": 64, "block": 128},
+    "bigbird": {"block": 64, "random": 3},
     "chunk": {"c": 64},
+    "logsparse": {"window": 8, "conv": 3},  # 8 + 7 .. 10 keys per query: n log n
+    "jukebox": {"block": 64},  # the row pattern (rows of 64: linear); column reads n / l keys per query (quadratic)
     "blockwise": {"blocks": 8},  # blocks of n/8: quadratic, an 8th of softmax's scores
     "long_short": {"w": 64, "r": 16},
     "fmm": {"w": 64},
@@ -47,10 +56,15 @@ ARGS = {
     "star": {"rounds": 2},
     "skyformer": {"landmarks": 16},
     "soft": {"landmarks": 16},
+    "bpt": {"k": 1},
+    "lara": {"C": 8, "m": 2},
+    "learned_kernel": {"components": 4, "features": 16},
+    "slim": {"features": 64},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
-CASES = [(v, causal) for v in ATTENTION for causal in (True, False)
-         if not (causal and REGISTRY["mha", v].causal == "no")]
+SLOW = ("smart_bird",)  # variants whose harness run takes a minute or more: under the slow mark
+CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW else [])
+         for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")]
 
 
 def test_every_attention_op_is_in_the_harness():
@@ -70,7 +84,7 @@ def _declared(variant, causal):
     return declared_growth(at)
 
 
-@pytest.mark.parametrize("variant,causal", CASES, ids=[f"{v}-{'causal' if c else 'bidir'}" for v, c in CASES])
+@pytest.mark.parametrize("variant,causal", CASES, ids=[f"{v}-{'causal' if c else 'bidir'}" for v, c in (p.values for p in CASES)])
 def test_attention_grows_as_declared(variant, causal):
     module, _, _, _ = declared("mha", variant, 1, NS[0], dtype=torch.float32, d=D, causal=causal, heads=HEADS,
                                **ARGS[variant])

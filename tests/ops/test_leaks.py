@@ -23,13 +23,20 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "simpletron": {},
     "performer": {"features": 16},
     "rfa": {"features": 8},
+    "learned_kernel": {"components": 2, "features": 8},
+    "slim": {"features": 16},
     "sparse": {"stride": 6},  # the fixed pattern's leak test: tests/ops/test_sparse.py
     "chunk": {"c": 16},  # four chunks of 16 and 6 tokens left over
+    "logsparse": {"window": 2, "conv": 3},
+    "jukebox": {"block": 6},  # rows of 6 (column and prev_row: tests/ops/test_jukebox.py)
     "fmm": {"w": 6, "kernels": 3},
     "luna": {"l": 6},
+    "bpt": {"k": 2},  # levels of 2, 4, 8 .. tokens: spans across the whole 70
+    "momentum": {},
+    "flowformer": {},
     "memory_compressed": {"k": 3},  # 23 slots; each query also reads its unfinished slot raw
 }
-CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm")  # causal forms in chunks of LINEAR_CHUNK tokens here
+CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
 POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {}),
              "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}), "xl_rel": ("xl_rel", {})}

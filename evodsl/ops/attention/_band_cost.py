@@ -4,9 +4,9 @@
 - bidirectional otherwise: _blocked_band (banded_attention_cost's own formulas);
 - causal otherwise: training runs _blocked_band (all blocks in one call; its cost is `blocked`, from
   banded_attention_cost), and inference _causal_band: a causal SDPA prefix of P = lo + 1 queries, then blocks of
-  B queries (band_block) against B + lo keys, written one by one into one result. The inference peak below is
-  that form's; the forward FLOPs declared are the training form's (the inference form's are
-  P^2 + (n - P)(B + lo) scores per sequence and head, at most causal SDPA's n^2)."""
+  B queries (band_block) against B + lo keys, written one by one into one result. The inference peak and
+  fwd_inference below are that form's (P^2 + (n - P - r)(B + lo) + r (r + lo) scores per sequence and head, r the
+  last block's queries: at most causal SDPA's n^2); fwd is the training form's."""
 from __future__ import annotations
 
 from dataclasses import replace

@@ -145,15 +145,17 @@ def _causal_band(q, k, v, lo: int, bias, dropout: float, block, key_mask) -> tor
     return o
 
 
-def band_blocks(n: int, lo: int, hi: int, block: int | None = None):
+def band_blocks(n: int, lo: int, hi: int, block: int | None = None, wide: bool = False):
     """Block layout for a band (lo back, hi ahead) over n positions: (lo, hi, B, nb, left, K), where lo and
     hi are clipped to n - 1, B is the query block, nb the number of blocks, left the zero keys padded before
-    position 0 and K the keys each block sees. A single block (n <= B) sees exactly the n keys."""
+    position 0 and K the keys each block sees. A single block (n <= B; with `wide` and the default block also
+    wherever the blocks would score more than n x n: a wide band) is every query against exactly the n keys, the
+    band its mask."""
     lo, hi = min(lo, n - 1), min(hi, n - 1)
     B = min(n, block or max(lo, hi, MIN_BLOCK))
     nb = -(-n // B)
-    if nb == 1:
-        return lo, hi, B, 1, 0, n
+    if nb == 1 or (wide and block is None and nb * B * (B + lo + hi) >= n * n):  # blocks would score more:
+        return lo, hi, n, 1, 0, n  # one block of every query against every key, the band as its mask
     return lo, hi, B, nb, lo, B + lo + hi
 
 
@@ -199,7 +201,9 @@ def _blocked_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi
     b, h, n, dh = q.shape
     if not isinstance(n, int) or torch.jit.is_tracing():
         return _gathered_band(q, k, v, lo, hi, bias, dropout, key_mask)
-    lo, hi, B, nb, left, K = band_blocks(n, lo, hi, block)
+    # a wide band without a bias: one block, every key, the band as a bool mask (the memory of the one-block
+    # form with a per-head bias is not modelled yet)
+    lo, hi, B, nb, left, K = band_blocks(n, lo, hi, block, wide=bias is None)
     right = (nb - 1) * B + K - left - n
     mask = _band_mask(n, lo, hi, B, nb, left, K, bias, q.dtype, q.device)  # [H, nb, B, K], H = h or 1
 
@@ -224,7 +228,7 @@ def _blocked_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi
 # -------------------------------------------------------------------- cost
 
 
-def band_layout(n, lo, hi):
+def band_layout(n, lo, hi, wide: bool = False):
     """band_blocks (default block) as formulas in n: (B, nb, K, L), L the padded key length. lo and hi are
     formulas for the band before clipping (w - 1, S - 1, or 0 for hi)."""
     lo, hi = sp.Min(lo, n - 1), (sp.Min(hi, n - 1) if hi != 0 else 0)
@@ -232,6 +236,10 @@ def band_layout(n, lo, hi):
     nb = sp.ceiling(n / B)
     several = sp.Min(1, sp.Max(0, n - MIN_BLOCK))  # 1 for several blocks (n > MIN_BLOCK), 0 for one
     K = B + several * (lo + hi)
+    if wide:  # where blocks would score more than n x n: one block of n queries
+        one = nb * B * (B + lo + hi) >= n ** 2
+        B, nb, K = (sp.Piecewise((n, one), (B, True)), sp.Piecewise((1, one), (nb, True)),
+                    sp.Piecewise((n, one), (K, True)))
     return B, nb, K, (nb - 1) * B + K
 
 
@@ -269,9 +277,9 @@ def banded_attention_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, hi, bi
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     bias0 = bias
-    B, nb, K, L = band_layout(n, lo, hi)
     if score_bias(env):  # the position scheme's bias on the band, alone or added to the variant's own
         bias = POSITION_BIAS if bias is None else bias.plus_position()
+    B, nb, K, L = band_layout(n, lo, hi, wide=bias is None)
     pos = Cost() if score_bias(env) else position_cost(env, s, h, kv, dh)  # a bias is counted on the band
     I = nb * B * K  # band elements per head
     scores = b * h * I

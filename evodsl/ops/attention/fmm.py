@@ -101,7 +101,7 @@ def fmm_cost(p: FMMParams, env: OpEnv, s: Symbols) -> Cost:
     proj = projections_cost(p, s, h, kv, dh)
     b, n, by = s.b, s.n, s.bytes
     q = b * n * h * dh * by
-    B, nb, _, Lk = band_layout(n, w - 1, 0 if env.causal else w - 1)  # the band's blocks (training)
+    B, nb, _, Lk = band_layout(n, w - 1, 0 if env.causal else w - 1, wide=True)  # the band's blocks (training)
     covers = n <= w
     # o_proj reads the blended sum: a copy always in training (the far field's outputs are [b, h, n, dh]), where
     # the band's own output might have been read uncopied (one sequence, unpadded blocks; or one SDPA call)

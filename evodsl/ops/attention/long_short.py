@@ -30,7 +30,7 @@ from torch import nn
 
 from ...diagnostics import Diagnostic, EvoError
 from ..cost import Cost, Symbols, linear
-from ..registry import Op, OpEnv, register, right_padded
+from ..registry import Op, OpEnv, is_symbolic, register, right_padded
 from ._banded import _band_mask, _without_padded_keys, band_blocks
 from ._common import LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols
 
@@ -53,7 +53,7 @@ class LongShortAttention(AttentionBase):
         b, n, _ = x.shape
         h, kvh, dh, r = self.heads, self.kv_heads, self.head_dim, self.r
         key_mask = self.key_mask(ctx)
-        if key_mask is not None and not right_padded(key_mask):
+        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):  # exported: assumed
             raise EvoError([Diagnostic("E409", "mha(long_short) needs right padding: its segments start at "
                                                "position 0, and left padding moves the tokens",
                                        help="pad after the tokens (tokenizer padding_side='right')")])

@@ -22,7 +22,6 @@ position), no dropout (HF and the authors' code apply none).
 """
 from __future__ import annotations
 
-from dataclasses import fields, replace
 from typing import Literal
 
 import sympy as sp
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..cost import Cost, Symbols, cost_field
+from ..cost import Cost, Symbols, piecewise
 from ..registry import Op, OpEnv, ShapeProblem, register
 from ._common import LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols
 
@@ -184,16 +183,7 @@ def nystrom_cost(p: NystromParams, env: OpEnv, s: Symbols) -> Cost:
                                                                fwd_other=3 * m * n), Cost(),
                             kept + avg, [inside + avg + m * n + L, last + avg + m * n + L, *final], cache=0,
                             bwd_phases=bwd)
-    return _piecewise([(exact, n <= m), (equal, sp.Eq(sp.Mod(n, m), 0)), (uneven, True)])
-
-
-def _piecewise(pieces) -> Cost:
-    """One Cost whose every formula is that of the first piece whose condition holds (fwd_inference: None where
-    every piece's is, i.e. as fwd; else each piece's inference_fwd)."""
-    first = pieces[0][0]
-    vals = {f.name: sp.Piecewise(*[(cost_field(c, f.name) or 0, cond) for c, cond in pieces])
-            for f in fields(Cost) if f.type not in ("bool", "bool | None") and f.name != "params"}
-    return replace(first, params=first.params, **vals)
+    return piecewise([(exact, n <= m), (equal, sp.Eq(sp.Mod(n, m), 0)), (uneven, True)])
 
 
 OP = register(Op(

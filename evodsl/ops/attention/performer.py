@@ -74,17 +74,25 @@ class PerformerAttention(AttentionBase):
     def _attend(self, x, ctx):
         q, k, v = self.qkv(x)
         fq = self._query_features(q)
-        uk = favor_logits(k, self.w)
+        uk = self._key_logits(k)
         key_mask = self.key_mask(ctx)
         if key_mask is not None:  # padded keys add nothing to the sums: phi(k) = exp(-inf) = 0
             uk.masked_fill_(~key_mask[:, None, :, None], -math.inf)
         fk = uk.sub_(uk.detach().amax((-2, -1), keepdim=True)).exp_()  # in place: the logits are not kept
         del q, k, uk  # (not needed further: freed before the kernel)
         if self.causal:
-            o = kern.causal(fq, self.expand_kv(fk), self.expand_kv(v), self.chunk)
+            o = self._causal(fq, fk, v)
         else:
             o = kern.bidirectional(fq, fk, v, self.expand_kv)
         return o[..., :-1] / o[..., -1:].clamp_min(torch.finfo(o.dtype).tiny)  # num / den
+
+    def _causal(self, fq, fk, v):
+        """[num den] of the causal form (mha(slim) runs its own)."""
+        return kern.causal(fq, self.expand_kv(fk), self.expand_kv(v), self.chunk)
+
+    def _key_logits(self, k):
+        """log phi(k) (a learned kernel adds its features' log weights here)."""
+        return favor_logits(k, self.w)
 
     def _query_features(self, q):
         """phi(q) up to a constant per query: exp of the logits less their max over the m features."""
@@ -95,7 +103,7 @@ class PerformerAttention(AttentionBase):
         """Decoding (causal): the running sums [S z] = sum_j phi(k_j) [v_j 1]^T of the tokens seen, and the
         constant their features were scaled by (the running max of the keys' logits), per K/V head."""
         q, k, v = self.qkv(x, ctx.offset)
-        fq, uk = self._query_features(q), favor_logits(k, self.w)
+        fq, uk = self._query_features(q), self._key_logits(k)
         b, kvh, _, dh = k.shape
         m = self.w.shape[0]
         s, top = ctx.cache.caches.get(slot(ctx, self), (k.new_zeros(b, kvh, m, dh + 1),

@@ -30,11 +30,11 @@ import sympy as sp
 import torch
 from pydantic import Field
 
-from ..cost import Cost, Symbols
+from ..cost import Cost, Symbols, piecewise
 from ..registry import Op, OpEnv, ShapeProblem, register
 from ._common import AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols
 from ._gaussian import first_positions, gaussian_kernel, segment_ranks
-from .nystrom import _piecewise, iterative_pinv
+from .nystrom import iterative_pinv
 
 
 class SkyformerParams(AttentionParams):
@@ -133,7 +133,7 @@ def skyformer_cost(p: SkyformerParams, env: OpEnv, s: Symbols) -> Cost:
     # squared norm (three [b, h, n, dh] temporaries) beside those of W and the landmarks' norms
     bwd = [2 * sl - q, 2 * q + L + b * h * n * by]
     nys = attention_cost(p, s, h, kv, dh, core, Cost(), kept, phases, cache=0, bwd_phases=bwd)
-    return _piecewise([(exact, n <= m), (nys, True)])
+    return piecewise([(exact, n <= m), (nys, True)])
 
 
 OP = register(Op(

@@ -29,11 +29,10 @@ import sympy as sp
 import torch
 from pydantic import Field
 
-from ..cost import Cost, Symbols, linear
+from ..cost import Cost, Symbols, linear, piecewise
 from ..registry import Op, OpEnv, ShapeProblem, register
 from ._common import AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols
 from ._gaussian import first_positions, gaussian_kernel, segment_ranks
-from .nystrom import _piecewise
 
 
 class SoftParams(AttentionParams):
@@ -164,7 +163,7 @@ def soft_cost(p: SoftParams, env: OpEnv, s: Symbols) -> Cost:
     bwd = [2 * sl + S - L, 3 * sl + S - 2 * L - vend, 2 * q + kvb - vend - L - 2 * S + b * h * n * by]
     nys = attention_cost(p, s, h, kv, dh, core, Cost(), kept, phases, cache=0, bwd_phases=bwd,
                          projections_bwd=3 * out - kept)  # two input projections: their gradients and the sum
-    return _piecewise([(exact, n <= m), (nys, True)])
+    return piecewise([(exact, n <= m), (nys, True)])
 
 
 OP = register(Op(
