@@ -107,3 +107,22 @@ def test_left_padding_is_refused(causal):
     left[0, :3] = False
     with pytest.raises(EvoError, match="E409.*right padding"):
         m(x, Ctx(mask=left))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_export_form_equals_forward(causal):
+    """The gathered form the export runs (a symbolic n: at least two slots and groups, the extra ones unread) equals
+    the forward at every n, below K included, with GQA and (bidirectional) right padding."""
+    for K, kv_heads in ((3, None), (4, 2)):
+        m, _, _ = make_op("mha", "memory_compressed", d=D, causal=causal, heads=4, kv_heads=kv_heads, k=K)
+        perturb_params(m)
+        for n in (1, 2, K, K + 1, 12, 17):
+            x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+            mask = torch.arange(n)[None, :] < torch.tensor([[n], [max(1, n - 4)]])
+            for key_mask in (None,) if causal else (None, mask):
+                with torch.no_grad():
+                    q = m.q_proj(x).view(2, n, 4, -1).transpose(1, 2)
+                    o = m.out(m._gathered(q, m.k_proj(x), m.v_proj(x), key_mask))
+                    want = m(x, Ctx(mask=key_mask))
+                    real = mask[..., None] if key_mask is not None else 1
+                    assert ((o - want) * real).abs().max().item() < 1e-12, (K, n)

@@ -79,6 +79,8 @@ class MemoryCompressedAttention(AttentionBase):
             raise EvoError([Diagnostic("E409", "mha(memory_compressed) needs right padding: its slots are counted "
                                                "from each row's first position, and left padding moves the tokens",
                                        help="pad after the tokens (tokenizer padding_side='right')")])
+        if not isinstance(n, int):  # export: one graph for every n
+            return self.out(self._gathered(q, kx, vx, key_mask))
         if self.causal:
             return self.out(self._grouped(q, kx, vx))
         mask = None
@@ -117,16 +119,51 @@ class MemoryCompressedAttention(AttentionBase):
         o += (w[..., m:] @ vr).view(b, h, G * K, dh)
         return o[:, :, 1:n + 1]
 
+    def _gathered(self, q, kx, vx, key_mask):
+        """forward for a symbolic n (export): the slots' tokens and each group's rows gathered by index, not cut
+        by reshapes, at least 2 slots and groups (unread ones masked or cut): no axis whose size is 1 or 0 at some
+        n, where torch.export would specialize (past n, the gathers repeat token n - 1: never read, or zeroed in
+        a slot). Bidirectional: SDPA over the ceil(n/K) slots; causal: _grouped's G = m + 1 groups over m slots."""
+        b, h, n, dh = q.shape
+        K, dev = self.k, q.device
+        j = torch.arange(K, device=dev)
+        head = torch.arange(h, device=dev) // (h // self.kv_heads)  # each query head's K/V head
+        if key_mask is not None and not self.causal:
+            keep = key_mask[:, :, None].to(kx.dtype)
+            kx, vx = kx * keep, vx * keep
+        M = (n + K - 1) // K if not self.causal else n // K  # not -(-n // K): ONNX Div truncates
+        S = M + 2 if self.causal else torch.sym_max(M, 2)
+        tok = torch.arange(S, device=dev)[:, None] * K + j  # [S, K]: slot s's tokens
+
+        def slots(t, conv):  # [b, n, C] -> [b, h, S, dh]
+            t = t[:, tok.clamp(max=n - 1)] * (tok < n)[..., None].to(t.dtype)
+            return conv(t.flatten(2)).unflatten(2, (self.kv_heads, dh)).index_select(2, head).transpose(1, 2)
+
+        ks, vs = slots(kx, self.k_compress), slots(vx, self.v_compress)
+        if not self.causal:
+            ok = (torch.arange(S, device=dev) < M)[None]  # [1 | b, S]: real slots, not padding alone
+            if key_mask is not None:
+                ok = ok & key_mask[:, tok[:, 0].clamp(max=n - 1)]
+            return F.scaled_dot_product_attention(q, ks, vs, attn_mask=ok[:, None, None, :])
+        G = M + 2 if self.causal else None
+        row = torch.arange(G, device=dev)[:, None] * K + j  # [G, K]: group u's raw tokens; its queries one before
+        qg = q[:, :, (row - 1).clamp(0, n - 1)] * (1.0 / math.sqrt(dh))  # [b, h, G, K, dh]
+        kr, vr = (t[:, row.clamp(max=n - 1)].unflatten(3, (self.kv_heads, dh)).index_select(3, head).permute(0, 3, 1, 2, 4)
+                  for t in (kx, vx))  # [b, h, G, K, dh]
+        s = torch.cat((qg @ ks[:, :, None].transpose(-1, -2), qg @ kr.transpose(-1, -2)), dim=-1)
+        w = s.masked_fill(self._blocked(G, K, S, dev), float("-inf")).softmax(-1)
+        o = w[..., :S] @ vs[:, :, None] + w[..., S:] @ vr  # [b, h, G, K, dh]
+        t = torch.arange(1, n + 1, device=dev)
+        return o[:, :, t // K, t % K]
+
     @staticmethod
-    def _blocked(G: int, K: int, m: int, device) -> torch.Tensor:
-        """bool [G, K, m + K]: True where row i of group u may not look, slot s >= u or raw token j >= i (the
-        padding row before position 0 reads raw slot 0, any finite row: it is cut)."""
+    def _blocked(G, K: int, S, device) -> torch.Tensor:
+        """bool [G, K, S + K]: True where row i of group u may not look, slot s >= u or raw token j >= i (the
+        padding row before position 0 reads raw token 0, any finite row: it is cut)."""
         u = torch.arange(G, device=device)[:, None, None]
         i = torch.arange(K, device=device)[None, :, None]
-        c = torch.arange(m + K, device=device)[None, None, :]
-        blocked = torch.where(c < m, c >= u, c - m >= i)
-        blocked[0, 0, m] = False
-        return blocked
+        c = torch.arange(S + K, device=device)[None, None, :]
+        return ((c < S) & (c >= u)) | ((c - S >= i) & ((u > 0) | (i > 0) | (c > S)))  # no bool Where: onnxruntime
 
     def _step(self, x, ctx):
         """Decoding (causal). The cache: the finished slots (K~, V~: [b, kv, S, dh]) and the raw K/V of the
