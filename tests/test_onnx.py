@@ -61,6 +61,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "learned_kernel"): "components=2, features=8",
     ("mha", "slim"): "features=16, chunk=16",
     ("mha", "memory_compressed"): "k=3",
+    ("mha", "dilated"): "pattern=dilated_mem, layer=2",
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
