@@ -85,6 +85,8 @@ def variants(args) -> list[tuple[str, str]]:
         (f"lara, C={args.landmarks}", f"lara, C={args.landmarks}"),
         ("learned_kernel", "learned_kernel"),
         ("slim", "slim"),
+        ("memory_compressed, k=3", "memory_compressed, k=3"),
+        ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",

@@ -144,6 +144,15 @@ FMM = ["norm -> mha(fmm, w=5) -> norm -> ffn", "norm -> mha(fmm, w=40, kv_heads=
 LUNA = ["norm -> mha(luna, l=5) -> norm -> ffn", "norm -> mha(luna, l=3, kv_heads=2, act=softplus) -> norm -> ffn"]
 # BP-Transformer: spans of up to 16 tokens across the 29 (the cache: every key and value)
 BPT = ["norm -> mha(bpt, k=2) -> norm -> ffn", "norm -> mha(bpt, k=1, kv_heads=2, rel_pos=false) -> norm -> ffn"]
+# memory-compressed attention: the finished slots and the unfinished slot's raw tokens (29 tokens, k = 3 and 4), k past
+# the sequence (raw tokens only)
+MEMORY_COMPRESSED = ["norm -> mha(memory_compressed, k=3) -> norm -> ffn",
+                     "norm -> mha(memory_compressed, k=4, kv_heads=2) -> norm -> ffn",
+                     "norm -> mha(memory_compressed, k=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+# Transformer on a Diet: offsets reaching 16 back (the cache: the last max(O) + 1 positions), a cascade window
+DILATED = ["norm -> mha(dilated, pattern=dilated_mem, layer=3) -> norm -> ffn",
+           "norm -> mha(dilated, layer=2, k=4, kv_heads=2) -> norm -> ffn",
+           "norm -> mha(dilated, pattern=cascade, layer=1, window=3, kv_heads=1, head_dim=4) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
@@ -158,7 +167,7 @@ LOGSPARSE = ["norm -> mha(logsparse) -> norm -> ffn", "norm -> mha(logsparse, wi
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]

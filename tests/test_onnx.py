@@ -60,6 +60,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "lara"): "C=5, m=2",
     ("mha", "learned_kernel"): "components=2, features=8",
     ("mha", "slim"): "features=16, chunk=16",
+    ("mha", "memory_compressed"): "k=3",
+    ("mha", "dilated"): "pattern=dilated_mem, layer=2",
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
@@ -134,6 +136,10 @@ TREES = {("mha", "bpt")}
 # blockwise runs a dense masked SDPA; the exporter folds the projections of ISAB's inducing points and Luna's
 # packed sequence P (learned constants), so fewer MatMuls remain than torch runs.
 OTHER_FORMS = {("mha", "bigbird"), ("mha", "blockwise"), ("mha", "isab"), ("mha", "luna")}
+# Memory-compressed attention's causal form: torch runs G = m + 1 groups of K queries over the m finished slots
+# (m = floor(n / K)); the export gathers m + 2 groups and slots, so that no axis is 1 long at some n (the extra
+# ones masked or cut): a few more multiply-adds. Its bidirectional export is torch's form.
+CAUSAL_GROUPS = {("mha", "memory_compressed")}
 
 
 def op_cases() -> list[Case]:
@@ -184,7 +190,7 @@ OP_CASES = op_cases()
 CASES = SPEC_CASES + OP_CASES
 IDS = [c.id for c in CASES]
 def export_form_differs(graph) -> bool:
-    return any((n.family, n.variant) in BANDED | TREES | OTHER_FORMS or ((n.family, n.variant) in PREFIX_SUMS and
+    return any((n.family, n.variant) in BANDED | TREES | OTHER_FORMS or ((n.family, n.variant) in PREFIX_SUMS | CAUSAL_GROUPS and
                                                     graph.options.get("causal")) for n in graph.calls())
 
 

@@ -148,6 +148,14 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     # one round (no relay update), three with grouped K/V heads, two with narrow heads (d-wide tensors lead)
     "star": [({}, BOTH), ({"rounds": 3, "kv_heads": 2}, BOTH), ({"rounds": 2, "heads": 2, "head_dim": 8, "bias": False}, ODD),
              ({"rounds": 2, "kv_heads": 1}, SMALL)],
+    # k dividing n (64 at 4 and 16) and not (3, 5: a partial last slot, copies for several rows), k > n
+    # Transformer on a Diet: layer 2's dilation 4 (k = 3: offsets 0, 4, 8), layer 3's union (0, 1, 2, 4, 8, 16),
+    # cascade's window of 4 m^2 = 16
+    "dilated": [({"pattern": "dilated", "layer": 2}, BOTH), ({"pattern": "dilated_mem", "layer": 3, "kv_heads": 2}, BOTH),
+                ({"pattern": "cascade", "layer": 2, "window": 4}, ODD),
+                ({"layer": 1, "k": 5, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    "memory_compressed": [({"k": 3}, BOTH), ({"k": 4, "kv_heads": 2}, BOTH), ({"k": 16}, SMALL), ({"k": 3, "kv_heads": 1}, ODD),
+                          ({"k": 5, "heads": 2, "head_dim": 8, "bias": False}, BOTH), ({"k": 200}, ODD)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),

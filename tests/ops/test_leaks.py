@@ -34,6 +34,8 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "bpt": {"k": 2},  # levels of 2, 4, 8 .. tokens: spans across the whole 70
     "momentum": {},
     "flowformer": {},
+    "memory_compressed": {"k": 3},
+    "dilated": {"pattern": "dilated_mem", "layer": 4},  # offsets up to 32 (and 0, 1, 2, 4, 8, 16)  # 23 slots; each query also reads its unfinished slot raw
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
