@@ -132,6 +132,8 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     "fnet": ("O(n d log n)", "O(n d + n f)"),
     "longformer_base": ("O(n d f + n d w + n d^2)", "O(n d + n f + n h w)"),  # a band of w keys (and one global
     #                                                                            token); the band's dropped weights kept
+    "bigbird_base": ("O(n B d r + n B d w + n d f + n d^2)", "O(n B h r + n B h w + n d r + n d w + n f)"),  # blocks of B
+    # queries read w window, r random (and 2 global) blocks: the scores, and the gathered keys and values
     "nystromformer": ("O(n d f + n d m_l + n d^2)", "O(n d + n f)"),  # m_l landmarks; no [n, m] weights kept
     "gpt2": ("O(n^2 d)", "O(n d + n f)"),  # SDPA keeps O(n) for backward
     "linear_transformer": ("O(n d f + n d^2)", "O(n d + n d^2/h + n f + n h)"),  # causal prefix sums kept
