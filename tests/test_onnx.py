@@ -188,7 +188,8 @@ def op_cases() -> list[Case]:
 SPEC_CASES = [Case(f"spec:{p.stem}", p, small(p)) for p in SPECS]  # the 7B and 70B specs too, at small sizes
 OP_CASES = op_cases()
 CASES = SPEC_CASES + OP_CASES
-IDS = [c.id for c in CASES]
+# one xdist group per case: its tests run on one worker, which exports it once (the module's `exported` cache)
+PARAMS = [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(re.sub(r"\W", "_", c.id))) for c in CASES]
 def export_form_differs(graph) -> bool:
     return any((n.family, n.variant) in BANDED | TREES | OTHER_FORMS or ((n.family, n.variant) in PREFIX_SUMS | CAUSAL_GROUPS and
                                                     graph.options.get("causal")) for n in graph.calls())
@@ -260,7 +261,7 @@ def run(session, xs, masks: dict | None = None) -> np.ndarray:
     return session.run(None, feed)[0]
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", PARAMS)
 def test_padding_in_onnxruntime(case, exported):
     """Every exported model whose ops honour padding takes attention_mask (and an encoder-decoder
     decoder_attention_mask): a right-padded batch gives, at every real position, what each sequence gives alone,
@@ -322,7 +323,7 @@ def test_every_registered_op_is_exported():
     assert not missing, f"ops no ONNX case exports: {sorted(missing)}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", PARAMS)
 def test_onnxruntime_matches_torch(case, exported):
     """One file, dynamic axes: onnxruntime equals evodsl.compile (same default seed) at 2 batch sizes x 3 lengths
     (3 pairs of source and target lengths for an encoder-decoder)."""
@@ -347,7 +348,7 @@ def test_onnxruntime_matches_torch(case, exported):
             assert diff <= TOL * scale, f"batch {b}, seq {n}: max |ORT - torch| {diff:.3g}, scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", PARAMS)
 def test_causality_in_onnxruntime(case, exported):
     """Causal models: changing tokens t+1.. (the target's, in an encoder-decoder) never changes outputs 0..t, in
     one batched onnxruntime run of all the perturbed copies. Bidirectional ones: the same check finds the leak
@@ -389,7 +390,7 @@ def test_causality_in_onnxruntime(case, exported):
         assert float(np.abs(other[0, 0] - y[0, 0]).max()) > 1e-3 * scale
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", PARAMS)
 def test_matmul_flops_match_cost(case, exported):
     """MatMul / Gemm FLOPs read off the ONNX graph (shape inference at b, n (, m)) against evodsl.cost's
     forward_matmul."""
