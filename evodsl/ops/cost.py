@@ -8,7 +8,7 @@ Memory fields are bytes; `s.bytes` is the size of one element of the model's dty
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import sympy as sp
 
@@ -72,8 +72,6 @@ def cost_field(cost: Cost, name: str):
 def piecewise(pieces) -> Cost:
     """One Cost whose every formula is that of the first (cost, condition) piece whose condition holds: an op
     whose form depends on the sizes (fwd_inference: each piece's inference_fwd; params: the first piece's)."""
-    from dataclasses import replace
-
     first = pieces[0][0]
     vals = {f.name: sp.Piecewise(*[(cost_field(c, f.name) or 0, cond) for c, cond in pieces])
             for f in fields(Cost) if f.type not in ("bool", "bool | None") and f.name != "params"}

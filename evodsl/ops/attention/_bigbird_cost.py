@@ -16,11 +16,10 @@ import sympy as sp
 from ..cost import Cost, Symbols, piecewise
 from ..registry import OpEnv
 from ._common import LSE_BYTES, AttentionParams, attention_cost, head_symbols
+from .softmax import softmax_attention_cost
 
 
 def bigbird_cost(p: AttentionParams, env: OpEnv, s: Symbols) -> Cost:
-    from .softmax import softmax_attention_cost
-
     full = replace(softmax_attention_cost(p, env, s), cache=0)  # nb <= g: every block global
     return piecewise([(full, sp.ceiling(s.n / s.sym("B", p.block)) <= p.globals), (_sparse_cost(p, env, s), True)])
 
