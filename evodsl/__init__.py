@@ -91,7 +91,7 @@ def _model(graph, seed: int, weights=None, device=None, dtype=None):
 
 def from_hf(config) -> str:
     """The .evo text of the Hugging Face model a config describes (a dict, a PretrainedConfig, a config.json or
-    a folder holding one): GPT-2, LLaMA 1-3, Mistral, Gemma, Phi-3, BERT. A feature with no evodsl form raises
+    a folder holding one): GPT-2, LLaMA 1-3, Mistral, Gemma, Phi-3, BERT, T5, BART. A feature with no evodsl form raises
     EvoError (E415) naming it and its config key."""
     from .hf import from_hf as _from_hf
 

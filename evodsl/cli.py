@@ -342,7 +342,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_set(e)
     e.set_defaults(run=_cmd_export)
     f = sub.add_parser("from-hf", help="write the spec of a Hugging Face config (GPT-2, LLaMA, Mistral, Gemma, "
-                       "Phi-3, BERT)", description="Import a Hugging Face config.json as a readable .evo spec; its "
+                       "Phi-3, BERT, T5, BART)", description="Import a Hugging Face config.json as a readable .evo spec; its "
                        "weights load with `evodsl compile SPEC --weights FOLDER`.")
     f.add_argument("config", metavar="CONFIG", help="config.json, or a checkpoint folder holding one")
     f.add_argument("-o", "--output", metavar="SPEC", help="the .evo file to write (default: print it)")

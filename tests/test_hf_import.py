@@ -4,7 +4,7 @@ For every family (GPT-2, LLaMA 1/2/3 with Llama 3's rope scaling, Mistral's slid
 its fused projections and partial rotary, BERT): the imported spec has the parameters of the HF model built from
 the same config (meta device, two sizes each), and with HF's random weights loaded (HF models built from configs,
 nothing downloaded) gives HF's logits at seq 7 and 64 in eval mode; the causal ones greedy-generate HF's 16
-tokens. A config feature with no evodsl form is refused with the key's place in config.json; a checkpoint that
+tokens. The same for the encoder-decoders T5 (v1.0 and v1.1) and BART. A config feature with no evodsl form is refused with the key's place in config.json; a checkpoint that
 does not fit is refused with every missing, unexpected and mis-shaped tensor listed.
 """
 from __future__ import annotations
@@ -59,15 +59,36 @@ FAMILIES = {
                                         num_attention_heads=16)}),
 }
 CAUSAL = [f for f in FAMILIES if f != "bert"]
+# encoder-decoders: T5 v1.0 (ReLU, tied and rescaled head) and v1.1 (gated GELU, d_kv * heads != d, a deeper
+# decoder, no rescaling), BART (scaled embeddings, a decoder with other heads, width and depth)
+T5_SMALL = dict(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+                pad_token_id=0)
+ENCDEC = {
+    "t5": (transformers.T5Config, transformers.T5ForConditionalGeneration, dict(T5_SMALL),
+           {"small": {}, "base": dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12)}),
+    "t5-v1.1": (transformers.T5Config, transformers.T5ForConditionalGeneration,
+                dict(T5_SMALL, d_kv=16, num_decoder_layers=3, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+                {"small": dict(d_model=512, d_ff=1024, num_layers=8, num_heads=6, feed_forward_proj="gated-gelu",
+                               tie_word_embeddings=False),
+                 "large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16,
+                               feed_forward_proj="gated-gelu", tie_word_embeddings=False)}),
+    "bart": (transformers.BartConfig, transformers.BartForConditionalGeneration,
+             dict(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=48, max_position_embeddings=80,
+                  scale_embedding=True, forced_eos_token_id=None),
+             {"base": dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                           decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072),
+              "large": {}}),
+}
 
 
 def count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("family, size", [(f, s) for f, row in FAMILIES.items() for s in row[3]])
+@pytest.mark.parametrize("family, size", [(f, s) for f, row in {**FAMILIES, **ENCDEC}.items() for s in row[3]])
 def test_parameter_count_equals_hf(family, size):
-    config_cls, model_cls, _, sizes = FAMILIES[family]
+    config_cls, model_cls, _, sizes = {**FAMILIES, **ENCDEC}[family]
     config = config_cls(**sizes[size])
     with torch.device("meta"):
         hf = model_cls(config)
@@ -75,16 +96,16 @@ def test_parameter_count_equals_hf(family, size):
     assert count(ours) == count(hf)
 
 
-def pair(family: str, seed: int = 0):
+def pair(family: str, seed: int = 0, noise: float = 0.05, **changes):
     """An HF model from the small config with random weights (LayerNorm/RMSNorm gains and biases moved off their
     initial values), and the imported spec with those weights loaded."""
-    config_cls, model_cls, small, _ = FAMILIES[family]
-    config = config_cls(**small)
+    config_cls, model_cls, small, _ = {**FAMILIES, **ENCDEC}[family]
+    config = config_cls(**{**small, **changes})
     torch.manual_seed(seed)
     hf = model_cls(config).eval()
     with torch.no_grad():
         for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+            p.add_(torch.randn_like(p) * noise)
     ours = evodsl.compile(evodsl.from_hf(config))
     evodsl.load_hf(ours, hf.state_dict(), config)
     return hf, ours, config
@@ -101,6 +122,31 @@ def test_logits_equal_hf(family, n):
         got = ours(ids)
     assert got.shape == want.shape
     assert (got - want).abs().max() <= TOL * want.abs().max()
+
+
+@pytest.mark.parametrize("n, m", [(7, 5), (64, 64)])
+@pytest.mark.parametrize("family", ENCDEC)
+def test_encoder_decoder_logits_equal_hf(family, n, m):
+    hf, ours, _ = pair(family)
+    src = torch.randint(3, V, (2, n), generator=torch.Generator().manual_seed(n))
+    tgt = torch.randint(3, V, (2, m), generator=torch.Generator().manual_seed(m + 1))
+    with torch.no_grad():
+        want, got = hf(input_ids=src, decoder_input_ids=tgt).logits, ours(src, tgt)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= TOL * want.abs().max()
+
+
+@pytest.mark.parametrize("family", ENCDEC)
+def test_encoder_decoder_greedy_generate_equals_hf(family):
+    # HF's generate sizes T5's cache by num_layers: a deeper decoder fails inside HF (transformers 5.25)
+    hf, ours, config = pair(family, noise=0.5, **({"num_decoder_layers": 2} if family == "t5-v1.1" else {}))
+    src = torch.randint(3, V, (2, 13), generator=torch.Generator().manual_seed(4))
+    start = config.decoder_start_token_id
+    with torch.no_grad():
+        want = hf.generate(input_ids=src, attention_mask=torch.ones_like(src), max_new_tokens=16, min_new_tokens=16,
+                           do_sample=False, num_beams=1, decoder_start_token_id=start, forced_bos_token_id=None,
+                           forced_eos_token_id=None, no_repeat_ngram_size=0, repetition_penalty=1.0)
+    assert torch.equal(ours.generate(src, max_new_tokens=16, decoder_start_token_id=start), want)
 
 
 def test_halves_layout_is_what_makes_llama_load_unpermuted():
@@ -218,3 +264,13 @@ def test_weights_folder_without_config_is_refused(tmp_path, capsys):
     spec.write_text(evodsl.from_hf(config), encoding="utf-8")
     assert main(["compile", str(spec), "--weights", str(tmp_path / "ckpt")]) == 1
     assert "error[E401]: no config.json beside the weights" in capsys.readouterr().err
+
+
+def test_nonzero_logits_bias_is_refused():
+    """BART's final_logits_bias is a zero buffer the imported head does not have: a checkpoint where it is not
+    zero would load as another model."""
+    hf, ours, config = pair("bart")
+    state = dict(hf.state_dict())
+    state["final_logits_bias"] = torch.full_like(state["final_logits_bias"], 0.5)
+    with pytest.raises(EvoError, match="final_logits_bias is not zero"):
+        evodsl.load_hf(ours, state, config)

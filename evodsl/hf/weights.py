@@ -17,6 +17,7 @@ from ..diagnostics import Diagnostic, EvoError
 
 # buffers some checkpoints carry that are computed, not learned: the rotary frequencies, GPT-2's causal masks
 DERIVED = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "position_ids")
+ZERO = ("final_logits_bias",)  # BART's logits bias, a zero buffer: the spec's head has none, so it must stay zero
 SHOWN = 8  # names listed per kind of problem
 
 
@@ -54,8 +55,9 @@ def load_hf(model: torch.nn.Module, hf_state: Mapping, config) -> torch.nn.Modul
         sources[name] = (key, take)
     unfilled = set(ours) - set(plan)
     absent = set(plan) - set(ours)
-    tied_copy = prefix + "lm_head.weight" if plan.get("head.weight") and plan["head.weight"].hf != "lm_head.weight" else None
-    unexpected = {k for k in hf_state if k not in used and not k.endswith(DERIVED) and k != tied_copy}
+    unexpected = {k for k in hf_state if k not in used and not k.endswith(DERIVED + ZERO)
+                  and not _tied_copy(hf_state, k, used, plan, prefix)}
+    nonzero = [k for k in hf_state if k.endswith(ZERO) and bool(hf_state[k].any())]
     for name, (key, take) in sources.items():
         if name not in ours:
             continue
@@ -70,6 +72,9 @@ def load_hf(model: torch.nn.Module, hf_state: Mapping, config) -> torch.nn.Modul
         problems.append(Diagnostic("E416", f"{len(unexpected)} checkpoint tensors nothing reads: {_listing(unexpected)}",
                                    help="a task head or a family the spec does not have; load the base model's "
                                         "tensors only"))
+    if nonzero:
+        problems.append(Diagnostic("E416", f"{_listing(nonzero)} is not zero: the spec's head has no bias",
+                                   help="this checkpoint's logits carry a bias the imported model cannot hold"))
     if shapes:
         problems.append(Diagnostic("E416", f"{len(shapes)} tensors of another shape: {_listing(shapes)}",
                                    help="the config's sizes differ from the checkpoint's"))
@@ -85,6 +90,19 @@ def load_hf(model: torch.nn.Module, hf_state: Mapping, config) -> torch.nn.Modul
         for name, (key, take) in sources.items():
             ours[name].copy_(_convert(hf_state[key], take))
     return model
+
+
+def _tied_copy(state, key: str, used: set, plan: dict, prefix: str) -> bool:
+    """A tied weight saved under a second name (an untied-looking lm_head of a tied model, T5's and BART's
+    per-stack embed_tokens beside `shared`): the same storage as a tensor that is read, or HF's lm_head when
+    the spec's head reads the embedding."""
+    heads = [t.hf for name, t in plan.items() if name.endswith("head.weight")]
+    if key == prefix + "lm_head.weight" and heads and "lm_head.weight" not in heads:
+        return True
+    if isinstance(state, SafetensorsState) or not key.endswith("embed_tokens.weight"):
+        return False
+    ptr = state[key].data_ptr()
+    return any(state[u].data_ptr() == ptr for u in used)
 
 
 def _shape(state, key, take) -> tuple:
