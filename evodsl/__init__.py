@@ -81,7 +81,7 @@ def _model(graph, seed: int, weights=None, device=None, dtype=None):
             raise EvoError([Diagnostic("E408", f"the weights in {weights} were built from another spec "
                                                f"('{model.graph_name}' from {model.spec_file})",
                                        help="use the spec the artifact was compiled from, or recompile it")])
-        return model
+        return model if dtype is None else model.to(dtype)
     model = lower(graph, seed=seed, device=device, dtype=dtype, spec=graph.source, file=graph.file)
     model.overrides = graph.overrides
     if checkpoint is not None:
@@ -124,7 +124,7 @@ def cost(text_or_path, seq: int = 1024, batch: int = 1, dtype: str = "float32", 
 
 
 def export(text_or_path, path, weights=None, seed: int = 0, overrides: dict | None = None, opset: int = 18,
-           step: bool = False):
+           step: bool = False, dtype: str = "float32"):
     """Export a spec to an ONNX file at `path` (opset 18, dynamic batch and sequence axes, named input and
     output), with the weights `compile` builds from `seed`, or those of an artifact `weights` (written by
     `save` / `evodsl compile -o`) or of an HF checkpoint (as `compile`). The file is checked (onnx checker, onnxruntime against torch) before it is
@@ -147,11 +147,17 @@ def export(text_or_path, path, weights=None, seed: int = 0, overrides: dict | No
         error = refusal(lower(graph, device="meta"), graph)
         if error is not None:
             raise error
-    check_memory(graph, build_report(graph, "float32").params() * 4)  # before any weight is built
-    model = _model(graph, seed, weights)
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise EvoError([Diagnostic("E404", f"unknown dtype {dtype!r}", help="one of: float32, float16, bfloat16")])
+    params = build_report(graph, dtype).params()
+    check_memory(graph, params * torch_dtype.itemsize, dtype, stream=None if not step else False)  # before any weight is built
+    model = _model(graph, seed, weights, dtype=torch_dtype)
     if step:
         return export_step(model, graph, target, opset=opset)
-    return onnx_export(model, graph, target, opset=opset)
+    return onnx_export(model, graph, target, opset=opset, release=True)  # the module is ours: freed for the check
 
 
 def save(model, path) -> None:

@@ -96,8 +96,10 @@ def _cmd_compile(args) -> int:
     if args.meta and args.weights:
         print("evodsl compile: error: --meta builds no weights to load --weights into; drop one", file=sys.stderr)
         return EXIT_USAGE
+    import torch
+
     model = evodsl.compile(Path(args.spec), backend=args.backend, seed=args.seed, device=device,
-                           overrides=dict(args.set), weights=args.weights)
+                           overrides=dict(args.set), weights=args.weights, dtype=getattr(torch, args.dtype))
     total = sum(p.numel() for p in model.parameters())
     source = f"weights {args.weights}" if args.weights else f"seed {args.seed}"
     print(f"{model.graph_name}: {type(model).__name__} from {args.spec} (backend {args.backend}, {source})")
@@ -217,7 +219,7 @@ def _export(args) -> int:
         print(f"evodsl: error: output folder does not exist: {Path(args.output).parent}", file=sys.stderr)
         return EXIT_USAGE
     r = evodsl.export(Path(args.spec), args.output, weights=getattr(args, "weights", None), seed=args.seed,
-                      overrides=dict(args.set), step=args.step)
+                      overrides=dict(args.set), step=args.step, dtype=args.dtype)
     if args.step:
         from .backends.onnx_step import describe
 
@@ -326,6 +328,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", metavar="FILE", help="save an artifact (spec + weights); load with evodsl.load")
     b.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     b.add_argument("--meta", action="store_true", help="build on the meta device: no weights are allocated")
+    b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="the weights' dtype (default float32); onnx: the exported model's")
     _add_set(b)
     b.set_defaults(run=_cmd_compile)
     e = sub.add_parser("export", help="export a spec to ONNX (= compile --backend onnx)",
@@ -336,6 +340,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", metavar="WEIGHTS", help="export these weights: an artifact (from evodsl compile -o) "
                    "or an HF checkpoint folder / .safetensors file")
     e.add_argument("--seed", type=int, default=0, help="initialisation seed when no --weights (default 0)")
+    e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="the exported weights' dtype (default float32; float16 halves the file, onnxruntime runs "
+                        "it on CPU)")
     e.add_argument("--step", action="store_true",
                    help="one decoding step of a causal LM: input_ids, attention_mask and the state (past.*) in, "
                         "logits and the next state (present.*) out")
