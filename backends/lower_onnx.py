@@ -53,6 +53,7 @@ class ExportResult:
     output_names: tuple = ()  # every output, in order (a step export: logits, present.*)
     dims: dict | None = None  # a step export: each input's and output's axes as written ('batch', 'past_seq', 8)
     state_rel_diff: float | None = None  # a step export: the largest difference of a present.* tensor / its scale
+    opset: int = OPSET
 
 
 def io_names(graph: Graph) -> tuple[str, str]:
@@ -285,7 +286,7 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
         diff = float(np.abs(got - want).max())
         scale = float(np.abs(want).max())
         size = move_into_place(tmpdir, path)
-        return ExportResult(path, inp_name, out_name, diff, scale, external, size, tuple(names))
+        return ExportResult(path, inp_name, out_name, diff, scale, external, size, tuple(names), opset=opset)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -300,7 +301,10 @@ def write_onnx(module: torch.nn.Module, args: tuple, dynamic, names: list, out_n
             # torch.export first, so that a graph valid for some lengths only is an error: given the module,
             # torch.onnx.export turns such guards (a branch on n % chunk, say) into runtime asserts that
             # the ONNX graph drops, and the file is silently wrong at the other lengths
-            exported = torch.export.export(module.eval(), args, dynamic_shapes=dynamic, strict=False)
+            from evodsl.ops.position.rope import fused_rotary
+
+            with fused_rotary(opset >= 23):  # RotaryEmbedding is an op from opset 23
+                exported = torch.export.export(module.eval(), args, dynamic_shapes=dynamic, strict=False)
             program = torch.onnx.export(exported, args, dynamo=True, opset_version=opset,
                                         input_names=names, output_names=out_names, verbose=False)
             program.save(str(tmp), external_data=external)

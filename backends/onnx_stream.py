@@ -39,7 +39,10 @@ def write_streamed(module: torch.nn.Module, graph: Graph, args: tuple, dynamic, 
     dtype = next((p.dtype for p in module.parameters()), torch.float32)
     meta = lower(graph, device="meta", dtype=dtype).eval()
     meta_args = tuple(None if a is None else a.to("meta") for a in args)
-    exported = torch.export.export(meta, meta_args, dynamic_shapes=dynamic, strict=False)
+    from evodsl.ops.position.rope import fused_rotary
+
+    with fused_rotary(opset >= 23):  # RotaryEmbedding is an op from opset 23
+        exported = torch.export.export(meta, meta_args, dynamic_shapes=dynamic, strict=False)
     program = torch.onnx.export(exported, meta_args, dynamo=True, opset_version=opset, input_names=names,
                                 output_names=out_names, verbose=False, optimize=False)
     tensors = dict(module.named_parameters(remove_duplicate=False))

@@ -219,7 +219,7 @@ def _export(args) -> int:
         print(f"evodsl: error: output folder does not exist: {Path(args.output).parent}", file=sys.stderr)
         return EXIT_USAGE
     r = evodsl.export(Path(args.spec), args.output, weights=getattr(args, "weights", None), seed=args.seed,
-                      overrides=dict(args.set), step=args.step, dtype=args.dtype)
+                      overrides=dict(args.set), step=args.step, dtype=args.dtype, opset=args.opset)
     if args.step:
         from .backends.onnx_step import describe
 
@@ -230,7 +230,8 @@ def _export(args) -> int:
     dims = lambda name: ("[batch, decoder_seq]" if name.startswith("decoder") else  # noqa: E731
                          "[batch, seq, d]" if name == "features" else "[batch, seq]")
     ins = ", ".join(f"'{name}' {dims(name)}" for name in r.input_names or (r.input_name,))
-    print(f"wrote {r.path}{data}: {r.bytes / 2**20:.1f} MiB, opset 18, inputs {ins} -> output '{r.output_name}'")
+    print(f"wrote {r.path}{data}: {r.bytes / 2**20:.1f} MiB, opset {r.opset}, inputs {ins} -> output "
+          f"'{r.output_name}'")
     print(f"checked: onnx.checker (full_check) ok; onnxruntime vs torch on a random input: max abs difference "
           f"{r.max_abs_diff:.3g} ({rel:.2g} of the output scale {r.output_scale:.3g})")
     return EXIT_OK
@@ -328,6 +329,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", metavar="FILE", help="save an artifact (spec + weights); load with evodsl.load")
     b.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     b.add_argument("--meta", action="store_true", help="build on the meta device: no weights are allocated")
+    b.add_argument("--opset", type=int, choices=[18, 23], default=18,
+                   help="onnx: 18 (default; every runtime), or 23: fused Attention, RMSNormalization and "
+                        "RotaryEmbedding nodes where the ops allow")
     b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="the weights' dtype (default float32); onnx: the exported model's")
     _add_set(b)
@@ -340,6 +344,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", metavar="WEIGHTS", help="export these weights: an artifact (from evodsl compile -o) "
                    "or an HF checkpoint folder / .safetensors file")
     e.add_argument("--seed", type=int, default=0, help="initialisation seed when no --weights (default 0)")
+    e.add_argument("--opset", type=int, choices=[18, 23], default=18,
+                   help="onnx: 18 (default; every runtime), or 23: fused Attention, RMSNormalization and "
+                        "RotaryEmbedding nodes where the ops allow")
     e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="the exported weights' dtype (default float32; float16 halves the file, onnxruntime runs "
                         "it on CPU)")

@@ -79,3 +79,25 @@ def test_half_precision_models_are_drawn_without_a_float32_copy():
     ids = torch.randint(0, 97, (1, 5))
     with torch.no_grad():
         assert torch.isfinite(half(ids)).all()
+
+
+@pytest.mark.parametrize("name, fused", [
+    ("gpt2", {"Attention", "LayerNormalization"}),
+    ("llama", {"Attention", "RMSNormalization", "RotaryEmbedding"}),
+])
+def test_opset_23_fuses_attention_norms_and_rotary(tmp_path, name, fused):
+    """At opset 23 the exporter writes ONNX's Attention and RMSNormalization, and pos(rope) its RotaryEmbedding
+    (halves and interleaved pairs, partial rotation); onnxruntime runs them and equals torch."""
+    spec = CASES[name]
+    if name == "llama":  # HF's layout, half the channels turned
+        spec = spec.replace("pos(rope)", "pos(rope, pairs=halves, fraction=0.5)")
+    path = tmp_path / f"{name}.onnx"
+    r = export(evodsl.compile(spec), evodsl.parse(spec), path, opset=23)
+    assert r.opset == 23 and r.max_abs_diff <= 1e-5 * r.output_scale
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert fused <= ops and "Softmax" not in ops
+    if name == "llama":  # the paper's interleaved pairs as well, full rotation
+        spec = CASES["llama"]
+        r = export(evodsl.compile(spec), evodsl.parse(spec), tmp_path / "i.onnx", opset=23)
+        assert r.max_abs_diff <= 1e-5 * r.output_scale
+        assert "RotaryEmbedding" in {n.op_type for n in onnx.load(str(tmp_path / "i.onnx")).graph.node}

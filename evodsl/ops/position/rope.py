@@ -17,6 +17,7 @@ Nothing depends on a maximum length: the angles are computed for the actual n on
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -50,6 +51,20 @@ class RotaryParams(OpParams):
         if self.scaling == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ValueError("scaling=llama3 needs high_freq_factor > low_freq_factor")
         return self
+
+
+_FUSED = [False]  # set while exporting at opset 23 and later: the rotation as ONNX's RotaryEmbedding op
+
+
+@contextlib.contextmanager
+def fused_rotary(on: bool = True):
+    """While active, rotate() goes through torch.onnx.ops.rotary_embedding, which computes the same in eager and
+    exports as one RotaryEmbedding node (opset 23)."""
+    before, _FUSED[0] = _FUSED[0], on
+    try:
+        yield
+    finally:
+        _FUSED[0] = before
 
 
 def frequencies(p: RotaryParams, rot: int, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -106,7 +121,16 @@ class Rotary(InAttentionPosition):
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
         cos, sin = self.angles(q.shape[-2], q.device, q.dtype, offset)
+        if _FUSED[0] and q.dim() == 4:
+            return self._fused(q, cos, sin), self._fused(k, cos, sin)
         return self._turn(q, cos, sin), self._turn(k, cos, sin)
+
+    def _fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [b, heads, n, dh] through ONNX's RotaryEmbedding (cos, sin per batch row and position)."""
+        b, n = x.shape[0], x.shape[2]
+        cos, sin = cos.unsqueeze(0).expand(b, n, -1), sin.unsqueeze(0).expand(b, n, -1)
+        return torch.onnx.ops.rotary_embedding(x, cos, sin, interleaved=not self.halves,
+                                               rotary_embedding_dim=0 if self.rot == self.head_dim else self.rot)
 
     def extra_repr(self) -> str:
         extra = "" if self.p.scaling == "none" else f", scaling={self.p.scaling}, factor={self.p.factor:g}"
