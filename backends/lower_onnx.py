@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import gc
 import io
 import logging
 import operator
@@ -267,9 +268,14 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
             write_onnx(model, args, dynamic, names, [out_name], tmp, opset, external, graph)
         if release:
             model.to("meta")
+            gc.collect()
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
-            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            opts = ort.SessionOptions()
+            if stream:  # the check of a big model: no prepacked (copied) weights, no layout-changing rewrites
+                opts.add_session_config_entry("session.disable_prepacking", "1")
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            session = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
             got = session.run(None, {k: v.numpy() for k, v in zip(names, [a for a in xs if a is not None])})[0]
         except Exception as err:  # noqa: BLE001 - checker and onnxruntime errors: one EvoError, no file
             raise EvoError([Diagnostic("E407", f"the exported ONNX model failed its own check: "

@@ -5,8 +5,9 @@ writes the graph (BENCHMARKS.md). Here the same spec is lowered on the meta devi
 the dynamo exporter trace that (without the optimizer's constant folding, which would read the weights), and
 each initializer of the traced graph is then given a lazy value that reads the real module's tensor of the same
 name only when the file is written: one tensor at a time goes from the module to external data. The export
-then holds the module's weights and the graph, nothing more. onnxruntime folds the weight transposes the
-optimizer would have folded when it loads the file.
+then holds the module's weights and the graph, nothing more. A weight the graph only transposes (a Linear's W,
+read as W^T by MatMul) is written transposed and its Transpose node dropped, as the optimizer's constant folding
+would have done: otherwise onnxruntime folds them when it loads the file, holding both layouts at once.
 """
 from __future__ import annotations
 
@@ -47,10 +48,43 @@ def write_streamed(module: torch.nn.Module, graph: Graph, args: tuple, dynamic, 
                                 output_names=out_names, verbose=False, optimize=False)
     tensors = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))
-    for name, init in program.model.graph.initializers.items():
+    graph_ir = program.model.graph
+    for name, init in list(graph_ir.initializers.items()):
         if name not in tensors:
             raise RuntimeError(f"the traced graph has an initializer {name!r} that the module does not hold")
         meta_value, source = init.const_value, tensors[name]
+        if _only_transposed(init):  # a Linear's weight: stored as W^T, the Transpose node dropped
+            _store_transposed(ir, graph_ir, init, source)
+            continue
         init.const_value = ir.LazyTensor(lambda t=source: ir.tensor(_numpy(t)), dtype=meta_value.dtype,
                                          shape=meta_value.shape, name=name)
     ir.save(program.model, str(tmp), external_data=tmp.name + ".data")
+    for init in graph_ir.initializers.values():  # the graph's reference cycles would keep the module's tensors
+        init.const_value = None  # alive (through the lazy values) until the next garbage collection
+
+
+def _only_transposed(value) -> bool:
+    """Every use of the initializer is a 2-D Transpose (perm 1, 0): what the optimizer's constant folding would
+    fold, and onnxruntime would otherwise fold at load, holding both layouts at once."""
+    uses = [use.node if hasattr(use, "node") else use[0] for use in value.uses()]
+    if not uses or len(value.shape) != 2:
+        return False
+    for node in uses:
+        perm = node.attributes.get("perm")
+        if node.op_type != "Transpose" or (perm is not None and list(perm.value) != [1, 0]):
+            return False
+    return True
+
+
+def _store_transposed(ir, graph_ir, init, source: torch.Tensor) -> None:
+    """Replace each Transpose of `init` by one new initializer holding the transposed tensor (read lazily)."""
+    name, meta_value = init.name, init.const_value
+    shape = ir.Shape([meta_value.shape[1], meta_value.shape[0]])
+    value = ir.Value(name=f"{name}.T", shape=shape, type=init.type)
+    value.const_value = ir.LazyTensor(lambda t=source: ir.tensor(_numpy(t.t())), dtype=meta_value.dtype,
+                                      shape=shape, name=value.name)
+    graph_ir.register_initializer(value)
+    for node in [use.node if hasattr(use, "node") else use[0] for use in init.uses()]:
+        node.outputs[0].replace_all_uses_with(value)
+        graph_ir.remove(node, safe=True)
+    del graph_ir.initializers[name]
