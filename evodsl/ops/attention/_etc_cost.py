@@ -25,8 +25,7 @@ def etc_cost(p: AttentionParams, env: OpEnv, s: Symbols) -> Cost:
     out_params = linear(s, h * dh, s.d, p.bias).params  # global_out
     full = softmax_attention_cost(p, env, s)
     full = replace(full, params=full.params + out_params, cache=0)
-    G = s.sym("G", p.globals)
-    return piecewise([(_sparse_cost(p, env, s), s.n > G), (full, True)])
+    return piecewise([(_sparse_cost(p, env, s), s.n > p.globals), (full, True)])
 
 
 def _sparse_cost(p: AttentionParams, env: OpEnv, s: Symbols) -> Cost:
