@@ -82,6 +82,7 @@ def variants(args) -> list[tuple[str, str]]:
         (f"skyformer, landmarks={args.landmarks}", f"skyformer, landmarks={args.landmarks}"),
         (f"soft, landmarks={args.landmarks}", f"soft, landmarks={args.landmarks}"),
         ("bigbird, block=64, random=3", "bigbird, block=64, window=3, globals=2, random=3"),
+        (f"etc, radius={args.radius}, globals=16", f"etc, radius={args.radius}, globals=16"),  # ETC-base's r is 84
         (f"bpt, k={args.bpt_k}", f"bpt, k={args.bpt_k}"),
         (f"lara, C={args.landmarks}", f"lara, C={args.landmarks}"),
         ("learned_kernel", "learned_kernel"),
@@ -104,6 +105,7 @@ def variants(args) -> list[tuple[str, str]]:
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
+                      "etc",
                       "fnet")  # no causal form: bidirectional only
 
 

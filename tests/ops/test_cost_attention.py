@@ -64,6 +64,12 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"block": 8, "window": 1, "globals": 3, "random": 2, "heads": 2, "head_dim": 8, "bias": False}, ODD),
                 ({"block": 32, "random": 1}, SMALL), ({"block": 8, "random": 2, "dropout": 0.1}, BOTH),
                 ({"block": 12, "random": 1, "globals": 3, "kv_heads": 2, "dropout": 0.1}, BOTH)],
+    # ETC: the band of longformer's dilated_band (d = 1, G global keys; blocks of 32, padded at n = 64 with r = 100)
+    # and the G global rows; hard g2l segments; N <= G (every position global: softmax's form)
+    "etc": [({"radius": 8, "globals": 2}, BOTH), ({"radius": 8, "globals": 3, "kv_heads": 2}, BOTH),
+            ({"radius": 20, "globals": 4, "segment": 16}, BOTH), ({"radius": 100, "globals": 2}, ODD),
+            ({"radius": 5, "globals": 2, "segment": 7, "heads": 2, "head_dim": 8, "bias": False}, BOTH),
+            ({"radius": 8, "globals": 1, "kv_heads": 1}, ODD), ({"radius": 8, "globals": 100, "kv_heads": 2}, SMALL)],
     "linformer": [({"k": 16, "max_len": 256}, BOTH), ({"k": 16, "max_len": 256, "kv_heads": 2}, BOTH),
                   ({"k": 8, "max_len": 256, "share_kv": True, "heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"k": 16, "max_len": 256, "dropout": 0.1}, BOTH)],
