@@ -87,6 +87,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("slim", "slim"),
         ("memory_compressed, k=3", "memory_compressed, k=3"),
         ("combiner, block=64", "combiner, block=64"),
+        ("combiner, axial, block=64", "combiner, mode=axial, block=64"),
         ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
     ]
 

@@ -156,7 +156,9 @@ DILATED = ["norm -> mha(dilated, pattern=dilated_mem, layer=3) -> norm -> ffn",
 # Combiner-Fixed: blocks of 3 and 4 (the cache: the finished blocks' summaries, the unfinished block's raw q, k, v),
 # and a block longer than the prompt
 COMBINER = ["norm -> mha(combiner, block=3) -> norm -> ffn", "norm -> mha(combiner, block=4, kv_heads=2) -> norm -> ffn",
-            "norm -> mha(combiner, block=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+            "norm -> mha(combiner, block=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
+            "norm -> mha(combiner, mode=axial, block=3) -> norm -> ffn",  # rows of 3 (the cache: keys and summaries)
+            "norm -> mha(combiner, mode=axial, block=5, kv_heads=2) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence

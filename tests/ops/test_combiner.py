@@ -92,17 +92,18 @@ def test_one_token_blocks_and_one_block_are_softmax_attention(causal):
             assert (m(x, Ctx()) - sm(x, Ctx())).abs().max().item() < 1e-12
 
 
-def test_right_padding_is_each_sequence_alone():
+@pytest.mark.parametrize("mode", ["fixed", "axial"])
+def test_right_padding_is_each_sequence_alone(mode):
     """Bidirectional, right-padded rows: the real positions equal each sequence run alone (its own last, shorter
     block; padded blocks never read)."""
-    m, _, _ = make_op("mha", "combiner", d=D, heads=4, kv_heads=2, block=4)
+    m, _, _ = make_op("mha", "combiner", d=D, heads=4, kv_heads=2, block=4, mode=mode)
     perturb_params(m)
     n, lengths = 14, [14, 9, 3, 4]
     x = torch.randn(len(lengths), n, D, dtype=torch.float64)
     mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
     with torch.no_grad():
         y = m(x, Ctx(mask=mask))
-        ref = reference(m, x, 4, False, lengths)
+        ref = (reference if mode == "fixed" else axial_reference)(m, x, 4, False, lengths)
         for i, L in enumerate(lengths):
             alone = m(x[i:i + 1, :L], Ctx())
             assert (y[i, :L] - alone[0]).abs().max().item() < 1e-12
@@ -110,9 +111,10 @@ def test_right_padding_is_each_sequence_alone():
         assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("mode", ["fixed", "axial"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_left_padding_is_refused(causal):
-    m, _, _ = make_op("mha", "combiner", d=D, causal=causal, heads=4, block=3)
+def test_left_padding_is_refused(causal, mode):
+    m, _, _ = make_op("mha", "combiner", d=D, causal=causal, heads=4, block=3, mode=mode)
     x = torch.randn(2, 10, D, dtype=torch.float64)
     left = torch.ones(2, 10, dtype=torch.bool)
     left[0, :3] = False
@@ -120,12 +122,13 @@ def test_left_padding_is_refused(causal):
         m(x, Ctx(mask=left))
 
 
-def test_causal_does_not_leak_and_bidirectional_does():
-    m, _, _ = make_op("mha", "combiner", d=D, causal=True, heads=4, kv_heads=2, block=4)
+@pytest.mark.parametrize("mode", ["fixed", "axial"])
+def test_causal_does_not_leak_and_bidirectional_does(mode):
+    m, _, _ = make_op("mha", "combiner", d=D, causal=True, heads=4, kv_heads=2, block=4, mode=mode)
     perturb_params(m)
     with torch.no_grad():
         assert_no_leak(lambda x: m(x, Ctx()), n=26, d=D)
-    m, _, _ = make_op("mha", "combiner", d=D, causal=False, heads=4, block=4)
+    m, _, _ = make_op("mha", "combiner", d=D, causal=False, heads=4, block=4, mode=mode)
     with torch.no_grad(), pytest.raises(AssertionError, match="changed by"):
         assert_no_leak(lambda x: m(x, Ctx()), n=12, d=D)
 
@@ -139,3 +142,101 @@ def test_bad_params_are_refused(bad, match):
     with pytest.raises(EvoError, match=match):
         evodsl.parse(f"model m(causal=true) = input(features, d=32) -> mha(combiner, heads=4, "
                      f"{', '.join(f'{k}={v}' for k, v in bad.items())}) -> head(linear, d_out=2)")
+
+
+def axial_reference(m, x, s, causal, lengths=None):
+    """Combiner-Axial: query (a, l) reads its row's keys directly (causal: columns <= l) and, for every other row r
+    (causal: r < a) holding column l, the key k_(r,l) with the value u_(r,l) = sum_{j in row r} softmax_j(q_(r,l).k_j
+    / sqrt(dh)) v_j, one softmax over all of them."""
+    q, k, v = head_projections(m, x)
+    b, n, h, dh = q.shape
+    g = h // k.shape[2]
+    out = torch.zeros(b, n, h, dh, dtype=x.dtype)
+    for bb in range(b):
+        L = n if lengths is None else lengths[bb]
+        rows = [list(range(r * s, min(r * s + s, L))) for r in range(-(-L // s))]
+        for t in range(L):
+            a, l = divmod(t, s)
+            others = range(a) if causal else [r for r in range(len(rows)) if r != a and r * s + l < L]
+            for hh in range(h):
+                c = hh // g
+                direct = [j for j in rows[a] if not causal or j <= t]
+                keys = [k[bb, j, c] for j in direct]
+                vals = [v[bb, j, c] for j in direct]
+                for r in others:
+                    p = r * s + l  # the column's token in row r
+                    w = torch.stack([q[bb, p, hh] @ k[bb, j, c] for j in rows[r]]) / math.sqrt(dh)
+                    keys.append(k[bb, p, c])
+                    vals.append(torch.einsum("j,jd->d", w.softmax(0), torch.stack([v[bb, j, c] for j in rows[r]])))
+                sc = torch.stack(keys) @ q[bb, t, hh] / math.sqrt(dh)
+                out[bb, t, hh] = torch.einsum("j,jd->d", sc.softmax(0), torch.stack(vals))
+    return output_projection(m, out.reshape(b, n, h * dh))
+
+
+@pytest.mark.parametrize("causal, s, n, kv_heads", CASES)
+def test_axial_matches_equation(causal, s, n, kv_heads):
+    m, _, _ = make_op("mha", "combiner", d=D, causal=causal, heads=4, kv_heads=kv_heads, block=s, mode="axial")
+    perturb_params(m)
+    x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x, Ctx())
+        ref = axial_reference(m, x, s, causal)
+        assert (y - ref).abs().max().item() < 1e-10 * max(ref.abs().max().item(), 1.0)
+        if 1 < s < n:  # the control: fixed mode (block summaries) differs
+            f, _, _ = make_op("mha", "combiner", d=D, causal=causal, heads=4, kv_heads=kv_heads, block=s)
+            f.load_state_dict(m.state_dict())
+            assert (y - f(x, Ctx())).abs().max().item() > 1e-6
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_axial_onnx_matches_torch(causal, tmp_path):
+    """mode=axial exports (a symbolic n: _combiner_axial.dense, every key twice under an [n, 2n] mask) to one file
+    that onnxruntime runs at 3 lengths and 2 batch sizes as torch does; bidirectional, with a right-padded row."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import evodsl
+
+    src = (f"model m(causal={str(causal).lower()}) = input(features, d=32) -> norm -> "
+           f"mha(combiner, mode=axial, block=3, heads=4, kv_heads=2) -> head(linear, d_out=8)")
+    evodsl.export(src, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    model = evodsl.compile(src)
+    names = [i.name for i in session.get_inputs()]
+    worst = 0.0
+    for b in (1, 3):
+        for n in (7, 16, 31):
+            x = torch.randn(b, n, 32, generator=torch.Generator().manual_seed(n))
+            mask = torch.ones(b, n, dtype=torch.long)
+            if not causal:
+                mask[-1, n - 3:] = 0  # a right-padded row
+            with torch.no_grad():
+                want = model(x, attention_mask=mask).numpy() if "attention_mask" in names else model(x).numpy()
+            feed = {names[0]: x.numpy(), **({"attention_mask": mask.numpy()} if "attention_mask" in names else {})}
+            got = session.run(None, feed)[0]
+            real = mask.numpy().astype(bool)
+            diff = float(np.abs(got - want)[real].max())
+            worst = max(worst, diff / float(np.abs(want).max()))
+            assert diff <= 1e-4 * float(np.abs(want).max()), (b, n, diff)
+    print(f"axial ONNX parity, causal={causal}: max |ORT - torch| / scale = {worst:.2e}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_axial_grows_as_declared(causal):
+    """tests/growth.py's harness for mode=axial (test_growth.py keys its row by variant: fixed mode there), rows of
+    256: n (s + n / s) scores, the row part leading over n = 1k..8k."""
+    from costhelpers import declared
+    from growth import NS, check_growth, declared_growth, measure_growth
+
+    args = dict(dtype=torch.float32, d=64, causal=causal, heads=2, mode="axial", block=256)
+    module, _, _, _ = declared("mha", "combiner", 1, NS[0], **args)
+    module.train()
+    got = measure_growth(lambda x: module(x, Ctx()), lambda n: torch.randn(1, n, 64, generator=torch.Generator().manual_seed(n)),
+                         exclude=[module], train=True)
+
+    def at(n):
+        _, _, cost, ev = declared("mha", "combiner", 1, n, **args)
+        return ev(cost.fwd), ev(cost.peak) + n * 64 * 4, ev(cost.bwd)
+
+    flops, peak, bwd = declared_growth(at)
+    check_growth(f"mha(combiner, mode=axial) {'causal' if causal else 'bidirectional'}", got, flops, peak, bwd)

@@ -1,5 +1,6 @@
-"""mha(combiner, mode=fixed, block=s): Combiner-Fixed (Ren et al. 2021, Combiner: Full Attention Transformer with
-Sparse Computation Cost, sections 3-4; the authors' sqrt_fixed_full, combiner/tf/approx_attention.py).
+"""mha(combiner, mode=fixed|axial, block=s): Combiner (Ren et al. 2021, Combiner: Full Attention Transformer with
+Sparse Computation Cost, sections 3-4): Combiner-Fixed as the authors' sqrt_fixed_full, Combiner-Axial as their
+axial_rowmajor (combiner/tf/approx_attention.py; the axial form and its choices: _combiner_axial.py).
 
 Attention as a conditional expectation, A(x_i) = E_{p(j|i)}[v_j], with p(j|i) factorised over a partition of the
 keys into the query's own region Omega_i^0 (read directly) and the other regions Omega_i^r (read through a summary):
@@ -27,6 +28,9 @@ Choices where the paper is silent:
 One gathered form, eager and exported alike: positions past n (or past a row's tokens) repeat the row's last token
 (which leaves the max pools unchanged; they are masked as keys), at least 2 blocks (no axis of size 1 at some n).
 Decoding keeps the finished blocks' (k_Omega, v_Omega) and the raw q, k, v of the unfinished block.
+
+Axial (rows of s): the query's row is read directly, every other row (causal: earlier) through the token of the
+query's column there, whose key is the region's and whose row-attention output is its value (_combiner_axial.py).
 """
 from __future__ import annotations
 
@@ -39,20 +43,23 @@ from pydantic import Field
 from ...decode import slot
 from ...diagnostics import Diagnostic, EvoError
 from ..registry import Op, OpEnv, is_symbolic, register, right_padded
+from ._combiner_axial import axial, axial_step, row_summaries
 from ._combiner_cost import combiner_cost
 from ._common import AttentionBase, AttentionParams
 from .isab import no_dropout_shape
 
 
 class CombinerParams(AttentionParams):
-    mode: Literal["fixed"] = Field("fixed", description="fixed: blocks of s, the others summarised")
-    block: int = Field(64, ge=1, le=1 << 16, description="s: positions per block (region); ~sqrt(n) for O(n sqrt n)")
+    mode: Literal["fixed", "axial"] = Field("fixed", description="fixed: blocks of s, the others summarised; axial: "
+                                                               "rows of s, the others reached through the column")
+    block: int = Field(64, ge=1, le=1 << 16, description="s: positions per block (fixed) or row (axial); ~sqrt(n) for "
+                                                         "O(n sqrt n)")
 
 
 class CombinerAttention(AttentionBase):
     def __init__(self, p: CombinerParams, env: OpEnv):
         super().__init__(p, env)
-        self.block = p.block
+        self.block, self.mode = p.block, p.mode
 
     def forward(self, x, ctx):
         if ctx is not None and ctx.cache is not None:
@@ -64,8 +71,9 @@ class CombinerAttention(AttentionBase):
                                                "row's first position, and left padding moves the tokens",
                                        help="pad after the tokens (tokenizer padding_side='right')")])
         length = None if key_mask is None or self.causal else key_mask.sum(1, keepdim=True)  # [b, 1]
-        o = self._fixed(self.q_proj(x), self.k_proj(x), self.v_proj(x), length)
-        return self.o_proj(o[:, :n] if isinstance(n, int) else o[:, torch.arange(n, device=x.device)])
+        o = (self._fixed if self.mode == "fixed" else self._axial)(self.q_proj(x), self.k_proj(x), self.v_proj(x),
+                                                                   length)
+        return self.o_proj(o[:, :n] if isinstance(n, int) or self.mode == "axial" else o[:, torch.arange(n, device=x.device)])
 
     def _blocks(self, t, heads):
         """[b, S, s, heads * dh] (contiguous) -> [b S, heads, s, dh]."""
@@ -88,7 +96,8 @@ class CombinerAttention(AttentionBase):
         S = (n + s - 1) // s if isinstance(n, int) else n // s + 2
         pos = torch.arange(S, device=dev)[:, None] * s + torch.arange(s, device=dev)  # [S, s]
         if length is None:  # positions past n repeat token n - 1 (the max pools unchanged; masked as keys)
-            qg, kg, vg = (t[:, pos.clamp(max=n - 1)] for t in (qx, kx, vx))  # [b, S, s, C]
+            idx = pos.clamp(max=n - 1)
+            qg, kg, vg = qx[:, idx], kx[:, idx], vx[:, idx]  # [b, S, s, C]
         else:  # past each row's tokens, its last token
             idx = torch.minimum(pos, length[:, :, None] - 1)
             at = torch.arange(b, device=dev)[:, None, None]
@@ -112,6 +121,9 @@ class CombinerAttention(AttentionBase):
         o = F.scaled_dot_product_attention(qb, kc, vc, attn_mask=mask, enable_gqa=kv != h)  # [b S, h, s, dh]
         return o.transpose(1, 2).reshape(b, S * s, h * dh)
 
+    def _axial(self, qx, kx, vx, length):
+        return axial(self, qx, kx, vx, length)
+
     def _step(self, x, ctx):
         """Decoding (causal). The cache: the finished blocks' (k_Omega, v_Omega) [b, kv, F, dh] and the raw q, k, v
         of the unfinished block's R < s tokens ([b, R, C]). A prefill runs the forward; later tokens read the
@@ -120,6 +132,8 @@ class CombinerAttention(AttentionBase):
         b, T, _ = x.shape
         qx, kx, vx = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         old = ctx.cache.caches.get(slot(ctx, self))
+        if self.mode == "axial":
+            return self._axial_step(qx, kx, vx, ctx, old)
         if old is None:
             o = self.o_proj(self._fixed(qx, kx, vx, None)[:, :T])
             ks, vs = x.new_zeros(b, kv, 0, dh), x.new_zeros(b, kv, 0, dh)
@@ -147,13 +161,31 @@ class CombinerAttention(AttentionBase):
         ctx.cache.caches[slot(ctx, self)] = (ks, vs, qx[:, f:].clone(), kx[:, f:].clone(), vx[:, f:].clone())
         return o
 
+    def _axial_step(self, qx, kx, vx, ctx, old):
+        """Axial decoding (_combiner_axial.axial_step); a prefill runs the forward, then caches the finished rows'
+        keys and summaries and the unfinished row's raw q, k, v."""
+        b, T, _ = qx.shape
+        if old is None:
+            o = self.o_proj(self._axial(qx, kx, vx, None)[:, :T])
+            f = T // self.block * self.block
+            kf = kx[:, :f].reshape(b, f, self.kv_heads, self.head_dim).transpose(1, 2)
+            cache = (kf, row_summaries(self, qx[:, :f], kx[:, :f], vx[:, :f]), qx[:, f:].clone(), kx[:, f:].clone(),
+                     vx[:, f:].clone())
+        else:
+            o, cache = axial_step(self, qx, kx, vx, ctx.offset, old)
+            o = self.out(o)
+        ctx.cache.caches[slot(ctx, self)] = cache
+        return o
+
 
 OP = register(Op(
-    decode="the finished blocks' summary keys and values and the raw q, k, v of the unfinished block (< s tokens)",
+    decode="fixed: the finished blocks' summary keys and values; axial: the finished rows' keys and row-attention "
+           "outputs; and the raw q, k, v of the unfinished block or row (< s tokens)",
     family="mha", variant="combiner", params=CombinerParams, module=CombinerAttention,
     causal="yes", shape=no_dropout_shape("mha(combiner)"), supports=frozenset(),
     paper="Combiner: Full Attention Transformer with Sparse Computation Cost, Ren et al. 2021, arXiv:2107.05768",
     summary="full attention factorised: softmax over the query's own block's keys and one summary key per other "
-            "block (causal: earlier blocks), whose value is the block's softmax-weighted mean; O(n (s + n/s) d)",
+            "block (causal: earlier blocks), whose value is the block's softmax-weighted mean; axial: the query's row, "
+            "and each other row through its column's token (key, row-attention output); O(n (s + n/s) d)",
     note="MHA/Others/003.md", cost=combiner_cost,
 ))
