@@ -240,3 +240,20 @@ def test_axial_grows_as_declared(causal):
 
     flops, peak, bwd = declared_growth(at)
     check_growth(f"mha(combiner, mode=axial) {'causal' if causal else 'bidirectional'}", got, flops, peak, bwd)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "axial"])
+def test_sqrt_n_blocks_cost_n_sqrt_n(mode):
+    """The paper's O(n sqrt(n) d): with s = sqrt(n), the declared attention FLOPs (all but the four n d^2
+    projections) grow 8-fold when n grows 4-fold, against 16-fold for softmax attention's."""
+    from costhelpers import declared
+
+    def attention_flops(variant, n, **build):
+        _, _, cost, ev = declared("mha", variant, 1, n, d=64, heads=2, **build)
+        return ev(cost.fwd) - 8 * n * 64 * 64  # less the q, k, v, o projections
+
+    for n in (4 ** 6, 4 ** 8):
+        s = int(math.isqrt(n))
+        grow = attention_flops("combiner", 4 * n, mode=mode, block=2 * s) / attention_flops("combiner", n, mode=mode, block=s)
+        assert grow == pytest.approx(8, rel=0.02), (n, grow)
+        assert attention_flops("softmax", 4 * n) / attention_flops("softmax", n) == pytest.approx(16, rel=0.02)
