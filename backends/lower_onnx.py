@@ -35,6 +35,9 @@ TWO_GB = 2 * 1024**3
 # that torch 2.13's dynamo ONNX exporter holds while it builds and writes the graph (measured on GPT-2 at 2, 12
 # and 24 layers: RSS grows 3.05x the weights, BENCHMARKS.md), plus a margin.
 EXPORT_MEMORY_FACTOR = 4.2
+# A streamed export (backends/onnx_stream.py, weights of 2 GiB and more) holds the weights once, plus the graph
+# and onnxruntime's check: the weights and this margin.
+STREAM_MARGIN = 2 * 1024**3
 
 
 @dataclass
@@ -50,6 +53,7 @@ class ExportResult:
     output_names: tuple = ()  # every output, in order (a step export: logits, present.*)
     dims: dict | None = None  # a step export: each input's and output's axes as written ('batch', 'past_seq', 8)
     state_rel_diff: float | None = None  # a step export: the largest difference of a present.* tensor / its scale
+    opset: int = OPSET
 
 
 def io_names(graph: Graph) -> tuple[str, str]:
@@ -135,18 +139,29 @@ def _available_memory() -> int | None:
     return None
 
 
-def check_memory(graph: Graph, param_bytes: int) -> None:
-    """Refuse, with the numbers, an export this machine cannot hold."""
-    need = int(param_bytes * EXPORT_MEMORY_FACTOR)
+def streams(param_bytes: int) -> bool:
+    from evodsl.backends.onnx_stream import STREAM_FROM
+
+    return param_bytes >= STREAM_FROM
+
+
+def check_memory(graph: Graph, param_bytes: int, dtype: str = "float32", stream: bool | None = None) -> None:
+    """Refuse, with the numbers, an export this machine cannot hold (`param_bytes` in the export's dtype;
+    `stream`: whether the export streams its weights, by default from 2 GiB; a step export does not)."""
+    stream = streams(param_bytes) if stream is None else stream
+    need = param_bytes + STREAM_MARGIN if stream else int(param_bytes * EXPORT_MEMORY_FACTOR)
     have = _available_memory()
     if have is not None and need > have:
         gib = lambda x: f"{x / 2**30:.1f} GiB"  # noqa: E731
+        how = ("the export streams them into the file, and onnxruntime's check holds them once more while the "
+               "torch module is released" if stream else "torch's ONNX exporter holds about 3 more "
+               "copies while it builds and writes the graph")
         raise EvoError([Diagnostic(
             "E405", f"exporting '{graph.name}' needs about {gib(need)} of memory; this machine has {gib(have)} "
                     f"available",
-            help=f"its weights alone are {gib(param_bytes)} (float32), and torch's ONNX exporter holds about 3 "
-                 f"more copies while it builds and writes the graph; export a smaller configuration "
-                 f"(--set d_model=... --set layers=...) here, or run the export on a machine with more memory")])
+            help=f"its weights alone are {gib(param_bytes)} ({dtype}), and {how}; export a smaller configuration "
+                 f"(--set d_model=... --set layers=...) or in float16 here, or run the export on a machine with "
+                 f"more memory")])
 
 
 @contextlib.contextmanager
@@ -204,14 +219,20 @@ def _dft_in_double(path: Path) -> None:
     onnx.save(proto, str(path))
 
 
-def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verify_seq: int = 8) -> ExportResult:
-    """Export `model` (built from `graph`) to `path`, check it, and compare onnxruntime with torch."""
+def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verify_seq: int = 8,
+           stream: bool | None = None, release: bool = False) -> ExportResult:
+    """Export `model` (built from `graph`) to `path`, check it, and compare onnxruntime with torch. `stream`
+    (default: weights of 2 GiB and more) traces the graph without weights and streams them into external data
+    (backends/onnx_stream.py); `release` frees the module's weights (moved to the meta device) once the file is
+    written, before onnxruntime loads it, so that the check does not hold them twice."""
     import onnx
     import onnxruntime as ort
 
     path = Path(path)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    check_memory(graph, param_bytes)
+    stream = streams(param_bytes) if stream is None else stream
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    check_memory(graph, param_bytes, str(dtype).removeprefix("torch."))
     inp_name, out_name = io_names(graph)
     cap = max_positions(graph)
     least = min_positions(graph)
@@ -223,13 +244,29 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
     decoder_length = torch.export.Dim("decoder_seq", min=2, max=cap or 1 << 20)
     dynamic = {arg: (None if a is None else {0: batch, 1: decoder_length if arg.startswith("decoder") else length})
                for arg, a in zip(forward_args(graph), args)}
-    external = param_bytes >= TWO_GB
+    external = param_bytes >= TWO_GB or stream
+    verify = max(verify_seq, least)
+    xs = example_args(graph, 2, min(verify, cap) if cap else verify, seed=1)
+    with torch.no_grad():  # torch's answer first: with `release`, the module is gone when onnxruntime runs
+        want = model(*xs).float().numpy()
     tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         tmp = tmpdir / path.name
-        write_onnx(model, args, dynamic, names, [out_name], tmp, opset, external, graph)
-        verify = max(verify_seq, least)
-        xs = example_args(graph, 2, min(verify, cap) if cap else verify, seed=1)
+        if stream:
+            from evodsl.backends.onnx_stream import write_streamed
+
+            try:
+                with warnings.catch_warnings(), torch.no_grad(), _quiet():
+                    warnings.simplefilter("ignore")
+                    write_streamed(model, graph, args, dynamic, names, [out_name], tmp, opset)
+                    if any(n.op_type == "DFT" for n in onnx.load(str(tmp), load_external_data=False).graph.node):
+                        _dft_in_double(tmp)
+            except Exception as err:  # noqa: BLE001 - the exporter raises many types; the user gets one error
+                raise _failure(err, graph) from None
+        else:
+            write_onnx(model, args, dynamic, names, [out_name], tmp, opset, external, graph)
+        if release:
+            model.to("meta")
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
             session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
@@ -238,8 +275,7 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
             raise EvoError([Diagnostic("E407", f"the exported ONNX model failed its own check: "
                                                f"{type(err).__name__}: {str(err).strip()[:300]}",
                                        help="no file was written; this is a bug in the ONNX lowering")]) from None
-        with torch.no_grad():
-            want = model(*xs).float().numpy()
+        got = got.astype(np.float32)
         # with a padding mask, the real positions only: a padded one's output is no one's business (torch's
         # causal ops skip a right-padded mask; ONNX applies it); an encoder-decoder's output is the target's
         real = dict(zip(forward_args(graph), xs)).get(
@@ -250,7 +286,7 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
         diff = float(np.abs(got - want).max())
         scale = float(np.abs(want).max())
         size = move_into_place(tmpdir, path)
-        return ExportResult(path, inp_name, out_name, diff, scale, external, size, tuple(names))
+        return ExportResult(path, inp_name, out_name, diff, scale, external, size, tuple(names), opset=opset)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -265,7 +301,10 @@ def write_onnx(module: torch.nn.Module, args: tuple, dynamic, names: list, out_n
             # torch.export first, so that a graph valid for some lengths only is an error: given the module,
             # torch.onnx.export turns such guards (a branch on n % chunk, say) into runtime asserts that
             # the ONNX graph drops, and the file is silently wrong at the other lengths
-            exported = torch.export.export(module.eval(), args, dynamic_shapes=dynamic, strict=False)
+            from evodsl.ops.position.rope import fused_rotary
+
+            with fused_rotary(opset >= 23):  # RotaryEmbedding is an op from opset 23
+                exported = torch.export.export(module.eval(), args, dynamic_shapes=dynamic, strict=False)
             program = torch.onnx.export(exported, args, dynamo=True, opset_version=opset,
                                         input_names=names, output_names=out_names, verbose=False)
             program.save(str(tmp), external_data=external)

@@ -198,7 +198,7 @@ def export_step(model, graph: Graph, path, opset: int = OPSET) -> ExportResult:
                                        help="no file was written; this is a bug in the ONNX lowering")]) from None
         size = move_into_place(tmpdir, path)
         return ExportResult(path, "input_ids", "logits", diff, scale, external, size, tuple(names),
-                            tuple(out_names), dims, state_rel)
+                            tuple(out_names), dims, state_rel, opset)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -300,7 +300,7 @@ def describe(r: ExportResult) -> list[str]:
     data = " (+ external data)" if r.external_data else ""
     ins, outs = _grouped(r.input_names, r.dims), _grouped(r.output_names, r.dims)
     rel = r.max_abs_diff / max(r.output_scale, 1e-30)
-    return [f"wrote {r.path}{data}: {r.bytes / 2**20:.1f} MiB, opset 18, one decoding step: inputs {ins} -> "
+    return [f"wrote {r.path}{data}: {r.bytes / 2**20:.1f} MiB, opset {r.opset}, one decoding step: inputs {ins} -> "
             f"outputs {outs}",
             f"checked: onnx.checker (full_check) ok; onnxruntime vs torch's decode, a prompt from the empty state "
             f"then 1 and 3 tokens: logits max abs difference {r.max_abs_diff:.3g} ({rel:.2g} of their scale "

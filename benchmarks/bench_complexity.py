@@ -1,8 +1,9 @@
-"""Does each attention variant grow in n as `evodsl cost` claims? Fitted exponents of forward time and memory.
+"""Does each attention variant and token mixer grow in n as `evodsl cost` claims? Fitted exponents of forward time
+and memory.
 
-For each variant a one-layer spec (`block = mha(VARIANT, ...)` on features [b, n, d_model], so the layer plus its
-residual add; d_model 256, 4 heads by default) is compiled and run at n = 1024 .. 16384 (b = 1). The claimed exponent in n is read from
-`evodsl.cost(spec)["layers"]` (the attention layer's complexity strings: "O(n^2 d)" -> 2, "O(n w d)" -> 1,
+For each variant a one-layer spec (`block = mha(VARIANT, ...)` or `block = mixer(VARIANT, ...)` on features
+[b, n, d_model], so the layer plus its residual add; d_model 256, 4 heads by default) is compiled and run at n = 1024 .. 16384 (b = 1). The claimed exponent in n is read from
+`evodsl.cost(spec)["layers"]` (the mha or mixer layer's complexity strings: "O(n^2 d)" -> 2, "O(n w d)" -> 1,
 "O(n d log n)" -> 1 + log). Measured per n:
 - forward wall time: torch.inference_mode, `--warmup` untimed runs, then `--rounds` rounds that run every n once
   (interleaved, so drifting load hits every n alike); the median per n (the exponent fitted to the minima is
@@ -39,8 +40,8 @@ import evodsl
 
 
 def variants(args) -> list[tuple[str, str]]:
-    """(label, the mha(...) arguments after the variant name)."""
-    return [
+    """(label, the layer's call): every mha variant, then the token mixers (not attention, same place in a block)."""
+    mha = [
         ("softmax", "softmax"),
         (f"local, window={args.window}", f"local, window={args.window}"),
         (f"adaptive_span, max_span={args.max_span}, R={args.R}, span_init={args.span_init}",
@@ -90,15 +91,26 @@ def variants(args) -> list[tuple[str, str]]:
         ("combiner, axial, block=64", "combiner, mode=axial, block=64"),
         ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
     ]
+    n_max = max(int(n) for n in args.ns.split(","))
+    mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)
+        ("aft, full", f"aft, mode=full, max_len={n_max}"),
+        ("aft, simple", "aft, mode=simple"),
+        (f"aft, local, window={args.window}", f"aft, mode=local, max_len={n_max}, window={args.window}"),
+        (f"aft, conv, kernel={args.window | 1}", f"aft, mode=conv, kernel={args.window | 1}"),  # odd: centred when bidirectional
+        ("daft", f"daft, max_len={n_max}"),
+        ("fnet", "fnet"),
+    ]
+    return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
+            + [(f"mixer({label})", f"mixer({call})") for label, call in mixers])
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",
-                      "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara")  # no causal form: bidirectional only
+                      "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
+                      "fnet")  # no causal form: bidirectional only
 
 
-def spec_text(mha_args: str, d: int, heads: int, causal: bool) -> str:
-    return (f"d_model = {d}\nheads = {heads}\ncausal = {'true' if causal else 'false'}\n"
-            f"block = mha({mha_args}, heads={heads})\n")
+def spec_text(call: str, d: int, causal: bool) -> str:
+    return f"d_model = {d}\ncausal = {'true' if causal else 'false'}\nblock = {call}\n"
 
 
 def power_of_n(cls: str) -> tuple[int, int]:
@@ -140,8 +152,8 @@ def claim_str(power: tuple[int, int]) -> str:
     return f"{p}" + (" + log" if k else "")
 
 
-def attention_layer(cost: dict) -> dict:
-    return next(layer for layer in cost["layers"] if layer["op"].startswith("mha("))
+def mixing_layer(cost: dict) -> dict:
+    return next(layer for layer in cost["layers"] if layer["op"].startswith(("mha(", "mixer(")))
 
 
 def load() -> str:
@@ -176,7 +188,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: steadier)")
     ap.add_argument("--causal", choices=["true", "false", "both"], default="both")
     ap.add_argument("--tol", type=float, default=0.25, help="largest |fitted - claimed| exponent that passes")
-    ap.add_argument("--only", default="", help="run only the variants whose label starts with this")
+    ap.add_argument("--only", default="", help="run only the variants whose label (inside mha( or mixer() starts with this")
     args = ap.parse_args()
 
     import torch
@@ -187,7 +199,7 @@ def main() -> None:
     ns = [int(n) for n in args.ns.split(",")]
     causals = {"true": [True], "false": [False], "both": [True, False]}[args.causal]
     load_before = load()
-    print(f"Fitted exponents in n: one mha layer (+ residual add), b 1, d_model {args.d}, heads {args.heads}, "
+    print(f"Fitted exponents in n: one mha or mixer layer (+ residual add), b 1, d_model {args.d}, heads {args.heads}, "
           f"float32, n = {', '.join(map(str, ns))}")
     print(f"torch {torch.__version__}, torch.set_num_threads({args.threads}) (of {os.cpu_count()} cores), "
           f"{platform.machine()}, {datetime.date.today().isoformat()}, "
@@ -197,14 +209,15 @@ def main() -> None:
 
     results, raw, curves = [], [], {}
     for causal in causals:
-        for label, mha_args in variants(args):
-            if args.only and not label.startswith(args.only):
+        for name, call in variants(args):
+            inner = name.split("(", 1)[1]
+            if args.only and not inner.startswith(args.only):
                 continue
-            if causal and label.startswith(BIDIRECTIONAL_ONLY):
+            if causal and inner.startswith(BIDIRECTIONAL_ONLY):
                 continue
-            spec = spec_text(mha_args, args.d, args.heads, causal)
+            spec = spec_text(call, args.d, causal)
             try:
-                layer = attention_layer(evodsl.cost(spec))
+                layer = mixing_layer(evodsl.cost(spec))
                 claimed = {"time": layer["complexity"]["time"], "memory": layer["complexity"]["memory"]}
                 predicted = {n: evodsl.cost(spec, seq=n)["memory"]["activations_inference"] for n in ns}
             except Exception as err:  # the variant's cost formula may not exist yet: measure anyway
@@ -229,7 +242,6 @@ def main() -> None:
             fit = {"time": slope(ns, [med[n] for n in ns]), "time_min": slope(ns, [min(times[n]) for n in ns]),
                    "peak": slope(ns, [mem[n].inference_peak for n in ns]),
                    "saved": slope(ns, [mem[n].training_saved for n in ns])}
-            name = f"mha({label})"
             results.append((name, causal, claimed, fit))
             curves[name, causal] = (spec, [med[n] for n in ns])
             for n in ns:

@@ -20,7 +20,7 @@ from .passes.shapes import infer_shapes
 from .syntax import parse_program
 
 __all__ = ["EvoError", "Diagnostic", "Span", "Graph", "parse", "compile", "cost", "export", "save", "load",
-           "read_source"]
+           "read_source", "from_hf", "load_hf"]
 __version__ = "0.1.0"
 
 ARTIFACT_FORMAT = "evodsl-torch/1"
@@ -58,17 +58,52 @@ def parse(text_or_path, overrides: dict | None = None) -> Graph:
 
 
 def compile(text_or_path, backend: str = "torch", seed: int = 0, device=None, dtype=None,  # noqa: A001
-            overrides: dict | None = None):
+            overrides: dict | None = None, weights=None):
     """Build a spec. backend="torch" returns an nn.Module (eval mode) with weights drawn from `seed`;
-    device="meta" builds the structure without allocating weights."""
+    device="meta" builds the structure without allocating weights. `weights`: an artifact (`save`), or an HF
+    checkpoint (a folder with config.json and *.safetensors, or one .safetensors file beside a config.json)
+    loaded with `load_hf`."""
     if backend != "torch":
         raise EvoError([Diagnostic("E402", f"unknown backend {backend!r}", help="available backends: torch")])
     graph = parse(text_or_path, overrides)
-    from .backends.lower_torch import lower
+    return _model(graph, seed, weights, device=device, dtype=dtype)
 
+
+def _model(graph, seed: int, weights=None, device=None, dtype=None):
+    """The graph's module, with weights from `seed`, an artifact, or an HF checkpoint."""
+    from .backends.lower_torch import lower
+    from .hf import load_hf, read_checkpoint
+
+    checkpoint = read_checkpoint(weights) if weights is not None else None
+    if weights is not None and checkpoint is None:
+        model = load(weights, device=device)
+        if str(parse(model.spec, getattr(model, "overrides", None))) != str(graph):
+            raise EvoError([Diagnostic("E408", f"the weights in {weights} were built from another spec "
+                                               f"('{model.graph_name}' from {model.spec_file})",
+                                       help="use the spec the artifact was compiled from, or recompile it")])
+        return model if dtype is None else model.to(dtype)
     model = lower(graph, seed=seed, device=device, dtype=dtype, spec=graph.source, file=graph.file)
     model.overrides = graph.overrides
+    if checkpoint is not None:
+        load_hf(model, *checkpoint)
     return model
+
+
+def from_hf(config) -> str:
+    """The .evo text of the Hugging Face model a config describes (a dict, a PretrainedConfig, a config.json or
+    a folder holding one): GPT-2, LLaMA 1-3, Mistral, Gemma, Phi-3, BERT, T5, BART. A feature with no evodsl form raises
+    EvoError (E415) naming it and its config key."""
+    from .hf import from_hf as _from_hf
+
+    return _from_hf(config)
+
+
+def load_hf(model, hf_state, config):
+    """Copy an HF state dict (or a safetensors file / folder) into a model compiled from `from_hf(config)`,
+    converting layouts; one EvoError (E416) lists every missing, unexpected or mis-shaped tensor."""
+    from .hf import load_hf as _load_hf
+
+    return _load_hf(model, hf_state, config)
 
 
 def cost(text_or_path, seq: int = 1024, batch: int = 1, dtype: str = "float32", overrides: dict | None = None,
@@ -89,10 +124,10 @@ def cost(text_or_path, seq: int = 1024, batch: int = 1, dtype: str = "float32", 
 
 
 def export(text_or_path, path, weights=None, seed: int = 0, overrides: dict | None = None, opset: int = 18,
-           step: bool = False):
+           step: bool = False, dtype: str = "float32"):
     """Export a spec to an ONNX file at `path` (opset 18, dynamic batch and sequence axes, named input and
     output), with the weights `compile` builds from `seed`, or those of an artifact `weights` (written by
-    `save` / `evodsl compile -o`). The file is checked (onnx checker, onnxruntime against torch) before it is
+    `save` / `evodsl compile -o`) or of an HF checkpoint (as `compile`). The file is checked (onnx checker, onnxruntime against torch) before it is
     moved into place; a failure leaves no file. Returns the check's numbers (backends.lower_onnx.ExportResult).
     step=True exports one decoding step of a causal LM instead: the new tokens and the state in, their logits
     and the next state out (backends.onnx_step; README, "One decoding step")."""
@@ -112,18 +147,17 @@ def export(text_or_path, path, weights=None, seed: int = 0, overrides: dict | No
         error = refusal(lower(graph, device="meta"), graph)
         if error is not None:
             raise error
-    check_memory(graph, build_report(graph, "float32").params() * 4)  # before any weight is built
-    if weights is not None:
-        model = load(weights)
-        if str(parse(model.spec, getattr(model, "overrides", None))) != str(graph):
-            raise EvoError([Diagnostic("E408", f"the weights in {weights} were built from another spec "
-                                               f"('{model.graph_name}' from {model.spec_file})",
-                                       help="export the spec the artifact was compiled from, or recompile it")])
-    else:
-        model = lower(graph, seed=seed, spec=graph.source, file=graph.file)
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise EvoError([Diagnostic("E404", f"unknown dtype {dtype!r}", help="one of: float32, float16, bfloat16")])
+    params = build_report(graph, dtype).params()
+    check_memory(graph, params * torch_dtype.itemsize, dtype, stream=None if not step else False)  # before any weight is built
+    model = _model(graph, seed, weights, dtype=torch_dtype)
     if step:
         return export_step(model, graph, target, opset=opset)
-    return onnx_export(model, graph, target, opset=opset)
+    return onnx_export(model, graph, target, opset=opset, release=True)  # the module is ours: freed for the check
 
 
 def save(model, path) -> None:

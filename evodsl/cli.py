@@ -34,11 +34,7 @@ def _cmd_generate(args) -> int:
     import evodsl
     import torch
 
-    model = (evodsl.load(args.weights) if args.weights else
-             evodsl.compile(Path(args.spec), seed=args.seed, overrides=dict(args.set)))
-    if args.weights and str(evodsl.parse(Path(args.spec), dict(args.set))) != str(evodsl.parse(model.spec, model.overrides)):
-        raise EvoError([Diagnostic("E408", f"the weights in {args.weights} were built from another spec "
-                                           f"('{model.graph_name}' from {model.spec_file})")])
+    model = evodsl.compile(Path(args.spec), seed=args.seed, overrides=dict(args.set), weights=args.weights)
     byte_level = model.input_shapes and len(model.input_shape) == 2 and _vocab(model) == 256
 
     def tokens(text: str | None, ids: str | None, what: str):
@@ -97,10 +93,16 @@ def _cmd_compile(args) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     device = "meta" if args.meta else None
+    if args.meta and args.weights:
+        print("evodsl compile: error: --meta builds no weights to load --weights into; drop one", file=sys.stderr)
+        return EXIT_USAGE
+    import torch
+
     model = evodsl.compile(Path(args.spec), backend=args.backend, seed=args.seed, device=device,
-                           overrides=dict(args.set))
+                           overrides=dict(args.set), weights=args.weights, dtype=getattr(torch, args.dtype))
     total = sum(p.numel() for p in model.parameters())
-    print(f"{model.graph_name}: {type(model).__name__} from {args.spec} (backend {args.backend}, seed {args.seed})")
+    source = f"weights {args.weights}" if args.weights else f"seed {args.seed}"
+    print(f"{model.graph_name}: {type(model).__name__} from {args.spec} (backend {args.backend}, {source})")
     width = max((len(name) for name, _ in model.named_children()), default=4)
     seen: set[int] = set()
     for name, child in model.named_children():
@@ -217,7 +219,7 @@ def _export(args) -> int:
         print(f"evodsl: error: output folder does not exist: {Path(args.output).parent}", file=sys.stderr)
         return EXIT_USAGE
     r = evodsl.export(Path(args.spec), args.output, weights=getattr(args, "weights", None), seed=args.seed,
-                      overrides=dict(args.set), step=args.step)
+                      overrides=dict(args.set), step=args.step, dtype=args.dtype, opset=args.opset)
     if args.step:
         from .backends.onnx_step import describe
 
@@ -228,7 +230,8 @@ def _export(args) -> int:
     dims = lambda name: ("[batch, decoder_seq]" if name.startswith("decoder") else  # noqa: E731
                          "[batch, seq, d]" if name == "features" else "[batch, seq]")
     ins = ", ".join(f"'{name}' {dims(name)}" for name in r.input_names or (r.input_name,))
-    print(f"wrote {r.path}{data}: {r.bytes / 2**20:.1f} MiB, opset 18, inputs {ins} -> output '{r.output_name}'")
+    print(f"wrote {r.path}{data}: {r.bytes / 2**20:.1f} MiB, opset {r.opset}, inputs {ins} -> output "
+          f"'{r.output_name}'")
     print(f"checked: onnx.checker (full_check) ok; onnxruntime vs torch on a random input: max abs difference "
           f"{r.max_abs_diff:.3g} ({rel:.2g} of the output scale {r.output_scale:.3g})")
     return EXIT_OK
@@ -236,6 +239,22 @@ def _export(args) -> int:
 
 def _cmd_export(args) -> int:
     return _export(args)
+
+
+def _cmd_from_hf(args) -> int:
+    import evodsl
+
+    text = evodsl.from_hf(args.config)
+    evodsl.parse(text)  # an import that does not parse is a bug of ours: never write it
+    if not args.output:
+        print(text, end="")
+        return EXIT_OK
+    if not Path(args.output).parent.is_dir():
+        print(f"evodsl from-hf: error: output folder does not exist: {Path(args.output).parent}", file=sys.stderr)
+        return EXIT_USAGE
+    _write_atomic(args.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    print(f"wrote {args.output} (evodsl check {args.output}; weights: evodsl compile {args.output} --weights FOLDER)")
+    return EXIT_OK
 
 
 def _cmd_ops(args) -> int:
@@ -304,11 +323,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("spec", metavar="SPEC", help="a .evo file")
     b.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="torch (a module summary; -o saves an artifact) or onnx (-o FILE.onnx) (default torch)")
-    b.add_argument("--weights", metavar="ARTIFACT", help="onnx: export these weights (from compile -o)")
+    b.add_argument("--weights", metavar="WEIGHTS", help="load these weights: an artifact (from compile -o), or an HF "
+                   "checkpoint (a folder with config.json and *.safetensors, or a .safetensors file beside config.json)")
     b.add_argument("--step", action="store_true", help="onnx: one decoding step of a causal LM (see export --step)")
     b.add_argument("-o", "--output", metavar="FILE", help="save an artifact (spec + weights); load with evodsl.load")
     b.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     b.add_argument("--meta", action="store_true", help="build on the meta device: no weights are allocated")
+    b.add_argument("--opset", type=int, choices=[18, 23], default=18,
+                   help="onnx: 18 (default; every runtime), or 23: fused Attention, RMSNormalization and "
+                        "RotaryEmbedding nodes where the ops allow")
+    b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="the weights' dtype (default float32); onnx: the exported model's")
     _add_set(b)
     b.set_defaults(run=_cmd_compile)
     e = sub.add_parser("export", help="export a spec to ONNX (= compile --backend onnx)",
@@ -316,13 +341,26 @@ def _parser() -> argparse.ArgumentParser:
                                    "check it with the ONNX checker and onnxruntime against torch.")
     e.add_argument("spec", metavar="SPEC", help="a .evo file")
     e.add_argument("-o", "--output", metavar="FILE", required=True, help="the .onnx file to write")
-    e.add_argument("--weights", metavar="ARTIFACT", help="export these weights (from evodsl compile -o)")
+    e.add_argument("--weights", metavar="WEIGHTS", help="export these weights: an artifact (from evodsl compile -o) "
+                   "or an HF checkpoint folder / .safetensors file")
     e.add_argument("--seed", type=int, default=0, help="initialisation seed when no --weights (default 0)")
+    e.add_argument("--opset", type=int, choices=[18, 23], default=18,
+                   help="onnx: 18 (default; every runtime), or 23: fused Attention, RMSNormalization and "
+                        "RotaryEmbedding nodes where the ops allow")
+    e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="the exported weights' dtype (default float32; float16 halves the file, onnxruntime runs "
+                        "it on CPU)")
     e.add_argument("--step", action="store_true",
                    help="one decoding step of a causal LM: input_ids, attention_mask and the state (past.*) in, "
                         "logits and the next state (present.*) out")
     _add_set(e)
     e.set_defaults(run=_cmd_export)
+    f = sub.add_parser("from-hf", help="write the spec of a Hugging Face config (GPT-2, LLaMA, Mistral, Gemma, "
+                       "Phi-3, BERT, T5, BART)", description="Import a Hugging Face config.json as a readable .evo spec; its "
+                       "weights load with `evodsl compile SPEC --weights FOLDER`.")
+    f.add_argument("config", metavar="CONFIG", help="config.json, or a checkpoint folder holding one")
+    f.add_argument("-o", "--output", metavar="SPEC", help="the .evo file to write (default: print it)")
+    f.set_defaults(run=_cmd_from_hf)
     k = sub.add_parser("cost", help="parameters, FLOPs, memory and complexity, from the graph",
                        description="Cost SPEC analytically (no weights are built). With several specs or "
                                    "sequence lengths, print them side by side with the crossover lengths (against the first spec).")
@@ -344,7 +382,8 @@ def _parser() -> argparse.ArgumentParser:
                         description="Generate tokens: a text prompt for byte-level models (vocab 256), token ids "
                                     "otherwise. The weights of an artifact (compile -o), or those of --seed.")
     gn.add_argument("spec", metavar="SPEC", help="a .evo file")
-    gn.add_argument("--weights", metavar="ARTIFACT", help="weights written by evodsl compile SPEC -o FILE")
+    gn.add_argument("--weights", metavar="WEIGHTS", help="an artifact (evodsl compile SPEC -o FILE) or an HF "
+                    "checkpoint folder / .safetensors file")
     gn.add_argument("--prompt", metavar="TEXT", help="the text to continue (byte-level models)")
     gn.add_argument("--ids", metavar="I,J,...", help="the token ids to continue")
     gn.add_argument("--source", metavar="TEXT", help="an encoder-decoder's source text (byte-level models)")

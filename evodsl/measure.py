@@ -112,8 +112,13 @@ class MemoryMeasurement:
 
 def measure_memory(model: torch.nn.Module, x) -> MemoryMeasurement:
     """x: the model's input, or a list of them. The backward is taken with respect to the outputs of the
-    modules that read the inputs (model.input_modules(), else the first child): through every activation."""
+    modules that read the inputs (model.input_modules(), else the first child): through every activation. Where
+    those modules have no parameters (mixer(fnet) first), their outputs need no grad: the backward is then taken
+    with respect to the floating inputs, which stand for the upstream layers' outputs in a real model."""
     xs = _args(x)
+    firsts = model.input_modules() if hasattr(model, "input_modules") else [next(iter(model.children()))]
+    if not any(p.requires_grad for m in firsts for p in m.parameters()):
+        xs = [t.detach().requires_grad_() if torch.is_tensor(t) and t.is_floating_point() else t for t in xs]
     exclude = [*model.parameters(), *model.buffers(), *xs]
     was_training = model.training
     model.eval()  # inference: dropout off, as deployed
@@ -126,7 +131,6 @@ def measure_memory(model: torch.nn.Module, x) -> MemoryMeasurement:
 
     # Backward with respect to activations only: the forward saves exactly what training saves (the parameters
     # require grad), but no parameter gradient is computed, so what is measured is activation memory alone.
-    firsts = model.input_modules() if hasattr(model, "input_modules") else [next(iter(model.children()))]
     captured, saved = [], set()
     hooks = [m.register_forward_hook(lambda mod, args, out: captured.append(out)) for m in firsts]
 
@@ -142,7 +146,7 @@ def measure_memory(model: torch.nn.Module, x) -> MemoryMeasurement:
             # the anchors we differentiate against are alive only because we hold them, unless autograd keeps them
             anchors = {StorageWeakRef(t.untyped_storage()).cdata for t in captured}
             pinned = anchors - saved
-            wrt = [t for t in captured if t.requires_grad]
+            wrt = [t for t in captured if t.requires_grad] or [t for t in xs if torch.is_tensor(t) and t.requires_grad]
             torch.autograd.grad(out, wrt, grad_outputs=_ones_like_output(out), allow_unused=True)
             del out
             captured.clear()

@@ -67,25 +67,7 @@ def t5_pair(noise: float = 0.05):
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * noise)
     ours = evodsl.compile(SPECS / "t5_small.evo", overrides=dict(vocab=V, d_model=D, heads=H, d_ff=FF, layers=L))
-    hf_state = hf.state_dict()
-    state = {}
-    for stack, ours_stack in (("encoder", "encoder"), ("decoder", "decoder")):
-        state[f"{ours_stack}_embed.weight"] = hf_state["shared.weight"]
-        state[f"{ours_stack}_pos.weight"] = hf_state[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
-        state[f"{ours_stack}_norm.weight"] = hf_state[f"{stack}.final_layer_norm.weight"]
-        for i in range(L):
-            hb, ob = f"{stack}.block.{i}.layer", f"{ours_stack}_blocks.{i}"
-            parts = [("attn", "SelfAttention")] + ([("xattn", "EncDecAttention")] if stack == "decoder" else [])
-            for k, (ours_att, hf_att) in enumerate(parts):
-                for proj in "qkvo":
-                    state[f"{ob}.{ours_att}.{proj}_proj.weight"] = hf_state[f"{hb}.{k}.{hf_att}.{proj}.weight"]
-                state[f"{ob}.norm{k + 1}.weight"] = hf_state[f"{hb}.{k}.layer_norm.weight"]
-            f = len(parts)
-            state[f"{ob}.ffn.up_proj.weight"] = hf_state[f"{hb}.{f}.DenseReluDense.wi.weight"]
-            state[f"{ob}.ffn.down_proj.weight"] = hf_state[f"{hb}.{f}.DenseReluDense.wo.weight"]
-            state[f"{ob}.norm{f + 1}.weight"] = hf_state[f"{hb}.{f}.layer_norm.weight"]
-    state["decoder_head.weight"] = hf_state["shared.weight"]
-    ours.load_state_dict(state, strict=True)
+    evodsl.load_hf(ours, hf.state_dict(), config)  # the hand-written spec has the imported one's names
     return hf, ours
 
 
@@ -102,31 +84,7 @@ def bart_pair(noise: float = 0.05):
             p.add_(torch.randn_like(p) * noise)
     ours = evodsl.compile(SPECS / "bart_base.evo",
                           overrides=dict(vocab=V, d_model=D, heads=H, d_ff=FF, layers=L, n_ctx=80))
-    s = hf.state_dict()
-    state = {}
-    for stack in ("encoder", "decoder"):
-        hs = f"model.{stack}"
-        state[f"{stack}_embed.weight"] = s["model.shared.weight"]
-        state[f"{stack}_pos.weight"] = s[f"{hs}.embed_positions.weight"]
-        for t in ("weight", "bias"):
-            state[f"{stack}_norm.{t}"] = s[f"{hs}.layernorm_embedding.{t}"]
-        for i in range(L):
-            hb, ob = f"{hs}.layers.{i}", f"{stack}_blocks.{i}"
-            atts = [("attn", "self_attn")] + ([("xattn", "encoder_attn")] if stack == "decoder" else [])
-            norms = ["self_attn_layer_norm"] + (["encoder_attn_layer_norm"] if stack == "decoder" else []) + [
-                "final_layer_norm"]
-            for t in ("weight", "bias"):
-                for ours_att, hf_att in atts:
-                    for p in "qkv":
-                        state[f"{ob}.{ours_att}.{p}_proj.{t}"] = s[f"{hb}.{hf_att}.{p}_proj.{t}"]
-                    state[f"{ob}.{ours_att}.o_proj.{t}"] = s[f"{hb}.{hf_att}.out_proj.{t}"]
-                for k, name in enumerate(norms):
-                    state[f"{ob}.norm{k + 1}.{t}"] = s[f"{hb}.{name}.{t}"]
-                state[f"{ob}.ffn.up_proj.{t}"] = s[f"{hb}.fc1.{t}"]
-                state[f"{ob}.ffn.down_proj.{t}"] = s[f"{hb}.fc2.{t}"]
-    state["decoder_head.weight"] = s["model.shared.weight"]
-    assert not s["final_logits_bias"].any()  # a zero buffer: the spec's head has no bias
-    ours.load_state_dict(state, strict=True)
+    evodsl.load_hf(ours, hf.state_dict(), config)  # final_logits_bias, a zero buffer, is checked to be zero
     return hf, ours
 
 

@@ -78,31 +78,6 @@ def tiny_gpt2_spec() -> str:
     return text
 
 
-def gpt2_weights_to_evodsl(hf_state: dict, layers: int, d: int) -> dict:
-    """Map GPT2LMHeadModel's state_dict onto the evodsl names. HF's Conv1D stores W as [in, out] (y = x W + b),
-    so every Conv1D weight is transposed into nn.Linear's [out, in]; c_attn holds q, k, v side by side."""
-    out = {"embed.weight": hf_state["transformer.wte.weight"], "pos.weight": hf_state["transformer.wpe.weight"],
-           "norm.weight": hf_state["transformer.ln_f.weight"], "norm.bias": hf_state["transformer.ln_f.bias"],
-           "head.weight": hf_state["lm_head.weight"]}
-    for i in range(layers):
-        h, e = f"transformer.h.{i}.", f"blocks.{i}."
-        q, k, v = hf_state[h + "attn.c_attn.weight"].t().split(d, dim=0)
-        qb, kb, vb = hf_state[h + "attn.c_attn.bias"].split(d)
-        out.update({
-            e + "norm1.weight": hf_state[h + "ln_1.weight"], e + "norm1.bias": hf_state[h + "ln_1.bias"],
-            e + "attn.q_proj.weight": q, e + "attn.k_proj.weight": k, e + "attn.v_proj.weight": v,
-            e + "attn.q_proj.bias": qb, e + "attn.k_proj.bias": kb, e + "attn.v_proj.bias": vb,
-            e + "attn.o_proj.weight": hf_state[h + "attn.c_proj.weight"].t(),
-            e + "attn.o_proj.bias": hf_state[h + "attn.c_proj.bias"],
-            e + "norm2.weight": hf_state[h + "ln_2.weight"], e + "norm2.bias": hf_state[h + "ln_2.bias"],
-            e + "ffn.up_proj.weight": hf_state[h + "mlp.c_fc.weight"].t(),
-            e + "ffn.up_proj.bias": hf_state[h + "mlp.c_fc.bias"],
-            e + "ffn.down_proj.weight": hf_state[h + "mlp.c_proj.weight"].t(),
-            e + "ffn.down_proj.bias": hf_state[h + "mlp.c_proj.bias"],
-        })
-    return out
-
-
 def test_gpt2_logits_match_hf_with_copied_weights():
     config = transformers.GPT2Config(vocab_size=TINY["vocab"], n_positions=TINY["n_ctx"], n_embd=TINY["d_model"],
                                      n_head=TINY["heads"], n_layer=TINY["layers"], bos_token_id=0,
@@ -114,9 +89,7 @@ def test_gpt2_logits_match_hf_with_copied_weights():
             if "ln_" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     evo = evodsl.compile(tiny_gpt2_spec())
-    mapped = gpt2_weights_to_evodsl(hf.state_dict(), TINY["layers"], TINY["d_model"])
-    assert set(mapped) == set(evo.state_dict()), "the name mapping covers exactly the evodsl weights"
-    evo.load_state_dict(mapped, strict=True)
+    evodsl.load_hf(evo, hf.state_dict(), config)  # fills every evodsl tensor, or says which it cannot
     assert count(evo) == count(hf)
     assert evo.head.weight is evo.embed.weight, "the LM head stays tied to the embedding"
 
@@ -136,7 +109,7 @@ def test_gpt2_padded_batch_matches_hf_attention_mask():
     torch.manual_seed(1)
     hf = transformers.GPT2LMHeadModel(config).eval()
     evo = evodsl.compile(tiny_gpt2_spec())
-    evo.load_state_dict(gpt2_weights_to_evodsl(hf.state_dict(), TINY["layers"], TINY["d_model"]), strict=True)
+    evodsl.load_hf(evo, hf.state_dict(), config)
     ids = torch.randint(0, TINY["vocab"], (3, 16), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(3, 16, dtype=torch.long)
     mask[1, 9:], mask[2, 4:] = 0, 0
@@ -159,7 +132,7 @@ def test_gpt2_greedy_generate_matches_hf():
             if "ln_" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     evo = evodsl.compile(tiny_gpt2_spec())
-    evo.load_state_dict(gpt2_weights_to_evodsl(hf.state_dict(), TINY["layers"], TINY["d_model"]), strict=True)
+    evodsl.load_hf(evo, hf.state_dict(), config)
     prompt = torch.randint(0, TINY["vocab"], (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,

@@ -27,13 +27,14 @@ CASES = [
     ("norm", "layernorm", lambda d: {}),
     ("norm", "layernorm", lambda d: {"bias": False}),
     ("norm", "rmsnorm", lambda d: {}),
+    ("norm", "rmsnorm", lambda d: {"offset": 1.0}),  # Gemma's gain 1 + w
     ("norm", "scalenorm", lambda d: {}),
     ("ffn", "mlp", lambda d: {"act": "relu"}),  # relu keeps only its result
     ("ffn", "mlp", lambda d: {"act": "gelu"}),
     ("ffn", "mlp", lambda d: {"act": "gelu_tanh"}),
     ("ffn", "mlp", lambda d: {"act": "silu"}),
     ("ffn", "mlp", lambda d: {"act": "gelu", "bias": False, "d_ff": d // 2}),  # d_ff < d: a different peak
-    *[("ffn", v, lambda d: {}) for v in ("glu", "bilinear", "reglu", "geglu", "swiglu")],
+    *[("ffn", v, lambda d: {}) for v in ("glu", "bilinear", "reglu", "geglu", "geglu_tanh", "swiglu")],
     ("ffn", "swiglu", lambda d: {"bias": True, "d_ff": 3 * d}),
     ("mixer", "fnet", lambda d: {}),
     # AFT, bidirectional and causal: the [n, n] table, the sums, a band (narrower and wider than n), kernels

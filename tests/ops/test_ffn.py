@@ -10,7 +10,7 @@ from evodsl.ops import OpEnv, load_all, lookup
 from ophelpers import make_op, perturb_params
 
 D = 40
-GLU_VARIANTS = ["glu", "bilinear", "reglu", "geglu", "swiglu"]
+GLU_VARIANTS = ["glu", "bilinear", "reglu", "geglu", "geglu_tanh", "swiglu"]
 
 # activations written out from their definitions, not taken from torch.nn.functional
 REF_ACT = {
@@ -21,7 +21,8 @@ REF_ACT = {
     "gelu_tanh": lambda z: 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3))),
     "silu": lambda z: z / (1 + torch.exp(-z)),
 }
-GLU_ACT = {"glu": "sigmoid", "bilinear": "identity", "reglu": "relu", "geglu": "gelu", "swiglu": "silu"}
+GLU_ACT = {"glu": "sigmoid", "bilinear": "identity", "reglu": "relu", "geglu": "gelu", "geglu_tanh": "gelu_tanh",
+           "swiglu": "silu"}
 
 
 def _x(seed: int = 5) -> torch.Tensor:

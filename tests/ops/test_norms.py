@@ -48,6 +48,15 @@ def test_rmsnorm_matches_equation(eps):
     torch.testing.assert_close(m(x), ref_rmsnorm(x, m.weight, eps), rtol=1e-10, atol=1e-10)
 
 
+def test_rmsnorm_offset_gain():
+    """Gemma's parametrisation: the gain is 1 + w, w starting at 0; the function is RMSNorm's."""
+    m, p, _ = make_op("norm", "rmsnorm", d=D, offset=1.0)
+    assert torch.equal(m.weight, torch.zeros(D, dtype=torch.float64))
+    perturb_params(m)
+    x = _x()
+    torch.testing.assert_close(m(x), ref_rmsnorm(x, 1 + m.weight, 1e-6), rtol=1e-10, atol=1e-10)
+
+
 def test_rmsnorm_defaults_and_params():
     m, p, _ = make_op("norm", "rmsnorm", d=D)
     assert p.eps == 1e-6

@@ -32,6 +32,34 @@ def ref_rope(x, base, rot):
     return y
 
 
+def ref_rope_halves(x, thetas):
+    """HF Llama's layout: channel i and channel i + r/2 turn together by t·θ_i (r = 2 len(thetas)), one scalar at
+    a time; the channels past r pass."""
+    y, half = x.clone(), len(thetas)
+    for t in range(x.shape[-2]):
+        for i, theta in enumerate(thetas):
+            c, s = math.cos(t * theta), math.sin(t * theta)
+            a, b = x[..., t, i], x[..., t, i + half]
+            y[..., t, i], y[..., t, i + half] = a * c - b * s, a * s + b * c
+    return y
+
+
+def llama3_thetas(base, rot, factor, low, high, original):
+    """Llama 3.1's rope_scaling, from its definition, pair by pair in python floats."""
+    out = []
+    for i in range(rot // 2):
+        theta = base ** (-2 * i / rot)
+        wavelen = 2 * math.pi / theta
+        if wavelen < original / high:
+            out.append(theta)
+        elif wavelen > original / low:
+            out.append(theta / factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append((1 - smooth) * theta / factor + smooth * theta)
+    return out
+
+
 def ref_attention(m, x, causal, rope=None, slopes=None):
     """softmax(Q K^T / sqrt(dh) + bias) V with mha's own weights; rope=(base, rot) turns Q and K."""
     b, n, _ = x.shape
@@ -97,6 +125,60 @@ def test_rope_turns_each_pair(fraction, base):
     assert torch.allclose(q2, ref_rope(q, base, rot), atol=1e-12, rtol=0)
     assert torch.allclose(k2, ref_rope(k, base, rot), atol=1e-12, rtol=0)
     assert rotary.bias(torch.arange(3)[:, None], torch.arange(3)[None, :]) is None
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_rope_halves_layout(fraction):
+    op = lookup("pos", "rope")
+    rotary = op.attach(op.params(fraction=fraction, pairs="halves"), 4, 16)
+    q, k = _randn(2, 4, 10, 16, seed=1), _randn(2, 2, 10, 16, seed=2)
+    rot = int(16 * fraction)
+    thetas = [10000.0 ** (-2 * i / rot) for i in range(rot // 2)]
+    q2, k2 = rotary.rotate(q, k)
+    assert torch.allclose(q2, ref_rope_halves(q, thetas), atol=1e-12, rtol=0)
+    assert torch.allclose(k2, ref_rope_halves(k, thetas), atol=1e-12, rtol=0)
+    # the same model as the paper's layout, up to a permutation of the rotated channels
+    perm = torch.tensor([c for i in range(rot // 2) for c in (i, i + rot // 2)] + list(range(rot, 16)))
+    paper = op.attach(op.params(fraction=fraction), 4, 16)
+    assert torch.allclose(q2[..., perm], paper.rotate(q[..., perm], k[..., perm])[0], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("pairs", ["interleaved", "halves"])
+def test_rope_llama3_scaling(pairs):
+    op = lookup("pos", "rope")
+    args = dict(base=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=64)
+    rotary = op.attach(op.params(pairs=pairs, scaling="llama3", **args), 2, 32)
+    thetas = llama3_thetas(500000.0, 32, 8.0, 1.0, 4.0, 64)
+    kept = sum(t == 500000.0 ** (-2 * i / 32) for i, t in enumerate(thetas))
+    assert 0 < kept < 16 and sum(t < 500000.0 ** (-2 * i / 32) / 7.99 for i, t in enumerate(thetas)) > 0
+    q, k = _randn(1, 2, 9, 32, seed=6), _randn(1, 2, 9, 32, seed=7)
+    q2, _ = rotary.rotate(q, k)
+    if pairs == "halves":
+        want = ref_rope_halves(q, thetas)
+    else:  # the interleaved layout with the same frequencies: halves' reference on de-interleaved channels
+        perm = torch.tensor(list(range(0, 32, 2)) + list(range(1, 32, 2)))
+        want = torch.empty_like(q)
+        want[..., perm] = ref_rope_halves(q[..., perm], thetas)
+    assert torch.allclose(q2, want, atol=1e-12, rtol=0)
+
+
+def test_rope_linear_scaling_interpolates_positions():
+    op = lookup("pos", "rope")
+    scaled = op.attach(op.params(scaling="linear", factor=4.0), 1, 8)
+    thetas = [10000.0 ** (-2 * i / 8) / 4.0 for i in range(4)]
+    q = _randn(1, 1, 12, 8, seed=8)
+    perm = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])  # pair (2i, 2i+1) as (i, i + 4)
+    want = torch.empty_like(q)
+    want[..., perm] = ref_rope_halves(q[..., perm], thetas)
+    assert torch.allclose(scaled.rotate(q, q)[0], want, atol=1e-12, rtol=0)
+
+
+def test_rope_scaling_arguments_are_checked():
+    op = lookup("pos", "rope")
+    with pytest.raises(ValidationError, match="factor= scales"):
+        op.params(factor=2.0)
+    with pytest.raises(ValidationError, match="high_freq_factor > low_freq_factor"):
+        op.params(scaling="llama3", low_freq_factor=4.0, high_freq_factor=1.0)
 
 
 def test_rope_score_depends_on_offset_only():

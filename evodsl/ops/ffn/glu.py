@@ -1,4 +1,4 @@
-"""ffn(glu | bilinear | reglu | geglu | swiglu): FFN_act(x) = (act(x W) ⊙ x V) W2 (Shazeer 2020).
+"""ffn(glu | bilinear | reglu | geglu | geglu_tanh | swiglu): FFN_act(x) = (act(x W) ⊙ x V) W2 (Shazeer 2020).
 
 One module, five variants, read from the VARIANTS table. W, V, W2 are `gate_proj`, `up_proj`, `down_proj`
 as in LLaMA, so ffn(swiglu) has HF LlamaMLP's parameters. Three matrices instead of two: to keep the
@@ -25,6 +25,8 @@ VARIANTS = {
     "bilinear": (lambda z: z, "(x W ⊙ x V) W2", "identity"),
     "reglu": (F.relu, "(relu(x W) ⊙ x V) W2", "relu"),
     "geglu": (F.gelu, "(gelu(x W) ⊙ x V) W2", "gelu"),  # exact GELU, x * Phi(x)
+    # GELU's tanh approximation on the gate (Gemma's gelu_pytorch_tanh)
+    "geglu_tanh": (partial(F.gelu, approximate="tanh"), "(gelu_tanh(x W) ⊙ x V) W2", "gelu_tanh"),
     "swiglu": (F.silu, "(swish(x W) ⊙ x V) W2", "silu"),  # Swish with beta = 1, i.e. SiLU
 }
 
@@ -60,7 +62,7 @@ class GatedFFN(nn.Module):
 def cost(p: GLUParams, env: OpEnv, s, variant: str = "swiglu") -> Cost:
     """Three linears; the gate's activation (ACT_FLOPS) and the product, 1 FLOP each per hidden element,
     backward ~2x. Kept for backward, each [b, n, d_ff]: x V, act(x W), the product, and x W too when the
-    activation needs its input (geglu, swiglu; sigmoid and relu keep their result, bilinear has none). At the
+    activation needs its input (geglu, geglu_tanh, swiglu; sigmoid and relu keep their result, bilinear has none). At the
     inference peak act(x W), x V and the product are alive. Backward (net of what it has released): the two
     factors' gradients once the kept product is released, and at the end the input's two gradients and
     their sum, everything kept released."""
@@ -70,7 +72,7 @@ def cost(p: GLUParams, env: OpEnv, s, variant: str = "swiglu") -> Cost:
     out = s.b * s.n * s.d * s.bytes
     c = linear(s, s.d, f, p.bias) + linear(s, s.d, f, p.bias) + linear(s, f, s.d, p.bias)
     other = (ACT_FLOPS[act] + 1) * s.b * s.n * f
-    saved = hidden * (4 if act in ("gelu", "silu") else 3)
+    saved = hidden * (4 if act in ("gelu", "gelu_tanh", "silu") else 3)
     return Cost(params=c.params, fwd=c.fwd, bwd=c.bwd, fwd_other=other, bwd_other=c.bwd_other + 2 * other,
                 saves_input=True, saved=saved, peak=sp.Max(3 * hidden, hidden + out) - out,
                 bwd_peak=sp.Max(2 * hidden, 3 * out - saved))

@@ -1,16 +1,29 @@
-"""pos(rope, base=10000, fraction=1): rotary position embedding (RoFormer, Su et al. 2021), applied to q and k
-inside every attention layer downstream; on the stream it is the identity.
+"""pos(rope, base=10000, fraction=1, pairs=interleaved, scaling=none): rotary position embedding (RoFormer, Su et
+al. 2021), applied to q and k inside every attention layer downstream; on the stream it is the identity.
 
 For a head of width dh, the first r = fraction·dh channels are rotated (fraction < 1 is GPT-NeoX's partial
-rotary) in the paper's interleaved pairs: with θ_i = base^(-2i/r), the pair (x_2i, x_2i+1) at position t
-becomes (x_2i cos tθ_i − x_2i+1 sin tθ_i, x_2i sin tθ_i + x_2i+1 cos tθ_i). Then q_m·k_n depends on m − n
-only. Nothing depends on a maximum length: the angles are computed for the actual n on each call.
+rotary) in pairs: with θ_i = base^(-2i/r), the pair (x_a, x_b) at position t becomes
+(x_a cos tθ_i − x_b sin tθ_i, x_a sin tθ_i + x_b cos tθ_i). Then q_m·k_n depends on m − n only.
+- pairs=interleaved (the paper's, the default): (a, b) = (2i, 2i+1);
+- pairs=halves (GPT-NeoX's and HF Llama's rotate_half): (a, b) = (i, i + r/2), so that HF checkpoints load with
+  their q/k weights as they are. The two layouts are the same model up to a permutation of q's and k's rows.
+Frequency scaling for context extension (θ_i replaced before the angles):
+- scaling=linear (position interpolation, Chen et al. 2023, arXiv:2306.15595): θ_i / factor;
+- scaling=llama3 (Llama 3.1's rope_scaling): wavelengths λ_i = 2π/θ_i longer than original_max_len /
+  low_freq_factor take θ_i / factor, shorter than original_max_len / high_freq_factor keep θ_i, and those
+  between blend them: (1 − s) θ_i / factor + s θ_i with s = (original_max_len / λ_i − low_freq_factor) /
+  (high_freq_factor − low_freq_factor).
+Nothing depends on a maximum length: the angles are computed for the actual n on each call.
 """
 from __future__ import annotations
 
+import contextlib
+import math
+from typing import Literal
+
 import sympy as sp
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 
 from ..cost import Cost, Symbols
@@ -21,6 +34,51 @@ from ._inattention import InAttentionPosition, InAttentionStream
 class RotaryParams(OpParams):
     base: float = Field(10000.0, gt=1.0, description="θ_i = base^(-2i/r): the slowest pair turns base times slower")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of each head's channels that is rotated")
+    pairs: Literal["interleaved", "halves"] = Field("interleaved", description="which channels turn together: "
+                                                    "(2i, 2i+1) as in the paper, or (i, i + r/2) as HF Llama")
+    scaling: Literal["none", "linear", "llama3"] = Field("none", description="frequency scaling for longer contexts")
+    factor: float = Field(1.0, ge=1.0, le=1e6, description="scaling: how much slower the scaled frequencies turn")
+    low_freq_factor: float = Field(1.0, gt=0.0, le=1e6, description="scaling=llama3: wavelengths above "
+                                   "original_max_len / low_freq_factor are fully scaled")
+    high_freq_factor: float = Field(4.0, gt=0.0, le=1e6, description="scaling=llama3: wavelengths below "
+                                    "original_max_len / high_freq_factor are kept")
+    original_max_len: int = Field(8192, ge=1, description="scaling=llama3: the context length trained before")
+
+    @model_validator(mode="after")
+    def _scaling_args(self):
+        if self.scaling == "none" and self.factor != 1.0:
+            raise ValueError("factor= scales the frequencies only with scaling=linear or scaling=llama3")
+        if self.scaling == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError("scaling=llama3 needs high_freq_factor > low_freq_factor")
+        return self
+
+
+_FUSED = [False]  # set while exporting at opset 23 and later: the rotation as ONNX's RotaryEmbedding op
+
+
+@contextlib.contextmanager
+def fused_rotary(on: bool = True):
+    """While active, rotate() goes through torch.onnx.ops.rotary_embedding, which computes the same in eager and
+    exports as one RotaryEmbedding node (opset 23)."""
+    before, _FUSED[0] = _FUSED[0], on
+    try:
+        yield
+    finally:
+        _FUSED[0] = before
+
+
+def frequencies(p: RotaryParams, rot: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """θ_i for the r/2 pairs, after the scaling (in `dtype`)."""
+    theta = p.base ** (-torch.arange(0, rot, 2, device=device, dtype=dtype) / rot)
+    if p.scaling == "linear":
+        return theta / p.factor
+    if p.scaling == "llama3":
+        wavelen = 2 * math.pi / theta
+        low, high = p.original_max_len / p.low_freq_factor, p.original_max_len / p.high_freq_factor
+        s = (p.original_max_len / wavelen - p.low_freq_factor) / (p.high_freq_factor - p.low_freq_factor)
+        blended = (1 - s) * theta / p.factor + s * theta
+        return torch.where(wavelen > low, theta / p.factor, torch.where(wavelen < high, theta, blended))
+    return theta
 
 
 def rotary_channels(p: RotaryParams, head_dim: int) -> int:
@@ -40,28 +98,43 @@ class Rotary(InAttentionPosition):
 
     def __init__(self, p: RotaryParams, heads: int, head_dim: int):
         super().__init__()
-        self.base, self.rot, self.head_dim = p.base, rotary_channels(p, head_dim), head_dim
+        self.p, self.base, self.rot, self.head_dim = p, p.base, rotary_channels(p, head_dim), head_dim
+        self.halves = p.pairs == "halves"
 
     def angles(self, n: int, device, dtype, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [n, r/2] of t·θ_i for t = offset..offset+n-1, computed in at least float32 and returned in
         `dtype`."""
         work = torch.float64 if dtype == torch.float64 else torch.float32
-        theta = self.base ** (-torch.arange(0, self.rot, 2, device=device, dtype=work) / self.rot)
+        theta = frequencies(self.p, self.rot, work, device)
         angle = torch.arange(offset, offset + n, device=device, dtype=work)[:, None] * theta[None, :]
         return angle.cos().to(dtype), angle.sin().to(dtype)
 
     def _turn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         head, rest = x[..., : self.rot], x[..., self.rot:]
-        even, odd = head[..., 0::2], head[..., 1::2]
-        turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+        if self.halves:
+            a, b = head[..., : self.rot // 2], head[..., self.rot // 2:]
+            turned = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+        else:
+            even, odd = head[..., 0::2], head[..., 1::2]
+            turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
         return turned if self.rot == self.head_dim else torch.cat((turned, rest), dim=-1)
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
         cos, sin = self.angles(q.shape[-2], q.device, q.dtype, offset)
+        if _FUSED[0] and q.dim() == 4:
+            return self._fused(q, cos, sin), self._fused(k, cos, sin)
         return self._turn(q, cos, sin), self._turn(k, cos, sin)
 
+    def _fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [b, heads, n, dh] through ONNX's RotaryEmbedding (cos, sin per batch row and position)."""
+        b, n = x.shape[0], x.shape[2]
+        cos, sin = cos.unsqueeze(0).expand(b, n, -1), sin.unsqueeze(0).expand(b, n, -1)
+        return torch.onnx.ops.rotary_embedding(x, cos, sin, interleaved=not self.halves,
+                                               rotary_embedding_dim=0 if self.rot == self.head_dim else self.rot)
+
     def extra_repr(self) -> str:
-        return f"base={self.base:g}, rotated_channels={self.rot}"
+        extra = "" if self.p.scaling == "none" else f", scaling={self.p.scaling}, factor={self.p.factor:g}"
+        return f"base={self.base:g}, rotated_channels={self.rot}, pairs={self.p.pairs}{extra}"
 
 
 
@@ -86,6 +159,7 @@ OP = register(Op(
     attach=Rotary, attach_cost=rotary_attach_cost,
     cost=lambda p, env, s: Cost(inplace=True),  # the identity on the stream: free
     paper="RoFormer: Enhanced Transformer with Rotary Position Embedding, Su et al. 2021, arXiv:2104.09864",
-    summary="rotate q, k pairs (x_2i, x_2i+1) at position t by t·base^(-2i/r); q_m·k_n depends on m−n only",
+    summary="rotate q, k pairs (x_2i, x_2i+1) (pairs=halves: (x_i, x_i+r/2)) at position t by t·base^(-2i/r) "
+            "(scaling: linear, llama3); q_m·k_n depends on m−n only",
     note="Arch/001.md",
 ))
