@@ -88,6 +88,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("learned_kernel", "learned_kernel"),
         ("slim", "slim"),
         ("memory_compressed, k=3", "memory_compressed, k=3"),
+        ("combiner, block=64", "combiner, block=64"),
+        ("combiner, axial, block=64", "combiner, mode=axial, block=64"),
         ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
     ]
     n_max = max(int(n) for n in args.ns.split(","))

@@ -61,6 +61,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "learned_kernel"): "components=2, features=8",
     ("mha", "slim"): "features=16, chunk=16",
     ("mha", "memory_compressed"): "k=3",
+    ("mha", "combiner"): "block=3",
     ("mha", "dilated"): "pattern=dilated_mem, layer=2",
     ("mha", "etc"): "radius=3, globals=2, segment=4",
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
@@ -137,7 +138,8 @@ TREES = {("mha", "bpt")}
 # Other export forms: BigBird's runs every block as a query block (the global ones' local rows thrown away);
 # blockwise runs a dense masked SDPA; the exporter folds the projections of ISAB's inducing points and Luna's
 # packed sequence P (learned constants), so fewer MatMuls remain than torch runs.
-OTHER_FORMS = {("mha", "bigbird"), ("mha", "blockwise"), ("mha", "isab"), ("mha", "luna")}
+OTHER_FORMS = {("mha", "bigbird"), ("mha", "blockwise"), ("mha", "isab"), ("mha", "luna"),
+               ("mha", "combiner")}  # combiner: floor(n / s) + 2 blocks exported (the extra ones padding), not ceil(n / s)
 # Memory-compressed attention's causal form: torch runs G = m + 1 groups of K queries over the m finished slots
 # (m = floor(n / K)); the export gathers m + 2 groups and slots, so that no axis is 1 long at some n (the extra
 # ones masked or cut): a few more multiply-adds. Its bidirectional export is torch's form.

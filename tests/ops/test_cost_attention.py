@@ -162,6 +162,15 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"layer": 1, "k": 5, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "memory_compressed": [({"k": 3}, BOTH), ({"k": 4, "kv_heads": 2}, BOTH), ({"k": 16}, SMALL), ({"k": 3, "kv_heads": 1}, ODD),
                           ({"k": 5, "heads": 2, "head_dim": 8, "bias": False}, BOTH), ({"k": 200}, ODD)],
+    # Combiner-Fixed: blocks dividing n (8 at 64 and 160) and not (12, 5: the last block shorter, copies for b > 1),
+    # one block (100 at 64), one-token blocks (every summary a token: quadratic)
+    "combiner": [({"block": 8}, BOTH), ({"block": 12, "kv_heads": 2}, BOTH), ({"block": 100}, BOTH), ({"block": 1}, SMALL),
+                 ({"block": 5, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH),
+                 # Combiner-Axial: rows of 8, 12, 5 (the last row shorter), one row (100 at 64); not s = 1 (one-token
+                 # rows: the size-1 axes spare bmm its copies, the memory formulas do not hold)
+                 ({"mode": "axial", "block": 8}, BOTH), ({"mode": "axial", "block": 12, "kv_heads": 2}, BOTH),
+                 ({"mode": "axial", "block": 100}, BOTH),
+                 ({"mode": "axial", "block": 5, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),

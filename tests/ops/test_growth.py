@@ -55,6 +55,7 @@ ARGS = {
     "luna": {"l": 16},
     "memory_compressed": {"k": 2},
     "dilated": {"pattern": "dilated_mem", "layer": 3},  # 6 keys a query: n |O| d against the n d^2 projections  # n^2 / k leads the n d terms from n = 1k
+    "combiner": {"block": 256},  # n (s + n / s) scores: s = 256 leads n / s = 4 .. 32 (linear; a hidden n x n would show)
     "star": {"rounds": 2},
     "skyformer": {"landmarks": 16},
     "soft": {"landmarks": 16},

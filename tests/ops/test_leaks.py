@@ -35,6 +35,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "momentum": {},
     "flowformer": {},
     "memory_compressed": {"k": 3},
+    "combiner": {"block": 6},  # 12 blocks: each query reads its block's earlier keys, the earlier blocks' summaries
     "dilated": {"pattern": "dilated_mem", "layer": 4},  # offsets up to 32 (and 0, 1, 2, 4, 8, 16)  # 23 slots; each query also reads its unfinished slot raw
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
