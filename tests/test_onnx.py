@@ -62,6 +62,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "slim"): "features=16, chunk=16",
     ("mha", "memory_compressed"): "k=3",
     ("mha", "dilated"): "pattern=dilated_mem, layer=2",
+    ("ffn", "colt5"): "k=16",  # above n = 7 (every token routed), below 33 and 70
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
