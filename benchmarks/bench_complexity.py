@@ -88,6 +88,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("slim", "slim"),
         ("memory_compressed, k=3", "memory_compressed, k=3"),
         ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
+        (f"colt5, window={args.window}, k_q=k_kv=256", f"colt5, window={args.window}, k_q=256, k_kv=256"),
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)
@@ -104,7 +105,7 @@ def variants(args) -> list[tuple[str, str]]:
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
-                      "fnet")  # no causal form: bidirectional only
+                      "fnet", "colt5")  # no causal form: bidirectional only
 
 
 def spec_text(call: str, d: int, causal: bool) -> str:

@@ -62,6 +62,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "slim"): "features=16, chunk=16",
     ("mha", "memory_compressed"): "k=3",
     ("mha", "dilated"): "pattern=dilated_mem, layer=2",
+    ("mha", "colt5"): "window=4, k_q=16, k_kv=24",  # routed counts above n = 7 (every token), below 33 and 70
     ("ffn", "colt5"): "k=16",  # above n = 7 (every token routed), below 33 and 70
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
@@ -121,7 +122,7 @@ class Case:
 # query against its own w keys. Same O(n w) class, other multiply-adds, so the ONNX graph's matmul FLOPs differ.
 BANDED = {("mha", "local"), ("mha", "adaptive_span"), ("mha", "sparse"), ("mha", "tglobal"),
           ("mha", "longformer"), ("mha", "chunk"), ("mha", "jukebox"), ("mha", "logsparse"),
-          ("mha", "long_short"), ("mha", "fmm")}  # sparse: each query gathers its keys
+          ("mha", "long_short"), ("mha", "fmm"), ("mha", "colt5")}  # sparse: each query gathers its keys; colt5: its light band
 # Causal linear attention likewise: torch runs it in chunks of 64 tokens (what `evodsl cost` declares); the
 # export runs the prefix-sum form (_prefix_sums in evodsl/ops/attention/linear.py), whose running states are
 # elementwise products and cumulative sums, so fewer of its FLOPs are matmuls. Performer and RFA run the same

@@ -39,9 +39,10 @@ class Router(nn.Module):
         self.k, self.eps = k, eps
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        """x [b, n, d] -> (idx [b, K] the routed positions, lam [b, K] their lambdas). K = min(k, n) at a known n;
-        for a symbolic n (export) K = k always: the positions past n point at token n - 1 with lambda 0 (their
-        heavy result, finite, is scaled to 0), so that no axis has a size that depends on whether n < k."""
+        """x [b, n, d] -> (idx [b, K] the routed positions, lam [b, K] their lambdas, slots: None, or bool [b, K]
+        which slots are positions). K = min(k, n) at a known n; for a symbolic n (export) K = k always: the slots
+        past n point at token n - 1 with lambda 0 (their heavy result, finite, is scaled to 0), so that no axis
+        has a size that depends on whether n < k."""
         s = x @ self.u  # [b, n]
         lam = soft_top_k(s, self.k, self.eps, mask)
         ranked = s.detach() if mask is None else s.detach().masked_fill(~mask, float("-inf"))
@@ -52,7 +53,9 @@ class Router(nn.Module):
             idx = F.pad(ranked, (0, self.k), value=float("-inf")).topk(self.k, dim=-1).indices
             lam = F.pad(lam, (0, self.k))
         lam = lam.gather(1, idx)
-        return (idx if isinstance(n, int) else idx.clamp(max=n - 1)), lam
+        if isinstance(n, int):
+            return idx, lam, None
+        return idx.clamp(max=n - 1), lam, idx < n
 
 
 def soft_top_k(s: torch.Tensor, k: int, eps: float, mask: torch.Tensor | None = None) -> torch.Tensor:

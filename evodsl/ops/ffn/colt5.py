@@ -51,7 +51,7 @@ class CoLT5FFN(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         b, n, d = x.shape
-        idx, lam = self.router(x, None if ctx is None else ctx.mask)
+        idx, lam, _ = self.router(x, None if ctx is None else ctx.mask)
         if not isinstance(n, int):  # export: k rows gathered per sequence, the slots past n at weight 0
             at = idx[..., None].expand(-1, -1, d)
             return self.light(x).scatter_add(1, at, self.heavy(x.gather(1, at)) * lam[..., None])
