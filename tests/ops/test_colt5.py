@@ -151,6 +151,8 @@ def test_ffn_validation():
     with pytest.raises(EvoError, match="eps"):
         evodsl.parse("d_model = 32\nmodel m = input(tokens, vocab=11) -> embed(token) -> ffn(colt5, eps=0.0) -> "
                      "head(lm)\n")
+    with pytest.raises(EvoError, match="E300.*ffn\\(colt5\\) routes tokens of a sequence"):
+        evodsl.parse("d_model = 32\nmodel m = input(tokens, vocab=11) -> embed(token) -> head(pooler) -> ffn(colt5)\n")
 
 
 # ---------------------------------------------------------------- mha(colt5)
@@ -289,3 +291,38 @@ def test_ffn_grows_as_declared():
 
     flops, peak, bwd = declared_growth(at)
     check_growth("ffn(colt5)", got, flops, peak, bwd)
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x, mask):
+        return self.m(x, Ctx(mask=mask.bool()))
+
+
+@pytest.mark.parametrize("family, build", [
+    ("ffn", {"k": 9, "eps": 0.3}), ("ffn", {"k": 1, "act": "gelu"}),
+    ("mha", {"heads": 4, "kv_heads": 2, "window": 3, "k_q": 9, "k_kv": 12}),
+    ("mha", {"heads": 4, "kv_heads": 1, "window": 5, "k_q": 3, "k_kv": 20, "light_heads": 1}),
+])
+def test_export_form_equals_forward(family, build):
+    """The form torch.export traces (a symbolic n: k slots whatever n, those past n at weight 0 and masked as
+    keys) equals the eager forward at n below, at and above k, with right padding."""
+    m, _, _ = make_op(family, "colt5", d=D, **build)
+    perturb_params(m)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2, 20, D, generator=g, dtype=torch.float64)
+    n = torch.export.Dim("n", min=2, max=256)
+    ep = torch.export.export(_Masked(m), (x0, torch.ones(2, 20, dtype=torch.long)),
+                             dynamic_shapes=({1: n}, {1: n})).module()
+    for length in (2, 5, 9, 12, 31):
+        x = torch.randn(2, length, D, generator=g, dtype=torch.float64)
+        for lengths in ((length, length), (length, max(1, length // 2))):
+            mask = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).long()
+            with torch.no_grad():
+                want = m(x, Ctx(mask=mask.bool()))
+                got = ep(x, mask)
+            keep = mask.bool()
+            assert (got[keep] - want[keep]).abs().max().item() < 1e-10, (length, lengths)

@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..registry import Op, OpEnv, OpParams, register
+from ..registry import Op, OpEnv, OpParams, ShapeProblem, register
 from ._colt5_cost import colt5_ffn_cost
 from ._colt5_router import Router
 from .mlp import ACTIVATIONS
@@ -33,6 +33,13 @@ class CoLT5FFNParams(OpParams):
     eps: float = Field(0.1, gt=0.0, le=100.0, description="the soft top-k's entropy weight (temperature)")
     act: Literal["relu", "gelu", "gelu_tanh", "silu"] = Field("relu", description="activation of both MLPs")
     bias: bool = Field(True, description="biases b1, b2 of both MLPs")
+
+
+def colt5_shape(p: CoLT5FFNParams, env: OpEnv):
+    if len(env.shape) != 3 or not isinstance(env.d, int):
+        raise ShapeProblem(f"ffn(colt5) routes tokens of a sequence: it needs a [b, n, d] stream, got "
+                           f"[{', '.join(map(str, env.shape))}]", hint="put it before any pooling head")
+    return env.shape
 
 
 def widths(p: CoLT5FFNParams, d: int) -> tuple[int, int]:
@@ -67,7 +74,8 @@ class CoLT5FFN(nn.Module):
 
 
 OP = register(Op(
-    family="ffn", variant="colt5", params=CoLT5FFNParams, module=CoLT5FFN, causal="no", decode=None,  # routing reads the whole sequence: encoder-side, as CoLT5
+    family="ffn", variant="colt5", params=CoLT5FFNParams, module=CoLT5FFN, causal="no", shape=colt5_shape,
+    decode=None,  # routing reads the whole sequence: encoder-side, as CoLT5
     paper="CoLT5: Faster Long-Range Transformers with Conditional Computation, Ainslie et al. 2023, "
           "arXiv:2303.09752",
     summary="FFd_light(x) for every token + lambda_i FFd_heavy(x_i) on the k tokens a learned router picks "
