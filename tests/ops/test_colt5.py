@@ -32,7 +32,8 @@ def reference_soft_top_k(s: torch.Tensor, k: int, eps: float) -> torch.Tensor:
     srt = s.sort(descending=True).values
     for m in range(k):
         tau = eps * (torch.logsumexp(srt[m:] / eps, 0) - math.log(k - m))
-        if (m == 0 or srt[m - 1] >= tau) and srt[m] <= tau + 1e-12 * (1 + abs(tau)):  # rounding: eps (s/eps) may fall under s
+        # (rounding: eps (s / eps) may fall just under s)
+        if (m == 0 or srt[m - 1] >= tau) and srt[m] <= tau + 1e-12 * (1 + abs(tau)):
             return torch.clamp((s - tau) / eps, max=0.0).exp()
     raise AssertionError("no threshold found")
 
@@ -53,7 +54,7 @@ def ffn_reference(m, x, k, eps, act, lengths=None):
     """Per row: y_i = light(x_i) + [i routed] lambda_i heavy(x_i), on the row's first `lengths[r]` tokens."""
     b, n, _ = x.shape
     y = torch.zeros_like(x)
-    u = m.router.u
+    u = m.router.u[:, 0]  # the router's weight [d, 1]
     for r in range(b):
         t = n if lengths is None else lengths[r]
         xr = x[r, :t]
@@ -103,7 +104,8 @@ def test_ffn_matches_the_equation(n, k, eps, act, kw):
         if k < n:  # the control: the heavy branch on every token differs
             every = ref.clone()
             for r in range(2):
-                every[r] = mlp(x[r], m.light_up, m.light_down, ACTS[act]) + mlp(x[r], m.heavy_up, m.heavy_down, ACTS[act])
+                every[r] = (mlp(x[r], m.light_up, m.light_down, ACTS[act])
+                            + mlp(x[r], m.heavy_up, m.heavy_down, ACTS[act]))
             assert (y - every).abs().max().item() > 1e-6
 
 
@@ -182,7 +184,7 @@ def mha_reference(m, x, k_q, k_kv, eps, window, light=True):
             for hh in range(hl):
                 o[i, hh] = attend(q[i, hh], k[keys, hh], v[keys, hh])
         y = lin(lm.o_proj, o.reshape(t, hl * dh))
-    sq, skv = x @ m.q_router.u, x @ m.kv_router.u
+    sq, skv = x @ m.q_router.u[:, 0], x @ m.kv_router.u[:, 0]
     lq, lkv = reference_soft_top_k(sq, min(k_q, t), eps), reference_soft_top_k(skv, min(k_kv, t), eps)
     Q, KV = routed_set(sq, min(k_q, t)), routed_set(skv, min(k_kv, t))
     h, g = m.heads, m.heads // m.kv_heads
@@ -282,7 +284,8 @@ def test_ffn_grows_as_declared():
 
     d, args = 64, {"k": 64, "light": 32, "heavy": 256}
     module = declared("ffn", "colt5", 1, 1024, dtype=torch.float32, d=d, **args)[0].train()
-    got = measure_growth(lambda x: module(x, Ctx()), lambda n: torch.randn(1, n, d, generator=torch.Generator().manual_seed(n)),
+    got = measure_growth(lambda x: module(x, Ctx()),
+                         lambda n: torch.randn(1, n, d, generator=torch.Generator().manual_seed(n)),
                          exclude=[module], train=True)
 
     def at(n):

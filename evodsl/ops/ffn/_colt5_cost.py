@@ -18,8 +18,8 @@ def routed(p, s):
 
 
 def router_cost(s, K) -> Cost:
-    """s = x u, a matrix-vector product that FlopCounterMode does not count (2 b n d in fwd_other, its gradients
-    4 b n d in bwd_other); the bisection's ROUTER_ITERS steps at ~6 FLOPs per score, the closed form's ~8.
+    """s = x u (u [d, 1]: a matmul, 2 b n d; its gradients 4 b n d); the bisection's ROUTER_ITERS steps at ~6
+    FLOPs per score, the closed form's ~8 (fwd_other).
     Kept for backward, [b, n] each: the closed form's exponent z, its exp, lambda (gathered from), the saturated
     set (bool); the logsumexp [b]; the routed positions (a slice of the sort's [b, n] int64 indices), the flat
     rows [b K] (int64) and their lambdas [b K]. `live`: what stays alive through the heavy and light branches
@@ -28,7 +28,7 @@ def router_cost(s, K) -> Cost:
     bk = s.b * K
     saved = 3 * t * by + t + s.b * by + INDEX * (t + bk) + bk * by
     live = INDEX * (t + bk) + bk * by
-    return Cost(params=s.d, fwd_other=2 * t * s.d + (6 * ROUTER_ITERS + 8) * t, bwd_other=4 * t * s.d + 16 * t,
+    return Cost(params=s.d, fwd=2 * t * s.d, bwd=4 * t * s.d, fwd_other=(6 * ROUTER_ITERS + 8) * t, bwd_other=16 * t,
                 saved=saved, peak=live)
 
 
@@ -37,8 +37,9 @@ def colt5_ffn_cost(p, env: OpEnv, s) -> Cost:
     their output and its scaled copy), then the light MLP on every token (kept: its activation's input and
     result), the heavy rows added in place into its output. The inference peak: the heavy MLP's activation
     beside its input and hidden rows, or its output beside its hidden rows and the gathered rows, or the light
-    MLP's activation (or its output) beside the scaled heavy rows. Backward: the input's three gradients (light, gathered rows scattered into a zero [b, n, d], router)
-    and the heavy rows', net of what it has released."""
+    MLP's activation (or its output) beside the scaled heavy rows. Backward: the input's three gradients (light,
+    gathered rows scattered into a zero [b, n, d], router) and the heavy rows', net of what it has released; or
+    an MLP's hidden gradients."""
     from .colt5 import widths
 
     lw, hw = widths(p, env.d)
@@ -59,6 +60,6 @@ def colt5_ffn_cost(p, env: OpEnv, s) -> Cost:
     # (relu: both hidden gradients; the heavy one's with the scaled rows and their copy released)
     bwd = [2 * hl, 2 * hh - 3 * rows / 2] if p.act == "relu" else [hl + out, hh - rows]
     c = light + heavy
-    return Cost(params=r.params + c.params, fwd=c.fwd, bwd=c.bwd, fwd_other=r.fwd_other + other,
+    return Cost(params=r.params + c.params, fwd=r.fwd + c.fwd, bwd=r.bwd + c.bwd, fwd_other=r.fwd_other + other,
                 bwd_other=r.bwd_other + c.bwd_other + 2 * other, saves_input=True, saved=saved,
                 peak=r.peak + sp.Max(*phases) - out, bwd_peak=sp.Max(3 * out + rows, *bwd))

@@ -8,17 +8,22 @@ tokens out of n that CoLT5 takes from Qian et al. 2022 (solved there by Wright's
 whose KKT conditions give lambda_i = min(1, exp((s_i - tau) / eps)) for the one threshold tau at which the
 lambdas sum to k. We solve for tau directly (instead of the coordinate descent's fixed point):
 1. bisection on tau, without autograd: f(tau) = sum_i min(1, exp((s_i - tau)/eps)) falls from n at
-   tau = min s to at most k at tau = max s + eps log(n/k); ROUTER_ITERS = 60 halvings take the bracket below the
-   float ulp in float32 and float64 alike, so the saturated set S = {i : s_i >= tau} is exact but for ties at tau;
+   tau = min s to at most k at tau = max s + eps log(n/k); ROUTER_ITERS = 60 halvings shrink that bracket
+   2^60-fold (below tau's ulp in float32, a few ulps in float64), so the saturated set S = {i : s_i >= tau} is
+   exact but for scores within that of tau (then lambda_i ~ 1 either way);
 2. given S (m = |S| tokens at 1), tau in closed form, differentiable in s (the implicit gradient, exactly):
    lambda_i = (k - m) exp(s_i / eps) / sum_{j not in S} exp(s_j / eps) for i not in S, 1 in S.
    k and m are integers, so k - m >= 1 unless the other tokens underflow to 0 (then they get 0).
 The hard top-k: the k tokens of largest s (the largest lambdas, lambda being monotone in s) run the heavy branch
-(a stable sort of s, cut at k: equal scores go to the earlier position, so the choice is deterministic). k is clipped at n (n <= k: every token is routed).
+(a stable sort of s, cut at k: equal scores go to the earlier position, so the choice is deterministic; the
+export's TopK breaks ties the same way). k is clipped at n (n <= k: every token is routed). CoLT5 (as lucidrains'
+code) ranks by the soft scores; ranking by s gives the same set, lambda being monotone in s, without its ties
+at lambda = 1. Gradients reach u through lambda only (the hard selection is discrete).
 
 Padding (mask, False = padding): padded tokens get lambda = 0 and the lowest scores, so a row with t tokens
 routes min(k, t) of them with the soft top-k of its t tokens alone (k clipped at t); where t < k the hard
-selection fills up with padded positions, at weight 0 (and, in attention, masked as keys).
+selection fills up with padded positions, at weight 0 (and, in attention, masked as keys): their rows are read
+(finite, as every op keeps padded positions) but reach no token.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ class Router(nn.Module):
 
     def __init__(self, d: int, k: int, eps: float):
         super().__init__()
-        self.u = nn.Parameter(torch.randn(d) / d ** 0.5)
+        self.u = nn.Parameter(torch.randn(d, 1) / d ** 0.5)  # [d, 1]: x u is a matmul (counted as one)
         self.k, self.eps = k, eps
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
@@ -43,7 +48,7 @@ class Router(nn.Module):
         which slots are positions). K = min(k, n) at a known n; for a symbolic n (export) K = k always: the slots
         past n point at token n - 1 with lambda 0 (their heavy result, finite, is scaled to 0), so that no axis
         has a size that depends on whether n < k."""
-        s = x @ self.u  # [b, n]
+        s = (x @ self.u).squeeze(-1)  # [b, n]
         lam = soft_top_k(s, self.k, self.eps, mask)
         ranked = s.detach() if mask is None else s.detach().masked_fill(~mask, float("-inf"))
         n = s.shape[1]
