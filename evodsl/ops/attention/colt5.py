@@ -1,4 +1,4 @@
-"""mha(colt5): CoLT5's conditional attention (Ainslie et al. 2023, section 3.2, eq. 2):
+"""mha(colt5): CoLT5's conditional attention (Ainslie et al. 2023, its conditional attention layer):
 
     y_i = A_light(x_i, X) + lambda^q_i A_heavy(x_i, {lambda^kv_j x_j : j routed kv})    for routed queries i,
     y_i = A_light(x_i, X)                                                              elsewhere.
@@ -12,7 +12,7 @@ Where the paper is silent we follow its equation as written: the routed key/valu
 projections scaled by their lambda^kv (so that the kv router learns; lucidrains scales the values only).
 Both softmax pieces are F.scaled_dot_product_attention: the band as mha(local) runs it (_banded.py), the heavy
 one on [k_q, k_kv] scores. k_q and k_kv are fixed numbers of tokens, clipped at n: the heavy branch costs
-O(k_q k_kv d) whatever n, the light one O(n w d).
+O(k_q k_kv d + (k_q + k_kv) d^2) whatever n, the light one O(n w d).
 
 Bidirectional only (causal: no): the routers rank every token of the sequence, as CoLT5's encoder does. No
 position scheme inside (a routed token's position would have to travel with it); dropout= is refused.

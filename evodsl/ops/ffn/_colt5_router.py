@@ -1,4 +1,4 @@
-"""CoLT5's router (Ainslie et al. 2023, section 3.1), shared by ffn(colt5) and mha(colt5).
+"""CoLT5's router (Ainslie et al. 2023, its routing function), shared by ffn(colt5) and mha(colt5).
 
 Scores s_i = x_i . u (u in R^d, learned, no bias). The soft top-k is the entropy-regularised selection of k
 tokens out of n that CoLT5 takes from Qian et al. 2022 (solved there by Wright's coordinate descent):

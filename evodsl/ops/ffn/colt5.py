@@ -1,4 +1,4 @@
-"""ffn(colt5): CoLT5's conditional feed-forward (Ainslie et al. 2023, section 3.1, eq. 1):
+"""ffn(colt5): CoLT5's conditional feed-forward (Ainslie et al. 2023, its conditional feedforward layer):
 
     y_i = FFd_light(x_i) + lambda_i FFd_heavy(x_i)    for the k routed tokens i,  y_i = FFd_light(x_i) elsewhere
 
