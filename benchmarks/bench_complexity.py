@@ -91,6 +91,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("combiner, block=64", "combiner, block=64"),
         ("combiner, axial, block=64", "combiner, mode=axial, block=64"),
         ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
+        (f"colt5, window={args.window}, k_q=k_kv=256", f"colt5, window={args.window}, k_q=256, k_kv=256"),
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)
@@ -108,7 +109,8 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "longformer-global", "blockwise", "long_short", "isab", "star",
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
                       "etc",
-                      "fnet")  # no causal form: bidirectional only
+                      "fnet",
+                      "colt5")  # no causal form: bidirectional only
 
 
 def spec_text(call: str, d: int, causal: bool) -> str:

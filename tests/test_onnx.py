@@ -64,6 +64,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "combiner"): "block=3",
     ("mha", "dilated"): "pattern=dilated_mem, layer=2",
     ("mha", "etc"): "radius=3, globals=2, segment=4",
+    ("mha", "colt5"): "window=4, k_q=16, k_kv=24",  # routed counts above n = 7 (every token), below 33 and 70
+    ("ffn", "colt5"): "k=16",  # above n = 7 (every token routed), below 33 and 70
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
@@ -122,8 +124,9 @@ class Case:
 # query against its own w keys. Same O(n w) class, other multiply-adds, so the ONNX graph's matmul FLOPs differ.
 BANDED = {("mha", "local"), ("mha", "adaptive_span"), ("mha", "sparse"), ("mha", "tglobal"),
           ("mha", "longformer"), ("mha", "chunk"), ("mha", "jukebox"), ("mha", "logsparse"),
-          ("mha", "long_short"), ("mha", "fmm"), ("mha", "etc")}  # sparse: each query gathers its keys; etc: its
-# band as longformer's (the input padded to at least G + 1 positions)
+          ("mha", "long_short"), ("mha", "fmm"), ("mha", "etc"),
+          ("mha", "colt5")}  # sparse: each query gathers its keys; etc: its band as longformer's (the input padded
+# to at least G + 1 positions); colt5: its light band
 # Causal linear attention likewise: torch runs it in chunks of 64 tokens (what `evodsl cost` declares); the
 # export runs the prefix-sum form (_prefix_sums in evodsl/ops/attention/linear.py), whose running states are
 # elementwise products and cumulative sums, so fewer of its FLOPs are matmuls. Performer and RFA run the same

@@ -171,6 +171,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                  ({"mode": "axial", "block": 8}, BOTH), ({"mode": "axial", "block": 12, "kv_heads": 2}, BOTH),
                  ({"mode": "axial", "block": 100}, BOTH),
                  ({"mode": "axial", "block": 5, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH)],
+    # CoLT5: k_q, k_kv below n, above it at n = 64 (every token routed), narrow heads, a band over the sequence
+    "colt5": [({"window": 16, "k_q": 8, "k_kv": 12}, BOTH), ({"window": 7, "k_q": 40, "k_kv": 20, "kv_heads": 2}, BOTH),
+              ({"window": 33, "k_q": 100, "k_kv": 200, "light_heads": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH),
+              ({"window": 200, "k_q": 16, "k_kv": 16, "light_heads": 1}, ODD)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),

@@ -36,6 +36,10 @@ CASES = [
     ("ffn", "mlp", lambda d: {"act": "gelu", "bias": False, "d_ff": d // 2}),  # d_ff < d: a different peak
     *[("ffn", v, lambda d: {}) for v in ("glu", "bilinear", "reglu", "geglu", "geglu_tanh", "swiglu")],
     ("ffn", "swiglu", lambda d: {"bias": True, "d_ff": 3 * d}),
+    # CoLT5: k below n (the heavy MLP on k rows), above n (every row), wide light and heavy widths
+    ("ffn", "colt5", lambda d: {"k": 8}), ("ffn", "colt5", lambda d: {"k": 64, "act": "gelu", "heavy": 8 * d}),
+    ("ffn", "colt5", lambda d: {"k": 5, "light": 3 * d, "heavy": d // 4, "bias": False}),
+    ("ffn", "colt5", lambda d: {"k": 12, "act": "silu", "light": 2 * d}),
     ("mixer", "fnet", lambda d: {}),
     # AFT, bidirectional and causal: the [n, n] table, the sums, a band (narrower and wider than n), kernels
     *[("mixer", "aft", lambda d, c=c, a=a: {"causal": c, **a}) for c in (False, True) for a in (
