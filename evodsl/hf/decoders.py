@@ -25,16 +25,22 @@ class Take:
 
 # ----------------------------------------------------------------------------------------------- GPT-2
 
-GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
-            "silu": "silu", "swish": "silu"}
+MLP_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
+           "silu": "silu", "swish": "silu"}  # HF's activation names -> ffn(mlp, act=...)
+
+
+def mlp_act(c: Config, key: str, default: str) -> str:
+    """ffn(mlp)'s act= for the HF activation at `key`; an activation it does not have is refused."""
+    act = c.get(key, default)
+    if act not in MLP_ACT:
+        c.refuse(key, f"activation {act!r} has no ffn(mlp, act=...)",
+                 "ffn(mlp) has act=" + ", ".join(sorted(set(MLP_ACT.values()))))
+    return MLP_ACT.get(act, MLP_ACT[default])
 
 
 def gpt2_spec(c: Config) -> Spec:
     c.require("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
-    act = c.get("activation_function", "gelu_new")
-    if act not in GPT2_ACT:
-        c.refuse("activation_function", f"activation {act!r} has no ffn(mlp, act=...)",
-                 "ffn(mlp) has act=" + ", ".join(sorted(set(GPT2_ACT.values()))))
+    act = mlp_act(c, "activation_function", "gelu_new")
     for key, why in (("scale_attn_by_inverse_layer_idx", "scores scaled by 1 / (layer + 1)"),
                      ("add_cross_attention", "cross-attention in a decoder-only model")):
         if c.get(key, False):
@@ -48,7 +54,7 @@ def gpt2_spec(c: Config) -> Spec:
            d_ff=c.get("n_inner", None) or 4 * d, layers=c.get("n_layer"), eps=c.get("layer_norm_epsilon", 1e-5),
            p_attn=c.get("attn_pdrop", 0.1), p_resid=c.get("resid_pdrop", 0.1), p_embd=c.get("embd_pdrop", 0.1))
     s.line(f"block = residual(norm -> mha(softmax, dropout=p_attn) -> dropout(p=p_resid))\n"
-           f"     -> residual(norm -> ffn(mlp, act={GPT2_ACT.get(act, 'gelu_tanh')}) -> dropout(p=p_resid))")
+           f"     -> residual(norm -> ffn(mlp, act={act}) -> dropout(p=p_resid))")
     tied = c.get("tie_word_embeddings", True)
     s.model("causal=true", "input(tokens) -> embed(token) -> pos(learned, max_len=n_ctx) -> dropout(p=p_embd)",
             f"norm -> head(lm, tied={fmt(tied)})")

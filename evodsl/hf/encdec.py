@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ._config import Config
 from ._spec import Spec
-from .decoders import GPT2_ACT, Take
+from .decoders import Take, mlp_act
 
 
 def _stack_sizes(s: Spec, enc: dict, dec: dict) -> dict:
@@ -103,10 +103,7 @@ def t5_weights(c: Config) -> dict:
 def bart_spec(c: Config) -> Spec:
     c.require("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
               "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim")
-    act = c.get("activation_function", "gelu")
-    if act not in GPT2_ACT:
-        c.refuse("activation_function", f"activation {act!r} has no ffn(mlp, act=...)",
-                 "ffn(mlp) has act=" + ", ".join(sorted(set(GPT2_ACT.values()))))
+    act = mlp_act(c, "activation_function", "gelu")
     for key in ("normalize_before", "add_final_layer_norm"):  # mBART's pre-norm layout, not BART's
         if c.get(key, False):
             c.refuse(key, f"{key}=true (mBART's pre-norm layout) is not imported as BART", "use model_type mbart")
@@ -118,7 +115,6 @@ def bart_spec(c: Config) -> Spec:
                             layers=c.get("decoder_layers")))
     s.bind(p_drop=c.get("dropout", 0.1), p_attn=c.get("attention_dropout", 0.0), p_act=c.get("activation_dropout", 0.0),
            eps=1e-5)
-    act = GPT2_ACT.get(act, "gelu")
     ff = lambda d_ff: f"ffn(mlp, act={act}, d_ff={d_ff})"  # noqa: E731
     s.line(f"encoder_layer = residual(mha(softmax, dropout=p_attn) -> dropout(p=p_drop)) -> norm\n"
            f"             -> residual({ff('d_ff')} -> dropout(p=p_drop)) -> norm\n\n"

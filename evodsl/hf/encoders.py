@@ -3,15 +3,12 @@ from __future__ import annotations
 
 from ._config import Config
 from ._spec import Spec
-from .decoders import GPT2_ACT, Take
+from .decoders import Take, mlp_act
 
 
 def bert_spec(c: Config) -> Spec:
     c.require("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    act = c.get("hidden_act", "gelu")
-    if act not in GPT2_ACT:
-        c.refuse("hidden_act", f"activation {act!r} has no ffn(mlp, act=...)",
-                 "ffn(mlp) has act=" + ", ".join(sorted(set(GPT2_ACT.values()))))
+    act = mlp_act(c, "hidden_act", "gelu")
     kind = c.get("position_embedding_type", "absolute")
     if kind != "absolute":
         c.refuse("position_embedding_type", f"BERT's {kind!r} position scores have no evodsl form",
@@ -25,7 +22,7 @@ def bert_spec(c: Config) -> Spec:
            eps=c.get("layer_norm_eps", 1e-12), p_drop=c.get("hidden_dropout_prob", 0.1),
            p_attn=c.get("attention_probs_dropout_prob", 0.1))
     s.line("block = residual(mha(softmax, dropout=p_attn) -> dropout(p=p_drop)) -> norm\n"
-           f"     -> residual(ffn(mlp, act={GPT2_ACT.get(act, 'gelu')}) -> dropout(p=p_drop)) -> norm")
+           f"     -> residual(ffn(mlp, act={act}) -> dropout(p=p_drop)) -> norm")
     segments = c.get("type_vocab_size", 2)
     embed = f"embed(token, segments={segments})" if segments else "embed(token)"
     s.model("causal=false", f"input(tokens) -> {embed} -> pos(learned, max_len=n_ctx) -> norm -> dropout(p=p_drop)",
