@@ -86,6 +86,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("learned_kernel", "learned_kernel"),
         ("slim", "slim"),
         ("memory_compressed, k=3", "memory_compressed, k=3"),
+        ("hierarchical, block=16", "hierarchical, block=16"),
         ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
     ]
 

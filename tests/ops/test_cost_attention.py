@@ -154,6 +154,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "dilated": [({"pattern": "dilated", "layer": 2}, BOTH), ({"pattern": "dilated_mem", "layer": 3, "kv_heads": 2}, BOTH),
                 ({"pattern": "cascade", "layer": 2, "window": 4}, ODD),
                 ({"layer": 1, "k": 5, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    # H-Transformer-1D: blocks of 8 (n = 64: levels of 8, 4, 2 blocks; 160: 20, 10, 5, 3), 4 with GQA (5 levels at 160),
+    # 16 (64: two levels), 6 (halves of 3; 160 no multiple of 6 nor of its clusters)
+    "hierarchical": [({"block": 8}, BOTH), ({"block": 4, "kv_heads": 2}, BOTH), ({"block": 16}, BOTH),
+                     ({"block": 6, "kv_heads": 1, "heads": 2, "head_dim": 8, "bias": False}, BOTH), ({"block": 200}, ODD)],
     "memory_compressed": [({"k": 3}, BOTH), ({"k": 4, "kv_heads": 2}, BOTH), ({"k": 16}, SMALL), ({"k": 3, "kv_heads": 1}, ODD),
                           ({"k": 5, "heads": 2, "head_dim": 8, "bias": False}, BOTH), ({"k": 200}, ODD)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],

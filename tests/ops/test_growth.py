@@ -53,6 +53,7 @@ ARGS = {
     "isab": {"m": 16},
     "luna": {"l": 16},
     "memory_compressed": {"k": 2},
+    "hierarchical": {"block": 16},  # ~5 Nr scores a query over log2(n / Nr) levels: n Nr d
     "dilated": {"pattern": "dilated_mem", "layer": 3},  # 6 keys a query: n |O| d against the n d^2 projections  # n^2 / k leads the n d terms from n = 1k
     "star": {"rounds": 2},
     "skyformer": {"landmarks": 16},
