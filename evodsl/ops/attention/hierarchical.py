@@ -30,6 +30,7 @@ block before; level l >= 1 the block before, corrected the same way (query half 
 A coarse query is the query of its cluster's first token (the authors' decoder samples it: an average would read
 later tokens' queries), keys and values are coarsened as above, from blocks entirely before the query's. Decoding
 keeps per level the coarse sums of the last three blocks and the query of the current cluster (O(Nr d log n)).
+The export (a symbolic n) runs _hierarchical_export.gathered: the same weights per query, a fixed number of levels.
 Right padding only (blocks are counted from each row's start: left padding moves the tokens, E409). No position
 scheme inside (a coarse score has no single pair of positions: ALiBi, T5 and XL's biases do not apply; rope would
 rotate q and k before they are averaged, not built here): positions come from the stream. No dropout.
@@ -46,6 +47,7 @@ from ...diagnostics import Diagnostic, EvoError
 from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
 from ._common import AttentionBase, AttentionParams
 from ._hierarchical_cost import hierarchical_cost
+from ._hierarchical_export import gathered
 from ._hierarchical_step import hierarchical_step
 from .isab import no_dropout_shape
 
@@ -89,6 +91,8 @@ class HierarchicalAttention(AttentionBase):
                                                "each row's first position, and left padding moves the tokens",
                                        help="pad after the tokens (tokenizer padding_side='right')")])
         q, k, v = self.qkv(x)
+        if not isinstance(x.shape[1], int):  # export: one graph for every n
+            return self.out(gathered(self, q, k, v, key_mask))
         return self.out(self.attend(q, k, v, key_mask))
 
     def attend(self, q, k, v, key_mask=None):
