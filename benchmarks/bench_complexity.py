@@ -87,6 +87,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("slim", "slim"),
         ("memory_compressed, k=3", "memory_compressed, k=3"),
         ("hierarchical, block=16", "hierarchical, block=16"),
+        ("multiscale, window=16, pool=4", "multiscale, window=16, pool=4"),
         ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
     ]
 

@@ -62,6 +62,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "slim"): "features=16, chunk=16",
     ("mha", "memory_compressed"): "k=3",
     ("mha", "hierarchical"): "block=4",
+    ("mha", "multiscale"): "window=2, scales=2",
     ("mha", "dilated"): "pattern=dilated_mem, layer=2",
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",

@@ -158,6 +158,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     # 16 (64: two levels), 6 (halves of 3; 160 no multiple of 6 nor of its clusters)
     "hierarchical": [({"block": 8}, BOTH), ({"block": 4, "kv_heads": 2}, BOTH), ({"block": 16}, BOTH),
                      ({"block": 6, "kv_heads": 1, "heads": 2, "head_dim": 8, "bias": False}, BOTH), ({"block": 200}, ODD)],
+    # the retina walk: windows of 4 (blocks of 1, 2, then 4 to the end), 3 with pools of 3 (GQA), one scale (blocks of
+    # 2 past a window of 8), three scales of 2 (narrow heads: the index tables weigh more), a window past n
+    "multiscale": [({"window": 4}, BOTH), ({"window": 3, "pool": 3, "kv_heads": 2}, BOTH), ({"window": 8, "scales": 1}, BOTH),
+                   ({"window": 2, "scales": 3, "kv_heads": 1, "heads": 2, "head_dim": 8, "bias": False}, BOTH),
+                   ({"window": 200}, ODD)],
     "memory_compressed": [({"k": 3}, BOTH), ({"k": 4, "kv_heads": 2}, BOTH), ({"k": 16}, SMALL), ({"k": 3, "kv_heads": 1}, ODD),
                           ({"k": 5, "heads": 2, "head_dim": 8, "bias": False}, BOTH), ({"k": 200}, ODD)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
