@@ -90,6 +90,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("memory_compressed, k=3", "memory_compressed, k=3"),
         ("combiner, block=64", "combiner, block=64"),
         ("combiner, axial, block=64", "combiner, mode=axial, block=64"),
+        ("hierarchical, block=16", "hierarchical, block=16"),
+        ("multiscale, window=16, pool=4", "multiscale, window=16, pool=4"),
         ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
         (f"colt5, window={args.window}, k_q=k_kv=256", f"colt5, window={args.window}, k_q=256, k_kv=256"),
     ]

@@ -159,6 +159,15 @@ COMBINER = ["norm -> mha(combiner, block=3) -> norm -> ffn", "norm -> mha(combin
             "norm -> mha(combiner, block=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
             "norm -> mha(combiner, mode=axial, block=3) -> norm -> ffn",  # rows of 3 (the cache: keys and summaries)
             "norm -> mha(combiner, mode=axial, block=5, kv_heads=2) -> norm -> ffn"]
+# H-Transformer-1D: levels of blocks of 2 .. 16 tokens across the 29 (the state: each level's last three blocks), a
+# block past the sequence (level 0 alone)
+HIERARCHICAL = ["norm -> mha(hierarchical, block=2) -> norm -> ffn",
+                "norm -> mha(hierarchical, block=4, kv_heads=2) -> norm -> ffn",
+                "norm -> mha(hierarchical, block=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+# the retina walk: windows of 2 and 3, pooled blocks up to 8 and 9 tokens (the cache: every key and value)
+MULTISCALE = ["norm -> mha(multiscale, window=2, scales=3) -> norm -> ffn",
+              "norm -> mha(multiscale, window=3, pool=3, kv_heads=2) -> norm -> ffn",
+              "norm -> mha(multiscale, window=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
@@ -173,7 +182,8 @@ LOGSPARSE = ["norm -> mha(logsparse) -> norm -> ffn", "norm -> mha(logsparse, wi
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED + COMBINER]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED + COMBINER
+            + HIERARCHICAL + MULTISCALE]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]

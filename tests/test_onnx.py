@@ -62,6 +62,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "slim"): "features=16, chunk=16",
     ("mha", "memory_compressed"): "k=3",
     ("mha", "combiner"): "block=3",
+    ("mha", "hierarchical"): "block=4",
+    ("mha", "multiscale"): "window=2, scales=2",
     ("mha", "dilated"): "pattern=dilated_mem, layer=2",
     ("mha", "etc"): "radius=3, globals=2, segment=4",
     ("mha", "colt5"): "window=4, k_q=16, k_kv=24",  # routed counts above n = 7 (every token), below 33 and 70
@@ -137,7 +139,9 @@ PREFIX_SUMS = {("mha", "linear"), ("mha", "fanet"), ("mha", "simpletron"), ("mha
 
 # BP-Transformer: torch gathers each query's spans from a tree of pooled levels as deep as n needs; the export
 # (a symbolic n) takes span sums from prefix sums over a fixed number of levels, most of them masked.
-TREES = {("mha", "bpt")}
+# H-Transformer-1D likewise: torch runs as many levels as n needs, each at its own coarse resolution; the export
+# runs 16 levels for every query at full resolution from prefix sums (_hierarchical_export.py), those past n masked.
+TREES = {("mha", "bpt"), ("mha", "hierarchical")}
 # Other export forms: BigBird's runs every block as a query block (the global ones' local rows thrown away);
 # blockwise runs a dense masked SDPA; the exporter folds the projections of ISAB's inducing points and Luna's
 # packed sequence P (learned constants), so fewer MatMuls remain than torch runs.

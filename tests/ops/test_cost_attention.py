@@ -160,6 +160,15 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "dilated": [({"pattern": "dilated", "layer": 2}, BOTH), ({"pattern": "dilated_mem", "layer": 3, "kv_heads": 2}, BOTH),
                 ({"pattern": "cascade", "layer": 2, "window": 4}, ODD),
                 ({"layer": 1, "k": 5, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    # H-Transformer-1D: blocks of 8 (n = 64: levels of 8, 4, 2 blocks; 160: 20, 10, 5, 3), 4 with GQA (5 levels at 160),
+    # 16 (64: two levels), 6 (halves of 3; 160 no multiple of 6 nor of its clusters)
+    "hierarchical": [({"block": 8}, BOTH), ({"block": 4, "kv_heads": 2}, BOTH), ({"block": 16}, BOTH),
+                     ({"block": 6, "kv_heads": 1, "heads": 2, "head_dim": 8, "bias": False}, BOTH), ({"block": 200}, ODD)],
+    # the retina walk: windows of 4 (blocks of 1, 2, then 4 to the end), 3 with pools of 3 (GQA), one scale (blocks of
+    # 2 past a window of 8), three scales of 2 (narrow heads: the index tables weigh more), a window past n
+    "multiscale": [({"window": 4}, BOTH), ({"window": 3, "pool": 3, "kv_heads": 2}, BOTH), ({"window": 8, "scales": 1}, BOTH),
+                   ({"window": 2, "scales": 3, "kv_heads": 1, "heads": 2, "head_dim": 8, "bias": False}, BOTH),
+                   ({"window": 200}, ODD)],
     "memory_compressed": [({"k": 3}, BOTH), ({"k": 4, "kv_heads": 2}, BOTH), ({"k": 16}, SMALL), ({"k": 3, "kv_heads": 1}, ODD),
                           ({"k": 5, "heads": 2, "head_dim": 8, "bias": False}, BOTH), ({"k": 200}, ODD)],
     # Combiner-Fixed: blocks dividing n (8 at 64 and 160) and not (12, 5: the last block shorter, copies for b > 1),

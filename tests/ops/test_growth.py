@@ -54,6 +54,11 @@ ARGS = {
     "isab": {"m": 16},
     "luna": {"l": 16},
     "memory_compressed": {"k": 2},
+    "hierarchical": {"block": 16},
+    # 2 x 5 x 11 near slots, the last scale's n / 1024 blocks (1 .. 8) far fewer: linear at these n (its n^2 / k^S
+    # term leads past n ~ 110k); between the two regimes (one scale of 2, or n / 16 .. n / 256 blocks) the totals and
+    # the backward's FLOPs sit between the classes (n sqrt n, n log n) while the declared peak is in one
+    "multiscale": {"window": 8, "pool": 4, "scales": 5},  # ~5 Nr scores a query over log2(n / Nr) levels: n Nr d
     "dilated": {"pattern": "dilated_mem", "layer": 3},  # 6 keys a query: n |O| d against the n d^2 projections  # n^2 / k leads the n d terms from n = 1k
     "combiner": {"block": 256},  # n (s + n / s) scores: s = 256 leads n / s = 4 .. 32 (linear; a hidden n x n would show)
     "star": {"rounds": 2},
