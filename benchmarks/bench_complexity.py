@@ -87,6 +87,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("slim", "slim"),
         ("memory_compressed, k=3", "memory_compressed, k=3"),
         ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
+        ("fourier_integral", "fourier_integral"),
     ]
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",

@@ -153,6 +153,11 @@ MEMORY_COMPRESSED = ["norm -> mha(memory_compressed, k=3) -> norm -> ffn",
 DILATED = ["norm -> mha(dilated, pattern=dilated_mem, layer=3) -> norm -> ffn",
            "norm -> mha(dilated, layer=2, k=4, kv_heads=2) -> norm -> ffn",
            "norm -> mha(dilated, pattern=cascade, layer=1, window=3, kv_heads=1, head_dim=4) -> norm -> ffn"]
+# FourierFormer: the cache of every key and value, the new tokens against it in blocks of 4 (29 tokens), a block past
+# the sequence
+FOURIER = ["norm -> mha(fourier_integral, R=0.5, block=4) -> norm -> ffn",
+           "norm -> mha(fourier_integral, R=1.0, power=2, block=40, kv_heads=2) -> norm -> ffn",
+           "norm -> mha(fourier_integral, block=3, kv_heads=1, head_dim=4, learn_R=false) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
@@ -167,7 +172,7 @@ LOGSPARSE = ["norm -> mha(logsparse) -> norm -> ffn", "norm -> mha(logsparse, wi
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED + FOURIER]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]

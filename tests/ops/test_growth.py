@@ -53,6 +53,7 @@ ARGS = {
     "isab": {"m": 16},
     "luna": {"l": 16},
     "memory_compressed": {"k": 2},
+    "fourier_integral": {},  # tiles of 64 x 64: n^2 dh elementwise work (~2 min here), the workspace a constant
     "dilated": {"pattern": "dilated_mem", "layer": 3},  # 6 keys a query: n |O| d against the n d^2 projections  # n^2 / k leads the n d terms from n = 1k
     "star": {"rounds": 2},
     "skyformer": {"landmarks": 16},
@@ -63,8 +64,9 @@ ARGS = {
     "slim": {"features": 64},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
-# variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow
-SLOW = ("smart_bird", "memory_compressed")
+# variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
+# fourier_integral: n^2 dh sines, logs and tangents at n = 8k (the bidirectional case ~2 min alone here)
+SLOW = ("smart_bird", "memory_compressed", "fourier_integral")
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW else [])
          for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")]
 

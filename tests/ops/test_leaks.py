@@ -35,6 +35,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "momentum": {},
     "flowformer": {},
     "memory_compressed": {"k": 3},
+    "fourier_integral": {"block": 16},  # query and key blocks of 16: 5 of them, the last of 6
     "dilated": {"pattern": "dilated_mem", "layer": 4},  # offsets up to 32 (and 0, 1, 2, 4, 8, 16)  # 23 slots; each query also reads its unfinished slot raw
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
