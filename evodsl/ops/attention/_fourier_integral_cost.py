@@ -14,9 +14,10 @@ def fourier_integral_cost(p, env: OpEnv, s: Symbols) -> Cost:
     every pair the loops visit (causal: each query block against the keys up to its last, whole tiles). Memory:
     the workspace of one call (allocated once, reused by every tile): forward two [b, h, Bq, Bq, dh] tiles (the
     differences, the sincs), the [b, h, Bq, Bq] scores, the running sums and the [b, h, Bq, dh] accumulator and
-    matmul output; backward two tiles (x, then the sincs and g(x)), two score tiles, three [b, h, Bq, dh] (do, dq and its sum) and two [b, kv, Bq,
-    dh] (the dk, dv sums). Causal: the diagonal tile's int64 offsets and bool mask. Kept for backward: q, k, v,
-    o and the log normaliser per query."""
+    matmul output; backward two tiles (x, then the sincs and g(x)), two score tiles, three [b, h, Bq, dh] (do,
+    dq and its sum) and two [b, kv, Bq, dh] (the dk, dv sums); beside them R q and R k, and V^T. Causal: the
+    diagonal tile's int64 offsets and bool mask. Kept for backward: q, k, v, o and the log normaliser per query.
+    GQA's backward measures up to 5% above (a copy at the K/V heads' grouping, not modelled)."""
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     B = s.sym("B", p.block)

@@ -69,8 +69,8 @@ def fourier_forward(q, k, v, R, power: float, B: int, causal: bool, offset: int 
     lse = q.new_empty(b, kv, g, nq)
     q, k = q * R, k * R  # scaled once: a tile is one difference
     rows = b * kv * g * bq
-    ws = _Workspace(q, {"X": rows * bk * dh, "Z": rows * bk * dh, "S": rows * bk, "acc": rows * dh, "pv": rows * dh, "m": rows,
-                        "m_new": rows, "l": rows, "c": rows})
+    ws = _Workspace(q, {"X": rows * bk * dh, "Z": rows * bk * dh, "S": rows * bk, "acc": rows * dh,
+                        "pv": rows * dh, "m": rows, "m_new": rows, "l": rows, "c": rows})
     for i0, i1 in _blocks(nq, B):
         r = i1 - i0
         qb = q[:, i0:i1].permute(0, 2, 3, 1, 4).unsqueeze(-2)  # [b, kv, g, r, 1, dh]

@@ -2,18 +2,18 @@
 Nguyen, Osher & Ho 2022, "FourierFormer: Transformer Meets Generalized Fourier Integral Theorem").
 
 Attention read as nonparametric kernel regression of v on k (Nadaraya-Watson), the dot-product (Gaussian) kernel
-replaced by the generalized Fourier integral kernel, a product over the dh coordinates (eq. 11 of the paper):
+replaced by the generalized Fourier integral kernel, a product over the dh coordinates (the FourierFormer head):
 
     h_i = sum_j v_j prod_l phi(sin(R (q_il - k_jl)) / (R (q_il - k_jl))) / sum_j prod_l phi(sin(..) / (..))
 
 phi(z) = z^p. p = 1 is the plain Fourier integral theorem; the authors' code (ImageNet and WikiText-103 alike)
 raises the product of sincs to the 4th power, phi(z) = z^4, the default here (power=4). Odd powers are refused:
-the kernel then takes negative values and the row sum, the estimator's denominator, can vanish (the paper's
-theorem allows them; its experiments do not use them). With an even p every weight is >= 0 and the row sum is the
+the kernel then takes negative values and the row sum, the estimator's denominator, can vanish (the theorem
+allows any such phi; the authors' code runs z^4). With an even p every weight is >= 0 and the row sum is the
 paper's normalisation, as is: the authors' code adds 1e-6 to it, which is dropped here (with dh factors below 1
 the product of a far key underflows, and 1e-6 would swamp a whole row), and the product is evaluated in the log
 domain, s_ij = p sum_l log|sinc(R (q_il - k_jl))|, a_ij = exp(s_ij - max_j s_ij) / sum_j exp(..): the same
-weights, without the underflow. sinc(0) = 1.
+weights, without the underflow. sinc(0) = 1. No softmax is approximated: the kernel replaces it.
 
 R: one learnable scalar per layer, shared by the heads, initialised at R (the authors' code: nn.Parameter, 2.0
 for language modelling, 1.0 for ImageNet); learn_R=false keeps it fixed. The kernel is a function of q - k only:
@@ -21,9 +21,10 @@ no 1/sqrt(dh) scale.
 
 Cost O(n^2 dh) per head, no fast kernel: run tiled (_fourier_integral_kernel.py), query blocks x key blocks of
 `block` positions with an online normalisation and a backward that recomputes each tile, so memory is O(n d +
-b h block^2 dh). Causal: j <= i (the paper's WikiText-103 model is a causal language model, masked the same way),
-decoding keeps every key and value. Padding: padded keys get no weight (either side; a query left with no key
-outputs 0). The export (a symbolic n) runs the plain form, _plain: the [b, h, n, n, dh] differences at once, one
+b h block^2 dh). Causal: j <= i (the authors' WikiText-103 language model zeroes the masked weights before the row
+sum: the same), decoding keeps every key and value. Padding: padded keys get no weight, either side (a query left
+with no key, under left padding, outputs 0 in the kernel and reads its own key in the export's form; no token
+reads it). The export (a symbolic n) runs the plain form, _plain: the [b, h, n, n, dh] differences at once, one
 graph for every n. No position scheme inside (a rotation of q and k has no meaning for a kernel of q - k), no
 dropout (the tiled kernel keeps no weights to drop out).
 """
