@@ -53,7 +53,8 @@ ARGS = {
     "isab": {"m": 16},
     "luna": {"l": 16},
     "memory_compressed": {"k": 2},
-    "fourier_integral": {},  # tiles of 64 x 64: n^2 dh elementwise work (~2 min here), the workspace a constant
+    # tiles of 32 x 32: n^2 dh sines, logs, tangents; the workspace (two tiles) a constant small beside the n d terms
+    "fourier_integral": {"block": 32},
     "dilated": {"pattern": "dilated_mem", "layer": 3},  # 6 keys a query: n |O| d against the n d^2 projections  # n^2 / k leads the n d terms from n = 1k
     "star": {"rounds": 2},
     "skyformer": {"landmarks": 16},
@@ -65,7 +66,7 @@ ARGS = {
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
-# fourier_integral: n^2 dh sines, logs and tangents at n = 8k (the bidirectional case ~2 min alone here)
+# fourier_integral: n^2 dh sines, logs and tangents at n = 8k (several minutes a case on a shared 2-core machine)
 SLOW = ("smart_bird", "memory_compressed", "fourier_integral")
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW else [])
          for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")]
