@@ -68,6 +68,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "etc"): "radius=3, globals=2, segment=4",
     ("mha", "colt5"): "window=4, k_q=16, k_kv=24",  # routed counts above n = 7 (every token), below 33 and 70
     ("ffn", "colt5"): "k=16",  # above n = 7 (every token routed), below 33 and 70
+    ("mha", "fourier_integral"): "R=0.5, block=16",
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
@@ -150,7 +151,9 @@ OTHER_FORMS = {("mha", "bigbird"), ("mha", "blockwise"), ("mha", "isab"), ("mha"
 # Memory-compressed attention's causal form: torch runs G = m + 1 groups of K queries over the m finished slots
 # (m = floor(n / K)); the export gathers m + 2 groups and slots, so that no axis is 1 long at some n (the extra
 # ones masked or cut): a few more multiply-adds. Its bidirectional export is torch's form.
-CAUSAL_GROUPS = {("mha", "memory_compressed")}
+# FourierFormer's causal form: torch runs whole tiles of 16 x 16 up to each query block's end (what `evodsl cost`
+# declares); the export's plain form scores every pair, masked: more matmul FLOPs. Bidirectional: n^2 both.
+CAUSAL_GROUPS = {("mha", "memory_compressed"), ("mha", "fourier_integral")}
 
 
 def op_cases() -> list[Case]:

@@ -169,6 +169,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "multiscale": [({"window": 4}, BOTH), ({"window": 3, "pool": 3, "kv_heads": 2}, BOTH), ({"window": 8, "scales": 1}, BOTH),
                    ({"window": 2, "scales": 3, "kv_heads": 1, "heads": 2, "head_dim": 8, "bias": False}, BOTH),
                    ({"window": 200}, ODD)],
+    # FourierFormer's tiled kernel: blocks dividing n (16) and not (24, 48 at 64 and 160), a block past n (one tile),
+    # grouped K/V heads, a fixed R (no parameter)
+    "fourier_integral": [({"block": 16}, BOTH), ({"block": 16, "kv_heads": 2}, BOTH),
+                         ({"block": 48, "heads": 2, "head_dim": 8, "bias": False}, BOTH), ({"block": 200}, ODD),
+                         ({"block": 24, "kv_heads": 1, "learn_R": False}, ODD)],
     "memory_compressed": [({"k": 3}, BOTH), ({"k": 4, "kv_heads": 2}, BOTH), ({"k": 16}, SMALL), ({"k": 3, "kv_heads": 1}, ODD),
                           ({"k": 5, "heads": 2, "head_dim": 8, "bias": False}, BOTH), ({"k": 200}, ODD)],
     # Combiner-Fixed: blocks dividing n (8 at 64 and 160) and not (12, 5: the last block shorter, copies for b > 1),

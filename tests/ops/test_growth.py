@@ -59,6 +59,8 @@ ARGS = {
     # term leads past n ~ 110k); between the two regimes (one scale of 2, or n / 16 .. n / 256 blocks) the totals and
     # the backward's FLOPs sit between the classes (n sqrt n, n log n) while the declared peak is in one
     "multiscale": {"window": 8, "pool": 4, "scales": 5},  # ~5 Nr scores a query over log2(n / Nr) levels: n Nr d
+    # tiles of 32 x 32: n^2 dh sines, logs, tangents; the workspace (two tiles) a constant small beside the n d terms
+    "fourier_integral": {"block": 32},
     "dilated": {"pattern": "dilated_mem", "layer": 3},  # 6 keys a query: n |O| d against the n d^2 projections  # n^2 / k leads the n d terms from n = 1k
     "combiner": {"block": 256},  # n (s + n / s) scores: s = 256 leads n / s = 4 .. 32 (linear; a hidden n x n would show)
     "star": {"rounds": 2},
@@ -71,8 +73,9 @@ ARGS = {
     "colt5": {"window": 64, "k_q": 64, "k_kv": 128},  # the band linear in n, the heavy branch constant (fixed k)
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
-# variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow
-SLOW = ("smart_bird", "memory_compressed")
+# variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
+# fourier_integral: n^2 dh sines, logs and tangents at n = 8k (several minutes a case on a shared 2-core machine)
+SLOW = ("smart_bird", "memory_compressed", "fourier_integral")
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW else [])
          for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")]
 
