@@ -146,21 +146,24 @@ def streams(param_bytes: int) -> bool:
     return param_bytes >= STREAM_FROM
 
 
-def check_memory(graph: Graph, param_bytes: int, dtype: str = "float32", stream: bool | None = None) -> None:
+def check_memory(graph: Graph, param_bytes: int, dtype: str = "float32", stream: bool | None = None,
+                 built: bool = False) -> None:
     """Refuse, with the numbers, an export this machine cannot hold (`param_bytes` in the export's dtype;
-    `stream`: whether the export streams its weights, by default from 2 GiB; a step export does not)."""
+    `stream`: whether the export streams its weights, by default from 2 GiB; a step export does not; `built`:
+    the module's weights are already in memory, so only what the export adds must be available)."""
     stream = streams(param_bytes) if stream is None else stream
     need = param_bytes + STREAM_MARGIN if stream else int(param_bytes * EXPORT_MEMORY_FACTOR)
+    need -= param_bytes if built else 0
     have = _available_memory()
     if have is not None and need > have:
         gib = lambda x: f"{x / 2**30:.1f} GiB"  # noqa: E731
-        how = ("the export streams them into the file, and onnxruntime's check holds them once more while the "
-               "torch module is released" if stream else "torch's ONNX exporter holds about 3 more "
+        how = ("the export streams them into the file; onnxruntime's check holds them once more after the torch "
+               "module is released" if stream else "torch's ONNX exporter holds about 3 more "
                "copies while it builds and writes the graph")
         raise EvoError([Diagnostic(
-            "E405", f"exporting '{graph.name}' needs about {gib(need)} of memory; this machine has {gib(have)} "
-                    f"available",
-            help=f"its weights alone are {gib(param_bytes)} ({dtype}), and {how}; export a smaller configuration "
+            "E405", f"exporting '{graph.name}' needs about {gib(need)}{' more' if built else ''} of memory; this "
+                    f"machine has {gib(have)} available",
+            help=f"its weights alone are {gib(param_bytes)} ({dtype}){', already built' if built else ''}; {how}; export a smaller configuration "
                  f"(--set d_model=... --set layers=...) or in float16 here, or run the export on a machine with "
                  f"more memory")])
 
@@ -233,7 +236,7 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     stream = streams(param_bytes) if stream is None else stream
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    check_memory(graph, param_bytes, str(dtype).removeprefix("torch."))
+    check_memory(graph, param_bytes, str(dtype).removeprefix("torch."), stream, built=True)
     inp_name, out_name = io_names(graph)
     cap = max_positions(graph)
     least = min_positions(graph)
