@@ -63,10 +63,15 @@ def write_streamed(module: torch.nn.Module, graph: Graph, args: tuple, dynamic, 
         init.const_value = None  # alive (through the lazy values) until the next garbage collection
 
 
+def _users(value) -> list:
+    """The nodes that read `value` (onnx_ir's uses: Usage records, or (node, index) pairs in older versions)."""
+    return [use.node if hasattr(use, "node") else use[0] for use in value.uses()]
+
+
 def _only_transposed(value) -> bool:
     """Every use of the initializer is a 2-D Transpose (perm 1, 0): what the optimizer's constant folding would
     fold, and onnxruntime would otherwise fold at load, holding both layouts at once."""
-    uses = [use.node if hasattr(use, "node") else use[0] for use in value.uses()]
+    uses = _users(value)
     if not uses or len(value.shape) != 2:
         return False
     for node in uses:
@@ -84,7 +89,7 @@ def _store_transposed(ir, graph_ir, init, source: torch.Tensor) -> None:
     value.const_value = ir.LazyTensor(lambda t=source: ir.tensor(_numpy(t.t())), dtype=meta_value.dtype,
                                       shape=shape, name=value.name)
     graph_ir.register_initializer(value)
-    for node in [use.node if hasattr(use, "node") else use[0] for use in init.uses()]:
+    for node in _users(init):
         node.outputs[0].replace_all_uses_with(value)
         graph_ir.remove(node, safe=True)
     del graph_ir.initializers[name]

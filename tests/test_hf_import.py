@@ -266,6 +266,19 @@ def test_weights_folder_without_config_is_refused(tmp_path, capsys):
     assert "error[E401]: no config.json beside the weights" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("family, rename", [
+    ("gpt2", lambda k: k.removeprefix("transformer.")),  # saved from GPT2Model, as the hub's gpt2 checkpoint
+    ("bert", lambda k: "bert." + k),  # BertModel's tensors inside a task model's checkpoint
+])
+def test_checkpoint_names_with_or_without_the_wrapper_prefix_load(family, rename):
+    hf, ours, config = pair(family)
+    state = {rename(k): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    other = evodsl.compile(evodsl.from_hf(config), seed=9)
+    evodsl.load_hf(other, state, config)
+    for (name, a), (_, b) in zip(ours.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_nonzero_logits_bias_is_refused():
     """BART's final_logits_bias is a zero buffer the imported head does not have: a checkpoint where it is not
     zero would load as another model."""

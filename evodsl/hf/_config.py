@@ -25,14 +25,13 @@ class Config:
         return str(self.data.get("model_type", ""))
 
     def get(self, key: str, default=_MISSING):
-        """data[key]; a missing key takes `default` (none given: the key is required, E415)."""
-        value = self.data.get(key, _MISSING)
-        if value is _MISSING or value is None and default is not _MISSING:
-            if default is _MISSING:
-                self.refuse(key, f"the config has no {key!r}", f"a {self.model_type or 'model'} config sets it")
-                return None
-            return default
-        return value
+        """data[key]; a key missing or null takes `default` (none given: the key is required, E415)."""
+        value = self.data.get(key)
+        if value is not None:
+            return value
+        if default is _MISSING:
+            self.refuse(key, f"the config has no {key!r}", f"a {self.model_type or 'model'} config sets it")
+        return None if default is _MISSING else default
 
     def require(self, *keys: str) -> None:
         """Every one of `keys` is set, else refuse them all now (the sizes the rest is computed from)."""

@@ -43,11 +43,11 @@ def load_hf(model: torch.nn.Module, hf_state: Mapping, config) -> torch.nn.Modul
         hf_state = read_safetensors(hf_state)
     plan = weight_map(config)
     ours = model.state_dict(keep_vars=True)
-    prefix = _common_prefix(hf_state, plan)
+    locate = _locator(hf_state, plan)
     problems, sources, used = [], {}, set()
     missing, shapes = [], []
     for name, take in plan.items():
-        key = take.hf if take.hf in hf_state else prefix + take.hf
+        key = locate(take.hf)
         if key not in hf_state:
             missing.append(take.hf)
             continue
@@ -56,7 +56,7 @@ def load_hf(model: torch.nn.Module, hf_state: Mapping, config) -> torch.nn.Modul
     unfilled = set(ours) - set(plan)
     absent = set(plan) - set(ours)
     unexpected = {k for k in hf_state if k not in used and not k.endswith(DERIVED + ZERO)
-                  and not _tied_copy(hf_state, k, used, plan, prefix)}
+                  and not _tied_copy(hf_state, k, used, plan, locate)}
     nonzero = [k for k in hf_state if k.endswith(ZERO) and bool(hf_state[k].any())]
     for name, (key, take) in sources.items():
         if name not in ours:
@@ -92,12 +92,12 @@ def load_hf(model: torch.nn.Module, hf_state: Mapping, config) -> torch.nn.Modul
     return model
 
 
-def _tied_copy(state, key: str, used: set, plan: dict, prefix: str) -> bool:
+def _tied_copy(state, key: str, used: set, plan: dict, locate) -> bool:
     """A tied weight saved under a second name (an untied-looking lm_head of a tied model, T5's and BART's
     per-stack embed_tokens beside `shared`): the same storage as a tensor that is read, or HF's lm_head when
     the spec's head reads the embedding."""
     heads = [t.hf for name, t in plan.items() if name.endswith("head.weight")]
-    if key == prefix + "lm_head.weight" and heads and "lm_head.weight" not in heads:
+    if key == locate("lm_head.weight") and heads and "lm_head.weight" not in heads:
         return True
     if isinstance(state, SafetensorsState) or not key.endswith("embed_tokens.weight"):
         return False
@@ -113,17 +113,23 @@ def _shape(state, key, take) -> tuple:
     return t
 
 
-def _common_prefix(state, plan) -> str:
-    """A base model saved inside a task model ("model." absent, or "transformer." present) still loads: the
-    prefix under which the plan's names are found, when they are not found as they are."""
+def _locator(state, plan):
+    """name -> checkpoint key. The plan's names are HF's task-model names ("transformer.h.0..." for GPT-2); a
+    checkpoint may hold them as they are, under a wrapper's prefix ("bert.embeddings..." from a task model
+    around BertModel), or without the task model's first component ("h.0..." saved from GPT2Model)."""
     names = [t.hf for t in plan.values()]
     if not names or any(n in state for n in names):
-        return ""
+        return lambda n: n
     first = names[0]
-    for key in state:
-        if key.endswith(first) and all(key[: -len(first)] + n in state for n in names[:8]):
-            return key[: -len(first)]
-    return ""
+    for key in state:  # a prefix added
+        prefix = key[: -len(first)]
+        if key.endswith(first) and all(prefix + n in state for n in names[:8]):
+            return lambda n: prefix + n
+    head = first.split(".")[0] + "."  # a prefix dropped
+    wrapped = [n for n in names[:8] if n.startswith(head)]
+    if wrapped and all(n[len(head):] in state for n in wrapped):
+        return lambda n: n[len(head):] if n.startswith(head) else n
+    return lambda n: n
 
 
 class SafetensorsState(Mapping):
