@@ -5,7 +5,8 @@ For each variant a one-layer spec (`block = mha(VARIANT, ...)` or `block = mixer
 [b, n, d_model], so the layer plus its residual add; d_model 256, 4 heads by default) is compiled and run at n = 1024 .. 16384 (b = 1). The claimed exponent in n is read from
 `evodsl.cost(spec)["layers"]` (the mha or mixer layer's complexity strings: "O(n^2 d)" -> 2, "O(n w d)" -> 1,
 "O(n d log n)" -> 1 + log). Measured per n:
-- forward wall time: torch.inference_mode, `--warmup` untimed runs, then `--rounds` rounds that run every n once
+- forward time (`--clock cpu`, the default: process CPU time, steady under other load with one thread; `--clock
+  wall` on a quiet machine): torch.inference_mode, `--warmup` untimed runs, then `--rounds` rounds that run every n once
   (interleaved, so drifting load hits every n alike); the median per n (the exponent fitted to the minima is
   printed beside it: under contention the minimum is the steadier estimate; pass is judged on the median);
 - memory, by evodsl.measure.measure_memory (a storage tracker: new tensors only, weights and input excluded):
@@ -21,7 +22,7 @@ faster, measured (interpolated on log-log axes) and as `evodsl cost` predicts it
 the time curves on log-log axes.
 
     .venv/bin/python benchmarks/bench_complexity.py [--ns 1024,...,16384] [--d 256] [--heads 4]
-        [--window 128] [--max-span 256] [--span-init 0.5] [--rounds 7] [--threads 1] [--causal both]
+        [--window 128] [--max-span 256] [--span-init 0.5] [--rounds 7] [--threads 1] [--clock cpu] [--causal both]
         [--plot benchmarks/complexity.png]
 """
 from __future__ import annotations
@@ -193,16 +194,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed forwards per n")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every n once)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: steadier)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="process CPU time or wall time")
     ap.add_argument("--causal", choices=["true", "false", "both"], default="both")
     ap.add_argument("--tol", type=float, default=0.25, help="largest |fitted - claimed| exponent that passes")
     ap.add_argument("--only", default="", help="run only the variants whose label (inside mha( or mixer() starts with this")
     args = ap.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu sums every thread's time: use --clock wall with --threads > 1")
 
     import torch
 
     from evodsl.measure import measure_memory
 
     torch.set_num_threads(args.threads)
+    tick = time.process_time if args.clock == "cpu" else time.perf_counter
     ns = [int(n) for n in args.ns.split(",")]
     causals = {"true": [True], "false": [False], "both": [True, False]}[args.causal]
     load_before = load()
@@ -211,7 +216,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, torch.set_num_threads({args.threads}) (of {os.cpu_count()} cores), "
           f"{platform.machine()}, {datetime.date.today().isoformat()}, "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
-    print(f"time: median of {args.rounds} interleaved rounds after {args.warmup} warm-up runs per n, "
+    print(f"time ({args.clock} clock): median of {args.rounds} interleaved rounds after {args.warmup} warm-up runs per n, "
           f"torch.inference_mode; memory: evodsl.measure.measure_memory; pass: |fitted - claimed| <= {args.tol}\n")
 
     results, raw, curves = [], [], {}
@@ -241,9 +246,9 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for n in ns:
                         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                        start = time.perf_counter()
+                        start = tick()
                         model(xs[n])
-                        times[n].append(time.perf_counter() - start)
+                        times[n].append(tick() - start)
                         faults[n] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
             med = {n: statistics.median(times[n]) for n in ns}
             fit = {"time": slope(ns, [med[n] for n in ns]), "time_min": slope(ns, [min(times[n]) for n in ns]),
