@@ -278,6 +278,12 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
             if stream:  # the check of a big model: no prepacked (copied) weights, no layout-changing rewrites
                 opts.add_session_config_entry("session.disable_prepacking", "1")
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+                # a float16 graph runs its MatMuls in float32 on the CPU: onnxruntime casts each weight. In
+                # its default order every cast of an initializer may run first, and the arena keeps what
+                # they took: +2 W at the peak. Priority order runs each cast just before its MatMul, and
+                # without the arena its buffer is returned when used (BENCHMARKS.md, the 7B export)
+                opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+                opts.enable_cpu_mem_arena = False
             session = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
             got = session.run(None, {k: v.numpy() for k, v in zip(names, [a for a in xs if a is not None])})[0]
         except Exception as err:  # noqa: BLE001 - checker and onnxruntime errors: one EvoError, no file

@@ -45,10 +45,14 @@ print(json.dumps(dict(base=base, built=built, weights=weights, peak=peak, second
 
 
 def run(spec: str, overrides: dict, dtype: str, stream: bool) -> dict:
+    """The child's numbers, or {"error": its last line of output} when it fails (an E405 refusal, say)."""
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT / "specs" / spec), json.dumps(overrides), dtype,
                               "1" if stream else "0", str(Path(tmp) / "m.onnx")],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True)
+    if out.returncode:
+        said = [line.strip() for line in (out.stderr + out.stdout).splitlines() if line.strip()]
+        return {"error": f"exit {out.returncode}: " + (said[-1] if said else "no output")}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -71,6 +75,10 @@ def main() -> None:
         for stream in ((True,) if spec == "llama.evo" else (False, True)):
             r = run(spec, overrides, dtype, stream)
             name = spec + "".join(f" {k}={v}" for k, v in overrides.items())
+            if "error" in r:
+                print(f"| {name} | {dtype} | {'streamed' if stream else 'exporter on the module'} | failed: "
+                      f"{r['error'][:200]} |", flush=True)
+                continue
             extra = r["peak"] - r["base"] - r["weights"]
             print(f"| {name} | {dtype} | {'streamed' if stream else 'exporter on the module'} | {gib(r['weights'])} "
                   f"| {gib(r['base'])} | {gib(r['peak'])} | {(r['peak'] - r['base']) / r['weights']:.2f} "
