@@ -136,7 +136,7 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     # queries read w window, r random (and 2 global) blocks: the scores, and the gathered keys and values
     # ETC: G global tokens read every position, long tokens a window of 2 r + 1 and the globals; the band's blocks of
     # r queries each copy the G global keys beside their window (n / r blocks)
-    "etc_base": ("O(n G d + n d f + n d r + n d^2)", "O(n G d/r + n d + n f)"),
+    "etc_base": ("O(n G d + n d f + n d r + n d^2)", "O(n G d/r + n G h + n d + n f + n h r)"),  # rel: per-head masks, label scores
     "nystromformer": ("O(n d f + n d m_l + n d^2)", "O(n d + n f)"),  # m_l landmarks; no [n, m] weights kept
     "gpt2": ("O(n^2 d)", "O(n d + n f)"),  # SDPA keeps O(n) for backward
     "linear_transformer": ("O(n d f + n d^2)", "O(n d + n d^2/h + n f + n h)"),  # causal prefix sums kept

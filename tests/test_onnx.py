@@ -65,7 +65,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "hierarchical"): "block=4",
     ("mha", "multiscale"): "window=2, scales=2",
     ("mha", "dilated"): "pattern=dilated_mem, layer=2",
-    ("mha", "etc"): "radius=3, globals=2, segment=4",
+    ("mha", "etc"): "radius=3, globals=2, segment=4, hard=both, rel=2",
     ("mha", "colt5"): "window=4, k_q=16, k_kv=24",  # routed counts above n = 7 (every token), below 33 and 70
     ("ffn", "colt5"): "k=16",  # above n = 7 (every token routed), below 33 and 70
     ("mha", "fourier_integral"): "R=0.5, block=16",

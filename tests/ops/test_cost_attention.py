@@ -69,7 +69,12 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "etc": [({"radius": 8, "globals": 2}, BOTH), ({"radius": 8, "globals": 3, "kv_heads": 2}, BOTH),
             ({"radius": 20, "globals": 4, "segment": 16}, BOTH), ({"radius": 100, "globals": 2}, ODD),
             ({"radius": 5, "globals": 2, "segment": 7, "heads": 2, "head_dim": 8, "bias": False}, BOTH),
-            ({"radius": 8, "globals": 1, "kv_heads": 1}, ODD), ({"radius": 8, "globals": 100, "kv_heads": 2}, SMALL)],
+            ({"radius": 8, "globals": 1, "kv_heads": 1}, ODD), ({"radius": 8, "globals": 100, "kv_heads": 2}, SMALL),
+            # hard l2g (a mask on the band's global columns); relative position labels (gathered scores as SDPA's
+            # float mask, which has a gradient: SDPA's math kernel in training), with N <= G
+            ({"radius": 8, "globals": 3, "segment": 16, "hard": "both"}, BOTH), ({"radius": 8, "globals": 2, "rel": 4}, BOTH),
+            ({"radius": 20, "globals": 4, "segment": 16, "hard": "l2g", "rel": 12, "kv_heads": 2}, BOTH),
+            ({"radius": 8, "globals": 100, "rel": 2}, SMALL)],
     "linformer": [({"k": 16, "max_len": 256}, BOTH), ({"k": 16, "max_len": 256, "kv_heads": 2}, BOTH),
                   ({"k": 8, "max_len": 256, "share_kv": True, "heads": 2, "head_dim": 8, "bias": False}, ODD),
                   ({"k": 16, "max_len": 256, "dropout": 0.1}, BOTH)],

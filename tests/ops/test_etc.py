@@ -23,21 +23,39 @@ def _linear(layer, x):
     return x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
 
 
-def reference(m, x, r, G, S=None, mask=None):
-    """y [b, N, d] from the equations, query by query (mask: bool [b, N], False = a padded key)."""
+def reference(m, x, r, G, S=None, mask=None, hard=None, rel=0):
+    """y [b, N, d] from the equations, query by query (mask: bool [b, N], False = a padded key). hard: which side
+    reads only its own (default: g2l when there are segments); rel=k: the labels' scores from the module's
+    tables m.rel_long / m.rel_global (a, [2k + 3, h, dh]) and their biases (c, [2k + 3, h])."""
     q, k, v = head_projections(m, x)  # [b, N, h, dh], [b, N, kv, dh]
     b, N, h, dh = q.shape
     grp = h // k.shape[2]
+    hard = hard or ("g2l" if S is not None else "none")
+
+    def seg(t):  # the global whose segment holds long position t, or -1
+        return (t - G) // S if S is not None and t >= G and (t - G) // S < G else -1
+
+    def label(i, j):
+        if (i < G) == (j < G):  # l2l, g2g: the clipped offset
+            return min(abs(j - i), rel) if j >= i else rel + min(i - j, rel)
+        long, glob = (j, i) if i < G else (i, j)
+        return 2 * rel + 2 if seg(long) == glob else 2 * rel + 1
+
     out = torch.zeros(b, N, h, dh, dtype=x.dtype)
     for i in range(N):
         if i < G:  # g2g + g2l
-            keys = [j for j in range(N) if j < G or S is None or (j - G) // S == i]
+            keys = [j for j in range(N) if j < G or hard not in ("g2l", "both") or seg(j) == i]
         else:  # l2g + l2l
-            keys = [j for j in range(N) if j < G or abs(i - j) <= r]
+            keys = [j for j in range(N) if (j < G and (hard not in ("l2g", "both") or seg(i) == j))
+                    or (j >= G and abs(i - j) <= r)]
+        if rel:
+            a, c = (m.rel_global, m.rel_global_bias) if i < G else (m.rel_long, m.rel_long_bias)
         for bb in range(b):
             kept = [j for j in keys if mask is None or mask[bb, j]] or [i]  # a query with no key reads its own
             for hh in range(h):
-                s = torch.stack([q[bb, i, hh] @ k[bb, j, hh // grp] for j in kept]) / math.sqrt(dh)
+                s = torch.stack([q[bb, i, hh] @ k[bb, j, hh // grp]
+                                 + (q[bb, i, hh] @ a[label(i, j), hh] + c[label(i, j), hh] if rel else 0)
+                                 for j in kept]) / math.sqrt(dh)
                 w = s.softmax(0)
                 out[bb, i, hh] = sum(w[c] * v[bb, j, hh // grp] for c, j in enumerate(kept))
     o = out.reshape(b, N, h * dh)
@@ -69,6 +87,36 @@ def test_etc_matches_equation(N, r, G, S, kv_heads):
             assert (y - reference(m, x, r + 1, G, S)).abs().max().item() > 1e-6
         if S is not None and N > G + S:  # and the segments
             assert (y - reference(m, x, r, G, None)).abs().max().item() > 1e-6
+
+
+REL_CASES = [  # N, r, G, S, hard, rel, kv_heads
+    (40, 3, 2, None, None, 2, None),  # labels only; offsets clipped at 2 inside a window of 3
+    (70, 5, 3, 16, "both", 3, 2),  # hard l2g and g2l, three blocks, grouped K/V heads
+    (70, 5, 3, 16, "l2g", 0, None),  # hard l2g alone, no labels
+    (50, 4, 4, 5, "none", 6, 1),  # segments label l2g / g2l only; clip past the window; past G S: no segment
+    (3, 2, 4, 2, None, 2, None),  # N <= G: every position global, g2g labels
+    (37, 40, 2, 9, "l2g", 4, 2),  # a window past both ends
+]
+
+
+@pytest.mark.parametrize("N, r, G, S, hard, rel, kv_heads", REL_CASES)
+def test_etc_labels_and_hard_l2g_match_equation(N, r, G, S, hard, rel, kv_heads):
+    m, _, _ = make_op("mha", "etc", d=D, heads=4, kv_heads=kv_heads, radius=r, globals=G, segment=S, hard=hard,
+                      rel=rel)
+    perturb_params(m)
+    x = torch.randn(2, N, D, generator=torch.Generator().manual_seed(N + rel), dtype=torch.float64)
+    mask = torch.arange(N)[None, :] < torch.tensor([[N], [max(1, N - 7)]])
+    with torch.no_grad():
+        for key_mask in (None, mask):
+            y, ref = m(x, Ctx(mask=key_mask)), reference(m, x, r, G, S, key_mask, hard, rel)
+            real = mask if key_mask is not None else torch.ones_like(mask)
+            assert (y - ref)[real].abs().max().item() < 1e-10 * max(ref.abs().max().item(), 1.0)
+            got = m._exported(x, key_mask)  # the export's gathered form
+            assert (got - ref)[real].abs().max().item() < 1e-10 * max(ref.abs().max().item(), 1.0)
+        if rel:  # the labels matter: without them (or with another clip) the output differs
+            assert (y - reference(m, x, r, G, S, None, hard, 0)).abs().max().item() > 1e-6 or N <= G
+        if hard in ("l2g", "both") and N > G:
+            assert (y - reference(m, x, r, G, S, None, "none" if hard == "l2g" else "g2l", rel)).abs().max() > 1e-6
 
 
 def test_right_padding_equals_equation_with_masked_keys():
@@ -123,7 +171,9 @@ def test_refusals():
         evodsl.parse(src.replace("CAUSAL", "true").replace("ARGS", ""))
     with pytest.raises(EvoError, match="no dropout on its attention weights"):
         evodsl.parse(src.replace("CAUSAL", "false").replace("ARGS", ", dropout=0.1"))
-    for bad in (", globals=0", ", radius=0", ", segment=0"):
+    with pytest.raises(EvoError, match="E300.*needs segment"):
+        evodsl.parse(src.replace("CAUSAL", "false").replace("ARGS", ", hard=l2g"))
+    for bad in (", globals=0", ", radius=0", ", segment=0", ", rel=-1", ", hard=g2g"):
         with pytest.raises(EvoError, match="E2"):
             evodsl.parse(src.replace("CAUSAL", "false").replace(", globals=2ARGS", "").replace("radius=3", "radius=3" + bad))
     evodsl.parse(src.replace("CAUSAL", "false").replace("ARGS", ", segment=8"))  # the control: accepted

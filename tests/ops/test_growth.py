@@ -44,7 +44,8 @@ ARGS = {
     # 8 .. 64 global tokens beside a band of 129 keys: near linear at these n (g = n / l grows: n^2 / l)
     "tglobal": {"radius": 64, "block": 128},
     "bigbird": {"block": 64, "random": 3},
-    "etc": {"radius": 32, "globals": 16, "segment": 64},  # G n global scores (hard g2l's [G, n] mask): linear
+    # G n global scores (hard g2l's [G, n] mask), relative labels gathered per block ([n, 2k + 3] scores): linear
+    "etc": {"radius": 32, "globals": 16, "segment": 64, "hard": "both", "rel": 12},
     "chunk": {"c": 64},
     "logsparse": {"window": 8, "conv": 3},  # 8 + 7 .. 10 keys per query: n log n
     "jukebox": {"block": 64},  # the row pattern (rows of 64: linear); column reads n / l keys per query (quadratic)

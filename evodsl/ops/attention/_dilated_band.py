@@ -13,15 +13,37 @@ padded with lo d zero positions on the left; the g global keys are put before ea
 window, the sequence, or at a global position (for a query that is not global) get -inf; a padded query row
 (beyond n) is computed against a finite row and cut. With d = 1 and g = 0 this is _banded._blocked_band's
 layout; that case runs there (banded_attention).
+
+`side` (d = 1 only; ETC's relative position labels and hard l2g, etc.py) adds to each score the query's
+relative score R[t, id] of the key's label (window keys: a label per offset; global keys: a label per query and
+global) and may take global keys away from a query (`global_keep`); both layouts gather them from [n, ...]
+tables, so no n x n tensor is made.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ._banded import band_blocks
+
+
+@dataclass
+class Side:
+    """Per-query extras of the band (d = 1): `scores` [b, h, n, V] (already scaled) with `window_ids` [lo + hi + 1]
+    (the label of offset -lo .. hi) and `global_ids` [n, g] (the label of each global key), so that score(t, key)
+    += scores[t, label]; `global_keep` bool [n, g]: the global keys query t may read (None: all)."""
+    scores: torch.Tensor | None = None
+    window_ids: torch.Tensor | None = None
+    global_ids: torch.Tensor | None = None
+    global_keep: torch.Tensor | None = None
+
+
+def _rows(t: torch.Tensor, rows: int, value) -> torch.Tensor:
+    """t [n, ...] padded at the end to `rows` rows with `value`."""
+    return F.pad(t, (0, 0) * (t.dim() - 1) + (0, rows - t.shape[0]), value=value) if rows > t.shape[0] else t
 
 
 def dilated_layout(n: int, d: int, lo: int, hi: int):
@@ -52,15 +74,20 @@ def _window_mask(n, d, g, lo, hi, B, nb, left, K, dtype, device) -> torch.Tensor
 
 
 def dilated_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi: int, d: int, g: int,
-                 dropout: float = 0.0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 dropout: float = 0.0, key_mask: torch.Tensor | None = None, side: Side | None = None) -> torch.Tensor:
     """q, k, v [b, h, n, dh] (k, v with h heads) -> the attention output laid out for o_proj, [b, n, h dh].
     Query t reads keys t - d lo .. t + d hi in steps of d and the global keys 0 .. g-1 (g <= n); `key_mask`
-    (bool [b, n], False = padding) takes padded keys out of both. A query left with no key reads its own."""
+    (bool [b, n], False = padding) takes padded keys out of both. A query left with no key reads its own.
+    `side`: relative scores and hard global keys (Side; d = 1)."""
     b, h, n, dh = q.shape
     if not isinstance(n, int) or torch.jit.is_tracing():
-        return gathered_dilated_band(q, k, v, lo, hi, d, g, dropout, key_mask)
+        return gathered_dilated_band(q, k, v, lo, hi, d, g, dropout, key_mask, side)
+    lo0, hi0 = lo, hi  # the offsets the window labels are given for (dilated_layout clips lo, hi)
     M, lo, hi, B, nb, left, K, L = dilated_layout(n, d, lo, hi)
     mask = _window_mask(n, d, g, lo, hi, B, nb, left, K, q.dtype, q.device)  # [nb, d, B, g + K]
+    if side is not None and side.global_keep is not None:  # hard global keys: the others -inf
+        drop = ~_rows(side.global_keep, nb * B, True).view(nb, 1, B, g)
+        mask[..., :g] = mask[..., :g].masked_fill(drop, float("-inf"))
     pad_l, pad_r = left * d, L * d - left * d - n
     qb = (F.pad(q, (0, 0, 0, nb * B * d - n)) if nb * B * d > n else q).view(b, h, nb, B, d, dh).transpose(3, 4)
     kb, vb = ((F.pad(t, (0, 0, pad_l, pad_r)) if pad_l or pad_r else t).view(b, h, L, d, dh).unfold(2, K, B)
@@ -80,6 +107,17 @@ def dilated_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi:
         mask = mask[:, None].expand(b, h, nb, d, B, g + K).reshape(b * h, nb * d, B, g + K)
     else:
         mask = mask.view(1, nb * d, B, g + K)
+    if side is not None and side.scores is not None:  # + scores[t, label], gathered per block: [b h, nb, B, g + K]
+        offset = torch.arange(K, device=q.device)[None, :] - torch.arange(B, device=q.device)[:, None] - left
+        ids = side.window_ids[offset.add_(lo0).clamp_(0, lo0 + hi0)].expand(nb, B, K)  # key - query offsets
+        del offset
+        if g:
+            ids = torch.cat((_rows(side.global_ids, nb * B, 0).view(nb, B, g), ids), -1)
+        rel = side.scores  # [b, h, n, V], any strides: padded to nb B rows (a copy), else read in place
+        rel = (F.pad(rel, (0, 0, 0, nb * B - n)) if nb * B > n else rel).unflatten(2, (nb, B))
+        rel = rel.gather(-1, ids.expand(b, h, nb, B, g + K)).view(b * h, nb, B, g + K)
+        mask = rel.add_(mask)  # the gathered scores are the mask now (gather's backward needs no output)
+        del rel, ids
     o = F.scaled_dot_product_attention(qb.reshape(b * h, nb * d, B, dh), kb.reshape(b * h, nb * d, g + K, dh),
                                        vb.reshape(b * h, nb * d, g + K, dh), attn_mask=mask, dropout_p=dropout)
     # [b h, nb d, B, dh] -> [b, nb, B, d, h, dh]: position (blk B + u) d + c, heads last
@@ -87,7 +125,7 @@ def dilated_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi:
 
 
 def gathered_dilated_band(q, k, v, lo: int, hi: int, d: int, g: int, dropout: float,
-                          key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                          key_mask: torch.Tensor | None = None, side: Side | None = None) -> torch.Tensor:
     """The same attention for a symbolic n (export): each query gathers its W = lo + hi + 1 window keys and
     the g global keys, [b, h, n, g + W, dh] scores by explicit matmuls, O(n (w + g)), shapes that only scale
     n. Returns [b, n, h dh]."""
@@ -106,7 +144,14 @@ def gathered_dilated_band(q, k, v, lo: int, hi: int, d: int, g: int, dropout: fl
     if g:
         s = torch.cat(((q @ k[:, :, :g].transpose(-1, -2)) * scale, s), -1)  # [b, h, n, g + W]
         keep_g = torch.ones(g, dtype=torch.bool, device=q.device) if key_mask is None else key_mask[:, None, None, :g]
+        if side is not None and side.global_keep is not None:
+            keep_g = keep_g & side.global_keep
         inside = torch.cat((keep_g.expand(*inside.shape[:-1], g), inside), -1)
+    if side is not None and side.scores is not None:  # + scores[t, label]
+        ids = side.window_ids[None, :].expand(n, lo + hi + 1)
+        if g:
+            ids = torch.cat((side.global_ids, ids), -1)
+        s = s + side.scores.gather(-1, ids.expand(b, h, n, ids.shape[-1]))
     own = torch.arange(g + lo + hi + 1, device=q.device) == g + lo  # a query with no key left reads its own
     inside = inside | (own & ~inside.any(-1, keepdim=True))
     p = F.dropout(s.masked_fill(~inside, float("-inf")).softmax(-1), dropout)
