@@ -189,3 +189,28 @@ def test_bad_arguments_are_refused(arg, message):
 def test_other_position_schemes_inside_are_refused():
     with pytest.raises(EvoError, match="mha\\(mla\\) cannot apply pos\\(alibi\\)"):
         evodsl.compile(MODEL.replace("pos(rope)", "pos(alibi)").format(mha=MLA))
+
+
+def test_decoding_step_exports_to_onnx(tmp_path):
+    """`evodsl.export(..., step=True)`: the step graph's state is the latent cache [batch, past_seq, kv_rank + rope]
+    per layer, and a greedy loop in onnxruntime from the empty state gives generate's tokens."""
+    np = pytest.importorskip("numpy")
+    ort = pytest.importorskip("onnxruntime")
+    src = MODEL.format(mha="mha(mla, kv_rank=16, rope_dim=4, nope_dim=6, v_dim=8)").replace("d_model = 64", "d_model = 32")
+    result = evodsl.export(src, tmp_path / "step.onnx", step=True)
+    assert list(result.input_names) == ["input_ids", "attention_mask", "past.0.0", "past.1.0"]
+    session = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.shape for i in session.get_inputs()][2:] == [["batch", "past_seq", 20]] * 2
+    model = evodsl.compile(src)
+    prompt = torch.randint(0, 53, (2, 5), generator=torch.Generator().manual_seed(7))
+    want = model.generate(prompt, max_new_tokens=12)
+    past = {i.name: np.zeros((2, 0, 20), dtype=np.float32) for i in session.get_inputs()[2:]}
+    ids, out, seen = prompt, [prompt], 0
+    for _ in range(12):
+        seen += ids.shape[1]
+        got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones((2, seen), dtype=np.int64), **past})
+        ids = torch.from_numpy(got[0][:, -1].argmax(-1))[:, None]
+        out.append(ids)
+        past = dict(zip(past, got[1:]))
+    assert torch.equal(torch.cat(out, dim=1), want)
+    assert {a.shape for a in past.values()} == {(2, 16, 20)}
