@@ -96,6 +96,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
         (f"colt5, window={args.window}, k_q=k_kv=256", f"colt5, window={args.window}, k_q=256, k_kv=256"),
         ("fourier_integral", "fourier_integral"),
+        ("mla, kv_rank=256", "mla, kv_rank=256, rope_dim=32, nope_dim=64, v_dim=64"),
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)

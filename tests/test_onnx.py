@@ -60,6 +60,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "lara"): "C=5, m=2",
     ("mha", "learned_kernel"): "components=2, features=8",
     ("mha", "slim"): "features=16, chunk=16",
+    ("mha", "mla"): "kv_rank=16, rope_dim=4, nope_dim=6, v_dim=8",
     ("mha", "memory_compressed"): "k=3",
     ("mha", "combiner"): "block=3",
     ("mha", "hierarchical"): "block=4",

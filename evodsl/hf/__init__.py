@@ -13,6 +13,7 @@ from typing import Callable
 
 from ._config import Config, read_config
 from .decoders import gpt2_spec, gpt2_weights, llama_spec, llama_weights
+from .deepseek import deepseek_v2_spec, deepseek_v2_weights
 from .encdec import bart_spec, bart_weights, t5_spec, t5_weights
 from .encoders import bert_spec, bert_weights
 from .weights import load_hf, read_checkpoint, read_safetensors
@@ -35,6 +36,7 @@ FAMILIES = {
     "bert": Family(bert_spec, bert_weights),
     "t5": Family(t5_spec, t5_weights),
     "bart": Family(bart_spec, bart_weights),
+    "deepseek_v2": Family(deepseek_v2_spec, deepseek_v2_weights),
 }
 
 

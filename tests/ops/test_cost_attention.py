@@ -218,6 +218,12 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "slim": [({"features": 32, "chunk": 16}, BOTH), ({"features": 32, "kv_heads": 2, "chunk": 24}, BOTH),
              ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"features": 64, "chunk": 8}, SMALL),
              ({"features": 32, "chunk": 16, "pos": HALF_ROPE}, SMALL)],
+    # MLA: v narrower than the scores' width (v padded), wider (q, k padded), as wide (v a slice of kv_up's output);
+    # query compression; rope on the rope_dim channels (the latent freed once k^R turns)
+    "mla": [({"kv_rank": 16, "rope_dim": 8, "nope_dim": 16, "v_dim": 16}, BOTH),
+            ({"kv_rank": 24, "rope_dim": 4, "nope_dim": 8, "v_dim": 20, "q_rank": 12}, BOTH),
+            ({"kv_rank": 32, "rope_dim": 8, "nope_dim": 8, "v_dim": 16, "bias": False, "pos": ROPE}, BOTH),
+            ({"kv_rank": 8, "rope_dim": 4, "nope_dim": 12, "v_dim": 16, "q_rank": 40, "heads": 2, "pos": HALF_ROPE}, ODD)],
 }
 
 

@@ -71,6 +71,7 @@ ARGS = {
     "lara": {"C": 8, "m": 2},
     "learned_kernel": {"components": 4, "features": 16},
     "slim": {"features": 64},
+    "mla": {"kv_rank": 32, "rope_dim": 16, "nope_dim": 16, "v_dim": 32},  # SDPA over width 32: n^2 time, O(n) kept
     "colt5": {"window": 64, "k_q": 64, "k_kv": 128},  # the band linear in n, the heavy branch constant (fixed k)
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")

@@ -25,6 +25,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "rfa": {"features": 8},
     "learned_kernel": {"components": 2, "features": 8},
     "slim": {"features": 16},
+    "mla": {"kv_rank": 16, "rope_dim": 4, "nope_dim": 6, "v_dim": 8},  # no kv_heads: one latent for every head
     "sparse": {"stride": 6},  # the fixed pattern's leak test: tests/ops/test_sparse.py
     "chunk": {"c": 16},  # four chunks of 16 and 6 tokens left over
     "logsparse": {"window": 2, "conv": 3},
@@ -64,8 +65,9 @@ def _cases():
 
 @pytest.mark.parametrize("variant,pos,scores", list(_cases()))
 def test_causal_attention_never_leaks(variant, pos, scores):
-    m, _, _ = make_op("mha", variant, d=D, causal=True, heads=4, kv_heads=2, residual_scores=scores,
-                      pos=POSITIONS[pos] if pos else None, **BUILD[variant])
+    grouped = {"kv_heads": 2} if "kv_heads" in REGISTRY["mha", variant].params.model_fields else {}  # not mla's
+    m, _, _ = make_op("mha", variant, d=D, causal=True, heads=4, residual_scores=scores,
+                      pos=POSITIONS[pos] if pos else None, **grouped, **BUILD[variant])
     if variant in CHUNKED:
         m.chunk = LINEAR_CHUNK
     perturb_params(m)
