@@ -95,6 +95,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
         (f"colt5, window={args.window}, k_q=k_kv=256", f"colt5, window={args.window}, k_q=256, k_kv=256"),
         ("fourier_integral", "fourier_integral"),
+        ("forgetting", "forgetting"),
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)
@@ -114,6 +115,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "etc",
                       "fnet",
                       "colt5")  # no causal form: bidirectional only
+CAUSAL_ONLY = ("forgetting",)  # no bidirectional form: causal only
 
 
 def spec_text(call: str, d: int, causal: bool) -> str:
@@ -220,7 +222,7 @@ def main() -> None:
             inner = name.split("(", 1)[1]
             if args.only and not inner.startswith(args.only):
                 continue
-            if causal and inner.startswith(BIDIRECTIONAL_ONLY):
+            if causal and inner.startswith(BIDIRECTIONAL_ONLY) or not causal and inner.startswith(CAUSAL_ONLY):
                 continue
             spec = spec_text(call, args.d, causal)
             try:

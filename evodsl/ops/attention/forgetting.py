@@ -1,0 +1,116 @@
+"""mha(forgetting): the Forgetting Transformer's Forgetting Attention (FoX; Lin, Nikishin, He, Courville 2025,
+arXiv:2503.02130), the basic form (the paper's "Pro" extras, output gate, QK-norm and KV-shift, are not built).
+
+Each head has a scalar, data-dependent forget gate per token, f_t = sigmoid(w_f . x_t + b_f) (w_f in R^d, one
+per query head: the paper's fgate projection [d -> h]), and the scores are decayed by the product of the gates
+between key and query:
+
+    o_i = sum_{j <= i} softmax_j( q_i . k_j / sqrt(dh) + D_i - D_j ) v_j,    D_i = sum_{l <= i} log f_l
+
+(D_i - D_j = sum_{l = j+1..i} log f_l <= 0). No position embedding is needed (the decay is one); none is
+supported inside. Causal only: the paper gives no bidirectional form, and a bidirectional model is refused.
+
+How it runs (our choice, exact in exact arithmetic): D_i is constant along a query's row, and softmax does not
+see a constant, so the bias reduces to -D_j, a term of the key alone. It is folded into the dot product with one
+extra column, q'_i = [q_i, sqrt(dh)], k'_j = [k_j, -D_j], v'_j = [v_j, 0]: q'_i . k'_j / sqrt(dh) = q_i . k_j /
+sqrt(dh) - D_j. One fused F.scaled_dot_product_attention call (is_causal, flash on CPU: no n x n tensor, its
+backward recomputes the weights) over width dh + 1, the output's extra column (zero) dropped. The gates are per
+query head, so under grouped K/V heads (kv_heads < heads) k' and v' are expanded to the query heads. Numerics: D is
+a float cumulative sum (as in the authors' kernel, which cumsums log f in float32), so the score carries an
+absolute error of about |D_j| times the dtype's epsilon: fine in float32 for the lengths trained; in 16-bit
+dtypes the column rounds to |D_j| 2^-8 (bfloat16) and long sequences with small gates lose precision.
+Padding: a padded key is masked (a bool [b, 1, n, n] mask, as mha(softmax)'s, only under left padding); the
+gates of padded positions never lie between two tokens of the same row, so padding changes nothing a token reads.
+Decoding keeps the K/V cache (kv_heads heads) and D of every cached position (h heads); a new token continues D
+from the last. dropout= is refused (the fused kernel's weights are never formed).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...decode import slot
+from ..registry import Op, OpEnv, ShapeProblem, register
+from ._common import AttentionBase, AttentionParams, attention_shape
+from ._forgetting_cost import forgetting_cost
+
+
+class ForgettingParams(AttentionParams):
+    pass
+
+
+def forgetting_shape(p: ForgettingParams, env: OpEnv):
+    if not env.causal:
+        raise ShapeProblem("mha(forgetting) is causal only: its forget gates decay the scores of the past, and the "
+                           "paper gives no bidirectional form", hint="use it in a causal model (causal=true), or "
+                           "mha(softmax) here")
+    if p.dropout:
+        raise ShapeProblem("mha(forgetting) runs the fused kernel, which never forms the weights to drop out",
+                           "dropout", "remove dropout=, or put dropout(standard) on the stream")
+    return attention_shape(p, env)
+
+
+class ForgettingAttention(AttentionBase):
+    def __init__(self, p: ForgettingParams, env: OpEnv):
+        super().__init__(p, env)
+        self.fgate = nn.Linear(env.d, self.heads, bias=True)  # w_f, b_f of each head
+
+    def extended(self, q, k, v, D):
+        """q' [b, h, n, dh + 1], k', v' [b, h, N, dh + 1] (laid out [b, n, h, dh + 1]) from q [b, n, h, dh], k, v
+        [b, N, kv_heads, dh] and D [b, N, h] (the queries are the last n of the N positions)."""
+        g = self.heads // self.kv_heads
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+        q = torch.cat((q, torch.full_like(q[..., :1], math.sqrt(self.head_dim))), -1)
+        k = torch.cat((k, -D[..., None]), -1)
+        return q.transpose(1, 2), k.transpose(1, 2), F.pad(v, (0, 1)).transpose(1, 2)
+
+    def project(self, x: torch.Tensor):
+        """q [b, n, h, dh], k, v [b, n, kv_heads, dh], log f [b, n, h]."""
+        b, n, _ = x.shape
+        return (self.q_proj(x).view(b, n, self.heads, self.head_dim),
+                self.k_proj(x).view(b, n, self.kv_heads, self.head_dim),
+                self.v_proj(x).view(b, n, self.kv_heads, self.head_dim), F.logsigmoid(self.fgate(x)))
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        if ctx is not None and ctx.cache is not None:
+            return self._step(x, ctx)
+        q, k, v, log_f = self.project(x)
+        q, k, v = self.extended(q, k, v, log_f.cumsum(1))
+        del log_f
+        allowed = self.allowed(ctx, x.shape[1], x.device)  # left padding only (None: the causal flash path)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
+                                           scale=1 / math.sqrt(self.head_dim))
+        del q, k, v, allowed
+        return self.out(o[..., :-1])
+
+    def _step(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        """Decoding: D continues from the last cached position; the new queries read the cache and themselves.
+        The cache: k, v [b, t, kv_heads, dh] and D [b, t, h] of the t positions so far."""
+        T = x.shape[1]
+        q, k, v, log_f = self.project(x)
+        D = log_f.cumsum(1)
+        old = ctx.cache.caches.get(slot(ctx, self))
+        if old is not None:
+            D = D + old[2][:, -1:]
+            k, v, D = (torch.cat((a, c), 1) for a, c in zip(old, (k, v, D)))
+        ctx.cache.caches[slot(ctx, self)] = (k, v, D)
+        start = k.shape[1] - T
+        keep = torch.arange(start + T, device=x.device)[None, :] <= torch.arange(start, start + T, device=x.device)[:, None]
+        q, k, v = self.extended(q, k, v, D)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1 / math.sqrt(self.head_dim))
+        return self.out(o[..., :-1])
+
+
+OP = register(Op(
+    decode="the K/V cache (kv_heads heads) and D, the cumulative log forget gate, of every position so far (h heads)",
+    family="mha", variant="forgetting", params=ForgettingParams, module=ForgettingAttention,
+    causal="yes", shape=forgetting_shape, supports=frozenset(),
+    paper="Forgetting Transformer: Softmax Attention with a Forget Gate, Lin et al. 2025, arXiv:2503.02130",
+    summary="softmax(q_i.k_j/sqrt(dh) + sum_{l=j+1..i} log f_l) v, f_t = sigmoid(w_f.x_t + b_f) per head; causal "
+            "only; one fused SDPA call over [q, sqrt(dh)].[k, -D_j]; O(n^2 d)",
+    note="", cost=forgetting_cost,
+))
