@@ -96,6 +96,7 @@ def variants(args) -> list[tuple[str, str]]:
         (f"colt5, window={args.window}, k_q=k_kv=256", f"colt5, window={args.window}, k_q=256, k_kv=256"),
         ("fourier_integral", "fourier_integral"),
         ("forgetting", "forgetting"),
+        ("moba, block=64, topk=3", "moba, block=64, topk=3"),
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)
@@ -115,7 +116,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "etc",
                       "fnet",
                       "colt5")  # no causal form: bidirectional only
-CAUSAL_ONLY = ("forgetting",)  # no bidirectional form: causal only
+CAUSAL_ONLY = ("forgetting", "moba")  # no bidirectional form: causal only
 
 
 def spec_text(call: str, d: int, causal: bool) -> str:

@@ -212,6 +212,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                        ({"components": 4, "features": 16, "pos": HALF_ROPE}, SMALL)],
     # FoX: one fused SDPA call over width dh + 1 (causal only)
     "forgetting": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    # MoBA (causal only): blocks dividing n (8 at 64 and 160) and not (12, 5), k past the blocks, a block past n
+    "moba": [({"block": 8, "topk": 2}, BOTH), ({"block": 12, "topk": 3, "kv_heads": 2}, BOTH),
+             ({"block": 5, "topk": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"block": 16, "topk": 20}, SMALL),
+             ({"block": 200, "topk": 2}, ODD)],
     "slim": [({"features": 32, "chunk": 16}, BOTH), ({"features": 32, "kv_heads": 2, "chunk": 24}, BOTH),
              ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"features": 64, "chunk": 8}, SMALL),
              ({"features": 32, "chunk": 16, "pos": HALF_ROPE}, SMALL)],

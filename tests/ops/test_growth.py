@@ -71,8 +71,9 @@ ARGS = {
     "lara": {"C": 8, "m": 2},
     "learned_kernel": {"components": 4, "features": 16},
     "slim": {"features": 64},
-    "colt5": {"window": 64, "k_q": 64, "k_kv": 128},
-    "forgetting": {},  # n^2 dh FLOPs in the fused kernel; its memory linear in n (no n x n tensor)  # the band linear in n, the heavy branch constant (fixed k)
+    "colt5": {"window": 64, "k_q": 64, "k_kv": 128},  # the band linear in n, the heavy branch constant (fixed k)
+    "forgetting": {},  # n^2 dh FLOPs in the fused kernel; its memory linear in n (no n x n tensor)
+    "moba": {"block": 64, "topk": 2},  # 128 keys a query (linear); the gate's n (n / 64) scores (quadratic, small)
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
