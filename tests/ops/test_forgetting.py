@@ -115,3 +115,21 @@ def test_refusals():
         evodsl.parse(src)
     with pytest.raises(EvoError, match="E302.*cannot apply pos\\(rope\\)"):
         evodsl.parse(src.replace("causal=false", "causal=true").replace("embed(token)", "embed(token) -> pos(rope)"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_inputs_keep_the_decay_precise(dtype):
+    """D in float32, split over two 16-bit columns: at n = 600 (|D| in the hundreds, where one bfloat16 column errs by
+    ~1 in the scores) FoX's error against float64 stays within 3x of mha(softmax)'s own at that dtype."""
+    m, _, _ = make_op("mha", "forgetting", d=D, causal=True, heads=4, kv_heads=2, dtype=dtype)
+    ref, _, _ = make_op("mha", "forgetting", d=D, causal=True, heads=4, kv_heads=2)
+    s, _, _ = make_op("mha", "softmax", d=D, causal=True, heads=4, kv_heads=2, dtype=dtype)
+    s64, _, _ = make_op("mha", "softmax", d=D, causal=True, heads=4, kv_heads=2)
+    ref.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    s.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("fgate")})
+    s64.load_state_dict(ref.state_dict(), strict=False)
+    x = torch.randn(2, 600, D, generator=torch.Generator().manual_seed(3)).to(dtype)
+    with torch.no_grad():
+        err = (m(x, Ctx()).double() - ref(x.double(), Ctx())).abs().max().item()
+        base = (s(x, Ctx()).double() - s64(x.double(), Ctx())).abs().max().item()
+    assert err < 3 * base, (err, base)

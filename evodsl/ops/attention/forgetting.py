@@ -15,10 +15,12 @@ see a constant, so the bias reduces to -D_j, a term of the key alone. It is fold
 extra column, q'_i = [q_i, sqrt(dh)], k'_j = [k_j, -D_j], v'_j = [v_j, 0]: q'_i . k'_j / sqrt(dh) = q_i . k_j /
 sqrt(dh) - D_j. One fused F.scaled_dot_product_attention call (is_causal, flash on CPU: no n x n tensor, its
 backward recomputes the weights) over width dh + 1, the output's extra column (zero) dropped. The gates are per
-query head, so under grouped K/V heads (kv_heads < heads) k' and v' are expanded to the query heads. Numerics: D is
-a float cumulative sum (as in the authors' kernel, which cumsums log f in float32), so the score carries an
-absolute error of about |D_j| times the dtype's epsilon: fine in float32 for the lengths trained; in 16-bit
-dtypes the column rounds to |D_j| 2^-8 (bfloat16) and long sequences with small gates lose precision.
+query head, so under grouped K/V heads (kv_heads < heads) k' and v' are expanded to the query heads. Numerics: log f
+and D are float32 at least (the authors' kernel cumsums log f in float32), and the score carries an absolute error
+of about |D_j| times float32's epsilon (4.6e-5 against float64 at n = 2000 with gates near 1/2, where softmax
+attention's is 2e-7). A 16-bit column would round D_j to |D_j| 2^-9, so 16-bit inputs take two columns, -D_j
+rounded to the dtype and the remainder (width dh + 2; the kernel accumulates in float32): within 2x of softmax
+attention's own 16-bit error (tests/ops/test_forgetting.py).
 Padding: a padded key is masked (a bool [b, 1, n, n] mask, as mha(softmax)'s, only under left padding); the
 gates of padded positions never lie between two tokens of the same row, so padding changes nothing a token reads.
 Decoding keeps the K/V cache (kv_heads heads) and D of every cached position (h heads); a new token continues D
@@ -59,21 +61,28 @@ class ForgettingAttention(AttentionBase):
         self.fgate = nn.Linear(env.d, self.heads, bias=True)  # w_f, b_f of each head
 
     def extended(self, q, k, v, D):
-        """q' [b, h, n, dh + 1], k', v' [b, h, N, dh + 1] (laid out [b, n, h, dh + 1]) from q [b, n, h, dh], k, v
-        [b, N, kv_heads, dh] and D [b, N, h] (the queries are the last n of the N positions)."""
+        """q' [b, h, n, dh + c], k', v' [b, h, N, dh + c] (laid out [b, n, h, dh + c]) from q [b, n, h, dh], k, v
+        [b, N, kv_heads, dh] and D [b, N, h] (the queries are the last n of the N positions): c = 1 column, -D, or
+        for 16-bit inputs 2, -D split into its rounding to the dtype and the remainder (D is float32)."""
         g = self.heads // self.kv_heads
         if g > 1:
             k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
-        q = torch.cat((q, torch.full_like(q[..., :1], math.sqrt(self.head_dim))), -1)
-        k = torch.cat((k, -D[..., None]), -1)
-        return q.transpose(1, 2), k.transpose(1, 2), F.pad(v, (0, 1)).transpose(1, 2)
+        if D.dtype == q.dtype:
+            col = -D[..., None]
+        else:
+            hi = D.to(q.dtype)
+            col = torch.stack((-hi, (hi.to(D.dtype) - D).to(q.dtype)), -1)
+        q = torch.cat((q, q.new_full((*q.shape[:-1], col.shape[-1]), math.sqrt(self.head_dim))), -1)
+        k = torch.cat((k, col), -1)
+        return q.transpose(1, 2), k.transpose(1, 2), F.pad(v, (0, col.shape[-1])).transpose(1, 2)
 
     def project(self, x: torch.Tensor):
         """q [b, n, h, dh], k, v [b, n, kv_heads, dh], log f [b, n, h]."""
         b, n, _ = x.shape
+        precise = torch.promote_types(x.dtype, torch.float32)  # the gates and D in float32 at least
         return (self.q_proj(x).view(b, n, self.heads, self.head_dim),
                 self.k_proj(x).view(b, n, self.kv_heads, self.head_dim),
-                self.v_proj(x).view(b, n, self.kv_heads, self.head_dim), F.logsigmoid(self.fgate(x)))
+                self.v_proj(x).view(b, n, self.kv_heads, self.head_dim), F.logsigmoid(self.fgate(x).to(precise)))
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         if ctx is not None and ctx.cache is not None:
@@ -85,7 +94,7 @@ class ForgettingAttention(AttentionBase):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
                                            scale=1 / math.sqrt(self.head_dim))
         del q, k, v, allowed
-        return self.out(o[..., :-1])
+        return self.out(o[..., :self.head_dim])
 
     def _step(self, x: torch.Tensor, ctx) -> torch.Tensor:
         """Decoding: D continues from the last cached position; the new queries read the cache and themselves.
@@ -102,7 +111,7 @@ class ForgettingAttention(AttentionBase):
         keep = torch.arange(start + T, device=x.device)[None, :] <= torch.arange(start, start + T, device=x.device)[:, None]
         q, k, v = self.extended(q, k, v, D)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1 / math.sqrt(self.head_dim))
-        return self.out(o[..., :-1])
+        return self.out(o[..., :self.head_dim])
 
 
 OP = register(Op(

@@ -12,14 +12,17 @@ So a query reads its own block and the k - 1 best past blocks (every past block 
 authors' reference (moba_naive: +inf on the current block, -inf after it, top-k, the causal mask over the union).
 Choices where the paper is silent: with grouped K/V heads each query head selects on its own (against its K/V head's
 mean keys); ties between equal gate scores are broken by torch.topk (measure zero on real data); the selection has
-no gradient (a discrete choice; the authors' gate takes none either), so the gate runs without autograd.
+no gradient (a discrete choice; the authors' gate takes none either), so the gate runs without autograd; 16-bit
+inputs are scored in float32 (as the authors' reference; the cost counts the input's dtype).
 
 How it runs (one gathered form, eager and exported alike): the gate [b, h, n, M + k] over the M = ceil(n/B) blocks
 and k padding blocks (-inf, so topk always has k candidates and no branch reads n), the k selected blocks' keys and
 values gathered per query by position ([b, h, n, k B, dh]; blocks and mean keys are gathered by index, never cut by
 a view of the symbolic length, which the export cannot split), and one F.scaled_dot_product_attention call with
 each query as a batch of one row against its k B keys (bool mask: j <= i). O(n k B d) for the attention, O(n (n / B) d) for the
-gate: quadratic with a 1 / B constant, declared as such. No position scheme inside (decoding with absolute ones
+gate: quadratic with a 1 / B constant, declared as such. Memory, as declared: the gathered keys and values are
+[b, h, n, k B, dh] each (as large as the attention's multiply-adds, where the paper's varlen kernel gathers queries
+per block and holds O(n k d)), and the gate's [b, h, n, n / B + k] scores are held at once (quadratic with 1 / B). No position scheme inside (decoding with absolute ones
 is tested); dropout= is refused. Padding: right padding only (a causal op never reads the padded keys; left
 padding moves the blocks, refused with E409). Decoding keeps every key and value (kv_heads heads) and the mean keys
 of the finished blocks; the new queries select among those.
@@ -80,6 +83,8 @@ class MobaAttention(AttentionBase):
         [b, kv, C, dh] (C >= k; those past the query's own are never chosen, only padding for topk)."""
         T, C = q.shape[2], means.shape[2]
         with torch.no_grad():
+            if q.dtype in (torch.float16, torch.bfloat16):  # scored in float32, as the authors' gate (fewer ties)
+                q, means = q.float(), means.float()
             if self.heads != self.kv_heads:  # each query head's K/V head (by index: repeat_interleave of a symbolic
                 #                               length does not export)
                 means = means.index_select(1, torch.arange(self.heads, device=q.device) // (self.heads // self.kv_heads))
