@@ -133,3 +133,20 @@ def test_16_bit_inputs_keep_the_decay_precise(dtype):
         err = (m(x, Ctx()).double() - ref(x.double(), Ctx())).abs().max().item()
         base = (s(x, Ctx()).double() - s64(x.double(), Ctx())).abs().max().item()
     assert err < 3 * base, (err, base)
+
+
+def test_widths_aligned_for_cuda_kernels_change_nothing():
+    """On CUDA q', k', v' are zero-padded to a multiple of 8 wide (the fused kernels' rule): forced here on the CPU,
+    the output is the same, in the forward and decoding."""
+    m, _, _ = make_op("mha", "forgetting", d=D, causal=True, heads=4, kv_heads=2)
+    perturb_params(m)
+    x = torch.randn(2, 11, D, dtype=torch.float64)
+    with torch.no_grad():
+        want = m(x, Ctx())
+        m.align = 8
+        assert m.extended(*m.project(x)[:3], torch.zeros(2, 11, 4, dtype=torch.float64))[0].shape[-1] == 16
+        assert (m(x, Ctx()) - want).abs().max().item() < 1e-12
+        ctx = Ctx(cache=DecodeState())
+        first = m(x[:, :6], ctx)
+        ctx.offset = 6
+        assert (torch.cat((first, m(x[:, 6:], ctx)), 1) - want).abs().max().item() < 1e-12

@@ -14,7 +14,9 @@ How it runs (our choice, exact in exact arithmetic): D_i is constant along a que
 see a constant, so the bias reduces to -D_j, a term of the key alone. It is folded into the dot product with one
 extra column, q'_i = [q_i, sqrt(dh)], k'_j = [k_j, -D_j], v'_j = [v_j, 0]: q'_i . k'_j / sqrt(dh) = q_i . k_j /
 sqrt(dh) - D_j. One fused F.scaled_dot_product_attention call (is_causal, flash on CPU: no n x n tensor, its
-backward recomputes the weights) over width dh + 1, the output's extra column (zero) dropped. The gates are per
+backward recomputes the weights) over width dh + 1, the output's extra column (zero) dropped. On CUDA the widths
+are zero-padded to a multiple of 8, which its flash and memory-efficient kernels need (else SDPA would fall back to
+its n x n math kernel); that path is checked on the CPU (forced), not on a GPU, and the cost declares the CPU's. The gates are per
 query head, so under grouped K/V heads (kv_heads < heads) k' and v' are expanded to the query heads. Numerics: log f
 and D are float32 at least (the authors' kernel cumsums log f in float32), and the score carries an absolute error
 of about |D_j| times float32's epsilon (4.6e-5 against float64 at n = 2000 with gates near 1/2, where softmax
@@ -59,6 +61,7 @@ class ForgettingAttention(AttentionBase):
     def __init__(self, p: ForgettingParams, env: OpEnv):
         super().__init__(p, env)
         self.fgate = nn.Linear(env.d, self.heads, bias=True)  # w_f, b_f of each head
+        self.align = None  # the width q', k', v' are padded to a multiple of: None, 8 on CUDA (the fused kernels)
 
     def extended(self, q, k, v, D):
         """q' [b, h, n, dh + c], k', v' [b, h, N, dh + c] (laid out [b, n, h, dh + c]) from q [b, n, h, dh], k, v
@@ -72,9 +75,16 @@ class ForgettingAttention(AttentionBase):
         else:
             hi = D.to(q.dtype)
             col = torch.stack((-hi, (hi.to(D.dtype) - D).to(q.dtype)), -1)
-        q = torch.cat((q, q.new_full((*q.shape[:-1], col.shape[-1]), math.sqrt(self.head_dim))), -1)
+        c = col.shape[-1]
+        align = self.align or (8 if q.is_cuda else 1)  # CUDA's flash and memory-efficient kernels take widths in
+        pad = -(self.head_dim + c) % align  # multiples of 8 only, else SDPA falls back to its n x n math kernel
+        ones = q.new_full((*q.shape[:-1], c), math.sqrt(self.head_dim))
+        if pad:  # zero columns past the extra ones: nothing added
+            ones, col = F.pad(ones, (0, pad)), F.pad(col, (0, pad))
+        q = torch.cat((q, ones), -1)
+        del ones
         k = torch.cat((k, col), -1)
-        return q.transpose(1, 2), k.transpose(1, 2), F.pad(v, (0, col.shape[-1])).transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), F.pad(v, (0, c + pad)).transpose(1, 2)
 
     def project(self, x: torch.Tensor):
         """q [b, n, h, dh], k, v [b, n, kv_heads, dh], log f [b, n, h]."""
