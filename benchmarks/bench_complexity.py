@@ -97,6 +97,8 @@ def variants(args) -> list[tuple[str, str]]:
         (f"colt5, window={args.window}, k_q=k_kv=256", f"colt5, window={args.window}, k_q=256, k_kv=256"),
         ("fourier_integral", "fourier_integral"),
         ("mla, kv_rank=256", "mla, kv_rank=256, rope_dim=32, nope_dim=64, v_dim=64"),
+        ("forgetting", "forgetting"),
+        ("moba, block=64, topk=3", "moba, block=64, topk=3"),
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)
@@ -116,6 +118,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "etc",
                       "fnet",
                       "colt5")  # no causal form: bidirectional only
+CAUSAL_ONLY = ("forgetting", "moba")  # no bidirectional form: causal only
 
 
 def spec_text(call: str, d: int, causal: bool) -> str:
@@ -226,7 +229,7 @@ def main() -> None:
             inner = name.split("(", 1)[1]
             if args.only and not inner.startswith(args.only):
                 continue
-            if causal and inner.startswith(BIDIRECTIONAL_ONLY):
+            if causal and inner.startswith(BIDIRECTIONAL_ONLY) or not causal and inner.startswith(CAUSAL_ONLY):
                 continue
             spec = spec_text(call, args.d, causal)
             try:

@@ -7,6 +7,11 @@ from evodsl.ops import Ctx, OpEnv, load_all, lookup
 from evodsl.ops.position._inattention import InAttentionStream
 
 
+# mha variants with a causal form only (their shape rule refuses a bidirectional model): the harnesses that run
+# each variant causal and bidirectional run these causal alone
+CAUSAL_ONLY = ("forgetting", "moba")
+
+
 def make_op(family: str, variant: str, d: int = 32, causal: bool = False, pos=None, seed: int = 0,
             dtype=torch.float64, residual_scores: bool = False, vocab=None, in_shapes=None, in_causal=(),
             mem_len: int | None = None, **kwargs):

@@ -173,6 +173,13 @@ MULTISCALE = ["norm -> mha(multiscale, window=2, scales=3) -> norm -> ffn",
 FOURIER = ["norm -> mha(fourier_integral, R=0.5, block=4) -> norm -> ffn",
            "norm -> mha(fourier_integral, R=1.0, power=2, block=40, kv_heads=2) -> norm -> ffn",
            "norm -> mha(fourier_integral, block=3, kv_heads=1, head_dim=4, learn_R=false) -> norm -> ffn"]
+# FoX: the K/V cache and D of every position (29 tokens), grouped and single K/V heads
+FORGETTING = ["norm -> mha(forgetting) -> norm -> ffn", "norm -> mha(forgetting, kv_heads=2) -> norm -> ffn",
+              "norm -> mha(forgetting, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+# MoBA: blocks of 3 and 4 over the 29 tokens (the cache: every key and value, the finished blocks' mean keys), k
+# past the blocks
+MOBA = ["norm -> mha(moba, block=3, topk=2) -> norm -> ffn", "norm -> mha(moba, block=4, topk=3, kv_heads=2) -> norm -> ffn",
+        "norm -> mha(moba, block=5, topk=20, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
@@ -191,7 +198,7 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED + COMBINER
-            + HIERARCHICAL + MULTISCALE + FOURIER]
+            + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]

@@ -10,7 +10,7 @@ import torch
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import REGISTRY, Ctx, load_all
-from ophelpers import make_op, perturb_params
+from ophelpers import CAUSAL_ONLY, make_op, perturb_params
 from spechelpers import IDS, SPECS, full_spans, model_inputs, small
 
 load_all()
@@ -34,6 +34,8 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "colt5": {"window": 6, "k_q": 8, "k_kv": 24}, "hierarchical": {"block": 4}, "multiscale": {"window": 2},
          "fourier_integral": {"block": 16},
          "slim": {"features": 16}, "mla": {"kv_rank": 16, "rope_dim": 4, "nope_dim": 6, "v_dim": 8}, "etc": {"radius": 5, "globals": 3, "segment": 8}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
+         "fourier_integral": {"block": 16}, "forgetting": {}, "moba": {"block": 4, "topk": 2},
+         "slim": {"features": 16}, "etc": {"radius": 5, "globals": 3, "segment": 8}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
 # with the padding's large-norm noise keys, whose unmasked weight is then ~1e-8 (the control)
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel",
            "slim")  # causal forms in chunks: 16 tokens here, so that N spans several
@@ -42,7 +44,7 @@ POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {}), "t5_bias": ("t5_bias"
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
 KERNELIZED = ("linear", "performer", "rfa", "learned_kernel", "slim")  # chunked causal forms; phi after rope (absolute positions)
 RIGHT_ONLY = ("linformer", "chunk", "blockwise", "long_short", "jukebox", "bpt", "smart_bird",
-             "memory_compressed", "etc", "combiner", "hierarchical", "multiscale")  # read positions counted from each row's start: left padding is refused
+             "memory_compressed", "etc", "combiner", "hierarchical", "multiscale", "moba")  # read positions counted from each row's start: left padding is refused
 
 
 def test_every_attention_is_covered():
@@ -52,7 +54,7 @@ def test_every_attention_is_covered():
 def _cases():
     for variant in ATTENTION:
         supports = REGISTRY[("mha", variant)].supports
-        for causal in (False, True) if REGISTRY[("mha", variant)].causal != "no" else (False,):
+        for causal in (True,) if variant in CAUSAL_ONLY else (False, True) if REGISTRY[("mha", variant)].causal != "no" else (False,):
             for pos in [None, *(p for p in POSITIONS if p in supports)]:
                 yield pytest.param(variant, causal, pos, False,
                                    id=f"{variant}-{'causal' if causal else 'bidir'}-{pos or 'nopos'}")

@@ -16,7 +16,7 @@ from costhelpers import check_op_cost, declared, make_input, measure_op
 from evodsl.ops import REGISTRY, load_all, lookup
 from evodsl.ops.cost import Symbols
 from evodsl.passes.cost import _num
-from ophelpers import make_op
+from ophelpers import CAUSAL_ONLY, make_op
 
 load_all()
 
@@ -215,6 +215,12 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "learned_kernel": [({"components": 2, "features": 16}, BOTH), ({"components": 2, "features": 16, "kv_heads": 2}, BOTH), ({"components": 3, "features": 8}, ODD),
                        ({"components": 1, "features": 8, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                        ({"components": 4, "features": 16, "pos": HALF_ROPE}, SMALL)],
+    # FoX: one fused SDPA call over width dh + 1 (causal only)
+    "forgetting": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    # MoBA (causal only): blocks dividing n (8 at 64 and 160) and not (12, 5), k past the blocks, a block past n
+    "moba": [({"block": 8, "topk": 2}, BOTH), ({"block": 12, "topk": 3, "kv_heads": 2}, BOTH),
+             ({"block": 5, "topk": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"block": 16, "topk": 20}, SMALL),
+             ({"block": 200, "topk": 2}, ODD)],
     "slim": [({"features": 32, "chunk": 16}, BOTH), ({"features": 32, "kv_heads": 2, "chunk": 24}, BOTH),
              ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"features": 64, "chunk": 8}, SMALL),
              ({"features": 32, "chunk": 16, "pos": HALF_ROPE}, SMALL)],
@@ -232,7 +238,7 @@ def _cases() -> list:
     for variant, builds in CASES.items():
         for build, sizes in builds:
             causal_form = REGISTRY["mha", variant].causal != "no" and not build.get("globals")  # longformer's
-            for causal in (False, True) if causal_form else (False,):
+            for causal in (True,) if variant in CAUSAL_ONLY else (False, True) if causal_form else (False,):
                 for b, n, d in (SIZES[i] for i in sizes):
                     args = {"heads": 4, **build, "causal": causal, "d": d}
                     if variant == "adaptive_span":

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from costhelpers import declared
 from evodsl.ops import REGISTRY, Ctx, load_all
+from ophelpers import CAUSAL_ONLY
 from growth import CLASSES, NS, Series, check_growth, classify, declared_growth, measure_growth, slope
 
 load_all()
@@ -73,13 +74,17 @@ ARGS = {
     "slim": {"features": 64},
     "mla": {"kv_rank": 32, "rope_dim": 16, "nope_dim": 16, "v_dim": 32},  # SDPA over width 32: n^2 time, O(n) kept
     "colt5": {"window": 64, "k_q": 64, "k_kv": 128},  # the band linear in n, the heavy branch constant (fixed k)
+    "forgetting": {},  # n^2 dh FLOPs in the fused kernel; its memory linear in n (no n x n tensor)
+    "moba": {"block": 64, "topk": 2},  # 128 keys a query (linear); the gate's n (n / 64) scores (quadratic, small)
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
 # fourier_integral: n^2 dh sines, logs and tangents at n = 8k (several minutes a case on a shared 2-core machine)
-SLOW = ("smart_bird", "memory_compressed", "fourier_integral")
+# moba: its [n, 128] gathered keys and values, forward and backward, at n = 8k (~1 minute here)
+SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba")
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW else [])
-         for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")]
+         for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")
+         and not (not causal and v in CAUSAL_ONLY)]
 
 
 def test_every_attention_op_is_in_the_harness():
