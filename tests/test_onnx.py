@@ -67,7 +67,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "dilated"): "pattern=dilated_mem, layer=2",
     ("mha", "etc"): "radius=3, globals=2, segment=4",
     ("mha", "colt5"): "window=4, k_q=16, k_kv=24",  # routed counts above n = 7 (every token), below 33 and 70
-    ("ffn", "colt5"): "k=16",  # above n = 7 (every token routed), below 33 and 70
+    ("ffn", "colt5"): "k=16",
+    ("mha", "nsa"): "block=4, stride=2, select_block=4, topk=3, window=3",  # 33 and 70: many blocks, 7: 2 compressed  # above n = 7 (every token routed), below 33 and 70
     ("mha", "fourier_integral"): "R=0.5, block=16",
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",

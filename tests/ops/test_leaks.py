@@ -39,6 +39,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "hierarchical": {"block": 2},  # levels of blocks of 2, 4, 8, 16, 32 tokens across the 70
     "multiscale": {"window": 2, "pool": 2, "scales": 3},  # windows of 2 tokens, blocks of 2, 4, then 8 to the start
     "fourier_integral": {"block": 16},  # query and key blocks of 16: 5 of them, the last of 6
+    "nsa": {"block": 4, "stride": 2, "select_block": 8, "topk": 3, "window": 6},  # 33 compressed and 9 selection blocks
     "dilated": {"pattern": "dilated_mem", "layer": 4},  # offsets up to 32 (and 0, 1, 2, 4, 8, 16)  # 23 slots; each query also reads its unfinished slot raw
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here

@@ -135,6 +135,6 @@ OP = register(Op(
     paper="Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention, Yuan et al. 2025, "
           "arXiv:2502.11089",
     summary="gated sum of attention over MLP-compressed blocks (l, stride d), over the top-n selection blocks "
-            "(l' tokens) ranked by the compressed scores, and over a sliding window w; O(n (n/d + n l' + w) d)",
+            "(l' tokens) ranked by the compressed scores, and over a sliding window w; O(n (n/d + topk l' + w) d)",
     note="", cost=nsa_cost,
 ))
