@@ -129,8 +129,10 @@ class Case:
 BANDED = {("mha", "local"), ("mha", "adaptive_span"), ("mha", "sparse"), ("mha", "tglobal"),
           ("mha", "longformer"), ("mha", "chunk"), ("mha", "jukebox"), ("mha", "logsparse"),
           ("mha", "long_short"), ("mha", "fmm"), ("mha", "etc"),
-          ("mha", "colt5")}  # sparse: each query gathers its keys; etc: its band as longformer's (the input padded
-# to at least G + 1 positions); colt5: its light band
+          ("mha", "colt5"),
+          ("mha", "nsa")}  # sparse: each query gathers its keys; etc: its band as longformer's (the input padded
+# to at least G + 1 positions); colt5: its light band; nsa: its window branch (and n // d + 2 compressed blocks, the
+# ones past n masked, where torch runs the floor((n - l) / d) + 1 complete ones)
 # Causal linear attention likewise: torch runs it in chunks of 64 tokens (what `evodsl cost` declares); the
 # export runs the prefix-sum form (_prefix_sums in evodsl/ops/attention/linear.py), whose running states are
 # elementwise products and cumulative sums, so fewer of its FLOPs are matmuls. Performer and RFA run the same

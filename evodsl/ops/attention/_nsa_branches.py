@@ -60,9 +60,17 @@ def compressed_attention(m, q, kc, vc, last, key_ok):
     ok = (end[None, :] <= last[:, None])[None, None]  # [1, 1, T, M]
     if key_ok is not None:
         ok = ok & key_ok[:, None, None, :]
-    s = (q @ m.expand_kv(kc).transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]))
+    s = (q @ _heads(m, kc).transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]))
     p = s.masked_fill_(~ok, torch.finfo(s.dtype).min).softmax(-1).masked_fill(~ok, 0.0)
-    return p @ m.expand_kv(vc), p
+    return p @ _heads(m, vc), p
+
+
+def _heads(m, t):
+    """[b, kv, M, dh] -> [b, h, M, dh], each query head's K/V head: an index_select (repeat_interleave over the
+    compressed axis, whose length N // d + 2 is symbolic in the export, would tie the graph to one n)."""
+    if m.kv_heads == m.heads:
+        return t
+    return t.index_select(1, torch.arange(m.heads, device=t.device) // (m.heads // m.kv_heads))
 
 
 def selection_importance(m, p, N, t, last, key_mask):
@@ -78,7 +86,7 @@ def selection_importance(m, p, N, t, last, key_mask):
     r, weight = overlap_table(m.block, m.stride, m.select, p.device)
     idx = j[:, None] * (m.select // m.stride) + r  # [J, R]
     idx = torch.where((idx >= 0) & (idx < M), idx, M)
-    imp = (pg[..., idx.flatten()].unflatten(-1, idx.shape) * weight.to(p.dtype)).sum(-1)  # [b, kv, T, J]
+    imp = (pg[..., idx] * weight.to(p.dtype)).sum(-1)  # [b, kv, T, J]
     start = j * m.select
     valid = (start[None, :] <= last[:, None]) & (start[None, :] < N)  # [T, J]
     valid = valid[None, None] if key_mask is None else valid & key_mask[:, start.clamp(max=N - 1)][:, None, None, :]
