@@ -216,3 +216,21 @@ def test_left_padding_is_refused(causal):
     left[0, :3] = False
     with pytest.raises(EvoError, match="E409.*right padding"):
         m(x, Ctx(mask=left))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_selection_of_every_block_is_softmax_attention(causal):
+    """topk l' >= n selects every block, so the selection branch is softmax attention over every key (causal: keys
+    0 .. t); with the gates at (0, 1, 0) (sigmoid of -40, 40, -40: 4e-18 from exact) the op is mha(softmax)."""
+    m, _, _ = make_op("mha", "nsa", d=D, causal=causal, heads=4, kv_heads=2, block=4, stride=2, select_block=4,
+                      topk=8, window=3)
+    s, _, _ = make_op("mha", "softmax", d=D, causal=causal, heads=4, kv_heads=2)
+    perturb_params(m)
+    perturb_params(s)
+    m.load_state_dict(s.state_dict(), strict=False)
+    with torch.no_grad():
+        m.gate.weight.zero_()
+        m.gate.bias.copy_(torch.tensor([-40.0, 40.0, -40.0], dtype=torch.float64).repeat_interleave(4))
+        x = torch.randn(2, 29, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        want = s(x, Ctx())
+        assert (m(x, Ctx()) - want).abs().max().item() < 1e-12 * want.abs().max().item()

@@ -16,7 +16,10 @@ def nsa_cost(p, env: OpEnv, s: Symbols) -> Cost:
     """M = floor((n - l) / d) + 1 compressed blocks (0 for n < l), each through two MLPs (K and V) of an
     [l dh] -> dh -> dh map per K/V head; explicit [b, h, n, M] scores against them (quadratic in n with the
     small constant 1/d); SDPA of each query's group over its S = topk l' gathered keys (the gathered K and V,
-    [b, kv, n, S, dh], are the largest tensors); the gate's linear map and the gated sum."""
+    [b, kv, n, S, dh], are the largest tensors); the gate's linear map and the gated sum. Params and FLOPs are
+    exact, and so are the saved bytes; the inference peak is the selection kernel's phase (or the band's, or the
+    compressed scores'), within a few percent; the backward's peak (the selection kernel's gradients) within ~7%
+    (tests/ops/test_cost_attention.py). The export's form (a symbolic n) is not costed: tests/test_onnx.py BANDED."""
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     l, d = s.sym("l", p.block), s.sym("stride", p.stride)
