@@ -118,12 +118,15 @@ class NativeSparseAttention(AttentionBase):
         kc, vc = self.k_compress(k, M0, M - M0, self.stride), self.v_compress(v, M0, M - M0, self.stride)
         if old is not None:
             kc, vc = torch.cat((old[2], kc), dim=2), torch.cat((old[3], vc), dim=2)
-        first = max(0, start - self.window + 1)  # the window's keys
-        i = torch.arange(start, N, device=x.device)[:, None]
-        j = torch.arange(first, N, device=x.device)[None, :]
-        win = torch.nn.functional.scaled_dot_product_attention(
-            q, k[:, :, first:], v[:, :, first:], attn_mask=(j <= i) & (j > i - self.window),
-            enable_gqa=self.kv_heads != self.heads)
+        if old is None:  # a prompt: the forward's band
+            win = banded_attention(q, self.expand_kv(k), self.expand_kv(v), self.window - 1, 0)
+        else:  # new tokens against the keys of their windows, [T, T + w - 1] at most
+            first = max(0, start - self.window + 1)
+            i = torch.arange(start, N, device=x.device)[:, None]
+            j = torch.arange(first, N, device=x.device)[None, :]
+            win = torch.nn.functional.scaled_dot_product_attention(
+                q, k[:, :, first:], v[:, :, first:], attn_mask=(j <= i) & (j > i - self.window),
+                enable_gqa=self.kv_heads != self.heads)
         ctx.cache.caches[slot(ctx, self)] = (k, v, kc, vc)
         return self._mix(x, q, k, v, kc, vc, start, None, win)
 
