@@ -99,6 +99,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("mla, kv_rank=256", "mla, kv_rank=256, rope_dim=32, nope_dim=64, v_dim=64"),
         ("forgetting", "forgetting"),
         ("moba, block=64, topk=3", "moba, block=64, topk=3"),
+        (f"nsa, window={args.window}", f"nsa, window={args.window}"),  # the paper's l = 32, d = 16, l' = 64, n = 16
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)

@@ -180,6 +180,11 @@ FORGETTING = ["norm -> mha(forgetting) -> norm -> ffn", "norm -> mha(forgetting,
 # past the blocks
 MOBA = ["norm -> mha(moba, block=3, topk=2) -> norm -> ffn", "norm -> mha(moba, block=4, topk=3, kv_heads=2) -> norm -> ffn",
         "norm -> mha(moba, block=5, topk=20, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+# NSA: compressed blocks completing across the chunks (l = 4, 6), selection blocks of 4 to 8, windows of 3 and 5, and a
+# window past the sequence (the cache: every key and value, and the compressed blocks)
+NSA = ["norm -> mha(nsa, block=4, stride=2, select_block=4, topk=3, window=5) -> norm -> ffn",
+       "norm -> mha(nsa, block=4, stride=2, select_block=8, topk=3, window=3, kv_heads=2) -> norm -> ffn",
+       "norm -> mha(nsa, block=6, stride=3, select_block=6, topk=4, window=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
@@ -199,6 +204,7 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED + COMBINER
             + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA]
+            + HIERARCHICAL + MULTISCALE + FOURIER + NSA]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]

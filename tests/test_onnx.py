@@ -69,7 +69,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "dilated"): "pattern=dilated_mem, layer=2",
     ("mha", "etc"): "radius=3, globals=2, segment=4, hard=both, rel=2",
     ("mha", "colt5"): "window=4, k_q=16, k_kv=24",  # routed counts above n = 7 (every token), below 33 and 70
-    ("ffn", "colt5"): "k=16",  # above n = 7 (every token routed), below 33 and 70
+    ("ffn", "colt5"): "k=16",
+    ("mha", "nsa"): "block=4, stride=2, select_block=4, topk=3, window=3",  # 33 and 70: many blocks, 7: 2 compressed  # above n = 7 (every token routed), below 33 and 70
     ("mha", "fourier_integral"): "R=0.5, block=16",
     ("mha", "moba"): "block=4, topk=2",
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
@@ -131,8 +132,10 @@ class Case:
 BANDED = {("mha", "local"), ("mha", "adaptive_span"), ("mha", "sparse"), ("mha", "tglobal"),
           ("mha", "longformer"), ("mha", "chunk"), ("mha", "jukebox"), ("mha", "logsparse"),
           ("mha", "long_short"), ("mha", "fmm"), ("mha", "etc"),
-          ("mha", "colt5")}  # sparse: each query gathers its keys; etc: its band as longformer's (the input padded
-# to at least G + 1 positions); colt5: its light band
+          ("mha", "colt5"),
+          ("mha", "nsa")}  # sparse: each query gathers its keys; etc: its band as longformer's (the input padded
+# to at least G + 1 positions); colt5: its light band; nsa: its window branch (and n // d + 2 compressed blocks, the
+# ones past n masked, where torch runs the floor((n - l) / d) + 1 complete ones)
 # Causal linear attention likewise: torch runs it in chunks of 64 tokens (what `evodsl cost` declares); the
 # export runs the prefix-sum form (_prefix_sums in evodsl/ops/attention/linear.py), whose running states are
 # elementwise products and cumulative sums, so fewer of its FLOPs are matmuls. Performer and RFA run the same

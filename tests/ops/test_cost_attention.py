@@ -194,6 +194,14 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "colt5": [({"window": 16, "k_q": 8, "k_kv": 12}, BOTH), ({"window": 7, "k_q": 40, "k_kv": 20, "kv_heads": 2}, BOTH),
               ({"window": 33, "k_q": 100, "k_kv": 200, "light_heads": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH),
               ({"window": 200, "k_q": 16, "k_kv": 16, "light_heads": 1}, ODD)],
+    # NSA: compression blocks of 8 (stride 4) and 12, selection blocks of 16 (n = 160: 10) and 24 (n = 64: the last
+    # one short), grouped K/V heads, narrow heads with no overlap (l = l' = 2 d), a window over the sequence (one call)
+    "nsa": [({"block": 8, "stride": 4, "select_block": 16, "topk": 3, "window": 16}, BOTH),
+            ({"block": 8, "stride": 4, "select_block": 16, "topk": 3, "window": 16, "kv_heads": 2}, BOTH),
+            ({"block": 12, "stride": 4, "select_block": 24, "topk": 3, "window": 32, "kv_heads": 2}, SMALL),
+            ({"block": 16, "stride": 8, "select_block": 16, "topk": 4, "window": 8, "kv_heads": 1, "heads": 2,
+              "head_dim": 8, "bias": False}, ODD),
+            ({"block": 4, "stride": 4, "select_block": 8, "topk": 3, "window": 200}, ODD)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),

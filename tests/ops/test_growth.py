@@ -76,6 +76,9 @@ ARGS = {
     "colt5": {"window": 64, "k_q": 64, "k_kv": 128},  # the band linear in n, the heavy branch constant (fixed k)
     "forgetting": {},  # n^2 dh FLOPs in the fused kernel; its memory linear in n (no n x n tensor)
     "moba": {"block": 64, "topk": 2},  # 128 keys a query (linear); the gate's n (n / 64) scores (quadratic, small)
+    # NSA: n / 64 compressed blocks a query (n^2 / 64 scores, quadratic with a small constant) beside the 192 selected
+    # and 64 windowed keys (linear); one K/V head: the gathered K and V (n S dh) lead the bytes, the scores stay a tenth
+    "nsa": {"block": 64, "stride": 64, "select_block": 64, "topk": 3, "window": 64, "kv_heads": 1},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
