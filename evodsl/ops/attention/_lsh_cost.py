@@ -1,0 +1,53 @@
+"""The cost of mha(lsh) (lsh.py): one form, eager and exported, every round over its sorted chunks."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import sympy as sp
+
+from ..cost import Cost, Symbols, linear
+from ..registry import OpEnv
+from ._common import head_symbols
+
+
+def lsh_cost(p, env: OpEnv, s: Symbols) -> Cost:
+    """q_proj (the keys' source too), v_proj, o_proj; the hash ([b, h, R, n, B/2] projections, no gradient); per
+    round the tokens gathered in sorted order into L = ceil(n/m) m slots, each chunk's m queries against its
+    2m keys (the previous chunk's and its own): [b, h, R, L, 2m] scores, explicit softmax with its logsumexp;
+    the rounds' outputs gathered back and combined."""
+    h, kv, dh = head_symbols(p, s)
+    b, n, by = s.b, s.n, s.bytes
+    m, R, B = s.sym("m", p.chunk), s.sym("R", p.rounds), s.sym("B", p.buckets)
+    L = sp.ceiling(n / m) * m
+    q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
+    vh = q if kv != h else kvb  # the values, repeated to h heads for grouped ones
+    hashing = b * h * n * dh * R * B if p.buckets > 1 else 0  # x R: 2 b h n dh R B/2
+    proj = linear(s, s.d, h * dh, p.bias) + linear(s, s.d, kv * dh, p.bias) + linear(s, h * dh, s.d, p.bias)
+    slots = b * h * R * L  # query slots over the rounds
+    scores = slots * 2 * m
+    core = Cost(fwd=4 * scores * dh + hashing, bwd=8 * scores * dh, fwd_other=8 * scores + 3 * b * h * n * dh,
+                bwd_other=16 * scores)
+    S = scores * by  # the scores; the weights
+    sq = slots * dh * by  # the sorted queries; keys and values with the previous chunk's: 2 sq each
+    idx = 8 * slots  # int64, slot -> token
+    tok = 8 * b * h * R * n  # int64 per token and round: the buckets, the sort, the inverse
+    rows = b * h * R * n * dh * by  # the rounds' outputs at the original positions
+    small = b * h * R * n * by  # the rounds' logsumexps at the original positions, their weights
+    # kept: q (the normalisation's, the gathers' input), rsqrt, the unit keys and the values (the gathers'
+    # inputs), the slot index; sq and the keys (the scores' matmul), the mask, the scores (logsumexp's),
+    # logsumexp, the weights, the values (the second matmul); the output slots (the gather back), the inverse,
+    # the rounds' weights and outputs; o_proj's input
+    saved = (q + b * h * n * by + q + vh + idx + sq + 2 * sq + scores + S + slots * by + S + 2 * sq + sq + tok + small
+             + rows + q)
+    base = q + vh + q + 2 * tok + idx  # q, v, the unit keys; the buckets, the sort; the slot index
+    phases = [q + vh + 2 * B * small if p.buckets > 1 else 0,  # the hash's projections
+              base + 6 * sq,  # the values sorted with the previous chunk's, the keys already
+              base + 5 * sq + S,  # the scores
+              base + 3 * sq + idx + scores + 2 * S + slots * by,  # the mask, the scores and the weights
+              q + vh + tok + 2 * rows + q + small,  # the rounds combined
+              q + vh + tok + 2 * q + out]  # at o_proj
+    # backward: the rounds' combination (o's and the weights' gradients); the softmax's (three temporaries of
+    # the scores' size beside the gradient of the weights and of the values, the output side released)
+    bwd = [2 * rows + small, 3 * S - q - rows - sq - tok]
+    return replace(proj + core, saved=saved, peak=sp.Max(*phases) - out, cache=q + kvb, saves_input=True,
+                   saves_output=False, bwd_peak=sp.Max(*bwd))
