@@ -184,6 +184,9 @@ JUKEBOX = ["norm -> mha(jukebox, block=4) -> norm -> mha(jukebox, pattern=column
            "-> norm -> mha(jukebox, block=40) -> ffn"]
 # LogSparse's log-spaced keys (back to t - 16 at 29 tokens), the local variant, the convolution's last inputs
 LOGSPARSE = ["norm -> mha(logsparse) -> norm -> ffn", "norm -> mha(logsparse, window=3, conv=4, kv_heads=2) -> norm -> ffn"]
+# Reformer LSH: two and four buckets over chunks of 3 and 5 (29 tokens), two rounds (the cache: every query and value,
+# re-hashed)
+LSH = ["norm -> mha(lsh, buckets=2, chunk=3) -> norm -> ffn", "norm -> mha(lsh, buckets=4, chunk=5, rounds=2, kv_heads=2) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
@@ -192,7 +195,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LSH])
 
 
 @pytest.mark.parametrize("pos,block", CASES)

@@ -61,6 +61,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "learned_kernel"): "components=2, features=8",
     ("mha", "slim"): "features=16, chunk=16",
     ("mha", "memory_compressed"): "k=3",
+    ("mha", "lsh"): "buckets=4, chunk=4, rounds=2",
     ("mha", "combiner"): "block=3",
     ("mha", "hierarchical"): "block=4",
     ("mha", "multiscale"): "window=2, scales=2",

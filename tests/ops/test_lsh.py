@@ -202,3 +202,12 @@ def test_bad_buckets_and_dropout_are_refused():
         build("dropout=0.1")
     with pytest.raises(EvoError, match="heads=4 is not a multiple of kv_heads=3"):
         build("kv_heads=3")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_are_the_equations(causal):
+    """The gradient through the sorted chunks, the masks and the written-out logsumexp (finite differences)."""
+    m, _, _ = make_op("mha", "lsh", d=16, causal=causal, heads=2, kv_heads=1, buckets=4, chunk=3, rounds=2)
+    perturb_params(m, scale=0.2)
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: m(x, Ctx()), (x,))

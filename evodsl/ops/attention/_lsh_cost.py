@@ -18,7 +18,7 @@ def lsh_cost(p, env: OpEnv, s: Symbols) -> Cost:
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     m, R, B = s.sym("m", p.chunk), s.sym("R", p.rounds), s.sym("B", p.buckets)
-    L = sp.ceiling(n / m) * m
+    L = (sp.ceiling(n / m) + 1) * m  # C = ceil(n/m) + 1 chunks, the last past n
     q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
     vh = q if kv != h else kvb  # the values, repeated to h heads for grouped ones
     hashing = b * h * n * dh * R * B if p.buckets > 1 else 0  # x R: 2 b h n dh R B/2
@@ -33,21 +33,23 @@ def lsh_cost(p, env: OpEnv, s: Symbols) -> Cost:
     tok = 8 * b * h * R * n  # int64 per token and round: the buckets, the sort, the inverse
     rows = b * h * R * n * dh * by  # the rounds' outputs at the original positions
     small = b * h * R * n * by  # the rounds' logsumexps at the original positions, their weights
-    # kept: q (the normalisation's, the gathers' input), rsqrt, the unit keys and the values (the gathers'
-    # inputs), the slot index; sq and the keys (the scores' matmul), the mask, the scores (logsumexp's),
-    # logsumexp, the weights, the values (the second matmul); the output slots (the gather back), the inverse,
-    # the rounds' weights and outputs; o_proj's input
-    saved = (q + b * h * n * by + q + vh + idx + sq + 2 * sq + scores + S + slots * by + S + 2 * sq + sq + tok + small
-             + rows + q)
+    # kept: q (the normalisation's, the gathers' input), rsqrt and its scaled copy, the unit keys and the values
+    # (the gathers' inputs), the slot and key-slot indices; sq and the keys (the scores' matmul), the mask, the
+    # weights (softmax's), the exponentials and their sums' logarithm (the logsumexp), the values (the second
+    # matmul); the row index (the gathers back), the rounds' weights and outputs; o_proj's input
+    saved = (q + 2 * b * h * n * by + q + vh + idx + 2 * idx + sq + 2 * sq + scores + 2 * S + slots * by + 2 * sq
+             + tok + small + rows + q)
     base = q + vh + q + 2 * tok + idx  # q, v, the unit keys; the buckets, the sort; the slot index
     phases = [q + vh + 2 * B * small if p.buckets > 1 else 0,  # the hash's projections
-              base + 6 * sq,  # the values sorted with the previous chunk's, the keys already
-              base + 5 * sq + S,  # the scores
-              base + 3 * sq + idx + scores + 2 * S + slots * by,  # the mask, the scores and the weights
+              base + 2 * idx + 4 * sq,  # the keys and values sorted with the previous chunk's
+              base + 2 * idx + 5 * sq + S,  # the scores
+              # the weights and the logsumexp's exponentials beside the scores, the mask, the keys' buckets
+              base + 4 * idx + 3 * sq + scores + 3 * S + 2 * slots * by,
               q + vh + tok + 2 * rows + q + small,  # the rounds combined
               q + vh + tok + 2 * q + out]  # at o_proj
-    # backward: the rounds' combination (o's and the weights' gradients); the softmax's (three temporaries of
-    # the scores' size beside the gradient of the weights and of the values, the output side released)
-    bwd = [2 * rows + small, 3 * S - q - rows - sq - tok]
+    # backward: the rounds' combination (o's and the weights' gradients); the second matmul's (the gradients of
+    # the weights and of the values beside o's, laid out as the slots; o_proj's input, the rows released); the
+    # logsumexp's (its exponentials' gradient beside the weights', the values and o's gradient released)
+    bwd = [2 * rows + small, S + 3 * sq - q - rows - tok, 2 * S - q - rows - tok]
     return replace(proj + core, saved=saved, peak=sp.Max(*phases) - out, cache=q + kvb, saves_input=True,
                    saves_output=False, bwd_peak=sp.Max(*bwd))

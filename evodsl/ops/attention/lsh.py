@@ -25,8 +25,11 @@ else is there. o_r(i) = sum_j softmax_j(scores) v_j, L_r(i) = logsumexp_j(scores
     o_i = sum_r exp(L_r(i) - logsumexp_r' L_r'(i)) o_r(i)
 
 without the paper's duplicate-count correction (log N_ij; as HF and trax's default). Softmax is explicit: the
-combination needs each round's logsumexp, which F.scaled_dot_product_attention does not give. O(n R m d) plus
-the sort, every query against 2m sorted keys in each round; no n x n tensor.
+combination needs each round's logsumexp, which F.scaled_dot_product_attention does not give (written out with
+its maximum: onnxruntime's ReduceLogSumExp loses a row whose only score is -1e5). O(n R m d) plus the sort,
+every query against 2m sorted keys in each round; no n x n tensor. One form, eager and exported: the chunks
+along one batch axis [b h R C, m, .] with C = ceil(n/m) + 1 (one chunk past n, unread: C is then a floor that
+torch.export can divide C m by, and never 1).
 
 Padding: padded tokens are put in a bucket of their own (B), sorted after every real token: real tokens keep
 their sorted order, chunks and keys, so a padded batch equals each sequence alone (padding either side).
@@ -67,7 +70,8 @@ def hash_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """x [b, h, n, dh], rotations [h, R, dh, B/2] -> int64 buckets [b, h, R, n]: argmax([xR; -xR])."""
     if rotations.shape[-1] == 0:  # one bucket
         return x.new_zeros((x.shape[0], x.shape[1], rotations.shape[1], x.shape[2]), dtype=torch.long)
-    xr = torch.einsum("bhnd,hrdk->bhrnk", x, rotations)
+    h, R, dh, half = rotations.shape
+    xr = (x @ rotations.permute(0, 2, 1, 3).reshape(h, dh, R * half)).unflatten(-1, (R, half)).transpose(2, 3)
     return torch.cat((xr, -xr), dim=-1).argmax(-1)
 
 
@@ -99,47 +103,48 @@ class LSHAttention(AttentionBase):
 
     def attend(self, q, k, v, buckets):
         """Each round over its sorted chunks: q, k, v [b, h, n, dh], buckets [b, h, R, n] -> per round the
-        outputs [b, h, R, n, dh] and logsumexps [b, h, R, n], at the original positions."""
+        outputs [b, h, R, n, dh] and logsumexps [b, h, R, n], at the original positions. Chunks are laid out along
+        one batch axis, [b h R C, m, .], with at least two of them (no axis whose size is 1 at some n, which
+        torch.export would specialize: the second is then slots past n, never read)."""
         b, h, n, dh = q.shape
         R, m, dev = buckets.shape[2], self.chunk, q.device
         pos = torch.arange(n, device=dev)
         perm = (buckets * n + pos).argsort(-1)  # [b, h, R, n]: sorted by (bucket, position)
-        C = (n + m - 1) // m  # chunks
+        C = (n + 2 * m - 1) // m  # chunks: ceil(n / m) and one past n (a floor: export sees C m / C = m)
         L = C * m
         slots = torch.arange(L, device=dev)
         src = perm[..., slots.clamp(max=n - 1)]  # [b, h, R, L]: the token in each slot (past n: the last, unread)
+        # each chunk's keys: the previous chunk's slots, then its own ([C, 2m], flat; -1 where out of the sequence)
+        kslot = (slots.view(C, 1, m) + torch.tensor([-m, 0], device=dev).view(1, 2, 1)).flatten()
+        ksrc = src[..., kslot.clamp(0, L - 1)]  # [b, h, R, 2L]
 
-        def sort(t):  # [b, h, n, dh] -> [b, h, R, C, m, dh], in sorted order
-            return t[:, :, None].expand(b, h, R, n, dh).gather(3, src[..., None].expand(b, h, R, L, dh)).view(
-                b, h, R, C, m, dh)
+        def sort(t, idx, rows):  # t [b, h, n, dh] -> [b h R C, rows, dh] in sorted order
+            return t[:, :, None].expand(b, h, R, n, dh).gather(3, idx[..., None].expand(*idx.shape, dh)).unflatten(
+                3, (C, rows)).flatten(0, 3)
 
-        prev = (torch.arange(C, device=dev) - 1).clamp(min=0)
-
-        def with_prev(t):  # [b, h, R, C, m, ...] -> [b, h, R, C, 2m, ...]: the previous chunk, then its own
-            return torch.cat((t[:, :, :, prev], t), dim=4)
-
-        kk, vv = with_prev(sort(k)), with_prev(sort(v))  # [b, h, R, C, 2m, dh]
-        sq = sort(q)
-        s = sq @ kk.transpose(-1, -2)  # [b, h, R, C, m, 2m]
+        kk, vv = sort(k, ksrc, 2 * m), sort(v, ksrc, 2 * m)  # [b h R C, 2m, dh]
+        sq = sort(q, src, m)  # [b h R C, m, dh]
+        s = torch.bmm(sq, kk.transpose(1, 2))  # [b h R C, m, 2m]
         del kk
-        qi = slots.view(C, m, 1)  # sorted indices of the queries and keys
-        kj = torch.cat(((slots.view(C, m) - m), slots.view(C, m)), dim=1)[:, None, :]  # [C, 1, 2m]
-        out_of_reach = (kj < 0) | (kj >= n)
-        if self.causal:
-            out_of_reach = out_of_reach | (kj > qi) | (kj < qi - m)
-        own = kj == qi  # [C, m, 2m]
-        sb = buckets.gather(3, src).view(b, h, R, C, m)
-        blocked = sb[..., :, None] != with_prev(sb)[..., None, :]  # [b, h, R, C, m, 2m]
-        blocked.logical_or_(out_of_reach).logical_and_(~own)  # own: a pad slot's row stays finite
+        reach = (kslot >= 0) & (kslot < n)  # keys out of the sequence: no bucket
+        sb_k = buckets.gather(3, ksrc).masked_fill_(~reach, -1).unflatten(3, (C, 1, 2 * m)).flatten(0, 3)
+        i, j = torch.arange(m, device=dev)[:, None], torch.arange(2 * m, device=dev)[None, :] - m
+        own = j == i  # [m, 2m]: a key slot's offset from the query's is j - i
+        blocked = buckets.gather(3, src).unflatten(3, (C, m, 1)).flatten(0, 3) != sb_k  # [b h R C, m, 2m]
+        if self.causal:  # its own bucket, at most m sorted places back
+            blocked.logical_or_((j > i) | (j < i - m))
+        blocked.logical_and_(~own)  # own: a pad slot's row stays finite
         s.masked_fill_(blocked, float("-inf")).sub_(own.to(s.dtype) * SELF_PENALTY)
-        lse = s.logsumexp(-1, keepdim=True)  # every row reads at least its own key
-        w = (s - lse).exp_()
+        w = s.softmax(-1)  # every row reads at least its own key
+        top = s.detach().amax(-1, keepdim=True)  # logsumexp written out (onnxruntime's loses a row of -1e5)
+        lse = top + (s - top).exp_().sum(-1, keepdim=True).log_()
         del s
-        o = w @ vv  # [b, h, R, C, m, dh]
+        o = torch.bmm(w, vv)  # [b h R C, m, dh]
         del w, vv
         inv = torch.empty_like(perm).scatter_(3, perm, pos.expand_as(perm))  # each token's sorted index
-        o = o.view(b, h, R, L, dh).gather(3, inv[..., None].expand(b, h, R, n, dh))
-        return o, lse.view(b, h, R, L).gather(3, inv)
+        rows = (inv + torch.arange(b * h * R, device=dev).view(b, h, R, 1) * L).flatten()  # in o's rows
+        return (o.flatten(0, 1).index_select(0, rows).unflatten(0, (b, h, R, n)),
+                lse.flatten().index_select(0, rows).unflatten(0, (b, h, R, n)))
 
     def _step(self, x, ctx):
         """Decoding (causal): the cached queries and values of every position and these; all re-hashed; each new
@@ -179,7 +184,7 @@ OP = register(Op(
     causal="yes", shape=lsh_shape, supports=frozenset(),
     paper="Reformer: The Efficient Transformer, Kitaev et al. 2020, arXiv:2001.04451",
     summary="shared QK (keys the unit queries), angular LSH argmax([xR; -xR]) in R rounds; sorted by (bucket, "
-            "position), chunks of m read their own and the previous chunk's same-bucket keys; rounds combined by "
-            "logsumexp; O(n R m d) plus the sort",
+            "position), chunks of m read their own and the previous chunk's same-bucket keys (causal: the query's "
+            "bucket, up to m tokens back); rounds combined by logsumexp; O(n R m d) plus the sort",
     note="", cost=lsh_cost,
 ))
