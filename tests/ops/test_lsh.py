@@ -211,3 +211,27 @@ def test_gradients_are_the_equations(causal):
     perturb_params(m, scale=0.2)
     x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: m(x, Ctx()), (x,))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_hf_reformer_lsh_layer_within_one_chunk(causal):
+    """HF's LSHSelfAttention on a sequence within one chunk (its standard-attention path, no hashing) with its
+    query_key and value weights: the same outputs as one bucket, one round (HF's conventions: the unit-length keys
+    with its 1e-6, unscaled scores, the own key only where nothing else is there). Beyond one chunk HF differs on
+    purpose (lsh.py: no bucket mask, chunks wrapping around across rounds, a causal form that leaks)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.reformer.modeling_reformer import LSHSelfAttention
+
+    cfg = transformers.ReformerConfig(hidden_size=D, num_attention_heads=4, attention_head_size=8, num_hashes=1,
+                                      lsh_attn_chunk_length=32, num_buckets=4, is_decoder=causal, attn_layers=["lsh"])
+    hf = LSHSelfAttention(cfg).double().eval()
+    m, _, _ = make_op("mha", "lsh", d=D, causal=causal, heads=4, buckets=1, chunk=32, bias=False)
+    perturb_params(m)
+    with torch.no_grad():
+        hf.query_key.weight.copy_(m.q_proj.weight)
+        hf.value.weight.copy_(m.v_proj.weight)
+        m.o_proj.weight.copy_(torch.eye(D, dtype=torch.float64))
+        x = torch.randn(2, 19, D, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+        want = hf(x).hidden_states
+        got = m(x, Ctx())
+    assert (got - want).abs().max().item() < 1e-10 * want.abs().max().item()
