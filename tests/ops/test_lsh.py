@@ -235,3 +235,16 @@ def test_hf_reformer_lsh_layer_within_one_chunk(causal):
         want = hf(x).hidden_states
         got = m(x, Ctx())
     assert (got - want).abs().max().item() < 1e-10 * want.abs().max().item()
+
+
+def test_float16_keeps_the_own_key_penalty_finite():
+    """float16's max is 65504: the penalty is 1e4 there (1e5 would make a row whose only key is its own, position 0
+    when causal, all -inf: NaN)."""
+    m, _, _ = make_op("mha", "lsh", d=D, causal=True, heads=4, buckets=4, chunk=5, rounds=2)
+    perturb_params(m, scale=0.3)
+    x = torch.randn(2, 23, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        want = m(x, Ctx())
+        got = m.half()(x.half(), Ctx()).double()
+    assert torch.isfinite(got).all()
+    assert (got[:, 0] - want[:, 0]).abs().max().item() < 1e-2 * want.abs().max().item()

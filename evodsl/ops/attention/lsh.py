@@ -48,7 +48,7 @@ from ._common import AttentionBase, AttentionParams
 from ._lsh_cost import lsh_cost
 from .isab import no_dropout_shape
 
-SELF_PENALTY = 1e5  # the paper's m(i, P_i) for a token's own key
+SELF_PENALTY = 1e5  # the paper's m(i, P_i) for a token's own key (float16, whose max is 65504: 1e4)
 EPS = 1e-6  # the key normalisation's, as HF's and trax's
 
 
@@ -73,6 +73,10 @@ def hash_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     h, R, dh, half = rotations.shape
     xr = (x @ rotations.permute(0, 2, 1, 3).reshape(h, dh, R * half)).unflatten(-1, (R, half)).transpose(2, 3)
     return torch.cat((xr, -xr), dim=-1).argmax(-1)
+
+
+def self_penalty(dtype) -> float:
+    return SELF_PENALTY if torch.finfo(dtype).max > 1e6 else 1e4
 
 
 def unit_keys(qk: torch.Tensor) -> torch.Tensor:
@@ -134,7 +138,7 @@ class LSHAttention(AttentionBase):
         if self.causal:  # its own bucket, at most m sorted places back
             blocked.logical_or_((j > i) | (j < i - m))
         blocked.logical_and_(~own)  # own: a pad slot's row stays finite
-        s.masked_fill_(blocked, float("-inf")).sub_(own.to(s.dtype) * SELF_PENALTY)
+        s.masked_fill_(blocked, float("-inf")).sub_(own.to(s.dtype) * self_penalty(s.dtype))
         w = s.softmax(-1)  # every row reads at least its own key
         top = s.detach().amax(-1, keepdim=True)  # logsumexp written out (onnxruntime's loses a row of -1e5)
         lse = top + (s - top).exp_().sum(-1, keepdim=True).log_()
@@ -166,7 +170,7 @@ class LSHAttention(AttentionBase):
         ok = same & (j <= i) & (mine - count <= self.chunk)
         s = (qk[:, :, None, N - T:] @ unit_keys(qk)[:, :, None].transpose(-1, -2)).expand(ok.shape)
         s = s.masked_fill(~ok, float("-inf"))
-        s = s - (j == i).to(s.dtype) * SELF_PENALTY
+        s = s - (j == i).to(s.dtype) * self_penalty(s.dtype)
         lse = s.logsumexp(-1)
         o = (s - lse[..., None]).exp() @ self.expand_kv(v)[:, :, None]
         return self.out(combine_rounds(o, lse))
