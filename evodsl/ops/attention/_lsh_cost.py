@@ -12,9 +12,10 @@ from ._common import head_symbols
 
 def lsh_cost(p, env: OpEnv, s: Symbols) -> Cost:
     """q_proj (the keys' source too), v_proj, o_proj; the hash ([b, h, R, n, B/2] projections, no gradient); per
-    round the tokens gathered in sorted order into L = ceil(n/m) m slots, each chunk's m queries against its
-    2m keys (the previous chunk's and its own): [b, h, R, L, 2m] scores, explicit softmax with its logsumexp;
-    the rounds' outputs gathered back and combined."""
+    round the tokens gathered in sorted order into L = (ceil(n/m) + 1) m slots (the last chunk past n), each
+    chunk's m queries against its 2m keys (the previous chunk's and its own): [b, h, R, L, 2m] scores, explicit
+    softmax with its logsumexp; the rounds' outputs gathered back and combined. The matmuls grow as n; the sort's
+    n log n comparisons are counted outside them (fwd_other), so the time class reads n log n."""
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     m, R, B = s.sym("m", p.chunk), s.sym("R", p.rounds), s.sym("B", p.buckets)
@@ -25,7 +26,8 @@ def lsh_cost(p, env: OpEnv, s: Symbols) -> Cost:
     proj = linear(s, s.d, h * dh, p.bias) + linear(s, s.d, kv * dh, p.bias) + linear(s, h * dh, s.d, p.bias)
     slots = b * h * R * L  # query slots over the rounds
     scores = slots * 2 * m
-    core = Cost(fwd=4 * scores * dh + hashing, bwd=8 * scores * dh, fwd_other=8 * scores + 3 * b * h * n * dh,
+    sort = b * h * R * n * sp.log(n, 2)  # the argsort's comparisons, counted with the elementwise work
+    core = Cost(fwd=4 * scores * dh + hashing, bwd=8 * scores * dh, fwd_other=8 * scores + 3 * b * h * n * dh + sort,
                 bwd_other=16 * scores)
     S = scores * by  # the scores; the weights
     sq = slots * dh * by  # the sorted queries; keys and values with the previous chunk's: 2 sq each
