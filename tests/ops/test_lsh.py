@@ -182,7 +182,8 @@ def test_sorting_by_chunk_with_causal_masking_alone_leaks():
                 order = sorted(range(x.shape[1]), key=lambda i: (bucket[i], i))
                 s = {i: order.index(i) for i in order}
                 for i in range(x.shape[1]):
-                    keys = [j for j in order if j <= i and bucket[j] == bucket[i] and s[i] // 3 - 1 <= s[j] // 3 <= s[i] // 3]
+                    keys = [j for j in order
+                            if j <= i and bucket[j] == bucket[i] and s[i] // 3 - 1 <= s[j] // 3 <= s[i] // 3]
                     w = torch.stack([q[bb, i, hh] @ k[bb, j, hh] - (1e5 if j == i else 0) for j in keys]).softmax(0)
                     out[bb, i, hh] = sum(wj * v[bb, j, hh] for wj, j in zip(w, keys))
         return out.flatten(2)
@@ -193,7 +194,8 @@ def test_sorting_by_chunk_with_causal_masking_alone_leaks():
 
 def test_bad_buckets_and_dropout_are_refused():
     def build(args):
-        evodsl.parse(f"model m(causal=true) = input(features, d=32) -> mha(lsh, heads=4, {args}) -> head(linear, d_out=2)")
+        evodsl.parse(f"model m(causal=true) = input(features, d=32) -> mha(lsh, heads=4, {args}) "
+                     f"-> head(linear, d_out=2)")
 
     with pytest.raises(EvoError, match="buckets=5 is odd") as e:
         build("buckets=5")

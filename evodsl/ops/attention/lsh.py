@@ -9,7 +9,7 @@ heads, as mha(soft) shares its V; the keys are always the query heads').
 Angular LSH, per head and round r: h_r(x) = argmax([x R_r; -x R_r]), R_r a [dh, B/2] Gaussian matrix drawn once
 from seed= (the buffer `rotations` [h, R, dh, B/2], which the tests and an importer can set); B = 1 puts every
 token in one bucket. In each round the tokens are sorted by (bucket, position), and the sorted sequence is cut
-into chunks of m (the last one short). Paper eq. 3-4 with its masks, in round r:
+into chunks of m (the last one short: its slots past n are never read). Paper eq. 3-4 with its masks, in round r:
 
     bidirectional:  query i reads key j iff h_r(i) = h_r(j) and chunk(s_j) in {chunk(s_i) - 1, chunk(s_i)}
     causal:         query i reads key j iff h_r(i) = h_r(j) and s_i - m <= s_j <= s_i
