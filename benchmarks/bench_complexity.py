@@ -89,6 +89,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("learned_kernel", "learned_kernel"),
         ("slim", "slim"),
         ("memory_compressed, k=3", "memory_compressed, k=3"),
+        ("lsh, buckets=8, chunk=64, rounds=2", "lsh, buckets=8, chunk=64, rounds=2"),
         ("combiner, block=64", "combiner, block=64"),
         ("combiner, axial, block=64", "combiner, mode=axial, block=64"),
         ("hierarchical, block=16", "hierarchical, block=16"),

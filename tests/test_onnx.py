@@ -63,6 +63,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "slim"): "features=16, chunk=16",
     ("mha", "mla"): "kv_rank=16, rope_dim=4, nope_dim=6, v_dim=8",
     ("mha", "memory_compressed"): "k=3",
+    ("mha", "lsh"): "buckets=4, chunk=4, rounds=2",
     ("mha", "combiner"): "block=3",
     ("mha", "hierarchical"): "block=4",
     ("mha", "multiscale"): "window=2, scales=2",

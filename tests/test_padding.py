@@ -30,7 +30,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "long_short": {"w": 8, "r": 4}, "fmm": {"w": 6, "kernels": 3},
          "isab": {"m": 6}, "luna": {"l": 6}, "star": {"rounds": 2},
          "skyformer": {"landmarks": 24}, "soft": {"landmarks": 24}, "bigbird": {"block": 8, "random": 1},
-         "bpt": {"k": 2}, "memory_compressed": {"k": 3}, "combiner": {"block": 6}, "dilated": {"pattern": "dilated_mem", "layer": 2}, "lara": {"C": 5, "m": 2}, "learned_kernel": {"components": 1, "features": 16},
+         "bpt": {"k": 2}, "memory_compressed": {"k": 3}, "lsh": {"buckets": 4, "chunk": 5, "rounds": 2}, "combiner": {"block": 6}, "dilated": {"pattern": "dilated_mem", "layer": 2}, "lara": {"C": 5, "m": 2}, "learned_kernel": {"components": 1, "features": 16},
          "colt5": {"window": 6, "k_q": 8, "k_kv": 24}, "hierarchical": {"block": 4}, "multiscale": {"window": 2},
          "fourier_integral": {"block": 16},
          "slim": {"features": 16}, "mla": {"kv_rank": 16, "rope_dim": 4, "nope_dim": 6, "v_dim": 8}, "etc": {"radius": 5, "globals": 3, "segment": 8}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns

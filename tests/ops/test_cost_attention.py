@@ -202,6 +202,13 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
             ({"block": 16, "stride": 8, "select_block": 16, "topk": 4, "window": 8, "kv_heads": 1, "heads": 2,
               "head_dim": 8, "bias": False}, ODD),
             ({"block": 4, "stride": 4, "select_block": 8, "topk": 3, "window": 200}, ODD)],
+    # Reformer LSH: chunks dividing n (16 at 64 and 160) and not (12, 24: a last chunk of slots past n), two and
+    # three rounds with grouped value heads, one bucket with a chunk past n (two chunks, the second past n), chunks
+    # of 2 (the sorted q, k, v lead the scores)
+    "lsh": [({"buckets": 4, "chunk": 16}, BOTH), ({"buckets": 8, "chunk": 12, "rounds": 2, "kv_heads": 2}, BOTH),
+            ({"buckets": 2, "chunk": 24, "rounds": 3, "kv_heads": 1, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+            ({"buckets": 1, "chunk": 200}, ODD), ({"buckets": 16, "chunk": 4, "rounds": 2}, SMALL),
+            ({"buckets": 4, "chunk": 2, "rounds": 2, "kv_heads": 2}, ODD)],
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),

@@ -66,6 +66,7 @@ ARGS = {
     "dilated": {"pattern": "dilated_mem", "layer": 3},  # 6 keys a query: n |O| d against the n d^2 projections  # n^2 / k leads the n d terms from n = 1k
     "combiner": {"block": 256},  # n (s + n / s) scores: s = 256 leads n / s = 4 .. 32 (linear; a hidden n x n would show)
     "star": {"rounds": 2},
+    "lsh": {"buckets": 8, "chunk": 32, "rounds": 2},  # 2m keys a query and round: n R m d, the sort's n log n unseen
     "skyformer": {"landmarks": 16},
     "soft": {"landmarks": 16},
     "bpt": {"k": 1},

@@ -31,6 +31,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "logsparse": {"window": 2, "conv": 3},
     "jukebox": {"block": 6},  # rows of 6 (column and prev_row: tests/ops/test_jukebox.py)
     "fmm": {"w": 6, "kernels": 3},
+    "lsh": {"buckets": 2, "chunk": 4, "rounds": 2},  # two buckets: every chunk mixes earlier and later tokens
     "luna": {"l": 6},
     "bpt": {"k": 2},  # levels of 2, 4, 8 .. tokens: spans across the whole 70
     "momentum": {},
