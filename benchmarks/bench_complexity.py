@@ -95,6 +95,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
         (f"colt5, window={args.window}, k_q=k_kv=256", f"colt5, window={args.window}, k_q=256, k_kv=256"),
         ("fourier_integral", "fourier_integral"),
+        ("yoso, hashes=32, tau=8", "yoso, hashes=32, tau=8"),
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)
@@ -113,7 +114,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
                       "etc",
                       "fnet",
-                      "colt5")  # no causal form: bidirectional only
+                      "colt5", "yoso")  # no causal form: bidirectional only
 
 
 def spec_text(call: str, d: int, causal: bool) -> str:

@@ -16,6 +16,7 @@ from .decoders import gpt2_spec, gpt2_weights, llama_spec, llama_weights
 from .encdec import bart_spec, bart_weights, t5_spec, t5_weights
 from .encoders import bert_spec, bert_weights
 from .weights import load_hf, read_checkpoint, read_safetensors
+from .yoso import yoso_spec, yoso_weights
 
 __all__ = ["from_hf", "load_hf", "read_safetensors", "read_checkpoint", "read_config", "FAMILIES"]
 
@@ -35,6 +36,7 @@ FAMILIES = {
     "bert": Family(bert_spec, bert_weights),
     "t5": Family(t5_spec, t5_weights),
     "bart": Family(bart_spec, bart_weights),
+    "yoso": Family(yoso_spec, yoso_weights),
 }
 
 

@@ -213,6 +213,12 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "slim": [({"features": 32, "chunk": 16}, BOTH), ({"features": 32, "kv_heads": 2, "chunk": 24}, BOTH),
              ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"features": 64, "chunk": 8}, SMALL),
              ({"features": 32, "chunk": 16, "pos": HALF_ROPE}, SMALL)],
+    # YOSO: the sample form (bucket tables, 2^tau per round, far more or fewer slots than n), grouped and single K/V
+    # heads; the expectation form ([n, n] weights)
+    "yoso": [({"hashes": 8, "tau": 4}, BOTH), ({"hashes": 8, "tau": 4, "kv_heads": 2}, BOTH), ({"hashes": 16, "tau": 6}, SMALL),
+             ({"hashes": 4, "tau": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH), ({"hashes": 32, "tau": 3}, ODD),
+             ({"mode": "expectation", "tau": 4}, BOTH), ({"mode": "expectation", "kv_heads": 2}, BOTH),
+             ({"mode": "expectation", "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH)],
 }
 
 

@@ -71,6 +71,7 @@ ARGS = {
     "learned_kernel": {"components": 4, "features": 16},
     "slim": {"features": 64},
     "colt5": {"window": 64, "k_q": 64, "k_kv": 128},  # the band linear in n, the heavy branch constant (fixed k)
+    "yoso": {"hashes": 16, "tau": 6},  # the sample form: n m dh codes and gathers; the 16 x 64 bucket tables a constant
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
