@@ -20,14 +20,17 @@ Choices where the paper is silent (or this is not the authors' CUDA code): the h
 [dh, m tau] draw per layer, shared by the heads, from torch's generator at construction (evodsl.compile(seed=...)
 fixes it), kept in the buffer `planes` (state_dict), never redrawn (the authors redraw per forward: here the model
 is deterministic and exports); plain Gaussian projections, not the authors' fast Hadamard hash (O(tau dh), not
-O(tau log dh), per round). Backward: the expectation form's is the exact derivative, d/dx (1 - arccos x / pi)^tau (taken
-at x clamped to +-(1 - 1e-6), where it is finite; the forward keeps x in [-1, 1]; HF's custom backward uses the
-paper's approximation tau/2 E instead); the sample form's is autograd's through the tables: exact for V (B^T of
-the incoming gradient), none for q and k (the codes are piecewise constant): train q and k with mode=expectation
-(HF's default), or accept that. Padding: padded keys' values are zeroed, in either form (their E_ij v_j is 0): a
-padded batch equals each sequence alone, on either side. GQA: each K/V head's tables serve its group of query
-heads. No causal form: the paper's attention is bidirectional (a causal one would need cumulative bucket tables,
-per-prefix, not built here). No position scheme inside; dropout= is refused (HF's attention dropout is unused).
+O(tau log dh), per round); codes from the sign bits by an elementwise sum (no matmul). Backward: the expectation
+form's is the exact derivative of (1 - arccos x / pi)^tau (Collision: taken at x clamped to +-(1 - 1e-6), where it
+is finite; the forward keeps x in [-1, 1]; HF's custom backward uses the paper's approximation, tau/2 E k, instead);
+the sample form's is autograd's through the tables: exact for V (B^T of the incoming gradient), none for q and k
+(the codes are piecewise constant; the paper's LSH estimate of their gradient is not built): train q and k with
+mode=expectation (HF's default), or accept that. Padding: padded keys' values are zeroed, in either form (their
+E_ij v_j is 0): a padded batch equals each sequence alone, on either side (HF's YosoModel of transformers 5
+ignores its attention_mask: 1 + mask / 10000 truncates to 1). GQA: each K/V head's tables (a view, expanded)
+serve its group of query heads. No causal form: the paper's attention is bidirectional (a causal one would need
+per-prefix bucket tables, cumulative sums over the sequence; not built here). No position scheme inside;
+dropout= is refused (HF never applies its attention dropout).
 """
 from __future__ import annotations
 
