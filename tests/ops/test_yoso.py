@@ -122,6 +122,17 @@ def test_sampled_output_approaches_the_expectation_form():
     assert errs[1] < 0.03 and 4 < errs[0] / errs[1] < 16
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_codes_are_exact_in_16_bit_dtypes(dtype):
+    """Round r's code of a row is sum_t 2^t [r_t . x > 0] + r 2^tau, integers up to 2^16 that bfloat16 and float16
+    cannot hold: the module sums its bits in float32. Checked against integer arithmetic on the same signs."""
+    mod, _, _ = make_op("mha", "yoso", d=D, heads=4, hashes=5, tau=13, dtype=dtype)
+    t = torch.randn(2, 4, 30, D // 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+    signs = (t @ mod.planes > 0).long().unflatten(-1, (5, 13))  # [.., m, tau]
+    want = (signs * 2 ** torch.arange(13)).sum(-1) + torch.arange(5) * 2 ** 13
+    assert torch.equal(mod.codes(t), want) and want.max() > 2 ** 12
+
+
 def test_backward():
     """expectation: every projection gets a gradient, finite even where q^ . k^ = 1 (q = k); sample: V's and
     o_proj's only (the codes are piecewise constant), V's being B^T of the incoming gradient."""

@@ -9,6 +9,7 @@ from ..registry import OpEnv
 from ._common import attention_cost, head_symbols
 
 CODE_BYTES = 8  # the bucket codes are int64 (scatter_add's and gather's indices)
+FLOAT32 = 4  # the sign bits and their sums are float32 whatever the dtype (integers below 2^16 exact)
 
 
 def yoso_cost(p, env: OpEnv, s: Symbols) -> Cost:
@@ -29,18 +30,19 @@ def yoso_cost(p, env: OpEnv, s: Symbols) -> Cost:
     T = b * kv * m * 2 ** tau * dh * by  # the bucket tables
     ck, cq = b * kv * n * m * CODE_BYTES, b * h * n * m * CODE_BYTES
     pk, pq = b * kv * n * m * tau * by, b * h * n * m * tau * by  # the projections on the hyperplanes
-    ckf, cqf = b * kv * n * m * by, b * h * n * m * by
+    bk, bq = b * kv * n * m * tau, b * h * n * m * tau  # their signs (bool), then as float32 bits (4 bytes)
+    ckf, cqf = b * kv * n * m * FLOAT32, b * h * n * m * FLOAT32  # the codes summed in float32
     # kept: the key and query codes (scatter_add's, gather's), the tables (gather's), N's input and norms,
     # o_proj's input (a copy)
     saved = ck + cq + T + q + 2 * norms + q
-    base = q + 2 * kvb  # q (a copy, grouped by K/V head), k, v
+    base = q + 2 * kvb  # q, k, v
     phases = [2 * q,  # q's copy beside q_proj's output
-              base + kvb + pk,  # the keys' hashing (a contiguous copy of k)
-              base + pk + b * kv * n * m * tau,  # the sign bits (bool, then float)
-              base + pk + ckf + 2 * ck,  # the codes
+              base + kvb + pk, base + pk + bk,  # the keys' hashing (a contiguous copy of k), the signs
+              base + bk + FLOAT32 * bk, base + 2 * FLOAT32 * bk,  # the float bits, their weighted copy
+              base + FLOAT32 * bk + ckf + 2 * ck,  # the codes
               base + ck + 2 * T + m * kvb,  # scatter_add: the zero tables, the values repeated m times
-              base + ck + T + pq + b * h * n * m * tau,  # the queries' hashing
-              base + ck + T + pq + cqf + 2 * cq,
+              base + ck + T + pq + bq, base + ck + T + bq + FLOAT32 * bq,  # the queries' hashing
+              base + ck + T + 2 * FLOAT32 * bq, base + ck + T + FLOAT32 * bq + cqf + 2 * cq,
               base + ck + T + cq + m * q + q,  # the gathered buckets and their sum
               base + 2 * q + norms,  # N
               base + 2 * q + out]  # at o_proj

@@ -20,17 +20,17 @@ Choices where the paper is silent (or this is not the authors' CUDA code): the h
 [dh, m tau] draw per layer, shared by the heads, from torch's generator at construction (evodsl.compile(seed=...)
 fixes it), kept in the buffer `planes` (state_dict), never redrawn (the authors redraw per forward: here the model
 is deterministic and exports); plain Gaussian projections, not the authors' fast Hadamard hash (O(tau dh), not
-O(tau log dh), per round); codes from the sign bits by an elementwise sum (no matmul). Backward: the expectation
-form's is the exact derivative of (1 - arccos x / pi)^tau (Collision: taken at x clamped to +-(1 - 1e-6), where it
-is finite; the forward keeps x in [-1, 1]; HF's custom backward uses the paper's approximation, tau/2 E k, instead);
-the sample form's is autograd's through the tables: exact for V (B^T of the incoming gradient), none for q and k
-(the codes are piecewise constant; the paper's LSH estimate of their gradient is not built): train q and k with
-mode=expectation (HF's default), or accept that. Padding: padded keys' values are zeroed, in either form (their
-E_ij v_j is 0): a padded batch equals each sequence alone, on either side (HF's YosoModel of transformers 5
-ignores its attention_mask: 1 + mask / 10000 truncates to 1). GQA: each K/V head's tables (a view, expanded)
-serve its group of query heads. No causal form: the paper's attention is bidirectional (a causal one would need
-per-prefix bucket tables, cumulative sums over the sequence; not built here). No position scheme inside;
-dropout= is refused (HF never applies its attention dropout).
+O(tau log dh), per round); codes from the sign bits by a float32 sum (no matmul; exact in 16-bit dtypes).
+Backward: the expectation form's is the exact derivative of (1 - arccos x / pi)^tau (Collision: taken at x clamped
+to +-(1 - 1e-6), where it is finite; the forward keeps x in [-1, 1]; HF's custom backward uses the paper's
+approximation, tau/2 E k, instead); the sample form's is autograd's through the tables: exact for V (B^T of the
+incoming gradient), none for q and k (the codes are piecewise constant; the paper's LSH estimate of their gradient
+is not built): train q and k with mode=expectation (HF's default), or accept that. Padding: padded keys' values
+are zeroed, in either form (their E_ij v_j is 0): a padded batch equals each sequence alone, on either side (HF's
+YosoModel of transformers 5 ignores its attention_mask: 1 + mask / 10000 truncates to 1). GQA: each K/V head's
+tables (a view, expanded) serve its group of query heads. No causal form: the paper's attention is bidirectional
+(a causal one would need per-prefix bucket tables, cumulative sums over the sequence; not built here). No position
+scheme inside; dropout= is refused (HF never applies its attention dropout).
 """
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ class YosoAttention(AttentionBase):
 
     def codes(self, t: torch.Tensor) -> torch.Tensor:
         """t [..., L, dh] -> int64 [..., L, m]: round r's code of each row plus r 2^tau (its table's offset)."""
-        bits = (t @ self.planes.to(t.dtype) > 0).to(t.dtype).unflatten(-1, (self.m, self.tau))
-        code = (bits * self.bit_values.to(t.dtype)).sum(-1)  # exact: integers below 2^16; no matmul (ONNX counts)
+        bits = (t @ self.planes.to(t.dtype) > 0).float().unflatten(-1, (self.m, self.tau))
+        code = (bits * self.bit_values.float()).sum(-1)  # float32 (exact below 2^24) whatever the dtype; no matmul
         return code.long() + torch.arange(self.m, device=t.device) * (1 << self.tau)
 
     def sampled(self, q, k, v):
