@@ -68,8 +68,9 @@ def io_names(graph: Graph) -> tuple[str, str]:
 
 def example_args(graph: Graph, batch: int, seq: int, seed: int = 0, decoder_seq: int | None = None) -> tuple:
     """The forward's arguments, in its order (None where the model takes none): the input(s), then each input's
-    attention mask (its last row right-padded to half its length) and token_type_ids (segment 0, then 1). A model
-    with two inputs gets a second of `decoder_seq` tokens (default: seq - 1, so that n and m differ)."""
+    attention mask (its last row right-padded to half its length) and token_type_ids (segment 0, then 1 if the
+    model has it). A model with two inputs gets a second of `decoder_seq` tokens (default: seq - 1, so that n and m
+    differ)."""
     m = decoder_seq or max(2, seq - 1)
     lengths = {"input_ids": seq, "attention_mask": seq, "token_type_ids": seq, "decoder_input_ids": m,
                "decoder_attention_mask": m}
@@ -87,8 +88,9 @@ def example_args(graph: Graph, batch: int, seq: int, seed: int = 0, decoder_seq:
             mask = torch.ones(batch, L, dtype=torch.long)
             mask[-1, max(1, L // 2):] = 0
             out.append(mask)
-        else:  # token_type_ids
-            types = torch.ones(batch, L, dtype=torch.long)
+        else:  # token_type_ids: segment 1 only where the model has a second one (HF's type_vocab_size=1: YOSO)
+            two = any(c.family == "embed" and getattr(c.params, "segments", 0) > 1 for c in graph.calls())
+            types = torch.full((batch, L), int(two), dtype=torch.long)
             types[:, : L // 2] = 0
             out.append(types)
     return tuple(out)

@@ -101,6 +101,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("forgetting", "forgetting"),
         ("moba, block=64, topk=3", "moba, block=64, topk=3"),
         (f"nsa, window={args.window}", f"nsa, window={args.window}"),  # the paper's l = 32, d = 16, l' = 64, n = 16
+        ("yoso, hashes=32, tau=8", "yoso, hashes=32, tau=8"),
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)
@@ -121,6 +122,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "fnet",
                       "colt5")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba")  # no bidirectional form: causal only
+                      "colt5", "yoso")  # no causal form: bidirectional only
 
 
 def spec_text(call: str, d: int, causal: bool) -> str:

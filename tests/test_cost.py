@@ -147,6 +147,9 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     # per segment of n tokens: n + 2 L positions (L memory tokens, a number); XL's relative scores keep the weights.
     # A sequence of N tokens in segments of n costs N/n segments: linear in N
     "rmt": ("O(n^2 d)", "O(n^2 h)"),
+    # YOSO's expectation form (HF's default): the [n, n] collision probabilities E kept per head (mode=sample:
+    # O(n d f + n d^2 + n m d tau) time, O(n d + n f + n m h) memory, m hash rounds)
+    "yoso_base": ("O(n^2 d)", "O(n^2 h)"),
 }
 
 

@@ -17,6 +17,7 @@ from .deepseek import deepseek_v2_spec, deepseek_v2_weights
 from .encdec import bart_spec, bart_weights, t5_spec, t5_weights
 from .encoders import bert_spec, bert_weights
 from .weights import load_hf, read_checkpoint, read_safetensors
+from .yoso import yoso_spec, yoso_weights
 
 __all__ = ["from_hf", "load_hf", "read_safetensors", "read_checkpoint", "read_config", "FAMILIES"]
 
@@ -37,6 +38,7 @@ FAMILIES = {
     "t5": Family(t5_spec, t5_weights),
     "bart": Family(bart_spec, bart_weights),
     "deepseek_v2": Family(deepseek_v2_spec, deepseek_v2_weights),
+    "yoso": Family(yoso_spec, yoso_weights),
 }
 
 

@@ -245,6 +245,12 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
             ({"kv_rank": 24, "rope_dim": 4, "nope_dim": 8, "v_dim": 20, "q_rank": 12}, BOTH),
             ({"kv_rank": 32, "rope_dim": 8, "nope_dim": 8, "v_dim": 16, "bias": False, "pos": ROPE}, BOTH),
             ({"kv_rank": 8, "rope_dim": 4, "nope_dim": 12, "v_dim": 16, "q_rank": 40, "heads": 2, "pos": HALF_ROPE}, ODD)],
+    # YOSO: the sample form (bucket tables, 2^tau per round, far more or fewer slots than n), grouped and single K/V
+    # heads; the expectation form ([n, n] weights)
+    "yoso": [({"hashes": 8, "tau": 4}, BOTH), ({"hashes": 8, "tau": 4, "kv_heads": 2}, BOTH), ({"hashes": 16, "tau": 6}, SMALL),
+             ({"hashes": 4, "tau": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH), ({"hashes": 32, "tau": 3}, ODD),
+             ({"mode": "expectation", "tau": 4}, BOTH), ({"mode": "expectation", "kv_heads": 2}, BOTH),
+             ({"mode": "expectation", "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH)],
 }
 
 
