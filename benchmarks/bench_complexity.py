@@ -120,9 +120,8 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
                       "etc",
                       "fnet",
-                      "colt5")  # no causal form: bidirectional only
-CAUSAL_ONLY = ("forgetting", "moba")  # no bidirectional form: causal only
                       "colt5", "yoso")  # no causal form: bidirectional only
+CAUSAL_ONLY = ("forgetting", "moba")  # no bidirectional form: causal only
 
 
 def spec_text(call: str, d: int, causal: bool) -> str:

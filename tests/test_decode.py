@@ -206,13 +206,12 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED + COMBINER
-            + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA]
-            + HIERARCHICAL + MULTISCALE + FOURIER + NSA]
+            + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA + NSA]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MLA])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MLA]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LSH])
 
 

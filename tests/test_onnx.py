@@ -70,8 +70,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "dilated"): "pattern=dilated_mem, layer=2",
     ("mha", "etc"): "radius=3, globals=2, segment=4, hard=both, rel=2",
     ("mha", "colt5"): "window=4, k_q=16, k_kv=24",  # routed counts above n = 7 (every token), below 33 and 70
-    ("ffn", "colt5"): "k=16",
-    ("mha", "nsa"): "block=4, stride=2, select_block=4, topk=3, window=3",  # 33 and 70: many blocks, 7: 2 compressed  # above n = 7 (every token routed), below 33 and 70
+    ("ffn", "colt5"): "k=16",  # above n = 7 (every token routed), below 33 and 70
+    ("mha", "nsa"): "block=4, stride=2, select_block=4, topk=3, window=3",  # 33 and 70: many blocks, 7: 2 compressed
     ("mha", "fourier_integral"): "R=0.5, block=16",
     ("mha", "moba"): "block=4, topk=2",
     ("mha", "yoso"): "hashes=8, tau=4",

@@ -32,13 +32,10 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "skyformer": {"landmarks": 24}, "soft": {"landmarks": 24}, "bigbird": {"block": 8, "random": 1},
          "bpt": {"k": 2}, "memory_compressed": {"k": 3}, "lsh": {"buckets": 4, "chunk": 5, "rounds": 2}, "combiner": {"block": 6}, "dilated": {"pattern": "dilated_mem", "layer": 2}, "lara": {"C": 5, "m": 2}, "learned_kernel": {"components": 1, "features": 16},
          "colt5": {"window": 6, "k_q": 8, "k_kv": 24}, "hierarchical": {"block": 4}, "multiscale": {"window": 2},
-         "fourier_integral": {"block": 16},
-         "slim": {"features": 16}, "mla": {"kv_rank": 16, "rope_dim": 4, "nope_dim": 6, "v_dim": 8}, "etc": {"radius": 5, "globals": 3, "segment": 8}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
          "fourier_integral": {"block": 16}, "forgetting": {}, "moba": {"block": 4, "topk": 2},
-         "fourier_integral": {"block": 16}, "nsa": {"block": 4, "stride": 2, "select_block": 8, "topk": 3, "window": 6},
+         "nsa": {"block": 4, "stride": 2, "select_block": 8, "topk": 3, "window": 6},
+         "mla": {"kv_rank": 16, "rope_dim": 4, "nope_dim": 6, "v_dim": 8}, "yoso": {"hashes": 8, "tau": 3},
          "slim": {"features": 16}, "etc": {"radius": 5, "globals": 3, "segment": 8}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
-         "slim": {"features": 16}, "etc": {"radius": 5, "globals": 3, "segment": 8},
-         "yoso": {"hashes": 8, "tau": 3}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
 # with the padding's large-norm noise keys, whose unmasked weight is then ~1e-8 (the control)
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel",
            "slim")  # causal forms in chunks: 16 tokens here, so that N spans several
@@ -47,8 +44,8 @@ POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {}), "t5_bias": ("t5_bias"
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
 KERNELIZED = ("linear", "performer", "rfa", "learned_kernel", "slim")  # chunked causal forms; phi after rope (absolute positions)
 RIGHT_ONLY = ("linformer", "chunk", "blockwise", "long_short", "jukebox", "bpt", "smart_bird",
-             "memory_compressed", "etc", "combiner", "hierarchical", "multiscale", "moba")  # read positions counted from each row's start: left padding is refused
-             "memory_compressed", "etc", "combiner", "hierarchical", "multiscale", "nsa")  # read positions counted from each row's start: left padding is refused
+             "memory_compressed", "etc", "combiner", "hierarchical", "multiscale", "moba",
+             "nsa")  # read positions counted from each row's start: left padding is refused
 
 
 def test_every_attention_is_covered():
