@@ -32,7 +32,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "skyformer": {"landmarks": 24}, "soft": {"landmarks": 24}, "bigbird": {"block": 8, "random": 1},
          "bpt": {"k": 2}, "memory_compressed": {"k": 3}, "combiner": {"block": 6}, "dilated": {"pattern": "dilated_mem", "layer": 2}, "lara": {"C": 5, "m": 2}, "learned_kernel": {"components": 1, "features": 16},
          "colt5": {"window": 6, "k_q": 8, "k_kv": 24}, "hierarchical": {"block": 4}, "multiscale": {"window": 2},
-         "fourier_integral": {"block": 16},
+         "fourier_integral": {"block": 16}, "differential": {}, "sigmoid": {"block": 16},
          "slim": {"features": 16}, "etc": {"radius": 5, "globals": 3, "segment": 8}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
 # with the padding's large-norm noise keys, whose unmasked weight is then ~1e-8 (the control)
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel",

@@ -71,6 +71,8 @@ ARGS = {
     "learned_kernel": {"components": 4, "features": 16},
     "slim": {"features": 64},
     "colt5": {"window": 64, "k_q": 64, "k_kv": 128},  # the band linear in n, the heavy branch constant (fixed k)
+    "differential": {},  # four SDPA calls: n^2 time, O(n) bytes
+    "sigmoid": {"block": 256},  # the blocked kernel: n^2 time, O(n) bytes beside [256, 256] blocks
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
