@@ -102,6 +102,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("moba, block=64, topk=3", "moba, block=64, topk=3"),
         (f"nsa, window={args.window}", f"nsa, window={args.window}"),  # the paper's l = 32, d = 16, l' = 64, n = 16
         ("yoso, hashes=32, tau=8", "yoso, hashes=32, tau=8"),
+        ("differential", "differential"),  # h heads of 2 dh: d_model divisible by 2 heads
+        ("sigmoid", "sigmoid"),
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)

@@ -185,6 +185,13 @@ MOBA = ["norm -> mha(moba, block=3, topk=2) -> norm -> ffn", "norm -> mha(moba, 
 NSA = ["norm -> mha(nsa, block=4, stride=2, select_block=4, topk=3, window=5) -> norm -> ffn",
        "norm -> mha(nsa, block=4, stride=2, select_block=8, topk=3, window=3, kv_heads=2) -> norm -> ffn",
        "norm -> mha(nsa, block=6, stride=3, select_block=6, topk=4, window=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+# differential attention: the cache of both key halves and the 2 dh-wide values (GQA, head_dim set, a deep layer)
+DIFFERENTIAL = ["norm -> mha(differential, heads=2) -> norm -> ffn",
+                "norm -> mha(differential, heads=2, kv_heads=1, layer=6) -> norm -> ffn",
+                "norm -> mha(differential, heads=4, kv_heads=2, head_dim=4, bias=false) -> norm -> ffn"]
+# sigmoid attention: the K/V cache, the new tokens against it in blocks of 4 (29 tokens) or one block past the prompt
+SIGMOID = ["norm -> mha(sigmoid, block=4) -> norm -> ffn", "norm -> mha(sigmoid, block=40, kv_heads=2, seq=64) -> norm -> ffn",
+           "norm -> mha(sigmoid, block=3, kv_heads=1, head_dim=4, bias=false, score_bias=-1.5) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
@@ -212,7 +219,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MLA]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LSH])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LSH]
+         + [(p, b) for p in POSITIONS if "t5" not in p for b in DIFFERENTIAL + SIGMOID])
 
 
 @pytest.mark.parametrize("pos,block", CASES)

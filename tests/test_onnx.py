@@ -69,6 +69,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "multiscale"): "window=2, scales=2",
     ("mha", "dilated"): "pattern=dilated_mem, layer=2",
     ("mha", "etc"): "radius=3, globals=2, segment=4, hard=both, rel=2",
+    ("mha", "differential"): "heads=2, kv_heads=1, layer=3",
+    ("mha", "sigmoid"): "block=16, seq=64",
     ("mha", "colt5"): "window=4, k_q=16, k_kv=24",  # routed counts above n = 7 (every token), below 33 and 70
     ("ffn", "colt5"): "k=16",  # above n = 7 (every token routed), below 33 and 70
     ("mha", "nsa"): "block=4, stride=2, select_block=4, topk=3, window=3",  # 33 and 70: many blocks, 7: 2 compressed
@@ -156,12 +158,18 @@ TREES = {("mha", "bpt"), ("mha", "hierarchical")}
 # packed sequence P (learned constants), so fewer MatMuls remain than torch runs.
 OTHER_FORMS = {("mha", "bigbird"), ("mha", "blockwise"), ("mha", "isab"), ("mha", "luna"),
                ("mha", "combiner")}  # combiner: floor(n / s) + 2 blocks exported (the extra ones padding), not ceil(n / s)
+# differential: torch runs each map twice (over V's two halves: the fused CPU kernel wants values as wide as the keys);
+# the exporter's common-subexpression pass keeps one q k^T and softmax per map, so 2 of its 6 attention MatMuls go
+OTHER_FORMS |= {("mha", "differential")}
 # Memory-compressed attention's causal form: torch runs G = m + 1 groups of K queries over the m finished slots
 # (m = floor(n / K)); the export gathers m + 2 groups and slots, so that no axis is 1 long at some n (the extra
 # ones masked or cut): a few more multiply-adds. Its bidirectional export is torch's form.
 # FourierFormer's causal form: torch runs whole tiles of 16 x 16 up to each query block's end (what `evodsl cost`
 # declares); the export's plain form scores every pair, masked: more matmul FLOPs. Bidirectional: n^2 both.
 CAUSAL_GROUPS = {("mha", "memory_compressed"), ("mha", "fourier_integral")}
+# sigmoid attention likewise: torch's blocked kernel skips the blocks above the diagonal; the export's dense form
+# scores every pair, masked. Bidirectional: n^2 both.
+CAUSAL_GROUPS |= {("mha", "sigmoid")}
 
 
 def op_cases() -> list[Case]:

@@ -236,6 +236,17 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "moba": [({"block": 8, "topk": 2}, BOTH), ({"block": 12, "topk": 3, "kv_heads": 2}, BOTH),
              ({"block": 5, "topk": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"block": 16, "topk": 20}, SMALL),
              ({"block": 200, "topk": 2}, ODD)],
+    # h heads of 2 dh (2 and 1 at d = 64, 96), grouped K/V heads, head_dim set, rope on the half-heads, ALiBi (one
+    # slope per head, both maps)
+    "differential": [({"heads": 2}, BOTH), ({"heads": 4, "kv_heads": 2}, BOTH), ({"heads": 2, "pos": ROPE}, BOTH),
+                     ({"heads": 2, "pos": ALIBI, "kv_heads": 1}, BOTH), ({"heads": 4, "pos": ALIBI, "kv_heads": 2}, ODD),
+                     ({"heads": 3, "kv_heads": 1, "head_dim": 8, "bias": False, "layer": 5}, ODD)],
+    # blocks of 16 (4 and 10 of them), 24 with GQA (the last shorter), one block (200 at n = 160), rope, ALiBi per
+    # block, narrow heads with a set score bias
+    "sigmoid": [({"block": 16}, BOTH), ({"block": 24, "kv_heads": 2}, BOTH), ({"block": 200}, ODD),
+                ({"block": 32, "pos": ROPE}, BOTH), ({"block": 32, "pos": ALIBI, "kv_heads": 2}, SMALL),
+                ({"block": 48, "pos": ALIBI}, ODD),
+                ({"block": 24, "kv_heads": 1, "head_dim": 8, "bias": False, "score_bias": 0.5}, ODD)],
     "slim": [({"features": 32, "chunk": 16}, BOTH), ({"features": 32, "kv_heads": 2, "chunk": 24}, BOTH),
              ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"features": 64, "chunk": 8}, SMALL),
              ({"features": 32, "chunk": 16, "pos": HALF_ROPE}, SMALL)],
