@@ -129,3 +129,35 @@ def test_refusals_are_evo_errors():
     src = "d_model = 32\nmodel m(causal=true) = input(tokens, vocab=50) -> embed -> pos(alibi) -> mha(softmax, softcap=50) -> head(lm)\n"
     with pytest.raises(EvoError, match=r"(?s)E\d+.*rope as its only.*pos\(alibi\)"):
         evodsl.compile(evodsl.parse(src))
+
+
+def test_final_logit_cap():
+    """head(lm, softcap=c): logits = c tanh(h W^T / c), in float64 from the weight; the cap bounds them by c."""
+    m, _, _ = make_op("head", "lm", d=D, vocab=50, tied=False, bias=True, softcap=3.0)
+    perturb_params(m, scale=2.0)
+    h = torch.randn(2, 7, D, dtype=torch.float64)
+    with torch.no_grad():
+        y = m(h)
+        z = torch.einsum("bnd,vd->bnv", h, m.weight) + m.bias
+        assert (y - 3.0 * torch.tanh(z / 3.0)).abs().max().item() < 1e-12
+        assert z.abs().max().item() > 6.0 and y.abs().max().item() < 3.0
+    hg = h.clone().requires_grad_()
+    m(hg).sum().backward()  # the training form: the same values, a gradient through the tanh
+    assert hg.grad is not None and torch.isfinite(hg.grad).all()
+
+
+def test_a_gemma2_style_model_compiles_and_decodes():
+    """Alternating local (window 4) and global layers, both capped at 50, the final logits at 30; rope inside."""
+    import evodsl
+
+    src = ("d_model = 32\nheads = 4\nkv_heads = 2\nmodel m(causal=true) = input(tokens, vocab=53) -> embed(token) -> pos(rope)"
+           " -> repeat(norm -> mha(local, window=4, softcap=50) -> norm -> ffn -> norm -> mha(softcap=50) -> norm -> ffn, 2)"
+           " -> norm -> head(lm, softcap=30)\n")
+    model = evodsl.compile(src, dtype=torch.float64)
+    ids = torch.randint(0, 53, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+        a, state = model.decode(ids[:, :11])
+        b, state = model.decode(ids[:, 11:], state)
+    assert full.abs().max().item() <= 30.0
+    assert (torch.cat((a, b), 1) - full).abs().max().item() < 1e-10 * full.abs().max().item()
