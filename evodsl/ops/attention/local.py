@@ -23,7 +23,7 @@ from ._sinks import SinksParams, sink_logit
 from ._softcap import SoftcapParams, check_modifiers, modifiers
 
 
-class LocalAttentionParams(AttentionParams, SoftcapParams, SinksParams):
+class LocalAttentionParams(SoftcapParams, SinksParams, AttentionParams):
     window: int = Field(128, ge=1, description="w: causal, keys t-w+1 .. t; bidirectional, keys |t-r| < w")
 
 

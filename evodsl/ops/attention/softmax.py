@@ -28,7 +28,7 @@ from ._sinks import SinkLogitParams, sink_logit
 from ._softcap import SoftcapParams, check_modifiers, modifiers
 
 
-class SoftmaxAttentionParams(AttentionParams, SoftcapParams, SinkLogitParams):
+class SoftmaxAttentionParams(SoftcapParams, SinkLogitParams, AttentionParams):
     scale: float | None = Field(None, gt=0, description="score scale; default 1/sqrt(head_dim) (T5: 1.0, the "
                                                         "scale folded into its initialisation)")
 
