@@ -106,3 +106,31 @@ def test_sinks_only_on_local():
     src = "d_model = 32\nmodel m(causal=true) = input(tokens, vocab=50) -> embed -> mha(softmax, sinks=4) -> head(lm)\n"
     with pytest.raises(EvoError, match=r"(?s)sinks"):
         evodsl.compile(evodsl.parse(src))
+
+
+GROWTH = {  # the modifiers' kernel grows as its cost declares (tests/growth.py: FLOPs, peak and allocated bytes,
+    # forward and backward): the band with sinks and the sink logit linear in n at n = 1k..8k (no hidden n x n);
+    # softmax's capped rows quadratic (n = 256..2k: its [n, n] weights kept for backward)
+    "local-sinks": ("local", {"window": 64, "sinks": 4, "sink_logit": True, "softcap": 50.0}, None),
+    "softmax-softcap": ("softmax", {"softcap": 50.0, "sink_logit": True}, (256, 512, 1024, 2048)),
+}
+
+
+@pytest.mark.parametrize("key", sorted(GROWTH))
+@pytest.mark.parametrize("causal", [True, False])
+def test_modifiers_grow_as_declared(key, causal):
+    from costhelpers import declared
+    from growth import NS, check_growth, declared_growth, measure_growth
+
+    variant, args, ns = GROWTH[key]
+    ns = ns or NS
+
+    def at(n):
+        _, _, cost, ev = declared("mha", variant, 1, n, dtype=torch.float32, d=64, causal=causal, heads=2, **args)
+        return ev(cost.fwd), ev(cost.peak) + n * 64 * 4, ev(cost.bwd)
+
+    module = declared("mha", variant, 1, ns[0], dtype=torch.float32, d=64, causal=causal, heads=2, **args)[0].train()
+    got = measure_growth(lambda x: module(x, Ctx()),
+                         lambda n: torch.randn(1, n, 64, generator=torch.Generator().manual_seed(n)),
+                         ns=ns, exclude=[module], train=True)
+    check_growth(f"mha({variant}, {args})", got, *declared_growth(at, ns=ns))

@@ -7,10 +7,14 @@ lo = w - 1, hi = 0 or w - 1), plus the sink tokens r < S that the band misses (c
     s_tr = q_t . k_r * scale,   softcap c:  s_tr <- c tanh(s_tr / c),
     o_t  = sum_r exp(s_tr) v_r / (sum_r exp(s_tr) + [sink logit] exp(a_h)).
 
-Row blocks of B queries (no n x n tensor beyond one block): block [s, e) scores its queries against
-  - "full" layout (the band covers the sequence): keys 0 .. e-1 (causal: the later blocks skipped) or all n;
-  - "band" layout: its Bq + lo + hi keys s - lo .. e - 1 + hi, sliced from K and V zero-padded by lo and hi
-    (the padding masked), with the S sink keys prepended (a per-block copy of S + Bq + lo + hi keys).
+Row blocks of B queries:
+  - "full" layout (the band covers the sequence): one block at a time (no n x n tensor beyond a block's B x n),
+    block [s, e) against keys 0 .. e-1 (causal: the later blocks skipped) or all n;
+  - "band" layout: all nb blocks at once, [b, h, nb, B, S + K] scores (O(n (S + w)), linear in n): block c's
+    queries against its K = B + lo + hi keys cB - lo .. cB + B - 1 + hi, an unfold of K and V zero-padded (the
+    padding masked), with the S sink keys prepended (a copy per block); queries padded to nb B rows, cut.
+    One batched form, not a loop: a loop's slices of tensors that need a gradient would each allocate a
+    full-size zero gradient in the backward (n^2 / B bytes in all).
 The learned sink logit is one more column of the scores, a_h, with a zero value (gpt-oss's "sinks"). A symbolic
 n (export) runs _gathered: each query gathers its W = lo + hi + 1 band keys and the S sinks, [b, h, n, S + W].
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ...decode import append_kv, slot
 from ...diagnostics import Diagnostic, EvoError
@@ -50,8 +55,9 @@ def _weights(sc, allowed, logit):
     sc = sc.masked_fill_(~allowed, float("-inf")) if not sc.requires_grad else sc.masked_fill(~allowed, float("-inf"))
     if logit is None:
         return sc.softmax(-1)
-    b, h, Bq, _ = sc.shape
-    return torch.cat((sc, logit.view(1, h, 1, 1).to(sc.dtype).expand(b, h, Bq, 1)), -1).softmax(-1)[..., :-1]
+    h = sc.shape[1]
+    col = logit.view(1, h, *[1] * (sc.dim() - 2)).to(sc.dtype).expand(*sc.shape[:-1], 1)
+    return torch.cat((sc, col), -1).softmax(-1)[..., :-1]
 
 
 def _own_fallback(allowed, own_col):
@@ -69,12 +75,11 @@ def scored_attention(q, k, v, lo: int, hi: int, causal: bool, scale: float, soft
     if not isinstance(n, int) or torch.jit.is_tracing():
         return _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask)
     form, B, lo, hi = layout(n, lo, hi, causal)
-    # contiguous [b, h, n, dh]: every block's slices are then matmul operands as they are (no per-block copies)
-    q = q.contiguous()
-    o = q.new_empty(b, n, h, dh).transpose(1, 2)  # laid out as o_proj reads it
     dev = q.device
-    if form == "full":
-        k, v = k.contiguous(), v.contiguous()
+    if form == "full":  # row blocks, one at a time
+        # contiguous [b, h, n, dh]: every block's slices are then matmul operands as they are (no per-block copies)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o = q.new_empty(b, n, h, dh).transpose(1, 2)  # laid out as o_proj reads it
         for s in range(0, n, B):
             e = min(s + B, n)
             K = e if causal else n
@@ -88,30 +93,33 @@ def scored_attention(q, k, v, lo: int, hi: int, causal: bool, scale: float, soft
             o[:, :, s:e] = w @ v[:, :, :K]
             del w
         return o
-    S = min(sinks, n)
-    kp, vp = (torch.nn.functional.pad(t, (0, 0, lo, hi)) for t in (k, v))  # key r at padded row r + lo
-    for s in range(0, n, B):
-        e = min(s + B, n)
-        a = s - lo  # the block's first key position (negative: padding)
-        kb, vb = kp[:, :, s:e + lo + hi], vp[:, :, s:e + lo + hi]
-        i = torch.arange(s, e, device=dev)[:, None]
-        j = torch.arange(a, e + hi, device=dev)[None, :]
-        allowed = (i - j <= lo) & (j - i <= hi) & (j >= 0) & (j < n)
-        if S:
-            js = torch.arange(S, device=dev)[None, :]
-            band = (i - js <= lo) & (js - i <= hi)
-            allowed = torch.cat(((~band & (js <= i)) if causal else ~band, allowed), -1)
-            kb, vb = torch.cat((k[:, :, :S], kb), 2), torch.cat((v[:, :, :S], vb), 2)
-            j = torch.cat((js, j), -1)
-        if key_mask is not None:
-            keep = key_mask[:, j[0].clamp(0, n - 1)]  # [b, K]
-            allowed = _own_fallback(allowed & keep[:, None, None, :], i[:, 0] - a + S)
-        sc = _cap(q[:, :, s:e] @ kb.transpose(-1, -2), scale, softcap)
-        w = _weights(sc, allowed, logit)
-        del sc, allowed, kb
-        o[:, :, s:e] = w @ vb
-        del w, vb
-    return o
+    # the band: every block at once, [b, h, nb, B, S + K] (O(n (S + w)): no per-block slice of a tensor that
+    # needs a gradient, whose backward would allocate a full-size zero gradient per block)
+    S, nb = min(sinks, n), -(-n // B)
+    K = B + lo + hi
+    qb = (F.pad(q, (0, 0, 0, nb * B - n)) if nb * B > n else q.contiguous()).view(b, h, nb, B, dh)
+    kb, vb = (F.pad(t, (0, 0, lo, nb * B - n + hi)).unfold(2, K, B).transpose(-1, -2) for t in (k, v))
+    i = torch.arange(nb * B, device=dev).view(nb, B, 1)
+    j = (torch.arange(nb, device=dev) * B - lo).view(nb, 1, 1) + torch.arange(K, device=dev)  # [nb, 1, K]
+    allowed = (i - j <= lo) & (j - i <= hi) & (j >= 0) & (j < n)
+    if S:
+        js = torch.arange(S, device=dev).view(1, 1, S)
+        band = (i - js <= lo) & (js - i <= hi)
+        allowed = torch.cat(((~band & (js <= i)) if causal else ~band, allowed.expand(nb, B, K)), -1)
+        kb = torch.cat((k[:, :, None, :S].expand(b, h, nb, S, dh), kb), 3)
+        vb = torch.cat((v[:, :, None, :S].expand(b, h, nb, S, dh), vb), 3)
+        j = torch.cat((js.expand(nb, 1, S), j), -1)
+    cols = torch.arange(allowed.shape[-1], device=dev)
+    own = cols == (i - (torch.arange(nb, device=dev) * B - lo).view(nb, 1, 1) + S)  # query t's own key
+    allowed = allowed | (own & (i >= n))  # padded query rows: any finite row, cut
+    if key_mask is not None:
+        keep = key_mask[:, j[:, 0].clamp(0, n - 1)]  # [b, nb, S + K]
+        allowed = allowed & keep[:, None, :, None, :]
+        allowed = allowed | (own & ~allowed.any(-1, keepdim=True))
+    sc = _cap(qb @ kb.transpose(-1, -2), scale, softcap)
+    w = _weights(sc, allowed, logit)
+    del sc, allowed
+    return (w @ vb).view(b, h, nb * B, dh)[:, :, :n]
 
 
 def _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask):

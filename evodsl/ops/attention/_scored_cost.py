@@ -35,12 +35,11 @@ def _full(n, causal):
 
 
 def _band(n, lo, hi, S):
-    """(I, the largest block's scores, B, nb, the last block's scores, the one before it's) of the band layout."""
+    """(I, the scores of all blocks at once, B, nb, ., .) of the band layout: nb B padded query rows."""
     B = sp.Min(n, sp.Max(MIN_BAND_BLOCK, lo, hi))
     nb = sp.ceiling(n / B)
-    r = n - (nb - 1) * B
-    full = B * (S + B + lo + hi)
-    return (nb - 1) * full + r * (S + r + lo + hi), full, B, nb, r * (S + r + lo + hi), full
+    I = nb * B * (S + B + lo + hi)
+    return I, I, B, nb, I, I
 
 
 def scored_cost(p, env: OpEnv, s: Symbols) -> Cost:
@@ -69,42 +68,45 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
     q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
     qkv = q + 2 * kvb
     grouped = 2 * q if kv != h else 0  # k, v repeated to h heads
-    col = b * h * n * by if logit else 0  # the sink logit's column, one per query
-    other = (1 + 1 + 5 + (3 if cap else 0)) * scores + (2 * b * h * n if logit else 0)
+    rows = n if band is None else nb * B  # query rows, padded to whole blocks in the band layout
+    col = b * h * rows * by if logit else 0  # the sink logit's column, one per query row
+    other = (1 + 1 + 5 + (3 if cap else 0)) * scores + (2 * b * h * rows if logit else 0)
     core = Cost(fwd=4 * scores * dh, bwd=8 * scores * dh, fwd_other=other, bwd_other=2 * other)
-    mask = I  # the bool masks (one per block, shared by the sequences and heads)
+    mask = I  # the bool masks (shared by the sequences and heads)
     rotated = rotates(env)
+    weights = scores * by * (2 if cap else 1) + col  # the weights (and the tanh)
+    block = b * h * top * by  # the largest block's scores (band: all of them)
     if band is None:
         keys = 2 * q if kv != h else 2 * kvb  # the matmuls read k and v (made contiguous)
         # k and v made contiguous, unless repeated to h heads (k: or rotated)
         kv_copy = 0 if kv != h else (0 if rotated else kvb) + kvb
+        saved = q + keys + weights + mask + q + pos.saved  # q, the keys and values read, the weights, the mask, o
+        # without autograd: one block's scores and weights (with the logit: the scores, their concatenation with
+        # the logit's column and its softmax), its bool mask and the mask's negation
+        blocks = (3 * block + 2 * b * h * B * by if logit else 2 * block) + 2 * top
+        q_copy = 0 if rotated else q  # q made contiguous [b, h, n, dh]
+        phases = [qkv + grouped + q_copy + kv_copy + q + blocks, qkv + q + out]
+        # backward, blocks in reverse: the last block's weights' and scores' gradients (o's saved copy and its
+        # gradient's released); then the block before it's beside o's gradient and the accumulated gradients of
+        # q, k and v, the last block's saved tensors released
+        last_saved = ((2 if cap else 1) * b * h * by + 1) * last  # its weights (tanh), its mask
+        acc = 2 * q  # measured: q's gradient and one more q-sized one
+        bwd = [2 * b * h * last * by - q, sp.Min(1, nb - 1) * (q + acc + 2 * b * h * before * by - last_saved)]
     else:
         lo, hi = band
-        kv_copy = 2 * b * h * (n + lo + hi) * dh * by  # k, v zero-padded by lo and hi
-        # with sinks each block reads its own [S + B_c + lo + hi] copy of the keys and values
-        keys = 2 * b * h * (n + nb * (S + lo + hi)) * dh * by if S != 0 else kv_copy
-    weights = scores * by * (2 if cap else 1) + col  # the weights (and the tanh)
-    saved = q + keys + weights + mask + q + pos.saved  # q, the keys and values read, the weights, the mask, o
-    block = b * h * top * by  # the largest block's scores
-    # without autograd: the block's scores and weights (with the logit: the scores, their concatenation with the
-    # logit's column and its softmax), its bool mask and the mask's negation, its keys and values with sinks
-    blocks = (3 * block + 2 * b * h * B * by if logit else 2 * block) + 2 * top
-    if band is not None and S != 0:
-        blocks = blocks + 2 * b * h * (top / B) * dh * by
-    q_copy = 0 if rotated else q  # q made contiguous [b, h, n, dh]
-    phases = [qkv + grouped + q_copy + kv_copy + q + blocks, qkv + q + out]
+        qb = b * h * nb * B * dh * by  # q's blocks: padded to nb B rows, or made contiguous (rope's already is)
+        made = sp.Min(1, nb * B - n) if rotated else 1  # is that a new tensor?
+        padded = 2 * b * h * (nb * B + lo + hi) * dh * by  # k, v zero-padded, read as an unfold
+        # the matmuls read each block's keys and values as a copy: the unfold's, or with sinks the concatenation's
+        keys = 2 * b * h * nb * (S + B + lo + hi) * dh * by
+        built = keys if S != 0 else padded  # with sinks the padded ones are released (the matmuls' copies of the
+        # unfold are gone before the weights exist)
+        saved = qb + keys + weights + mask + q + pos.saved  # q's blocks, the keys, the weights, the mask, o_proj's copy
+        phases = [qkv + grouped + made * qb + built + (3 * block + 2 * col if logit else 2 * block) + 2 * mask,
+                  qkv + grouped + made * qb + built + block + col + qb,  # weights @ values
+                  qkv + qb + q + out]  # o_proj: the blocks' output and its copy
+        bwd = [made * qb + block + col + keys / 2]  # measured: the scores' gradient beside q's and the keys'
     if env.pos is not None:
         phases.append(qkv + pos.peak)
-    # backward, blocks in reverse: the last block's weights' and scores' gradients (o's saved copy and its
-    # gradient's released); then the block before it's beside o's gradient and the accumulated gradients of q, k
-    # and v, the last block's saved tensors released
-    last_saved = ((2 if cap else 1) * b * h * by + 1) * last  # its weights (tanh), its mask; its keys with sinks
-    if band is not None and S != 0:
-        last_saved = last_saved + 2 * b * h * (last / (n - (nb - 1) * B)) * dh * by  # noqa
-    acc = q + (q if band is None else kv_copy)  # measured: the full layout holds one q-sized gradient less
-    r = n - (nb - 1) * B
-    first = (2 * b * h * last * by - q if band is None  # measured: o's gradient and saved copy released
-             else 2 * b * h * last * by + b * h * (last / r) * dh * by)  # beside its values' gradient
-    bwd = [first, sp.Min(1, nb - 1) * (q + acc + 2 * b * h * before * by - last_saved)]
     cost = attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache, bwd_phases=bwd)
     return replace(cost, params=cost.params + (h if logit else 0))  # the sink logits, one per head
