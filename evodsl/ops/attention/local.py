@@ -8,6 +8,8 @@ With w = window and s_tr = q_t . k_r / sqrt(dh) (+ the ALiBi bias, if any), per 
 
 clipped to 0 .. n-1. Xiong et al. 2021 find this plain local attention competitive with the sparse and
 low-rank schemes on long-context tasks. Computed blockwise (see _banded.py): O(n * w) time and memory.
+With softcap= (Gemma 2), sinks= (StreamingLLM) or sink_logit= (gpt-oss) it runs the explicit-score kernel of
+_scored.py instead (_softcap.py, _sinks.py say what each does and what it refuses).
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ Lowers to F.scaled_dot_product_attention. With kv_heads=1 it is multi-query atte
 1 < kv_heads < heads grouped-query attention (Ainslie et al. 2023). Inside residual(..., scores=true) it is
 RealFormer's residual attention (He et al. 2020): the raw scores of the previous such layer are added before
 the softmax, so the scores are materialized (O(n^2) memory, as the method requires).
+With softcap= (Gemma 2) or sink_logit= (gpt-oss) it runs the explicit-score kernel of _scored.py instead
+(_softcap.py, _sinks.py say what each does and what it refuses).
 """
 from __future__ import annotations
 
