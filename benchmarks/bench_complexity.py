@@ -104,6 +104,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("yoso, hashes=32, tau=8", "yoso, hashes=32, tau=8"),
         ("differential", "differential"),  # h heads of 2 dh: d_model divisible by 2 heads
         ("sigmoid", "sigmoid"),
+        ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
+        (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)

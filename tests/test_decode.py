@@ -192,6 +192,12 @@ DIFFERENTIAL = ["norm -> mha(differential, heads=2) -> norm -> ffn",
 # sigmoid attention: the K/V cache, the new tokens against it in blocks of 4 (29 tokens) or one block past the prompt
 SIGMOID = ["norm -> mha(sigmoid, block=4) -> norm -> ffn", "norm -> mha(sigmoid, block=40, kv_heads=2, seq=64) -> norm -> ffn",
            "norm -> mha(sigmoid, block=3, kv_heads=1, head_dim=4, bias=false, score_bias=-1.5) -> norm -> ffn"]
+# the modifiers (_scored.py): the cap on softmax and local, the sink logit; sinks: the first S keys beside the window
+# (the cache: min(t, S) + min(t, w) keys)
+MODIFIERS = ["norm -> mha(softmax, softcap=0.5, kv_heads=2) -> norm -> ffn", "norm -> mha(softmax, sink_logit=true) -> norm -> ffn",
+             "norm -> mha(local, window=5, softcap=0.5) -> norm -> ffn",
+             "norm -> mha(local, window=4, sinks=3, sink_logit=true, kv_heads=2) -> norm -> ffn",
+             "norm -> mha(local, window=40, sinks=2, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
@@ -211,6 +217,7 @@ MLA = ["norm -> mha(mla, kv_rank=16, rope_dim=4, nope_dim=6, v_dim=8) -> norm ->
 LSH = ["norm -> mha(lsh, buckets=2, chunk=3) -> norm -> ffn", "norm -> mha(lsh, buckets=4, chunk=5, rounds=2, kv_heads=2) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MODIFIERS]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED + COMBINER
             + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA + NSA]

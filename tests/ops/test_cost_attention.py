@@ -35,13 +35,22 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"pos": T5}, BOTH), ({"pos": T5, "kv_heads": 2}, ODD), ({"pos": T5, "dropout": 0.1}, SMALL),
                 # Transformer-XL: a full memory of mem_len earlier inputs (steady state), relative scores
                 ({"pos": XL, "mem_len": 32}, BOTH), ({"mem_len": 32, "kv_heads": 2}, BOTH), ({"pos": XL}, SMALL),
-                ({"pos": XL, "mem_len": 20, "heads": 2, "head_dim": 8, "bias": False}, ODD)],
+                ({"pos": XL, "mem_len": 20, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+                # the modifiers' explicit-score kernel (_scored.py): row blocks of 64 (n = 160: three, the causal ones
+                # past the diagonal skipped), the cap, the sink logit's column
+                ({"softcap": 50.0}, BOTH), ({"softcap": 50.0, "kv_heads": 2}, BOTH), ({"sink_logit": True, "pos": ROPE}, BOTH),
+                ({"sink_logit": True, "softcap": 50.0, "kv_heads": 1, "head_dim": 8, "bias": False}, SMALL)],
     "local": [({"window": 16}, BOTH), ({"window": 40, "kv_heads": 2}, BOTH), ({"window": 16, "pos": ALIBI}, BOTH),
               ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
               ({"window": 200}, ODD), ({"window": 16, "dropout": 0.1}, SMALL),
               # causal bands as wide as the sequence at n = 64 (one SDPA call), the prefix and blocks at n = 160
               ({"window": 80, "kv_heads": 2}, BOTH), ({"window": 100, "pos": ALIBI}, BOTH),
-              ({"window": 64, "pos": ROPE}, SMALL), ({"window": 70, "dropout": 0.1}, SMALL)],
+              ({"window": 64, "pos": ROPE}, SMALL), ({"window": 70, "dropout": 0.1}, SMALL),
+              # the modifiers' kernel: the band in row blocks of max(32, w - 1) queries against their zero-padded keys
+              # (and the S sinks), the window over the sequence at n = 64 (the full layout)
+              ({"window": 40, "sinks": 4, "softcap": 30.0}, ODD), ({"window": 16, "softcap": 50.0, "pos": ROPE}, ODD),
+              ({"window": 16, "sinks": 4, "sink_logit": True}, SMALL), ({"window": 80, "sinks": 4, "kv_heads": 2}, SMALL),
+              ({"window": 200, "softcap": 30.0, "sinks": 4}, ODD)],
     # span_init=1: every head at its full span, the band the cost declares (an upper bound otherwise)
     "adaptive_span": [({"max_span": 48, "R": 8}, BOTH), ({"max_span": 20, "R": 4, "pos": ALIBI}, BOTH),
                       ({"max_span": 20, "R": 4, "kv_heads": 2}, ODD), ({"max_span": 20, "R": 4, "pos": ROPE}, SMALL),

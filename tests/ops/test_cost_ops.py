@@ -56,6 +56,7 @@ CASES = [
     ("head", "lm", lambda d: {"vocab": V, "tied": False}),
     ("head", "lm", lambda d: {"vocab": V, "tied": False, "bias": True}),
     ("head", "lm", lambda d: {"vocab": V, "tied": False, "rescale": True}),
+    ("head", "lm", lambda d: {"vocab": V, "tied": False, "softcap": 30.0}),  # Gemma 2's final-logit cap
     ("head", "linear", lambda d: {"d_out": 10}),
     ("head", "linear", lambda d: {"d_out": 3, "bias": False}),
     ("head", "pooler", lambda d: {}),

@@ -8,6 +8,8 @@ With w = window and s_tr = q_t . k_r / sqrt(dh) (+ the ALiBi bias, if any), per 
 
 clipped to 0 .. n-1. Xiong et al. 2021 find this plain local attention competitive with the sparse and
 low-rank schemes on long-context tasks. Computed blockwise (see _banded.py): O(n * w) time and memory.
+With softcap= (Gemma 2), sinks= (StreamingLLM) or sink_logit= (gpt-oss) it runs the explicit-score kernel of
+_scored.py instead (_softcap.py, _sinks.py say what each does and what it refuses).
 """
 from __future__ import annotations
 
@@ -17,9 +19,13 @@ from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, register
 from ._banded import banded_attention, banded_attention_cost
 from ._common import AttentionBase, AttentionParams, attention_shape
+from ._scored import head_scale, scored_forward
+from ._scored_cost import scored_cost
+from ._sinks import SinksParams, sink_logit
+from ._softcap import SoftcapParams, check_modifiers, modifiers
 
 
-class LocalAttentionParams(AttentionParams):
+class LocalAttentionParams(SoftcapParams, SinksParams, AttentionParams):
     window: int = Field(128, ge=1, description="w: causal, keys t-w+1 .. t; bidirectional, keys |t-r| < w")
 
 
@@ -27,8 +33,14 @@ class LocalAttention(AttentionBase):
     def __init__(self, p: LocalAttentionParams, env: OpEnv):
         super().__init__(p, env)
         self.window = p.window
+        # softcap=, sinks=, sink_logit=: the explicit-score kernel (_scored.py)
+        self.modified, self.variant, self.sinks = bool(modifiers(p)), "local", p.sinks
+        self.softcap, self.sink_logit = p.softcap, sink_logit(p, self.heads)
+        self.score_scale = head_scale(self.head_dim, None)
 
     def forward(self, x, ctx):
+        if self.modified:
+            return scored_forward(self, x, ctx)
         if ctx is not None and ctx.cache is not None:
             return self._step(x, ctx)
         q, k, v = self.qkv(x)
@@ -46,14 +58,22 @@ class LocalAttention(AttentionBase):
 
 def local_attention_cost(p: LocalAttentionParams, env: OpEnv, s: Symbols) -> Cost:
     """The band of w keys back (and, bidirectional, ahead); decoding keeps the last w keys and values."""
+    if modifiers(p):
+        return scored_cost(p, env, s)
     w = s.sym("w", p.window)
     return banded_attention_cost(p, env, s, lo=w - 1, hi=0 if env.causal else w - 1, cache_keys=w)
 
 
+def local_shape(p: LocalAttentionParams, env: OpEnv):
+    check_modifiers("mha(local)", p, env)
+    return attention_shape(p, env)
+
+
 OP = register(Op(
-    decode="a cache of the last w keys and values (kv_heads heads)",
+    decode=lambda p: ("a cache of the first S keys and values (the sinks) and the last w (kv_heads heads)"
+                      if p.sinks else "a cache of the last w keys and values (kv_heads heads)"),
     family="mha", variant="local", params=LocalAttentionParams, module=LocalAttention,
-    causal="yes", shape=attention_shape, supports=frozenset({"rope", "alibi"}),
+    causal="yes", shape=local_shape, supports=frozenset({"rope", "alibi"}),
     paper="Simple Local Attentions Remain Competitive for Long-Context Tasks, Xiong et al. 2021, "
           "arXiv:2112.07210",
     summary="softmax(Q K^T / sqrt(dh)) V over a sliding window: causal keys t-w+1..t, bidirectional "

@@ -4,6 +4,8 @@ Lowers to F.scaled_dot_product_attention. With kv_heads=1 it is multi-query atte
 1 < kv_heads < heads grouped-query attention (Ainslie et al. 2023). Inside residual(..., scores=true) it is
 RealFormer's residual attention (He et al. 2020): the raw scores of the previous such layer are added before
 the softmax, so the scores are materialized (O(n^2) memory, as the method requires).
+With softcap= (Gemma 2) or sink_logit= (gpt-oss) it runs the explicit-score kernel of _scored.py instead
+(_softcap.py, _sinks.py say what each does and what it refuses).
 """
 from __future__ import annotations
 
@@ -22,9 +24,13 @@ from ...decode import append_kv
 from ._xl import xl_attention_cost, xl_forward
 from ._common import (LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols,
                       learned_bias, position_cost, rotates, score_bias)
+from ._scored import head_scale, scored_forward
+from ._scored_cost import scored_cost
+from ._sinks import SinkLogitParams, sink_logit
+from ._softcap import SoftcapParams, check_modifiers, modifiers
 
 
-class SoftmaxAttentionParams(AttentionParams):
+class SoftmaxAttentionParams(SoftcapParams, SinkLogitParams, AttentionParams):
     scale: float | None = Field(None, gt=0, description="score scale; default 1/sqrt(head_dim) (T5: 1.0, the "
                                                         "scale folded into its initialisation)")
 
@@ -36,6 +42,10 @@ class SoftmaxAttention(AttentionBase):
         self.scale = p.scale  # None: SDPA's 1/sqrt(head_dim)
         self.mem_len = env.memory[1].mem_len if env.memory else 0  # memory(xl): inputs kept from earlier segments
         self.xl = bool(self.mem_len) or getattr(self.pos, "relative", False)  # Transformer-XL's path (_xl.py)
+        # softcap=, sink_logit=: the explicit-score kernel (_scored.py)
+        self.modified, self.variant, self.window, self.sinks = bool(modifiers(p)), "softmax", None, 0
+        self.softcap, self.sink_logit = p.softcap, sink_logit(p, self.heads)
+        self.score_scale = head_scale(self.head_dim, p.scale)
 
     def _bias(self, n: int, device, start: int = 0) -> torch.Tensor | None:
         """The position scheme's bias [h, n, start + n] of queries start.. against keys 0.. (decoding: start
@@ -53,6 +63,8 @@ class SoftmaxAttention(AttentionBase):
         return bias
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        if self.modified:
+            return scored_forward(self, x, ctx)
         if self.xl:
             return xl_forward(self, x, ctx)
         if self.pos is not None:
@@ -115,6 +127,8 @@ class SoftmaxAttention(AttentionBase):
 def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) -> Cost:
     """SDPA on [b, h, n, n] scores (GQA read in place); RealFormer's path runs the matmuls itself and keeps the
     [b, h, n, n] weights. With ALiBi the [1, h, n, n] bias is SDPA's mask, and SDPA keeps it for backward."""
+    if modifiers(p):
+        return scored_cost(p, env, s)
     h, kv, dh = head_symbols(p, s)
     if env.memory or (env.pos is not None and getattr(env.pos[0].attach, "relative", False)):
         return xl_attention_cost(p, env, s, h, kv, dh)  # Transformer-XL's path
@@ -164,10 +178,15 @@ def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) ->
                           bwd_phases=bwd)
 
 
+def softmax_shape(p: SoftmaxAttentionParams, env: OpEnv):
+    check_modifiers("mha(softmax)", p, env)
+    return attention_shape(p, env)
+
+
 OP = register(Op(
     decode="a K/V cache of every position so far (kv_heads heads)",
     family="mha", variant="softmax", params=SoftmaxAttentionParams, module=SoftmaxAttention,
-    causal="yes", shape=attention_shape, supports=frozenset({"rope", "alibi", "t5_bias", "xl_rel", "residual_scores", "memory"}),
+    causal="yes", shape=softmax_shape, supports=frozenset({"rope", "alibi", "t5_bias", "xl_rel", "residual_scores", "memory"}),
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",
     summary="softmax(Q K^T * scale) V per head, scale 1/sqrt(dh) by default; kv_heads < heads shares K/V heads "
             "(MQA/GQA)",

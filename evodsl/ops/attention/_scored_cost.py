@@ -1,0 +1,112 @@
+"""The cost of the explicit-score kernel (_scored.py) that runs mha(softmax) and mha(local) with softcap=, sinks=
+or sink_logit=, written from its row blocks (conventions: _common.py).
+
+Scores per sequence and head, I: "full" layout (the band covers n), blocks of B = min(n, 64) queries, nb of them,
+the last r = n - (nb - 1) B long: causal, block c reads keys 0 .. e_c - 1, I = B^2 (nb - 1) nb / 2 + r n
+(the blocks past the diagonal skipped); bidirectional I = n^2. "band" layout, B = min(n, max(32, lo, hi)):
+block c reads its S + B_c + lo + hi keys, I = (nb - 1) B (S + B + lo + hi) + r (S + r + lo + hi).
+Matmuls: q k^T and w v, 4 I dh forward, twice that backward (explicit matmuls). Elementwise: the scale 1, the cap
+(divide, tanh, multiply) 3, the mask 1, softmax 5 per score.
+Memory: autograd keeps, per block, the weights (with the sink logit, one column more), the tanh (softcap) and the
+bool mask; the keys and values the matmuls read: the expanded (GQA) or zero-padded (band) copies, or each block's
+[S + K] keys with sinks; q made contiguous. Without autograd the kernel works in place: one block's scores and
+weights live at once.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import sympy as sp
+
+from ..cost import Cost, Symbols, piecewise
+from ..registry import OpEnv
+from ._common import attention_cost, head_symbols, position_cost, rotates
+from ._scored import FULL_BLOCK, MIN_BAND_BLOCK
+
+
+def _full(n, causal):
+    """(I, the largest block's scores, B, nb, the last block's scores, the one before it's) of the full layout."""
+    B = sp.Min(n, FULL_BLOCK)
+    nb = sp.ceiling(n / B)
+    r = n - (nb - 1) * B
+    if causal:
+        return B ** 2 * (nb - 1) * nb / 2 + r * n, sp.Max(r * n, B * (n - r)), B, nb, r * n, B * (n - r)
+    return n ** 2, B * n, B, nb, r * n, B * n
+
+
+def _band(n, lo, hi, S):
+    """(I, the scores of all blocks at once, B, nb, ., .) of the band layout: nb B padded query rows."""
+    B = sp.Min(n, sp.Max(MIN_BAND_BLOCK, lo, hi))
+    nb = sp.ceiling(n / B)
+    I = nb * B * (S + B + lo + hi)
+    return I, I, B, nb, I, I
+
+
+def scored_cost(p, env: OpEnv, s: Symbols) -> Cost:
+    h, kv, dh = head_symbols(p, s)
+    n, causal = s.n, env.causal
+    window = getattr(p, "window", None)
+    kept = n  # decoding: softmax keeps every key; local the last w and the first S
+    if window is not None:
+        w = s.sym("w", window)
+        kept = sp.Min(n, w) + (sp.Min(s.sym("S", p.sinks), n) if p.sinks else 0)
+    cache = 2 * s.b * kv * dh * s.bytes * kept
+    whole = _cost(p, env, s, h, kv, dh, *_full(n, causal), band=None, S=0, cache=cache)
+    if window is None:
+        return whole
+    lo, hi = sp.Min(w - 1, n - 1), (0 if causal else sp.Min(w - 1, n - 1))
+    S = sp.Min(s.sym("S", p.sinks), n) if p.sinks else 0
+    band = _cost(p, env, s, h, kv, dh, *_band(n, lo, hi, S), band=(lo, hi), S=S, cache=cache)
+    return piecewise([(whole, n <= w), (band, True)])
+
+
+def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> Cost:
+    b, n, by = s.b, s.n, s.bytes
+    cap, logit = p.softcap is not None, bool(getattr(p, "sink_logit", False))
+    pos = position_cost(env, s, h, kv, dh)
+    scores = b * h * I
+    q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
+    qkv = q + 2 * kvb
+    grouped = 2 * q if kv != h else 0  # k, v repeated to h heads
+    rows = n if band is None else nb * B  # query rows, padded to whole blocks in the band layout
+    col = b * h * rows * by if logit else 0  # the sink logit's column, one per query row
+    other = (1 + 1 + 5 + (3 if cap else 0)) * scores + (2 * b * h * rows if logit else 0)
+    core = Cost(fwd=4 * scores * dh, bwd=8 * scores * dh, fwd_other=other, bwd_other=2 * other)
+    mask = I  # the bool masks (shared by the sequences and heads)
+    rotated = rotates(env)
+    weights = scores * by * (2 if cap else 1) + col  # the weights (and the tanh)
+    block = b * h * top * by  # the largest block's scores (band: all of them)
+    if band is None:
+        keys = 2 * q if kv != h else 2 * kvb  # the matmuls read k and v (made contiguous)
+        # k and v made contiguous, unless repeated to h heads (k: or rotated)
+        kv_copy = 0 if kv != h else (0 if rotated else kvb) + kvb
+        saved = q + keys + weights + mask + q + pos.saved  # q, the keys and values read, the weights, the mask, o
+        # without autograd: one block's scores and weights (with the logit: the scores, their concatenation with
+        # the logit's column and its softmax), its bool mask and the mask's negation
+        blocks = (3 * block + 2 * b * h * B * by if logit else 2 * block) + 2 * top
+        q_copy = 0 if rotated else q  # q made contiguous [b, h, n, dh]
+        phases = [qkv + grouped + q_copy + kv_copy + q + blocks, qkv + q + out]
+        # backward, blocks in reverse: the last block's weights' and scores' gradients (o's saved copy and its
+        # gradient's released); then the block before it's beside o's gradient and the accumulated gradients of
+        # q, k and v, the last block's saved tensors released
+        last_saved = ((2 if cap else 1) * b * h * by + 1) * last  # its weights (tanh), its mask
+        acc = 2 * q  # measured: q's gradient and one more q-sized one
+        bwd = [2 * b * h * last * by - q, sp.Min(1, nb - 1) * (q + acc + 2 * b * h * before * by - last_saved)]
+    else:
+        lo, hi = band
+        qb = b * h * nb * B * dh * by  # q's blocks: padded to nb B rows, or made contiguous (rope's already is)
+        made = sp.Min(1, nb * B - n) if rotated else 1  # is that a new tensor?
+        padded = 2 * b * h * (nb * B + lo + hi) * dh * by  # k, v zero-padded, read as an unfold
+        # the matmuls read each block's keys and values as a copy: the unfold's, or with sinks the concatenation's
+        keys = 2 * b * h * nb * (S + B + lo + hi) * dh * by
+        built = keys if S != 0 else padded  # with sinks the padded ones are released (the matmuls' copies of the
+        # unfold are gone before the weights exist)
+        saved = qb + keys + weights + mask + q + pos.saved  # q's blocks, the keys, the weights, the mask, o_proj's copy
+        phases = [qkv + grouped + made * qb + built + (3 * block + 2 * col if logit else 2 * block) + 2 * mask,
+                  qkv + grouped + made * qb + built + block + col + qb,  # weights @ values
+                  qkv + qb + q + out]  # o_proj: the blocks' output and its copy
+        bwd = [made * qb + block + col + keys / 2]  # measured: the scores' gradient beside q's and the keys'
+    if env.pos is not None:
+        phases.append(qkv + pos.peak)
+    cost = attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache, bwd_phases=bwd)
+    return replace(cost, params=cost.params + (h if logit else 0))  # the sink logits, one per head
