@@ -136,6 +136,8 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     # queries read w window, r random (and 2 global) blocks: the scores, and the gathered keys and values
     # ETC: G global tokens read every position, long tokens a window of 2 r + 1 and the globals; the band's blocks of
     # r queries each copy the G global keys beside their window (n / r blocks)
+    # MLA: SDPA over the nope + rope width (the fused kernel: no weights kept); the latent and k^R per position
+    "deepseek_v2_lite": ("O(n^2 h nope + n^2 h rope)", "O(n d + n f + n h nope + n h rope)"),
     "etc_base": ("O(n G d + n d f + n d r + n d^2)", "O(n G d/r + n G h + n d + n f + n h r)"),  # rel: per-head masks, label scores
     "nystromformer": ("O(n d f + n d m_l + n d^2)", "O(n d + n f)"),  # m_l landmarks; no [n, m] weights kept
     "gpt2": ("O(n^2 d)", "O(n d + n f)"),  # SDPA keeps O(n) for backward

@@ -95,14 +95,19 @@ def compile_on_meta(src: str, graph) -> bool:
         for c in graph.calls() if getattr(c.params, "max_len", None) is not None)]
     if not fits:
         return False
-    n = fits[-1]
-    xs = []
-    for inp in graph.inputs:  # an encoder-decoder's source of n positions and target of n - 1
-        length = n if not xs else max(1, n - 1)
-        xs.append(torch.empty(2, length, dtype=torch.long, device="meta") if inp.variant == "tokens"
-                  else torch.empty(2, length, inp.params.d, device="meta"))
-    with torch.no_grad():
-        y = model(*xs)
+    for n in reversed(fits):  # the longest length the model takes: a causal xattn's queries, the last positions of
+        xs = []               # the stream it reads, are at most that stream's length (E410 at run time otherwise)
+        for inp in graph.inputs:  # an encoder-decoder's source of n positions and target of n - 1
+            length = n if not xs else max(1, n - 1)
+            xs.append(torch.empty(2, length, dtype=torch.long, device="meta") if inp.variant == "tokens"
+                      else torch.empty(2, length, inp.params.d, device="meta"))
+        try:
+            with torch.no_grad():
+                y = model(*xs)
+            break
+        except EvoError as err:
+            if "E410" not in str(err) or n == fits[0]:
+                raise
     lengths = {"b": 2, "n": n, "m": max(1, n - 1)}
     want = tuple(int(sympy.sympify(str(s)).subs(lengths)) if isinstance(s, str) else s
                  for s in graph.output.meta["shape"])

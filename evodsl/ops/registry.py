@@ -58,6 +58,10 @@ class OpEnv:
 
 
 def same_shape(params: OpParams, env: OpEnv) -> Shape:
+    """The default rule: the stream's shape, which must end in features (not token ids [b, n])."""
+    if not env.shape or not isinstance(env.shape[-1], int):
+        raise ShapeProblem(f"this op needs features [..., d], got [{', '.join(map(str, env.shape))}] (token ids)",
+                           hint="put embed(token) first")
     return env.shape
 
 
