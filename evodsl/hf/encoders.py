@@ -36,12 +36,13 @@ BERT_LAYER = {"attn.q_proj": "attention.self.query", "attn.k_proj": "attention.s
               "ffn.down_proj": "output.dense", "norm2": "output.LayerNorm"}
 
 
-def bert_weights(c: Config) -> dict:
+def bert_encoder_weights(c: Config, segments: int) -> dict:
+    """BERT's embeddings (token, position, segment where type_vocab_size, default `segments`, is nonzero), their
+    LayerNorm and every encoder layer (BERT_LAYER), mapped to ours; RoBERTa-style encoders (YOSO) share it."""
     out = {"embed.weight": Take("embeddings.word_embeddings.weight"),
            "pos.weight": Take("embeddings.position_embeddings.weight"),
-           "norm.weight": Take("embeddings.LayerNorm.weight"), "norm.bias": Take("embeddings.LayerNorm.bias"),
-           "head.dense.weight": Take("pooler.dense.weight"), "head.dense.bias": Take("pooler.dense.bias")}
-    if c.get("type_vocab_size", 2):
+           "norm.weight": Take("embeddings.LayerNorm.weight"), "norm.bias": Take("embeddings.LayerNorm.bias")}
+    if c.get("type_vocab_size", segments):
         out["embed.segment.weight"] = Take("embeddings.token_type_embeddings.weight")
     for i in range(c.get("num_hidden_layers")):
         h, e = f"encoder.layer.{i}.", f"blocks.{i}."
@@ -49,3 +50,8 @@ def bert_weights(c: Config) -> dict:
             for part in (".weight", ".bias"):
                 out[e + ours + part] = Take(h + theirs + part)
     return out
+
+
+def bert_weights(c: Config) -> dict:
+    return {**bert_encoder_weights(c, 2),
+            "head.dense.weight": Take("pooler.dense.weight"), "head.dense.bias": Take("pooler.dense.bias")}

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ._config import Config
 from ._spec import Spec
-from .decoders import Take, mlp_act
-from .encoders import BERT_LAYER
+from .decoders import mlp_act
+from .encoders import bert_encoder_weights
 
 
 def yoso_spec(c: Config) -> Spec:
@@ -32,14 +32,4 @@ def yoso_spec(c: Config) -> Spec:
 
 
 def yoso_weights(c: Config) -> dict:
-    out = {"embed.weight": Take("embeddings.word_embeddings.weight"),
-           "pos.weight": Take("embeddings.position_embeddings.weight"),
-           "norm.weight": Take("embeddings.LayerNorm.weight"), "norm.bias": Take("embeddings.LayerNorm.bias")}
-    if c.get("type_vocab_size", 1):
-        out["embed.segment.weight"] = Take("embeddings.token_type_embeddings.weight")
-    for i in range(c.get("num_hidden_layers")):
-        h, e = f"encoder.layer.{i}.", f"blocks.{i}."
-        for ours, theirs in BERT_LAYER.items():
-            for part in (".weight", ".bias"):
-                out[e + ours + part] = Take(h + theirs + part)
-    return out
+    return bert_encoder_weights(c, 1)  # no pooler; YosoConfig's type_vocab_size defaults to 1
