@@ -159,9 +159,9 @@ def check_memory(graph: Graph, param_bytes: int, dtype: str = "float32", stream:
     have = _available_memory()
     if have is not None and need > have:
         gib = lambda x: f"{x / 2**30:.1f} GiB"  # noqa: E731
-        how = ("the export streams them into the file; onnxruntime's check holds them once more after the torch "
-               "module is released" if stream else "torch's ONNX exporter holds about 3 more "
-               "copies while it builds and writes the graph")
+        how = ("the export streams them into the file, and onnxruntime's check maps that file once the torch "
+               "module is released: they are held about once, plus a margin for the graph and the check" if stream
+               else "torch's ONNX exporter holds about 3 more copies while it builds and writes the graph")
         raise EvoError([Diagnostic(
             "E405", f"exporting '{graph.name}' needs about {gib(need)}{' more' if built else ''} of memory; this "
                     f"machine has {gib(have)} available",

@@ -222,7 +222,9 @@ def _blocked_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi
         lead, mask = (b, h * nb), mask.expand(h, nb, B, K).reshape(1, h * nb, B, K)
     o = F.scaled_dot_product_attention(qb.reshape(*lead, B, dh), kb.reshape(*lead, K, dh),
                                        vb.reshape(*lead, K, dh), attn_mask=mask, dropout_p=dropout)
-    return o.view(b, h, nb * B, dh)[:, :, :n]
+    # reshape, not view: CUDA's SDPA kernels return their output with the head dim inside the query dim's
+    # stride, which no view can merge (a copy there; the CPU's output is contiguous, and this is a view)
+    return o.reshape(b, h, nb * B, dh)[:, :, :n]
 
 
 # -------------------------------------------------------------------- cost

@@ -121,7 +121,7 @@ def dilated_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi:
     o = F.scaled_dot_product_attention(qb.reshape(b * h, nb * d, B, dh), kb.reshape(b * h, nb * d, g + K, dh),
                                        vb.reshape(b * h, nb * d, g + K, dh), attn_mask=mask, dropout_p=dropout)
     # [b h, nb d, B, dh] -> [b, nb, B, d, h, dh]: position (blk B + u) d + c, heads last
-    return o.view(b, h, nb, d, B, dh).permute(0, 2, 4, 3, 1, 5).reshape(b, nb * B * d, h * dh)[:, :n]
+    return o.reshape(b, h, nb, d, B, dh).permute(0, 2, 4, 3, 1, 5).reshape(b, nb * B * d, h * dh)[:, :n]
 
 
 def gathered_dilated_band(q, k, v, lo: int, hi: int, d: int, g: int, dropout: float,

@@ -114,4 +114,4 @@ def selected_attention(m, q, k, v, idx, valid, t, last, key_mask):
     ks, vs = (x.gather(2, at).view(b * kv, T, S, dh) for x in (k, v))
     qs = q.view(b, kv, g, T, dh).transpose(2, 3).reshape(b * kv, T, g, dh)
     o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keep.view(b * kv, T, 1, S))
-    return o.view(b, kv, T, g, dh).transpose(2, 3).reshape(b, h, T, dh)
+    return o.reshape(b, kv, T, g, dh).transpose(2, 3).reshape(b, h, T, dh)

@@ -182,7 +182,7 @@ class BigBirdAttention(AttentionBase):
         qb = q[:, :, self.first * B:N - self.last * B].reshape(b, h * R, B, dh)
         mask = mask.view(mask.shape[0], h * R, 1, S * B)
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout)
-        return o.view(b, h, R * B, dh)
+        return o.reshape(b, h, R * B, dh)
 
 OP = register(Op(
     decode=None,  # bidirectional only: the global blocks read every position

@@ -68,6 +68,7 @@ class CoLT5Attention(AttentionBase):
             keep = slots if keep is None else keep & slots
         heavy = self.heavy(self.rows(x, qi), self.rows(x, ki) * lk[..., None], keep) * lq[..., None]  # [b, Kq, d]
         y = self.light(x, ctx)
+        heavy = heavy.to(y.dtype)  # under autocast the branches may differ (the light one's SDPA in bfloat16)
         if not isinstance(n, int):
             return y.scatter_add(1, qi[..., None].expand(-1, -1, d), heavy)
         flat = (qi + torch.arange(b, device=x.device)[:, None] * n).flatten()

@@ -86,7 +86,7 @@ def factorized(q, k, v, pattern: str, l: int, causal: bool, key_mask=None, dropo
             mask = ok if key_mask is None else _own(ok)  # only padding empties a column
         o = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=mask, dropout_p=dropout,
                                            is_causal=causal and mask is None and nr > 1, enable_gqa=gqa)
-        return o.view(b, l, h, nr, dh).permute(0, 3, 1, 2, 4).reshape(b, N, h * dh)[:, :n]
+        return o.reshape(b, l, h, nr, dh).permute(0, 3, 1, 2, 4).reshape(b, N, h * dh)[:, :n]
 
     def rows(t):  # [b, H, n, dh] -> [b nr, H, l, dh]: a view of [b, N, H, dh] (one padded copy where l | n fails)
         t = t.transpose(1, 2)

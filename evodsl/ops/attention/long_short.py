@@ -103,7 +103,7 @@ def segment_attention(q, kl, vl, kg, vg, w: int, key_mask=None, dropout: float =
 
     qb = (F.pad(q, (0, 0, 0, nb * B - n)) if nb * B > n else q).reshape(b * h, nb, B, dh)
     o = F.scaled_dot_product_attention(qb, blocked(kl, kg), blocked(vl, vg), attn_mask=mask, dropout_p=dropout)
-    return o.view(b, h, nb * B, dh)[:, :, :n]
+    return o.reshape(b, h, nb * B, dh)[:, :, :n]
 
 
 def _gathered_segments(q, kl, vl, kg, vg, w: int, key_mask, dropout: float) -> torch.Tensor:

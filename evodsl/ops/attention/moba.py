@@ -110,7 +110,7 @@ class MobaAttention(AttentionBase):
         del pos
         o = F.scaled_dot_product_attention(q.reshape(b * h, T, 1, dh), kg.reshape(b * h, T, -1, dh),
                                            vg.reshape(b * h, T, -1, dh), attn_mask=keep.reshape(b * h, T, 1, -1))
-        return o.view(b, h, T, dh)
+        return o.reshape(b, h, T, dh)
 
     def attend(self, q, k, v, start):
         """q [b, h, T, dh] at positions start.. against every key 0 .. N-1 (k, v [b, kv, N, dh], N = start + T)."""

@@ -155,7 +155,7 @@ class TransientGlobalAttention(AttentionBase):
         qb = (F.pad(q, (0, 0, 0, nb * B - n)) if nb * B > n else q).reshape(b, h * nb, B, dh)
         o = F.scaled_dot_product_attention(qb, keys[0], keys[1], attn_mask=mask, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return o.view(b, h, nb * B, dh)[:, :, :n]
+        return o.reshape(b, h, nb * B, dh)[:, :, :n]
 
     def _tile(self, B: int, K: int, left: int, lo: int, dtype, dev) -> torch.Tensor:
         """The band seen by every block, [B, K] (or [h, B, K] with the position scheme's bias): query a at
