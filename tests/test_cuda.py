@@ -24,7 +24,7 @@ import evodsl
 from evodsl.ops import REGISTRY, Ctx
 from ophelpers import CAUSAL_ONLY, make_op, perturb_params
 from ops.test_growth import ARGS, HEADS
-from spechelpers import SPECS, min_length, model_inputs, output_causal, small
+from spechelpers import SPECS, min_length, model_inputs, small
 from test_decode import ATTENTION as DECODE_TEMPLATE, CASES as DECODE_CASES, DECODABLE, _check_decode_equals_forward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
