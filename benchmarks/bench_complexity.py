@@ -104,6 +104,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("yoso, hashes=32, tau=8", "yoso, hashes=32, tau=8"),
         ("differential", "differential"),  # h heads of 2 dh: d_model divisible by 2 heads
         ("sigmoid", "sigmoid"),
+        ("clustered, clusters=64", "clustered, clusters=64"),
+        ("routing, clusters=16, window=64", "routing, clusters=16, window=64"),
         ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
     ]
@@ -124,7 +126,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
                       "etc",
                       "fnet",
-                      "colt5", "yoso")  # no causal form: bidirectional only
+                      "colt5", "yoso", "clustered")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba")  # no bidirectional form: causal only
 
 

@@ -215,6 +215,11 @@ MLA = ["norm -> mha(mla, kv_rank=16, rope_dim=4, nope_dim=6, v_dim=8) -> norm ->
 # Reformer LSH: two and four buckets over chunks of 3 and 5 (29 tokens), two rounds (the cache: every query and value,
 # re-hashed)
 LSH = ["norm -> mha(lsh, buckets=2, chunk=3) -> norm -> ffn", "norm -> mha(lsh, buckets=4, chunk=5, rounds=2, kv_heads=2) -> norm -> ffn"]
+# Routing Transformer: three and five clusters, windows of 3 and 4 over the 29 tokens, grouped K/V heads, a window
+# past the sequence (the cache: every key and value, routed again each step)
+ROUTING = ["norm -> mha(routing, clusters=3, window=3) -> norm -> ffn",
+           "norm -> mha(routing, clusters=5, window=4, kv_heads=2) -> norm -> ffn",
+           "norm -> mha(routing, clusters=2, window=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MODIFIERS]
@@ -227,6 +232,7 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MLA]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LSH]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in ROUTING]
          + [(p, b) for p in POSITIONS if "t5" not in p for b in DIFFERENTIAL + SIGMOID])
 
 

@@ -267,6 +267,17 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
             ({"kv_rank": 8, "rope_dim": 4, "nope_dim": 12, "v_dim": 16, "q_rank": 40, "heads": 2, "pos": HALF_ROPE}, ODD)],
     # YOSO: the sample form (bucket tables, 2^tau per round, far more or fewer slots than n), grouped and single K/V
     # heads; the expectation form ([n, n] weights)
+    # routing: windows of 16 and 24 (the causal slots past the sequence's start masked), grouped and single K/V heads,
+    # a window past n (bidirectional: min(w, n) keys), many small clusters
+    "routing": [({"clusters": 4, "window": 16}, BOTH), ({"clusters": 8, "window": 24, "kv_heads": 2}, BOTH),
+                ({"clusters": 3, "window": 200, "kv_heads": 1, "heads": 2, "head_dim": 8, "bias": False}, ODD),
+                ({"clusters": 16, "window": 5}, SMALL)],
+    # clustered (bidirectional): a few clusters, grouped K/V heads, narrow heads, more clusters than tokens (some empty,
+    # no iteration), as many clusters and bits as tokens
+    "clustered": [({"clusters": 8, "bits": 16, "iterations": 3}, BOTH),
+                  ({"clusters": 12, "bits": 32, "iterations": 5, "kv_heads": 2}, BOTH),
+                  ({"clusters": 5, "bits": 8, "iterations": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                  ({"clusters": 200, "bits": 8, "iterations": 0}, ODD), ({"clusters": 64, "bits": 64, "iterations": 2}, SMALL)],
     "yoso": [({"hashes": 8, "tau": 4}, BOTH), ({"hashes": 8, "tau": 4, "kv_heads": 2}, BOTH), ({"hashes": 16, "tau": 6}, SMALL),
              ({"hashes": 4, "tau": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH), ({"hashes": 32, "tau": 3}, ODD),
              ({"mode": "expectation", "tau": 4}, BOTH), ({"mode": "expectation", "kv_heads": 2}, BOTH),
