@@ -90,7 +90,9 @@ ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
 # fourier_integral: n^2 dh sines, logs and tangents at n = 8k (several minutes a case on a shared 2-core machine)
 # moba: its [n, 128] gathered keys and values, forward and backward, at n = 8k (~1 minute here)
-SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid")  # sigmoid: its blocked kernel, ~3 CPU minutes
+# routing: its [n, 65] gathered keys and values (~35-45 s a case here); clustered: 5 Lloyd iterations over [n, 16] (~25 s)
+SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid",  # sigmoid: its blocked kernel, ~3 CPU minutes
+        "routing", "clustered")
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW else [])
          for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")
          and not (not causal and v in CAUSAL_ONLY)]

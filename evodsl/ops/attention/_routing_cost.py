@@ -1,22 +1,20 @@
 """The cost of mha(routing) (routing.py): the routing, the gathered key slots, one SDPA call."""
 from __future__ import annotations
 
-import sympy as sp
-
 from ..cost import Cost, Symbols
 from ..registry import OpEnv
 from ._common import attention_cost, head_symbols
 
 
 def routing_cost(p, env: OpEnv, s: Symbols) -> Cost:
-    """The projections; q^ and k^ against the k centroids ([b, h, n, k] each, no gradient); W = w slots (causal) or
-    min(w, n) (bidirectional) a query and its own key, gathered ([b, h, n, W + 1, dh] keys and values) and read by
+    """The projections; q^ and k^ against the k centroids ([b, h, n, k] each, no gradient); w slots a query (those
+    past the sequence masked; bidirectional: the top-w of the similarities padded by w) and its own key, gathered ([b, h, n, W + 1, dh] keys and values) and read by
     SDPA (the fused kernel, b h n queries of one row each); in training the centroids' update (the one-hot sums of
     q^ and k^). Balanced clusters: every query reads W keys, whatever the routing: n W dh."""
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     k, w = s.sym("k", p.clusters), s.sym("w", p.window)
-    W = w if env.causal else sp.Min(w, n)
+    W = w  # slots a query (past the sequence: masked)
     bhn = b * h * n
     routing = 4 * bhn * dh * k
     scores = bhn * (W + 1)

@@ -9,7 +9,7 @@ k^ = k / |k| are routed (no gradient), and attention within a cluster is ordinar
     c(q_i) = argmax_c q^_i . mu_c,        o_i = sum_{j in K_i} softmax_j(q_i . k_j / sqrt(dh)) v_j
 
 Bidirectional: K_i is the w keys nearest (largest k^ . mu_c) the query's centroid c = c(q_i), the balanced top-w
-of the paper's implementation, so every cluster reads exactly w keys (min(w, n)) and the work is n w d; with
+of the paper's implementation, so every cluster reads exactly w keys (all n where n < w) and the work is n w d; with
 k = sqrt(n) clusters of w = n / k keys it is the paper's O(n sqrt(n) d). Queries are routed to their nearest
 centroid (each query one cluster; the implementation's top-w queries would leave some without an output).
 Causal (our construction; the top-w keys of a cluster depend on later keys, which would leak): K_i is the last w
@@ -94,10 +94,12 @@ class RoutingAttention(AttentionBase):
         return self.out(o.view(b, h, n, dh))
 
     def top_slots(self, cq, ks):
-        """Bidirectional: each query's cluster's top-w keys (min(w, n)): indices [b, h, n, W], all read."""
-        top = ks.transpose(-1, -2).topk(torch.sym_min(self.window, ks.shape[2]), dim=-1).indices  # [b, h, k, W]
-        idx = top.gather(2, cq[..., None].expand(*cq.shape, top.shape[-1]))
-        return idx, torch.ones_like(idx, dtype=torch.bool)
+        """Bidirectional: each query's cluster's top-w keys: indices [b, h, n, w], read where < n (the similarities
+        padded with w slots of -inf, so that there are w at every n: no branch on n, one exported graph)."""
+        n = ks.shape[2]
+        top = F.pad(ks.transpose(-1, -2), (0, self.window), value=float("-inf")).topk(self.window, dim=-1).indices
+        idx = top.gather(2, cq[..., None].expand(*cq.shape, self.window))  # [b, h, n, w]
+        return idx.clamp(max=n - 1), idx < n
 
     def causal_slots(self, cq, ks):
         """Causal: the last w keys j <= i of the query's cluster, in the keys sorted by (cluster, position) without a
