@@ -108,7 +108,7 @@ class AttentionBase(nn.Module):
     def qkv(self, x: torch.Tensor, offset: int = 0):
         """q [b, h, n, dh]; k, v [b, kv_heads, n, dh]; the position scheme's rotation applied to q and k (at
         positions offset.. when decoding)."""
-        if self.collab is not None:
+        if getattr(self, "collab", None) is not None:  # getattr: a subclass may build its own projections
             return collab_qkv(self, x)
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
@@ -177,7 +177,7 @@ class AttentionBase(nn.Module):
         return None if self.pos is None else self.pos.bias(i, j)
 
     def out(self, o: torch.Tensor) -> torch.Tensor:
-        if self.collab is not None:  # v zero-padded to q's width (_collab.py): the padded columns cut
+        if getattr(self, "collab", None) is not None:  # v zero-padded to q's width (_collab.py): the padded columns cut
             o = o[..., :self.head_dim]
         b, h, n, dh = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(b, n, h * dh))
