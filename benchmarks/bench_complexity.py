@@ -108,6 +108,9 @@ def variants(args) -> list[tuple[str, str]]:
         ("routing, clusters=16, window=64", "routing, clusters=16, window=64"),
         ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
+        ("softmax, talking=true", "softmax, talking=true"),  # talking heads (_talking.py): the same kernel, heads mixed
+        (f"local, window={args.window}, talking=true", f"local, window={args.window}, talking=true"),
+        ("softmax, collab=128", "softmax, collab=128"),  # collaborative heads (_collab.py): shared Q/K of width D_k
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)

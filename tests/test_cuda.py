@@ -189,3 +189,30 @@ def test_attention_decodes_on_cuda(pos, block):
     g = torch.Generator().manual_seed(1)
     _check_decode_equals_forward(model, torch.randint(0, 53, (2, 29), generator=g).to(CUDA), g)
 
+
+
+# the head modifiers (tests/ops/test_talking_heads.py, test_collab_heads.py): builds outside ARGS (one per variant),
+# the same checks: float64 against the CPU, float32 through CUDA's kernels, bfloat16 autocast
+HEAD_MODIFIERS = [("softmax", {"talking": True, "kv_heads": 1}), ("local", {"window": 64, "sinks": 2, "talking": True}),
+                  ("softmax", {"collab": 40, "kv_heads": 1}), ("softmax", {"collab": 16, "bias": False})]
+
+
+@pytest.mark.parametrize("variant,args", HEAD_MODIFIERS, ids=[f"{v}-{'-'.join(map(str, a.values()))}" for v, a in HEAD_MODIFIERS])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_head_modifiers_on_cuda(variant, args, causal):
+    what = f"mha({variant}, {args})"
+    cpu, _, _ = make_op("mha", variant, d=D, causal=causal, dtype=torch.float64, heads=HEADS, **args)
+    perturb_params(cpu, scale=0.2)
+    _compare(cpu, copy.deepcopy(cpu).to(CUDA), lambda m, x: m(x, Ctx()), _x(torch.float64), 1e-9, what)
+    cpu32 = copy.deepcopy(cpu).float()
+    cpu32.zero_grad()
+    gpu = copy.deepcopy(cpu32).to(CUDA)
+    _compare(cpu32, gpu, lambda m, x: m(x, Ctx()), _x(torch.float32), 1e-3, f"{what} float32")
+    x = _x(torch.float32).to(CUDA)
+    with torch.no_grad():
+        ref = gpu(x, Ctx())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = gpu(x.requires_grad_(), Ctx())
+    y.float().square().mean().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert _rel(y.float(), ref) <= 7.5e-2, f"{what} bfloat16 autocast: {_rel(y.float(), ref):.2e} from float32"

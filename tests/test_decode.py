@@ -197,7 +197,12 @@ SIGMOID = ["norm -> mha(sigmoid, block=4) -> norm -> ffn", "norm -> mha(sigmoid,
 MODIFIERS = ["norm -> mha(softmax, softcap=0.5, kv_heads=2) -> norm -> ffn", "norm -> mha(softmax, sink_logit=true) -> norm -> ffn",
              "norm -> mha(local, window=5, softcap=0.5) -> norm -> ffn",
              "norm -> mha(local, window=4, sinks=3, sink_logit=true, kv_heads=2) -> norm -> ffn",
-             "norm -> mha(local, window=40, sinks=2, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+             "norm -> mha(local, window=40, sinks=2, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
+             # talking heads: P_l, P_w mixing the heads of every (query, key) pair, through the cache
+             "norm -> mha(softmax, talking=true, kv_heads=2) -> norm -> ffn",
+             "norm -> mha(local, window=5, sinks=2, talking=true) -> norm -> ffn"]
+# collaborative heads: the shared key cached per value head (no position scheme inside attention)
+COLLAB = ["norm -> mha(softmax, collab=20, kv_heads=2) -> norm -> ffn", "norm -> mha(softmax, collab=6, bias=false) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
@@ -223,6 +228,7 @@ ROUTING = ["norm -> mha(routing, clusters=3, window=3) -> norm -> ffn",
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MODIFIERS]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in COLLAB]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED + COMBINER
             + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA + NSA]

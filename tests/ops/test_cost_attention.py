@@ -39,7 +39,13 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 # the modifiers' explicit-score kernel (_scored.py): row blocks of 64 (n = 160: three, the causal ones
                 # past the diagonal skipped), the cap, the sink logit's column
                 ({"softcap": 50.0}, BOTH), ({"softcap": 50.0, "kv_heads": 2}, BOTH), ({"sink_logit": True, "pos": ROPE}, BOTH),
-                ({"sink_logit": True, "softcap": 50.0, "kv_heads": 1, "head_dim": 8, "bias": False}, SMALL)],
+                ({"sink_logit": True, "softcap": 50.0, "kv_heads": 1, "head_dim": 8, "bias": False}, SMALL),
+                # talking heads: the blocks' scores and weights mixed across heads (two h x h matmuls each)
+                ({"talking": True}, BOTH), ({"talking": True, "kv_heads": 2, "softcap": 50.0}, SMALL),
+                ({"talking": True, "sink_logit": True, "pos": ROPE}, ODD),
+                # collaborative heads: shared W_Q, W_K of width D_k (above, at and below dh: q and k or v zero-padded)
+                ({"collab": 32}, BOTH), ({"collab": 40, "kv_heads": 2}, SMALL), ({"collab": 8, "bias": False, "kv_heads": 1}, ODD),
+                ({"collab": 32, "dropout": 0.1}, SMALL)],
     "local": [({"window": 16}, BOTH), ({"window": 40, "kv_heads": 2}, BOTH), ({"window": 16, "pos": ALIBI}, BOTH),
               ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
               ({"window": 200}, ODD), ({"window": 16, "dropout": 0.1}, SMALL),
@@ -50,7 +56,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
               # (and the S sinks), the window over the sequence at n = 64 (the full layout)
               ({"window": 40, "sinks": 4, "softcap": 30.0}, ODD), ({"window": 16, "softcap": 50.0, "pos": ROPE}, ODD),
               ({"window": 16, "sinks": 4, "sink_logit": True}, SMALL), ({"window": 80, "sinks": 4, "kv_heads": 2}, SMALL),
-              ({"window": 200, "softcap": 30.0, "sinks": 4}, ODD)],
+              ({"window": 200, "softcap": 30.0, "sinks": 4}, ODD),
+              ({"window": 16, "talking": True}, BOTH), ({"window": 40, "talking": True, "kv_heads": 2, "sinks": 4}, ODD)],
     # span_init=1: every head at its full span, the band the cost declares (an upper bound otherwise)
     "adaptive_span": [({"max_span": 48, "R": 8}, BOTH), ({"max_span": 20, "R": 4, "pos": ALIBI}, BOTH),
                       ({"max_span": 20, "R": 4, "kv_heads": 2}, ODD), ({"max_span": 20, "R": 4, "pos": ROPE}, SMALL),

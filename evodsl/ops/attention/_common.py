@@ -43,6 +43,7 @@ from ..cost import Cost, Symbols, linear
 from ..position._inattention import InAttentionPosition
 from ..registry import OpEnv, OpParams, ShapeProblem
 from ...decode import slot
+from ._collab import collab_qkv, collab_setup
 
 LSE_BYTES = 4  # SDPA's logsumexp per query is float32 whatever the dtype
 
@@ -102,10 +103,13 @@ class AttentionBase(nn.Module):
         self.v_proj = nn.Linear(d_kv or d, self.kv_heads * self.head_dim, bias=p.bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=p.bias)
         self.pos = env.pos[0].attach(env.pos[1], self.heads, self.head_dim) if env.pos else None
+        collab_setup(self, p, d, d_kv or d)  # collab=D_k: shared q, k projections (_collab.py); self.collab
 
     def qkv(self, x: torch.Tensor, offset: int = 0):
         """q [b, h, n, dh]; k, v [b, kv_heads, n, dh]; the position scheme's rotation applied to q and k (at
         positions offset.. when decoding)."""
+        if getattr(self, "collab", None) is not None:  # getattr: a subclass may build its own projections
+            return collab_qkv(self, x)
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -173,6 +177,8 @@ class AttentionBase(nn.Module):
         return None if self.pos is None else self.pos.bias(i, j)
 
     def out(self, o: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "collab", None) is not None:  # v zero-padded to q's width (_collab.py): the padded columns cut
+            o = o[..., :self.head_dim]
         b, h, n, dh = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(b, n, h * dh))
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ...decode import append_kv, slot
 from ...diagnostics import Diagnostic, EvoError
 from ..registry import is_symbolic, right_padded
+from ._talking import mix
 
 FULL_BLOCK = 64  # queries per block when every query reads the whole causal prefix or sequence
 MIN_BAND_BLOCK = 32
@@ -50,14 +51,19 @@ def _cap(sc: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
     return torch.tanh(sc * (scale / softcap)) * softcap
 
 
-def _weights(sc, allowed, logit):
-    """softmax over the allowed keys (and the sink logit's column, cut): [.., K]."""
+def _weights(sc, allowed, logit, talk=None):
+    """softmax over the allowed keys (and the sink logit's column, cut): [.., K]. talk (talking heads,
+    _talking.py): the scores mixed across heads before the mask, the weights after the softmax."""
+    if talk is not None:
+        sc = mix(sc, talk.logits)
     sc = sc.masked_fill_(~allowed, float("-inf")) if not sc.requires_grad else sc.masked_fill(~allowed, float("-inf"))
     if logit is None:
-        return sc.softmax(-1)
-    h = sc.shape[1]
-    col = logit.view(1, h, *[1] * (sc.dim() - 2)).to(sc.dtype).expand(*sc.shape[:-1], 1)
-    return torch.cat((sc, col), -1).softmax(-1)[..., :-1]
+        w = sc.softmax(-1)
+    else:
+        h = sc.shape[1]
+        col = logit.view(1, h, *[1] * (sc.dim() - 2)).to(sc.dtype).expand(*sc.shape[:-1], 1)
+        w = torch.cat((sc, col), -1).softmax(-1)[..., :-1]
+    return w if talk is None else mix(w, talk.weights)
 
 
 def _own_fallback(allowed, own_col):
@@ -68,12 +74,12 @@ def _own_fallback(allowed, own_col):
 
 
 def scored_attention(q, k, v, lo: int, hi: int, causal: bool, scale: float, softcap: float | None = None,
-                     sinks: int = 0, logit=None, key_mask=None) -> torch.Tensor:
+                     sinks: int = 0, logit=None, key_mask=None, talk=None) -> torch.Tensor:
     """q, k, v [b, h, n, dh] (K/V heads already expanded) -> o [b, h, n, dh]; key_mask bool [b, n] (False =
-    padding) takes padded keys out."""
+    padding) takes padded keys out; talk: talking heads' mixing matrices (_talking.py)."""
     b, h, n, dh = q.shape
     if not isinstance(n, int) or torch.jit.is_tracing():
-        return _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask)
+        return _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask, talk)
     form, B, lo, hi = layout(n, lo, hi, causal)
     dev = q.device
     if form == "full":  # row blocks, one at a time
@@ -88,7 +94,7 @@ def scored_attention(q, k, v, lo: int, hi: int, causal: bool, scale: float, soft
             if key_mask is not None:
                 allowed = _own_fallback(allowed & key_mask[:, None, None, :K], i[:, 0])
             sc = _cap(q[:, :, s:e] @ k[:, :, :K].transpose(-1, -2), scale, softcap)
-            w = _weights(sc, allowed, logit)
+            w = _weights(sc, allowed, logit, talk)
             del sc, allowed
             o[:, :, s:e] = w @ v[:, :, :K]
             del w
@@ -117,12 +123,12 @@ def scored_attention(q, k, v, lo: int, hi: int, causal: bool, scale: float, soft
         allowed = allowed & keep[:, None, :, None, :]
         allowed = allowed | (own & ~allowed.any(-1, keepdim=True))
     sc = _cap(qb @ kb.transpose(-1, -2), scale, softcap)
-    w = _weights(sc, allowed, logit)
+    w = _weights(sc, allowed, logit, talk)
     del sc, allowed
     return (w @ vb).view(b, h, nb * B, dh)[:, :, :n]
 
 
-def _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask):
+def _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask, talk):
     """The same for a symbolic n (export): query t gathers keys t - lo .. t + hi (clamped, the outside masked)
     and the S sinks; softmax's band (lo = n - 1) is every key, masked."""
     b, h, n, dh = q.shape
@@ -135,7 +141,7 @@ def _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask):
         if key_mask is not None:
             allowed = allowed & key_mask[:, None, None, :]
             allowed = allowed | ((j == i) & ~allowed.any(-1, keepdim=True))
-        return _weights(sc, allowed, logit) @ v
+        return _weights(sc, allowed, logit, talk) @ v
     j = i + torch.arange(-lo, hi + 1, device=q.device)[None, :]  # [n, W]
     inside = (j >= 0) & (j < n)
     own = torch.zeros_like(inside).index_fill_(1, torch.tensor([lo], device=q.device), True)
@@ -152,7 +158,7 @@ def _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask):
     if key_mask is not None:
         allowed = allowed & key_mask[:, jc][:, None]
         allowed = allowed | (own & ~allowed.any(-1, keepdim=True))
-    w = _weights(sc, allowed, logit)
+    w = _weights(sc, allowed, logit, talk)
     return (w.unsqueeze(-2) @ vg).squeeze(-2)
 
 
@@ -172,7 +178,7 @@ def scored_forward(m, x, ctx):
     n = x.shape[1]
     lo, hi = bounds(m, n)
     o = scored_attention(q, m.expand_kv(k), m.expand_kv(v), lo, hi, m.causal, m.score_scale, m.softcap, m.sinks,
-                         m.sink_logit, key_mask)
+                         m.sink_logit, key_mask, getattr(m, "talking", None))
     return m.out(o)
 
 
@@ -214,7 +220,7 @@ def _step(m, x, ctx):
                                  k[:, :, drop:].clone(), v[:, :, drop:].clone())
         k, v = torch.cat((ks, k), 2), torch.cat((vs, v), 2)
     sc = _cap(q @ m.expand_kv(k).transpose(-1, -2), m.score_scale, m.softcap)
-    return _weights(sc, allowed, m.sink_logit) @ m.expand_kv(v)
+    return _weights(sc, allowed, m.sink_logit, getattr(m, "talking", None)) @ m.expand_kv(v)
 
 
 def head_scale(dh: int, scale: float | None) -> float:

@@ -63,6 +63,7 @@ def scored_cost(p, env: OpEnv, s: Symbols) -> Cost:
 def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> Cost:
     b, n, by = s.b, s.n, s.bytes
     cap, logit = p.softcap is not None, bool(getattr(p, "sink_logit", False))
+    talk = bool(getattr(p, "talking", False))  # talking heads: the scores and the weights mixed across heads
     pos = position_cost(env, s, h, kv, dh)
     scores = b * h * I
     q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
@@ -71,11 +72,16 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
     rows = n if band is None else nb * B  # query rows, padded to whole blocks in the band layout
     col = b * h * rows * by if logit else 0  # the sink logit's column, one per query row
     other = (1 + 1 + 5 + (3 if cap else 0)) * scores + (2 * b * h * rows if logit else 0)
-    core = Cost(fwd=4 * scores * dh, bwd=8 * scores * dh, fwd_other=other, bwd_other=2 * other)
+    mixing = 4 * h * scores if talk else 0  # two [h, h] x [h, I] matmuls per sequence (P_l, P_w)
+    core = Cost(fwd=4 * scores * dh + mixing, bwd=8 * scores * dh + 2 * mixing, fwd_other=other, bwd_other=2 * other)
     mask = I  # the bool masks (shared by the sequences and heads)
     rotated = rotates(env)
     weights = scores * by * (2 if cap else 1) + col  # the weights (and the tanh)
+    # talking: the scaled scores P_l reads, the mixed weights w @ v reads (with the logit's column cut off, the
+    # weights P_w reads are a copy)
+    weights += (3 if logit else 2) * scores * by if talk else 0
     block = b * h * top * by  # the largest block's scores (band: all of them)
+    mixed = 2 * block if talk else 0  # without autograd: the mixed scores beside the scores, the mixed weights
     if band is None:
         keys = 2 * q if kv != h else 2 * kvb  # the matmuls read k and v (made contiguous)
         # k and v made contiguous, unless repeated to h heads (k: or rotated)
@@ -83,7 +89,7 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
         saved = q + keys + weights + mask + q + pos.saved  # q, the keys and values read, the weights, the mask, o
         # without autograd: one block's scores and weights (with the logit: the scores, their concatenation with
         # the logit's column and its softmax), its bool mask and the mask's negation
-        blocks = (3 * block + 2 * b * h * B * by if logit else 2 * block) + 2 * top
+        blocks = (3 * block + 2 * b * h * B * by if logit else 2 * block) + 2 * top + mixed
         q_copy = 0 if rotated else q  # q made contiguous [b, h, n, dh]
         phases = [qkv + grouped + q_copy + kv_copy + q + blocks, qkv + q + out]
         # backward, blocks in reverse: the last block's weights' and scores' gradients (o's saved copy and its
@@ -92,6 +98,9 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
         last_saved = ((2 if cap else 1) * b * h * by + 1) * last  # its weights (tanh), its mask
         acc = 2 * q  # measured: q's gradient and one more q-sized one
         bwd = [2 * b * h * last * by - q, sp.Min(1, nb - 1) * (q + acc + 2 * b * h * before * by - last_saved)]
+        if talk:  # measured: each mixing's backward releases what it saved as it makes its gradient; one block's
+            # gradient beside q's (the last block), or the block before it's (beside half of q's unless rotated)
+            bwd = [b * h * last * by + q, sp.Min(1, nb - 1) * (b * h * before * by + (0 if rotated else q / 2))]
     else:
         lo, hi = band
         qb = b * h * nb * B * dh * by  # q's blocks: padded to nb B rows, or made contiguous (rope's already is)
@@ -102,11 +111,14 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
         built = keys if S != 0 else padded  # with sinks the padded ones are released (the matmuls' copies of the
         # unfold are gone before the weights exist)
         saved = qb + keys + weights + mask + q + pos.saved  # q's blocks, the keys, the weights, the mask, o_proj's copy
-        phases = [qkv + grouped + made * qb + built + (3 * block + 2 * col if logit else 2 * block) + 2 * mask,
+        phases = [qkv + grouped + made * qb + built + (3 * block + 2 * col if logit else 2 * block) + 2 * mask + mixed,
                   qkv + grouped + made * qb + built + block + col + qb,  # weights @ values
                   qkv + qb + q + out]  # o_proj: the blocks' output and its copy
         bwd = [made * qb + block + col + keys / 2]  # measured: the scores' gradient beside q's and the keys'
+        if talk:  # measured: q's blocks' gradient is gone by then
+            bwd = [block + col + keys / 2]
     if env.pos is not None:
         phases.append(qkv + pos.peak)
     cost = attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache, bwd_phases=bwd)
-    return replace(cost, params=cost.params + (h if logit else 0))  # the sink logits, one per head
+    # the sink logits, one per head; talking heads' P_l and P_w, h x h each
+    return replace(cost, params=cost.params + (h if logit else 0) + (2 * h ** 2 if talk else 0))

@@ -19,7 +19,7 @@ class SoftcapParams(OpParams):
 
 
 def modifiers(p) -> list[str]:
-    """The modifiers a call sets (softcap=, sinks=, sink_logit=), as written."""
+    """The modifiers a call sets (softcap=, sinks=, sink_logit=, talking=), as written."""
     out = []
     if getattr(p, "softcap", None) is not None:
         out.append(f"softcap={p.softcap:g}")
@@ -27,6 +27,8 @@ def modifiers(p) -> list[str]:
         out.append(f"sinks={p.sinks}")
     if getattr(p, "sink_logit", False):
         out.append("sink_logit=true")
+    if getattr(p, "talking", False):
+        out.append("talking=true")
     return out
 
 

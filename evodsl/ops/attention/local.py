@@ -8,8 +8,9 @@ With w = window and s_tr = q_t . k_r / sqrt(dh) (+ the ALiBi bias, if any), per 
 
 clipped to 0 .. n-1. Xiong et al. 2021 find this plain local attention competitive with the sparse and
 low-rank schemes on long-context tasks. Computed blockwise (see _banded.py): O(n * w) time and memory.
-With softcap= (Gemma 2), sinks= (StreamingLLM) or sink_logit= (gpt-oss) it runs the explicit-score kernel of
-_scored.py instead (_softcap.py, _sinks.py say what each does and what it refuses).
+With softcap= (Gemma 2), sinks= (StreamingLLM), sink_logit= (gpt-oss) or talking=true (talking heads) it runs the
+explicit-score kernel of _scored.py instead (_softcap.py, _sinks.py, _talking.py say what each does and what it
+refuses).
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from ._scored import head_scale, scored_forward
 from ._scored_cost import scored_cost
 from ._sinks import SinksParams, sink_logit
 from ._softcap import SoftcapParams, check_modifiers, modifiers
+from ._talking import TalkingParams, talking_heads
 
 
-class LocalAttentionParams(SoftcapParams, SinksParams, AttentionParams):
+class LocalAttentionParams(SoftcapParams, SinksParams, TalkingParams, AttentionParams):
     window: int = Field(128, ge=1, description="w: causal, keys t-w+1 .. t; bidirectional, keys |t-r| < w")
 
 
@@ -36,6 +38,7 @@ class LocalAttention(AttentionBase):
         # softcap=, sinks=, sink_logit=: the explicit-score kernel (_scored.py)
         self.modified, self.variant, self.sinks = bool(modifiers(p)), "local", p.sinks
         self.softcap, self.sink_logit = p.softcap, sink_logit(p, self.heads)
+        self.talking = talking_heads(p, self.heads)  # talking=true: P_l, P_w (_talking.py)
         self.score_scale = head_scale(self.head_dim, None)
 
     def forward(self, x, ctx):

@@ -4,8 +4,9 @@ Lowers to F.scaled_dot_product_attention. With kv_heads=1 it is multi-query atte
 1 < kv_heads < heads grouped-query attention (Ainslie et al. 2023). Inside residual(..., scores=true) it is
 RealFormer's residual attention (He et al. 2020): the raw scores of the previous such layer are added before
 the softmax, so the scores are materialized (O(n^2) memory, as the method requires).
-With softcap= (Gemma 2) or sink_logit= (gpt-oss) it runs the explicit-score kernel of _scored.py instead
-(_softcap.py, _sinks.py say what each does and what it refuses).
+With softcap= (Gemma 2), sink_logit= (gpt-oss) or talking=true (talking heads) it runs the explicit-score kernel
+of _scored.py instead (_softcap.py, _sinks.py, _talking.py say what each does and what it refuses). collab=D_k
+(collaborative heads, _collab.py) shares the query and key projections between the heads, on SDPA.
 """
 from __future__ import annotations
 
@@ -22,15 +23,18 @@ from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, register
 from ...decode import append_kv
 from ._xl import xl_attention_cost, xl_forward
+from ._collab import CollabParams, check_collab, collab_scale
+from ._collab_cost import collab_cost
 from ._common import (LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols,
                       learned_bias, position_cost, rotates, score_bias)
 from ._scored import head_scale, scored_forward
 from ._scored_cost import scored_cost
 from ._sinks import SinkLogitParams, sink_logit
 from ._softcap import SoftcapParams, check_modifiers, modifiers
+from ._talking import TalkingParams, talking_heads
 
 
-class SoftmaxAttentionParams(SoftcapParams, SinkLogitParams, AttentionParams):
+class SoftmaxAttentionParams(SoftcapParams, SinkLogitParams, TalkingParams, CollabParams, AttentionParams):
     scale: float | None = Field(None, gt=0, description="score scale; default 1/sqrt(head_dim) (T5: 1.0, the "
                                                         "scale folded into its initialisation)")
 
@@ -39,12 +43,13 @@ class SoftmaxAttention(AttentionBase):
     def __init__(self, p: SoftmaxAttentionParams, env: OpEnv):
         super().__init__(p, env)
         self.residual_scores = env.residual_scores
-        self.scale = p.scale  # None: SDPA's 1/sqrt(head_dim)
+        self.scale = collab_scale(self, p.scale)  # None: SDPA's 1/sqrt(head_dim); collab=: sqrt(D_k / h)
         self.mem_len = env.memory[1].mem_len if env.memory else 0  # memory(xl): inputs kept from earlier segments
         self.xl = bool(self.mem_len) or getattr(self.pos, "relative", False)  # Transformer-XL's path (_xl.py)
         # softcap=, sink_logit=: the explicit-score kernel (_scored.py)
         self.modified, self.variant, self.window, self.sinks = bool(modifiers(p)), "softmax", None, 0
         self.softcap, self.sink_logit = p.softcap, sink_logit(p, self.heads)
+        self.talking = talking_heads(p, self.heads)  # talking=true: P_l, P_w (_talking.py)
         self.score_scale = head_scale(self.head_dim, p.scale)
 
     def _bias(self, n: int, device, start: int = 0) -> torch.Tensor | None:
@@ -129,6 +134,8 @@ def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) ->
     [b, h, n, n] weights. With ALiBi the [1, h, n, n] bias is SDPA's mask, and SDPA keeps it for backward."""
     if modifiers(p):
         return scored_cost(p, env, s)
+    if p.collab:
+        return collab_cost(p, env, s)
     h, kv, dh = head_symbols(p, s)
     if env.memory or (env.pos is not None and getattr(env.pos[0].attach, "relative", False)):
         return xl_attention_cost(p, env, s, h, kv, dh)  # Transformer-XL's path
@@ -180,6 +187,7 @@ def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) ->
 
 def softmax_shape(p: SoftmaxAttentionParams, env: OpEnv):
     check_modifiers("mha(softmax)", p, env)
+    check_collab("mha(softmax)", p, env, modifiers(p))
     return attention_shape(p, env)
 
 

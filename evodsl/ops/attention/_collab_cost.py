@@ -1,0 +1,46 @@
+"""The cost of mha(softmax, collab=D_k) (_collab.py), written from the form that runs (conventions: _common.py).
+
+Projections: W_Q, W_K d x D_k (no bias), the content bias d x h (with bias=true), the mixing vectors h x D_k, V
+d x kv dh and W_O as mha's. The queries [b, h, n, E] (E = D_k + h with the content bias, D_k without): q * m_i, 1
+per element, and the one-hot columns; the shared key [b, n, E] read through a view expanded to the kv value heads.
+SDPA over [b, h, n, n] scores at one width W = max(E, dh) (q and k, or v, zero-padded: SDPA's fused kernels take
+no other): 4 n^2 W per head forward, 10 n^2 W backward (8 with dropout: the math kernel).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import sympy as sp
+
+from ..cost import Cost, Symbols, linear
+from ..registry import OpEnv
+from ._common import LSE_BYTES, head_symbols
+
+
+def collab_cost(p, env: OpEnv, s: Symbols) -> Cost:
+    h, kv, dh = head_symbols(p, s)
+    b, n, d, by = s.b, s.n, s.d, s.bytes
+    Dk = s.sym("Dk", p.collab)
+    E = Dk + h if p.bias else Dk
+    W = sp.Max(E, dh)  # the one width SDPA runs at (the narrower of q, k and v zero-padded)
+    scores = b * h * n ** 2
+    proj = (linear(s, d, Dk, False).scaled(2) + (linear(s, d, h, False) if p.bias else Cost())
+            + linear(s, d, kv * dh, p.bias) + linear(s, h * dh, d, p.bias))
+    mixing = Cost(params=h * Dk, fwd_other=b * h * n * Dk, bwd_other=2 * b * h * n * Dk)
+    dropout = p.dropout > 0
+    core = Cost(fwd=4 * scores * W, bwd=10 * scores * W, fwd_other=5 * scores, bwd_other=10 * scores)
+    qD = b * n * Dk * by  # W_Q's output, which q * m_i keeps for m's gradient
+    q, k, v = b * h * n * W * by, b * n * W * by, b * kv * n * W * by  # what SDPA reads (k: one key, a view)
+    o_copy = b * n * h * dh * by  # o_proj's input: SDPA's output, its padded columns cut, made contiguous
+    saved = qD + q + k + v + q + LSE_BYTES * b * h * n + o_copy  # .., SDPA's output and logsumexp, o_proj's input
+    bwd = 2 * q + 2 * v - o_copy  # the gradients of SDPA's output (the cut's, full width), q, k (per value head,
+    # before the expansion sums it) and v, o_proj's copy released
+    if dropout:  # SDPA's math kernel (the fused CPU kernel has none), in float32: q (scaled), k and v expanded to h
+        # heads; the weights, the dropout mask, the dropped weights
+        core = replace(core, bwd=8 * scores * W)
+        saved = qD + 3 * b * h * n * W * max(by, 4) + 3 * scores * max(by, 4) + o_copy
+        bwd = q + scores * max(by, 4) + o_copy + qD  # measured: the weights' gradient beside o's and q's
+    peak = q + k + v + q + o_copy  # at o_proj: q, k, v, SDPA's output and its copy (the output not counted)
+    cache = 2 * b * n * kv * W * by  # the key per value head, the values (zero-padded to W)
+    total = proj + mixing + core
+    return replace(total, saved=saved, peak=peak, cache=cache, saves_input=True, saves_output=False, bwd_peak=bwd)
