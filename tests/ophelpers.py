@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from evodsl.decode import DecodeState
 from evodsl.ops import Ctx, OpEnv, load_all, lookup
 from evodsl.ops.position._inattention import InAttentionStream
 
@@ -59,6 +60,17 @@ def perturb_params(module: torch.nn.Module, seed: int = 1, scale: float = 0.5) -
     with torch.no_grad():
         for p in [*module.parameters(), *(upstream.parameters() if upstream is not None else ())]:
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def decode_in_pieces(module: torch.nn.Module, x: torch.Tensor, sizes) -> tuple[torch.Tensor, DecodeState]:
+    """`module` run on x in consecutive pieces of `sizes` tokens through one decoding cache, as a decoder feeds
+    it (each piece at its offset): (the outputs concatenated along n, the cache)."""
+    state, pieces, at = DecodeState(), [], 0
+    for k in sizes:
+        pieces.append(module(x[:, at:at + k], Ctx(cache=state, offset=at)))
+        at += k
+    assert at == x.shape[1], f"the pieces {sizes} cover {at} of {x.shape[1]} tokens"
+    return torch.cat(pieces, 1), state
 
 
 def assert_no_leak(fn, b: int = 2, n: int = 24, d: int = 32, dtype=torch.float64, atol: float = 1e-10) -> None:

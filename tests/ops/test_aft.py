@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from evodsl import EvoError
-from evodsl.decode import DecodeState
 from evodsl.ops import Ctx, OpEnv, ShapeProblem, load_all, lookup
-from ophelpers import assert_no_leak, make_op, perturb_params
+from ophelpers import assert_no_leak, decode_in_pieces, make_op, perturb_params
 
 MODES = {"full": {"max_len": 40}, "simple": {}, "local": {"max_len": 40, "window": 3},
          "conv": {"kernel": 5, "heads": 4}}
@@ -148,11 +147,7 @@ def test_aft_decoding_equals_the_forward(mode):
     x = _x(2, 23, 16)
     with torch.no_grad():
         full = m(x, Ctx())
-        state, out, at = DecodeState(), [], 0
-        for k in (5, 1, 3, 4, 1, 2, 7):
-            out.append(m(x[:, at:at + k], Ctx(cache=state, offset=at)))
-            at += k
-    got = torch.cat(out, 1)
+        got, state = decode_in_pieces(m, x, (5, 1, 3, 4, 1, 2, 7))
     assert (got - full).abs().max().item() <= 1e-10 * full.abs().max().item()
     assert state.nbytes() == (3 * 2 * 16 * 8 if mode == "simple" else 2 * 2 * 23 * 16 * 8)
 

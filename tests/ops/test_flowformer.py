@@ -6,9 +6,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from evodsl.decode import DecodeState
-from evodsl.ops import Ctx, OpEnv, ShapeProblem, load_all, lookup
-from ophelpers import assert_no_leak, head_projections, make_op, output_projection, perturb_params
+from evodsl.ops import OpEnv, ShapeProblem, load_all, lookup
+from ophelpers import assert_no_leak, decode_in_pieces, head_projections, make_op, output_projection, perturb_params
 
 D = 32
 
@@ -88,11 +87,8 @@ def test_decoding_in_pieces_equals_the_forward():
     perturb_params(m)
     x = _x(2, 31)
     full = m(x, None)
-    state, pieces, at = DecodeState(), [], 0
-    for size in (5, 1, 1, 7, 3, 1, 13):
-        pieces.append(m(x[:, at:at + size], Ctx(cache=state, offset=at)))
-        at += size
-    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-10, atol=1e-12)
+    got, _ = decode_in_pieces(m, x, (5, 1, 1, 7, 3, 1, 13))
+    torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-12)
 
 
 def test_causal_does_not_leak():

@@ -13,9 +13,8 @@ import torch
 
 import evodsl
 from evodsl import EvoError
-from evodsl.decode import DecodeState
 from evodsl.ops import Ctx, OpEnv, ShapeProblem, lookup
-from ophelpers import assert_no_leak, head_projections, make_op, output_projection, perturb_params
+from ophelpers import assert_no_leak, decode_in_pieces, head_projections, make_op, output_projection, perturb_params
 
 D = 32
 
@@ -115,12 +114,7 @@ def test_step_by_step_equals_forward():
     with torch.no_grad():
         want = m(x, Ctx())
         for cuts in ([1] * 19, [5, 1, 4, 3, 6], [2, 17]):
-            ctx, outs, t = Ctx(cache=DecodeState()), [], 0
-            for c in cuts:
-                ctx.offset = t
-                outs.append(m(x[:, t:t + c], ctx))
-                t += c
-            assert (torch.cat(outs, 1) - want).abs().max().item() < 1e-12
+            assert (decode_in_pieces(m, x, cuts)[0] - want).abs().max().item() < 1e-12
 
 
 def test_refusals():

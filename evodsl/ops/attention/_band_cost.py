@@ -85,7 +85,7 @@ def causal_band_cost(p: AttentionParams, env: OpEnv, s: Symbols, lo, bias, cache
     P, Ib = lo + 1, B * (B + lo)  # the prefix's queries; the elements of the block mask
     head = b * h * P * dh * by
     pmask = h * P ** 2 * by if bias else 0
-    bmask = h * Ib * by if bias else Ib  # additive with a bias, else bool
+    bmask = h * Ib * by if bias else Ib * by  # additive, per head with a bias, else one for all heads
     phases = [qkv + grouped + pmask + head,  # the prefix call
               qkv + grouped + head + (bias.peak(h, Ib, by) if bias else 11 * Ib),  # the block mask built
               qkv + grouped + head + bmask + q,  # the result allocated, the prefix's output copied in

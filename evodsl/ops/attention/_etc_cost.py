@@ -9,7 +9,7 @@ The export's padded form (_exported) is not costed.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
@@ -100,20 +100,43 @@ def _sparse_cost(p: AttentionParams, env: OpEnv, s: Symbols) -> Cost:
     # not released)
     bwd = [out + 2 * gq + 2 * KVe, Qp + KB - gq - lse_g + (1 - o_copy) * (Qp + Q)]
     if p.rel:
-        core, saved, phases, bwd = _labels(p, s, h, dh, core, saved, phases, bwd, locals())
+        terms = BandTerms(G=G, nb=nb, B=B, I=I, scores=scores, gs=gs, Q=Q, KVe=KVe, Qp=Qp, KB=KB, gq=gq, lse=lse,
+                          keep=keep, padded_q=padded_q, q_copy=q_copy)
+        core, saved, phases, bwd = _labels(p, s, h, dh, core, saved, phases, bwd, terms)
     return attention_cost(p, s, h, kv, dh, core, Cost(), saved, phases, 0, bwd_phases=bwd)
 
 
-def _labels(p, s, h, dh, core, saved, phases, bwd, v):
+@dataclass(frozen=True)
+class BandTerms:
+    """The band's sizes and byte terms (the symbols of etc's cost above) that rel=k's labels adjust."""
+
+    G: object
+    nb: object
+    B: object
+    I: object  # noqa: E741 (block mask elements, as in the cost above)
+    scores: object
+    gs: object
+    Q: object
+    KVe: object
+    Qp: object
+    KB: object
+    gq: object
+    lse: object
+    keep: object
+    padded_q: object
+    q_copy: object
+
+
+def _labels(p, s, h, dh, core, saved, phases, bwd, v: BandTerms):
     """rel=k: each query's label scores R = q (a / sqrt(dh)) + c / sqrt(dh), [b, h, n, 2k + 3] (the global rows'
     [b, h, G, 2k + 3] from their own table), gathered per block into SDPA's float mask [b h, nb, B, G + K] (the
     global rows': [b, h, G, N]). That mask has a gradient, so in training both calls run SDPA's math kernel: it
     keeps q and k scaled (copies), v, and the float32 weights, and its backward counts 2x (8 scores dh, not 10)."""
-    b, n, by, G = s.b, s.n, s.bytes, v["G"]
+    b, n, by, G = s.b, s.n, s.bytes, v.G
     V = 2 * p.rel + 3
-    scores, gs, I, Qp, KB, Q, KVe = v["scores"], v["gs"], v["I"], v["Qp"], v["KB"], v["Q"], v["KVe"]
-    gq, lse, keep, padded_q = v["gq"], v["lse"], v["keep"], v["padded_q"]
-    nb, B = v["nb"], v["B"]
+    scores, gs, I, Qp, KB, Q, KVe = v.scores, v.gs, v.I, v.Qp, v.KB, v.Q, v.KVe
+    gq, lse, keep, padded_q = v.gq, v.lse, v.keep, v.padded_q
+    nb, B = v.nb, v.B
     tables = 2 * V * h * (dh + 1)
     rel_mm = 2 * b * h * (n + G) * V * dh
     core = replace(core, params=core.params + tables, fwd=core.fwd + rel_mm,
@@ -128,7 +151,7 @@ def _labels(p, s, h, dh, core, saved, phases, bwd, v):
     I_by = I * by
     phases = [mask_build + R, blocks + R,
               call - I_by + M + R, result - I_by + M + R, o_proj,
-              call - v["q_copy"] * Qp - Qp - lse + R + Rpad + M + 8 * I,  # the gather, beside the window mask
+              call - v.q_copy * Qp - Qp - lse + R + Rpad + M + 8 * I,  # the gather, beside the window mask
               rows + gs * by + gq]
     # saved: the band's math kernel (q and k scaled, v's blocks, the weights), o_proj's input (a copy), q (the
     # label scores' einsum), the gather's index [nb, B, G + K]; the global rows' math kernel (qg and k scaled,
