@@ -104,6 +104,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("yoso, hashes=32, tau=8", "yoso, hashes=32, tau=8"),
         ("differential", "differential"),  # h heads of 2 dh: d_model divisible by 2 heads
         ("sigmoid", "sigmoid"),
+        ("exp_smoothing", "exp_smoothing"),
         ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
     ]
@@ -125,7 +126,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "etc",
                       "fnet",
                       "colt5", "yoso")  # no causal form: bidirectional only
-CAUSAL_ONLY = ("forgetting", "moba")  # no bidirectional form: causal only
+CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 
 
 def spec_text(call: str, d: int, causal: bool) -> str:

@@ -170,6 +170,9 @@ CAUSAL_GROUPS = {("mha", "memory_compressed"), ("mha", "fourier_integral")}
 # sigmoid attention likewise: torch's blocked kernel skips the blocks above the diagonal; the export's dense form
 # scores every pair, masked. Bidirectional: n^2 both.
 CAUSAL_GROUPS |= {("mha", "sigmoid")}
+# ETSformer's smoothing: torch runs chunks of 64 with a loop over them; the export (a symbolic n) runs the dense
+# [n, n] kernel matmul per head (no loop to trace)
+OTHER_FORMS |= {("mha", "exp_smoothing")}
 
 
 def op_cases() -> list[Case]:

@@ -267,6 +267,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
             ({"kv_rank": 8, "rope_dim": 4, "nope_dim": 12, "v_dim": 16, "q_rank": 40, "heads": 2, "pos": HALF_ROPE}, ODD)],
     # YOSO: the sample form (bucket tables, 2^tau per round, far more or fewer slots than n), grouped and single K/V
     # heads; the expectation form ([n, n] weights)
+    # ETSformer's smoothing: chunks of 64 (n = 64: one, no carry; 160: three, the last padded), learned and fixed alpha
+    "exp_smoothing": [({}, BOTH), ({"alpha": 0.3}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False, "alpha": 0.5}, ODD)],
     "yoso": [({"hashes": 8, "tau": 4}, BOTH), ({"hashes": 8, "tau": 4, "kv_heads": 2}, BOTH), ({"hashes": 16, "tau": 6}, SMALL),
              ({"hashes": 4, "tau": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH), ({"hashes": 32, "tau": 3}, ODD),
              ({"mode": "expectation", "tau": 4}, BOTH), ({"mode": "expectation", "kv_heads": 2}, BOTH),

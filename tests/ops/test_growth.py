@@ -82,7 +82,8 @@ ARGS = {
     "nsa": {"block": 64, "stride": 64, "select_block": 64, "topk": 3, "window": 64, "kv_heads": 1},
     "yoso": {"hashes": 16, "tau": 6},  # the sample form: n m dh codes and gathers; the 16 x 64 bucket tables a constant
     "differential": {},  # four SDPA calls: n^2 time, O(n) bytes
-    "sigmoid": {"block": 256},  # the blocked kernel: n^2 time, O(n) bytes beside [256, 256] blocks
+    "sigmoid": {"block": 256},
+    "exp_smoothing": {},  # chunks of 64: n 64 dh FLOPs, O(n) bytes  # the blocked kernel: n^2 time, O(n) bytes beside [256, 256] blocks
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;

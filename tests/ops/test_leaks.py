@@ -46,7 +46,8 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "nsa": {"block": 4, "stride": 2, "select_block": 8, "topk": 3, "window": 6},  # 33 compressed and 9 selection blocks
     "dilated": {"pattern": "dilated_mem", "layer": 4},  # offsets up to 32 (and 0, 1, 2, 4, 8, 16)  # 23 slots; each query also reads its unfinished slot raw
     "differential": {},  # both maps causal (GQA: the harness's kv_heads=2)
-    "sigmoid": {"block": 16},  # query and key blocks of 16: 5 of them, the last of 6
+    "sigmoid": {"block": 16},
+    "exp_smoothing": {},  # chunks of 64: N = 70 spans two (the carry)  # query and key blocks of 16: 5 of them, the last of 6
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
