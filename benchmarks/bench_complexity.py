@@ -105,6 +105,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("differential", "differential"),  # h heads of 2 dh: d_model divisible by 2 heads
         ("sigmoid", "sigmoid"),
         ("exp_smoothing", "exp_smoothing"),
+        ("mgk, components=2", "mgk, components=2"),
         ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
     ]

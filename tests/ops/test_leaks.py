@@ -47,6 +47,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "dilated": {"pattern": "dilated_mem", "layer": 4},  # offsets up to 32 (and 0, 1, 2, 4, 8, 16)  # 23 slots; each query also reads its unfinished slot raw
     "differential": {},  # both maps causal (GQA: the harness's kv_heads=2)
     "sigmoid": {"block": 16},
+    "mgk": {"components": 2},  # every pair (token, component) of the keys up to the query
     "exp_smoothing": {},  # chunks of 64: N = 70 spans two (the carry)  # query and key blocks of 16: 5 of them, the last of 6
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
