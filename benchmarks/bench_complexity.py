@@ -117,6 +117,7 @@ def variants(args) -> list[tuple[str, str]]:
         (f"aft, conv, kernel={args.window | 1}", f"aft, mode=conv, kernel={args.window | 1}"),  # odd: centred when bidirectional
         ("daft", f"daft, max_len={n_max}"),
         ("fnet", "fnet"),
+        ("average", "average"),  # AAN: cumulative average, FFN, gates
     ]
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers])

@@ -98,7 +98,8 @@ def test_causal_attention_never_leaks(variant, pos, scores):
 MIXER_BUILD = {"aft-full": ("aft", {"mode": "full", "max_len": N}), "aft-simple": ("aft", {"mode": "simple"}),
                "aft-local": ("aft", {"mode": "local", "max_len": N, "window": 6}),
                "aft-conv": ("aft", {"mode": "conv", "kernel": 5, "heads": 4}),
-               "daft": ("daft", {"max_len": N, "rank": 4})}
+               "daft": ("daft", {"max_len": N, "rank": 4}),
+               "average": ("average", {})}  # AAN: the cumulative average
 CAUSAL_MIXERS = sorted(v for (f, v), op in REGISTRY.items() if f == "mixer" and op.causal == "yes")
 
 
