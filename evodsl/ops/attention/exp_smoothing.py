@@ -106,7 +106,7 @@ class ExpSmoothingAttention(nn.Module):
         lag = i[:, None] - i[None, :]
         kernel = a[:, None, None] * torch.exp(lag.clamp(min=0) * log_keep[:, None, None]) * (lag >= 0)  # [h, C, C]
         cols = F.pad(v, (0, 0, 0, 0, 0, m * C - n)).view(b, m, C, h, dh).permute(3, 2, 0, 1, 4)  # [h, C, b, m, dh]
-        inner = (kernel @ cols.reshape(h, C, b * m * dh)).view(h, C, b, m, dh)
+        inner = (kernel @ cols.reshape(h, C, b * m * dh)).view(h, C, b, m, dh).to(v.dtype)  # (autocast's matmul)
         carry_decay = torch.exp((i + 1)[:, None] * log_keep).T[:, :, None, None]  # [h, C, 1, 1]
         chunks = inner.unbind(3)  # [h, C, b, dh] each
         out = [chunks[0]]

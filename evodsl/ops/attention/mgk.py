@@ -64,7 +64,7 @@ class MixtureOfGaussianKeysAttention(AttentionBase):
         k = k.permute(0, 3, 1, 2, 4)  # [b, kv, n, r, dh]
         log_pi = torch.log_softmax(self.mix_logit, -1)[None, :, None, :, None]  # [1, kv, 1, r, 1]
         col = math.sqrt(dh) * log_pi - 0.5 * (k * k).sum(-1, keepdim=True)
-        k = torch.cat((k, col), -1).reshape(b, kv, n * r, dh + 1)
+        k = torch.cat((k, col.to(k.dtype)), -1).reshape(b, kv, n * r, dh + 1)  # (autocast: log pi is float32)
         q = F.pad(q, (0, 1), value=1.0).transpose(1, 2)
         v = F.pad(self.v_proj(x).view(b, n, kv, dh), (0, 1)).transpose(1, 2)
         return q, k, v
