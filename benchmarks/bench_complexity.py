@@ -106,6 +106,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("sigmoid", "sigmoid"),
         ("clustered, clusters=64", "clustered, clusters=64"),
         ("routing, clusters=16, window=64", "routing, clusters=16, window=64"),
+        ("exp_smoothing", "exp_smoothing"),
+        ("mgk, components=2", "mgk, components=2"),
         ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
         ("softmax, talking=true", "softmax, talking=true"),  # talking heads (_talking.py): the same kernel, heads mixed
@@ -120,6 +122,7 @@ def variants(args) -> list[tuple[str, str]]:
         (f"aft, conv, kernel={args.window | 1}", f"aft, mode=conv, kernel={args.window | 1}"),  # odd: centred when bidirectional
         ("daft", f"daft, max_len={n_max}"),
         ("fnet", "fnet"),
+        ("average", "average"),  # AAN: cumulative average, FFN, gates
     ]
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers])
@@ -130,7 +133,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "etc",
                       "fnet",
                       "colt5", "yoso", "clustered")  # no causal form: bidirectional only
-CAUSAL_ONLY = ("forgetting", "moba")  # no bidirectional form: causal only
+CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 
 
 def spec_text(call: str, d: int, causal: bool) -> str:

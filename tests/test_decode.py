@@ -217,6 +217,13 @@ LOGSPARSE = ["norm -> mha(logsparse) -> norm -> ffn", "norm -> mha(logsparse, wi
 # DeepSeek's MLA: the absorbed step against the cached latent and rotary key; query compression, v wider than q.k
 MLA = ["norm -> mha(mla, kv_rank=16, rope_dim=4, nope_dim=6, v_dim=8) -> norm -> ffn",
        "norm -> mha(mla, kv_rank=8, q_rank=12, rope_dim=4, nope_dim=2, v_dim=10, heads=2, bias=false) -> norm -> ffn"]
+# ETSformer's smoothing: the last output of every head, learned and fixed alpha, head_dim set
+EXP_SMOOTHING = ["norm -> mha(exp_smoothing) -> norm -> ffn", "norm -> mha(exp_smoothing, alpha=0.3, heads=2, head_dim=4, bias=false) -> norm -> ffn"]
+# the Average Attention Network: the running sum and the count; without the FFN, a narrow one
+AVERAGE = ["norm -> mixer(average) -> norm -> ffn", "residual(mixer(average, ffn=false)) -> norm -> residual(mixer(average, d_ff=8, bias=false)) -> norm"]
+# MGK: the K cache (r keys a token) and the V cache, one to three components, grouped and single K/V heads
+MGK = ["norm -> mha(mgk) -> norm -> ffn", "norm -> mha(mgk, components=3, kv_heads=2) -> norm -> ffn",
+       "norm -> mha(mgk, components=1, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 # Reformer LSH: two and four buckets over chunks of 3 and 5 (29 tokens), two rounds (the cache: every query and value,
 # re-hashed)
 LSH = ["norm -> mha(lsh, buckets=2, chunk=3) -> norm -> ffn", "norm -> mha(lsh, buckets=4, chunk=5, rounds=2, kv_heads=2) -> norm -> ffn"]
@@ -231,7 +238,7 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in COLLAB]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED + COMBINER
-            + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA + NSA]
+            + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA + NSA + EXP_SMOOTHING + MGK + AVERAGE]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]

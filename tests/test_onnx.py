@@ -172,6 +172,13 @@ CAUSAL_GROUPS = {("mha", "memory_compressed"), ("mha", "fourier_integral")}
 # sigmoid attention likewise: torch's blocked kernel skips the blocks above the diagonal; the export's dense form
 # scores every pair, masked. Bidirectional: n^2 both.
 CAUSAL_GROUPS |= {("mha", "sigmoid")}
+# ETSformer's smoothing: torch runs chunks of 64 with a loop over them; the export (a symbolic n) runs the dense
+# [n, n] kernel matmul per head (no loop to trace)
+OTHER_FORMS |= {("mha", "exp_smoothing")}
+# MGK's causal form: torch runs is_causal over the queries repeated r times (r n query rows, what `evodsl cost`
+# declares); the export, which always reads the attention mask, runs the n queries against a mask [n, n r]: fewer
+# FLOPs. Bidirectional: the same form.
+CAUSAL_GROUPS |= {("mha", "mgk")}
 
 
 def op_cases() -> list[Case]:

@@ -285,6 +285,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                   ({"clusters": 12, "bits": 32, "iterations": 5, "kv_heads": 2}, BOTH),
                   ({"clusters": 5, "bits": 8, "iterations": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                   ({"clusters": 200, "bits": 8, "iterations": 0}, ODD), ({"clusters": 64, "bits": 64, "iterations": 2}, SMALL)],
+    # ETSformer's smoothing: chunks of 64 (n = 64: one, no carry; 160: three, the last padded), learned and fixed alpha
+    "exp_smoothing": [({}, BOTH), ({"alpha": 0.3}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False, "alpha": 0.5}, ODD)],
+    # MGK: SDPA over the n r (token, component) pairs; the causal float mask [n, n r] it keeps; r = 1 (one key a token)
+    "mgk": [({}, BOTH), ({"components": 3, "kv_heads": 2}, BOTH), ({"components": 1}, SMALL),
+            ({"components": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "yoso": [({"hashes": 8, "tau": 4}, BOTH), ({"hashes": 8, "tau": 4, "kv_heads": 2}, BOTH), ({"hashes": 16, "tau": 6}, SMALL),
              ({"hashes": 4, "tau": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH), ({"hashes": 32, "tau": 3}, ODD),
              ({"mode": "expectation", "tau": 4}, BOTH), ({"mode": "expectation", "kv_heads": 2}, BOTH),

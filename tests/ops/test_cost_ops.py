@@ -48,6 +48,10 @@ CASES = [
         {"mode": "conv", "kernel": 3})],
     *[("mixer", "daft", lambda d, c=c, a=a: {"causal": c, **a}) for c in (False, True)
       for a in ({"max_len": 64, "rank": 8}, {"max_len": 64, "rank": 1, "bias": False})],
+    # AAN: the cumulative average (the FFN on every position), the bidirectional mean (the FFN on one row a sequence),
+    # a narrow FFN, none (the paper's ablation)
+    *[("mixer", "average", lambda d, c=c, a=a: {"causal": c, **a}) for c in (False, True)
+      for a in ({}, {"d_ff": 40, "bias": False}, {"ffn": False})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -82,9 +82,11 @@ ARGS = {
     "nsa": {"block": 64, "stride": 64, "select_block": 64, "topk": 3, "window": 64, "kv_heads": 1},
     "yoso": {"hashes": 16, "tau": 6},  # the sample form: n m dh codes and gathers; the 16 x 64 bucket tables a constant
     "differential": {},  # four SDPA calls: n^2 time, O(n) bytes
-    "sigmoid": {"block": 256},
+    "sigmoid": {"block": 256},  # the blocked kernel: n^2 time, O(n) bytes beside [256, 256] blocks
     "routing": {"clusters": 16, "window": 64},  # 65 gathered keys a query (linear); the [n, k] routing
-    "clustered": {"clusters": 16, "bits": 32, "iterations": 5},  # n C (B + dh) matmuls, the [n, C] one-hot: linear  # the blocked kernel: n^2 time, O(n) bytes beside [256, 256] blocks
+    "clustered": {"clusters": 16, "bits": 32, "iterations": 5},  # n C (B + dh) matmuls, the [n, C] one-hot: linear
+    "mgk": {},  # n^2 r dh FLOPs in the fused kernel (causal: the queries repeated r times, n^2 r^2); O(n) bytes
+    "exp_smoothing": {},  # chunks of 64: n 64 dh FLOPs, O(n) bytes
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
@@ -92,7 +94,8 @@ ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # moba: its [n, 128] gathered keys and values, forward and backward, at n = 8k (~1 minute here)
 # routing: its [n, 65] gathered keys and values (~35-45 s a case here); clustered: 5 Lloyd iterations over [n, 16] (~25 s)
 SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid",  # sigmoid: its blocked kernel, ~3 CPU minutes
-        "routing", "clustered")
+        "routing", "clustered",
+        "mgk")  # mgk: n^2 r (causal r^2) scores at n = 8k, 22 and 25 s here
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW else [])
          for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")
          and not (not causal and v in CAUSAL_ONLY)]
@@ -132,6 +135,7 @@ MIXER_ARGS = {
     "aft-local": ("aft", {"mode": "local", "max_len": NS[-1], "window": 16}),
     "aft-conv": ("aft", {"mode": "conv", "kernel": 9, "heads": 2}),
     "daft": ("daft", {"max_len": NS[-1], "rank": 16}),  # AFT-full's sums, W = P1 P2^T: n^2 (d + d1)
+    "average": ("average", {}),  # AAN: cumulative sums, the FFN and gates per position (bidirectional: the FFN per row)
 }
 MIXER_CASES = [(k, causal) for k in MIXER_ARGS for causal in (True, False)
                if not (causal and REGISTRY["mixer", MIXER_ARGS[k][0]].causal == "no")]

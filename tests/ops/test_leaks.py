@@ -48,6 +48,8 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "differential": {},  # both maps causal (GQA: the harness's kv_heads=2)
     "sigmoid": {"block": 16},  # query and key blocks of 16: 5 of them, the last of 6
     "routing": {"clusters": 3, "window": 4},  # three clusters over 70 tokens: each mixes earlier and later keys
+    "mgk": {"components": 2},  # every pair (token, component) of the keys up to the query
+    "exp_smoothing": {},  # chunks of 64: N = 70 spans two (the carry)
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
@@ -97,7 +99,8 @@ def test_causal_attention_never_leaks(variant, pos, scores):
 MIXER_BUILD = {"aft-full": ("aft", {"mode": "full", "max_len": N}), "aft-simple": ("aft", {"mode": "simple"}),
                "aft-local": ("aft", {"mode": "local", "max_len": N, "window": 6}),
                "aft-conv": ("aft", {"mode": "conv", "kernel": 5, "heads": 4}),
-               "daft": ("daft", {"max_len": N, "rank": 4})}
+               "daft": ("daft", {"max_len": N, "rank": 4}),
+               "average": ("average", {})}  # AAN: the cumulative average
 CAUSAL_MIXERS = sorted(v for (f, v), op in REGISTRY.items() if f == "mixer" and op.causal == "yes")
 
 
