@@ -33,7 +33,7 @@ def test_params_exact(spec):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-@pytest.mark.parametrize("b,n", [(1, 64), (2, 96)])
+@pytest.mark.parametrize("b,n", [(1, 64), pytest.param(2, 96, marks=pytest.mark.slow)])
 def test_forward_flops_full_size_on_meta(spec, b, n):
     """Full-size specs (7B included) on the meta device: nothing is allocated, FLOPs are counted."""
     register_cpu_sdpa_flops()
@@ -48,7 +48,7 @@ def test_forward_flops_full_size_on_meta(spec, b, n):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-@pytest.mark.parametrize("b,n", [(1, 40), (2, 72)])
+@pytest.mark.parametrize("b,n", [(1, 40), pytest.param(2, 72, marks=pytest.mark.slow)])
 def test_train_flops_small(spec, b, n):
     over = small(spec)
     graph = evodsl.parse(spec, over)
@@ -61,7 +61,7 @@ def test_train_flops_small(spec, b, n):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-@pytest.mark.parametrize("b,n", [(1, 48), (2, 96)])
+@pytest.mark.parametrize("b,n", [(1, 48), pytest.param(2, 96, marks=pytest.mark.slow)])
 def test_activation_memory_small(spec, b, n):
     over = small(spec)
     graph = evodsl.parse(spec, over)

@@ -249,6 +249,22 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if "t5" not in p for b in DIFFERENTIAL + SIGMOID])
 
 
+
+
+def _lean(cases: list) -> list:
+    """The default run decodes each block with one of its position schemes (the k-th block's k-th, so that every
+    scheme is run across the blocks); the block's other schemes are marked slow (`pytest -m slow`)."""
+    schemes: dict = {}
+    for pos, block in cases:
+        schemes.setdefault(block, []).append(pos)
+    order = list(schemes)
+    return [pytest.param(pos, block, marks=[] if schemes[block][order.index(block) % len(schemes[block])] == pos
+                         else [pytest.mark.slow]) for pos, block in cases]
+
+
+CASES = _lean(CASES)
+
+
 @pytest.mark.parametrize("pos,block", CASES)
 def test_attention_decodes_with_every_position_scheme(pos, block):
     """Softmax (MQA/GQA, RealFormer scores), local, adaptive-span (random learned spans) and linear attention,
