@@ -108,6 +108,8 @@ def variants(args) -> list[tuple[str, str]]:
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
     ]
     n_max = max(int(n) for n in args.ns.split(","))
+    mha += [("synthesizer, dense", f"synthesizer, kind=dense, max_len={n_max}"),  # the [b, h, n, n] weights
+            ("synthesizer, random", f"synthesizer, kind=random, max_len={n_max}")]  # [h, n, n], shared by the batch
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)
         ("aft, full", f"aft, mode=full, max_len={n_max}"),
         ("aft, simple", "aft, mode=simple"),

@@ -215,6 +215,13 @@ MLA = ["norm -> mha(mla, kv_rank=16, rope_dim=4, nope_dim=6, v_dim=8) -> norm ->
 # Reformer LSH: two and four buckets over chunks of 3 and 5 (29 tokens), two rounds (the cache: every query and value,
 # re-hashed)
 LSH = ["norm -> mha(lsh, buckets=2, chunk=3) -> norm -> ffn", "norm -> mha(lsh, buckets=4, chunk=5, rounds=2, kv_heads=2) -> norm -> ffn"]
+# Synthesizer: the V cache (K too with vanilla mixed in), each new row's logits from its token (dense) or position
+# (random), max_len past and at the 29 tokens
+SYNTHESIZER = ["norm -> mha(synthesizer, max_len=32) -> norm -> ffn",
+               "norm -> mha(synthesizer, kind=mixture, mix=dense_random_vanilla, max_len=40, kv_heads=2) -> norm -> ffn",
+               "norm -> mha(synthesizer, kind=factorized_dense, max_len=32, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
+               "norm -> mha(synthesizer, kind=random, trainable=false, max_len=29) -> norm -> "
+               "mha(synthesizer, kind=factorized_random, rank=3, max_len=30) -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MODIFIERS]
@@ -227,7 +234,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGFORMER]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MLA]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LSH]
-         + [(p, b) for p in POSITIONS if "t5" not in p for b in DIFFERENTIAL + SIGMOID])
+         + [(p, b) for p in POSITIONS if "t5" not in p for b in DIFFERENTIAL + SIGMOID]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SYNTHESIZER])
 
 
 @pytest.mark.parametrize("pos,block", CASES)
