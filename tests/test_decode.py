@@ -222,6 +222,8 @@ SYNTHESIZER = ["norm -> mha(synthesizer, max_len=32) -> norm -> ffn",
                "norm -> mha(synthesizer, kind=factorized_dense, max_len=32, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
                "norm -> mha(synthesizer, kind=random, trainable=false, max_len=29) -> norm -> "
                "mha(synthesizer, kind=factorized_random, rank=3, max_len=30) -> ffn"]
+# NAP: the K/V cache, each new row normalised over its past keys
+NAP = ["norm -> mha(nap) -> norm -> ffn", "norm -> mha(nap, kv_heads=1, head_dim=4, bias=false, eps=0.001) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MODIFIERS]
@@ -235,7 +237,7 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MLA]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LSH]
          + [(p, b) for p in POSITIONS if "t5" not in p for b in DIFFERENTIAL + SIGMOID]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SYNTHESIZER])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SYNTHESIZER + NAP])
 
 
 @pytest.mark.parametrize("pos,block", CASES)

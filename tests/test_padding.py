@@ -37,7 +37,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "mla": {"kv_rank": 16, "rope_dim": 4, "nope_dim": 6, "v_dim": 8}, "yoso": {"hashes": 8, "tau": 3},
          "differential": {}, "sigmoid": {"block": 16},
          "slim": {"features": 16}, "etc": {"radius": 5, "globals": 3, "segment": 8},
-         "synthesizer": {"kind": "mixture", "mix": "dense_random_vanilla", "max_len": 80}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
+         "synthesizer": {"kind": "mixture", "mix": "dense_random_vanilla", "max_len": 80}, "nap": {}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
 # with the padding's large-norm noise keys, whose unmasked weight is then ~1e-8 (the control)
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel",
            "slim")  # causal forms in chunks: 16 tokens here, so that N spans several

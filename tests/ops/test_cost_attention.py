@@ -279,6 +279,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                     ({"kind": "factorized_random", "max_len": 200, "rank": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH),
                     ({"kind": "mixture", "max_len": 200}, BOTH), ({"kind": "mixture", "max_len": 200, "mix": "dense_random_vanilla", "kv_heads": 2}, BOTH),
                     ({"kind": "mixture", "max_len": 200, "mix": "factorized_random_vanilla", "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    # NAP: the explicit scores, their rows' statistics (causal: over the past, masked)
+    "nap": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "eps": 1e-3}, BOTH)],
 }
 
 

@@ -84,12 +84,13 @@ ARGS = {
     "differential": {},  # four SDPA calls: n^2 time, O(n) bytes
     "sigmoid": {"block": 256},  # the blocked kernel: n^2 time, O(n) bytes beside [256, 256] blocks
     "synthesizer": {"kind": "dense", "max_len": 8192},  # n^2 (hidden + dh) time, the [b, h, n, n] weights: n^2 bytes
+    "nap": {},  # the explicit scores: n^2 dh time, n^2 bytes (a row's statistics need all of it)
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
 # fourier_integral: n^2 dh sines, logs and tangents at n = 8k (several minutes a case on a shared 2-core machine)
 # moba: its [n, 128] gathered keys and values, forward and backward, at n = 8k (~1 minute here)
-SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid", "synthesizer")  # sigmoid: its blocked kernel, ~3 CPU minutes
+SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid", "synthesizer", "nap")  # sigmoid: its blocked kernel, ~3 CPU minutes
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW else [])
          for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")
          and not (not causal and v in CAUSAL_ONLY)]

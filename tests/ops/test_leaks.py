@@ -48,6 +48,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "differential": {},  # both maps causal (GQA: the harness's kv_heads=2)
     "sigmoid": {"block": 16},  # query and key blocks of 16: 5 of them, the last of 6
     "synthesizer": {"kind": "mixture", "mix": "dense_random_vanilla", "max_len": 80},  # three kinds' logits summed
+    "nap": {},  # each row's statistics over its past keys
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
