@@ -108,6 +108,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("routing, clusters=16, window=64", "routing, clusters=16, window=64"),
         ("exp_smoothing", "exp_smoothing"),
         ("mgk, components=2", "mgk, components=2"),
+        ("nap", "nap"),  # explicit [b, h, n, n] scores, normalised per row
         ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
         ("softmax, talking=true", "softmax, talking=true"),  # talking heads (_talking.py): the same kernel, heads mixed
@@ -115,6 +116,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("softmax, collab=128", "softmax, collab=128"),  # collaborative heads (_collab.py): shared Q/K of width D_k
     ]
     n_max = max(int(n) for n in args.ns.split(","))
+    mha += [("synthesizer, dense", f"synthesizer, kind=dense, max_len={n_max}"),  # the [b, h, n, n] weights
+            ("synthesizer, random", f"synthesizer, kind=random, max_len={n_max}")]  # [h, n, n], shared by the batch
     mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)
         ("aft, full", f"aft, mode=full, max_len={n_max}"),
         ("aft, simple", "aft, mode=simple"),

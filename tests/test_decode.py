@@ -232,6 +232,15 @@ LSH = ["norm -> mha(lsh, buckets=2, chunk=3) -> norm -> ffn", "norm -> mha(lsh, 
 ROUTING = ["norm -> mha(routing, clusters=3, window=3) -> norm -> ffn",
            "norm -> mha(routing, clusters=5, window=4, kv_heads=2) -> norm -> ffn",
            "norm -> mha(routing, clusters=2, window=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+# Synthesizer: the V cache (K too with vanilla mixed in), each new row's logits from its token (dense) or position
+# (random), max_len past and at the 29 tokens
+SYNTHESIZER = ["norm -> mha(synthesizer, max_len=32) -> norm -> ffn",
+               "norm -> mha(synthesizer, kind=mixture, mix=dense_random_vanilla, max_len=40, kv_heads=2) -> norm -> ffn",
+               "norm -> mha(synthesizer, kind=factorized_dense, max_len=32, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
+               "norm -> mha(synthesizer, kind=random, trainable=false, max_len=29) -> norm -> "
+               "mha(synthesizer, kind=factorized_random, rank=3, max_len=30) -> ffn"]
+# NAP: the K/V cache, each new row normalised over its past keys
+NAP = ["norm -> mha(nap) -> norm -> ffn", "norm -> mha(nap, kv_heads=1, head_dim=4, bias=false, eps=0.001) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MODIFIERS]
@@ -246,7 +255,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MLA]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LSH]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in ROUTING]
-         + [(p, b) for p in POSITIONS if "t5" not in p for b in DIFFERENTIAL + SIGMOID])
+         + [(p, b) for p in POSITIONS if "t5" not in p for b in DIFFERENTIAL + SIGMOID]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SYNTHESIZER + NAP])
 
 
 

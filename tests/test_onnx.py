@@ -79,6 +79,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "yoso"): "hashes=8, tau=4",
     ("mha", "clustered"): "clusters=3, bits=8, iterations=3",
     ("mha", "routing"): "clusters=3, window=4",
+    ("mha", "synthesizer"): "kind=mixture, mix=dense_random_vanilla, max_len=128",  # the tables cut by index
+    ("mha", "nap"): "kv_heads=2",
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",

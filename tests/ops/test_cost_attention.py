@@ -294,6 +294,16 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
              ({"hashes": 4, "tau": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH), ({"hashes": 32, "tau": 3}, ODD),
              ({"mode": "expectation", "tau": 4}, BOTH), ({"mode": "expectation", "kv_heads": 2}, BOTH),
              ({"mode": "expectation", "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH)],
+    # Synthesizer: each kind (random's [h, n, n] weights shared by the batch, learned and fixed), grouped and single K/V
+    # heads, a narrower hidden layer, the mixtures (vanilla's Q and K beside the synthetic logits)
+    "synthesizer": [({"kind": "dense", "max_len": 200}, BOTH), ({"kind": "dense", "max_len": 160, "kv_heads": 2, "hidden": 40}, BOTH),
+                    ({"kind": "random", "max_len": 200}, BOTH), ({"kind": "random", "max_len": 200, "trainable": False}, SMALL),
+                    ({"kind": "factorized_dense", "max_len": 200, "kv_heads": 2}, BOTH),
+                    ({"kind": "factorized_random", "max_len": 200, "rank": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH),
+                    ({"kind": "mixture", "max_len": 200}, BOTH), ({"kind": "mixture", "max_len": 200, "mix": "dense_random_vanilla", "kv_heads": 2}, BOTH),
+                    ({"kind": "mixture", "max_len": 200, "mix": "factorized_random_vanilla", "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    # NAP: the explicit scores, their rows' statistics (causal: over the past, masked)
+    "nap": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "eps": 1e-3}, BOTH)],
 }
 
 

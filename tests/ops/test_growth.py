@@ -87,6 +87,8 @@ ARGS = {
     "clustered": {"clusters": 16, "bits": 32, "iterations": 5},  # n C (B + dh) matmuls, the [n, C] one-hot: linear
     "mgk": {},  # n^2 r dh FLOPs in the fused kernel (causal: the queries repeated r times, n^2 r^2); O(n) bytes
     "exp_smoothing": {},  # chunks of 64: n 64 dh FLOPs, O(n) bytes
+    "synthesizer": {"kind": "dense", "max_len": 8192},  # n^2 (hidden + dh) time, the [b, h, n, n] weights: n^2 bytes
+    "nap": {},  # the explicit scores: n^2 dh time, n^2 bytes (a row's statistics need all of it)
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
@@ -94,7 +96,7 @@ ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # moba: its [n, 128] gathered keys and values, forward and backward, at n = 8k (~1 minute here)
 # routing: its [n, 65] gathered keys and values (~35-45 s a case here); clustered: 5 Lloyd iterations over [n, 16] (~25 s)
 SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid",  # sigmoid: its blocked kernel, ~3 CPU minutes
-        "routing", "clustered",
+        "routing", "clustered", "synthesizer", "nap",  # synthesizer, nap: their n x n weights at n = 8k
         "mgk")  # mgk: n^2 r (causal r^2) scores at n = 8k, 22 and 25 s here
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW else [])
          for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")

@@ -50,6 +50,8 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "routing": {"clusters": 3, "window": 4},  # three clusters over 70 tokens: each mixes earlier and later keys
     "mgk": {"components": 2},  # every pair (token, component) of the keys up to the query
     "exp_smoothing": {},  # chunks of 64: N = 70 spans two (the carry)
+    "synthesizer": {"kind": "mixture", "mix": "dense_random_vanilla", "max_len": 80},  # three kinds' logits summed
+    "nap": {},  # each row's statistics over its past keys
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
