@@ -104,6 +104,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("yoso, hashes=32, tau=8", "yoso, hashes=32, tau=8"),
         ("differential", "differential"),  # h heads of 2 dh: d_model divisible by 2 heads
         ("sigmoid", "sigmoid"),
+        ("sinkformer, iters=3", "sinkformer, iters=3"),
+        ("sparse_sinkhorn, block=64", f"sparse_sinkhorn, block=64, max_len={max(int(n) for n in args.ns.split(','))}"),
         ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
     ]
@@ -124,7 +126,8 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
                       "etc",
                       "fnet",
-                      "colt5", "yoso")  # no causal form: bidirectional only
+                      "colt5", "yoso",
+                      "sinkformer")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba")  # no bidirectional form: causal only
 
 

@@ -215,12 +215,16 @@ MLA = ["norm -> mha(mla, kv_rank=16, rope_dim=4, nope_dim=6, v_dim=8) -> norm ->
 # Reformer LSH: two and four buckets over chunks of 3 and 5 (29 tokens), two rounds (the cache: every query and value,
 # re-hashed)
 LSH = ["norm -> mha(lsh, buckets=2, chunk=3) -> norm -> ffn", "norm -> mha(lsh, buckets=4, chunk=5, rounds=2, kv_heads=2) -> norm -> ffn"]
+# Sparse Sinkhorn: blocks of 4 and 3 over the 29 tokens (the cache: the inputs so far), a block past the sequence
+SPARSE_SINKHORN = ["norm -> mha(sparse_sinkhorn, block=4, max_len=64) -> norm -> ffn",
+                   "norm -> mha(sparse_sinkhorn, block=3, iters=2, kv_heads=2, max_len=64) -> norm -> ffn",
+                   "norm -> mha(sparse_sinkhorn, block=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MODIFIERS]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED + COMBINER
-            + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA + NSA]
+            + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA + NSA + SPARSE_SINKHORN]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]

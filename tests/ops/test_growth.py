@@ -83,12 +83,16 @@ ARGS = {
     "yoso": {"hashes": 16, "tau": 6},  # the sample form: n m dh codes and gathers; the 16 x 64 bucket tables a constant
     "differential": {},  # four SDPA calls: n^2 time, O(n) bytes
     "sigmoid": {"block": 256},  # the blocked kernel: n^2 time, O(n) bytes beside [256, 256] blocks
+    "sinkformer": {"iters": 2},
+    # blocks of 64: 128 keys a query (linear) beside the [m, m] mixing of the K and V blocks (m = n / 64: n^2 / 64)
+    "sparse_sinkhorn": {"block": 64, "max_len": 8192},  # the [n, n] weights per head: n^2 time and bytes (each iteration's input kept)
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
 # fourier_integral: n^2 dh sines, logs and tangents at n = 8k (several minutes a case on a shared 2-core machine)
 # moba: its [n, 128] gathered keys and values, forward and backward, at n = 8k (~1 minute here)
-SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid")  # sigmoid: its blocked kernel, ~3 CPU minutes
+SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid",
+        "sinkformer")  # sinkformer: [n, n] logsumexps at n = 8k, forward and backward  # sigmoid: its blocked kernel, ~3 CPU minutes
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW else [])
          for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")
          and not (not causal and v in CAUSAL_ONLY)]
