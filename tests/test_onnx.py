@@ -81,6 +81,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "routing"): "clusters=3, window=4",
     ("mha", "synthesizer"): "kind=mixture, mix=dense_random_vanilla, max_len=128",  # the tables cut by index
     ("mha", "nap"): "kv_heads=2",
+    ("mha", "sinkformer"): "iters=3",
+    ("mha", "sparse_sinkhorn"): "block=4, max_len=128",
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
@@ -165,6 +167,8 @@ OTHER_FORMS = {("mha", "bigbird"), ("mha", "blockwise"), ("mha", "isab"), ("mha"
 # differential: torch runs each map twice (over V's two halves: the fused CPU kernel wants values as wide as the keys);
 # the exporter's common-subexpression pass keeps one q k^T and softmax per map, so 2 of its 6 attention MatMuls go
 OTHER_FORMS |= {("mha", "differential")}
+# Sparse Sinkhorn: ceil(n / B) + 1 blocks exported (the extra one padding, balanced with itself), the blocks gathered by index
+OTHER_FORMS |= {("mha", "sparse_sinkhorn")}
 # Memory-compressed attention's causal form: torch runs G = m + 1 groups of K queries over the m finished slots
 # (m = floor(n / K)); the export gathers m + 2 groups and slots, so that no axis is 1 long at some n (the extra
 # ones masked or cut): a few more multiply-adds. Its bidirectional export is torch's form.

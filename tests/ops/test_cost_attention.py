@@ -263,6 +263,14 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"block": 32, "pos": ROPE}, BOTH), ({"block": 32, "pos": ALIBI, "kv_heads": 2}, SMALL),
                 ({"block": 48, "pos": ALIBI}, ODD),
                 ({"block": 24, "kv_heads": 1, "head_dim": 8, "bias": False, "score_bias": 0.5}, ODD)],
+    # sinkformer: the [n, n] scores, every normalisation's input kept (iters = 1: softmax through the same path)
+    "sinkformer": [({"iters": 3}, BOTH), ({"iters": 1}, SMALL), ({"iters": 4, "kv_heads": 2}, BOTH),
+                   ({"iters": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    # sparse_sinkhorn: blocks dividing n (no mask, bidirectional) or not (SDPA's float mask; b > 1: o_proj's copy),
+    # one block past n, B = 5 (32 blocks at n = 160: the [m, m] mixing)
+    "sparse_sinkhorn": [({"block": 16, "max_len": 256}, BOTH), ({"block": 24, "kv_heads": 2, "max_len": 256}, BOTH),
+                        ({"block": 8, "kv_heads": 1, "head_dim": 8, "bias": False, "iters": 2, "max_len": 160}, BOTH),
+                        ({"block": 200, "max_len": 256}, ODD), ({"block": 5, "iters": 1, "max_len": 200}, SMALL)],
     "slim": [({"features": 32, "chunk": 16}, BOTH), ({"features": 32, "kv_heads": 2, "chunk": 24}, BOTH),
              ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"features": 64, "chunk": 8}, SMALL),
              ({"features": 32, "chunk": 16, "pos": HALF_ROPE}, SMALL)],

@@ -89,6 +89,9 @@ ARGS = {
     "exp_smoothing": {},  # chunks of 64: n 64 dh FLOPs, O(n) bytes
     "synthesizer": {"kind": "dense", "max_len": 8192},  # n^2 (hidden + dh) time, the [b, h, n, n] weights: n^2 bytes
     "nap": {},  # the explicit scores: n^2 dh time, n^2 bytes (a row's statistics need all of it)
+    "sinkformer": {"iters": 2},  # the [n, n] weights per head: n^2 time and bytes (each iteration's input kept)
+    # blocks of 64: 128 keys a query (linear) beside the [m, m] mixing of the K and V blocks (m = n / 64: n^2 / 64)
+    "sparse_sinkhorn": {"block": 64, "max_len": 8192},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
@@ -97,7 +100,8 @@ ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # routing: its [n, 65] gathered keys and values (~35-45 s a case here); clustered: 5 Lloyd iterations over [n, 16] (~25 s)
 SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid",  # sigmoid: its blocked kernel, ~3 CPU minutes
         "routing", "clustered", "synthesizer", "nap",  # synthesizer, nap: their n x n weights at n = 8k
-        "mgk")  # mgk: n^2 r (causal r^2) scores at n = 8k, 22 and 25 s here
+        "mgk",  # mgk: n^2 r (causal r^2) scores at n = 8k, 22 and 25 s here
+        "sinkformer")  # sinkformer: [n, n] logsumexps at n = 8k, forward and backward (~3 minutes)
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW else [])
          for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")
          and not (not causal and v in CAUSAL_ONLY)]
