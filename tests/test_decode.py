@@ -111,7 +111,8 @@ BLOCKS = ["norm -> mha(softmax) -> norm -> ffn", "norm -> mha(softmax, kv_heads=
 
 # local attention across several windows (29 tokens, w = 5), and w past the sequence; linear attention
 BANDED = ["norm -> mha(local, window=5) -> norm -> ffn", "norm -> mha(local, window=40, kv_heads=2) -> norm -> ffn",
-          "norm -> mha(local, window=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+          "norm -> mha(local, window=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
+          "norm -> mha(local, window=5, scale=0.3, kv_heads=2) -> norm -> ffn"]
 # Longformer's causal form: keys t-2 .. t, and dilated (every third key back to t - 9), absolute positions only
 LONGFORMER = ["norm -> mha(longformer, window=4) -> norm -> ffn",
               "norm -> mha(longformer, window=6, dilation=3, kv_heads=2) -> norm -> ffn"]
@@ -197,7 +198,8 @@ SIGMOID = ["norm -> mha(sigmoid, block=4) -> norm -> ffn", "norm -> mha(sigmoid,
 MODIFIERS = ["norm -> mha(softmax, softcap=0.5, kv_heads=2) -> norm -> ffn", "norm -> mha(softmax, sink_logit=true) -> norm -> ffn",
              "norm -> mha(local, window=5, softcap=0.5) -> norm -> ffn",
              "norm -> mha(local, window=4, sinks=3, sink_logit=true, kv_heads=2) -> norm -> ffn",
-             "norm -> mha(local, window=40, sinks=2, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+             "norm -> mha(local, window=40, sinks=2, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
+             "norm -> mha(local, window=5, softcap=0.5, scale=0.3) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence

@@ -50,7 +50,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
               # (and the S sinks), the window over the sequence at n = 64 (the full layout)
               ({"window": 40, "sinks": 4, "softcap": 30.0}, ODD), ({"window": 16, "softcap": 50.0, "pos": ROPE}, ODD),
               ({"window": 16, "sinks": 4, "sink_logit": True}, SMALL), ({"window": 80, "sinks": 4, "kv_heads": 2}, SMALL),
-              ({"window": 200, "softcap": 30.0, "sinks": 4}, ODD)],
+              ({"window": 200, "softcap": 30.0, "sinks": 4}, ODD),
+              # scale= (Gemma 2): q pre-multiplied on the SDPA paths; the capped kernel takes it as its scale
+              ({"window": 16, "scale": 0.2, "kv_heads": 2}, BOTH), ({"window": 16, "scale": 0.2, "softcap": 50.0, "pos": ROPE}, ODD)],
     # span_init=1: every head at its full span, the band the cost declares (an upper bound otherwise)
     "adaptive_span": [({"max_span": 48, "R": 8}, BOTH), ({"max_span": 20, "R": 4, "pos": ALIBI}, BOTH),
                       ({"max_span": 20, "R": 4, "kv_heads": 2}, ODD), ({"max_span": 20, "R": 4, "pos": ROPE}, SMALL),
