@@ -176,7 +176,8 @@ FOURIER = ["norm -> mha(fourier_integral, R=0.5, block=4) -> norm -> ffn",
            "norm -> mha(fourier_integral, block=3, kv_heads=1, head_dim=4, learn_R=false) -> norm -> ffn"]
 # FoX: the K/V cache and D of every position (29 tokens), grouped and single K/V heads
 FORGETTING = ["norm -> mha(forgetting) -> norm -> ffn", "norm -> mha(forgetting, kv_heads=2) -> norm -> ffn",
-              "norm -> mha(forgetting, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+              "norm -> mha(forgetting, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
+              "norm -> mha(forgetting, pro=true, kv_heads=2) -> norm -> ffn"]
 # MoBA: blocks of 3 and 4 over the 29 tokens (the cache: every key and value, the finished blocks' mean keys), k
 # past the blocks
 MOBA = ["norm -> mha(moba, block=3, topk=2) -> norm -> ffn", "norm -> mha(moba, block=4, topk=3, kv_heads=2) -> norm -> ffn",

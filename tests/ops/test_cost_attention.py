@@ -242,7 +242,13 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                        ({"components": 1, "features": 8, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                        ({"components": 4, "features": 16, "pos": HALF_ROPE}, SMALL)],
     # FoX: one fused SDPA call over width dh + 1 (causal only)
-    "forgetting": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    "forgetting": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                   # the Pro block (_forgetting_pro.py): all four parts, and each alone where h dh != d
+                   ({"pro": True}, BOTH), ({"pro": True, "kv_heads": 2}, SMALL),
+                   ({"pro": True, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                   ({"kv_shift": True, "kv_heads": 1, "head_dim": 8}, SMALL), ({"qk_norm": True, "head_dim": 8}, SMALL),
+                   ({"output_norm": True, "kv_heads": 2, "head_dim": 8}, SMALL),
+                   ({"output_gate": True, "kv_heads": 1, "head_dim": 8, "bias": False}, SMALL)],
     # MoBA (causal only): blocks dividing n (8 at 64 and 160) and not (12, 5), k past the blocks, a block past n
     "moba": [({"block": 8, "topk": 2}, BOTH), ({"block": 12, "topk": 3, "kv_heads": 2}, BOTH),
              ({"block": 5, "topk": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"block": 16, "topk": 20}, SMALL),
