@@ -161,3 +161,14 @@ def test_onnx_export_one_file_parity_at_three_lengths(tmp_path):
         worst = max(worst, np.abs(session.run(None, feed)[0] - want).max() / np.abs(want).max())
     print(f"onnx forgetting pro: max relative error {worst:.2e}")
     assert worst < 1e-4
+
+
+def test_bad_values_are_refused():
+    import evodsl
+    from evodsl import EvoError
+
+    src = "d_model = 32\nheads = 4\nmodel m(causal=true) = input(tokens, vocab=11) -> embed(token) -> mha(forgetting, {}) -> head(lm)\n"
+    with pytest.raises(EvoError, match=r"E204.*invalid value 2 for parameter 'pro'"):
+        evodsl.parse(src.format("pro=2"))
+    with pytest.raises(EvoError, match=r"E203.*unknown parameter 'k_shift'"):
+        evodsl.parse(src.format("k_shift=true"))
