@@ -111,7 +111,8 @@ BLOCKS = ["norm -> mha(softmax) -> norm -> ffn", "norm -> mha(softmax, kv_heads=
 
 # local attention across several windows (29 tokens, w = 5), and w past the sequence; linear attention
 BANDED = ["norm -> mha(local, window=5) -> norm -> ffn", "norm -> mha(local, window=40, kv_heads=2) -> norm -> ffn",
-          "norm -> mha(local, window=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+          "norm -> mha(local, window=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
+          "norm -> mha(local, window=5, scale=0.3, kv_heads=2) -> norm -> ffn"]
 # Longformer's causal form: keys t-2 .. t, and dilated (every third key back to t - 9), absolute positions only
 LONGFORMER = ["norm -> mha(longformer, window=4) -> norm -> ffn",
               "norm -> mha(longformer, window=6, dilation=3, kv_heads=2) -> norm -> ffn"]
@@ -175,7 +176,8 @@ FOURIER = ["norm -> mha(fourier_integral, R=0.5, block=4) -> norm -> ffn",
            "norm -> mha(fourier_integral, block=3, kv_heads=1, head_dim=4, learn_R=false) -> norm -> ffn"]
 # FoX: the K/V cache and D of every position (29 tokens), grouped and single K/V heads
 FORGETTING = ["norm -> mha(forgetting) -> norm -> ffn", "norm -> mha(forgetting, kv_heads=2) -> norm -> ffn",
-              "norm -> mha(forgetting, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+              "norm -> mha(forgetting, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
+              "norm -> mha(forgetting, pro=true, kv_heads=2) -> norm -> ffn"]
 # MoBA: blocks of 3 and 4 over the 29 tokens (the cache: every key and value, the finished blocks' mean keys), k
 # past the blocks
 MOBA = ["norm -> mha(moba, block=3, topk=2) -> norm -> ffn", "norm -> mha(moba, block=4, topk=3, kv_heads=2) -> norm -> ffn",
@@ -198,6 +200,7 @@ MODIFIERS = ["norm -> mha(softmax, softcap=0.5, kv_heads=2) -> norm -> ffn", "no
              "norm -> mha(local, window=5, softcap=0.5) -> norm -> ffn",
              "norm -> mha(local, window=4, sinks=3, sink_logit=true, kv_heads=2) -> norm -> ffn",
              "norm -> mha(local, window=40, sinks=2, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
+             "norm -> mha(local, window=5, softcap=0.5, scale=0.3) -> norm -> ffn",
              # talking heads: P_l, P_w mixing the heads of every (query, key) pair, through the cache
              "norm -> mha(softmax, talking=true, kv_heads=2) -> norm -> ffn",
              "norm -> mha(local, window=5, sinks=2, talking=true) -> norm -> ffn"]

@@ -16,6 +16,7 @@ from .decoders import gpt2_spec, gpt2_weights, llama_spec, llama_weights
 from .deepseek import deepseek_v2_spec, deepseek_v2_weights
 from .encdec import bart_spec, bart_weights, t5_spec, t5_weights
 from .encoders import bert_spec, bert_weights
+from .gemma2 import gemma2_spec, gemma2_weights
 from .weights import load_hf, read_checkpoint, read_safetensors
 from .yoso import yoso_spec, yoso_weights
 
@@ -34,6 +35,7 @@ FAMILIES = {
     "mistral": Family(llama_spec, llama_weights),
     "gemma": Family(llama_spec, llama_weights),
     "phi3": Family(llama_spec, llama_weights),
+    "gemma2": Family(gemma2_spec, gemma2_weights),
     "bert": Family(bert_spec, bert_weights),
     "t5": Family(t5_spec, t5_weights),
     "bart": Family(bart_spec, bart_weights),

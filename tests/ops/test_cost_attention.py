@@ -57,7 +57,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
               ({"window": 40, "sinks": 4, "softcap": 30.0}, ODD), ({"window": 16, "softcap": 50.0, "pos": ROPE}, ODD),
               ({"window": 16, "sinks": 4, "sink_logit": True}, SMALL), ({"window": 80, "sinks": 4, "kv_heads": 2}, SMALL),
               ({"window": 200, "softcap": 30.0, "sinks": 4}, ODD),
-              ({"window": 16, "talking": True}, BOTH), ({"window": 40, "talking": True, "kv_heads": 2, "sinks": 4}, ODD)],
+              ({"window": 16, "talking": True}, BOTH), ({"window": 40, "talking": True, "kv_heads": 2, "sinks": 4}, ODD),
+              # scale= (Gemma 2): q pre-multiplied on the SDPA paths; the capped kernel takes it as its scale
+              ({"window": 16, "scale": 0.2, "kv_heads": 2}, BOTH), ({"window": 16, "scale": 0.2, "softcap": 50.0, "pos": ROPE}, ODD)],
     # span_init=1: every head at its full span, the band the cost declares (an upper bound otherwise)
     "adaptive_span": [({"max_span": 48, "R": 8}, BOTH), ({"max_span": 20, "R": 4, "pos": ALIBI}, BOTH),
                       ({"max_span": 20, "R": 4, "kv_heads": 2}, ODD), ({"max_span": 20, "R": 4, "pos": ROPE}, SMALL),
@@ -247,7 +249,13 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                        ({"components": 1, "features": 8, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                        ({"components": 4, "features": 16, "pos": HALF_ROPE}, SMALL)],
     # FoX: one fused SDPA call over width dh + 1 (causal only)
-    "forgetting": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+    "forgetting": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                   # the Pro block (_forgetting_pro.py): all four parts, and each alone where h dh != d
+                   ({"pro": True}, BOTH), ({"pro": True, "kv_heads": 2}, SMALL),
+                   ({"pro": True, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                   ({"kv_shift": True, "kv_heads": 1, "head_dim": 8}, SMALL), ({"qk_norm": True, "head_dim": 8}, SMALL),
+                   ({"output_norm": True, "kv_heads": 2, "head_dim": 8}, SMALL),
+                   ({"output_gate": True, "kv_heads": 1, "head_dim": 8, "bias": False}, SMALL)],
     # MoBA (causal only): blocks dividing n (8 at 64 and 160) and not (12, 5), k past the blocks, a block past n
     "moba": [({"block": 8, "topk": 2}, BOTH), ({"block": 12, "topk": 3, "kv_heads": 2}, BOTH),
              ({"block": 5, "topk": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"block": 16, "topk": 20}, SMALL),

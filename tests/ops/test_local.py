@@ -46,8 +46,9 @@ def position_bias(pos, heads, t, r):
     return -slopes[:, None, None] * (t - r).abs()
 
 
-def reference_local(m, x, window, causal, pos=None):
-    """o_t = sum_r softmax_r(q_t.k_r / sqrt(dh) + bias) v_r over causal t-w+1 <= r <= t or |t-r| < w."""
+def reference_local(m, x, window, causal, pos=None, scale=None):
+    """o_t = sum_r softmax_r(q_t.k_r / sqrt(dh) + bias) v_r over causal t-w+1 <= r <= t or |t-r| < w (scale:
+    q_t.k_r * scale)."""
     q, k, v = project(m, x, pos)
     b, h, n, dh = q.shape
     group = h // k.shape[1]
@@ -56,7 +57,7 @@ def reference_local(m, x, window, causal, pos=None):
     bias = position_bias(pos, h, t, r)
     heads = []
     for hh in range(h):
-        s = q[:, hh] @ k[:, hh // group].transpose(-1, -2) / math.sqrt(dh)
+        s = q[:, hh] @ k[:, hh // group].transpose(-1, -2) * (scale or 1 / math.sqrt(dh))
         if bias is not None:
             s = s + bias[hh]
         s = s.masked_fill(~band, float("-inf"))
@@ -92,6 +93,20 @@ def test_local_matches_equation(causal, window, n, kv_heads, pos):
         assert (y - ref).abs().max().item() < 1e-10
         if window < n:  # the comparison sees the window's edge
             assert (y - reference_local(m, x, window + 1, causal, pos)).abs().max().item() > 1e-6
+
+
+@pytest.mark.parametrize("causal, window, n, kv_heads, pos", [
+    (True, 5, 77, 2, None), (False, 7, 50, None, ("alibi", {})), (True, 7, 50, 2, ("rope", {})), (True, 100, 40, 1, None)])
+def test_local_scale_matches_equation(causal, window, n, kv_heads, pos):
+    """scale=s (Gemma 2's query_pre_attn_scalar^-1/2): scores q.k * s, on the SDPA paths (q pre-multiplied)."""
+    require_pos(pos)
+    m, _, _ = make_op("mha", "local", d=D, causal=causal, pos=pos, heads=4, kv_heads=kv_heads, window=window, scale=0.2)
+    perturb_params(m)
+    x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x, Ctx())
+        assert (y - reference_local(m, x, window, causal, pos, scale=0.2)).abs().max().item() < 1e-10
+        assert (y - reference_local(m, x, window, causal, pos)).abs().max().item() > 1e-4  # 0.2 is not 1/sqrt(8)
 
 
 def test_local_causal_does_not_leak():

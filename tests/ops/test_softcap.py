@@ -54,7 +54,7 @@ CASES = [  # variant, causal, n, extra build
     ("local", True, 70, {"window": 6}), ("local", False, 70, {"window": 6, "kv_heads": 2}),  # n no multiple of 32
     ("local", True, 45, {"window": 40, "kv_heads": 1}), ("local", False, 100, {"window": 33}),
     ("local", True, 10, {"window": 16}), ("local", False, 10, {"window": 16}),  # the window covers n: full layout
-    ("local", True, 3, {"window": 2}),
+    ("local", True, 3, {"window": 2}), ("local", True, 70, {"window": 6, "scale": 0.3, "kv_heads": 2}),  # Gemma 2
 ]
 
 
@@ -166,7 +166,8 @@ def test_a_gemma2_style_model_compiles_and_decodes():
 
 ONNX_SPECS = {  # the modifiers in one model each way; the export's symbolic n runs _scored._gathered
     "causal": "mha(softmax, softcap=0.5) -> mha(local, window=5, softcap=0.5) -> "
-              "mha(local, window=4, sinks=3, sink_logit=true) -> mha(softmax, sink_logit=true)",
+              "mha(local, window=4, sinks=3, sink_logit=true) -> mha(softmax, sink_logit=true) -> "
+              "mha(local, window=5, scale=0.3) -> mha(local, window=6, softcap=0.5, scale=0.3)",  # Gemma 2's scale
     "bidirectional": "mha(softmax, softcap=0.5) -> mha(local, window=5, softcap=0.5, sinks=2) -> "
                      "mha(softmax, sink_logit=true)",
 }

@@ -1,5 +1,6 @@
 """mha(forgetting): the Forgetting Transformer's Forgetting Attention (FoX; Lin, Nikishin, He, Courville 2025,
-arXiv:2503.02130), the basic form (the paper's "Pro" extras, output gate, QK-norm and KV-shift, are not built).
+arXiv:2503.02130); with pro=true (or kv_shift=, qk_norm=, output_norm=, output_gate=) the Pro block's extras,
+whose equations and choices _forgetting_pro.py states.
 
 Each head has a scalar, data-dependent forget gate per token, f_t = sigmoid(w_f . x_t + b_f) (w_f in R^d, one
 per query head: the paper's fgate projection [d -> h]), and the scores are decayed by the product of the gates
@@ -34,16 +35,23 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ...decode import slot
 from ..registry import Op, OpEnv, ShapeProblem, register
 from ._common import AttentionBase, AttentionParams, attention_shape
 from ._forgetting_cost import forgetting_cost
+from ._forgetting_pro import Pro, flags
 
 
 class ForgettingParams(AttentionParams):
-    pass
+    pro: bool = Field(False, description="the Pro block: kv_shift, qk_norm, output_norm and output_gate all on")
+    kv_shift: bool = Field(False, description="k_t = a_t k~_{t-1} + (1 - a_t) k~_t, a_t = sigmoid(w . x_t) per "
+                                              "K/V head; the same for v")
+    qk_norm: bool = Field(False, description="RMSNorm of each head's q and k, a gain per channel")
+    output_norm: bool = Field(False, description="RMSNorm of each head's output, a gain per channel")
+    output_gate: bool = Field(False, description="o * sigmoid(W_g x) before o_proj")
 
 
 def forgetting_shape(p: ForgettingParams, env: OpEnv):
@@ -62,6 +70,7 @@ class ForgettingAttention(AttentionBase):
         super().__init__(p, env)
         self.fgate = nn.Linear(env.d, self.heads, bias=True)  # w_f, b_f of each head
         self.align = None  # the width q', k', v' are padded to a multiple of: None, 8 on CUDA (the fused kernels)
+        self.pro = Pro(p, env.d, self.heads, self.kv_heads, self.head_dim) if any(flags(p).values()) else None
 
     def extended(self, q, k, v, D):
         """q' [b, h, n, dh + c], k', v' [b, h, N, dh + c] (laid out [b, n, h, dh + c]) from q [b, n, h, dh], k, v
@@ -86,50 +95,63 @@ class ForgettingAttention(AttentionBase):
         k = torch.cat((k, col), -1)
         return q.transpose(1, 2), k.transpose(1, 2), F.pad(v, (0, c + pad)).transpose(1, 2)
 
-    def project(self, x: torch.Tensor):
-        """q [b, n, h, dh], k, v [b, n, kv_heads, dh], log f [b, n, h]."""
+    def project(self, x: torch.Tensor, mask=None, prev=None):
+        """q [b, n, h, dh], k, v [b, n, kv_heads, dh], log f [b, n, h], and the Pro block's shift state (None
+        without kv_shift); mask, prev: the padding and the previous shift state, for kv_shift."""
         b, n, _ = x.shape
         precise = torch.promote_types(x.dtype, torch.float32)  # the gates and D in float32 at least
-        return (self.q_proj(x).view(b, n, self.heads, self.head_dim),
-                self.k_proj(x).view(b, n, self.kv_heads, self.head_dim),
-                self.v_proj(x).view(b, n, self.kv_heads, self.head_dim), F.logsigmoid(self.fgate(x).to(precise)))
+        q, k, v = (self.q_proj(x).view(b, n, self.heads, self.head_dim),
+                   self.k_proj(x).view(b, n, self.kv_heads, self.head_dim),
+                   self.v_proj(x).view(b, n, self.kv_heads, self.head_dim))
+        last = None
+        if self.pro is not None:
+            q, k, v, last = self.pro.keys(x, q, k, v, mask, prev)
+        return q, k, v, F.logsigmoid(self.fgate(x).to(precise)), last
+
+    def finish(self, x, o):
+        """o' [b, h, n, dh + c] -> the output: the extra columns cut, the Pro block's norm and gate, o_proj."""
+        o = o[..., :self.head_dim]
+        return self.out(o if self.pro is None else self.pro.output(x, o))
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         if ctx is not None and ctx.cache is not None:
             return self._step(x, ctx)
-        q, k, v, log_f = self.project(x)
+        q, k, v, log_f, _ = self.project(x, None if ctx is None else ctx.mask)
         q, k, v = self.extended(q, k, v, log_f.cumsum(1))
         del log_f
         allowed = self.allowed(ctx, x.shape[1], x.device)  # left padding only (None: the causal flash path)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
                                            scale=1 / math.sqrt(self.head_dim))
         del q, k, v, allowed
-        return self.out(o[..., :self.head_dim])
+        return self.finish(x, o)
 
     def _step(self, x: torch.Tensor, ctx) -> torch.Tensor:
         """Decoding: D continues from the last cached position; the new queries read the cache and themselves.
-        The cache: k, v [b, t, kv_heads, dh] and D [b, t, h] of the t positions so far."""
+        The cache: k, v [b, t, kv_heads, dh] and D [b, t, h] of the t positions so far; with kv_shift, the last
+        position's unshifted k~, v~ [b, 1, kv_heads, dh] too."""
         T = x.shape[1]
-        q, k, v, log_f = self.project(x)
-        D = log_f.cumsum(1)
         old = ctx.cache.caches.get(slot(ctx, self))
+        q, k, v, log_f, last = self.project(x, prev=None if old is None else old[3:])
+        D = log_f.cumsum(1)
         if old is not None:
             D = D + old[2][:, -1:]
             k, v, D = (torch.cat((a, c), 1) for a, c in zip(old, (k, v, D)))
-        ctx.cache.caches[slot(ctx, self)] = (k, v, D)
+        ctx.cache.caches[slot(ctx, self)] = (k, v, D) + (last or ())
         start = k.shape[1] - T
         keep = torch.arange(start + T, device=x.device)[None, :] <= torch.arange(start, start + T, device=x.device)[:, None]
         q, k, v = self.extended(q, k, v, D)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1 / math.sqrt(self.head_dim))
-        return self.out(o[..., :self.head_dim])
+        return self.finish(x, o)
 
 
 OP = register(Op(
-    decode="the K/V cache (kv_heads heads) and D, the cumulative log forget gate, of every position so far (h heads)",
+    decode=lambda p: ("the K/V cache (kv_heads heads) and D, the cumulative log forget gate, of every position so far "
+                      "(h heads)" + (", and the last position's unshifted k, v (kv_shift)" if flags(p)["kv_shift"] else "")),
     family="mha", variant="forgetting", params=ForgettingParams, module=ForgettingAttention,
     causal="yes", shape=forgetting_shape, supports=frozenset(),
     paper="Forgetting Transformer: Softmax Attention with a Forget Gate, Lin et al. 2025, arXiv:2503.02130",
     summary="softmax(q_i.k_j/sqrt(dh) + sum_{l=j+1..i} log f_l) v, f_t = sigmoid(w_f.x_t + b_f) per head; causal "
-            "only; one fused SDPA call over [q, sqrt(dh)].[k, -D_j]; O(n^2 d)",
+            "only; one fused SDPA call over [q, sqrt(dh)].[k, -D_j]; pro=true: KV-shift, QK-norm, output norm and "
+            "gate (FoX Pro); O(n^2 d)",
     note="", cost=forgetting_cost,
 ))

@@ -1,6 +1,6 @@
 """mha(local): sliding-window attention, each query attends only the keys within `window` positions of it.
 
-With w = window and s_tr = q_t . k_r / sqrt(dh) (+ the ALiBi bias, if any), per head
+With w = window and s_tr = q_t . k_r / sqrt(dh) (scale=s: q_t . k_r * s) (+ the ALiBi bias, if any), per head
 
     o_t = sum_{r in W(t)} softmax_{r in W(t)}(s_tr) v_r,
     causal:        W(t) = {r : t-w+1 <= r <= t}      (w keys, the query's own included)
@@ -13,6 +13,9 @@ explicit-score kernel of _scored.py instead (_softcap.py, _sinks.py, _talking.py
 refuses).
 """
 from __future__ import annotations
+
+import math
+from dataclasses import replace
 
 from pydantic import Field
 
@@ -29,6 +32,8 @@ from ._talking import TalkingParams, talking_heads
 
 class LocalAttentionParams(SoftcapParams, SinksParams, TalkingParams, AttentionParams):
     window: int = Field(128, ge=1, description="w: causal, keys t-w+1 .. t; bidirectional, keys |t-r| < w")
+    scale: float | None = Field(None, gt=0, description="score scale; default 1/sqrt(head_dim) (Gemma 2: "
+                                                        "query_pre_attn_scalar^-1/2)")
 
 
 class LocalAttention(AttentionBase):
@@ -39,7 +44,14 @@ class LocalAttention(AttentionBase):
         self.modified, self.variant, self.sinks = bool(modifiers(p)), "local", p.sinks
         self.softcap, self.sink_logit = p.softcap, sink_logit(p, self.heads)
         self.talking = talking_heads(p, self.heads)  # talking=true: P_l, P_w (_talking.py)
-        self.score_scale = head_scale(self.head_dim, None)
+        self.score_scale = head_scale(self.head_dim, p.scale)
+        # scale= on the SDPA paths (band, decoding step): q pre-multiplied by scale * sqrt(dh), as SDPA then
+        # multiplies by 1/sqrt(dh); the explicit-score kernel takes the scale itself
+        self.q_factor = 1.0 if p.scale is None or self.modified else p.scale * math.sqrt(self.head_dim)
+
+    def qkv(self, x, offset: int = 0):
+        q, k, v = super().qkv(x, offset)
+        return (q if self.q_factor == 1.0 else q * self.q_factor), k, v
 
     def forward(self, x, ctx):
         if self.modified:
@@ -64,7 +76,12 @@ def local_attention_cost(p: LocalAttentionParams, env: OpEnv, s: Symbols) -> Cos
     if modifiers(p):
         return scored_cost(p, env, s)
     w = s.sym("w", p.window)
-    return banded_attention_cost(p, env, s, lo=w - 1, hi=0 if env.causal else w - 1, cache_keys=w)
+    cost = banded_attention_cost(p, env, s, lo=w - 1, hi=0 if env.causal else w - 1, cache_keys=w)
+    if p.scale is None:
+        return cost
+    h = s.sym("h", p.heads)
+    q = s.b * s.n * (s.d if p.head_dim is None else h * s.sym("dh", p.head_dim))  # scale=: q * scale sqrt(dh)
+    return replace(cost, fwd_other=cost.fwd_other + q, bwd_other=cost.bwd_other + q)
 
 
 def local_shape(p: LocalAttentionParams, env: OpEnv):
