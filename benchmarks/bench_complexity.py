@@ -104,6 +104,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("yoso, hashes=32, tau=8", "yoso, hashes=32, tau=8"),
         ("differential", "differential"),  # h heads of 2 dh: d_model divisible by 2 heads
         ("sigmoid", "sigmoid"),
+        ("topk, k=64", "topk, k=64"),  # the selection's n^2 d scores in query chunks of 64; 64 keys a query gathered
         ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
     ]

@@ -77,6 +77,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "fourier_integral"): "R=0.5, block=16",
     ("mha", "moba"): "block=4, topk=2",
     ("mha", "yoso"): "hashes=8, tau=4",
+    ("mha", "topk"): "k=5, chunk=4",  # k past n = 7 at the first length (the -inf columns), chunks of 4 in torch
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
@@ -170,6 +171,9 @@ CAUSAL_GROUPS = {("mha", "memory_compressed"), ("mha", "fourier_integral")}
 # sigmoid attention likewise: torch's blocked kernel skips the blocks above the diagonal; the export's dense form
 # scores every pair, masked. Bidirectional: n^2 both.
 CAUSAL_GROUPS |= {("mha", "sigmoid")}
+# top-k attention likewise: torch's causal selection scores each query chunk against the keys up to its end; the
+# export's one chunk scores every pair, masked. Bidirectional: n^2 both.
+CAUSAL_GROUPS |= {("mha", "topk")}
 
 
 def op_cases() -> list[Case]:

@@ -35,7 +35,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "fourier_integral": {"block": 16}, "forgetting": {}, "moba": {"block": 4, "topk": 2},
          "nsa": {"block": 4, "stride": 2, "select_block": 8, "topk": 3, "window": 6},
          "mla": {"kv_rank": 16, "rope_dim": 4, "nope_dim": 6, "v_dim": 8}, "yoso": {"hashes": 8, "tau": 3},
-         "differential": {}, "sigmoid": {"block": 16},
+         "differential": {}, "sigmoid": {"block": 16}, "topk": {"k": 5, "chunk": 8},
          "slim": {"features": 16}, "etc": {"radius": 5, "globals": 3, "segment": 8}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
 # with the padding's large-norm noise keys, whose unmasked weight is then ~1e-8 (the control)
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel",

@@ -83,6 +83,7 @@ ARGS = {
     "yoso": {"hashes": 16, "tau": 6},  # the sample form: n m dh codes and gathers; the 16 x 64 bucket tables a constant
     "differential": {},  # four SDPA calls: n^2 time, O(n) bytes
     "sigmoid": {"block": 256},  # the blocked kernel: n^2 time, O(n) bytes beside [256, 256] blocks
+    "topk": {"k": 16, "chunk": 64},  # the selection's n^2 dh scores in one [64, n] workspace; 16 gathered keys a query
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;

@@ -47,6 +47,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "dilated": {"pattern": "dilated_mem", "layer": 4},  # offsets up to 32 (and 0, 1, 2, 4, 8, 16)  # 23 slots; each query also reads its unfinished slot raw
     "differential": {},  # both maps causal (GQA: the harness's kv_heads=2)
     "sigmoid": {"block": 16},  # query and key blocks of 16: 5 of them, the last of 6
+    "topk": {"k": 5, "chunk": 16},  # 5 chunks of 16 queries, the last of 6, each against the keys up to its end
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
