@@ -105,6 +105,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("differential", "differential"),  # h heads of 2 dh: d_model divisible by 2 heads
         ("sigmoid", "sigmoid"),
         ("topk, k=64", "topk, k=64"),  # the selection's n^2 d scores in query chunks of 64; 64 keys a query gathered
+        ("probsparse, factor=5", f"probsparse, factor=5, max_len={max(int(n) for n in args.ns.split(','))}"),  # n log n
         ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
     ]
@@ -125,7 +126,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
                       "etc",
                       "fnet",
-                      "colt5", "yoso")  # no causal form: bidirectional only
+                      "colt5", "yoso", "probsparse")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba")  # no bidirectional form: causal only
 
 

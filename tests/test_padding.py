@@ -35,7 +35,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "fourier_integral": {"block": 16}, "forgetting": {}, "moba": {"block": 4, "topk": 2},
          "nsa": {"block": 4, "stride": 2, "select_block": 8, "topk": 3, "window": 6},
          "mla": {"kv_rank": 16, "rope_dim": 4, "nope_dim": 6, "v_dim": 8}, "yoso": {"hashes": 8, "tau": 3},
-         "differential": {}, "sigmoid": {"block": 16}, "topk": {"k": 5, "chunk": 8},
+         "differential": {}, "sigmoid": {"block": 16}, "topk": {"k": 5, "chunk": 8}, "probsparse": {"factor": 2},
          "slim": {"features": 16}, "etc": {"radius": 5, "globals": 3, "segment": 8}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
 # with the padding's large-norm noise keys, whose unmasked weight is then ~1e-8 (the control)
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel",
@@ -46,7 +46,7 @@ ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
 KERNELIZED = ("linear", "performer", "rfa", "learned_kernel", "slim")  # chunked causal forms; phi after rope (absolute positions)
 RIGHT_ONLY = ("linformer", "chunk", "blockwise", "long_short", "jukebox", "bpt", "smart_bird",
              "memory_compressed", "etc", "combiner", "hierarchical", "multiscale", "moba",
-             "nsa")  # read positions counted from each row's start: left padding is refused
+             "nsa", "probsparse")  # read positions counted from each row's start: left padding is refused
 
 
 def test_every_attention_is_covered():

@@ -250,6 +250,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "topk": [({"k": 8, "chunk": 16}, BOTH), ({"k": 12, "chunk": 24, "kv_heads": 2}, BOTH), ({"k": 8, "chunk": 16, "pos": ROPE}, BOTH),
              ({"k": 5, "chunk": 200, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"k": 80, "chunk": 16}, SMALL),
              ({"k": 16, "chunk": 8, "pos": HALF_ROPE, "kv_heads": 2}, SMALL)],
+    # ProbSparse (bidirectional only): u = U = 2 ceil(ln n) (10 of 64, 12 of 160), 3 and 1, u = n (c = 20), grouped and
+    # single K/V heads, rope
+    "probsparse": [({"factor": 2}, BOTH), ({"factor": 3, "kv_heads": 2}, BOTH), ({"factor": 2, "pos": ROPE}, BOTH),
+                   ({"factor": 1, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"factor": 20}, SMALL),
+                   ({"factor": 2, "kv_heads": 2, "pos": HALF_ROPE}, ODD)],
     # h heads of 2 dh (2 and 1 at d = 64, 96), grouped K/V heads, head_dim set, rope on the half-heads, ALiBi (one
     # slope per head, both maps)
     "differential": [({"heads": 2}, BOTH), ({"heads": 4, "kv_heads": 2}, BOTH), ({"heads": 2, "pos": ROPE}, BOTH),
