@@ -84,7 +84,9 @@ ARGS = {
     "differential": {},  # four SDPA calls: n^2 time, O(n) bytes
     "sigmoid": {"block": 256},  # the blocked kernel: n^2 time, O(n) bytes beside [256, 256] blocks
     "topk": {"k": 16, "chunk": 64},  # the selection's n^2 dh scores in one [64, n] workspace; 16 gathered keys a query
-    "probsparse": {"factor": 5, "max_len": 8192},  # 5 ceil(ln n) = 35 .. 45 sampled keys and active queries: n log n
+    # c = 1: 7 .. 10 sampled keys and active queries, n log n terms small beside the n d^2 projections at these n (at
+    # c = 5 the backward FLOPs, the input's gradient alone, read n log n where the declared ones, with the weights', read n)
+    "probsparse": {"factor": 1, "max_len": 8192},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;

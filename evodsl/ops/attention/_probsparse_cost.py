@@ -7,7 +7,9 @@ import sympy as sp
 
 from ..cost import Cost, Symbols
 from ..registry import OpEnv
-from ._common import LSE_BYTES, attention_cost, head_symbols, position_cost
+from ._common import LSE_BYTES, attention_cost, head_symbols, position_cost, rotates
+
+MEASURE_CHUNK = 64  # queries measured at once (their sampled keys [b, kv, C U, dh] in one workspace)
 
 
 def probsparse_cost(p, env: OpEnv, s: Symbols) -> Cost:
@@ -20,8 +22,9 @@ def probsparse_cost(p, env: OpEnv, s: Symbols) -> Cost:
     measure = Cost(fwd=2 * b * h * n * u * dh, fwd_other=4 * b * h * n * u)
     core = Cost(fwd=4 * b * h * u * n * dh, bwd=10 * b * h * u * n * dh, fwd_other=5 * b * h * u * n + b * kv * n * dh,
                 bwd_other=10 * b * h * u * n + 2 * b * kv * n * dh)
-    ks = b * h * n * u * dh * by  # the sampled keys [b, h, n, U, dh]
-    sc = b * h * n * u * by  # their scores
+    Cq = sp.Min(MEASURE_CHUNK, n)  # queries measured at once
+    ks = b * kv * Cq * u * dh * by  # the workspace of their sampled keys [b, kv, C U, dh]
+    sc = b * h * Cq * u * by  # of their scores
     idx = 8 * n * u
     top = 8 * b * h * u
     qt = b * h * u * dh * by
@@ -31,7 +34,9 @@ def probsparse_cost(p, env: OpEnv, s: Symbols) -> Cost:
     # SDPA's gathered q, k and v (q_proj's, k_proj's views), output and logsumexp; the gather's index; the scattered
     # output and o_proj's copy of it
     saved = 2 * q + 2 * kvb + 2 * qt + lse + top + pos.saved
-    phases = [qkv + 3 * idx + ks + 2 * sc,  # the sample's hash, the sampled keys gathered, their scores (scaled)
+    # the sample's hash [n, U]; the workspaces, M [b, h, n], a chunk's queries folded (a copy), its max and sum
+    qc = 0 if rotates(env) and kv == h else b * h * Cq * dh * by  # rope's contiguous q, one head a group: a view
+    phases = [qkv + 2 * idx + ks + sc + b * h * n * by + qc + 2 * b * h * Cq * by,
               qkv + qt + 2 * qt + lse + top,  # SDPA of the active queries
               qkv + o + q + out]  # the scatter, at o_proj
     if env.pos is not None:

@@ -21,9 +21,11 @@ pass, not step by step, so this op is bidirectional only and has no step form (g
 sequence's own L (its u, its sample modulo L, its mean of values over its tokens), right padding only (the sample
 reads positions from the row start; left padding is refused, E409). rope turns q and k first; dropout= is refused.
 
-How it runs: the U sampled keys gathered per query ([b, h, n, U, dh], O(n log n d)), their scores, M; the top u
-queries gathered and one F.scaled_dot_product_attention call of u rows against every key; the mean of V written to
-every row, the active rows scattered over it. O(n log n d) time and memory. The export (a symbolic n) runs
+How it runs: M without autograd, in chunks of 64 queries whose U sampled keys (gathered per K/V head, [b, kv, C U,
+dh]) and scores are written into workspaces allocated once (O(n d + C U d) bytes, never n U d); the top u queries
+gathered and one F.scaled_dot_product_attention call of u rows against every key; the mean of V written to every
+row, the active rows scattered over it. O(n log n d) time, O(n d) memory (the [n, U] sample aside). A padded batch
+and the export measure every query at once ([b, h, n, U, dh] sampled keys, each row its own U slots masked). The export (a symbolic n) runs
 u_max = U_max = min(c ceil(ln max_len), ...) slots with those past each row's u masked: the same outputs up to
 max_len (a longer input is refused, E410).
 """
@@ -38,7 +40,7 @@ from pydantic import Field
 from ...diagnostics import Diagnostic, EvoError
 from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
 from ._common import AttentionBase, AttentionParams
-from ._probsparse_cost import probsparse_cost
+from ._probsparse_cost import MEASURE_CHUNK, probsparse_cost
 from .isab import no_dropout_shape
 
 
@@ -108,17 +110,17 @@ class ProbSparseAttention(AttentionBase):
             return (mean if g == 1 else mean.index_select(1, head)).expand(b, h, n, dh)
         with torch.no_grad():  # the selection: M on the sample (a discrete choice, no gradient)
             idx = sample_index(n, slots, self.seed, length, dev)  # [n, U] or [b, n, U]
-            bi = torch.arange(b, device=dev)[:, None, None, None]
-            ks = k[bi, head[None, :, None, None], idx[:, None] if idx.dim() == 3 else idx]  # [b, h, n, U, dh]
-            s = (q.unsqueeze(-2) @ ks.transpose(-1, -2)).squeeze(-2) * scale  # [b, h, n, U]
-            del ks
             if u is None:
-                m = s.amax(-1) - s.sum(-1) / slots
-            else:
+                m = self._measure(q, k, idx, slots, scale)
+            else:  # each row its own U slots: every query at once (the export, padding)
+                bi = torch.arange(b, device=dev)[:, None, None, None]
+                ks = k[bi, head[None, :, None, None], idx[:, None] if idx.dim() == 3 else idx]  # [b, h, n, U, dh]
+                s = (q.unsqueeze(-2) @ ks.transpose(-1, -2)).squeeze(-2) * scale  # [b, h, n, U]
+                del ks
                 live = (torch.arange(slots, device=dev) < u)[:, None]  # [b, 1, 1, U]: the row's U slots
                 m = s.masked_fill(~live, float("-inf")).amax(-1) - s.masked_fill(~live, 0).sum(-1) / u
                 m = m.masked_fill(~(torch.arange(n, device=dev) < length[:, :, 0])[:, None], float("-inf"))
-            del s
+                del s
             if not exact:  # u_max may pass n: -inf columns, so that top-k has u_max candidates
                 m = F.pad(m, (0, slots), value=float("-inf"))
             val, top = m.topk(slots, dim=-1)  # [b, h, u_max]: the active queries
@@ -139,6 +141,30 @@ class ProbSparseAttention(AttentionBase):
         rows = top.masked_fill(~active, n)  # the inactive slots write to a row past n, cut
         o = mean.expand(b, h, n + 1, dh).scatter(2, rows[..., None].expand(b, h, slots, dh), ot)
         return o[:, :, :n]
+
+    def _measure(self, q, k, idx, slots: int, scale: float) -> torch.Tensor:
+        """M [b, h, n] of every query on its U = slots sampled keys idx [n, U], in chunks of MEASURE_CHUNK queries whose
+        sampled keys [b, kv, C U, dh] and scores are written into workspaces allocated once (so that the bytes
+        allocated in total grow as those held: O(n d + C U d), not n U d); the g query heads of a K/V head share its
+        gathered keys."""
+        b, h, n, dh = q.shape
+        kv = k.shape[1]
+        g = h // kv
+        C0 = min(MEASURE_CHUNK, n)
+        ks_ws, sc_ws = k.new_empty(b * kv * C0 * slots * dh), q.new_empty(b * kv * C0 * g * slots)
+        m = q.new_empty(b, kv, n, g)
+        for s in range(0, n, MEASURE_CHUNK):
+            e = min(s + MEASURE_CHUNK, n)
+            C = e - s
+            ks = ks_ws[:b * kv * C * slots * dh].view(b, kv, C * slots, dh)
+            torch.gather(k, 2, idx[s:e].reshape(1, 1, C * slots, 1).expand(b, kv, C * slots, dh), out=ks)
+            qc = q[:, :, s:e].reshape(b, kv, g, C, dh).transpose(2, 3).reshape(b * kv * C, g, dh)
+            sc = sc_ws[:b * kv * C * g * slots].view(b * kv * C, g, slots)
+            torch.bmm(qc, ks.view(b * kv * C, slots, dh).transpose(1, 2), out=sc)
+            sc.mul_(scale)
+            del qc
+            m[:, :, s:e] = (sc.amax(-1) - sc.sum(-1) / slots).view(b, kv, C, g)
+        return m.transpose(2, 3).reshape(b, h, n)
 
 
 OP = register(Op(
