@@ -79,7 +79,8 @@ VARIANTS = [(v, c) for v in sorted(ARGS) for c in (True, False)
 # discrete choices from the scores: hash buckets from the signs or argmax of projections, smart_bird's sampled keys,
 # the top-k blocks of MoBA and NSA, CoLT5's top-k routed tokens, the clusters of routing and clustered (float64 is exact enough for both devices to choose
 # alike, float32 is not)
-DISCRETE = ("lsh", "yoso", "smart_bird", "moba", "nsa", "colt5", "routing", "clustered")  # routing: argmax over centroids; clustered: hyperplane signs
+# routing: argmax over centroids; clustered: hyperplane signs; topk: each query's k keys; probsparse: its u queries
+DISCRETE = ("lsh", "yoso", "smart_bird", "moba", "nsa", "colt5", "routing", "clustered", "topk", "probsparse")
 # the forget gates' cumulative log-sigmoids over 512 tokens, folded into the scores: their bias's float32 gradient
 # differs by 2.3e-3 between the devices (float64: within 1e-9)
 FLOAT32_TOL = {"forgetting": 5e-3}

@@ -194,6 +194,9 @@ DIFFERENTIAL = ["norm -> mha(differential, heads=2) -> norm -> ffn",
 # sigmoid attention: the K/V cache, the new tokens against it in blocks of 4 (29 tokens) or one block past the prompt
 SIGMOID = ["norm -> mha(sigmoid, block=4) -> norm -> ffn", "norm -> mha(sigmoid, block=40, kv_heads=2, seq=64) -> norm -> ffn",
            "norm -> mha(sigmoid, block=3, kv_heads=1, head_dim=4, bias=false, score_bias=-1.5) -> norm -> ffn"]
+# top-k: the K/V cache, each new token's top k over it (29 tokens; chunks of 4 over a prompt), k past the sequence
+TOPK = ["norm -> mha(topk, k=3, chunk=4) -> norm -> ffn", "norm -> mha(topk, k=5, chunk=2, kv_heads=2) -> norm -> ffn",
+        "norm -> mha(topk, k=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 # the modifiers (_scored.py): the cap on softmax and local, the sink logit; sinks: the first S keys beside the window
 # (the cache: min(t, S) + min(t, w) keys)
 MODIFIERS = ["norm -> mha(softmax, softcap=0.5, kv_heads=2) -> norm -> ffn", "norm -> mha(softmax, sink_logit=true) -> norm -> ffn",
@@ -263,9 +266,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LSH]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in ROUTING]
          + [(p, b) for p in POSITIONS if "t5" not in p for b in DIFFERENTIAL + SIGMOID]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SYNTHESIZER + NAP])
-
-
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SYNTHESIZER + NAP]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in TOPK])
 
 
 def _lean(cases: list) -> list:

@@ -260,6 +260,16 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "moba": [({"block": 8, "topk": 2}, BOTH), ({"block": 12, "topk": 3, "kv_heads": 2}, BOTH),
              ({"block": 5, "topk": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"block": 16, "topk": 20}, SMALL),
              ({"block": 200, "topk": 2}, ODD)],
+    # top-k: query chunks of 16 and 24 (the last shorter at 160), one chunk past n (200), k past n (80 at n = 64: -inf
+    # columns), grouped and single K/V heads, rope (full and half)
+    "topk": [({"k": 8, "chunk": 16}, BOTH), ({"k": 12, "chunk": 24, "kv_heads": 2}, BOTH), ({"k": 8, "chunk": 16, "pos": ROPE}, BOTH),
+             ({"k": 5, "chunk": 200, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"k": 80, "chunk": 16}, SMALL),
+             ({"k": 16, "chunk": 8, "pos": HALF_ROPE, "kv_heads": 2}, SMALL)],
+    # ProbSparse (bidirectional only): u = U = 2 ceil(ln n) (10 of 64, 12 of 160), 3 and 1, u = n (c = 20), grouped and
+    # single K/V heads, rope
+    "probsparse": [({"factor": 2}, BOTH), ({"factor": 3, "kv_heads": 2}, BOTH), ({"factor": 2, "pos": ROPE}, BOTH),
+                   ({"factor": 1, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"factor": 20}, SMALL),
+                   ({"factor": 2, "kv_heads": 2, "pos": HALF_ROPE}, ODD)],
     # h heads of 2 dh (2 and 1 at d = 64, 96), grouped K/V heads, head_dim set, rope on the half-heads, ALiBi (one
     # slope per head, both maps)
     "differential": [({"heads": 2}, BOTH), ({"heads": 4, "kv_heads": 2}, BOTH), ({"heads": 2, "pos": ROPE}, BOTH),

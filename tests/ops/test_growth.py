@@ -92,6 +92,10 @@ ARGS = {
     "sinkformer": {"iters": 2},  # the [n, n] weights per head: n^2 time and bytes (each iteration's input kept)
     # blocks of 64: 128 keys a query (linear) beside the [m, m] mixing of the K and V blocks (m = n / 64: n^2 / 64)
     "sparse_sinkhorn": {"block": 64, "max_len": 8192},
+    "topk": {"k": 16, "chunk": 64},  # the selection's n^2 dh scores in one [64, n] workspace; 16 gathered keys a query
+    # c = 1: 7 .. 10 sampled keys and active queries, n log n terms small beside the n d^2 projections at these n (at
+    # c = 5 the backward FLOPs, the input's gradient alone, read n log n where the declared ones, with the weights', read n)
+    "probsparse": {"factor": 1, "max_len": 8192},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
