@@ -73,6 +73,26 @@ def decode_in_pieces(module: torch.nn.Module, x: torch.Tensor, sizes) -> tuple[t
     return torch.cat(pieces, 1), state
 
 
+def onnx_parity(path, graph, model, lengths=(7, 33, 70), batch: int = 2) -> float:
+    """The ONNX file at `path` (exported once, a symbolic n) run by onnxruntime against `model` at each length:
+    the worst max |onnxruntime - torch| over the output's scale."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from evodsl.backends.lower_onnx import example_input
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for n in lengths:
+        x = example_input(graph, batch, n, seed=n)
+        feed = {i.name: (x.numpy() if "mask" not in i.name else np.ones((batch, n), dtype=np.int64))
+                for i in session.get_inputs()}
+        with torch.no_grad():
+            want = model(x).numpy()
+        worst = max(worst, float(np.abs(session.run(None, feed)[0] - want).max() / np.abs(want).max()))
+    return worst
+
+
 def assert_no_leak(fn, b: int = 2, n: int = 24, d: int = 32, dtype=torch.float64, atol: float = 1e-10) -> None:
     """Leak test: for every t, changing tokens t+1.. never changes outputs at positions 0..t, and does change
     the output at t+1 (the negative control: an op that ignores its input would pass the first half alone).

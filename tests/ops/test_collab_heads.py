@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_no_leak, make_op, perturb_params
+from ophelpers import assert_no_leak, make_op, onnx_parity, perturb_params
 
 D = 32
 
@@ -122,10 +121,8 @@ def test_refusals_are_evo_errors():
 def test_onnx_export_one_file_parity_at_three_lengths(mode, tmp_path):
     """One exported file (a symbolic n) gives torch's numbers in onnxruntime at n = 7, 33 and 70 (float32), within
     1e-4 of the output's scale; the mixing vectors perturbed."""
-    import onnxruntime as ort
 
     import evodsl
-    from evodsl.backends.lower_onnx import example_input
 
     src = (f"d_model = 32\nheads = 4\nkv_heads = 2\nmodel m(causal={str(mode == 'causal').lower()}) = "
            "input(tokens, vocab=61) -> embed(token) -> pos(learned, max_len=128) -> norm -> mha(softmax, collab=24) "
@@ -138,19 +135,9 @@ def test_onnx_export_one_file_parity_at_three_lengths(mode, tmp_path):
     evodsl.save(model, tmp_path / "m.pt")
     path = tmp_path / "m.onnx"
     evodsl.export(src, path, weights=tmp_path / "m.pt")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    for n in (7, 33, 70):
-        x = example_input(graph, 2, n, seed=n)
-        feed = {i.name: (x.numpy() if "mask" not in i.name else np.ones((2, n), dtype=np.int64))
-                for i in session.get_inputs()}
-        got = session.run(None, feed)[0]
-        with torch.no_grad():
-            want = model(x).numpy()
-        err = np.abs(got - want).max() / np.abs(want).max()
-        worst = max(worst, err)
-        assert err <= 1e-4, (n, err)
+    worst = onnx_parity(path, graph, model)
     print(f"onnx {mode}: max relative error {worst:.2e}")
+    assert worst <= 1e-4
 
 
 @pytest.mark.slow  # ~30 s each on a shared machine

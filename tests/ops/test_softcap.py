@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_no_leak, head_projections, make_op, output_projection, perturb_params
+from ophelpers import assert_no_leak, head_projections, make_op, onnx_parity, output_projection, perturb_params
 
 D = 32
 
@@ -177,10 +176,8 @@ ONNX_SPECS = {  # the modifiers in one model each way; the export's symbolic n r
 def test_onnx_export_one_file_parity_at_three_lengths(mode, tmp_path):
     """One exported file (a symbolic n, no branch on it) gives torch's numbers in onnxruntime at n = 7, 33 and 70
     (past the 64-query blocks), within 1e-4 of the output's scale (float32)."""
-    import onnxruntime as ort
 
     import evodsl
-    from evodsl.backends.lower_onnx import example_input
 
     chain = " -> ".join(f"norm -> {op}" for op in ONNX_SPECS[mode].split(" -> "))
     src = (f"d_model = 32\nheads = 4\nkv_heads = 2\nmodel m(causal={str(mode == 'causal').lower()}) = "
@@ -188,16 +185,6 @@ def test_onnx_export_one_file_parity_at_three_lengths(mode, tmp_path):
     path = tmp_path / "m.onnx"
     evodsl.export(src, path)  # the weights compile builds from seed 0; the sink logits at their initial 0
     graph, model = evodsl.parse(src), evodsl.compile(src)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    for n in (7, 33, 70):
-        x = example_input(graph, 2, n, seed=n)
-        feed = {i.name: (x.numpy() if "mask" not in i.name else np.ones((2, n), dtype=np.int64))
-                for i in session.get_inputs()}
-        got = session.run(None, feed)[0]
-        with torch.no_grad():
-            want = model(x).numpy()
-        err = np.abs(got - want).max() / np.abs(want).max()
-        worst = max(worst, err)
-        assert err <= 1e-4, (n, err)
+    worst = onnx_parity(path, graph, model)
     print(f"onnx {mode}: max relative error {worst:.2e}")
+    assert worst <= 1e-4
