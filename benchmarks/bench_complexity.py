@@ -191,6 +191,18 @@ def mixing_layer(cost: dict) -> dict:
     return next(layer for layer in cost["layers"] if layer["op"].startswith(("mha(", "mixer(")))
 
 
+def available_memory() -> int:
+    """MemAvailable (bytes) from /proc/meminfo; unbounded where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 def load() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
@@ -224,6 +236,9 @@ def main() -> None:
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="process CPU time or wall time")
     ap.add_argument("--causal", choices=["true", "false", "both"], default="both")
     ap.add_argument("--tol", type=float, default=0.25, help="largest |fitted - claimed| exponent that passes")
+    ap.add_argument("--memory-fraction", type=float, default=0.6,
+                    help="skip a variant whose training forward at the largest n needs more than this fraction of "
+                         "the available memory (by evodsl cost)")
     ap.add_argument("--only", default="", help="run only the variants whose label (inside mha( or mixer() starts with this")
     args = ap.parse_args()
     if args.clock == "cpu" and args.threads != 1:
@@ -246,7 +261,7 @@ def main() -> None:
     print(f"time ({args.clock} clock): median of {args.rounds} interleaved rounds after {args.warmup} warm-up runs per n, "
           f"torch.inference_mode; memory: evodsl.measure.measure_memory; pass: |fitted - claimed| <= {args.tol}\n")
 
-    results, raw, curves = [], [], {}
+    results, raw, curves, skipped = [], [], {}, []
     for causal in causals:
         for name, call in variants(args):
             inner = name.split("(", 1)[1]
@@ -258,7 +273,17 @@ def main() -> None:
             try:
                 layer = mixing_layer(evodsl.cost(spec))
                 claimed = {"time": layer["complexity"]["time"], "memory": layer["complexity"]["memory"]}
-                predicted = {n: evodsl.cost(spec, seq=n)["memory"]["activations_inference"] for n in ns}
+                costs = {n: evodsl.cost(spec, seq=n)["memory"] for n in ns}
+                predicted = {n: c["activations_inference"] for n, c in costs.items()}
+                # measure_memory's grad-recording forward holds what training keeps: skip a variant that the cost
+                # model says would not fit (at 16k an O(n^2)-memory layer needs tens of GiB: the OOM killer would
+                # end the whole run, its table unprinted)
+                need = max(c["activations_training_peak"] for c in costs.values())
+                if need > args.memory_fraction * available_memory():
+                    skipped.append((name, causal, need))
+                    print(f"# skipped {name} causal={causal}: evodsl cost puts its training forward at "
+                          f"{need / 2**30:.1f} GiB at n = {ns[-1]}", flush=True)
+                    continue
             except Exception as err:  # the variant's cost formula may not exist yet: measure anyway
                 claimed, predicted = {"error": f"{type(err).__name__}: {err}"}, {}
             model = evodsl.compile(spec)
@@ -282,6 +307,8 @@ def main() -> None:
                    "peak": slope(ns, [mem[n].inference_peak for n in ns]),
                    "saved": slope(ns, [mem[n].training_saved for n in ns])}
             results.append((name, causal, claimed, fit))
+            print(f"# done {name} causal={causal}: fitted time {fit['time']:.2f}, inference peak {fit['peak']:.2f}, "
+                  f"saved {fit['saved']:.2f}; median ms {', '.join(f'{med[n] * 1e3:.1f}' for n in ns)}", flush=True)
             curves[name, causal] = (spec, [med[n] for n in ns])
             for n in ns:
                 raw.append((name, causal, n, med[n], min(times[n]), max(times[n]), faults[n] / args.rounds,
@@ -322,6 +349,9 @@ def main() -> None:
         pred_s = f"{pred / 1024:.0f}" if pred is not None else "n/a"
         print(f"| {name} | {str(causal).lower()} | {n} | {med * 1e3:.2f} | {lo * 1e3:.2f} | {hi * 1e3:.2f} | {flt:.0f} "
               f"| {peak / 1024:.0f} | {pred_s} | {saved / 1024:.0f} |")
+    for name, causal, need in skipped:
+        print(f"| {name} | {str(causal).lower()} | skipped: its training forward needs {need / 2**30:.1f} GiB at n = "
+              f"{ns[-1]} (evodsl cost), over {args.memory_fraction:.0%} of the memory available |")
     print_crossovers(curves, ns)
     if args.plot:
         plot(curves, ns, args.plot)
