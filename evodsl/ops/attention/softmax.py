@@ -134,7 +134,7 @@ def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) ->
     [b, h, n, n] weights. With ALiBi the [1, h, n, n] bias is SDPA's mask, and SDPA keeps it for backward."""
     if modifiers(p):
         return scored_cost(p, env, s)
-    if p.collab:
+    if getattr(p, "collab", None):  # softmax params only: bigbird, etc and others call this with their own
         return collab_cost(p, env, s)
     h, kv, dh = head_symbols(p, s)
     if env.memory or (env.pos is not None and getattr(env.pos[0].attach, "relative", False)):
