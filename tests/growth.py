@@ -139,3 +139,20 @@ def _compare(what: str, got: Series, want: Series, tol: float) -> list[str]:
     if got.cls != want.cls or abs(got.exponent - want.exponent) > tol:
         return [f"{what} measured {got}, declared {want}"]
     return []
+
+
+def mha_growth(variant: str, causal: bool, ns=NS, d: int = 64, heads: int = 2, **args):
+    """One mha variant's module (built at ns[0], in training) measured by measure_growth at each n, beside its
+    declared Cost there: (measured, declared FLOPs, declared peak, declared backward) for check_growth."""
+    from costhelpers import declared
+    from evodsl.ops import Ctx
+
+    def at(n):
+        _, _, cost, ev = declared("mha", variant, 1, n, dtype=torch.float32, d=d, causal=causal, heads=heads, **args)
+        return ev(cost.fwd), ev(cost.peak) + n * d * 4, ev(cost.bwd)  # the output [1, n, d] is part of the peak
+
+    module = declared("mha", variant, 1, ns[0], dtype=torch.float32, d=d, causal=causal, heads=heads, **args)[0].train()
+    got = measure_growth(lambda x: module(x, Ctx()),
+                         lambda n: torch.randn(1, n, d, generator=torch.Generator().manual_seed(n)),
+                         ns=ns, exclude=[module], train=True)
+    return (got, *declared_growth(at, ns=ns))

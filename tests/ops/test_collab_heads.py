@@ -145,20 +145,11 @@ def test_onnx_export_one_file_parity_at_three_lengths(mode, tmp_path):
 def test_collab_heads_grow_as_declared(causal):
     """tests/growth.py at n = 512..4k: FLOPs quadratic (n^2 (D_k + h) per head), the peak linear (SDPA's fused
     kernel: no [n, n] tensor), forward and backward."""
-    from costhelpers import declared
-    from growth import TOL, _compare, declared_growth, measure_growth
+    from growth import TOL, _compare, mha_growth
 
     ns, args = (512, 1024, 2048, 4096), {"collab": 40, "kv_heads": 1}
 
-    def at(n):
-        _, _, cost, ev = declared("mha", "softmax", 1, n, dtype=torch.float32, d=64, causal=causal, heads=2, **args)
-        return ev(cost.fwd), ev(cost.peak) + n * 64 * 4, ev(cost.bwd)
-
-    module = declared("mha", "softmax", 1, ns[0], dtype=torch.float32, d=64, causal=causal, heads=2, **args)[0].train()
-    got = measure_growth(lambda x: module(x, Ctx()),
-                         lambda n: torch.randn(1, n, 64, generator=torch.Generator().manual_seed(n)),
-                         ns=ns, exclude=[module], train=True)
-    flops, peak, bwd = declared_growth(at, ns=ns)
+    got, flops, peak, bwd = mha_growth("softmax", causal, ns, **args)
     problems = _compare("FLOPs", got.flops, flops, TOL) + _compare("peak bytes", got.peak, peak, TOL)
     problems += _compare("backward FLOPs", got.bwd_flops, bwd, TOL)
     assert not problems, "; ".join(problems)

@@ -119,21 +119,12 @@ GROWTH = {  # the modifiers' kernel grows as its cost declares (tests/growth.py:
 @pytest.mark.parametrize("key", sorted(GROWTH))
 @pytest.mark.parametrize("causal", [True, False])
 def test_modifiers_grow_as_declared(key, causal):
-    from costhelpers import declared
-    from growth import NS, TOL, _compare, check_growth, declared_growth, measure_growth
+    from growth import NS, TOL, _compare, check_growth, mha_growth
 
     variant, args, ns = GROWTH[key]
     ns = ns or NS
 
-    def at(n):
-        _, _, cost, ev = declared("mha", variant, 1, n, dtype=torch.float32, d=64, causal=causal, heads=2, **args)
-        return ev(cost.fwd), ev(cost.peak) + n * 64 * 4, ev(cost.bwd)
-
-    module = declared("mha", variant, 1, ns[0], dtype=torch.float32, d=64, causal=causal, heads=2, **args)[0].train()
-    got = measure_growth(lambda x: module(x, Ctx()),
-                         lambda n: torch.randn(1, n, 64, generator=torch.Generator().manual_seed(n)),
-                         ns=ns, exclude=[module], train=True)
-    flops, peak, bwd = declared_growth(at, ns=ns)
+    got, flops, peak, bwd = mha_growth(variant, causal, ns, **args)
     if variant == "local":
         check_growth(f"mha({variant}, {args})", got, flops, peak, bwd)
     else:  # softmax's rows, one block at a time: the peak is one block (B n), but the blocks allocate n^2 bytes in
