@@ -34,6 +34,26 @@ def register_cpu_sdpa_flops() -> None:
         return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+class SavedStorages:
+    """A saved-tensor pack hook that records the storages autograd keeps for backward. It holds a weak
+    reference to each, so a storage freed during the forward (a saved tensor of a graph branch the forward
+    dropped) cannot have its address reused by a later tensor and be taken for a saved one; `live()` is what
+    is still kept when the forward ends."""
+
+    def __init__(self):
+        self._refs: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ref = StorageWeakRef(storage)
+        self._refs[ref.cdata] = (ref, storage.nbytes())
+        return t
+
+    def live(self) -> dict[int, int]:
+        """Storage key (cdata) -> bytes, for the saved storages still alive."""
+        return {key: nbytes for key, (ref, nbytes) in self._refs.items() if not ref.expired()}
+
+
 def _ones_like_output(out: torch.Tensor) -> torch.Tensor:
     """A stride-0 gradient of ones: backward starts without a full-size gradient buffer."""
     return torch.ones((), dtype=out.dtype, device=out.device).expand_as(out)
@@ -131,18 +151,14 @@ def measure_memory(model: torch.nn.Module, x) -> MemoryMeasurement:
 
     # Backward with respect to activations only: the forward saves exactly what training saves (the parameters
     # require grad), but no parameter gradient is computed, so what is measured is activation memory alone.
-    captured, saved = [], set()
+    captured, pack = [], SavedStorages()
     hooks = [m.register_forward_hook(lambda mod, args, out: captured.append(out)) for m in firsts]
-
-    def pack(t):
-        saved.add(StorageWeakRef(t.untyped_storage()).cdata)
-        return t
-
     try:
         with StorageTracker(exclude) as tr:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = model(*xs)
             tr.mark("forward")
+            saved = pack.live().keys()
             # the anchors we differentiate against are alive only because we hold them, unless autograd keeps them
             anchors = {StorageWeakRef(t.untyped_storage()).cdata for t in captured}
             pinned = anchors - saved

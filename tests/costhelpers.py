@@ -7,7 +7,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.flop_counter import FlopCounterMode
 
-from evodsl.measure import StorageTracker, register_cpu_sdpa_flops
+from evodsl.measure import SavedStorages, StorageTracker, register_cpu_sdpa_flops
 from evodsl.ops import lookup
 from evodsl.ops.cost import Symbols, cost_field
 from evodsl.ops.merge.merges import ConcatMerge, SumMerge
@@ -75,18 +75,13 @@ def measure_op(module, x, train_mode: bool = True, make_ctx=None) -> dict:
     del out
 
     module.train(train_mode)
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        saved[_key(t)] = t.untyped_storage().nbytes()
-        return t
-
+    pack = SavedStorages()
     # The training forward runs under the tracker too, so that what exists before the backward (the saved
     # tensors, the output) is known to it and views of them are not taken for new storages.
     with StorageTracker([*module.parameters(), *module.buffers(), *inputs]) as tr:
         with FlopCounterMode(display=False) as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = call()
-        out_key = _key(out)
+        out_key, saved = _key(out), pack.live()
         result = {"fwd": fwd.get_total_flops(), "fwd_inference": fwd_inference.get_total_flops(), "peak": peak,
                   "inplace": inplace,
                   "inplace_in_training": out_key in in_keys,
