@@ -6,9 +6,12 @@ from functools import lru_cache
 import sympy as sp
 
 from .ops.cost import B, M, N, cost_field
-from .passes.cost import DTYPE_BYTES, Report, collect, complexity
+from .passes.cost import DTYPE_BYTES, Report, _sizes, collect, complexity
 
-FIELDS = ("params", "fwd", "fwd_inference", "fwd_other", "bwd", "bwd_other", "saved", "peak", "cache")
+# the Cost fields the report reads: summed over the model, and per layer (the peak is not summed: the memory
+# passes walk it; summing its Max terms symbolically took seconds on ETC's and Longformer's specs)
+TOTALS = ("fwd", "fwd_inference", "fwd_other", "bwd", "bwd_other", "cache")
+LAYER_FIELDS = ("params", "fwd_inference", "fwd_other", "bwd", "bwd_other", "saved", "cache")
 
 
 def build_report(graph, dtype: str = "float32", decoder_seq: int | None = None) -> Report:
@@ -31,7 +34,7 @@ def _at(expr, b: int, n) -> int:
 def cost_data(report: Report, seq: int, batch: int, dtype: str) -> dict:
     """Everything `evodsl cost --json` prints (and `evodsl.cost()` returns), at one (batch, seq) (and the
     report's decoder_seq for a model with two inputs)."""
-    totals = {f: report.total(f) for f in FIELDS}
+    totals = {f: report.total(f) for f in TOTALS}
     b, n = batch, report.lengths(seq)
     # forward: where autograd records nothing (what inference runs); a training step's forward may run another form
     fwd_mm, fwd_other = _at(totals["fwd_inference"], b, n), _at(totals["fwd_other"], b, n)
@@ -40,7 +43,7 @@ def cost_data(report: Report, seq: int, batch: int, dtype: str) -> dict:
     params = report.params()
     layers, decoding = [], {id(r) for r in report.decoding_rows()}
     for r in report.rows:
-        c = {f: sp.sympify(cost_field(r.cost, f)).subs(r.values) for f in FIELDS}
+        c = {f: _sizes(cost_field(r.cost, f), r.values) for f in LAYER_FIELDS}
         layers.append({
             "name": r.path, "op": r.op, "count": r.count,
             "params": _at(c["params"], b, n) * r.count,
