@@ -14,7 +14,10 @@ For each variant a one-layer spec (`block = mha(VARIANT, ...)` or `block = mixer
   output), which is what the claimed memory class counts (saved + output).
 The fitted exponent is the least-squares slope of log(value) against log(n). A claim with log n factors is
 compared with the slope that n^p (log n)^k itself has over the same n (e.g. 1.13 for n log n over 1k..8k).
-Pass: every fitted exponent within --tol (0.25) of the claim. The raw table also gives the minor page faults per
+Pass: every fitted exponent within --tol (0.25) of the slope that `evodsl cost`'s own numbers have over the same
+n (forward FLOPs for time, activations_inference for the inference peak, activations_training for saved +
+output): at d 256 and n <= 16k the n d^2 projection terms still lead many quadratic classes, so the class's
+exponent alone (shown beside it) is not what these n can show. The raw table also gives the minor page faults per
 timed forward (getrusage): large temporaries that glibc hands back to the OS on free and faults in again on the
 next call show there, and can bend the time curve (BENCHMARKS.md; the GLIBC_TUNABLES in effect are printed).
 Then the crossover with SDPA (mha(softmax) of the same causality): the n from which each variant's forward is
@@ -273,8 +276,16 @@ def main() -> None:
             try:
                 layer = mixing_layer(evodsl.cost(spec))
                 claimed = {"time": layer["complexity"]["time"], "memory": layer["complexity"]["memory"]}
-                costs = {n: evodsl.cost(spec, seq=n)["memory"] for n in ns}
+                full = {n: evodsl.cost(spec, seq=n) for n in ns}
+                costs = {n: c["memory"] for n, c in full.items()}
                 predicted = {n: c["activations_inference"] for n, c in costs.items()}
+                # the growth the cost model itself predicts over these n (lower-order terms included): what the
+                # measured slopes are held to; the asymptotic class alone misleads where n d^2 terms still lead
+                claimed["slopes"] = {
+                    "time": slope(ns, [f["flops"]["forward_matmul"] + f["flops"]["forward_other"]
+                                       for f in full.values()]),
+                    "peak": slope(ns, [costs[n]["activations_inference"] for n in ns]),
+                    "saved": slope(ns, [costs[n]["activations_training"] for n in ns])}
                 # measure_memory's grad-recording forward holds what training keeps: skip a variant that the cost
                 # model says would not fit (at 16k an O(n^2)-memory layer needs tens of GiB: the OOM killer would
                 # end the whole run, its table unprinted)
@@ -307,39 +318,42 @@ def main() -> None:
                    "peak": slope(ns, [mem[n].inference_peak for n in ns]),
                    "saved": slope(ns, [mem[n].training_saved for n in ns])}
             results.append((name, causal, claimed, fit))
+            sl = claimed.get("slopes", {})
             print(f"# done {name} causal={causal}: fitted time {fit['time']:.2f}, inference peak {fit['peak']:.2f}, "
-                  f"saved {fit['saved']:.2f}; median ms {', '.join(f'{med[n] * 1e3:.1f}' for n in ns)}", flush=True)
+                  f"saved {fit['saved']:.2f}; cost slopes "
+                  f"{', '.join(f'{sl[k]:.2f}' for k in ('time', 'peak', 'saved')) if sl else 'n/a'}; median ms {', '.join(f'{med[n] * 1e3:.1f}' for n in ns)}", flush=True)
             curves[name, causal] = (spec, [med[n] for n in ns])
             for n in ns:
                 raw.append((name, causal, n, med[n], min(times[n]), max(times[n]), faults[n] / args.rounds,
                             mem[n].inference_peak, predicted.get(n), mem[n].training_saved))
 
-    print("| variant | causal | claimed time | claimed exp | fitted time exp (median) | (min) | claimed memory "
-          "| claimed exp | fitted inference-peak exp | fitted saved exp | pass |")
-    print("|---|---|---|---:|---:|---:|---|---:|---:|---:|---|")
+    print("| variant | causal | claimed time | class exp | cost FLOPs exp | fitted time exp (median) | (min) "
+          "| claimed memory | class exp | cost exp (peak, saved) | fitted inference-peak exp | fitted saved exp "
+          "| pass |")
+    print("|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|")
     failures = 0
     for name, causal, claimed, fit in results:
         if "error" in claimed:
-            print(f"| {name} | {str(causal).lower()} | cost failed: {claimed['error'][:60]} | | {fit['time']:.2f} "
-                  f"| {fit['time_min']:.2f} | | | {fit['peak']:.2f} | {fit['saved']:.2f} | no claim |")
+            print(f"| {name} | {str(causal).lower()} | cost failed: {claimed['error'][:60]} | | | {fit['time']:.2f} "
+                  f"| {fit['time_min']:.2f} | | | | {fit['peak']:.2f} | {fit['saved']:.2f} | no claim |")
             failures += 1
             continue
-        ok, shown = {}, {}
-        for kind, fitted in (("time", ("time",)), ("memory", ("peak", "saved"))):
+        # pass: each measured slope within tol of the slope of the cost model's own numbers over these n (its
+        # class, which holds as n grows, is shown beside it; the class must also be well formed)
+        slopes, shown = claimed["slopes"], {}
+        ok = {f: abs(fit[f] - slopes[f]) <= args.tol for f in ("time", "peak", "saved")}
+        for kind in ("time", "memory"):
             try:
                 power = power_of_n(claimed[kind])
-            except ValueError:  # a class with no terms: nothing to compare with
+                shown[kind] = f"{claim_str(power)} ({effective(power, ns):.2f})"
+            except ValueError:  # a class with no terms
                 shown[kind] = "malformed"
-                ok.update({f: False for f in fitted})
-                continue
-            exp = effective(power, ns)
-            shown[kind] = f"{claim_str(power)} ({exp:.2f})"
-            ok.update({f: abs(fit[f] - exp) <= args.tol for f in fitted})
+                ok[f"{kind} class"] = False
         verdict = "pass" if all(ok.values()) else "FAIL (" + ", ".join(k for k, v in ok.items() if not v) + ")"
         failures += not all(ok.values())
-        print(f"| {name} | {str(causal).lower()} | {claimed['time']} | {shown['time']} | {fit['time']:.2f} "
-              f"| {fit['time_min']:.2f} | {claimed['memory']} | {shown['memory']} | {fit['peak']:.2f} "
-              f"| {fit['saved']:.2f} | {verdict} |")
+        print(f"| {name} | {str(causal).lower()} | {claimed['time']} | {shown['time']} | {slopes['time']:.2f} "
+              f"| {fit['time']:.2f} | {fit['time_min']:.2f} | {claimed['memory']} | {shown['memory']} "
+              f"| {slopes['peak']:.2f}, {slopes['saved']:.2f} | {fit['peak']:.2f} | {fit['saved']:.2f} | {verdict} |")
 
     print("\nRaw numbers (time in ms; memory in KiB; 'cost' = evodsl.cost's activations_inference at that n)\n")
     print("| variant | causal | n | median ms | min ms | max ms | page faults / forward | inference peak KiB "
