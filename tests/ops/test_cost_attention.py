@@ -330,6 +330,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                     ({"kind": "mixture", "max_len": 200, "mix": "factorized_random_vanilla", "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     # NAP: the explicit scores, their rows' statistics (causal: over the past, masked)
     "nap": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "eps": 1e-3}, BOTH)],
+    # EL-attention: the queries expanded to width d, SDPA against X (one shared K/V head); W_K, W_V repeated to the
+    # query heads under grouped K/V heads; head_dim wider than d / h
+    "el": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+           ({"heads": 2, "head_dim": 40}, SMALL)],
 }
 
 
