@@ -119,6 +119,7 @@ def variants(args) -> list[tuple[str, str]]:
         (f"local, window={args.window}, talking=true", f"local, window={args.window}, talking=true"),
         ("softmax, collab=128", "softmax, collab=128"),  # collaborative heads (_collab.py): shared Q/K of width D_k
         ("el", "el"),  # EL-attention: SDPA of the width-d expanded queries over X
+        (f"fixed, mixed, window={args.window}", f"fixed, window={args.window}"),  # hand-crafted maps: O(n w d), O(n d)
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mha += [("synthesizer, dense", f"synthesizer, kind=dense, max_len={n_max}"),  # the [b, h, n, n] weights

@@ -254,6 +254,9 @@ SPARSE_SINKHORN = ["norm -> mha(sparse_sinkhorn, block=4, max_len=64) -> norm ->
 # EL-attention: the cache holds X alone (grouped K/V heads, head_dim set)
 EL = ["norm -> mha(el) -> norm -> ffn", "norm -> mha(el, kv_heads=2) -> norm -> ffn",
       "norm -> mha(el, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+# fixed maps: V of every position, the causal maps rerun over it (one pattern per head, grouped K/V heads)
+FIXED = ["norm -> mha(fixed, heads=5, head_dim=4) -> norm -> ffn", "norm -> mha(fixed, pattern=local, window=3, kv_heads=2) -> norm -> ffn",
+         "norm -> mha(fixed, pattern=vertical, globals=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MODIFIERS]
@@ -271,7 +274,7 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if "t5" not in p for b in DIFFERENTIAL + SIGMOID]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SYNTHESIZER + NAP]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in TOPK]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in EL])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in EL + FIXED])
 
 
 def _lean(cases: list) -> list:

@@ -97,6 +97,7 @@ ARGS = {
     # c = 5 the backward FLOPs, the input's gradient alone, read n log n where the declared ones, with the weights', read n)
     "probsparse": {"factor": 1, "max_len": 8192},
     "el": {},  # SDPA over X: n^2 d time (h heads of width d), O(n) bytes
+    "fixed": {"pattern": "mixed", "window": 16},  # 2 heads: the band (33 shifted copies of V) and prev: O(n w d)
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
