@@ -132,6 +132,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("daft", f"daft, max_len={n_max}"),
         ("fnet", "fnet"),
         ("average", "average"),  # AAN: cumulative average, FFN, gates
+        ("igloo", f"igloo, max_len={n_max}"),  # IGLOO: P random patches and P gathered values a position, O(n)
     ]
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers])

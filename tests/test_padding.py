@@ -128,7 +128,8 @@ MIXER_BUILD = {"aft-full": ("aft", {"mode": "full", "max_len": N}, ("right",)),
                "aft-local": ("aft", {"mode": "local", "max_len": N, "window": 6}, ("right",)),
                "aft-conv": ("aft", {"mode": "conv", "kernel": 5, "heads": 4}, ("right", "left")),
                "daft": ("daft", {"max_len": N, "rank": 4}, ("right",)),
-               "average": ("average", {}, ("right", "left"))}  # AAN: padding out of the sums and counts
+               "average": ("average", {}, ("right", "left")),  # AAN: padding out of the sums and counts
+               "igloo": ("igloo", {"max_len": N}, ("right",))}  # patches drawn per absolute position: left refused
 MIXER_CASES = [(k, c, side) for k, (_, _, sides) in MIXER_BUILD.items() for c in (False, True) for side in sides]
 
 

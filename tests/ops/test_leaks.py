@@ -106,7 +106,8 @@ MIXER_BUILD = {"aft-full": ("aft", {"mode": "full", "max_len": N}), "aft-simple"
                "aft-local": ("aft", {"mode": "local", "max_len": N, "window": 6}),
                "aft-conv": ("aft", {"mode": "conv", "kernel": 5, "heads": 4}),
                "daft": ("daft", {"max_len": N, "rank": 4}),
-               "average": ("average", {})}  # AAN: the cumulative average
+               "average": ("average", {}),  # AAN: the cumulative average
+               "igloo": ("igloo", {"max_len": N, "spread": 2.0})}  # patches up to 6 positions back, a kernel of 3
 CAUSAL_MIXERS = sorted(v for (f, v), op in REGISTRY.items() if f == "mixer" and op.causal == "yes")
 
 
