@@ -121,6 +121,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("softmax, talking=true", "softmax, talking=true"),  # talking heads (_talking.py): the same kernel, heads mixed
         (f"local, window={args.window}, talking=true", f"local, window={args.window}, talking=true"),
         ("softmax, collab=128", "softmax, collab=128"),  # collaborative heads (_collab.py): shared Q/K of width D_k
+        ("el", "el"),  # EL-attention: SDPA of the width-d expanded queries over X
+        (f"fixed, mixed, window={args.window}", f"fixed, window={args.window}"),  # hand-crafted maps: O(n w d), O(n d)
     ]
     n_max = max(int(n) for n in args.ns.split(","))
     mha += [("synthesizer, dense", f"synthesizer, kind=dense, max_len={n_max}"),  # the [b, h, n, n] weights
@@ -133,6 +135,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("daft", f"daft, max_len={n_max}"),
         ("fnet", "fnet"),
         ("average", "average"),  # AAN: cumulative average, FFN, gates
+        ("igloo", f"igloo, max_len={n_max}"),  # IGLOO: P random patches and P gathered values a position, O(n)
     ]
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers])

@@ -84,6 +84,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "sinkformer"): "iters=3",
     ("mha", "sparse_sinkhorn"): "block=4, max_len=128",
     ("mha", "topk"): "k=5, chunk=4",
+    ("mha", "fixed"): "pattern=mixed, window=2",  # 4 heads: local, prev, next, global
+    ("mixer", "igloo"): "max_len=128",  # the patch tables cut to n
     ("mha", "probsparse"): "factor=1, max_len=128",  # u = 2, 4, 5 at n = 7, 33, 70; the export's 5 slots, masked  # k past n = 7 at the first length (the -inf columns), chunks of 4 in torch
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
@@ -193,6 +195,8 @@ CAUSAL_GROUPS |= {("mha", "topk")}
 # ProbSparse: torch runs u = c ceil(ln n) active queries and sampled keys; the export, whose n is symbolic, runs
 # c ceil(ln max_len) of each, those past u masked: more multiply-adds below max_len
 OTHER_FORMS |= {("mha", "probsparse")}
+# IGLOO: its convolution exports as a Conv node, which the MatMul / Gemm count leaves out (2 n d^2 k of its FLOPs)
+OTHER_FORMS |= {("mixer", "igloo")}
 
 
 def op_cases() -> list[Case]:

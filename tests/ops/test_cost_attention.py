@@ -330,6 +330,16 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                     ({"kind": "mixture", "max_len": 200, "mix": "factorized_random_vanilla", "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     # NAP: the explicit scores, their rows' statistics (causal: over the past, masked)
     "nap": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "eps": 1e-3}, BOTH)],
+    # EL-attention: the queries expanded to width d, SDPA against X (one shared K/V head); W_K, W_V repeated to the
+    # query heads under grouped K/V heads; head_dim wider than d / h
+    "el": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+           ({"heads": 2, "head_dim": 40}, SMALL)],
+    # hand-crafted fixed maps: one pattern per head (mixed: each group's heads picked out, put back in head order),
+    # grouped K/V heads (one pattern: on the K/V heads, then repeated), a band wider than n, each pattern alone
+    "fixed": [({"pattern": "mixed"}, BOTH), ({"pattern": "mixed", "heads": 5, "kv_heads": 1, "head_dim": 8, "window": 7}, BOTH),
+              ({"pattern": "local", "window": 9, "kv_heads": 2}, BOTH), ({"pattern": "local", "window": 100}, SMALL),
+              ({"pattern": "global"}, ODD), ({"pattern": "vertical", "globals": 3, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH),
+              ({"pattern": "prev"}, SMALL), ({"pattern": "next", "kv_heads": 2}, ODD), ({"pattern": "diagonal"}, SMALL)],
 }
 
 

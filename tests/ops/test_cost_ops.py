@@ -52,6 +52,11 @@ CASES = [
     # a narrow FFN, none (the paper's ablation)
     *[("mixer", "average", lambda d, c=c, a=a: {"causal": c, **a}) for c in (False, True)
       for a in ({}, {"d_ff": 40, "bias": False}, {"ffn": False})],
+    # IGLOO: the default patches, few and short ones with a wide kernel, many long ones over wide compressed features,
+    # one patch of one position (no sum over patches)
+    *[("mixer", "igloo", lambda d, c=c, a=a: {"causal": c, "max_len": 64, **a}) for c in (False, True)
+      for a in ({}, {"patches": 5, "patch": 3, "kernel": 5, "bias": False}, {"patches": 40, "patch": 8, "compress": 16, "spread": 20.0},
+                {"patches": 1, "patch": 1, "kernel": 1})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

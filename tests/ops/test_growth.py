@@ -96,6 +96,8 @@ ARGS = {
     # c = 1: 7 .. 10 sampled keys and active queries, n log n terms small beside the n d^2 projections at these n (at
     # c = 5 the backward FLOPs, the input's gradient alone, read n log n where the declared ones, with the weights', read n)
     "probsparse": {"factor": 1, "max_len": 8192},
+    "el": {},  # SDPA over X: n^2 d time (h heads of width d), O(n) bytes
+    "fixed": {"pattern": "mixed", "window": 16},  # 2 heads: the band (33 shifted copies of V) and prev: O(n w d)
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
@@ -105,7 +107,8 @@ ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid",  # sigmoid: its blocked kernel, ~3 CPU minutes
         "routing", "clustered", "synthesizer", "nap",  # synthesizer, nap: their n x n weights at n = 8k
         "mgk",  # mgk: n^2 r (causal r^2) scores at n = 8k, 22 and 25 s here
-        "sinkformer")  # sinkformer: [n, n] logsumexps at n = 8k, forward and backward (~3 minutes)
+        "sinkformer",  # sinkformer: [n, n] logsumexps at n = 8k, forward and backward (~3 minutes)
+        "el")  # el: h heads of width-d scores (h times softmax's n^2 FLOPs), 41 s bidirectional here
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW else [])
          for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")
          and not (not causal and v in CAUSAL_ONLY)]
@@ -146,6 +149,7 @@ MIXER_ARGS = {
     "aft-conv": ("aft", {"mode": "conv", "kernel": 9, "heads": 2}),
     "daft": ("daft", {"max_len": NS[-1], "rank": 16}),  # AFT-full's sums, W = P1 P2^T: n^2 (d + d1)
     "average": ("average", {}),  # AAN: cumulative sums, the FFN and gates per position (bidirectional: the FFN per row)
+    "igloo": ("igloo", {"max_len": NS[-1]}),  # P patches of L positions and P gathered values a position: O(n)
 }
 MIXER_CASES = [(k, causal) for k in MIXER_ARGS for causal in (True, False)
                if not (causal and REGISTRY["mixer", MIXER_ARGS[k][0]].causal == "no")]

@@ -54,6 +54,8 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "nap": {},  # each row's statistics over its past keys
     "sparse_sinkhorn": {"block": 4, "max_len": 128},  # 18 blocks: its own and a mixture of the past ones
     "topk": {"k": 5, "chunk": 16},  # 5 chunks of 16 queries, the last of 6, each against the keys up to its end
+    "el": {},  # SDPA's causal mask over X
+    "fixed": {"pattern": "mixed", "window": 3},  # local, prev, next (the token itself), global: each restricted to j <= i
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
@@ -104,7 +106,8 @@ MIXER_BUILD = {"aft-full": ("aft", {"mode": "full", "max_len": N}), "aft-simple"
                "aft-local": ("aft", {"mode": "local", "max_len": N, "window": 6}),
                "aft-conv": ("aft", {"mode": "conv", "kernel": 5, "heads": 4}),
                "daft": ("daft", {"max_len": N, "rank": 4}),
-               "average": ("average", {})}  # AAN: the cumulative average
+               "average": ("average", {}),  # AAN: the cumulative average
+               "igloo": ("igloo", {"max_len": N, "spread": 2.0})}  # patches up to 6 positions back, a kernel of 3
 CAUSAL_MIXERS = sorted(v for (f, v), op in REGISTRY.items() if f == "mixer" and op.causal == "yes")
 
 
