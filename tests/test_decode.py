@@ -159,7 +159,9 @@ DILATED = ["norm -> mha(dilated, pattern=dilated_mem, layer=3) -> norm -> ffn",
 COMBINER = ["norm -> mha(combiner, block=3) -> norm -> ffn", "norm -> mha(combiner, block=4, kv_heads=2) -> norm -> ffn",
             "norm -> mha(combiner, block=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
             "norm -> mha(combiner, mode=axial, block=3) -> norm -> ffn",  # rows of 3 (the cache: keys and summaries)
-            "norm -> mha(combiner, mode=axial, block=5, kv_heads=2) -> norm -> ffn"]
+            "norm -> mha(combiner, mode=axial, block=5, kv_heads=2) -> norm -> ffn",
+            "norm -> mha(combiner, mode=logsparse) -> norm -> ffn",  # the cache: every q, k, v; spans pooled per token
+            "norm -> mha(combiner, mode=logsparse, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 # H-Transformer-1D: levels of blocks of 2 .. 16 tokens across the 29 (the state: each level's last three blocks), a
 # block past the sequence (level 0 alone)
 HIERARCHICAL = ["norm -> mha(hierarchical, block=2) -> norm -> ffn",
