@@ -199,6 +199,9 @@ SIGMOID = ["norm -> mha(sigmoid, block=4) -> norm -> ffn", "norm -> mha(sigmoid,
 # top-k: the K/V cache, each new token's top k over it (29 tokens; chunks of 4 over a prompt), k past the sequence
 TOPK = ["norm -> mha(topk, k=3, chunk=4) -> norm -> ffn", "norm -> mha(topk, k=5, chunk=2, kv_heads=2) -> norm -> ffn",
         "norm -> mha(topk, k=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+# SAC: the cache of K, V and the edge keys, each new token's k edges over it, k past the sequence
+SAC = ["norm -> mha(sac, k=3, chunk=4) -> norm -> ffn", "norm -> mha(sac, k=5, chunk=2, kv_heads=2, edge_dim=4) -> norm -> ffn",
+       "norm -> mha(sac, k=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 # the modifiers (_scored.py): the cap on softmax and local, the sink logit; sinks: the first S keys beside the window
 # (the cache: min(t, S) + min(t, w) keys)
 MODIFIERS = ["norm -> mha(softmax, softcap=0.5, kv_heads=2) -> norm -> ffn", "norm -> mha(softmax, sink_logit=true) -> norm -> ffn",
@@ -269,7 +272,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in ROUTING]
          + [(p, b) for p in POSITIONS if "t5" not in p for b in DIFFERENTIAL + SIGMOID]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SYNTHESIZER + NAP]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in TOPK])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in TOPK]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SAC])
 
 
 def _lean(cases: list) -> list:

@@ -268,6 +268,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "topk": [({"k": 8, "chunk": 16}, BOTH), ({"k": 12, "chunk": 24, "kv_heads": 2}, BOTH), ({"k": 8, "chunk": 16, "pos": ROPE}, BOTH),
              ({"k": 5, "chunk": 200, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"k": 80, "chunk": 16}, SMALL),
              ({"k": 16, "chunk": 8, "pos": HALF_ROPE, "kv_heads": 2}, SMALL)],
+    # SAC: the edge scores in query chunks of 16 and 24, grouped and single K/V heads, k past n (200: -inf columns)
+    "sac": [({"k": 8}, BOTH), ({"k": 8, "chunk": 24, "kv_heads": 2}, BOTH),
+            ({"k": 200, "chunk": 16, "kv_heads": 1, "head_dim": 8, "bias": False, "edge_dim": 4}, ODD)],
     # ProbSparse (bidirectional only): u = U = 2 ceil(ln n) (10 of 64, 12 of 160), 3 and 1, u = n (c = 20), grouped and
     # single K/V heads, rope
     "probsparse": [({"factor": 2}, BOTH), ({"factor": 3, "kv_heads": 2}, BOTH), ({"factor": 2, "pos": ROPE}, BOTH),

@@ -54,6 +54,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "nap": {},  # each row's statistics over its past keys
     "sparse_sinkhorn": {"block": 4, "max_len": 128},  # 18 blocks: its own and a mixture of the past ones
     "topk": {"k": 5, "chunk": 16},  # 5 chunks of 16 queries, the last of 6, each against the keys up to its end
+    "sac": {"k": 4, "chunk": 16},  # the edge scores in 5 chunks of 16 queries, each against the keys up to its end
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
