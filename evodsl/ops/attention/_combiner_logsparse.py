@@ -39,7 +39,7 @@ def _pool(mod, qg, kg, vg, real):
     kb, vb = (t.reshape(b * S, w, kv, dh).transpose(1, 2) for t in (kg, vg))  # [b S, kv, w, dh]
     keep = (real | (torch.arange(w, device=qg.device) == 0)).expand(b, S, w).reshape(b * S, 1, 1, w)
     vs = F.scaled_dot_product_attention(qs, kb, vb, attn_mask=keep)
-    return kb.amax(2).view(b, S, kv, dh), vs.view(b, S, kv, dh)
+    return kb.amax(2).view(b, S, kv, dh), vs.reshape(b, S, kv, dh)
 
 
 def _gather(x, idx, at):
@@ -92,7 +92,7 @@ def logsparse(mod, qx, kx, vx, length):
     o = F.scaled_dot_product_attention(q, keys.view(b * n, J, kv, dh).transpose(1, 2),
                                        vals.view(b * n, J, kv, dh).transpose(1, 2),
                                        attn_mask=keep.expand(b, n, J).reshape(b * n, 1, 1, J), enable_gqa=kv != h)
-    return o.view(b, n, h * dh)
+    return o.reshape(b, n, h * dh)  # reshape: on CUDA the kernel may lay o out otherwise
 
 
 def logsparse_step(mod, qx, kx, vx, start, old):
@@ -126,4 +126,4 @@ def logsparse_step(mod, qx, kx, vx, start, old):
     q = qx[:, -T:].reshape(b * T, 1, h, dh).transpose(1, 2)
     mask = torch.stack(keep, -1).expand(b, T, J).reshape(b * T, 1, 1, J)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != h)  # [b T, h, 1, dh]
-    return o.view(b, T, h, dh).transpose(1, 2), (qx, kx, vx)
+    return o.reshape(b, T, h, dh).transpose(1, 2), (qx, kx, vx)

@@ -75,15 +75,13 @@ class SacAttention(TopkAttention):
         bi = torch.arange(b, device=q.device)[:, None, None]
         e = (a[:, 0, :, None, :] * c[:, 0][bi, idx]).sum(-1) / math.sqrt(self.edge_dim)  # [b, T, k] the edge scores
         bias = e.masked_fill(~keep, float("-inf"))
-        kg = k[torch.arange(b, device=q.device)[:, None, None, None], torch.arange(kv, device=q.device)[None, :, None, None],
-               idx[:, None]]  # [b, kv, T, k, dh]
-        vg = v[torch.arange(b, device=q.device)[:, None, None, None], torch.arange(kv, device=q.device)[None, :, None, None],
-               idx[:, None]]
+        ki = torch.arange(kv, device=q.device)[None, :, None, None]
+        kg, vg = k[bi[..., None], ki, idx[:, None]], v[bi[..., None], ki, idx[:, None]]  # [b, kv, T, k, dh]
         qr = q.view(b, kv, g, T, dh).transpose(2, 3).reshape(b * kv * T, 1, g, dh)
         mask = bias[:, None].expand(b, kv, T, K).reshape(b * kv * T, 1, 1, K)
         o = F.scaled_dot_product_attention(qr, kg.reshape(b * kv * T, 1, K, dh), vg.reshape(b * kv * T, 1, K, dh),
                                            attn_mask=mask)  # [b kv T, 1, g, dh]
-        return o.view(b, kv, T, g, dh).transpose(2, 3).reshape(b, h, T, dh)
+        return o.reshape(b, kv, T, g, dh).transpose(2, 3).reshape(b, h, T, dh)
 
 
 OP = register(Op(
