@@ -278,9 +278,9 @@ def logsparse_spans(t, L, causal):
     return parts
 
 
-def logsparse_reference(m, x, causal, lengths=None):
+def logsparse_reference(m, x, causal, lengths=None, log_size=False):
     """Combiner-Logsparse: one softmax over the direct keys k_j and the spans' summary keys k_Omega (values v_j and
-    v_Omega), the summaries as Combiner-Fixed's (summary() above)."""
+    v_Omega), the summaries as Combiner-Fixed's (summary() above); log_size: log |Omega| added to a summary's logit."""
     q, k, v = head_projections(m, x)
     b, n, h, dh = q.shape
     g = h // k.shape[2]
@@ -294,14 +294,41 @@ def logsparse_reference(m, x, causal, lengths=None):
                 c = hh // g
                 keys = [k[bb, p, c] for p, _ in parts]
                 vals = [v[bb, p, c] for p, _ in parts]
+                bias = [0.0] * len(parts)
                 for _, span in parts:
                     if span:
                         ko, vo = summary(q[bb], k[bb], v[bb], span, c, g)
                         keys.append(ko)
                         vals.append(vo)
-                sc = torch.stack(keys) @ q[bb, t, hh] / math.sqrt(dh)
+                        bias.append(math.log(len(span)) if log_size else 0.0)
+                sc = torch.stack(keys) @ q[bb, t, hh] / math.sqrt(dh) + torch.tensor(bias, dtype=x.dtype)
                 out[bb, t, hh] = torch.einsum("j,jd->d", sc.softmax(0), torch.stack(vals))
     return output_projection(m, out.reshape(b, n, h * dh))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_logsparse_log_size(causal):
+    """log_size=true: log |Omega| on each summary's logit (right padding cuts a suffix span, and its count), decoding
+    included; refused outside mode=logsparse."""
+    import evodsl
+    from ophelpers import decode_in_pieces
+
+    m, _, _ = make_op("mha", "combiner", d=D, causal=causal, heads=4, kv_heads=2, mode="logsparse", log_size=True)
+    perturb_params(m)
+    n, lengths = 21, [21, 13, 6]
+    x = torch.randn(len(lengths), n, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        y = m(x, Ctx(mask=mask))
+        ref = logsparse_reference(m, x, causal, lengths, log_size=True)
+        for i, L in enumerate(lengths):
+            assert (y[i, :L] - ref[i, :L]).abs().max().item() < 1e-10
+        if causal:
+            stepped, _ = decode_in_pieces(m, x, [7, 1, 1, 5, 1, 6])
+            assert (stepped - m(x, Ctx())).abs().max().item() < 1e-10
+    with pytest.raises(EvoError, match="log_size"):
+        evodsl.parse("model m(causal=true) = input(features, d=32) -> mha(combiner, heads=4, log_size=true) -> "
+                     "head(linear, d_out=2)")
 
 
 LOGSPARSE_CASES = [  # causal, n, kv_heads

@@ -210,7 +210,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                  ({"mode": "axial", "block": 5, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH),
                  # Combiner-Logsparse: 7 and 8 levels (n = 64, 160), grouped K/V heads
                  ({"mode": "logsparse"}, BOTH), ({"mode": "logsparse", "kv_heads": 2}, SMALL),
-                 ({"mode": "logsparse", "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+                 ({"mode": "logsparse", "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                 ({"mode": "logsparse", "log_size": True, "kv_heads": 2}, ODD)],
     # CoLT5: k_q, k_kv below n, above it at n = 64 (every token routed), narrow heads, a band over the sequence
     "colt5": [({"window": 16, "k_q": 8, "k_kv": 12}, BOTH), ({"window": 7, "k_q": 40, "k_kv": 20, "kv_heads": 2}, BOTH),
               ({"window": 33, "k_q": 100, "k_kv": 200, "light_heads": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH),

@@ -14,8 +14,10 @@ Choices where the paper is silent:
 - bidirectional: the mirror image on the suffix i+1..n-1: for every level l whose bit of i is 0, the aligned block
   just after i's block of 2^l, [(floor(i / 2^l) + 1) 2^l, (floor(i / 2^l) + 2) 2^l) (the blocks tile the suffix,
   smallest first, those starting past the row dropped), its first key read directly and the rest summarised;
-- no log-size term: p(Omega|i) ~ exp(q_i . k_Omega / sqrt(dh)) exactly as the paper's factorisation writes it (a
-  region of 2^l - 1 keys gets no log(2^l - 1) bonus), as the authors' logn layer (combiner/jax/model/layer.py);
+- no log-size term by default: p(Omega|i) ~ exp(q_i . k_Omega / sqrt(dh)) as the paper's factorisation writes it,
+  as the authors' logn layer (combiner/jax/model/layer.py); log_size=true adds log |Omega| (2^l - 1, a suffix span's
+  count cut at the row's end) to the summary's logit: exp(q_i . k_Omega / sqrt(dh)) |Omega|, the mass of |Omega|
+  keys equal to k_Omega (an additive float mask in place of the bool one);
 - the authors' layer summarises whole aligned blocks and reads only i (and i - 1) directly; this follows the paper's
   text: the block's nearest key direct, the span between summarised;
 - a span past the row's tokens (right padding, or n) is pooled over its tokens only and dropped when it has none;
@@ -24,6 +26,8 @@ The export (a symbolic n) runs LEVELS levels (n < 2^LEVELS) with floor(n / 2^l) 
 masked. Decoding caches the raw q, k, v and reads each new query's spans from them (O(n d) a token).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +61,7 @@ def logsparse(mod, qx, kx, vx, length):
     at = None if length is None else torch.arange(b, device=dev)[:, None, None]
     t = torch.arange(n, device=dev)
     kt, vt = [kx.view(b, n, kv, dh)], [vx.view(b, n, kv, dh)]  # the keys' (values') table: tokens, then summaries
-    idx_d, idx_s, keep_d, keep_s, off = [], [], [], [], n
+    idx_d, idx_s, keep_d, keep_s, logs, off = [], [], [], [], [], n
     sides = (0,) if mod.causal else (0, 1)
     for l in range(K):
         B = 1 << l
@@ -83,11 +87,18 @@ def logsparse(mod, qx, kx, vx, length):
             vt.append(v_om)
             idx_s.append(off + c.clamp(max=S - 1))
             keep_s.append(ok & (c * B + side < L) if side else ok)  # a suffix span holding a token
+            if mod.log_size:  # log |Omega|: 2^l - 1 keys, a suffix span's cut at the row's end
+                end = ((c + 1) * B - 1 if not side else ((c + 1) * B).clamp(max=n) if length is None
+                       else torch.minimum((c + 1) * B, L))  # past the span's last key: [n] or [b, n]
+                logs.append((end - c * B - side).clamp(min=1).to(qx.dtype).log().expand(1 if length is None else b, n))
             off = off + S
     idx = torch.stack(idx_d + idx_s, 1)  # [n, J]: each query's direct keys, then its summaries, in the table
     J = idx.shape[1]
     keys, vals = (torch.cat(tab, 1)[:, idx] for tab in (kt, vt))  # [b, n, J, kv, dh]
     keep = torch.stack([m.expand(1 if length is None else b, n) for m in keep_d + keep_s], -1)  # [1 | b, n, J]
+    if mod.log_size:  # an additive mask: 0 on the direct keys, log |Omega| on the summaries, -inf off
+        zero = qx.new_zeros(1 if length is None else b, n, len(idx_d))
+        keep = torch.cat((zero, torch.stack(logs, -1)), -1).masked_fill(~keep, float("-inf"))
     q = qx.view(b * n, 1, h, dh).transpose(1, 2)  # [b n, h, 1, dh]
     o = F.scaled_dot_product_attention(q, keys.view(b * n, J, kv, dh).transpose(1, 2),
                                        vals.view(b * n, J, kv, dh).transpose(1, 2),
@@ -104,7 +115,7 @@ def logsparse_step(mod, qx, kx, vx, start, old):
         qx, kx, vx = (torch.cat((o, x), 1) for o, x in zip(old, (qx, kx, vx)))
     N = kx.shape[1]
     t = torch.arange(start, start + T, device=dev)
-    keys, vals, keep = [], [], []
+    keys, vals, keep, logs = [], [], [], []
     kh, vh = kx.view(b, N, kv, dh), vx.view(b, N, kv, dh)
     for l in range(max(N, 2).bit_length()):
         B = 1 << l
@@ -113,6 +124,7 @@ def logsparse_step(mod, qx, kx, vx, start, old):
         keys.append(kh[:, p])
         vals.append(vh[:, p])
         keep.append(sel)
+        logs.append(0.0)
         if l == 0:
             continue
         span = (c.clamp(min=0) * B)[:, None] + torch.arange(B - 1, device=dev)  # [T, B - 1]
@@ -121,9 +133,13 @@ def logsparse_step(mod, qx, kx, vx, start, old):
         keys.append(k_om)
         vals.append(v_om)
         keep.append(sel)
+        logs.append(math.log(B - 1))  # log |Omega| (mod.log_size)
     J = len(keys)
     k, v = (torch.stack(a, 2).view(b * T, J, kv, dh).transpose(1, 2) for a in (keys, vals))
     q = qx[:, -T:].reshape(b * T, 1, h, dh).transpose(1, 2)
-    mask = torch.stack(keep, -1).expand(b, T, J).reshape(b * T, 1, 1, J)
+    mask = torch.stack(keep, -1)  # [T, J]
+    if mod.log_size:
+        mask = qx.new_tensor(logs).expand(T, J).masked_fill(~mask, float("-inf"))
+    mask = mask.expand(b, T, J).reshape(b * T, 1, 1, J)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != h)  # [b T, h, 1, dh]
     return o.reshape(b, T, h, dh).transpose(1, 2), (qx, kx, vx)

@@ -43,7 +43,7 @@ from pydantic import Field
 
 from ...decode import slot
 from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
 from ._combiner_axial import axial, axial_step, row_summaries
 from ._combiner_cost import combiner_cost
 from ._combiner_logsparse import logsparse, logsparse_step
@@ -58,12 +58,21 @@ class CombinerParams(AttentionParams):
                              "span summarised (block= unused)")
     block: int = Field(64, ge=1, le=1 << 16, description="s: positions per block (fixed) or row (axial); ~sqrt(n) for "
                                                          "O(n sqrt n)")
+    log_size: bool = Field(False, description="logsparse: add log |Omega| to a span summary's logit (the mass of |Omega| "
+                                              "keys equal to k_Omega); the paper's p(Omega|i) has none")
+
+
+def combiner_shape(p: CombinerParams, env: OpEnv):
+    if p.log_size and p.mode != "logsparse":
+        raise ShapeProblem("mha(combiner) reads log_size= in mode=logsparse only", "log_size",
+                           "remove log_size=, or set mode=logsparse")
+    return no_dropout_shape("mha(combiner)")(p, env)
 
 
 class CombinerAttention(AttentionBase):
     def __init__(self, p: CombinerParams, env: OpEnv):
         super().__init__(p, env)
-        self.block, self.mode = p.block, p.mode
+        self.block, self.mode, self.log_size = p.block, p.mode, p.log_size
 
     def forward(self, x, ctx):
         if ctx is not None and ctx.cache is not None:
@@ -198,7 +207,7 @@ OP = register(Op(
            "outputs; and the raw q, k, v of the unfinished block or row (< s tokens); logsparse: the raw q, k, v of "
            "every position (each new query pools its spans)",
     family="mha", variant="combiner", params=CombinerParams, module=CombinerAttention,
-    causal="yes", shape=no_dropout_shape("mha(combiner)"), supports=frozenset(),
+    causal="yes", shape=combiner_shape, supports=frozenset(),
     paper="Combiner: Full Attention Transformer with Sparse Computation Cost, Ren et al. 2021, arXiv:2107.05768",
     summary="full attention factorised: softmax over the query's own block's keys and one summary key per other "
             "block (causal: earlier blocks), whose value is the block's softmax-weighted mean; axial: the query's row, "
