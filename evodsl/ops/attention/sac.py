@@ -20,6 +20,9 @@ policy gradient. Scoring every pair is n^2 r (the paper's pointers read all n no
 edges): the op is quadratic in FLOPs, O(n k d) in the attention; the scores are taken without autograd in chunks of
 C queries (topk.py's selection), so memory stays O(C n + n k d).
 
+The paper's predictor emits a budget of edges for the whole graph (in-degrees free); here every query gets exactly k
+(min(k, its allowed keys)), so that the attention is one batched gather.
+
 Choices where the paper is silent: one graph for all heads (the K/V heads' keys gathered once, each query head of a
 group reading them); ties at the k-th score broken by torch.topk; a padded key is never chosen, a query with fewer
 than k allowed keys keeps them all; no position scheme inside (the edges carry no order); dropout= is refused.
