@@ -95,6 +95,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("lsh, buckets=8, chunk=64, rounds=2", "lsh, buckets=8, chunk=64, rounds=2"),
         ("combiner, block=64", "combiner, block=64"),
         ("combiner, axial, block=64", "combiner, mode=axial, block=64"),
+        ("combiner, logsparse", "combiner, mode=logsparse"),
         ("hierarchical, block=16", "hierarchical, block=16"),
         ("multiscale, window=16, pool=4", "multiscale, window=16, pool=4"),
         ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
@@ -114,7 +115,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("nap", "nap"),  # explicit [b, h, n, n] scores, normalised per row
         ("sinkformer, iters=3", "sinkformer, iters=3"),
         ("sparse_sinkhorn, block=64", f"sparse_sinkhorn, block=64, max_len={max(int(n) for n in args.ns.split(','))}"),
-        ("topk, k=64", "topk, k=64"),  # the selection's n^2 d scores in query chunks of 64; 64 keys a query gathered
+        ("topk, k=64", "topk, k=64"),
+        ("sac, k=64", "sac, k=64"),  # the edge scores: n^2 r in query chunks of 64; 64 edges a query gathered  # the selection's n^2 d scores in query chunks of 64; 64 keys a query gathered
         ("probsparse, factor=5", f"probsparse, factor=5, max_len={max(int(n) for n in args.ns.split(','))}"),  # n log n
         ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),

@@ -159,7 +159,9 @@ DILATED = ["norm -> mha(dilated, pattern=dilated_mem, layer=3) -> norm -> ffn",
 COMBINER = ["norm -> mha(combiner, block=3) -> norm -> ffn", "norm -> mha(combiner, block=4, kv_heads=2) -> norm -> ffn",
             "norm -> mha(combiner, block=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
             "norm -> mha(combiner, mode=axial, block=3) -> norm -> ffn",  # rows of 3 (the cache: keys and summaries)
-            "norm -> mha(combiner, mode=axial, block=5, kv_heads=2) -> norm -> ffn"]
+            "norm -> mha(combiner, mode=axial, block=5, kv_heads=2) -> norm -> ffn",
+            "norm -> mha(combiner, mode=logsparse) -> norm -> ffn",  # the cache: every q, k, v; spans pooled per token
+            "norm -> mha(combiner, mode=logsparse, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 # H-Transformer-1D: levels of blocks of 2 .. 16 tokens across the 29 (the state: each level's last three blocks), a
 # block past the sequence (level 0 alone)
 HIERARCHICAL = ["norm -> mha(hierarchical, block=2) -> norm -> ffn",
@@ -197,6 +199,9 @@ SIGMOID = ["norm -> mha(sigmoid, block=4) -> norm -> ffn", "norm -> mha(sigmoid,
 # top-k: the K/V cache, each new token's top k over it (29 tokens; chunks of 4 over a prompt), k past the sequence
 TOPK = ["norm -> mha(topk, k=3, chunk=4) -> norm -> ffn", "norm -> mha(topk, k=5, chunk=2, kv_heads=2) -> norm -> ffn",
         "norm -> mha(topk, k=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+# SAC: the cache of K, V and the edge keys, each new token's k edges over it, k past the sequence
+SAC = ["norm -> mha(sac, k=3, chunk=4) -> norm -> ffn", "norm -> mha(sac, k=5, chunk=2, kv_heads=2, edge_dim=4) -> norm -> ffn",
+       "norm -> mha(sac, k=40, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 # the modifiers (_scored.py): the cap on softmax and local, the sink logit; sinks: the first S keys beside the window
 # (the cache: min(t, S) + min(t, w) keys)
 MODIFIERS = ["norm -> mha(softmax, softcap=0.5, kv_heads=2) -> norm -> ffn", "norm -> mha(softmax, sink_logit=true) -> norm -> ffn",
@@ -276,7 +281,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if "t5" not in p for b in DIFFERENTIAL + SIGMOID]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SYNTHESIZER + NAP]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in TOPK]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in EL + FIXED + IGLOO])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in EL + FIXED + IGLOO]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SAC])
 
 
 def _lean(cases: list) -> list:

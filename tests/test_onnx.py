@@ -86,6 +86,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "topk"): "k=5, chunk=4",
     ("mha", "fixed"): "pattern=mixed, window=2",  # 4 heads: local, prev, next, global
     ("mixer", "igloo"): "max_len=128",  # the patch tables cut to n
+    ("mha", "sac"): "k=5, chunk=4, edge_dim=8",
     ("mha", "probsparse"): "factor=1, max_len=128",  # u = 2, 4, 5 at n = 7, 33, 70; the export's 5 slots, masked  # k past n = 7 at the first length (the -inf columns), chunks of 4 in torch
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
@@ -192,6 +193,7 @@ CAUSAL_GROUPS |= {("mha", "mgk")}
 # top-k attention likewise: torch's causal selection scores each query chunk against the keys up to its end; the
 # export's one chunk scores every pair, masked. Bidirectional: n^2 both.
 CAUSAL_GROUPS |= {("mha", "topk")}
+CAUSAL_GROUPS |= {("mha", "sac")}  # SAC's edge scores: as top-k's selection
 # ProbSparse: torch runs u = c ceil(ln n) active queries and sampled keys; the export, whose n is symbolic, runs
 # c ceil(ln max_len) of each, those past u masked: more multiply-adds below max_len
 OTHER_FORMS |= {("mha", "probsparse")}

@@ -36,7 +36,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "nsa": {"block": 4, "stride": 2, "select_block": 8, "topk": 3, "window": 6},
          "mla": {"kv_rank": 16, "rope_dim": 4, "nope_dim": 6, "v_dim": 8}, "yoso": {"hashes": 8, "tau": 3},
          "differential": {}, "sigmoid": {"block": 16}, "clustered": {"clusters": 3, "bits": 8, "iterations": 3}, "routing": {"clusters": 3, "window": 4},
-         "sinkformer": {"iters": 3}, "sparse_sinkhorn": {"block": 4, "max_len": 128}, "topk": {"k": 5, "chunk": 8}, "probsparse": {"factor": 2},
+         "sinkformer": {"iters": 3}, "sparse_sinkhorn": {"block": 4, "max_len": 128}, "topk": {"k": 5, "chunk": 8}, "sac": {"k": 5, "chunk": 8}, "probsparse": {"factor": 2},
          "slim": {"features": 16}, "exp_smoothing": {}, "mgk": {"components": 2}, "etc": {"radius": 5, "globals": 3, "segment": 8},
          "synthesizer": {"kind": "mixture", "mix": "dense_random_vanilla", "max_len": 80}, "nap": {},
          "el": {}, "fixed": {"pattern": "mixed", "window": 3}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns

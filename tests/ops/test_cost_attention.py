@@ -207,7 +207,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                  # rows: the size-1 axes spare bmm its copies, the memory formulas do not hold)
                  ({"mode": "axial", "block": 8}, BOTH), ({"mode": "axial", "block": 12, "kv_heads": 2}, BOTH),
                  ({"mode": "axial", "block": 100}, BOTH),
-                 ({"mode": "axial", "block": 5, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH)],
+                 ({"mode": "axial", "block": 5, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH),
+                 # Combiner-Logsparse: 7 and 8 levels (n = 64, 160), grouped K/V heads
+                 ({"mode": "logsparse"}, BOTH), ({"mode": "logsparse", "kv_heads": 2}, SMALL),
+                 ({"mode": "logsparse", "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                 ({"mode": "logsparse", "log_size": True, "kv_heads": 2}, ODD)],
     # CoLT5: k_q, k_kv below n, above it at n = 64 (every token routed), narrow heads, a band over the sequence
     "colt5": [({"window": 16, "k_q": 8, "k_kv": 12}, BOTH), ({"window": 7, "k_q": 40, "k_kv": 20, "kv_heads": 2}, BOTH),
               ({"window": 33, "k_q": 100, "k_kv": 200, "light_heads": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH),
@@ -265,6 +269,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "topk": [({"k": 8, "chunk": 16}, BOTH), ({"k": 12, "chunk": 24, "kv_heads": 2}, BOTH), ({"k": 8, "chunk": 16, "pos": ROPE}, BOTH),
              ({"k": 5, "chunk": 200, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"k": 80, "chunk": 16}, SMALL),
              ({"k": 16, "chunk": 8, "pos": HALF_ROPE, "kv_heads": 2}, SMALL)],
+    # SAC: the edge scores in query chunks of 16 and 24, grouped and single K/V heads, k past n (200: -inf columns)
+    "sac": [({"k": 8}, BOTH), ({"k": 8, "chunk": 24, "kv_heads": 2}, BOTH),
+            ({"k": 200, "chunk": 16, "kv_heads": 1, "head_dim": 8, "bias": False, "edge_dim": 4}, ODD)],
     # ProbSparse (bidirectional only): u = U = 2 ceil(ln n) (10 of 64, 12 of 160), 3 and 1, u = n (c = 20), grouped and
     # single K/V heads, rope
     "probsparse": [({"factor": 2}, BOTH), ({"factor": 3, "kv_heads": 2}, BOTH), ({"factor": 2, "pos": ROPE}, BOTH),

@@ -93,6 +93,7 @@ ARGS = {
     # blocks of 64: 128 keys a query (linear) beside the [m, m] mixing of the K and V blocks (m = n / 64: n^2 / 64)
     "sparse_sinkhorn": {"block": 64, "max_len": 8192},
     "topk": {"k": 16, "chunk": 64},  # the selection's n^2 dh scores in one [64, n] workspace; 16 gathered keys a query
+    "sac": {"k": 16, "edge_dim": 16},  # the edge scores: n^2 r in one [64, n] workspace; 16 edges a query gathered
     # c = 1: 7 .. 10 sampled keys and active queries, n log n terms small beside the n d^2 projections at these n (at
     # c = 5 the backward FLOPs, the input's gradient alone, read n log n where the declared ones, with the weights', read n)
     "probsparse": {"factor": 1, "max_len": 8192},

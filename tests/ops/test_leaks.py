@@ -56,6 +56,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "topk": {"k": 5, "chunk": 16},  # 5 chunks of 16 queries, the last of 6, each against the keys up to its end
     "el": {},  # SDPA's causal mask over X
     "fixed": {"pattern": "mixed", "window": 3},  # local, prev, next (the token itself), global: each restricted to j <= i
+    "sac": {"k": 4, "chunk": 16},  # the edge scores in 5 chunks of 16 queries, each against the keys up to its end
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")

@@ -15,11 +15,12 @@ import sympy as sp
 
 from ..cost import Cost, Symbols
 from ..registry import OpEnv
+from ._combiner_logsparse_cost import logsparse_cost
 from ._common import LSE_BYTES, attention_cost, head_symbols
 
 
 def combiner_cost(p, env: OpEnv, s: Symbols) -> Cost:
-    return (_fixed if p.mode == "fixed" else _axial)(p, env, s)
+    return {"fixed": _fixed, "axial": _axial, "logsparse": logsparse_cost}[p.mode](p, env, s)
 
 
 def _axial(p, env: OpEnv, s: Symbols) -> Cost:

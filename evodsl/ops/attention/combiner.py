@@ -1,6 +1,7 @@
-"""mha(combiner, mode=fixed|axial, block=s): Combiner (Ren et al. 2021, Combiner: Full Attention Transformer with
-Sparse Computation Cost, sections 3-4): Combiner-Fixed as the authors' sqrt_fixed_full, Combiner-Axial as their
-axial_rowmajor (combiner/tf/approx_attention.py; the axial form and its choices: _combiner_axial.py).
+"""mha(combiner, mode=fixed|axial|logsparse, block=s): Combiner (Ren et al. 2021, Combiner: Full Attention Transformer
+with Sparse Computation Cost, sections 3-4): Combiner-Fixed as the authors' sqrt_fixed_full, Combiner-Axial as their
+axial_rowmajor (combiner/tf/approx_attention.py; the axial form and its choices: _combiner_axial.py),
+Combiner-Logsparse as the paper's section 4.2 (_combiner_logsparse.py: its partition and choices; block= unused).
 
 Attention as a conditional expectation, A(x_i) = E_{p(j|i)}[v_j], with p(j|i) factorised over a partition of the
 keys into the query's own region Omega_i^0 (read directly) and the other regions Omega_i^r (read through a summary):
@@ -42,24 +43,36 @@ from pydantic import Field
 
 from ...decode import slot
 from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
 from ._combiner_axial import axial, axial_step, row_summaries
 from ._combiner_cost import combiner_cost
+from ._combiner_logsparse import logsparse, logsparse_step
 from ._common import AttentionBase, AttentionParams
 from .isab import no_dropout_shape
 
 
 class CombinerParams(AttentionParams):
-    mode: Literal["fixed", "axial"] = Field("fixed", description="fixed: blocks of s, the others summarised; axial: "
-                                                               "rows of s, the others reached through the column")
+    mode: Literal["fixed", "axial", "logsparse"] = Field(
+        "fixed", description="fixed: blocks of s, the others summarised; axial: rows of s, the others reached through "
+                             "the column; logsparse: aligned blocks of 2^l along i's bits, the nearest key direct, the "
+                             "span summarised (block= unused)")
     block: int = Field(64, ge=1, le=1 << 16, description="s: positions per block (fixed) or row (axial); ~sqrt(n) for "
                                                          "O(n sqrt n)")
+    log_size: bool = Field(False, description="logsparse: add log |Omega| to a span summary's logit (the mass of |Omega| "
+                                              "keys equal to k_Omega); the paper's p(Omega|i) has none")
+
+
+def combiner_shape(p: CombinerParams, env: OpEnv):
+    if p.log_size and p.mode != "logsparse":
+        raise ShapeProblem("mha(combiner) reads log_size= in mode=logsparse only", "log_size",
+                           "remove log_size=, or set mode=logsparse")
+    return no_dropout_shape("mha(combiner)")(p, env)
 
 
 class CombinerAttention(AttentionBase):
     def __init__(self, p: CombinerParams, env: OpEnv):
         super().__init__(p, env)
-        self.block, self.mode = p.block, p.mode
+        self.block, self.mode, self.log_size = p.block, p.mode, p.log_size
 
     def forward(self, x, ctx):
         if ctx is not None and ctx.cache is not None:
@@ -71,9 +84,9 @@ class CombinerAttention(AttentionBase):
                                                "row's first position, and left padding moves the tokens",
                                        help="pad after the tokens (tokenizer padding_side='right')")])
         length = None if key_mask is None or self.causal else key_mask.sum(1, keepdim=True)  # [b, 1]
-        o = (self._fixed if self.mode == "fixed" else self._axial)(self.q_proj(x), self.k_proj(x), self.v_proj(x),
-                                                                   length)
-        return self.o_proj(o[:, :n] if isinstance(n, int) or self.mode == "axial" else o[:, torch.arange(n, device=x.device)])
+        form = {"fixed": self._fixed, "axial": self._axial, "logsparse": self._logsparse}[self.mode]
+        o = form(self.q_proj(x), self.k_proj(x), self.v_proj(x), length)
+        return self.o_proj(o[:, :n] if isinstance(n, int) or self.mode != "fixed" else o[:, torch.arange(n, device=x.device)])
 
     def _blocks(self, t, heads):
         """[b, S, s, heads * dh] (contiguous) -> [b S, heads, s, dh]."""
@@ -124,6 +137,9 @@ class CombinerAttention(AttentionBase):
     def _axial(self, qx, kx, vx, length):
         return axial(self, qx, kx, vx, length)
 
+    def _logsparse(self, qx, kx, vx, length):
+        return logsparse(self, qx, kx, vx, length)
+
     def _step(self, x, ctx):
         """Decoding (causal). The cache: the finished blocks' (k_Omega, v_Omega) [b, kv, F, dh] and the raw q, k, v
         of the unfinished block's R < s tokens ([b, R, C]). A prefill runs the forward; later tokens read the
@@ -134,6 +150,14 @@ class CombinerAttention(AttentionBase):
         old = ctx.cache.caches.get(slot(ctx, self))
         if self.mode == "axial":
             return self._axial_step(qx, kx, vx, ctx, old)
+        if self.mode == "logsparse":
+            if old is None:  # a prefill runs the forward
+                o, cache = self.o_proj(self._logsparse(qx, kx, vx, None)), (qx, kx, vx)
+            else:
+                o, cache = logsparse_step(self, qx, kx, vx, start, old)
+                o = self.out(o)
+            ctx.cache.caches[slot(ctx, self)] = cache
+            return o
         if old is None:
             o = self.o_proj(self._fixed(qx, kx, vx, None)[:, :T])
             ks, vs = x.new_zeros(b, kv, 0, dh), x.new_zeros(b, kv, 0, dh)
@@ -180,12 +204,15 @@ class CombinerAttention(AttentionBase):
 
 OP = register(Op(
     decode="fixed: the finished blocks' summary keys and values; axial: the finished rows' keys and row-attention "
-           "outputs; and the raw q, k, v of the unfinished block or row (< s tokens)",
+           "outputs; and the raw q, k, v of the unfinished block or row (< s tokens); logsparse: the raw q, k, v of "
+           "every position (each new query pools its spans)",
     family="mha", variant="combiner", params=CombinerParams, module=CombinerAttention,
-    causal="yes", shape=no_dropout_shape("mha(combiner)"), supports=frozenset(),
+    causal="yes", shape=combiner_shape, supports=frozenset(),
     paper="Combiner: Full Attention Transformer with Sparse Computation Cost, Ren et al. 2021, arXiv:2107.05768",
     summary="full attention factorised: softmax over the query's own block's keys and one summary key per other "
             "block (causal: earlier blocks), whose value is the block's softmax-weighted mean; axial: the query's row, "
-            "and each other row through its column's token (key, row-attention output); O(n (s + n/s) d)",
+            "and each other row through its column's token (key, row-attention output); O(n (s + n/s) d); logsparse: "
+            "aligned blocks of 2^l along the bits of i (causal: the prefix; bidirectional: and the suffix), each "
+            "block's nearest key direct and the span between summarised; O(n log n d)",
     note="MHA/Others/003.md", cost=combiner_cost,
 ))
