@@ -130,6 +130,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("daft", f"daft, max_len={n_max}"),
         ("fnet", "fnet"),
         ("average", "average"),  # AAN: cumulative average, FFN, gates
+        ("hamburger, nmf", "hamburger, r=8, steps=6"),  # K steps of NMF on X [e, n]: O((K + 1) n r e)
+        ("hamburger, vq", "hamburger, r=8, steps=6, kind=vq"),
     ]
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers])
@@ -138,7 +140,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "longformer-global", "blockwise", "long_short", "isab", "star",
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
                       "etc",
-                      "fnet",
+                      "fnet", "hamburger",
                       "colt5", "yoso", "clustered", "probsparse",
                       "sinkformer")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only

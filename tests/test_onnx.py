@@ -86,6 +86,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "topk"): "k=5, chunk=4",
     ("mha", "probsparse"): "factor=1, max_len=128",  # u = 2, 4, 5 at n = 7, 33, 70; the export's 5 slots, masked  # k past n = 7 at the first length (the -inf columns), chunks of 4 in torch
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
+    ("mixer", "hamburger"): "r=4, steps=3",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
     ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4",

@@ -146,6 +146,8 @@ MIXER_ARGS = {
     "aft-conv": ("aft", {"mode": "conv", "kernel": 9, "heads": 2}),
     "daft": ("daft", {"max_len": NS[-1], "rank": 16}),  # AFT-full's sums, W = P1 P2^T: n^2 (d + d1)
     "average": ("average", {}),  # AAN: cumulative sums, the FFN and gates per position (bidirectional: the FFN per row)
+    "hamburger-nmf": ("hamburger", {"r": 8, "steps": 3}),  # K steps of n r e matmuls on X [e, n]: linear
+    "hamburger-vq": ("hamburger", {"r": 8, "steps": 3, "kind": "vq"}),
 }
 MIXER_CASES = [(k, causal) for k in MIXER_ARGS for causal in (True, False)
                if not (causal and REGISTRY["mixer", MIXER_ARGS[k][0]].causal == "no")]
