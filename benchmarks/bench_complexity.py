@@ -113,6 +113,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("sparse_sinkhorn, block=64", f"sparse_sinkhorn, block=64, max_len={max(int(n) for n in args.ns.split(','))}"),
         ("topk, k=64", "topk, k=64"),  # the selection's n^2 d scores in query chunks of 64; 64 keys a query gathered
         ("probsparse, factor=5", f"probsparse, factor=5, max_len={max(int(n) for n in args.ns.split(','))}"),  # n log n
+        ("chord", f"chord, max_len={max(int(n) for n in args.ns.split(','))}"),  # M factors of 1 + ceil(log2 n) links: n log n
         ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
         ("softmax, talking=true", "softmax, talking=true"),  # talking heads (_talking.py): the same kernel, heads mixed
@@ -141,7 +142,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
                       "etc",
                       "fnet", "hamburger",
-                      "colt5", "yoso", "clustered", "probsparse",
+                      "colt5", "yoso", "clustered", "probsparse", "chord",
                       "sinkformer")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 

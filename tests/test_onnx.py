@@ -87,6 +87,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "probsparse"): "factor=1, max_len=128",  # u = 2, 4, 5 at n = 7, 33, 70; the export's 5 slots, masked  # k past n = 7 at the first length (the -inf columns), chunks of 4 in torch
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("mixer", "hamburger"): "r=4, steps=3",
+    ("mha", "chord"): "max_len=128",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
     ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4",
@@ -194,6 +195,9 @@ CAUSAL_GROUPS |= {("mha", "topk")}
 # ProbSparse: torch runs u = c ceil(ln n) active queries and sampled keys; the export, whose n is symbolic, runs
 # c ceil(ln max_len) of each, those past u masked: more multiply-adds below max_len
 OTHER_FORMS |= {("mha", "probsparse")}
+# Chord: torch gathers 1 + ceil(log2 n) links a row; the export (a symbolic n) all 1 + ceil(log2 max_len), the
+# links 2^k >= n weighted 0: more multiply-adds below max_len
+OTHER_FORMS |= {("mha", "chord")}
 
 
 def op_cases() -> list[Case]:

@@ -330,6 +330,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                     ({"kind": "mixture", "max_len": 200, "mix": "factorized_random_vanilla", "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     # NAP: the explicit scores, their rows' statistics (causal: over the past, masked)
     "nap": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "eps": 1e-3}, BOTH)],
+    # Chord (bidirectional): J = 7 and 9 links a row at n = 64, 160; 1 .. 3 factors, grouped and single V heads, heads
+    # wider than d / h, a narrow MLP, max_len = n (every MLP output read)
+    "chord": [({"max_len": 256}, BOTH), ({"max_len": 256, "kv_heads": 2, "factors": 3, "hidden": 16}, BOTH),
+              ({"max_len": 160, "kv_heads": 1, "head_dim": 24, "factors": 1}, BOTH),
+              ({"max_len": 1000, "heads": 2, "head_dim": 8, "bias": False}, ODD)],
 }
 
 

@@ -96,6 +96,7 @@ ARGS = {
     # c = 1: 7 .. 10 sampled keys and active queries, n log n terms small beside the n d^2 projections at these n (at
     # c = 5 the backward FLOPs, the input's gradient alone, read n log n where the declared ones, with the weights', read n)
     "probsparse": {"factor": 1, "max_len": 8192},
+    "chord": {"max_len": 8192},  # 1 + ceil(log2 n) = 11 .. 14 gathered links a row and factor: n log n
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
