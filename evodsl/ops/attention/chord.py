@@ -86,6 +86,7 @@ class ChordMixing(nn.Module):
         valid = offsets < n  # all of them but under export, where the links 2^k >= n get no weight
         t = torch.arange(n, device=dev)[:, None] + offsets * valid  # < 2 n: mod n is one subtraction (no Mod
         idx = torch.where(t >= n, t - n, t)  # [n, J]                  # by a symbolic n in the ONNX lowering)
+        del t
         scale = valid.to(x.dtype) if exporting else None
         mask = ctx.mask if ctx is not None else None
         if mask is not None:  # no weight on a link into padding
