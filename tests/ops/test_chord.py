@@ -118,3 +118,21 @@ def test_refusals():
     m, _, _ = make_op("mha", "chord", d=D, heads=4, max_len=8)
     with pytest.raises(EvoError, match="max_len=8"):
         m(torch.randn(1, 9, D, dtype=torch.float64), Ctx())
+
+
+def test_the_factors_flops_grow_as_n_log_n():
+    """The factors' matmuls alone (bmm; the projections and MLPs are addmm/mm, n d^2, and lead the op's total at
+    small d: test_growth.py reads its FLOPs as n there, its bytes as n log n): 2 M b h n (1 + ceil(log2 n)) dh,
+    of class n log n over n = 256 .. 2048."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from growth import classify
+
+    m, _, _ = make_op("mha", "chord", d=D, heads=2, factors=2, max_len=2048, dtype=torch.float32)
+    ns, got = (256, 512, 1024, 2048), []
+    for n in ns:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            m(torch.randn(1, n, D), Ctx())
+        got.append(fc.get_flop_counts()["Global"][torch.ops.aten.bmm])
+        assert got[-1] == 2 * 2 * 2 * n * (1 + math.ceil(math.log2(n))) * (D // 2)
+    assert classify(ns, got) == "n log n"

@@ -96,7 +96,9 @@ ARGS = {
     # c = 1: 7 .. 10 sampled keys and active queries, n log n terms small beside the n d^2 projections at these n (at
     # c = 5 the backward FLOPs, the input's gradient alone, read n log n where the declared ones, with the weights', read n)
     "probsparse": {"factor": 1, "max_len": 8192},
-    "chord": {"max_len": 8192},  # 1 + ceil(log2 n) = 11 .. 14 gathered links a row and factor: n log n
+    # Chord: 1 + ceil(log2 n) = 11 .. 14 gathered links a row and factor: the bytes n log n (exponent 1.10); the FLOPs
+    # read n, the projections' and MLPs' n d^2 leading the factors' n log n dh at d 64 (test_chord.py: the factors alone)
+    "chord": {"max_len": 8192},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
