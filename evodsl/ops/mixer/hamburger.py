@@ -27,7 +27,8 @@ Choices where the paper is silent or where its code differs:
   numerator too, computed once. eps = 1e-6 in both updates;
   VQ: eps = 1e-6 in the column norms and the assignment counts; T defaults to 0.1 (cosines in [-1, 1]).
 - NMF updates in the paper's order (C, then D from the new C), K steps in all, the output D C of the last.
-- No causal form: D is fitted to every column of X, so every output position reads every input (shape rule: E3xx).
+- No causal form: D is fitted to every column of X, so every output position reads every input (a causal model
+  is refused, E301).
 - Padding: padded columns of X are zeroed and (VQ) their assignments too, so they reach neither D nor C's real
   columns: left or right padding, each sequence gives what it gives alone (NMF: C's init is 1/r on a zero
   column, which the first update sends to 0).
