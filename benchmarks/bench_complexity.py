@@ -118,6 +118,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("topk, k=64", "topk, k=64"),
         ("sac, k=64", "sac, k=64"),  # the edge scores: n^2 r in query chunks of 64; 64 edges a query gathered  # the selection's n^2 d scores in query chunks of 64; 64 keys a query gathered
         ("probsparse, factor=5", f"probsparse, factor=5, max_len={max(int(n) for n in args.ns.split(','))}"),  # n log n
+        ("chord", f"chord, max_len={max(int(n) for n in args.ns.split(','))}"),  # M factors of 1 + ceil(log2 n) links: n log n
         ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
         ("softmax, talking=true", "softmax, talking=true"),  # talking heads (_talking.py): the same kernel, heads mixed
@@ -138,6 +139,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("fnet", "fnet"),
         ("average", "average"),  # AAN: cumulative average, FFN, gates
         ("igloo", f"igloo, max_len={n_max}"),  # IGLOO: P random patches and P gathered values a position, O(n)
+        ("hamburger, nmf", "hamburger, r=8, steps=6"),  # K steps of NMF on X [e, n]: O((K + 1) n r e)
+        ("hamburger, vq", "hamburger, r=8, steps=6, kind=vq"),
     ]
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers])
@@ -146,8 +149,8 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "longformer-global", "blockwise", "long_short", "isab", "star",
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
                       "etc",
-                      "fnet",
-                      "colt5", "yoso", "clustered", "probsparse",
+                      "fnet", "hamburger",
+                      "colt5", "yoso", "clustered", "probsparse", "chord",
                       "sinkformer")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 

@@ -89,6 +89,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "sac"): "k=5, chunk=4, edge_dim=8",
     ("mha", "probsparse"): "factor=1, max_len=128",  # u = 2, 4, 5 at n = 7, 33, 70; the export's 5 slots, masked  # k past n = 7 at the first length (the -inf columns), chunks of 4 in torch
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
+    ("mixer", "hamburger"): "r=4, steps=3",
+    ("mha", "chord"): "max_len=128",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
     ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4",
@@ -199,6 +201,9 @@ CAUSAL_GROUPS |= {("mha", "sac")}  # SAC's edge scores: as top-k's selection
 OTHER_FORMS |= {("mha", "probsparse")}
 # IGLOO: its convolution exports as a Conv node, which the MatMul / Gemm count leaves out (2 n d^2 k of its FLOPs)
 OTHER_FORMS |= {("mixer", "igloo")}
+# Chord: torch gathers 1 + ceil(log2 n) links a row; the export (a symbolic n) all 1 + ceil(log2 max_len), the
+# links 2^k >= n weighted 0: more multiply-adds below max_len
+OTHER_FORMS |= {("mha", "chord")}
 
 
 def op_cases() -> list[Case]:

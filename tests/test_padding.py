@@ -37,6 +37,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "mla": {"kv_rank": 16, "rope_dim": 4, "nope_dim": 6, "v_dim": 8}, "yoso": {"hashes": 8, "tau": 3},
          "differential": {}, "sigmoid": {"block": 16}, "clustered": {"clusters": 3, "bits": 8, "iterations": 3}, "routing": {"clusters": 3, "window": 4},
          "sinkformer": {"iters": 3}, "sparse_sinkhorn": {"block": 4, "max_len": 128}, "topk": {"k": 5, "chunk": 8}, "sac": {"k": 5, "chunk": 8}, "probsparse": {"factor": 2},
+         "chord": {"max_len": 128},  # pad_alone=False: the links wrap mod the padded n; none into padding has weight
          "slim": {"features": 16}, "exp_smoothing": {}, "mgk": {"components": 2}, "etc": {"radius": 5, "globals": 3, "segment": 8},
          "synthesizer": {"kind": "mixture", "mix": "dense_random_vanilla", "max_len": 80}, "nap": {},
          "el": {}, "fixed": {"pattern": "mixed", "window": 3}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
@@ -129,8 +130,11 @@ MIXER_BUILD = {"aft-full": ("aft", {"mode": "full", "max_len": N}, ("right",)),
                "aft-conv": ("aft", {"mode": "conv", "kernel": 5, "heads": 4}, ("right", "left")),
                "daft": ("daft", {"max_len": N, "rank": 4}, ("right",)),
                "average": ("average", {}, ("right", "left")),  # AAN: padding out of the sums and counts
-               "igloo": ("igloo", {"max_len": N}, ("right",))}  # patches drawn per absolute position: left refused
-MIXER_CASES = [(k, c, side) for k, (_, _, sides) in MIXER_BUILD.items() for c in (False, True) for side in sides]
+               "igloo": ("igloo", {"max_len": N}, ("right",)),  # patches drawn per absolute position: left refused
+               "hamburger-nmf": ("hamburger", {"r": 4, "steps": 3}, ("right", "left")),  # padded columns of X zeroed
+               "hamburger-vq": ("hamburger", {"r": 4, "steps": 3, "kind": "vq"}, ("right", "left"))}
+MIXER_CASES = [(k, c, side) for k, (v, _, sides) in MIXER_BUILD.items() for c in (False, True) for side in sides
+               if not (c and REGISTRY["mixer", v].causal == "no")]
 
 
 def test_every_padded_mixer_is_covered():

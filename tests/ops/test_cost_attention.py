@@ -347,6 +347,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
               ({"pattern": "local", "window": 9, "kv_heads": 2}, BOTH), ({"pattern": "local", "window": 100}, SMALL),
               ({"pattern": "global"}, ODD), ({"pattern": "vertical", "globals": 3, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH),
               ({"pattern": "prev"}, SMALL), ({"pattern": "next", "kv_heads": 2}, ODD), ({"pattern": "diagonal"}, SMALL)],
+    # Chord (bidirectional): J = 7 and 9 links a row at n = 64, 160; 1 .. 3 factors, grouped and single V heads, heads
+    # wider than d / h, a narrow MLP, max_len = n (every MLP output read)
+    "chord": [({"max_len": 256}, BOTH), ({"max_len": 256, "kv_heads": 2, "factors": 3, "hidden": 16}, BOTH),
+              ({"max_len": 160, "kv_heads": 1, "head_dim": 24, "factors": 1}, BOTH),
+              ({"max_len": 1000, "heads": 2, "head_dim": 8, "bias": False}, ODD)],
 }
 
 

@@ -57,6 +57,11 @@ CASES = [
     *[("mixer", "igloo", lambda d, c=c, a=a: {"causal": c, "max_len": 64, **a}) for c in (False, True)
       for a in ({}, {"patches": 5, "patch": 3, "kernel": 5, "bias": False}, {"patches": 40, "patch": 8, "compress": 16, "spread": 20.0},
                 {"patches": 1, "patch": 1, "kernel": 1})],
+    # Hamburger: NMF and soft VQ, one step (the init a buffer) and several, a wider and a narrower ham (r <= e / 6)
+    *[("mixer", "hamburger", lambda d, a=a: a) for a in (
+        {"r": 8, "steps": 3}, {"r": 8, "steps": 1}, {"r": 5, "steps": 2, "d_ham": 40, "bias": False},
+        {"r": 6, "steps": 6, "d_ham": 128}, {"r": 8, "steps": 1, "kind": "vq"}, {"r": 8, "steps": 4, "kind": "vq"},
+        {"r": 4, "steps": 2, "kind": "vq", "d_ham": 128, "bias": False, "temperature": 0.5})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -99,6 +99,9 @@ ARGS = {
     "probsparse": {"factor": 1, "max_len": 8192},
     "el": {},  # SDPA over X: n^2 d time (h heads of width d), O(n) bytes
     "fixed": {"pattern": "mixed", "window": 16},  # 2 heads: the band (33 shifted copies of V) and prev: O(n w d)
+    # Chord: 1 + ceil(log2 n) = 11 .. 14 gathered links a row and factor: the bytes n log n (exponent 1.10); the FLOPs
+    # read n, the projections' and MLPs' n d^2 leading the factors' n log n dh at d 64 (test_chord.py: the factors alone)
+    "chord": {"max_len": 8192},
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;
@@ -151,6 +154,8 @@ MIXER_ARGS = {
     "daft": ("daft", {"max_len": NS[-1], "rank": 16}),  # AFT-full's sums, W = P1 P2^T: n^2 (d + d1)
     "average": ("average", {}),  # AAN: cumulative sums, the FFN and gates per position (bidirectional: the FFN per row)
     "igloo": ("igloo", {"max_len": NS[-1]}),  # P patches of L positions and P gathered values a position: O(n)
+    "hamburger-nmf": ("hamburger", {"r": 8, "steps": 3}),  # K steps of n r e matmuls on X [e, n]: linear
+    "hamburger-vq": ("hamburger", {"r": 8, "steps": 3, "kind": "vq"}),
 }
 MIXER_CASES = [(k, causal) for k in MIXER_ARGS for causal in (True, False)
                if not (causal and REGISTRY["mixer", MIXER_ARGS[k][0]].causal == "no")]
