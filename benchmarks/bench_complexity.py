@@ -105,6 +105,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("differential", "differential"),  # h heads of 2 dh: d_model divisible by 2 heads
         ("sigmoid", "sigmoid"),
         ("clustered, clusters=64", "clustered, clusters=64"),
+        ("smyrf, clusters=32, rounds=2", "smyrf, clusters=32, rounds=2"),  # n / 32 keys a query: n^2 / 32
         ("routing, clusters=16, window=64", "routing, clusters=16, window=64"),
         ("exp_smoothing", "exp_smoothing"),
         ("mgk, components=2", "mgk, components=2"),
@@ -139,7 +140,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
                       "etc",
                       "fnet",
-                      "colt5", "yoso", "clustered", "probsparse",
+                      "colt5", "yoso", "clustered", "probsparse", "smyrf",
                       "sinkformer")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 

@@ -85,6 +85,7 @@ ARGS = {
     "sigmoid": {"block": 256},  # the blocked kernel: n^2 time, O(n) bytes beside [256, 256] blocks
     "routing": {"clusters": 16, "window": 64},  # 65 gathered keys a query (linear); the [n, k] routing
     "clustered": {"clusters": 16, "bits": 32, "iterations": 5},  # n C (B + dh) matmuls, the [n, C] one-hot: linear
+    "smyrf": {"clusters": 4},  # [n, n / 4] scores: quadratic (at C = 8 the n-sized gathers blur the backward), the sort's n log n unseen
     "mgk": {},  # n^2 r dh FLOPs in the fused kernel (causal: the queries repeated r times, n^2 r^2); O(n) bytes
     "exp_smoothing": {},  # chunks of 64: n 64 dh FLOPs, O(n) bytes
     "synthesizer": {"kind": "dense", "max_len": 8192},  # n^2 (hidden + dh) time, the [b, h, n, n] weights: n^2 bytes
