@@ -79,6 +79,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "yoso"): "hashes=8, tau=4",
     ("mha", "clustered"): "clusters=3, bits=8, iterations=3",
     ("mha", "smyrf"): "clusters=3, rounds=2",
+    ("mha", "scatterbrain"): "clusters=3, features=16",
     ("mha", "routing"): "clusters=3, window=4",
     ("mha", "synthesizer"): "kind=mixture, mix=dense_random_vanilla, max_len=128",  # the tables cut by index
     ("mha", "nap"): "kv_heads=2",

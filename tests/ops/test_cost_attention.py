@@ -334,6 +334,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     # one K/V head and narrow heads, more clusters than tokens (one slot each, most empty)
     "smyrf": [({"clusters": 4}, BOTH), ({"clusters": 3, "rounds": 2, "kv_heads": 2}, BOTH),
               ({"clusters": 7, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"clusters": 200, "rounds": 2}, ODD)],
+    # Scatterbrain (bidirectional): SMYRF's clusters as above with Performer's features; many clusters with many
+    # features (the sorted features' gradients lead the backward), more clusters than tokens (the outputs in slots)
+    "scatterbrain": [({"clusters": 4, "features": 16}, BOTH), ({"clusters": 3, "features": 32, "kv_heads": 2}, BOTH),
+                     ({"clusters": 7, "features": 8, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+                     ({"clusters": 40, "features": 64}, SMALL), ({"clusters": 200, "features": 16}, ODD)],
 }
 
 

@@ -85,6 +85,16 @@ def cluster_slots(N: torch.Tensor, n, C: int, device):
     return place.clamp(max=n - 1).flatten(1), valid.unsqueeze(2), cl * L + jj
 
 
+def smyrf_orders(q, k, alpha, keep):
+    """q, k [b, h, n, dh], alpha [h, dh + 2, R] -> the sorted order of the queries and of the keys by their E2LSH
+    projections a.F(q), a.G(k), [b, h, R, n] each (padded tokens last)."""
+    fq, gk = xbox_plus(q, k, keep)
+    hq, hk = (t @ alpha for t in (fq, gk))  # [b, h, n, R]
+    if keep is not None:
+        hq, hk = (t.masked_fill(~keep[:, None, :, None], math.inf) for t in (hq, hk))
+    return hq.transpose(2, 3).argsort(-1), hk.transpose(2, 3).argsort(-1)
+
+
 class SmyrfAttention(AttentionBase):
     def __init__(self, p: SmyrfParams, env: OpEnv):
         super().__init__(p, env)
@@ -99,21 +109,13 @@ class SmyrfAttention(AttentionBase):
         o, lse = self.attend(q, k, v, keep)
         return self.out(combine_rounds(o, lse))
 
-    def orders(self, q, k, keep):
-        """The sorted order of the queries and of the keys, [b, h, R, n] each (padded tokens last)."""
-        fq, gk = xbox_plus(q, k, keep)
-        hq, hk = (t @ self.alpha for t in (fq, gk))  # [b, h, n, R]
-        if keep is not None:
-            hq, hk = (t.masked_fill(~keep[:, None, :, None], math.inf) for t in (hq, hk))
-        return hq.transpose(2, 3).argsort(-1), hk.transpose(2, 3).argsort(-1)
-
     def attend(self, q, k, v, keep):
         """q, k, v [b, h, n, dh] (K/V repeated to the query heads) -> each round's outputs [b, h, R, n, dh] and
         logsumexps [b, h, R, n] at the original positions."""
         b, h, n, dh = q.shape
         R, C, dev = self.rounds, self.clusters, q.device
         with torch.no_grad():
-            perm_q, perm_k = self.orders(q.detach(), k.detach(), keep)
+            perm_q, perm_k = smyrf_orders(q.detach(), k.detach(), self.alpha, keep)
         N = (keep if keep is not None else torch.ones(1, n, dtype=torch.bool, device=dev)).sum(-1, keepdim=True)
         src, valid, pos = cluster_slots(N.clamp(min=1), n, C, dev)
         L = cluster_length(n, C)
