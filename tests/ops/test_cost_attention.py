@@ -330,9 +330,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                     ({"kind": "mixture", "max_len": 200, "mix": "factorized_random_vanilla", "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     # NAP: the explicit scores, their rows' statistics (causal: over the past, masked)
     "nap": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "eps": 1e-3}, BOTH)],
-    # SMYRF (bidirectional): clusters of 16 and 40 (n = 160: 53 and 54 with C = 3), two rounds with grouped K/V heads,
-    # one K/V head and narrow heads, more clusters than tokens (one slot each, most empty)
-    "smyrf": [({"clusters": 4}, BOTH), ({"clusters": 3, "rounds": 2, "kv_heads": 2}, BOTH),
+    # SMYRF (bidirectional): clusters of 16 and 40 (n = 160: 53 and 54 with C = 3), one round (SDPA) and two (the
+    # explicit softmax) with grouped K/V heads, one K/V head and narrow heads, more clusters than tokens (most empty)
+    "smyrf": [({"clusters": 4}, BOTH), ({"clusters": 3, "rounds": 2, "kv_heads": 2}, BOTH), ({"clusters": 5, "kv_heads": 2}, SMALL),
               ({"clusters": 7, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"clusters": 200, "rounds": 2}, ODD)],
     # Scatterbrain (bidirectional): SMYRF's clusters as above with Performer's features; many clusters with many
     # features (the sorted features' gradients lead the backward), more clusters than tokens (the outputs in slots)

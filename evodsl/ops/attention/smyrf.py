@@ -13,16 +13,17 @@ cluster attending the c-th key cluster:
     o_r(i) = sum_{j in K_c(r)} softmax_j(q_i.k_j / sqrt(dh)) v_j,   L_r(i) = logsumexp_{j in K_c(r)} q_i.k_j / sqrt(dh)
     o_i = sum_r exp(L_r(i) - logsumexp_r' L_r'(i)) o_r(i)                         (i in query cluster c of round r)
 
-Choices where the paper is silent, or as the authors' code: the sort is by the projection a.x itself (the
-floor is monotone and b, r the same for all tokens of a round: sorting by the floored hash with its ties broken
-by the projection, as the authors' code does, is sorting by a.x; so b and r change nothing and are left out);
+Choices where the paper is silent, or as the authors' code: the sort is by the projection a.x itself, unfloored,
+as the authors' code sorts (the floor is monotone and b, r are the same for every token of a round: sorting by
+the floored hash, its ties broken by the projection, is the same order; so b and r change nothing and are left out);
 n not a multiple of C: cluster c holds the sorted places floor(c N / C) .. floor((c+1) N / C) - 1 of the row's N
 tokens (sizes differ by at most one; the paper pads to a multiple), laid out as C slots of L = ceil(n / C) + 1
 (one slot always masked: never 1, a size torch.export would specialize) with the places past a cluster's end masked; C > N leaves some clusters empty, their slots unread. M is taken per row
 and head over the row's tokens, q per query head and k per its K/V head (grouped heads: each query head sorts
 the keys of its K/V head); hashing sees no gradient; rounds combine without the duplicate-count correction (as
 the authors' default). The softmax is explicit, not F.scaled_dot_product_attention: combining rounds needs each
-round's logsumexp, which SDPA does not give.
+round's logsumexp, which SDPA does not give; one round (R = 1) runs F.scaled_dot_product_attention over the
+clusters (a [b, h C, L, dh] batch, the mask [h C, 1, L]).
 
 No causal form ("no"): a token's cluster depends on every token of the sequence (the sort, and M). Time: the
 sort O(R n log n), the attention O(R n L dh) = O(R n^2 dh / C), quadratic for a fixed C (an n/C-th of
@@ -35,6 +36,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from ..registry import Op, OpEnv, register
@@ -107,11 +109,12 @@ class SmyrfAttention(AttentionBase):
         k, v = self.expand_kv(k), self.expand_kv(v)
         keep = self.key_mask(ctx)
         o, lse = self.attend(q, k, v, keep)
-        return self.out(combine_rounds(o, lse))
+        return self.out(o[:, :, 0] if lse is None else combine_rounds(o, lse))
 
     def attend(self, q, k, v, keep):
         """q, k, v [b, h, n, dh] (K/V repeated to the query heads) -> each round's outputs [b, h, R, n, dh] and
-        logsumexps [b, h, R, n] at the original positions."""
+        logsumexps [b, h, R, n] at the original positions (one round: None, F.scaled_dot_product_attention's
+        fused kernel over the clusters, as no logsumexp is needed)."""
         b, h, n, dh = q.shape
         R, C, dev = self.rounds, self.clusters, q.device
         with torch.no_grad():
@@ -125,13 +128,18 @@ class SmyrfAttention(AttentionBase):
         def sort(t, idx):  # t [b, h, n, dh] -> [b, h, R, C, L, dh], the tokens of each cluster's slots
             return t[:, :, None].expand(b, h, R, n, dh).gather(3, idx[..., None].expand(*shape, dh)).unflatten(3, (C, L))
 
+        inv = torch.empty_like(perm_q).scatter_(3, perm_q, torch.arange(n, device=dev).expand_as(perm_q))
+        rows = pos[:, None, None, :].expand(b, h, R, n).gather(3, inv)  # each token's slot
+        if R == 1:
+            mask = valid[:, None].expand(valid.shape[0], h, C, 1, L).flatten(1, 2)  # [B, h C, 1, L]
+            o = F.scaled_dot_product_attention(*(sort(t, i).flatten(1, 3) for t, i in ((q, sq), (k, sk), (v, sk))),
+                                               attn_mask=mask)  # [b, h C, L, dh]
+            return o.reshape(b, h, 1, C * L, dh).gather(3, rows[..., None].expand(b, h, 1, n, dh)), None
         s = (sort(q, sq) * dh ** -0.5) @ sort(k, sk).transpose(-1, -2)  # [b, h, R, C, L, L]
         s = s.masked_fill(~valid[:, None, None], float("-inf"))
         top = s.detach().amax(-1, keepdim=True)
         lse = top + (s - top).exp().sum(-1, keepdim=True).log()  # written out: onnxruntime's as lsh.py's
         o = s.softmax(-1) @ sort(v, sk)  # [b, h, R, C, L, dh]
-        inv = torch.empty_like(perm_q).scatter_(3, perm_q, torch.arange(n, device=dev).expand_as(perm_q))
-        rows = pos[:, None, None, :].expand(b, h, R, n).gather(3, inv)  # each token's slot
         return (o.flatten(3, 4).gather(3, rows[..., None].expand(b, h, R, n, dh)),
                 lse.flatten(3, 5).gather(3, rows))
 
