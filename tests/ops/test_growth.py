@@ -86,7 +86,7 @@ ARGS = {
     "routing": {"clusters": 16, "window": 64},  # 65 gathered keys a query (linear); the [n, k] routing
     "clustered": {"clusters": 16, "bits": 32, "iterations": 5},  # n C (B + dh) matmuls, the [n, C] one-hot: linear
     "scatterbrain": {"clusters": 2, "features": 8},  # [n, n / 2] scores, feature products: quadratic (C = 4: the n-sized gradients blur the backward)
-    "smyrf": {"clusters": 4},  # [n, n / 4] scores: quadratic (at C = 8 the n-sized gathers blur the backward), the sort's n log n unseen
+    "smyrf": {"clusters": 4},  # one round: SDPA over [n, n / 4] scores, n^2 time, O(n) bytes; the sort's n log n unseen
     "mgk": {},  # n^2 r dh FLOPs in the fused kernel (causal: the queries repeated r times, n^2 r^2); O(n) bytes
     "exp_smoothing": {},  # chunks of 64: n 64 dh FLOPs, O(n) bytes
     "synthesizer": {"kind": "dense", "max_len": 8192},  # n^2 (hidden + dh) time, the [b, h, n, n] weights: n^2 bytes
