@@ -5,8 +5,10 @@ and the balanced cut done here), and
 
     o_i = (sum_{j in Omega_i} (e_ij - phi_i.phi_j) v_j + sum_j phi_i.phi_j v_j) / (the same with 1 for v_j)
 
-with e_ij = exp(q_i.k_j / sqrt(dh)). The whole support (C = 1) is softmax attention; a partial one is closer to
-softmax than Performer alone with the same features; padding either side keeps the sequence's outputs."""
+with e_ij = exp(q_i.k_j / sqrt(dh)); the causal form: Omega_i the window i - w + 1 .. i, the low-rank sums over
+j <= i. The whole support (C = 1, or a window over the sequence) is softmax attention; a partial one is closer to
+softmax than Performer alone with the same features; padding either side keeps the sequence's outputs. Leaks and
+decoding: test_leaks.py, test_decode.py."""
 from __future__ import annotations
 
 import math
@@ -54,7 +56,7 @@ def support(m, qs, ks, toks, hh):
     return {i: ko[c * N // C:(c + 1) * N // C] for c in range(C) for i in qo[c * N // C:(c + 1) * N // C]}
 
 
-def reference(m, x, keep=None, sparse=True):
+def reference(m, x, keep=None, sparse=True, causal=False):
     q, k, v = projections(m, x)
     b, n, h, dh = q.shape
     g = h // k.shape[2]
@@ -64,10 +66,14 @@ def reference(m, x, keep=None, sparse=True):
         for hh in range(h):
             qs, ks, vs = q[bb, :, hh], k[bb, :, hh // g], v[bb, :, hh // g]
             fq, fk = {i: phi(qs[i], m.w) for i in toks}, {j: phi(ks[j], m.w) for j in toks}
-            omega = support(m, qs, ks, toks, hh) if sparse else {i: [] for i in toks}
+            if causal:  # the local window
+                omega = {i: [j for j in toks if i - m.window < j <= i] if sparse else [] for i in toks}
+            else:
+                omega = support(m, qs, ks, toks, hh) if sparse else {i: [] for i in toks}
             for i in toks:
-                num = sum(fq[i] @ fk[j] * vs[j] for j in toks)
-                den = sum(fq[i] @ fk[j] for j in toks)
+                past = [j for j in toks if j <= i or not causal]
+                num = sum(fq[i] @ fk[j] * vs[j] for j in past)
+                den = sum(fq[i] @ fk[j] for j in past)
                 for j in omega[i]:
                     e = torch.exp(qs[i] @ ks[j] / math.sqrt(dh)) - fq[i] @ fk[j]
                     num, den = num + e * vs[j], den + e
@@ -96,10 +102,46 @@ def test_scatterbrain_matches_equation(clusters, features, n, kv_heads):
     assert (y - reference(m, x, sparse=False)).abs().max().item() > 1e-6 * ref.abs().max().item()  # S is there
 
 
-def softmax_attention(m, x):
+CAUSAL_CASES = [  # window, features, n, kv_heads
+    (4, 16, 23, None),  # n no multiple of the window
+    (5, 8, 17, 2),  # grouped K/V heads
+    (1, 12, 9, 1),  # the window: the query alone
+    (30, 16, 7, None),  # a window past the sequence
+]
+
+
+@pytest.mark.parametrize("window, features, n, kv_heads", CAUSAL_CASES)
+def test_causal_form_matches_equation(window, features, n, kv_heads):
+    """The causal form: S on the window i - w + 1 .. i, the low-rank sums over j <= i."""
+    m, _, _ = make_op("mha", "scatterbrain", d=D, heads=4, kv_heads=kv_heads, causal=True, window=window,
+                      features=features, seed=n)
+    perturb_params(m)
+    x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x, Ctx())
+        ref = reference(m, x, causal=True)
+    assert (y - ref).abs().max().item() < 1e-10 * ref.abs().max().item()
+    if window < n:
+        assert (y - reference(m, x, sparse=False, causal=True)).abs().max().item() > 1e-6 * ref.abs().max().item()
+
+
+def test_a_window_over_the_sequence_is_causal_softmax_attention():
+    m, _, _ = make_op("mha", "scatterbrain", d=D, heads=4, kv_heads=2, causal=True, window=19, features=8)
+    perturb_params(m)
+    x = torch.randn(2, 19, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = softmax_attention(m, x, causal=True)
+    with torch.no_grad():
+        got = m(x, Ctx())
+    assert (got - want).abs().max().item() < 1e-12 * want.abs().max().item()
+
+
+def softmax_attention(m, x, causal=False):
     q, k, v = projections(m, x)
     g = m.heads // k.shape[2]
-    w = (torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(g, 2)) / math.sqrt(q.shape[-1])).softmax(-1)
+    s = torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(g, 2)) / math.sqrt(q.shape[-1])
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    w = s.softmax(-1)
     return output_projection(m, torch.einsum("bhij,bjhd->bihd", w, v.repeat_interleave(g, 2)).flatten(2))
 
 
@@ -136,28 +178,29 @@ def test_closer_to_softmax_than_performer_alone():
     assert sum(ratios) / len(ratios) < 0.9, ratios
 
 
-def test_padding_either_side_gets_no_weight():
-    m, _, _ = make_op("mha", "scatterbrain", d=D, heads=4, kv_heads=2, clusters=3, features=16)
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_either_side_gets_no_weight(causal):
+    m, _, _ = make_op("mha", "scatterbrain", d=D, heads=4, kv_heads=2, clusters=3, features=16, causal=causal, window=4)
     perturb_params(m)
     x = torch.randn(2, 14, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     mask = torch.ones(2, 14, dtype=torch.bool)
     mask[0, :4], mask[1, 10:] = False, False  # left, right
     with torch.no_grad():
         y = m(x, Ctx(mask=mask))
-        ref = reference(m, x, keep=mask)
+        ref = reference(m, x, keep=mask, causal=causal)
         assert ((y - ref) * mask[..., None]).abs().max().item() < 1e-10 * ref.abs().max().item()
         assert torch.isfinite(y).all()
         alone = m(x[:1, 4:], Ctx())
         assert (y[:1, 4:] - alone).abs().max().item() < 1e-10 * alone.abs().max().item()
 
 
-def test_causal_dropout_and_bad_heads_are_refused():
+def test_dropout_and_bad_heads_are_refused():
     def build(args, causal="false"):
         evodsl.parse(f"model m(causal={causal}) = input(features, d=32) -> mha(scatterbrain, heads=4, {args}) "
                      f"-> head(linear, d_out=2)")
 
-    with pytest.raises(EvoError, match="causal"):
-        build("clusters=4", causal="true")
+    with pytest.raises(EvoError, match="window"):
+        build("window=0", causal="true")
     with pytest.raises(EvoError, match="no dropout"):
         build("dropout=0.1")
     with pytest.raises(EvoError, match="heads=4 is not a multiple of kv_heads=3"):
@@ -166,9 +209,11 @@ def test_causal_dropout_and_bad_heads_are_refused():
         build("features=0")
 
 
-def test_gradients_are_the_equations():
-    """The gradient through the clusters, the features and the stabilising constants (finite differences)."""
-    m, _, _ = make_op("mha", "scatterbrain", d=8, heads=2, kv_heads=1, clusters=3, features=6)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_are_the_equations(causal):
+    """The gradient through the clusters (the window), the features and the stabilising constants (finite
+    differences)."""
+    m, _, _ = make_op("mha", "scatterbrain", d=8, heads=2, kv_heads=1, clusters=3, features=6, causal=causal, window=3)
     perturb_params(m, scale=0.2)
     x = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: m(x, Ctx()), (x,))

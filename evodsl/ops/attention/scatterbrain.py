@@ -1,4 +1,4 @@
-"""mha(scatterbrain, features=m, clusters=C): Scatterbrain, sparse + low-rank attention (Chen, Dao, Winsor, Song,
+"""mha(scatterbrain, features=m, clusters=C, window=w): Scatterbrain, sparse + low-rank attention (Chen, Dao, Winsor, Song,
 Rudra, Re 2021, Scatterbrain: Unifying Sparse and Low-rank Attention Approximation, arXiv:2110.15343, section 4).
 
 The attention matrix exp(Q K^T / sqrt(dh)) is estimated by a low-rank part, Performer's positive random features
@@ -22,12 +22,15 @@ over the sequence (per K/V head, padded keys left out), and each query's sparse 
 exp(-c), c = max(max_{j in Omega} q.k / sqrt(dh), c_q + c_k): one constant per query in the numerator and the
 denominator (detached), so the output is exactly the equation's.
 
-No causal form ("no"): the LSH support, as SMYRF's, depends on every token (a causal mask inside the clusters
-still leaks through the sort); the local-window support the authors also ran is another op. Time: the clusters'
-O(n L (dh + m)) scores and feature products, L = ceil(n / C) + 1 (quadratic for a fixed C), the low-rank O(n m
-dh); no n x n tensor. Padding: padded tokens are out of the clusters (smyrf.py) and their features 0, so a padded
-batch equals each sequence alone, either side. No position scheme; dropout= is refused. The cost:
-_scatterbrain_cost.py.
+The causal form swaps the support: LSH clusters depend on every token (a causal mask inside them still leaks
+through the sort), so causal models use the local window, query i reading keys i - w + 1 .. i, as the authors'
+causal SBLocalAttention, with the low-rank sums over j <= i (Performer's prefix sums, _kernelized.causal):
+_scatterbrain_local.py, with its decoding state (the last w - 1 keys and values, the running sums and scale).
+A query with no key (a padded position before every token) gets 0. Time: the clusters' O(n L (dh + m)) scores
+and feature products, L = ceil(n / C) + 1 (quadratic for a fixed C), or the window's O(n w (dh + m)); the
+low-rank O(n m dh); no n x n tensor. Padding: padded tokens are out of the clusters (smyrf.py) or the window and
+their features 0, so a padded batch equals each sequence alone, either side. No position scheme; dropout= is
+refused. The cost: _scatterbrain_cost.py.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from ..registry import Op, OpEnv, register
 from . import _kernelized as kern
 from ._common import AttentionBase, AttentionParams
 from ._scatterbrain_cost import scatterbrain_cost
+from ._scatterbrain_local import local_step, window_correction
 from .isab import no_dropout_shape
 from .performer import favor_logits, orthogonal_gaussian
 from .smyrf import cluster_length, cluster_slots, smyrf_orders
@@ -46,18 +50,21 @@ from .smyrf import cluster_length, cluster_slots, smyrf_orders
 class ScatterbrainParams(AttentionParams):
     features: int = Field(64, ge=1, le=1 << 16, description="m: random features per head (the low-rank part)")
     clusters: int = Field(8, ge=1, le=1 << 14, description="C: balanced LSH clusters (the sparse part's support)")
+    window: int = Field(64, ge=1, le=1 << 16, description="w: the causal form's support, keys i - w + 1 .. i")
     seed: int = Field(0, ge=0, description="seed of the random features and the E2LSH projections")
 
 
 class ScatterbrainAttention(AttentionBase):
     def __init__(self, p: ScatterbrainParams, env: OpEnv):
         super().__init__(p, env)
-        self.clusters = p.clusters
+        self.clusters, self.window, self.chunk = p.clusters, p.window, 64  # chunk: the causal prefix sums'
         g = torch.Generator().manual_seed(p.seed)
         self.register_buffer("alpha", torch.randn(self.heads, self.head_dim + 2, 1, generator=g))
         self.register_buffer("w", orthogonal_gaussian(p.features, self.head_dim, g).to(torch.get_default_dtype()))
 
     def forward(self, x, ctx):
+        if ctx is not None and ctx.cache is not None:
+            return local_step(self, x, ctx)
         q, k, v = self.qkv(x)
         keep = self.key_mask(ctx)
         uq, uk = favor_logits(q, self.w), favor_logits(k, self.w)
@@ -67,9 +74,16 @@ class ScatterbrainAttention(AttentionBase):
         fq, fk = uq.sub_(cq).exp_(), uk.sub_(ck).exp_()  # in place: the logits are not kept
         del uq, uk
         cqk = cq + self.expand_kv(ck)  # log of the features' constant, per query
-        low = kern.bidirectional(fq, fk, v, self.expand_kv)  # [b, h, n, dh + 1]: phi~(q)^T [S z]
-        sparse, c = self.sparse(q, self.expand_kv(k), self.expand_kv(v), fq, self.expand_kv(fk), cqk, keep)
+        if self.causal:  # the local window's correction; the prefix sums [S_i z_i] (_kernelized.causal)
+            low = kern.causal(fq, self.expand_kv(fk), self.expand_kv(v), self.chunk)
+            sparse, c = window_correction(q, self.expand_kv(k), self.expand_kv(v), fq, self.expand_kv(fk), cqk,
+                                          self.window, keep)
+        else:
+            low = kern.bidirectional(fq, fk, v, self.expand_kv)  # [b, h, n, dh + 1]: phi~(q)^T [S z]
+            sparse, c = self.sparse(q, self.expand_kv(k), self.expand_kv(v), fq, self.expand_kv(fk), cqk, keep)
         o = sparse + low * (cqk - c).exp()
+        if self.causal:  # a padded position before every token reads no key: 0, finite
+            return self.out(o[..., :-1] / o[..., -1:].clamp_min(torch.finfo(o.dtype).tiny))
         return self.out(o[..., :-1] / o[..., -1:])
 
     def sparse(self, q, k, v, fq, fk, cqk, keep):
@@ -103,10 +117,11 @@ class ScatterbrainAttention(AttentionBase):
 
 OP = register(Op(
     family="mha", variant="scatterbrain", params=ScatterbrainParams, module=ScatterbrainAttention,
-    causal="no", shape=no_dropout_shape("mha(scatterbrain)"), supports=frozenset(), decode=None,
+    causal="yes", shape=no_dropout_shape("mha(scatterbrain)"), supports=frozenset(),
+    decode="the last w - 1 keys and values (kv_heads heads), the running sums of phi(k) [v 1] and their scale",
     paper="Scatterbrain: Unifying Sparse and Low-rank Attention Approximation, Chen et al. 2021, arXiv:2110.15343",
     summary="(S + phi(Q) phi(K)^T) [V 1], normalised: Performer's positive features phi plus a sparse S = exp(QK^T/"
             "sqrt(dh)) - phi(Q) phi(K)^T on one SMYRF round's C balanced LSH clusters; exact there, Performer "
-            "elsewhere; O(n (n/C) (d + m) + n m d)",
+            "elsewhere; causal: S on the window i-w+1..i, prefix sums; O(n (n/C) (d + m) + n m d), causal O(n w (d + m))",
     note="MHA/SparseOrLowRank/002.md", cost=scatterbrain_cost,
 ))
