@@ -106,7 +106,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("sigmoid", "sigmoid"),
         ("clustered, clusters=64", "clustered, clusters=64"),
         ("smyrf, clusters=32, rounds=2", "smyrf, clusters=32, rounds=2"),  # n / 32 keys a query: n^2 / 32
-        ("scatterbrain, clusters=32, features=64", "scatterbrain, clusters=32, features=64"),  # SMYRF's + Performer's
+        ("scatterbrain, clusters=32, features=64", "scatterbrain, clusters=32, features=64"),  # causal: the window of 64
         ("routing, clusters=16, window=64", "routing, clusters=16, window=64"),
         ("exp_smoothing", "exp_smoothing"),
         ("mgk, components=2", "mgk, components=2"),
@@ -141,7 +141,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
                       "etc",
                       "fnet",
-                      "colt5", "yoso", "clustered", "probsparse", "smyrf", "scatterbrain",
+                      "colt5", "yoso", "clustered", "probsparse", "smyrf",
                       "sinkformer")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 
