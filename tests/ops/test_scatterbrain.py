@@ -115,6 +115,7 @@ def test_causal_form_matches_equation(window, features, n, kv_heads):
     """The causal form: S on the window i - w + 1 .. i, the low-rank sums over j <= i."""
     m, _, _ = make_op("mha", "scatterbrain", d=D, heads=4, kv_heads=kv_heads, causal=True, window=window,
                       features=features, seed=n)
+    m.chunk = 8  # the prefix sums in chunks of 8: n spans several
     perturb_params(m)
     x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     with torch.no_grad():
