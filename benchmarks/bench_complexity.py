@@ -109,6 +109,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("differential", "differential"),  # h heads of 2 dh: d_model divisible by 2 heads
         ("sigmoid", "sigmoid"),
         ("clustered, clusters=64", "clustered, clusters=64"),
+        ("smyrf, clusters=32, rounds=2", "smyrf, clusters=32, rounds=2"),  # n / 32 keys a query: n^2 / 32
+        ("scatterbrain, clusters=32, features=64", "scatterbrain, clusters=32, features=64"),  # causal: the window of 64
         ("routing, clusters=16, window=64", "routing, clusters=16, window=64"),
         ("exp_smoothing", "exp_smoothing"),
         ("mgk, components=2", "mgk, components=2"),
@@ -150,7 +152,7 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
                       "etc",
                       "fnet", "hamburger",
-                      "colt5", "yoso", "clustered", "probsparse", "chord",
+                      "colt5", "yoso", "clustered", "probsparse", "chord", "smyrf",
                       "sinkformer")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 

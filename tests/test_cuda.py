@@ -80,7 +80,8 @@ VARIANTS = [(v, c) for v in sorted(ARGS) for c in (True, False)
 # the top-k blocks of MoBA and NSA, CoLT5's top-k routed tokens, the clusters of routing and clustered (float64 is exact enough for both devices to choose
 # alike, float32 is not)
 # routing: argmax over centroids; clustered: hyperplane signs; topk: each query's k keys; probsparse: its u queries
-DISCRETE = ("lsh", "yoso", "smart_bird", "moba", "nsa", "colt5", "routing", "clustered", "topk", "probsparse")
+DISCRETE = ("lsh", "yoso", "smart_bird", "moba", "nsa", "colt5", "routing", "clustered", "topk", "probsparse",
+            "smyrf", "scatterbrain")  # smyrf, scatterbrain: the sort of the E2LSH projections
 # the forget gates' cumulative log-sigmoids over 512 tokens, folded into the scores: their bias's float32 gradient
 # differs by 2.3e-3 between the devices (float64: within 1e-9)
 FLOAT32_TOL = {"forgetting": 5e-3}

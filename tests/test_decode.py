@@ -252,6 +252,11 @@ SYNTHESIZER = ["norm -> mha(synthesizer, max_len=32) -> norm -> ffn",
                "mha(synthesizer, kind=factorized_random, rank=3, max_len=30) -> ffn"]
 # NAP: the K/V cache, each new row normalised over its past keys
 NAP = ["norm -> mha(nap) -> norm -> ffn", "norm -> mha(nap, kv_heads=1, head_dim=4, bias=false, eps=0.001) -> norm -> ffn"]
+# Scatterbrain's causal form: windows of 3 and 5 over the 29 tokens (the cache: the last w - 1 keys and values, the
+# features' running sums and scale), grouped K/V heads, a window past the sequence
+SCATTERBRAIN = ["norm -> mha(scatterbrain, window=3, features=8) -> norm -> ffn",
+                "norm -> mha(scatterbrain, window=5, features=12, kv_heads=2) -> norm -> ffn",
+                "norm -> mha(scatterbrain, window=40, features=6, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 # Sparse Sinkhorn: blocks of 4 and 3 over the 29 tokens (the cache: the inputs so far), a block past the sequence
 SPARSE_SINKHORN = ["norm -> mha(sparse_sinkhorn, block=4, max_len=64) -> norm -> ffn",
                    "norm -> mha(sparse_sinkhorn, block=3, iters=2, kv_heads=2, max_len=64) -> norm -> ffn",
@@ -270,7 +275,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in COLLAB]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED + COMBINER
-            + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA + NSA + EXP_SMOOTHING + MGK + AVERAGE + SPARSE_SINKHORN]
+            + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA + NSA + EXP_SMOOTHING + MGK + AVERAGE + SPARSE_SINKHORN
+            + SCATTERBRAIN]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]

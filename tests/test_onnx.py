@@ -78,6 +78,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "moba"): "block=4, topk=2",
     ("mha", "yoso"): "hashes=8, tau=4",
     ("mha", "clustered"): "clusters=3, bits=8, iterations=3",
+    ("mha", "smyrf"): "clusters=3, rounds=2",
+    ("mha", "scatterbrain"): "clusters=3, features=16, window=4",
     ("mha", "routing"): "clusters=3, window=4",
     ("mha", "synthesizer"): "kind=mixture, mix=dense_random_vanilla, max_len=128",  # the tables cut by index
     ("mha", "nap"): "kv_heads=2",
@@ -159,6 +161,7 @@ BANDED = {("mha", "local"), ("mha", "adaptive_span"), ("mha", "sparse"), ("mha",
 # scheme on their features (evodsl/ops/attention/_kernelized.py).
 PREFIX_SUMS = {("mha", "linear"), ("mha", "fanet"), ("mha", "simpletron"), ("mha", "performer"), ("mha", "momentum"), ("mha", "flowformer"),
                ("mha", "rfa"), ("mha", "learned_kernel"), ("mha", "slim")}  # causal forms exported as prefix sums
+PREFIX_SUMS |= {("mha", "scatterbrain")}  # its causal form's low-rank part (_kernelized.py), beside its window
 
 
 # BP-Transformer: torch gathers each query's spans from a tree of pooled levels as deep as n needs; the export

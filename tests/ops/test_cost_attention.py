@@ -352,6 +352,18 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "chord": [({"max_len": 256}, BOTH), ({"max_len": 256, "kv_heads": 2, "factors": 3, "hidden": 16}, BOTH),
               ({"max_len": 160, "kv_heads": 1, "head_dim": 24, "factors": 1}, BOTH),
               ({"max_len": 1000, "heads": 2, "head_dim": 8, "bias": False}, ODD)],
+    # SMYRF (bidirectional): clusters of 16 and 40 (n = 160: 53 and 54 with C = 3), one round (SDPA) and two (the
+    # explicit softmax) with grouped K/V heads, one K/V head and narrow heads, more clusters than tokens (most empty)
+    "smyrf": [({"clusters": 4}, BOTH), ({"clusters": 3, "rounds": 2, "kv_heads": 2}, BOTH), ({"clusters": 5, "kv_heads": 2}, SMALL),
+              ({"clusters": 7, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD), ({"clusters": 200, "rounds": 2}, ODD)],
+    # Scatterbrain: SMYRF's clusters as above with Performer's features; many clusters with many features (the sorted
+    # features' gradients lead the backward), more clusters than tokens (the outputs in slots). Causal: windows of 16,
+    # 12, 7 and 5 (blocks past n = 160), 64 (the default) and 200 (past the sequence); the prefix sums' chunks of 64
+    "scatterbrain": [({"clusters": 4, "features": 16, "window": 16}, BOTH),
+                     ({"clusters": 3, "features": 32, "kv_heads": 2, "window": 12}, BOTH),
+                     ({"clusters": 7, "features": 8, "kv_heads": 1, "head_dim": 8, "bias": False, "window": 7}, ODD),
+                     ({"clusters": 40, "features": 64, "window": 5}, SMALL), ({"clusters": 200, "features": 16}, ODD),
+                     ({"clusters": 2, "features": 16, "window": 200}, ODD)],
 }
 
 

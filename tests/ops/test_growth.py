@@ -85,6 +85,8 @@ ARGS = {
     "sigmoid": {"block": 256},  # the blocked kernel: n^2 time, O(n) bytes beside [256, 256] blocks
     "routing": {"clusters": 16, "window": 64},  # 65 gathered keys a query (linear); the [n, k] routing
     "clustered": {"clusters": 16, "bits": 32, "iterations": 5},  # n C (B + dh) matmuls, the [n, C] one-hot: linear
+    "scatterbrain": {"clusters": 2, "features": 8},  # [n, n / 2] scores, feature products: quadratic (C = 4: the n-sized gradients blur the backward)
+    "smyrf": {"clusters": 4},  # one round: SDPA over [n, n / 4] scores, n^2 time, O(n) bytes; the sort's n log n unseen
     "mgk": {},  # n^2 r dh FLOPs in the fused kernel (causal: the queries repeated r times, n^2 r^2); O(n) bytes
     "exp_smoothing": {},  # chunks of 64: n 64 dh FLOPs, O(n) bytes
     "synthesizer": {"kind": "dense", "max_len": 8192},  # n^2 (hidden + dh) time, the [b, h, n, n] weights: n^2 bytes
@@ -112,7 +114,8 @@ SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid"
         "routing", "clustered", "synthesizer", "nap",  # synthesizer, nap: their n x n weights at n = 8k
         "mgk",  # mgk: n^2 r (causal r^2) scores at n = 8k, 22 and 25 s here
         "sinkformer",  # sinkformer: [n, n] logsumexps at n = 8k, forward and backward (~3 minutes)
-        "el")  # el: h heads of width-d scores (h times softmax's n^2 FLOPs), 41 s bidirectional here
+        "el",  # el: h heads of width-d scores (h times softmax's n^2 FLOPs), 41 s bidirectional here
+        "scatterbrain")  # scatterbrain: [n, n / 2] scores and feature products at n = 8k (~38 s here)
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW else [])
          for v in ATTENTION for causal in (True, False) if not (causal and REGISTRY["mha", v].causal == "no")
          and not (not causal and v in CAUSAL_ONLY)]

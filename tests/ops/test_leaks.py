@@ -32,6 +32,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "jukebox": {"block": 6},  # rows of 6 (column and prev_row: tests/ops/test_jukebox.py)
     "fmm": {"w": 6, "kernels": 3},
     "lsh": {"buckets": 2, "chunk": 4, "rounds": 2},  # two buckets: every chunk mixes earlier and later tokens
+    "scatterbrain": {"window": 6, "features": 16},  # windows of 6 over blocks of 6; the prefix sums in chunks of 16
     "luna": {"l": 6},
     "bpt": {"k": 2},  # levels of 2, 4, 8 .. tokens: spans across the whole 70
     "momentum": {},
@@ -58,7 +59,8 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "fixed": {"pattern": "mixed", "window": 3},  # local, prev, next (the token itself), global: each restricted to j <= i
     "sac": {"k": 4, "chunk": 16},  # the edge scores in 5 chunks of 16 queries, each against the keys up to its end
 }
-CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim")  # causal forms in chunks of LINEAR_CHUNK tokens here
+CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim",
+           "scatterbrain")  # causal forms in chunks of LINEAR_CHUNK tokens here (scatterbrain: its prefix sums)
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
 POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {}),
              "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}), "xl_rel": ("xl_rel", {})}
