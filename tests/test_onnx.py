@@ -209,6 +209,9 @@ OTHER_FORMS |= {("mixer", "igloo")}
 OTHER_FORMS |= {("mha", "chord")}
 
 
+CHAIN = 12  # ops per bidirectional chain case
+
+
 def op_cases() -> list[Case]:
     load_all()
     groups: dict[tuple, list[str]] = {}
@@ -234,11 +237,16 @@ def op_cases() -> list[Case]:
     mixers = [(f, v) for (f, v), op in sorted(REGISTRY.items()) if f in ("mha", "mixer") and op.causal != "n.a."
               and v not in CAUSAL_ONLY]  # (a causal-only op: its own case, a causal model, shows it does not leak)
     other = BANDED | TREES | OTHER_FORMS
+    # In chains of at most CHAIN ops: one export of ~90 ops was the longest item of the run (tens of minutes on a
+    # loaded machine), on one worker while the other sat idle.
     for name, part in (("bidirectional", [m for m in mixers if m not in other]),
                        ("bidirectional-other-forms", [m for m in mixers if m in other])):
-        # a norm before each: unnormalised mixers (right products, Q = K kernels) would compound the scale
-        chain = " -> ".join("norm -> " + WRAPPERS[f][1].format(call=call(f, v), variant=v) for f, v in part)
-        cases.append(Case(name, f"{HEADER}model m(causal=false) = {FEATURES} -> {chain} -> {OUT}\n", {}, tuple(part)))
+        for i in range(0, len(part), CHAIN):
+            piece = part[i:i + CHAIN]
+            # a norm before each: unnormalised mixers (right products, Q = K kernels) would compound the scale
+            chain = " -> ".join("norm -> " + WRAPPERS[f][1].format(call=call(f, v), variant=v) for f, v in piece)
+            cases.append(Case(f"{name}-{i // CHAIN + 1}", f"{HEADER}model m(causal=false) = {FEATURES} -> {chain} -> {OUT}\n",
+                              {}, tuple(piece)))
     # a case whose ops other cases export already, in a model as causal, is left out (head(linear) ends every
     # features model, mha(softmax) is the default mha)
     def exports(case):
@@ -257,7 +265,13 @@ SPEC_CASES = [Case(f"spec:{p.stem}", p, small(p)) for p in SPECS]  # the 7B and 
 OP_CASES = op_cases()
 CASES = SPEC_CASES + OP_CASES
 # one xdist group per case: its tests run on one worker, which exports it once (the module's `exported` cache)
-PARAMS = [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(re.sub(r"\W", "_", c.id))) for c in CASES]
+# Specs whose every op is exported by the op cases and whose structure another spec shares (an encoder with a band,
+# a decoder of llama's shape): their exports (a tenth of the default run) run with `pytest -m slow`
+SLOW_SPECS = {"spec:etc_base", "spec:bigbird_base", "spec:longformer_base", "spec:nystromformer", "spec:adaptive_span",
+              "spec:llama2_70b", "spec:yoso_base", "spec:vanilla", "spec:transformer", "spec:linear_transformer",
+              "spec:memory_transformer"}
+PARAMS = [pytest.param(c, id=c.id, marks=[pytest.mark.xdist_group(re.sub(r"\W", "_", c.id))]
+                       + ([pytest.mark.slow] if c.id in SLOW_SPECS else [])) for c in CASES]
 def export_form_differs(graph) -> bool:
     return any((n.family, n.variant) in BANDED | TREES | OTHER_FORMS or ((n.family, n.variant) in PREFIX_SUMS | CAUSAL_GROUPS and
                                                     graph.options.get("causal")) for n in graph.calls())
