@@ -280,7 +280,8 @@ def main() -> None:
             inner = name.split("(", 1)[1]
             if args.only and not inner.startswith(args.only):
                 continue
-            if causal and inner.startswith(BIDIRECTIONAL_ONLY) or not causal and inner.startswith(CAUSAL_ONLY):
+            variant = re.split(r"[,)]", inner, maxsplit=1)[0].strip()  # "soft" is SOFT, not softmax
+            if causal and variant in BIDIRECTIONAL_ONLY or not causal and variant in CAUSAL_ONLY:
                 continue
             spec = spec_text(call, args.d, causal)
             try:
