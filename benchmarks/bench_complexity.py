@@ -108,6 +108,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("differential", "differential"),  # h heads of 2 dh: d_model divisible by 2 heads
         ("sigmoid", "sigmoid"),
         ("clustered, clusters=64", "clustered, clusters=64"),
+        ("clustered, clusters=64, topk=32", "clustered, clusters=64, topk=32"),  # improved: n (C + k) d
         ("routing, clusters=16, window=64", "routing, clusters=16, window=64"),
         ("exp_smoothing", "exp_smoothing"),
         ("mgk, components=2", "mgk, components=2"),
