@@ -112,6 +112,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("routing, clusters=16, window=64", "routing, clusters=16, window=64"),
         ("exp_smoothing", "exp_smoothing"),
         ("mgk, components=2", "mgk, components=2"),
+        ("mgk, linear, components=2", "mgk, form=linear, components=2"),  # phi(q)^T sum_j sum_r pi_r phi(k_jr) v_j^T: n d^2
         ("nap", "nap"),  # explicit [b, h, n, n] scores, normalised per row
         ("sinkformer, iters=3", "sinkformer, iters=3"),
         ("sparse_sinkhorn, block=64", f"sparse_sinkhorn, block=64, max_len={max(int(n) for n in args.ns.split(','))}"),

@@ -320,7 +320,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "exp_smoothing": [({}, BOTH), ({"alpha": 0.3}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False, "alpha": 0.5}, ODD)],
     # MGK: SDPA over the n r (token, component) pairs; the causal float mask [n, n r] it keeps; r = 1 (one key a token)
     "mgk": [({}, BOTH), ({"components": 3, "kv_heads": 2}, BOTH), ({"components": 1}, SMALL),
-            ({"components": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+            ({"components": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+            # form=linear: the feature kernel (one [S z]; causal chunks of 64: n = 64 one whole, 160 padded)
+            ({"form": "linear"}, BOTH), ({"form": "linear", "components": 3, "kv_heads": 2}, BOTH),
+            ({"form": "linear", "components": 1}, SMALL),
+            ({"form": "linear", "components": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "yoso": [({"hashes": 8, "tau": 4}, BOTH), ({"hashes": 8, "tau": 4, "kv_heads": 2}, BOTH), ({"hashes": 16, "tau": 6}, SMALL),
              ({"hashes": 4, "tau": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH), ({"hashes": 32, "tau": 3}, ODD),
              ({"mode": "expectation", "tau": 4}, BOTH), ({"mode": "expectation", "kv_heads": 2}, BOTH),
