@@ -3,7 +3,9 @@ hashed to B bits by the module's seeded hyperplanes (the hash shared, the cluste
 Hamming space (integer distances, the members' bitwise majority) from the tokens of rank floor(j N / C); each
 centroid query the mean of its members attends every key by softmax; each query takes its centroid's output.
 A second test holds the module's clustering to the paper's update rules; with as many clusters as tokens (distinct
-codes) it is softmax attention exactly."""
+codes) it is softmax attention exactly. topk=k (improved clustered attention, section 3.3): the same reference with
+each query's exact softmax over its centroid's top k keys, scaled by their centroid mass, plus the centroid's weights
+on the rest; k = n is softmax attention, k = 0 the clustered form; padding, ONNX and growth (slow) below."""
 from __future__ import annotations
 
 import math
