@@ -111,9 +111,11 @@ def variants(args) -> list[tuple[str, str]]:
         ("clustered, clusters=64", "clustered, clusters=64"),
         ("smyrf, clusters=32, rounds=2", "smyrf, clusters=32, rounds=2"),  # n / 32 keys a query: n^2 / 32
         ("scatterbrain, clusters=32, features=64", "scatterbrain, clusters=32, features=64"),  # causal: the window of 64
+        ("clustered, clusters=64, topk=32", "clustered, clusters=64, topk=32"),  # improved: n (C + k) d
         ("routing, clusters=16, window=64", "routing, clusters=16, window=64"),
         ("exp_smoothing", "exp_smoothing"),
         ("mgk, components=2", "mgk, components=2"),
+        ("mgk, linear, components=2", "mgk, form=linear, components=2"),  # phi(q)^T sum_j sum_r pi_r phi(k_jr) v_j^T: n d^2
         ("nap", "nap"),  # explicit [b, h, n, n] scores, normalised per row
         ("sinkformer, iters=3", "sinkformer, iters=3"),
         ("sparse_sinkhorn, block=64", f"sparse_sinkhorn, block=64, max_len={max(int(n) for n in args.ns.split(','))}"),

@@ -234,7 +234,9 @@ EXP_SMOOTHING = ["norm -> mha(exp_smoothing) -> norm -> ffn", "norm -> mha(exp_s
 AVERAGE = ["norm -> mixer(average) -> norm -> ffn", "residual(mixer(average, ffn=false)) -> norm -> residual(mixer(average, d_ff=8, bias=false)) -> norm"]
 # MGK: the K cache (r keys a token) and the V cache, one to three components, grouped and single K/V heads
 MGK = ["norm -> mha(mgk) -> norm -> ffn", "norm -> mha(mgk, components=3, kv_heads=2) -> norm -> ffn",
-       "norm -> mha(mgk, components=1, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
+       "norm -> mha(mgk, components=1, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
+       # form=linear: the running sums [S z] per K/V head
+       "norm -> mha(mgk, form=linear) -> norm -> ffn", "norm -> mha(mgk, form=linear, components=3, kv_heads=2) -> norm -> ffn"]
 # Reformer LSH: two and four buckets over chunks of 3 and 5 (29 tokens), two rounds (the cache: every query and value,
 # re-hashed)
 LSH = ["norm -> mha(lsh, buckets=2, chunk=3) -> norm -> ffn", "norm -> mha(lsh, buckets=4, chunk=5, rounds=2, kv_heads=2) -> norm -> ffn"]

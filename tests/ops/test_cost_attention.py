@@ -317,12 +317,21 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "clustered": [({"clusters": 8, "bits": 16, "iterations": 3}, BOTH),
                   ({"clusters": 12, "bits": 32, "iterations": 5, "kv_heads": 2}, BOTH),
                   ({"clusters": 5, "bits": 8, "iterations": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
-                  ({"clusters": 200, "bits": 8, "iterations": 0}, ODD), ({"clusters": 64, "bits": 64, "iterations": 2}, SMALL)],
+                  ({"clusters": 200, "bits": 8, "iterations": 0}, ODD), ({"clusters": 64, "bits": 64, "iterations": 2}, SMALL),
+                  # improved (topk): k below and above n (the k padding columns), GQA and narrow heads, k = C = n + 40
+                  ({"clusters": 8, "bits": 16, "iterations": 3, "topk": 5}, BOTH),
+                  ({"clusters": 12, "bits": 32, "iterations": 5, "kv_heads": 2, "topk": 20}, BOTH),
+                  ({"clusters": 5, "bits": 8, "iterations": 2, "kv_heads": 1, "head_dim": 8, "bias": False, "topk": 3}, ODD),
+                  ({"clusters": 200, "bits": 8, "iterations": 0, "topk": 200}, ODD), ({"clusters": 4, "bits": 16, "topk": 100}, SMALL)],
     # ETSformer's smoothing: chunks of 64 (n = 64: one, no carry; 160: three, the last padded), learned and fixed alpha
     "exp_smoothing": [({}, BOTH), ({"alpha": 0.3}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False, "alpha": 0.5}, ODD)],
     # MGK: SDPA over the n r (token, component) pairs; the causal float mask [n, n r] it keeps; r = 1 (one key a token)
     "mgk": [({}, BOTH), ({"components": 3, "kv_heads": 2}, BOTH), ({"components": 1}, SMALL),
-            ({"components": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
+            ({"components": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+            # form=linear: the feature kernel (one [S z]; causal chunks of 64: n = 64 one whole, 160 padded)
+            ({"form": "linear"}, BOTH), ({"form": "linear", "components": 3, "kv_heads": 2}, BOTH),
+            ({"form": "linear", "components": 1}, SMALL),
+            ({"form": "linear", "components": 4, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "yoso": [({"hashes": 8, "tau": 4}, BOTH), ({"hashes": 8, "tau": 4, "kv_heads": 2}, BOTH), ({"hashes": 16, "tau": 6}, SMALL),
              ({"hashes": 4, "tau": 2, "kv_heads": 1, "head_dim": 8, "bias": False}, BOTH), ({"hashes": 32, "tau": 3}, ODD),
              ({"mode": "expectation", "tau": 4}, BOTH), ({"mode": "expectation", "kv_heads": 2}, BOTH),

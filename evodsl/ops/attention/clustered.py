@@ -1,4 +1,4 @@
-"""mha(clustered, clusters=C, bits=B, iterations=L): clustered attention (Vyas, Katharopoulos, Fleuret 2020, Fast
+"""mha(clustered, clusters=C, bits=B, iterations=L, topk=k): clustered attention (Vyas, Katharopoulos, Fleuret 2020, Fast
 Transformers with Clustered Attention, arXiv:2007.04825, section 3.2).
 
 Per batch row and head, the queries are grouped into C clusters, S in {0, 1}^{n x C}; each cluster's centroid
@@ -27,6 +27,10 @@ n x n tensor. Padding: padded tokens take no part (no rank, no vote, no member; 
 batch equals each sequence alone, either side; a padded query's output is 0. Grouped K/V heads: the centroids of
 a group's query heads read its K/V head. No position scheme inside (a centroid has no position); dropout= is
 refused. The cost: _clustered_cost.py.
+
+topk=k > 0: the paper's improved clustered attention (section 3.3, i-clustered): each query of a cluster attends the
+k keys of highest centroid attention exactly (its own softmax over them, scaled by the centroid's mass on them) and
+the other keys with its centroid's weights; O(n C dh + n k dh): _clustered_topk.py. topk=0 is the form above.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from pydantic import Field
 
 from ..registry import Op, OpEnv, register
 from ._clustered_cost import clustered_cost
+from ._clustered_topk import improved_clustered
 from ._common import AttentionBase, AttentionParams
 from .isab import no_dropout_shape
 
@@ -45,6 +50,8 @@ class ClusteredParams(AttentionParams):
     bits: int = Field(32, ge=1, le=1024, description="B: hash bits of each query (random hyperplanes)")
     iterations: int = Field(10, ge=0, le=100, description="L: Lloyd iterations of k-means in Hamming space")
     seed: int = Field(0, ge=0, description="seed of the random hyperplanes")
+    topk: int = Field(0, ge=0, le=1 << 14, description="k: keys each cluster's queries attend exactly (improved "
+                                                      "clustered attention); 0: the centroid's attention only")
 
 
 def hash_codes(q: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
@@ -76,7 +83,7 @@ def lloyd(codes: torch.Tensor, keep: torch.Tensor, C: int, iterations: int) -> t
 class ClusteredAttention(AttentionBase):
     def __init__(self, p: ClusteredParams, env: OpEnv):
         super().__init__(p, env)
-        self.clusters, self.iterations = p.clusters, p.iterations
+        self.clusters, self.iterations, self.topk = p.clusters, p.iterations, p.topk
         g = torch.Generator().manual_seed(p.seed)
         self.register_buffer("planes", torch.randn(self.heads, self.head_dim, p.bits, generator=g))
 
@@ -88,6 +95,8 @@ class ClusteredAttention(AttentionBase):
             S = lloyd(hash_codes(q, self.planes), keep, self.clusters, self.iterations)  # [b, h, n, C]
         St = S.transpose(-1, -2)
         qc = (St @ q) / St.sum(-1, keepdim=True).clamp_(min=1)  # [b, h, C, dh]: the members' mean
+        if self.topk:
+            return self.out(improved_clustered(q, k, v, S, qc, keep, self.topk))
         mask = None if key_mask is None else key_mask[:, None, None, :]
         oc = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
         return self.out(S @ oc)
@@ -99,6 +108,6 @@ OP = register(Op(
     paper="Fast Transformers with Clustered Attention, Vyas et al. 2020, arXiv:2007.04825",
     summary="queries hashed to B bits (random hyperplanes), L Lloyd iterations of Hamming k-means into C clusters; "
             "the C centroid queries (members' means) attend all keys, each query copies its centroid's output; "
-            "O(n C d)",
+            "O(n C d); topk=k: each query also attends its centroid's top k keys exactly (improved), O(n (C + k) d)",
     note="MHA/SparseOrLowRank/008.md", cost=clustered_cost,
 ))

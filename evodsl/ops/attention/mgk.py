@@ -1,5 +1,5 @@
-"""mha(mgk, components=r): Transformer with a Mixture of Gaussian Keys (Nguyen et al. 2022, Improving Transformers
-with Probabilistic Attention Keys, arXiv:2110.08678), its softmax form (Transformer-MGK).
+"""mha(mgk, components=r, form=softmax|linear): Transformer with a Mixture of Gaussian Keys (Nguyen et al. 2022,
+Improving Transformers with Probabilistic Attention Keys, arXiv:2110.08678), its softmax form (Transformer-MGK).
 
 Softmax attention reads q_i . k_j as the log-likelihood of q_i under a Gaussian centred at k_j. MGK makes each key a
 mixture of r Gaussians, k_j1 .. k_jr (r key projections), with mixing weights pi_r and one variance sigma^2:
@@ -23,11 +23,13 @@ query i at row i r + r - 1 reads exactly pairs 0 .. i r + r - 1, its tokens' all
 the query rows instead of an [n, n r] mask: no n x n tensor, memory linear in n). A padded batch passes the padding
 mask (and the causal one) repeated r times (left padding: a query with no key reads its own, as mha(softmax)).
 O(n^2 r d), causal O(n^2 r^2 d). Decoding keeps the K cache (r keys a token) and the V cache. No position
-scheme inside; dropout= is refused (the fused kernel never forms the weights). The linear MGK form is not built.
+scheme inside; dropout= is refused (the fused kernel never forms the weights). form=linear: the paper's linear form
+(phi(q)^T sum_j sum_r pi_r phi(k_jr) v_j^T, normalised), O(n r dh + n dh^2), causal by prefix sums: _mgk_linear.py.
 """
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,17 +40,22 @@ from ...decode import slot
 from ..registry import Op, OpEnv, register
 from ._common import AttentionBase, AttentionParams
 from ._mgk_cost import mgk_cost
+from ._mgk_linear import linear_forward, linear_step
 from .isab import no_dropout_shape
 
 
 class MgkParams(AttentionParams):
     components: int = Field(2, ge=1, le=64, description="r: Gaussians (keys) in each key's mixture")
+    form: Literal["softmax", "linear"] = Field("softmax", description="softmax: the Gaussian kernel (O(n^2)); linear: "
+                                               "elu + 1 features, the mixture of key features (O(n))")
 
 
 class MixtureOfGaussianKeysAttention(AttentionBase):
+    chunk = 64  # form=linear: tokens per chunk of the causal form
+
     def __init__(self, p: MgkParams, env: OpEnv):
         super().__init__(p, env)
-        self.r = p.components
+        self.r, self.form = p.components, p.form
         width = self.kv_heads * self.head_dim
         self.k_extra = nn.Linear(env.d, (self.r - 1) * width, bias=p.bias) if self.r > 1 else None  # keys 2 .. r
         self.mix_logit = nn.Parameter(torch.zeros(self.kv_heads, self.r))  # pi = softmax over the r components
@@ -84,7 +91,9 @@ class MixtureOfGaussianKeysAttention(AttentionBase):
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         if ctx is not None and ctx.cache is not None:
-            return self._step(x, ctx)
+            return linear_step(self, x, ctx) if self.form == "linear" else self._step(x, ctx)
+        if self.form == "linear":
+            return linear_forward(self, x, ctx)
         n = x.shape[1]
         q, k, v = self.project(x)
         keep = self.allowed(ctx, n, x.device)  # [b, 1, n, n]: padding (and causal), or None
@@ -109,13 +118,14 @@ class MixtureOfGaussianKeysAttention(AttentionBase):
 
 
 OP = register(Op(
-    decode="the K cache (r keys a token, with their mixture column) and the V cache (kv_heads heads)",
+    decode="the K cache (r keys a token, with their mixture column) and the V cache (kv_heads heads); form=linear: the "
+           "running sums [S z] [dh, dh + 1] per K/V head",
     family="mha", variant="mgk", params=MgkParams, module=MixtureOfGaussianKeysAttention,
     causal="yes", shape=no_dropout_shape("mha(mgk)"), supports=frozenset(),
     paper="Improving Transformers with Probabilistic Attention Keys (Transformer-MGK), Nguyen et al. 2022, "
           "arXiv:2110.08678",
     summary="softmax over the n r (token, component) pairs of sum_r pi_r exp(-|q_i - k_jr|^2 / 2 sigma^2), sigma^2 = "
             "sqrt(dh), pi learned per K/V head; one fused SDPA over [q, 1].[k_jr, sigma^2 log pi_r - |k_jr|^2/2]; "
-            "O(n^2 r d)",
+            "O(n^2 r d); form=linear: phi(q)^T sum_j sum_r pi_r phi(k_jr) v_j^T normalised, phi = elu + 1, O(n d^2)",
     note="Softmax/001.md", cost=mgk_cost,
 ))
