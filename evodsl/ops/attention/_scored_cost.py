@@ -126,10 +126,9 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
         # unfold are gone before the weights exist)
         saved = qb + keys + weights + mask + q + pos.saved  # q's blocks, the keys, the weights, the mask, o_proj's copy
         # without sinks the unfolded keys (values) are no matmul operand as they are: bmm copies them (keys / 2
-        # each) and frees the copy after the product
+        # each) and frees the copy after the product (q k^T's copy beside the scores: less than w @ v's phase)
         copy = keys / 2 if S == 0 else 0
         phases = [qkv + grouped + made * qb + built + (3 * block + 2 * col if logit else 2 * block) + 2 * mask + mixed,
-                  qkv + grouped + made * qb + built + copy + block,  # q k^T: the keys' copy beside the scores
                   qkv + grouped + made * qb + built + copy + block + col + qb,  # weights @ values (the values' copy)
                   qkv + qb + q + out]  # o_proj: the blocks' output and its copy
         # without sinks (read from the allocations): the blocks' rows of o's gradient (nb B, padded), the weights'
