@@ -17,8 +17,10 @@ min_length = min_positions  # the shortest input a model takes
 SMALL = {"d_model": 64, "heads": 4, "kv_heads": 2, "layers": 2, "vocab": 97, "d_ff": 128, "max_span": 48, "n_ctx": 256,
          "max_len": 256, "window": 16, "latents": 5, "n_memory": 3, "mem_len": 24, "d_inner": 128,
          "bblock": 2,  # bigbird_base: blocks of 2, so that the tests' shortest sequences have more blocks than globals
-         "n_global": 4, "l_radius": 6, "g_block": 4}  # etc_base, long_context/etc: 4 global tokens (256 would drown
+         "n_global": 4, "l_radius": 6, "g_block": 4,  # etc_base, long_context/etc: 4 global tokens (256 would drown
 #                                                        a token's dependence on the others at 12 positions), short bands
+         "pairs": 1, "head_dim": 32}  # gemma2_2b: one local + global pair (2 layers); heads of 32, h dh = 2 d (wide
+#                                       heads, as Gemma 7B's; 256 made its leak test run 100 s)
 
 
 def small(spec: Path) -> dict:

@@ -152,6 +152,9 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     # YOSO's expectation form (HF's default): the [n, n] collision probabilities E kept per head (mode=sample:
     # O(n d f + n d^2 + n m d tau) time, O(n d + n f + n m h) memory, m hash rounds)
     "yoso_base": ("O(n^2 d)", "O(n^2 h)"),
+    # Gemma 2: the soft-capped scores run the explicit-score kernel (_scored.py), whose global layers keep their
+    # [n, n] weights per head for backward; the local layers' band is linear in n
+    "gemma2_2b": ("O(n^2 dh h)", "O(n^2 h)"),
 }
 
 

@@ -7,6 +7,7 @@ pattern and bidirectional attention are refused (E415)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,18 @@ def test_parameter_count(size):
         hf = transformers.Gemma2ForCausalLM(config)
     ours = evodsl.compile(evodsl.from_hf(config), device="meta")
     assert count(ours) == count(hf) == want
+
+
+def test_shipped_spec_costs_hf_2b_parameters():
+    """specs/gemma2_2b.evo (from-hf's spec of the default Gemma2Config, the 2B model): `evodsl cost` counts HF's
+    parameters, and the spec is what from-hf writes from that config."""
+    with torch.device("meta"):
+        hf = transformers.Gemma2ForCausalLM(transformers.Gemma2Config())
+    spec = Path(__file__).resolve().parents[1] / "specs" / "gemma2_2b.evo"
+    assert evodsl.cost(spec)["params"] == count(hf) == SIZES["2b"][1]
+    shipped = [ln for ln in spec.read_text().splitlines() if ln and not ln.startswith("#")]
+    written = [ln for ln in evodsl.from_hf(transformers.Gemma2Config()).splitlines() if ln and not ln.startswith("#")]
+    assert [ln.split("#")[0].rstrip() for ln in shipped] == [ln.split("#")[0].rstrip() for ln in written]
 
 
 def hf_and_ours(seed: int, **over):

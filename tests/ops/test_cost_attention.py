@@ -45,7 +45,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"talking": True, "sink_logit": True, "pos": ROPE}, ODD),
                 # collaborative heads: shared W_Q, W_K of width D_k (above, at and below dh: q and k or v zero-padded)
                 ({"collab": 32}, BOTH), ({"collab": 40, "kv_heads": 2}, SMALL), ({"collab": 8, "bias": False, "kv_heads": 1}, ODD),
-                ({"collab": 32, "dropout": 0.1}, SMALL)],
+                ({"collab": 32, "dropout": 0.1}, SMALL),
+                # wide heads (Gemma 2: h dh = 4 d here): o's gradient and the blocks' copies, not the scores, lead the peaks
+                ({"softcap": 50.0, "kv_heads": 2, "head_dim": 64, "bias": False}, BOTH),
+                ({"softcap": 50.0, "kv_heads": 2, "head_dim": 64, "pos": ROPE}, ODD)],
     "local": [({"window": 16}, BOTH), ({"window": 40, "kv_heads": 2}, BOTH), ({"window": 16, "pos": ALIBI}, BOTH),
               ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
               ({"window": 200}, ODD), ({"window": 16, "dropout": 0.1}, SMALL),
@@ -59,7 +62,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
               ({"window": 200, "softcap": 30.0, "sinks": 4}, ODD),
               ({"window": 16, "talking": True}, BOTH), ({"window": 40, "talking": True, "kv_heads": 2, "sinks": 4}, ODD),
               # scale= (Gemma 2): q pre-multiplied on the SDPA paths; the capped kernel takes it as its scale
-              ({"window": 16, "scale": 0.2, "kv_heads": 2}, BOTH), ({"window": 16, "scale": 0.2, "softcap": 50.0, "pos": ROPE}, ODD)],
+              ({"window": 16, "scale": 0.2, "kv_heads": 2}, BOTH), ({"window": 16, "scale": 0.2, "softcap": 50.0, "pos": ROPE}, ODD),
+              # wide heads (Gemma 2: h dh = 4 d here): the unfolded keys' and values' copies, o's blocks' gradient
+              ({"window": 16, "softcap": 50.0, "kv_heads": 2, "head_dim": 64, "bias": False}, BOTH),
+              ({"window": 16, "softcap": 50.0, "kv_heads": 2, "head_dim": 64, "pos": ROPE}, ODD),
+              ({"window": 40, "softcap": 50.0, "head_dim": 64}, ODD)],
     # span_init=1: every head at its full span, the band the cost declares (an upper bound otherwise)
     "adaptive_span": [({"max_span": 48, "R": 8}, BOTH), ({"max_span": 20, "R": 4, "pos": ALIBI}, BOTH),
                       ({"max_span": 20, "R": 4, "kv_heads": 2}, ODD), ({"max_span": 20, "R": 4, "pos": ROPE}, SMALL),

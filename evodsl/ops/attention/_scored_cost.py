@@ -91,13 +91,27 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
         # the logit's column and its softmax), its bool mask and the mask's negation
         blocks = (3 * block + 2 * b * h * B * by if logit else 2 * block) + 2 * top + mixed
         q_copy = 0 if rotated else q  # q made contiguous [b, h, n, dh]
-        phases = [qkv + grouped + q_copy + kv_copy + q + blocks, qkv + q + out]
+        # w @ v: a block's weights (with the logit: its softmax's column too) beside the product, B x dh a head,
+        # before it is copied into o (wide heads, dh > the block's keys, make this the larger)
+        wv = block + (b * h * B * by if logit else 0) + b * h * B * dh * by
+        phases = [qkv + grouped + q_copy + kv_copy + q + blocks, qkv + grouped + q_copy + kv_copy + q + wv,
+                  qkv + q + out]
         # backward, blocks in reverse: the last block's weights' and scores' gradients (o's saved copy and its
         # gradient's released); then the block before it's beside o's gradient and the accumulated gradients of
         # q, k and v, the last block's saved tensors released
         last_saved = ((2 if cap else 1) * b * h * by + 1) * last  # its weights (tanh), its mask
         acc = 2 * q  # measured: q's gradient and one more q-sized one
-        bwd = [2 * b * h * last * by - q, sp.Min(1, nb - 1) * (q + acc + 2 * b * h * before * by - last_saved)]
+        more = sp.Min(1, nb - 1)  # 0 with one block
+        g_last, g_B = b * h * (n - (nb - 1) * B) * dh * by, b * h * B * dh * by  # a block's rows of o's gradient
+        bwd = [2 * b * h * last * by - q, more * (q + acc + 2 * b * h * before * by - last_saved),
+               # read from the allocations (wide heads, dh large beside the blocks' keys): the last block's
+               # rows of o's gradient (a copy, and with several blocks a zero-filled one) beside o's gradient
+               # (the slices' scatter: o's saved copy released)
+               q + g_last * (1 + more),
+               # the block before the last: q's, k's and v's accumulated gradients and o's, its own rows of o's
+               # gradient (copy and zeros), or its v gradient scattered into a full-size one and added (two
+               # q-sized) beside its weights' gradient; the last block's saved tensors released
+               more * (4 * q + 2 * g_B - last_saved), more * (5 * q + b * h * before * by - last_saved)]
         if talk:  # measured: each mixing's backward releases what it saved as it makes its gradient; one block's
             # gradient beside q's (the last block), or the block before it's (beside half of q's unless rotated)
             bwd = [b * h * last * by + q, sp.Min(1, nb - 1) * (b * h * before * by + (0 if rotated else q / 2))]
@@ -111,10 +125,16 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
         built = keys if S != 0 else padded  # with sinks the padded ones are released (the matmuls' copies of the
         # unfold are gone before the weights exist)
         saved = qb + keys + weights + mask + q + pos.saved  # q's blocks, the keys, the weights, the mask, o_proj's copy
+        # without sinks the unfolded keys (values) are no matmul operand as they are: bmm copies them (keys / 2
+        # each) and frees the copy after the product (q k^T's copy beside the scores: less than w @ v's phase)
+        copy = keys / 2 if S == 0 else 0
         phases = [qkv + grouped + made * qb + built + (3 * block + 2 * col if logit else 2 * block) + 2 * mask + mixed,
-                  qkv + grouped + made * qb + built + block + col + qb,  # weights @ values
+                  qkv + grouped + made * qb + built + copy + block + col + qb,  # weights @ values (the values' copy)
                   qkv + qb + q + out]  # o_proj: the blocks' output and its copy
-        bwd = [made * qb + block + col + keys / 2]  # measured: the scores' gradient beside q's and the keys'
+        # without sinks (read from the allocations): the blocks' rows of o's gradient (nb B, padded), the weights'
+        # gradient and the values' beside each other, o_proj's saved copy of o (q) released by then; with sinks
+        # (measured): the scores' gradient beside q's and the keys'
+        bwd = [qb + block + col + keys / 2 - q if S == 0 else made * qb + block + col + keys / 2]
         if talk:  # measured: q's blocks' gradient is gone by then
             bwd = [block + col + keys / 2]
     if env.pos is not None:
