@@ -321,18 +321,7 @@ def test_improved_onnx_matches_torch(tmp_path):
 def test_improved_grows_as_declared():
     """tests/growth.py's harness for topk=k (test_growth.py keys its row by variant: the plain form there; ~30 s, slow
     as that row): n C (B + dh) and n k dh: linear in n for fixed C and k."""
-    from costhelpers import declared
-    from growth import NS, check_growth, declared_growth, measure_growth
+    from growth import check_growth, mha_growth
 
-    args = dict(dtype=torch.float32, d=64, causal=False, heads=2, clusters=16, bits=32, iterations=5, topk=32)
-    module, _, _, _ = declared("mha", "clustered", 1, NS[0], **args)
-    module.train()
-    got = measure_growth(lambda x: module(x, Ctx()), lambda n: torch.randn(1, n, 64, generator=torch.Generator().manual_seed(n)),
-                         exclude=[module], train=True)
-
-    def at(n):
-        _, _, cost, ev = declared("mha", "clustered", 1, n, **args)
-        return ev(cost.fwd), ev(cost.peak) + n * 64 * 4, ev(cost.bwd)
-
-    flops, peak, bwd = declared_growth(at)
+    got, flops, peak, bwd = mha_growth("clustered", False, clusters=16, bits=32, iterations=5, topk=32)
     check_growth("mha(clustered, topk=32) bidirectional", got, flops, peak, bwd)

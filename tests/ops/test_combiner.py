@@ -360,20 +360,9 @@ def test_logsparse_matches_equation(causal, n, kv_heads):
 def test_logsparse_grows_as_declared(causal):
     """tests/growth.py's harness for mode=logsparse (test_growth.py keys its row by variant: fixed mode there) over
     n = 1k..8k: n log n FLOPs and bytes (the spans of every level, each query's 2 log2 n keys), no hidden n x n."""
-    from costhelpers import declared
-    from growth import NS, check_growth, declared_growth, measure_growth
+    from growth import NS, check_growth, declared_growth, mha_growth
 
-    args = dict(dtype=torch.float32, d=16, causal=causal, heads=2, mode="logsparse")  # d 16: the attention leads
-    module, _, _, _ = declared("mha", "combiner", 1, NS[0], **args)
-    module.train()
-    got = measure_growth(lambda x: module(x, Ctx()), lambda n: torch.randn(1, n, 16, generator=torch.Generator().manual_seed(n)),
-                         exclude=[module], train=True)
-
-    def at(n):
-        _, _, cost, ev = declared("mha", "combiner", 1, n, **args)
-        return ev(cost.fwd), ev(cost.peak) + n * 16 * 4, ev(cost.bwd)
-
-    flops, peak, bwd = declared_growth(at)
+    got, flops, peak, bwd = mha_growth("combiner", causal, d=16, mode="logsparse")  # d 16: the attention leads
     # the attention's FLOPs (less the n d^2 projections) and the peak bytes are n log n
     attention = declared_growth(lambda n: (flops.values[NS.index(n)] - 8 * n * 16 * 16,))[0]
     assert attention.cls == "n log n" and peak.cls == "n log n", (attention, peak)

@@ -153,18 +153,7 @@ def test_linear_mgk_onnx_matches_torch(causal, tmp_path):
 @pytest.mark.parametrize("causal", [True, False])
 def test_linear_mgk_grows_as_declared(causal):
     """tests/growth.py's harness for form=linear (test_growth.py keys its row by variant: the softmax form there)."""
-    from costhelpers import declared
-    from growth import NS, check_growth, declared_growth, measure_growth
+    from growth import check_growth, mha_growth
 
-    args = dict(dtype=torch.float32, d=64, causal=causal, heads=2, form="linear", components=2)
-    module, _, _, _ = declared("mha", "mgk", 1, NS[0], **args)
-    module.train()
-    got = measure_growth(lambda x: module(x, Ctx()), lambda n: torch.randn(1, n, 64, generator=torch.Generator().manual_seed(n)),
-                         exclude=[module], train=True)
-
-    def at(n):
-        _, _, cost, ev = declared("mha", "mgk", 1, n, **args)
-        return ev(cost.fwd), ev(cost.peak) + n * 64 * 4, ev(cost.bwd)
-
-    flops, peak, bwd = declared_growth(at)
+    got, flops, peak, bwd = mha_growth("mgk", causal, form="linear", components=2)
     check_growth(f"mha(mgk, form=linear) {'causal' if causal else 'bidirectional'}", got, flops, peak, bwd)
