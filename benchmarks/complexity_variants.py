@@ -1,0 +1,119 @@
+"""The rows of bench_complexity.py: every mha variant and token mixer, with the sizes it runs at, and which have
+only one causality. A new variant adds its row here."""
+from __future__ import annotations
+
+
+def variants(args) -> list[tuple[str, str]]:
+    """(label, the layer's call): every mha variant, then the token mixers (not attention, same place in a block)."""
+    mha = [
+        ("softmax", "softmax"),
+        (f"local, window={args.window}", f"local, window={args.window}"),
+        (f"adaptive_span, max_span={args.max_span}, R={args.R}, span_init={args.span_init}",
+         f"adaptive_span, max_span={args.max_span}, R={args.R}, span_init={args.span_init}"),
+        ("linear", "linear"),
+        (f"linformer, k={args.k}", f"linformer, k={args.k}, max_len={max(int(n) for n in args.ns.split(','))}"),
+        ("efficient", "efficient"),
+        ("fastformer", "fastformer"),
+        (f"lambda, r={args.r_lambda}", f"lambda, r={args.r_lambda}"),
+        (f"smart_bird, s={args.s_bird}", f"smart_bird, s={args.s_bird}"),
+        (f"nystrom, landmarks={args.landmarks}, conv={args.conv}", f"nystrom, landmarks={args.landmarks}, conv={args.conv}"),
+        ("fanet", "fanet"),
+        ("ufo", "ufo"),
+        ("simpletron", "simpletron"),
+        ("separable", "separable"),
+        ("performer", "performer"),
+        ("rfa", "rfa"),
+        ("momentum", "momentum"),
+        ("flowformer", "flowformer"),
+        (f"sparse, stride={args.stride}", f"sparse, stride={args.stride}"),
+        (f"sparse, fixed, stride={args.stride}, c={args.c}", f"sparse, pattern=fixed, stride={args.stride}, c={args.c}"),
+        (f"tglobal, radius={args.radius}, block={args.block}", f"tglobal, radius={args.radius}, block={args.block}"),
+        # Longformer: with a global token (bidirectional only), and its causal form (no globals), dilated
+        (f"longformer-global, window={args.window}, globals=1",
+         f"longformer, window={args.window + args.window % 2}, globals=1"),
+        (f"longformer, window={args.window}, dilation=2", f"longformer, window={args.window + args.window % 2}, dilation=2"),
+        (f"chunk, c={args.window}", f"chunk, c={args.window}"),
+        ("logsparse, conv=3", "logsparse, conv=3"),
+        (f"jukebox, row, block={args.stride}", f"jukebox, block={args.stride}"),
+        (f"jukebox, column, block={args.stride}", f"jukebox, pattern=column, block={args.stride}"),
+        (f"jukebox, prev_row, block={args.stride}", f"jukebox, pattern=prev_row, block={args.stride}"),
+        ("blockwise, blocks=4", "blockwise, blocks=4"),
+        (f"long_short, w={args.window}, r={args.r}", f"long_short, w={args.window}, r={args.r}"),
+        (f"fmm, w={args.window}", f"fmm, w={args.window}"),
+        (f"isab, m={args.inducing}", f"isab, m={args.inducing}"),
+        (f"luna, l={args.inducing}", f"luna, l={args.inducing}"),
+        ("star", "star"),
+        (f"skyformer, landmarks={args.landmarks}", f"skyformer, landmarks={args.landmarks}"),
+        (f"soft, landmarks={args.landmarks}", f"soft, landmarks={args.landmarks}"),
+        ("bigbird, block=64, random=3", "bigbird, block=64, window=3, globals=2, random=3"),
+        (f"etc, radius={args.radius}, globals=16", f"etc, radius={args.radius}, globals=16"),  # ETC-base's r is 84
+        (f"bpt, k={args.bpt_k}", f"bpt, k={args.bpt_k}"),
+        (f"lara, C={args.landmarks}", f"lara, C={args.landmarks}"),
+        ("learned_kernel", "learned_kernel"),
+        ("slim", "slim"),
+        ("memory_compressed, k=3", "memory_compressed, k=3"),
+        ("lsh, buckets=8, chunk=64, rounds=2", "lsh, buckets=8, chunk=64, rounds=2"),
+        ("combiner, block=64", "combiner, block=64"),
+        ("combiner, axial, block=64", "combiner, mode=axial, block=64"),
+        ("combiner, logsparse", "combiner, mode=logsparse"),
+        ("hierarchical, block=16", "hierarchical, block=16"),
+        ("multiscale, window=16, pool=4", "multiscale, window=16, pool=4"),
+        ("dilated, dilated_mem, layer=6", "dilated, pattern=dilated_mem, layer=6"),
+        (f"colt5, window={args.window}, k_q=k_kv=256", f"colt5, window={args.window}, k_q=256, k_kv=256"),
+        ("fourier_integral", "fourier_integral"),
+        ("mla, kv_rank=256", "mla, kv_rank=256, rope_dim=32, nope_dim=64, v_dim=64"),
+        ("forgetting", "forgetting"),
+        ("moba, block=64, topk=3", "moba, block=64, topk=3"),
+        (f"nsa, window={args.window}", f"nsa, window={args.window}"),  # the paper's l = 32, d = 16, l' = 64, n = 16
+        ("yoso, hashes=32, tau=8", "yoso, hashes=32, tau=8"),
+        ("differential", "differential"),  # h heads of 2 dh: d_model divisible by 2 heads
+        ("sigmoid", "sigmoid"),
+        ("clustered, clusters=64", "clustered, clusters=64"),
+        ("smyrf, clusters=32, rounds=2", "smyrf, clusters=32, rounds=2"),  # n / 32 keys a query: n^2 / 32
+        ("scatterbrain, clusters=32, features=64", "scatterbrain, clusters=32, features=64"),  # causal: the window of 64
+        ("clustered, clusters=64, topk=32", "clustered, clusters=64, topk=32"),  # improved: n (C + k) d
+        ("routing, clusters=16, window=64", "routing, clusters=16, window=64"),
+        ("exp_smoothing", "exp_smoothing"),
+        ("mgk, components=2", "mgk, components=2"),
+        ("mgk, linear, components=2", "mgk, form=linear, components=2"),  # phi(q)^T sum_j sum_r pi_r phi(k_jr) v_j^T: n d^2
+        ("nap", "nap"),  # explicit [b, h, n, n] scores, normalised per row
+        ("sinkformer, iters=3", "sinkformer, iters=3"),
+        ("sparse_sinkhorn, block=64", f"sparse_sinkhorn, block=64, max_len={max(int(n) for n in args.ns.split(','))}"),
+        ("topk, k=64", "topk, k=64"),
+        ("sac, k=64", "sac, k=64"),  # the edge scores: n^2 r in query chunks of 64; 64 edges a query gathered  # the selection's n^2 d scores in query chunks of 64; 64 keys a query gathered
+        ("probsparse, factor=5", f"probsparse, factor=5, max_len={max(int(n) for n in args.ns.split(','))}"),  # n log n
+        ("chord", f"chord, max_len={max(int(n) for n in args.ns.split(','))}"),  # M factors of 1 + ceil(log2 n) links: n log n
+        ("softmax, softcap=50", "softmax, softcap=50"),  # the modifiers' explicit-score kernel (_scored.py)
+        (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
+        ("softmax, talking=true", "softmax, talking=true"),  # talking heads (_talking.py): the same kernel, heads mixed
+        (f"local, window={args.window}, talking=true", f"local, window={args.window}, talking=true"),
+        ("softmax, collab=128", "softmax, collab=128"),  # collaborative heads (_collab.py): shared Q/K of width D_k
+        ("el", "el"),  # EL-attention: SDPA of the width-d expanded queries over X
+        (f"fixed, mixed, window={args.window}", f"fixed, window={args.window}"),  # hand-crafted maps: O(n w d), O(n d)
+    ]
+    n_max = max(int(n) for n in args.ns.split(","))
+    mha += [("synthesizer, dense", f"synthesizer, kind=dense, max_len={n_max}"),  # the [b, h, n, n] weights
+            ("synthesizer, random", f"synthesizer, kind=random, max_len={n_max}")]  # [h, n, n], shared by the batch
+    mixers = [  # AFT-full is O(n^2 d) (w over all pairs); the local and conv forms O(n w d)
+        ("aft, full", f"aft, mode=full, max_len={n_max}"),
+        ("aft, simple", "aft, mode=simple"),
+        (f"aft, local, window={args.window}", f"aft, mode=local, max_len={n_max}, window={args.window}"),
+        (f"aft, conv, kernel={args.window | 1}", f"aft, mode=conv, kernel={args.window | 1}"),  # odd: centred when bidirectional
+        ("daft", f"daft, max_len={n_max}"),
+        ("fnet", "fnet"),
+        ("average", "average"),  # AAN: cumulative average, FFN, gates
+        ("igloo", f"igloo, max_len={n_max}"),  # IGLOO: P random patches and P gathered values a position, O(n)
+        ("hamburger, nmf", "hamburger, r=8, steps=6"),  # K steps of NMF on X [e, n]: O((K + 1) n r e)
+        ("hamburger, vq", "hamburger, r=8, steps=6, kind=vq"),
+    ]
+    return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
+            + [(f"mixer({label})", f"mixer({call})") for label, call in mixers])
+
+BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
+                      "longformer-global", "blockwise", "long_short", "isab", "star",
+                      "skyformer", "soft", "bigbird", "lambda", "smart_bird", "lara",
+                      "etc",
+                      "fnet", "hamburger",
+                      "colt5", "yoso", "clustered", "probsparse", "chord", "smyrf",
+                      "sinkformer")  # no causal form: bidirectional only
+CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
