@@ -10,6 +10,8 @@ from typing import Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict
 
+from ..diagnostics import Diagnostic, EvoError
+
 Dim = Union[int, str]  # an int, or a symbol such as "b" (batch), "n" (sequence length), "m" (a model's second
 #                       input's length), or a sum of them ("n + 16": a stream with 16 tokens concatenated)
 Shape = tuple  # tuple[Dim, ...]
@@ -167,12 +169,20 @@ def register(op: Op) -> Op:
     return op
 
 
+def _loaded() -> dict:
+    """REGISTRY with every op file imported (evodsl.ops.load_all: a lookup before any parse or build, e.g. a test
+    run alone, would otherwise miss the ops not imported yet)."""
+    from . import load_all
+
+    return load_all()
+
+
 def variants(family: str) -> list[str]:
-    return sorted(v for f, v in REGISTRY if f == family)
+    return sorted(v for f, v in _loaded() if f == family)
 
 
 def lookup(family: str, variant: str) -> Op | None:
-    return REGISTRY.get((family, variant))
+    return _loaded().get((family, variant))
 
 
 @dataclass
@@ -214,6 +224,17 @@ def right_padded(mask) -> bool:
     if mask is None or is_symbolic(mask):
         return False
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+PAD_RIGHT = "pad after the tokens (tokenizer padding_side='right')"
+
+
+def require_right_padding(mask, who: str, why: str, hint: str = PAD_RIGHT) -> None:
+    """E409 for an op that counts positions from each row's first token (blocks, segments, global or sink tokens,
+    position-indexed weights), given a mask that is not right padding: left padding would move the tokens. A
+    symbolic mask passes (an export holds for every mask; right padding is what it assumes)."""
+    if mask is not None and not is_symbolic(mask) and not right_padded(mask):
+        raise EvoError([Diagnostic("E409", f"{who} needs right padding: {why}", help=hint)])
 
 
 def seq_len(shape) -> Dim:

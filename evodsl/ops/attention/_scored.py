@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ...decode import append_kv, slot
-from ...diagnostics import Diagnostic, EvoError
-from ..registry import is_symbolic, right_padded
+from ..registry import require_right_padding
 from ._talking import mix
 
 FULL_BLOCK = 64  # queries per block when every query reads the whole causal prefix or sequence
@@ -171,10 +170,9 @@ def scored_forward(m, x, ctx):
         return m.out(_step(m, x, ctx))
     q, k, v = m.qkv(x)
     key_mask = m.key_mask(ctx)
-    if m.sinks and key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-        raise EvoError([Diagnostic("E409", f"mha({m.variant}, sinks={m.sinks}) needs right padding: its sink "
-                                           "tokens are each row's first positions, which left padding moves",
-                                   help="pad after the tokens (tokenizer padding_side='right')")])
+    if m.sinks:
+        require_right_padding(key_mask, f"mha({m.variant}, sinks={m.sinks})",
+                              "its sink tokens are each row's first positions, which left padding moves")
     n = x.shape[1]
     lo, hi = bounds(m, n)
     o = scored_attention(q, m.expand_kv(k), m.expand_kv(v), lo, hi, m.causal, m.score_scale, m.softcap, m.sinks,

@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ...diagnostics import Diagnostic, EvoError
 from ..cost import Cost, Symbols
-from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, register, require_right_padding
 from ._common import (LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols)
 
 
@@ -65,10 +64,8 @@ class BlockwiseAttention(AttentionBase):
         q, k, v = self.qkv(x)
         b, n = x.shape[:2]
         mask = ctx.mask if ctx is not None else None
-        if mask is not None and not is_symbolic(mask) and not right_padded(mask):
-            raise EvoError([Diagnostic("E409", "mha(blockwise) needs right padding: its blocks are counted over "
-                                               "each sequence's tokens from the row's start",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(mask, "mha(blockwise)", "its blocks are counted over each sequence's tokens from the "
+                                                      "row's start")
         nb = self.blocks
         lengths = (torch.full((b,), n, device=x.device) if mask is None else mask.sum(-1))[:, None, None]
         j = torch.arange(nb, device=x.device)[:, None]

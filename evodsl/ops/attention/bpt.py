@@ -27,8 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from ...decode import slot
-from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, register, require_right_padding
 from ._bpt_cost import bpt_cost
 from ._common import AttentionBase, AttentionParams, attention_shape
 
@@ -107,10 +106,8 @@ class BPTAttention(AttentionBase):
         if ctx is not None and ctx.cache is not None:
             return self._step(x, ctx)
         key_mask = self.key_mask(ctx)
-        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-            raise EvoError([Diagnostic("E409", "mha(bpt) needs right padding: its spans are counted from each row's "
-                                               "first position, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(key_mask, "mha(bpt)", "its spans are counted from each row's first position, and left "
+                                                    "padding moves the tokens")
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.heads, self.head_dim)
         k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim)

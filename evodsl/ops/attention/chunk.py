@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ...decode import slot
-from ...diagnostics import Diagnostic, EvoError
 from ..cost import Cost, Symbols
 from ..position._inattention import InAttentionPosition
-from ..registry import Op, OpEnv, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, register, require_right_padding
 from ._banded import POSITION_BIAS, _prefix_mask
 from ._common import (LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols,
                       position_cost, rotates, score_bias)
@@ -49,10 +48,8 @@ class ChunkAttention(AttentionBase):
         q, k, v = self.qkv(x)
         key_mask = self.key_mask(ctx)
         n = x.shape[1]
-        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-            raise EvoError([Diagnostic("E409", "mha(chunk) needs right padding: its chunks are counted from each "
-                                               "row's first position, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(key_mask, "mha(chunk)", "its chunks are counted from each row's first position, and "
+                                                      "left padding moves the tokens")
         if not isinstance(n, int) or torch.jit.is_tracing():
             return self.out(self._gathered(q, k, v, key_mask))
         return self.o_proj(self._chunks(q, k, v, key_mask).flatten(2))

@@ -42,8 +42,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ...decode import slot
-from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, register, require_right_padding
 from ._combiner_axial import axial, axial_step, row_summaries
 from ._combiner_cost import combiner_cost
 from ._combiner_logsparse import logsparse, logsparse_step
@@ -79,10 +78,8 @@ class CombinerAttention(AttentionBase):
             return self._step(x, ctx)
         b, n, _ = x.shape
         key_mask = self.key_mask(ctx)
-        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-            raise EvoError([Diagnostic("E409", "mha(combiner) needs right padding: its blocks are counted from each "
-                                               "row's first position, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(key_mask, "mha(combiner)", "its blocks are counted from each row's first position, and "
+                                                         "left padding moves the tokens")
         length = None if key_mask is None or self.causal else key_mask.sum(1, keepdim=True)  # [b, 1]
         form = {"fixed": self._fixed, "axial": self._axial, "logsparse": self._logsparse}[self.mode]
         o = form(self.q_proj(x), self.k_proj(x), self.v_proj(x), length)

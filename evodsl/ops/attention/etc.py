@@ -58,8 +58,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, register, require_right_padding
 from ._common import AttentionBase, AttentionParams
 from ._dilated_band import Side, dilated_band
 from ._etc_cost import etc_cost
@@ -110,11 +109,8 @@ class EtcAttention(AttentionBase):
         b, N, _ = x.shape
         G = self.globals
         key_mask = self.key_mask(ctx)
-        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-            raise EvoError([Diagnostic("E409", "mha(etc) needs right padding: its global tokens are the first "
-                                               "positions and its segments are counted from the long input's "
-                                               "start, and left padding moves them",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(key_mask, "mha(etc)", "its global tokens are the first positions and its segments are "
+                                                    "counted from the long input's start, and left padding moves them")
         if not isinstance(N, int):
             return self._exported(x, key_mask)
         q, k, v = self.qkv(x)

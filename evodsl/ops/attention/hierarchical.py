@@ -43,8 +43,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, register, require_right_padding
 from ._common import AttentionBase, AttentionParams
 from ._hierarchical_cost import hierarchical_cost
 from ._hierarchical_export import gathered
@@ -86,10 +85,8 @@ class HierarchicalAttention(AttentionBase):
         if ctx is not None and ctx.cache is not None:
             return hierarchical_step(self, x, ctx)
         key_mask = self.key_mask(ctx)
-        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-            raise EvoError([Diagnostic("E409", "mha(hierarchical) needs right padding: its blocks are counted from "
-                                               "each row's first position, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(key_mask, "mha(hierarchical)", "its blocks are counted from each row's first position, "
+                                                             "and left padding moves the tokens")
         q, k, v = self.qkv(x)
         if not isinstance(x.shape[1], int):  # export: one graph for every n
             return self.out(gathered(self, q, k, v, key_mask))

@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ...decode import slot
-from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, register, require_right_padding
 from ._common import AttentionBase, AttentionParams, attention_shape
 from ._jukebox_cost import jukebox_cost
 
@@ -151,10 +150,8 @@ class JukeboxAttention(AttentionBase):
         if ctx is not None and ctx.cache is not None:
             return self._step(x, ctx)
         key_mask = self.key_mask(ctx)
-        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-            raise EvoError([Diagnostic("E409", "mha(jukebox) needs right padding: its rows are counted from each "
-                                               "sequence's first position, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(key_mask, "mha(jukebox)", "its rows are counted from each sequence's first position, "
+                                                        "and left padding moves the tokens")
         q, k, v = self.qkv(x)
         dropout = self.dropout if self.training else 0.0
         if not isinstance(x.shape[1], int) or torch.jit.is_tracing():

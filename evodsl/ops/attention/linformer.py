@@ -21,7 +21,7 @@ from torch import nn
 
 from ...diagnostics import Diagnostic, EvoError
 from ..cost import Cost, Symbols
-from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, register, require_right_padding
 from ._common import LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols
 
 
@@ -59,10 +59,8 @@ class LinformerAttention(AttentionBase):
         q, k, v = self.qkv(x)
         mask = ctx.mask if ctx is not None else None
         if mask is not None:
-            if not is_symbolic(mask) and not right_padded(mask):  # exported: right padding assumed
-                raise EvoError([Diagnostic("E409", "mha(linformer) needs right padding: its projection reads "
-                                                   "positions, and left padding moves the tokens",
-                                           help="pad after the tokens (tokenizer padding_side='right')")])
+            require_right_padding(mask, "mha(linformer)", "its projection reads positions, and left padding moves "
+                                                          "the tokens")  # exported: right padding assumed
             keep = mask[:, None, :, None].to(k.dtype)
             k, v = k * keep, v * keep
         E, Fm = self._columns(self.E, n), (None if self.F is None else self._columns(self.F, n))

@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ...diagnostics import Diagnostic, EvoError
 from ..cost import Cost, Symbols, linear
-from ..registry import Op, OpEnv, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, register, require_right_padding
 from ._banded import _band_mask, _without_padded_keys, band_blocks
 from ._common import LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols
 
@@ -53,10 +52,8 @@ class LongShortAttention(AttentionBase):
         b, n, _ = x.shape
         h, kvh, dh, r = self.heads, self.kv_heads, self.head_dim, self.r
         key_mask = self.key_mask(ctx)
-        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):  # exported: assumed
-            raise EvoError([Diagnostic("E409", "mha(long_short) needs right padding: its segments start at "
-                                               "position 0, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(key_mask, "mha(long_short)", "its segments start at position 0, and left padding moves "
+                                                           "the tokens")  # exported: right padding assumed
         q = self.q_proj(x).view(b, n, h, dh).transpose(1, 2)
         p = self.dproj(x)  # [b, n, kv * r]
         if key_mask is not None:

@@ -26,8 +26,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, register, require_right_padding
 from ._banded import banded_attention
 from ._common import AttentionBase, AttentionParams, attention_shape
 from ._dilated_band import dilated_band
@@ -69,11 +68,10 @@ class LongformerAttention(AttentionBase):
             return self._step(x, ctx)
         key_mask = self.key_mask(ctx)
         g = min(self.globals, x.shape[1]) if isinstance(x.shape[1], int) else self.globals
-        if g and key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-            raise EvoError([Diagnostic("E409", f"mha(longformer) with globals={self.globals} needs right padding: "
-                                               "its global tokens are the first positions, and left padding puts "
-                                               "padding there", help="pad after the tokens (tokenizer "
-                                                                     "padding_side='right'), or set globals=0")])
+        if g:
+            require_right_padding(key_mask, f"mha(longformer) with globals={self.globals}",
+                                  "its global tokens are the first positions, and left padding puts padding there",
+                                  hint="pad after the tokens (tokenizer padding_side='right'), or set globals=0")
         q, k, v = self.qkv(x)
         k, v = self.expand_kv(k), self.expand_kv(v)
         dropout = self.dropout if self.training else 0.0

@@ -39,8 +39,7 @@ from pydantic import Field
 from torch import nn
 
 from ...decode import slot
-from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, register, require_right_padding
 from ._common import AttentionBase, AttentionParams
 from ._memory_compressed_cost import memory_compressed_cost
 from .isab import no_dropout_shape
@@ -75,10 +74,8 @@ class MemoryCompressedAttention(AttentionBase):
         q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         kx, vx = self.k_proj(x), self.v_proj(x)
         key_mask = self.key_mask(ctx)
-        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-            raise EvoError([Diagnostic("E409", "mha(memory_compressed) needs right padding: its slots are counted "
-                                               "from each row's first position, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(key_mask, "mha(memory_compressed)", "its slots are counted from each row's first "
+                                                                  "position, and left padding moves the tokens")
         if not isinstance(n, int):  # export: one graph for every n
             return self.out(self._gathered(q, kx, vx, key_mask))
         if self.causal:

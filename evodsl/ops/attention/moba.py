@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ...decode import slot
-from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, register, require_right_padding
 from ._common import AttentionBase, AttentionParams, attention_shape
 from ._moba_cost import moba_cost
 
@@ -64,10 +63,8 @@ class MobaAttention(AttentionBase):
         if ctx is not None and ctx.cache is not None:
             return self._step(x, ctx)
         key_mask = self.key_mask(ctx)
-        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-            raise EvoError([Diagnostic("E409", "mha(moba) needs right padding: its blocks are counted from each row's "
-                                               "first position, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(key_mask, "mha(moba)", "its blocks are counted from each row's first position, and left "
+                                                     "padding moves the tokens")
         q, k, v = self.qkv(x)
         return self.out(self.attend(q, k, v, 0))
 

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ...decode import append_kv
-from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, register, require_right_padding
 from ._common import AttentionBase, AttentionParams
 from ._multiscale_cost import multiscale_cost
 from .isab import no_dropout_shape
@@ -82,10 +81,8 @@ class MultiscaleAttention(AttentionBase):
 
     def forward(self, x, ctx):
         key_mask = self.key_mask(ctx)
-        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-            raise EvoError([Diagnostic("E409", "mha(multiscale) needs right padding: its blocks are counted from "
-                                               "each row's first position, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(key_mask, "mha(multiscale)", "its blocks are counted from each row's first position, "
+                                                           "and left padding moves the tokens")
         start = 0
         q, k, v = self.qkv(x)
         if ctx is not None and ctx.cache is not None:  # decoding: every key and value kept

@@ -33,8 +33,7 @@ from pydantic import Field
 from torch import nn
 
 from ...decode import slot
-from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, register, require_right_padding
 from ._banded import banded_attention
 from ._common import AttentionBase, AttentionParams
 from ._nsa_branches import (BlockCompressor, compressed_attention, compressed_count, selected_attention,
@@ -74,10 +73,8 @@ class NativeSparseAttention(AttentionBase):
             return self._step(x, ctx)
         q, k, v = self.qkv(x)
         key_mask = self.key_mask(ctx)
-        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-            raise EvoError([Diagnostic("E409", "mha(nsa) needs right padding: its blocks are counted from each "
-                                               "row's first position, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(key_mask, "mha(nsa)", "its blocks are counted from each row's first position, and left "
+                                                    "padding moves the tokens")
         N = k.shape[2]
         M = compressed_count(N, self.block, self.stride)
         kc, vc = self.k_compress(k, 0, M, self.stride), self.v_compress(v, 0, M, self.stride)

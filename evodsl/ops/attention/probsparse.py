@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, require_right_padding
 from ._common import AttentionBase, AttentionParams
 from ._probsparse_cost import MEASURE_CHUNK, probsparse_cost
 from .isab import no_dropout_shape
@@ -84,10 +84,8 @@ class ProbSparseAttention(AttentionBase):
             raise EvoError([Diagnostic("E410", f"mha(probsparse) takes at most max_len={self.max_len} positions, got {n}",
                                        help="raise max_len= (the export's bound on the active queries)")])
         mask = self.key_mask(ctx)
-        if mask is not None and not is_symbolic(mask) and not right_padded(mask):
-            raise EvoError([Diagnostic("E409", "mha(probsparse) needs right padding: its key sample reads positions "
-                                               "from each row's start, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(mask, "mha(probsparse)", "its key sample reads positions from each row's start, and "
+                                                       "left padding moves the tokens")
         q, k, v = self.qkv(x)
         return self.out(self.attend(q, k, v, mask))
 

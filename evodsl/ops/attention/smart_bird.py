@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ...diagnostics import Diagnostic, EvoError
 from ..cost import Cost, Symbols, linear
-from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, register, require_right_padding
 from ._common import AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols
 
 MOD = 2 ** 31 - 1  # the Park-Miller modulus: the hash's states stay below 2^31, their products below 2^47
@@ -79,10 +78,8 @@ class SmartBirdAttention(AttentionBase):
         b, n, _ = x.shape
         H, G, dh = self.heads, self.kv_heads, self.head_dim
         mask = ctx.mask if ctx is not None else None
-        if mask is not None and not is_symbolic(mask) and not right_padded(mask):  # eagerly (an export holds for right padding)
-            raise EvoError([Diagnostic("E409", "mha(smart_bird) needs right padding: its sampling noise is keyed by "
-                                               "positions, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(mask, "mha(smart_bird)", "its sampling noise is keyed by positions, and left padding "  # eagerly (an export holds for right padding)
+                                                       "moves the tokens")
         sketch = (self.sketch_q(x) @ self.sketch_k(x).transpose(1, 2)) * self.e ** -0.5  # [b, n, n]: c
         if mask is not None:
             sketch = sketch.masked_fill(~mask[:, None, :], float("-inf"))

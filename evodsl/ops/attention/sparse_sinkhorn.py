@@ -35,7 +35,7 @@ from pydantic import Field
 
 from ...decode import slot
 from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, register, require_right_padding
 from ._common import AttentionBase, AttentionParams
 from ._sparse_sinkhorn_cost import sparse_sinkhorn_cost
 from ._sparse_sinkhorn_sort import SortNet, block_summaries, causal_sinkhorn_log, masked_sinkhorn_log
@@ -71,10 +71,8 @@ class SparseSinkhornAttention(AttentionBase):
             raise EvoError([Diagnostic("E410", f"mha(sparse_sinkhorn) has max_len={self.max_len}, the input {n} "
                                                "positions", help="set max_len to the longest sequence")])
         key_mask = self.key_mask(ctx)
-        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-            raise EvoError([Diagnostic("E409", "mha(sparse_sinkhorn) needs right padding: its blocks are counted "
-                                               "from each row's first position, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(key_mask, "mha(sparse_sinkhorn)", "its blocks are counted from each row's first "
+                                                                "position, and left padding moves the tokens")
         return self.o_proj(self.attend(x, key_mask))
 
     def permutation(self, x, m, blocks):

@@ -33,7 +33,7 @@ from torch import nn
 
 from ...decode import slot
 from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, ShapeProblem, register, require_right_padding
 from ._common import AttentionBase, AttentionParams
 from ._synthesizer_cost import synthesizer_cost
 from ._synthesizer_logits import KINDS, MIXES, SyntheticLogits, components, factors
@@ -87,10 +87,8 @@ class SynthesizerAttention(AttentionBase):
         n = x.shape[1]
         self._check_len(n)
         key_mask = self.key_mask(ctx)
-        if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
-            raise EvoError([Diagnostic("E409", "mha(synthesizer) needs right padding: its logits are indexed by "
-                                               "absolute position, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        require_right_padding(key_mask, "mha(synthesizer)", "its logits are indexed by absolute position, and left "
+                                                            "padding moves the tokens")
         q, k, v = self._project(x)
         return self.out(self.attend(x, q, k, v, 0, n, key_mask))
 

@@ -29,7 +29,7 @@ from torch import nn
 from ...decode import slot
 from ...diagnostics import Diagnostic, EvoError
 from ..cost import Cost, Symbols, linear
-from ..registry import Op, OpEnv, OpParams, ShapeProblem, is_symbolic, register, right_padded
+from ..registry import Op, OpEnv, OpParams, ShapeProblem, register, require_right_padding
 from ._aft import band_sums, exp_keys, full_sums, global_sums
 
 
@@ -102,10 +102,9 @@ class AttentionFreeMixer(nn.Module):
             raise EvoError([Diagnostic("E410", f"{self.label} has max_len={self.max_len}, the "
                                                f"input {n} positions", help="set max_len to the longest sequence")])
         keep = None if ctx is None or ctx.mask is None or (self.causal and ctx.right_padded) else ctx.mask
-        if keep is not None and self.mode in ("full", "local") and not is_symbolic(keep) and not right_padded(keep):
-            raise EvoError([Diagnostic("E409", f"{self.label} needs right padding: its position "
-                                               "biases read absolute positions, and left padding moves the tokens",
-                                       help="pad after the tokens (tokenizer padding_side='right')")])
+        if self.mode in ("full", "local"):
+            require_right_padding(keep, self.label, "its position biases read absolute positions, and left padding "
+                                                    "moves the tokens")
         num, den = self.sums(self.k_proj(x), self.v_proj(x), keep)
         if keep is not None:  # a query before every token (causal, left padding) has no key: finite, unread
             den = den.clamp_min(torch.finfo(den.dtype).tiny)
