@@ -1,6 +1,7 @@
 """Helpers for op tests: build one registered op's module standalone, and the causal leak check."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from evodsl.decode import DecodeState
@@ -125,3 +126,19 @@ def output_projection(m, o: torch.Tensor) -> torch.Tensor:
     """o_proj applied from its weights: o [b, n, heads * dh] -> [b, n, d]."""
     return o @ m.o_proj.weight.T + (0 if m.o_proj.bias is None else m.o_proj.bias)
 
+
+
+def refuses(variant: str, cases: dict, causal: bool = False, ok: str | None = None, heads: int = 4) -> None:
+    """One-layer specs `mha(variant, heads=4, ARGS)` on features of width 32: `ok` (if given) parses, and each
+    ARGS in `cases` is refused with an EvoError matching its pattern (the diagnostics' words, not a traceback)."""
+    import evodsl
+
+    def build(args: str) -> None:
+        evodsl.parse(f"model m(causal={str(causal).lower()}) = input(features, d=32) "
+                     f"-> mha({variant}, heads={heads}, {args}) -> head(linear, d_out=2)")
+
+    if ok is not None:
+        build(ok)
+    for args, pattern in cases.items():
+        with pytest.raises(evodsl.EvoError, match=pattern):
+            build(args)

@@ -14,20 +14,10 @@ import pytest
 import torch
 
 import evodsl
-from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import make_op, output_projection, perturb_params
+from ophelpers import head_projections, make_op, output_projection, perturb_params, refuses
 
 D = 32
-
-
-def projections(m, x):
-    b, n, _ = x.shape
-
-    def proj(layer, heads):
-        return (x @ layer.weight.T + (0 if layer.bias is None else layer.bias)).view(b, n, heads, m.head_dim)
-
-    return proj(m.q_proj, m.heads), proj(m.k_proj, m.kv_heads), proj(m.v_proj, m.kv_heads)
 
 
 def hamming_kmeans(codes, tokens, C, iterations):
@@ -52,7 +42,7 @@ def hamming_kmeans(codes, tokens, C, iterations):
 def reference(m, x, key_mask=None, topk=0):
     """The clustered form (topk=0), or the improved one (section 3.3): a query of cluster j attends the k keys T_j of
     highest centroid attention with its own softmax over them, scaled by m_j = sum_{T_j} A^c_j, the others by A^c_j."""
-    q, k, v = projections(m, x)
+    q, k, v = head_projections(m, x)
     b, n, h, dh = q.shape
     g = h // k.shape[2]
     C = m.clusters
@@ -180,21 +170,9 @@ def test_gradients_are_the_equations():
 
 
 def test_bad_params_are_refused():
-    def build(args, causal="false"):
-        evodsl.parse(f"model m(causal={causal}) = input(features, d=32) -> mha(clustered, heads=4, {args}) "
-                     f"-> head(linear, d_out=2)")
-
-    build("clusters=4")
-    with pytest.raises(EvoError, match="no dropout"):
-        build("dropout=0.1")
-    with pytest.raises(EvoError, match="heads=4 is not a multiple of kv_heads=3"):
-        build("kv_heads=3")
-    with pytest.raises(EvoError, match="clusters"):
-        build("clusters=0")
-    with pytest.raises(EvoError, match="topk"):
-        build("topk=-1")
-    with pytest.raises(EvoError, match="causal"):
-        build("clusters=4", causal="true")
+    refuses("clustered", {"dropout=0.1": "no dropout", "kv_heads=3": "heads=4 is not a multiple of kv_heads=3",
+                          "clusters=0": "clusters", "topk=-1": "topk"}, ok="clusters=4")
+    refuses("clustered", {"clusters=4": "causal"}, causal=True)
 
 
 # ------------------------------------------------------------ improved clustered attention (topk=k, section 3.3)

@@ -10,21 +10,10 @@ import math
 import pytest
 import torch
 
-import evodsl
-from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_no_leak, make_op, output_projection, perturb_params
+from ophelpers import assert_no_leak, head_projections, make_op, output_projection, perturb_params, refuses
 
 D = 32
-
-
-def projections(m, x):
-    b, n, _ = x.shape
-
-    def proj(layer, heads):
-        return (x @ layer.weight.T + (0 if layer.bias is None else layer.bias)).view(b, n, heads, m.head_dim)
-
-    return proj(m.q_proj, m.heads), proj(m.k_proj, m.kv_heads), proj(m.v_proj, m.kv_heads)
 
 
 def route(t, mu):
@@ -38,7 +27,7 @@ def argmax(vals):
 
 
 def reference(m, x, key_mask=None, causal=False, window=None):
-    q, k, v = projections(m, x)
+    q, k, v = head_projections(m, x)
     b, n, h, dh = q.shape
     g = h // k.shape[2]
     w = window or m.window
@@ -100,7 +89,7 @@ def test_centroids_move_by_the_ema_of_their_members():
         got_out = m.train()(x, Ctx(mask=mask))
     assert torch.equal(got_out, want_out)
     with torch.no_grad():
-        q, k, _ = projections(m, x)
+        q, k, _ = head_projections(m, x)
     k = k.repeat_interleave(2, dim=2)
     moved = 0
     for hh in range(4):
@@ -163,7 +152,7 @@ def test_top_w_keys_with_a_causal_mask_alone_leaks():
 
     @torch.no_grad()
     def top_then_mask(x):
-        q, k, v = projections(m, x)
+        q, k, v = head_projections(m, x)
         out = torch.zeros_like(q)
         for bb in range(x.shape[0]):
             for hh in range(2):
@@ -189,19 +178,8 @@ def test_gradients_are_the_equations(causal):
 
 
 def test_bad_params_are_refused():
-    def build(args):
-        evodsl.parse(f"model m(causal=true) = input(features, d=32) -> mha(routing, heads=4, {args}) "
-                     f"-> head(linear, d_out=2)")
-
-    build("clusters=4, window=8")
-    with pytest.raises(EvoError, match="no dropout"):
-        build("dropout=0.1")
-    with pytest.raises(EvoError, match="heads=4 is not a multiple of kv_heads=3"):
-        build("kv_heads=3")
-    with pytest.raises(EvoError, match="window"):
-        build("window=0")
-    with pytest.raises(EvoError, match="decay"):
-        build("decay=1.5")
+    refuses("routing", {"dropout=0.1": "no dropout", "kv_heads=3": "heads=4 is not a multiple of kv_heads=3",
+                        "window=0": "window", "decay=1.5": "decay"}, causal=True, ok="clusters=4, window=8")
 
 
 def test_float16_keeps_the_own_key_penalty_finite():

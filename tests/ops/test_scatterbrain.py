@@ -16,22 +16,10 @@ import math
 import pytest
 import torch
 
-import evodsl
-from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import make_op, output_projection, perturb_params
+from ophelpers import head_projections, make_op, output_projection, perturb_params, refuses
 
 D = 32
-
-
-def projections(m, x):
-    """q [b, n, h, dh], k, v [b, n, kv, dh] from the module's weights alone."""
-    b, n, _ = x.shape
-
-    def proj(layer, heads):
-        return (x @ layer.weight.T + (0 if layer.bias is None else layer.bias)).view(b, n, heads, m.head_dim)
-
-    return proj(m.q_proj, m.heads), proj(m.k_proj, m.kv_heads), proj(m.v_proj, m.kv_heads)
 
 
 def phi(x, w):
@@ -57,7 +45,7 @@ def support(m, qs, ks, toks, hh):
 
 
 def reference(m, x, keep=None, sparse=True, causal=False):
-    q, k, v = projections(m, x)
+    q, k, v = head_projections(m, x)
     b, n, h, dh = q.shape
     g = h // k.shape[2]
     out = torch.zeros(b, n, h, dh, dtype=x.dtype)
@@ -137,7 +125,7 @@ def test_a_window_over_the_sequence_is_causal_softmax_attention():
 
 
 def softmax_attention(m, x, causal=False):
-    q, k, v = projections(m, x)
+    q, k, v = head_projections(m, x)
     g = m.heads // k.shape[2]
     s = torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(g, 2)) / math.sqrt(q.shape[-1])
     if causal:
@@ -196,18 +184,9 @@ def test_padding_either_side_gets_no_weight(causal):
 
 
 def test_dropout_and_bad_heads_are_refused():
-    def build(args, causal="false"):
-        evodsl.parse(f"model m(causal={causal}) = input(features, d=32) -> mha(scatterbrain, heads=4, {args}) "
-                     f"-> head(linear, d_out=2)")
-
-    with pytest.raises(EvoError, match="window"):
-        build("window=0", causal="true")
-    with pytest.raises(EvoError, match="no dropout"):
-        build("dropout=0.1")
-    with pytest.raises(EvoError, match="heads=4 is not a multiple of kv_heads=3"):
-        build("kv_heads=3")
-    with pytest.raises(EvoError, match="features"):
-        build("features=0")
+    refuses("scatterbrain", {"window=0": "window"}, causal=True)
+    refuses("scatterbrain", {"dropout=0.1": "no dropout", "kv_heads=3": "heads=4 is not a multiple of kv_heads=3",
+                             "features=0": "features"})
 
 
 @pytest.mark.parametrize("causal", [False, True])

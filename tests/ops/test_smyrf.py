@@ -11,26 +11,14 @@ import math
 import pytest
 import torch
 
-import evodsl
-from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import make_op, output_projection, perturb_params
+from ophelpers import head_projections, make_op, output_projection, perturb_params, refuses
 
 D = 32
 
 
-def projections(m, x):
-    """q [b, n, h, dh], k, v [b, n, kv, dh] from the module's weights alone."""
-    b, n, _ = x.shape
-
-    def proj(layer, heads):
-        return (x @ layer.weight.T + (0 if layer.bias is None else layer.bias)).view(b, n, heads, m.head_dim)
-
-    return proj(m.q_proj, m.heads), proj(m.k_proj, m.kv_heads), proj(m.v_proj, m.kv_heads)
-
-
 def reference(m, x, keep=None):
-    q, k, v = projections(m, x)
+    q, k, v = head_projections(m, x)
     b, n, h, dh = q.shape
     g = h // k.shape[2]
     R, C = m.alpha.shape[-1], m.clusters
@@ -118,7 +106,7 @@ def test_one_cluster_is_softmax_attention():
         m, _, _ = make_op("mha", "smyrf", d=D, heads=4, kv_heads=kv_heads, clusters=1, rounds=rounds)
         perturb_params(m)
         x = torch.randn(2, 19, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        q, k, v = projections(m, x)
+        q, k, v = head_projections(m, x)
         g = 4 // k.shape[2]
         w = (torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(g, 2)) / math.sqrt(q.shape[-1])).softmax(-1)
         want = output_projection(m, torch.einsum("bhij,bjhd->bihd", w, v.repeat_interleave(g, 2)).reshape(2, 19, -1))
@@ -167,18 +155,9 @@ def test_padding_either_side_gets_no_weight():
 
 
 def test_causal_dropout_and_bad_heads_are_refused():
-    def build(args, causal="false"):
-        evodsl.parse(f"model m(causal={causal}) = input(features, d=32) -> mha(smyrf, heads=4, {args}) "
-                     f"-> head(linear, d_out=2)")
-
-    with pytest.raises(EvoError, match="causal"):
-        build("clusters=4", causal="true")
-    with pytest.raises(EvoError, match="no dropout"):
-        build("dropout=0.1")
-    with pytest.raises(EvoError, match="heads=4 is not a multiple of kv_heads=3"):
-        build("kv_heads=3")
-    with pytest.raises(EvoError, match="clusters"):
-        build("clusters=0")
+    refuses("smyrf", {"clusters=4": "causal"}, causal=True)
+    refuses("smyrf", {"dropout=0.1": "no dropout", "kv_heads=3": "heads=4 is not a multiple of kv_heads=3",
+                      "clusters=0": "clusters"})
 
 
 def test_gradients_are_the_equations():
