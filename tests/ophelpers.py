@@ -142,3 +142,35 @@ def refuses(variant: str, cases: dict, causal: bool = False, ok: str | None = No
     for args, pattern in cases.items():
         with pytest.raises(evodsl.EvoError, match=pattern):
             build(args)
+
+
+def spec_onnx_parity(src: str, tmp_path, lengths=(7, 33, 70), batches=(1, 3), pad: int = 3, tol: float = 1e-4) -> float:
+    """Export spec `src` (features of width 32) once, with a symbolic n, and run the file in onnxruntime against
+    the torch model at every (batch, length), the last row right-padded by `pad` tokens (0: no padding) where the
+    file takes an attention_mask. Asserts max |ORT - torch| over the real tokens <= tol * the output's scale;
+    returns the worst ratio."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import evodsl
+
+    evodsl.export(src, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    model = evodsl.compile(src)
+    names = [i.name for i in session.get_inputs()]
+    masked = "attention_mask" in names
+    worst = 0.0
+    for b in batches:
+        for n in lengths:
+            x = torch.randn(b, n, 32, generator=torch.Generator().manual_seed(n))
+            mask = torch.ones(b, n, dtype=torch.long)
+            if pad:
+                mask[-1, n - pad:] = 0  # a right-padded row
+            with torch.no_grad():
+                want = (model(x, attention_mask=mask) if masked else model(x)).numpy()
+            got = session.run(None, {names[0]: x.numpy(), **({"attention_mask": mask.numpy()} if masked else {})})[0]
+            real = mask.numpy().astype(bool) if masked else np.ones((b, n), dtype=bool)
+            diff, scale = float(np.abs(got - want)[real].max()), float(np.abs(want).max())
+            assert diff <= tol * scale, (b, n, diff, scale)
+            worst = max(worst, diff / scale)
+    return worst

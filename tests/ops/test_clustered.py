@@ -13,9 +13,8 @@ import math
 import pytest
 import torch
 
-import evodsl
 from evodsl.ops import Ctx
-from ophelpers import head_projections, make_op, output_projection, perturb_params, refuses
+from ophelpers import head_projections, make_op, output_projection, perturb_params, refuses, spec_onnx_parity
 
 D = 32
 
@@ -270,28 +269,9 @@ def test_improved_padding_reaches_real_outputs_without_the_mask():
 def test_improved_onnx_matches_torch(tmp_path):
     """topk=k exports (a symbolic n: k padding columns, no branch on n) to one file that onnxruntime runs at 3 lengths
     (below k, and above) and 2 batch sizes as torch does, with a right-padded row."""
-    import numpy as np
-    import onnxruntime as ort
-
     src = ("model m(causal=false) = input(features, d=32) -> norm -> "
            "mha(clustered, clusters=3, bits=8, iterations=3, topk=5, heads=4, kv_heads=2) -> head(linear, d_out=8)")
-    evodsl.export(src, tmp_path / "m.onnx")
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    model = evodsl.compile(src)
-    names = [i.name for i in session.get_inputs()]
-    worst = 0.0
-    for b in (1, 3):
-        for n in (4, 16, 31):
-            x = torch.randn(b, n, 32, generator=torch.Generator().manual_seed(n))
-            mask = torch.ones(b, n, dtype=torch.long)
-            mask[-1, n - 2:] = 0  # a right-padded row
-            with torch.no_grad():
-                want = model(x, attention_mask=mask).numpy() if "attention_mask" in names else model(x).numpy()
-            feed = {names[0]: x.numpy(), **({"attention_mask": mask.numpy()} if "attention_mask" in names else {})}
-            got = session.run(None, feed)[0]
-            diff = float(np.abs(got - want)[mask.numpy().astype(bool)].max())
-            worst = max(worst, diff / float(np.abs(want).max()))
-            assert diff <= 1e-4 * float(np.abs(want).max()), (b, n, diff)
+    worst = spec_onnx_parity(src, tmp_path, lengths=(4, 16, 31), pad=2)
     print(f"improved clustered ONNX parity: max |ORT - torch| / scale = {worst:.2e}")
 
 

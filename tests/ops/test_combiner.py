@@ -13,7 +13,7 @@ import torch
 
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_no_leak, head_projections, make_op, output_projection, perturb_params
+from ophelpers import assert_no_leak, head_projections, make_op, output_projection, perturb_params, spec_onnx_parity
 
 D = 32
 
@@ -195,33 +195,10 @@ def test_axial_onnx_matches_torch(causal, mode, tmp_path):
     """mode=axial exports (a symbolic n: _combiner_axial.dense, every key twice under an [n, 2n] mask) to one file
     that onnxruntime runs at 3 lengths and 2 batch sizes as torch does; bidirectional, with a right-padded row.
     mode=logsparse likewise (its export runs 16 levels, floor(n / 2^l) + 2 blocks each: ~100 s an export here)."""
-    import numpy as np
-    import onnxruntime as ort
-
-    import evodsl
-
     block = "block=3, " if mode == "axial" else ""
     src = (f"model m(causal={str(causal).lower()}) = input(features, d=32) -> norm -> "
            f"mha(combiner, mode={mode}, {block}heads=4, kv_heads=2) -> head(linear, d_out=8)")
-    evodsl.export(src, tmp_path / "m.onnx")
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    model = evodsl.compile(src)
-    names = [i.name for i in session.get_inputs()]
-    worst = 0.0
-    for b in (1, 3):
-        for n in (7, 16, 31):
-            x = torch.randn(b, n, 32, generator=torch.Generator().manual_seed(n))
-            mask = torch.ones(b, n, dtype=torch.long)
-            if not causal:
-                mask[-1, n - 3:] = 0  # a right-padded row
-            with torch.no_grad():
-                want = model(x, attention_mask=mask).numpy() if "attention_mask" in names else model(x).numpy()
-            feed = {names[0]: x.numpy(), **({"attention_mask": mask.numpy()} if "attention_mask" in names else {})}
-            got = session.run(None, feed)[0]
-            real = mask.numpy().astype(bool)
-            diff = float(np.abs(got - want)[real].max())
-            worst = max(worst, diff / float(np.abs(want).max()))
-            assert diff <= 1e-4 * float(np.abs(want).max()), (b, n, diff)
+    worst = spec_onnx_parity(src, tmp_path, lengths=(7, 16, 31), pad=0 if causal else 3)
     print(f"{mode} ONNX parity, causal={causal}: max |ORT - torch| / scale = {worst:.2e}")
 
 

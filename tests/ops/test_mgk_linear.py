@@ -12,7 +12,7 @@ import torch
 
 from evodsl import EvoError, parse
 from evodsl.ops import Ctx
-from ophelpers import assert_no_leak, head_projections, make_op, output_projection, perturb_params
+from ophelpers import assert_no_leak, head_projections, make_op, output_projection, perturb_params, spec_onnx_parity
 
 D = 32
 EPS = 1e-6
@@ -122,31 +122,9 @@ def test_bad_form_is_refused():
 def test_linear_mgk_onnx_matches_torch(causal, tmp_path):
     """One file (a symbolic n: the causal form's prefix sums) that onnxruntime runs at 3 lengths and 2 batch sizes as
     torch does (past the 64-token chunks), a right-padded row when bidirectional."""
-    import numpy as np
-    import onnxruntime as ort
-
-    import evodsl
-
     src = (f"model m(causal={str(causal).lower()}) = input(features, d=32) -> norm -> "
            f"mha(mgk, form=linear, components=2, heads=4, kv_heads=2) -> head(linear, d_out=8)")
-    evodsl.export(src, tmp_path / "m.onnx")
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    model = evodsl.compile(src)
-    names = [i.name for i in session.get_inputs()]
-    worst = 0.0
-    for b in (1, 3):
-        for n in (7, 33, 70):
-            x = torch.randn(b, n, 32, generator=torch.Generator().manual_seed(n))
-            mask = torch.ones(b, n, dtype=torch.long)
-            if not causal:
-                mask[-1, n - 3:] = 0
-            with torch.no_grad():
-                want = model(x, attention_mask=mask).numpy() if "attention_mask" in names else model(x).numpy()
-            feed = {names[0]: x.numpy(), **({"attention_mask": mask.numpy()} if "attention_mask" in names else {})}
-            got = session.run(None, feed)[0]
-            diff = float(np.abs(got - want)[mask.numpy().astype(bool)].max())
-            worst = max(worst, diff / float(np.abs(want).max()))
-            assert diff <= 1e-4 * float(np.abs(want).max()), (b, n, diff)
+    worst = spec_onnx_parity(src, tmp_path, pad=0 if causal else 3)
     print(f"linear MGK ONNX parity, causal={causal}: max |ORT - torch| / scale = {worst:.2e}")
 
 
