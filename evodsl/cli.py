@@ -1,4 +1,4 @@
-"""The `evodsl` command: check, compile, ops. Exit 0 on success, 1 on a spec error, 2 on a usage error."""
+"""The `evodsl` command: check, compile, export, from-hf, cost, diff, generate, ops. Exit 0 on success, 1 on a spec error, 2 on a usage error."""
 from __future__ import annotations
 
 import argparse
@@ -258,50 +258,20 @@ def _cmd_from_hf(args) -> int:
 
 
 def _cmd_ops(args) -> int:
-    from .ops import FAMILIES, REGISTRY, load_all
+    from .oplist import markdown_table, op_rows, render_text
 
-    load_all()
-    rows = []
-    for (family, variant), op in sorted(REGISTRY.items(), key=lambda kv: (list(FAMILIES).index(kv[0][0]), kv[0][1])):
-        params = []
-        for name, f in op.params.model_fields.items():
-            params.append({"name": name, "type": _type_name(f.annotation),
-                           "default": None if f.is_required() else f.default, "required": f.is_required(),
-                           "description": f.description or ""})
-        rows.append({"op": op.id, "family": family, "variant": variant, "causal": op.causal,
-                     "summary": op.summary, "paper": op.paper, "note": op.note, "params": params,
-                     "supports": sorted(op.supports),
-                     "decode": (op.decode.__doc__.strip().splitlines()[0] if callable(op.decode) and op.decode.__doc__
-                                else op.decode)})
-    if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-        return EXIT_OK
-    if args.markdown:
-        print(markdown_table(rows))
-        return EXIT_OK
-    for r in rows:
-        print(f"{r['op']:<22} causal={r['causal']:<4} {r['summary']}")
-        print(f"{'':<22} {r['paper']}")
-        for p in r["params"]:
-            default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
-            print(f"{'':<24}{p['name']}: {p['type']} ({default}) {p['description']}")
+    rows = op_rows()
+    print(json.dumps(rows, indent=2, default=str) if args.json else markdown_table(rows) if args.markdown
+          else render_text(rows))
     return EXIT_OK
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The README's op table (tests/test_readme.py checks the README holds exactly this)."""
-    out = ["| op | parameters (default) | causal | equation | paper |", "|---|---|---|---|---|"]
-    for r in rows:
-        params = ", ".join(p["name"] + ("" if p["required"] else f"={json.dumps(p['default'])}")
-                           for p in r["params"]) or "-"
-        cells = [f"`{r['op']}`", params, r["causal"], r["summary"], r["paper"]]
-        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(out)
+def _cmd_diff(args) -> int:
+    from .diff import diff, render
 
-
-def _type_name(annotation) -> str:
-    text = getattr(annotation, "__name__", None) or str(annotation)
-    return text.replace("typing.", "").replace("NoneType", "None")
+    d = diff(Path(args.a), Path(args.b), seq=args.seq, batch=args.batch, dtype=args.dtype, overrides=dict(args.set))
+    print(json.dumps(d, indent=2, default=str) if args.json else render(d))
+    return EXIT_OK
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -399,6 +369,19 @@ def _parser() -> argparse.ArgumentParser:
                     help="run the whole sequence at every token (models whose ops have no step form)")
     _add_set(gn)
     gn.set_defaults(run=_cmd_generate)
+    df = sub.add_parser("diff", help="what changed between two specs: ops and cost",
+                        description="Compare spec A with spec B: the ops added, removed, replaced or re-parameterised "
+                                    "(aligned by op within each repeat), repeat counts, and the cost delta (params, "
+                                    "FLOPs, activation memory, KV cache, complexity) at one length.")
+    df.add_argument("a", metavar="A", help="the old .evo file")
+    df.add_argument("b", metavar="B", help="the new .evo file")
+    df.add_argument("--seq", type=_positive, default=1024, metavar="N", help="sequence length for the cost (default 1024)")
+    df.add_argument("--batch", type=_positive, default=1, metavar="B", help="batch size (default 1)")
+    df.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="element type for the memory figures (default float32)")
+    df.add_argument("--json", action="store_true", help="one JSON object")
+    _add_set(df)
+    df.set_defaults(run=_cmd_diff)
     o = sub.add_parser("ops", help="list the registered ops", description="List every op with its parameters.")
     fmt = o.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
@@ -416,6 +399,11 @@ def main(argv=None) -> int:
         return EXIT_SPEC
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `evodsl ops | head`: the reader has gone; nothing more to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as err:  # noqa: BLE001 - a bug of ours: say so, without a traceback
         print(f"evodsl: internal error: {type(err).__name__}: {err}\n"
               f"  = help: this is a bug in evodsl; set EVODSL_TRACEBACK=1 to see where", file=sys.stderr)
