@@ -1,4 +1,4 @@
-"""The `evodsl` command: check, compile, export, from-hf, cost, diff, generate, ops. Exit 0 on success, 1 on a spec error, 2 on a usage error."""
+"""The `evodsl` command: check, compile, export, from-hf, cost, diff, fmt, generate, ops. Exit 0 on success, 1 on a spec error, 2 on a usage error."""
 from __future__ import annotations
 
 import argparse
@@ -257,23 +257,6 @@ def _cmd_from_hf(args) -> int:
     return EXIT_OK
 
 
-def _cmd_ops(args) -> int:
-    from .oplist import markdown_table, op_rows, render_text
-
-    rows = op_rows()
-    print(json.dumps(rows, indent=2, default=str) if args.json else markdown_table(rows) if args.markdown
-          else render_text(rows))
-    return EXIT_OK
-
-
-def _cmd_diff(args) -> int:
-    from .diff import diff, render
-
-    d = diff(Path(args.a), Path(args.b), seq=args.seq, batch=args.batch, dtype=args.dtype, overrides=dict(args.set))
-    print(json.dumps(d, indent=2, default=str) if args.json else render(d))
-    return EXIT_OK
-
-
 def _add_set(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
                         help="override a binding of the spec (repeatable), e.g. --set d_model=256")
@@ -369,24 +352,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="run the whole sequence at every token (models whose ops have no step form)")
     _add_set(gn)
     gn.set_defaults(run=_cmd_generate)
-    df = sub.add_parser("diff", help="what changed between two specs: ops and cost",
-                        description="Compare spec A with spec B: the ops added, removed, replaced or re-parameterised "
-                                    "(aligned by op within each repeat), repeat counts, and the cost delta (params, "
-                                    "FLOPs, activation memory, KV cache, complexity) at one length.")
-    df.add_argument("a", metavar="A", help="the old .evo file")
-    df.add_argument("b", metavar="B", help="the new .evo file")
-    df.add_argument("--seq", type=_positive, default=1024, metavar="N", help="sequence length for the cost (default 1024)")
-    df.add_argument("--batch", type=_positive, default=1, metavar="B", help="batch size (default 1)")
-    df.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                    help="element type for the memory figures (default float32)")
-    df.add_argument("--json", action="store_true", help="one JSON object")
-    _add_set(df)
-    df.set_defaults(run=_cmd_diff)
-    o = sub.add_parser("ops", help="list the registered ops", description="List every op with its parameters.")
-    fmt = o.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="machine-readable output")
-    fmt.add_argument("--markdown", action="store_true", help="a markdown table (the README's op table)")
-    o.set_defaults(run=_cmd_ops)
+    from .cli_tools import add_tool_commands
+
+    add_tool_commands(sub)
     return p
 
 
