@@ -8,8 +8,6 @@ Every problem in a spec raises one `EvoError` whose `.diagnostics` list each wit
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from .diagnostics import Diagnostic, EvoError, Span
@@ -167,15 +165,9 @@ def save(model, path) -> None:
 
     payload = {"format": ARTIFACT_FORMAT, "spec": model.spec, "spec_file": model.spec_file,
                "overrides": dict(getattr(model, "overrides", {})), "state_dict": model.state_dict()}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from ._files import write_atomic
+
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load(path, device=None):

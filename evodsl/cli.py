@@ -195,18 +195,9 @@ def _cmd_cost(args) -> int:
 
 
 def _write_atomic(path: str, write) -> None:
-    import os
-    import tempfile
+    from ._files import write_atomic
 
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, write)
 
 
 def _export(args) -> int:

@@ -1,4 +1,4 @@
-"""The `evodsl` commands that work on spec text and the op list: fmt, diff, ops (evodsl/cli.py holds the rest
+"""The `evodsl` commands that work on spec text and the op list: graph, fmt, diff, ops (evodsl/cli.py holds the rest
 and the entry point)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import EXIT_OK, EXIT_SPEC, _add_set, _positive, _write_atomic
+from .cli import EXIT_OK, EXIT_SPEC, EXIT_USAGE, _add_set, _positive, _write_atomic
 from .diagnostics import Diagnostic, EvoError
 
 
@@ -45,6 +45,29 @@ def _cmd_fmt(args) -> int:
     return EXIT_OK
 
 
+def _cmd_graph(args) -> int:
+    import evodsl
+
+    from .diagram import to_dot, to_png, to_svg
+
+    out = Path(args.output)
+    kind = out.suffix.lower().lstrip(".")
+    if kind not in ("svg", "png", "dot"):
+        print(f"evodsl graph: error: -o must end in .svg, .png or .dot (got '{out.name}')", file=sys.stderr)
+        return EXIT_USAGE
+    if not out.parent.is_dir():
+        print(f"evodsl graph: error: output folder does not exist: {out.parent}", file=sys.stderr)
+        return EXIT_USAGE
+    graph = evodsl.parse(Path(args.spec), dict(args.set))
+    if kind == "png":
+        _write_atomic(args.output, lambda tmp: to_png(graph, tmp, args.expand))
+    else:
+        text = (to_svg if kind == "svg" else to_dot)(graph, args.expand)
+        _write_atomic(args.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def _cmd_diff(args) -> int:
     from .diff import diff, render
 
@@ -63,6 +86,17 @@ def _cmd_ops(args) -> int:
 
 
 def add_tool_commands(sub) -> None:
+    gr = sub.add_parser("graph", help="draw the model: SVG, PNG or DOT",
+                        description="Draw SPEC from its graph IR: each op with its variant, arguments and parameters, "
+                                    "residual adds with their skips, parallel branches, repeats framed with their "
+                                    "count (drawn once; every copy with --expand), streams side by side, shapes on "
+                                    "the edges where they change. SVG needs nothing; PNG needs matplotlib "
+                                    "(evodsl[plot]); DOT is Graphviz text.")
+    gr.add_argument("spec", metavar="SPEC", help="a .evo file")
+    gr.add_argument("-o", "--output", metavar="FILE", required=True, help="arch.svg, arch.png or arch.dot")
+    gr.add_argument("--expand", action="store_true", help="draw every copy of a repeat (not shared ones)")
+    _add_set(gr)
+    gr.set_defaults(run=_cmd_graph)
     fm = sub.add_parser("fmt", help="rewrite specs in the canonical layout (comments kept)",
                         description="Rewrite each SPEC in the canonical layout: spacing, aligned '=' in runs of "
                                     "one-line assignments, pipelines continued on '-> ' lines, lines over 120 "
