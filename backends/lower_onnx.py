@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evodsl import progress
 from evodsl.backends.lower_torch import extra_inputs, forward_args
 from evodsl.diagnostics import Diagnostic, EvoError
 from evodsl.ir import Graph
@@ -253,8 +254,10 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
     external = param_bytes >= TWO_GB or stream
     verify = max(verify_seq, least)
     xs = example_args(graph, 2, min(verify, cap) if cap else verify, seed=1)
+    progress.phase("running torch for the check")
     with torch.no_grad():  # torch's answer first: with `release`, the module is gone when onnxruntime runs
         want = model(*xs).float().numpy()
+    progress.phase("exporting the graph")
     tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         tmp = tmpdir / path.name
@@ -275,6 +278,7 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
             model.to("meta")
             gc.collect()
         try:
+            progress.phase("checking the file (onnx.checker, onnxruntime)")
             onnx.checker.check_model(str(tmp), full_check=True)
             opts = ort.SessionOptions()
             if stream:  # the check of a big model: no prepacked (copied) weights, no layout-changing rewrites
@@ -305,6 +309,7 @@ def export(model: torch.nn.Module, graph: Graph, path, opset: int = OPSET, verif
         size = move_into_place(tmpdir, path)
         return ExportResult(path, inp_name, out_name, diff, scale, external, size, tuple(names), opset=opset)
     finally:
+        progress.done()
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 

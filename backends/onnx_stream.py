@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evodsl import progress
 from evodsl.ir import Graph
 
 STREAM_FROM = 2 * 1024**3  # weights of 2 GiB and more: external data, streamed
@@ -49,14 +50,21 @@ def write_streamed(module: torch.nn.Module, graph: Graph, args: tuple, dynamic, 
     tensors = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))
     graph_ir = program.model.graph
+    total, written = len(graph_ir.initializers), [0]
+
+    def counted(array):  # each weight read as the file is written: the export's long part, shown on a terminal
+        written[0] += 1
+        progress.step("writing weights", written[0], total)
+        return ir.tensor(array)
+
     for name, init in list(graph_ir.initializers.items()):
         if name not in tensors:
             raise RuntimeError(f"the traced graph has an initializer {name!r} that the module does not hold")
         meta_value, source = init.const_value, tensors[name]
         if _only_transposed(init):  # a Linear's weight: stored as W^T, the Transpose node dropped
-            _store_transposed(ir, graph_ir, init, source)
+            _store_transposed(ir, graph_ir, init, source, counted)
             continue
-        init.const_value = ir.LazyTensor(lambda t=source: ir.tensor(_numpy(t)), dtype=meta_value.dtype,
+        init.const_value = ir.LazyTensor(lambda t=source: counted(_numpy(t)), dtype=meta_value.dtype,
                                          shape=meta_value.shape, name=name)
     ir.save(program.model, str(tmp), external_data=tmp.name + ".data")
     for init in graph_ir.initializers.values():  # the graph's reference cycles would keep the module's tensors
@@ -81,12 +89,12 @@ def _only_transposed(value) -> bool:
     return True
 
 
-def _store_transposed(ir, graph_ir, init, source: torch.Tensor) -> None:
+def _store_transposed(ir, graph_ir, init, source: torch.Tensor, counted) -> None:
     """Replace each Transpose of `init` by one new initializer holding the transposed tensor (read lazily)."""
     name, meta_value = init.name, init.const_value
     shape = ir.Shape([meta_value.shape[1], meta_value.shape[0]])
     value = ir.Value(name=f"{name}.T", shape=shape, type=init.type)
-    value.const_value = ir.LazyTensor(lambda t=source: ir.tensor(_numpy(t.t())), dtype=meta_value.dtype,
+    value.const_value = ir.LazyTensor(lambda t=source: counted(_numpy(t.t())), dtype=meta_value.dtype,
                                       shape=shape, name=value.name)
     graph_ir.register_initializer(value)
     for node in _users(init):

@@ -351,6 +351,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)  # usage errors exit 2 (argparse)
+    from . import progress
+
+    if not getattr(args, "json", False):
+        progress.enable()  # on a terminal only: piped or redirected stderr stays clean
     try:
         return args.run(args)
     except EvoError as err:
@@ -371,6 +375,8 @@ def main(argv=None) -> int:
         if os.environ.get("EVODSL_TRACEBACK"):
             raise
         return EXIT_INTERNAL
+    finally:
+        progress.disable()
 
 
 if __name__ == "__main__":

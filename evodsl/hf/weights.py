@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import progress
 from ..diagnostics import Diagnostic, EvoError
 
 # buffers some checkpoints carry that are computed, not learned: the rotary frequencies, GPT-2's causal masks
@@ -87,8 +88,10 @@ def load_hf(model: torch.nn.Module, hf_state: Mapping, config) -> torch.nn.Modul
     if problems:
         raise EvoError(problems)
     with torch.no_grad():
-        for name, (key, take) in sources.items():
+        for i, (name, (key, take)) in enumerate(sources.items(), 1):
+            progress.step("loading weights", i, len(sources))
             ours[name].copy_(_convert(hf_state[key], take))
+    progress.done()
     return model
 
 
