@@ -16,6 +16,7 @@ from .diagnostics import Diagnostic, EvoError, Span
 from .ir import Graph
 from .ops import load_all
 from .passes.build import build
+from .passes.reuse import link_reuse
 from .passes.shapes import infer_shapes
 from .syntax import parse_program
 
@@ -49,6 +50,7 @@ def parse(text_or_path, overrides: dict | None = None) -> Graph:
     source, file = read_source(text_or_path)
     program = parse_program(source, file)
     graph, collector = build(program, overrides)
+    link_reuse(graph, collector)  # mha(skip_reuse): the attention each one reads
     collector.raise_if_any()
     infer_shapes(graph, collector)
     collector.raise_if_any()
