@@ -50,8 +50,8 @@ def parse(text_or_path, overrides: dict | None = None) -> Graph:
     source, file = read_source(text_or_path)
     program = parse_program(source, file)
     graph, collector = build(program, overrides)
-    link_reuse(graph, collector)  # mha(skip_reuse): the attention each one reads
     collector.raise_if_any()
+    link_reuse(graph, collector)  # mha(skip_reuse): the attention each one reads (on a graph built whole)
     infer_shapes(graph, collector)
     collector.raise_if_any()
     graph.lint()

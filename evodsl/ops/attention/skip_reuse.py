@@ -62,10 +62,10 @@ def skip_reuse_shape(p: SkipReuseParams, env: OpEnv):
 
 
 def reused(x: torch.Tensor, ctx) -> torch.Tensor:
-    """The previous attention sublayer's output in this stream (the lowering's record), or, for a module run
-    alone, its own input."""
+    """The previous attention sublayer's output in this stream (the lowering's record, which the next skip_reuse
+    alone reads: it is dropped here), or, for a module run alone, its own input."""
     held = None if ctx is None else ctx.extra.get("attn")
-    return x if held is None else held[ctx.extra.get("stream")]
+    return x if held is None else held.pop(ctx.extra.get("stream"))  # read once: held no longer than needed
 
 
 class SkipReuse(nn.Module):
