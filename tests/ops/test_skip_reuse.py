@@ -15,7 +15,8 @@ import torch
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_no_leak, make_op, onnx_parity, perturb_params
+from costhelpers import declared
+from ophelpers import assert_no_leak, decode_in_pieces, make_op, onnx_parity, perturb_params
 
 D = 16
 
@@ -190,6 +191,20 @@ def test_causal_does_not_leak_and_bidirectional_does():
     m, _, _ = make_op("mha", "skip_reuse", d=D, causal=False)
     with torch.no_grad(), pytest.raises(AssertionError, match="changed by"):
         assert_no_leak(lambda x: m(x, Ctx()), n=8, d=D)
+
+
+@pytest.mark.parametrize("k, expand", [(3, 2), (5, 1), (1, 2)])
+def test_decoding_in_pieces_equals_the_forward_and_keeps_the_declared_state(k, expand):
+    """A prompt, then single tokens and chunks: the forward's outputs; the state is the last k - 1 FC1 outputs
+    and the running sum of y, exactly the declared cache (O(1) in n)."""
+    m, _, _ = make_op("mha", "skip_reuse", d=D, causal=True, k=k, expand=expand)
+    perturb_params(m)
+    x = torch.randn(2, 17, D, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    with torch.no_grad():
+        y, state = decode_in_pieces(m, x, [4, 1, 1, 5, 1, 3, 2])
+        assert (y - m(x, Ctx())).abs().max().item() < 1e-10
+    _, _, cost, ev = declared("mha", "skip_reuse", 2, 17, dtype=torch.float64, d=D, causal=True, k=k, expand=expand)
+    assert state.nbytes() == ev(cost.cache) == 2 * ((k - 1) * expand * D + D) * 8
 
 
 @pytest.mark.parametrize("causal", [False, True])
