@@ -448,6 +448,7 @@ def _growth(expr, values, n=2 ** 20):
     ("linear", {}, 2, 2),
     ("fanet", {}, 2, 2),
     ("simpletron", {}, 2, 2),
+    ("skip_reuse", {}, 2, 2),  # Phi: linears, a k-tap convolution, ECA: O(n d^2), O(n d) kept
 ])
 def test_complexity_in_n(variant, build, time, memory, causal):
     cost, values = _cost(variant, causal=causal, **build)
