@@ -19,9 +19,11 @@ Choices where the paper is silent (it works on images): sequences, not images, s
 (the paper's 3 x 3 -> k = 3, the default; the authors' code runs 5 x 5); bidirectional 'same' padding puts
 p = (k - 1) // 2 zeros before and the rest after. The class token, which the authors' code passes by from the
 last real attention, has no counterpart: every position goes through Phi. Biases on FC1, DwC and FC2 (bias=).
+ECA's kernel is a parameter (k_eca, odd; the authors' 3), not ECA-Net's rule from the channel count.
 Causal form (our construction): the convolution is causal (p = k - 1: position t reads h_{t-k+1..t}, zeros
 before 0), and ECA's mean is the running (prefix) mean of y over positions 0..t, so no position reads the
-future. Decoding keeps the last k - 1 FC1 outputs and the running sum of y (the count is the position): O(1).
+future. Decoding keeps the last k - 1 FC1 outputs and the running sum of y (the count is the position: decoders
+take no padding): O(1) state per sequence.
 Padding: padded positions' FC1 outputs are zeroed before the convolution (what its zero padding gives a
 sequence alone, on either side) and ECA's mean counts tokens only, so a padded batch is each sequence alone.
 Standalone (a module built alone, with no previous attention in its Ctx, as the op harnesses build it), Phi
