@@ -32,6 +32,7 @@ class GraphModule(nn.Module):
                 copies = 1 if n.shared else n.count
                 self.add_module(n.module, Repeat([GraphModule(n.body) for _ in range(copies)], n.count))
         self._output = graph.output.inputs[0]
+        self._reused = {n.name for n in nodes if n.meta.get("reused")}  # attention outputs a skip_reuse reads
         last_use = {}
         for k, n in enumerate(nodes):
             for i in n.inputs:
@@ -62,6 +63,8 @@ class GraphModule(nn.Module):
             else:
                 values[name] = getattr(self, module)(args[0], ctx)
             self._leave(name, values[name], ctx)
+            if name in self._reused:  # for the next mha(skip_reuse) in this stream (evodsl/passes/reuse.py)
+                ctx.extra.setdefault("attn", {})[ctx.extra.get("stream")] = values[name]
         return values[self._output]
 
     def _enter(self, name: str, ctx: Ctx):

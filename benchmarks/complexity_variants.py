@@ -5,6 +5,8 @@ from __future__ import annotations
 
 def variants(args) -> list[tuple[str, str]]:
     """(label, the layer's call): every mha variant, then the token mixers (not attention, same place in a block)."""
+    # mha(skip_reuse) has no row: it reads an earlier attention's output (E312 in a one-layer spec), and a row with
+    # one before it would time and classify that attention (tests/ops/test_growth.py measures its Phi alone)
     mha = [
         ("softmax", "softmax"),
         (f"local, window={args.window}", f"local, window={args.window}"),

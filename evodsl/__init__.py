@@ -14,6 +14,7 @@ from .diagnostics import Diagnostic, EvoError, Span
 from .ir import Graph
 from .ops import load_all
 from .passes.build import build
+from .passes.reuse import link_reuse
 from .passes.shapes import infer_shapes
 from .syntax import parse_program
 
@@ -48,6 +49,7 @@ def parse(text_or_path, overrides: dict | None = None) -> Graph:
     program = parse_program(source, file)
     graph, collector = build(program, overrides)
     collector.raise_if_any()
+    link_reuse(graph, collector)  # mha(skip_reuse): the attention each one reads (on a graph built whole)
     infer_shapes(graph, collector)
     collector.raise_if_any()
     graph.lint()

@@ -155,6 +155,8 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     # Gemma 2: the soft-capped scores run the explicit-score kernel (_scored.py), whose global layers keep their
     # [n, n] weights per head for backward; the local layers' band is linear in n
     "gemma2_2b": ("O(n^2 dh h)", "O(n^2 h)"),
+    # SkipAt: its 6 attention layers are quadratic; the 6 skipping ones keep Phi's hidden [n, e d] (e = expand)
+    "skipat_vit_tiny": ("O(n^2 d)", "O(n d e + n f)"),
 }
 
 

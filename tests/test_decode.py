@@ -271,6 +271,11 @@ FIXED = ["norm -> mha(fixed, heads=5, head_dim=4) -> norm -> ffn", "norm -> mha(
          "norm -> mha(fixed, pattern=vertical, globals=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
 # IGLOO: the inputs of every position, the causal form rerun over them (patches from the past, a causal convolution)
 IGLOO = ["norm -> mixer(igloo, max_len=64) -> norm -> ffn", "norm -> mixer(igloo, max_len=40, patches=3, patch=6, kernel=4, bias=false) -> norm -> ffn"]
+# Skip-Attention: Phi of the previous attention's output (the last k - 1 FC1 outputs and ECA's running sum kept),
+# chaining over two skipping layers and across the repeat's copies
+SKIP_REUSE = ["norm -> mha(softmax) -> norm -> ffn -> norm -> mha(skip_reuse) -> norm -> ffn",
+              "norm -> mha(local, window=5, kv_heads=2) -> norm -> mha(skip_reuse, k=5, k_eca=5) -> norm -> "
+              "mha(skip_reuse, expand=1, bias=false) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MODIFIERS]
@@ -290,7 +295,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SYNTHESIZER + NAP]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in TOPK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in EL + FIXED + IGLOO]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SAC])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SAC]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in SKIP_REUSE])
 
 
 def _lean(cases: list) -> list:

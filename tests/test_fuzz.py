@@ -259,6 +259,7 @@ def _fits(field, spelling: str) -> bool:
 # write them in the models with streams below
 STREAM_OPS = {"xattn", "cat", "latent", "slice"}
 GOOD_OPS = [key for key in LAYER_OPS if key[0] not in STREAM_OPS]
+GOOD_OPS.remove(("mha", "skip_reuse"))  # it reads an earlier attention, which a drawn program may lack (E312)
 
 
 @st.composite

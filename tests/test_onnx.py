@@ -93,6 +93,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("mixer", "hamburger"): "r=4, steps=3",
     ("mha", "chord"): "max_len=128",
+    ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
     ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4",
@@ -125,7 +126,8 @@ TOKEN_MODELS = {("embed", "token"): f"input(tokens) -> {{ops}} -> mha -> {OUT}",
                 ("head", "lm"): "input(tokens) -> embed(token) -> mha -> {ops}",
                 ("memory", "rmt"): f"{{{{ mem = {{ops}}  x = {FEATURES} -> cat(seq, prefix=mem, suffix=mem) -> mha  "
                                    f"next(writes=mem) = x -> slice(seq, last=4)  "
-                                   f"y = x -> slice(seq, drop_first=4) -> slice(seq, drop_last=4) -> {OUT} }}}}"}
+                                   f"y = x -> slice(seq, drop_first=4) -> slice(seq, drop_last=4) -> {OUT} }}}}",
+                ("mha", "skip_reuse"): f"{FEATURES} -> mha -> {{ops}} -> {OUT}"}  # reads an earlier attention
 
 
 def call(family: str, variant: str) -> str:
@@ -207,6 +209,8 @@ OTHER_FORMS |= {("mixer", "igloo")}
 # Chord: torch gathers 1 + ceil(log2 n) links a row; the export (a symbolic n) all 1 + ceil(log2 max_len), the
 # links 2^k >= n weighted 0: more multiply-adds below max_len
 OTHER_FORMS |= {("mha", "chord")}
+# Skip-Attention: its depthwise and ECA convolutions export as Conv nodes, which the MatMul / Gemm count leaves out
+OTHER_FORMS |= {("mha", "skip_reuse")}
 
 
 CHAIN = 12  # ops per bidirectional chain case
@@ -237,6 +241,9 @@ def op_cases() -> list[Case]:
     mixers = [(f, v) for (f, v), op in sorted(REGISTRY.items()) if f in ("mha", "mixer") and op.causal != "n.a."
               and v not in CAUSAL_ONLY]  # (a causal-only op: its own case, a causal model, shows it does not leak)
     other = BANDED | TREES | OTHER_FORMS
+    # mha(skip_reuse) reads an earlier attention (E312 first in a chain): its bidirectional export and parity,
+    # tests/ops/test_skip_reuse.py
+    mixers = [m for m in mixers if m != ("mha", "skip_reuse")]
     # In chains of at most CHAIN ops: one export of ~90 ops was the longest item of the run (tens of minutes on a
     # loaded machine), on one worker while the other sat idle.
     for name, part in (("bidirectional", [m for m in mixers if m not in other]),

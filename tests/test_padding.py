@@ -41,7 +41,8 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "slim": {"features": 16}, "exp_smoothing": {}, "mgk": {"components": 2}, "etc": {"radius": 5, "globals": 3, "segment": 8},
          "synthesizer": {"kind": "mixture", "mix": "dense_random_vanilla", "max_len": 80}, "nap": {},
          "el": {}, "fixed": {"pattern": "mixed", "window": 3},
-         "smyrf": {"clusters": 3, "rounds": 2}, "scatterbrain": {"clusters": 3, "features": 16, "window": 4}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
+         "smyrf": {"clusters": 3, "rounds": 2}, "scatterbrain": {"clusters": 3, "features": 16, "window": 4},
+         "skip_reuse": {"k": 4}}  # learned_kernel, slim: C M = 16 as performer's: with fewer features, none aligns
 # with the padding's large-norm noise keys, whose unmasked weight is then ~1e-8 (the control)
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel",
            "slim", "scatterbrain")  # causal forms in chunks: 16 tokens here, so that N spans several

@@ -179,6 +179,12 @@ CLOSED_FORM = {
     # tied head, 784 learned positions; per layer: attention, 2 LayerNorms, GELU MLP; final LayerNorm
     "linear_transformer": 256 * 256 + 784 * 256 + 8 * (_attn(256) + 2 * 2 * 256 + 2 * 256 * 1024 + 1024 + 256)
                           + 2 * 256,
+    # token table, class token, 197 positions; 6 layers of 2 LayerNorms, attention, GELU MLP; 6 skipping ones of one
+    # LayerNorm, the MLP and Phi (FC1 d -> 2d, a 3-tap depthwise convolution of 2d channels, FC2, ECA's 3 taps);
+    # final LayerNorm, pre-logits (tanh) layer
+    "skipat_vit_tiny": 8192 * 192 + 192 + 197 * 192 + 6 * (2 * 2 * 192 + _attn(192) + 2 * 192 * 768 + 768 + 192)
+                       + 6 * (2 * 192 + 2 * 192 * 768 + 768 + 192 + (192 * 384 + 384) + (384 * 3 + 384)
+                              + (384 * 192 + 192) + 3) + 2 * 192 + 192 * 192 + 192,
 }
 
 

@@ -258,7 +258,11 @@ class Report:
                 # an in-place output is its input's storage: it inherits the bytes when the input dies here
                 out = live.get(node.inputs[0], 0) if inplace and node.inputs[0] in dying else new
             for i in dying:
-                live.pop(i, None)
+                freed = live.pop(i, None)
+                if g.node(i).meta.get("reused"):  # mha(skip_reuse) reads it later (passes/reuse.py): held until then
+                    live[("held", g.node(i).meta.get("stream"))] = freed
+            if node.kind == "call" and node.variant == "skip_reuse" and node.family == "mha":
+                live.pop(("held", node.meta.get("stream")), None)
             live[node.name] = out
         return best
 

@@ -375,6 +375,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     # Scatterbrain: SMYRF's clusters as above with Performer's features; many clusters with many features (the sorted
     # features' gradients lead the backward), more clusters than tokens (the outputs in slots). Causal: windows of 16,
     # 12, 7 and 5 (blocks past n = 160), 64 (the default) and 200 (past the sequence); the prefix sums' chunks of 64
+    # Skip-Attention's Phi over the op's input (a module alone reads it): kernels of 3 and 5 (ECA's too), FC1 as wide
+    # as d without biases, FC1 4 d wide with k = 7, a kernel past n (the padded input leads the peak)
+    "skip_reuse": [({}, BOTH), ({"k": 5, "k_eca": 5}, BOTH), ({"expand": 1, "bias": False}, ODD),
+                   ({"expand": 4, "k": 7}, SMALL), ({"k": 200, "expand": 1}, ODD)],
     "scatterbrain": [({"clusters": 4, "features": 16, "window": 16}, BOTH),
                      ({"clusters": 3, "features": 32, "kv_heads": 2, "window": 12}, BOTH),
                      ({"clusters": 7, "features": 8, "kv_heads": 1, "head_dim": 8, "bias": False, "window": 7}, ODD),
@@ -444,6 +448,7 @@ def _growth(expr, values, n=2 ** 20):
     ("linear", {}, 2, 2),
     ("fanet", {}, 2, 2),
     ("simpletron", {}, 2, 2),
+    ("skip_reuse", {}, 2, 2),  # Phi: linears, a k-tap convolution, ECA: O(n d^2), O(n d) kept
 ])
 def test_complexity_in_n(variant, build, time, memory, causal):
     cost, values = _cost(variant, causal=causal, **build)

@@ -104,6 +104,7 @@ ARGS = {
     # Chord: 1 + ceil(log2 n) = 11 .. 14 gathered links a row and factor: the bytes n log n (exponent 1.10); the FLOPs
     # read n, the projections' and MLPs' n d^2 leading the factors' n log n dh at d 64 (test_chord.py: the factors alone)
     "chord": {"max_len": 8192},
+    "skip_reuse": {},  # Phi alone (the module reads its own input): two linears, a 3-tap convolution: O(n d^2)
 }
 ATTENTION = sorted(v for (f, v) in REGISTRY if f == "mha")
 # variants whose harness run takes about a minute (memory_compressed causal: [n, n / 2] scores at n = 8k): slow;

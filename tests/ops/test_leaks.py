@@ -58,6 +58,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "el": {},  # SDPA's causal mask over X
     "fixed": {"pattern": "mixed", "window": 3},  # local, prev, next (the token itself), global: each restricted to j <= i
     "sac": {"k": 4, "chunk": 16},  # the edge scores in 5 chunks of 16 queries, each against the keys up to its end
+    "skip_reuse": {"k": 5, "k_eca": 5},  # Phi of its input: a causal 5-tap convolution, ECA over prefix means
 }
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel", "slim",
            "scatterbrain")  # causal forms in chunks of LINEAR_CHUNK tokens here (scatterbrain: its prefix sums)
