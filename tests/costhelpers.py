@@ -26,11 +26,13 @@ def declared(family, variant, b, n, dtype=torch.float32, **build):
     return module, env, cost, (lambda e: _num(e, s.values, b, n))
 
 
-def make_input(env, b, n, dtype, vocab=None):
+def make_input(env, b, n, dtype, vocab=None, grad: bool = True):
+    """The op's input: token ids, or features that require grad (a layer inside a network) unless `grad` is False
+    (a model's own input: embed(linear)'s features need no gradient)."""
     g = torch.Generator().manual_seed(0)
     if len(env.in_shapes[0]) == 2:  # token ids
         return torch.randint(0, env.vocab, (b, n), generator=g)
-    xs = [torch.randn(b, s[1] if isinstance(s[1], int) else n, s[-1], generator=g, dtype=dtype).requires_grad_()
+    xs = [torch.randn(b, s[1] if isinstance(s[1], int) else n, s[-1], generator=g, dtype=dtype).requires_grad_(grad)
           for s in env.in_shapes]  # a stream of fixed length (xattn's keys) keeps it
     return xs if len(xs) > 1 else xs[0]
 
@@ -111,7 +113,7 @@ def check_op_cost(family, variant, b=2, n=64, dtype=torch.float32, mem_rtol=0.10
     """Assert that op `family(variant)` built with `build` (make_op's arguments) costs what it declares. With
     mem_len (memory(xl)), it runs in steady state: a full memory of mem_len earlier inputs."""
     module, env, cost, ev = declared(family, variant, b, n, dtype=dtype, **build)
-    x = make_input(env, b, n, dtype)
+    x = make_input(env, b, n, dtype, grad=family != "embed")  # an embed reads the model's input
     m = measure_op(module, x, train_mode=train_mode, make_ctx=_memory_ctx(module, b, env, build, dtype))
     label = f"{family}({variant}) b={b} n={n} {build}"
     assert ev(cost.params) == m["params"], f"{label}: params {ev(cost.params)} != {m['params']}"

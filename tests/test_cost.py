@@ -60,6 +60,27 @@ def test_train_flops_small(spec, b, n):
     assert declared["backward_matmul"] == pytest.approx(measured["backward"], rel=0.01)
 
 
+FEATURES_POOLED = """d_model = 32
+heads = 4
+model classify = input(features, d=12) -> embed(linear) -> norm -> mha -> norm -> ffn -> head(pooler)
+    -> head(linear, d_out=5)
+"""
+
+
+def test_features_model_with_a_pooled_linear_head():
+    """A model on continuous features: embed(linear) reads the model's input, which needs no gradient (its
+    backward is the weight's gradient alone), and head(linear) after head(pooler) projects one row per sequence,
+    not n. Both against the flop counter, forward and backward."""
+    b, n = 2, 24
+    model = evodsl.compile(FEATURES_POOLED).train()
+    x = torch.randn(b, n, 12)
+    measured = count_flops(model, x, train=True)
+    declared = evodsl.cost(FEATURES_POOLED, seq=n, batch=b)["flops"]
+    assert declared["training_forward_matmul"] == pytest.approx(measured["forward"], rel=0.01)
+    assert declared["backward_matmul"] == pytest.approx(measured["backward"], rel=0.01)
+    assert evodsl.cost(FEATURES_POOLED)["params"] == sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 @pytest.mark.parametrize("b,n", [(1, 48), pytest.param(2, 96, marks=pytest.mark.slow)])
 def test_activation_memory_small(spec, b, n):

@@ -1,6 +1,8 @@
 """embed(linear): h = W x + b, projecting continuous input features [b, n, d_in] to d_model."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from pydantic import Field
 from torch import nn
@@ -31,8 +33,10 @@ class LinearEmbedding(nn.Module):
 
 
 def cost(p: LinearEmbeddingParams, env: OpEnv, s) -> Cost:
-    """One linear from the feature width d to d_model; it keeps its input."""
-    return linear(s, s.d, s.sym("d_model", p.d_model), p.bias)
+    """One linear from the feature width d to d_model; it keeps its input. Its input is the model's (features),
+    which needs no gradient: the backward computes the weight's gradient only, and makes no input gradient."""
+    c = linear(s, s.d, s.sym("d_model", p.d_model), p.bias)
+    return replace(c, bwd=c.bwd / 2, bwd_peak=0)
 
 
 OP = register(Op(

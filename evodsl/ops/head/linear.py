@@ -25,7 +25,8 @@ class LinearHead(nn.Module):
 
 def cost(p: LinearHeadParams, env: OpEnv, s) -> Cost:
     """One linear from d to d_out; it keeps its input."""
-    return linear(s, s.d, s.sym("d_out", p.d_out), p.bias)
+    rows = s.b if len(env.in_shapes[0]) == 2 else None  # after head(pooler): one row per sequence, [b, d]
+    return linear(s, s.d, s.sym("d_out", p.d_out), p.bias, tokens=rows)
 
 
 OP = register(Op(
