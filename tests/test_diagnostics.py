@@ -49,6 +49,7 @@ REQUIRED = {
     # segment memory
     "e226_writes_not_carried": ["E226", "E227"], "e227_memory_never_written": ["E227"],
     "e310_written_shape": ["E310"], "e311_stream_op_in_pipeline": ["E311"],
+    "e312_reversible_body": ["E312"],
     "multiple_errors": ["E212", "E201", "E203", "E204", "E204", "E206"],
 }
 

@@ -229,7 +229,7 @@ class Layers(Values):
                           inputs=outs, span=p.span, meta={"arg_spans": {}})).name
 
     def _emit_repeat(self, r: Repeat, g: Graph, x: str) -> str:
-        kw = self._kwargs(r.kwargs, {"shared": bool}, "repeat")
+        kw = self._kwargs(r.kwargs, {"shared": bool, "reversible": bool}, "repeat")
         count = self._eval(r.count)
         if count is not _ERR and (isinstance(count, bool) or not isinstance(count, int)
                                   or not 1 <= count <= MAX_REPEAT):
@@ -248,10 +248,44 @@ class Layers(Values):
                 self._scopes.pop()
         body.add(Node(name="out", kind="output", inputs=[out]))
         name_modules(body)
+        reversible = kw.get("reversible", (False,))[0]
+        if reversible and not self._opaque:  # a definition validated alone leaves those it uses out
+            halves = reversible_halves(body)
+            if isinstance(halves, str):
+                self.c.error("E312", "repeat(..., reversible=true) needs a body of exactly two residual sublayers",
+                             r.body.span, label=halves,
+                             help="e.g. repeat(norm -> mha -> norm -> ffn, N, reversible=true): each copy computes "
+                                  "Y1 = X1 + F(X2), Y2 = X2 + G(Y1) (RevNet, Reformer)")
+                return x
         if count is _ERR or streams is None:
             return x
         return g.add(Node(name=g.fresh(), kind="repeat", inputs=[x, *streams], body=body, count=count,
-                          shared=kw.get("shared", (False,))[0], span=r.span)).name
+                          shared=kw.get("shared", (False,))[0], reversible=reversible, span=r.span)).name
+
+
+def reversible_halves(body: Graph):
+    """A reversible repeat's body split into its two residual sublayers: (F's nodes, the add X + F, G's nodes,
+    the add H + G), each half a chain of op calls that reads only its own input; else why not (a string)."""
+    if len(body.inputs) != 1:
+        return "its body reads another stream"
+    x, nodes = body.input.name, body.nodes[1:-1]
+    adds = [k for k, n in enumerate(nodes) if n.kind == "add"]
+    if len(adds) != 2:
+        return f"its body has {len(adds)} residual sublayer{'s' if len(adds) != 1 else ''}"
+    k1, k2 = adds
+    a1, a2 = nodes[k1], nodes[k2]
+    if body.output.inputs[0] != a2.name:
+        return "its body ends with an op after its second residual sublayer"
+    if a1.inputs[0] != x or a2.inputs[0] != a1.name or k1 == 0 or k2 == k1 + 1:
+        return "its body has an op outside its two residual sublayers"
+    f, g = nodes[:k1], nodes[k1 + 1:k2]
+    for half, base in ((f, x), (g, a1.name)):
+        own = {base}
+        for n in half:
+            if n.kind != "call" or not set(n.inputs) <= own:
+                return "a sublayer holds a nested repeat, or reads the other sublayer's values"
+            own.add(n.name)
+    return f, a1, g, a2
 
 
 def name_modules(g: Graph) -> None:
