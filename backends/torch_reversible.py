@@ -1,8 +1,9 @@
 """`repeat(body, N, reversible=true)` in torch: RevNet's reversible residual stack (Gomez et al. 2017; Reformer,
 Kitaev et al. 2020, section 3), as trax and HF's Reformer run it.
 
-The repeat's input x enters as the pair (X1, X2) = (x, x); each copy computes Y1 = X1 + F(X2), Y2 = X2 + G(Y1),
-F and G the body's two residual sublayers (their norms included); the output is concat(Y1, Y2), width 2d.
+The repeat's input x enters as the pair (X1, X2) = (x, x); each pair (F, G) of the body's residual sublayers
+(their norms included; one pair per layer: a body of 2k sublayers is k layers, as HF's alternating local and LSH
+layers) computes Y1 = X1 + F(X2), Y2 = X2 + G(Y1); the output is concat(Y1, Y2), width 2d.
 
 Training keeps no copy's activations: `_Reversible` runs the stack without recording, keeps only the last
 copy's output, and in backward rebuilds each copy's inputs from its outputs (X2 = Y2 - G(Y1), X1 = Y1 - F(X2)),
@@ -16,7 +17,7 @@ import contextlib
 
 import torch
 
-from evodsl.passes.layers import reversible_halves
+from evodsl.passes.layers import reversible_sublayers
 
 
 class ReversibleRepeat(torch.nn.ModuleList):
@@ -27,14 +28,14 @@ class ReversibleRepeat(torch.nn.ModuleList):
     def __init__(self, bodies: list, count: int, body_graph):
         super().__init__(bodies)
         self.count = count
-        f, a1, g, a2 = reversible_halves(body_graph)
         program = {ins[0]: ins for ins in bodies[0]._program}
-        self._halves = (_half([program[n.name] for n in f], a1.inputs[0], a1.inputs[1]),
-                        _half([program[n.name] for n in g], a1.name, a2.inputs[1]))
+        self._subs = [_half([program[n.name] for n in calls], add.inputs[0], add.inputs[1])
+                      for calls, add in reversible_sublayers(body_graph)]
+        self.pairs = len(self._subs) // 2
 
     def sublayer(self, i: int, which: int, x: torch.Tensor, ctx) -> torch.Tensor:
-        """F (which=0) or G (which=1) of copy i applied to x."""
-        body, (program, source, out) = self[i % len(self)], self._halves[which]
+        """Sublayer `which` of copy i applied to x: F of pair p is 2p, its G 2p + 1."""
+        body, (program, source, out) = self[i % len(self)], self._subs[which]
         values = {source: x}
         for name, module, inputs, multi, done in program:
             args = [values[v] for v in inputs]
@@ -44,7 +45,7 @@ class ReversibleRepeat(torch.nn.ModuleList):
         return values[out]
 
     def half_params(self, i: int, which: int) -> list:
-        body, (program, _, _) = self[i % len(self)], self._halves[which]
+        body, (program, _, _) = self[i % len(self)], self._subs[which]
         return [p for _, module, *_ in program for p in getattr(body, module).parameters() if p.requires_grad]
 
     def forward(self, xs: list, ctx) -> torch.Tensor:
@@ -64,14 +65,15 @@ class ReversibleRepeat(torch.nn.ModuleList):
         for i in range(self.count):
             if shared:  # decoding: each application of the shared body keeps its own state
                 ctx.extra["copy"] = (*outer, i)
-            if states is not None:
-                states.append(_rng_state(x2))
-            y1 = x1 + self.sublayer(i, 0, x2, ctx)
-            del x1
-            if states is not None:
-                states.append(_rng_state(y1))
-            x2, x1 = x2 + self.sublayer(i, 1, y1, ctx), y1
-            del y1
+            for f in range(0, 2 * self.pairs, 2):
+                if states is not None:
+                    states.append(_rng_state(x2))
+                y1 = x1 + self.sublayer(i, f, x2, ctx)
+                del x1
+                if states is not None:
+                    states.append(_rng_state(y1))
+                x2, x1 = x2 + self.sublayer(i, f + 1, y1, ctx), y1
+                del y1
         if shared:
             ctx.extra["copy"] = outer
         return torch.cat([x1, x2], dim=-1)
@@ -130,13 +132,15 @@ class _Reversible(torch.autograd.Function):
         d = out.shape[-1] // 2
         y1, y2 = out[..., :d].detach(), out[..., d:].detach()
         dy1, dy2 = dout[..., :d], dout[..., d:]
-        for i in reversed(range(stack.count)):
-            y1, dy1, g = _step(stack, ctx, i, 1, y1, dy2, dy1, states[2 * i + 1], fctx.autocast, index, grads)
+        subs = 2 * stack.pairs
+        for k in reversed(range(0, stack.count * subs, 2)):  # each pair (F, G) of each copy, last first
+            i, f = divmod(k, subs)
+            y1, dy1, g = _step(stack, ctx, i, f + 1, y1, dy2, dy1, states[k + 1], fctx.autocast, index, grads)
             y2 = y2 - g  # X2
             del g
-            y2, dy2, f = _step(stack, ctx, i, 0, y2, dy1, dy2, states[2 * i], fctx.autocast, index, grads)
-            y1 = y1 - f  # X1
-            del f
+            y2, dy2, out_f = _step(stack, ctx, i, f, y2, dy1, dy2, states[k], fctx.autocast, index, grads)
+            y1 = y1 - out_f  # X1
+            del out_f
         return (dy1 + dy2, None, None, *grads)
 
 

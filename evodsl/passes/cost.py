@@ -14,7 +14,7 @@ import sympy as sp
 
 from ..ir import Graph, Node
 from ..ops.cost import MEM, B, M, N, Cost, Symbols, cost_field, length
-from .layers import reversible_halves
+from .layers import reversible_sublayers
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -218,11 +218,12 @@ class Report:
         """A reversible repeat's backward, one sublayer at a time: the incoming gradient (its output's) and one
         value rebuilt, the sublayer recomputed (what it keeps, its own backward's working set), and the
         gradients of the stack's parameters, which the autograd Function returns whether or not its caller
-        asks for them (a training step makes them all the same): all of them but the first sublayer's
-        while the first copy's G is recomputed, all of them while its F is."""
-        f, _, g, _ = reversible_halves(node.body)
+        asks for them (a training step makes them all the same): all of them but the first sublayer's while the
+        second is recomputed, all of them while the first is (the last two steps of the backward)."""
+        subs = reversible_sublayers(node.body)
         steps, rows = self._steps(node.body, b, n, top=False), self._by_node()
-        k = len(f)
+        at = [node.body.nodes[1:-1].index(add) for _, add in subs]  # each sublayer's add: where its steps end
+        spans = [steps[(at[k - 1] + 1 if k else 0):at[k]] for k in range(len(subs))]
 
         def work(part):
             return sum(kk for kk, _ in part) + max((t for _, t in part), default=0.0)
@@ -230,9 +231,8 @@ class Report:
         def grads(nodes):
             return sum(int(sp.sympify(rows[id(x)].cost.params).subs(rows[id(x)].values)) for x in nodes) \
                 * self.bytes_per
-        copies = 1 if node.shared else node.count
-        total = copies * (grads(f) + grads(g))
-        return 1.5 * out + max(total - grads(f) + work(steps[k + 1:k + 1 + len(g)]), total + work(steps[:k]))
+        total = (1 if node.shared else node.count) * sum(grads(calls) for calls, _ in subs)
+        return 1.5 * out + max(total - grads(subs[0][0]) + work(spans[1]), total + work(spans[0]))
 
     def activations_training_peak(self, b: int, n: int) -> int:
         """Peak bytes over a training forward + backward through the activations: going backward, what the ops

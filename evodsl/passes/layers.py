@@ -250,12 +250,12 @@ class Layers(Values):
         name_modules(body)
         reversible = kw.get("reversible", (False,))[0]
         if reversible and not self._opaque:  # a definition validated alone leaves those it uses out
-            halves = reversible_halves(body)
-            if isinstance(halves, str):
-                self.c.error("E312", "repeat(..., reversible=true) needs a body of exactly two residual sublayers",
-                             r.body.span, label=halves,
-                             help="e.g. repeat(norm -> mha -> norm -> ffn, N, reversible=true): each copy computes "
-                                  "Y1 = X1 + F(X2), Y2 = X2 + G(Y1) (RevNet, Reformer)")
+            why = reversible_sublayers(body)
+            if isinstance(why, str):
+                self.c.error("E312", "repeat(..., reversible=true) needs a body of residual sublayers in pairs",
+                             r.body.span, label=why,
+                             help="e.g. repeat(norm -> mha -> norm -> ffn, N, reversible=true): each pair (F, G) "
+                                  "computes Y1 = X1 + F(X2), Y2 = X2 + G(Y1) (RevNet, Reformer)")
                 return x
         if count is _ERR or streams is None:
             return x
@@ -263,29 +263,29 @@ class Layers(Values):
                           shared=kw.get("shared", (False,))[0], reversible=reversible, span=r.span)).name
 
 
-def reversible_halves(body: Graph):
-    """A reversible repeat's body split into its two residual sublayers: (F's nodes, the add X + F, G's nodes,
-    the add H + G), each half a chain of op calls that reads only its own input; else why not (a string)."""
+def reversible_sublayers(body: Graph):
+    """A reversible repeat's body as its residual sublayers, [(the op calls of F, the add X + F), ...], an even
+    number of them (each pair (F, G) one reversible layer), each a chain of op calls reading only the previous
+    sum (the body's input, for the first); else why not (a string)."""
     if len(body.inputs) != 1:
         return "its body reads another stream"
-    x, nodes = body.input.name, body.nodes[1:-1]
-    adds = [k for k, n in enumerate(nodes) if n.kind == "add"]
-    if len(adds) != 2:
-        return f"its body has {len(adds)} residual sublayer{'s' if len(adds) != 1 else ''}"
-    k1, k2 = adds
-    a1, a2 = nodes[k1], nodes[k2]
-    if body.output.inputs[0] != a2.name:
-        return "its body ends with an op after its second residual sublayer"
-    if a1.inputs[0] != x or a2.inputs[0] != a1.name or k1 == 0 or k2 == k1 + 1:
-        return "its body has an op outside its two residual sublayers"
-    f, g = nodes[:k1], nodes[k1 + 1:k2]
-    for half, base in ((f, x), (g, a1.name)):
-        own = {base}
-        for n in half:
-            if n.kind != "call" or not set(n.inputs) <= own:
-                return "a sublayer holds a nested repeat, or reads the other sublayer's values"
-            own.add(n.name)
-    return f, a1, g, a2
+    base, run, out = body.input.name, [], []
+    for n in body.nodes[1:-1]:
+        if n.kind == "add":
+            if n.inputs[0] != base or not run:
+                return "its body has an op outside its residual sublayers"
+            out.append((run, n))
+            base, run = n.name, []
+            continue
+        own = {base} | {m.name for m in run}
+        if n.kind != "call" or not set(n.inputs) <= own:
+            return "a sublayer holds a nested repeat, or reads another sublayer's values"
+        run.append(n)
+    if run or body.output.inputs[0] != base:
+        return "its body ends with an op after its last residual sublayer"
+    if len(out) % 2:
+        return f"its body has {len(out)} residual sublayer{'s' if len(out) != 1 else ''}, an odd number"
+    return out
 
 
 def name_modules(g: Graph) -> None:
