@@ -34,11 +34,12 @@ def test_equals_hf_layout(n1, n2, d1, d2, n):
     m, _, _ = make_op("pos", "axial", d=d1 + d2, n1=n1, n2=n2, d1=d1, d2=d2)
     perturb_params(m)
     x = _randn(2, n, d1 + d2)
-    want = x + ref_axial(m.row.detach(), m.col.detach(), n)
+    assert tuple(m.row.shape) == (n1, 1, d1) and tuple(m.col.shape) == (1, n2, d2)  # HF's weights' shapes
+    want = x + ref_axial(m.row.detach()[:, 0], m.col.detach()[0], n)
     assert (m(x) - want).abs().max().item() <= 1e-12
     # one scalar at a time: position t reads E1[t // n2] and E2[t % n2]
     t = n - 1
-    assert (m(x)[0, t] - x[0, t] - torch.cat([m.row[t // n2], m.col[t % n2]])).abs().max().item() <= 1e-12
+    assert (m(x)[0, t] - x[0, t] - torch.cat([m.row[t // n2, 0], m.col[0, t % n2]])).abs().max().item() <= 1e-12
 
 
 def test_training_dropout_is_hf_dropout2d_over_grid_columns():
@@ -53,7 +54,7 @@ def test_training_dropout_is_hf_dropout2d_over_grid_columns():
     got = m(x)
     torch.manual_seed(11)
     keep = (torch.rand(b, n2) >= p).to(torch.float64) / (1 - p)  # [b, n2]: the channels of dropout2d
-    enc = ref_axial(m.row.detach(), m.col.detach(), n)
+    enc = ref_axial(m.row.detach()[:, 0], m.col.detach()[0], n)
     want = x.clone()
     for i in range(b):
         for t in range(n):

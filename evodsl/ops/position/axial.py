@@ -34,8 +34,9 @@ class AxialPositionParams(OpParams):
 class AxialPosition(nn.Module):
     def __init__(self, p: AxialPositionParams, env: OpEnv):
         super().__init__()
-        self.row = nn.Parameter(torch.empty(p.n1, p.d1).normal_(0.0, 0.02))  # E1
-        self.col = nn.Parameter(torch.empty(p.n2, p.d2).normal_(0.0, 0.02))  # E2
+        # E1 [n1, 1, d1] and E2 [1, n2, d2]: HF's shapes (its checkpoints load as they are)
+        self.row = nn.Parameter(torch.empty(p.n1, 1, p.d1).normal_(0.0, 0.02))
+        self.col = nn.Parameter(torch.empty(1, p.n2, p.d2).normal_(0.0, 0.02))
         self.n2, self.size, self.dropout = p.n2, p.n1 * p.n2, p.dropout
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
@@ -43,7 +44,7 @@ class AxialPosition(nn.Module):
         torch._check(start + n <= self.size, lambda: "sequence longer than pos(axial)'s n1 * n2 positions")
         t = torch.arange(start, start + n, device=x.device)
         j = t % self.n2
-        enc = torch.cat([self.row[t // self.n2], self.col[j]], dim=-1).to(x.dtype)  # [n, d]
+        enc = torch.cat([self.row[t // self.n2, 0], self.col[0, j]], dim=-1).to(x.dtype)  # [n, d]
         if self.training and self.dropout > 0:
             keep = torch.rand(x.shape[0], self.n2, device=x.device) >= self.dropout
             return x + enc * (keep[:, j, None].to(x.dtype) / (1 - self.dropout))
