@@ -155,6 +155,9 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     # Gemma 2: the soft-capped scores run the explicit-score kernel (_scored.py), whose global layers keep their
     # [n, n] weights per head for backward; the local layers' band is linear in n
     "gemma2_2b": ("O(n^2 dh h)", "O(n^2 h)"),
+    # Reformer (HF's default config): local chunks and LSH's sorted chunks, each reading its neighbours; the
+    # sort's n log n comparisons lead the time; the reversible stack keeps its output alone
+    "reformer": ("O(n R h log n)", "O(n R dh h + n c h + n d + n f + n m R h)"),
 }
 
 

@@ -5,10 +5,11 @@ lm_head.bias its forward never reads) at the default config and a small one (met
 imported with `evodsl.from_hf` and `evodsl.load_hf` gives HF's logits in eval mode at lengths up to a chunk and
 multiples of it, causal and bidirectional, one and two hash rounds (two rounds causal in float64: HF's float32
 exp(dots - logsumexp) rounds a row whose only key is the query's own -1e5, ours does not); the layer-by-layer
-parity of both attentions; refusals (E415)."""
+parity of both attentions; specs/reformer.evo is what from-hf writes for ReformerConfig(); refusals (E415)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,17 @@ def test_parameter_count(over):
     ours = evodsl.compile(evodsl.from_hf(config), device="meta")
     assert count(ours) == count(hf) - config.vocab_size  # HF's unread lm_head.bias
     assert evodsl.cost(evodsl.from_hf(config))["params"] == count(ours)
+
+
+def test_shipped_spec_is_what_from_hf_writes_for_the_default_config():
+    spec = Path(__file__).resolve().parents[1] / "specs" / "reformer.evo"
+    config = transformers.ReformerConfig()
+    with torch.device("meta"):
+        hf = transformers.ReformerForMaskedLM(config)
+    assert evodsl.cost(spec)["params"] == count(hf) - 320 == 5_975_872
+    shipped = [ln for ln in spec.read_text().splitlines() if ln and not ln.startswith("#")]
+    written = [ln for ln in evodsl.from_hf(config).splitlines() if ln and not ln.startswith("#")]
+    assert [ln.split("#")[0].rstrip() for ln in shipped] == [ln.split("#")[0].rstrip() for ln in written]
 
 
 def hf_and_ours(rounds: int, decoder: bool, dtype=torch.float32):

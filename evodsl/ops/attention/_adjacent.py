@@ -18,31 +18,48 @@ MASK_VALUE = -1e9  # HF's mask_value_float32 (float16: -1e4)
 SELF_VALUE = -1e5  # HF's self_mask_value_float32 (float16: -1e3)
 
 
-def neighbours(t: torch.Tensor, before: int, after: int, wrap: bool) -> torch.Tensor:
-    """t [B, C, m, ...] -> [B, C, (1 + before + after) m, ...]: each chunk's neighbours' slots, in order."""
-    parts = []
+def mod(a, k):
+    """a mod k (floor), written out: the ONNX exporter has no aten.remainder.Scalar."""
+    return a - torch.div(a, k, rounding_mode="floor") * k
+
+
+def neighbours(counts, rounds: int, chunks: int, before: int, after: int, wrap: bool):
+    """Each chunk's neighbours, as physical chunk indices [B, C, J] (J = 1 + before + after) and whether each is
+    one ([B, C, J]). A row's layout holds `rounds` runs of chunks / rounds physical chunks, of which the first
+    counts[row] are its real ones (the rest padding, never read): the real chunks, run after run, are its
+    logical sequence, and chunk u's neighbours are u - before .. u + after in it, modulo its length (wrap) or
+    inside it. So a padded row reads what the row alone would (HF's layout of the row alone)."""
+    per = chunks // rounds
+    p = torch.arange(chunks, device=counts.device)
+    cnt = counts[:, None]  # [B, 1]
+    logical = (p // per)[None] * cnt + mod(p, per)[None]  # [B, C]
+    total = cnt * rounds
+    idx, ok = [], []
     for i in range(-before, after + 1):
-        if i == 0:
-            parts.append(t)
-        elif wrap:
-            parts.append(torch.cat([t[:, i:], t[:, :i]], dim=1))  # chunk c gets chunk (c + i) mod C
-        else:  # shifted in, the chunks past either end replaced by a copy that the caller's `valid` masks out
-            parts.append(torch.roll(t, shifts=-i, dims=1))
-    return torch.cat(parts, dim=2)
+        lam = logical + i
+        inside = (lam >= 0) & (lam < total)
+        lam = mod(lam, total) if wrap else lam.clamp(min=0)
+        lam = torch.minimum(lam, total - 1)
+        idx.append((lam // cnt) * per + mod(lam, cnt))
+        ok.append(inside | wrap)
+    return torch.stack(idx, -1), torch.stack(ok, -1)
 
 
 def attend_adjacent(q, k, v, qpos, kpos, valid, before: int, after: int, wrap: bool, causal: bool,
-                    self_mask: bool, dropout: float = 0.0):
-    """q, k, v [B, C, m, dh]; qpos, kpos [B, C, m] the positions in the slots; valid [B, C, m] a real key.
-    Returns out [B, C, m, dh] and logsumexp [B, C, m]."""
-    C = q.shape[1]
-    kk, vv = neighbours(k, before, after, wrap), neighbours(v, before, after, wrap)
-    kp, ok = neighbours(kpos, before, after, wrap), neighbours(valid, before, after, wrap)
-    if not wrap:  # chunks past either end: not keys
-        chunk = torch.arange(C, device=q.device)
-        src = torch.cat([(chunk + i).view(C, 1).expand(C, q.shape[2]) for i in range(-before, after + 1)], dim=1)
-        ok = ok & ((src >= 0) & (src < C))
-    s = q @ kk.transpose(-1, -2)  # [B, C, m, K]
+                    self_mask: bool, counts, rounds: int = 1, dropout: float = 0.0):
+    """q, k, v [B, C, m, dh]; qpos, kpos [B, C, m] the positions in the slots; valid [B, C, m] a real key;
+    counts [B] each row's real chunks per run (neighbours()). Returns out [B, C, m, dh] and logsumexp [B, C, m]."""
+    B, C, m, dh = q.shape
+    idx, inside = neighbours(counts, rounds, C, before, after, wrap)  # [B, C, J]
+    flat = (idx + torch.arange(B, device=q.device).view(B, 1, 1) * C).flatten(1)  # [B, C J] rows of [B C, m, .]
+
+    def gather(t):
+        g = t.reshape(B * C, m, *t.shape[3:])[flat]  # [B, C J, m, ...]
+        return g.reshape(B, C, -1, *t.shape[3:])  # [B, C, J m, ...]
+
+    kk, vv, kp = gather(k), gather(v), gather(kpos)
+    ok = gather(valid) & inside[..., None].expand(B, C, idx.shape[-1], m).reshape(B, C, -1)
+    s = q @ kk.transpose(-1, -2)  # [B, C, m, J m]
     ok = ok[:, :, None, :]
     if causal:
         ok = ok & (qpos[..., :, None] >= kp[:, :, None, :])
@@ -57,31 +74,38 @@ def attend_adjacent(q, k, v, qpos, kpos, valid, before: int, after: int, wrap: b
     total = e.sum(-1, keepdim=True)
     w, lse = e / total, top + total.log()
     if dropout:
-        w = torch.nn.functional.dropout(w, dropout)
+        w = F.dropout(w, dropout)
     return w @ vv, lse.squeeze(-1)
 
 
 def padded_length(n, m: int):
-    """n rounded up to a multiple of m (HF pads its input so; here each op pads its own, its slots masked)."""
-    return (n + m - 1) // m * m
+    """n rounded up to a multiple of m, plus one chunk of padding: at least two chunks, never one (a size torch.export
+    would specialise), and the padding never read (neighbours() reads a row's real chunks only)."""
+    return (n + 2 * m - 1) // m * m
+
+
+def real_counts(valid, m: int):
+    """valid [b, N] -> each row's real chunks, ceil(L / m) (at least 1), L its real tokens."""
+    return ((valid.sum(-1) + m - 1) // m).clamp(min=1)
 
 
 def local_adjacent(q, k, v, key_mask, c: int, before: int, after: int, wrap: bool, causal: bool, dropout: float):
     """HF's LocalSelfAttention: q [b, h, n, dh], k, v [b, h, n, dh] (keys scaled by dh^-1/2 here), chunks of c
-    positions (n padded to a multiple, the padded keys masked) reading their neighbours -> [b, h, n, dh]."""
+    positions (right-padded rows: a row's own chunks, as alone) reading their neighbours -> [b, h, n, dh]."""
     b, h, n, dh = q.shape
     N = padded_length(n, c)
-    pad = N - n
     pos = torch.arange(N, device=q.device)
+    src = pos.clamp(max=n - 1)  # padded slots copy the last token (masked): no pad of a symbolic amount
     valid = (pos < n).expand(b, N)
     if key_mask is not None:
-        valid = valid & F.pad(key_mask, (0, pad), value=False)
+        valid = valid & key_mask[:, src]
 
     def chunks(t):
-        return F.pad(t, (0, 0, 0, pad)).reshape(b * h, N // c, c, dh)
+        return t[:, :, src].reshape(b * h, N // c, c, dh)
 
     qpos = pos.view(1, N // c, c).expand(b * h, N // c, c)
     ok = valid[:, None].expand(b, h, N).reshape(b * h, N // c, c)
+    counts = real_counts(valid, c)[:, None].expand(b, h).reshape(b * h)
     out, _ = attend_adjacent(chunks(q), chunks(k * dh ** -0.5), chunks(v), qpos, qpos, ok, before, after, wrap,
-                             causal, False, dropout)
-    return out.view(b, h, N, dh)[:, :, :n]
+                             causal, False, counts, 1, dropout)
+    return out.view(b, h, N, dh)[:, :, torch.arange(n, device=q.device)]  # indexed, not sliced: n <= N is not for torch.export to prove

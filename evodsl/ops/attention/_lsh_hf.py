@@ -8,17 +8,18 @@ causal mask compares positions; a key at the query's own position scores -1e5 in
 self-mask value, in every round's copy). Each round's rows go back to their positions with their logsumexp and
 the rounds combine by softmax over those, as the paper form. Keys: the queries length-normalised (unit_keys).
 
-The sequence is padded to a multiple of m here (HF pads its input to one): padded slots hash to bucket B and
-are masked as keys (-1e9), as HF's padding. HF runs plain attention when n <= m; with every token in each
-round's one chunk (read twice, through the wrap), this form gives the same numbers without a branch on n.
+The sequence is padded to a multiple of m here, and one chunk more (HF pads its input to a multiple): padded
+slots (and a padding mask's) hash to bucket B, sorted after a row's tokens in every round, and a row reads its
+own real chunks only, run after run (_adjacent.neighbours): what the row alone gives, padding either side. HF runs
+plain attention when n <= m; with every token in each round's one chunk (read twice, through the wrap), this form
+gives the same numbers without a branch on n.
 The rotations are drawn as HF draws them: torch.manual_seed(seed); randn([h, dh, R, B/2]) (HF's hash_seed).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ._adjacent import attend_adjacent, padded_length
+from ._adjacent import attend_adjacent, mod, padded_length, real_counts
 
 
 def hf_rotations(heads: int, head_dim: int, rounds: int, buckets: int, seed: int) -> torch.Tensor:
@@ -34,15 +35,16 @@ def attend_hf(qk, v, buckets, valid, B: int, m: int, before: int, after: int, ca
     b, h, n, dh = qk.shape
     R = buckets.shape[2]
     N = padded_length(n, m)
-    pad = N - n
-    qk, v = F.pad(qk, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-    valid = F.pad(valid, (0, pad), value=False)  # [b, N]
-    buckets = F.pad(buckets, (0, pad)).masked_fill(~valid[:, None, None, :], B)  # padding: a bucket of its own
+    slots = torch.arange(N, device=qk.device)
+    src = slots.clamp(max=n - 1)  # padded slots copy the last token (masked): no pad of a symbolic amount
+    qk, v = qk[:, :, src], v[:, :, src]
+    valid = valid[:, src] & (slots < n)  # [b, N]
+    buckets = buckets[..., src].masked_fill(~valid[:, None, None, :], B)  # padding: a bucket of its own
     L = R * N
     flat = (buckets + torch.arange(R, device=qk.device).view(1, 1, R, 1) * (B + 1)).flatten(2)  # [b, h, R N]
     slots = torch.arange(L, device=qk.device)
     order = (flat * L + slots).argsort(-1)  # stable: by bucket, then slot (HF's _stable_argsort)
-    pos = order % N  # [b, h, L]: the position in each sorted slot
+    pos = mod(order, N)  # [b, h, L]: the position in each sorted slot
 
     def sort(t):
         return t.gather(2, pos[..., None].expand(b, h, L, dh)).view(b * h, L // m, m, dh)
@@ -50,8 +52,11 @@ def attend_hf(qk, v, buckets, valid, B: int, m: int, before: int, after: int, ca
     sq, sv = sort(qk), sort(v)
     qpos = pos.view(b * h, L // m, m)
     ok = valid[:, None, :].expand(b, h, N).gather(2, pos).view(b * h, L // m, m)
-    out, lse = attend_adjacent(sq, unit_keys(sq), sv, qpos, qpos, ok, before, after, True, causal, True, dropout)
+    counts = real_counts(valid, m)[:, None].expand(b, h).reshape(b * h)
+    out, lse = attend_adjacent(sq, unit_keys(sq), sv, qpos, qpos, ok, before, after, True, causal, True, counts, R,
+                               dropout)
     inv = torch.empty_like(order).scatter_(2, order, slots.expand_as(order))  # each slot's sorted index
     out = out.view(b, h, L, dh).gather(2, inv[..., None].expand(b, h, L, dh)).view(b, h, R, N, dh)
     lse = lse.view(b, h, L).gather(2, inv).view(b, h, R, N)
-    return out[:, :, :, :n], lse[:, :, :, :n]
+    keep = torch.arange(n, device=qk.device)  # indexed, not sliced: n <= N is not for torch.export to prove
+    return out[:, :, :, keep], lse[:, :, :, keep]

@@ -35,6 +35,7 @@ from ..cost import Cost, Symbols
 from ..position._inattention import InAttentionPosition
 from ..registry import Op, OpEnv, ShapeProblem, is_symbolic, register, right_padded
 from ._adjacent import local_adjacent
+from ._adjacent_cost import local_cost
 from ._banded import POSITION_BIAS, _prefix_mask
 from ._common import (LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols,
                       position_cost, rotates, score_bias)
@@ -58,14 +59,14 @@ class ChunkAttention(AttentionBase):
             return self._step(x, ctx)
         q, k, v = self.qkv(x)
         key_mask = self.key_mask(ctx)
-        if self.adjacent is not None:  # HF Reformer's LocalSelfAttention (_adjacent.py)
-            return self.out(local_adjacent(q, self.expand_kv(k), self.expand_kv(v), key_mask, self.c,
-                                           *self.adjacent, self.causal, self.dropout if self.training else 0.0))
         n = x.shape[1]
         if key_mask is not None and not is_symbolic(key_mask) and not right_padded(key_mask):
             raise EvoError([Diagnostic("E409", "mha(chunk) needs right padding: its chunks are counted from each "
                                                "row's first position, and left padding moves the tokens",
                                        help="pad after the tokens (tokenizer padding_side='right')")])
+        if self.adjacent is not None:  # HF Reformer's LocalSelfAttention (_adjacent.py)
+            return self.out(local_adjacent(q, self.expand_kv(k), self.expand_kv(v), key_mask, self.c,
+                                           *self.adjacent, self.causal, self.dropout if self.training else 0.0))
         if not isinstance(n, int) or torch.jit.is_tracing():
             return self.out(self._gathered(q, k, v, key_mask))
         return self.o_proj(self._chunks(q, k, v, key_mask).flatten(2))
@@ -171,6 +172,8 @@ def chunk_cost(p: ChunkParams, env: OpEnv, s: Symbols) -> Cost:
     projections' [b, n, h, dh] outputs, or contiguous [b, h, n, dh] (rotated); the chunked view [b*m, h, C, dh]
     of the full chunks is free for one sequence, or for a sequence of whole chunks laid out [b, n, h, dh], else
     a copy. Both calls' outputs are joined into one result (a copy) that o_proj reads."""
+    if (p.before, p.after, p.wrap) != (0, 0, False):
+        return local_cost(p, env, s)
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     c = sp.Min(s.sym("c", p.c), n)
