@@ -16,7 +16,7 @@ import torch
 
 import evodsl
 from evodsl import EvoError
-from ophelpers import make_op
+from ophelpers import assert_no_leak, make_op
 
 import transformers  # noqa: E402 - a dev dependency: missing, these tests fail
 from transformers.models.reformer.modeling_reformer import LocalSelfAttention, LSHSelfAttention  # noqa: E402
@@ -157,3 +157,12 @@ def test_unsupported_features_are_refused(over, key, says, tmp_path):
         evodsl.from_hf(path)
     text = str(err.value)
     assert "config.json:" in text and says in text and "^" * (len(key) + 2) in text, text
+
+
+def test_local_causal_form_never_leaks():
+    """mha(chunk, before=1, wrap=true) causal (HF's decoder local attention): position t reads its chunk up to t and
+    the chunk before; the wrap-around reaches later chunks only, which the causal mask removes. (mha(lsh, form=hf)
+    causal is HF's too: its chunk boundaries follow the whole sorted sequence, later tokens included, so it has no
+    step form; lsh.py's paper form is the strictly causal one.)"""
+    m, _, _ = make_op("mha", "chunk", d=32, causal=True, heads=4, c=4, before=1, wrap=True)
+    assert_no_leak(lambda x: m(x, None), n=22)

@@ -1,13 +1,16 @@
 """Chunks that read their neighbours, as HF's Reformer lays attention out (EfficientAttentionMixin._look_adjacent):
-the shared kernel of mha(chunk, before=, after=) (HF's LocalSelfAttention) and mha(lsh, form=hf) (LSHSelfAttention).
+the shared kernel of mha(chunk, before=, after=, wrap=) (HF's LocalSelfAttention) and mha(lsh, form=hf)
+(LSHSelfAttention).
 
-A sequence of slots (positions, or LSH's sorted order) is cut into C chunks of m; chunk c's keys are the slots of
-chunks c - before .. c + after, in that order, taken modulo C when `wrap` (HF: the chunk before the first is the
-last; a chunk may then appear twice, and is then counted twice in the softmax, as in HF), else those outside
-0 .. C-1 left out. Per query slot i and key slot j, as HF: scores q_i . k_j; a key of a padded slot, or (causal)
-of a later position, gets -1e9 (HF's mask value, not -inf); then (LSH) a key at the query's own position gets
--1e5 in place of its score (HF's self-mask value); softmax; out = sum w v, and the logsumexp of the scores.
-O(C m (1 + before + after) m) scores: no n x n tensor beyond one chunk's neighbourhood.
+A row of slots (positions, or LSH's sorted order, round after round) is cut into chunks of m; chunk u's keys are
+the slots of chunks u - before .. u + after of the row's real chunks, taken modulo their number when `wrap` (HF:
+the chunk before the first is the last; a chunk may then appear twice, and is counted twice in the softmax, as in
+HF), else those outside left out. Per query slot i and key slot j, as HF: scores q_i . k_j; a key of a padded
+slot, or (causal) of a later position, gets -1e9 (HF's mask value, not -inf); then (LSH) a key at the query's own
+position gets -1e5 in place of its score (HF's self-mask value); softmax; out = sum w v, and the logsumexp.
+The rows are padded to whole chunks and one more (never a single chunk: torch.export would specialise it), by
+gathers rather than pads or slices of a symbolic size; a row reads its own real chunks only, so a padded batch
+gives each row what it gives alone. O(n J m d) for J = 1 + before + after neighbours: no n x n tensor.
 """
 from __future__ import annotations
 

@@ -36,6 +36,11 @@ their sorted order, chunks and keys, so a padded batch equals each sequence alon
 Decoding (causal) keeps the queries (the keys' source) and values of every position and re-hashes them each
 step: a new query reads, per round, its own bucket's last m earlier tokens, found by a running count.
 No position scheme inside; dropout= is refused. The cost: _lsh_cost.py.
+
+form=hf (with before=, after=): HF's LSHSelfAttention, the layout its checkpoints run (_lsh_hf.py): rounds sorted
+together, no same-bucket mask, look-adjacent chunks with wrap-around, the self score replaced by -1e5, rotations
+drawn as HF's hash_seed draws them, dropout allowed. Causal, it is HF's decoder form: keys masked by position,
+but its chunks follow the whole sorted sequence, so a later token can move them (no step form).
 """
 from __future__ import annotations
 
