@@ -172,6 +172,7 @@ def test_onnx_export_equals_onnxruntime(tmp_path):
     ("norm -> mha -> norm -> ffn -> norm -> ffn", "its body has 3 residual sublayers, an odd number"),
     ("norm -> mha -> norm -> ffn -> norm", "its body ends with an op after its last residual sublayer"),
     ("norm -> mha -> dropout -> norm -> ffn", "its body has an op outside its residual sublayers"),
+    ("residual(norm -> mha, scores=true) -> norm -> ffn", "residual scores pass from layer to layer"),
 ])
 def test_a_body_that_is_not_two_sublayers_is_refused(body, why):
     with pytest.raises(EvoError) as e:

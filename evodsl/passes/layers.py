@@ -269,6 +269,8 @@ def reversible_sublayers(body: Graph):
     sum (the body's input, for the first); else why not (a string)."""
     if len(body.inputs) != 1:
         return "its body reads another stream"
+    if any(n.residual_scores for n in body.calls()):
+        return "residual scores pass from layer to layer, which its backward's recomputation cannot replay"
     base, run, out = body.input.name, [], []
     for n in body.nodes[1:-1]:
         if n.kind == "add":
