@@ -218,8 +218,8 @@ class Report:
         """A reversible repeat's backward, one sublayer at a time: the incoming gradient (its output's) and one
         value rebuilt, the sublayer recomputed (what it keeps, its own backward's working set), and the
         gradients of the stack's parameters, which the autograd Function returns whether or not its caller
-        asks for them (a training step makes them all the same): all of them but the first sublayer's while the
-        second is recomputed, all of them while the first is (the last two steps of the backward)."""
+        asks for them (a training step makes them all the same): while the first copy's sublayer j is
+        recomputed, those of every sublayer but the first copy's before j."""
         subs = reversible_sublayers(node.body)
         steps, rows = self._steps(node.body, b, n, top=False), self._by_node()
         at = [node.body.nodes[1:-1].index(add) for _, add in subs]  # each sublayer's add: where its steps end
@@ -231,8 +231,10 @@ class Report:
         def grads(nodes):
             return sum(int(sp.sympify(rows[id(x)].cost.params).subs(rows[id(x)].values)) for x in nodes) \
                 * self.bytes_per
-        total = (1 if node.shared else node.count) * sum(grads(calls) for calls, _ in subs)
-        return 1.5 * out + max(total - grads(subs[0][0]) + work(spans[1]), total + work(spans[0]))
+        each = [grads(calls) for calls, _ in subs]
+        total = (1 if node.shared else node.count) * sum(each)
+        # the first copy's sublayer j is recomputed after every later one (their gradients made, and its own)
+        return 1.5 * out + max(total - sum(each[:j]) + work(spans[j]) for j in range(len(subs)))
 
     def activations_training_peak(self, b: int, n: int) -> int:
         """Peak bytes over a training forward + backward through the activations: going backward, what the ops
