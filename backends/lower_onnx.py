@@ -122,14 +122,15 @@ def min_positions(graph: Graph) -> int:
 
 
 def max_positions(graph: Graph) -> int | None:
-    """The longest sequence the model accepts (a learned position table), or None."""
+    """The longest sequence the model accepts (a learned position table, axial's n1 * n2 grid), or None."""
     from evodsl.ops.cost import length
 
     caps = []
     for n in graph.calls():
-        if (n.family, n.variant) == ("pos", "learned"):  # a stream of n + k positions: n <= max_len - k
+        if (n.family, n.variant) in (("pos", "learned"), ("pos", "axial")):  # n + k positions: n <= max_len - k
             seq = length(n.meta["shape"][1])
-            caps.append(n.params.max_len - int(seq.subs({s: 0 for s in seq.free_symbols})))
+            top = n.params.max_len if n.variant == "learned" else n.params.n1 * n.params.n2
+            caps.append(top - int(seq.subs({s: 0 for s in seq.free_symbols})))
     return min(caps) if caps else None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from evodsl.backends.torch_reversible import ReversibleRepeat
 from evodsl.backends.torch_state import ModelState, Seq2SeqState, _own, _shape_only
 from evodsl.decode import DecodeState
 from evodsl.ir import Graph
@@ -30,7 +31,9 @@ class GraphModule(nn.Module):
                 self.add_module(n.module, n.op.module(n.params, n.meta["env"]))
             elif n.kind == "repeat":
                 copies = 1 if n.shared else n.count
-                self.add_module(n.module, Repeat([GraphModule(n.body) for _ in range(copies)], n.count))
+                bodies = [GraphModule(n.body) for _ in range(copies)]
+                self.add_module(n.module, ReversibleRepeat(bodies, n.count, n.body) if n.reversible
+                                else Repeat(bodies, n.count))
         self._output = graph.output.inputs[0]
         self._reused = {n.name for n in nodes if n.meta.get("reused")}  # attention outputs a skip_reuse reads
         last_use = {}

@@ -32,6 +32,7 @@ class Node(BaseModel):
     body: Graph | None = None  # repeat
     count: int = 1  # repeat
     shared: bool = False  # repeat: one set of weights used `count` times
+    reversible: bool = False  # repeat: RevNet pairs (X1, X2) -> (X1 + F(X2), X2 + G(Y1)), output [Y1, Y2] (2d)
     residual_scores: bool = False  # call[mha] inside residual(..., scores=true) (RealFormer)
     span: Span | None = None
     meta: dict[str, Any] = Field(default_factory=dict)
@@ -159,7 +160,8 @@ class Graph:
                 given = ", ".join(f"{k}={_fmt_value(v)}" for k, v in n.params.model_dump().items()) if n.params else ""
                 text = f"input[{n.variant}]({given})" if n.variant else "input()"
             elif n.kind == "repeat":
-                text = f"repeat[{n.count}{', shared' if n.shared else ''}]({args})"
+                text = (f"repeat[{n.count}{', shared' if n.shared else ''}"
+                        f"{', reversible=true' if n.reversible else ''}]({args})")
             else:
                 text = f"{n.kind}({args})"
             line = f"{indent}%{n.name} = {text}"

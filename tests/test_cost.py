@@ -178,6 +178,9 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     "gemma2_2b": ("O(n^2 dh h)", "O(n^2 h)"),
     # SkipAt: its 6 attention layers are quadratic; the 6 skipping ones keep Phi's hidden [n, e d] (e = expand)
     "skipat_vit_tiny": ("O(n^2 d)", "O(n d e + n f)"),
+    # Reformer (HF's default config): local chunks and LSH's sorted chunks, each reading its neighbours; the
+    # sort's n log n comparisons lead the time; the reversible stack keeps its output alone
+    "reformer": ("O(n R h log n)", "O(n R dh h + n c h + n d + n f + n m R h)"),
 }
 
 

@@ -50,6 +50,7 @@ REQUIRED = {
     "e226_writes_not_carried": ["E226", "E227"], "e227_memory_never_written": ["E227"],
     "e312_skip_reuse_first": ["E312"],  # mha(skip_reuse) with no earlier attention
     "e310_written_shape": ["E310"], "e311_stream_op_in_pipeline": ["E311"],
+    "e313_reversible_body": ["E313"],
     "multiple_errors": ["E212", "E201", "E203", "E204", "E204", "E206"],
 }
 

@@ -97,6 +97,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
     ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4",
+    ("pos", "axial"): "n1=8, n2=16, d1=8, d2=24",  # 128 positions on a grid, past the longest test length
 }
 FEATURES, OUT = "input(features, d=32)", "head(linear, d_out=8)"
 # family -> (the model around its ops, how one variant appears in it, whether all variants share one spec).

@@ -17,6 +17,7 @@ from .deepseek import deepseek_v2_spec, deepseek_v2_weights
 from .encdec import bart_spec, bart_weights, t5_spec, t5_weights
 from .encoders import bert_spec, bert_weights
 from .gemma2 import gemma2_spec, gemma2_weights
+from .reformer import reformer_spec, reformer_weights
 from .weights import load_hf, read_checkpoint, read_safetensors
 from .yoso import yoso_spec, yoso_weights
 
@@ -27,6 +28,7 @@ __all__ = ["from_hf", "load_hf", "read_safetensors", "read_checkpoint", "read_co
 class Family:
     spec: Callable  # Config -> Spec
     weights: Callable  # Config -> {evodsl name: Take}
+    unused: tuple = ()  # checkpoint tensors the HF model's forward never reads (Reformer's lm_head.bias)
 
 
 FAMILIES = {
@@ -41,6 +43,7 @@ FAMILIES = {
     "bart": Family(bart_spec, bart_weights),
     "deepseek_v2": Family(deepseek_v2_spec, deepseek_v2_weights),
     "yoso": Family(yoso_spec, yoso_weights),
+    "reformer": Family(reformer_spec, reformer_weights, ("lm_head.bias",)),
 }
 
 
@@ -67,3 +70,7 @@ def weight_map(config) -> dict:
     out = family_of(c).weights(c)
     c.raise_if_any()
     return out
+
+
+def unused_tensors(config) -> tuple:
+    return family_of(read_config(config)).unused

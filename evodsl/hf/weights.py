@@ -19,6 +19,7 @@ from ..diagnostics import Diagnostic, EvoError
 # buffers some checkpoints carry that are computed, not learned: the rotary frequencies, GPT-2's causal masks
 DERIVED = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "position_ids")
 ZERO = ("final_logits_bias",)  # BART's logits bias, a zero buffer: the spec's head has none, so it must stay zero
+SEEDED = (".rotations",)  # our buffers drawn from a seed the spec gives (mha(lsh)'s hash rotations): not loaded
 SHOWN = 8  # names listed per kind of problem
 
 
@@ -38,12 +39,12 @@ def load_hf(model: torch.nn.Module, hf_state: Mapping, config) -> torch.nn.Modul
     """Copy an HF state dict (a dict of tensors, a folder of safetensors files, or one .safetensors file) into
     `model`, compiled from `evodsl.from_hf(config)`. Raises EvoError (E416) listing every missing, unexpected or
     mis-shaped tensor; on success every tensor of the model was written. Returns the model."""
-    from . import weight_map
+    from . import unused_tensors, weight_map
 
     if isinstance(hf_state, (str, Path)):
         hf_state = read_safetensors(hf_state)
     plan = weight_map(config)
-    ours = model.state_dict(keep_vars=True)
+    ours = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith(SEEDED)}
     locate = _locator(hf_state, plan)
     problems, sources, used = [], {}, set()
     missing, shapes = [], []
@@ -56,7 +57,7 @@ def load_hf(model: torch.nn.Module, hf_state: Mapping, config) -> torch.nn.Modul
         sources[name] = (key, take)
     unfilled = set(ours) - set(plan)
     absent = set(plan) - set(ours)
-    unexpected = {k for k in hf_state if k not in used and not k.endswith(DERIVED + ZERO)
+    unexpected = {k for k in hf_state if k not in used and not k.endswith(DERIVED + ZERO + unused_tensors(config))
                   and not _tied_copy(hf_state, k, used, plan, locate)}
     nonzero = [k for k in hf_state if k.endswith(ZERO) and bool(hf_state[k].any())]
     for name, (key, take) in sources.items():

@@ -7,13 +7,14 @@ output (training). No weights are allocated: only shapes are read.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 
 import sympy as sp
 
 from ..ir import Graph, Node
 from ..ops.cost import MEM, B, M, N, Cost, Symbols, cost_field, length
+from .layers import reversible_sublayers
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -72,17 +73,24 @@ def _node_cost(node: Node, bytes_per: int) -> tuple[Cost, dict]:
     return node.op.cost(node.params, env, s), s.values
 
 
-def collect(graph: Graph, bytes_per: int, prefix: str = "", count: int = 1) -> list[Row]:
+def _recomputed(c: Cost, add: bool) -> Cost:
+    """A node of a reversible repeat's body: its backward first recomputes its forward (an add: X = Y - F,
+    and the sum of the two gradients of Y), and nothing of the body is kept for it."""
+    return replace(c, bwd=c.bwd + c.fwd, bwd_other=c.bwd_other + (2 * c.fwd_other if add else c.fwd_other))
+
+
+def collect(graph: Graph, bytes_per: int, prefix: str = "", count: int = 1, reversible: bool = False) -> list[Row]:
     """Rows for every call/add node, repeat bodies folded (count multiplied, path 'blocks.*.')."""
     rows = []
     for n in graph.nodes:
         if n.kind in ("call", "add"):
             c, values = _node_cost(n, bytes_per)
+            c = _recomputed(c, n.kind == "add") if reversible else c
             name = n.module if n.kind == "call" else f"+{n.name}"
             rows.append(Row(prefix + name, n.op.id if n.kind == "call" else "add", count, c, values,
                             _elems(n.meta["shape"]) * bytes_per, n))
         elif n.kind == "repeat":
-            rows += collect(n.body, bytes_per, f"{prefix}{n.module}.*.", count * n.count)
+            rows += collect(n.body, bytes_per, f"{prefix}{n.module}.*.", count * n.count, reversible or n.reversible)
     return rows
 
 
@@ -175,6 +183,9 @@ class Report:
                 continue
             out = _num(_elems(node.meta["shape"]) * self.bytes_per, {}, b, n)
             new = True
+            if node.kind == "repeat" and node.reversible:  # only its output is kept (torch_reversible.py)
+                steps.append((out, self._reversible_bwd(node, b, n, out)))
+                continue
             if node.kind == "repeat":  # values crossing between copies: kept if the body keeps its input
                 body = self._steps(node.body, b, n, top=False)
                 crossing = self._body_saves_input(node.body) * out
@@ -203,6 +214,28 @@ class Report:
             steps.append((saved + (out if kept[node.name] and new else 0.0), transient))
         return steps
 
+    def _reversible_bwd(self, node: Node, b: int, n: int, out: float) -> float:
+        """A reversible repeat's backward, one sublayer at a time: the incoming gradient (its output's) and one
+        value rebuilt, the sublayer recomputed (what it keeps, its own backward's working set), and the
+        gradients of the stack's parameters, which the autograd Function returns whether or not its caller
+        asks for them (a training step makes them all the same): while the first copy's sublayer j is
+        recomputed, those of every sublayer but the first copy's before j."""
+        subs = reversible_sublayers(node.body)
+        steps, rows = self._steps(node.body, b, n, top=False), self._by_node()
+        at = [node.body.nodes[1:-1].index(add) for _, add in subs]  # each sublayer's add: where its steps end
+        spans = [steps[(at[k - 1] + 1 if k else 0):at[k]] for k in range(len(subs))]
+
+        def work(part):
+            return sum(kk for kk, _ in part) + max((t for _, t in part), default=0.0)
+
+        def grads(nodes):
+            return sum(int(sp.sympify(rows[id(x)].cost.params).subs(rows[id(x)].values)) for x in nodes) \
+                * self.bytes_per
+        each = [grads(calls) for calls, _ in subs]
+        total = (1 if node.shared else node.count) * sum(each)
+        # the first copy's sublayer j is recomputed after every later one (their gradients made, and its own)
+        return 1.5 * out + max(total - sum(each[:j]) + work(spans[j]) for j in range(len(subs)))
+
     def activations_training_peak(self, b: int, n: int) -> int:
         """Peak bytes over a training forward + backward through the activations: going backward, what the ops
         before k still keep, plus op k's backward working set."""
@@ -218,6 +251,8 @@ class Report:
 
     def _saves_input(self, node: Node, value: str | None = None) -> bool:
         """Whether `node` keeps its input `value` (default: its first) for backward."""
+        if node.kind == "repeat" and node.reversible:  # rebuilt from its output in backward
+            return False
         if node.kind == "repeat":  # its k-th input is its body's k-th input node
             k = node.inputs.index(value) if value in node.inputs else 0
             return self._kept(node.body, top=False)[node.body.inputs[k].name]
@@ -244,7 +279,15 @@ class Report:
             if node.kind == "input":  # a second input (the caller's), or a stream a body reads (pinned outside)
                 continue
             dying = [i for i in dict.fromkeys(node.inputs) if last[i] == k]
-            if node.kind == "repeat":
+            if node.kind == "repeat" and node.reversible:
+                # the first copy reads x as both X1 and X2; a later one holds X1 (X2 after its first sublayer)
+                # beside its body; at the end Y1, Y2 and their concatenation
+                out = _num(_elems(node.meta["shape"]) * self.bytes_per, {}, b, n)
+                rest = base + sum(v for i, v in live.items() if i not in dying)
+                best = max(best, self._peak(node.body, b, n, base + sum(live.values()), 0), rest + 2 * out)
+                if node.count > 1:
+                    best = max(best, self._peak(node.body, b, n, rest + out / 2, out / 2))
+            elif node.kind == "repeat":
                 # the block's input stays referenced while each copy runs (as in any eager loop), so it is
                 # pinned: counted in the base, never freed inside the body
                 best = max(best, self._peak(node.body, b, n, base + sum(live.values()), 0))

@@ -229,7 +229,7 @@ class Layers(Values):
                           inputs=outs, span=p.span, meta={"arg_spans": {}})).name
 
     def _emit_repeat(self, r: Repeat, g: Graph, x: str) -> str:
-        kw = self._kwargs(r.kwargs, {"shared": bool}, "repeat")
+        kw = self._kwargs(r.kwargs, {"shared": bool, "reversible": bool}, "repeat")
         count = self._eval(r.count)
         if count is not _ERR and (isinstance(count, bool) or not isinstance(count, int)
                                   or not 1 <= count <= MAX_REPEAT):
@@ -248,10 +248,46 @@ class Layers(Values):
                 self._scopes.pop()
         body.add(Node(name="out", kind="output", inputs=[out]))
         name_modules(body)
+        reversible = kw.get("reversible", (False,))[0]
+        if reversible and not self._opaque:  # a definition validated alone leaves those it uses out
+            why = reversible_sublayers(body)
+            if isinstance(why, str):
+                self.c.error("E313", "repeat(..., reversible=true) needs a body of residual sublayers in pairs",
+                             r.body.span, label=why,
+                             help="e.g. repeat(norm -> mha -> norm -> ffn, N, reversible=true): each pair (F, G) "
+                                  "computes Y1 = X1 + F(X2), Y2 = X2 + G(Y1) (RevNet, Reformer)")
+                return x
         if count is _ERR or streams is None:
             return x
         return g.add(Node(name=g.fresh(), kind="repeat", inputs=[x, *streams], body=body, count=count,
-                          shared=kw.get("shared", (False,))[0], span=r.span)).name
+                          shared=kw.get("shared", (False,))[0], reversible=reversible, span=r.span)).name
+
+
+def reversible_sublayers(body: Graph):
+    """A reversible repeat's body as its residual sublayers, [(the op calls of F, the add X + F), ...], an even
+    number of them (each pair (F, G) one reversible layer), each a chain of op calls reading only the previous
+    sum (the body's input, for the first); else why not (a string)."""
+    if len(body.inputs) != 1:
+        return "its body reads another stream"
+    if any(n.residual_scores for n in body.calls()):
+        return "residual scores pass from layer to layer, which its backward's recomputation cannot replay"
+    base, run, out = body.input.name, [], []
+    for n in body.nodes[1:-1]:
+        if n.kind == "add":
+            if n.inputs[0] != base or not run:
+                return "its body has an op outside its residual sublayers"
+            out.append((run, n))
+            base, run = n.name, []
+            continue
+        own = {base} | {m.name for m in run}
+        if n.kind != "call" or not set(n.inputs) <= own:
+            return "a sublayer holds a nested repeat, or reads another sublayer's values"
+        run.append(n)
+    if run or body.output.inputs[0] != base:
+        return "its body ends with an op after its last residual sublayer"
+    if len(out) % 2:
+        return f"its body has {len(out)} residual sublayer{'s' if len(out) != 1 else ''}, an odd number"
+    return out
 
 
 def name_modules(g: Graph) -> None:

@@ -89,7 +89,8 @@ def _infer(g: Graph, c: Collector, where: _Where, top: Graph):
                 c.error("E306", f"a repeated layer must keep its shape: {fmt_shape(ins[0])} -> {fmt_shape(out)}",
                         n.span, help="repeat(...) feeds each copy's output into the next copy")
                 raise _Stop
-            n.meta["shape"] = ins[0]
+            # reversible: the copies carry the pair (X1, X2), both x at the start; out comes concat(Y1, Y2)
+            n.meta["shape"] = (*ins[0][:-1], 2 * ins[0][-1]) if n.reversible else ins[0]
         else:  # output
             n.meta["shape"] = ins[0]
     return None

@@ -76,6 +76,8 @@ CASES = [
     ("head", "pooler", lambda d: {}),
     ("pos", "learned", lambda d: {"max_len": 64}),
     ("pos", "learned", lambda d: {"max_len": 64, "offset": 2}),
+    ("pos", "axial", lambda d: {"n1": 8, "n2": 8, "d1": d // 4, "d2": d - d // 4}),
+    ("pos", "axial", lambda d: {"n1": 5, "n2": 11, "d1": d - 7, "d2": 7, "dropout": 0.1}),
     ("pos", "sinusoidal", lambda d: {}),
     ("pos", "rope", lambda d: {}),
     ("pos", "alibi", lambda d: {}),

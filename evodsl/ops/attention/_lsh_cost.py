@@ -7,6 +7,7 @@ import sympy as sp
 
 from ..cost import Cost, Symbols, linear
 from ..registry import OpEnv
+from ._adjacent_cost import lsh_hf_cost
 from ._common import head_symbols
 
 
@@ -16,6 +17,8 @@ def lsh_cost(p, env: OpEnv, s: Symbols) -> Cost:
     chunk's m queries against its 2m keys (the previous chunk's and its own): [b, h, R, L, 2m] scores, explicit
     softmax with its logsumexp; the rounds' outputs gathered back and combined. The matmuls grow as n; the sort's
     n log n comparisons are counted outside them (fwd_other), so the time class reads n log n."""
+    if p.form == "hf":
+        return lsh_hf_cost(p, env, s)
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     m, R, B = s.sym("m", p.chunk), s.sym("R", p.rounds), s.sym("B", p.buckets)

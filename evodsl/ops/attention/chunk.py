@@ -13,6 +13,11 @@ call over a [b * n/C, h, C, dh] view of q, k and v (causal: is_causal on each ch
 call of their own. Decoding keeps the K/V of the current chunk's tokens (at most C - 1). Padding: padded keys are
 masked; chunks are counted from each row's first position, so left padding (which moves the tokens to other
 chunks) is refused (E409).
+
+before=B, after=A, wrap=true: HF Reformer's LocalSelfAttention (_adjacent.py): chunk u's queries also read chunks
+u - B .. u + A (wrap: modulo the chunk count, the first chunk's previous being the last, as HF; causal: keys up
+to the query only), masked keys at HF's -1e9; n padded to a multiple of C, the padded keys masked. No step form
+and no in-attention positions for it. Cost: _adjacent_cost.py.
 """
 from __future__ import annotations
 
@@ -27,7 +32,9 @@ from pydantic import Field
 from ...decode import slot
 from ..cost import Cost, Symbols
 from ..position._inattention import InAttentionPosition
-from ..registry import Op, OpEnv, register, require_right_padding
+from ..registry import Op, OpEnv, ShapeProblem, register, require_right_padding
+from ._adjacent import local_adjacent
+from ._adjacent_cost import local_cost
 from ._banded import POSITION_BIAS, _prefix_mask
 from ._common import (LSE_BYTES, AttentionBase, AttentionParams, attention_cost, attention_shape, head_symbols,
                       position_cost, rotates, score_bias)
@@ -35,12 +42,16 @@ from ._common import (LSE_BYTES, AttentionBase, AttentionParams, attention_cost,
 
 class ChunkParams(AttentionParams):
     c: int = Field(64, ge=1, le=1 << 20, description="C: tokens per chunk, counted from position 0")
+    before: int = Field(0, ge=0, le=8, description="chunks before its own that a chunk reads (HF Reformer's local)")
+    after: int = Field(0, ge=0, le=8, description="chunks after its own that a chunk reads")
+    wrap: bool = Field(False, description="neighbours wrap around: the first chunk's previous is the last (HF)")
 
 
 class ChunkAttention(AttentionBase):
     def __init__(self, p: ChunkParams, env: OpEnv):
         super().__init__(p, env)
         self.c = p.c
+        self.adjacent = (p.before, p.after, p.wrap) if (p.before, p.after, p.wrap) != (0, 0, False) else None
 
     def forward(self, x, ctx):
         if ctx is not None and ctx.cache is not None:
@@ -50,6 +61,9 @@ class ChunkAttention(AttentionBase):
         n = x.shape[1]
         require_right_padding(key_mask, "mha(chunk)", "its chunks are counted from each row's first position, and "
                                                       "left padding moves the tokens")
+        if self.adjacent is not None:  # HF Reformer's LocalSelfAttention (_adjacent.py)
+            return self.out(local_adjacent(q, self.expand_kv(k), self.expand_kv(v), key_mask, self.c,
+                                           *self.adjacent, self.causal, self.dropout if self.training else 0.0))
         if not isinstance(n, int) or torch.jit.is_tracing():
             return self.out(self._gathered(q, k, v, key_mask))
         return self.o_proj(self._chunks(q, k, v, key_mask).flatten(2))
@@ -155,6 +169,8 @@ def chunk_cost(p: ChunkParams, env: OpEnv, s: Symbols) -> Cost:
     projections' [b, n, h, dh] outputs, or contiguous [b, h, n, dh] (rotated); the chunked view [b*m, h, C, dh]
     of the full chunks is free for one sequence, or for a sequence of whole chunks laid out [b, n, h, dh], else
     a copy. Both calls' outputs are joined into one result (a copy) that o_proj reads."""
+    if (p.before, p.after, p.wrap) != (0, 0, False):
+        return local_cost(p, env, s)
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     c = sp.Min(s.sym("c", p.c), n)
@@ -205,10 +221,23 @@ def chunk_cost(p: ChunkParams, env: OpEnv, s: Symbols) -> Cost:
                           cache=2 * b * sp.Mod(n, s.sym("c", p.c)) * kv * dh * by, bwd_phases=bwd)
 
 
+def _shape(p: ChunkParams, env: OpEnv):
+    if (p.before, p.after, p.wrap) != (0, 0, False) and env.pos is not None:
+        raise ShapeProblem(f"mha(chunk) with neighbouring chunks (HF Reformer's local attention) cannot apply "
+                           f"pos({env.pos[0].variant})", "before", "add positions to the stream, e.g. pos(axial)")
+    return attention_shape(p, env)
+
+
+def _decode(p: ChunkParams):
+    if (p.before, p.after, p.wrap) != (0, 0, False):  # HF's layout: the chunks follow the padded length
+        return None
+    return "the K/V of the current chunk's tokens: at most c - 1 positions (kv_heads heads)"
+
+
 OP = register(Op(
-    decode="the K/V of the current chunk's tokens: at most c - 1 positions (kv_heads heads)",
+    decode=_decode,
     family="mha", variant="chunk", params=ChunkParams, module=ChunkAttention,
-    causal="yes", shape=attention_shape, supports=frozenset({"rope", "alibi"}),
+    causal="yes", shape=_shape, supports=frozenset({"rope", "alibi"}),
     paper="ChunkFormer: Learning Long Time Series with Multi-stage Chunked Transformer, Ju et al. 2021, "
           "arXiv:2112.15087",
     summary="softmax(Q K^T / sqrt(dh)) V inside non-overlapping chunks of c tokens (causal: up to the query); "

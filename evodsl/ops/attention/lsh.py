@@ -36,15 +36,23 @@ their sorted order, chunks and keys, so a padded batch equals each sequence alon
 Decoding (causal) keeps the queries (the keys' source) and values of every position and re-hashes them each
 step: a new query reads, per round, its own bucket's last m earlier tokens, found by a running count.
 No position scheme inside; dropout= is refused. The cost: _lsh_cost.py.
+
+form=hf (with before=, after=): HF's LSHSelfAttention, the layout its checkpoints run (_lsh_hf.py): rounds sorted
+together, no same-bucket mask, look-adjacent chunks with wrap-around, the self score replaced by -1e5, rotations
+drawn as HF's hash_seed draws them, dropout allowed. Causal, it is HF's decoder form: keys masked by position,
+but its chunks follow the whole sorted sequence, so a later token can move them (no step form).
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from ...decode import slot
 from ..registry import Op, OpEnv, ShapeProblem, register
-from ._common import AttentionBase, AttentionParams
+from ._common import AttentionBase, AttentionParams, attention_shape
+from ._lsh_hf import attend_hf, hf_rotations
 from ._lsh_cost import lsh_cost
 from .isab import no_dropout_shape
 
@@ -57,12 +65,21 @@ class LSHParams(AttentionParams):
     chunk: int = Field(64, ge=1, le=1 << 16, description="m: chunk length in the sorted order")
     rounds: int = Field(1, ge=1, le=64, description="R: hash rounds, combined by their logsumexp")
     seed: int = Field(0, ge=0, description="seed of the random rotations")
+    form: Literal["paper", "hf"] = Field("paper", description="hf: HF's LSHSelfAttention (_lsh_hf.py)")
+    before: int = Field(1, ge=0, le=8, description="form=hf: chunks read before a chunk (lsh_num_chunks_before)")
+    after: int = Field(0, ge=0, le=8, description="form=hf: chunks read after a chunk (lsh_num_chunks_after)")
 
 
 def lsh_shape(p: LSHParams, env: OpEnv):
     if p.buckets > 1 and p.buckets % 2:
         raise ShapeProblem(f"mha(lsh): buckets={p.buckets} is odd; angular LSH takes the argmax of [xR; -xR], "
                            f"an even number of buckets", "buckets", f"use buckets={p.buckets + 1} (or 1: one bucket)")
+    if p.form == "paper" and (p.before, p.after) != (1, 0):
+        raise ShapeProblem("mha(lsh): before= and after= set the neighbouring chunks of form=hf; the paper form "
+                           "reads its own chunk and the one before", "before" if p.before != 1 else "after",
+                           "add form=hf, or leave them out")
+    if p.form == "hf":
+        return attention_shape(p, env)
     return no_dropout_shape("mha(lsh)")(p, env)
 
 
@@ -90,7 +107,10 @@ class LSHAttention(AttentionBase):
         self.buckets, self.chunk, self.rounds = p.buckets, p.chunk, p.rounds
         g = torch.Generator().manual_seed(p.seed)
         half = p.buckets // 2 if p.buckets > 1 else 0
-        self.register_buffer("rotations", torch.randn(self.heads, p.rounds, self.head_dim, half, generator=g))
+        self.form, self.before, self.after = p.form, p.before, p.after
+        rotations = (hf_rotations(self.heads, self.head_dim, p.rounds, 2 * half, p.seed) if p.form == "hf" else
+                     torch.randn(self.heads, p.rounds, self.head_dim, half, generator=g))
+        self.register_buffer("rotations", rotations)
 
     def forward(self, x, ctx):
         if ctx is not None and ctx.cache is not None:
@@ -100,6 +120,11 @@ class LSHAttention(AttentionBase):
         v = self.expand_kv(self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2))
         buckets = hash_buckets(qk.detach(), self.rotations)  # [b, h, R, n]; no gradient through an argmax
         key_mask = self.key_mask(ctx)
+        if self.form == "hf":
+            valid = key_mask if key_mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
+            o, lse = attend_hf(qk, v, buckets, valid, self.buckets, self.chunk, self.before, self.after,
+                               self.causal, self.dropout if self.training else 0.0, unit_keys)
+            return self.out(combine_rounds(o, lse))
         if key_mask is not None:  # padding: a bucket of its own, sorted after every token
             buckets = buckets.masked_fill(~key_mask[:, None, None, :], self.buckets)
         o, lse = self.attend(qk, unit_keys(qk), v, buckets)
@@ -181,9 +206,15 @@ def combine_rounds(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return (o * lse.softmax(2)[..., None]).sum(2)
 
 
+def _decode(p: LSHParams):
+    if p.form == "hf":  # its chunks follow the whole sorted sequence, later tokens included: no step form
+        return None
+    return ("the queries (the keys' source: heads heads) and values (kv_heads heads) of every position, re-hashed "
+            "each step")
+
+
 OP = register(Op(
-    decode="the queries (the keys' source: heads heads) and values (kv_heads heads) of every position, re-hashed "
-           "each step",
+    decode=_decode,
     family="mha", variant="lsh", params=LSHParams, module=LSHAttention,
     causal="yes", shape=lsh_shape, supports=frozenset(),
     paper="Reformer: The Efficient Transformer, Kitaev et al. 2020, arXiv:2001.04451",
