@@ -6,6 +6,7 @@ Module names follow the graph (`blocks.0.attn.q_proj.weight`). Weights are initi
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from evodsl.backends.torch_state import ModelState, Seq2SeqState, _own, _shape_only
@@ -82,6 +83,13 @@ class Repeat(nn.ModuleList):
     def __init__(self, bodies: list, count: int):
         super().__init__(bodies)
         self.count = count
+        self.checkpoint = False  # evodsl.distributed.checkpoint: recompute each copy in backward
+
+    def _body(self, i: int, x, ctx, streams):
+        body = self[i % len(self)]
+        if self.checkpoint and torch.is_grad_enabled() and (ctx is None or ctx.cache is None):
+            return torch.utils.checkpoint.checkpoint(body, x, ctx, *streams, use_reentrant=False)
+        return body(x, ctx, *streams)
 
     def forward(self, xs: list, ctx: Ctx) -> torch.Tensor:
         x, streams = xs[0], xs[1:]
@@ -91,7 +99,7 @@ class Repeat(nn.ModuleList):
         for i in range(self.count):
             if shared:  # decoding: each application of the shared body keeps its own state
                 ctx.extra["copy"] = (*outer, i)
-            x = self[i % len(self)](x, ctx, *streams)
+            x = self._body(i, x, ctx, streams)
         if shared:
             ctx.extra["copy"] = outer
         return x

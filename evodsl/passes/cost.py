@@ -164,9 +164,15 @@ class Report:
     def _saved(self, g: Graph, b: int, n: int, top: bool) -> float:
         return sum(kept for kept, _ in self._steps(g, b, n, top))
 
-    def _steps(self, g: Graph, b: int, n: int, top: bool) -> list[tuple[float, float]]:
+    def activations_training_checkpointed(self, b: int, n: int) -> int:
+        """activations_training with every repeat copy checkpointed (compile(checkpoint=True)): each copy keeps
+        only its input (the block boundaries); the ops outside the repeats keep what they keep."""
+        return int(sum(kept for kept, _ in self._steps(self.graph, b, n, top=True, checkpoint=True)))
+
+    def _steps(self, g: Graph, b: int, n: int, top: bool, checkpoint: bool = False) -> list[tuple[float, float]]:
         """Per executed op, in forward order (repeats unrolled): (bytes it leaves alive for backward, bytes its
-        backward needs beyond that: its saved internals and the gradients of its input and output)."""
+        backward needs beyond that: its saved internals and the gradients of its input and output).
+        checkpoint: the top-level repeats' copies keep their input instead (their transients are not counted)."""
         rows = self._by_node()
         kept = self._kept(g, top)
         steps: list[tuple[float, float]] = []
@@ -175,6 +181,11 @@ class Report:
                 continue
             out = _num(_elems(node.meta["shape"]) * self.bytes_per, {}, b, n)
             new = True
+            if node.kind == "repeat" and checkpoint:  # each copy's input, held for its recomputation
+                first = 0.0 if kept[node.inputs[0]] else out  # the repeat's input, unless kept already
+                steps += [(first if i == 0 else out, 0.0) for i in range(node.count)]
+                steps.append((out if kept[node.name] else 0.0, 0.0))
+                continue
             if node.kind == "repeat":  # values crossing between copies: kept if the body keeps its input
                 body = self._steps(node.body, b, n, top=False)
                 crossing = self._body_saves_input(node.body) * out
