@@ -83,9 +83,16 @@ def ddp(model, **kwargs):
 def fsdp(model, mesh=None, **fully_shard_kwargs):
     """FSDP2 (torch.distributed.fsdp.fully_shard) per unit the IR knows: each copy of every repeat's body, the
     token embedding with the head tied to it (one unit, as they share a weight), an untied head on its own,
-    and the rest at the root. Returns the model (sharded in place)."""
+    and the rest at the root. Returns the model (sharded in place). A model with an auxiliary loss (adaptive
+    span) is refused (E422): aux_loss() reads parameters outside the forward."""
     from torch.distributed.fsdp import fully_shard
 
+    aux = [(p, n) for p, n in ops(graph_of(model)) if hasattr(model.get_submodule(p), "aux_loss")]
+    if aux:  # FSDP2 reshards after the forward: aux_loss() would read a shard
+        raise EvoError([Diagnostic("E422", f"fsdp() cannot shard {n.op.id} at {p}: its aux_loss() reads its "
+                                           "parameters after the forward, when FSDP has resharded them",
+                                   span=getattr(n, "span", None), help="train this spec with ddp()")
+                        for p, n in aux])
     for _, body in repeat_units(model):
         fully_shard(body, mesh=mesh, **fully_shard_kwargs)
     graph = graph_of(model)

@@ -29,7 +29,16 @@ block = norm(rmsnorm) -> mha(softmax, heads=4, kv_heads=2, bias=false)
 model llama_small(causal=true) =
     input(tokens) -> embed(token) -> pos(rope) -> repeat(block, 2) -> norm(rmsnorm) -> head(lm, tied=false)
 """
-SPECS = {"gpt2": GPT2, "llama": LLAMA}
+# aux losses (DDP; fsdp() refuses them): adaptive span's penalty, added to the loss after the forward
+SPAN = """
+vocab   = 64
+d_model = 32
+block = norm -> mha(adaptive_span, heads=4, R=4, max_span=16, span_init=0.5, penalty=0.01) -> ffn(mlp)
+model span_small(causal=true) =
+    input(tokens) -> embed(token) -> pos(rope) -> repeat(block, 2) -> norm -> head(lm, tied=false)
+"""
+SPECS = {"gpt2": (GPT2, ("ddp", "fsdp", "tp")), "llama": (LLAMA, ("ddp", "fsdp", "tp")),
+         "span": (SPAN, ("ddp",))}
 
 
 def _step(model, ids):
@@ -41,7 +50,7 @@ def _step(model, ids):
     # into a step of about lr in a direction that differs with the order of the sums
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6, foreach=False)
     logits = model(ids)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)) + model.aux_loss()
     loss.backward()
     opt.step()
     params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
@@ -78,14 +87,16 @@ def _worker(rank: int, port: int, out: str) -> None:
         mesh = init_device_mesh("cpu", (WORLD,))
         torch.manual_seed(0)
         results = {}
-        for name, spec in SPECS.items():
+        for name, (spec, kinds) in SPECS.items():
             ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1))
             ref_loss, ref, _ = _step(_compile(spec), ids)
             half = ids.chunk(WORLD)[rank]  # data parallel: each rank its share of the batch
-            runs = {"ddp": (ed.ddp(_compile(spec)), half), "fsdp": (ed.fsdp(_compile(spec), mesh), half),
-                    "tp": (ed.tensor_parallel(_compile(spec), mesh), ids)}
+            runs = {"ddp": lambda: (ed.ddp(_compile(spec)), half),
+                    "fsdp": lambda: (ed.fsdp(_compile(spec), mesh), half),
+                    "tp": lambda: (ed.tensor_parallel(_compile(spec), mesh), ids)}  # TP: every rank the whole batch
             results[name] = {}
-            for kind, (model, batch) in runs.items():
+            for kind in kinds:
+                model, batch = runs[kind]()
                 loss, params, sharded = _step(model, batch)
                 if kind != "tp":  # the mean of the ranks' means is the mean over the whole batch
                     dist.all_reduce(loss)

@@ -23,7 +23,7 @@ from evodsl.report import build_report, cost_data
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 sys.path.insert(0, str(WORKER.parent))
-from _distributed_worker import GPT2, LLAMA  # noqa: E402
+from _distributed_worker import GPT2, LLAMA, SPAN  # noqa: E402
 
 TOL = 1e-5  # float32: the loss and every updated parameter, against one process
 
@@ -45,8 +45,8 @@ def two_ranks(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("spec", ["gpt2", "llama"])
-@pytest.mark.parametrize("kind", ["ddp", "fsdp", "tp"])
+@pytest.mark.parametrize("spec, kind", [(s, k) for s in ("gpt2", "llama") for k in ("ddp", "fsdp", "tp")]
+                         + [("span", "ddp")])  # span: an aux loss added after the forward (model.aux_loss())
 def test_one_step_equals_one_process(two_ranks, spec, kind):
     r = two_ranks[spec][kind]
     assert r["all_params"], "the wrapped model's parameters are not the model's"
@@ -87,6 +87,13 @@ def test_tp_refuses_what_it_cannot_split(change, words):
         ed.tp_plan(model, 2)
     assert all(d.code == "E420" and d.span is not None for d in err.value.diagnostics)
     assert len(err.value.diagnostics) == 2  # every op refused, both blocks at once
+
+
+def test_fsdp_refuses_aux_losses():
+    with pytest.raises(evodsl.EvoError, match=r"fsdp\(\) cannot shard mha\(adaptive_span\) at blocks\.0\.attn: its "
+                                              r"aux_loss\(\) reads") as err:
+        ed.fsdp(evodsl.compile(SPAN, device="meta"))
+    assert [d.code for d in err.value.diagnostics] == ["E422", "E422"]
 
 
 def _grads(model, ids):
