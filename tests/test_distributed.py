@@ -120,9 +120,11 @@ def test_checkpoint_saves_what_the_cost_says(spec):
                  **({"n_ctx": 64} if "gpt2" in spec else {"d_ff": 128})}
     memory = cost_data(build_report(evodsl.parse(spec, overrides)), 64, 2, "float32")["memory"]
     model = evodsl.compile(spec, overrides=overrides, checkpoint=True)
-    measured = measure_memory(model, torch.randint(0, 256, (2, 64))).training_saved
-    assert memory["activations_training_checkpointed"] == pytest.approx(measured, rel=0.10)
+    measured = measure_memory(model, torch.randint(0, 256, (2, 64)))
+    assert memory["activations_training_checkpointed"] == pytest.approx(measured.training_saved, rel=0.10)
+    assert memory["activations_training_checkpointed_peak"] == pytest.approx(measured.training_peak, rel=0.10)
     assert memory["activations_training_checkpointed"] < memory["activations_training"] / 4
+    assert memory["activations_training_checkpointed_peak"] < memory["activations_training_peak"] / 2
 
 
 def test_checkpoint_refuses_blocks_that_pass_scores_on():
