@@ -5,6 +5,8 @@ Module names follow the graph (`blocks.0.attn.q_proj.weight`). Weights are initi
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.utils.checkpoint
 from torch import nn
@@ -88,7 +90,7 @@ class Repeat(nn.ModuleList):
     def _body(self, i: int, x, ctx, streams):
         body = self[i % len(self)]
         if self.checkpoint and torch.is_grad_enabled() and (ctx is None or ctx.cache is None):
-            return torch.utils.checkpoint.checkpoint(body, x, ctx, *streams, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(_replay(body, ctx), x, *streams, use_reentrant=False)
         return body(x, ctx, *streams)
 
     def forward(self, xs: list, ctx: Ctx) -> torch.Tensor:
@@ -103,6 +105,22 @@ class Repeat(nn.ModuleList):
         if shared:
             ctx.extra["copy"] = outer
         return x
+
+
+def _replay(body, ctx):
+    """body(x, ctx, *streams) for checkpoint: the forward with ctx itself; the recomputation in backward with a
+    copy of ctx as it was at the call (the ops after it have changed ctx since: the stream, the position table
+    bound, the previous layer's scores)."""
+    def snapshot(c):
+        return replace(c, extra=dict(c.extra), streams=dict(c.streams))
+
+    saved, calls = (None if ctx is None else snapshot(ctx)), []
+
+    def run(x, *streams):
+        now = ctx if not calls or saved is None else snapshot(saved)
+        calls.append(1)
+        return body(x, now, *streams)
+    return run
 
 
 class EvoModel(ModelState, GraphModule):

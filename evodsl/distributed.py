@@ -178,7 +178,8 @@ def checkpoint(model, enabled: bool = True):
     """Recompute each repeat copy in backward (torch.utils.checkpoint, use_reentrant=False): a training forward
     keeps each copy's input instead of everything its ops save; backward runs each copy's forward again
     (one more forward of the blocks). Only where grad is recorded; decoding and no-grad forwards run as is.
-    Refused (E421) for a spec whose blocks pass state to the next through the forward (residual scores)."""
+    The recomputation sees the per-call state (Ctx) as it was at the call. Refused (E421) for a spec whose blocks
+    hand their scores to the next (residual(..., scores=true)): those would stay alive for every block."""
     from .backends.lower_torch import Repeat
 
     if enabled:
@@ -186,7 +187,8 @@ def checkpoint(model, enabled: bool = True):
             env = node.meta.get("env")
             if env is not None and getattr(env, "residual_scores", False):
                 raise _refuse("E421", node, f"cannot checkpoint the blocks of this spec: {node.op.id} at {path} "
-                                            "reads the previous layer's scores, which recomputing would change",
+                                            "hands its [b, h, n, n] scores to the next block, so every block's "
+                                            "would be kept for the recomputation (no saving)",
                               "train it without checkpoint=")
     for mod in model.modules():
         if isinstance(mod, Repeat):
