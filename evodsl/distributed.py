@@ -81,9 +81,9 @@ def ddp(model, **kwargs):
 
 
 def fsdp(model, mesh=None, **fully_shard_kwargs):
-    """FSDP2 (torch.distributed.fsdp.fully_shard) per unit the IR knows: each copy of every repeat's body, the
-    token embedding with the head tied to it (one unit, as they share a weight), an untied head on its own,
-    and the rest at the root. Returns the model (sharded in place). A model with an auxiliary loss (adaptive
+    """FSDP2 (torch.distributed.fsdp.fully_shard) per unit the IR knows (fsdp_units): each copy of every repeat's
+    body, the token embedding with the embeddings and head tied to it (one unit, as they share a weight), an
+    untied head on its own, and the rest at the root. Returns the model (sharded in place). A model with an auxiliary loss (adaptive
     span) is refused (E422): aux_loss() reads parameters outside the forward."""
     from torch.distributed.fsdp import fully_shard
 
@@ -93,20 +93,24 @@ def fsdp(model, mesh=None, **fully_shard_kwargs):
                                            "parameters after the forward, when FSDP has resharded them",
                                    span=getattr(n, "span", None), help="train this spec with ddp()")
                         for p, n in aux])
-    for _, body in repeat_units(model):
-        fully_shard(body, mesh=mesh, **fully_shard_kwargs)
-    graph = graph_of(model)
-    embed = next((p for p, n in ops(graph) if (n.family, n.variant) == ("embed", "token")), None)
-    heads = [p for p, n in ops(graph) if n.family == "head" and "." not in p]
-    tied = [p for p in heads if embed and getattr(model.get_submodule(p), "weight", None) is
-            model.get_submodule(embed).weight]
-    if embed is not None and "." not in embed:
-        fully_shard([model.get_submodule(p) for p in (embed, *tied)], mesh=mesh, **fully_shard_kwargs)
-    for p in heads:
-        if p not in tied and any(True for _ in model.get_submodule(p).parameters()):
-            fully_shard(model.get_submodule(p), mesh=mesh, **fully_shard_kwargs)
+    for unit in fsdp_units(model):
+        fully_shard([model.get_submodule(p) for p in unit] if len(unit) > 1 else model.get_submodule(unit[0]),
+                    mesh=mesh, **fully_shard_kwargs)
     fully_shard(model, mesh=mesh, **fully_shard_kwargs)
     return model
+
+
+def fsdp_units(model) -> list[list[str]]:
+    """The module paths fsdp() shards together, in the order it shards them (the root last, not listed): each
+    repeat copy, innermost first; the first token embedding with every embedding and head that shares its
+    weight (tied=true); each other embedding or head with weights of its own."""
+    units = [[name] for name, _ in repeat_units(model)]
+    top = [(p, n) for p, n in ops(graph_of(model)) if "." not in p and n.family in ("embed", "head")
+           and any(True for _ in model.get_submodule(p).parameters())]
+    first = next((p for p, n in top if (n.family, n.variant) == ("embed", "token")), None)
+    weight = getattr(model.get_submodule(first), "weight", None) if first else None
+    tied = [p for p, _ in top if weight is not None and getattr(model.get_submodule(p), "weight", None) is weight]
+    return units + ([tied] if tied else []) + [[p] for p, _ in top if p not in tied]
 
 
 # -------------------------------------------------------------------- tensor parallelism

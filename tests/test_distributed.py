@@ -96,6 +96,13 @@ def test_fsdp_refuses_aux_losses():
     assert [d.code for d in err.value.diagnostics] == ["E422", "E422"]
 
 
+def test_fsdp_units_from_the_graph():
+    assert ed.fsdp_units(evodsl.compile(GPT2, device="meta")) == [["blocks.1"], ["blocks.0"], ["embed", "head"]]
+    t5 = ed.fsdp_units(evodsl.compile(WORKER.parents[1] / "specs" / "t5_small.evo", device="meta"))
+    assert t5[-1] == ["encoder_embed", "decoder_embed", "decoder_head"]  # one weight: the source's, tied twice
+    assert sorted(u[0] for u in t5[:-1]) == sorted(f"{s}_blocks.{i}" for s in ("encoder", "decoder") for i in range(6))
+
+
 def _grads(model, ids):
     logits = model.train()(ids)
     F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
