@@ -37,8 +37,10 @@ block = norm -> mha(adaptive_span, heads=4, R=4, max_span=16, span_init=0.5, pen
 model span_small(causal=true) =
     input(tokens) -> embed(token) -> pos(rope) -> repeat(block, 2) -> norm -> head(lm, tied=false)
 """
-SPECS = {"gpt2": (GPT2, ("ddp", "fsdp", "tp")), "llama": (LLAMA, ("ddp", "fsdp", "tp")),
-         "span": (SPAN, ("ddp",))}
+LOCAL = GPT2.replace("mha(softmax, heads=4)", "mha(local, heads=4, window=5)")  # a band over 12 positions
+# fsdp_ckpt: FSDP2 over a model compiled with checkpoint=True (the blocks recomputed, and re-gathered, in backward)
+SPECS = {"gpt2": (GPT2, ("ddp", "fsdp", "tp")), "llama": (LLAMA, ("ddp", "fsdp", "tp", "fsdp_ckpt")),
+         "span": (SPAN, ("ddp",)), "local": (LOCAL, ("tp",))}
 
 
 def _step(model, ids):
@@ -70,13 +72,14 @@ def _units(model) -> list[str]:
     return sorted("+".join(names) for names in groups.values())
 
 
-def _compile(spec):
+def _compile(spec, checkpoint=False):
     import evodsl
 
-    return evodsl.compile(spec, seed=0).train()
+    return evodsl.compile(spec, seed=0, checkpoint=checkpoint).train()
 
 
 def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)  # two ranks on a small machine: one thread each
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -93,7 +96,8 @@ def _worker(rank: int, port: int, out: str) -> None:
             half = ids.chunk(WORLD)[rank]  # data parallel: each rank its share of the batch
             runs = {"ddp": lambda: (ed.ddp(_compile(spec)), half),
                     "fsdp": lambda: (ed.fsdp(_compile(spec), mesh), half),
-                    "tp": lambda: (ed.tensor_parallel(_compile(spec), mesh), ids)}  # TP: every rank the whole batch
+                    "tp": lambda: (ed.tensor_parallel(_compile(spec), mesh), ids),  # TP: every rank the whole batch
+                    "fsdp_ckpt": lambda: (ed.fsdp(_compile(spec, checkpoint=True), mesh), half)}
             results[name] = {}
             for kind in kinds:
                 model, batch = runs[kind]()
@@ -117,5 +121,4 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     mp.spawn(_worker, args=(int(sys.argv[1]), sys.argv[2]), nprocs=WORLD, join=True)

@@ -46,17 +46,19 @@ def two_ranks(tmp_path_factory):
 
 
 @pytest.mark.parametrize("spec, kind", [(s, k) for s in ("gpt2", "llama") for k in ("ddp", "fsdp", "tp")]
-                         + [("span", "ddp")])  # span: an aux loss added after the forward (model.aux_loss())
+                         + [("span", "ddp"),  # an aux loss added after the forward (model.aux_loss())
+                            ("local", "tp"),  # mha(local): the band kernel on the local heads
+                            ("llama", "fsdp_ckpt")])  # FSDP2 over compile(checkpoint=True)
 def test_one_step_equals_one_process(two_ranks, spec, kind):
     r = two_ranks[spec][kind]
     assert r["all_params"], "the wrapped model's parameters are not the model's"
     assert r["loss"] < TOL and r["params"] < TOL, r
-    if kind == "fsdp":  # every parameter sharded, one unit per block copy, the embedding (+ tied head), the root
+    if kind.startswith("fsdp"):  # every parameter sharded, one unit per block copy, the embedding (+ tied head), the root
         assert r["sharded"] == len(dict(evodsl.compile(GPT2 if spec == "gpt2" else LLAMA).named_parameters()))
         assert r["units"] == (["", "blocks.0", "blocks.1", "embed+head"] if spec == "gpt2" else
                               ["", "blocks.0", "blocks.1", "embed", "head"])
     elif kind == "tp":  # q, k, v, o and the FFN's linears (weights, and biases where the spec has them)
-        assert r["sharded"] == (24 if spec == "gpt2" else 14)
+        assert r["sharded"] == {"gpt2": 24, "local": 24, "llama": 14}[spec]
 
 
 def test_tp_plan_from_the_graph():
