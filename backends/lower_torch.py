@@ -89,7 +89,8 @@ class Repeat(nn.ModuleList):
 
     def _body(self, i: int, x, ctx, streams):
         body = self[i % len(self)]
-        if self.checkpoint and torch.is_grad_enabled() and (ctx is None or ctx.cache is None):
+        if (self.checkpoint and torch.is_grad_enabled() and (ctx is None or ctx.cache is None)
+                and not torch.jit.is_tracing() and not torch.compiler.is_exporting()):  # export: the plain graph
             return torch.utils.checkpoint.checkpoint(_replay(body, ctx), x, *streams, use_reentrant=False)
         return body(x, ctx, *streams)
 
