@@ -57,8 +57,8 @@ def repeat_units(model) -> list[tuple[str, nn.Module]]:
     return units[::-1]
 
 
-def _refuse(code: str, node, message: str, help: str) -> EvoError:  # noqa: A002
-    return EvoError([Diagnostic(code, message, span=getattr(node, "span", None), help=help)])
+def _refuse(code: str, node, message: str, help: str, source: str) -> EvoError:  # noqa: A002
+    return EvoError([Diagnostic(code, message, span=getattr(node, "span", None), help=help)], source)
 
 
 # -------------------------------------------------------------------- DDP
@@ -87,12 +87,13 @@ def fsdp(model, mesh=None, **fully_shard_kwargs):
     span) is refused (E422): aux_loss() reads parameters outside the forward."""
     from torch.distributed.fsdp import fully_shard
 
-    aux = [(p, n) for p, n in ops(graph_of(model)) if hasattr(model.get_submodule(p), "aux_loss")]
+    graph = graph_of(model)
+    aux = [(p, n) for p, n in ops(graph) if hasattr(model.get_submodule(p), "aux_loss")]
     if aux:  # FSDP2 reshards after the forward: aux_loss() would read a shard
         raise EvoError([Diagnostic("E422", f"fsdp() cannot shard {n.op.id} at {p}: its aux_loss() reads its "
                                            "parameters after the forward, when FSDP has resharded them",
                                    span=getattr(n, "span", None), help="train this spec with ddp()")
-                        for p, n in aux])
+                        for p, n in aux], graph.source)
     for unit in fsdp_units(model):
         fully_shard([model.get_submodule(p) for p in unit] if len(unit) > 1 else model.get_submodule(unit[0]),
                     mesh=mesh, **fully_shard_kwargs)
@@ -123,7 +124,8 @@ def tp_plan(model, size: int) -> dict:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     plan, heads, problems = {}, [], []
-    for path, node in ops(graph_of(model)):
+    graph = graph_of(model)
+    for path, node in ops(graph):
         key, p, env = (node.family, node.variant), node.params, node.meta.get("env")
         why = None
         if key in TP_ATTENTION:
@@ -157,7 +159,7 @@ def tp_plan(model, size: int) -> dict:
                                        span=getattr(node, "span", None),
                                        help="train this spec with fsdp() or ddp(), or change the op"))
     if problems:
-        raise EvoError(problems)
+        raise EvoError(problems, graph.source)
     return {"plan": plan, "heads": heads}
 
 
@@ -187,13 +189,14 @@ def checkpoint(model, enabled: bool = True):
     from .backends.lower_torch import Repeat
 
     if enabled:
-        for path, node in ops(graph_of(model)):
+        graph = graph_of(model)
+        for path, node in ops(graph):
             env = node.meta.get("env")
             if env is not None and getattr(env, "residual_scores", False):
                 raise _refuse("E421", node, f"cannot checkpoint the blocks of this spec: {node.op.id} at {path} "
                                             "hands its [b, h, n, n] scores to the next block, so every block's "
                                             "would be kept for the recomputation (no saving)",
-                              "train it without checkpoint=")
+                              "train it without checkpoint=", graph.source)
     for mod in model.modules():
         if isinstance(mod, Repeat):
             mod.checkpoint = enabled

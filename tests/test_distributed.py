@@ -89,6 +89,7 @@ def test_tp_refuses_what_it_cannot_split(change, words):
         ed.tp_plan(model, 2)
     assert all(d.code == "E420" and d.span is not None for d in err.value.diagnostics)
     assert len(err.value.diagnostics) == 2  # every op refused, both blocks at once
+    assert str(err.value).startswith("<string>:") and "^^^" in str(err.value)  # file:line:col and the caret
 
 
 def test_fsdp_refuses_aux_losses():
