@@ -5,7 +5,10 @@ Module names follow the graph (`blocks.0.attn.q_proj.weight`). Weights are initi
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from evodsl.backends.torch_reversible import ReversibleRepeat
@@ -88,6 +91,14 @@ class Repeat(nn.ModuleList):
     def __init__(self, bodies: list, count: int):
         super().__init__(bodies)
         self.count = count
+        self.checkpoint = False  # evodsl.distributed.checkpoint: recompute each copy in backward
+
+    def _body(self, i: int, x, ctx, streams):
+        body = self[i % len(self)]
+        if (self.checkpoint and torch.is_grad_enabled() and (ctx is None or ctx.cache is None)
+                and not torch.jit.is_tracing() and not torch.compiler.is_exporting()):  # export: the plain graph
+            return torch.utils.checkpoint.checkpoint(_replay(body, ctx), x, *streams, use_reentrant=False)
+        return body(x, ctx, *streams)
 
     def forward(self, xs: list, ctx: Ctx) -> torch.Tensor:
         x, streams = xs[0], xs[1:]
@@ -97,10 +108,26 @@ class Repeat(nn.ModuleList):
         for i in range(self.count):
             if shared:  # decoding: each application of the shared body keeps its own state
                 ctx.extra["copy"] = (*outer, i)
-            x = self[i % len(self)](x, ctx, *streams)
+            x = self._body(i, x, ctx, streams)
         if shared:
             ctx.extra["copy"] = outer
         return x
+
+
+def _replay(body, ctx):
+    """body(x, ctx, *streams) for checkpoint: the forward with ctx itself; the recomputation in backward with a
+    copy of ctx as it was at the call (the ops after it have changed ctx since: the stream, the position table
+    bound, the previous layer's scores)."""
+    def snapshot(c):
+        return replace(c, extra=dict(c.extra), streams=dict(c.streams))
+
+    saved, calls = (None if ctx is None else snapshot(ctx)), []
+
+    def run(x, *streams):
+        now = ctx if not calls or saved is None else snapshot(saved)
+        calls.append(1)
+        return body(x, now, *streams)
+    return run
 
 
 class EvoModel(ModelState, GraphModule):

@@ -58,15 +58,21 @@ def parse(text_or_path, overrides: dict | None = None) -> Graph:
 
 
 def compile(text_or_path, backend: str = "torch", seed: int = 0, device=None, dtype=None,  # noqa: A001
-            overrides: dict | None = None, weights=None):
+            overrides: dict | None = None, weights=None, checkpoint: bool = False):
     """Build a spec. backend="torch" returns an nn.Module (eval mode) with weights drawn from `seed`;
     device="meta" builds the structure without allocating weights. `weights`: an artifact (`save`), or an HF
     checkpoint (a folder with config.json and *.safetensors, or one .safetensors file beside a config.json)
-    loaded with `load_hf`."""
+    loaded with `load_hf`. checkpoint=True recomputes each repeat copy in backward instead of keeping its
+    activations (evodsl.distributed.checkpoint; `evodsl cost --train` shows the saving)."""
     if backend != "torch":
         raise EvoError([Diagnostic("E402", f"unknown backend {backend!r}", help="available backends: torch")])
     graph = parse(text_or_path, overrides)
-    return _model(graph, seed, weights, device=device, dtype=dtype)
+    model = _model(graph, seed, weights, device=device, dtype=dtype)
+    if checkpoint:
+        from .distributed import checkpoint as _checkpoint
+
+        _checkpoint(model)
+    return model
 
 
 def _model(graph, seed: int, weights=None, device=None, dtype=None):

@@ -71,6 +71,8 @@ def cost_data(report: Report, seq: int, batch: int, dtype: str) -> dict:
                    "activations_inference": report.activations_inference(b, n),
                    "activations_training": report.activations_training(b, n),
                    "activations_training_peak": report.activations_training_peak(b, n),
+                   "activations_training_checkpointed": report.activations_training_checkpointed(b, n),
+                   "activations_training_checkpointed_peak": report.activations_training_checkpointed_peak(b, n),
                    "kv_cache": report.kv_cache(b, n),
                    "gradients": params * DTYPE_BYTES[dtype],
                    "adam_states": params * 4 * 2},
@@ -133,6 +135,9 @@ def render_table(data: dict, train: bool, formula: bool) -> str:
                 f"other {human(f['backward_other'])})",
                 f"train step FLOPs      {human(f['train_step'])}",
                 f"activations (train)   {human_bytes(m['activations_training'])} kept for backward",
+                f"activations (ckpt)    {human_bytes(m['activations_training_checkpointed'])} kept, "
+                f"{human_bytes(m['activations_training_checkpointed_peak'])} at the peak with checkpoint=True "
+                f"(each block recomputed in backward)",
                 f"gradients + Adam      {human_bytes(m['gradients'])} + {human_bytes(m['adam_states'])} (fp32 states)"]
     if formula:
         out += ["", "forward FLOPs  = " + data["formula"]["flops_forward"],

@@ -172,9 +172,34 @@ class Report:
     def _saved(self, g: Graph, b: int, n: int, top: bool) -> float:
         return sum(kept for kept, _ in self._steps(g, b, n, top))
 
-    def _steps(self, g: Graph, b: int, n: int, top: bool) -> list[tuple[float, float]]:
+    def activations_training_checkpointed(self, b: int, n: int) -> int:
+        """activations_training with every repeat copy checkpointed (compile(checkpoint=True)): each copy keeps
+        only its input (the block boundaries); the ops outside the repeats keep what they keep."""
+        return int(sum(kept for kept, _ in self._steps(self.graph, b, n, top=True, checkpoint={})))
+
+    def activations_training_checkpointed_peak(self, b: int, n: int) -> int:
+        """activations_training_peak with every repeat copy checkpointed: going backward, a copy's backward
+        first runs its forward again, so the boundaries before it and the copy's own saved tensors are alive
+        beside its ops' backward working sets (one block's activations, not every block's)."""
+        bodies: dict = {}
+        steps = self._steps(self.graph, b, n, top=True, checkpoint=bodies)
+        output = _num(_elems(self.graph.nodes[-1].meta["shape"]) * self.bytes_per, {}, b, n)
+        total, prefix, best = sum(k for k, _ in steps), 0.0, 0.0
+        for i, (kept, transient) in enumerate(steps):
+            prefix += kept
+            held = output if i < len(steps) - 1 else 0.0
+            best = max(best, prefix + transient + held)
+            inner = 0.0  # the copy recomputed: its steps, from the boundary it keeps (its input, counted above)
+            for body_kept, body_transient in bodies.get(i, ()):
+                inner += body_kept
+                best = max(best, prefix + inner + body_transient + held)
+        return int(max(best, total))
+
+    def _steps(self, g: Graph, b: int, n: int, top: bool, checkpoint: dict | None = None) -> list[tuple[float, float]]:
         """Per executed op, in forward order (repeats unrolled): (bytes it leaves alive for backward, bytes its
-        backward needs beyond that: its saved internals and the gradients of its input and output)."""
+        backward needs beyond that: its saved internals and the gradients of its input and output).
+        checkpoint (a dict, not None): the top-level repeats' copies keep their input instead; it gets each
+        copy's step index -> the steps of its body (what its recomputation and backward hold)."""
         rows = self._by_node()
         kept = self._kept(g, top)
         steps: list[tuple[float, float]] = []
@@ -185,6 +210,14 @@ class Report:
             new = True
             if node.kind == "repeat" and node.reversible:  # only its output is kept (torch_reversible.py)
                 steps.append((out, self._reversible_bwd(node, b, n, out)))
+                continue
+            if node.kind == "repeat" and checkpoint is not None:  # each copy's input, held for its recomputation
+                first = 0.0 if kept[node.inputs[0]] else out  # the repeat's input, unless kept already
+                body = self._steps(node.body, b, n, top=False)
+                for i in range(node.count):
+                    checkpoint[len(steps)] = body
+                    steps.append((first if i == 0 else out, 0.0))
+                steps.append((out if kept[node.name] else 0.0, 0.0))
                 continue
             if node.kind == "repeat":  # values crossing between copies: kept if the body keeps its input
                 body = self._steps(node.body, b, n, top=False)
