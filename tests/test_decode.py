@@ -211,7 +211,10 @@ MODIFIERS = ["norm -> mha(softmax, softcap=0.5, kv_heads=2) -> norm -> ffn", "no
              "norm -> mha(local, window=5, softcap=0.5, scale=0.3) -> norm -> ffn",
              # talking heads: P_l, P_w mixing the heads of every (query, key) pair, through the cache
              "norm -> mha(softmax, talking=true, kv_heads=2) -> norm -> ffn",
-             "norm -> mha(local, window=5, sinks=2, talking=true) -> norm -> ffn"]
+             "norm -> mha(local, window=5, sinks=2, talking=true) -> norm -> ffn",
+             # talking=H: H softmax heads between the mixings, fewer and more than the 4 heads (the sink logit per H)
+             "norm -> mha(softmax, talking=2, kv_heads=2) -> norm -> ffn",
+             "norm -> mha(local, window=5, sinks=2, talking=7, sink_logit=true) -> norm -> ffn"]
 # collaborative heads: the shared key cached per value head (no position scheme inside attention)
 COLLAB = ["norm -> mha(softmax, collab=20, kv_heads=2) -> norm -> ffn", "norm -> mha(softmax, collab=6, bias=false) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below

@@ -27,7 +27,7 @@ from ._scored import head_scale, scored_forward
 from ._scored_cost import scored_cost
 from ._sinks import SinksParams, sink_logit
 from ._softcap import SoftcapParams, check_modifiers, modifiers
-from ._talking import TalkingParams, talking_heads
+from ._talking import TalkingParams, talking_heads, talking_width
 
 
 class LocalAttentionParams(SoftcapParams, SinksParams, TalkingParams, AttentionParams):
@@ -42,8 +42,8 @@ class LocalAttention(AttentionBase):
         self.window = p.window
         # softcap=, sinks=, sink_logit=: the explicit-score kernel (_scored.py)
         self.modified, self.variant, self.sinks = bool(modifiers(p)), "local", p.sinks
-        self.softcap, self.sink_logit = p.softcap, sink_logit(p, self.heads)
-        self.talking = talking_heads(p, self.heads)  # talking=true: P_l, P_w (_talking.py)
+        self.softcap, self.sink_logit = p.softcap, sink_logit(p, talking_width(p, self.heads))  # H with talking=
+        self.talking = talking_heads(p, self.heads)  # talking=: P_l, P_w (_talking.py)
         self.score_scale = head_scale(self.head_dim, p.scale)
         # scale= on the SDPA paths (band, decoding step): q pre-multiplied by scale * sqrt(dh), as SDPA then
         # multiplies by 1/sqrt(dh); the explicit-score kernel takes the scale itself
