@@ -216,7 +216,10 @@ MODIFIERS = ["norm -> mha(softmax, softcap=0.5, kv_heads=2) -> norm -> ffn", "no
              "norm -> mha(softmax, talking=2, kv_heads=2) -> norm -> ffn",
              "norm -> mha(local, window=5, sinks=2, talking=7, sink_logit=true) -> norm -> ffn"]
 # collaborative heads: the shared key cached per value head (no position scheme inside attention)
-COLLAB = ["norm -> mha(softmax, collab=20, kv_heads=2) -> norm -> ffn", "norm -> mha(softmax, collab=6, bias=false) -> norm -> ffn"]
+COLLAB = ["norm -> mha(softmax, collab=20, kv_heads=2) -> norm -> ffn", "norm -> mha(softmax, collab=6, bias=false) -> norm -> ffn",
+          # on local: the last w shared keys (per value head) and values
+          "norm -> mha(local, window=5, collab=20, kv_heads=2) -> norm -> ffn",
+          "norm -> mha(local, window=40, collab=6, bias=false, scale=0.4) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence

@@ -1,5 +1,6 @@
 """Collaborative heads (Cordonnier, Loukas, Jaggi 2020, "Multi-Head Attention: Collaborate Instead of
-Concatenate", arXiv:2006.16362, section 3), a modifier of mha(softmax): the heads share one query and one key
+Concatenate", arXiv:2006.16362, section 3), a modifier of mha(softmax) and mha(local) (the same scores over the
+window; local.py): the heads share one query and one key
 projection of width D_k (collab=D_k) and each reads them through its own mixing vector m_i in R^{D_k},
 
     s_i(t, r) = ( (x_t W_Q) diag(m_i) (x_r W_K)^T + x_r w_i ) / sqrt(D_k / h),    o_i = softmax_r(s_i) V_i,
@@ -65,6 +66,12 @@ def collab_scale(m, scale: float | None) -> float | None:
     if scale is not None or m.collab is None:
         return scale
     return 1 / math.sqrt(m.collab.mixing.shape[1] / m.heads)
+
+
+def collab_width(m) -> int:
+    """W, the one width collab_qkv gives q, k and v: the larger of D_k (+ h with the content bias) and dh."""
+    c = m.collab
+    return max(c.mixing.shape[1] + (m.heads if c.content is not None else 0), m.head_dim)
 
 
 def collab_qkv(m, x: torch.Tensor):

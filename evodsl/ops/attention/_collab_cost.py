@@ -8,7 +8,8 @@ no other): 4 n^2 W per head forward, 10 n^2 W backward (8 with dropout: the math
 """
 from __future__ import annotations
 
-from dataclasses import replace
+import copy
+from dataclasses import fields, replace
 
 import sympy as sp
 
@@ -44,3 +45,36 @@ def collab_cost(p, env: OpEnv, s: Symbols) -> Cost:
     cache = 2 * b * n * kv * W * by  # the key per value head, the values (zero-padded to W)
     total = proj + mixing + core
     return replace(total, saved=saved, peak=peak, cache=cache, saves_input=True, saves_output=False, bwd_peak=bwd)
+
+
+def collab_local_cost(p, env: OpEnv, s: Symbols) -> Cost:
+    """mha(local, window=w, collab=D_k): the banded kernel's cost (_banded.py) at head width W = max(E, dh), less
+    mha's q, k projections and plus collab's (shared W_Q, W_K, the content bias, the mixing vectors), with q * the
+    scale factor (1 per element); decoding caches the last w keys (one per value head) and values at width W."""
+    from ._banded import banded_attention_cost
+    from ._common import projections_cost
+
+    h, kv, dh = head_symbols(p, s)
+    b, n, d = s.b, s.n, s.d
+    Dk = s.sym("Dk", p.collab)
+    W = sp.Max(Dk + h if p.bias else Dk, dh)
+    width = max(p.collab + (p.heads if p.bias else 0), p.head_dim or s.values[d] // p.heads)
+    wide = p.model_copy(update={"collab": None, "head_dim": width})  # the kernel's view: heads W wide
+    s2 = copy.copy(s)
+    s2.values = dict(s.values)
+    w = s2.sym("w", p.window)
+    band = banded_attention_cost(wide, env, s2, lo=w - 1, hi=0 if env.causal else w - 1, cache_keys=w)
+    h2, kv2, W2 = head_symbols(wide, s2)
+    s.values.update({k: v for k, v in s2.values.items() if k.name != "dh"})
+    band = band + projections_cost(wide, s2, h2, kv2, W2).scaled(-1)
+    band = Cost(**{f.name: _at(getattr(band, f.name), W2, W) for f in fields(Cost)})
+    proj = (linear(s, d, Dk, False).scaled(2) + (linear(s, d, h, False) if p.bias else Cost())
+            + linear(s, d, kv * dh, p.bias) + linear(s, h * dh, d, p.bias))
+    qw = b * h * n * W  # q * m_i (D_k a head) and q * the scale factor (W a head)
+    mixing = Cost(params=h * Dk, fwd_other=b * h * n * Dk + qw, bwd_other=2 * (b * h * n * Dk + qw))
+    return replace(band + proj + mixing, saves_input=True, saves_output=False)
+
+
+def _at(expr, old, new):
+    """expr with the symbol `old` (the kernel's head width) replaced by `new`."""
+    return expr.xreplace({old: new}) if isinstance(expr, sp.Basic) else expr

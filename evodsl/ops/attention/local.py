@@ -8,9 +8,12 @@ With w = window and s_tr = q_t . k_r / sqrt(dh) (scale=s: q_t . k_r * s) (+ the 
 
 clipped to 0 .. n-1. Xiong et al. 2021 find this plain local attention competitive with the sparse and
 low-rank schemes on long-context tasks. Computed blockwise (see _banded.py): O(n * w) time and memory.
-With softcap= (Gemma 2), sinks= (StreamingLLM), sink_logit= (gpt-oss) or talking=true (talking heads) it runs the
+With softcap= (Gemma 2), sinks= (StreamingLLM), sink_logit= (gpt-oss) or talking= (talking heads) it runs the
 explicit-score kernel of _scored.py instead (_softcap.py, _sinks.py, _talking.py say what each does and what it
-refuses).
+refuses). collab=D_k (collaborative heads, _collab.py) shares the query and key projections between the heads and
+runs the same band: q [q * m_i, e_i] and the shared key [k, x W_c] at one width W (the banded kernel's SDPA scale
+1/sqrt(W) undone on q: q * sqrt(W) * scale, scale sqrt(D_k / h)^-1 by default); decoding caches that key per value
+head beside the values, the last w of each.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from pydantic import Field
 from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, register
 from ._banded import banded_attention, banded_attention_cost
+from ._collab import CollabParams, check_collab, collab_scale, collab_width
+from ._collab_cost import collab_local_cost
 from ._common import AttentionBase, AttentionParams, attention_shape
 from ._scored import head_scale, scored_forward
 from ._scored_cost import scored_cost
@@ -30,7 +35,7 @@ from ._softcap import SoftcapParams, check_modifiers, modifiers
 from ._talking import TalkingParams, talking_heads, talking_width
 
 
-class LocalAttentionParams(SoftcapParams, SinksParams, TalkingParams, AttentionParams):
+class LocalAttentionParams(SoftcapParams, SinksParams, TalkingParams, CollabParams, AttentionParams):
     window: int = Field(128, ge=1, description="w: causal, keys t-w+1 .. t; bidirectional, keys |t-r| < w")
     scale: float | None = Field(None, gt=0, description="score scale; default 1/sqrt(head_dim) (Gemma 2: "
                                                         "query_pre_attn_scalar^-1/2)")
@@ -48,6 +53,8 @@ class LocalAttention(AttentionBase):
         # scale= on the SDPA paths (band, decoding step): q pre-multiplied by scale * sqrt(dh), as SDPA then
         # multiplies by 1/sqrt(dh); the explicit-score kernel takes the scale itself
         self.q_factor = 1.0 if p.scale is None or self.modified else p.scale * math.sqrt(self.head_dim)
+        if self.collab is not None:  # collab=: q at width W, SDPA's 1/sqrt(W) undone, the collab scale applied
+            self.q_factor = collab_scale(self, p.scale) * math.sqrt(collab_width(self))
 
     def qkv(self, x, offset: int = 0):
         q, k, v = super().qkv(x, offset)
@@ -75,6 +82,8 @@ def local_attention_cost(p: LocalAttentionParams, env: OpEnv, s: Symbols) -> Cos
     """The band of w keys back (and, bidirectional, ahead); decoding keeps the last w keys and values."""
     if modifiers(p):
         return scored_cost(p, env, s)
+    if p.collab:
+        return collab_local_cost(p, env, s)
     w = s.sym("w", p.window)
     cost = banded_attention_cost(p, env, s, lo=w - 1, hi=0 if env.causal else w - 1, cache_keys=w)
     if p.scale is None:
@@ -86,6 +95,7 @@ def local_attention_cost(p: LocalAttentionParams, env: OpEnv, s: Symbols) -> Cos
 
 def local_shape(p: LocalAttentionParams, env: OpEnv):
     check_modifiers("mha(local)", p, env)
+    check_collab("mha(local)", p, env, modifiers(p))
     return attention_shape(p, env)
 
 
