@@ -201,3 +201,13 @@ def test_collab_heads_grow_as_declared(causal):
     problems = _compare("FLOPs", got.flops, flops, TOL) + _compare("peak bytes", got.peak, peak, TOL)
     problems += _compare("backward FLOPs", got.bwd_flops, bwd, TOL)
     assert not problems, "; ".join(problems)
+
+
+@pytest.mark.slow  # ~15 s each on a shared machine
+@pytest.mark.parametrize("causal", [True, False])
+def test_collab_heads_on_local_grow_as_declared(causal):
+    """tests/growth.py at n = 1k..8k: the band's FLOPs and bytes linear in n at width W (no n x n tensor)."""
+    from growth import check_growth, mha_growth
+
+    got, flops, peak, bwd = mha_growth("local", causal, window=64, collab=40, kv_heads=1)
+    check_growth(f"mha(local, window=64, collab=40) {'causal' if causal else 'bidirectional'}", got, flops, peak, bwd)

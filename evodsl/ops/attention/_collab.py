@@ -74,15 +74,16 @@ def collab_width(m) -> int:
     return max(c.mixing.shape[1] + (m.heads if c.content is not None else 0), m.head_dim)
 
 
-def collab_qkv(m, x: torch.Tensor):
+def collab_qkv(m, x: torch.Tensor, factor: float = 1.0):
     """q [b, h, n, W], the shared key expanded (a view) to [b, kv_heads, n, W], v [b, kv_heads, n, W]: W the larger
-    of D_k (+ h) and dh, the narrower ones zero-padded."""
+    of D_k (+ h) and dh, the narrower ones zero-padded. `factor` scales q (through m_i and e_i: no copy of q)."""
     b, n, _ = x.shape
     h, kv = m.heads, m.kv_heads
-    q = m.q_proj(x)[:, None] * m.collab.mixing[None, :, None, :]  # [b, h, n, D_k]
+    mixing = m.collab.mixing if factor == 1.0 else m.collab.mixing * factor
+    q = m.q_proj(x)[:, None] * mixing[None, :, None, :]  # [b, h, n, D_k]
     k = m.k_proj(x)
     if m.collab.content is not None:  # [q * m_i, e_i] . [k, x W_c] = q diag(m_i) k + x w_i
-        e = torch.eye(h, dtype=q.dtype, device=q.device)[None, :, None, :].expand(b, h, n, h)
+        e = torch.full((h,), factor, dtype=q.dtype, device=q.device).diag()[None, :, None, :].expand(b, h, n, h)
         q = torch.cat((q, e), -1)
         k = torch.cat((k, m.collab.content(x)), -1)
     v = m.v_proj(x).view(b, n, kv, m.head_dim).transpose(1, 2)

@@ -25,7 +25,7 @@ from pydantic import Field
 from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, register
 from ._banded import banded_attention, banded_attention_cost
-from ._collab import CollabParams, check_collab, collab_scale, collab_width
+from ._collab import CollabParams, check_collab, collab_qkv, collab_scale, collab_width
 from ._collab_cost import collab_local_cost
 from ._common import AttentionBase, AttentionParams, attention_shape
 from ._scored import head_scale, scored_forward
@@ -57,6 +57,8 @@ class LocalAttention(AttentionBase):
             self.q_factor = collab_scale(self, p.scale) * math.sqrt(collab_width(self))
 
     def qkv(self, x, offset: int = 0):
+        if self.collab is not None:  # the factor folded into m_i and e_i
+            return collab_qkv(self, x, self.q_factor)
         q, k, v = super().qkv(x, offset)
         return (q if self.q_factor == 1.0 else q * self.q_factor), k, v
 
