@@ -272,10 +272,11 @@ SPARSE_SINKHORN = ["norm -> mha(sparse_sinkhorn, block=4, max_len=64) -> norm ->
 # EL-attention: the cache holds X alone (grouped K/V heads, head_dim set)
 EL = ["norm -> mha(el) -> norm -> ffn", "norm -> mha(el, kv_heads=2) -> norm -> ffn",
       "norm -> mha(el, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
-# fixed maps: V of every position, the causal maps rerun over it (one pattern per head, grouped K/V heads)
+# fixed maps: V of the last w positions (prev: 1) and the global / vertical running sums (one pattern per head,
+# grouped K/V heads)
 FIXED = ["norm -> mha(fixed, heads=5, head_dim=4) -> norm -> ffn", "norm -> mha(fixed, pattern=local, window=3, kv_heads=2) -> norm -> ffn",
          "norm -> mha(fixed, pattern=vertical, globals=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
-# IGLOO: the inputs of every position, the causal form rerun over them (patches from the past, a causal convolution)
+# IGLOO: the last k - 1 inputs (the causal convolution) and the last ceil(3 spread) positions' C and values (the draws)
 IGLOO = ["norm -> mixer(igloo, max_len=64) -> norm -> ffn", "norm -> mixer(igloo, max_len=40, patches=3, patch=6, kernel=4, bias=false) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
