@@ -89,7 +89,9 @@ def variants(args) -> list[tuple[str, str]]:
         (f"local, window={args.window}, softcap=50, sinks=4", f"local, window={args.window}, softcap=50, sinks=4"),
         ("softmax, talking=true", "softmax, talking=true"),  # talking heads (_talking.py): the same kernel, heads mixed
         (f"local, window={args.window}, talking=true", f"local, window={args.window}, talking=true"),
+        (f"local, window={args.window}, talking=8", f"local, window={args.window}, talking=8"),  # H = 8 softmax heads
         ("softmax, collab=128", "softmax, collab=128"),  # collaborative heads (_collab.py): shared Q/K of width D_k
+        (f"local, window={args.window}, collab=128", f"local, window={args.window}, collab=128"),  # on the band
         ("el", "el"),  # EL-attention: SDPA of the width-d expanded queries over X
         (f"fixed, mixed, window={args.window}", f"fixed, window={args.window}"),  # hand-crafted maps: O(n w d), O(n d)
     ]

@@ -196,16 +196,31 @@ def test_attention_decodes_on_cuda(pos, block):
 # the head modifiers (tests/ops/test_talking_heads.py, test_collab_heads.py): builds outside ARGS (one per variant),
 # the same checks: float64 against the CPU, float32 through CUDA's kernels, bfloat16 autocast
 HEAD_MODIFIERS = [("softmax", {"talking": True, "kv_heads": 1}), ("local", {"window": 64, "sinks": 2, "talking": True}),
-                  ("softmax", {"collab": 40, "kv_heads": 1}), ("softmax", {"collab": 16, "bias": False})]
+                  ("softmax", {"collab": 40, "kv_heads": 1}), ("softmax", {"collab": 16, "bias": False}),
+                  ("softmax", {"talking": 3, "kv_heads": 1}), ("local", {"window": 64, "talking": 4, "sink_logit": True}),
+                  ("local", {"window": 64, "collab": 40, "kv_heads": 1})]
+# the per-option forms whose growth tests live in their own files (test_growth.py's ARGS keys one form per variant):
+# tests/ops/test_clustered.py, test_mgk_linear.py, test_combiner.py
+OPTION_FORMS = [("clustered", {**ARGS["clustered"], "topk": 32}), ("mgk", {"form": "linear", "components": 2}),
+                ("combiner", {"mode": "logsparse"})]
+EXTRA_FORMS = [(v, a, c) for v, a in HEAD_MODIFIERS + OPTION_FORMS for c in (True, False)
+               if not (c and REGISTRY["mha", v].causal == "no") and not (not c and v in CAUSAL_ONLY)]
 
 
-@pytest.mark.parametrize("variant,args", HEAD_MODIFIERS, ids=[f"{v}-{'-'.join(map(str, a.values()))}" for v, a in HEAD_MODIFIERS])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("variant,args,causal", EXTRA_FORMS,
+                         ids=[f"{v}-{'-'.join(f'{k}={x}' for k, x in a.items())}-{'causal' if c else 'bidir'}" for v, a, c in EXTRA_FORMS])
 def test_head_modifiers_on_cuda(variant, args, causal):
     what = f"mha({variant}, {args})"
     cpu, _, _ = make_op("mha", variant, d=D, causal=causal, dtype=torch.float64, heads=HEADS, **args)
     perturb_params(cpu, scale=0.2)
     _compare(cpu, copy.deepcopy(cpu).to(CUDA), lambda m, x: m(x, Ctx()), _x(torch.float64), 1e-9, what)
+    if variant in DISCRETE:  # float32 and bfloat16 may flip a choice (test_attention_fast_kernels): finite alone
+        gpu = copy.deepcopy(cpu).float().to(CUDA)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = gpu(_x(torch.float32).to(CUDA).requires_grad_(), Ctx())
+        y.float().square().mean().backward()
+        assert torch.isfinite(y).all()
+        return
     cpu32 = copy.deepcopy(cpu).float()
     cpu32.zero_grad()
     gpu = copy.deepcopy(cpu32).to(CUDA)

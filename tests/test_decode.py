@@ -211,9 +211,15 @@ MODIFIERS = ["norm -> mha(softmax, softcap=0.5, kv_heads=2) -> norm -> ffn", "no
              "norm -> mha(local, window=5, softcap=0.5, scale=0.3) -> norm -> ffn",
              # talking heads: P_l, P_w mixing the heads of every (query, key) pair, through the cache
              "norm -> mha(softmax, talking=true, kv_heads=2) -> norm -> ffn",
-             "norm -> mha(local, window=5, sinks=2, talking=true) -> norm -> ffn"]
+             "norm -> mha(local, window=5, sinks=2, talking=true) -> norm -> ffn",
+             # talking=H: H softmax heads between the mixings, fewer and more than the 4 heads (the sink logit per H)
+             "norm -> mha(softmax, talking=2, kv_heads=2) -> norm -> ffn",
+             "norm -> mha(local, window=5, sinks=2, talking=7, sink_logit=true) -> norm -> ffn"]
 # collaborative heads: the shared key cached per value head (no position scheme inside attention)
-COLLAB = ["norm -> mha(softmax, collab=20, kv_heads=2) -> norm -> ffn", "norm -> mha(softmax, collab=6, bias=false) -> norm -> ffn"]
+COLLAB = ["norm -> mha(softmax, collab=20, kv_heads=2) -> norm -> ffn", "norm -> mha(softmax, collab=6, bias=false) -> norm -> ffn",
+          # on local: the last w shared keys (per value head) and values
+          "norm -> mha(local, window=5, collab=20, kv_heads=2) -> norm -> ffn",
+          "norm -> mha(local, window=40, collab=6, bias=false, scale=0.4) -> norm -> ffn"]
 SPAN = ["norm -> mha(adaptive_span, max_span=6, R=2, span_init=0.5) -> norm -> ffn",  # spans randomized below
         "norm -> mha(adaptive_span, max_span=40, R=3, kv_heads=2) -> norm -> ffn"]
 # sparse patterns over several blocks (29 tokens, l = 4), and l past the sequence
@@ -266,10 +272,11 @@ SPARSE_SINKHORN = ["norm -> mha(sparse_sinkhorn, block=4, max_len=64) -> norm ->
 # EL-attention: the cache holds X alone (grouped K/V heads, head_dim set)
 EL = ["norm -> mha(el) -> norm -> ffn", "norm -> mha(el, kv_heads=2) -> norm -> ffn",
       "norm -> mha(el, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
-# fixed maps: V of every position, the causal maps rerun over it (one pattern per head, grouped K/V heads)
+# fixed maps: V of the last w positions (prev: 1) and the global / vertical running sums (one pattern per head,
+# grouped K/V heads)
 FIXED = ["norm -> mha(fixed, heads=5, head_dim=4) -> norm -> ffn", "norm -> mha(fixed, pattern=local, window=3, kv_heads=2) -> norm -> ffn",
          "norm -> mha(fixed, pattern=vertical, globals=3, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn"]
-# IGLOO: the inputs of every position, the causal form rerun over them (patches from the past, a causal convolution)
+# IGLOO: the last k - 1 inputs (the causal convolution) and the last ceil(3 spread) positions' C and values (the draws)
 IGLOO = ["norm -> mixer(igloo, max_len=64) -> norm -> ffn", "norm -> mixer(igloo, max_len=40, patches=3, patch=6, kernel=4, bias=false) -> norm -> ffn"]
 # Skip-Attention: Phi of the previous attention's output (the last k - 1 FC1 outputs and ECA's running sum kept),
 # chaining over two skipping layers and across the repeat's copies

@@ -1,4 +1,4 @@
-"""Collaborative heads (2006.16362) on mha(softmax): shared W_Q, W_K of width D_k, per-head mixing vectors m_i and
+"""Collaborative heads (2006.16362) on mha(softmax) and mha(local): shared W_Q, W_K of width D_k, per-head mixing vectors m_i and
 the content bias, against a float64 reference written from the equation (per head, einsums); with the
 "concatenate" mixing and D_k = h dh it is plain multi-head attention (the paper's reparametrisation); padding,
 leaks, what is refused, export (decoding: tests/test_decode.py; cost: tests/ops/test_cost_attention.py)."""
@@ -16,10 +16,10 @@ from ophelpers import assert_no_leak, make_op, onnx_parity, perturb_params
 D = 32
 
 
-def reference(m, x, causal, Dk, scale=None, key_mask=None):
+def reference(m, x, causal, Dk, scale=None, key_mask=None, window=None):
     """s_i(t, r) = ((x_t W_Q) diag(m_i) (x_r W_K)^T + x_r w_i) * scale (default 1/sqrt(D_k / h)), masked (causal:
-    r <= t; padded keys out, a query left with none reads its own), o_i = softmax_r(s_i) V_i (value head i // g),
-    then W_O."""
+    r <= t; local: |t - r| < w; padded keys out, a query left with none reads its own), o_i = softmax_r(s_i) V_i
+    (value head i // g), then W_O."""
     b, n, _ = x.shape
     h, kv = m.heads, m.kv_heads
     dh = m.head_dim
@@ -28,6 +28,8 @@ def reference(m, x, causal, Dk, scale=None, key_mask=None):
     v = (x @ m.v_proj.weight.T + (0 if m.v_proj.bias is None else m.v_proj.bias)).view(b, n, kv, dh)
     t, r = torch.arange(n)[:, None], torch.arange(n)[None, :]
     keep = (r <= t) if causal else torch.ones(n, n, dtype=torch.bool)
+    if window is not None:
+        keep = keep & ((t - r).abs() < window)
     keep = keep.expand(b, n, n)
     if key_mask is not None:
         keep = keep & key_mask[:, None, :]
@@ -61,6 +63,47 @@ def test_collab_heads_match_equation(causal, n, build):
     assert (y - ref).abs().max().item() < 1e-10 * max(ref.abs().max().item(), 1.0)
 
 
+LOCAL_CASES = [  # mha(local, window=w, collab=D_k): causal, n, build; the band in blocks (n no multiple of 32), the
+    # window past n (one call), n = 1, D_k below dh (q and k padded), GQA on the values, scale=
+    (True, 70, {"window": 6, "collab": 24}), (False, 70, {"window": 6, "collab": 40, "kv_heads": 2}),
+    (True, 45, {"window": 40, "collab": 16, "kv_heads": 2}), (False, 10, {"window": 16, "collab": 4, "kv_heads": 1, "bias": False}),
+    (True, 1, {"window": 3, "collab": 12}), (True, 33, {"window": 5, "collab": 48, "heads": 2, "head_dim": 6, "scale": 0.3}),
+    (False, 50, {"window": 9, "collab": 8, "bias": False}),
+]
+
+
+@pytest.mark.parametrize("causal, n, build", LOCAL_CASES)
+def test_collab_heads_on_local_match_equation(causal, n, build):
+    """The same scores over the window: the band's SDPA at width W, its 1/sqrt(W) undone on q."""
+    build = {"heads": 4, **build}
+    m, _, _ = make_op("mha", "local", d=D, causal=causal, **build)
+    perturb_params(m)
+    x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x, Ctx())
+        ref = reference(m, x, causal, build["collab"], build.get("scale"), window=build["window"])
+        full = reference(m, x, causal, build["collab"], build.get("scale"))
+    assert (y - ref).abs().max().item() < 1e-10 * max(ref.abs().max().item(), 1.0)
+    if n > build["window"] + 1:
+        assert (ref - full).abs().max().item() > 1e-3  # the window is seen
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_collab_local_gradients_match_the_reference(causal):
+    """The training form (the blocked band under autograd): the gradients of the input and the mixing vectors."""
+    m, _, _ = make_op("mha", "local", d=D, causal=causal, heads=4, kv_heads=2, window=5, collab=20)
+    perturb_params(m)
+    x = torch.randn(2, 70, D, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for fn in (lambda: m(x, Ctx()), lambda: reference(m, x, causal, 20, window=5)):
+        m.zero_grad()
+        x.grad = None
+        fn().pow(2).sum().backward()
+        grads.append((x.grad.clone(), m.collab.mixing.grad.clone(), m.collab.content.weight.grad.clone()))
+    for got, want in zip(*grads):
+        assert (got - want).abs().max().item() < 1e-9 * want.abs().max().item()
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_concatenate_mixing_is_plain_mha(causal):
     """D_k = h dh, m_i the indicator of head i's columns (the initial mixing), no content bias: plain mha with the
@@ -80,9 +123,10 @@ def test_concatenate_mixing_is_plain_mha(causal):
     assert (y - want).abs().max().item() < 1e-12
 
 
+@pytest.mark.parametrize("variant, build", [("softmax", {}), ("local", {"window": 6})])
 @pytest.mark.parametrize("causal", [False, True])
-def test_padding_keeps_every_sequence_alone(causal):
-    m, _, _ = make_op("mha", "softmax", d=D, causal=causal, heads=4, kv_heads=2, collab=20)
+def test_padding_keeps_every_sequence_alone(variant, build, causal):
+    m, _, _ = make_op("mha", variant, d=D, causal=causal, heads=4, kv_heads=2, collab=20, **build)
     perturb_params(m)
     x = torch.randn(3, 40, D, dtype=torch.float64)
     mask = torch.ones(3, 40, dtype=torch.bool)
@@ -90,24 +134,28 @@ def test_padding_keeps_every_sequence_alone(causal):
     mask[2, :12] = False  # left
     with torch.no_grad():
         y = m(x, Ctx(mask=mask))
-        assert (y - reference(m, x, causal, 20, key_mask=mask))[mask].abs().max().item() < 1e-10
+        ref = reference(m, x, causal, 20, key_mask=mask, window=build.get("window"))
+        assert (y - ref)[mask].abs().max().item() < 1e-10
         for row in range(3):
             alone = m(x[row:row + 1, mask[row]], Ctx())
             assert (y[row, mask[row]] - alone[0]).abs().max().item() < 1e-10
 
 
-def test_causal_does_not_leak():
-    m, _, _ = make_op("mha", "softmax", d=D, causal=True, heads=4, kv_heads=2, collab=20)
+@pytest.mark.parametrize("variant, build", [("softmax", {}), ("local", {"window": 5})])
+def test_causal_does_not_leak(variant, build):
+    m, _, _ = make_op("mha", variant, d=D, causal=True, heads=4, kv_heads=2, collab=20, **build)
     perturb_params(m)
     with torch.no_grad():
-        assert_no_leak(lambda x: m(x, Ctx()), n=24, d=D)
+        assert_no_leak(lambda x: m(x, Ctx()), n=70 if variant == "local" else 24, d=D)  # local: the band's blocks
 
 
 def test_refusals_are_evo_errors():
     import evodsl
 
     head = "d_model = 32\nmodel m(causal=true) = input(tokens, vocab=50) -> embed -> "
-    cases = [("mha(local, collab=16)", r"(?s)E203.*unknown parameter 'collab' for mha\(local\)"),
+    cases = [("mha(chunk, collab=16)", r"(?s)E203.*unknown parameter 'collab' for mha\(chunk\)"),
+             ("pos(alibi) -> mha(local, collab=16)", r"(?s)collab=16 takes no position scheme inside attention.*pos\(alibi\)"),
+             ("mha(local, collab=16, sinks=2)", r"(?s)takes none of the other modifiers \(sinks=2\)"),
              ("pos(rope) -> mha(softmax, collab=16)", r"(?s)collab=16 takes no position scheme inside attention.*pos\(rope\)"),
              ("mha(softmax, collab=16, talking=true)", r"(?s)takes none of the other modifiers \(talking=true\)"),
              ("residual(norm -> mha(softmax, collab=16), scores=true)", r"(?s)residual scores"),
@@ -126,7 +174,7 @@ def test_onnx_export_one_file_parity_at_three_lengths(mode, tmp_path):
 
     src = (f"d_model = 32\nheads = 4\nkv_heads = 2\nmodel m(causal={str(mode == 'causal').lower()}) = "
            "input(tokens, vocab=61) -> embed(token) -> pos(learned, max_len=128) -> norm -> mha(softmax, collab=24) "
-           "-> norm -> mha(softmax, collab=8, bias=false) -> norm -> head(lm)\n")
+           "-> norm -> mha(softmax, collab=8, bias=false) -> norm -> mha(local, window=5, collab=20) -> norm -> head(lm)\n")
     graph, model = evodsl.parse(src), evodsl.compile(src)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -153,3 +201,13 @@ def test_collab_heads_grow_as_declared(causal):
     problems = _compare("FLOPs", got.flops, flops, TOL) + _compare("peak bytes", got.peak, peak, TOL)
     problems += _compare("backward FLOPs", got.bwd_flops, bwd, TOL)
     assert not problems, "; ".join(problems)
+
+
+@pytest.mark.slow  # ~15 s each on a shared machine
+@pytest.mark.parametrize("causal", [True, False])
+def test_collab_heads_on_local_grow_as_declared(causal):
+    """tests/growth.py at n = 1k..8k: the band's FLOPs and bytes linear in n at width W (no n x n tensor)."""
+    from growth import check_growth, mha_growth
+
+    got, flops, peak, bwd = mha_growth("local", causal, window=64, collab=40, kv_heads=1)
+    check_growth(f"mha(local, window=64, collab=40) {'causal' if causal else 'bidirectional'}", got, flops, peak, bwd)

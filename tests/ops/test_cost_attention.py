@@ -43,6 +43,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 # talking heads: the blocks' scores and weights mixed across heads (two h x h matmuls each)
                 ({"talking": True}, BOTH), ({"talking": True, "kv_heads": 2, "softcap": 50.0}, SMALL),
                 ({"talking": True, "sink_logit": True, "pos": ROPE}, ODD),
+                # talking=H: H softmax heads between the mixings (heads x H, H x heads), fewer and more than heads
+                ({"talking": 2}, BOTH), ({"talking": 7, "kv_heads": 2, "sink_logit": True}, BOTH),
+                ({"talking": 3, "softcap": 50.0, "pos": ROPE}, ODD),
                 # collaborative heads: shared W_Q, W_K of width D_k (above, at and below dh: q and k or v zero-padded)
                 ({"collab": 32}, BOTH), ({"collab": 40, "kv_heads": 2}, SMALL), ({"collab": 8, "bias": False, "kv_heads": 1}, ODD),
                 ({"collab": 32, "dropout": 0.1}, SMALL),
@@ -61,6 +64,13 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
               ({"window": 16, "sinks": 4, "sink_logit": True}, SMALL), ({"window": 80, "sinks": 4, "kv_heads": 2}, SMALL),
               ({"window": 200, "softcap": 30.0, "sinks": 4}, ODD),
               ({"window": 16, "talking": True}, BOTH), ({"window": 40, "talking": True, "kv_heads": 2, "sinks": 4}, ODD),
+              ({"window": 16, "talking": 7}, BOTH), ({"window": 40, "talking": 2, "sinks": 4, "sink_logit": True}, ODD),
+              ({"window": 80, "talking": 6, "kv_heads": 2}, SMALL),
+              # collaborative heads on the band: shared W_Q, W_K at one width W (q, k or v zero-padded), the causal
+              # blocks, the band over the sequence (one call), grouped and single value heads, dropout
+              ({"window": 16, "collab": 32}, BOTH), ({"window": 16, "collab": 40, "kv_heads": 2}, BOTH),
+              ({"window": 16, "collab": 8, "bias": False, "kv_heads": 1}, ODD), ({"window": 100, "collab": 32}, BOTH),
+              ({"window": 40, "collab": 24, "kv_heads": 2}, ODD), ({"window": 16, "collab": 32, "dropout": 0.1}, SMALL),
               # scale= (Gemma 2): q pre-multiplied on the SDPA paths; the capped kernel takes it as its scale
               ({"window": 16, "scale": 0.2, "kv_heads": 2}, BOTH), ({"window": 16, "scale": 0.2, "softcap": 50.0, "pos": ROPE}, ODD),
               # wide heads (Gemma 2: h dh = 4 d here): the unfolded keys' and values' copies, o's blocks' gradient

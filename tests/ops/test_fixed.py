@@ -100,6 +100,30 @@ def test_causal_does_not_leak_and_decodes():
         assert (y - m(x, Ctx())).abs().max().item() < 1e-10
 
 
+@pytest.mark.parametrize("pattern, build", [("local", {"window": 3}), ("local", {"window": 0}), ("prev", {}),
+                                            ("next", {}), ("global", {"kv_heads": 2}), ("vertical", {"globals": 5}),
+                                            ("diagonal", {}), ("mixed", {"window": 4, "globals": 2, "kv_heads": 5})])
+def test_decoding_state_is_what_the_patterns_reach(pattern, build):
+    """The step form (_fixed_step.py) equals the forward piece by piece, and its state is the declared kv_cache at
+    every length: the last w values (prev: 1), a sum per global / vertical pattern; it stops growing at w."""
+    from costhelpers import declared
+
+    heads = 10 if pattern == "mixed" else 4
+    m, _, _ = make_op("mha", "fixed", d=40, causal=True, heads=heads, pattern=pattern, **build)
+    perturb_params(m)
+    x = torch.randn(2, 23, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = m(x, Ctx())
+        for sizes in ((5, 1, 3, 1, 13), (1,) * 23, (23,)):
+            y, state = decode_in_pieces(m, x, sizes)
+            assert (y - want).abs().max().item() < 1e-10 * want.abs().max().item()
+        for t in (1, 2, 23):
+            _, state = decode_in_pieces(m, x[:, :t], (t,))
+            _, _, cost, ev = declared("mha", "fixed", 2, t, dtype=torch.float64, d=40, causal=True, heads=heads,
+                                      pattern=pattern, **build)
+            assert state.nbytes() == ev(cost.cache)
+
+
 def test_bidirectional_reads_ahead():
     m, _, _ = make_op("mha", "fixed", d=D, causal=False, heads=4, pattern="next")
     with torch.no_grad(), pytest.raises(AssertionError, match="changed by"):

@@ -92,6 +92,33 @@ def test_causal_does_not_leak_and_decodes():
         assert (y - m(x, Ctx())).abs().max().item() < 1e-10
 
 
+@pytest.mark.parametrize("args", [{"spread": 2.0}, {"spread": 1.0, "kernel": 1, "patches": 3, "patch": 6},
+                                  {"spread": 4.0, "kernel": 5, "compress": 7, "bias": False}])
+def test_decoding_state_is_what_the_taps_and_draws_reach(args):
+    """The step form (_igloo_step.py) equals the forward piece by piece (single tokens, chunks, one prompt); its
+    state is the declared kv_cache at every length, k - 1 inputs and R = ceil(3 sigma) positions' C and values,
+    and stops growing there; past max_len it is refused."""
+    from costhelpers import declared
+
+    m, _, _ = make_op("mixer", "igloo", d=D, causal=True, max_len=40, **args)
+    perturb_params(m)
+    x = torch.randn(2, 40, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = m(x, Ctx())
+        for sizes in ((5, 1, 3, 1, 30), (1,) * 40):
+            y, _ = decode_in_pieces(m, x, sizes)
+            assert (y - want).abs().max().item() < 1e-10 * want.abs().max().item()
+        sizes = []
+        for t in (1, 3, 40):
+            _, state = decode_in_pieces(m, x[:, :t], (1,) * t)
+            _, _, cost, ev = declared("mixer", "igloo", 2, t, dtype=torch.float64, d=D, causal=True, max_len=40, **args)
+            assert state.nbytes() == ev(cost.cache)
+            sizes.append(state.nbytes())
+        assert sizes[-1] < 2 * 40 * D * 8  # less than the inputs of every position
+        with pytest.raises(EvoError, match="E410.*max_len=40"):
+            m(x[:, :1], Ctx(cache=state, offset=40))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_right_padding_equals_alone_and_left_is_refused(causal):
     m, _, _ = make_op("mixer", "igloo", d=D, causal=causal, max_len=20)

@@ -40,8 +40,9 @@ def reference(m, x, causal, window=None, softcap=None, sinks=0, logit=None, key_
         keep = keep & key_mask[:, None, :]
         keep = keep | ((t == r) & ~keep.any(-1, keepdim=True))
     L = L.masked_fill(~keep[:, None], float("-inf"))
+    H = L.shape[1]  # the softmax heads (talking=H)
     if logit is not None:
-        L = torch.cat((L, logit.view(1, h, 1, 1).expand(b, h, n, 1)), -1)
+        L = torch.cat((L, logit.view(1, H, 1, 1).expand(b, H, n, 1)), -1)
     W = L.softmax(-1)[..., :n]
     U = torch.einsum("bgtr,ge->betr", W, m.talking.weights)
     o = torch.einsum("bhtr,brhd->bthd", U, v)
@@ -56,21 +57,31 @@ CASES = [  # variant, causal, n, extra build
     ("local", True, 70, {"window": 6}), ("local", False, 70, {"window": 6, "kv_heads": 2}),  # n no multiple of 32
     ("local", True, 45, {"window": 40, "kv_heads": 1}), ("local", False, 10, {"window": 16}),  # full layout
     ("local", True, 3, {"window": 2}), ("local", True, 50, {"window": 8, "sinks": 3, "softcap": 0.7}),
+    # talking=H: H softmax heads between the mixings (P_l heads x H, P_w H x heads), fewer and more than heads
+    ("softmax", True, 70, {"talking": 2, "kv_heads": 2}), ("softmax", False, 9, {"talking": 6, "kv_heads": 1}),
+    ("softmax", True, 40, {"talking": 3, "softcap": 0.7, "sink_logit": True}),
+    ("softmax", False, 66, {"talking": 7, "sink_logit": True, "kv_heads": 2}),
+    ("local", True, 70, {"window": 6, "talking": 6, "kv_heads": 2}), ("local", False, 45, {"window": 40, "talking": 1}),
+    ("local", True, 50, {"window": 8, "sinks": 3, "talking": 3, "sink_logit": True, "softcap": 0.7}),
+    ("local", False, 5, {"window": 16, "talking": 5, "kv_heads": 1}),
 ]
 
 
 @pytest.mark.parametrize("variant, causal, n, build", CASES)
 def test_talking_heads_match_equation(variant, causal, n, build):
-    heads = build.pop("heads", 4)
-    m, _, _ = make_op("mha", variant, d=D if heads != 3 else 33, causal=causal, heads=heads, talking=True, **build)
+    build = dict(build)
+    heads, talking = build.pop("heads", 4), build.pop("talking", True)
+    m, _, _ = make_op("mha", variant, d=D if heads != 3 else 33, causal=causal, heads=heads, talking=talking, **build)
+    H = heads if talking is True else talking
+    assert m.talking.logits.shape == (heads, H) and m.talking.weights.shape == (H, heads)
     perturb_params(m)  # P_l, P_w random: every head reads every other
     x = torch.randn(2, n, D if heads != 3 else 33, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     with torch.no_grad():
         y = m(x, Ctx())
         ref = reference(m, x, causal, build.get("window"), build.get("softcap"), build.get("sinks", 0), m.sink_logit)
         assert (y - ref).abs().max().item() < 1e-10 * max(ref.abs().max().item(), 1.0)
-        m.talking.logits.copy_(torch.eye(heads))
-        m.talking.weights.copy_(torch.eye(heads))
+        m.talking.logits.copy_(torch.eye(heads, H))
+        m.talking.weights.copy_(torch.eye(H, heads))
         plain = reference(m, x, causal, build.get("window"), build.get("softcap"), build.get("sinks", 0), m.sink_logit)
         assert (ref - plain).abs().max().item() > 1e-2  # the check sees the mixing
 
@@ -90,10 +101,11 @@ def test_identity_mixing_is_the_plain_op(variant, build, causal):
     assert (y - want).abs().max().item() < 1e-10
 
 
-@pytest.mark.parametrize("variant, causal, build", [("softmax", True, {"kv_heads": 2}), ("local", False, {"window": 5})])
+@pytest.mark.parametrize("variant, causal, build", [("softmax", True, {"kv_heads": 2}), ("local", False, {"window": 5}),
+                                                    ("softmax", False, {"talking": 6}), ("local", True, {"window": 5, "talking": 2})])
 def test_gradients_match_the_reference(variant, causal, build):
     """The training form (autograd through the blocks, no in-place): the gradients of the input and of P_l, P_w."""
-    m, _, _ = make_op("mha", variant, d=D, causal=causal, heads=4, talking=True, **build)
+    m, _, _ = make_op("mha", variant, d=D, causal=causal, heads=4, **{"talking": True, **build})
     perturb_params(m)
     x = torch.randn(2, 70, D, dtype=torch.float64, requires_grad=True)
     grads = []
@@ -106,11 +118,12 @@ def test_gradients_match_the_reference(variant, causal, build):
         assert (got - want).abs().max().item() < 1e-9 * want.abs().max().item()
 
 
-@pytest.mark.parametrize("variant, build", [("softmax", {}), ("local", {"window": 6})])
+@pytest.mark.parametrize("variant, build", [("softmax", {}), ("local", {"window": 6}), ("softmax", {"talking": 3}),
+                                           ("local", {"window": 6, "talking": 6})])
 @pytest.mark.parametrize("causal", [False, True])
 def test_padding_keeps_every_sequence_alone(variant, build, causal):
     """A right- and a left-padded row give, at their tokens, the outputs of the tokens alone."""
-    m, _, _ = make_op("mha", variant, d=D, causal=causal, heads=4, kv_heads=2, talking=True, **build)
+    m, _, _ = make_op("mha", variant, d=D, causal=causal, heads=4, kv_heads=2, **{"talking": True, **build})
     perturb_params(m)
     x = torch.randn(3, 70, D, dtype=torch.float64)
     mask = torch.ones(3, 70, dtype=torch.bool)
@@ -124,11 +137,12 @@ def test_padding_keeps_every_sequence_alone(variant, build, causal):
 
 
 @pytest.mark.parametrize("variant, build, pos", [("softmax", {}, ("rope", {})), ("local", {"window": 6}, None),
-                                               ("local", {"window": 40, "sinks": 2}, ("rope", {}))])
+                                               ("local", {"window": 40, "sinks": 2}, ("rope", {})),
+                                               ("softmax", {"talking": 6}, None), ("local", {"window": 6, "talking": 3}, ("rope", {}))])
 def test_causal_does_not_leak(variant, build, pos):
     """The mixing is per position pair (t, r): across heads, never across positions (n = 70: two blocks; the band
     layout's blocks of 32 and 39). rope is the one position scheme inside the modifiers' kernel."""
-    m, _, _ = make_op("mha", variant, d=D, causal=True, heads=4, kv_heads=2, talking=True, pos=pos, **build)
+    m, _, _ = make_op("mha", variant, d=D, causal=True, heads=4, kv_heads=2, pos=pos, **{"talking": True, **build})
     perturb_params(m)
     with torch.no_grad():
         assert_no_leak(lambda x: m(x, Ctx()), n=70, d=D)
@@ -140,15 +154,17 @@ def test_refusals_are_evo_errors():
     head = "d_model = 32\nmodel m(causal=true) = input(tokens, vocab=50) -> embed -> "
     cases = [("mha(linear, talking=true)", r"(?s)E203.*unknown parameter 'talking' for mha\(linear\)"),
              ("mha(softmax, talking=true, dropout=0.1)", r"(?s)talking=true has no dropout"),
-             ("pos(alibi) -> mha(softmax, talking=true)", r"(?s)rope as its only.*pos\(alibi\)")]
+             ("pos(alibi) -> mha(softmax, talking=true)", r"(?s)rope as its only.*pos\(alibi\)"),
+             ("mha(local, talking=3, dropout=0.1)", r"(?s)talking=3 has no dropout"),
+             ("mha(softmax, talking=0)", r"(?s)talking"), ("mha(softmax, talking=2.5)", r"(?s)talking")]
     for chain, message in cases:
         with pytest.raises(EvoError, match=message):
             evodsl.compile(evodsl.parse(f"{head}{chain} -> head(lm)\n"))
 
 
 ONNX_SPECS = {  # the export's symbolic n runs _scored._gathered
-    "causal": "mha(softmax, talking=true) -> mha(local, window=5, talking=true, sinks=2)",
-    "bidirectional": "mha(softmax, talking=true) -> mha(local, window=5, talking=true)",
+    "causal": "mha(softmax, talking=3) -> mha(local, window=5, talking=6, sinks=2, sink_logit=true)",  # H < / > heads
+    "bidirectional": "mha(softmax, talking=6) -> mha(local, window=5, talking=true)",
 }
 
 
@@ -178,17 +194,20 @@ def test_onnx_export_one_file_parity_at_three_lengths(mode, tmp_path):
 GROWTH = {  # tests/growth.py: FLOPs, peak and allocated bytes, forward and backward. local's band linear in n at
     # n = 1k..8k (the mixing adds h^2 per score, no n x n); softmax quadratic (n = 512..4k, its rows one block at a time)
     "local": ({"window": 64, "talking": True}, None),
+    "local, talking=3": ({"window": 64, "talking": 3}, None),  # H = 3 softmax heads beside the 2 heads
     "softmax": ({"talking": True}, (512, 1024, 2048, 4096)),
 }
 
 
-@pytest.mark.parametrize("variant", [pytest.param("local"), pytest.param("softmax", marks=pytest.mark.slow)])  # ~1 min
-@pytest.mark.parametrize("causal", [True, False])
-def test_talking_heads_grow_as_declared(variant, causal):
+@pytest.mark.parametrize("variant, causal", [("local", True), ("local", False), ("local, talking=3", True),
+                                             pytest.param("local, talking=3", False, marks=pytest.mark.slow),
+                                             *[pytest.param("softmax", c, marks=pytest.mark.slow) for c in (True, False)]])
+def test_talking_heads_grow_as_declared(variant, causal):  # softmax: ~1 min
     from growth import NS, TOL, _compare, check_growth, mha_growth
 
     args, ns = GROWTH[variant]
     ns = ns or NS
+    variant = variant.split(",")[0]
 
     got, flops, peak, bwd = mha_growth(variant, causal, ns, **args)
     if variant == "local":

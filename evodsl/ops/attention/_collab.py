@@ -1,5 +1,6 @@
 """Collaborative heads (Cordonnier, Loukas, Jaggi 2020, "Multi-Head Attention: Collaborate Instead of
-Concatenate", arXiv:2006.16362, section 3), a modifier of mha(softmax): the heads share one query and one key
+Concatenate", arXiv:2006.16362, section 3), a modifier of mha(softmax) and mha(local) (the same scores over the
+window; local.py): the heads share one query and one key
 projection of width D_k (collab=D_k) and each reads them through its own mixing vector m_i in R^{D_k},
 
     s_i(t, r) = ( (x_t W_Q) diag(m_i) (x_r W_K)^T + x_r w_i ) / sqrt(D_k / h),    o_i = softmax_r(s_i) V_i,
@@ -67,15 +68,22 @@ def collab_scale(m, scale: float | None) -> float | None:
     return 1 / math.sqrt(m.collab.mixing.shape[1] / m.heads)
 
 
-def collab_qkv(m, x: torch.Tensor):
+def collab_width(m) -> int:
+    """W, the one width collab_qkv gives q, k and v: the larger of D_k (+ h with the content bias) and dh."""
+    c = m.collab
+    return max(c.mixing.shape[1] + (m.heads if c.content is not None else 0), m.head_dim)
+
+
+def collab_qkv(m, x: torch.Tensor, factor: float = 1.0):
     """q [b, h, n, W], the shared key expanded (a view) to [b, kv_heads, n, W], v [b, kv_heads, n, W]: W the larger
-    of D_k (+ h) and dh, the narrower ones zero-padded."""
+    of D_k (+ h) and dh, the narrower ones zero-padded. `factor` scales q (through m_i and e_i: no copy of q)."""
     b, n, _ = x.shape
     h, kv = m.heads, m.kv_heads
-    q = m.q_proj(x)[:, None] * m.collab.mixing[None, :, None, :]  # [b, h, n, D_k]
+    mixing = m.collab.mixing if factor == 1.0 else m.collab.mixing * factor
+    q = m.q_proj(x)[:, None] * mixing[None, :, None, :]  # [b, h, n, D_k]
     k = m.k_proj(x)
     if m.collab.content is not None:  # [q * m_i, e_i] . [k, x W_c] = q diag(m_i) k + x w_i
-        e = torch.eye(h, dtype=q.dtype, device=q.device)[None, :, None, :].expand(b, h, n, h)
+        e = torch.full((h,), factor, dtype=q.dtype, device=q.device).diag()[None, :, None, :].expand(b, h, n, h)
         q = torch.cat((q, e), -1)
         k = torch.cat((k, m.collab.content(x)), -1)
     v = m.v_proj(x).view(b, n, kv, m.head_dim).transpose(1, 2)

@@ -73,6 +73,9 @@ def fixed_cost(p, env: OpEnv, s: Symbols) -> Cost:
         bwd = 3 * O + bwd
         phases = [V + Vh + sp.Max(*inner), V + Vh + outs + 2 * O, V + O + X]  # a group's map; the concatenation
         # put back in head order; o_proj
+    # decoding (_fixed_step.py): V of the last R positions (local: w, prev: 1) and a sum of V per global / vertical
+    R = sp.Max(w if "local" in groups else 0, 1 if "prev" in groups else 0)
+    cache = b * kv * dh * by * (sp.Min(n, R) + int("global" in groups) + int("vertical" in groups))
     # the backward's peak: the map's, or v_proj's (the input's gradient beside V's, everything saved released)
-    return replace(total + ops, saved=saved, peak=sp.Max(*phases) - X, cache=V, saves_input=True,
+    return replace(total + ops, saved=saved, peak=sp.Max(*phases) - X, cache=cache, saves_input=True,
                    saves_output=False, bwd_peak=sp.Max(bwd, X + V - saved))

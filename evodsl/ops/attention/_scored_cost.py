@@ -64,24 +64,29 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
     b, n, by = s.b, s.n, s.bytes
     cap, logit = p.softcap is not None, bool(getattr(p, "sink_logit", False))
     talk = bool(getattr(p, "talking", False))  # talking heads: the scores and the weights mixed across heads
+    # H: the softmax heads between the mixings (talking=H; h otherwise), which the mask and the softmax run on
+    H = s.sym("H", p.talking) if talk and p.talking is not True else h
     pos = position_cost(env, s, h, kv, dh)
-    scores = b * h * I
+    scores, mixed_scores = b * h * I, b * H * I
     q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
     qkv = q + 2 * kvb
     grouped = 2 * q if kv != h else 0  # k, v repeated to h heads
     rows = n if band is None else nb * B  # query rows, padded to whole blocks in the band layout
-    col = b * h * rows * by if logit else 0  # the sink logit's column, one per query row
-    other = (1 + 1 + 5 + (3 if cap else 0)) * scores + (2 * b * h * rows if logit else 0)
-    mixing = 4 * h * scores if talk else 0  # two [h, h] x [h, I] matmuls per sequence (P_l, P_w)
+    col = b * H * rows * by if logit else 0  # the sink logit's column, one per query row and softmax head
+    # the scale and the cap on the h heads' scores, the mask and the softmax on the H heads'
+    other = (1 + (3 if cap else 0)) * scores + (1 + 5) * mixed_scores + (2 * b * H * rows if logit else 0)
+    mixing = 4 * h * mixed_scores if talk else 0  # [H, h] x [h, I] (P_l) and [h, H] x [H, I] (P_w) per sequence
     core = Cost(fwd=4 * scores * dh + mixing, bwd=8 * scores * dh + 2 * mixing, fwd_other=other, bwd_other=2 * other)
     mask = I  # the bool masks (shared by the sequences and heads)
     rotated = rotates(env)
-    weights = scores * by * (2 if cap else 1) + col  # the weights (and the tanh)
+    weights = mixed_scores * by + (scores * by if cap else 0) + col  # the weights (H heads; and the tanh, h)
     # talking: the scaled scores P_l reads, the mixed weights w @ v reads (with the logit's column cut off, the
-    # weights P_w reads are a copy)
-    weights += (3 if logit else 2) * scores * by if talk else 0
+    # weights P_w reads are a copy, H heads)
+    weights += 2 * scores * by + (mixed_scores * by if logit else 0) if talk else 0
     block = b * h * top * by  # the largest block's scores (band: all of them)
-    mixed = 2 * block if talk else 0  # without autograd: the mixed scores beside the scores, the mixed weights
+    blockH = b * H * top * by  # its mixed scores (H heads)
+    # without autograd: the mixed scores beside the scores, the mixed weights (h heads)
+    mixed = blockH + block if talk else 0
     if band is None:
         keys = 2 * q if kv != h else 2 * kvb  # the matmuls read k and v (made contiguous)
         # k and v made contiguous, unless repeated to h heads (k: or rotated)
@@ -89,7 +94,7 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
         saved = q + keys + weights + mask + q + pos.saved  # q, the keys and values read, the weights, the mask, o
         # without autograd: one block's scores and weights (with the logit: the scores, their concatenation with
         # the logit's column and its softmax), its bool mask and the mask's negation
-        blocks = (3 * block + 2 * b * h * B * by if logit else 2 * block) + 2 * top + mixed
+        blocks = (block + 2 * blockH + 2 * b * H * B * by if logit else block + blockH) + 2 * top + mixed
         q_copy = 0 if rotated else q  # q made contiguous [b, h, n, dh]
         # w @ v: a block's weights (with the logit: its softmax's column too) beside the product, B x dh a head,
         # before it is copied into o (wide heads, dh > the block's keys, make this the larger)
@@ -113,8 +118,23 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
                # q-sized) beside its weights' gradient; the last block's saved tensors released
                more * (4 * q + 2 * g_B - last_saved), more * (5 * q + b * h * before * by - last_saved)]
         if talk:  # measured: each mixing's backward releases what it saved as it makes its gradient; one block's
-            # gradient beside q's (the last block), or the block before it's (beside half of q's unless rotated)
-            bwd = [b * h * last * by + q, sp.Min(1, nb - 1) * (b * h * before * by + (0 if rotated else q / 2))]
+            # gradient beside q's (the last block), or the block before it's (beside half of q's unless rotated or
+            # with the sink logit; with the cap, the last block's saved tanh released by then)
+            capped = b * h * last * by if cap else 0
+            bwd = [b * h * last * by + q, more * (b * h * before * by + (0 if rotated or logit else q / 2) - capped)]
+            if H != h:  # H softmax heads (read from the allocations, traced per op); L, Bf: one softmax head's
+                L, Bf = b * last * by, b * before * by  # scores, the last block's and the one before it's
+                if logit:  # the weights P_w reads are a copy, released before the softmax's gradient is made: one
+                    # block's weights' gradient (H heads) beside q's; H < h: the block before's w @ v gradient
+                    # (h heads), the last block's weights and their copy (H heads, fewer) released by then
+                    bwd += [H * L + q * (2 * more - 1), more * (H * Bf - 2 * H * L + q),
+                            more * (h * Bf + 2 * (h - H) * L - q)]
+                else:  # H < h: as with the logit, the last block's weights alone released; H > h: a block's
+                    # weights' and mixed scores' gradients (H heads each) beside q's (one block: o's saved copy
+                    # released), its saved mixed weights (h) released; or the block before's, the last block's
+                    # saved weights (H) released too
+                    bwd += [more * (h * Bf + (h - H) * L + q / 8 - capped), 2 * H * L - h * L + q * (2 * more - 1),
+                            more * (2 * H * Bf - H * L - h * Bf + q / 4 - capped)]
     else:
         lo, hi = band
         qb = b * h * nb * B * dh * by  # q's blocks: padded to nb B rows, or made contiguous (rope's already is)
@@ -128,17 +148,20 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
         # without sinks the unfolded keys (values) are no matmul operand as they are: bmm copies them (keys / 2
         # each) and frees the copy after the product (q k^T's copy beside the scores: less than w @ v's phase)
         copy = keys / 2 if S == 0 else 0
-        phases = [qkv + grouped + made * qb + built + (3 * block + 2 * col if logit else 2 * block) + 2 * mask + mixed,
+        phases = [qkv + grouped + made * qb + built + (block + 2 * blockH + 2 * col if logit else block + blockH)
+                  + 2 * mask + mixed,
                   qkv + grouped + made * qb + built + copy + block + col + qb,  # weights @ values (the values' copy)
                   qkv + qb + q + out]  # o_proj: the blocks' output and its copy
         # without sinks (read from the allocations): the blocks' rows of o's gradient (nb B, padded), the weights'
         # gradient and the values' beside each other, o_proj's saved copy of o (q) released by then; with sinks
         # (measured): the scores' gradient beside q's and the keys'
         bwd = [qb + block + col + keys / 2 - q if S == 0 else made * qb + block + col + keys / 2]
-        if talk:  # measured: q's blocks' gradient is gone by then
-            bwd = [block + col + keys / 2]
+        if talk:  # measured: q's blocks' gradient is gone by then; with H > h heads, the weights' and the mixed
+            # scores' gradients (H heads each; with the logit the weights' alone), the saved mixed weights (h) and
+            # q's blocks' gradient released
+            bwd = [block + col + keys / 2, blockH - q if logit else 2 * blockH - block - q]
     if env.pos is not None:
         phases.append(qkv + pos.peak)
     cost = attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache, bwd_phases=bwd)
-    # the sink logits, one per head; talking heads' P_l and P_w, h x h each
-    return replace(cost, params=cost.params + (h if logit else 0) + (2 * h ** 2 if talk else 0))
+    # the sink logits, one per softmax head; talking heads' P_l and P_w, h x H and H x h
+    return replace(cost, params=cost.params + (H if logit else 0) + (2 * h * H if talk else 0))

@@ -27,8 +27,9 @@ def modifiers(p) -> list[str]:
         out.append(f"sinks={p.sinks}")
     if getattr(p, "sink_logit", False):
         out.append("sink_logit=true")
-    if getattr(p, "talking", False):
-        out.append("talking=true")
+    talking = getattr(p, "talking", False)
+    if talking:
+        out.append("talking=true" if talking is True else f"talking={talking}")
     return out
 
 

@@ -24,8 +24,9 @@ O(n d)): every pattern is linear in n. Padding: padded keys get no weight (local
 prev and next read their own token when the neighbour is padding, vertical reads the first g real tokens), so a
 padded batch equals each sequence alone on either side. Grouped K/V heads: V has kv_heads heads, each read by its
 group of query heads (with one pattern for every head, the group's outputs are one and the same). The parameters:
-v_proj and o_proj alone (no q, k). Decoding keeps V of every position and reruns the causal form over it. dropout=
-is refused (no weights are formed to drop out).
+v_proj and o_proj alone (no q, k). Decoding keeps what the patterns reach (_fixed_step.py): V of the last w positions
+(local; prev: the last one) and running sums of V (global: every position; vertical: the first g), O(w) per step.
+dropout= is refused (no weights are formed to drop out).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from torch import nn
 from ..registry import Op, OpEnv, ShapeProblem, register
 from ._common import AttentionParams, attention_shape
 from ._fixed_cost import fixed_cost
-from ...decode import slot
+from ._fixed_step import fixed_step
 
 MIXED = ("local", "prev", "next", "global", "vertical")
 
@@ -74,12 +75,8 @@ class FixedAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         b, n, _ = x.shape
         v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim)
-        if ctx is not None and ctx.cache is not None:  # decoding: V of every position so far, the causal form over it
-            key, start = slot(ctx, self), ctx.offset
-            old = ctx.cache.caches.get(key)
-            v = v if old is None else torch.cat((old, v), dim=1)
-            ctx.cache.caches[key] = v
-            o = self.mix(v, None)[:, start:]
+        if ctx is not None and ctx.cache is not None:  # decoding: the window and running sums (_fixed_step.py)
+            o = fixed_step(self, v, ctx)
         else:
             mask = None
             if ctx is not None and ctx.mask is not None and not (self.causal and ctx.right_padded):
@@ -162,7 +159,8 @@ def fixed_shape(p: FixedParams, env: OpEnv):
 
 
 OP = register(Op(
-    decode="V of every position so far (kv_heads heads); the fixed causal maps rerun over it",
+    decode="V of the last w positions (local; prev: the last one) and the running sums of V (global: all; vertical: "
+           "the first g), kv_heads heads",
     family="mha", variant="fixed", params=FixedParams, module=FixedAttention,
     causal="yes", shape=fixed_shape, supports=frozenset(),
     paper="Input-independent Attention Weights Are Expressive Enough: A Study of Attention in Self-supervised Audio "

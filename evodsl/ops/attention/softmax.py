@@ -31,7 +31,7 @@ from ._scored import head_scale, scored_forward
 from ._scored_cost import scored_cost
 from ._sinks import SinkLogitParams, sink_logit
 from ._softcap import SoftcapParams, check_modifiers, modifiers
-from ._talking import TalkingParams, talking_heads
+from ._talking import TalkingParams, talking_heads, talking_width
 
 
 class SoftmaxAttentionParams(SoftcapParams, SinkLogitParams, TalkingParams, CollabParams, AttentionParams):
@@ -48,8 +48,8 @@ class SoftmaxAttention(AttentionBase):
         self.xl = bool(self.mem_len) or getattr(self.pos, "relative", False)  # Transformer-XL's path (_xl.py)
         # softcap=, sink_logit=: the explicit-score kernel (_scored.py)
         self.modified, self.variant, self.window, self.sinks = bool(modifiers(p)), "softmax", None, 0
-        self.softcap, self.sink_logit = p.softcap, sink_logit(p, self.heads)
-        self.talking = talking_heads(p, self.heads)  # talking=true: P_l, P_w (_talking.py)
+        self.softcap, self.sink_logit = p.softcap, sink_logit(p, talking_width(p, self.heads))  # H with talking=
+        self.talking = talking_heads(p, self.heads)  # talking=: P_l, P_w (_talking.py)
         self.score_scale = head_scale(self.head_dim, p.scale)
 
     def _bias(self, n: int, device, start: int = 0) -> torch.Tensor | None:

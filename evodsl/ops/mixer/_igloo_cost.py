@@ -6,6 +6,7 @@ import sympy as sp
 
 from ..cost import Cost, Symbols, linear
 from ..registry import OpEnv
+from ._igloo_step import reach
 
 INDEX_BYTES = 8  # int64 positions
 
@@ -35,8 +36,10 @@ def igloo_cost(p, env: OpEnv, s: Symbols) -> Cost:
               # a gathered value weighted, beside v and the sum (and a; P = 1: the first product is the sum)
               (3 + sp.Min(1, P - 1)) * X + t * P * by + n * P * INDEX_BYTES,
               2 * X]  # the output projection
+    R = s.sym("R", reach(p.spread))  # decoding (_igloo_step.py): the last k - 1 inputs, the last R C and values
+    cache = b * by * (sp.Min(n, k - 1) * d + sp.Min(n, R) * (c + d))
     return Cost(params=total.params, fwd=total.fwd, bwd=total.bwd, fwd_other=total.fwd_other,
-                bwd_other=total.bwd_other, saved=saved, peak=sp.Max(*phases) - X, cache=X,
+                bwd_other=total.bwd_other, saved=saved, peak=sp.Max(*phases) - X, cache=cache,
                 saves_input=False, saves_output=False,  # the convolution keeps its padded copy
                 # the backward's peak, in the gathers': v's gradient beside one gather's (put into zeros), a's beside
                 # one column's

@@ -23,8 +23,8 @@ convolution's padding), so that a sequence is the same whatever max_len; widths 
 value and output widths d (theirs 256). Causal: the authors' padding_style="causal" convolution and draws from
 the past only (offsets -3 sigma .. 0). Padding: padded positions are zeroed before the convolution and read as
 zero, which equals the sequence alone when the padding comes after it; left padding moves the positions the
-tables are drawn for, and is refused (E409). Decoding keeps the inputs of every position and reruns the causal
-form over them.
+tables are drawn for, and is refused (E409). Decoding keeps what the causal form reads back (_igloo_step.py): the
+last k - 1 inputs, and the compressed features and values of the last R = ceil(3 sigma) positions, O(1) per step.
 """
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ...decode import slot
 from ...diagnostics import Diagnostic, EvoError
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, is_symbolic, register, right_padded, sequence_shape
 from ._igloo_cost import igloo_cost
+from ._igloo_step import igloo_step, reach
 
 
 class IglooParams(OpParams):
@@ -91,14 +91,11 @@ class IglooMixer(nn.Module):
         pos, vpos = draw_patches(p, env.causal)
         self.register_buffer("pos", pos, persistent=False)
         self.register_buffer("vpos", vpos, persistent=False)
+        self.reach = reach(p.spread)  # decoding keeps the last R positions' C and values
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        if ctx is not None and ctx.cache is not None:  # decoding: every input so far, the causal form over them
-            key, start = slot(ctx, self), ctx.offset
-            old = ctx.cache.caches.get(key)
-            xs = x if old is None else torch.cat((old, x), dim=1)
-            ctx.cache.caches[key] = xs
-            return self.run(xs)[:, start:]
+        if ctx is not None and ctx.cache is not None:  # decoding: what the taps and draws reach (_igloo_step.py)
+            return igloo_step(self, x, ctx)
         mask = None if ctx is None or (self.causal and ctx.right_padded) else ctx.mask
         if mask is not None:
             if not is_symbolic(mask) and not right_padded(mask):
@@ -151,7 +148,8 @@ def igloo_shape(p: IglooParams, env: OpEnv):
 
 
 OP = register(Op(
-    decode="the inputs of every position so far; the causal form reruns over them",
+    decode="the last k - 1 inputs (the convolution's taps), the compressed features and values of the last "
+           "ceil(3 spread) positions (the draws' reach)",
     family="mixer", variant="igloo", params=IglooParams, module=IglooMixer,
     causal="yes", shape=igloo_shape,
     paper="IGLOO: Slicing the Features Space to Represent Sequences, Sourkov 2018, arXiv:1807.03402",
