@@ -36,7 +36,7 @@ from pydantic import Field
 from torch import nn
 
 from ...diagnostics import Diagnostic, EvoError
-from ..registry import Op, OpEnv, OpParams, ShapeProblem, is_symbolic, register, right_padded, sequence_shape
+from ..registry import Op, OpEnv, OpParams, ShapeProblem, register, require_right_padding, sequence_shape
 from ._igloo_cost import igloo_cost
 from ._igloo_step import igloo_step, reach
 
@@ -98,10 +98,8 @@ class IglooMixer(nn.Module):
             return igloo_step(self, x, ctx)
         mask = None if ctx is None or (self.causal and ctx.right_padded) else ctx.mask
         if mask is not None:
-            if not is_symbolic(mask) and not right_padded(mask):
-                raise EvoError([Diagnostic("E409", "mixer(igloo) needs right padding: its patches are drawn for "
-                                                   "positions counted from each row's first, and left padding moves "
-                                                   "the tokens", help="pad after the tokens (tokenizer padding_side='right')")])
+            require_right_padding(mask, "mixer(igloo)", "its patches are drawn for positions counted from each "
+                                                        "row's first, and left padding moves the tokens")
             x = x * mask[:, :, None].to(x.dtype)  # padding reads as zero, as past the sequence's end
         return self.run(x, mask)
 
