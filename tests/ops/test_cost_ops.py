@@ -87,6 +87,9 @@ CASES = [
     ("merge", "concat", _branches(3)),
     ("merge", "concat", lambda d: {**_branches(2)(d), "bias": False}),
     ("residual", "rezero", lambda d: {}),
+    ("residual", "skipinit", lambda d: {}),
+    ("residual", "layerscale", lambda d: {}),
+    ("residual", "layerscale", lambda d: {"init": 0.1}),
     ("dropout", "standard", lambda d: {"p": 0.1}),  # train mode: the noise is kept
     ("dropout", "standard", lambda d: {"p": 0.0}),
     # streams: a latent array (its input gives the batch size), a memory joined before and after, slices
