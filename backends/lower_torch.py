@@ -31,6 +31,9 @@ class GraphModule(nn.Module):
             elif n.kind == "repeat":
                 copies = 1 if n.shared else n.count
                 self.add_module(n.module, Repeat([GraphModule(n.body) for _ in range(copies)], n.count))
+        for n in nodes:  # an op that sets up the branch it closes (residual(deepnorm): beta on its init)
+            if n.kind == "call" and hasattr(getattr(self, n.module), "init_branch"):
+                getattr(self, n.module).init_branch([(b.family, getattr(self, b.module)) for b in _branch(graph, n)])
         self._output = graph.output.inputs[0]
         self._reused = {n.name for n in nodes if n.meta.get("reused")}  # attention outputs a skip_reuse reads
         last_use = {}
@@ -76,6 +79,17 @@ class GraphModule(nn.Module):
 
 
 SKIP = object()  # _enter's answer for a node whose value is not needed again
+
+
+def _branch(graph: Graph, n) -> list:
+    """The call nodes between a residual op's skip (its second input) and its branch (its first), in order."""
+    seen, todo = {n.inputs[1]}, [n.inputs[0]]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph.node(name).inputs)
+    return [m for m in graph.nodes if m.name in seen and m.kind == "call" and m.name != n.inputs[1]]
 
 
 class Repeat(nn.ModuleList):

@@ -226,6 +226,9 @@ class Layers(Values):
             params, spans = self._params(op, Call("residual", (), rest, r.span, r.span))
             if params is None:
                 return x
+            if op.inputs == 2:  # it reads the skip too and adds it itself (deepnorm: alpha x + f(x))
+                return g.add(Node(name=g.fresh(), kind="call", family="residual", variant=scale[0], params=params,
+                                  inputs=[h, x], span=r.span, meta={"arg_spans": spans})).name
             h = g.add(Node(name=g.fresh(), kind="call", family="residual", variant=scale[0], params=params,
                            inputs=[h], span=r.span, meta={"arg_spans": spans})).name
         return g.add(Node(name=g.fresh(), kind="add", inputs=[x, h], span=r.span)).name

@@ -90,6 +90,8 @@ CASES = [
     ("residual", "skipinit", lambda d: {}),
     ("residual", "layerscale", lambda d: {}),
     ("residual", "layerscale", lambda d: {"init": 0.1}),
+    ("residual", "deepnorm", lambda d: {**_branches(2)(d), "layers": 6}),  # reads the branch and the skip
+    ("residual", "deepnorm", lambda d: {**_branches(2)(d), "layers": 12, "part": "encoder", "decoder_layers": 6}),
     ("dropout", "standard", lambda d: {"p": 0.1}),  # train mode: the noise is kept
     ("dropout", "standard", lambda d: {"p": 0.0}),
     # streams: a latent array (its input gives the batch size), a memory joined before and after, slices
