@@ -29,6 +29,9 @@ CASES = [
     ("norm", "rmsnorm", lambda d: {}),
     ("norm", "rmsnorm", lambda d: {"offset": 1.0}),  # Gemma's gain 1 + w
     ("norm", "scalenorm", lambda d: {}),
+    ("norm", "dyt", lambda d: {}),
+    ("norm", "dyt", lambda d: {"alpha0": 2.0}),
+    ("norm", "fixnorm", lambda d: {}),
     ("ffn", "mlp", lambda d: {"act": "relu"}),  # relu keeps only its result
     ("ffn", "mlp", lambda d: {"act": "gelu"}),
     ("ffn", "mlp", lambda d: {"act": "gelu_tanh"}),
