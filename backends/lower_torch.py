@@ -99,6 +99,10 @@ class Repeat(nn.ModuleList):
     def __init__(self, bodies: list, count: int):
         super().__init__(bodies)
         self.count = count
+        for i, body in enumerate(bodies):  # an op whose init depends on its layer (residual(admin)): its copy's index
+            for m in body.children():
+                if hasattr(m, "init_copy"):
+                    m.init_copy(i)
 
     def forward(self, xs: list, ctx: Ctx) -> torch.Tensor:
         x, streams = xs[0], xs[1:]

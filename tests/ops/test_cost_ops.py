@@ -95,6 +95,8 @@ CASES = [
     ("residual", "layerscale", lambda d: {"init": 0.1}),
     ("residual", "deepnorm", lambda d: {**_branches(2)(d), "layers": 6}),  # reads the branch and the skip
     ("residual", "deepnorm", lambda d: {**_branches(2)(d), "layers": 12, "part": "encoder", "decoder_layers": 6}),
+    ("residual", "admin", lambda d: {**_branches(2)(d)}),
+    ("residual", "admin", lambda d: {**_branches(2)(d), "sublayer": 3, "per_layer": 3}),
     ("dropout", "standard", lambda d: {"p": 0.1}),  # train mode: the noise is kept
     ("dropout", "standard", lambda d: {"p": 0.0}),
     # streams: a latent array (its input gives the batch size), a memory joined before and after, slices
