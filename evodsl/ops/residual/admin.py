@@ -11,11 +11,11 @@ A documented simplification of the init: the paper sets omega_i from a profiling
 through the model at its default init, recording each sublayer's output variance). No pass runs at build time;
 instead every variance is taken as 1. The authors' profiling code (Transformer-Clinic) runs the recursion
 omega_1 = 1, omega_{i+1} = sqrt(Var[x_{i-1} omega_i] + Var[F_i]), numbering layer l's attention 2l + 1 and its FFN
-2l + 2 (a decoder's three, per_layer=3, counted likewise: our reading); with unit variances (an LN'd or embedded input, default-init
-sublayer outputs of order 1) it gives omega_i(0) = sqrt(i), i the sublayer's index in the stack counted from 1.
-i = per_layer * l + sublayer, l the layer: a repeat's copy index (the torch
-backend tells each copy, init_copy; 0 outside a repeat, and in a shared body), `sublayer` the position in the
-layer, `per_layer` 2 for an encoder layer, 3 for a decoder's. Load profiled omegas as weights to get Admin proper."""
+2l + 2 (a decoder's three, per_layer=3, counted likewise: our reading); with unit variances (an LN'd or
+embedded input, default-init sublayer outputs of order 1) it gives omega_i(0) = sqrt(i), i the sublayer's index
+in the stack counted from 1. i = per_layer * l + sublayer, l the layer: a repeat's copy index (the torch backend
+tells each copy, init_copy; 0 outside a repeat, and in a shared body), `sublayer` the position in the layer,
+`per_layer` 2 for an encoder layer, 3 for a decoder's. Load profiled omegas as weights to get Admin proper."""
 from __future__ import annotations
 
 import math
