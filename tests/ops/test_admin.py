@@ -1,6 +1,7 @@
-"""residual(admin) against Admin's equation (Liu et al. 2020) in float64: x_i = LN(x_{i-1} * omega_i + F_i(x_{i-1})),
-omega_i in R^d learned; its init without the profiling pass, omega_i(0) = sqrt(i) for the i-th sublayer of the stack
-(every variance term 1, the embedding the first), across a repeat's copies (encoder: 2 sublayers a layer, decoder: 3)."""
+"""residual(admin) against Admin's equation (Liu et al. 2020) in float64:
+x_i = LN(x_{i-1} * omega_i + F_i(x_{i-1})), omega_i in R^d learned; its init without the profiling pass,
+omega_i(0) = sqrt(i) for the i-th sublayer of the stack (every variance term 1), across a repeat's copies
+(encoder: 2 sublayers a layer, decoder: 3)."""
 from __future__ import annotations
 
 import math

@@ -50,7 +50,8 @@ def test_dyt_has_no_statistics():
 
 
 def test_dyt_in_place_of_layernorm():
-    src = TOP + "model m = input(features, d=16) -> norm(dyt) -> mha -> norm(dyt, alpha0=0.8) -> ffn -> head(linear, d_out=3)\n"
+    src = TOP + ("model m = input(features, d=16) -> norm(dyt) -> mha -> norm(dyt, alpha0=0.8) -> ffn"
+                 " -> head(linear, d_out=3)\n")
     params = dict(evodsl.compile(src).named_parameters())
     assert params["norm1.alpha"].item() == 0.5 and params["norm2.alpha"].item() == pytest.approx(0.8)
 
