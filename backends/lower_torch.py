@@ -37,6 +37,9 @@ class GraphModule(nn.Module):
                 bodies = [GraphModule(n.body) for _ in range(copies)]
                 self.add_module(n.module, ReversibleRepeat(bodies, n.count, n.body) if n.reversible
                                 else Repeat(bodies, n.count))
+        for n in nodes:  # an op that sets up the branch it closes (residual(deepnorm): beta on its init)
+            if n.kind == "call" and hasattr(getattr(self, n.module), "init_branch"):
+                getattr(self, n.module).init_branch([(b.family, getattr(self, b.module)) for b in _branch(graph, n)])
         self._output = graph.output.inputs[0]
         self._reused = {n.name for n in nodes if n.meta.get("reused")}  # attention outputs a skip_reuse reads
         last_use = {}
@@ -84,6 +87,17 @@ class GraphModule(nn.Module):
 SKIP = object()  # _enter's answer for a node whose value is not needed again
 
 
+def _branch(graph: Graph, n) -> list:
+    """The call nodes between a residual op's skip (its second input) and its branch (its first), in order."""
+    seen, todo = {n.inputs[1]}, [n.inputs[0]]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph.node(name).inputs)
+    return [m for m in graph.nodes if m.name in seen and m.kind == "call" and m.name != n.inputs[1]]
+
+
 class Repeat(nn.ModuleList):
     """`count` applications of its bodies: one body per application, or a single shared body. Its inputs are
     the stream it transforms and the streams its body reads (the same for every copy)."""
@@ -91,6 +105,10 @@ class Repeat(nn.ModuleList):
     def __init__(self, bodies: list, count: int):
         super().__init__(bodies)
         self.count = count
+        for i, body in enumerate(bodies):  # an op whose init depends on its layer (residual(admin)): its copy's index
+            for m in body.children():
+                if hasattr(m, "init_copy"):
+                    m.init_copy(i)
         self.checkpoint = False  # evodsl.distributed.checkpoint: recompute each copy in backward
 
     def _body(self, i: int, x, ctx, streams):

@@ -283,6 +283,9 @@ IGLOO = ["norm -> mixer(igloo, max_len=64) -> norm -> ffn", "norm -> mixer(igloo
 SKIP_REUSE = ["norm -> mha(softmax) -> norm -> ffn -> norm -> mha(skip_reuse) -> norm -> ffn",
               "norm -> mha(local, window=5, kv_heads=2) -> norm -> mha(skip_reuse, k=5, k_eca=5) -> norm -> "
               "mha(skip_reuse, expand=1, bias=false) -> norm -> ffn"]
+# QKNorm (_qknorm.py): the cache keeps the normalised keys; grouped K/V heads, one K/V head
+QKNORM = ["norm -> mha(softmax, qk_norm=true, qk_len=64, kv_heads=2) -> norm -> ffn",
+          "norm -> mha(softmax, qk_norm=true, qk_len=8, kv_heads=1, bias=false) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MODIFIERS]
@@ -303,7 +306,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in TOPK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in EL + FIXED + IGLOO]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SAC]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in SKIP_REUSE])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in SKIP_REUSE]
+         + [(p, b) for p in POSITIONS for b in QKNORM])
 
 
 def _lean(cases: list) -> list:

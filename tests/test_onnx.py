@@ -98,6 +98,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
     ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4",
     ("pos", "axial"): "n1=8, n2=16, d1=8, d2=24",  # 128 positions on a grid, past the longest test length
+    ("residual", "deepnorm"): "layers=6",
 }
 FEATURES, OUT = "input(features, d=32)", "head(linear, d_out=8)"
 # family -> (the model around its ops, how one variant appears in it, whether all variants share one spec).
@@ -231,7 +232,9 @@ def op_cases() -> list[Case]:
         family = key[0]
         model, piece, _ = WRAPPERS[family]
         model = TOKEN_MODELS.get(key, model)
-        ops = " -> ".join(piece.format(call=call(family, v), variant=v) for v in variants)
+        # a residual scale op's parameters follow scale=V: residual(..., scale=deepnorm, layers=6)
+        ops = " -> ".join(piece.format(call=call(family, v), variant=v + (f", {ARGS[family, v]}" if (family, v) in ARGS else ""))
+                          for v in variants)
         causal = all(REGISTRY[family, v].causal != "no" for v in variants)
         body = model.format(ops=ops)
         src = f"{HEADER}model m(causal={str(causal).lower()}){' ' if body.startswith('{') else ' = '}{body}\n"

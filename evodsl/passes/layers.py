@@ -192,7 +192,9 @@ class Layers(Values):
         return v.id
 
     def _emit_residual(self, r: Residual, g: Graph, x: str) -> str:
-        kw = self._kwargs(r.kwargs, {"scale": ["none", *variants("residual")], "scores": bool}, "residual")
+        own = {"scale": ["none", *variants("residual")], "scores": bool}
+        kw = self._kwargs([k for k in r.kwargs if k.name in own], own, "residual")
+        rest = tuple(k for k in r.kwargs if k.name not in own)  # the scale op's parameters: scale=layerscale, init=0.1
         scores = kw.get("scores", (False,))[0]
         self._scores.append([])
         self._in_scores += bool(scores)
@@ -214,10 +216,21 @@ class Layers(Values):
         elif self._scores:
             self._scores[-1].extend(carried)
         scale = kw.get("scale", ("none",))
-        if scale[0] != "none":
+        if scale[0] == "none":
+            for k in rest:
+                self.c.error("E203", f"unknown parameter '{k.name}' for residual", k.name_span,
+                             help=did_you_mean(k.name, own, prefix="residual takes ")
+                             + "; a scale op's parameters follow scale=V, e.g. residual(f, scale=layerscale, init=0.1)")
+        else:
             op = lookup_op("residual", scale[0])
-            h = g.add(Node(name=g.fresh(), kind="call", family="residual", variant=scale[0], params=op.params(),
-                           inputs=[h], span=r.span, meta={"arg_spans": {}})).name
+            params, spans = self._params(op, Call("residual", (), rest, r.span, r.span))
+            if params is None:
+                return x
+            if op.inputs == 2:  # it reads the skip too and adds it itself (deepnorm: alpha x + f(x))
+                return g.add(Node(name=g.fresh(), kind="call", family="residual", variant=scale[0], params=params,
+                                  inputs=[h, x], span=r.span, meta={"arg_spans": spans})).name
+            h = g.add(Node(name=g.fresh(), kind="call", family="residual", variant=scale[0], params=params,
+                           inputs=[h], span=r.span, meta={"arg_spans": spans})).name
         return g.add(Node(name=g.fresh(), kind="add", inputs=[x, h], span=r.span)).name
 
     def _emit_parallel(self, p: Parallel, g: Graph, x: str) -> str:

@@ -33,6 +33,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"residual_scores": True, "dropout": 0.1}, ODD),
                 # T5's learned bias: the math kernel in training (its gradient), the Toeplitz bias's one copy
                 ({"pos": T5}, BOTH), ({"pos": T5, "kv_heads": 2}, ODD), ({"pos": T5, "dropout": 0.1}, SMALL),
+                # QKNorm (_qknorm.py): normalised q, k on SDPA, with GQA and RoPE, with dropout (the math kernel)
+                ({"qk_norm": True, "qk_len": 512}, BOTH), ({"qk_norm": True, "qk_len": 512, "kv_heads": 2, "pos": ROPE}, ODD),
+                ({"qk_norm": True, "qk_len": 64, "dropout": 0.1}, SMALL),
                 # Transformer-XL: a full memory of mem_len earlier inputs (steady state), relative scores
                 ({"pos": XL, "mem_len": 32}, BOTH), ({"mem_len": 32, "kv_heads": 2}, BOTH), ({"pos": XL}, SMALL),
                 ({"pos": XL, "mem_len": 20, "heads": 2, "head_dim": 8, "bias": False}, ODD),

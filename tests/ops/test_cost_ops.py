@@ -29,6 +29,9 @@ CASES = [
     ("norm", "rmsnorm", lambda d: {}),
     ("norm", "rmsnorm", lambda d: {"offset": 1.0}),  # Gemma's gain 1 + w
     ("norm", "scalenorm", lambda d: {}),
+    ("norm", "dyt", lambda d: {}),
+    ("norm", "dyt", lambda d: {"alpha0": 2.0}),
+    ("norm", "fixnorm", lambda d: {}),
     ("ffn", "mlp", lambda d: {"act": "relu"}),  # relu keeps only its result
     ("ffn", "mlp", lambda d: {"act": "gelu"}),
     ("ffn", "mlp", lambda d: {"act": "gelu_tanh"}),
@@ -89,6 +92,13 @@ CASES = [
     ("merge", "concat", _branches(3)),
     ("merge", "concat", lambda d: {**_branches(2)(d), "bias": False}),
     ("residual", "rezero", lambda d: {}),
+    ("residual", "skipinit", lambda d: {}),
+    ("residual", "layerscale", lambda d: {}),
+    ("residual", "layerscale", lambda d: {"init": 0.1}),
+    ("residual", "deepnorm", lambda d: {**_branches(2)(d), "layers": 6}),  # reads the branch and the skip
+    ("residual", "deepnorm", lambda d: {**_branches(2)(d), "layers": 12, "part": "encoder", "decoder_layers": 6}),
+    ("residual", "admin", lambda d: {**_branches(2)(d)}),
+    ("residual", "admin", lambda d: {**_branches(2)(d), "sublayer": 3, "per_layer": 3}),
     ("dropout", "standard", lambda d: {"p": 0.1}),  # train mode: the noise is kept
     ("dropout", "standard", lambda d: {"p": 0.0}),
     # streams: a latent array (its input gives the batch size), a memory joined before and after, slices

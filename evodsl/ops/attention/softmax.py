@@ -7,6 +7,8 @@ the softmax, so the scores are materialized (O(n^2) memory, as the method requir
 With softcap= (Gemma 2), sink_logit= (gpt-oss) or talking=true (talking heads) it runs the explicit-score kernel
 of _scored.py instead (_softcap.py, _sinks.py, _talking.py say what each does and what it refuses). collab=D_k
 (collaborative heads, _collab.py) shares the query and key projections between the heads, on SDPA.
+qk_norm=true, qk_len=L (QKNorm, Henry et al. 2020, _qknorm.py) l2-normalises each head's q and k and scales their
+cosine by one learned g, g(0) = log2(L^2 - L), in place of 1/sqrt(dh), on SDPA.
 """
 from __future__ import annotations
 
@@ -32,9 +34,11 @@ from ._scored_cost import scored_cost
 from ._sinks import SinkLogitParams, sink_logit
 from ._softcap import SoftcapParams, check_modifiers, modifiers
 from ._talking import TalkingParams, talking_heads, talking_width
+from ._qknorm import QKNormParams, check_qk_norm, qk_apply, qk_gain, qk_norm_cost
 
 
-class SoftmaxAttentionParams(SoftcapParams, SinkLogitParams, TalkingParams, CollabParams, AttentionParams):
+class SoftmaxAttentionParams(QKNormParams, SoftcapParams, SinkLogitParams, TalkingParams, CollabParams,
+                             AttentionParams):
     scale: float | None = Field(None, gt=0, description="score scale; default 1/sqrt(head_dim) (T5: 1.0, the "
                                                         "scale folded into its initialisation)")
 
@@ -51,6 +55,9 @@ class SoftmaxAttention(AttentionBase):
         self.softcap, self.sink_logit = p.softcap, sink_logit(p, talking_width(p, self.heads))  # H with talking=
         self.talking = talking_heads(p, self.heads)  # talking=: P_l, P_w (_talking.py)
         self.score_scale = head_scale(self.head_dim, p.scale)
+        self.qk_gain = qk_gain(p)  # qk_norm=true: QKNorm's g (_qknorm.py), SDPA's scale 1
+        if self.qk_gain is not None:
+            self.scale = 1.0
 
     def _bias(self, n: int, device, start: int = 0) -> torch.Tensor | None:
         """The position scheme's bias [h, n, start + n] of queries start.. against keys 0.. (decoding: start
@@ -77,6 +84,8 @@ class SoftmaxAttention(AttentionBase):
         if ctx is not None and ctx.cache is not None:
             return self._step(x, ctx)
         q, k, v = self.qkv(x)
+        if self.qk_gain is not None:
+            q, k = qk_apply(self.qk_gain, q, k)
         n = x.shape[1]
         drop = self.dropout if self.training else 0.0
         allowed = self.allowed(ctx, n, x.device)  # key padding: None without any (the flash path stays)
@@ -97,6 +106,8 @@ class SoftmaxAttention(AttentionBase):
         the cache), each reading only its past; no padding (generate takes whole rows)."""
         start = ctx.offset
         q, k, v = self.qkv(x, start)
+        if self.qk_gain is not None:
+            q, k = qk_apply(self.qk_gain, q, k)
         k, v = append_kv(ctx, self, k, v)
         n = x.shape[1]
         if self.residual_scores:
@@ -179,15 +190,21 @@ def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) ->
             bwd = [q + scores * max(by, 4)]
         elif math_kernel:  # the weights' gradient beside the scores', o_proj's copy released
             bwd = [2 * scores * max(by, 4) - q]
+    if getattr(p, "qk_norm", False):  # QKNorm: raw q, k, v, q^ and q's norms [b, h, n, 1] (_qknorm.py)
+        phases.append(qkv + q + b * h * n * by)
     if env.pos is not None:
         phases.append(pos_phase)
-    return attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache=2 * b * n * kv * dh * by,
-                          bwd_phases=bwd)
+    out = attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache=2 * b * n * kv * dh * by, bwd_phases=bwd)
+    if not getattr(p, "qk_norm", False):
+        return out
+    flags = {f: getattr(out, f) for f in ("saves_input", "saves_output", "inplace", "inplace_in_training")}
+    return replace(out + qk_norm_cost(p, s, h, kv, dh), **flags)  # QKNorm's normalisations (_qknorm.py)
 
 
 def softmax_shape(p: SoftmaxAttentionParams, env: OpEnv):
     check_modifiers("mha(softmax)", p, env)
     check_collab("mha(softmax)", p, env, modifiers(p))
+    check_qk_norm("mha(softmax)", p, env, modifiers(p) + ([f"collab={p.collab}"] if p.collab else []))
     return attention_shape(p, env)
 
 
