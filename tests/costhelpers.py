@@ -113,7 +113,7 @@ def check_op_cost(family, variant, b=2, n=64, dtype=torch.float32, mem_rtol=0.10
     """Assert that op `family(variant)` built with `build` (make_op's arguments) costs what it declares. With
     mem_len (memory(xl)), it runs in steady state: a full memory of mem_len earlier inputs."""
     module, env, cost, ev = declared(family, variant, b, n, dtype=dtype, **build)
-    x = make_input(env, b, n, dtype, grad=family != "embed")  # an embed reads the model's input
+    x = make_input(env, b, n, dtype, grad=env.in_grad)  # in_grad=False: the model's own input
     m = measure_op(module, x, train_mode=train_mode, make_ctx=_memory_ctx(module, b, env, build, dtype))
     label = f"{family}({variant}) b={b} n={n} {build}"
     assert ev(cost.params) == m["params"], f"{label}: params {ev(cost.params)} != {m['params']}"

@@ -16,7 +16,7 @@ CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")
 
 def make_op(family: str, variant: str, d: int = 32, causal: bool = False, pos=None, seed: int = 0,
             dtype=torch.float64, residual_scores: bool = False, vocab=None, in_shapes=None, in_causal=(),
-            mem_len: int | None = None, **kwargs):
+            mem_len: int | None = None, in_grad: bool = True, **kwargs):
     """Build op `family(variant, **kwargs)` for a [b, n, d] stream. `pos` = ("rope", {...}) or ("alibi", {})
     attaches that in-attention position scheme. Returns (module, params, env) in `dtype`, eval mode."""
     load_all()
@@ -31,7 +31,7 @@ def make_op(family: str, variant: str, d: int = 32, causal: bool = False, pos=No
     if mem_len is not None:  # memory(xl, mem_len=M) reaches it
         memory = (lookup("memory", "xl"), lookup("memory", "xl").params(mem_len=mem_len))
     env = OpEnv(in_shapes=in_shapes or (("b", "n", d),), causal=causal, pos=pos_pair, vocab=vocab,
-                residual_scores=residual_scores, in_causal=tuple(in_causal), memory=memory)
+                residual_scores=residual_scores, in_causal=tuple(in_causal), memory=memory, in_grad=in_grad)
     op.shape(params, env)  # the shape rule must accept what the test builds
     torch.manual_seed(seed)
     module = op.module(params, env).to(dtype).eval()

@@ -58,11 +58,14 @@ def family_of(config: Config) -> Family:
 
 def from_hf(config) -> str:
     """A readable .evo spec of the HF model that `config` describes (a dict, a PretrainedConfig, a config.json or
-    a folder holding one). A feature with no evodsl form raises EvoError (E415) naming it and its key."""
+    a folder holding one). A feature with no evodsl form raises EvoError (E415) naming it and its key. The text is
+    in evodsl fmt's canonical layout."""
+    from ..fmt import format_source
+
     c = read_config(config)
     spec = family_of(c).spec(c)
     c.raise_if_any()
-    return str(spec)
+    return format_source(str(spec))
 
 
 def weight_map(config) -> dict:

@@ -48,6 +48,7 @@ class OpEnv:
     in_causal: tuple = ()  # per input: its stream is causal (time-ordered; xattn over it reads only its past)
     memory: tuple | None = None  # (Op, params) of the segment memory the attention keeps (memory(xl, mem_len=M))
     stream: str | None = None  # the stream the op is in (a model with streams), else None
+    in_grad: bool = True  # training: the (first) input carries a gradient (False: it is a model input itself)
 
     @property
     def shape(self) -> Shape:

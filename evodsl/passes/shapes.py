@@ -73,7 +73,9 @@ def _infer(g: Graph, c: Collector, where: _Where, top: Graph):
                              f"name = {n.op.family}({n.op.variant}, ...), and join it (cat(prefix=name))")
                 raise _Stop
             in_causal = tuple(where.causal_of(g.node(i)) for i in n.inputs)
-            _call(n, ins, c, where, in_causal, top)
+            first = g.node(n.inputs[0]) if n.inputs else None  # a model input (features) needs no gradient
+            _call(n, ins, c, where, in_causal, top, in_grad=not (first is not None and first.kind == "input"
+                                                                  and first.variant is not None))
         elif n.kind == "add":
             if tuple(ins[0]) != tuple(ins[1]):
                 c.error("E305", f"residual branch changes the shape: {fmt_shape(ins[0])} + {fmt_shape(ins[1])}",
@@ -96,7 +98,7 @@ def _infer(g: Graph, c: Collector, where: _Where, top: Graph):
     return None
 
 
-def _call(n: Node, ins, c: Collector, where: _Where, in_causal: tuple, top: Graph):
+def _call(n: Node, ins, c: Collector, where: _Where, in_causal: tuple, top: Graph, in_grad: bool = True):
     """where.pos[stream] is the pos(...) call whose scheme applies inside attention from here on (rope, alibi)."""
     op = n.op
     stream = n.meta.get("stream")
@@ -107,7 +109,7 @@ def _call(n: Node, ins, c: Collector, where: _Where, in_causal: tuple, top: Grap
     memory = (mem_node.op, mem_node.params) if mem_node is not None else None
     env = OpEnv(in_shapes=tuple(tuple(s) for s in ins), causal=causal, pos=pos, vocab=_vocab(n, top, where),
                 residual_scores=n.residual_scores, in_causal=in_causal, memory=memory,
-                stream=stream if top.streams else None)
+                stream=stream if top.streams else None, in_grad=in_grad)
     spans = n.meta.get("arg_spans", {})
     if causal and op.causal == "no":
         where_ = f"stream '{stream}' is causal" if top.streams else "the model is causal"

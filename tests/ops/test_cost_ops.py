@@ -70,6 +70,7 @@ CASES = [
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),
     ("embed", "linear", lambda d: {"d_model": 2 * d}),
     ("embed", "linear", lambda d: {"d_model": d + 8, "bias": False}),
+    ("embed", "linear", lambda d: {"d_model": 2 * d, "in_grad": False}),  # on the model's input: no input gradient
     ("head", "lm", lambda d: {"vocab": V, "tied": False}),
     ("head", "lm", lambda d: {"vocab": V, "tied": False, "bias": True}),
     ("head", "lm", lambda d: {"vocab": V, "tied": False, "rescale": True}),

@@ -33,10 +33,11 @@ class LinearEmbedding(nn.Module):
 
 
 def cost(p: LinearEmbeddingParams, env: OpEnv, s) -> Cost:
-    """One linear from the feature width d to d_model; it keeps its input. Its input is the model's (features),
-    which needs no gradient: the backward computes the weight's gradient only, and makes no input gradient."""
+    """One linear from the feature width d to d_model; it keeps its input. On the model's input (features), which
+    needs no gradient, the backward computes the weight's gradient only and makes no input gradient; after other
+    layers (FNet's projection after the embeddings' norm) it computes both."""
     c = linear(s, s.d, s.sym("d_model", p.d_model), p.bias)
-    return replace(c, bwd=c.bwd / 2, bwd_peak=0)
+    return c if env.in_grad else replace(c, bwd=c.bwd / 2, bwd_peak=0)
 
 
 OP = register(Op(
