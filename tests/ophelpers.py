@@ -174,3 +174,26 @@ def spec_onnx_parity(src: str, tmp_path, lengths=(7, 33, 70), batches=(1, 3), pa
             assert diff <= tol * scale, (b, n, diff, scale)
             worst = max(worst, diff / scale)
     return worst
+
+
+def exported_parity(src: str, tmp_path, change=None, lengths=(7, 33, 70)) -> float:
+    """Compile spec `src`, let `change(model)` move its weights off their init (under no_grad), save them, export
+    the spec with those weights once (a symbolic n) and return onnx_parity's worst error at `lengths`."""
+    import evodsl
+
+    graph, model = evodsl.parse(src), evodsl.compile(src)
+    if change is not None:
+        with torch.no_grad():
+            change(model)
+    evodsl.save(model, tmp_path / "m.pt")
+    evodsl.export(src, tmp_path / "m.onnx", weights=tmp_path / "m.pt")
+    return onnx_parity(tmp_path / "m.onnx", graph, model, lengths)
+
+
+def add_noise(suffixes: tuple, scale: float = 0.5, seed: int = 3):
+    """A `change` for exported_parity: seeded noise on the parameters whose names end with one of `suffixes`."""
+    def change(model):
+        for name, p in model.named_parameters():
+            if name.endswith(suffixes):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * scale)
+    return change

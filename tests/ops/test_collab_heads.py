@@ -11,7 +11,7 @@ import torch
 
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_no_leak, make_op, onnx_parity, perturb_params
+from ophelpers import add_noise, assert_no_leak, exported_parity, make_op, perturb_params
 
 D = 32
 
@@ -170,20 +170,10 @@ def test_onnx_export_one_file_parity_at_three_lengths(mode, tmp_path):
     """One exported file (a symbolic n) gives torch's numbers in onnxruntime at n = 7, 33 and 70 (float32), within
     1e-4 of the output's scale; the mixing vectors perturbed."""
 
-    import evodsl
-
     src = (f"d_model = 32\nheads = 4\nkv_heads = 2\nmodel m(causal={str(mode == 'causal').lower()}) = "
            "input(tokens, vocab=61) -> embed(token) -> pos(learned, max_len=128) -> norm -> mha(softmax, collab=24) "
            "-> norm -> mha(softmax, collab=8, bias=false) -> norm -> mha(local, window=5, collab=20) -> norm -> head(lm)\n")
-    graph, model = evodsl.parse(src), evodsl.compile(src)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("collab.mixing"):
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
-    evodsl.save(model, tmp_path / "m.pt")
-    path = tmp_path / "m.onnx"
-    evodsl.export(src, path, weights=tmp_path / "m.pt")
-    worst = onnx_parity(path, graph, model)
+    worst = exported_parity(src, tmp_path, add_noise(("collab.mixing",)))
     print(f"onnx {mode}: max relative error {worst:.2e}")
     assert worst <= 1e-4
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import evodsl
 from evodsl.diagnostics import EvoError
 from evodsl.ops import Ctx
-from ophelpers import make_op, perturb_params
+from ophelpers import exported_parity, make_op, perturb_params
 
 TOP = "d_model = 16\nheads = 2\n"
 
@@ -130,19 +130,10 @@ def test_qk_norm_refuses_realformer_scores():
 def test_onnx_export_one_file_parity_at_three_lengths(mode, tmp_path):
     """One exported file (a symbolic n) gives torch's numbers in onnxruntime at n = 7, 33 and 70 (float32), within
     1e-4 of the output's scale; g moved away from its init."""
-    from ophelpers import onnx_parity
-
     src = (f"d_model = 32\nheads = 4\nkv_heads = 2\nmodel m(causal={str(mode == 'causal').lower()}) = "
            "input(tokens, vocab=61) -> embed(token) -> pos(rope) -> norm -> mha(softmax, qk_norm=true, qk_len=128) "
            "-> norm -> mha(softmax, qk_norm=true, qk_len=16, kv_heads=1, bias=false) -> norm -> head(lm)\n")
-    graph, model = evodsl.parse(src), evodsl.compile(src)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("qk_gain"):
-                p.mul_(0.7)
-    evodsl.save(model, tmp_path / "m.pt")
-    path = tmp_path / "m.onnx"
-    evodsl.export(src, path, weights=tmp_path / "m.pt")
-    worst = onnx_parity(path, graph, model)
+    worst = exported_parity(src, tmp_path, lambda m: [p.mul_(0.7) for n, p in m.named_parameters()
+                                                      if n.endswith("qk_gain")])
     print(f"onnx {mode}: max relative error {worst:.2e}")
     assert worst <= 1e-4

@@ -16,7 +16,7 @@ import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
 from costhelpers import declared
-from ophelpers import assert_no_leak, decode_in_pieces, make_op, onnx_parity, perturb_params
+from ophelpers import assert_no_leak, decode_in_pieces, exported_parity, make_op, perturb_params
 
 D = 16
 
@@ -233,11 +233,6 @@ def test_onnx_export_one_file_parity_at_three_lengths(causal, tmp_path):
     src = (f"d_model = 32\nheads = 4\nmodel m(causal={str(causal).lower()}) = input(tokens, vocab=61) -> "
            "embed(token) -> pos(learned, max_len=128) -> norm -> mha -> norm -> ffn -> norm -> mha(skip_reuse, k=5) "
            "-> norm -> mha(skip_reuse, bias=false) -> norm -> head(lm)\n")
-    graph, model = evodsl.parse(src), evodsl.compile(src)
-    perturb_params(model, scale=0.2)
-    evodsl.save(model, tmp_path / "m.pt")
-    path = tmp_path / "m.onnx"
-    evodsl.export(src, path, weights=tmp_path / "m.pt")
-    worst = onnx_parity(path, graph, model)
+    worst = exported_parity(src, tmp_path, lambda m: perturb_params(m, scale=0.2))
     print(f"onnx causal={causal}: max relative error {worst:.2e}")
     assert worst <= 1e-4

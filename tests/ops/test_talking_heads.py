@@ -11,7 +11,8 @@ import torch
 
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_no_leak, head_projections, make_op, onnx_parity, output_projection, perturb_params
+from ophelpers import (add_noise, assert_no_leak, exported_parity, head_projections, make_op, output_projection,
+                       perturb_params)
 
 D = 32
 
@@ -173,20 +174,10 @@ def test_onnx_export_one_file_parity_at_three_lengths(mode, tmp_path):
     """One exported file (a symbolic n) gives torch's numbers in onnxruntime at n = 7, 33 and 70, within 1e-4 of
     the output's scale (float32); P_l and P_w perturbed, so the mixing is seen."""
 
-    import evodsl
-
     chain = " -> ".join(f"norm -> {op}" for op in ONNX_SPECS[mode].split(" -> "))
     src = (f"d_model = 32\nheads = 4\nkv_heads = 2\nmodel m(causal={str(mode == 'causal').lower()}) = "
            f"input(tokens, vocab=61) -> embed(token) -> pos(rope) -> {chain} -> norm -> head(lm)\n")
-    graph, model = evodsl.parse(src), evodsl.compile(src)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("talking.logits", "talking.weights")):
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
-    evodsl.save(model, tmp_path / "m.pt")
-    path = tmp_path / "m.onnx"
-    evodsl.export(src, path, weights=tmp_path / "m.pt")
-    worst = onnx_parity(path, graph, model)
+    worst = exported_parity(src, tmp_path, add_noise(("talking.logits", "talking.weights")))
     print(f"onnx {mode}: max relative error {worst:.2e}")
     assert worst <= 1e-4
 
