@@ -65,7 +65,8 @@ def _shape(n: Node) -> str:
 def layout(graph: Graph, params: dict, expand: bool = False) -> Layout:
     """Place graph's nodes (a repeat's body inside its frame, recursively)."""
     lay = Layout()
-    entry = {n.name for n in graph.nodes if n.kind == "input" and not n.variant}  # a repeat body's inputs
+    body_inputs = [n.name for n in graph.nodes if n.kind == "input" and not n.variant]  # a repeat body's: x, streams
+    entry, streams = set(body_inputs), set(body_inputs[1:])
     rank: dict[str, int] = {}
     order: list[str] = []
     for n in graph.nodes:
@@ -99,7 +100,7 @@ def layout(graph: Graph, params: dict, expand: bool = False) -> Layout:
         order.append(n.name)
         for i in n.inputs:
             src = i if i in lay.items else "ENTRY"
-            if i in entry and i != next(iter(sorted(entry, key=[m.name for m in graph.nodes].index))):
+            if i in streams:
                 lay.edges.append((src, n.name, i))  # a stream the body reads: named
                 continue
             first = graph.node(i) if i in lay.items else None
