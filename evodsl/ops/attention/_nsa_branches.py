@@ -94,24 +94,3 @@ def selection_importance(m, p, N, t, last, key_mask):
     forced = valid & ((j == 0) | (j == own) | (j == own - 1))
     imp = imp.masked_fill(~valid, float("-inf")).masked_fill(forced, float("inf"))
     return imp, valid
-
-
-def selected_attention(m, q, k, v, idx, valid, t, last, key_mask):
-    """o_slc: each query of GQA group (b, K/V head) attends the tokens of its topk selected blocks idx
-    [b, kv, T, topk] (gathered, S = topk l' keys per query), those after `last`, past N, of invalid blocks or
-    padding masked; a query left with no key (a padded one) reads its own position."""
-    b, h, T, dh = q.shape
-    kv, g, N = m.kv_heads, h // m.kv_heads, k.shape[2]
-    S = m.topk * m.select
-    pos = (idx[..., None] * m.select + torch.arange(m.select, device=q.device)).flatten(3)  # [b, kv, T, S]
-    keep = valid.expand(b, kv, T, -1).gather(3, idx).repeat_interleave(m.select, dim=3)
-    keep = keep & (pos <= last[:, None]) & (pos < N)
-    pos = pos.clamp(max=N - 1)
-    if key_mask is not None:
-        keep = keep & key_mask.gather(1, pos.flatten(1)).view(b, kv, T, S)
-        keep = keep | ((pos == t[:, None]) & ~keep.any(-1, keepdim=True))
-    at = pos.flatten(2)[..., None].expand(-1, -1, -1, dh)
-    ks, vs = (x.gather(2, at).view(b * kv, T, S, dh) for x in (k, v))
-    qs = q.view(b, kv, g, T, dh).transpose(2, 3).reshape(b * kv, T, g, dh)
-    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keep.view(b * kv, T, 1, S))
-    return o.reshape(b, kv, T, g, dh).transpose(2, 3).reshape(b, h, T, dh)

@@ -9,17 +9,17 @@ import sympy as sp
 from ..cost import Cost, Symbols, linear
 from ..registry import OpEnv
 from ._banded import band_layout, banded_attention_cost
-from ._common import LSE_BYTES, head_symbols
+from ._common import head_symbols
+from ._nsa_select import CHUNK
 
 
 def nsa_cost(p, env: OpEnv, s: Symbols) -> Cost:
     """M = floor((n - l) / d) + 1 compressed blocks (0 for n < l), each through two MLPs (K and V) of an
     [l dh] -> dh -> dh map per K/V head; explicit [b, h, n, M] scores against them (quadratic in n with the
-    small constant 1/d); SDPA of each query's group over its S = topk l' gathered keys (the gathered K and V,
-    [b, kv, n, S, dh], are the largest tensors); the gate's linear map and the gated sum. Params and FLOPs are
-    exact, and so are the saved bytes; the inference peak is the selection kernel's phase (or the band's, or the
-    compressed scores'), within a few percent; the backward's peak (the selection kernel's gradients) within ~7%
-    (tests/ops/test_cost_attention.py). The export's form (a symbolic n) is not costed: tests/test_onnx.py BANDED."""
+    small constant 1/d); SDPA of each query's group over its S = topk l' gathered keys, in chunks of CHUNK
+    queries (a chunk's gathered K and V, [b, kv, C, S, dh], lead the peaks; training keeps no gathered tensor:
+    the backward recomputes them); the gate's linear map and the gated sum. Params and FLOPs are exact; memory
+    is held to measurement in tests/ops/test_cost_attention.py. The export's form (a symbolic n) is not costed: tests/test_onnx.py BANDED."""
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     l, d = s.sym("l", p.block), s.sym("stride", p.stride)
@@ -44,28 +44,32 @@ def nsa_cost(p, env: OpEnv, s: Symbols) -> Cost:
     kc = b * kv * M * dh * by  # K~ (V~)
     kch = b * h * M * dh * by  # K~ (V~) as the h heads read it (repeated for grouped K/V heads)
     scores = b * h * n * M * by
-    gathered = b * kv * n * S * dh * by  # the selected keys (values)
     several = sp.Min(1, b - 1)  # q [b, h, n, dh] (a view of its projection) regrouped by a reshape: a copy for b > 1
-    g_copy = 0 if kv == h else several * q  # the selection's output regrouped to [b, h, n, dh]
-    raw = 0 if kv == h else 2 * kvb  # k, v themselves (the gathers'): the band keeps them when it reads them as they are
+    raw = 0 if kv == h else 2 * kvb  # k, v themselves (the selection's): the band keeps them when it reads them as they are
     raw = sp.Piecewise((raw, one_call), (2 * kvb, True))
+    J = sp.ceiling(n / L) + k  # selection blocks, the last topk padding
+    # the selection runs in chunks of C queries (_nsa_select.py): per chunk, the token indices and masks of its
+    # S keys, the gathered keys and values, q regrouped, the float mask and the weights (backward)
+    C = sp.Min(n, CHUNK)
+    pos_c, keep_c = 8 * b * kv * C * S, b * kv * C * S
+    gathered_c = b * kv * C * S * dh * by
+    weights_c = b * h * C * S * by
+    q_c = b * h * C * dh * by
+    ids = 8 * b * kv * n * k + n * J + 8 * n * (1 if env.causal else 2)  # the selection, valid blocks, t and last
     saved = (2 * (8 * M * l + b * kv * M * l * dh * by + kc)  # the block indices, the MLPs' inputs, relu's outputs
              + several * q + 2 * kch + 2 * n * M + 2 * scores  # q for the matmul, K~ and V~, the masks, softmax and masked
-             + 8 * b * kv * n * S + raw + 2 * gathered + b * kv * n * S * by + several * q + q + LSE_BYTES * b * h * n
-             # the token indices, k and v, the gathered K and V, the float mask, q regrouped, o, its logsumexp
-             + b * n * 3 * h * by + q + g_copy + q)  # the gates, the compressed output, the selection's, o_proj's copy
+             + raw + ids + q  # the selection's: k and v, its indices, o
+             + b * n * 3 * h * by + q + q)  # the gates, the compressed output, o_proj's copy
     saved = window.saved - band_copy * q + saved
-    # inference: the selection's kernel leads (the gathered K and V beside the token indices, the masks, the
-    # importance and the compressed branch's output and weights); the band's phases with K~, V~ alive
-    J = sp.ceiling(n / L) + k
+    # inference: a selection chunk leads (its gathered K and V beside the importance, the indices, the compressed
+    # branch's output and weights, the selection's output); or the compressed scores, or the band's phases
     win = q if env.causal else b * h * nb * B * dh * by  # the band's output (blocked queries, bidirectional)
-    select = (q + 2 * kvb + 2 * kc + win + q + scores + b * kv * n * J * by + 8 * b * kv * n * k  # .. importance, top-n
-              + 8 * b * kv * n * S + b * kv * n * S + 2 * gathered + several * q + b * kv * n * S * by + q
-              + LSE_BYTES * b * h * n)
+    select = (q + 2 * kvb + 2 * kc + win + q + scores + b * kv * n * J * by + ids + q  # .. importance, indices, o
+              + pos_c + keep_c + 2 * gathered_c + q_c + b * kv * C * S * by + q_c)  # a chunk's
     compress = q + 2 * kvb + 2 * kc + win + q + (kch if kv != h else 0) + 3 * scores
     peak = sp.Max(select, compress, window.peak + out + 2 * kc) - out
-    # backward: the selection kernel's gradients of the gathered K and V and of q, beside the gradients of the
-    # branches' outputs and of k and v (the gathers' scatter)
-    bwd_peak = sp.Max(2 * gathered + 4 * q + 2 * kvb, window.bwd_peak)
+    # backward: a chunk's recomputed gather, weights and their gradients beside dq, dk, dv and the branches'
+    # output gradients
+    bwd_peak = sp.Max(3 * gathered_c + 2 * weights_c + pos_c + keep_c + 3 * q_c + 4 * q + 2 * kvb, window.bwd_peak)
     cache = 2 * b * kv * dh * by * (n + M)  # every raw key and value, and the compressed blocks
     return replace(total, saved=saved, peak=peak, bwd_peak=bwd_peak, cache=cache, saves_input=True, saves_output=False)

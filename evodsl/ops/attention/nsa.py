@@ -36,8 +36,8 @@ from ...decode import slot
 from ..registry import Op, OpEnv, ShapeProblem, register, require_right_padding
 from ._banded import banded_attention
 from ._common import AttentionBase, AttentionParams
-from ._nsa_branches import (BlockCompressor, compressed_attention, compressed_count, selected_attention,
-                            selection_importance)
+from ._nsa_branches import BlockCompressor, compressed_attention, compressed_count, selection_importance
+from ._nsa_select import selected_attention
 from ._nsa_cost import nsa_cost
 from .isab import no_dropout_shape
 
