@@ -8,6 +8,11 @@ With w = window and s_tr = q_t . k_r / sqrt(dh) (scale=s: q_t . k_r * s) (+ the 
 
 clipped to 0 .. n-1. Xiong et al. 2021 find this plain local attention competitive with the sparse and
 low-rank schemes on long-context tasks. Computed blockwise (see _banded.py): O(n * w) time and memory.
+Speed against causal SDPA (mha(softmax), BENCHMARKS.md "bench_band", one CPU thread): faster up to w = n/2
+(0.33x at n = 4096, w = 123; 0.93-0.96x at w = n/2), SDPA itself at w >= n, but 1.09-1.13x slower for 0.6 n < w
+< n: there the band keeps over 85% of causal attention's scores, and no exact split of them (masked key blocks;
+three unmasked calls merged by their log-sum-exps through a private ATen kernel, 1.04-1.08x) runs faster than
+the fused causal kernel, which skips the upper triangle at full speed.
 With softcap= (Gemma 2), sinks= (StreamingLLM), sink_logit= (gpt-oss) or talking= (talking heads) it runs the
 explicit-score kernel of _scored.py instead (_softcap.py, _sinks.py, _talking.py say what each does and what it
 refuses). collab=D_k (collaborative heads, _collab.py) shares the query and key projections between the heads and
