@@ -197,3 +197,31 @@ def add_noise(suffixes: tuple, scale: float = 0.5, seed: int = 3):
             if name.endswith(suffixes):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * scale)
     return change
+
+
+def assert_padding_either_side(m, reference, both_rows: bool = False, d: int = 32) -> None:
+    """A batch of two 14-token rows, the first left-padded by 4, the second right-padded by 4 (float64): the module
+    equals reference(x, mask) at the real tokens, is finite everywhere, and the left-padded row's tokens equal
+    that row alone (both_rows: the right-padded row's too)."""
+    x = torch.randn(2, 14, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mask = torch.ones(2, 14, dtype=torch.bool)
+    mask[0, :4], mask[1, 10:] = False, False  # left, right
+    with torch.no_grad():
+        y = m(x, Ctx(mask=mask))
+        assert torch.isfinite(y).all()
+        ref = reference(x, mask)
+        assert ((y - ref) * mask[..., None]).abs().max().item() < 1e-10 * ref.abs().max().item()
+        for row, cut in ((0, slice(4, 14)), (1, slice(0, 10)))[:2 if both_rows else 1]:
+            alone = m(x[row:row + 1, cut], Ctx())
+            assert (y[row:row + 1, cut] - alone).abs().max().item() < 1e-10 * alone.abs().max().item()
+
+
+def assert_every_parameter_learns(m, b: int = 2, n: int = 40, d: int = 32) -> None:
+    """Training (float64): one backward of the squared output reaches every parameter with a nonzero gradient, and
+    the input's gradient is finite."""
+    m.train()
+    x = torch.randn(b, n, d, dtype=torch.float64, requires_grad=True)
+    m(x, Ctx()).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert torch.isfinite(x.grad).all()

@@ -97,3 +97,18 @@ def model_input(graph, b, n, device="cpu", generator=None):
     if len(shape) == 2:
         return torch.randint(0, graph.input.params.vocab, (b, n), generator=generator).to(device)
     return torch.randn(b, n, shape[-1], generator=generator).to(device)
+
+
+def assert_hf_config_refused(config: dict, key: str, says: str, tmp_path) -> None:
+    """evodsl.from_hf refuses the HF config (written as config.json) with E415, the message saying `says` and a
+    caret under the quoted `key`, located in the file."""
+    import json
+
+    import pytest
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config, indent=2))
+    with pytest.raises(evodsl.EvoError, match="E415") as err:
+        evodsl.from_hf(path)
+    text = str(err.value)
+    assert "config.json:" in text and says in text and "^" * (len(key) + 2) in text, text

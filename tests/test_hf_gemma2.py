@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import evodsl
-from evodsl import EvoError
 from evodsl.cli import main
+from spechelpers import assert_hf_config_refused
 
 import transformers  # noqa: E402 - a dev dependency: missing, these tests fail
 
@@ -130,11 +130,4 @@ def test_spec_reads_the_config(tmp_path):
 ])
 def test_unsupported_features_are_refused(over, says, tmp_path):
     config = transformers.Gemma2Config(**{**SMALL, "num_hidden_layers": 2}).to_dict()
-    config.update(over)
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config, indent=2))
-    with pytest.raises(EvoError, match="E415") as err:
-        evodsl.from_hf(path)
-    text = str(err.value)
-    key = next(iter(over))
-    assert "config.json:" in text and says in text and "^" * (len(key) + 2) in text, text  # a caret under the key
+    assert_hf_config_refused({**config, **over}, next(iter(over)), says, tmp_path)

@@ -8,15 +8,14 @@ exp(dots - logsumexp) rounds a row whose only key is the query's own -1e5, ours 
 parity of both attentions; specs/reformer.evo is what from-hf writes for ReformerConfig(); refusals (E415)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 import evodsl
-from evodsl import EvoError
 from ophelpers import assert_no_leak, make_op
+from spechelpers import assert_hf_config_refused
 
 import transformers  # noqa: E402 - a dev dependency: missing, these tests fail
 from transformers.models.reformer.modeling_reformer import LocalSelfAttention, LSHSelfAttention  # noqa: E402
@@ -149,14 +148,7 @@ def test_rotations_are_hfs_draw():
     ({"attn_layers": ["local", "global"]}, "attn_layers", "Reformer's are 'local' and 'lsh'"),
 ])
 def test_unsupported_features_are_refused(over, key, says, tmp_path):
-    config = transformers.ReformerConfig(**SMALL).to_dict()
-    config.update(over)
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config, indent=2))
-    with pytest.raises(EvoError, match="E415") as err:
-        evodsl.from_hf(path)
-    text = str(err.value)
-    assert "config.json:" in text and says in text and "^" * (len(key) + 2) in text, text
+    assert_hf_config_refused({**transformers.ReformerConfig(**SMALL).to_dict(), **over}, key, says, tmp_path)
 
 
 def test_local_causal_form_never_leaks():

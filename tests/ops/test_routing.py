@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from evodsl.ops import Ctx
-from ophelpers import assert_no_leak, head_projections, make_op, output_projection, perturb_params, refuses
+from ophelpers import assert_padding_either_side, assert_no_leak, head_projections, make_op, output_projection, perturb_params, refuses
 
 D = 32
 
@@ -122,17 +122,7 @@ def test_one_cluster_over_the_sequence_is_softmax_attention(causal):
 def test_padding_either_side_takes_no_part(causal):
     m, _, _ = make_op("mha", "routing", d=D, causal=causal, heads=4, kv_heads=2, clusters=3, window=4)
     perturb_params(m)
-    x = torch.randn(2, 14, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    mask = torch.ones(2, 14, dtype=torch.bool)
-    mask[0, :4], mask[1, 10:] = False, False  # left, right
-    with torch.no_grad():
-        y = m(x, Ctx(mask=mask))
-        assert torch.isfinite(y).all()
-        ref = reference(m, x, key_mask=mask, causal=causal)
-        assert ((y - ref) * mask[..., None]).abs().max().item() < 1e-10 * ref.abs().max().item()
-        for row, cut in ((0, slice(4, 14)), (1, slice(0, 10))):
-            alone = m(x[row:row + 1, cut], Ctx())
-            assert (y[row:row + 1, cut] - alone).abs().max().item() < 1e-10 * alone.abs().max().item()
+    assert_padding_either_side(m, lambda x, mask: reference(m, x, key_mask=mask, causal=causal), both_rows=True, d=D)
 
 
 def test_causal_does_not_leak_through_the_clusters():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from evodsl.ops import Ctx
-from ophelpers import head_projections, make_op, output_projection, perturb_params, refuses
+from ophelpers import assert_padding_either_side, head_projections, make_op, output_projection, perturb_params, refuses
 
 D = 32
 
@@ -142,16 +142,7 @@ def test_padding_either_side_gets_no_weight():
     """Padded tokens sort last and are left out of M and of the cut: the sequence's clusters are its own."""
     m, _, _ = make_op("mha", "smyrf", d=D, heads=4, kv_heads=2, clusters=3, rounds=2)
     perturb_params(m)
-    x = torch.randn(2, 14, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    mask = torch.ones(2, 14, dtype=torch.bool)
-    mask[0, :4], mask[1, 10:] = False, False  # left, right
-    with torch.no_grad():
-        y = m(x, Ctx(mask=mask))
-        ref = reference(m, x, keep=mask)
-        assert ((y - ref) * mask[..., None]).abs().max().item() < 1e-10 * ref.abs().max().item()
-        assert torch.isfinite(y).all()
-        alone = m(x[:1, 4:], Ctx())
-        assert (y[:1, 4:] - alone).abs().max().item() < 1e-10 * alone.abs().max().item()
+    assert_padding_either_side(m, lambda x, mask: reference(m, x, keep=mask), d=D)
 
 
 def test_causal_dropout_and_bad_heads_are_refused():
