@@ -54,7 +54,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"collab": 32, "dropout": 0.1}, SMALL),
                 # wide heads (Gemma 2: h dh = 4 d here): o's gradient and the blocks' copies, not the scores, lead the peaks
                 ({"softcap": 50.0, "kv_heads": 2, "head_dim": 64, "bias": False}, BOTH),
-                ({"softcap": 50.0, "kv_heads": 2, "head_dim": 64, "pos": ROPE}, ODD)],
+                ({"softcap": 50.0, "kv_heads": 2, "head_dim": 64, "pos": ROPE}, ODD),
+                # rope's context extension: yarn's factor on cos, sin; dynamic NTK's base from the length
+                ({"pos": ("rope", {"scaling": "yarn", "factor": 4.0, "original_max_len": 16})}, SMALL),
+                ({"pos": ("rope", {"scaling": "dynamic_ntk", "factor": 4.0, "original_max_len": 16}), "kv_heads": 2}, ODD)],
     "local": [({"window": 16}, BOTH), ({"window": 40, "kv_heads": 2}, BOTH), ({"window": 16, "pos": ALIBI}, BOTH),
               ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
               ({"window": 200}, ODD), ({"window": 16, "dropout": 0.1}, SMALL),
