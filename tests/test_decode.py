@@ -103,7 +103,7 @@ model m(causal=true) = input(tokens) -> embed(token) -> {pos}
     -> repeat({block}, 2) -> norm -> head(lm)
 """
 POSITIONS = ["pos(rope)", "pos(rope, fraction=0.5)", "pos(alibi)", "pos(t5_bias, heads=4)", "pos(learned, max_len=64)",
-             "pos(sinusoidal)"]
+             "pos(sinusoidal)", "pos(xpos, scale_base=16)"]
 BLOCKS = ["norm -> mha(softmax) -> norm -> ffn", "norm -> mha(softmax, kv_heads=2) -> norm -> ffn(swiglu)",
           "norm -> mha(softmax, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
           "residual(mha(softmax), scores=true) -> norm -> residual(ffn) -> norm"]

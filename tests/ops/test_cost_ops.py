@@ -85,6 +85,7 @@ CASES = [
     ("pos", "sinusoidal", lambda d: {}),
     ("pos", "rope", lambda d: {}),
     ("pos", "alibi", lambda d: {}),
+    ("pos", "xpos", lambda d: {}),
     ("pos", "t5_bias", lambda d: {"heads": 4}),  # the table's parameters; the identity on the stream
     ("merge", "sum", _branches(2)),
     ("merge", "sum", _branches(3)),
