@@ -86,6 +86,7 @@ CASES = [
     ("pos", "rope", lambda d: {}),
     ("pos", "alibi", lambda d: {}),
     ("pos", "xpos", lambda d: {}),
+    ("pos", "kerple", lambda d: {}),  # the identity on the stream; r1, r2 are counted by each attention
     ("pos", "t5_bias", lambda d: {"heads": 4}),  # the table's parameters; the identity on the stream
     ("merge", "sum", _branches(2)),
     ("merge", "sum", _branches(3)),
