@@ -122,3 +122,15 @@ def test_declaration_and_arguments():
     with pytest.raises(ValidationError):
         op.params(kind="gaussian")
     assert "kerple" in lookup("mha", "softmax").supports and "kerple" not in lookup("mha", "local").supports
+
+
+def test_unsupported_pairing_names_both_sides():
+    """E302 names the schemes mha(local) takes and the attentions pos(kerple) works inside."""
+    import evodsl
+    src = ("d_model = 32\nheads = 4\nmodel m(causal=true) = input(features, d=32) -> embed(linear) -> pos(kerple)"
+           " -> mha(local, window=4) -> head(linear, d_out=2)")
+    with pytest.raises(evodsl.EvoError) as e:
+        evodsl.compile(src)
+    text = str(e.value)
+    assert "E302" in text and "mha(local) cannot apply pos(kerple)" in text
+    assert "mha(local) supports: alibi, rope, xpos" in text and "pos(kerple) works inside: mha(softmax)" in text
