@@ -103,8 +103,10 @@ model m(causal=true) = input(tokens) -> embed(token) -> {pos}
     -> repeat({block}, 2) -> norm -> head(lm)
 """
 POSITIONS = ["pos(rope)", "pos(rope, fraction=0.5)", "pos(alibi)", "pos(t5_bias, heads=4)", "pos(learned, max_len=64)",
-             "pos(sinusoidal)", "pos(xpos, scale_base=16)", "pos(kerple)", "pos(kerple, kind=power)"]
-SOFTMAX_ONLY = ("pos(t5", "pos(kerple")  # learned score biases: on mha(softmax)'s dense path only
+             "pos(sinusoidal)", "pos(xpos, scale_base=16)", "pos(kerple)", "pos(kerple, kind=power)",
+             "pos(none)", "pos(randomized, max_len=64)", "pos(randomized, max_len=64, scheme=learned)",
+             "pos(randomized_rope, max_len=64)"]
+SOFTMAX_ONLY = ("pos(t5", "pos(kerple", "pos(randomized_rope")  # learned score biases: on mha(softmax)'s dense path only
 BLOCKS = ["norm -> mha(softmax) -> norm -> ffn", "norm -> mha(softmax, kv_heads=2) -> norm -> ffn(swiglu)",
           "norm -> mha(softmax, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
           "residual(mha(softmax), scores=true) -> norm -> residual(ffn) -> norm"]

@@ -66,7 +66,7 @@ CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.ca
 POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {}),
              "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}), "xl_rel": ("xl_rel", {}),
              "xpos": ("xpos", {"scale_base": 16.0}), "kerple": ("kerple", {}),
-             "kerple_power": ("kerple", {"kind": "power"})}
+             "kerple_power": ("kerple", {"kind": "power"}), "randomized_rope": ("randomized_rope", {"max_len": 128})}
 
 
 def test_every_causal_attention_is_covered():
