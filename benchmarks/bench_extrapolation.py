@@ -11,7 +11,8 @@ at n = L, 2L, 4L, 8L:
 Schemes whose claim is extrapolation should keep H near its value at L (ALiBi, KERPLE, xPos by decay; YaRN by
 its temperature; PI/NTK/dynamic NTK by slower frequencies, which random q, k cannot show: their H equals
 RoPE's). xPos's decay shrinks far logits toward 0, which on zero-mean random logits flattens the row rather than
-sharpening it: its claim holds for scores a model has made positive, not for these. KERPLE's r1, r2 are its initial draw (seeded), a trained model's differ. pos(randomized_rope) is
+sharpening it: its claim holds for scores a model has made positive, not for these. KERPLE's r1, r2 are its
+initial draw (seeded), a trained model's differ. pos(randomized_rope) is
 pos(rope) outside training and has no row of its own.
 
     .venv/bin/python benchmarks/bench_extrapolation.py [--train-len 512] [--heads 8] [--head-dim 64] [--batch 4]

@@ -106,7 +106,7 @@ POSITIONS = ["pos(rope)", "pos(rope, fraction=0.5)", "pos(alibi)", "pos(t5_bias,
              "pos(sinusoidal)", "pos(xpos, scale_base=16)", "pos(kerple)", "pos(kerple, kind=power)",
              "pos(none)", "pos(randomized, max_len=64)", "pos(randomized, max_len=64, scheme=learned)",
              "pos(randomized_rope, max_len=64)"]
-SOFTMAX_ONLY = ("pos(t5", "pos(kerple", "pos(randomized_rope")  # learned score biases: on mha(softmax)'s dense path only
+SOFTMAX_ONLY = ("pos(t5", "pos(kerple", "pos(randomized_rope")  # on mha(softmax) only (its dense bias, its context)
 BLOCKS = ["norm -> mha(softmax) -> norm -> ffn", "norm -> mha(softmax, kv_heads=2) -> norm -> ffn(swiglu)",
           "norm -> mha(softmax, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
           "residual(mha(softmax), scores=true) -> norm -> residual(ffn) -> norm"]
@@ -289,7 +289,8 @@ SKIP_REUSE = ["norm -> mha(softmax) -> norm -> ffn -> norm -> mha(skip_reuse) ->
 # QKNorm (_qknorm.py): the cache keeps the normalised keys; grouped K/V heads, one K/V head
 QKNORM = ["norm -> mha(softmax, qk_norm=true, qk_len=64, kv_heads=2) -> norm -> ffn",
           "norm -> mha(softmax, qk_norm=true, qk_len=8, kv_heads=1, bias=false) -> norm -> ffn"]
-CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
+CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
+         + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MODIFIERS]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in COLLAB]

@@ -126,7 +126,8 @@ def test_every_layer_reads_the_same_sample():
 
 
 def test_decoding_and_no_leak():
-    m, _, _ = make_op("mha", "softmax", d=32, heads=4, kv_heads=2, causal=True, pos=("randomized_rope", {"max_len": 64}))
+    m, _, _ = make_op("mha", "softmax", d=32, heads=4, kv_heads=2, causal=True,
+                      pos=("randomized_rope", {"max_len": 64}))
     perturb_params(m)
     mode(m, False)
     x = _randn(2, 21, 32)

@@ -9,7 +9,8 @@ angles. Every form reads `factor` s and (but linear and ntk) `original_max_len` 
   trained frequencies up to L, then a base that grows with the length. The current length is offset + n of the
   call (decoding: the positions seen so far plus the new ones). Decoding follows HF's cache: a step's q and new k
   turn with the base of its length, the keys already cached keep the turn they got. So a decoded sequence equals
-  the forward while it is no longer than L, and past L it equals what HF's generate computes.
+  the forward while it is no longer than L, and past L it equals what HF's generate computes. A padded batch
+  counts its padded length (HF: its longest row's), which differs only past L.
 - yarn (YaRN, arXiv:2309.00071, §3.2-3.4): NTK-by-parts. A pair's rotations over the trained context,
   ρ_i = L / λ_i, decide: ρ_i > beta_fast keep θ_i (extrapolate), ρ_i < beta_slow take θ_i / s (interpolate),
   between they blend, (1 − γ_i) θ_i / s + γ_i θ_i. The paper writes γ as a ramp in ρ; its code (and HF) ramp

@@ -85,10 +85,10 @@ def _shape(p: RandomizedParams, env: OpEnv):
 
 def cost(p: RandomizedParams, env: OpEnv, s) -> Cost:
     """Learned: L·d parameters, the gather and the add (1 FLOP per element; backward, the table's gradient
-    scattered back, 1 per element; the gather keeps its int64 positions). Sinusoidal: pos(sinusoidal)'s table at n positions (3 n d / 2 FLOPs) and the
-    add. Inference (eval) positions are 0..n-1; the training sample (randperm over L, O(L)) is not counted.
-    At the peak the table [n, d] is alive beside the output (sinusoidal: its angles, sines, cosines and their
-    stack, at least float32)."""
+    scattered back, 1 per element; the gather keeps its int64 positions). Sinusoidal: pos(sinusoidal)'s table at
+    n positions (3 n d / 2 FLOPs) and the add. Inference (eval) positions are 0..n-1; the training sample
+    (randperm over L, O(L)) is not counted. At the peak the table [n, d] is alive beside the output (sinusoidal:
+    its angles, sines, cosines and their stack, at least float32)."""
     add = s.b * s.n * s.d
     if p.scheme == "learned":
         return Cost(params=s.sym("L", p.max_len) * s.d, fwd_other=add, bwd_other=add,
