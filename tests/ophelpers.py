@@ -36,7 +36,7 @@ def make_op(family: str, variant: str, d: int = 32, causal: bool = False, pos=No
     torch.manual_seed(seed)
     module = op.module(params, env).to(dtype).eval()
     if pos_pair is not None and pos_pair[0].module is not InAttentionStream:  # a scheme with state upstream
-        bind_upstream(module, pos_pair[0].module(pos_pair[1], env).to(dtype))
+        bind_upstream(module, pos_pair[0].module(pos_pair[1], env).to(dtype).eval())
     return module, params, env
 
 

@@ -103,7 +103,10 @@ model m(causal=true) = input(tokens) -> embed(token) -> {pos}
     -> repeat({block}, 2) -> norm -> head(lm)
 """
 POSITIONS = ["pos(rope)", "pos(rope, fraction=0.5)", "pos(alibi)", "pos(t5_bias, heads=4)", "pos(learned, max_len=64)",
-             "pos(sinusoidal)"]
+             "pos(sinusoidal)", "pos(xpos, scale_base=16)", "pos(kerple)", "pos(kerple, kind=power)",
+             "pos(none)", "pos(randomized, max_len=64)", "pos(randomized, max_len=64, scheme=learned)",
+             "pos(randomized_rope, max_len=64)"]
+SOFTMAX_ONLY = ("pos(t5", "pos(kerple", "pos(randomized_rope")  # on mha(softmax) only (its dense bias, its context)
 BLOCKS = ["norm -> mha(softmax) -> norm -> ffn", "norm -> mha(softmax, kv_heads=2) -> norm -> ffn(swiglu)",
           "norm -> mha(softmax, kv_heads=1, head_dim=4, bias=false) -> norm -> ffn",
           "residual(mha(softmax), scores=true) -> norm -> residual(ffn) -> norm"]
@@ -286,7 +289,8 @@ SKIP_REUSE = ["norm -> mha(softmax) -> norm -> ffn -> norm -> mha(skip_reuse) ->
 # QKNorm (_qknorm.py): the cache keeps the normalised keys; grouped K/V heads, one K/V head
 QKNORM = ["norm -> mha(softmax, qk_norm=true, qk_len=64, kv_heads=2) -> norm -> ffn",
           "norm -> mha(softmax, qk_norm=true, qk_len=8, kv_heads=1, bias=false) -> norm -> ffn"]
-CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITIONS if "t5" not in p for b in BANDED + SPAN + CHUNK]
+CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
+         + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MODIFIERS]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in COLLAB]
@@ -301,7 +305,7 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS] + [(p, b) for p in POSITION
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MLA]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LSH]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in ROUTING]
-         + [(p, b) for p in POSITIONS if "t5" not in p for b in DIFFERENTIAL + SIGMOID]
+         + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in DIFFERENTIAL + SIGMOID]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SYNTHESIZER + NAP]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in TOPK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in EL + FIXED + IGLOO]

@@ -194,14 +194,14 @@ def _config_file(tmp_path, data: dict):
 
 
 def test_unsupported_rope_scaling_is_refused_at_its_key(tmp_path, capsys):
-    data = dict(SMALL, model_type="llama", rope_theta=10000.0, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    data = dict(SMALL, model_type="llama", rope_theta=10000.0, rope_scaling={"rope_type": "longrope", "factor": 4.0})
     path = _config_file(tmp_path, data)
     out = tmp_path / "never.evo"
     assert main(["from-hf", str(path), "-o", str(out)]) == 1
     err = capsys.readouterr().err
     line = next(i for i, s in enumerate(path.read_text().split("\n"), 1) if '"rope_type"' in s)
-    assert f"{path}:{line}:" in err and "error[E415]: rope scaling 'yarn' has no pos(rope) form" in err
-    assert '^^^^^^^^^^^' in err and "help: pos(rope) has scaling=linear and scaling=llama3" in err
+    assert f"{path}:{line}:" in err and "error[E415]: rope scaling 'longrope' has no pos(rope) form" in err
+    assert '^^^^^^^^^^^' in err and "help: pos(rope) has scaling=linear, llama3, dynamic_ntk" in err
     assert not out.exists()
 
 

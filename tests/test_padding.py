@@ -46,8 +46,9 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
 # with the padding's large-norm noise keys, whose unmasked weight is then ~1e-8 (the control)
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel",
            "slim", "scatterbrain")  # causal forms in chunks: 16 tokens here, so that N spans several
-POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {}), "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8,
-                                                                                      "max_distance": 20})}
+POSITIONS = {"rope": ("rope", {}), "xpos": ("xpos", {"scale_base": 16.0}), "alibi": ("alibi", {}),
+             "kerple": ("kerple", {}), "randomized_rope": ("randomized_rope", {"max_len": 128}),
+             "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20})}
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
 KERNELIZED = ("linear", "performer", "rfa", "learned_kernel", "slim")  # chunked causal forms; phi after rope (absolute positions)
 # Gaussian keys (MGK): a key's weight falls with |k|^2, so the padding's large-norm noise keys get ~1e-8 of the

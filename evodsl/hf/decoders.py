@@ -100,11 +100,33 @@ def _rope(c: Config) -> str:
                  f"low_freq_factor={fmt(float(r['low_freq_factor']))}",
                  f"high_freq_factor={fmt(float(r['high_freq_factor']))}",
                  f"original_max_len={int(r['original_max_position_embeddings'])}"]
+    elif r["type"] == "dynamic":  # HF's dynamic NTK grows the base past max_position_embeddings
+        args += ["scaling=dynamic_ntk", f"factor={fmt(float(r['factor']))}",
+                 f"original_max_len={int(c.get('max_position_embeddings'))}"]
+    elif r["type"] == "yarn":
+        args += _yarn(c, r)
     elif r["type"] != "default":
         c.refuse(f"{r['key']}.{'rope_type' if 'rope_type' in r else 'type'}",
                  f"rope scaling {r['type']!r} has no pos(rope) form",
-                 "pos(rope) has scaling=linear and scaling=llama3; dynamic NTK, YaRN and LongRoPE are not built")
+                 "pos(rope) has scaling=linear, llama3, dynamic_ntk (HF's dynamic) and yarn; LongRoPE is not built")
     return "pos(rope, " + ", ".join(args) + ")"
+
+
+def _yarn(c: Config, r: dict) -> list[str]:
+    """HF's yarn keys as pos(rope, scaling=yarn) arguments; DeepSeek's mscale pair has no form here."""
+    for key in ("mscale", "mscale_all_dim"):
+        if r.get(key):
+            c.refuse(f"{r['key']}.{key}", f"yarn's {key} has no pos(rope) form",
+                     "pos(rope, scaling=yarn) takes attention_factor= (the factor on cos and sin)")
+    original = int(r.get("original_max_position_embeddings") or c.get("max_position_embeddings"))
+    factor = r.get("factor") or c.get("max_position_embeddings") / original
+    args = ["scaling=yarn", f"factor={fmt(float(factor))}", f"original_max_len={original}"]
+    for key in ("beta_fast", "beta_slow", "attention_factor"):
+        if r.get(key) is not None:
+            args.append(f"{key}={fmt(float(r[key]))}")
+    if r.get("truncate") is False:
+        args.append("truncate=false")
+    return args
 
 
 def llama_spec(c: Config) -> Spec:

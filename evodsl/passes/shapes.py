@@ -118,7 +118,8 @@ def _call(n: Node, ins, c: Collector, where: _Where, in_causal: tuple, top: Grap
                      + (f"{stream}(causal=false)" if top.streams else "model(causal=false)"))
     if op.family == "mha" and pos is not None and pos[0].variant not in op.supports:
         c.error("E302", f"{op.id} cannot apply pos({pos[0].variant})", n.span,
-                help=f"{op.id} supports: {', '.join(sorted(op.supports - NOT_POSITIONS)) or 'no positions'}")
+                help=f"{op.id} supports: {', '.join(sorted(op.supports - NOT_POSITIONS)) or 'no positions'}; "
+                     f"pos({pos[0].variant}) works inside: {_taking(pos[0].variant)}")
     if memory is not None and "memory" not in op.supports:
         c.error("E302", f"{op.id} cannot keep {mem_node.op.id}'s memory", n.span,
                 help="segment memory works with: " + ", ".join(
@@ -169,6 +170,13 @@ def _call(n: Node, ins, c: Collector, where: _Where, in_causal: tuple, top: Grap
 
 
 NOT_POSITIONS = frozenset({"residual_scores", "memory"})  # what `supports` lists besides position schemes
+
+
+def _taking(variant: str) -> str:
+    """The attention ops that list position scheme `variant` in their `supports`."""
+    from ..ops import REGISTRY
+    return ", ".join(op.id for (f, _), op in sorted(REGISTRY.items()) if f == "mha" and variant in op.supports) \
+        or "no attention"
 
 
 def _memory_ops() -> list:

@@ -54,9 +54,18 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"collab": 32, "dropout": 0.1}, SMALL),
                 # wide heads (Gemma 2: h dh = 4 d here): o's gradient and the blocks' copies, not the scores, lead the peaks
                 ({"softcap": 50.0, "kv_heads": 2, "head_dim": 64, "bias": False}, BOTH),
-                ({"softcap": 50.0, "kv_heads": 2, "head_dim": 64, "pos": ROPE}, ODD)],
+                ({"softcap": 50.0, "kv_heads": 2, "head_dim": 64, "pos": ROPE}, ODD),
+                # rope's context extension: yarn's factor on cos, sin; dynamic NTK's base from the length
+                ({"pos": ("rope", {"scaling": "yarn", "factor": 4.0, "original_max_len": 16})}, SMALL),
+                ({"pos": ("rope", {"scaling": "dynamic_ntk", "factor": 4.0, "original_max_len": 16}),
+                  "kv_heads": 2}, ODD),
+                ({"pos": ("xpos", {})}, BOTH), ({"pos": ("xpos", {"fraction": 0.5}), "kv_heads": 2}, SMALL),
+                ({"pos": ("kerple", {})}, BOTH), ({"pos": ("kerple", {"kind": "power"}), "kv_heads": 2}, BOTH),
+                ({"pos": ("kerple", {}), "dropout": 0.1}, SMALL),
+                ({"pos": ("randomized_rope", {"max_len": 256})}, SMALL)],
     "local": [({"window": 16}, BOTH), ({"window": 40, "kv_heads": 2}, BOTH), ({"window": 16, "pos": ALIBI}, BOTH),
               ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
+              ({"window": 16, "pos": ("xpos", {})}, SMALL),
               ({"window": 200}, ODD), ({"window": 16, "dropout": 0.1}, SMALL),
               # causal bands as wide as the sequence at n = 64 (one SDPA call), the prefix and blocks at n = 160
               ({"window": 80, "kv_heads": 2}, BOTH), ({"window": 100, "pos": ALIBI}, BOTH),

@@ -85,6 +85,12 @@ CASES = [
     ("pos", "sinusoidal", lambda d: {}),
     ("pos", "rope", lambda d: {}),
     ("pos", "alibi", lambda d: {}),
+    ("pos", "xpos", lambda d: {}),
+    ("pos", "kerple", lambda d: {}),  # the identity on the stream; r1, r2 are counted by each attention
+    ("pos", "none", lambda d: {"causal": True}),
+    ("pos", "randomized", lambda d: {"max_len": 64}),  # eval: the positions 0..n-1
+    ("pos", "randomized", lambda d: {"max_len": 64, "scheme": "learned"}),
+    ("pos", "randomized_rope", lambda d: {"max_len": 64}),
     ("pos", "t5_bias", lambda d: {"heads": 4}),  # the table's parameters; the identity on the stream
     ("merge", "sum", _branches(2)),
     ("merge", "sum", _branches(3)),

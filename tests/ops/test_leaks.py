@@ -64,7 +64,9 @@ CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum
            "scatterbrain")  # causal forms in chunks of LINEAR_CHUNK tokens here (scatterbrain: its prefix sums)
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
 POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {}),
-             "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}), "xl_rel": ("xl_rel", {})}
+             "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}), "xl_rel": ("xl_rel", {}),
+             "xpos": ("xpos", {"scale_base": 16.0}), "kerple": ("kerple", {}),
+             "kerple_power": ("kerple", {"kind": "power"}), "randomized_rope": ("randomized_rope", {"max_len": 128})}
 
 
 def test_every_causal_attention_is_covered():

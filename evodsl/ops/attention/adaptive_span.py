@@ -116,7 +116,7 @@ def adaptive_span_cost(p: AdaptiveSpanAttentionParams, env: OpEnv, s: Symbols) -
 OP = register(Op(
     decode="a cache of the last max_span keys and values (kv_heads heads), the soft mask on them",
     family="mha", variant="adaptive_span", params=AdaptiveSpanAttentionParams, module=AdaptiveSpanAttention,
-    causal="yes", shape=adaptive_span_shape, supports=frozenset({"rope", "alibi"}),
+    causal="yes", shape=adaptive_span_shape, supports=frozenset({"rope", "xpos", "alibi"}),
     paper="Adaptive Attention Span in Transformers, Sukhbaatar et al. 2019, arXiv:1905.07799",
     summary="a_tr ∝ m_z(x) exp(q_t.k_r/sqrt(dh)), m_z(x) = clamp((R + z_h - x)/R, 0, 1), x = t-r in 0..S-1 "
             "(bidirectional |t-r| < S), learned span z_h per head; aux loss penalty * mean_h z_h",

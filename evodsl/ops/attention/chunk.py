@@ -237,7 +237,7 @@ def _decode(p: ChunkParams):
 OP = register(Op(
     decode=_decode,
     family="mha", variant="chunk", params=ChunkParams, module=ChunkAttention,
-    causal="yes", shape=_shape, supports=frozenset({"rope", "alibi"}),
+    causal="yes", shape=_shape, supports=frozenset({"rope", "xpos", "alibi"}),
     paper="ChunkFormer: Learning Long Time Series with Multi-stage Chunked Transformer, Ju et al. 2021, "
           "arXiv:2112.15087",
     summary="softmax(Q K^T / sqrt(dh)) V inside non-overlapping chunks of c tokens (causal: up to the query); "

@@ -144,7 +144,7 @@ class DifferentialAttention(AttentionBase):
 OP = register(Op(
     decode="a K/V cache of every position so far: both key halves and the 2 dh-wide values (kv_heads heads)",
     family="mha", variant="differential", params=DifferentialParams, module=DifferentialAttention,
-    causal="yes", shape=differential_shape, supports=frozenset({"rope", "alibi"}),
+    causal="yes", shape=differential_shape, supports=frozenset({"rope", "xpos", "alibi"}),
     paper="Differential Transformer, Ye et al. 2024, arXiv:2410.05258",
     summary="(1 - lambda_init) RMSNorm((softmax(Q1 K1^T / sqrt(dh)) - lambda softmax(Q2 K2^T / sqrt(dh))) V) per "
             "head, lambda = exp(lq1.lk1) - exp(lq2.lk2) + lambda_init(layer); h heads of 2 dh",

@@ -110,7 +110,7 @@ OP = register(Op(
     decode=lambda p: ("a cache of the first S keys and values (the sinks) and the last w (kv_heads heads)"
                       if p.sinks else "a cache of the last w keys and values (kv_heads heads)"),
     family="mha", variant="local", params=LocalAttentionParams, module=LocalAttention,
-    causal="yes", shape=local_shape, supports=frozenset({"rope", "alibi"}),
+    causal="yes", shape=local_shape, supports=frozenset({"rope", "xpos", "alibi"}),
     paper="Simple Local Attentions Remain Competitive for Long-Context Tasks, Xiong et al. 2021, "
           "arXiv:2112.07210",
     summary="softmax(Q K^T / sqrt(dh)) V over a sliding window: causal keys t-w+1..t, bidirectional "

@@ -168,7 +168,7 @@ class ProbSparseAttention(AttentionBase):
 OP = register(Op(
     decode=None,
     family="mha", variant="probsparse", params=ProbSparseParams, module=ProbSparseAttention,
-    causal="no", shape=probsparse_shape, supports=frozenset({"rope"}),
+    causal="no", shape=probsparse_shape, supports=frozenset({"rope", "xpos"}),
     paper="Informer: Beyond Efficient Transformer for Long Sequence Time-Series Forecasting, Zhou et al. 2021, "
           "arXiv:2012.07436",
     summary="the u = c ln n queries of largest M = max - mean of their scores on U = c ln n sampled keys attend "

@@ -70,7 +70,7 @@ class SigmoidAttentionModule(AttentionBase):
 OP = register(Op(
     decode="a K/V cache of every position so far (kv_heads heads)",
     family="mha", variant="sigmoid", params=SigmoidParams, module=SigmoidAttentionModule,
-    causal="yes", shape=no_dropout_shape("mha(sigmoid)"), supports=frozenset({"rope", "alibi"}),
+    causal="yes", shape=no_dropout_shape("mha(sigmoid)"), supports=frozenset({"rope", "xpos", "alibi"}),
     paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention, Ramapuram et al. 2024, arXiv:2409.04431",
     summary="sigmoid(Q K^T / sqrt(dh) + b) V per head, no row normalisation, b = -log(seq) (or score_bias); a "
             "blocked kernel, its backward recomputing the weights: O(n^2 d) time, O(n d) memory",

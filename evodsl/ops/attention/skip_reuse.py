@@ -135,7 +135,7 @@ class SkipReuse(nn.Module):
 OP = register(Op(
     decode="the last k - 1 FC1 outputs (expand * d wide) and the running sum of FC2's output (d)",
     family="mha", variant="skip_reuse", params=SkipReuseParams, module=SkipReuse, causal="yes",
-    shape=skip_reuse_shape, supports=frozenset({"rope", "alibi", "t5_bias"}),
+    shape=skip_reuse_shape, supports=frozenset({"rope", "xpos", "alibi", "t5_bias"}),
     paper="Skip-Attention: Improving Vision Transformers by Paying Less Attention, Venkataramanan et al. ICLR "
           "2024, arXiv:2301.02240",
     summary="no attention: the previous attention sublayer's output through Phi = ECA(FC2(DwC(FC1(.)))); causal: "

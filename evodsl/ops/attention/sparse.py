@@ -197,7 +197,7 @@ class SparseAttention(AttentionBase):
 OP = register(Op(
     decode="a cache of every key and value (kv_heads heads): the strided class reaches back to the start",
     family="mha", variant="sparse", params=SparseParams, module=SparseAttention,
-    causal="yes", shape=sparse_shape, supports=frozenset({"rope"}),
+    causal="yes", shape=sparse_shape, supports=frozenset({"rope", "xpos"}),
     paper="Generating Long Sequences with Sparse Transformers, Child et al. 2019, arXiv:1904.10509",
     summary="softmax attention over the union of two factorized patterns (merged heads): strided, the last l "
             "keys and every l-th; fixed, the own block of l and the last c keys of every block; O(n (l + n/l) d)",

@@ -135,7 +135,7 @@ class TopkAttention(AttentionBase):
 OP = register(Op(
     decode="a K/V cache of every position so far (kv_heads heads); each new query takes its top k over it",
     family="mha", variant="topk", params=TopkParams, module=TopkAttention,
-    causal="yes", shape=no_dropout_shape("mha(topk)"), supports=frozenset({"rope"}),
+    causal="yes", shape=no_dropout_shape("mha(topk)"), supports=frozenset({"rope", "xpos"}),
     paper="Explicit Sparse Transformer: Concentrated Attention Through Explicit Selection, Zhao et al. 2019, "
           "arXiv:1912.11637; Memory-efficient Transformers via Top-k Attention, Gupta et al. 2021, arXiv:2106.06899",
     summary="each query keeps its k largest scores q . k_j / sqrt(dh) (-inf elsewhere), one softmax over them; the "
