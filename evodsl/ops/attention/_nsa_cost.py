@@ -49,12 +49,15 @@ def nsa_cost(p, env: OpEnv, s: Symbols) -> Cost:
     raw = sp.Piecewise((raw, one_call), (2 * kvb, True))
     J = sp.ceiling(n / L) + k  # selection blocks, the last topk padding
     # the selection runs in chunks of C queries (_nsa_select.py): per chunk, the token indices and masks of its
-    # S keys, the gathered keys and values, q regrouped, the float mask and the weights (backward)
+    # S keys, the gathered keys and values (two buffers reused by every chunk), q regrouped, the float mask and
+    # the weights (backward)
     C = sp.Min(n, CHUNK)
     pos_c, keep_c = 8 * b * kv * C * S, b * kv * C * S
     gathered_c = b * kv * C * S * dh * by
     weights_c = b * h * C * S * by
     q_c = b * h * C * dh * by
+    kvp = b * kv * sp.ceiling(n / L) * L * dh * by  # k (v) as rows of whole blocks, zero-padded
+    padded = sp.Piecewise((0, sp.Eq(sp.Mod(n, L), 0)), (2 * kvp, True))
     ids = 8 * b * kv * n * k + n * J + 8 * n * (1 if env.causal else 2)  # the selection, valid blocks, t and last
     saved = (2 * (8 * M * l + b * kv * M * l * dh * by + kc)  # the block indices, the MLPs' inputs, relu's outputs
              + several * q + 2 * kch + 2 * n * M + 2 * scores  # q for the matmul, K~ and V~, the masks, softmax and masked
@@ -65,11 +68,13 @@ def nsa_cost(p, env: OpEnv, s: Symbols) -> Cost:
     # branch's output and weights, the selection's output); or the compressed scores, or the band's phases
     win = q if env.causal else b * h * nb * B * dh * by  # the band's output (blocked queries, bidirectional)
     select = (q + 2 * kvb + 2 * kc + win + q + scores + b * kv * n * J * by + ids + q  # .. importance, indices, o
-              + pos_c + keep_c + 2 * gathered_c + q_c + b * kv * C * S * by + q_c)  # a chunk's
+              + pos_c + keep_c + 2 * gathered_c + q_c + b * kv * C * S * by + q_c  # a chunk's, the two buffers
+              + padded)  # k and v as whole blocks (a copy when l' does not divide n)
     compress = q + 2 * kvb + 2 * kc + win + q + (kch if kv != h else 0) + 3 * scores
     peak = sp.Max(select, compress, window.peak + out + 2 * kc) - out
-    # backward: a chunk's recomputed gather, weights and their gradients beside dq, dk, dv and the branches'
-    # output gradients
-    bwd_peak = sp.Max(3 * gathered_c + 2 * weights_c + pos_c + keep_c + 3 * q_c + 4 * q + 2 * kvb, window.bwd_peak)
+    # backward: a chunk's recomputed gather (its buffers then take the gradients of the gathered keys and values),
+    # weights and their gradient, beside dq, dk and dv (padded to whole blocks) and the branches' output gradients
+    bwd_peak = sp.Max(2 * gathered_c + 2 * weights_c + pos_c + keep_c + 3 * q_c + 4 * q + 2 * kvp + padded,
+                      window.bwd_peak)
     cache = 2 * b * kv * dh * by * (n + M)  # every raw key and value, and the compressed blocks
     return replace(total, saved=saved, peak=peak, bwd_peak=bwd_peak, cache=cache, saves_input=True, saves_output=False)
