@@ -196,7 +196,7 @@ def _layer(inner):
 
     return st.one_of(
         st.lists(inner, min_size=2, max_size=4).map(" -> ".join),
-        st.tuples(inner, kw(", scale=rezero", ", scores=true")).map(lambda t: f"residual({t[0]}{t[1]})"),
+        st.tuples(inner, kw(", scale=rezero", ", scores=true", ", norm=post")).map(lambda t: f"residual({t[0]}{t[1]})"),
         st.tuples(st.lists(inner, min_size=2, max_size=3), kw(", merge=concat", ", merge=mean"))
         .map(lambda t: f"parallel({', '.join(t[0])}{t[1]})"),
         st.tuples(inner, st.sampled_from(["1", "2", "3", "0", "layers", "-1", "2.5"]), kw(", shared=true"))
@@ -283,7 +283,8 @@ def _good_call(draw):
 def _good_layer(inner):
     return st.one_of(
         st.lists(inner, min_size=2, max_size=4).map(" -> ".join),
-        st.tuples(inner, st.sampled_from(["", ", scale=rezero"])).map(lambda t: f"residual({t[0]}{t[1]})"),
+        st.tuples(inner, st.sampled_from(["", ", scale=rezero", ", norm=pre", ", norm=post, scale=rezero"]))
+        .map(lambda t: f"residual({t[0]}{t[1]})"),
         st.tuples(st.lists(inner, min_size=2, max_size=3), st.sampled_from(["", ", merge=mean", ", merge=concat"]))
         .map(lambda t: f"parallel({', '.join(t[0])}{t[1]})"),
         st.tuples(inner, st.sampled_from(["1", "2", "3", "layers"]), st.sampled_from(["", ", shared=true"]))
