@@ -94,7 +94,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mixer", "hamburger"): "r=4, steps=3",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
-    ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
+    ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
     ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4",
     ("pos", "axial"): "n1=8, n2=16, d1=8, d2=24",  # 128 positions on a grid, past the longest test length
@@ -129,7 +129,10 @@ TOKEN_MODELS = {("embed", "token"): f"input(tokens) -> {{ops}} -> mha -> {OUT}",
                 ("memory", "rmt"): f"{{{{ mem = {{ops}}  x = {FEATURES} -> cat(seq, prefix=mem, suffix=mem) -> mha  "
                                    f"next(writes=mem) = x -> slice(seq, last=4)  "
                                    f"y = x -> slice(seq, drop_first=4) -> slice(seq, drop_last=4) -> {OUT} }}}}",
-                ("mha", "skip_reuse"): f"{FEATURES} -> mha -> {{ops}} -> {OUT}"}  # reads an earlier attention
+                ("mha", "skip_reuse"): f"{FEATURES} -> mha -> {{ops}} -> {OUT}",  # reads an earlier attention
+                # merged attention's W_v reads the stream and the source: a norm between them, or the export's one
+                # MatMul serves both (x is kv) and the FLOPs read off the graph fall short of torch's two
+                ("xattn", "merged"): f"{{{{ x = {FEATURES} -> mha  y = x -> norm -> residual({{ops}}) -> {OUT} }}}}"}
 
 
 def call(family: str, variant: str) -> str:
