@@ -30,6 +30,8 @@ nn.Linear as built, unless listed below. Biases of the linears a scheme redraws 
             continues the count; an encoder's and a decoder's stacks count from 1 each, as the paper's; nested
             repeats: outer copy j, inner copy i of c -> j c + i + 1); a linear outside any repeat has l = 1.
             Embeddings are kept as built (the paper scales the layers).
+  ngpt      (Loshchilov et al. 2024, nGPT): the built weights, every matrix made unit-norm along its d_model axis
+            (ngpt_normalize_ below, which a training loop calls after each optimiser step).
 
 With gpt2, t5 and ds_init, a residual(deepnorm) in the model still scales its branch by beta afterwards (its
 documented torchscale form, on whatever init the branch has). A shared repeat has one body: its weights are drawn
@@ -57,7 +59,27 @@ class DsInitParams(OpParams):
 
 
 SCHEMES = {"default": NoInitParams, "gpt2": NoInitParams, "t5": NoInitParams, "deepnorm": NoInitParams,
-           "ds_init": DsInitParams}
+           "ds_init": DsInitParams, "ngpt": NoInitParams}
+
+_INTO_D = ("o_proj", "down_proj")  # linears writing the d_model stream: their columns are the vectors in R^d
+
+
+@torch.no_grad()
+def ngpt_normalize_(model: nn.Module) -> nn.Module:
+    """nGPT's weight normalisation (2410.01131, section 2.6; the authors' normalize_matrices), to call after each
+    optimiser step: every matrix made unit-norm along its d_model axis: a linear reading the stream (q, k, v, the
+    FFN's up/gate) row by row (each row a vector in R^d), one writing it (o_proj, down_proj) column by column, every
+    other 2-D parameter (the token embedding, the LM head's table) row by row. Vectors (gains, scales, alpha) are
+    left as they are. Returns the model."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            w = m.weight
+            w.copy_(torch.nn.functional.normalize(w, dim=0 if name.split(".")[-1] in _INTO_D else 1))
+        else:
+            for p in m.parameters(recurse=False):
+                if p.dim() == 2:
+                    p.copy_(torch.nn.functional.normalize(p, dim=-1))
+    return model
 
 
 @dataclass(frozen=True)
@@ -136,6 +158,9 @@ def _table(u: _Unit):
 def apply(model: nn.Module, graph, init: InitChoice) -> None:
     """Redraw `model`'s weights (built from `graph`) by the scheme `init`."""
     if init.name == "default":
+        return
+    if init.name == "ngpt":  # the built weights, each matrix on the unit sphere along its d_model axis
+        ngpt_normalize_(model)
         return
     units: list[_Unit] = []
     _units(model, graph, None, {}, units)

@@ -99,6 +99,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4",
     ("pos", "axial"): "n1=8, n2=16, d1=8, d2=24",  # 128 positions on a grid, past the longest test length
     ("residual", "deepnorm"): "layers=6",
+    ("ffn", "ngpt"): "s_init=0.1",  # its sqrt(d) s_v on weights not unit-norm: else it dwarfs the chain's leak signal
 }
 FEATURES, OUT = "input(features, d=32)", "head(linear, d_out=8)"
 # family -> (the model around its ops, how one variant appears in it, whether all variants share one spec).
@@ -126,6 +127,7 @@ WRAPPERS = {
 # Variants that need token ids around them, or a model of their own (the RMT memory: a first segment).
 TOKEN_MODELS = {("embed", "token"): f"input(tokens) -> {{ops}} -> mha -> {OUT}",
                 ("head", "lm"): "input(tokens) -> embed(token) -> mha -> {ops}",
+                ("head", "ngpt"): "input(tokens) -> embed(token) -> mha -> {ops}",
                 ("memory", "rmt"): f"{{{{ mem = {{ops}}  x = {FEATURES} -> cat(seq, prefix=mem, suffix=mem) -> mha  "
                                    f"next(writes=mem) = x -> slice(seq, last=4)  "
                                    f"y = x -> slice(seq, drop_first=4) -> slice(seq, drop_last=4) -> {OUT} }}}}",
