@@ -14,6 +14,7 @@ from torch import nn
 from evodsl.backends.torch_reversible import ReversibleRepeat
 from evodsl.backends.torch_state import ModelState, Seq2SeqState, _own, _shape_only
 from evodsl.decode import DecodeState
+from evodsl.init import apply as init_scheme
 from evodsl.ir import Graph
 from evodsl.ops.registry import Ctx, right_padded
 from evodsl.ops.registry import is_symbolic as _symbolic
@@ -329,6 +330,8 @@ def lower(graph: Graph, seed: int = 0, device=None, dtype=None, spec: str = "", 
                 torch.set_default_dtype(default)
         else:
             model = cls(graph, spec, file)
+        if "init" in graph.options and not (device is not None and device.type == "meta"):
+            init_scheme(model, graph, graph.options["init"])  # the spec's init=: evodsl/init.py, same seed
     if device is not None and device.type != "meta":
         model = model.to(device)
     if dtype is not None:

@@ -70,6 +70,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("yoso, hashes=32, tau=8", "yoso, hashes=32, tau=8"),
         ("differential", "differential"),  # h heads of 2 dh: d_model divisible by 2 heads
         ("sigmoid", "sigmoid"),
+        ("ngpt", "ngpt"),
         ("clustered, clusters=64", "clustered, clusters=64"),
         ("smyrf, clusters=32, rounds=2", "smyrf, clusters=32, rounds=2"),  # n / 32 keys a query: n^2 / 32
         ("scatterbrain, clusters=32, features=64", "scatterbrain, clusters=32, features=64"),  # causal: the window of 64

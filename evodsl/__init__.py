@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .diagnostics import Diagnostic, EvoError, Span
+from .init import ngpt_normalize_
 from .ir import Graph
 from .ops import load_all
 from .passes.build import build
@@ -18,7 +19,7 @@ from .passes.reuse import link_reuse
 from .passes.shapes import infer_shapes
 from .syntax import parse_program
 
-__all__ = ["EvoError", "Diagnostic", "Span", "Graph", "parse", "compile", "cost", "export", "save", "load",
+__all__ = ["ngpt_normalize_", "EvoError", "Diagnostic", "Span", "Graph", "parse", "compile", "cost", "export", "save", "load",
            "read_source", "from_hf", "load_hf"]
 __version__ = "0.1.0"
 

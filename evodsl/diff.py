@@ -126,7 +126,14 @@ def diff(a, b, seq: int = 1024, batch: int = 1, dtype: str = "float32", override
     ca = evodsl.cost(a, seq=seq, batch=batch, dtype=dtype, overrides=overrides)
     cb = evodsl.cost(b, seq=seq, batch=batch, dtype=dtype, overrides=overrides)
     return {"a": str(ca["spec"]), "b": str(cb["spec"]), "seq": seq, "batch": batch, "dtype": dtype,
-            "ops": structural_diff(ga, gb), "cost": cost_delta(ca, cb)}
+            "ops": structural_diff(ga, gb), "cost": cost_delta(ca, cb), "options": _options(ga, gb)}
+
+
+def _options(ga, gb) -> dict:
+    """The model options that differ (causal, init): name -> [a's, b's] as the spec writes them, "-" if unset."""
+    keys = [*ga.options, *(k for k in gb.options if k not in ga.options)]
+    return {k: [_value(ga.options.get(k)), _value(gb.options.get(k))] for k in keys
+            if _value(ga.options.get(k)) != _value(gb.options.get(k))}
 
 
 def _value(v) -> str:
@@ -151,6 +158,8 @@ def _human(x: int, label: str) -> str:
 def render(d: dict) -> str:
     """The diff as text: one line per structural change, then the cost table."""
     lines = [f"--- {d['a']}", f"+++ {d['b']}"]
+    for k, (o, n) in d.get("options", {}).items():
+        lines.append(f"~ model: {k} {o} -> {n}")
     if not d["ops"]:
         lines.append("  (the same ops and parameters)")
     for c in d["ops"]:

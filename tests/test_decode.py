@@ -289,6 +289,9 @@ SKIP_REUSE = ["norm -> mha(softmax) -> norm -> ffn -> norm -> mha(skip_reuse) ->
 # QKNorm (_qknorm.py): the cache keeps the normalised keys; grouped K/V heads, one K/V head
 QKNORM = ["norm -> mha(softmax, qk_norm=true, qk_len=64, kv_heads=2) -> norm -> ffn",
           "norm -> mha(softmax, qk_norm=true, qk_len=8, kv_heads=1, bias=false) -> norm -> ffn"]
+# nGPT: the cache of the normalised, scaled keys; the hypersphere updates around it
+NGPT = ["residual(mha(ngpt), scale=ngpt) -> residual(ffn, scale=ngpt)",
+        "residual(mha(ngpt, kv_heads=2, head_dim=4), scale=ngpt, alpha_init=0.3) -> residual(ffn, scale=ngpt)"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
@@ -311,7 +314,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in EL + FIXED + IGLOO]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SAC]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in SKIP_REUSE]
-         + [(p, b) for p in POSITIONS for b in QKNORM])
+         + [(p, b) for p in POSITIONS for b in QKNORM]
+         + [(p, b) for p in POSITIONS for b in NGPT])
 
 
 def _lean(cases: list) -> list:

@@ -196,7 +196,7 @@ def _layer(inner):
 
     return st.one_of(
         st.lists(inner, min_size=2, max_size=4).map(" -> ".join),
-        st.tuples(inner, kw(", scale=rezero", ", scores=true")).map(lambda t: f"residual({t[0]}{t[1]})"),
+        st.tuples(inner, kw(", scale=rezero", ", scores=true", ", norm=post")).map(lambda t: f"residual({t[0]}{t[1]})"),
         st.tuples(st.lists(inner, min_size=2, max_size=3), kw(", merge=concat", ", merge=mean"))
         .map(lambda t: f"parallel({', '.join(t[0])}{t[1]})"),
         st.tuples(inner, st.sampled_from(["1", "2", "3", "0", "layers", "-1", "2.5"]), kw(", shared=true"))
@@ -210,7 +210,8 @@ _layers = st.recursive(_call, _layer, max_leaves=6)
 _small = st.sampled_from(["1", "2", "4", "8", "2 * 2", "16 / 4", "heads * 2"])
 _binding = st.tuples(st.sampled_from(NAMES + PARAMS), st.one_of(
     _small, _small, _value, st.tuples(_value, st.sampled_from(["+", "-", "*", "/"]), _value).map(" ".join)))
-_model = st.tuples(st.sampled_from(["", "(causal=true)", "(causal=false)", "(causal=3)"]),
+_model = st.tuples(st.sampled_from(["", "(causal=true)", "(causal=false)", "(causal=3)", "(init=gpt2)",
+                                    "(causal=true, init=ds_init(alpha=0.5))", "(init=gpt3)", "(init=t5(x=1))"]),
                    st.sampled_from(["input(tokens, vocab=100)", "input(tokens)", "input(features, d=16)", "norm"]),
                    _layers, st.sampled_from(["", " -> head(lm)", " -> head(lm, tied=false)", " -> head(pooler)"])
                    ).map(lambda t: f"model m{t[0]} = {t[1]} -> embed(token, d_model=16) -> {t[2]}{t[3]}")
@@ -283,7 +284,8 @@ def _good_call(draw):
 def _good_layer(inner):
     return st.one_of(
         st.lists(inner, min_size=2, max_size=4).map(" -> ".join),
-        st.tuples(inner, st.sampled_from(["", ", scale=rezero"])).map(lambda t: f"residual({t[0]}{t[1]})"),
+        st.tuples(inner, st.sampled_from(["", ", scale=rezero", ", norm=pre", ", norm=post, scale=rezero"]))
+        .map(lambda t: f"residual({t[0]}{t[1]})"),
         st.tuples(st.lists(inner, min_size=2, max_size=3), st.sampled_from(["", ", merge=mean", ", merge=concat"]))
         .map(lambda t: f"parallel({', '.join(t[0])}{t[1]})"),
         st.tuples(inner, st.sampled_from(["1", "2", "3", "layers"]), st.sampled_from(["", ", shared=true"]))
@@ -309,12 +311,13 @@ def _good_program(draw):
     if shape == "model":
         kind = draw(st.sampled_from(sorted(_STARTS)))
         body = " -> ".join(draw(st.lists(st.sampled_from(DEF_NAMES[:len(layers)]), min_size=1, max_size=3)))
-        opts = draw(st.sampled_from(["", "(causal=true)", "(causal=false)"]))
+        opts = draw(st.sampled_from(["", "(causal=true)", "(causal=false)", "(init=gpt2)",
+                                     "(causal=true, init=ds_init(alpha=0.5))"]))
         stmts.append(f"model m{opts} = {_STARTS[kind]} -> {body}{draw(st.sampled_from(_ENDS[kind]))}")
     elif shape == "streams":  # an encoder-decoder, memory tokens or latents
         enc = " -> ".join(draw(st.lists(st.sampled_from(DEF_NAMES[:len(layers)]), min_size=1, max_size=2)))
         dec = " -> ".join(draw(st.lists(st.sampled_from(DEF_NAMES[:len(layers)]), min_size=1, max_size=2)))
-        opts = draw(st.sampled_from(["", "(causal=true)"]))
+        opts = draw(st.sampled_from(["", "(causal=true)", "(init=t5)"]))
         kind = draw(st.sampled_from(["seq2seq", "memory", "latents"]))
         if kind == "seq2seq":
             tgt = f"{_STARTS['tokens']} -> {dec} -> residual(xattn(softmax, kv=src)) -> head(lm)"

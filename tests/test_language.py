@@ -116,6 +116,40 @@ def test_sandwich_norm():
     close(m(x), x + ln(m.norm2, attn(m.attn, ln(m.norm1, x))))
 
 
+@pytest.mark.parametrize("named, written", [
+    ("residual(mha, norm=pre) -> residual(ffn, norm=pre)", "norm -> mha -> norm -> ffn"),  # the sugar's pre-LN
+    ("residual(mha, norm=pre) -> residual(ffn, norm=pre)", "residual(norm -> mha) -> residual(norm -> ffn)"),
+    ("residual(mha, norm=post) -> residual(ffn, norm=post)", "residual(mha) -> norm -> residual(ffn) -> norm"),
+    ("residual(mha, norm=sandwich)", "residual(norm -> mha -> norm)"),
+    ("residual(mha, scale=deepnorm, layers=3, norm=post)", "residual(mha, scale=deepnorm, layers=3) -> norm"),
+    ("residual(mha, scale=layerscale, init=0.1, norm=pre)", "residual(norm -> mha, scale=layerscale, init=0.1)"),
+])
+def test_named_wirings_are_the_written_forms(named, written):
+    """`residual(f, norm=pre|post|sandwich)` names the wirings the README writes out: the same graph (str(graph),
+    module names, every node) and, with the same seed, the same weights and outputs."""
+    model = "model m = input(tokens, vocab=50) -> embed(token) -> repeat({}, 2) -> head(lm)"
+    a, b = (TOP + model.format(w) for w in (named, written))
+    assert str(evodsl.parse(a)) == str(evodsl.parse(b))
+    ma, mb = evodsl.compile(a), evodsl.compile(b)
+    assert all(torch.equal(p, q) for p, q in zip(ma.state_dict().values(), mb.state_dict().values()))
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ma(ids), mb(ids))
+
+
+def test_named_wiring_post_numerically():
+    """`residual(mha, norm=post)`: norm(x + attn(x)), the norm after the add (post-LN), checked from the weights."""
+    m = build(TOP + "block = residual(mha, norm=post)")
+    x = features()
+    close(m(x), ln(m.norm, x + attn(m.attn, x)))
+
+
+def test_named_wiring_refuses_an_unknown_one():
+    with pytest.raises(evodsl.EvoError) as err:
+        evodsl.parse(TOP + "block = residual(mha, norm=postt)")
+    assert "E204" in str(err.value) and "expected one of: none, pre, post, sandwich" in str(err.value)
+    assert "did you mean 'post'?" in str(err.value)
+
+
 def test_bare_sublayers_get_residuals_other_ops_do_not():
     m = build(TOP + "block = mha -> dropout -> ffn")
     x = features()

@@ -94,12 +94,13 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mixer", "hamburger"): "r=4, steps=3",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
-    ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x",
+    ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",
     ("latent", "array"): "length=4", ("cat", "seq"): "prefix=mem", ("slice", "seq"): "drop_first=4",
     ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4",
     ("pos", "axial"): "n1=8, n2=16, d1=8, d2=24",  # 128 positions on a grid, past the longest test length
     ("residual", "deepnorm"): "layers=6",
     ("pos", "randomized"): "max_len=128", ("pos", "randomized_rope"): "max_len=128",
+    ("ffn", "ngpt"): "s_init=0.1",  # its sqrt(d) s_v on weights not unit-norm: else it dwarfs the chain's leak signal
 }
 FEATURES, OUT = "input(features, d=32)", "head(linear, d_out=8)"
 # family -> (the model around its ops, how one variant appears in it, whether all variants share one spec).
@@ -127,10 +128,14 @@ WRAPPERS = {
 # Variants that need token ids around them, or a model of their own (the RMT memory: a first segment).
 TOKEN_MODELS = {("embed", "token"): f"input(tokens) -> {{ops}} -> mha -> {OUT}",
                 ("head", "lm"): "input(tokens) -> embed(token) -> mha -> {ops}",
+                ("head", "ngpt"): "input(tokens) -> embed(token) -> mha -> {ops}",
                 ("memory", "rmt"): f"{{{{ mem = {{ops}}  x = {FEATURES} -> cat(seq, prefix=mem, suffix=mem) -> mha  "
                                    f"next(writes=mem) = x -> slice(seq, last=4)  "
                                    f"y = x -> slice(seq, drop_first=4) -> slice(seq, drop_last=4) -> {OUT} }}}}",
-                ("mha", "skip_reuse"): f"{FEATURES} -> mha -> {{ops}} -> {OUT}"}  # reads an earlier attention
+                ("mha", "skip_reuse"): f"{FEATURES} -> mha -> {{ops}} -> {OUT}",  # reads an earlier attention
+                # merged attention's W_v reads the stream and the source: a norm between them, or the export's one
+                # MatMul serves both (x is kv) and the FLOPs read off the graph fall short of torch's two
+                ("xattn", "merged"): f"{{{{ x = {FEATURES} -> mha  y = x -> norm -> residual({{ops}}) -> {OUT} }}}}"}
 
 
 def call(family: str, variant: str) -> str:

@@ -35,7 +35,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "fourier_integral": {"block": 16}, "forgetting": {}, "moba": {"block": 4, "topk": 2},
          "nsa": {"block": 4, "stride": 2, "select_block": 8, "topk": 3, "window": 6},
          "mla": {"kv_rank": 16, "rope_dim": 4, "nope_dim": 6, "v_dim": 8}, "yoso": {"hashes": 8, "tau": 3},
-         "differential": {}, "sigmoid": {"block": 16}, "clustered": {"clusters": 3, "bits": 8, "iterations": 3}, "routing": {"clusters": 3, "window": 4},
+         "differential": {}, "sigmoid": {"block": 16}, "ngpt": {}, "clustered": {"clusters": 3, "bits": 8, "iterations": 3}, "routing": {"clusters": 3, "window": 4},
          "sinkformer": {"iters": 3}, "sparse_sinkhorn": {"block": 4, "max_len": 128}, "topk": {"k": 5, "chunk": 8}, "sac": {"k": 5, "chunk": 8}, "probsparse": {"factor": 2},
          "chord": {"max_len": 128},  # pad_alone=False: the links wrap mod the padded n; none into padding has weight
          "slim": {"features": 16}, "exp_smoothing": {}, "mgk": {"components": 2}, "etc": {"radius": 5, "globals": 3, "segment": 8},
@@ -88,7 +88,7 @@ def _sided():
     for case in _cases():
         variant, causal, pos, scores = case.values
         yield pytest.param(*case.values, "right", id=f"{case.id}-right")
-        if not (variant in KERNELIZED and pos == "rope") and variant not in RIGHT_ONLY:  # E409 (their tests)
+        if not (variant in KERNELIZED + ("ngpt",) and pos == "rope") and variant not in RIGHT_ONLY:  # E409 (their tests)
             yield pytest.param(*case.values, "left", id=f"{case.id}-left")
 
 

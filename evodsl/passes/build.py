@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from .. import init as init_schemes
 from ..diagnostics import Collector, Span, did_you_mean
 from ..ir import Graph, Node
 from ..ops.registry import FAMILIES
@@ -149,8 +150,14 @@ class Builder(Streams, Layers):
     # ------------------------------------------------------------------ targets
 
     def _model(self, m: ModelDef) -> Graph | None:
-        opts = {k: v for k, (v, _) in self._kwargs(m.options, {"causal": bool}, "model").items()}
+        opts = {k: v for k, (v, _) in self._kwargs([k for k in m.options if k.name != "init"],
+                                                   {"causal": bool, "init": None}, "model").items()}
         opts.setdefault("causal", self._binding_bool("causal"))
+        inits = [k for k in m.options if k.name == "init"]
+        for k in inits[1:]:
+            self.c.error("E206", "parameter 'init' is given twice", k.name_span)
+        if inits and (init := self._init(inits[0].value)) is not None:
+            opts["init"] = init
         if m.streams:
             if any(self._too_big(sd.body, f"stream '{sd.name}'", sd.name_span) for sd in m.streams):
                 return None
@@ -191,6 +198,21 @@ class Builder(Streams, Layers):
         name_modules(g)
         return g
 
+    def _init(self, e):
+        """`init=gpt2` or `init=ds_init(alpha=0.5)`: the model's init scheme (evodsl/init.py), or None (reported)."""
+        schemes = list(init_schemes.SCHEMES)
+        name = e.id if isinstance(e, Name) else e.name if isinstance(e, Call) and not e.args else None
+        if name not in init_schemes.SCHEMES:
+            what = f"unknown init scheme '{name}'" if name else "init= takes a scheme, not this value"
+            self.c.error("E204", what, e.span,
+                         label=f"expected one of: {', '.join(schemes)}",
+                         help=did_you_mean(name, schemes, listing=False) if name else
+                         "write init=NAME or init=NAME(k=v), e.g. init=gpt2, init=ds_init(alpha=0.5)")
+            return None
+        call = Call(name, (), e.kwargs if isinstance(e, Call) else (), e.span, e.span)
+        params, _ = self._params(_InitOp(name), call)
+        return None if params is None else init_schemes.InitChoice(name, params)
+
     def _binding_bool(self, name: str) -> bool:
         b = self.bindings.get(name)
         if b is None:
@@ -199,6 +221,14 @@ class Builder(Streams, Layers):
             self.c.error("E204", f"'{name}' must be true or false", b.span)
             return False
         return b.value
+
+
+class _InitOp:
+    """An init scheme seen as an op by the parameter checks (values.py reads these four)."""
+
+    def __init__(self, name: str):
+        self.params, self.id = init_schemes.SCHEMES[name], f"init({name})"
+        self.family, self.variant = "init", name
 
 
 def _ref_name(e) -> str:

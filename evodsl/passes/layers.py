@@ -10,6 +10,11 @@ from ..ops.registry import lookup as lookup_op
 from ..syntax import Call, Name, Parallel, Pipe, Repeat, Residual
 from .values import _ERR, Values
 
+# residual(f, norm=W): the named wirings, each the written-out form it stands for (README, "Residual wiring"):
+# W -> (a norm before f inside the residual, a norm after f): pre  = residual(norm -> f),
+# post = residual(f) -> norm (after the add), sandwich = residual(norm -> f -> norm)
+WIRINGS = {"none": (False, False), "pre": (True, False), "post": (False, True), "sandwich": (True, True)}
+
 MAX_REPEAT = 10_000  # copies in one repeat(...): far past any real model, short of hanging the builder
 MAX_NODES = 10_000  # graph nodes a definition or model may expand to, definitions inlined (a repeat's body
                     # counts once, whatever its count): the specs in specs/ have 15 to 18; past it, E221
@@ -33,7 +38,7 @@ class Layers(Values):
         if isinstance(e, Pipe):
             return sum(self._size(i) for i in e.items)
         if isinstance(e, Residual):
-            return self._size(e.body) + 2
+            return self._size(e.body) + 4  # the add, a scale op, and at most two norms (norm=sandwich)
         if isinstance(e, Parallel):
             return sum(self._size(b) for b in e.branches) + 1
         if isinstance(e, Repeat):
@@ -192,14 +197,18 @@ class Layers(Values):
         return v.id
 
     def _emit_residual(self, r: Residual, g: Graph, x: str) -> str:
-        own = {"scale": ["none", *variants("residual")], "scores": bool}
+        own = {"scale": ["none", *variants("residual")], "scores": bool, "norm": list(WIRINGS)}
         kw = self._kwargs([k for k in r.kwargs if k.name in own], own, "residual")
         rest = tuple(k for k in r.kwargs if k.name not in own)  # the scale op's parameters: scale=layerscale, init=0.1
         scores = kw.get("scores", (False,))[0]
+        wiring, at = kw.get("norm", ("none", r.span))
+        before, after = WIRINGS[wiring]
+        ln = Call("norm", (), (), at, at)  # the family's default norm, as a bare `norm` written there
+        body = Pipe((ln, r.body, ln) if after else (ln, r.body), r.span) if before else r.body  # post: after the add
         self._scores.append([])
         self._in_scores += bool(scores)
         try:
-            h = self._emit(r.body, g, x, wire=False)
+            h = self._emit(body, g, x, wire=False)
         finally:
             self._in_scores -= bool(scores)
         carried = self._scores.pop()
@@ -227,11 +236,13 @@ class Layers(Values):
             if params is None:
                 return x
             if op.inputs == 2:  # it reads the skip too and adds it itself (deepnorm: alpha x + f(x))
-                return g.add(Node(name=g.fresh(), kind="call", family="residual", variant=scale[0], params=params,
-                                  inputs=[h, x], span=r.span, meta={"arg_spans": spans})).name
+                y = g.add(Node(name=g.fresh(), kind="call", family="residual", variant=scale[0], params=params,
+                               inputs=[h, x], span=r.span, meta={"arg_spans": spans})).name
+                return self._emit_item(ln, g, y) if after and not before else y
             h = g.add(Node(name=g.fresh(), kind="call", family="residual", variant=scale[0], params=params,
                            inputs=[h], span=r.span, meta={"arg_spans": spans})).name
-        return g.add(Node(name=g.fresh(), kind="add", inputs=[x, h], span=r.span)).name
+        y = g.add(Node(name=g.fresh(), kind="add", inputs=[x, h], span=r.span)).name
+        return self._emit_item(ln, g, y) if after and not before else y
 
     def _emit_parallel(self, p: Parallel, g: Graph, x: str) -> str:
         kw = self._kwargs(p.kwargs, {"merge": variants("merge")}, "parallel")

@@ -31,6 +31,7 @@ class _StreamState:
     used: bool = False
     reads: list = field(default_factory=list)  # (stream name, span) of every stream it reads
     writes: tuple | None = None  # (carried stream's name, span) it gives the next segment's value of
+    after_causal: str | None = None  # declared causal=false, starting from this causal stream (DecBERT)
 
 
 class Streams:
@@ -133,6 +134,8 @@ class Streams:
             return False
         if declared is not None:
             st.causal = declared[0]
+            if source[0] == "stream" and not st.causal and self._streams[fname].causal:
+                st.after_causal = fname  # its bidirectional layers follow causal ones: no E309 for its start
         st.value = self._emit_items(rest, g, x, wire=True)
         for n in g.nodes[start:]:
             _tag(n, sd.name)
@@ -182,12 +185,14 @@ class Streams:
                                   f"next(writes={name}) = h -> slice(last=m), where h is the stream that reads it")
 
     def _check_reads(self, m: ModelDef, errors: int) -> None:
-        """E309 for a bidirectional stream that reads a causal one; E222 for a stream no one reads (unless
-        an error above already explains it)."""
+        """E309 for a bidirectional stream that reads a causal one, but for the model's output stream declared
+        `causal=false` starting from a causal one (causal layers, then bidirectional ones: DecBERT; no stream reads
+        the output, so no causal stream can see a future through it); E222 for a stream no one reads (unless an
+        error above already explains it)."""
         last = m.streams[-1].name
         for st in self._streams.values():
             for read, span in st.reads:
-                if not st.causal and self._streams[read].causal:
+                if not st.causal and self._streams[read].causal and (read != st.after_causal or st.name != last):
                     self.c.error("E309", f"stream '{st.name}' is bidirectional but reads causal stream '{read}'",
                                  span, help=f"every position of '{st.name}' would see the future of '{read}': "
                                             f"declare {st.name}(causal=true) = ...")

@@ -319,6 +319,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                      ({"heads": 3, "kv_heads": 1, "head_dim": 8, "bias": False, "layer": 5}, ODD)],
     # blocks of 16 (4 and 10 of them), 24 with GQA (the last shorter), one block (200 at n = 160), rope, ALiBi per
     # block, narrow heads with a set score bias
+    "ngpt": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"pos": ROPE}, SMALL), ({"pos": ROPE, "kv_heads": 2}, ODD),
+             ({"dropout": 0.1}, SMALL), ({"kv_heads": 1, "head_dim": 8, "bias": True}, BOTH)],
     "sigmoid": [({"block": 16}, BOTH), ({"block": 24, "kv_heads": 2}, BOTH), ({"block": 200}, ODD),
                 ({"block": 32, "pos": ROPE}, BOTH), ({"block": 32, "pos": ALIBI, "kv_heads": 2}, SMALL),
                 ({"block": 48, "pos": ALIBI}, ODD),

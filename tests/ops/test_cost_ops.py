@@ -39,6 +39,7 @@ CASES = [
     ("ffn", "mlp", lambda d: {"act": "gelu", "bias": False, "d_ff": d // 2}),  # d_ff < d: a different peak
     *[("ffn", v, lambda d: {}) for v in ("glu", "bilinear", "reglu", "geglu", "geglu_tanh", "swiglu")],
     ("ffn", "swiglu", lambda d: {"bias": True, "d_ff": 3 * d}),
+    ("ffn", "ngpt", lambda d: {}), ("ffn", "ngpt", lambda d: {"d_ff": 100, "s_init": 2.0, "s_scale": 0.5}),
     # CoLT5: k below n (the heavy MLP on k rows), above n (every row), wide light and heavy widths
     ("ffn", "colt5", lambda d: {"k": 8}), ("ffn", "colt5", lambda d: {"k": 64, "act": "gelu", "heavy": 8 * d}),
     ("ffn", "colt5", lambda d: {"k": 5, "light": 3 * d, "heavy": d // 4, "bias": False}),
@@ -75,6 +76,7 @@ CASES = [
     ("head", "lm", lambda d: {"vocab": V, "tied": False, "bias": True}),
     ("head", "lm", lambda d: {"vocab": V, "tied": False, "rescale": True}),
     ("head", "lm", lambda d: {"vocab": V, "tied": False, "softcap": 30.0}),  # Gemma 2's final-logit cap
+    ("head", "ngpt", lambda d: {"vocab": V}), ("head", "ngpt", lambda d: {"vocab": V, "sz_init": 5.0}),
     ("head", "linear", lambda d: {"d_out": 10}),
     ("head", "linear", lambda d: {"d_out": 3, "bias": False}),
     ("head", "pooler", lambda d: {}),
@@ -106,6 +108,8 @@ CASES = [
     ("residual", "deepnorm", lambda d: {**_branches(2)(d), "layers": 12, "part": "encoder", "decoder_layers": 6}),
     ("residual", "admin", lambda d: {**_branches(2)(d)}),
     ("residual", "admin", lambda d: {**_branches(2)(d), "sublayer": 3, "per_layer": 3}),
+    ("residual", "ngpt", lambda d: {**_branches(2)(d)}),  # reads the branch and the skip
+    ("residual", "ngpt", lambda d: {**_branches(2)(d), "alpha_init": 0.2, "alpha_scale": 0.5}),
     ("dropout", "standard", lambda d: {"p": 0.1}),  # train mode: the noise is kept
     ("dropout", "standard", lambda d: {"p": 0.0}),
     # streams: a latent array (its input gives the batch size), a memory joined before and after, slices

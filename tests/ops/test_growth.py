@@ -83,6 +83,7 @@ ARGS = {
     "yoso": {"hashes": 16, "tau": 6},  # the sample form: n m dh codes and gathers; the 16 x 64 bucket tables a constant
     "differential": {},  # four SDPA calls: n^2 time, O(n) bytes
     "sigmoid": {"block": 256},  # the blocked kernel: n^2 time, O(n) bytes beside [256, 256] blocks
+    "ngpt": {},  # SDPA on normalised q, k: n^2 time, O(n) bytes
     "routing": {"clusters": 16, "window": 64},  # 65 gathered keys a query (linear); the [n, k] routing
     "clustered": {"clusters": 16, "bits": 32, "iterations": 5},  # n C (B + dh) matmuls, the [n, C] one-hot: linear
     "scatterbrain": {"clusters": 2, "features": 8},  # [n, n / 2] scores, feature products: quadratic (C = 4: the n-sized gradients blur the backward)

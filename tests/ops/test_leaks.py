@@ -48,6 +48,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "dilated": {"pattern": "dilated_mem", "layer": 4},  # offsets up to 32 (and 0, 1, 2, 4, 8, 16)  # 23 slots; each query also reads its unfinished slot raw
     "differential": {},  # both maps causal (GQA: the harness's kv_heads=2)
     "sigmoid": {"block": 16},  # query and key blocks of 16: 5 of them, the last of 6
+    "ngpt": {},  # SDPA's causal mask on the normalised q, k
     "routing": {"clusters": 3, "window": 4},  # three clusters over 70 tokens: each mixes earlier and later keys
     "mgk": {"components": 2},  # every pair (token, component) of the keys up to the query
     "exp_smoothing": {},  # chunks of 64: N = 70 spans two (the carry)
