@@ -315,7 +315,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in SAC]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in SKIP_REUSE]
          + [(p, b) for p in POSITIONS for b in QKNORM]
-         + [(p, b) for p in POSITIONS for b in NGPT])
+         + [(p, b) for p in POSITIONS if not p.startswith(("pos(xpos", "pos(kerple", "pos(randomized_rope"))
+            for b in NGPT])
 
 
 def _lean(cases: list) -> list:
