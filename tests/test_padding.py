@@ -47,7 +47,8 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
 CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum", "flowformer", "learned_kernel",
            "slim", "scatterbrain")  # causal forms in chunks: 16 tokens here, so that N spans several
 POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {}), "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8,
-                                                                                      "max_distance": 20})}
+                                                                                      "max_distance": 20}),
+             "deberta": ("deberta", {"k": 16})}
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
 KERNELIZED = ("linear", "performer", "rfa", "learned_kernel", "slim")  # chunked causal forms; phi after rope (absolute positions)
 # Gaussian keys (MGK): a key's weight falls with |k|^2, so the padding's large-norm noise keys get ~1e-8 of the

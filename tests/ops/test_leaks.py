@@ -64,7 +64,8 @@ CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum
            "scatterbrain")  # causal forms in chunks of LINEAR_CHUNK tokens here (scatterbrain: its prefix sums)
 CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.causal == "yes")
 POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {}),
-             "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}), "xl_rel": ("xl_rel", {})}
+             "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}), "xl_rel": ("xl_rel", {}),
+             "deberta": ("deberta", {"k": 8})}
 
 
 def test_every_causal_attention_is_covered():
