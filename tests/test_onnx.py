@@ -99,6 +99,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("memory", "xl"): "mem_len=8", ("memory", "rmt"): "length=4",
     ("pos", "axial"): "n1=8, n2=16, d1=8, d2=24",  # 128 positions on a grid, past the longest test length
     ("residual", "deepnorm"): "layers=6",
+    ("pos", "tupe"): "max_len=128, mode=rel, cls=true",
 }
 FEATURES, OUT = "input(features, d=32)", "head(linear, d_out=8)"
 # family -> (the model around its ops, how one variant appears in it, whether all variants share one spec).

@@ -48,8 +48,9 @@ CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum
            "slim", "scatterbrain")  # causal forms in chunks: 16 tokens here, so that N spans several
 POSITIONS = {"rope": ("rope", {}), "alibi": ("alibi", {}), "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8,
                                                                                       "max_distance": 20}),
-             "deberta": ("deberta", {"k": 16}), "diet": ("diet", {"mode": "abs", "max_len": N})}
-ABSOLUTE = ("diet",)  # position terms read from each row's start: left padding is refused (E409, their tests)
+             "deberta": ("deberta", {"k": 16}), "diet": ("diet", {"mode": "abs", "max_len": N}),
+             "tupe": ("tupe", {"heads": 4, "max_len": N, "mode": "rel", "cls": True, "buckets": 8, "max_distance": 20})}
+ABSOLUTE = ("diet", "tupe")  # position terms read from each row's start: left padding is refused (E409, their tests)
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
 KERNELIZED = ("linear", "performer", "rfa", "learned_kernel", "slim")  # chunked causal forms; phi after rope (absolute positions)
 # Gaussian keys (MGK): a key's weight falls with |k|^2, so the padding's large-norm noise keys get ~1e-8 of the

@@ -58,7 +58,7 @@ class SoftmaxAttention(AttentionBase):
         self.qk_gain = qk_gain(p)  # qk_norm=true: QKNorm's g (_qknorm.py), SDPA's scale 1
         if self.qk_gain is not None:
             self.scale = 1.0
-        if getattr(self.pos, "attends", False):  # a scheme that runs the attention itself (pos(deberta))
+        if hasattr(self.pos, "adopt"):  # a scheme that adjusts its attention (pos(deberta), pos(tupe))
             self.pos.adopt(self)
 
     def _bias(self, n: int, device, start: int = 0) -> torch.Tensor | None:
@@ -219,7 +219,7 @@ def softmax_shape(p: SoftmaxAttentionParams, env: OpEnv):
 OP = register(Op(
     decode="a K/V cache of every position so far (kv_heads heads)",
     family="mha", variant="softmax", params=SoftmaxAttentionParams, module=SoftmaxAttention,
-    causal="yes", shape=softmax_shape, supports=frozenset({"rope", "alibi", "t5_bias", "xl_rel", "deberta", "diet", "residual_scores", "memory"}),
+    causal="yes", shape=softmax_shape, supports=frozenset({"rope", "alibi", "t5_bias", "xl_rel", "deberta", "diet", "tupe", "residual_scores", "memory"}),
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",
     summary="softmax(Q K^T * scale) V per head, scale 1/sqrt(dh) by default; kv_heads < heads shares K/V heads "
             "(MQA/GQA)",
