@@ -1,6 +1,8 @@
 """specs/deberta_base.evo against HF's DebertaModel (built from configs, nothing downloaded): the parameter count
 of microsoft/deberta-base's configuration, and, at a small configuration whose k is below the sequence length
-(the distances clipped), HF's hidden states from its weights copied in, alone and with a padded batch."""
+(the distances clipped), HF's hidden states from its weights loaded by load_hf (in_proj's rows split per head),
+alone and with a padded batch; the spec `evodsl from-hf` writes (also with absolute positions beside the relative
+ones), and its refusals."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,30 +29,6 @@ def test_deberta_base_parameter_count():
     assert count(evodsl.compile(SPEC, device="meta")) == count(hf) == 138_601_728
 
 
-def _copy_hf_weights(evo, hf, heads: int) -> None:
-    """HF's DeBERTa tensors into the spec's model: in_proj's rows, laid out per head as (q, k, v), split."""
-    sd = hf.state_dict()
-    ours = {"embed.weight": sd["embeddings.word_embeddings.weight"], "pos.weight": sd["encoder.rel_embeddings.weight"],
-            "norm.weight": sd["embeddings.LayerNorm.weight"], "norm.bias": sd["embeddings.LayerNorm.bias"]}
-    for i in range(hf.config.num_hidden_layers):
-        h, e = f"encoder.layer.{i}.", f"blocks.{i}."
-        w = sd[h + "attention.self.in_proj.weight"]
-        d = w.shape[1]
-        qkv = w.view(heads, 3, d // heads, d)
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            ours[e + f"attn.{name}.weight"] = qkv[:, j].reshape(d, d)
-        ours[e + "attn.q_proj.bias"] = sd[h + "attention.self.q_bias"]
-        ours[e + "attn.v_proj.bias"] = sd[h + "attention.self.v_bias"]
-        for theirs, mine in (("attention.output.dense", "attn.o_proj"), ("attention.output.LayerNorm", "norm1"),
-                             ("attention.self.pos_q_proj", "attn.pos.pos_q_proj"), ("intermediate.dense", "ffn.up_proj"),
-                             ("output.dense", "ffn.down_proj"), ("output.LayerNorm", "norm2")):
-            for part in ("weight", "bias"):
-                ours[e + f"{mine}.{part}"] = sd[h + f"{theirs}.{part}"]
-        ours[e + "attn.pos.pos_proj.weight"] = sd[h + "attention.self.pos_proj.weight"]
-    missing, unexpected = evo.load_state_dict(ours, strict=True), None
-    assert not missing.missing_keys and not missing.unexpected_keys and unexpected is None
-
-
 @pytest.fixture(scope="module")
 def pair():
     config = transformers.DebertaConfig(vocab_size=SMALL["vocab"], hidden_size=SMALL["d_model"],
@@ -63,11 +41,11 @@ def pair():
         for p in hf.parameters():
             p.add_(torch.randn(p.shape) * 0.1)
     evo = evodsl.compile(SPEC, overrides=SMALL).eval()
-    _copy_hf_weights(evo, hf, SMALL["heads"])
+    evodsl.load_hf(evo, hf.state_dict(), config.to_dict())  # the importer's map (evodsl/hf/deberta.py)
     return hf, evo
 
 
-@pytest.mark.parametrize("n", [5, 17])  # below and above k = 6: the distances clipped
+@pytest.mark.parametrize("n", [5, 7, 64])  # below and above k = 6: the distances clipped
 def test_deberta_hidden_states_match_hf(pair, n):
     hf, evo = pair
     ids = torch.randint(0, SMALL["vocab"], (2, n), generator=torch.Generator().manual_seed(n))
@@ -87,3 +65,29 @@ def test_deberta_padded_batch_matches_hf(pair):
         got = evo(ids, attention_mask=mask)
     real = mask.bool()
     assert (got[real] - want[real]).abs().max().item() < 1e-5
+
+
+def test_from_hf_writes_the_spec():
+    spec = evodsl.from_hf(transformers.DebertaConfig(**BASE).to_dict())
+    ours, imported = evodsl.compile(SPEC, device="meta"), evodsl.compile(spec, device="meta")
+    assert [(k, v.shape) for k, v in ours.named_parameters()] == [(k, v.shape) for k, v in imported.named_parameters()]
+
+
+def test_absolute_and_relative_positions_import():
+    """position_biased_input=true beside relative attention: pos(learned) and pos(deberta), HF's outputs."""
+    config = transformers.DebertaConfig(vocab_size=97, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                        num_hidden_layers=2, max_position_embeddings=40, relative_attention=True,
+                                        pos_att_type="c2p|p2c", max_relative_positions=5)
+    torch.manual_seed(1)
+    hf = transformers.DebertaModel(config).eval()
+    evo = evodsl.compile(evodsl.from_hf(config.to_dict())).eval()
+    evodsl.load_hf(evo, hf.state_dict(), config.to_dict())
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (evo(ids) - hf(input_ids=ids).last_hidden_state).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("key,value", [("relative_attention", False), ("pos_att_type", ["c2p"]), ("talking_head", True)])
+def test_refuses_what_has_no_form(key, value):
+    with pytest.raises(evodsl.EvoError, match=key):
+        evodsl.from_hf(transformers.DebertaConfig(**{**BASE, key: value}).to_dict())
