@@ -41,9 +41,10 @@ def deberta_attention_cost(p, env, s: Symbols) -> Cost:
              + (3 * b * n * D + scores * (1 + 2 * dropout)) * mb + q)
     # inference: scaled q, k, v, the rows projected, p2c before its gather beside both gathered terms and δ
     phases = [q + 2 * kvb + 2 * scores * by + wide + delta + 2 * W * D * by + 16 * W]
-    # backward: c2p's and p2c's gradients before the gathers (the math kernel's weights and masks released);
+    # backward: c2p's and p2c's gradients before the gathers beside those of k and v (K/V heads), the math
+    # kernel's weights and masks released;
     # the math kernel's own: the weights' gradient and the scores' (with dropout: v's and the dropped weights')
-    bwd = [2 * wide - q - keep - 2 * dropout * scores * mb, q + scores * mb if dropout else 2 * scores * mb - q]
+    bwd = [2 * wide + 2 * kvb - 3 * q - keep - 2 * dropout * scores * mb, q + scores * mb if dropout else 2 * scores * mb - q]
     cost = attention_cost(p, s, h, kv, dh, core + terms + rel, Cost(), saved, phases,
                           cache=2 * b * n * kv * dh * by, bwd_phases=bwd)
     if drop_kbias:  # DeBERTa's attention has no key bias
