@@ -12,13 +12,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import ShapeProblem
+from ._deberta_cost import deberta_attention_cost
 from ._inattention import InAttentionPosition
+
+
+def check_deberta(p, env) -> None:
+    """mha(softmax)'s options that have no place in DeBERTa's attention, refused."""
+    d = env.d
+    width = p.heads * (p.head_dim or d // p.heads)
+    if width != d:
+        raise ShapeProblem(f"pos(deberta)'s table is d_model={d} wide, but the attention's heads x head_dim is "
+                           f"{width}", "head_dim", "pos(deberta) needs heads x head_dim = d_model: drop head_dim=")
+    for field in ("softcap", "sink_logit", "talking", "collab", "qk_norm", "scale"):
+        if getattr(p, field, None) not in (None, False):
+            raise ShapeProblem(f"mha(softmax, {field}=...) has no form with pos(deberta), whose scores are "
+                               f"(q·k + c2p + p2c) / sqrt(3 dh)", field,
+                               f"drop {field}=, or use another position scheme")
+    if env.residual_scores or env.memory:
+        raise ShapeProblem("pos(deberta) runs its own scores: residual(..., scores=true) and memory(xl) have no "
+                           "form with it", None, "drop the residual scores / the memory, or use pos(xl_rel)")
 
 
 class DebertaRelative(InAttentionPosition):
     """Inside attention: the layer's projections of the table bound by the latest pos(deberta) upstream."""
 
-    attends = True  # mha(softmax) hands its forward to attend()
+    attends = True  # mha(softmax) hands its forward to attend(), its cost to attention_cost, its checks to check
+    attention_cost = staticmethod(deberta_attention_cost)
+    check = staticmethod(check_deberta)
 
     def __init__(self, p, heads: int, head_dim: int):
         super().__init__()
@@ -88,20 +108,3 @@ class DebertaRelative(InAttentionPosition):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0,
                                            enable_gqa=att.kv_heads != att.heads)
         return att.out(o)
-
-
-def check_deberta(p, env) -> None:
-    """mha(softmax)'s options that have no place in DeBERTa's attention, refused."""
-    d = env.d
-    width = p.heads * (p.head_dim or d // p.heads)
-    if width != d:
-        raise ShapeProblem(f"pos(deberta)'s table is d_model={d} wide, but the attention's heads x head_dim is "
-                           f"{width}", "head_dim", "pos(deberta) needs heads x head_dim = d_model: drop head_dim=")
-    for field in ("softcap", "sink_logit", "talking", "collab", "qk_norm", "scale"):
-        if getattr(p, field, None) not in (None, False):
-            raise ShapeProblem(f"mha(softmax, {field}=...) has no form with pos(deberta), whose scores are "
-                               f"(q·k + c2p + p2c) / sqrt(3 dh)", field,
-                               f"drop {field}=, or use another position scheme")
-    if env.residual_scores or env.memory:
-        raise ShapeProblem("pos(deberta) runs its own scores: residual(..., scores=true) and memory(xl) have no "
-                           "form with it", None, "drop the residual scores / the memory, or use pos(xl_rel)")

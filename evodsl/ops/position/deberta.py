@@ -28,8 +28,7 @@ from torch import nn
 
 from ..cost import Cost
 from ..registry import Op, OpEnv, OpParams, register, sequence_shape
-from ._deberta_attention import DebertaRelative, check_deberta
-from ._deberta_cost import deberta_attention_cost
+from ._deberta_attention import DebertaRelative
 
 
 class DebertaParams(OpParams):
@@ -52,9 +51,6 @@ class DebertaTable(nn.Module):
             ctx.extra["deberta"] = self
         return x
 
-
-DebertaRelative.attention_cost = staticmethod(deberta_attention_cost)
-DebertaRelative.check = staticmethod(check_deberta)
 
 OP = register(Op(
     decode="the disentangled scores of the new queries against every cached key",
