@@ -73,11 +73,13 @@ def test_from_hf_writes_the_spec():
     assert [(k, v.shape) for k, v in ours.named_parameters()] == [(k, v.shape) for k, v in imported.named_parameters()]
 
 
-def test_absolute_and_relative_positions_import():
-    """position_biased_input=true beside relative attention: pos(learned) and pos(deberta), HF's outputs."""
+@pytest.mark.parametrize("kind", ["c2p|p2c", "p2c", "c2p"])
+def test_absolute_and_relative_positions_import(kind):
+    """position_biased_input=true beside relative attention: pos(learned) and pos(deberta), HF's outputs; with
+    one position term (pos_att_type)."""
     config = transformers.DebertaConfig(vocab_size=97, hidden_size=32, num_attention_heads=4, intermediate_size=64,
                                         num_hidden_layers=2, max_position_embeddings=40, relative_attention=True,
-                                        pos_att_type="c2p|p2c", max_relative_positions=5)
+                                        pos_att_type=kind, max_relative_positions=5)
     torch.manual_seed(1)
     hf = transformers.DebertaModel(config).eval()
     evo = evodsl.compile(evodsl.from_hf(config.to_dict())).eval()
@@ -87,7 +89,7 @@ def test_absolute_and_relative_positions_import():
         assert (evo(ids) - hf(input_ids=ids).last_hidden_state).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("key,value", [("relative_attention", False), ("pos_att_type", ["c2p"]), ("talking_head", True)])
+@pytest.mark.parametrize("key,value", [("relative_attention", False), ("pos_att_type", ["p2p"]), ("talking_head", True)])
 def test_refuses_what_has_no_form(key, value):
     with pytest.raises(evodsl.EvoError, match=key):
         evodsl.from_hf(transformers.DebertaConfig(**{**BASE, key: value}).to_dict())

@@ -13,6 +13,11 @@ def _pos_att_type(c: Config) -> list:
     return [t.strip() for t in kind.split("|")] if isinstance(kind, str) else list(kind)
 
 
+def _terms(c: Config):
+    """pos(deberta)'s terms= for the config's pos_att_type, or None where it has none."""
+    return {("c2p", "p2c"): "both", ("c2p",): "c2p", ("p2c",): "p2c"}.get(tuple(sorted(set(_pos_att_type(c)))))
+
+
 def deberta_spec(c: Config) -> Spec:
     c.require("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     act = mlp_act(c, "hidden_act", "gelu")
@@ -20,9 +25,9 @@ def deberta_spec(c: Config) -> Spec:
     if not relative:
         c.refuse("relative_attention", "DeBERTa without relative attention still has no key bias, which only "
                  "pos(deberta) takes from mha(softmax)", "relative_attention=true (deberta-base's)")
-    if relative and sorted(_pos_att_type(c)) != ["c2p", "p2c"]:
-        c.refuse("pos_att_type", f"pos_att_type {_pos_att_type(c)} has no evodsl form: pos(deberta) adds both c2p "
-                 "and p2c", "pos_att_type=[\"c2p\", \"p2c\"] (deberta-base's)")
+    if relative and _terms(c) is None:
+        c.refuse("pos_att_type", f"pos_att_type {_pos_att_type(c)} has no evodsl form: pos(deberta) adds c2p, p2c "
+                 "or both", "pos_att_type=[\"c2p\", \"p2c\"] (deberta-base's)")
     for key in ("talking_head", "type_vocab_size"):
         if c.get(key, 0):
             c.refuse(key, f"DeBERTa's {key} is not imported", f"{key}=0 (deberta-base's)")
@@ -39,7 +44,8 @@ def deberta_spec(c: Config) -> Spec:
     s.line("block = residual(mha(softmax, dropout=p_attn) -> dropout(p=p_drop)) -> norm\n"
            f"     -> residual(ffn(mlp, act={act}) -> dropout(p=p_drop)) -> norm")
     absolute = " -> pos(learned, max_len=n_ctx)" if c.get("position_biased_input", True) else ""
-    relative_pos = " -> pos(deberta, k=k)" if relative else ""
+    terms = "" if _terms(c) in (None, "both") else f", terms={_terms(c)}"
+    relative_pos = f" -> pos(deberta, k=k{terms})" if relative else ""
     # no head: the last hidden state (DebertaModel)
     s.body = ("model deberta(causal=false) =\n"
               f"    input(tokens) -> embed(token){absolute} -> norm -> dropout(p=p_drop){relative_pos}\n"
@@ -65,8 +71,9 @@ def deberta_weights(c: Config) -> dict:
         out[e + "attn.v_proj.bias"] = Take(h + "attention.self.v_bias")
         layers = [("attn.o_proj", "attention.output.dense"), ("norm1", "attention.output.LayerNorm"),
                   ("ffn.up_proj", "intermediate.dense"), ("ffn.down_proj", "output.dense"), ("norm2", "output.LayerNorm")]
-        if relative:
+        if relative and _terms(c) in ("both", "p2c"):
             layers.append(("attn.pos.pos_q_proj", "attention.self.pos_q_proj"))
+        if relative and _terms(c) in ("both", "c2p"):
             out[e + "attn.pos.pos_proj.weight"] = Take(h + "attention.self.pos_proj.weight")
         for ours, theirs in layers:
             for part in (".weight", ".bias"):

@@ -60,6 +60,7 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"softcap": 50.0, "kv_heads": 2, "head_dim": 64, "pos": ROPE}, ODD),
                 # DeBERTa's disentangled scores (pos(deberta)): 2 min(n, k) table rows, c2p and p2c gathered
                 ({"pos": DEBERTA}, BOTH), ({"pos": DEBERTA_SHARED, "kv_heads": 2}, BOTH), ({"pos": DEBERTA, "dropout": 0.1}, SMALL),
+                ({"pos": ("deberta", {"terms": "c2p"})}, SMALL), ({"pos": ("deberta", {"k": 16, "terms": "p2c"}), "kv_heads": 2}, ODD),
                 # DIET's position attention (pos(diet)): P_Q P_K^T or R of the clipped distance, added with a gradient
                 ({"pos": DIET_ABS}, BOTH), ({"pos": DIET_REL, "kv_heads": 2}, BOTH), ({"pos": DIET_ABS, "dropout": 0.1}, SMALL),
                 # TUPE's untied correlation (pos(tupe)): p's first n rows normed and projected, per head; T5's buckets

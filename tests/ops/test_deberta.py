@@ -15,7 +15,7 @@ from evodsl.ops import Ctx
 from ophelpers import make_op, perturb_params
 
 
-def reference(m, x, k, causal, share):
+def reference(m, x, k, causal, share, terms="both"):
     """The disentangled attention of module m (weights only) on x [b, n, d], float64, from the equation."""
     b, n, d = x.shape
     h, kv, dh = m.heads, m.kv_heads, m.head_dim
@@ -24,16 +24,23 @@ def reference(m, x, k, causal, share):
     key = lin(x, m.k_proj).view(b, n, kv, dh).repeat_interleave(h // kv, dim=2)
     v = lin(x, m.v_proj).view(b, n, kv, dh).repeat_interleave(h // kv, dim=2)
     P = m.pos_source.weight  # [2k, d]
-    kr_layer, qr_layer = (m.k_proj, m.q_proj) if share else (m.pos.pos_proj, m.pos.pos_q_proj)
-    Kr = lin(P, kr_layer).view(2 * k, -1, dh).repeat_interleave(h // (kr_layer.out_features // dh), dim=1)
-    Qr = lin(P, qr_layer).view(2 * k, h, dh)
+    c2p, p2c = terms in ("both", "c2p"), terms in ("both", "p2c")
+    if c2p:
+        kr_layer = m.k_proj if share else m.pos.pos_proj
+        Kr = lin(P, kr_layer).view(2 * k, -1, dh).repeat_interleave(h // (kr_layer.out_features // dh), dim=1)
+    if p2c:
+        Qr = lin(P, m.q_proj if share else m.pos.pos_q_proj).view(2 * k, h, dh)
+    scale = math.sqrt((1 + c2p + p2c) * dh)  # HF: 1 + len(pos_att_type)
     A = torch.empty(b, h, n, n, dtype=x.dtype)
     for i in range(n):
         for j in range(n):
             delta = min(max(i - j, -k), k - 1) + k
-            A[:, :, i, j] = (torch.einsum("bhd,bhd->bh", q[:, i], key[:, j])
-                             + torch.einsum("bhd,hd->bh", q[:, i], Kr[delta])
-                             + torch.einsum("bhd,hd->bh", key[:, j], Qr[delta])) / math.sqrt(3 * dh)
+            a = torch.einsum("bhd,bhd->bh", q[:, i], key[:, j])
+            if c2p:
+                a = a + torch.einsum("bhd,hd->bh", q[:, i], Kr[delta])
+            if p2c:
+                a = a + torch.einsum("bhd,hd->bh", key[:, j], Qr[delta])
+            A[:, :, i, j] = a / scale
     if causal:
         A = A.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     o = torch.einsum("bhij,bjhd->bihd", A.softmax(-1), v).reshape(b, n, h * dh)
@@ -57,6 +64,20 @@ def test_matches_the_disentangled_equation(b, n, d, heads, extra, k, share, caus
         got = m(x, Ctx())
     want = reference(m, x, k, causal, share)
     assert (got - want).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("terms", ["c2p", "p2c"])
+@pytest.mark.parametrize("share", [False, True])
+def test_one_position_term(terms, share):
+    """HF's pos_att_type with one term: that term alone, the scale 1/sqrt(2 dh), its projection only."""
+    m, _, _ = make_op("mha", "softmax", d=32, heads=4, causal=True, kv_heads=2,
+                      pos=("deberta", {"k": 3, "share": share, "terms": terms}))
+    perturb_params(m)
+    assert share or (hasattr(m.pos, "pos_proj"), hasattr(m.pos, "pos_q_proj")) == (terms == "c2p", terms == "p2c")
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        got = m(x, Ctx())
+    assert (got - reference(m, x, 3, True, share, terms)).abs().max().item() < 1e-10
 
 
 def test_key_bias_kept_on_request_and_counted():

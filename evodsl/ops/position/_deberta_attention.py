@@ -43,10 +43,13 @@ class DebertaRelative(InAttentionPosition):
     def __init__(self, p, heads: int, head_dim: int):
         super().__init__()
         self.k, self.share, self.key_bias = p.k, p.share, p.key_bias
+        self.c2p, self.p2c = p.terms in ("both", "c2p"), p.terms in ("both", "p2c")
         self.heads, self.head_dim = heads, head_dim
+        self.scale = ((1 + self.c2p + self.p2c) * head_dim) ** -0.5  # HF: 1 + len(pos_att_type)
         width = heads * head_dim
-        if not p.share:
+        if not p.share and self.c2p:
             self.pos_proj = nn.Linear(width, width, bias=False)  # Kr = P W_kr
+        if not p.share and self.p2c:
             self.pos_q_proj = nn.Linear(width, width)  # Qr = P W_qr + b_qr
         self.__dict__["_table"] = None  # a reference, not a submodule: the table belongs to the pos node
 
@@ -59,15 +62,17 @@ class DebertaRelative(InAttentionPosition):
         self.__dict__["_table"] = None if ctx is None else ctx.extra.get("deberta")
 
     def relative(self, att, rows: torch.Tensor):
-        """Kr [h, 2s, dh] and Qr [h, 2s, dh] (Qr scaled) of the table rows."""
-        if self.share:
-            kr, qr = att.k_proj(rows), att.q_proj(rows)
-        else:
-            kr, qr = self.pos_proj(rows), self.pos_q_proj(rows)
-        kr = kr.view(rows.shape[0], -1, self.head_dim).transpose(0, 1)
-        qr = qr.view(rows.shape[0], -1, self.head_dim).transpose(0, 1) * (3 * self.head_dim) ** -0.5
-        g = self.heads // kr.shape[0]  # share=true with K/V heads: each serves its group of query heads
-        return (kr if g == 1 else kr.repeat_interleave(g, dim=0)), qr
+        """Kr [h, 2s, dh] and Qr [h, 2s, dh] (Qr scaled) of the table rows (None for a term not computed)."""
+        kr = qr = None
+        if self.c2p:
+            kr = (att.k_proj if self.share else self.pos_proj)(rows)
+            kr = kr.view(rows.shape[0], -1, self.head_dim).transpose(0, 1)
+            g = self.heads // kr.shape[0]  # share=true with K/V heads: each serves its group of query heads
+            kr = kr if g == 1 else kr.repeat_interleave(g, dim=0)
+        if self.p2c:
+            qr = (att.q_proj if self.share else self.pos_q_proj)(rows)
+            qr = qr.view(rows.shape[0], -1, self.head_dim).transpose(0, 1) * self.scale
+        return kr, qr
 
     def scores(self, att, q: torch.Tensor, k: torch.Tensor, start) -> torch.Tensor:
         """c2p + p2c [b, h, n, L] for (scaled) queries at positions start.. against keys 0..L-1."""
@@ -81,15 +86,18 @@ class DebertaRelative(InAttentionPosition):
         i = torch.arange(n, device=q.device)[:, None] + start
         j = torch.arange(L, device=q.device)[None, :]
         delta = (i - j).clamp(-s, s - 1) + s  # [n, L], indices into the 2s rows
-        c2p = (q @ kr.transpose(-1, -2)).gather(-1, delta.expand(b, h, n, L))
-        p2c = (att.expand_kv(k) @ qr.transpose(-1, -2)).gather(-1, delta.t().expand(b, h, L, n))
-        return c2p.add_(p2c.transpose(-1, -2))
+        c2p = p2c = None
+        if self.c2p:
+            c2p = (q @ kr.transpose(-1, -2)).gather(-1, delta.expand(b, h, n, L))
+        if self.p2c:
+            p2c = (att.expand_kv(k) @ qr.transpose(-1, -2)).gather(-1, delta.t().expand(b, h, L, n)).transpose(-1, -2)
+        return p2c if c2p is None else c2p if p2c is None else c2p.add_(p2c)
 
     def attend(self, att, x: torch.Tensor, ctx) -> torch.Tensor:
         self.bind(ctx)
         start = 0
         q, k, v = att.qkv(x)
-        q = q * (3 * self.head_dim) ** -0.5
+        q = q * self.scale
         n = x.shape[1]
         if ctx is not None and ctx.cache is not None:  # decoding: the new queries against every cached key
             from ...decode import append_kv

@@ -12,6 +12,7 @@ layer's own k_proj and q_proj (share=true, v2's share_att_key).
 Where HF's DebertaModel differs from the paper, this follows HF, so that its weights give its outputs:
 - p2c reads Qr at δ(i, j), not the paper's δ(j, i) (HF gathers at clamp(-(j - i)), the same index as c2p);
 - the scale 1/sqrt(3 dh) (HF: 1 + len(pos_att_type) = 3) divides q before every term and Qr (never k);
+  terms=c2p or terms=p2c keeps one position term (HF's pos_att_type), at 1/sqrt(2 dh);
 - DeBERTa v1 has no key bias (q_bias, v_bias only): with key_bias=false (the default) the attention's k_proj
   loses its bias, so that a spec's parameters are DeBERTa's.
 Choices where the paper is silent: the table is heads·head_dim wide (DeBERTa's hidden size equals it); with
@@ -21,6 +22,8 @@ distance i - j, so the causal mask keeps the future out exactly: causal form "ye
 cache with the distances counted from the absolute positions.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -36,6 +39,8 @@ class DebertaParams(OpParams):
     share: bool = Field(False, description="project the table with the layer's k_proj/q_proj (v2's share_att_key) "
                                            "instead of its own pos_proj/pos_q_proj (v1)")
     key_bias: bool = Field(False, description="keep the attention's k_proj bias (DeBERTa has q and v biases only)")
+    terms: Literal["both", "c2p", "p2c"] = Field("both", description="the position terms (HF's pos_att_type); "
+                                                    "the scale is 1/sqrt((1 + terms) dh)")
 
 
 class DebertaTable(nn.Module):
