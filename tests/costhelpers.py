@@ -58,7 +58,9 @@ def measure_op(module, x, train_mode: bool = True, make_ctx=None) -> dict:
     from evodsl.ops import Ctx
 
     inputs = x if isinstance(x, list) else [x]
-    params = {_key(p) for p in module.parameters()} | {_key(bf) for bf in module.buffers()}
+    upstream = module.__dict__.get("pos_source")  # a position scheme's parameters upstream (make_op): parameters
+    known = [*module.parameters(), *module.buffers(), *(upstream.parameters() if upstream is not None else ())]
+    params = {_key(p) for p in known}
     in_keys = {_key(t) for t in inputs}
     streams = isinstance(x, list) and not isinstance(module, (SumMerge, ConcatMerge))  # reads streams (xattn)
     make_ctx = make_ctx or Ctx  # a Ctx per call (a segment memory's, say)
@@ -68,7 +70,7 @@ def measure_op(module, x, train_mode: bool = True, make_ctx=None) -> dict:
         (lambda: module(detached if isinstance(x, list) else detached[0], make_ctx()))
 
     module.eval()
-    with torch.no_grad(), StorageTracker([*module.parameters(), *module.buffers(), *inputs]) as tr:
+    with torch.no_grad(), StorageTracker([*known, *inputs]) as tr:
         with FlopCounterMode(display=False) as fwd_inference:
             out = infer()
         out_key, out_bytes = _key(out), out.untyped_storage().nbytes()
@@ -80,7 +82,7 @@ def measure_op(module, x, train_mode: bool = True, make_ctx=None) -> dict:
     pack = SavedStorages()
     # The training forward runs under the tracker too, so that what exists before the backward (the saved
     # tensors, the output) is known to it and views of them are not taken for new storages.
-    with StorageTracker([*module.parameters(), *module.buffers(), *inputs]) as tr:
+    with StorageTracker([*known, *inputs]) as tr:
         with FlopCounterMode(display=False) as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = call()
         out_key, saved = _key(out), pack.live()

@@ -298,6 +298,10 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in MODIFIERS]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in COLLAB]
          + [("pos(xl_rel)", b) for b in BLOCKS[:3]]  # Transformer-XL's relative scores, against the cache
+         + [("pos(deberta, k=8)", b) for b in BLOCKS[:2]]  # DeBERTa's disentangled scores (29 tokens: clipped)
+         + [(p, b) for p in ("pos(diet, max_len=64)", "pos(diet, mode=rel, k=8)") for b in BLOCKS]  # DIET's terms
+         + [(p, b) for p in ("pos(tupe, heads=4, max_len=64, cls=true)", "pos(tupe, heads=4, max_len=64, mode=rel)")
+            for b in BLOCKS]  # TUPE's untied correlation (and T5's buckets), the first token reset
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED + COMBINER
             + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA + NSA + EXP_SMOOTHING + MGK + AVERAGE + SPARSE_SINKHORN
             + SCATTERBRAIN]

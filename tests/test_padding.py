@@ -48,7 +48,10 @@ CHUNKED = ("linear", "fanet", "simpletron", "performer", "rfa", "fmm", "momentum
            "slim", "scatterbrain")  # causal forms in chunks: 16 tokens here, so that N spans several
 POSITIONS = {"rope": ("rope", {}), "xpos": ("xpos", {"scale_base": 16.0}), "alibi": ("alibi", {}),
              "kerple": ("kerple", {}), "randomized_rope": ("randomized_rope", {"max_len": 128}),
-             "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20})}
+             "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}),
+             "deberta": ("deberta", {"k": 16}), "diet": ("diet", {"mode": "abs", "max_len": N}),
+             "tupe": ("tupe", {"heads": 4, "max_len": N, "mode": "rel", "cls": True, "buckets": 8, "max_distance": 20})}
+ABSOLUTE = ("diet", "tupe")  # position terms read from each row's start: left padding is refused (E409, their tests)
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
 KERNELIZED = ("linear", "performer", "rfa", "learned_kernel", "slim")  # chunked causal forms; phi after rope (absolute positions)
 # Gaussian keys (MGK): a key's weight falls with |k|^2, so the padding's large-norm noise keys get ~1e-8 of the
@@ -88,7 +91,7 @@ def _sided():
     for case in _cases():
         variant, causal, pos, scores = case.values
         yield pytest.param(*case.values, "right", id=f"{case.id}-right")
-        if not (variant in KERNELIZED + ("ngpt",) and pos == "rope") and variant not in RIGHT_ONLY:  # E409 (their tests)
+        if not (variant in KERNELIZED + ("ngpt",) and pos == "rope") and variant not in RIGHT_ONLY and pos not in ABSOLUTE:  # E409 (their tests)
             yield pytest.param(*case.values, "left", id=f"{case.id}-left")
 
 

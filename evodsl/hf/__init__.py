@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ._config import Config, read_config
+from .bloom import bloom_spec, bloom_weights
+from .deberta import deberta_spec, deberta_weights
 from .decoders import gpt2_spec, gpt2_weights, llama_spec, llama_weights
 from .deepseek import deepseek_v2_spec, deepseek_v2_weights
 from .encdec import bart_spec, bart_weights, t5_spec, t5_weights
@@ -44,6 +46,8 @@ FAMILIES = {
     "deepseek_v2": Family(deepseek_v2_spec, deepseek_v2_weights),
     "yoso": Family(yoso_spec, yoso_weights),
     "reformer": Family(reformer_spec, reformer_weights, ("lm_head.bias",)),
+    "bloom": Family(bloom_spec, bloom_weights),
+    "deberta": Family(deberta_spec, deberta_weights),
 }
 
 

@@ -21,6 +21,8 @@ class Take:
     hf: str
     t: bool = False
     rows: tuple[int, int] | None = None
+    part: tuple[int, int, int] | None = None  # (heads, parts, i): slice i of each head's `parts` equal slices of
+    #                                          rows, a matrix fused per head (BLOOM's query_key_value, DeBERTa's in_proj)
 
 
 # ----------------------------------------------------------------------------------------------- GPT-2

@@ -29,6 +29,9 @@ def _listing(names) -> str:
 
 
 def _convert(t: torch.Tensor, take) -> torch.Tensor:
+    if take.part is not None:  # [heads * parts * w, ...] -> [heads * w, ...], slice i of each head
+        heads, parts, i = take.part
+        t = t.reshape(heads, parts, -1, *t.shape[1:])[:, i].reshape(-1, *t.shape[1:])
     if take.rows is not None:
         t = (t.t() if take.t else t)[take.rows[0]:take.rows[1]]
         return t
@@ -111,6 +114,8 @@ def _tied_copy(state, key: str, used: set, plan: dict, locate) -> bool:
 
 def _shape(state, key, take) -> tuple:
     t = state.shape_of(key) if isinstance(state, SafetensorsState) else tuple(state[key].shape)
+    if take.part is not None:
+        t = (t[0] // take.part[1], *t[1:])
     t = tuple(reversed(t)) if take.t else tuple(t)
     if take.rows is not None:
         t = (take.rows[1] - take.rows[0], *t[1:])

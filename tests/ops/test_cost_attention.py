@@ -23,6 +23,9 @@ load_all()
 SIZES = [(2, 64, 64), (1, 160, 96)]  # (b, n, d), heads=4: dh 16 and 24
 ROPE, HALF_ROPE, ALIBI, T5 = ("rope", {}), ("rope", {"fraction": 0.5}), ("alibi", {}), ("t5_bias", {"heads": 4})
 XL = ("xl_rel", {})
+DEBERTA, DEBERTA_SHARED = ("deberta", {}), ("deberta", {"k": 16, "share": True})
+DIET_ABS, DIET_REL = ("diet", {"mode": "abs", "max_len": 200}), ("diet", {"mode": "rel", "k": 16})
+TUPE, TUPE_REL = ("tupe", {"heads": 4, "max_len": 200}), ("tupe", {"heads": 4, "max_len": 200, "mode": "rel", "cls": True})
 BOTH, SMALL, ODD = (0, 1), (0,), (1,)  # which of SIZES a build runs at (the file stays under ~30 s)
 
 CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectional
@@ -63,6 +66,13 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"pos": ("kerple", {})}, BOTH), ({"pos": ("kerple", {"kind": "power"}), "kv_heads": 2}, BOTH),
                 ({"pos": ("kerple", {}), "dropout": 0.1}, SMALL),
                 ({"pos": ("randomized_rope", {"max_len": 256})}, SMALL)],
+                # DeBERTa's disentangled scores (pos(deberta)): 2 min(n, k) table rows, c2p and p2c gathered
+                ({"pos": DEBERTA}, BOTH), ({"pos": DEBERTA_SHARED, "kv_heads": 2}, BOTH), ({"pos": DEBERTA, "dropout": 0.1}, SMALL),
+                ({"pos": ("deberta", {"terms": "c2p"})}, SMALL), ({"pos": ("deberta", {"k": 16, "terms": "p2c"}), "kv_heads": 2}, ODD),
+                # DIET's position attention (pos(diet)): P_Q P_K^T or R of the clipped distance, added with a gradient
+                ({"pos": DIET_ABS}, BOTH), ({"pos": DIET_REL, "kv_heads": 2}, BOTH), ({"pos": DIET_ABS, "dropout": 0.1}, SMALL),
+                # TUPE's untied correlation (pos(tupe)): p's first n rows normed and projected, per head; T5's buckets
+                ({"pos": TUPE}, BOTH), ({"pos": TUPE_REL, "kv_heads": 2}, BOTH), ({"pos": TUPE, "dropout": 0.1}, SMALL)],
     "local": [({"window": 16}, BOTH), ({"window": 40, "kv_heads": 2}, BOTH), ({"window": 16, "pos": ALIBI}, BOTH),
               ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
               ({"window": 16, "pos": ("xpos", {})}, SMALL),

@@ -94,6 +94,9 @@ CASES = [
     ("pos", "randomized", lambda d: {"max_len": 64, "scheme": "learned"}),
     ("pos", "randomized_rope", lambda d: {"max_len": 64}),
     ("pos", "t5_bias", lambda d: {"heads": 4}),  # the table's parameters; the identity on the stream
+    ("pos", "deberta", lambda d: {"k": 16}),  # the relative embedding table; the identity on the stream
+    ("pos", "diet", lambda d: {}),  # the identity on the stream (each attention layer counts its own terms)
+    ("pos", "tupe", lambda d: {"heads": 4, "max_len": 64, "mode": "rel", "cls": True}),  # p, U_Q, U_K, b, θ; the identity
     ("merge", "sum", _branches(2)),
     ("merge", "sum", _branches(3)),
     ("merge", "mean", _branches(2)),

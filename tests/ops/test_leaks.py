@@ -67,7 +67,11 @@ CAUSAL_MHA = sorted(v for (f, v), op in REGISTRY.items() if f == "mha" and op.ca
 POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "alibi": ("alibi", {}),
              "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}), "xl_rel": ("xl_rel", {}),
              "xpos": ("xpos", {"scale_base": 16.0}), "kerple": ("kerple", {}),
-             "kerple_power": ("kerple", {"kind": "power"}), "randomized_rope": ("randomized_rope", {"max_len": 128})}
+             "kerple_power": ("kerple", {"kind": "power"}), "randomized_rope": ("randomized_rope", {"max_len": 128}),
+             "deberta": ("deberta", {"k": 8}),
+             "diet_abs": ("diet", {"mode": "abs", "max_len": 128}), "diet_rel": ("diet", {"mode": "rel", "k": 8}),
+             "tupe_abs": ("tupe", {"heads": 4, "max_len": 128, "cls": True}),
+             "tupe_rel": ("tupe", {"heads": 4, "max_len": 128, "mode": "rel", "buckets": 8, "max_distance": 20})}
 
 
 def test_every_causal_attention_is_covered():

@@ -58,6 +58,8 @@ class SoftmaxAttention(AttentionBase):
         self.qk_gain = qk_gain(p)  # qk_norm=true: QKNorm's g (_qknorm.py), SDPA's scale 1
         if self.qk_gain is not None:
             self.scale = 1.0
+        if hasattr(self.pos, "adopt"):  # a scheme that adjusts its attention (pos(deberta), pos(tupe))
+            self.pos.adopt(self)
 
     def _bias(self, n: int, device, start: int = 0) -> torch.Tensor | None:
         """The position scheme's bias [h, n, start + n] of queries start.. against keys 0.. (decoding: start
@@ -75,6 +77,8 @@ class SoftmaxAttention(AttentionBase):
         return bias
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        if getattr(self.pos, "attends", False):
+            return self.pos.attend(self, x, ctx)
         if self.modified:
             return scored_forward(self, x, ctx)
         if self.xl:
@@ -143,6 +147,8 @@ class SoftmaxAttention(AttentionBase):
 def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) -> Cost:
     """SDPA on [b, h, n, n] scores (GQA read in place); RealFormer's path runs the matmuls itself and keeps the
     [b, h, n, n] weights. With ALiBi the [1, h, n, n] bias is SDPA's mask, and SDPA keeps it for backward."""
+    if env.pos is not None and getattr(env.pos[0].attach, "attends", False):  # pos(deberta)
+        return env.pos[0].attach.attention_cost(p, env, s)
     if modifiers(p):
         return scored_cost(p, env, s)
     if getattr(p, "collab", None):  # softmax params only: bigbird, etc and others call this with their own
@@ -202,6 +208,8 @@ def softmax_attention_cost(p: SoftmaxAttentionParams, env: OpEnv, s: Symbols) ->
 
 
 def softmax_shape(p: SoftmaxAttentionParams, env: OpEnv):
+    if env.pos is not None and getattr(env.pos[0].attach, "attends", False):  # pos(deberta)
+        env.pos[0].attach.check(p, env)
     check_modifiers("mha(softmax)", p, env)
     check_collab("mha(softmax)", p, env, modifiers(p))
     check_qk_norm("mha(softmax)", p, env, modifiers(p) + ([f"collab={p.collab}"] if p.collab else []))
@@ -212,7 +220,7 @@ OP = register(Op(
     decode="a K/V cache of every position so far (kv_heads heads)",
     family="mha", variant="softmax", params=SoftmaxAttentionParams, module=SoftmaxAttention,
     causal="yes", shape=softmax_shape, supports=frozenset({"rope", "xpos", "alibi", "kerple", "randomized_rope", "t5_bias", "xl_rel",
-                                                             "residual_scores", "memory"}),
+                                                             "deberta", "diet", "tupe", "residual_scores", "memory"}),
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",
     summary="softmax(Q K^T * scale) V per head, scale 1/sqrt(dh) by default; kv_heads < heads shares K/V heads "
             "(MQA/GQA)",
