@@ -65,7 +65,7 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"pos": ("xpos", {})}, BOTH), ({"pos": ("xpos", {"fraction": 0.5}), "kv_heads": 2}, SMALL),
                 ({"pos": ("kerple", {})}, BOTH), ({"pos": ("kerple", {"kind": "power"}), "kv_heads": 2}, BOTH),
                 ({"pos": ("kerple", {}), "dropout": 0.1}, SMALL),
-                ({"pos": ("randomized_rope", {"max_len": 256})}, SMALL)],
+                ({"pos": ("randomized_rope", {"max_len": 256})}, SMALL),
                 # DeBERTa's disentangled scores (pos(deberta)): 2 min(n, k) table rows, c2p and p2c gathered
                 ({"pos": DEBERTA}, BOTH), ({"pos": DEBERTA_SHARED, "kv_heads": 2}, BOTH), ({"pos": DEBERTA, "dropout": 0.1}, SMALL),
                 ({"pos": ("deberta", {"terms": "c2p"})}, SMALL), ({"pos": ("deberta", {"k": 16, "terms": "p2c"}), "kv_heads": 2}, ODD),
