@@ -83,10 +83,14 @@ def selection_importance(m, p, N, t, last, key_mask):
     pg = F.pad(p.view(b, kv, h // kv, T, M).sum(2), (0, 1))  # [b, kv, T, M + 1]: column M is zero
     J = (N + m.select - 1) // m.select + m.topk
     j = torch.arange(J, device=p.device)
-    r, weight = overlap_table(m.block, m.stride, m.select, p.device)
+    r, _ = overlap_table(m.block, m.stride, m.select, p.device)
     idx = j[:, None] * (m.select // m.stride) + r  # [J, R]
     idx = torch.where((idx >= 0) & (idx < M), idx, M)
-    imp = (pg[..., idx] * weight.to(p.dtype)).sum(-1)  # [b, kv, T, J]
+    a, c = m.select // m.stride, m.block // m.stride
+    w = [sum(1 for u in range(a) for v in range(c) if u - v == rr) for rr in range(-(c - 1), a)]  # weight, as numbers
+    imp = pg[..., idx[:, 0]] * float(w[0])  # [b, kv, T, J]: one overlap offset at a time (R <= l'/d + l/d - 1),
+    for i in range(1, len(w)):  # never a [T, J, R] tensor
+        imp.add_(pg[..., idx[:, i]], alpha=float(w[i]))
     start = j * m.select
     valid = (start[None, :] <= last[:, None]) & (start[None, :] < N)  # [T, J]
     valid = valid[None, None] if key_mask is None else valid & key_mask[:, start.clamp(max=N - 1)][:, None, None, :]
