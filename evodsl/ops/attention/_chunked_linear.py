@@ -77,3 +77,18 @@ def recurrent_decay(q, k, v, g, state=None):
         s = (a[..., None] if g.dim() == 4 else a[..., None, None]) * s + k[:, :, t, :, None] * v[:, :, t, None, :]
         out.append((q[:, :, t, None, :] @ s).squeeze(2))
     return torch.stack(out, 2), s
+
+
+def parallel_decay(q, k, v, g):
+    """The same outputs from a zero state in one piece, no loop (the export's form, a symbolic n): the [n, n]
+    decay ratios exp(B_i - B_j), j <= i, with B the decay accumulated from the first token; per key channel for a
+    vector decay ([n, n, dk] ratios: O(n^2 dk), only where the length is symbolic)."""
+    n = q.shape[2]
+    B = g.cumsum(2)
+    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+    if g.dim() == 4:
+        lag = (B[:, :, :, None, :] - B[:, :, None, :, :]).masked_fill(future[..., None], float("-inf"))
+        a = (q[:, :, :, None, :] * k[:, :, None, :, :] * lag.exp()).sum(-1)
+    else:
+        a = (q @ k.transpose(-1, -2)) * (B[..., :, None] - B[..., None, :]).masked_fill(future, float("-inf")).exp()
+    return a @ v
