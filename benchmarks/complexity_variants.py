@@ -76,6 +76,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("clustered, clusters=64, topk=32", "clustered, clusters=64, topk=32"),  # improved: n (C + k) d
         ("routing, clusters=16, window=64", "routing, clusters=16, window=64"),
         ("exp_smoothing", "exp_smoothing"),
+        ("retention", "retention"),  # chunks of 64: n 64 dh + n dh^2, the state dh^2 a head
         ("mgk, components=2", "mgk, components=2"),
         ("mgk, linear, components=2", "mgk, form=linear, components=2"),  # phi(q)^T sum_j sum_r pi_r phi(k_jr) v_j^T: n d^2
         ("nap", "nap"),  # explicit [b, h, n, n] scores, normalised per row
@@ -121,3 +122,4 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "colt5", "yoso", "clustered", "probsparse", "chord", "smyrf",
                       "sinkformer")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
+CAUSAL_ONLY += ("retention",)  # the chunked linear recurrences

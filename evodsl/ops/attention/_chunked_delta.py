@@ -55,10 +55,13 @@ def chunked_delta(q, k, v, beta, g=None, state=None, chunk: int = 64):
     kc = k if decay is None else decay * k
     s = q.new_zeros(b, h, dk, v.shape[-1]) if state is None else state
     out = []
-    for c in range(q.shape[2]):  # a loop over chunks only
-        u = u0[:, :, c] - w[:, :, c] @ s
-        out.append(qs[:, :, c] @ s + qk[:, :, c] @ u)
-        s = (s if g is None else B[:, :, c, -1, None, None].exp() * s) + kc[:, :, c].transpose(-1, -2) @ u
+    carry = [None] * q.shape[2] if g is None else B[..., -1, None, None].exp().unbind(2)
+    # a loop over chunks only, over tensors unbound once (indexing chunk c would give each chunk's gradient the
+    # size of all of them)
+    for u0c, wc, qc, qkc, kcc, keep in zip(u0.unbind(2), w.unbind(2), qs.unbind(2), qk.unbind(2), kc.unbind(2), carry):
+        u = u0c - wc @ s
+        out.append(qc @ s + qkc @ u)
+        s = (s if keep is None else keep * s) + kcc.transpose(-1, -2) @ u
     return torch.stack(out, 2).reshape(b, h, -1, v.shape[-1])[:, :, :n], s
 
 

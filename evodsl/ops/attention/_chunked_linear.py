@@ -59,9 +59,10 @@ def chunked_decay(q, k, v, g, state=None, chunk: int = 64):
     local = kc.transpose(-1, -2) @ v  # [b, h, m, dk, dv]: each chunk's own contribution to the state
     s = q.new_zeros(b, h, dk, v.shape[-1]) if state is None else state
     before = []
-    for c in range(local.shape[2]):  # the state before each chunk: a loop over chunks only
+    # unbound once (indexing chunk c in the loop would give each chunk's gradient the size of all of them)
+    for keep, own in zip(carry.unbind(2), local.unbind(2)):  # the state before each chunk: a loop over chunks only
         before.append(s)
-        s = carry[:, :, c] * s + local[:, :, c]
+        s = keep * s + own
     o = qd @ torch.stack(before, 2) + a @ v  # [b, h, m, C, dv]
     return o.reshape(b, h, -1, v.shape[-1])[:, :, :n], s
 

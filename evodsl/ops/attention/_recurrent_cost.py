@@ -1,6 +1,12 @@
 """The cost of the chunked linear recurrences (retention.py, gla.py, deltanet.py, gated_deltanet.py): their
 projections, then the chunked kernel that torch runs at a known n (_chunked_linear.py, _chunked_delta.py; the
-export's one-piece form, a symbolic n, is not costed: tests/test_onnx.py OTHER_FORMS)."""
+export's one-piece form, a symbolic n, is not costed: tests/test_onnx.py OTHER_FORMS).
+
+Symbols beside attention's (_common.py): C = min(chunk, n) tokens a chunk, m = ceil(n / C) chunks, N = m C rows (the
+last chunk zero-padded); in bytes, t = b h n dh (a head tensor), T = b h N dh (its chunked copy: T = t unpadded),
+R = b h m C^2 (the [C, C] blocks of every chunk), Z = b h m dh^2 (one state before every chunk), u = b n h dh (the
+output's heads, token-major).
+"""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -12,21 +18,48 @@ from ..registry import OpEnv
 from ._common import head_symbols, projections_cost
 
 
-def _chunks(p, s: Symbols):
+def chunk_symbols(p, s: Symbols):
+    """C, m, N, and several (1 when there is more than one chunk) and padded (1 when the last chunk is padded)."""
     C = sp.Min(p.chunk, s.n)
     m = sp.ceiling(s.n / C)
-    return C, m, m * C
+    return C, m, m * C, sp.Min(1, m - 1), sp.Min(1, m * C - s.n)
+
+
+def decay_kernel_flops(b, h, N, C, dk, dv, several):
+    """chunked_decay: per chunk the scores q k^T [C, C] and their product with V, the chunk's state K^T V and the
+    queries against the state before it. Backward, twice each; with one chunk the state before is zero (no
+    gradient) and the chunk's own state is not read: only the queries' gradient against the zero state."""
+    fwd = 2 * b * h * N * C * (dk + dv) + 4 * b * h * N * dk * dv
+    bwd = 4 * b * h * N * C * (dk + dv) + 2 * b * h * N * dk * dv + 6 * b * h * N * dk * dv * several
+    return fwd, bwd
 
 
 def retention_cost(p, env: OpEnv, s: Symbols) -> Cost:
-    """Chunks of C = min(chunk, n) tokens, m of them (N = m C rows, the last chunk zero-padded); per query head
-    and chunk the [C, C] scores q k^T and their product with V, the chunk's state K^T V and the queries against
-    the state before it: 4 b h N C dh + 4 b h N dh^2 FLOPs forward, twice that backward; the gate's projection."""
+    """Kept (scalar decay): the rotation's cos and sin (q, k), the chunked q, k, v (padded copies, else the
+    heads themselves), the decay ratios [C, C] and the scores, the queries and keys scaled by their decay and
+    the decays, the states before every chunk; then the GroupNorm's input and statistics, the gate's input and
+    swish, the normed heads, o_proj's input. With one chunk the chunk's own state and the queries against the zero
+    state keep nothing. The inference peak is at the sum of the two products: q, k, v, their chunked copies, the
+    ratios, the scores, the scaled q and k, the products and their sum, the chunks' states, the states before
+    each chunk and the last. The backward's: the gradient of the gated output beside the input's, or the scores'
+    gradient once the output side has released what it kept."""
     h, kv, dh = head_symbols(p, s)
-    b, by = s.b, s.bytes
-    C, m, N = _chunks(p, s)
-    kernel = 4 * b * h * N * C * dh + 4 * b * h * N * dh ** 2
+    b, by, w = s.b, s.bytes, s.bytes
+    C, m, N, several, padded = chunk_symbols(p, s)
+    fwd, bwd = decay_kernel_flops(b, h, N, C, dh, dh, several)
     total = projections_cost(p, s, h, kv, dh) + linear(s, s.d, h * dh, p.bias)
-    norm = 2 * h * dh  # GroupNorm's scale and shift
-    core = Cost(params=norm, fwd=kernel, bwd=2 * kernel)
-    return replace(total + core, saved=0, peak=0, cache=b * h * dh ** 2 * by, saves_input=True)
+    core = Cost(params=2 * h * dh, fwd=fwd, bwd=bwd)  # GroupNorm's scale and shift
+    t, T, R, Z = b * h * s.n * dh * by, b * h * N * dh * by, b * h * m * C ** 2 * by, b * h * m * dh ** 2 * by
+    chunked = t + padded * (T - t)  # a chunked q, k or v: the padded copy, else the tensor itself
+    rotation = 2 * s.n * dh * w if p.rotate else 0
+    stats = 2 * b * s.n * h * w  # GroupNorm's mean and rstd
+    # the stacked states and B's exp are kept always; with several chunks also the decayed keys (into the states),
+    # the decayed queries (against a state with a gradient), (B_C - B)'s exp and the carries
+    saved = (rotation + 3 * chunked + 2 * R + Z + b * h * N * w + several * (2 * T + b * h * N * w + b * h * m * w)
+             + 5 * t + stats)
+    state = b * h * dh ** 2 * by
+    peak = 3 * t + padded * 3 * T + 2 * R + 5 * T + (2 * m + 1) * state + C ** 2 + 2 * b * h * N * w
+    out = b * s.n * s.d * by
+    bwd_peak = sp.Max(2 * t, t - 3 * T + out - stats + R)
+    return replace(total + core, saved=saved, peak=peak - out, cache=b * h * dh ** 2 * by, bwd_peak=bwd_peak,
+                   saves_input=True)
