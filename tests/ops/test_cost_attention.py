@@ -352,6 +352,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     # ETSformer's smoothing: chunks of 64 (n = 64: one, no carry; 160: three, the last padded), learned and fixed alpha
     # the chunked recurrences: chunks of 64 (n = 64: one; 160: three, the last padded), grouped and single K/V heads
     "retention": [({}, BOTH), ({"kv_heads": 2, "gamma": 0.9}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD)],
+    # gla: chunks of 16 (four and ten), 24 (padded), 64 (one at n = 64)
+    "gla": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD),
+            ({"chunk": 64, "rank": 8}, SMALL)],
     "exp_smoothing": [({}, BOTH), ({"alpha": 0.3}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False, "alpha": 0.5}, ODD)],
     # MGK: SDPA over the n r (token, component) pairs; the causal float mask [n, n r] it keeps; r = 1 (one key a token)
     "mgk": [({}, BOTH), ({"components": 3, "kv_heads": 2}, BOTH), ({"components": 1}, SMALL),

@@ -63,3 +63,34 @@ def retention_cost(p, env: OpEnv, s: Symbols) -> Cost:
     bwd_peak = sp.Max(2 * t, t - 3 * T + out - stats + R)
     return replace(total + core, saved=saved, peak=peak - out, cache=b * h * dh ** 2 * by, bwd_peak=bwd_peak,
                    saves_input=True)
+
+
+def gla_cost(p, env: OpEnv, s: Symbols) -> Cost:
+    """The vector-decay kernel (chunked_decay with a log decay per key channel); the gate's low-rank projection,
+    the output gate's."""
+    h, kv, dh = head_symbols(p, s)
+    b, by = s.b, s.bytes
+    C, m, N, several, padded = chunk_symbols(p, s)
+    fwd, bwd = decay_kernel_flops(b, h, N, C, dh, dh, several)
+    total = (projections_cost(p, s, h, kv, dh) + linear(s, s.d, h * dh, p.bias) + linear(s, s.d, p.rank, False)
+             + linear(s, p.rank, h * dh, True))
+    core = Cost(params=dh, fwd=fwd, bwd=bwd)  # the norm's scale
+    t, T, R = b * h * s.n * dh * by, b * h * N * dh * by, b * h * m * C ** 2 * by
+    state, chunked = b * h * dh ** 2 * by, t + padded * (T - t)
+    # kept: the gate's low-rank activation, logsigmoid's input and buffer; the chunked q, k, v, exp(B), exp(-B),
+    # the decayed queries and keys (transposed: a copy), the scores and their mask, the stacked states; with several
+    # chunks exp(B_C - B), the carries, the decayed keys into the states (transposed: a copy) and the states the
+    # carries multiply; the output side: the kernel's output, its rms, the normed heads, their token-major copy,
+    # the gate's input and swish, o_proj's input
+    saved = (b * s.n * p.rank * by + 2 * t + 3 * chunked + 4 * T + R + C ** 2 + m * state
+             + several * (2 * T + b * h * m * dh * by + (m - 1) * state) + T + 5 * t + b * h * s.n * by)
+    saved += (1 - padded) * t  # unpadded, the decayed queries keep q's head-strided layout: the matmul's copy
+    # the inference peak, at the last product: q, k, v and the log decay (with their padded copies), B, the decayed
+    # queries and keys, exp(B_C - B) and the keys decayed by it, the products, the scores, the chunks' states and
+    # the states before every chunk and the last; the backward's: two gradients of the heads, or the input's
+    # gradient beside the normed heads' (the rms released)
+    out = b * s.n * s.d * by
+    peak = (4 * t + padded * 4 * T + 6 * T + R + 2 * m * state + (m + 1) * state + b * h * m * dh * by + C ** 2)
+    bwd_peak = sp.Max(2 * t, out + t - b * h * s.n * by)
+    return replace(total + core, saved=saved, peak=peak - out, cache=b * h * dh ** 2 * by, bwd_peak=bwd_peak,
+                   saves_input=True)
