@@ -94,3 +94,36 @@ def gla_cost(p, env: OpEnv, s: Symbols) -> Cost:
     bwd_peak = sp.Max(2 * t, out + t - b * h * s.n * by)
     return replace(total + core, saved=saved, peak=peak - out, cache=b * h * dh ** 2 * by, bwd_peak=bwd_peak,
                    saves_input=True)
+
+
+def delta_kernel_flops(b, h, N, C, dk, dv):
+    """chunked_delta: per chunk K K^T and Q K^T, the triangular solve for [V, K] (C^2 (dv + dk) multiply-adds, which
+    torch's counter does not count: no matmul), in the loop W S, Q S, the scores against U, K^T U. Backward: each
+    twice, but the first chunk's W S and Q S (a zero state: no gradient) and the last chunk's K^T U (the state after
+    it is not read); the solve's gradient for the triangle, -grad [U, W] [U, W]^T (its solve uncounted)."""
+    fwd = 4 * b * h * N * C * dk + 2 * b * h * N * C * dv + 6 * b * h * N * dk * dv
+    bwd = (8 * b * h * N * C * dk + 4 * b * h * N * C * dv + 2 * b * h * N * C * (dk + dv)
+           + 2 * (4 * b * h * N * dk * dv - 2 * b * h * C * dk * dv) + 4 * b * h * (N - C) * dk * dv)
+    return fwd, bwd
+
+
+def _delta_cost(p, env: OpEnv, s: Symbols, gated: bool) -> Cost:
+    h, kv, dh = head_symbols(p, s)
+    b, by = s.b, s.bytes
+    C, m, N, several, padded = chunk_symbols(p, s)
+    fwd, bwd = delta_kernel_flops(b, h, N, C, dh, dh)
+    total = projections_cost(p, s, h, kv, dh) + linear(s, s.d, h, p.bias)
+    if gated:
+        total = total + linear(s, s.d, h * dh, p.bias) + linear(s, s.d, h, False)
+    params = dh + (h + 2 * kv) * dh * p.conv + (2 * h if gated else 0)  # the norm, the convolutions, A_log, dt_bias
+    core = Cost(params=params, fwd=fwd, bwd=bwd)
+    cache = b * h * dh ** 2 * by + (b * (p.conv - 1) * (h + 2 * kv) * dh * by if p.conv else 0)
+    return replace(total + core, saved=0, peak=0, cache=cache, bwd_peak=None, saves_input=True)
+
+
+def delta_cost(p, env: OpEnv, s: Symbols) -> Cost:
+    return _delta_cost(p, env, s, gated=False)
+
+
+def gated_delta_cost(p, env: OpEnv, s: Symbols) -> Cost:
+    return _delta_cost(p, env, s, gated=True)
