@@ -89,6 +89,7 @@ ARGS = {
     "smyrf": {"clusters": 4},  # one round: SDPA over [n, n / 4] scores, n^2 time, O(n) bytes; the sort's n log n unseen
     "mgk": {},  # n^2 r dh FLOPs in the fused kernel (causal: the queries repeated r times, n^2 r^2); O(n) bytes
     "exp_smoothing": {},  # chunks of 64: n 64 dh FLOPs, O(n) bytes
+    "deltanet": {}, "gated_deltanet": {},  # the WY form in chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes
     "gla": {},  # chunks of 16: n 16 dh + n dh^2 FLOPs, O(n) bytes
     "retention": {},  # chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes (the states: n / 64 dh^2)
     "synthesizer": {"kind": "dense", "max_len": 8192},  # n^2 (hidden + dh) time, the [b, h, n, n] weights: n^2 bytes

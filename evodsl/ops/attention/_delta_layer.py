@@ -83,6 +83,8 @@ class DeltaLayer(RecurrentAttention):
         k = self.expand_kv(F.normalize(k.view(b, n, kv, dh), dim=-1).transpose(1, 2))
         v = self.expand_kv(v.view(b, n, kv, dh).transpose(1, 2))
         beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)  # [b, h, n]
+        # laid out by head (a copy each): the kernel's matmuls would each copy a head-strided view
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return q, k, v, self.log_decay(x) if self.decays else None, beta
 
     def finish(self, x, o):

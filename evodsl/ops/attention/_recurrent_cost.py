@@ -118,7 +118,42 @@ def _delta_cost(p, env: OpEnv, s: Symbols, gated: bool) -> Cost:
     params = dh + (h + 2 * kv) * dh * p.conv + (2 * h if gated else 0)  # the norm, the convolutions, A_log, dt_bias
     core = Cost(params=params, fwd=fwd, bwd=bwd)
     cache = b * h * dh ** 2 * by + (b * (p.conv - 1) * (h + 2 * kv) * dh * by if p.conv else 0)
-    return replace(total + core, saved=0, peak=0, cache=cache, bwd_peak=None, saves_input=True)
+    n = s.n
+    t, T, R = b * h * n * dh * by, b * h * N * dh * by, b * h * m * C ** 2 * by
+    state, chunked = b * h * dh ** 2 * by, t + padded * (T - t)
+    width = (h + 2 * kv) * dh  # q, k, v side by side
+    # the layer: the convolutions' zero-padded inputs and SiLU's inputs (no convolutions: SiLU's on the projections),
+    # the L2 norms' inputs, norms and clamped norms, beta; the output side: the kernel's output, its rms, the normed
+    # heads and their token-major copy (Gated DeltaNet: and the gate's input, swish and the product)
+    layer = ((b * (n + p.conv - 1) * width * by if p.conv else 0) + b * n * width * by
+             + b * n * (h + kv) * dh * by + 2 * b * n * (h + kv) * by + b * n * h * by
+             + T + b * h * n * by + 2 * t + (3 * t if gated else 0))
+    # the kernel: the chunked q, k, v (and beta, padded), K K^T, the masks, the triangle and the solution [U0, W], the
+    # scores, the states before every chunk and every chunk's U; gated, the decay ratios, K K^T before and after
+    # them, exp(B), exp(B_C - B), the decayed keys (twice: exp(B) into W, exp(B_C - B) into the state), the decayed
+    # queries (with one chunk neither of the last two: the state before is zero, the one after unread), the carries,
+    # and the gate's softplus input and output
+    kernel = (3 * chunked + padded * b * h * N * by + 3 * R + 2 * C ** 2 + b * h * N * 2 * dh * by + m * state + T)
+    if gated:
+        kernel += 3 * R + 2 * b * h * N * by + (1 + 2 * several) * T + b * h * m * by + 2 * b * n * h * by + 2 * h * by
+    # the inference peak: q, k, v (padded copies, beta's) with the kernel's blocks, the Max of three moments: the
+    # scores masked (K K^T, the triangle, the scores before and after the mask, [V K] and its solution), the last
+    # chunk's sum in the loop (the outputs so far, U, its two products and their sum, the states) and the stack of
+    # the outputs (one chunk's U)
+    W2, S1, eye = b * h * N * 2 * dh * by, state, C ** 2 * by + C ** 2
+    base = 3 * t + padded * (3 * T + b * h * N * by) + 2 * W2 + eye + b * n * h * by
+    extra = (R + 3 * b * h * N * by + 2 * T) if gated else 0  # the ratios; B, exp(B), exp(B_C - B); the decayed q, k
+    phases = [base + 4 * R + extra, base + 3 * R + extra + T - T / m + 4 * T / m + S1 * m,
+              base + 3 * R + extra + T + (m + 1) * S1 + T / m]
+    out = b * n * s.d * by
+    # the backward's peak: the output side's gradients (three of the heads' width, beta's released), or the
+    # triangle's gradient in the solve's backward, -grad [U0 W] [U0 W]^T and its negation, beside what the loop's
+    # backward has left (fitted at the harness sizes: deltanet within 10%; gated_deltanet's releases more first,
+    # and its several-chunk rows read below this bound)
+    c = b * n * h * by
+    bwd_peak = sp.Max((2 if gated else 3) * t - (0 if gated else c), R + T - T / (2 * m) + (0 if gated else c))
+    return replace(total + core, saved=layer + kernel, peak=sp.Max(*phases) - out, cache=cache, bwd_peak=bwd_peak,
+                   saves_input=True)
 
 
 def delta_cost(p, env: OpEnv, s: Symbols) -> Cost:
