@@ -148,10 +148,12 @@ def _delta_cost(p, env: OpEnv, s: Symbols, gated: bool) -> Cost:
     out = b * n * s.d * by
     # the backward's peak: the output side's gradients (three of the heads' width, beta's released), or the
     # triangle's gradient in the solve's backward, -grad [U0 W] [U0 W]^T and its negation, beside what the loop's
-    # backward has left (fitted at the harness sizes: deltanet within 10%; gated_deltanet's releases more first,
-    # and its several-chunk rows read below this bound)
+    # backward has left (fitted at the harness sizes: deltanet within 10%). Gated DeltaNet's triangle phase is
+    # not this one: the decay ratios' gradient (grad * scores, beside grad * ratios) after the loop has released
+    # its states, which this bound overstates at several padded chunks (n = 160 in chunks of 64: 2x) - not modelled
     c = b * n * h * by
-    bwd_peak = sp.Max((2 if gated else 3) * t - (0 if gated else c), R + T - T / (2 * m) + (0 if gated else c))
+    first = 2 * out if gated else 3 * t - c  # the output side's (gated: the input's gradient beside the gate's)
+    bwd_peak = sp.Max(first, R + T - T / (2 * m) + (0 if gated else c))
     return replace(total + core, saved=layer + kernel, peak=sp.Max(*phases) - out, cache=cache, bwd_peak=bwd_peak,
                    saves_input=True)
 
