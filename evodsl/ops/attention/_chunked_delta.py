@@ -47,7 +47,9 @@ def chunked_delta(q, k, v, beta, g=None, state=None, chunk: int = 64):
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     lower = eye + (beta[..., None] * kk).masked_fill(~future.T, 0.0)  # unit lower-triangular
     rhs = torch.cat((beta[..., None] * v, beta[..., None] * (k if gamma is None else gamma * k)), -1)
-    solved = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
+    work = torch.promote_types(rhs.dtype, torch.float32)  # no 16-bit triangular solve on CUDA: float32 (a no-op at
+    # float32 and float64), back to the inputs' dtype for the loop's matmuls
+    solved = torch.linalg.solve_triangular(lower.to(work), rhs.to(work), upper=False, unitriangular=True).to(rhs.dtype)
     u0, w = solved.split((v.shape[-1], dk), -1)
     qk = (q @ k.transpose(-1, -2)).masked_fill(future, 0.0)
     qk = qk if ratio is None else qk * ratio
