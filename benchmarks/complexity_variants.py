@@ -77,6 +77,10 @@ def variants(args) -> list[tuple[str, str]]:
         ("clustered, clusters=64, topk=32", "clustered, clusters=64, topk=32"),  # improved: n (C + k) d
         ("routing, clusters=16, window=64", "routing, clusters=16, window=64"),
         ("exp_smoothing", "exp_smoothing"),
+        ("retention", "retention"),  # chunks of 64: n 64 dh + n dh^2, the state dh^2 a head
+        ("gla", "gla"),  # chunks of 16, a decay per key channel: n 16 dh + n dh^2
+        ("deltanet", "deltanet"),  # the WY form in chunks of 64: n 64 dh + n dh^2, a [64, 64] solve a chunk
+        ("gated_deltanet", "gated_deltanet"),
         ("mgk, components=2", "mgk, components=2"),
         ("mgk, linear, components=2", "mgk, form=linear, components=2"),  # phi(q)^T sum_j sum_r pi_r phi(k_jr) v_j^T: n d^2
         ("nap", "nap"),  # explicit [b, h, n, n] scores, normalised per row
@@ -122,3 +126,4 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "colt5", "yoso", "clustered", "probsparse", "chord", "smyrf",
                       "sinkformer")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
+CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences

@@ -12,6 +12,7 @@ from evodsl.ops.position._inattention import InAttentionStream
 # mha variants with a causal form only (their shape rule refuses a bidirectional model): the harnesses that run
 # each variant causal and bidirectional run these causal alone
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")
+CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences (_linear_recurrent.py)
 
 
 def make_op(family: str, variant: str, d: int = 32, causal: bool = False, pos=None, seed: int = 0,

@@ -239,6 +239,11 @@ MLA = ["norm -> mha(mla, kv_rank=16, rope_dim=4, nope_dim=6, v_dim=8) -> norm ->
        "norm -> mha(mla, kv_rank=8, q_rank=12, rope_dim=4, nope_dim=2, v_dim=10, heads=2, bias=false) -> norm -> ffn"]
 # ETSformer's smoothing: the last output of every head, learned and fixed alpha, head_dim set
 EXP_SMOOTHING = ["norm -> mha(exp_smoothing) -> norm -> ffn", "norm -> mha(exp_smoothing, alpha=0.3, heads=2, head_dim=4, bias=false) -> norm -> ffn"]
+# the chunked linear recurrences: the state alone (dh x dh a query head); grouped K/V heads, a chunk of 4 (the prefill
+# in chunks from the state), no rotation
+RECURRENT = ["norm -> mha(retention, chunk=4) -> norm -> ffn", "norm -> mha(retention, kv_heads=2, gamma=0.9, rotate=false) -> norm -> ffn",
+             "norm -> mha(gla, chunk=4, kv_heads=2) -> norm -> ffn",
+             "norm -> mha(deltanet, chunk=4, kv_heads=2) -> norm -> ffn", "norm -> mha(gated_deltanet, chunk=8, conv=3) -> norm -> ffn"]
 # the Average Attention Network: the running sum and the count; without the FFN, a narrow one
 AVERAGE = ["norm -> mixer(average) -> norm -> ffn", "residual(mixer(average, ffn=false)) -> norm -> residual(mixer(average, d_ff=8, bias=false)) -> norm"]
 # MGK: the K cache (r keys a token) and the V cache, one to three components, grouped and single K/V heads
@@ -304,7 +309,7 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
             for b in BLOCKS]  # TUPE's untied correlation (and T5's buckets), the first token reset
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RIGHT_PRODUCT + FMM + LUNA + BPT + MOMENTUM + FLOWFORMER + MEMORY_COMPRESSED + DILATED + COMBINER
             + HIERARCHICAL + MULTISCALE + FOURIER + FORGETTING + MOBA + NSA + EXP_SMOOTHING + MGK + AVERAGE + SPARSE_SINKHORN
-            + SCATTERBRAIN]
+            + SCATTERBRAIN + RECURRENT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned")) for b in SPARSE]
          + [("pos(sinusoidal)", b) for b in AFT]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in JUKEBOX + LOGSPARSE]

