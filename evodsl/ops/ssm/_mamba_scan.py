@@ -38,10 +38,10 @@ def chunk_scan(dt, A, B, C, x, h0):
 
 
 def selective_scan(dt, A, B, C, x, h0=None, chunk: int = 32):
-    """The whole sequence, chunk by chunk: (y [b, n, E], the last state [b, E, N])."""
-    n = x.shape[1]
+    """The whole sequence, chunk by chunk: (y [b, n, E], the last state [b, E, N]). The inputs are split, not
+    sliced (a slice's backward writes into a zero tensor of the whole length, once per chunk: quadratic)."""
     ys = []
-    for s in range(0, n, chunk):
-        y, h0 = chunk_scan(dt[:, s:s + chunk], A, B[:, s:s + chunk], C[:, s:s + chunk], x[:, s:s + chunk], h0)
+    for dt_c, B_c, C_c, x_c in zip(*(t.split(chunk, 1) for t in (dt, B, C, x))):
+        y, h0 = chunk_scan(dt_c, A, B_c, C_c, x_c, h0)
         ys.append(y)
     return (ys[0] if len(ys) == 1 else torch.cat(ys, 1)), h0
