@@ -110,8 +110,10 @@ def variants(args) -> list[tuple[str, str]]:
         ("hamburger, nmf", "hamburger, r=8, steps=6"),  # K steps of NMF on X [e, n]: O((K + 1) n r e)
         ("hamburger, vq", "hamburger, r=8, steps=6, kind=vq"),
     ]
+    ssms = [("mamba", "mamba")]  # the chunked selective scan: O(n E N), states b n E N in training
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
-            + [(f"mixer({label})", f"mixer({call})") for label, call in mixers])
+            + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
+            + [(f"ssm({label})", f"ssm({call})") for label, call in ssms])
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",
@@ -120,4 +122,5 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "fnet", "hamburger",
                       "colt5", "yoso", "clustered", "probsparse", "chord", "smyrf",
                       "sinkformer")  # no causal form: bidirectional only
-CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
+CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing",
+               "mamba")  # no bidirectional form: causal only

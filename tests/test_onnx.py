@@ -110,6 +110,7 @@ WRAPPERS = {
     "mha": (f"{FEATURES} -> {{ops}} -> {OUT}", "{call}", False),
     "mixer": (f"{FEATURES} -> {{ops}} -> {OUT}", "residual({call})", False),
     "ffn": (f"{FEATURES} -> mha -> {{ops}} -> {OUT}", "{call}", True),
+    "ssm": (f"{FEATURES} -> {{ops}} -> {OUT}", "residual({call})", False),
     "head": (f"{FEATURES} -> mha -> {{ops}}", "{call}", False),
     "residual": (f"{FEATURES} -> {{ops}} -> {OUT}", "residual(norm -> mha, scale={variant})", True),
     "merge": (f"{FEATURES} -> {{ops}} -> {OUT}", "parallel(mha, norm -> ffn, merge={variant})", True),
@@ -213,6 +214,9 @@ OTHER_FORMS |= {("mixer", "igloo")}
 OTHER_FORMS |= {("mha", "chord")}
 # Skip-Attention: its depthwise and ECA convolutions export as Conv nodes, which the MatMul / Gemm count leaves out
 OTHER_FORMS |= {("mha", "skip_reuse")}
+# Mamba: torch scans chunk by chunk; the export (a symbolic n) runs the doubling scan over the whole sequence
+# (exported_scan in evodsl/ops/ssm/_mamba_scan.py), and its depthwise convolution is a Conv node the count leaves out
+OTHER_FORMS |= {("ssm", "mamba")}
 
 
 CHAIN = 12  # ops per bidirectional chain case

@@ -14,7 +14,8 @@ arXiv:2312.00752, Algorithm 2 and Section 3.6), as a sublayer (the block's norm 
 The scan is chunked (_mamba_scan.py): a loop over chunks of T = chunk tokens, cumulative log-decays and doubling
 inside each, O(n E N) for the fixed T; the result does not depend on T. Causal only (the recurrence is the op); the
 step form keeps the convolution's last k - 1 inputs [b, E, k - 1] and the state h [b, E, N], whatever the length:
-a prefill and a single step run the same code from that state. Choices where the paper is silent, as HF's
+a prefill and a single step run the same code from that state. The ONNX export (a symbolic n) runs a doubling scan
+over the whole sequence instead (exported_scan: 16 levels, exact for n <= 65536). Choices where the paper is silent, as HF's
 MambaMixer and state-spaces/mamba: biases on the convolution and dt_proj only (bias= adds them to in_proj and
 out_proj), dt_proj's bias is softplus^-1 of a log-uniform draw in [0.001, 0.1] (floor 1e-4), its weight uniform
 in +-R^-0.5, D = 1. Padding: a padded position enters neither the state (dt = 0: decay 1, no input) nor the
@@ -33,7 +34,7 @@ from torch import nn
 from ...decode import slot
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, register, sequence_shape
 from ._mamba_cost import mamba_cost
-from ._mamba_scan import selective_scan
+from ._mamba_scan import exported_scan, selective_scan
 
 
 class MambaParams(OpParams):
@@ -98,7 +99,10 @@ class MambaMixer(nn.Module):
         dt = F.softplus(self.dt_proj(dt))
         if keep is not None:
             dt = dt * keep[:, :, None].to(dt.dtype)
-        y, h = selective_scan(dt, -self.A_log.exp(), B, C, x, None if state is None else state[1], self.chunk)
+        if not isinstance(x.shape[1], int) or torch.compiler.is_exporting():
+            y, h = exported_scan(dt, -self.A_log.exp(), B, C, x)
+        else:
+            y, h = selective_scan(dt, -self.A_log.exp(), B, C, x, None if state is None else state[1], self.chunk)
         del dt, B, C
         if cache is not None:
             cache.caches[key] = (conv_state, h)
