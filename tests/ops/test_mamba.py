@@ -150,6 +150,7 @@ def test_the_export_form_equals_the_chunked_scan():
     assert (got - want).abs().max().item() <= 1e-12 * want.abs().max().item()
 
 
+@pytest.mark.slow  # ~25 s: an export (test_onnx.py exports it at its init in the default run)
 def test_exports_with_a_symbolic_length(tmp_path):
     """One ONNX file (the doubling form), weights off their init (A, dt's bias, D, the projections), onnxruntime
     against torch's chunked scan at n = 7, 33, 70."""
