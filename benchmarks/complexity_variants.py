@@ -110,7 +110,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("hamburger, nmf", "hamburger, r=8, steps=6"),  # K steps of NMF on X [e, n]: O((K + 1) n r e)
         ("hamburger, vq", "hamburger, r=8, steps=6, kind=vq"),
     ]
-    ssms = [("mamba", "mamba")]  # the chunked selective scan: O(n E N), states b n E N in training
+    ssms = [("mamba", "mamba"),  # the chunked selective scan: O(n E N), states b n E N in training
+            ("mamba2", "mamba2")]  # SSD chunks of 64: O(n T (N + P) H + n N P H)
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms])
@@ -123,4 +124,4 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "colt5", "yoso", "clustered", "probsparse", "chord", "smyrf",
                       "sinkformer")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing",
-               "mamba")  # no bidirectional form: causal only
+               "mamba", "mamba2")  # no bidirectional form: causal only

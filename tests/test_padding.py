@@ -166,7 +166,8 @@ def test_padded_mixer_equals_each_sequence_alone(key, causal, side):
 
 # state-space layers (ssm family, causal only): a padded position enters neither the state (dt = 0) nor the
 # convolution (its input zeroed), so either side pads; chunks of 4 across the lengths
-SSM_BUILD = {"mamba": ("mamba", {"chunk": 4}, ("right", "left"))}
+SSM_BUILD = {"mamba": ("mamba", {"chunk": 4}, ("right", "left")),
+             "mamba2": ("mamba2", {"chunk": 4, "N": 4, "heads": 4, "groups": 2}, ("right", "left"))}
 SSM_CASES = [(k, side) for k, (_, _, sides) in SSM_BUILD.items() for side in sides]
 
 

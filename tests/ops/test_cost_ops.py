@@ -69,6 +69,11 @@ CASES = [
     *[("ssm", "mamba", lambda d, a=a: {"causal": True, **a}) for a in (
         {"chunk": 16}, {"chunk": 8, "N": 4, "bias": True}, {"expand": 1, "dt_rank": 3, "conv": 2, "conv_bias": False, "chunk": 16},
         {"chunk": 16, "N": 64})],
+    # Mamba-2: heads and groups, one chunk past n, narrow states with biases, groups of heads with a short kernel
+    *[("ssm", "mamba2", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"chunk": 16, "N": 16, "heads": 4}, {"chunk": 16, "N": 8, "heads": 8, "groups": 2},
+        {"chunk": 64, "N": 16, "heads": 2}, {"chunk": 8, "N": 4, "heads": 16, "bias": True},
+        {"chunk": 16, "N": 32, "heads": 8, "groups": 4, "conv": 2, "conv_bias": False})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

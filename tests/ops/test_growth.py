@@ -202,6 +202,7 @@ def test_mixer_grows_as_declared(key, causal):
 # State-space layers (ssm family), causal only: the chunked scan is linear in n (its states b n E N elements).
 SSM_ARGS = {
     "mamba": ("mamba", {"N": 8, "chunk": 16, "expand": 1}),
+    "mamba2": ("mamba2", {"N": 16, "chunk": 32, "heads": 4}),  # chunks' [T, T] scores and carried states: O(n)
 }
 
 

@@ -129,7 +129,8 @@ def test_causal_mixer_never_leaks(key):
 
 
 # state-space layers (ssm family, causal only): chunks of 4 and 7, several across N
-SSM_BUILD = {"mamba": ("mamba", {"chunk": 4, "N": 8}), "mamba-7": ("mamba", {"chunk": 7, "conv": 2, "N": 4})}
+SSM_BUILD = {"mamba": ("mamba", {"chunk": 4, "N": 8}), "mamba-7": ("mamba", {"chunk": 7, "conv": 2, "N": 4}),
+             "mamba2": ("mamba2", {"chunk": 8, "N": 8, "heads": 4, "groups": 2})}
 
 
 def test_every_ssm_is_covered():
