@@ -91,3 +91,42 @@ def test_a_mixer_wider_than_expand_d_is_refused(tmp_path):
     with pytest.raises(EvoError, match="E415") as err:
         evodsl.from_hf(path)
     assert "intermediate_size 100 is not expand x hidden_size (64)" in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ Mamba-2
+
+SMALL2 = dict(vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, num_heads=4, head_dim=16,
+              n_groups=2, conv_kernel=4, chunk_size=8, eos_token_id=None, pad_token_id=0)
+
+
+def test_mamba2_parameter_count_at_the_default_config():
+    config = transformers.Mamba2Config()
+    with torch.device("meta"):
+        hf = transformers.Mamba2ForCausalLM(config)
+    ours = evodsl.compile(evodsl.from_hf(config), device="meta")
+    assert count(ours) == count(hf)
+
+
+def test_mamba2_logits_and_greedy_tokens_match_hf():
+    """HF's torch_forward (its own chunked SSD at chunk_size 8) and its cache, against ours."""
+    config = transformers.Mamba2Config(**SMALL2)
+    torch.manual_seed(3)
+    hf = transformers.Mamba2ForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("A_log", ".D", "norm.weight", "norm_f.weight", "dt_bias")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    ours = evodsl.compile(evodsl.from_hf(config))
+    evodsl.load_hf(ours, hf.state_dict(), config)
+    assert count(ours) == count(hf)
+    for n in (7, 45):
+        ids = torch.randint(0, 97, (2, n), generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            want, got = hf(ids).logits, ours(ids)
+        assert got.shape == want.shape and close(got, want), n
+    prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
+                           min_new_tokens=16, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=16), want)

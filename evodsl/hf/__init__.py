@@ -18,6 +18,7 @@ from .encdec import bart_spec, bart_weights, t5_spec, t5_weights
 from .encoders import bert_spec, bert_weights
 from .gemma2 import gemma2_spec, gemma2_weights
 from .mamba import mamba_spec, mamba_weights
+from .mamba2 import mamba2_spec, mamba2_weights
 from .reformer import reformer_spec, reformer_weights
 from .weights import load_hf, read_checkpoint, read_safetensors
 from .yoso import yoso_spec, yoso_weights
@@ -46,6 +47,7 @@ FAMILIES = {
     "yoso": Family(yoso_spec, yoso_weights),
     "reformer": Family(reformer_spec, reformer_weights, ("lm_head.bias",)),
     "mamba": Family(mamba_spec, mamba_weights),
+    "mamba2": Family(mamba2_spec, mamba2_weights),
 }
 
 
