@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_no_leak, decode_in_pieces, make_op, perturb_params
+from ophelpers import add_noise, assert_no_leak, decode_in_pieces, exported_parity, make_op, perturb_params
 
 D = 16
 
@@ -141,3 +141,12 @@ def test_validation():
     for bad in ("N=0", "expand=0", "conv=0", "chunk=0", "heads=0", "groups=0", "eps=0"):
         with pytest.raises(EvoError, match=bad.split("=")[0]):
             evodsl.parse(base.format(c="true", a=", " + bad))
+
+
+@pytest.mark.slow  # ~25 s: an export (test_onnx.py exports it at its init in the default run)
+def test_exports_with_a_symbolic_length(tmp_path):
+    """One ONNX file (the one-chunk form), weights off their init, onnxruntime against torch's chunks at 7, 33, 70."""
+    src = ("vocab = 50\nd_model = 32\nmodel m(causal=true) = input(tokens) -> embed(token) -> norm -> "
+           "ssm(mamba2, N=8, heads=4, groups=2, chunk=8) -> norm -> head(lm)\n")
+    worst = exported_parity(src, tmp_path, add_noise(("A_log", "dt_bias", ".D", "norm_weight"), scale=0.5))
+    assert worst <= 1e-4, worst
