@@ -115,8 +115,11 @@ def variants(args) -> list[tuple[str, str]]:
         ("hamburger, nmf", "hamburger, r=8, steps=6"),  # K steps of NMF on X [e, n]: O((K + 1) n r e)
         ("hamburger, vq", "hamburger, r=8, steps=6, kind=vq"),
     ]
+    ssms = [("mamba", "mamba"),  # the chunked selective scan: O(n E N), states b n E N in training
+            ("mamba2", "mamba2")]  # SSD chunks of 64: O(n T (N + P) H + n N P H)
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
-            + [(f"mixer({label})", f"mixer({call})") for label, call in mixers])
+            + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
+            + [(f"ssm({label})", f"ssm({call})") for label, call in ssms])
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",
@@ -127,3 +130,4 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "sinkformer")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences
+CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces

@@ -297,6 +297,11 @@ QKNORM = ["norm -> mha(softmax, qk_norm=true, qk_len=64, kv_heads=2) -> norm -> 
 # nGPT: the cache of the normalised, scaled keys; the hypersphere updates around it
 NGPT = ["residual(mha(ngpt), scale=ngpt) -> residual(ffn, scale=ngpt)",
         "residual(mha(ngpt, kv_heads=2, head_dim=4), scale=ngpt, alpha_init=0.3) -> residual(ffn, scale=ngpt)"]
+# Mamba: the convolution's last k - 1 inputs and the state h (chunks of 4 and 7 across the prompt; no norm between,
+# an ssm after an ssm)
+MAMBA = ["norm -> ssm(mamba, chunk=4) -> norm -> ffn", "norm -> ssm(mamba, N=4, conv=2, chunk=7, bias=true) -> norm -> ssm(mamba, expand=1, dt_rank=3)",
+         # Mamba-2: the convolution's window and the [H, P, N] state; groups of heads
+         "norm -> ssm(mamba2, N=8, heads=4, groups=2, chunk=4) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
@@ -325,7 +330,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in SKIP_REUSE]
          + [(p, b) for p in POSITIONS for b in QKNORM]
          + [(p, b) for p in POSITIONS if not p.startswith(("pos(xpos", "pos(kerple", "pos(randomized_rope"))
-            for b in NGPT])
+            for b in NGPT]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in MAMBA])
 
 
 def _lean(cases: list) -> list:

@@ -92,6 +92,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "probsparse"): "factor=1, max_len=128",  # u = 2, 4, 5 at n = 7, 33, 70; the export's 5 slots, masked  # k past n = 7 at the first length (the -inf columns), chunks of 4 in torch
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("mixer", "hamburger"): "r=4, steps=3",
+    ("ssm", "mamba2"): "N=8, heads=4, groups=2",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",
@@ -113,6 +114,7 @@ WRAPPERS = {
     "mha": (f"{FEATURES} -> {{ops}} -> {OUT}", "{call}", False),
     "mixer": (f"{FEATURES} -> {{ops}} -> {OUT}", "residual({call})", False),
     "ffn": (f"{FEATURES} -> mha -> {{ops}} -> {OUT}", "{call}", True),
+    "ssm": (f"{FEATURES} -> {{ops}} -> {OUT}", "residual({call})", False),
     "head": (f"{FEATURES} -> mha -> {{ops}}", "{call}", False),
     "residual": (f"{FEATURES} -> {{ops}} -> {OUT}", "residual(norm -> mha, scale={variant})", True),
     "merge": (f"{FEATURES} -> {{ops}} -> {OUT}", "parallel(mha, norm -> ffn, merge={variant})", True),
@@ -223,6 +225,12 @@ OTHER_FORMS |= {("mixer", "igloo")}
 OTHER_FORMS |= {("mha", "chord")}
 # Skip-Attention: its depthwise and ECA convolutions export as Conv nodes, which the MatMul / Gemm count leaves out
 OTHER_FORMS |= {("mha", "skip_reuse")}
+# Mamba: torch scans chunk by chunk; the export (a symbolic n) runs the doubling scan over the whole sequence
+# (exported_scan in evodsl/ops/ssm/_mamba_scan.py), and its depthwise convolution is a Conv node the count leaves out
+OTHER_FORMS |= {("ssm", "mamba")}
+# Mamba-2: torch runs SSD chunks of T and carries the states; the export runs the whole sequence as one chunk (its
+# [n, n] masked form: more multiply-adds), and the convolution is a Conv node
+OTHER_FORMS |= {("ssm", "mamba2")}
 
 
 CHAIN = 12  # ops per bidirectional chain case

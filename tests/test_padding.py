@@ -168,6 +168,36 @@ def test_padded_mixer_equals_each_sequence_alone(key, causal, side):
             assert (m(x, Ctx())[2, mask[2]] - y[2, mask[2]]).abs().max().item() > 1e-6
 
 
+# state-space layers (ssm family, causal only): a padded position enters neither the state (dt = 0) nor the
+# convolution (its input zeroed), so either side pads; chunks of 4 across the lengths
+SSM_BUILD = {"mamba": ("mamba", {"chunk": 4}, ("right", "left")),
+             "mamba2": ("mamba2", {"chunk": 4, "N": 4, "heads": 4, "groups": 2}, ("right", "left"))}
+SSM_CASES = [(k, side) for k, (_, _, sides) in SSM_BUILD.items() for side in sides]
+
+
+def test_every_padded_ssm_is_covered():
+    assert {v for (f, v), op in REGISTRY.items() if f == "ssm" and op.padding} <= {v for v, _, _ in SSM_BUILD.values()}
+
+
+@pytest.mark.parametrize("key,side", SSM_CASES, ids=[f"{k}-{s}" for k, s in SSM_CASES])
+def test_padded_ssm_equals_each_sequence_alone(key, side):
+    variant, args, _ = SSM_BUILD[key]
+    m, _, _ = make_op("ssm", variant, d=D, causal=True, **args)
+    perturb_params(m)
+    g = torch.Generator().manual_seed(0)
+    x, mask = padded_batch(LENGTHS, N, D, g, left=side == "left")
+    x[~mask] = torch.randn(int((~mask).sum()), D, generator=g, dtype=torch.float64) * 5
+    with torch.no_grad():
+        y = m(x, Ctx(mask=mask, right_padded=side == "right"))
+        assert torch.isfinite(y).all()
+        for i in range(len(LENGTHS)):
+            alone = m(x[i:i + 1, mask[i]], Ctx())
+            err = (y[i, mask[i]] - alone[0]).abs().max().item()
+            assert err <= 1e-10 * max(alone.abs().max().item(), 1.0), f"sequence {i}: {err}"
+        if side == "left":
+            assert (m(x, Ctx())[2, mask[2]] - y[2, mask[2]]).abs().max().item() > 1e-6
+
+
 def test_fnet_refuses_padding():
     m, _, _ = make_op("mixer", "fnet", d=D)
     x, mask = padded_batch([8, 5], 8, D, torch.Generator().manual_seed(0))

@@ -19,6 +19,8 @@ from .deepseek import deepseek_v2_spec, deepseek_v2_weights
 from .encdec import bart_spec, bart_weights, t5_spec, t5_weights
 from .encoders import bert_spec, bert_weights
 from .gemma2 import gemma2_spec, gemma2_weights
+from .mamba import mamba_spec, mamba_weights
+from .mamba2 import mamba2_spec, mamba2_weights
 from .reformer import reformer_spec, reformer_weights
 from .weights import load_hf, read_checkpoint, read_safetensors
 from .yoso import yoso_spec, yoso_weights
@@ -48,6 +50,8 @@ FAMILIES = {
     "reformer": Family(reformer_spec, reformer_weights, ("lm_head.bias",)),
     "bloom": Family(bloom_spec, bloom_weights),
     "deberta": Family(deberta_spec, deberta_weights),
+    "mamba": Family(mamba_spec, mamba_weights),
+    "mamba2": Family(mamba2_spec, mamba2_weights),
 }
 
 

@@ -137,6 +137,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("norm", "layernorm", "norm", "norm", "per-token normalization"),
     Family("mha", "softmax", "sublayer", "attn", "multi-head attention (token mixing)"),
     Family("mixer", None, "sublayer", "mixer", "token mixing without attention"),
+    Family("ssm", None, "sublayer", "ssm", "state-space models: a selective scan over the sequence, a recurrent step"),
     Family("xattn", "softmax", "sublayer", "xattn", "cross-attention: queries from the stream, keys and values "
                                                     "from a named stream (kv=NAME)"),
     Family("ffn", "mlp", "sublayer", "ffn", "position-wise feed-forward (channel mixing)"),

@@ -66,6 +66,15 @@ CASES = [
         {"r": 8, "steps": 3}, {"r": 8, "steps": 1}, {"r": 5, "steps": 2, "d_ham": 40, "bias": False},
         {"r": 6, "steps": 6, "d_ham": 128}, {"r": 8, "steps": 1, "kind": "vq"}, {"r": 8, "steps": 4, "kind": "vq"},
         {"r": 4, "steps": 2, "kind": "vq", "d_ham": 128, "bias": False, "temperature": 0.5})],
+    # Mamba (causal only): chunks dividing n (32, 48), a narrow state with biases, one token a chunk, a wide state
+    *[("ssm", "mamba", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"chunk": 16}, {"chunk": 8, "N": 4, "bias": True}, {"expand": 1, "dt_rank": 3, "conv": 2, "conv_bias": False, "chunk": 16},
+        {"chunk": 16, "N": 64})],
+    # Mamba-2: heads and groups, one chunk past n, narrow states with biases, groups of heads with a short kernel
+    *[("ssm", "mamba2", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"chunk": 16, "N": 16, "heads": 4}, {"chunk": 16, "N": 8, "heads": 8, "groups": 2},
+        {"chunk": 64, "N": 16, "heads": 2}, {"chunk": 8, "N": 4, "heads": 16, "bias": True},
+        {"chunk": 16, "N": 32, "heads": 8, "groups": 4, "conv": 2, "conv_bias": False})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -204,6 +204,35 @@ def test_mixer_grows_as_declared(key, causal):
     check_growth(label, got, flops, peak, bwd)
 
 
+# State-space layers (ssm family), causal only: the chunked scan is linear in n (its states b n E N elements).
+SSM_ARGS = {
+    "mamba": ("mamba", {"N": 8, "chunk": 16, "expand": 1}),
+    "mamba2": ("mamba2", {"N": 16, "chunk": 32, "heads": 4}),  # chunks' [T, T] scores and carried states: O(n)
+}
+
+
+def test_every_ssm_is_in_the_harness():
+    assert {v for (f, v) in REGISTRY if f == "ssm"} <= {v for v, _ in SSM_ARGS.values()}, "add it to SSM_ARGS"
+
+
+@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.slow) for k in SSM_ARGS])  # ~2 CPU minutes each
+def test_ssm_grows_as_declared(key):
+    variant, args = SSM_ARGS[key]
+
+    def build(n):
+        return declared("ssm", variant, 1, n, dtype=torch.float32, d=D, causal=True, **args)
+
+    module = build(NS[0])[0].train()
+    got = measure_growth(lambda x: module(x, Ctx()), _x, exclude=[module], train=True)
+
+    def at(n):
+        _, _, cost, ev = build(n)
+        return ev(cost.fwd), ev(cost.peak) + n * D * 4, ev(cost.bwd)
+
+    flops, peak, bwd = declared_growth(at)
+    check_growth(f"ssm({variant}, {key})", got, flops, peak, bwd)
+
+
 class QuadraticLocal(torch.nn.Module):
     """mha(local)'s equation computed the wasteful way: every query block against all n keys, masked to the
     band. Its largest tensor is [h, 128, n]: the old "no n x n tensor" check let it pass."""

@@ -138,6 +138,24 @@ def test_causal_mixer_never_leaks(key):
         assert_no_leak(lambda x: m(x, Ctx()), n=N, d=D)
 
 
+# state-space layers (ssm family, causal only): chunks of 4 and 7, several across N
+SSM_BUILD = {"mamba": ("mamba", {"chunk": 4, "N": 8}), "mamba-7": ("mamba", {"chunk": 7, "conv": 2, "N": 4}),
+             "mamba2": ("mamba2", {"chunk": 8, "N": 8, "heads": 4, "groups": 2})}
+
+
+def test_every_ssm_is_covered():
+    assert {v for (f, v) in REGISTRY if f == "ssm"} <= {v for v, _ in SSM_BUILD.values()}, "add it to SSM_BUILD"
+
+
+@pytest.mark.parametrize("key", list(SSM_BUILD))
+def test_ssm_never_leaks(key):
+    variant, args = SSM_BUILD[key]
+    m, _, _ = make_op("ssm", variant, d=D, causal=True, **args)
+    perturb_params(m)
+    with torch.no_grad():
+        assert_no_leak(lambda x: m(x, Ctx()), n=N, d=D)
+
+
 # ------------------------------------------------------------------ the check itself can fail
 
 
