@@ -12,6 +12,11 @@ from evodsl.ops.position._inattention import InAttentionStream
 # mha variants with a causal form only (their shape rule refuses a bidirectional model): the harnesses that run
 # each variant causal and bidirectional run these causal alone
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")
+# mha variants that choose discretely (hash buckets, top-k keys or blocks, clusters, sorts): a float32 difference in
+# their input (another device, another runtime) can flip a choice, so the parity checks give them inputs no other
+# op has rounded first
+DISCRETE = ("lsh", "yoso", "smart_bird", "moba", "nsa", "colt5", "routing", "clustered", "topk", "probsparse",
+            "smyrf", "scatterbrain")  # smyrf, scatterbrain: the sort of the E2LSH projections
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences (_linear_recurrent.py)
 
 

@@ -181,6 +181,17 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     # Reformer (HF's default config): local chunks and LSH's sorted chunks, each reading its neighbours; the
     # sort's n log n comparisons lead the time; the reversible stack keeps its output alone
     "reformer": ("O(n R h log n)", "O(n R dh h + n c h + n d + n f + n m R h)"),
+    # BLOOM: ALiBi's [h, n, n] bias built and added to the scores (SDPA's mask): n^2 h time and bytes
+    "bloom_alibi": ("O(n^2 d + n^2 h)", "O(n^2 h)"),
+    # DecBERT and DeBERTa: BERT's dropout on the attention weights keeps the [b, h, n, n] mask
+    "decbert": ("O(n^2 d)", "O(n^2 h)"),
+    "deberta_base": ("O(n^2 d)", "O(n^2 h)"),
+    # Mamba: the selective scan's n E N states (E = expand d) kept by the chunked scan; the vocabulary head
+    "mamba_130m": ("O(n E N + n E d + n V d)", "O(n E N)"),
+    # merged attention: the decoder (m) has no m^2 term (a running average of its values), only its cross-attention
+    "merged_attention": ("O(n^2 d + n m d)", "O(n d + n f + m d + m f)"),
+    # nGPT: SDPA (no weights kept); the scaled logits [n, V] kept for the loss's backward
+    "ngpt_small": ("O(n^2 d)", "O(n V + n d)"),
 }
 
 

@@ -22,7 +22,7 @@ import torch
 
 import evodsl
 from evodsl.ops import REGISTRY, Ctx
-from ophelpers import CAUSAL_ONLY, make_op, perturb_params
+from ophelpers import CAUSAL_ONLY, DISCRETE, make_op, perturb_params
 from ops.test_growth import ARGS, HEADS
 from spechelpers import SPECS, min_length, model_inputs, small
 from test_decode import ATTENTION as DECODE_TEMPLATE, CASES as DECODE_CASES, DECODABLE, _check_decode_equals_forward
@@ -80,8 +80,6 @@ VARIANTS = [(v, c) for v in sorted(ARGS) for c in (True, False)
 # the top-k blocks of MoBA and NSA, CoLT5's top-k routed tokens, the clusters of routing and clustered (float64 is exact enough for both devices to choose
 # alike, float32 is not)
 # routing: argmax over centroids; clustered: hyperplane signs; topk: each query's k keys; probsparse: its u queries
-DISCRETE = ("lsh", "yoso", "smart_bird", "moba", "nsa", "colt5", "routing", "clustered", "topk", "probsparse",
-            "smyrf", "scatterbrain")  # smyrf, scatterbrain: the sort of the E2LSH projections
 # the forget gates' cumulative log-sigmoids over 512 tokens, folded into the scores: their bias's float32 gradient
 # differs by 2.3e-3 between the devices (float64: within 1e-9)
 FLOAT32_TOL = {"forgetting": 5e-3}
