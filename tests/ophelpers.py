@@ -231,3 +231,18 @@ def assert_every_parameter_learns(m, b: int = 2, n: int = 40, d: int = 32) -> No
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert torch.isfinite(x.grad).all()
+
+
+def assert_padded_row_alone(m, side: str, d: int = 32) -> None:
+    """A causal sequence op (float64): the second of two 11-token rows padded by 5 on `side` ("right" or "left")
+    gives, at its 6 real tokens, what those tokens give alone (padding enters no state)."""
+    x = torch.randn(2, 11, d, dtype=torch.float64)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, 6:] = False
+    if side == "left":
+        mask = mask.flip(1)
+    real = slice(0, 6) if side == "right" else slice(5, 11)
+    with torch.no_grad():
+        y = m(x, Ctx(mask=mask))
+        alone = m(x[1:, real], Ctx())[0]
+    assert (y[1, real] - alone).abs().max().item() < 1e-10 * max(alone.abs().max().item(), 1.0)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import add_noise, assert_no_leak, decode_in_pieces, exported_parity, make_op, perturb_params
+from ophelpers import assert_padded_row_alone, add_noise, assert_no_leak, decode_in_pieces, exported_parity, make_op, perturb_params
 
 D = 16
 
@@ -109,16 +109,7 @@ def test_causal_does_not_leak_and_decodes_with_a_constant_state(args):
 def test_padding_enters_neither_state_nor_convolution(side):
     m, _, _ = make_op("ssm", "mamba", d=D, causal=True, chunk=4)
     perturb_params(m)
-    x = torch.randn(2, 11, D, dtype=torch.float64)
-    mask = torch.ones(2, 11, dtype=torch.bool)
-    mask[1, 6:] = False
-    if side == "left":
-        mask = mask.flip(1)
-    real = slice(0, 6) if side == "right" else slice(5, 11)
-    with torch.no_grad():
-        y = m(x, Ctx(mask=mask))
-        alone = m(x[1:, real], Ctx())[0]
-    assert (y[1, real] - alone).abs().max().item() < 1e-10
+    assert_padded_row_alone(m, side, d=D)
 
 
 def test_validation():
