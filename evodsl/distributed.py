@@ -135,7 +135,7 @@ def tp_plan(model, size: int) -> dict:
                 why = f"its {', '.join(mods)}= option has per-head weights or scores across heads"
             elif env is not None and (env.residual_scores or env.memory):
                 why = "it reads another layer's scores or a segment memory (residual scores, memory(xl))"
-            elif env is not None and env.pos is not None and env.pos[0].variant != "rope":
+            elif env is not None and env.pos is not None and env.pos[0].variant not in ("rope", "xpos"):  # per channel
                 why = f"its position scheme pos({env.pos[0].variant}) adds per-head terms to the scores"
             elif p.heads % size or kv % size:
                 why = f"heads={p.heads} and kv_heads={kv} must both divide by the {size} ranks"

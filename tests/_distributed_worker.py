@@ -39,8 +39,9 @@ model span_small(causal=true) =
 """
 LOCAL = GPT2.replace("mha(softmax, heads=4)", "mha(local, heads=4, window=5)")  # a band over 12 positions
 # fsdp_ckpt: FSDP2 over a model compiled with checkpoint=True (the blocks recomputed, and re-gathered, in backward)
+XPOS = LLAMA.replace("pos(rope)", "pos(xpos, scale_base=16)")  # xPos: rope's turn and a per-channel decay, per head alike
 SPECS = {"gpt2": (GPT2, ("ddp", "fsdp", "tp")), "llama": (LLAMA, ("ddp", "fsdp", "tp", "fsdp_ckpt")),
-         "span": (SPAN, ("ddp",)), "local": (LOCAL, ("tp",))}
+         "span": (SPAN, ("ddp",)), "local": (LOCAL, ("tp",)), "xpos": (XPOS, ("tp",))}
 
 
 def _step(model, ids):

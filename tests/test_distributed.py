@@ -48,6 +48,7 @@ def two_ranks(tmp_path_factory):
 @pytest.mark.parametrize("spec, kind", [(s, k) for s in ("gpt2", "llama") for k in ("ddp", "fsdp", "tp")]
                          + [("span", "ddp"),  # an aux loss added after the forward (model.aux_loss())
                             ("local", "tp"),  # mha(local): the band kernel on the local heads
+                            ("xpos", "tp"),  # pos(xpos) inside the local heads (the same factors in every head)
                             ("llama", "fsdp_ckpt")])  # FSDP2 over compile(checkpoint=True)
 def test_one_step_equals_one_process(two_ranks, spec, kind):
     r = two_ranks[spec][kind]
@@ -58,7 +59,7 @@ def test_one_step_equals_one_process(two_ranks, spec, kind):
         assert r["units"] == (["", "blocks.0", "blocks.1", "embed+head"] if spec == "gpt2" else
                               ["", "blocks.0", "blocks.1", "embed", "head"])
     elif kind == "tp":  # q, k, v, o and the FFN's linears (weights, and biases where the spec has them)
-        assert r["sharded"] == {"gpt2": 24, "local": 24, "llama": 14}[spec]
+        assert r["sharded"] == {"gpt2": 24, "local": 24, "llama": 14, "xpos": 14}[spec]
 
 
 def test_tp_plan_from_the_graph():
