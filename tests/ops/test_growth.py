@@ -138,22 +138,30 @@ def _x(n: int) -> torch.Tensor:
     return torch.randn(1, n, D, generator=torch.Generator().manual_seed(n))
 
 
-def _declared(variant, causal):
+def _build(family, variant, causal, args):
+    return lambda n: declared(family, variant, 1, n, dtype=torch.float32, d=D, causal=causal, **args)
+
+
+def _declared(build):
+    """The declared (FLOPs, peak, backward FLOPs) growth of the op `build(n)` makes, over NS."""
     def at(n):
-        _, _, cost, ev = declared("mha", variant, 1, n, dtype=torch.float32, d=D, causal=causal, heads=HEADS,
-                                  **ARGS[variant])
-        # the output [1, n, D] is part of the measured peak
-        return ev(cost.fwd), ev(cost.peak) + n * D * 4, ev(cost.bwd)
+        _, _, cost, ev = build(n)
+        return ev(cost.fwd), ev(cost.peak) + n * D * 4, ev(cost.bwd)  # the output [1, n, D] is part of the peak
     return declared_growth(at)
+
+
+def _growth(family, variant, causal, args):
+    """The op measured in training (no dropout here: the forward is the same) at each n of NS, beside its
+    declared growth: (measured, FLOPs, peak, backward FLOPs)."""
+    build = _build(family, variant, causal, args)
+    module = build(NS[0])[0].train()
+    got = measure_growth(lambda x: module(x, Ctx()), _x, exclude=[module], train=True)
+    return (got, *_declared(build))
 
 
 @pytest.mark.parametrize("variant,causal", CASES, ids=[f"{v}-{'causal' if c else 'bidir'}" for v, c in (p.values for p in CASES)])
 def test_attention_grows_as_declared(variant, causal):
-    module, _, _, _ = declared("mha", variant, 1, NS[0], dtype=torch.float32, d=D, causal=causal, heads=HEADS,
-                               **ARGS[variant])
-    module.train()  # the backward as in training (no dropout here: the forward is the same)
-    got = measure_growth(lambda x: module(x, Ctx()), _x, exclude=[module], train=True)
-    flops, peak, bwd = _declared(variant, causal)
+    got, flops, peak, bwd = _growth("mha", variant, causal, {"heads": HEADS, **ARGS[variant]})
     check_growth(f"mha({variant}) {'causal' if causal else 'bidirectional'}", got, flops, peak, bwd)
 
 
@@ -182,18 +190,7 @@ def test_every_mixer_with_a_length_is_in_the_harness():
 @pytest.mark.parametrize("key,causal", MIXER_CASES, ids=[f"{k}-{'causal' if c else 'bidir'}" for k, c in MIXER_CASES])
 def test_mixer_grows_as_declared(key, causal):
     variant, args = MIXER_ARGS[key]
-
-    def build(n):
-        return declared("mixer", variant, 1, n, dtype=torch.float32, d=D, causal=causal, **args)
-
-    module = build(NS[0])[0].train()
-    got = measure_growth(lambda x: module(x, Ctx()), _x, exclude=[module], train=True)
-
-    def at(n):
-        _, _, cost, ev = build(n)
-        return ev(cost.fwd), ev(cost.peak) + n * D * 4, ev(cost.bwd)
-
-    flops, peak, bwd = declared_growth(at)
+    got, flops, peak, bwd = _growth("mixer", variant, causal, args)
     label = f"mixer({variant}, {key}) {'causal' if causal else 'bidirectional'}"
     if key in ("aft-full", "daft"):
         # the backward allocates a dozen [n, d] gradients beside one [n, n] (E^T for the matmul): at d 64 and
@@ -219,18 +216,7 @@ def test_every_ssm_is_in_the_harness():
 @pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.slow) for k in SSM_ARGS])  # ~2 CPU minutes each
 def test_ssm_grows_as_declared(key):
     variant, args = SSM_ARGS[key]
-
-    def build(n):
-        return declared("ssm", variant, 1, n, dtype=torch.float32, d=D, causal=True, **args)
-
-    module = build(NS[0])[0].train()
-    got = measure_growth(lambda x: module(x, Ctx()), _x, exclude=[module], train=True)
-
-    def at(n):
-        _, _, cost, ev = build(n)
-        return ev(cost.fwd), ev(cost.peak) + n * D * 4, ev(cost.bwd)
-
-    flops, peak, bwd = declared_growth(at)
+    got, flops, peak, bwd = _growth("ssm", variant, True, args)
     check_growth(f"ssm({variant}, {key})", got, flops, peak, bwd)
 
 
@@ -256,14 +242,14 @@ class QuadraticLocal(torch.nn.Module):
 
 
 def test_a_quadratic_local_attention_fails_the_harness():
-    local, _, _, _ = declared("mha", "local", 1, NS[0], dtype=torch.float32, d=D, causal=True, heads=HEADS,
-                              window=64)
+    build = _build("mha", "local", True, {"heads": HEADS, **ARGS["local"]})
+    local = build(NS[0])[0]
     slow = QuadraticLocal(local)
     x = _x(300)
     with torch.no_grad():  # the same function
         assert torch.allclose(slow(x), local(x, Ctx()), atol=1e-5)
     got = measure_growth(lambda x: slow(x), _x, exclude=[local])
-    flops, peak, _ = _declared("local", True)
+    flops, peak, _ = _declared(build)
     with pytest.raises(AssertionError, match="FLOPs measured n\\^2"):
         check_growth("quadratic local", got, flops, peak)
 
