@@ -25,6 +25,33 @@ class InAttentionPosition(nn.Module):
         idx = torch.arange(n, device=device)
         return self.bias(idx[:, None], idx[None, :])
 
+class UpstreamTablePosition(InAttentionPosition):
+    """A scheme whose learned table lives on its pos node upstream, shared by every attention layer after it:
+    the node's module leaves the table in ctx.extra[SCHEME], and each layer's instance binds it per forward (a
+    reference, not a submodule: the table's parameters are the pos node's). The table gives bias(i, j)."""
+
+    SCHEME = ""  # the variant's name, its ctx.extra key
+
+    def __init__(self, p, heads: int, head_dim: int):
+        super().__init__()
+        if p.heads != heads:
+            from ..registry import ShapeProblem
+            raise ShapeProblem(f"pos({self.SCHEME}) has a table for heads={p.heads}, but the attention has {heads} "
+                               "heads", "heads", f"give pos({self.SCHEME}, heads=...) the attention's heads (or bind heads)")
+        self.__dict__["_table"] = None
+
+    def bind(self, ctx) -> None:
+        self.__dict__["_table"] = None if ctx is None else ctx.extra.get(self.SCHEME)
+
+    def _bound(self):
+        if self._table is None:
+            raise RuntimeError(f"pos({self.SCHEME}): no table bound; the pos({self.SCHEME}) op runs before its "
+                               "attention layers")
+        return self._table
+
+    def bias(self, i: torch.Tensor, j: torch.Tensor):
+        return self._bound().bias(i, j)
+
 
 class InAttentionStream(nn.Module):
     """On the stream, a position scheme applied inside attention is the identity: the attention layers

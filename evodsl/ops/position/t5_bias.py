@@ -18,7 +18,7 @@ from torch import nn
 
 from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, register, sequence_shape
-from ._inattention import InAttentionPosition
+from ._inattention import UpstreamTablePosition
 
 
 class T5BiasParams(OpParams):
@@ -75,28 +75,11 @@ class T5BiasTable(nn.Module):
         return x
 
 
-class T5Bias(InAttentionPosition):
+class T5Bias(UpstreamTablePosition):
     """Inside attention: the bias of the table bound by the latest pos(t5_bias) upstream (bind(ctx))."""
 
+    SCHEME = "t5_bias"
     learned = True  # the bias has a gradient (the cost of the attention reads this)
-
-    def __init__(self, p: T5BiasParams, heads: int, head_dim: int):
-        super().__init__()
-        if p.heads != heads:
-            raise ShapeProblem(f"pos(t5_bias) has a table for heads={p.heads}, but the attention has {heads} heads",
-                               "heads", "give pos(t5_bias, heads=...) the attention's heads (or bind heads)")
-        self.__dict__["_table"] = None  # a reference, not a submodule: the table belongs to the pos node
-
-    def bind(self, ctx) -> None:
-        self.__dict__["_table"] = None if ctx is None else ctx.extra.get("t5_bias")
-
-    def _bound(self) -> T5BiasTable:
-        if self._table is None:
-            raise RuntimeError("pos(t5_bias): no table bound; the pos(t5_bias) op runs before its attention layers")
-        return self._table
-
-    def bias(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        return self._bound().bias(i, j)
 
     def dense(self, n: int, device) -> torch.Tensor:
         return self._bound().dense(n, device)

@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, register, require_right_padding, sequence_shape
-from ._inattention import InAttentionPosition
+from ._inattention import UpstreamTablePosition
 from ._tupe_cost import tupe_attach_cost, tupe_cost
 from .t5_bias import t5_buckets
 
@@ -89,36 +89,22 @@ class TupeTable(nn.Module):
         return s
 
 
-class TupePosition(InAttentionPosition):
+class TupePosition(UpstreamTablePosition):
     """Inside attention: the attention's scale divided by sqrt(2) (content at 1/sqrt(2 dh)), and the term of the
     bound table."""
 
+    SCHEME = "tupe"
     learned = True  # the term has a gradient (the cost of the attention reads this)
 
-    def __init__(self, p: TupeParams, heads: int, head_dim: int):
-        super().__init__()
-        if p.heads != heads:
-            raise ShapeProblem(f"pos(tupe) is split for heads={p.heads}, but the attention has {heads} heads",
-                               "heads", "give pos(tupe, heads=...) the attention's heads (or bind heads)")
-        self.__dict__["_table"] = None  # a reference, not a submodule: the table belongs to the pos node
-
     def bind(self, ctx) -> None:
-        self.__dict__["_table"] = None if ctx is None else ctx.extra.get("tupe")
+        super().bind(ctx)
         if ctx is not None:
             require_right_padding(ctx.mask, "pos(tupe)", "its positions are counted from each row's first token, "
                                   "and left padding would move the tokens")
 
-    def _bound(self) -> TupeTable:
-        if self._table is None:
-            raise RuntimeError("pos(tupe): no table bound; the pos(tupe) op runs before its attention layers")
-        return self._table
-
     def adopt(self, att) -> None:
         """Called by the attention once built: its content scores at 1/sqrt(2) of its scale (1/sqrt(2 dh))."""
         att.scale = (att.scale or att.head_dim ** -0.5) * 2 ** -0.5
-
-    def bias(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        return self._bound().bias(i, j)
 
     def dense(self, n, device) -> torch.Tensor:
         table = self._bound()
