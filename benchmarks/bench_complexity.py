@@ -88,7 +88,7 @@ def claim_str(power: tuple[int, int]) -> str:
 
 
 def mixing_layer(cost: dict) -> dict:
-    return next(layer for layer in cost["layers"] if layer["op"].startswith(("mha(", "mixer(", "ssm(")))
+    return next(layer for layer in cost["layers"] if layer["op"].startswith(("mha(", "mixer(", "ssm(", "rnn(", "longconv(")))
 
 
 def available_memory() -> int:

@@ -18,7 +18,8 @@ from .ir import Graph, Node
 
 CHAR, LINE, PAD, GAP_Y, GAP_X = 6.6, 15.0, 7.0, 26.0, 18.0
 COLOURS = {"input": "#e8e8e8", "embed": "#dbe9f6", "pos": "#e6f2e6", "norm": "#f2f2d9", "mha": "#fbe3d6",
-           "xattn": "#fbd6d6", "mixer": "#f7ddee", "ffn": "#e3ddf7", "head": "#d9efef", "merge": "#eeeeee"}
+           "xattn": "#fbd6d6", "mixer": "#f7ddee", "ffn": "#e3ddf7", "head": "#d9efef", "merge": "#eeeeee",
+           "ssm": "#f6e7d0", "rnn": "#f3e0c4", "longconv": "#dcebf5"}
 
 
 def human(n: int) -> str:

@@ -1,8 +1,8 @@
 """The torch backend on a CUDA device (every test here is skipped where torch sees none; CI has none, so these run
 on a lent GPU machine: README "Tests on a GPU").
 
-- Every spec, every attention variant (causal and bidirectional, the growth harness's arguments) and every
-  decoding case of test_decode.py, moved to CUDA in float64: the forward and the input and weight gradients
+- Every spec, every attention variant (causal and bidirectional, the growth harness's arguments), every ssm, rnn
+  and longconv layer, and every decoding case of test_decode.py, moved to CUDA in float64: the forward and the input and weight gradients
   equal the CPU's within 1e-9 of their scale. float64 takes the exact paths; this is what catches a tensor made
   on the CPU inside a forward, a mask of the wrong dtype for the device, or a kernel that only runs on one.
 - The same variants in float32 (TF32 off), where SDPA dispatches to CUDA's flash and memory-efficient kernels:
@@ -23,7 +23,7 @@ import torch
 import evodsl
 from evodsl.ops import REGISTRY, Ctx
 from ophelpers import CAUSAL_ONLY, DISCRETE, make_op, perturb_params
-from ops.test_growth import ARGS, HEADS
+from ops.test_growth import ARGS, HEADS, SEQ_ARGS
 from spechelpers import SPECS, min_length, model_inputs, small
 from test_decode import ATTENTION as DECODE_TEMPLATE, CASES as DECODE_CASES, DECODABLE, _check_decode_equals_forward
 
@@ -102,6 +102,16 @@ def test_attention_float64_equals_cpu(variant, causal):
     cpu = _variant(variant, causal, torch.float64)
     gpu = copy.deepcopy(cpu).to(CUDA)
     _compare(cpu, gpu, lambda m, x: m(x, Ctx()), _x(torch.float64), 1e-9, f"mha({variant})")
+
+
+@pytest.mark.parametrize("key", sorted(SEQ_ARGS))
+def test_sequence_layer_float64_equals_cpu(key):
+    """The ssm, rnn and longconv layers (the growth harness's arguments): scans, chunk loops and FFT convolutions."""
+    family, variant, causal, args = SEQ_ARGS[key]
+    cpu, _, _ = make_op(family, variant, d=D, causal=causal, dtype=torch.float64, **args)
+    perturb_params(cpu, scale=0.2)
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    _compare(cpu, gpu, lambda m, x: m(x, Ctx()), _x(torch.float64), 1e-9, f"{family}({variant})")
 
 
 @pytest.mark.parametrize("variant,causal", VARIANTS, ids=VARIANT_IDS)

@@ -114,7 +114,7 @@ WRAPPERS = {
     "mha": (f"{FEATURES} -> {{ops}} -> {OUT}", "{call}", False),
     "mixer": (f"{FEATURES} -> {{ops}} -> {OUT}", "residual({call})", False),
     "ffn": (f"{FEATURES} -> mha -> {{ops}} -> {OUT}", "{call}", True),
-    "ssm": (f"{FEATURES} -> {{ops}} -> {OUT}", "residual({call})", False),
+    **{fam: (f"{FEATURES} -> {{ops}} -> {OUT}", "residual({call})", False) for fam in ("ssm", "rnn", "longconv")},
     "head": (f"{FEATURES} -> mha -> {{ops}}", "{call}", False),
     "residual": (f"{FEATURES} -> {{ops}} -> {OUT}", "residual(norm -> mha, scale={variant})", True),
     "merge": (f"{FEATURES} -> {{ops}} -> {OUT}", "parallel(mha, norm -> ffn, merge={variant})", True),

@@ -175,21 +175,24 @@ def test_padded_mixer_equals_each_sequence_alone(key, causal, side):
     _sequence_op_pads("mixer", variant, args, causal, side)
 
 
-# state-space layers (ssm family, causal only): a padded position enters neither the state (dt = 0) nor the
-# convolution (its input zeroed), so either side pads; chunks of 4 across the lengths
-SSM_BUILD = {"mamba": ("mamba", {"chunk": 4}, ("right", "left")),
-             "mamba2": ("mamba2", {"chunk": 4, "N": 4, "heads": 4, "groups": 2}, ("right", "left"))}
-SSM_CASES = [(k, side) for k, (_, _, sides) in SSM_BUILD.items() for side in sides]
+# state-space, linear-recurrent and long-convolution layers (the ssm, rnn and longconv families): key -> (family,
+# variant, causal, args, sides). Mamba's padded position enters neither the state (dt = 0) nor the convolution
+# (its input zeroed), so either side pads; chunks of 4 across the lengths
+SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
+SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
+             "mamba2": ("ssm", "mamba2", True, {"chunk": 4, "N": 4, "heads": 4, "groups": 2}, ("right", "left"))}
+SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 
-def test_every_padded_ssm_is_covered():
-    assert {v for (f, v), op in REGISTRY.items() if f == "ssm" and op.padding} <= {v for v, _, _ in SSM_BUILD.values()}
+def test_every_padded_sequence_layer_is_covered():
+    padded = {(f, v) for (f, v), op in REGISTRY.items() if f in SEQUENCE_FAMILIES and op.padding}
+    assert padded <= {(f, v) for f, v, *_ in SEQ_BUILD.values()}, "add it to SEQ_BUILD"
 
 
-@pytest.mark.parametrize("key,side", SSM_CASES, ids=[f"{k}-{s}" for k, s in SSM_CASES])
-def test_padded_ssm_equals_each_sequence_alone(key, side):
-    variant, args, _ = SSM_BUILD[key]
-    _sequence_op_pads("ssm", variant, args, True, side)
+@pytest.mark.parametrize("key,side", SEQ_CASES, ids=[f"{k}-{s}" for k, s in SEQ_CASES])
+def test_padded_sequence_layer_equals_each_sequence_alone(key, side):
+    family, variant, causal, args, _ = SEQ_BUILD[key]
+    _sequence_op_pads(family, variant, args, causal, side)
 
 
 def test_fnet_refuses_padding():

@@ -137,7 +137,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("norm", "layernorm", "norm", "norm", "per-token normalization"),
     Family("mha", "softmax", "sublayer", "attn", "multi-head attention (token mixing)"),
     Family("mixer", None, "sublayer", "mixer", "token mixing without attention"),
-    Family("ssm", None, "sublayer", "ssm", "state-space models: a selective scan over the sequence, a recurrent step"),
+    Family("ssm", None, "sublayer", "ssm", "state-space models: a linear recurrence over the sequence, trained in "
+                                        "its parallel form (a scan or an FFT convolution), decoded by its step"),
+    Family("rnn", None, "sublayer", "rnn", "linear recurrent layers (RWKV, HGRN, xLSTM, QRNN, SRU): a chunked "
+                                        "or scanned form for training, the recurrent step for decoding"),
+    Family("longconv", None, "sublayer", "longconv", "long convolutions over the sequence (explicit, implicit or "
+                                                  "continuous kernels), computed by FFT or a prefix sum"),
     Family("xattn", "softmax", "sublayer", "xattn", "cross-attention: queries from the stream, keys and values "
                                                     "from a named stream (kv=NAME)"),
     Family("ffn", "mlp", "sublayer", "ffn", "position-wise feed-forward (channel mixing)"),

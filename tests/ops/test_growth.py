@@ -202,22 +202,25 @@ def test_mixer_grows_as_declared(key, causal):
     check_growth(label, got, flops, peak, bwd)
 
 
-# State-space layers (ssm family), causal only: the chunked scan is linear in n (its states b n E N elements).
-SSM_ARGS = {
-    "mamba": ("mamba", {"N": 8, "chunk": 16, "expand": 1}),
-    "mamba2": ("mamba2", {"N": 16, "chunk": 32, "heads": 4}),  # chunks' [T, T] scores and carried states: O(n)
+# State-space, linear-recurrent and long-convolution layers (the ssm, rnn and longconv families): key -> (family,
+# variant, causal, args). The chunked scans are linear in n (mamba's states: b n E N elements).
+SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
+SEQ_ARGS = {
+    "mamba": ("ssm", "mamba", True, {"N": 8, "chunk": 16, "expand": 1}),
+    "mamba2": ("ssm", "mamba2", True, {"N": 16, "chunk": 32, "heads": 4}),  # chunks' [T, T] scores, carried states: O(n)
 }
 
 
-def test_every_ssm_is_in_the_harness():
-    assert {v for (f, v) in REGISTRY if f == "ssm"} <= {v for v, _ in SSM_ARGS.values()}, "add it to SSM_ARGS"
+def test_every_sequence_layer_is_in_the_harness():
+    ops = {(f, v) for (f, v) in REGISTRY if f in SEQUENCE_FAMILIES}
+    assert ops <= {(f, v) for f, v, _, _ in SEQ_ARGS.values()}, "add it to SEQ_ARGS"
 
 
-@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.slow) for k in SSM_ARGS])  # ~2 CPU minutes each
-def test_ssm_grows_as_declared(key):
-    variant, args = SSM_ARGS[key]
-    got, flops, peak, bwd = _growth("ssm", variant, True, args)
-    check_growth(f"ssm({variant}, {key})", got, flops, peak, bwd)
+@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.slow) for k in SEQ_ARGS])  # ~2 CPU minutes each
+def test_sequence_layer_grows_as_declared(key):
+    family, variant, causal, args = SEQ_ARGS[key]
+    got, flops, peak, bwd = _growth(family, variant, causal, args)
+    check_growth(f"{family}({variant}, {key})", got, flops, peak, bwd)
 
 
 class QuadraticLocal(torch.nn.Module):

@@ -138,19 +138,22 @@ def test_causal_mixer_never_leaks(key):
         assert_no_leak(lambda x: m(x, Ctx()), n=N, d=D)
 
 
-# state-space layers (ssm family, causal only): chunks of 4 and 7, several across N
-SSM_BUILD = {"mamba": ("mamba", {"chunk": 4, "N": 8}), "mamba-7": ("mamba", {"chunk": 7, "conv": 2, "N": 4}),
-             "mamba2": ("mamba2", {"chunk": 8, "N": 8, "heads": 4, "groups": 2})}
+# state-space, linear-recurrent and long-convolution layers (the ssm, rnn and longconv families): key -> (family,
+# variant, build args); chunks of 4 and 7, several across N
+SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
+SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm", "mamba", {"chunk": 7, "conv": 2, "N": 4}),
+             "mamba2": ("ssm", "mamba2", {"chunk": 8, "N": 8, "heads": 4, "groups": 2})}
 
 
-def test_every_ssm_is_covered():
-    assert {v for (f, v) in REGISTRY if f == "ssm"} <= {v for v, _ in SSM_BUILD.values()}, "add it to SSM_BUILD"
+def test_every_causal_sequence_layer_is_covered():
+    causal = {(f, v) for (f, v), op in REGISTRY.items() if f in SEQUENCE_FAMILIES and op.causal == "yes"}
+    assert causal <= {(f, v) for f, v, _ in SEQ_BUILD.values()}, "add it to SEQ_BUILD"
 
 
-@pytest.mark.parametrize("key", list(SSM_BUILD))
-def test_ssm_never_leaks(key):
-    variant, args = SSM_BUILD[key]
-    m, _, _ = make_op("ssm", variant, d=D, causal=True, **args)
+@pytest.mark.parametrize("key", list(SEQ_BUILD))
+def test_sequence_layer_never_leaks(key):
+    family, variant, args = SEQ_BUILD[key]
+    m, _, _ = make_op(family, variant, d=D, causal=True, **args)
     perturb_params(m)
     with torch.no_grad():
         assert_no_leak(lambda x: m(x, Ctx()), n=N, d=D)
