@@ -22,7 +22,8 @@ SMALL = {"d_model": 64, "heads": 4, "kv_heads": 2, "layers": 2, "vocab": 97, "d_
          "pairs": 1, "head_dim": 32,  # gemma2_2b: one local + global pair (2 layers); heads of 32, h dh = 2 d (wide
 #                                       heads, as Gemma 7B's; 256 made its leak test run 100 s)
          "axial_d1": 16, "axial_d2": 48,  # reformer: axial positions of 16 + 48 features, one local + LSH pair,
-         "copies": 1, "local_chunk": 16, "lsh_chunk": 16, "buckets": 8}  # chunks of 16, 8 buckets
+         "copies": 1, "local_chunk": 16, "lsh_chunk": 16, "buckets": 8,  # chunks of 16, 8 buckets
+         "groups": 1}  # hybrid_gated_deltanet: one group (three Gated DeltaNet layers, one attention layer)
 
 
 def small(spec: Path) -> dict:

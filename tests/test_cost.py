@@ -192,6 +192,10 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     "merged_attention": ("O(n^2 d + n m d)", "O(n d + n f + m d + m f)"),
     # nGPT: SDPA (no weights kept); the scaled logits [n, V] kept for the loss's backward
     "ngpt_small": ("O(n^2 d)", "O(n V + n d)"),
+    # RetNet: chunked retention, linear in n (its states d^2/h a chunk); the head's n V d leads the time
+    "retnet_1_3b": ("O(n V d + n d f + n d^2)", "O(n d + n d^2/h + n f)"),
+    # the hybrid: its six attention layers are quadratic; Gated DeltaNet's chunk states are n d^2/h
+    "hybrid_gated_deltanet": ("O(n^2 d)", "O(n d + n d^2/h + n f + n h)"),
 }
 
 

@@ -241,7 +241,8 @@ MLA = ["norm -> mha(mla, kv_rank=16, rope_dim=4, nope_dim=6, v_dim=8) -> norm ->
 EXP_SMOOTHING = ["norm -> mha(exp_smoothing) -> norm -> ffn", "norm -> mha(exp_smoothing, alpha=0.3, heads=2, head_dim=4, bias=false) -> norm -> ffn"]
 # the chunked linear recurrences: the state alone (dh x dh a query head); grouped K/V heads, a chunk of 4 (the prefill
 # in chunks from the state), no rotation
-RECURRENT = ["norm -> mha(retention, chunk=4) -> norm -> ffn", "norm -> mha(retention, kv_heads=2, gamma=0.9, rotate=false) -> norm -> ffn",
+RECURRENT = ["norm -> mha(retention, chunk=4) -> norm -> ffn", "norm -> mha(retention, v_factor=2, chunk=4) -> norm -> ffn",
+             "norm -> mha(retention, kv_heads=2, gamma=0.9, rotate=false) -> norm -> ffn",
              "norm -> mha(gla, chunk=4, kv_heads=2) -> norm -> ffn",
              "norm -> mha(deltanet, chunk=4, kv_heads=2) -> norm -> ffn", "norm -> mha(gated_deltanet, chunk=8, conv=3) -> norm -> ffn"]
 # the Average Attention Network: the running sum and the count; without the FFN, a narrow one

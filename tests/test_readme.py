@@ -44,3 +44,9 @@ def test_op_table_is_generated(capsys):
 def test_card_line_wiring_text_is_what_check_prints():
     shown = README.split("as `evodsl check` shows:\n\n```\n")[1].split("```")[0].strip()
     assert str(evodsl.parse("block = norm -> mha(adaptive_span, R=32) -> ffn(glu)")) == shown
+
+
+def test_spec_table_lists_every_spec():
+    specs = Path(__file__).resolve().parents[1] / "specs"
+    listed = set(re.findall(r"^\| `([\w/*]+)\.evo` \|", README, re.M))
+    assert {p.stem for p in specs.glob("*.evo")} <= listed, "add a row to README's spec table"

@@ -372,7 +372,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                   ({"clusters": 200, "bits": 8, "iterations": 0, "topk": 200}, ODD), ({"clusters": 4, "bits": 16, "topk": 100}, SMALL)],
     # ETSformer's smoothing: chunks of 64 (n = 64: one, no carry; 160: three, the last padded), learned and fixed alpha
     # the chunked recurrences: chunks of 64 (n = 64: one; 160: three, the last padded), grouped and single K/V heads
-    "retention": [({}, BOTH), ({"kv_heads": 2, "gamma": 0.9}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD)],
+    "retention": [({}, BOTH), ({"kv_heads": 2, "gamma": 0.9}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD),
+                  ({"v_factor": 2, "kv_heads": 2}, BOTH), ({"v_factor": 2, "head_dim": 8, "chunk": 32}, ODD)],
     # gla: chunks of 16 (four and ten), 24 (padded), 64 (one at n = 64)
     "gla": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD),
             ({"chunk": 64, "rank": 8}, SMALL)],

@@ -28,12 +28,12 @@ def turned(x, angles):
 def reference(m, x, gamma=None, rotate=True):
     q, k, v = head_projections(m, x)
     b, n, h, dh = q.shape
-    g = h // k.shape[2]
+    g, dv = h // k.shape[2], v.shape[-1]  # dv: v_factor dh
     if rotate:
         half = dh // 2
         angles = torch.tensor([10000.0 ** (-i / (half - 1)) if half > 1 else 1.0 for i in range(half)], dtype=torch.float64)
         q, k = turned(q, angles), turned(k, angles)
-    out = torch.zeros(b, n, h, dh, dtype=x.dtype)
+    out = torch.zeros(b, n, h, dv, dtype=x.dtype)
     for hh in range(h):
         gam = gamma if gamma is not None else 1 - 2.0 ** (-5 - hh)
         for i in range(n):
@@ -41,7 +41,7 @@ def reference(m, x, gamma=None, rotate=True):
                 w = gam ** (i - j) * torch.einsum("bd,bd->b", q[:, i, hh], k[:, j, hh // g]) / math.sqrt(dh)
                 out[:, i, hh] += w[:, None] * v[:, j, hh // g]
     mu, var = out.mean(-1, keepdim=True), out.var(-1, unbiased=False, keepdim=True)
-    normed = ((out - mu) / torch.sqrt(var + 1e-5)).reshape(b, n, h * dh) * m.group_norm.weight + m.group_norm.bias
+    normed = ((out - mu) / torch.sqrt(var + 1e-5)).reshape(b, n, h * dv) * m.group_norm.weight + m.group_norm.bias
     gate = x @ m.g_proj.weight.T + (0 if m.g_proj.bias is None else m.g_proj.bias)
     return output_projection(m, F.silu(gate) * normed)
 
@@ -50,6 +50,7 @@ CASES = [  # n, build
     (5, {}), (23, {"chunk": 8}), (70, {}), (37, {"kv_heads": 2, "chunk": 16}),
     (19, {"kv_heads": 1, "head_dim": 6, "bias": False, "chunk": 4}), (12, {"gamma": 0.8, "chunk": 5}),
     (17, {"rotate": False, "chunk": 6}), (3, {"chunk": 16}),
+    (21, {"v_factor": 2, "kv_heads": 2, "chunk": 8}),  # RetNet's models: values twice as wide as queries
 ]
 
 
@@ -62,7 +63,7 @@ def test_retention_is_the_equation(n, build):
     assert (m(x, None) - want).abs().max() < 1e-10
 
 
-@pytest.mark.parametrize("n,build", [CASES[0], CASES[1], CASES[3]])
+@pytest.mark.parametrize("n,build", [CASES[0], CASES[1], CASES[3], CASES[-1]])
 def test_forms_agree(n, build):
     """Chunked (the forward), recurrent (one token at a time through the decoding state), chunked from a state (a
     prompt, then pieces) and the parallel form the export runs: equal to 1e-10."""

@@ -42,27 +42,35 @@ def retention_cost(p, env: OpEnv, s: Symbols) -> Cost:
     state keep nothing. The inference peak is at the sum of the two products: q, k, v, their chunked copies, the
     ratios, the scores, the scaled q and k, the products and their sum, the chunks' states, the states before
     each chunk and the last. The backward's: the gradient of the gated output beside the input's, or the scores'
-    gradient once the output side has released what it kept."""
+    gradient once the output side has released what it kept. Values are f = v_factor times as wide as a head's
+    queries (dv = f dh): v, the outputs and what follows them are f head tensors wide."""
     h, kv, dh = head_symbols(p, s)
+    f = p.v_factor
+    dv = f * dh
     b, by, w = s.b, s.bytes, s.bytes
     C, m, N, several, padded = chunk_symbols(p, s)
-    fwd, bwd = decay_kernel_flops(b, h, N, C, dh, dh, several)
-    total = projections_cost(p, s, h, kv, dh) + linear(s, s.d, h * dh, p.bias)
-    core = Cost(params=2 * h * dh, fwd=fwd, bwd=bwd)  # GroupNorm's scale and shift
-    t, T, R, Z = b * h * s.n * dh * by, b * h * N * dh * by, b * h * m * C ** 2 * by, b * h * m * dh ** 2 * by
+    fwd, bwd = decay_kernel_flops(b, h, N, C, dh, dv, several)
+    total = (linear(s, s.d, h * dh, p.bias) + linear(s, s.d, kv * dh, p.bias) + linear(s, s.d, kv * dv, p.bias)
+             + linear(s, h * dv, s.d, p.bias) + linear(s, s.d, h * dv, p.bias))
+    core = Cost(params=2 * h * dv, fwd=fwd, bwd=bwd)  # GroupNorm's scale and shift
+    t, T, R = b * h * s.n * dh * by, b * h * N * dh * by, b * h * m * C ** 2 * by
+    Z = b * h * m * dh * dv * by
     chunked = t + padded * (T - t)  # a chunked q, k or v: the padded copy, else the tensor itself
     rotation = 2 * s.n * dh * w if p.rotate else 0
     stats = 2 * b * s.n * h * w  # GroupNorm's mean and rstd
     # the stacked states and B's exp are kept always; with several chunks also the decayed keys (into the states),
     # the decayed queries (against a state with a gradient), (B_C - B)'s exp and the carries
-    saved = (rotation + 3 * chunked + 2 * R + Z + b * h * N * w + several * (2 * T + b * h * N * w + b * h * m * w)
-             + 5 * t + stats)
-    state = b * h * dh ** 2 * by
-    peak = 3 * t + padded * 3 * T + 2 * R + 5 * T + (2 * m + 1) * state + C ** 2 + 2 * b * h * N * w
+    # v (transposed heads) is copied into its chunks whenever there are several, padded or not; the gated output's
+    # value-wide tensors beyond the first head tensor's width: 2 (f - 1) t
+    saved = (rotation + (2 + f) * chunked + 2 * R + Z + b * h * N * w + several * (2 * T + b * h * N * w + b * h * m * w)
+             + several * (1 - padded) * f * t + (2 + 3 * f) * t + 2 * (f - 1) * t + stats)
+    state = b * h * dh * dv * by
+    peak = (2 + f) * t + padded * (2 + f) * T + 2 * R + (2 + 3 * f) * T + (2 * m + 1) * state + C ** 2 + 2 * b * h * N * w
     out = b * s.n * s.d * by
-    bwd_peak = sp.Max(2 * t, t - 3 * T + out - stats + R)
-    return replace(total + core, saved=saved, peak=peak - out, cache=b * h * dh ** 2 * by, bwd_peak=bwd_peak,
-                   saves_input=True)
+    # the scores' gradient R once the output side has released what it kept: the value-wide chunked copies (f T) and
+    # their products' gradients (f T) beside q's chunked copy (T)
+    bwd_peak = sp.Max(2 * f * t, t - (1 + 2 * f) * T + out - stats + R)
+    return replace(total + core, saved=saved, peak=peak - out, cache=state, bwd_peak=bwd_peak, saves_input=True)
 
 
 def gla_cost(p, env: OpEnv, s: Symbols) -> Cost:

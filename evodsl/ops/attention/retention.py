@@ -13,8 +13,10 @@ recurrence (the state S: dh x dh a head) and exports in the parallel form.
 Choices where the paper is silent or leaves a detail to its code (torchscale's RetNet): the rotation pairs
 channels (2i, 2i+1) at angles theta_i = 10000^(-i / (dh/2 - 1)), i < dh / 2 (torchscale's linspace; a head
 needs an even width; rotate=false drops it); values are as wide as queries (the paper's 2x wider values are
-d_model's business here); GroupNorm has one group a head with a learned scale and shift per channel (eps 1e-5);
-the decay and score normalisations of the official code are left out: they scale each head's output row and
+v_factor's business); GroupNorm has one group a head with a learned scale and shift per channel (eps 1e-5);
+values default to the queries' width; v_factor=2 gives the paper's models (values, the gate, GroupNorm and
+o_proj's input twice as wide: MSR's 8 d^2 parameters beside an FFN of 2 d, section 3.1); the decay and score
+normalisations of the official code are left out: they scale each head's output row and
 GroupNorm removes such a scale (up to its eps); gamma= gives every head one decay. Grouped K/V heads (kv_heads)
 share the projections; each query head keeps its own state (its own decay).
 """
@@ -38,6 +40,8 @@ class RetentionParams(AttentionParams):
                                                                   "multi-scale 1 - 2^(-5-h) of head h")
     rotate: bool = Field(True, description="the paper's xPos-like rotation of q and k (channel pairs)")
     chunk: int = Field(64, ge=1, le=4096, description="tokens a chunk of the chunked form")
+    v_factor: int = Field(1, ge=1, le=8, description="values (and the gate, GroupNorm, o_proj's input) this many "
+                                                     "times as wide as a head's queries; RetNet's models use 2")
 
 
 def decays(p: RetentionParams, heads: int) -> torch.Tensor:
@@ -60,7 +64,11 @@ def rotate_pairs(x: torch.Tensor, offset: int, angles: torch.Tensor) -> torch.Te
 class RetentionAttention(RecurrentAttention):
     def __init__(self, p: RetentionParams, env: OpEnv):
         super().__init__(p, env)
-        width = self.heads * self.head_dim
+        self.v_dim = self.head_dim * p.v_factor
+        width = self.heads * self.v_dim
+        if p.v_factor != 1:
+            self.v_proj = nn.Linear(env.d, self.kv_heads * self.v_dim, bias=p.bias)
+            self.o_proj = nn.Linear(width, env.d, bias=p.bias)
         self.g_proj = nn.Linear(env.d, width, bias=p.bias)
         self.group_norm = nn.GroupNorm(self.heads, width, eps=1e-5)
         self.register_buffer("log_gamma", decays(p, self.heads), persistent=False)
@@ -69,12 +77,14 @@ class RetentionAttention(RecurrentAttention):
                              if p.rotate else None, persistent=False)
 
     def features(self, x, ctx, offset):
-        q, k, v = self.qkv(x)
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.kv_heads, self.v_dim).transpose(1, 2)
         if self.angles is not None:
             q, k = rotate_pairs(q, offset, self.angles), rotate_pairs(k, offset, self.angles)
         k = self.expand_kv(k * self.head_dim ** -0.5)
-        b, h, n, _ = q.shape
-        g = self.log_gamma.to(q.dtype)[None, :, None].expand(b, h, n)
+        g = self.log_gamma.to(q.dtype)[None, :, None].expand(b, self.heads, n)
         return q, k, self.expand_kv(v), g, None
 
     def finish(self, x, o):
