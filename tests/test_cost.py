@@ -186,8 +186,9 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     # DecBERT and DeBERTa: BERT's dropout on the attention weights keeps the [b, h, n, n] mask
     "decbert": ("O(n^2 d)", "O(n^2 h)"),
     "deberta_base": ("O(n^2 d)", "O(n^2 h)"),
-    # Mamba: the selective scan's n E N states (E = expand d) kept by the chunked scan; the vocabulary head
-    "mamba_130m": ("O(n E N + n E d + n V d)", "O(n E N)"),
+    # Mamba: the selective scan's n E N work (E = expand d); its chunks recomputed in backward, so what training
+    # keeps is the [n, E] activations around it (and a carry a chunk)
+    "mamba_130m": ("O(n E N + n E d + n V d)", "O(n E)"),
     # merged attention: the decoder (m) has no m^2 term (a running average of its values), only its cross-attention
     "merged_attention": ("O(n^2 d + n m d)", "O(n d + n f + m d + m f)"),
     # nGPT: SDPA (no weights kept); the scaled logits [n, V] kept for the loss's backward

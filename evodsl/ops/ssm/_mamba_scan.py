@@ -10,10 +10,16 @@ log-decays S_t = sum_{s <= t} dt_s A (per e, n; S_t - S_s <= 0 for s <= t, so ev
 summed by doubling (Hillis-Steele): after level j, h_t holds the terms s in (t - 2^j, t]; level j adds
 exp(S_t - S_{t - 2^j}) h_{t - 2^j}. log2(T) levels of [b, T, E, N] multiply-adds: O(n E N log T) = O(n E N) for a
 fixed T, exact (no exp(-S) that could overflow as the cumsum form's would). y_t = h_t C_t is a batched matmul.
+
+Training keeps no chunk's inner states: each chunk runs under activation checkpointing (torch.utils.checkpoint,
+non-reentrant), which keeps its inputs (views of the whole-sequence dt, B, C, x, kept anyway) and its incoming
+carry, and recomputes the chunk's levels in backward, one chunk at a time. Kept for the scan: a [b, E, N] carry a
+chunk, in place of (2 L + 1) states a token (L = log2 T levels): 11 n E N numbers at T = 32.
 """
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 def levels(T: int) -> list:
@@ -41,8 +47,12 @@ def selective_scan(dt, A, B, C, x, h0=None, chunk: int = 32):
     """The whole sequence, chunk by chunk: (y [b, n, E], the last state [b, E, N]). The inputs are split, not
     sliced (a slice's backward writes into a zero tensor of the whole length, once per chunk: quadratic)."""
     ys = []
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (dt, A, B, C, x))
     for dt_c, B_c, C_c, x_c in zip(*(t.split(chunk, 1) for t in (dt, B, C, x))):
-        y, h0 = chunk_scan(dt_c, A, B_c, C_c, x_c, h0)
+        if recompute:
+            y, h0 = checkpoint(chunk_scan, dt_c, A, B_c, C_c, x_c, h0, use_reentrant=False)
+        else:
+            y, h0 = chunk_scan(dt_c, A, B_c, C_c, x_c, h0)
         ys.append(y)
     return (ys[0] if len(ys) == 1 else torch.cat(ys, 1)), h0
 
