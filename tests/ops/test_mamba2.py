@@ -2,7 +2,7 @@
 from the module's weights: in_proj split into z, xBC, dt; the causal depthwise convolution tap by tap, silu; per head
 h_t = exp(dt_t A_h) h_{t-1} + dt_t x_t B_t^T (B, C of the head's group), y_t = h_t C_t + D_h x_t; the gated RMSNorm
 over groups of E / G channels; out_proj. The chunked SSD form equals it at every chunk size (n not a multiple, n
-below a chunk, one token a chunk), the export's one-chunk form too; the step form equals the forward piece by piece
+below a chunk, one token a chunk), the export's all-chunks form too; the step form equals the forward piece by piece
 with a state of constant size."""
 from __future__ import annotations
 
@@ -70,8 +70,9 @@ def test_mamba2_matches_the_recurrence(args, n):
 
 
 def test_chunk_size_and_the_export_form_do_not_change_the_result():
-    """chunk is a form: the same weights give the same outputs at every T, and as one chunk (the export's form)."""
-    from evodsl.ops.ssm._mamba2_scan import ssd_chunk, ssd_scan
+    """chunk is a form: the same weights give the same outputs at every T, as one chunk, and in the export's form
+    (every chunk at once, the states carried by a mask over the chunks; n not a multiple of T: padded)."""
+    from evodsl.ops.ssm._mamba2_scan import ssd_chunk, ssd_export, ssd_scan
 
     g = torch.Generator().manual_seed(1)
     b, n, H, P, N = 2, 45, 3, 4, 5
@@ -84,6 +85,8 @@ def test_chunk_size_and_the_export_form_do_not_change_the_result():
         y, hT = ssd_scan(x, dt, A, B, C, chunk=T)
         assert (y - want).abs().max().item() <= 1e-10 * want.abs().max().item()
         assert (hT - h).abs().max().item() <= 1e-10 * h.abs().max().item()
+        y, _ = ssd_export(x, dt, A, B, C, T)
+        assert (y - want).abs().max().item() <= 1e-10 * want.abs().max().item()
 
 
 def test_the_default_init_and_heads():

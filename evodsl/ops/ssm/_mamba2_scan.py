@@ -44,3 +44,35 @@ def ssd_scan(x, dt, A, B, C, h0=None, chunk: int = 64):
         y, h0 = ssd_chunk(x_c, dt_c, A, B_c, C_c, h0)
         ys.append(y)
     return (ys[0] if len(ys) == 1 else torch.cat(ys, 1)), h0
+
+
+def ssd_export(x, dt, A, B, C, chunk: int):
+    """The export's form (a symbolic n: no loop over chunks to trace), Mamba-2's SSD with every chunk at once: the
+    sequence extended to m chunks of T (a position past n has dt = 0: decay 1, no input), the intra-chunk
+    quadratic form batched over chunks, each chunk's own final state, then the states entering the chunks from an
+    [m, m] mask of the chunk decays (the paper's listing 1: O(m^2 H P N), m = n / T), and their reading.
+    O(n T (N + P) H + (n / T)^2 H P N) in place of one chunk's O(n^2 H); (y [b, n, H, P], None)."""
+    b, n, H, P = x.shape
+    N, T = B.shape[-1], chunk
+    # m = n // T + 2 chunks: enough at every n, and never one (a traced size-1 dim would specialise); the positions
+    # gathered as [m, T] (clamped, those past n masked) rather than padded and reshaped, and the outputs gathered
+    # back, so that no shape relation between n and m T needs a guard in the traced graph
+    m = n // T + 2
+    pos = torch.arange(m, device=x.device)[:, None] * T + torch.arange(T, device=x.device)  # [m, T]
+    src, past = pos.clamp(max=n - 1), pos >= n
+    xdt = (x * dt[..., None])[:, src].permute(0, 3, 1, 2, 4).masked_fill(past[:, :, None], 0.0)  # [b, H, m, T, P]
+    Bc, Cc = (t[:, src].permute(0, 3, 1, 2, 4) for t in (B, C))  # [b, H, m, T, N]
+    S = (dt * A)[:, src].permute(0, 3, 1, 2).masked_fill(past, 0.0).cumsum(-1)  # [b, H, m, T]
+    above = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+    L = (S[..., :, None] - S[..., None, :]).masked_fill(above, float("-inf")).exp()  # [b, H, m, T, T]
+    y = ((Cc @ Bc.transpose(-1, -2)) * L) @ xdt  # [b, H, m, T, P]
+    last = S[..., -1]  # [b, H, m]: each chunk's total log-decay
+    own = (xdt * (last[..., None] - S).exp()[..., None]).transpose(-1, -2) @ Bc  # [b, H, m, P, N]
+    # the state entering chunk c: sum over chunks j < c of exp(sum of the decays of chunks j+1 .. c-1) own_j
+    cum = last.cumsum(-1)  # [b, H, m]
+    seg = (cum[..., :, None] - last[..., :, None]) - cum[..., None, :]  # [b, H, c, j]: decays of j+1 .. c-1
+    before = torch.ones_like(seg, dtype=torch.bool).triu(0)  # j >= c: not before chunk c
+    W = seg.masked_fill(before, float("-inf")).exp()
+    h_in = (W @ own.flatten(-2)).unflatten(-1, (P, N))  # [b, H, m, P, N]
+    y = y + (Cc @ h_in.transpose(-1, -2)) * S.exp()[..., None]
+    return y.permute(0, 2, 3, 1, 4).flatten(1, 2).index_select(1, torch.arange(n, device=x.device)), None

@@ -11,7 +11,7 @@ Section 7 and Listing 1), the state space duality (SSD) with a scalar decay per 
 Training runs the SSD chunked algorithm (_mamba2_scan.py): in each chunk of T tokens the masked quadratic form
 (C B^T . L) (dt x) with L the decays' 1-semiseparable mask, and the states carried between chunks by a Python loop:
 O(n T (N + P) H + n N P H); the result does not depend on T. The ONNX export (a symbolic n, no loop to trace) runs
-the whole sequence as one chunk (the same equations, O(n^2)). Causal only; the step form keeps the convolution's
+every chunk at once and carries the states by a mask over the chunks (ssd_export: O(n T + (n / T)^2) per head). Causal only; the step form keeps the convolution's
 last k - 1 inputs [E + 2 G N, k - 1] and the state [H, P, N], whatever the length. Choices where the paper is silent,
 as HF's Mamba2Mixer and state-spaces/mamba: no bias on in_proj and out_proj (bias= adds them), a bias on the
 convolution, dt's bias softplus^-1 of a log-uniform draw in [0.001, 0.1] (floor 1e-4), D = 1, the norm's gain 1,
@@ -30,7 +30,7 @@ from torch import nn
 from ...decode import slot
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, register, sequence_shape
 from ._mamba2_cost import mamba2_cost
-from ._mamba2_scan import ssd_chunk, ssd_scan
+from ._mamba2_scan import ssd_export, ssd_scan
 
 
 class Mamba2Params(OpParams):
@@ -103,7 +103,7 @@ class Mamba2Mixer(nn.Module):
             dt = dt * keep[:, :, None].to(dt.dtype)
         A = -self.A_log.exp()
         if not isinstance(n, int) or torch.compiler.is_exporting():
-            y, h = ssd_chunk(x, dt, A, B, C, None)  # the export: one chunk, the whole sequence
+            y, h = ssd_export(x, dt, A, B, C, self.chunk)  # the export: every chunk at once
         else:
             y, h = ssd_scan(x, dt, A, B, C, None if state is None else state[1], self.chunk)
         del dt, B, C
