@@ -231,6 +231,9 @@ OTHER_FORMS |= {("ssm", "mamba")}
 # Mamba-2: torch runs SSD chunks of T and carries the states; the export runs the whole sequence as one chunk (its
 # [n, n] masked form: more multiply-adds), and the convolution is a Conv node
 OTHER_FORMS |= {("ssm", "mamba2")}
+# RWKV-4: torch runs the WKV in chunks of T and carries (num, den, max); the export runs the whole sequence as one
+# chunk (its [n, n] table of log-weights a channel: more multiply-adds)
+OTHER_FORMS |= {("rnn", "rwkv4")}
 
 
 CHAIN = 12  # ops per bidirectional chain case
