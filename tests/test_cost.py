@@ -188,6 +188,8 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     "deberta_base": ("O(n^2 d)", "O(n^2 h)"),
     # Mamba: the selective scan's n E N states (E = expand d) kept by the chunked scan; the vocabulary head
     "mamba_130m": ("O(n E N + n E d + n V d)", "O(n E N)"),
+    # RWKV-4: the time mix's chunks of T keep a [T, T] table a channel (n T d); the channel mix's relu^2, n f
+    "rwkv4_169m": ("O(n V d + n d f + n d^2)", "O(n T d + n f)"),
     # merged attention: the decoder (m) has no m^2 term (a running average of its values), only its cross-attention
     "merged_attention": ("O(n^2 d + n m d)", "O(n d + n f + m d + m f)"),
     # nGPT: SDPA (no weights kept); the scaled logits [n, V] kept for the loss's backward
