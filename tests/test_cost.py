@@ -189,6 +189,8 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     # Mamba: the selective scan's n E N work (E = expand d); its chunks recomputed in backward, so what training
     # keeps is the [n, E] activations around it (and a carry a chunk)
     "mamba_130m": ("O(n E N + n E d + n V d)", "O(n E)"),
+    # RWKV-4: the time mix's chunks of T keep a [T, T] table a channel (n T d); the channel mix's relu^2, n f
+    "rwkv4_169m": ("O(n V d + n d f + n d^2)", "O(n T d + n f)"),
     # merged attention: the decoder (m) has no m^2 term (a running average of its values), only its cross-attention
     "merged_attention": ("O(n^2 d + n m d)", "O(n d + n f + m d + m f)"),
     # nGPT: SDPA (no weights kept); the scaled logits [n, V] kept for the loss's backward

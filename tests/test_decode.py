@@ -303,6 +303,10 @@ NGPT = ["residual(mha(ngpt), scale=ngpt) -> residual(ffn, scale=ngpt)",
 MAMBA = ["norm -> ssm(mamba, chunk=4) -> norm -> ffn", "norm -> ssm(mamba, N=4, conv=2, chunk=7, bias=true) -> norm -> ssm(mamba, expand=1, dt_rank=3)",
          # Mamba-2: the convolution's window and the [H, P, N] state; groups of heads
          "norm -> ssm(mamba2, N=8, heads=4, groups=2, chunk=4) -> norm -> ffn"]
+# RWKV-4: the time mix's last input and WKV's (num, den, max), the channel mix's last input (chunks of 4 and 7)
+RWKV = ["norm -> rnn(rwkv4, chunk=4) -> norm -> ffn(rwkv)", "norm -> rnn(rwkv4, chunk=7) -> norm -> ffn(rwkv, d_ff=40) -> norm -> ffn",
+        # RWKV-6: the last input and the heads' N x N states
+        "norm -> rnn(rwkv6, head_size=8, chunk=4) -> norm -> ffn(rwkv)"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
@@ -332,7 +336,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS for b in QKNORM]
          + [(p, b) for p in POSITIONS if not p.startswith(("pos(xpos", "pos(kerple", "pos(randomized_rope"))
             for b in NGPT]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in MAMBA])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in MAMBA]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RWKV])
 
 
 def _lean(cases: list) -> list:

@@ -206,7 +206,7 @@ def test_unsupported_rope_scaling_is_refused_at_its_key(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("data, key, message", [
-    ({"model_type": "rwkv"}, "model_type", "no importer for model_type 'rwkv'"),
+    ({"model_type": "xlnet"}, "model_type", "no importer for model_type 'xlnet'"),
     (dict(SMALL, model_type="llama", hidden_act="tanh"), "hidden_act", "activation 'tanh' has no gated FFN"),
     (dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=V, n_positions=32,
           scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx", "has no evodsl form"),

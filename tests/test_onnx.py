@@ -93,6 +93,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("mixer", "hamburger"): "r=4, steps=3",
     ("ssm", "mamba2"): "N=8, heads=4, groups=2",
+    ("rnn", "rwkv6"): "head_size=8, mix_rank=4, decay_rank=8",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",
@@ -231,6 +232,12 @@ OTHER_FORMS |= {("ssm", "mamba")}
 # Mamba-2: torch runs SSD chunks of T and carries the states; the export runs the whole sequence as one chunk (its
 # [n, n] masked form: more multiply-adds), and the convolution is a Conv node
 OTHER_FORMS |= {("ssm", "mamba2")}
+# RWKV-4: torch runs the WKV in chunks of T and carries (num, den, max); the export runs the whole sequence as one
+# chunk (its [n, n] table of log-weights a channel: more multiply-adds)
+OTHER_FORMS |= {("rnn", "rwkv4")}
+# RWKV-6: torch runs GLA's chunked kernel (chunks of T, carried states); the export its one-piece form ([n, n, N] decay
+# ratios a head)
+OTHER_FORMS |= {("rnn", "rwkv6")}
 
 
 CHAIN = 12  # ops per bidirectional chain case
@@ -312,6 +319,7 @@ CASES = SPEC_CASES + OP_CASES
 SLOW_SPECS = {"spec:etc_base", "spec:bigbird_base", "spec:longformer_base", "spec:nystromformer", "spec:adaptive_span",
               "spec:llama2_70b", "spec:yoso_base", "spec:vanilla", "spec:transformer", "spec:linear_transformer",
               "spec:memory_transformer"}
+SLOW_SPECS |= {"spec:rwkv4_169m"}  # rnn(rwkv4) and ffn(rwkv) export in the op cases; its ln0 is a norm after the embedding
 PARAMS = [pytest.param(c, id=c.id, marks=[pytest.mark.xdist_group(re.sub(r"\W", "_", c.id))]
                        + ([pytest.mark.slow] if c.id in SLOW_SPECS else [])) for c in CASES]
 def export_form_differs(graph) -> bool:

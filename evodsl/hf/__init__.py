@@ -22,6 +22,7 @@ from .gemma2 import gemma2_spec, gemma2_weights
 from .mamba import mamba_spec, mamba_weights
 from .mamba2 import mamba2_spec, mamba2_weights
 from .reformer import reformer_spec, reformer_weights
+from .rwkv import rwkv_spec, rwkv_weights
 from .weights import load_hf, read_checkpoint, read_safetensors
 from .yoso import yoso_spec, yoso_weights
 
@@ -52,6 +53,7 @@ FAMILIES = {
     "deberta": Family(deberta_spec, deberta_weights),
     "mamba": Family(mamba_spec, mamba_weights),
     "mamba2": Family(mamba2_spec, mamba2_weights),
+    "rwkv": Family(rwkv_spec, rwkv_weights),
 }
 
 

@@ -75,6 +75,14 @@ CASES = [
         {"chunk": 16, "N": 16, "heads": 4}, {"chunk": 16, "N": 8, "heads": 8, "groups": 2},
         {"chunk": 64, "N": 16, "heads": 2}, {"chunk": 8, "N": 4, "heads": 16, "bias": True},
         {"chunk": 16, "N": 32, "heads": 8, "groups": 4, "conv": 2, "conv_bias": False})],
+    # RWKV-4's time mix: chunks dividing n, one chunk past n, short chunks with a shorter last one; its channel mix
+    *[("rnn", "rwkv4", lambda d, a=a: {"causal": True, **a}) for a in ({"chunk": 16}, {"chunk": 64}, {"chunk": 5})],
+    ("ffn", "rwkv", lambda d: {}), ("ffn", "rwkv", lambda d: {"d_ff": 40}),
+    # RWKV-6: heads of 16, of 32 with small LoRAs (the states' gradients lead the backward), one chunk past n (its
+    # blocks lead), short chunks with a padded last one
+    *[("rnn", "rwkv6", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"chunk": 16, "head_size": 16}, {"chunk": 8, "head_size": 32, "mix_rank": 4, "decay_rank": 8},
+        {"chunk": 64, "head_size": 16}, {"chunk": 5, "head_size": 8})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -208,6 +208,8 @@ SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
 SEQ_ARGS = {
     "mamba": ("ssm", "mamba", True, {"N": 8, "chunk": 16, "expand": 1}),
     "mamba2": ("ssm", "mamba2", True, {"N": 16, "chunk": 32, "heads": 4}),  # chunks' [T, T] scores, carried states: O(n)
+    "rwkv4": ("rnn", "rwkv4", True, {"chunk": 16}),  # chunks' [T, T] log-weights a channel, carried (num, den, max): O(n)
+    "rwkv6": ("rnn", "rwkv6", True, {"chunk": 16, "head_size": 16}),  # GLA's chunked kernel, N x N states a head: O(n)
 }
 
 
