@@ -93,6 +93,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("mixer", "hamburger"): "r=4, steps=3",
     ("ssm", "mamba2"): "N=8, heads=4, groups=2",
+    ("rnn", "hgrn2"): "heads=4, expand=8, lower_bound=0.2",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",
@@ -231,6 +232,9 @@ OTHER_FORMS |= {("ssm", "mamba")}
 # Mamba-2: torch runs SSD chunks of T and carries the states; the export runs the whole sequence as one chunk (its
 # [n, n] masked form: more multiply-adds), and the convolution is a Conv node
 OTHER_FORMS |= {("ssm", "mamba2")}
+# HGRN2: torch runs GLA's chunks with a loop over them; the export (a symbolic n) the one-piece parallel form
+# (_chunked_linear.parallel_decay: [n, n, e] decay ratios), no loop to trace
+OTHER_FORMS |= {("rnn", "hgrn2")}
 
 
 CHAIN = 12  # ops per bidirectional chain case
