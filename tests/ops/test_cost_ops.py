@@ -78,6 +78,10 @@ CASES = [
     # HGRN2: chunks dividing n (16), not (7: the last padded; wide states lead the peak), one chunk past n
     *[("rnn", "hgrn2", lambda d, a=a: {"causal": True, **a}) for a in (
         {"heads": 4, "expand": 16}, {"heads": 2, "expand": 24, "chunk": 7, "lower_bound": 0.3}, {"expand": 32, "chunk": 64})],
+    # mLSTM: several unpadded chunks, padded chunks of 7 with the exponential forget gate, one chunk with biases
+    *[("rnn", "mlstm", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"heads": 4, "chunk": 16}, {"heads": 2, "chunk": 7, "forget": "exp"},
+        {"heads": 8, "expand": 1, "conv": 2, "bias": True, "chunk": 64})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -209,6 +209,7 @@ SEQ_ARGS = {
     "mamba": ("ssm", "mamba", True, {"N": 8, "chunk": 16, "expand": 1}),
     "mamba2": ("ssm", "mamba2", True, {"N": 16, "chunk": 32, "heads": 4}),  # chunks' [T, T] scores, carried states: O(n)
     "hgrn2": ("rnn", "hgrn2", True, {"heads": 2, "expand": 32, "chunk": 16}),  # GLA's chunks, per-key decay: O(n C e + n e d)
+    "mlstm": ("rnn", "mlstm", True, {"heads": 4, "expand": 1, "chunk": 32}),  # chunks carrying (C', n', m): O(n C dh + n dh^2)
 }
 
 
