@@ -379,10 +379,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     # the delta rule's WY form: chunks of 64 (one at n = 64, three padded at 160), 24 (padded), 32, 16; no convolutions
     "deltanet": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "conv": 0}, ODD),
                  ({"chunk": 16}, SMALL)],
-    # gated_deltanet: one chunk and three padded at n = 160 (its backward's peak at the scores' decay, after the loop's
-    # releases: _recurrent_cost.py), chunks of 24 (padded) and 48 (two, padded) at n = 64
-    "gated_deltanet": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, BOTH), ({"chunk": 16}, BOTH),
-                       ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "conv": 0}, BOTH), ({"chunk": 48}, SMALL)],
+    # gated_deltanet: one chunk at n = 64, three (padded) at n = 160, its backward's peak then at the scores' decay
+    # after the loop's releases (_recurrent_cost.py)
+    "gated_deltanet": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, ODD), ({"chunk": 16}, BOTH),
+                       ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "conv": 0}, BOTH)],
     "exp_smoothing": [({}, BOTH), ({"alpha": 0.3}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False, "alpha": 0.5}, ODD)],
     # MGK: SDPA over the n r (token, component) pairs; the causal float mask [n, n r] it keeps; r = 1 (one key a token)
     "mgk": [({}, BOTH), ({"components": 3, "kv_heads": 2}, BOTH), ({"components": 1}, SMALL),

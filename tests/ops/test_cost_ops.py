@@ -75,13 +75,12 @@ CASES = [
         {"chunk": 16, "N": 16, "heads": 4}, {"chunk": 16, "N": 8, "heads": 8, "groups": 2},
         {"chunk": 64, "N": 16, "heads": 2}, {"chunk": 8, "N": 4, "heads": 16, "bias": True},
         {"chunk": 16, "N": 32, "heads": 8, "groups": 4, "conv": 2, "conv_bias": False})],
-    # HGRN2: chunks dividing n (16), not (7: the last padded; wide states lead the peak), one chunk past n
+    # HGRN2: chunks dividing n (16), not (7: the last padded; wide states lead the peak)
     *[("rnn", "hgrn2", lambda d, a=a: {"causal": True, **a}) for a in (
-        {"heads": 4, "expand": 16}, {"heads": 2, "expand": 24, "chunk": 7, "lower_bound": 0.3}, {"expand": 32, "chunk": 64})],
-    # mLSTM: several unpadded chunks, padded chunks of 7 with the exponential forget gate, one chunk with biases
+        {"heads": 4, "expand": 16}, {"heads": 2, "expand": 24, "chunk": 7, "lower_bound": 0.3})],
+    # mLSTM: padded chunks of 7 with the exponential forget gate, one chunk with biases (the [C, C] blocks lead)
     *[("rnn", "mlstm", lambda d, a=a: {"causal": True, **a}) for a in (
-        {"heads": 4, "chunk": 16}, {"heads": 2, "chunk": 7, "forget": "exp"},
-        {"heads": 8, "expand": 1, "conv": 2, "bias": True, "chunk": 64})],
+        {"heads": 2, "chunk": 7, "forget": "exp"}, {"heads": 8, "expand": 1, "conv": 2, "bias": True, "chunk": 64})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -143,8 +143,8 @@ def test_causal_mixer_never_leaks(key):
 SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
 SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm", "mamba", {"chunk": 7, "conv": 2, "N": 4}),
              "mamba2": ("ssm", "mamba2", {"chunk": 8, "N": 8, "heads": 4, "groups": 2}),
-             "hgrn2": ("rnn", "hgrn2", {"chunk": 16, "heads": 4, "expand": 8, "lower_bound": 0.2}),
-             "mlstm": ("rnn", "mlstm", {"chunk": 16, "heads": 4, "expand": 1})}
+             "hgrn2": ("rnn", "hgrn2", {"chunk": 32, "heads": 2, "expand": 8, "lower_bound": 0.2}),
+             "mlstm": ("rnn", "mlstm", {"chunk": 32, "heads": 2, "expand": 1})}
 
 
 def test_every_causal_sequence_layer_is_covered():
