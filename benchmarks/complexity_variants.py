@@ -118,7 +118,9 @@ def variants(args) -> list[tuple[str, str]]:
     ssms = [("mamba", "mamba"),  # the chunked selective scan: O(n E N), states b n E N in training
             ("mamba2", "mamba2")]  # SSD chunks of 64: O(n T (N + P) H + n N P H)
     rnns = [("rwkv4", "rwkv4"),  # RWKV-4's WKV in chunks of 16: O(n T d)
-            ("rwkv6", "rwkv6")]  # RWKV-6: GLA's chunked kernel, heads of 64: O(n T d + n d N)
+            ("rwkv6", "rwkv6"),  # RWKV-6: GLA's chunked kernel, heads of 64: O(n T d + n d N)
+            ("hgrn2", "hgrn2"),  # GLA's chunks of 16 with a decay per key channel: O(n C e + n e d / H)
+            ("mlstm", "mlstm")]  # chunks of 64 carrying the stabilised (C', n', m): O(n C dh + n dh^2) a head
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]
@@ -135,3 +137,4 @@ CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: 
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences
 CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces
 CAUSAL_ONLY += ("rwkv4", "rwkv6")  # the RWKV recurrences
+CAUSAL_ONLY += ("hgrn2", "mlstm")  # the linear RNNs

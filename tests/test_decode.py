@@ -307,6 +307,12 @@ MAMBA = ["norm -> ssm(mamba, chunk=4) -> norm -> ffn", "norm -> ssm(mamba, N=4, 
 RWKV = ["norm -> rnn(rwkv4, chunk=4) -> norm -> ffn(rwkv)", "norm -> rnn(rwkv4, chunk=7) -> norm -> ffn(rwkv, d_ff=40) -> norm -> ffn",
         # RWKV-6: the last input and the heads' N x N states
         "norm -> rnn(rwkv6, head_size=8, chunk=4) -> norm -> ffn(rwkv)"]
+# the linear RNNs (the rnn family): their recurrent states (HGRN2: e x d / H a head; chunks of 4 and 7 across the
+# prompt, a lower bound, an rnn after an rnn)
+RNN = ["norm -> rnn(hgrn2, heads=4, expand=8, chunk=4) -> norm -> ffn",
+       "norm -> rnn(hgrn2, heads=2, expand=4, chunk=7, lower_bound=0.3) -> norm -> rnn(hgrn2, heads=8, expand=2)",
+       # mLSTM: the convolution's window and the stabilised (C', n', m) a head
+       "norm -> rnn(mlstm, heads=4, chunk=4) -> norm -> rnn(mlstm, heads=2, expand=1, conv=2, chunk=7, forget=exp) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
@@ -336,8 +342,7 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS for b in QKNORM]
          + [(p, b) for p in POSITIONS if not p.startswith(("pos(xpos", "pos(kerple", "pos(randomized_rope"))
             for b in NGPT]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in MAMBA]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in RWKV])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in MAMBA + RWKV + RNN])
 
 
 def _lean(cases: list) -> list:

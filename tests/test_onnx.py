@@ -94,6 +94,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mixer", "hamburger"): "r=4, steps=3",
     ("ssm", "mamba2"): "N=8, heads=4, groups=2",
     ("rnn", "rwkv6"): "head_size=8, mix_rank=4, decay_rank=8",
+    ("rnn", "hgrn2"): "heads=4, expand=8, lower_bound=0.2",
+    ("rnn", "mlstm"): "heads=4, expand=1, forget=exp",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",
@@ -238,6 +240,12 @@ OTHER_FORMS |= {("rnn", "rwkv4")}
 # RWKV-6: torch runs GLA's chunked kernel (chunks of T, carried states); the export its one-piece form ([n, n, N] decay
 # ratios a head)
 OTHER_FORMS |= {("rnn", "rwkv6")}
+# HGRN2: torch runs GLA's chunks with a loop over them; the export (a symbolic n) the one-piece parallel form
+# (_chunked_linear.parallel_decay: [n, n, e] decay ratios), no loop to trace
+OTHER_FORMS |= {("rnn", "hgrn2")}
+# mLSTM: torch runs chunks carrying the stabilised state; the export xLSTM's one-piece stabilised parallel form ([n, n]
+# log weights)
+OTHER_FORMS |= {("rnn", "mlstm")}
 
 
 CHAIN = 12  # ops per bidirectional chain case

@@ -83,6 +83,12 @@ CASES = [
     *[("rnn", "rwkv6", lambda d, a=a: {"causal": True, **a}) for a in (
         {"chunk": 16, "head_size": 16}, {"chunk": 8, "head_size": 32, "mix_rank": 4, "decay_rank": 8},
         {"chunk": 64, "head_size": 16}, {"chunk": 5, "head_size": 8})],
+    # HGRN2: chunks dividing n (16), not (7: the last padded; wide states lead the peak)
+    *[("rnn", "hgrn2", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"heads": 4, "expand": 16}, {"heads": 2, "expand": 24, "chunk": 7, "lower_bound": 0.3})],
+    # mLSTM: padded chunks of 7 with the exponential forget gate, one chunk with biases (the [C, C] blocks lead)
+    *[("rnn", "mlstm", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"heads": 2, "chunk": 7, "forget": "exp"}, {"heads": 8, "expand": 1, "conv": 2, "bias": True, "chunk": 64})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -156,12 +156,21 @@ def _delta_cost(p, env: OpEnv, s: Symbols, gated: bool) -> Cost:
     out = b * n * s.d * by
     # the backward's peak: the output side's gradients (three of the heads' width, beta's released), or the
     # triangle's gradient in the solve's backward, -grad [U0 W] [U0 W]^T and its negation, beside what the loop's
-    # backward has left (fitted at the harness sizes: deltanet within 10%). Gated DeltaNet's triangle phase is
-    # not this one: the decay ratios' gradient (grad * scores, beside grad * ratios) after the loop has released
-    # its states, which this bound overstates at several padded chunks (n = 160 in chunks of 64: 2x) - not modelled
+    # backward has left (fitted at the harness sizes: deltanet within 10%). Gated DeltaNet with several chunks peaks
+    # elsewhere: at the scores' decay (qk * ratio), the first [C, C] product its backward meets, whose gradients
+    # grad * ratio and grad * scores (2 R) come beside the scores' incoming gradient after the loop's backward has
+    # released the states it kept, the decayed queries and keys and the output side's head tensors: 9/4 R - T - 4 t,
+    # fitted to the storage tracker at n 64..160, chunks 16..64, two to ten chunks, within 6 % (the triangle's bound
+    # above counted the states and blocks as still held there: 2x at n = 160 in chunks of 64). Unpadded, with heads
+    # narrower than d / h (head_dim 8 at n = 64 in chunks of 32), fewer are released by then: the triangle's bound
+    # holds there (within 5 %), and is kept beside the fit for unpadded chunks
     c = b * n * h * by
     first = 2 * out if gated else 3 * t - c  # the output side's (gated: the input's gradient beside the gate's)
-    bwd_peak = sp.Max(first, R + T - T / (2 * m) + (0 if gated else c))
+    triangle = R + T - T / (2 * m) + (0 if gated else c)
+    if gated:
+        fit = sp.Rational(9, 4) * R - T - 4 * t
+        triangle = (1 - several) * triangle + several * sp.Max(fit, (1 - padded) * triangle)
+    bwd_peak = sp.Max(first, triangle)
     return replace(total + core, saved=layer + kernel, peak=sp.Max(*phases) - out, cache=cache, bwd_peak=bwd_peak,
                    saves_input=True)
 
