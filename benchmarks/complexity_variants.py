@@ -116,7 +116,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("hamburger, vq", "hamburger, r=8, steps=6, kind=vq"),
     ]
     ssms = [("mamba", "mamba"),  # the chunked selective scan: O(n E N), states b n E N in training
-            ("mamba2", "mamba2")]  # SSD chunks of 64: O(n T (N + P) H + n N P H)
+            ("mamba2", "mamba2"),  # SSD chunks of 64: O(n T (N + P) H + n N P H)
+            ("lru", "lru")]  # the complex diagonal recurrence, chunked doubling: O(n N (d + log T))
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms])
@@ -131,3 +132,4 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences
 CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces
+CAUSAL_ONLY += ("lru",)  # the diagonal linear recurrences

@@ -75,6 +75,9 @@ CASES = [
         {"chunk": 16, "N": 16, "heads": 4}, {"chunk": 16, "N": 8, "heads": 8, "groups": 2},
         {"chunk": 64, "N": 16, "heads": 2}, {"chunk": 8, "N": 4, "heads": 16, "bias": True},
         {"chunk": 16, "N": 32, "heads": 8, "groups": 4, "conv": 2, "conv_bias": False})],
+    # LRU: one chunk past n, chunks dividing n, a short chunk not dividing n with a narrow state, a wide state
+    *[("ssm", "lru", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"N": 16}, {"N": 8, "chunk": 8}, {"N": 4, "chunk": 5}, {"N": 64, "chunk": 16})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

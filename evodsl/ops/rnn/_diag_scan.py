@@ -51,22 +51,28 @@ def _join(re, im):
     return re if im is None else torch.complex(re, im)
 
 
-def _scan(a, x, h0, chunk: int) -> torch.Tensor:
-    """h [b, n, D] (a new tensor) of h_t = a_t h_{t-1} + x_t, a broadcast to x (real or complex), no autograd."""
+def _scan(a, x, h0, chunk: int, reverse: bool = False) -> torch.Tensor:
+    """h [b, n, D] (a new tensor) of h_t = a_t h_{t-1} + x_t, a broadcast to x (real or complex), no autograd.
+    reverse: h_t = a_t h_{t+1} + x_t from the end (a_t then multiplies the successor's state), h0 after the end."""
     b, n, D = x.shape
     out = torch.empty_like(x)
-    for s in range(0, n, chunk):
+    starts = range(0, n, chunk)
+    for s in (reversed(starts) if reverse else starts):
         e = min(s + chunk, n)
         A = (a if a.dim() == 1 else a[:, s:e]).expand(b, e - s, D).clone()
         H = out[:, s:e]
         H.copy_(x[:, s:e])
-        for k in levels(e - s):
-            H[:, k:] += A[:, k:] * H[:, :-k]  # the product first, then the add: never reads what it writes
-            A[:, k:] = A[:, k:] * A[:, :-k]
+        for k in levels(e - s):  # the product first, then the add: never reads what it writes
+            if reverse:
+                H[:, :-k] += A[:, :-k] * H[:, k:]
+                A[:, :-k] = A[:, :-k] * A[:, k:]
+            else:
+                H[:, k:] += A[:, k:] * H[:, :-k]
+                A[:, k:] = A[:, k:] * A[:, :-k]
         if h0 is not None:
             H += A * h0[:, None]
         del A
-        h0 = H[:, -1]
+        h0 = H[:, 0] if reverse else H[:, -1]
     return out
 
 
@@ -88,30 +94,36 @@ class _DiagScan(torch.autograd.Function):
     def backward(ctx, ghr, ghi):
         ar, ai, hr, hi, h0r, h0i = ctx.saved_tensors
         cplx = ai is not None
-        b, n, D = hr.shape
         a = _join(ar, ai)
         a = a.conj() if cplx else a
-        g = _join(ghr, torch.zeros_like(ghr) if ghi is None and cplx else ghi)
-        # the reverse recurrence on the flipped sequence: its decay at flipped step t is conj(a) of the next token
-        if a.dim() == 1:
-            rev = a
-        else:
-            rev = torch.cat((a[:, :1], a[:, 1:].flip(1)), 1)  # flipped step 0 multiplies a zero state
-        g = _scan(rev, g.flip(1), None, ctx.chunk).flip(1)
-        grads = [None] * 7
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            grads[2], grads[3] = _parts(g, cplx)
-        h = _join(hr, hi)
+        if a.dim() == 3:  # the successor's decay at each token (the last one multiplies nothing)
+            a = torch.cat((a[:, 1:], torch.zeros_like(a[:, :1])), 1)
+        g = _scan(a, _join(ghr, torch.zeros_like(ghr) if ghi is None and cplx else ghi), None, ctx.chunk, True)
+        gr, gi = _parts(g, cplx)
+        del g
+        grads = [None, None, gr, gi, None, None, None]
         if any(ctx.needs_input_grad[:2]):
-            prev = torch.cat(((torch.zeros_like(h[:, :1]) if h0r is None else _join(h0r, h0i)[:, None]), h[:, :-1]), 1)
-            ga = g * (prev.conj() if cplx else prev)
-            del prev
-            ga = ga.sum((0, 1)) if ar.dim() == 1 else ga
-            grads[0], grads[1] = _parts(ga, cplx)
+            grads[0], grads[1] = _decay_grad(gr, gi, hr, hi, h0r, h0i, ar.dim() == 1)
         if h0r is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]):
-            a0 = a if a.dim() == 1 else a[:, 0]
-            grads[4], grads[5] = _parts(a0 * g[:, 0], cplx)
+            a0 = (ar, ai) if ar.dim() == 1 else (ar[:, 0], None if ai is None else ai[:, 0])
+            grads[4], grads[5] = _mul(a0[0], None if ai is None else -a0[1], gr[:, 0], None if gi is None else gi[:, 0])
         return tuple(grads)
+
+
+def _decay_grad(gr, gi, hr, hi, h0r, h0i, fixed: bool):
+    """dL/da_t = g_t conj(h_{t-1}) on pairs; fixed (a [D]): summed over (b, n) one real product at a time."""
+    if not fixed:
+        zero = torch.zeros_like(hr[:, :1])
+        pr = torch.cat((zero if h0r is None else h0r[:, None], hr[:, :-1]), 1)
+        pi = None if hi is None else torch.cat((zero if h0i is None else h0i[:, None], hi[:, :-1]), 1)
+        return _mul(gr, gi, pr, None if pi is None else -pi)
+
+    def dot(x, y, y0):
+        out = (x[:, 1:] * y[:, :-1]).sum((0, 1))
+        return out if y0 is None else out + (x[:, 0] * y0).sum(0)
+
+    re = dot(gr, hr, h0r) + (0 if hi is None else dot(gi, hi, h0i))
+    return re, (None if hi is None else dot(gi, hr, h0r) - dot(gr, hi, h0i))
 
 
 def diag_scan(ar, ai, xr, xi, h0=None, chunk: int = 64):
