@@ -94,6 +94,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mixer", "hamburger"): "r=4, steps=3",
     ("ssm", "mamba2"): "N=8, heads=4, groups=2",
     ("ssm", "lru"): "N=8, chunk=8",
+    ("ssm", "s5"): "P=8, blocks=2, chunk=8",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",

@@ -181,7 +181,8 @@ def test_padded_mixer_equals_each_sequence_alone(key, causal, side):
 SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
 SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "mamba2": ("ssm", "mamba2", True, {"chunk": 4, "N": 4, "heads": 4, "groups": 2}, ("right", "left")),
-             "lru": ("ssm", "lru", True, {"chunk": 4, "N": 8}, ("right", "left"))}  # the input B u zeroed: no state
+             "lru": ("ssm", "lru", True, {"chunk": 4, "N": 8}, ("right", "left")),  # the input B u zeroed: no state
+             "s5": ("ssm", "s5", True, {"chunk": 4, "P": 8}, ("right", "left"))}
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

@@ -78,6 +78,9 @@ CASES = [
     # LRU: one chunk past n, chunks dividing n, a short chunk not dividing n with a narrow state, a wide state
     *[("ssm", "lru", lambda d, a=a: {"causal": True, **a}) for a in (
         {"N": 16}, {"N": 8, "chunk": 8}, {"N": 4, "chunk": 5}, {"N": 64, "chunk": 16})],
+    # S5: the same layer with ZOH-discretised HiPPO-N decays (more [P] pieces kept), blocks
+    *[("ssm", "s5", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"P": 16}, {"P": 8, "chunk": 8, "blocks": 2}, {"P": 64, "chunk": 16, "blocks": 4})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -209,6 +209,7 @@ SEQ_ARGS = {
     "mamba": ("ssm", "mamba", True, {"N": 8, "chunk": 16, "expand": 1}),
     "mamba2": ("ssm", "mamba2", True, {"N": 16, "chunk": 32, "heads": 4}),  # chunks' [T, T] scores, carried states: O(n)
     "lru": ("ssm", "lru", True, {"N": 16, "chunk": 16}),  # the chunked doubling scan: O(n N log T), states b n N complex
+    "s5": ("ssm", "s5", True, {"P": 16, "chunk": 16, "blocks": 2}),  # the same scan, ZOH-discretised decays
 }
 
 

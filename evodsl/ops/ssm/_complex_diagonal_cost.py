@@ -5,7 +5,7 @@ FLOPs in matmuls: Bbar u (2 t d 2N), Re(C x) (two, 2 t N d each); backward twice
 scan's complex multiply-adds, 14 a state a level (H += A H, A *= A) and 8 for the carry; D u, 2 t d; the
 decay and Bbar from the parameters, 8 N d; backward twice.
 Kept for backward: the states' two parts (2 t N), the matmul's [2N, d] weight [Bbar_re; Bbar_im], and `small`
-[N] vectors (the decay's pieces: lru 8, s5 14), besides the input (u, read by Bbar u and D u).
+[N] vectors (the decay and discretisation pieces: lru 8, s5 25), besides the input (u, read by Bbar u and D u).
 Inference peak (less the output, which the measure leaves out): inside the scan, Bbar u (2 t N reals), its
 complex copy and the complex states (4 t N), a chunk's decays and one level's product (2 b T' N complex); or at
 the readout, the states' parts and the second [t, d] product; or Bbar's pieces and [Bbar_re; Bbar_im] (4 N d).
