@@ -304,7 +304,9 @@ MAMBA = ["norm -> ssm(mamba, chunk=4) -> norm -> ffn", "norm -> ssm(mamba, N=4, 
          "norm -> ssm(mamba2, N=8, heads=4, groups=2, chunk=4) -> norm -> ffn"]
 # the diagonal linear recurrences (rnn/_diag_scan.py): the complex state of LRU (chunks of 4 and 7 across the prompt)
 DIAGONAL = ["norm -> ssm(lru, N=8, chunk=4) -> norm -> ffn", "norm -> ssm(lru, N=4, chunk=7) -> ssm(lru, N=3, chunk=5)",
-            "norm -> ssm(s5, P=8, blocks=2, chunk=4) -> norm -> ffn"]
+            "norm -> ssm(s5, P=8, blocks=2, chunk=4) -> norm -> ffn",
+            # QRNN: the last k - 1 inputs and the cell c; a per-token window
+            "norm -> rnn(qrnn, window=3, chunk=4) -> norm -> ffn", "norm -> rnn(qrnn, window=1, chunk=7) -> rnn(qrnn, bias=false)"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]

@@ -95,6 +95,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("ssm", "mamba2"): "N=8, heads=4, groups=2",
     ("ssm", "lru"): "N=8, chunk=8",
     ("ssm", "s5"): "P=8, blocks=2, chunk=8",
+    ("rnn", "qrnn"): "window=3, chunk=8",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",
@@ -233,6 +234,9 @@ OTHER_FORMS |= {("ssm", "mamba")}
 # Mamba-2: torch runs SSD chunks of T and carries the states; the export runs the whole sequence as one chunk (its
 # [n, n] masked form: more multiply-adds), and the convolution is a Conv node
 OTHER_FORMS |= {("ssm", "mamba2")}
+# QRNN: its masked convolution exports as a Conv node, which the MatMul / Gemm count leaves out; fo-pooling runs the
+# whole-sequence doubling (rnn/_diag_scan.exported_scan), torch the chunked scan (neither has a matmul)
+OTHER_FORMS |= {("rnn", "qrnn")}
 
 
 CHAIN = 12  # ops per bidirectional chain case

@@ -81,6 +81,9 @@ CASES = [
     # S5: the same layer with ZOH-discretised HiPPO-N decays (more [P] pieces kept), blocks
     *[("ssm", "s5", lambda d, a=a: {"causal": True, **a}) for a in (
         {"P": 16}, {"P": 8, "chunk": 8, "blocks": 2}, {"P": 64, "chunk": 16, "blocks": 4})],
+    # QRNN: the default window, a per-token one with short chunks, wide windows with chunks not dividing n
+    *[("rnn", "qrnn", lambda d, a=a: {"causal": True, **a}) for a in (
+        {}, {"window": 1, "chunk": 8}, {"window": 4, "chunk": 16, "bias": False}, {"window": 3, "chunk": 5})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),
