@@ -119,7 +119,8 @@ def variants(args) -> list[tuple[str, str]]:
             ("mamba2", "mamba2"),  # SSD chunks of 64: O(n T (N + P) H + n N P H)
             ("lru", "lru"),  # the complex diagonal recurrence, chunked doubling: O(n N (d + log T))
             ("s5", "s5")]  # the same, ZOH-discretised HiPPO-N decays
-    rnns = [("qrnn", "qrnn")]  # a width-2 convolution and fo-pooling's chunked scan: O(n d (d k + log T))
+    rnns = [("qrnn", "qrnn"),  # a width-2 convolution and fo-pooling's chunked scan: O(n d (d k + log T))
+            ("gilr", "gilr")]  # two projections and the chunked scan: O(n d (d + log T))
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]
@@ -135,4 +136,4 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences
 CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces
-CAUSAL_ONLY += ("lru", "s5", "qrnn")  # the diagonal linear recurrences
+CAUSAL_ONLY += ("lru", "s5", "qrnn", "gilr")  # the diagonal linear recurrences

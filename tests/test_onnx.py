@@ -96,6 +96,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("ssm", "lru"): "N=8, chunk=8",
     ("ssm", "s5"): "P=8, blocks=2, chunk=8",
     ("rnn", "qrnn"): "window=3, chunk=8",
+    ("rnn", "gilr"): "chunk=8",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",

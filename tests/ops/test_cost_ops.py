@@ -84,6 +84,8 @@ CASES = [
     # QRNN: the default window, a per-token one with short chunks, wide windows with chunks not dividing n
     *[("rnn", "qrnn", lambda d, a=a: {"causal": True, **a}) for a in (
         {}, {"window": 1, "chunk": 8}, {"window": 4, "chunk": 16, "bias": False}, {"window": 3, "chunk": 5})],
+    # GILR: one chunk past n (the scan's buffers lead the peak), short chunks, chunks not dividing n
+    *[("rnn", "gilr", lambda d, a=a: {"causal": True, **a}) for a in ({}, {"chunk": 8, "bias": False}, {"chunk": 5})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -211,6 +211,7 @@ SEQ_ARGS = {
     "lru": ("ssm", "lru", True, {"N": 16, "chunk": 16}),  # the chunked doubling scan: O(n N log T), states b n N complex
     "s5": ("ssm", "s5", True, {"P": 16, "chunk": 16, "blocks": 2}),  # the same scan, ZOH-discretised decays
     "qrnn": ("rnn", "qrnn", True, {"window": 2, "chunk": 16}),  # a width-k convolution and fo-pooling's scan: O(n d (d k + log T))
+    "gilr": ("rnn", "gilr", True, {"chunk": 16}),  # two projections and the scan: O(n d (d + log T))
 }
 
 

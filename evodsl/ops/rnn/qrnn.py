@@ -24,8 +24,8 @@ from pydantic import Field
 from torch import nn
 
 from ...decode import slot
-from ..registry import Op, OpEnv, OpParams, ShapeProblem, register, sequence_shape
-from ._diag_scan import diag_scan, exported_scan
+from ..registry import Op, OpEnv, OpParams, register
+from ._gated import causal_rnn_shape, gate_padding, run_scan
 from ._qrnn_cost import qrnn_cost
 
 
@@ -33,32 +33,6 @@ class QRNNParams(OpParams):
     window: int = Field(2, ge=1, le=64, description="k: the masked convolutions' width (1: a gated linear unit per token)")
     bias: bool = Field(True, description="a bias on the convolutions")
     chunk: int = Field(64, ge=1, le=4096, description="T: tokens per chunk of the scan (the result is the same)")
-
-
-def causal_rnn_shape(name: str):
-    def shape(p, env: OpEnv):
-        out = sequence_shape(p, env)
-        if not env.causal:
-            raise ShapeProblem(f"rnn({name}) is causal only: its recurrence runs forward in time", None,
-                               "use it in a causal model (head(lm)), or a mixer for a bidirectional one")
-        return out
-    return shape
-
-
-def gate_padding(a, u, ctx):
-    """A padded position keeps the state: decay 1, no input (left padding; a causal op ignores right padding)."""
-    keep = None if ctx is None or ctx.mask is None or ctx.right_padded else ctx.mask
-    if keep is None:
-        return a, u
-    k = keep[:, :, None]
-    return torch.where(k, a, torch.ones_like(a)), u * k.to(u.dtype)
-
-
-def run_scan(owner, a, u, ctx, state):
-    """c [b, n, d] of c_t = a_t c_{t-1} + u_t: the chunked scan from the cached state, or the export's form."""
-    if not isinstance(u.shape[1], int) or torch.compiler.is_exporting():
-        return exported_scan(a, None, u, None)[0]
-    return diag_scan(a, None, u, None, h0=None if state is None else (state, None), chunk=owner.chunk)[0]
 
 
 class QRNN(nn.Module):
