@@ -120,7 +120,9 @@ def variants(args) -> list[tuple[str, str]]:
             ("lru", "lru"),  # the complex diagonal recurrence, chunked doubling: O(n N (d + log T))
             ("s5", "s5")]  # the same, ZOH-discretised HiPPO-N decays
     rnns = [("qrnn", "qrnn"),  # a width-2 convolution and fo-pooling's chunked scan: O(n d (d k + log T))
-            ("gilr", "gilr")]  # two projections and the chunked scan: O(n d (d + log T))
+            ("gilr", "gilr"),  # two projections and the chunked scan: O(n d (d + log T))
+            ("sru", "sru"),  # the light recurrence: W x at once, a token loop of elementwise ops, O(n d^2)
+            ("sru, scan", "sru, scan=true")]  # v = 0: the chunked scan
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]
@@ -136,4 +138,4 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences
 CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces
-CAUSAL_ONLY += ("lru", "s5", "qrnn", "gilr")  # the diagonal linear recurrences
+CAUSAL_ONLY += ("lru", "s5", "qrnn", "gilr", "sru")  # the diagonal linear recurrences

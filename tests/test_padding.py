@@ -184,7 +184,8 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "lru": ("ssm", "lru", True, {"chunk": 4, "N": 8}, ("right", "left")),  # the input B u zeroed: no state
              "s5": ("ssm", "s5", True, {"chunk": 4, "P": 8}, ("right", "left")),
              "qrnn": ("rnn", "qrnn", True, {"chunk": 4, "window": 3}, ("right", "left")),  # no input, decay 1, window zeroed
-             "gilr": ("rnn", "gilr", True, {"chunk": 4}, ("right", "left"))}
+             "gilr": ("rnn", "gilr", True, {"chunk": 4}, ("right", "left")),
+             "sru": ("rnn", "sru", True, {}, ("right", "left")), "sru-scan": ("rnn", "sru", True, {"scan": True, "chunk": 4}, ("right", "left"))}
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 
