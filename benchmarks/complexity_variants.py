@@ -122,7 +122,8 @@ def variants(args) -> list[tuple[str, str]]:
     rnns = [("qrnn", "qrnn"),  # a width-2 convolution and fo-pooling's chunked scan: O(n d (d k + log T))
             ("gilr", "gilr"),  # two projections and the chunked scan: O(n d (d + log T))
             ("sru", "sru"),  # the light recurrence: W x at once, a token loop of elementwise ops, O(n d^2)
-            ("sru, scan", "sru, scan=true")]  # v = 0: the chunked scan
+            ("sru, scan", "sru, scan=true"),  # v = 0: the chunked scan
+            ("sru, attention", "sru, attention=true, scan=true")]  # SRU++: one causal head, O(n^2 p)
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]

@@ -97,7 +97,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("ssm", "s5"): "P=8, blocks=2, chunk=8",
     ("rnn", "qrnn"): "window=3, chunk=8",
     ("rnn", "gilr"): "chunk=8",
-    ("rnn", "sru"): "scan=true, chunk=8",  # the light recurrence (a token loop) refuses a symbolic length: E455
+    ("rnn", "sru"): "scan=true, chunk=8, attention=true",  # SRU++; the light recurrence (a token loop) refuses a symbolic length: E455
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",

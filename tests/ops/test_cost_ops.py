@@ -88,6 +88,8 @@ CASES = [
     *[("rnn", "gilr", lambda d, a=a: {"causal": True, **a}) for a in ({}, {"chunk": 8, "bias": False}, {"chunk": 5})],
     # SRU: the light recurrence (a token loop), the parallel form (v = 0) over one chunk and chunks not dividing n
     *[("rnn", "sru", lambda d, a=a: {"causal": True, **a}) for a in ({}, {"scan": True}, {"scan": True, "chunk": 5})],
+    # SRU++: the attention sublayer in place of W x, with the light recurrence and the scan, a narrower head
+    *[("rnn", "sru", lambda d, a=a: {"causal": True, "attention": True, **a}) for a in ({}, {"scan": True}, {"proj": 8})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -147,7 +147,8 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm",
              "s5": ("ssm", "s5", {"chunk": 4, "P": 8, "blocks": 2}),
              "qrnn": ("rnn", "qrnn", {"chunk": 4, "window": 3}), "qrnn-7": ("rnn", "qrnn", {"chunk": 7}),
              "gilr": ("rnn", "gilr", {"chunk": 4}),
-             "sru": ("rnn", "sru", {}), "sru-scan": ("rnn", "sru", {"scan": True, "chunk": 4})}
+             "sru": ("rnn", "sru", {}), "sru-scan": ("rnn", "sru", {"scan": True, "chunk": 4}),
+             "sru++": ("rnn", "sru", {"attention": True, "scan": True, "chunk": 4})}
 
 
 def test_every_causal_sequence_layer_is_covered():

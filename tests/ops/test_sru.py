@@ -16,13 +16,29 @@ from ophelpers import assert_every_parameter_learns, assert_no_leak, assert_padd
 D = 16
 
 
+def projections(m, x):
+    """W x, or SRU++'s W_o (Q + alpha softmax(Q K^T / sqrt(p), causal) V) with K, V = W_k Q, W_v Q, token by token."""
+    if not m.attention:
+        return x @ m.W.weight.T
+    att = m.W
+    Q = x @ att.q.weight.T
+    p = Q.shape[-1]
+    K, V = Q @ att.kv.weight[:p].T, Q @ att.kv.weight[p:].T
+    rows = []
+    for t in range(x.shape[1]):
+        w = torch.softmax(torch.einsum("bp,bjp->bj", Q[:, t], K[:, :t + 1]) / p ** 0.5, -1)
+        rows.append((Q[:, t] + att.alpha * torch.einsum("bj,bjp->bp", w, V[:, :t + 1])) @ att.o.weight.T)
+    return torch.stack(rows, 1)
+
+
 def reference(m, x):
-    W, bias = m.W.weight, m.bias
+    bias = m.bias
+    U = projections(m, x)
     v = m.v if hasattr(m, "v") else torch.zeros(2 * D, dtype=x.dtype)
     c = torch.zeros(x.shape[0], D, dtype=x.dtype)
     hs = []
     for t in range(x.shape[1]):
-        pre = x[:, t] @ W.T
+        pre = U[:, t]
         z, u, s = pre[:, :D], pre[:, D:2 * D], pre[:, 2 * D:]
         f = torch.sigmoid(u + v[:D] * c + bias[:D])
         r = torch.sigmoid(s + v[D:] * c + bias[D:])
@@ -37,8 +53,9 @@ def perturbed(**args):
     return m
 
 
-ARGS = [{}, {"scan": True}, {"scan": True, "chunk": 1}, {"scan": True, "chunk": 7}]
-IDS = ["light", "parallel", "parallel-T1", "parallel-T7"]
+ARGS = [{}, {"scan": True}, {"scan": True, "chunk": 1}, {"scan": True, "chunk": 7},
+        {"attention": True}, {"attention": True, "scan": True, "chunk": 4, "proj": 6}]
+IDS = ["light", "parallel", "parallel-T1", "parallel-T7", "sru++", "sru++-scan"]
 
 
 @pytest.mark.parametrize("args", ARGS, ids=IDS)
@@ -62,8 +79,10 @@ def test_v_is_what_makes_it_nonlinear():
         assert (m(x, Ctx()) - p(x, Ctx())).abs().max().item() <= 1e-12
 
 
-@pytest.mark.parametrize("args", ARGS[:2], ids=IDS[:2])
+@pytest.mark.parametrize("args", ARGS[:2] + ARGS[4:], ids=IDS[:2] + IDS[4:])
 def test_decodes_in_pieces_with_a_constant_state(args):
+    """The step form equals the forward piece by piece; its state is the declared kv_cache: c alone (constant), or
+    with SRU++'s attention c and the keys and values of every position (growing with the length)."""
     from costhelpers import declared
 
     m = perturbed(**args)
@@ -77,16 +96,17 @@ def test_decodes_in_pieces_with_a_constant_state(args):
         for t in (1, 4, 30):
             _, state = decode_in_pieces(m, x[:, :t], (1,) * t)
             _, _, cost, ev = declared("rnn", "sru", 2, t, dtype=torch.float64, d=D, causal=True, **args)
-            assert state.nbytes() == ev(cost.cache) == 2 * D * 8
+            p = m.W.q.out_features if m.attention else 0
+            assert state.nbytes() == ev(cost.cache) == 2 * (D + 2 * p * t) * 8
 
 
-@pytest.mark.parametrize("args", ARGS[:2], ids=IDS[:2])
+@pytest.mark.parametrize("args", ARGS[:2] + ARGS[4:], ids=IDS[:2] + IDS[4:])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padding_enters_no_state(args, side):
     assert_padded_row_alone(perturbed(**args), side, d=D)
 
 
-@pytest.mark.parametrize("args", ARGS[:2], ids=IDS[:2])
+@pytest.mark.parametrize("args", ARGS[:2] + ARGS[4:], ids=IDS[:2] + IDS[4:])
 def test_every_parameter_learns(args):
     assert_every_parameter_learns(perturbed(**args), d=D)
 
