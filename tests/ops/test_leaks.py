@@ -143,9 +143,9 @@ def test_causal_mixer_never_leaks(key):
 SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
 SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm", "mamba", {"chunk": 7, "conv": 2, "N": 4}),
              "mamba2": ("ssm", "mamba2", {"chunk": 8, "N": 8, "heads": 4, "groups": 2}),
-             "lru": ("ssm", "lru", {"chunk": 4, "N": 8}), "lru-7": ("ssm", "lru", {"chunk": 7, "N": 3}),
+             "lru": ("ssm", "lru", {"chunk": 4, "N": 8}),
              "s5": ("ssm", "s5", {"chunk": 4, "P": 8, "blocks": 2}),
-             "qrnn": ("rnn", "qrnn", {"chunk": 4, "window": 3}), "qrnn-7": ("rnn", "qrnn", {"chunk": 7}),
+             "qrnn": ("rnn", "qrnn", {"chunk": 4, "window": 3}),
              "gilr": ("rnn", "gilr", {"chunk": 4}),
              "sru": ("rnn", "sru", {}), "sru-scan": ("rnn", "sru", {"scan": True, "chunk": 4}),
              "sru++": ("rnn", "sru", {"attention": True, "scan": True, "chunk": 4})}

@@ -14,11 +14,11 @@ over tokens only for the elementwise core (O(d) per token; the paper's CUDA kern
 scan=true drops v_f, v_r (v = 0): the gates read only the input, c is the diagonal linear recurrence
 c_t = f_t c_{t-1} + (1 - f_t) z_t, and training runs rnn/_diag_scan.py's chunked doubling scan (no token loop).
 Decoding keeps c [d], whatever the length, in both forms. attention=true is SRU++ (_sru_attention.py): W x becomes
-W_o (Q + alpha Attention(Q)), one causal head of width p (proj, d / 4 by default); its decoding state also keeps
-the keys and values of every position (it grows with the length, declared so). Choices where the paper is silent or optional: no tanh on
-c, no scaling of the highway input, b_f = b_r = 0 at init, v_f, v_r uniform in [-0.5, 0.5], Linear's default init, no
-dropout (the spec's). Causal only. Padding: a padded position leaves c unchanged, on either side. The ONNX export
-(a symbolic n) takes scan=true only; the token loop refuses it (E455).
+W_o (Q + alpha Attention(Q)), one causal head of width p (proj, d / 4 by default); its decoding state also keeps the
+keys and values of every position (it grows with the length, declared so). Choices where the paper is silent or
+optional: no tanh on c, no scaling of the highway input, b_f = b_r = 0 at init, v_f, v_r uniform in [-0.5, 0.5],
+Linear's default init, no dropout (the spec's). Causal only. Padding: a padded position leaves c unchanged, on
+either side. The ONNX export (a symbolic n) takes scan=true only; the token loop refuses it (E455).
 """
 from __future__ import annotations
 
@@ -107,7 +107,8 @@ OP = register(Op(
     family="rnn", variant="sru", params=SRUParams, module=SRU, causal="yes", shape=causal_rnn_shape("sru"),
     paper="Simple Recurrent Units for Highly Parallelizable Recurrence, Lei et al. 2018, arXiv:1709.02755; SRU++: "
           "When Attention Meets Fast Recurrence, Lei 2021, arXiv:2102.12459",
-    summary="z, u, s = W x (SRU++: W_o (Q + alpha Attention(Q))); f = sigmoid(u + v_f c_{t-1} + b_f), r = sigmoid(s + v_r c_{t-1} + b_r); c_t = f c_{t-1} + "
-            "(1 - f) z; h = r c + (1 - r) x; a token loop of elementwise ops (scan=true: v = 0, a chunked scan)",
+    summary="z, u, s = W x (SRU++: W_o (Q + alpha Attention(Q))); f = sigmoid(u + v_f c_{t-1} + b_f), "
+            "r = sigmoid(s + v_r c_{t-1} + b_r); c_t = f c_{t-1} + (1 - f) z; h = r c + (1 - r) x; a token loop of "
+            "elementwise ops (scan=true: v = 0, a chunked scan)",
     cost=sru_cost, note="Rnn/001.md",
 ))
