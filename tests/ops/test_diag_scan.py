@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evodsl.ops import Ctx
 from evodsl.ops.rnn._diag_scan import diag_scan, diag_step, exported_scan
+from ophelpers import make_op
 
 
 def loop(a, x, h0=None):
@@ -84,3 +86,15 @@ def test_pieces_and_steps_carry_the_state(complex_):
     for t in range(20, 30):
         h = diag_step(ar[:, t], None if ai is None else ai[:, t], xr[:, t], None if xi is None else xi[:, t], h)
         close(join(*h), want[:, t])
+
+
+@pytest.mark.parametrize("family,variant,args", [("ssm", "lru", {}), ("ssm", "s5", {}), ("rnn", "qrnn", {}), ("rnn", "gilr", {}),
+                                                 ("rnn", "sru", {"scan": True, "attention": True})])
+def test_runs_under_bfloat16_autocast(family, variant, args):
+    """Autocast's bfloat16 inputs meet float32 decays; a complex scan runs in float32 (there is no complex bfloat16)."""
+    m, _, _ = make_op(family, variant, d=16, causal=True, dtype=torch.float32, **args)
+    x = torch.randn(2, 20, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x, Ctx())
+    y.float().square().mean().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()

@@ -131,6 +131,11 @@ def diag_scan(ar, ai, xr, xi, h0=None, chunk: int = 64):
     h0r, h0i = (None, None) if h0 is None else h0
     if ai is not None and xi is None:
         xi = torch.zeros_like(xr)
+    dtype = torch.promote_types(ar.dtype, xr.dtype)  # decays from float32 parameters, inputs from autocast
+    if ai is not None and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # no complex bfloat16: the complex scan runs in float32 under autocast
+    if xr.dtype != dtype or ar.dtype != dtype:
+        ar, ai, xr, xi, h0r, h0i = (None if t is None else t.to(dtype) for t in (ar, ai, xr, xi, h0r, h0i))
     return _DiagScan.apply(ar, ai, xr, xi, h0r, h0i, chunk)
 
 
