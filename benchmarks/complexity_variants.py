@@ -116,11 +116,18 @@ def variants(args) -> list[tuple[str, str]]:
         ("hamburger, vq", "hamburger, r=8, steps=6, kind=vq"),
     ]
     ssms = [("mamba", "mamba"),  # the chunked selective scan: O(n E N), states b n E N in training
-            ("mamba2", "mamba2")]  # SSD chunks of 64: O(n T (N + P) H + n N P H)
+            ("mamba2", "mamba2"),  # SSD chunks of 64: O(n T (N + P) H + n N P H)
+            ("lru", "lru"),  # the complex diagonal recurrence, chunked doubling: O(n N (d + log T))
+            ("s5", "s5")]  # the same, ZOH-discretised HiPPO-N decays
     rnns = [("rwkv4", "rwkv4"),  # RWKV-4's WKV in chunks of 16: O(n T d)
             ("rwkv6", "rwkv6"),  # RWKV-6: GLA's chunked kernel, heads of 64: O(n T d + n d N)
             ("hgrn2", "hgrn2"),  # GLA's chunks of 16 with a decay per key channel: O(n C e + n e d / H)
-            ("mlstm", "mlstm")]  # chunks of 64 carrying the stabilised (C', n', m): O(n C dh + n dh^2) a head
+            ("mlstm", "mlstm"),  # chunks of 64 carrying the stabilised (C', n', m): O(n C dh + n dh^2) a head
+            ("qrnn", "qrnn"),  # a width-2 convolution and fo-pooling's chunked scan: O(n d (d k + log T))
+            ("gilr", "gilr"),  # two projections and the chunked scan: O(n d (d + log T))
+            ("sru", "sru"),  # the light recurrence: W x at once, a token loop of elementwise ops, O(n d^2)
+            ("sru, scan", "sru, scan=true"),  # v = 0: the chunked scan
+            ("sru, attention", "sru, attention=true, scan=true")]  # SRU++: one causal head, O(n^2 p)
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]
@@ -138,3 +145,4 @@ CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked
 CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces
 CAUSAL_ONLY += ("rwkv4", "rwkv6")  # the RWKV recurrences
 CAUSAL_ONLY += ("hgrn2", "mlstm")  # the linear RNNs
+CAUSAL_ONLY += ("lru", "s5", "qrnn", "gilr", "sru")  # the diagonal linear recurrences

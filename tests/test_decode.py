@@ -313,6 +313,14 @@ RNN = ["norm -> rnn(hgrn2, heads=4, expand=8, chunk=4) -> norm -> ffn",
        "norm -> rnn(hgrn2, heads=2, expand=4, chunk=7, lower_bound=0.3) -> norm -> rnn(hgrn2, heads=8, expand=2)",
        # mLSTM: the convolution's window and the stabilised (C', n', m) a head
        "norm -> rnn(mlstm, heads=4, chunk=4) -> norm -> rnn(mlstm, heads=2, expand=1, conv=2, chunk=7, forget=exp) -> norm -> ffn"]
+# the diagonal linear recurrences (rnn/_diag_scan.py): the complex state of LRU (chunks of 4 and 7 across the prompt)
+DIAGONAL = ["norm -> ssm(lru, N=8, chunk=4) -> norm -> ffn", "norm -> ssm(lru, N=4, chunk=7) -> ssm(lru, N=3, chunk=5)",
+            "norm -> ssm(s5, P=8, blocks=2, chunk=4) -> norm -> ffn",
+            # QRNN: the last k - 1 inputs and the cell c; a per-token window
+            "norm -> rnn(qrnn, window=3, chunk=4) -> norm -> ffn", "norm -> rnn(qrnn, window=1, chunk=7) -> rnn(qrnn, bias=false)",
+            "norm -> rnn(gilr, chunk=4) -> norm -> rnn(gilr, chunk=7, bias=false)",  # GILR: h
+            "norm -> rnn(sru) -> norm -> rnn(sru, scan=true, chunk=4) -> norm -> ffn",  # SRU: c, both forms
+            "norm -> rnn(sru, attention=true) -> norm -> rnn(sru, attention=true, scan=true, proj=4, chunk=4)"]  # SRU++: c, K, V
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
@@ -342,7 +350,7 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS for b in QKNORM]
          + [(p, b) for p in POSITIONS if not p.startswith(("pos(xpos", "pos(kerple", "pos(randomized_rope"))
             for b in NGPT]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in MAMBA + RWKV + RNN])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in MAMBA + RWKV + RNN + DIAGONAL])
 
 
 def _lean(cases: list) -> list:

@@ -96,6 +96,11 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("rnn", "rwkv6"): "head_size=8, mix_rank=4, decay_rank=8",
     ("rnn", "hgrn2"): "heads=4, expand=8, lower_bound=0.2",
     ("rnn", "mlstm"): "heads=4, expand=1, forget=exp",
+    ("ssm", "lru"): "N=8, chunk=8",
+    ("ssm", "s5"): "P=8, blocks=2, chunk=8",
+    ("rnn", "qrnn"): "window=3, chunk=8",
+    ("rnn", "gilr"): "chunk=8",
+    ("rnn", "sru"): "scan=true, chunk=8, attention=true",  # SRU++; the light recurrence (a token loop) refuses a symbolic length: E455
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",
@@ -246,6 +251,9 @@ OTHER_FORMS |= {("rnn", "hgrn2")}
 # mLSTM: torch runs chunks carrying the stabilised state; the export xLSTM's one-piece stabilised parallel form ([n, n]
 # log weights)
 OTHER_FORMS |= {("rnn", "mlstm")}
+# QRNN: its masked convolution exports as a Conv node, which the MatMul / Gemm count leaves out; fo-pooling runs the
+# whole-sequence doubling (rnn/_diag_scan.exported_scan), torch the chunked scan (neither has a matmul)
+OTHER_FORMS |= {("rnn", "qrnn")}
 
 
 CHAIN = 12  # ops per bidirectional chain case

@@ -186,7 +186,13 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              # HGRN2: a padded position's key 1 - f is zeroed; its decay acts on a still-zero state (left padding)
              "hgrn2": ("rnn", "hgrn2", True, {"chunk": 4, "heads": 4, "expand": 8}, ("right", "left")),
              # mLSTM: a padded position writes nothing (i~ = -inf), decays nothing, and is no convolution input
-             "mlstm": ("rnn", "mlstm", True, {"chunk": 4, "heads": 4, "expand": 1}, ("right", "left"))}
+             "mlstm": ("rnn", "mlstm", True, {"chunk": 4, "heads": 4, "expand": 1}, ("right", "left")),
+             "lru": ("ssm", "lru", True, {"chunk": 4, "N": 8}, ("right", "left")),  # the input B u zeroed: no state
+             "s5": ("ssm", "s5", True, {"chunk": 4, "P": 8}, ("right", "left")),
+             "qrnn": ("rnn", "qrnn", True, {"chunk": 4, "window": 3}, ("right", "left")),  # no input, decay 1, window zeroed
+             "gilr": ("rnn", "gilr", True, {"chunk": 4}, ("right", "left")),
+             "sru": ("rnn", "sru", True, {}, ("right", "left")), "sru-scan": ("rnn", "sru", True, {"scan": True, "chunk": 4}, ("right", "left")),
+             "sru++": ("rnn", "sru", True, {"attention": True}, ("right", "left"))}  # padded keys get no weight
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

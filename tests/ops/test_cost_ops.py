@@ -89,6 +89,21 @@ CASES = [
     # mLSTM: padded chunks of 7 with the exponential forget gate, one chunk with biases (the [C, C] blocks lead)
     *[("rnn", "mlstm", lambda d, a=a: {"causal": True, **a}) for a in (
         {"heads": 2, "chunk": 7, "forget": "exp"}, {"heads": 8, "expand": 1, "conv": 2, "bias": True, "chunk": 64})],
+    # LRU: one chunk past n, chunks dividing n, a short chunk not dividing n with a narrow state, a wide state
+    *[("ssm", "lru", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"N": 16}, {"N": 8, "chunk": 8}, {"N": 4, "chunk": 5}, {"N": 64, "chunk": 16})],
+    # S5: the same layer with ZOH-discretised HiPPO-N decays (more [P] pieces kept), blocks
+    *[("ssm", "s5", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"P": 16}, {"P": 8, "chunk": 8, "blocks": 2}, {"P": 64, "chunk": 16, "blocks": 4})],
+    # QRNN: the default window, a per-token one with short chunks, wide windows with chunks not dividing n
+    *[("rnn", "qrnn", lambda d, a=a: {"causal": True, **a}) for a in (
+        {}, {"window": 1, "chunk": 8}, {"window": 4, "chunk": 16, "bias": False}, {"window": 3, "chunk": 5})],
+    # GILR: one chunk past n (the scan's buffers lead the peak), short chunks, chunks not dividing n
+    *[("rnn", "gilr", lambda d, a=a: {"causal": True, **a}) for a in ({}, {"chunk": 8, "bias": False}, {"chunk": 5})],
+    # SRU: the light recurrence (a token loop), the parallel form (v = 0) over one chunk and chunks not dividing n
+    *[("rnn", "sru", lambda d, a=a: {"causal": True, **a}) for a in ({}, {"scan": True}, {"scan": True, "chunk": 5})],
+    # SRU++: the attention sublayer in place of W x, with the light recurrence and the scan, a narrower head
+    *[("rnn", "sru", lambda d, a=a: {"causal": True, "attention": True, **a}) for a in ({}, {"scan": True}, {"proj": 8})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -212,6 +212,13 @@ SEQ_ARGS = {
     "rwkv6": ("rnn", "rwkv6", True, {"chunk": 16, "head_size": 16}),  # GLA's chunked kernel, N x N states a head: O(n)
     "hgrn2": ("rnn", "hgrn2", True, {"heads": 2, "expand": 32, "chunk": 16}),  # GLA's chunks, per-key decay: O(n C e + n e d)
     "mlstm": ("rnn", "mlstm", True, {"heads": 4, "expand": 1, "chunk": 32}),  # chunks carrying (C', n', m): O(n C dh + n dh^2)
+    "lru": ("ssm", "lru", True, {"N": 16, "chunk": 16}),  # the chunked doubling scan: O(n N log T), states b n N complex
+    "s5": ("ssm", "s5", True, {"P": 16, "chunk": 16, "blocks": 2}),  # the same scan, ZOH-discretised decays
+    "qrnn": ("rnn", "qrnn", True, {"window": 2, "chunk": 16}),  # a width-k convolution and fo-pooling's scan: O(n d (d k + log T))
+    "gilr": ("rnn", "gilr", True, {"chunk": 16}),  # two projections and the scan: O(n d (d + log T))
+    # SRU's parallel form (v = 0); its light recurrence loops over tokens, whose thousands of live [b, d] tensors the
+    # storage tracker would sweep at every op (quadratic in n to measure), so its row is the cost test's
+    "sru-scan": ("rnn", "sru", True, {"scan": True, "chunk": 16}),
 }
 
 

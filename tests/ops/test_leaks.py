@@ -146,7 +146,13 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm",
              "rwkv4": ("rnn", "rwkv4", {"chunk": 8}),  # RWKV: several chunks and a partial one across N
              "rwkv6": ("rnn", "rwkv6", {"chunk": 16, "head_size": 8, "mix_rank": 4, "decay_rank": 8}),
              "hgrn2": ("rnn", "hgrn2", {"chunk": 32, "heads": 2, "expand": 8, "lower_bound": 0.2}),
-             "mlstm": ("rnn", "mlstm", {"chunk": 32, "heads": 2, "expand": 1})}
+             "mlstm": ("rnn", "mlstm", {"chunk": 32, "heads": 2, "expand": 1}),
+             "lru": ("ssm", "lru", {"chunk": 4, "N": 8}),
+             "s5": ("ssm", "s5", {"chunk": 4, "P": 8, "blocks": 2}),
+             "qrnn": ("rnn", "qrnn", {"chunk": 4, "window": 3}),
+             "gilr": ("rnn", "gilr", {"chunk": 4}),
+             "sru": ("rnn", "sru", {}), "sru-scan": ("rnn", "sru", {"scan": True, "chunk": 4}),
+             "sru++": ("rnn", "sru", {"attention": True, "scan": True, "chunk": 4})}
 
 
 def test_every_causal_sequence_layer_is_covered():
