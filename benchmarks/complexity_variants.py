@@ -117,9 +117,11 @@ def variants(args) -> list[tuple[str, str]]:
     ]
     ssms = [("mamba", "mamba"),  # the chunked selective scan: O(n E N), states b n E N in training
             ("mamba2", "mamba2")]  # SSD chunks of 64: O(n T (N + P) H + n N P H)
+    longconvs = [("ckconv", f"ckconv, max_len={n_max}")]  # SIREN kernel at 2n lags, FFT: O(n d log n + n d^2)
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
-            + [(f"ssm({label})", f"ssm({call})") for label, call in ssms])
+            + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]
+            + [(f"longconv({label})", f"longconv({call})") for label, call in longconvs])
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",

@@ -180,7 +180,11 @@ def test_padded_mixer_equals_each_sequence_alone(key, causal, side):
 # (its input zeroed), so either side pads; chunks of 4 across the lengths
 SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
 SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
-             "mamba2": ("ssm", "mamba2", True, {"chunk": 4, "N": 4, "heads": 4, "groups": 2}, ("right", "left"))}
+             "mamba2": ("ssm", "mamba2", True, {"chunk": 4, "N": 4, "heads": 4, "groups": 2}, ("right", "left")),
+             # continuous-kernel convolutions: a padded input is zeroed before the FFT (a lag does not depend on the
+             # row's start: either side)
+             "ckconv": ("longconv", "ckconv", True, {"max_len": 64}, ("right", "left")),
+             "ckconv-bidir": ("longconv", "ckconv", False, {"max_len": 64}, ("right", "left"))}
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

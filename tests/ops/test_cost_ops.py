@@ -75,6 +75,9 @@ CASES = [
         {"chunk": 16, "N": 16, "heads": 4}, {"chunk": 16, "N": 8, "heads": 8, "groups": 2},
         {"chunk": 64, "N": 16, "heads": 2}, {"chunk": 8, "N": 4, "heads": 16, "bias": True},
         {"chunk": 16, "N": 32, "heads": 8, "groups": 4, "conv": 2, "conv_bias": False})],
+    # CKConv (causal, bidirectional): the default kernel net, a narrow deep one without the mix's bias
+    *[("longconv", "ckconv", lambda d, c=c, a=a: {"causal": c, **a}) for c in (True, False)
+      for a in ({"max_len": 64}, {"hidden": 8, "layers": 4, "bias": False})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),
