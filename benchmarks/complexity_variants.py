@@ -118,6 +118,7 @@ def variants(args) -> list[tuple[str, str]]:
     ssms = [("mamba", "mamba"),  # the chunked selective scan: O(n E N), states b n E N in training
             ("mamba2", "mamba2")]  # SSD chunks of 64: O(n T (N + P) H + n N P H)
     longconvs = [("ckconv", f"ckconv, max_len={n_max}")]  # SIREN kernel at 2n lags, FFT: O(n d log n + n d^2)
+    longconvs += [("flexconv", f"flexconv, max_len={n_max}")]  # ckconv's kernel times a learned Gaussian mask
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]

@@ -184,7 +184,9 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              # continuous-kernel convolutions: a padded input is zeroed before the FFT (a lag does not depend on the
              # row's start: either side)
              "ckconv": ("longconv", "ckconv", True, {"max_len": 64}, ("right", "left")),
-             "ckconv-bidir": ("longconv", "ckconv", False, {"max_len": 64}, ("right", "left"))}
+             "ckconv-bidir": ("longconv", "ckconv", False, {"max_len": 64}, ("right", "left")),
+             "flexconv": ("longconv", "flexconv", True, {"max_len": 64, "sigma": 1.0}, ("right", "left")),
+             "flexconv-bidir": ("longconv", "flexconv", False, {"max_len": 64, "sigma": 1.0}, ("right", "left"))}
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

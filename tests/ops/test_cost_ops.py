@@ -78,6 +78,9 @@ CASES = [
     # CKConv (causal, bidirectional): the default kernel net, a narrow deep one without the mix's bias
     *[("longconv", "ckconv", lambda d, c=c, a=a: {"causal": c, **a}) for c in (True, False)
       for a in ({"max_len": 64}, {"hidden": 8, "layers": 4, "bias": False})],
+    # FlexConv: the same with the Gaussian mask (its steps kept for backward)
+    *[("longconv", "flexconv", lambda d, c=c, a=a: {"causal": c, **a}) for c in (True, False)
+      for a in ({"max_len": 64}, {"hidden": 8, "layers": 2, "sigma": 0.1, "bias": False})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

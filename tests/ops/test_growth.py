@@ -209,6 +209,7 @@ SEQ_ARGS = {
     "mamba": ("ssm", "mamba", True, {"N": 8, "chunk": 16, "expand": 1}),
     "mamba2": ("ssm", "mamba2", True, {"N": 16, "chunk": 32, "heads": 4}),  # chunks' [T, T] scores, carried states: O(n)
     "ckconv": ("longconv", "ckconv", False, {"hidden": 16}),  # the kernel at 2n lags, spectra [n + 1, d]: O(n) bytes
+    "flexconv": ("longconv", "flexconv", True, {"hidden": 16}),
 }
 
 

@@ -19,6 +19,8 @@ def ck_cost(p, env: OpEnv, s: Symbols, mask: bool = False) -> Cost:
     c = 2 * by  # a complex element
     spectra = b * (n + 1) * d * c + (n + 1) * d * c  # x's and the kernel's, kept by their product
     saved = (2 * P + 2 * (L - 1) * P * H) * by + P * d * by + 2 * b * n * d * by + spectra + b * n * d * by
+    if mask:  # the Gaussian's steps [2 n, 1] and the unmasked kernel [2 n, d]
+        saved += 3 * P * by + P * d * by
     peak = P * d * by + spectra + b * (n + 1) * d * c + 2 * b * n * d * by - b * n * d * by
     return Cost(params=params, fwd=fwd, bwd=bwd, fwd_other=other, bwd_other=2 * other, saves_input=False,
                 saved=saved, peak=peak, bwd_peak=d * by * (7 * b * n - 2 * n + 2), cache=b * n * d * by)
