@@ -119,6 +119,7 @@ def variants(args) -> list[tuple[str, str]]:
             ("mamba2", "mamba2")]  # SSD chunks of 64: O(n T (N + P) H + n N P H)
     longconvs = [("ckconv", f"ckconv, max_len={n_max}")]  # SIREN kernel at 2n lags, FFT: O(n d log n + n d^2)
     longconvs += [("flexconv", f"flexconv, max_len={n_max}")]  # ckconv's kernel times a learned Gaussian mask
+    longconvs += [("ccnn", f"ccnn, max_len={n_max}")]  # the CCNN block: norm, FlexConv, GELU, linear, GELU, residual
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]

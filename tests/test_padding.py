@@ -186,7 +186,9 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "ckconv": ("longconv", "ckconv", True, {"max_len": 64}, ("right", "left")),
              "ckconv-bidir": ("longconv", "ckconv", False, {"max_len": 64}, ("right", "left")),
              "flexconv": ("longconv", "flexconv", True, {"max_len": 64, "sigma": 1.0}, ("right", "left")),
-             "flexconv-bidir": ("longconv", "flexconv", False, {"max_len": 64, "sigma": 1.0}, ("right", "left"))}
+             "flexconv-bidir": ("longconv", "flexconv", False, {"max_len": 64, "sigma": 1.0}, ("right", "left")),
+             "ccnn": ("longconv", "ccnn", True, {"max_len": 64, "sigma": 1.0}, ("left",)),
+             "ccnn-bidir": ("longconv", "ccnn", False, {"max_len": 64, "sigma": 1.0}, ("right",))}
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

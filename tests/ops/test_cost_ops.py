@@ -81,6 +81,9 @@ CASES = [
     # FlexConv: the same with the Gaussian mask (its steps kept for backward)
     *[("longconv", "flexconv", lambda d, c=c, a=a: {"causal": c, **a}) for c in (True, False)
       for a in ({"max_len": 64}, {"hidden": 8, "layers": 2, "sigma": 0.1, "bias": False})],
+    # the CCNN block (norm, FlexConv, GELUs, linear, residual): causal and bidirectional, with dropout in training
+    *[("longconv", "ccnn", lambda d, c=c, a=a: {"causal": c, **a}) for c in (True, False)
+      for a in ({"max_len": 64}, {"hidden": 8, "layers": 2, "dropout": 0.1})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -210,6 +210,7 @@ SEQ_ARGS = {
     "mamba2": ("ssm", "mamba2", True, {"N": 16, "chunk": 32, "heads": 4}),  # chunks' [T, T] scores, carried states: O(n)
     "ckconv": ("longconv", "ckconv", False, {"hidden": 16}),  # the kernel at 2n lags, spectra [n + 1, d]: O(n) bytes
     "flexconv": ("longconv", "flexconv", True, {"hidden": 16}),
+    "ccnn": ("longconv", "ccnn", False, {"hidden": 16}),
 }
 
 

@@ -144,7 +144,8 @@ SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
 SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm", "mamba", {"chunk": 7, "conv": 2, "N": 4}),
              "mamba2": ("ssm", "mamba2", {"chunk": 8, "N": 8, "heads": 4, "groups": 2}),
              "ckconv": ("longconv", "ckconv", {"max_len": 16}),  # lags past max_len: the kernel extrapolated
-             "flexconv": ("longconv", "flexconv", {"max_len": 16, "sigma": 2.0})}
+             "flexconv": ("longconv", "flexconv", {"max_len": 16, "sigma": 2.0}),
+             "ccnn": ("longconv", "ccnn", {"max_len": 16, "sigma": 2.0})}
 
 
 def test_every_causal_sequence_layer_is_covered():
