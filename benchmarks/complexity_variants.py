@@ -120,6 +120,7 @@ def variants(args) -> list[tuple[str, str]]:
     longconvs = [("ckconv", f"ckconv, max_len={n_max}")]  # SIREN kernel at 2n lags, FFT: O(n d log n + n d^2)
     longconvs += [("flexconv", f"flexconv, max_len={n_max}")]  # ckconv's kernel times a learned Gaussian mask
     longconvs += [("ccnn", f"ccnn, max_len={n_max}")]  # the CCNN block: norm, FlexConv, GELU, linear, GELU, residual
+    longconvs += [(f"talk, l_max={args.window}", f"talk, l_max={args.window}, heads=4")]  # prefix sums, 4 gathers: O(n d)
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]

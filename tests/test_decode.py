@@ -305,7 +305,8 @@ MAMBA = ["norm -> ssm(mamba, chunk=4) -> norm -> ffn", "norm -> ssm(mamba, N=4, 
 # long convolutions: CKConv keeps every input so far (no finite state)
 LONGCONV = ["norm -> longconv(ckconv, max_len=16) -> norm -> ffn",
             "norm -> longconv(flexconv, max_len=16, hidden=8) -> norm -> ffn",
-            "longconv(ccnn, max_len=16) -> longconv(ccnn, max_len=16, hidden=8) -> norm -> ffn"]  # the block's own norm, residual
+            "longconv(ccnn, max_len=16) -> longconv(ccnn, max_len=16, hidden=8) -> norm -> ffn",  # the block's own norm, residual
+            "norm -> longconv(talk, l_max=5, heads=4) -> norm -> longconv(talk, l_max=1)"]  # TaLK: the last l_max inputs
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]

@@ -188,7 +188,10 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "flexconv": ("longconv", "flexconv", True, {"max_len": 64, "sigma": 1.0}, ("right", "left")),
              "flexconv-bidir": ("longconv", "flexconv", False, {"max_len": 64, "sigma": 1.0}, ("right", "left")),
              "ccnn": ("longconv", "ccnn", True, {"max_len": 64, "sigma": 1.0}, ("left",)),
-             "ccnn-bidir": ("longconv", "ccnn", False, {"max_len": 64, "sigma": 1.0}, ("right",))}
+             "ccnn-bidir": ("longconv", "ccnn", False, {"max_len": 64, "sigma": 1.0}, ("right",)),
+             # TaLK: a padded input is zeroed before the prefix sums (its windows' normaliser is a constant)
+             "talk": ("longconv", "talk", True, {"l_max": 6, "heads": 4}, ("right", "left")),
+             "talk-bidir": ("longconv", "talk", False, {"l_max": 6, "r_max": 9, "heads": 4}, ("right", "left"))}
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

@@ -84,6 +84,10 @@ CASES = [
     # the CCNN block (norm, FlexConv, GELUs, linear, residual): causal and bidirectional, with dropout in training
     *[("longconv", "ccnn", lambda d, c=c, a=a: {"causal": c, **a}) for c in (True, False)
       for a in ({"max_len": 64}, {"hidden": 8, "layers": 2, "dropout": 0.1})],
+    # TaLK: one head, several, a window past n ahead (bidirectional), no output bias
+    *[("longconv", "talk", lambda d, c=c, a=a: {"causal": c, **a}) for c in (True, False)
+      for a in ({"l_max": 5}, {"l_max": 100, "heads": 8, "bias": False})],
+    ("longconv", "talk", lambda d: {"l_max": 3, "r_max": 7, "heads": 2}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -211,6 +211,7 @@ SEQ_ARGS = {
     "ckconv": ("longconv", "ckconv", False, {"hidden": 16}),  # the kernel at 2n lags, spectra [n + 1, d]: O(n) bytes
     "flexconv": ("longconv", "flexconv", True, {"hidden": 16}),
     "ccnn": ("longconv", "ccnn", False, {"hidden": 16}),
+    "talk": ("longconv", "talk", False, {"l_max": 16, "heads": 4}),  # a prefix table and gathers: O(n)
 }
 
 

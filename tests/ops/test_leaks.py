@@ -145,7 +145,8 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm",
              "mamba2": ("ssm", "mamba2", {"chunk": 8, "N": 8, "heads": 4, "groups": 2}),
              "ckconv": ("longconv", "ckconv", {"max_len": 16}),  # lags past max_len: the kernel extrapolated
              "flexconv": ("longconv", "flexconv", {"max_len": 16, "sigma": 2.0}),
-             "ccnn": ("longconv", "ccnn", {"max_len": 16, "sigma": 2.0})}
+             "ccnn": ("longconv", "ccnn", {"max_len": 16, "sigma": 2.0}),
+             "talk": ("longconv", "talk", {"l_max": 9, "heads": 4})}
 
 
 def test_every_causal_sequence_layer_is_covered():
