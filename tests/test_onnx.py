@@ -94,6 +94,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mixer", "hamburger"): "r=4, steps=3",
     ("ssm", "mamba2"): "N=8, heads=4, groups=2",
     ("longconv", "talk"): "l_max=6, heads=4",
+    ("ssm", "lmu"): "order=8, theta=20.0, units=2, max_len=128",  # the impulse buffer past the longest length
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",

@@ -191,7 +191,8 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "ccnn-bidir": ("longconv", "ccnn", False, {"max_len": 64, "sigma": 1.0}, ("right",)),
              # TaLK: a padded input is zeroed before the prefix sums (its windows' normaliser is a constant)
              "talk": ("longconv", "talk", True, {"l_max": 6, "heads": 4}, ("right", "left")),
-             "talk-bidir": ("longconv", "talk", False, {"l_max": 6, "r_max": 9, "heads": 4}, ("right", "left"))}
+             "talk-bidir": ("longconv", "talk", False, {"l_max": 6, "r_max": 9, "heads": 4}, ("right", "left")),
+             "lmu": ("ssm", "lmu", True, {"order": 6, "theta": 8.0, "units": 2}, ("right", "left"))}  # u zeroed: no memory
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

@@ -212,6 +212,7 @@ SEQ_ARGS = {
     "flexconv": ("longconv", "flexconv", True, {"hidden": 16}),
     "ccnn": ("longconv", "ccnn", False, {"hidden": 16}),
     "talk": ("longconv", "talk", False, {"l_max": 16, "heads": 4}),  # a prefix table and gathers: O(n)
+    "lmu": ("ssm", "lmu", True, {"order": 16, "theta": 64.0, "units": 2, "max_len": 8192}),  # memories b n U q: O(n)
 }
 
 

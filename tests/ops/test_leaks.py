@@ -146,7 +146,8 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm",
              "ckconv": ("longconv", "ckconv", {"max_len": 16}),  # lags past max_len: the kernel extrapolated
              "flexconv": ("longconv", "flexconv", {"max_len": 16, "sigma": 2.0}),
              "ccnn": ("longconv", "ccnn", {"max_len": 16, "sigma": 2.0}),
-             "talk": ("longconv", "talk", {"l_max": 9, "heads": 4})}
+             "talk": ("longconv", "talk", {"l_max": 9, "heads": 4}),
+             "lmu": ("ssm", "lmu", {"order": 6, "theta": 8.0, "units": 2, "max_len": 16})}
 
 
 def test_every_causal_sequence_layer_is_covered():
