@@ -11,7 +11,7 @@ import torch
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_every_parameter_learns, assert_no_leak, decode_in_pieces, make_op, perturb_params
+from ophelpers import assert_every_parameter_learns, assert_no_leak, decode_in_pieces, make_op, perturb_params, spec_onnx_parity
 
 D = 16
 
@@ -75,7 +75,7 @@ def test_causal_does_not_leak_and_decodes(args):
     perturb_params(m, scale=0.3)
     x = torch.randn(2, 30, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert_no_leak(lambda t: m(t, Ctx()), n=40, d=D)
+        assert_no_leak(lambda t: m(t, Ctx()), n=24, d=D)
         want = m(x, Ctx())
         for sizes in ((5, 1, 3, 1, 20), (1,) * 30, (30,)):
             y, _ = decode_in_pieces(m, x, sizes)
@@ -98,3 +98,13 @@ def test_validation():
     for bad in ("hidden=0", "layers=1", "omega_0=0.0", "max_len=1", "bias=3"):
         with pytest.raises(EvoError, match=bad.split("=")[0]):
             evodsl.parse(base.format(c="true", a=", " + bad))
+
+
+@pytest.mark.slow  # ~30 s: an export (test_onnx.py exports each long convolution causal in the default run)
+def test_the_bidirectional_long_convolutions_export(tmp_path):
+    """ckconv, flexconv, ccnn and talk bidirectional in one model: one ONNX file (a symbolic n; the FFT over 2 n,
+    TaLK's gathers), onnxruntime against torch at n = 7, 33, 70, batches of 1 and 3, a right-padded row."""
+    src = ("d_model = 32\nmodel m(causal=false) = input(features, d=32) -> norm -> residual(longconv(ckconv, max_len=128)) "
+           "-> norm -> residual(longconv(flexconv, max_len=128)) -> longconv(ccnn, max_len=128) "
+           "-> norm -> residual(longconv(talk, l_max=6, r_max=3, heads=4)) -> head(linear, d_out=8)\n")
+    assert spec_onnx_parity(src, tmp_path) <= 1e-4
