@@ -11,7 +11,7 @@ import torch
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_every_parameter_learns, assert_no_leak, decode_in_pieces, make_op, perturb_params, spec_onnx_parity
+from ophelpers import assert_every_parameter_learns, decode_in_pieces, make_op, perturb_params, spec_onnx_parity
 
 D = 16
 
@@ -44,7 +44,7 @@ ARGS = [{"max_len": 32}, {"hidden": 8, "layers": 2, "omega_0": 3.0, "max_len": 9
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("args", ARGS, ids=[str(i) for i in range(len(ARGS))])
-@pytest.mark.parametrize("n", [1, 7, 33])
+@pytest.mark.parametrize("n", [1, 33])
 def test_ckconv_matches_the_equation(args, n, causal):
     m, p, _ = make_op("longconv", "ckconv", d=D, causal=causal, **args)
     perturb_params(m, scale=0.3)
@@ -66,22 +66,23 @@ def test_the_default_init_is_sirens_and_the_output_keeps_its_scale():
     assert 0.1 < conv.std().item() / y.std().item() < 10
 
 
-@pytest.mark.parametrize("args", ARGS[:2], ids=["default", "small"])
-def test_causal_does_not_leak_and_decodes(args):
-    """The step form equals the forward piece by piece; its state is every input so far, the declared kv_cache."""
+def test_decodes_piece_by_piece():
+    """The step form equals the forward piece by piece (past max_len too); its state is every input so far, the
+    declared kv_cache. (The leak check is the harness's: SEQ_BUILD in tests/ops/test_leaks.py.)"""
     from costhelpers import declared
 
+    args = ARGS[1]
     m, _, _ = make_op("longconv", "ckconv", d=D, causal=True, **args)
     perturb_params(m, scale=0.3)
     x = torch.randn(2, 30, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert_no_leak(lambda t: m(t, Ctx()), n=24, d=D)
         want = m(x, Ctx())
-        for sizes in ((5, 1, 3, 1, 20), (1,) * 30, (30,)):
-            y, _ = decode_in_pieces(m, x, sizes)
+        states = {}
+        for sizes in ((5, 1, 3, 1, 20), (1,) * 30):
+            y, states[30] = decode_in_pieces(m, x, sizes)
             assert (y - want).abs().max().item() <= 1e-10 * want.abs().max().item()
-        for t in (1, 4, 30):
-            _, state = decode_in_pieces(m, x[:, :t], (1,) * t)
+        _, states[4] = decode_in_pieces(m, x[:, :4], (1,) * 4)
+        for t, state in states.items():
             _, _, cost, ev = declared("longconv", "ckconv", 2, t, dtype=torch.float64, d=D, causal=True, **args)
             assert state.nbytes() == ev(cost.cache) == 2 * t * D * 8
 

@@ -75,18 +75,18 @@ CASES = [
         {"chunk": 16, "N": 16, "heads": 4}, {"chunk": 16, "N": 8, "heads": 8, "groups": 2},
         {"chunk": 64, "N": 16, "heads": 2}, {"chunk": 8, "N": 4, "heads": 16, "bias": True},
         {"chunk": 16, "N": 32, "heads": 8, "groups": 4, "conv": 2, "conv_bias": False})],
-    # CKConv (causal, bidirectional): the default kernel net, a narrow deep one without the mix's bias
-    *[("longconv", "ckconv", lambda d, c=c, a=a: {"causal": c, **a}) for c in (True, False)
-      for a in ({"max_len": 64}, {"hidden": 8, "layers": 4, "bias": False})],
+    # CKConv: the default kernel net (causal), a narrow deep one without the mix's bias (bidirectional)
+    ("longconv", "ckconv", lambda d: {"causal": True, "max_len": 64}),
+    ("longconv", "ckconv", lambda d: {"causal": False, "hidden": 8, "layers": 4, "bias": False}),
     # FlexConv: the same with the Gaussian mask (its steps kept for backward)
-    *[("longconv", "flexconv", lambda d, c=c, a=a: {"causal": c, **a}) for c in (True, False)
-      for a in ({"max_len": 64}, {"hidden": 8, "layers": 2, "sigma": 0.1, "bias": False})],
-    # the CCNN block (norm, FlexConv, GELUs, linear, residual): causal and bidirectional, with dropout in training
-    *[("longconv", "ccnn", lambda d, c=c, a=a: {"causal": c, **a}) for c in (True, False)
-      for a in ({"max_len": 64}, {"hidden": 8, "layers": 2, "dropout": 0.1})],
-    # TaLK: one head, several, a window past n ahead (bidirectional), no output bias
-    *[("longconv", "talk", lambda d, c=c, a=a: {"causal": c, **a}) for c in (True, False)
-      for a in ({"l_max": 5}, {"l_max": 100, "heads": 8, "bias": False})],
+    ("longconv", "flexconv", lambda d: {"causal": False, "max_len": 64}),
+    ("longconv", "flexconv", lambda d: {"causal": True, "hidden": 8, "layers": 2, "sigma": 0.1, "bias": False}),
+    # the CCNN block (norm, FlexConv, GELUs, linear, residual): causal, and bidirectional with dropout in training
+    ("longconv", "ccnn", lambda d: {"causal": True, "max_len": 64}),
+    ("longconv", "ccnn", lambda d: {"causal": False, "hidden": 8, "layers": 2, "dropout": 0.1}),
+    # TaLK: one head (causal), several with a window past n and no output bias, a window past n ahead (bidirectional)
+    ("longconv", "talk", lambda d: {"causal": True, "l_max": 5}),
+    ("longconv", "talk", lambda d: {"causal": False, "l_max": 100, "heads": 8, "bias": False}),
     ("longconv", "talk", lambda d: {"l_max": 3, "r_max": 7, "heads": 2}),
     # the LMU (causal only): one unit, several with a short buffer (extended), a wide memory (its spectra lead the peak)
     *[("ssm", "lmu", lambda d, a=a: {"causal": True, **a}) for a in (

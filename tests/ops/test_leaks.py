@@ -143,9 +143,9 @@ def test_causal_mixer_never_leaks(key):
 SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
 SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm", "mamba", {"chunk": 7, "conv": 2, "N": 4}),
              "mamba2": ("ssm", "mamba2", {"chunk": 8, "N": 8, "heads": 4, "groups": 2}),
-             "ckconv": ("longconv", "ckconv", {"max_len": 16}),  # lags past max_len: the kernel extrapolated
-             "flexconv": ("longconv", "flexconv", {"max_len": 16, "sigma": 2.0}),
-             "ccnn": ("longconv", "ccnn", {"max_len": 16, "sigma": 2.0}),
+             "ckconv": ("longconv", "ckconv", {"max_len": 16, "hidden": 8}),  # lags past max_len: the kernel extrapolated
+             "flexconv": ("longconv", "flexconv", {"max_len": 16, "sigma": 2.0, "hidden": 8}),
+             "ccnn": ("longconv", "ccnn", {"max_len": 16, "sigma": 2.0, "hidden": 8}),
              "talk": ("longconv", "talk", {"l_max": 9, "heads": 4}),
              "lmu": ("ssm", "lmu", {"order": 6, "theta": 8.0, "units": 2, "max_len": 16})}
 

@@ -12,7 +12,7 @@ import torch
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_every_parameter_learns, assert_no_leak, assert_padded_row_alone, decode_in_pieces, make_op, perturb_params
+from ophelpers import assert_every_parameter_learns, assert_padded_row_alone, decode_in_pieces, make_op, perturb_params
 
 D = 16
 
@@ -69,19 +69,18 @@ def test_the_parallel_memory_equals_the_recurrence(args, n):
 
 
 @pytest.mark.parametrize("args", ARGS[:2], ids=["default", "units"])
-def test_causal_does_not_leak_and_decodes_with_a_flat_state(args):
+def test_decodes_with_a_flat_state(args):  # (the leak check: SEQ_BUILD in tests/ops/test_leaks.py)
     from costhelpers import declared
 
     m, p, _ = make_op("ssm", "lmu", d=D, causal=True, **args)
     perturb_params(m)
     x = torch.randn(2, 30, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert_no_leak(lambda t: m(t, Ctx()), n=24, d=D)
         want = m(x, Ctx())
-        for sizes in ((5, 1, 3, 1, 20), (1,) * 30, (30,)):
+        for sizes in ((5, 1, 3, 1, 20), (1,) * 30):
             y, _ = decode_in_pieces(m, x, sizes)
             assert (y - want).abs().max().item() <= 1e-10 * want.abs().max().item()
-        for t in (1, 4, 30):
+        for t in (1, 7):
             _, state = decode_in_pieces(m, x[:, :t], (1,) * t)
             _, _, cost, ev = declared("ssm", "lmu", 2, t, dtype=torch.float64, d=D, causal=True, **args)
             assert state.nbytes() == ev(cost.cache) == 2 * p.units * p.order * 8

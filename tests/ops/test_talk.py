@@ -11,7 +11,7 @@ import torch
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_every_parameter_learns, assert_no_leak, decode_in_pieces, make_op, perturb_params
+from ophelpers import assert_every_parameter_learns, decode_in_pieces, make_op, perturb_params
 
 D = 16
 
@@ -20,15 +20,12 @@ def reference(m, x, l_max, r_max, heads):
     b, n, d = x.shape
     off = torch.sigmoid(x @ m.bounds.weight.T + m.bounds.bias)
     al, ar = off[..., :heads], off[..., heads:]
-    y = torch.zeros_like(x)
-    c = d // heads
-    for i in range(n):
-        for h in range(heads):
-            lo = (i - al[:, i, h] * l_max).clamp(min=0)  # [b]
-            hi = (i + ar[:, i, h] * r_max).clamp(max=n - 1) + 1
-            for j in range(n):
-                w = (torch.minimum(hi, torch.tensor(j + 1.0)) - torch.maximum(lo, torch.tensor(float(j)))).clamp(min=0)
-                y[:, i, h * c:(h + 1) * c] += w[:, None] * x[:, j, h * c:(h + 1) * c]
+    i = torch.arange(n, dtype=x.dtype)[:, None]
+    lo = (i - al * l_max).clamp(min=0)[..., None]  # [b, i, h, 1]
+    hi = (i + ar * r_max).clamp(max=n - 1)[..., None] + 1
+    j = torch.arange(n, dtype=x.dtype)
+    w = (torch.minimum(hi, j + 1) - torch.maximum(lo, j)).clamp(min=0)  # [b, i, h, j]: the overlap of [j, j + 1)
+    y = torch.einsum("bihj,bjhc->bihc", w, x.view(b, n, heads, d // heads)).reshape(b, n, d)
     y = y / (l_max + r_max + 1)
     return y @ m.out.weight.T + (0 if m.out.bias is None else m.out.bias)
 
@@ -55,19 +52,18 @@ def test_the_bounds_learn_through_the_fractions():
 
 
 @pytest.mark.parametrize("args", [{"l_max": 5}, {"l_max": 1, "heads": 8}], ids=["five", "one"])
-def test_causal_does_not_leak_and_decodes_with_a_flat_state(args):
+def test_decodes_with_a_flat_state(args):  # (the leak check: SEQ_BUILD in tests/ops/test_leaks.py)
     from costhelpers import declared
 
     m, p, _ = make_op("longconv", "talk", d=D, causal=True, **args)
     perturb_params(m, scale=1.0)
     x = torch.randn(2, 30, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert_no_leak(lambda t: m(t, Ctx()), n=24, d=D)
         want = m(x, Ctx())
-        for sizes in ((5, 1, 3, 1, 20), (1,) * 30, (30,)):
+        for sizes in ((5, 1, 3, 1, 20), (1,) * 30):
             y, _ = decode_in_pieces(m, x, sizes)
             assert (y - want).abs().max().item() <= 1e-10 * want.abs().max().item()
-        for t in (1, 4, 30):
+        for t in (1, 7):
             _, state = decode_in_pieces(m, x[:, :t], (1,) * t)
             _, _, cost, ev = declared("longconv", "talk", 2, t, dtype=torch.float64, d=D, causal=True, **args)
             assert state.nbytes() == ev(cost.cache) == 2 * p.l_max * D * 8
