@@ -88,9 +88,9 @@ CASES = [
     ("longconv", "talk", lambda d: {"causal": True, "l_max": 5}),
     ("longconv", "talk", lambda d: {"causal": False, "l_max": 100, "heads": 8, "bias": False}),
     ("longconv", "talk", lambda d: {"l_max": 3, "r_max": 7, "heads": 2}),
-    # the LMU (causal only): one unit, several with a short buffer (extended), a wide memory (its spectra lead the peak)
+    # the LMU (causal only): several units with a short buffer (extended), a wide memory (its spectra lead the peak)
     *[("ssm", "lmu", lambda d, a=a: {"causal": True, **a}) for a in (
-        {"order": 6, "theta": 10.0}, {"order": 6, "theta": 10.0, "units": 3, "max_len": 16},
+        {"order": 6, "theta": 10.0, "units": 3, "max_len": 16},
         {"order": 32, "theta": 100.0, "units": 8})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
