@@ -119,6 +119,11 @@ def variants(args) -> list[tuple[str, str]]:
             ("mamba2", "mamba2"),  # SSD chunks of 64: O(n T (N + P) H + n N P H)
             ("lru", "lru"),  # the complex diagonal recurrence, chunked doubling: O(n N (d + log T))
             ("s5", "s5")]  # the same, ZOH-discretised HiPPO-N decays
+    ssms += [("lmu, order=64", f"lmu, order=64, theta={n_max}.0, max_len={n_max}")]  # the Legendre memory by FFT: O(n q log n)
+    longconvs = [("ckconv", f"ckconv, max_len={n_max}")]  # SIREN kernel at 2n lags, FFT: O(n d log n + n d^2)
+    longconvs += [("flexconv", f"flexconv, max_len={n_max}")]  # ckconv's kernel times a learned Gaussian mask
+    longconvs += [("ccnn", f"ccnn, max_len={n_max}")]  # the CCNN block: norm, FlexConv, GELU, linear, GELU, residual
+    longconvs += [(f"talk, l_max={args.window}", f"talk, l_max={args.window}, heads=4")]  # prefix sums, 4 gathers: O(n d)
     rnns = [("rwkv4", "rwkv4"),  # RWKV-4's WKV in chunks of 16: O(n T d)
             ("rwkv6", "rwkv6"),  # RWKV-6: GLA's chunked kernel, heads of 64: O(n T d + n d N)
             ("hgrn2", "hgrn2"),  # GLA's chunks of 16 with a decay per key channel: O(n C e + n e d / H)
@@ -131,7 +136,8 @@ def variants(args) -> list[tuple[str, str]]:
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]
-            + [(f"rnn({label})", f"rnn({call})") for label, call in rnns])
+            + [(f"rnn({label})", f"rnn({call})") for label, call in rnns]
+            + [(f"longconv({label})", f"longconv({call})") for label, call in longconvs])
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",
@@ -146,3 +152,4 @@ CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces
 CAUSAL_ONLY += ("rwkv4", "rwkv6")  # the RWKV recurrences
 CAUSAL_ONLY += ("hgrn2", "mlstm")  # the linear RNNs
 CAUSAL_ONLY += ("lru", "s5", "qrnn", "gilr", "sru")  # the diagonal linear recurrences
+CAUSAL_ONLY += ("lmu, order=64",)  # the Legendre memory

@@ -321,6 +321,12 @@ DIAGONAL = ["norm -> ssm(lru, N=8, chunk=4) -> norm -> ffn", "norm -> ssm(lru, N
             "norm -> rnn(gilr, chunk=4) -> norm -> rnn(gilr, chunk=7, bias=false)",  # GILR: h
             "norm -> rnn(sru) -> norm -> rnn(sru, scan=true, chunk=4) -> norm -> ffn",  # SRU: c, both forms
             "norm -> rnn(sru, attention=true) -> norm -> rnn(sru, attention=true, scan=true, proj=4, chunk=4)"]  # SRU++: c, K, V
+# long convolutions: CKConv keeps every input so far (no finite state)
+LONGCONV = ["norm -> longconv(ckconv, max_len=16) -> norm -> ffn",
+            "norm -> longconv(flexconv, max_len=16, hidden=8) -> norm -> ffn",
+            "longconv(ccnn, max_len=16) -> longconv(ccnn, max_len=16, hidden=8) -> norm -> ffn",  # the block's own norm, residual
+            "norm -> longconv(talk, l_max=5, heads=4) -> norm -> longconv(talk, l_max=1)",  # TaLK: the last l_max inputs
+            "norm -> ssm(lmu, order=6, theta=8.0, units=2, max_len=16) -> norm -> ffn"]  # the LMU's memory [U, q]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
@@ -350,7 +356,7 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS for b in QKNORM]
          + [(p, b) for p in POSITIONS if not p.startswith(("pos(xpos", "pos(kerple", "pos(randomized_rope"))
             for b in NGPT]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in MAMBA + RWKV + RNN + DIAGONAL])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in MAMBA + RWKV + RNN + DIAGONAL + LONGCONV])
 
 
 def _lean(cases: list) -> list:

@@ -101,6 +101,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("rnn", "qrnn"): "window=3, chunk=8",
     ("rnn", "gilr"): "chunk=8",
     ("rnn", "sru"): "scan=true, chunk=8, attention=true",  # SRU++; the light recurrence (a token loop) refuses a symbolic length: E455
+    ("longconv", "talk"): "l_max=6, heads=4",
+    ("ssm", "lmu"): "order=8, theta=20.0, units=2, max_len=128",  # the impulse buffer past the longest length
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",

@@ -192,7 +192,19 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "qrnn": ("rnn", "qrnn", True, {"chunk": 4, "window": 3}, ("right", "left")),  # no input, decay 1, window zeroed
              "gilr": ("rnn", "gilr", True, {"chunk": 4}, ("right", "left")),
              "sru": ("rnn", "sru", True, {}, ("right", "left")), "sru-scan": ("rnn", "sru", True, {"scan": True, "chunk": 4}, ("right", "left")),
-             "sru++": ("rnn", "sru", True, {"attention": True}, ("right", "left"))}  # padded keys get no weight
+             "sru++": ("rnn", "sru", True, {"attention": True}, ("right", "left")),  # padded keys get no weight
+             # continuous-kernel convolutions: a padded input is zeroed before the FFT (a lag does not depend on the
+             # row's start: either side)
+             # (causal, right: a token never reads its right, so the left side is the check)
+             "ckconv": ("longconv", "ckconv", True, {"max_len": 64, "hidden": 8}, ("left",)),
+             "ckconv-bidir": ("longconv", "ckconv", False, {"max_len": 64, "hidden": 8}, ("right", "left")),
+             "flexconv-bidir": ("longconv", "flexconv", False, {"max_len": 64, "sigma": 1.0, "hidden": 8}, ("left",)),
+             "ccnn": ("longconv", "ccnn", True, {"max_len": 64, "sigma": 1.0, "hidden": 8}, ("left",)),
+             "ccnn-bidir": ("longconv", "ccnn", False, {"max_len": 64, "sigma": 1.0, "hidden": 8}, ("right",)),
+             # TaLK: a padded input is zeroed before the prefix sums (its windows' normaliser is a constant)
+             "talk": ("longconv", "talk", True, {"l_max": 6, "heads": 4}, ("left",)),
+             "talk-bidir": ("longconv", "talk", False, {"l_max": 6, "r_max": 9, "heads": 4}, ("right", "left")),
+             "lmu": ("ssm", "lmu", True, {"order": 6, "theta": 8.0, "units": 2}, ("left",))}  # u zeroed: no memory
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

@@ -104,6 +104,23 @@ CASES = [
     *[("rnn", "sru", lambda d, a=a: {"causal": True, **a}) for a in ({}, {"scan": True}, {"scan": True, "chunk": 5})],
     # SRU++: the attention sublayer in place of W x, with the light recurrence and the scan, a narrower head
     *[("rnn", "sru", lambda d, a=a: {"causal": True, "attention": True, **a}) for a in ({}, {"scan": True}, {"proj": 8})],
+    # CKConv: the default kernel net (causal), a narrow deep one without the mix's bias (bidirectional)
+    ("longconv", "ckconv", lambda d: {"causal": True, "max_len": 64}),
+    ("longconv", "ckconv", lambda d: {"causal": False, "hidden": 8, "layers": 4, "bias": False}),
+    # FlexConv: the same with the Gaussian mask (its steps kept for backward)
+    ("longconv", "flexconv", lambda d: {"causal": False, "max_len": 64}),
+    ("longconv", "flexconv", lambda d: {"causal": True, "hidden": 8, "layers": 2, "sigma": 0.1, "bias": False}),
+    # the CCNN block (norm, FlexConv, GELUs, linear, residual): causal, and bidirectional with dropout in training
+    ("longconv", "ccnn", lambda d: {"causal": True, "max_len": 64}),
+    ("longconv", "ccnn", lambda d: {"causal": False, "hidden": 8, "layers": 2, "dropout": 0.1}),
+    # TaLK: one head (causal), several with a window past n and no output bias, a window past n ahead (bidirectional)
+    ("longconv", "talk", lambda d: {"causal": True, "l_max": 5}),
+    ("longconv", "talk", lambda d: {"causal": False, "l_max": 100, "heads": 8, "bias": False}),
+    ("longconv", "talk", lambda d: {"l_max": 3, "r_max": 7, "heads": 2}),
+    # the LMU (causal only): several units with a short buffer (extended), a wide memory (its spectra lead the peak)
+    *[("ssm", "lmu", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"order": 6, "theta": 10.0, "units": 3, "max_len": 16},
+        {"order": 32, "theta": 100.0, "units": 8})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

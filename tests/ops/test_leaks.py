@@ -152,7 +152,12 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm",
              "qrnn": ("rnn", "qrnn", {"chunk": 4, "window": 3}),
              "gilr": ("rnn", "gilr", {"chunk": 4}),
              "sru": ("rnn", "sru", {}), "sru-scan": ("rnn", "sru", {"scan": True, "chunk": 4}),
-             "sru++": ("rnn", "sru", {"attention": True, "scan": True, "chunk": 4})}
+             "sru++": ("rnn", "sru", {"attention": True, "scan": True, "chunk": 4}),
+             "ckconv": ("longconv", "ckconv", {"max_len": 16, "hidden": 8}),  # lags past max_len: the kernel extrapolated
+             "flexconv": ("longconv", "flexconv", {"max_len": 16, "sigma": 2.0, "hidden": 8}),
+             "ccnn": ("longconv", "ccnn", {"max_len": 16, "sigma": 2.0, "hidden": 8}),
+             "talk": ("longconv", "talk", {"l_max": 9, "heads": 4}),
+             "lmu": ("ssm", "lmu", {"order": 6, "theta": 8.0, "units": 2, "max_len": 16})}
 
 
 def test_every_causal_sequence_layer_is_covered():

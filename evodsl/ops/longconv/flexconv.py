@@ -1,0 +1,49 @@
+"""longconv(flexconv): FlexConv's continuous kernel convolution with a learned, differentiable kernel size (Romero et
+al. 2021, arXiv:2110.08059): CKConv's kernel (longconv(ckconv), _ck_kernel.py) times a Gaussian mask over the
+normalised relative position p,
+
+    k(p) = SIREN_psi(p) * exp(-(p - mu)^2 / (2 sigma^2))        mu, sigma learned (one pair for the layer)
+    y_t  = W_o (sum_s k(t - s) * x_s) + b_o                      depthwise, then a pointwise mix; FFT (_ck_fft.py)
+
+The mask's width is the kernel's size: it is learned with the rest by gradient descent. Choices where the paper is
+silent or differs: the kernel generator is the SIREN network (the paper's MAGNet, a multiplicative Gabor network,
+is left out); the mask is one Gaussian for every channel, centred at init on the newest token (causal, p = +1) or
+on lag 0 (bidirectional, p = 0), of width `sigma` at init; the paper crops the kernel where the mask is below a
+threshold to save compute, here the FFT runs over every lag (the masked taps are multiplied, not skipped: the same
+result up to the threshold, O(b n d log n) whatever the width). Lags normalised by max_len, padding zeroed before
+the convolution, decoding keeps every input so far (an explicit long convolution has no finite state), as ckconv.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+from pydantic import Field
+
+from ..registry import Op, OpEnv, OpParams, register, sequence_shape
+from ._ck_cost import ck_cost
+from ._ck_kernel import ContinuousConv
+
+
+class FlexConvParams(OpParams):
+    hidden: int = Field(32, ge=1, le=4096, description="H: the kernel network's width")
+    layers: int = Field(3, ge=2, le=8, description="the kernel network's linear maps (sines between them)")
+    omega_0: float = Field(30.0, gt=0, le=1000, description="the sines' frequency scale (SIREN)")
+    max_len: int = Field(1024, ge=2, le=1 << 20, description="the lag normalised to p = +-1 (past it: extrapolated)")
+    sigma: float = Field(0.5, gt=0, le=100, description="the Gaussian mask's width at init (in p's units)")
+    bias: bool = Field(True, description="a bias on the pointwise mix")
+
+
+class FlexConv(ContinuousConv):
+    def __init__(self, p: FlexConvParams, env: OpEnv):
+        super().__init__(env.d, p.hidden, p.layers, p.omega_0, p.max_len, env.causal, p.sigma, p.bias)
+
+
+OP = register(Op(
+    decode="every input so far [t, d]: an explicit long convolution has no finite state (grows with the length)",
+    family="longconv", variant="flexconv", params=FlexConvParams, module=FlexConv, causal="yes", shape=sequence_shape,
+    paper="FlexConv: Continuous Kernel Convolutions with Differentiable Kernel Sizes, Romero et al. 2021, "
+          "arXiv:2110.08059",
+    summary="k(p) = SIREN(p) exp(-(p - mu)^2 / 2 sigma^2), mu and sigma learned (the kernel's size); "
+            "y = W_o (k * x) + b_o; FFT O(n d log n)",
+    cost=partial(ck_cost, mask=True), note="LongConv/013.md",
+))
