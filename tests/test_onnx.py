@@ -35,6 +35,7 @@ HEADER = "d_model = 32\nheads = 4\nkv_heads = 2\nvocab = 61\n"
 # Arguments an op needs to stand alone at this size: required ones, and bands narrower than the test sequences.
 ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "local"): "window=5",
+    ("mha", "based"): "feature_dim=4, window=5",
     ("mha", "longformer"): "window=4, dilation=2",
     ("mha", "linformer"): "k=16, max_len=128",
     ("mha", "nystrom"): "landmarks=8, conv=3",
@@ -207,6 +208,9 @@ OTHER_FORMS |= {("mha", "exp_smoothing")}
 # the chunked linear recurrences: torch runs chunks of 64 with a loop over them; the export (a symbolic n) the
 # parallel form (_chunked_linear.parallel_decay, _chunked_delta.parallel_delta): [n, n] products, no loop to trace
 OTHER_FORMS |= {("mha", "retention"), ("mha", "gla"), ("mha", "deltanet"), ("mha", "gated_deltanet")}
+# issue 14's feature-map linear attention: the export runs the linear part's one-piece [n, n] form (no loop over
+# chunks to trace) and the window gathered (_banded._gathered_band)
+OTHER_FORMS |= {("mha", "based")}
 # MGK's causal form: torch runs is_causal over the queries repeated r times (r n query rows, what `evodsl cost`
 # declares); the export, which always reads the attention mask, runs the n queries against a mask [n, n r]: fewer
 # FLOPs. Bidirectional: the same form.
