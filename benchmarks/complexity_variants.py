@@ -82,6 +82,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("deltanet", "deltanet"),  # the WY form in chunks of 64: n 64 dh + n dh^2, a [64, 64] solve a chunk
         ("gated_deltanet", "gated_deltanet"),
         ("based", "based"),  # Taylor features (273 a head) in chunks of 64 and a window of 64: n 64 f^2 + n f^2 dh
+        ("fwp", "fwp"),  # the delta rule on DPFP-1 (2 dh features) in chunks of 64: n 64 dh + n dh^2
         ("lightning", "lightning"),  # tiles of 64, a decay per head: n 64 dh + n dh^2
         ("hedgehog", "hedgehog"),  # 2 dh softmax features in chunks of 64: n 64 dh + n dh^2
         ("mgk, components=2", "mgk, components=2"),
@@ -133,5 +134,5 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "sinkformer")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences
-CAUSAL_ONLY += ("based", "lightning", "hedgehog",)  # feature-map linear attention and fast weights (issue 14)
+CAUSAL_ONLY += ("based", "fwp", "lightning", "hedgehog",)  # feature-map linear attention and fast weights (issue 14)
 CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces

@@ -247,7 +247,8 @@ RECURRENT = ["norm -> mha(retention, chunk=4) -> norm -> ffn", "norm -> mha(rete
 # issue 14: Based's linear state and window (3 keys over the 29 tokens), chunks of 4 across the prefill
 RECURRENT += ["norm -> mha(based, chunk=4, window=3, feature_dim=4, kv_heads=2) -> norm -> ffn",
               "norm -> mha(hedgehog, chunk=4, kv_heads=2, feature_dim=6) -> norm -> ffn",
-              "norm -> mha(lightning, chunk=4, kv_heads=2, depth=0.8) -> norm -> ffn"]
+              "norm -> mha(lightning, chunk=4, kv_heads=2, depth=0.8) -> norm -> ffn",
+              "norm -> mha(fwp, chunk=4, kv_heads=2, nu=2) -> norm -> ffn"]
 # the Average Attention Network: the running sum and the count; without the FFN, a narrow one
 AVERAGE = ["norm -> mixer(average) -> norm -> ffn", "residual(mixer(average, ffn=false)) -> norm -> residual(mixer(average, d_ff=8, bias=false)) -> norm"]
 # MGK: the K cache (r keys a token) and the V cache, one to three components, grouped and single K/V heads

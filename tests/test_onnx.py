@@ -210,7 +210,7 @@ OTHER_FORMS |= {("mha", "exp_smoothing")}
 OTHER_FORMS |= {("mha", "retention"), ("mha", "gla"), ("mha", "deltanet"), ("mha", "gated_deltanet")}
 # issue 14's feature-map linear attention: the export runs the linear part's one-piece [n, n] form (no loop over
 # chunks to trace) and the window gathered (_banded._gathered_band)
-OTHER_FORMS |= {("mha", "based"), ("mha", "hedgehog"), ("mha", "lightning")}
+OTHER_FORMS |= {("mha", "based"), ("mha", "hedgehog"), ("mha", "lightning"), ("mha", "fwp")}
 # MGK's causal form: torch runs is_causal over the queries repeated r times (r n query rows, what `evodsl cost`
 # declares); the export, which always reads the attention mask, runs the n queries against a mask [n, n r]: fewer
 # FLOPs. Bidirectional: the same form.

@@ -95,6 +95,7 @@ ARGS = {
     "gla": {},  # chunks of 16: n 16 dh + n dh^2 FLOPs, O(n) bytes
     "retention": {},  # chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes (the states: n / 64 dh^2)
     "based": {"feature_dim": 8},  # Taylor features (73 a head) in chunks of 64, a window of 64: O(n) FLOPs and bytes
+    "fwp": {},  # the WY form on 2 dh features in chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes
     "lightning": {},  # tiles of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes
     "hedgehog": {},  # 2 dh softmax features in chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes
     "synthesizer": {"kind": "dense", "max_len": 8192},  # n^2 (hidden + dh) time, the [b, h, n, n] weights: n^2 bytes

@@ -56,6 +56,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "gla": {"chunk": 16},
     "deltanet": {"chunk": 16}, "gated_deltanet": {"chunk": 16},  # and the short convolutions (4 taps)
     "based": {"chunk": 16, "window": 6, "feature_dim": 4},  # the linear state over five chunks, the window of 6
+    "fwp": {"chunk": 16, "nu": 2},  # the fast weights over five chunks (the WY form)
     "lightning": {"chunk": 16, "depth": 0.9},  # five tiles, a slow decay carried across them
     "hedgehog": {"chunk": 16},  # the state [S z] over five chunks
     "synthesizer": {"kind": "mixture", "mix": "dense_random_vanilla", "max_len": 80},  # three kinds' logits summed
