@@ -121,9 +121,11 @@ def variants(args) -> list[tuple[str, str]]:
     ]
     ssms = [("mamba", "mamba"),  # the chunked selective scan: O(n E N), states b n E N in training
             ("mamba2", "mamba2")]  # SSD chunks of 64: O(n T (N + P) H + n N P H)
+    rnns = [("rfwp", f"rfwp, heads={args.heads}")]  # the Recurrent Delta Net: a loop over tokens, O(n H dh^2)
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
-            + [(f"ssm({label})", f"ssm({call})") for label, call in ssms])
+            + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]
+            + [(f"rnn({label})", f"rnn({call})") for label, call in rnns])
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",
@@ -136,3 +138,4 @@ CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: 
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences
 CAUSAL_ONLY += ("based", "fwp", "lightning", "hedgehog",)  # feature-map linear attention and fast weights (issue 14)
 CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces
+CAUSAL_ONLY += ("rfwp",)  # the Recurrent Delta Net (issue 14)

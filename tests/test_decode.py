@@ -307,6 +307,8 @@ NGPT = ["residual(mha(ngpt), scale=ngpt) -> residual(ffn, scale=ngpt)",
 MAMBA = ["norm -> ssm(mamba, chunk=4) -> norm -> ffn", "norm -> ssm(mamba, N=4, conv=2, chunk=7, bias=true) -> norm -> ssm(mamba, expand=1, dt_rank=3)",
          # Mamba-2: the convolution's window and the [H, P, N] state; groups of heads
          "norm -> ssm(mamba2, N=8, heads=4, groups=2, chunk=4) -> norm -> ffn"]
+# the Recurrent Delta Net: the fast weights and the last output of every head (a prefill loops over its tokens)
+MAMBA += ["norm -> rnn(rfwp, heads=4) -> norm -> ffn", "norm -> rnn(rfwp, heads=2, head_dim=4, bias=false) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]

@@ -94,6 +94,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("mixer", "hamburger"): "r=4, steps=3",
     ("ssm", "mamba2"): "N=8, heads=4, groups=2",
+    ("rnn", "rfwp"): "heads=4",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",
@@ -235,6 +236,8 @@ OTHER_FORMS |= {("ssm", "mamba")}
 # Mamba-2: torch runs SSD chunks of T and carries the states; the export runs the whole sequence as one chunk (its
 # [n, n] masked form: more multiply-adds), and the convolution is a Conv node
 OTHER_FORMS |= {("ssm", "mamba2")}
+# the Recurrent Delta Net: torch loops over the tokens; the export runs the same core as one scan (an ONNX Scan node)
+OTHER_FORMS |= {("rnn", "rfwp")}
 
 
 CHAIN = 12  # ops per bidirectional chain case

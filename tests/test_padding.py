@@ -181,6 +181,7 @@ def test_padded_mixer_equals_each_sequence_alone(key, causal, side):
 SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
 SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "mamba2": ("ssm", "mamba2", True, {"chunk": 4, "N": 4, "heads": 4, "groups": 2}, ("right", "left"))}
+SEQ_BUILD |= {"rfwp": ("rnn", "rfwp", True, {"heads": 4}, ("right", "left"))}  # a padded token is skipped: W, y kept
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

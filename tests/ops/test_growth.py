@@ -212,6 +212,7 @@ SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
 SEQ_ARGS = {
     "mamba": ("ssm", "mamba", True, {"N": 8, "chunk": 16, "expand": 1}),
     "mamba2": ("ssm", "mamba2", True, {"N": 16, "chunk": 32, "heads": 4}),  # chunks' [T, T] scores, carried states: O(n)
+    "rfwp": ("rnn", "rfwp", True, {"heads": 4}),  # a loop over tokens: n H dh^2 FLOPs, the fast weights of every step kept
 }
 
 

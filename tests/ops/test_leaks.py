@@ -147,6 +147,7 @@ def test_causal_mixer_never_leaks(key):
 SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
 SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm", "mamba", {"chunk": 7, "conv": 2, "N": 4}),
              "mamba2": ("ssm", "mamba2", {"chunk": 8, "N": 8, "heads": 4, "groups": 2})}
+SEQ_BUILD |= {"rfwp": ("rnn", "rfwp", {"heads": 4})}  # the Recurrent Delta Net: every token through y_(t-1) and W
 
 
 def test_every_causal_sequence_layer_is_covered():
