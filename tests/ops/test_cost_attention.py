@@ -384,6 +384,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     # with kv_heads=2, chunk=24 at n = 64 0.76x, with chunk=48 at n = 64 0.84x
     "gated_deltanet": [({}, SMALL), ({"kv_heads": 2, "chunk": 24}, ODD), ({"chunk": 16}, BOTH),
                        ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "conv": 0}, BOTH)],
+    # issue 14: Lightning Attention-2's tiles of 64 (one at n = 64, three padded at 160), 24, 32, 16 with one decay
+    "lightning": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD),
+                  ({"chunk": 16, "decay": 0.9}, SMALL)],
     "exp_smoothing": [({}, BOTH), ({"alpha": 0.3}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False, "alpha": 0.5}, ODD)],
     # MGK: SDPA over the n r (token, component) pairs; the causal float mask [n, n r] it keeps; r = 1 (one key a token)
     "mgk": [({}, BOTH), ({"components": 3, "kv_heads": 2}, BOTH), ({"components": 1}, SMALL),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import sympy as sp
+
 from ..cost import Cost, Symbols, linear
 from ..registry import OpEnv
 from ._common import head_symbols, projections_cost
@@ -23,5 +25,10 @@ def lightning_cost(p, env: OpEnv, s: Symbols) -> Cost:
     state = b * h * dh ** 2 * by
     peak = 5 * t + padded * 3 * T + 2 * R + 3 * T + (2 * m + 1) * state
     out = b * s.n * s.d * by
-    return replace(total, saved=saved, peak=peak - out, cache=b * h * dh ** 2 * by, bwd_peak=2 * t,
+    # the backward's peak: the output side (o_proj's and the gate's gradients, two of the heads' width, beside the
+    # input's from u_proj; the norm's statistics released), or the scores' gradient [C, C] once the output side has
+    # released its heads
+    rms = b * s.n * by
+    bwd_peak = sp.Max(2 * t + out - rms, out - t - rms + R)
+    return replace(total, saved=saved, peak=peak - out, cache=b * h * dh ** 2 * by, bwd_peak=bwd_peak,
                    saves_input=True)
