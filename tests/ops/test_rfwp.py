@@ -18,17 +18,17 @@ def reference(m, x):
     z = x @ m.in_proj.weight.T + (0 if m.in_proj.bias is None else m.in_proj.bias)
     xq, xk, xv = (z[..., i * H * dh:(i + 1) * H * dh].reshape(b, n, H, dh) for i in range(3))
     xb = z[..., 3 * H * dh:]
-    Rq, Rk, Rv = m.R
     out = torch.zeros(b, n, H, dh, dtype=x.dtype)
     for bb in range(b):
         for hh in range(H):
             W, y = torch.zeros(dh, dh, dtype=x.dtype), torch.zeros(dh, dtype=x.dtype)
             for t in range(n):
                 h = torch.tanh(y)
-                q = torch.softmax(xq[bb, t, hh] + h @ Rq[hh], 0)
-                k = torch.softmax(xk[bb, t, hh] + h @ Rk[hh], 0)
-                v = xv[bb, t, hh] + h @ Rv[hh]
-                beta = torch.sigmoid(xb[bb, t, hh] + h @ m.rb[hh, :, 0])
+                Rq, Rk, Rv, rb = m.R[hh, :, :dh], m.R[hh, :, dh:2 * dh], m.R[hh, :, 2 * dh:3 * dh], m.R[hh, :, 3 * dh]
+                q = torch.softmax(xq[bb, t, hh] + h @ Rq, 0)
+                k = torch.softmax(xk[bb, t, hh] + h @ Rk, 0)
+                v = xv[bb, t, hh] + h @ Rv
+                beta = torch.sigmoid(xb[bb, t, hh] + h @ rb)
                 W = W + beta * torch.outer(v - W @ k, k)
                 y = W @ q
                 out[bb, t, hh] = y

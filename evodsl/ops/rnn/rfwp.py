@@ -16,7 +16,8 @@ once, then loops the recurrent core over the tokens (O(n H dh^2) time, linear in
 kept for the backward: O(n H dh^2) bytes). Decoding is the same core from the cached (W, y): constant in the tokens
 seen. The export (a symbolic n) runs the core as one scan (torch's higher-order scan: an ONNX Scan node).
 Choices where the paper is silent or leaves it to its code (IDSIA/recurrent-fwp's rec_update_fwm_tanh): R_q, R_k,
-R_v and r_b per head, initialised N(0, 1 / dh); the values as wide as the keys (dh); biases on the input
+R_v and r_b per head, initialised N(0, 1 / dh) and kept side by side ([H, dh, 3 dh + 1]: one product batched
+over the heads a token, no copy of them per batch row); the values as wide as the keys (dh); biases on the input
 projections and W_O only (bias=). Padding: a padded position leaves W and y as they were (it is skipped), so each
 sequence's outputs are its own under left or right padding.
 """
@@ -48,19 +49,20 @@ def rfwp_shape(p: RFWPParams, env: OpEnv):
     return shape
 
 
-def core_step(S, y, x, R, rb, keep=None):
+def core_step(S, y, x, R, keep=None):
     """One token of the recurrent core: S [b, H, dh, dh] (W^T: keys by values), y [b, H, dh], x = (the input's q, k,
-    v, beta projections [b, H, dh] x 3, [b, H]), R [3, H, dh, dh], rb [H, dh, 1], keep [b] (0: padding) or None ->
-    (S, y) after it."""
+    v, beta projections [b, H, dh] x 3, [b, H]), R [H, dh, 3 dh + 1] (R_q, R_k, R_v, r_b side by side: one product
+    batched over the heads), keep [b] (0: padding) or None -> (S, y) after it."""
     xq, xk, xv, xb = x
-    h = torch.tanh(y)[:, :, None, :]  # [b, H, 1, dh]
-    q = (xq[:, :, None, :] + h @ R[0]).softmax(-1)
-    k = (xk[:, :, None, :] + h @ R[1]).softmax(-1)
-    v = xv[:, :, None, :] + h @ R[2]
-    beta = torch.sigmoid(xb + (h @ rb)[..., 0, 0])  # [b, H]
+    dh = S.shape[-1]
+    hr = (torch.tanh(y).transpose(0, 1) @ R).transpose(0, 1)  # [b, H, 3 dh + 1]
+    rq, rk, rv, rb = hr.split((dh, dh, dh, 1), -1)
+    q = (xq + rq).softmax(-1)[:, :, None, :]  # [b, H, 1, dh]
+    k = (xk + rk).softmax(-1)[:, :, None, :]
+    beta = torch.sigmoid(xb + rb[..., 0])  # [b, H]
     if keep is not None:
         beta = beta * keep[:, None]
-    delta = beta[..., None, None] * (v - k @ S)  # [b, H, 1, dh]
+    delta = beta[..., None, None] * ((xv + rv)[:, :, None, :] - k @ S)  # [b, H, 1, dh]
     S = S + k.transpose(-1, -2) * delta
     y_new = (q @ S)[:, :, 0]
     return S, (y_new if keep is None else torch.where(keep[:, None, None] > 0, y_new, y))
@@ -73,8 +75,7 @@ class RecurrentDeltaNet(nn.Module):
         self.heads = p.heads
         self.dh = dh = p.head_dim or d // p.heads
         self.in_proj = nn.Linear(d, 3 * p.heads * dh + p.heads, bias=p.bias)  # q, k, v, beta side by side
-        self.R = nn.Parameter(torch.randn(3, p.heads, dh, dh) * dh ** -0.5)
-        self.rb = nn.Parameter(torch.randn(p.heads, dh, 1) * dh ** -0.5)
+        self.R = nn.Parameter(torch.randn(p.heads, dh, 3 * dh + 1) * dh ** -0.5)  # [R_q R_k R_v r_b] per head
         self.o_proj = nn.Linear(p.heads * dh, d, bias=p.bias)
 
     def inputs(self, x):
@@ -97,7 +98,7 @@ class RecurrentDeltaNet(nn.Module):
             from torch._higher_order_ops.scan import scan
 
             def combine(carry, t):
-                S, y = core_step(*carry, t, self.R, self.rb)
+                S, y = core_step(*carry, t, self.R)
                 return (S, y), y.clone()
 
             _, ys = scan(combine, (S, y), tuple(t.transpose(0, 1) for t in xs))
@@ -106,7 +107,7 @@ class RecurrentDeltaNet(nn.Module):
             keep = None if mask is None else mask.to(x.dtype)
             outs = []
             for t, xt in enumerate(zip(*(u.unbind(1) for u in xs))):  # the recurrent core: a loop over tokens
-                S, y = core_step(S, y, xt, self.R, self.rb, None if keep is None else keep[:, t])
+                S, y = core_step(S, y, xt, self.R, None if keep is None else keep[:, t])
                 outs.append(y)
             out = torch.stack(outs, 1)
         if cache is not None:
