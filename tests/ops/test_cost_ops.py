@@ -77,7 +77,7 @@ CASES = [
         {"chunk": 16, "N": 32, "heads": 8, "groups": 4, "conv": 2, "conv_bias": False})],
     # the Recurrent Delta Net (issue 14): its loop over the tokens, a state a token kept; narrow heads without biases
     *[("rnn", "rfwp", lambda d, a=a: {"causal": True, **a}) for a in (
-        {"heads": 4}, {"heads": 2, "head_dim": 8, "bias": False}, {"heads": 8})],
+        {"heads": 4}, {"heads": 2, "head_dim": 8, "bias": False})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),
