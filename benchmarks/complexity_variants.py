@@ -81,6 +81,10 @@ def variants(args) -> list[tuple[str, str]]:
         ("gla", "gla"),  # chunks of 16, a decay per key channel: n 16 dh + n dh^2
         ("deltanet", "deltanet"),  # the WY form in chunks of 64: n 64 dh + n dh^2, a [64, 64] solve a chunk
         ("gated_deltanet", "gated_deltanet"),
+        ("based", "based"),  # Taylor features (273 a head) in chunks of 64 and a window of 64: n 64 f^2 + n f^2 dh
+        ("fwp", "fwp"),  # the delta rule on DPFP-1 (2 dh features) in chunks of 64: n 64 dh + n dh^2
+        ("lightning", "lightning"),  # tiles of 64, a decay per head: n 64 dh + n dh^2
+        ("hedgehog", "hedgehog"),  # 2 dh softmax features in chunks of 64: n 64 dh + n dh^2
         ("mgk, components=2", "mgk, components=2"),
         ("mgk, linear, components=2", "mgk, form=linear, components=2"),  # phi(q)^T sum_j sum_r pi_r phi(k_jr) v_j^T: n d^2
         ("nap", "nap"),  # explicit [b, h, n, n] scores, normalised per row
@@ -133,6 +137,7 @@ def variants(args) -> list[tuple[str, str]]:
             ("sru", "sru"),  # the light recurrence: W x at once, a token loop of elementwise ops, O(n d^2)
             ("sru, scan", "sru, scan=true"),  # v = 0: the chunked scan
             ("sru, attention", "sru, attention=true, scan=true")]  # SRU++: one causal head, O(n^2 p)
+    rnns += [("rfwp", f"rfwp, heads={args.heads}")]  # the Recurrent Delta Net: a loop over tokens, O(n H dh^2)
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]
@@ -148,8 +153,10 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "sinkformer")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences
+CAUSAL_ONLY += ("based", "fwp", "lightning", "hedgehog",)  # feature-map linear attention and fast weights (issue 14)
 CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces
 CAUSAL_ONLY += ("rwkv4", "rwkv6")  # the RWKV recurrences
 CAUSAL_ONLY += ("hgrn2", "mlstm")  # the linear RNNs
 CAUSAL_ONLY += ("lru", "s5", "qrnn", "gilr", "sru")  # the diagonal linear recurrences
 CAUSAL_ONLY += ("lmu, order=64",)  # the Legendre memory
+CAUSAL_ONLY += ("rfwp",)  # the Recurrent Delta Net (issue 14)

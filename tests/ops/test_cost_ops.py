@@ -121,6 +121,9 @@ CASES = [
     *[("ssm", "lmu", lambda d, a=a: {"causal": True, **a}) for a in (
         {"order": 6, "theta": 10.0, "units": 3, "max_len": 16},
         {"order": 32, "theta": 100.0, "units": 8})],
+    # the Recurrent Delta Net (issue 14): its loop over the tokens, a state a token kept; narrow heads without biases
+    *[("rnn", "rfwp", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"heads": 4}, {"heads": 2, "head_dim": 8, "bias": False})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

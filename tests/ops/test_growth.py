@@ -94,6 +94,10 @@ ARGS = {
     "deltanet": {}, "gated_deltanet": {},  # the WY form in chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes
     "gla": {},  # chunks of 16: n 16 dh + n dh^2 FLOPs, O(n) bytes
     "retention": {},  # chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes (the states: n / 64 dh^2)
+    "based": {"feature_dim": 8},  # Taylor features (73 a head) in chunks of 64, a window of 64: O(n) FLOPs and bytes
+    "fwp": {},  # the WY form on 2 dh features in chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes
+    "lightning": {},  # tiles of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes
+    "hedgehog": {},  # 2 dh softmax features in chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes
     "synthesizer": {"kind": "dense", "max_len": 8192},  # n^2 (hidden + dh) time, the [b, h, n, n] weights: n^2 bytes
     "nap": {},  # the explicit scores: n^2 dh time, n^2 bytes (a row's statistics need all of it)
     "sinkformer": {"iters": 2},  # the [n, n] weights per head: n^2 time and bytes (each iteration's input kept)
@@ -123,6 +127,7 @@ SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid"
         "el",  # el: h heads of width-d scores (h times softmax's n^2 FLOPs), 41 s bidirectional here
         "scatterbrain",  # scatterbrain: [n, n / 2] scores and feature products at n = 8k (~38 s here)
         "deltanet", "gated_deltanet")  # their loops over 128 chunks of 64 at n = 8k, forward and backward (50-60 s here)
+SLOW += ("based", "fwp")  # issue 14: 273 Taylor features a head (10 s here), the WY form's loop over 128 chunks (14 s)
 # the bidirectional row of a variant whose causal row runs by default (or, colt5, its one row) at 10-20 s alone
 SLOW_BIDIRECTIONAL = ("nsa", "fmm", "multiscale", "colt5")
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW or (not causal and v in SLOW_BIDIRECTIONAL) else [])
@@ -224,6 +229,7 @@ SEQ_ARGS = {
     "ccnn": ("longconv", "ccnn", False, {"hidden": 16}),
     "talk": ("longconv", "talk", False, {"l_max": 16, "heads": 4}),  # a prefix table and gathers: O(n)
     "lmu": ("ssm", "lmu", True, {"order": 16, "theta": 64.0, "units": 2, "max_len": 8192}),  # memories b n U q: O(n)
+    "rfwp": ("rnn", "rfwp", True, {"heads": 4}),  # a loop over tokens: n H dh^2 FLOPs, the fast weights of every step kept
 }
 
 

@@ -55,6 +55,10 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "retention": {"chunk": 16},  # N = 70: five chunks, the state carried
     "gla": {"chunk": 16},
     "deltanet": {"chunk": 16}, "gated_deltanet": {"chunk": 16},  # and the short convolutions (4 taps)
+    "based": {"chunk": 16, "window": 6, "feature_dim": 4},  # the linear state over five chunks, the window of 6
+    "fwp": {"chunk": 16, "nu": 2},  # the fast weights over five chunks (the WY form)
+    "lightning": {"chunk": 16, "depth": 0.9},  # five tiles, a slow decay carried across them
+    "hedgehog": {"chunk": 16},  # the state [S z] over five chunks
     "synthesizer": {"kind": "mixture", "mix": "dense_random_vanilla", "max_len": 80},  # three kinds' logits summed
     "nap": {},  # each row's statistics over its past keys
     "sparse_sinkhorn": {"block": 4, "max_len": 128},  # 18 blocks: its own and a mixture of the past ones
@@ -158,6 +162,7 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm",
              "ccnn": ("longconv", "ccnn", {"max_len": 16, "sigma": 2.0, "hidden": 8}),
              "talk": ("longconv", "talk", {"l_max": 9, "heads": 4}),
              "lmu": ("ssm", "lmu", {"order": 6, "theta": 8.0, "units": 2, "max_len": 16})}
+SEQ_BUILD |= {"rfwp": ("rnn", "rfwp", {"heads": 4})}  # the Recurrent Delta Net: every token through y_(t-1) and W
 
 
 def test_every_causal_sequence_layer_is_covered():
