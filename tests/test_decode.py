@@ -345,6 +345,8 @@ def _lean(cases: list) -> list:
                          else [pytest.mark.slow]) for pos, block in cases]
 
 
+# Huang et al.'s four methods (pos(huang)): mha(softmax) only, no residual scores
+CASES += [(f"pos(huang, method={m}, k=3)", b) for m in (1, 2, 3, 4) for b in BLOCKS[:3]]
 CASES = _lean(CASES)
 
 

@@ -72,7 +72,12 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 # DIET's position attention (pos(diet)): P_Q P_K^T or R of the clipped distance, added with a gradient
                 ({"pos": DIET_ABS}, BOTH), ({"pos": DIET_REL, "kv_heads": 2}, BOTH), ({"pos": DIET_ABS, "dropout": 0.1}, SMALL),
                 # TUPE's untied correlation (pos(tupe)): p's first n rows normed and projected, per head; T5's buckets
-                ({"pos": TUPE}, BOTH), ({"pos": TUPE_REL, "kv_heads": 2}, BOTH), ({"pos": TUPE, "dropout": 0.1}, SMALL)],
+                ({"pos": TUPE}, BOTH), ({"pos": TUPE_REL, "kv_heads": 2}, BOTH), ({"pos": TUPE, "dropout": 0.1}, SMALL),
+                # Huang et al.'s four methods (pos(huang)): the scores formed (1-3: method 3's band and far matmuls) or
+                # SDPA's float mask (4)
+                ({"pos": ("huang", {"method": 1, "k": 8})}, SMALL), ({"pos": ("huang", {"method": 2, "k": 8}), "kv_heads": 2}, ODD),
+                ({"pos": ("huang", {"method": 3, "k": 8})}, BOTH), ({"pos": ("huang", {"method": 3, "k": 5}), "kv_heads": 2}, SMALL),
+                ({"pos": ("huang", {"method": 4, "k": 8}), "kv_heads": 2}, BOTH)],
     "local": [({"window": 16}, BOTH), ({"window": 40, "kv_heads": 2}, BOTH), ({"window": 16, "pos": ALIBI}, BOTH),
               ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
               ({"window": 16, "pos": ("xpos", {})}, SMALL),
