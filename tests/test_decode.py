@@ -347,6 +347,8 @@ def _lean(cases: list) -> list:
 
 # Huang et al.'s four methods (pos(huang)): mha(softmax) only, no residual scores
 CASES += [(f"pos(huang, method={m}, k=3)", b) for m in (1, 2, 3, 4) for b in BLOCKS[:3]]
+# PermuteFormer (pos(permute)): the decayed state, the new features permuted at their positions
+CASES += [("pos(permute)", b) for b in LINEAR + RANDOM_FEATURES[:2]]
 CASES = _lean(CASES)
 
 

@@ -132,6 +132,7 @@ WRAPPERS = {
 # Variants that need token ids around them, or a model of their own (the RMT memory: a first segment).
 TOKEN_MODELS = {("embed", "token"): f"input(tokens) -> {{ops}} -> mha -> {OUT}",
                 ("embed", "complex"): f"input(tokens) -> {{ops}} -> mha -> {OUT}",
+                ("pos", "permute"): f"{FEATURES} -> {{ops}} -> mha(performer, features=16) -> {OUT}",
                 ("head", "lm"): "input(tokens) -> embed(token) -> mha -> {ops}",
                 ("head", "ngpt"): "input(tokens) -> embed(token) -> mha -> {ops}",
                 ("memory", "rmt"): f"{{{{ mem = {{ops}}  x = {FEATURES} -> cat(seq, prefix=mem, suffix=mem) -> mha  "

@@ -167,7 +167,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
              ({"landmarks": 200, "heads": 2, "head_dim": 8, "bias": False}, ODD),
              ({"landmarks": 8, "kv_heads": 1, "pinv_iters": 3}, SMALL)],
     "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
-               ({"pos": HALF_ROPE}, SMALL)],
+               ({"pos": HALF_ROPE}, SMALL),
+               ({"pos": ("permute", {})}, ODD), ({"pos": ("permute", {"r": 0.9}), "kv_heads": 2}, SMALL)],  # PermuteFormer
     "fanet": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "simpletron": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "separable": [({}, BOTH), ({"heads": 1}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD),
@@ -284,7 +285,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
-                  ({"features": 64, "pos": HALF_ROPE}, SMALL)],
+                  ({"features": 64, "pos": HALF_ROPE}, SMALL),
+                  ({"features": 24, "pos": ("permute", {}), "kv_heads": 2}, BOTH)],  # PermuteFormer's features
     # gate=true (causal only; its backward's peak approximate): tests/ops/test_rfa.py
     "rfa": [({"features": 16}, BOTH), ({"features": 16, "kv_heads": 2}, BOTH), ({}, SMALL),
             ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),

@@ -75,7 +75,8 @@ POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "al
              "diet_abs": ("diet", {"mode": "abs", "max_len": 128}), "diet_rel": ("diet", {"mode": "rel", "k": 8}),
              "tupe_abs": ("tupe", {"heads": 4, "max_len": 128, "cls": True}),
              "tupe_rel": ("tupe", {"heads": 4, "max_len": 128, "mode": "rel", "buckets": 8, "max_distance": 20}),
-             **{f"huang{m}": ("huang", {"method": m, "k": 3}) for m in (1, 2, 3, 4)}}
+             **{f"huang{m}": ("huang", {"method": m, "k": 3}) for m in (1, 2, 3, 4)},
+             "permute": ("permute", {})}
 
 
 def test_every_causal_attention_is_covered():
