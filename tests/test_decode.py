@@ -349,6 +349,7 @@ def _lean(cases: list) -> list:
 CASES += [(f"pos(huang, method={m}, k=3)", b) for m in (1, 2, 3, 4) for b in BLOCKS[:3]]
 # PermuteFormer (pos(permute)): the decayed state, the new features permuted at their positions
 CASES += [("pos(permute)", b) for b in LINEAR + RANDOM_FEATURES[:2]]
+CASES += [("pos(kernel_rpe, max_len=64)", b) for b in LINEAR]  # every key's features kept
 CASES = _lean(CASES)
 
 

@@ -168,7 +168,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
              ({"landmarks": 8, "kv_heads": 1, "pinv_iters": 3}, SMALL)],
     "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                ({"pos": HALF_ROPE}, SMALL),
-               ({"pos": ("permute", {})}, ODD), ({"pos": ("permute", {"r": 0.9}), "kv_heads": 2}, SMALL)],  # PermuteFormer
+               ({"pos": ("permute", {})}, ODD), ({"pos": ("permute", {"r": 0.9}), "kv_heads": 2}, SMALL),  # PermuteFormer
+               # kernelized RPE (pos(kernel_rpe)): B = phi(k) [v 1]^T, its Toeplitz sums by FFT
+               ({"pos": ("kernel_rpe", {"max_len": 256}), "kv_heads": 2}, BOTH)],
     "fanet": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "simpletron": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "separable": [({}, BOTH), ({"heads": 1}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD),
