@@ -76,8 +76,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 # Huang et al.'s four methods (pos(huang)): the scores formed (1-3: method 3's band and far matmuls) or
                 # SDPA's float mask (4)
                 ({"pos": ("huang", {"method": 1, "k": 8})}, SMALL), ({"pos": ("huang", {"method": 2, "k": 8}), "kv_heads": 2}, ODD),
-                ({"pos": ("huang", {"method": 3, "k": 8})}, BOTH), ({"pos": ("huang", {"method": 3, "k": 5}), "kv_heads": 2}, SMALL),
-                ({"pos": ("huang", {"method": 4, "k": 8}), "kv_heads": 2}, BOTH)],
+                ({"pos": ("huang", {"method": 3, "k": 8})}, ODD), ({"pos": ("huang", {"method": 3, "k": 5}), "kv_heads": 2}, SMALL),
+                ({"pos": ("huang", {"method": 4, "k": 8}), "kv_heads": 2}, SMALL)],
     "local": [({"window": 16}, BOTH), ({"window": 40, "kv_heads": 2}, BOTH), ({"window": 16, "pos": ALIBI}, BOTH),
               ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
               ({"window": 16, "pos": ("xpos", {})}, SMALL),
@@ -170,7 +170,7 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                ({"pos": HALF_ROPE}, SMALL),
                ({"pos": ("permute", {})}, ODD), ({"pos": ("permute", {"r": 0.9}), "kv_heads": 2}, SMALL),  # PermuteFormer
                # kernelized RPE (pos(kernel_rpe)): B = phi(k) [v 1]^T, its Toeplitz sums by FFT
-               ({"pos": ("kernel_rpe", {"max_len": 256}), "kv_heads": 2}, BOTH)],
+               ({"pos": ("kernel_rpe", {"max_len": 256}), "kv_heads": 2}, ODD)],
     "fanet": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "simpletron": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "separable": [({}, BOTH), ({"heads": 1}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD),
@@ -288,7 +288,7 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
                   ({"features": 64, "pos": HALF_ROPE}, SMALL),
-                  ({"features": 24, "pos": ("permute", {}), "kv_heads": 2}, BOTH)],  # PermuteFormer's features
+                  ({"features": 24, "pos": ("permute", {}), "kv_heads": 2}, ODD)],  # PermuteFormer's features
     # gate=true (causal only; its backward's peak approximate): tests/ops/test_rfa.py
     "rfa": [({"features": 16}, BOTH), ({"features": 16, "kv_heads": 2}, BOTH), ({}, SMALL),
             ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
