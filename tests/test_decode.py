@@ -377,6 +377,11 @@ def _lean(cases: list) -> list:
                          else [pytest.mark.slow]) for pos, block in cases]
 
 
+# Huang et al.'s four methods (pos(huang)): mha(softmax) only, no residual scores
+CASES += [(f"pos(huang, method={m}, k=3)", b) for m in (1, 2, 3, 4) for b in BLOCKS[:3]]
+# PermuteFormer (pos(permute)): the decayed state, the new features permuted at their positions
+CASES += [("pos(permute)", b) for b in LINEAR + RANDOM_FEATURES[:2]]
+CASES += [("pos(kernel_rpe, max_len=64)", b) for b in LINEAR]  # every key's features kept
 CASES = _lean(CASES)
 
 

@@ -115,6 +115,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("pos", "randomized"): "max_len=128", ("pos", "randomized_rope"): "max_len=128",
     ("ffn", "ngpt"): "s_init=0.1",  # its sqrt(d) s_v on weights not unit-norm: else it dwarfs the chain's leak signal
     ("pos", "tupe"): "max_len=128, mode=rel, cls=true",
+    ("pos", "kernel_rpe"): "max_len=128",
+    ("pos", "huang"): "method=3, k=4",  # the band's loop and the far matmuls (method 4 is SDPA's float mask)
 }
 FEATURES, OUT = "input(features, d=32)", "head(linear, d_out=8)"
 # family -> (the model around its ops, how one variant appears in it, whether all variants share one spec).
@@ -142,6 +144,9 @@ WRAPPERS = {
 }
 # Variants that need token ids around them, or a model of their own (the RMT memory: a first segment).
 TOKEN_MODELS = {("embed", "token"): f"input(tokens) -> {{ops}} -> mha -> {OUT}",
+                ("embed", "complex"): f"input(tokens) -> {{ops}} -> mha -> {OUT}",
+                ("pos", "permute"): f"{FEATURES} -> {{ops}} -> mha(performer, features=16) -> {OUT}",
+                ("pos", "kernel_rpe"): f"{FEATURES} -> {{ops}} -> mha(linear) -> {OUT}",
                 ("head", "lm"): "input(tokens) -> embed(token) -> mha -> {ops}",
                 ("head", "ngpt"): "input(tokens) -> embed(token) -> mha -> {ops}",
                 ("memory", "rmt"): f"{{{{ mem = {{ops}}  x = {FEATURES} -> cat(seq, prefix=mem, suffix=mem) -> mha  "

@@ -50,7 +50,9 @@ POSITIONS = {"rope": ("rope", {}), "xpos": ("xpos", {"scale_base": 16.0}), "alib
              "kerple": ("kerple", {}), "randomized_rope": ("randomized_rope", {"max_len": 128}),
              "t5_bias": ("t5_bias", {"heads": 4, "buckets": 8, "max_distance": 20}),
              "deberta": ("deberta", {"k": 16}), "diet": ("diet", {"mode": "abs", "max_len": N}),
-             "tupe": ("tupe", {"heads": 4, "max_len": N, "mode": "rel", "cls": True, "buckets": 8, "max_distance": 20})}
+             "tupe": ("tupe", {"heads": 4, "max_len": N, "mode": "rel", "cls": True, "buckets": 8, "max_distance": 20}),
+             "huang": ("huang", {"method": 3, "k": 3}), "permute": ("permute", {}),
+             "kernel_rpe": ("kernel_rpe", {"max_len": 128})}  # relative: the distances between tokens are padding's either side
 ABSOLUTE = ("diet", "tupe")  # position terms read from each row's start: left padding is refused (E409, their tests)
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
 KERNELIZED = ("linear", "performer", "rfa", "learned_kernel", "slim")  # chunked causal forms; phi after rope (absolute positions)

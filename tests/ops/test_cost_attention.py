@@ -72,7 +72,12 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 # DIET's position attention (pos(diet)): P_Q P_K^T or R of the clipped distance, added with a gradient
                 ({"pos": DIET_ABS}, BOTH), ({"pos": DIET_REL, "kv_heads": 2}, BOTH), ({"pos": DIET_ABS, "dropout": 0.1}, SMALL),
                 # TUPE's untied correlation (pos(tupe)): p's first n rows normed and projected, per head; T5's buckets
-                ({"pos": TUPE}, BOTH), ({"pos": TUPE_REL, "kv_heads": 2}, BOTH), ({"pos": TUPE, "dropout": 0.1}, SMALL)],
+                ({"pos": TUPE}, BOTH), ({"pos": TUPE_REL, "kv_heads": 2}, BOTH), ({"pos": TUPE, "dropout": 0.1}, SMALL),
+                # Huang et al.'s four methods (pos(huang)): the scores formed (1-3: method 3's band and far matmuls) or
+                # SDPA's float mask (4)
+                ({"pos": ("huang", {"method": 1, "k": 8})}, SMALL), ({"pos": ("huang", {"method": 2, "k": 8}), "kv_heads": 2}, ODD),
+                ({"pos": ("huang", {"method": 3, "k": 8})}, ODD), ({"pos": ("huang", {"method": 3, "k": 5}), "kv_heads": 2}, SMALL),
+                ({"pos": ("huang", {"method": 4, "k": 8}), "kv_heads": 2}, SMALL)],
     "local": [({"window": 16}, BOTH), ({"window": 40, "kv_heads": 2}, BOTH), ({"window": 16, "pos": ALIBI}, BOTH),
               ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
               ({"window": 16, "pos": ("xpos", {})}, SMALL),
@@ -162,7 +167,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
              ({"landmarks": 200, "heads": 2, "head_dim": 8, "bias": False}, ODD),
              ({"landmarks": 8, "kv_heads": 1, "pinv_iters": 3}, SMALL)],
     "linear": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
-               ({"pos": HALF_ROPE}, SMALL)],
+               ({"pos": HALF_ROPE}, SMALL),
+               ({"pos": ("permute", {})}, ODD), ({"pos": ("permute", {"r": 0.9}), "kv_heads": 2}, SMALL),  # PermuteFormer
+               # kernelized RPE (pos(kernel_rpe)): B = phi(k) [v 1]^T, its Toeplitz sums by FFT
+               ({"pos": ("kernel_rpe", {"max_len": 256}), "kv_heads": 2}, ODD)],
     "fanet": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "simpletron": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "separable": [({}, BOTH), ({"heads": 1}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD),
@@ -279,7 +287,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "ufo": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "kv_axis": "value"}, ODD)],
     "performer": [({"features": 32}, BOTH), ({"features": 32, "kv_heads": 2}, BOTH), ({}, SMALL),
                   ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
-                  ({"features": 64, "pos": HALF_ROPE}, SMALL)],
+                  ({"features": 64, "pos": HALF_ROPE}, SMALL),
+                  ({"features": 24, "pos": ("permute", {}), "kv_heads": 2}, ODD)],  # PermuteFormer's features
     # gate=true (causal only; its backward's peak approximate): tests/ops/test_rfa.py
     "rfa": [({"features": 16}, BOTH), ({"features": 16, "kv_heads": 2}, BOTH), ({}, SMALL),
             ({"features": 16, "kv_heads": 1, "head_dim": 8, "bias": False}, ODD),

@@ -127,6 +127,7 @@ CASES = [
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),
+    ("embed", "complex", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),  # r, ω, θ per word: [Re | Im]
     ("embed", "linear", lambda d: {"d_model": 2 * d}),
     ("embed", "linear", lambda d: {"d_model": d + 8, "bias": False}),
     ("embed", "linear", lambda d: {"d_model": 2 * d, "in_grad": False}),  # on the model's input: no input gradient

@@ -78,7 +78,10 @@ POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "al
              "deberta": ("deberta", {"k": 8}),
              "diet_abs": ("diet", {"mode": "abs", "max_len": 128}), "diet_rel": ("diet", {"mode": "rel", "k": 8}),
              "tupe_abs": ("tupe", {"heads": 4, "max_len": 128, "cls": True}),
-             "tupe_rel": ("tupe", {"heads": 4, "max_len": 128, "mode": "rel", "buckets": 8, "max_distance": 20})}
+             "tupe_rel": ("tupe", {"heads": 4, "max_len": 128, "mode": "rel", "buckets": 8, "max_distance": 20}),
+             # pos(huang): its explicit scores (method 3's band and far matmuls; methods 1, 2 share the path) and SDPA's mask
+             "huang3": ("huang", {"method": 3, "k": 3}), "huang4": ("huang", {"method": 4, "k": 3}),
+             "permute": ("permute", {}), "kernel_rpe": ("kernel_rpe", {"max_len": 128})}
 
 
 def test_every_causal_attention_is_covered():

@@ -180,7 +180,7 @@ def test_stabilisation_keeps_float32_finite(causal, scale):
 def test_params_and_refusals():
     load_all()
     op = lookup("mha", "performer")
-    assert op.causal == "yes" and op.supports == frozenset({"rope"}) and op.decode_form(None)
+    assert op.causal == "yes" and op.supports == frozenset({"rope", "permute"}) and op.decode_form(None)
     with pytest.raises(ValidationError):
         op.params(features=0)
     with pytest.raises(ShapeProblem) as e:

@@ -45,8 +45,12 @@ class LinearAttention(AttentionBase):
     def __init__(self, p: LinearAttentionParams, env: OpEnv):
         super().__init__(p, env)
         self.phi, self.eps = p.phi, p.eps
+        if hasattr(self.pos, "adopt"):  # a scheme that sizes itself to the features (pos(permute))
+            self.pos.adopt(self)
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        if getattr(self.pos, "attends", False):  # pos(permute): the features permuted at their positions
+            return self.pos.attend(self, x, ctx)
         if ctx is not None and ctx.cache is not None:
             return self._step(x, ctx)
         q, k, v = self.qkv(x)
@@ -176,6 +180,8 @@ def linear_attention_cost(p: LinearAttentionParams, env: OpEnv, s: Symbols) -> C
     C-token chunks): per chunk the C x C products phi(Q) phi(K)^T and A V, the state phi(K)^T V and phi(Q) S,
     phi(Q) z. Kept: the inputs of the two phi (copies of q, k), phi(q), phi(k), a copy of v, the numerator,
     the states, the denominator (and A and the causal mask); o_proj's input is a copy. Decoding keeps S and z."""
+    if env.pos is not None and getattr(env.pos[0].attach, "attends", False):  # pos(permute)
+        return env.pos[0].attach.attention_cost(p, env, s)
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     pos = position_cost(env, s, h, kv, dh)
@@ -226,7 +232,7 @@ def linear_attention_cost(p: LinearAttentionParams, env: OpEnv, s: Symbols) -> C
 OP = register(Op(
     decode="the running sums S [dh x dh] and z [dh] per K/V head: constant in the tokens seen",
     family="mha", variant="linear", params=LinearAttentionParams, module=LinearAttention,
-    causal="yes", shape=weightless_shape("mha(linear)"), supports=frozenset({"rope"}),
+    causal="yes", shape=weightless_shape("mha(linear)"), supports=frozenset({"rope", "permute", "kernel_rpe"}),
     paper="Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention, Katharopoulos et al. "
           "2020, arXiv:2006.16236",
     summary="phi(q_i)^T sum_j phi(k_j) v_j^T / (phi(q_i)^T sum_j phi(k_j) + eps), phi = elu + 1; causal: j <= i",

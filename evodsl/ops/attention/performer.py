@@ -65,8 +65,12 @@ class PerformerAttention(AttentionBase):
     def __init__(self, p: PerformerParams, env: OpEnv):
         super().__init__(p, env)
         self.register_buffer("w", orthogonal_gaussian(p.features, self.head_dim).to(torch.get_default_dtype()))
+        if hasattr(self.pos, "adopt"):  # a scheme that sizes itself to the features (pos(permute))
+            self.pos.adopt(self)
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        if getattr(self.pos, "attends", False):  # pos(permute): the features permuted at their positions
+            return self.pos.attend(self, x, ctx)
         if ctx is not None and ctx.cache is not None:
             return self._step(x, ctx)
         return self.out(self._attend(x, ctx))
@@ -119,6 +123,8 @@ def performer_cost(p: PerformerParams, env: OpEnv, s: Symbols) -> Cost:
     """The logits W x' of q and k (m x dh per position and head; W has no gradient, so their backward is 1x),
     then the kernel on the features (_kernelized.kernel_cost). Kept: q and k as one contiguous copy each (the
     logits' matmul input), the features phi(q), phi(k) and W scaled (twice), beside the kernel's."""
+    if env.pos is not None and getattr(env.pos[0].attach, "attends", False):  # pos(permute)
+        return env.pos[0].attach.attention_cost(p, env, s)
     h, kv, dh = head_symbols(p, s)
     b, n, by = s.b, s.n, s.bytes
     m = s.sym("m", p.features)
@@ -143,7 +149,7 @@ def performer_cost(p: PerformerParams, env: OpEnv, s: Symbols) -> Cost:
 OP = register(Op(
     decode="the running sums S [m x dh] and z [m] per K/V head and their scale: constant in the tokens seen",
     family="mha", variant="performer", params=PerformerParams, module=PerformerAttention,
-    causal="yes", shape=weightless_shape("mha(performer)"), supports=frozenset({"rope"}),
+    causal="yes", shape=weightless_shape("mha(performer)"), supports=frozenset({"rope", "permute"}),
     paper="Rethinking Attention with Performers, Choromanski et al. 2020, arXiv:2009.14794",
     summary="D^-1 phi(Q) (phi(K)^T V), phi(x) = exp(W x' - |x'|^2/2)/sqrt(m) with orthogonal random W: an "
             "unbiased estimate of softmax; causal: prefix sums; O(n m dh)",

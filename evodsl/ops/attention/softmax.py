@@ -220,7 +220,7 @@ OP = register(Op(
     decode="a K/V cache of every position so far (kv_heads heads)",
     family="mha", variant="softmax", params=SoftmaxAttentionParams, module=SoftmaxAttention,
     causal="yes", shape=softmax_shape, supports=frozenset({"rope", "xpos", "alibi", "kerple", "randomized_rope", "t5_bias", "xl_rel",
-                                                             "deberta", "diet", "tupe", "residual_scores", "memory"}),
+                                                             "deberta", "diet", "tupe", "huang", "residual_scores", "memory"}),
     paper="Attention Is All You Need, Vaswani et al. 2017, arXiv:1706.03762",
     summary="softmax(Q K^T * scale) V per head, scale 1/sqrt(dh) by default; kv_heads < heads shares K/V heads "
             "(MQA/GQA)",
