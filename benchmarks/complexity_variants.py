@@ -116,7 +116,8 @@ def variants(args) -> list[tuple[str, str]]:
         ("hamburger, vq", "hamburger, r=8, steps=6, kind=vq"),
     ]
     ssms = [("mamba", "mamba"),  # the chunked selective scan: O(n E N), states b n E N in training
-            ("mamba2", "mamba2")]  # SSD chunks of 64: O(n T (N + P) H + n N P H)
+            ("mamba2", "mamba2"),  # SSD chunks of 64: O(n T (N + P) H + n N P H)
+            ("s4d", "s4d")]  # the Vandermonde kernel [d, n] and its FFT convolution: O(n N d + n log n d)
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms])

@@ -302,6 +302,8 @@ NGPT = ["residual(mha(ngpt), scale=ngpt) -> residual(ffn, scale=ngpt)",
 MAMBA = ["norm -> ssm(mamba, chunk=4) -> norm -> ffn", "norm -> ssm(mamba, N=4, conv=2, chunk=7, bias=true) -> norm -> ssm(mamba, expand=1, dt_rank=3)",
          # Mamba-2: the convolution's window and the [H, P, N] state; groups of heads
          "norm -> ssm(mamba2, N=8, heads=4, groups=2, chunk=4) -> norm -> ffn"]
+# the FFT long convolutions: S4D's diagonal state; the others' growing histories of inputs
+LONGCONV = ["norm -> ssm(s4d, N=8) -> norm -> ffn -> norm -> ssm(s4d, N=4, glu=false)"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
@@ -331,7 +333,8 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS for b in QKNORM]
          + [(p, b) for p in POSITIONS if not p.startswith(("pos(xpos", "pos(kerple", "pos(randomized_rope"))
             for b in NGPT]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in MAMBA])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in MAMBA]
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in LONGCONV])
 
 
 def _lean(cases: list) -> list:

@@ -180,7 +180,10 @@ def test_padded_mixer_equals_each_sequence_alone(key, causal, side):
 # (its input zeroed), so either side pads; chunks of 4 across the lengths
 SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
 SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
-             "mamba2": ("ssm", "mamba2", True, {"chunk": 4, "N": 4, "heads": 4, "groups": 2}, ("right", "left"))}
+             "mamba2": ("ssm", "mamba2", True, {"chunk": 4, "N": 4, "heads": 4, "groups": 2}, ("right", "left")),
+             # the FFT long convolutions: a padded input is zeroed, the convolution shift-invariant
+             "s4d": ("ssm", "s4d", True, {"N": 8}, ("right", "left")),
+             "s4d-bidir": ("ssm", "s4d", False, {"N": 8}, ("right", "left"))}
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

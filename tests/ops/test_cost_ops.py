@@ -75,6 +75,9 @@ CASES = [
         {"chunk": 16, "N": 16, "heads": 4}, {"chunk": 16, "N": 8, "heads": 8, "groups": 2},
         {"chunk": 64, "N": 16, "heads": 2}, {"chunk": 8, "N": 4, "heads": 16, "bias": True},
         {"chunk": 16, "N": 32, "heads": 8, "groups": 4, "conv": 2, "conv_bias": False})],
+    # S4D: a small and the default state, bidirectional (two kernels in one two-sided one), no GLU
+    *[("ssm", "s4d", lambda d, a=a: a) for a in (
+        {"causal": True, "N": 8}, {"causal": True}, {"causal": False, "N": 16}, {"causal": True, "N": 4, "glu": False})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -208,6 +208,8 @@ SEQUENCE_FAMILIES = ("ssm", "rnn", "longconv")
 SEQ_ARGS = {
     "mamba": ("ssm", "mamba", True, {"N": 8, "chunk": 16, "expand": 1}),
     "mamba2": ("ssm", "mamba2", True, {"N": 16, "chunk": 32, "heads": 4}),  # chunks' [T, T] scores, carried states: O(n)
+    # the FFT long convolutions: matmuls linear in n (the FFTs, n log n, are other FLOPs), kernels [d, n]
+    "s4d": ("ssm", "s4d", True, {"N": 8}), "s4d-bidir": ("ssm", "s4d", False, {"N": 8}),
 }
 
 
