@@ -118,9 +118,12 @@ def variants(args) -> list[tuple[str, str]]:
     ssms = [("mamba", "mamba"),  # the chunked selective scan: O(n E N), states b n E N in training
             ("mamba2", "mamba2"),  # SSD chunks of 64: O(n T (N + P) H + n N P H)
             ("s4d", "s4d")]  # the Vandermonde kernel [d, n] and its FFT convolution: O(n N d + n log n d)
+    longconvs = [("long", f"long, max_len={n_max}"),  # the learned [d, L] kernel, by FFT: O(n log n d)
+                 ("sgconv", f"sgconv, max_len={n_max}")]  # log2(L / 32) + 1 sub-kernels, upsampled: O(L d + n log n d)
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
-            + [(f"ssm({label})", f"ssm({call})") for label, call in ssms])
+            + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]
+            + [(f"longconv({label})", f"longconv({call})") for label, call in longconvs])
 
 BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable", "nystrom", "tglobal",
                       "longformer-global", "blockwise", "long_short", "isab", "star",

@@ -93,6 +93,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("mixer", "hamburger"): "r=4, steps=3",
     ("ssm", "mamba2"): "N=8, heads=4, groups=2",
+    ("ssm", "s4d"): "N=8", ("longconv", "long"): "max_len=128",
+    ("longconv", "sgconv"): "max_len=40, kernel_dim=4",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",

@@ -183,7 +183,11 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "mamba2": ("ssm", "mamba2", True, {"chunk": 4, "N": 4, "heads": 4, "groups": 2}, ("right", "left")),
              # the FFT long convolutions: a padded input is zeroed, the convolution shift-invariant
              "s4d": ("ssm", "s4d", True, {"N": 8}, ("right", "left")),
-             "s4d-bidir": ("ssm", "s4d", False, {"N": 8}, ("right", "left"))}
+             "s4d-bidir": ("ssm", "s4d", False, {"N": 8}, ("right", "left")),
+             "long": ("longconv", "long", True, {"max_len": 80}, ("right", "left")),
+             "long-bidir": ("longconv", "long", False, {"max_len": 80}, ("right", "left")),
+             "sgconv": ("longconv", "sgconv", True, {"max_len": 40, "kernel_dim": 4}, ("right", "left")),
+             "sgconv-bidir": ("longconv", "sgconv", False, {"max_len": 40, "kernel_dim": 4}, ("right", "left"))}
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

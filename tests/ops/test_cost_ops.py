@@ -78,6 +78,13 @@ CASES = [
     # S4D: a small and the default state, bidirectional (two kernels in one two-sided one), no GLU
     *[("ssm", "s4d", lambda d, a=a: a) for a in (
         {"causal": True, "N": 8}, {"causal": True}, {"causal": False, "N": 16}, {"causal": True, "N": 4, "glu": False})],
+    # the long convolution: smoothed, unsmoothed without GLU, bidirectional (two kernels) past n
+    *[("longconv", "long", lambda d, a=a: {"max_len": 80, **a}) for a in (
+        {"causal": True}, {"causal": True, "smooth": 1, "glu": False}, {"causal": False, "smooth": 5, "lam": 0.0})],
+    # SGConv: one scale, several (kernel shorter and longer than n), bidirectional, no GLU
+    *[("longconv", "sgconv", lambda d, a=a: a) for a in (
+        {"causal": True, "max_len": 16, "kernel_dim": 16}, {"causal": True, "max_len": 80, "kernel_dim": 8},
+        {"causal": False, "max_len": 64, "kernel_dim": 4, "alpha": 0.7}, {"causal": True, "max_len": 200, "kernel_dim": 8, "glu": False})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

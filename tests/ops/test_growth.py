@@ -210,6 +210,8 @@ SEQ_ARGS = {
     "mamba2": ("ssm", "mamba2", True, {"N": 16, "chunk": 32, "heads": 4}),  # chunks' [T, T] scores, carried states: O(n)
     # the FFT long convolutions: matmuls linear in n (the FFTs, n log n, are other FLOPs), kernels [d, n]
     "s4d": ("ssm", "s4d", True, {"N": 8}), "s4d-bidir": ("ssm", "s4d", False, {"N": 8}),
+    "long": ("longconv", "long", True, {"max_len": 8192}),
+    "sgconv": ("longconv", "sgconv", True, {"max_len": 64, "kernel_dim": 8}),  # 64 taps, zero past them: any n
 }
 
 

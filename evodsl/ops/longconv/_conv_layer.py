@@ -43,6 +43,16 @@ def check_length(label: str, n, max_len: int) -> None:
                                    help="set max_len to the longest sequence")])
 
 
+def first(k: torch.Tensor, n) -> torch.Tensor:
+    """k [..., L] cut to its first n taps (zeros past L, if n > L); by
+    index_select when n is symbolic (an export for every n; a slice would specialise on n < L)."""
+    L = k.shape[-1]
+    if isinstance(n, int) and not torch.compiler.is_exporting():
+        return k[..., :n] if n <= L else F.pad(k, (0, n - L))
+    idx = torch.arange(n, device=k.device)
+    return k.index_select(-1, idx.clamp(max=L - 1)) * (idx < L).to(k.dtype)
+
+
 def history_step(owner: nn.Module, x: torch.Tensor, ctx, kernel) -> torch.Tensor:
     """Decoding by the history of inputs x [b, c, m]: the cache keeps every input so far [b, c, t] (it grows with
     t); the outputs at the m new positions, kernel(t) giving the causal taps [c, t]."""
