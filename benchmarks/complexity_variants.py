@@ -119,7 +119,8 @@ def variants(args) -> list[tuple[str, str]]:
             ("mamba2", "mamba2"),  # SSD chunks of 64: O(n T (N + P) H + n N P H)
             ("s4d", "s4d")]  # the Vandermonde kernel [d, n] and its FFT convolution: O(n N d + n log n d)
     longconvs = [("long", f"long, max_len={n_max}"),  # the learned [d, L] kernel, by FFT: O(n log n d)
-                 ("sgconv", f"sgconv, max_len={n_max}")]  # log2(L / 32) + 1 sub-kernels, upsampled: O(L d + n log n d)
+                 ("sgconv", f"sgconv, max_len={n_max}"),  # log2(L / 32) + 1 sub-kernels, upsampled: O(L d + n log n d)
+                 ("hyena", f"hyena, max_len={n_max}")]  # order 2: two FFT convolutions and gates, O(n log n d + n d^2)
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]
@@ -135,3 +136,4 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences
 CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces
+CAUSAL_ONLY += ("hyena",)  # the Hyena operator is defined causal

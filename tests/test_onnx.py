@@ -94,7 +94,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mixer", "hamburger"): "r=4, steps=3",
     ("ssm", "mamba2"): "N=8, heads=4, groups=2",
     ("ssm", "s4d"): "N=8", ("longconv", "long"): "max_len=128",
-    ("longconv", "sgconv"): "max_len=40, kernel_dim=4",
+    ("longconv", "sgconv"): "max_len=40, kernel_dim=4", ("longconv", "hyena"): "max_len=128, filter_order=8",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",
@@ -233,6 +233,8 @@ OTHER_FORMS |= {("ssm", "mamba")}
 # Mamba-2: torch runs SSD chunks of T and carries the states; the export runs the whole sequence as one chunk (its
 # [n, n] masked form: more multiply-adds), and the convolution is a Conv node
 OTHER_FORMS |= {("ssm", "mamba2")}
+# Hyena: its short depthwise convolution is a Conv node, which the MatMul / Gemm count leaves out
+OTHER_FORMS |= {("longconv", "hyena")}
 
 
 CHAIN = 12  # ops per bidirectional chain case

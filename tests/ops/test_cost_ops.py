@@ -85,6 +85,9 @@ CASES = [
     *[("longconv", "sgconv", lambda d, a=a: a) for a in (
         {"causal": True, "max_len": 16, "kernel_dim": 16}, {"causal": True, "max_len": 80, "kernel_dim": 8},
         {"causal": False, "max_len": 64, "kernel_dim": 4, "alpha": 0.7}, {"causal": True, "max_len": 200, "kernel_dim": 8, "glu": False})],
+    # Hyena (causal only): order 2 and a narrow filter, order 1, order 3 with no short convolution and wide features
+    *[("longconv", "hyena", lambda d, a=a: {"causal": True, "max_len": 64, **a}) for a in (
+        {"filter_order": 16}, {"order": 1, "filter_order": 8}, {"order": 3, "short": 1, "emb": 7, "filter_order": 16})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -212,6 +212,7 @@ SEQ_ARGS = {
     "s4d": ("ssm", "s4d", True, {"N": 8}), "s4d-bidir": ("ssm", "s4d", False, {"N": 8}),
     "long": ("longconv", "long", True, {"max_len": 8192}),
     "sgconv": ("longconv", "sgconv", True, {"max_len": 64, "kernel_dim": 8}),  # 64 taps, zero past them: any n
+    "hyena": ("longconv", "hyena", True, {"max_len": 8192, "filter_order": 16}),  # the filter's FFN on n positions
 }
 
 
