@@ -88,6 +88,8 @@ CASES = [
     # Hyena (causal only): order 2 and a narrow filter, order 1, order 3 with no short convolution and wide features
     *[("longconv", "hyena", lambda d, a=a: {"causal": True, "max_len": 64, **a}) for a in (
         {"filter_order": 16}, {"order": 1, "filter_order": 8}, {"order": 3, "short": 1, "emb": 7, "filter_order": 16})],
+    # BiGS (bidirectional only): a small state, the default, no widening
+    *[("ssm", "bigs", lambda d, a=a: a) for a in ({"N": 8}, {}, {"N": 16, "expand": 1})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),
