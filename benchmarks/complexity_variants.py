@@ -118,7 +118,8 @@ def variants(args) -> list[tuple[str, str]]:
     ssms = [("mamba", "mamba"),  # the chunked selective scan: O(n E N), states b n E N in training
             ("mamba2", "mamba2"),  # SSD chunks of 64: O(n T (N + P) H + n N P H)
             ("s4d", "s4d"),  # the Vandermonde kernel [d, n] and its FFT convolution: O(n N d + n log n d)
-            ("bigs", "bigs")]  # two S4D branches, forward and flipped, gated: O(n N d + n log n d + n d^2)
+            ("bigs", "bigs"),  # two S4D branches, forward and flipped, gated: O(n N d + n log n d + n d^2)
+            ("h3", "h3")]  # the shift and diagonal SSMs around k v^T: O(n s d + n N d + n log n d + n d^2)
     longconvs = [("long", f"long, max_len={n_max}"),  # the learned [d, L] kernel, by FFT: O(n log n d)
                  ("sgconv", f"sgconv, max_len={n_max}"),  # log2(L / 32) + 1 sub-kernels, upsampled: O(L d + n log n d)
                  ("hyena", f"hyena, max_len={n_max}")]  # order 2: two FFT convolutions and gates, O(n log n d + n d^2)

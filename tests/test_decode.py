@@ -305,7 +305,8 @@ MAMBA = ["norm -> ssm(mamba, chunk=4) -> norm -> ffn", "norm -> ssm(mamba, N=4, 
 # the FFT long convolutions: S4D's diagonal state; the others' growing histories of inputs
 LONGCONV = ["norm -> ssm(s4d, N=8) -> norm -> ffn -> norm -> ssm(s4d, N=4, glu=false)",
             "norm -> longconv(long, max_len=64) -> norm -> ffn -> norm -> longconv(sgconv, max_len=16, kernel_dim=4)",
-            "norm -> longconv(hyena, max_len=64, filter_order=8) -> norm -> longconv(hyena, max_len=64, order=1, filter_order=4)"]
+            "norm -> longconv(hyena, max_len=64, filter_order=8) -> norm -> longconv(hyena, max_len=64, order=1, filter_order=4)",
+            "norm -> ssm(h3, N=8, shift=4) -> norm -> ffn -> norm -> ssm(h3, N=4, shift=2, head_dim=2)"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]

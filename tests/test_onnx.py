@@ -93,7 +93,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mixer", "aft"): "mode=local, max_len=128, window=4", ("mixer", "daft"): "max_len=128, rank=8",
     ("mixer", "hamburger"): "r=4, steps=3",
     ("ssm", "mamba2"): "N=8, heads=4, groups=2",
-    ("ssm", "s4d"): "N=8", ("longconv", "long"): "max_len=128",
+    ("ssm", "s4d"): "N=8", ("ssm", "h3"): "N=8, shift=4, head_dim=2", ("longconv", "long"): "max_len=128",
     ("longconv", "sgconv"): "max_len=40, kernel_dim=4", ("longconv", "hyena"): "max_len=128, filter_order=8",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
@@ -235,6 +235,8 @@ OTHER_FORMS |= {("ssm", "mamba")}
 OTHER_FORMS |= {("ssm", "mamba2")}
 # Hyena: its short depthwise convolution is a Conv node, which the MatMul / Gemm count leaves out
 OTHER_FORMS |= {("longconv", "hyena")}
+# H3: its shift SSM is a depthwise Conv node, which the MatMul / Gemm count leaves out
+OTHER_FORMS |= {("ssm", "h3")}
 
 
 CHAIN = 12  # ops per bidirectional chain case

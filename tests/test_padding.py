@@ -189,7 +189,8 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "sgconv": ("longconv", "sgconv", True, {"max_len": 40, "kernel_dim": 4}, ("right", "left")),
              "sgconv-bidir": ("longconv", "sgconv", False, {"max_len": 40, "kernel_dim": 4}, ("right", "left")),
              "hyena": ("longconv", "hyena", True, {"max_len": 80, "filter_order": 8}, ("right", "left")),
-             "bigs": ("ssm", "bigs", False, {"N": 8}, ("right", "left"))}
+             "bigs": ("ssm", "bigs", False, {"N": 8}, ("right", "left")),
+             "h3": ("ssm", "h3", True, {"N": 8, "shift": 4, "head_dim": 2}, ("right", "left"))}
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

@@ -90,6 +90,9 @@ CASES = [
         {"filter_order": 16}, {"order": 1, "filter_order": 8}, {"order": 3, "short": 1, "emb": 7, "filter_order": 16})],
     # BiGS (bidirectional only): a small state, the default, no widening
     *[("ssm", "bigs", lambda d, a=a: a) for a in ({"N": 8}, {}, {"N": 16, "expand": 1})],
+    # H3: one channel a head with a short shift, heads of 2 (the outer product), a one-tap shift
+    *[("ssm", "h3", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"N": 8, "shift": 4}, {"N": 8, "shift": 4, "head_dim": 2}, {"N": 16, "shift": 1})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

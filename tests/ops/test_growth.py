@@ -214,6 +214,7 @@ SEQ_ARGS = {
     "sgconv": ("longconv", "sgconv", True, {"max_len": 64, "kernel_dim": 8}),  # 64 taps, zero past them: any n
     "hyena": ("longconv", "hyena", True, {"max_len": 8192, "filter_order": 16}),  # the filter's FFN on n positions
     "bigs": ("ssm", "bigs", False, {"N": 8}),  # two S4D kernels [d, n], bidirectional only
+    "h3": ("ssm", "h3", True, {"N": 8, "shift": 4}),
 }
 
 

@@ -145,7 +145,8 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm",
              "mamba2": ("ssm", "mamba2", {"chunk": 8, "N": 8, "heads": 4, "groups": 2}),
              "s4d": ("ssm", "s4d", {"N": 8}), "long": ("longconv", "long", {"max_len": 80}),
              "sgconv": ("longconv", "sgconv", {"max_len": 40, "kernel_dim": 4}),
-             "hyena": ("longconv", "hyena", {"max_len": 80, "filter_order": 8})}
+             "hyena": ("longconv", "hyena", {"max_len": 80, "filter_order": 8}),
+             "h3": ("ssm", "h3", {"N": 8, "shift": 4, "head_dim": 2})}
 
 
 def test_every_causal_sequence_layer_is_covered():
