@@ -20,6 +20,8 @@ def two_sided(k: torch.Tensor, k_back: torch.Tensor) -> torch.Tensor:
 def fft_conv(u: torch.Tensor, k: torch.Tensor, k_back: torch.Tensor | None = None) -> torch.Tensor:
     """u [..., c, n], k [c, n] (causal taps, lag 0..n-1), k_back [c, n] (anticausal taps, lag -1..-n) or None:
     y [..., c, n] by rfft of length 2n."""
+    if u.dtype in (torch.float16, torch.bfloat16):  # no half-precision FFT of every length: in float32
+        return fft_conv(u.float(), k.float(), None if k_back is None else k_back.float()).to(u.dtype)
     n = u.shape[-1]
     kk = k if k_back is None else two_sided(k, k_back)
     y = torch.fft.irfft(torch.fft.rfft(u, n=2 * n) * torch.fft.rfft(kk, n=2 * n), n=2 * n)
