@@ -114,3 +114,15 @@ def test_validation():
     for bad in ("N=0", "N=2000", "glu=3"):
         with pytest.raises(EvoError, match=bad.split("=")[0]):
             evodsl.parse(base.format(c="true", a=", " + bad))
+
+
+@pytest.mark.slow  # ~15 s: an export (test_onnx.py exports the causal forms in the default run)
+def test_the_two_sided_kernels_export_with_a_symbolic_length(tmp_path):
+    """The bidirectional forms (a two-sided kernel of 2n taps, no slice at n) of s4d, long and sgconv, chained in one
+    file: onnxruntime against torch at n = 7, 33, 70, padded rows included."""
+    from ophelpers import spec_onnx_parity
+
+    src = ("d_model = 32\nmodel m(causal=false) = input(features, d=32) -> residual(ssm(s4d, N=8)) -> "
+           "residual(longconv(long, max_len=128)) -> residual(longconv(sgconv, max_len=40, kernel_dim=4)) -> "
+           "head(linear, d_out=8)\n")
+    assert spec_onnx_parity(src, tmp_path) <= 1e-4

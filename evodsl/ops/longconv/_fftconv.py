@@ -2,9 +2,9 @@
 
 Causal: y_t = sum_{s <= t} k_s u_{t-s}. Bidirectional (a two-sided kernel): y_t = sum_{s <= t} k_s u_{t-s}
 + sum_{1 <= s < n - t} k'_{s-1} u_{t+s}, k' the anticausal taps (k'_j weighs u_{t+j+1}). Both run as one circular
-convolution of length 2n (u padded by n zeros, so nothing wraps): the causal taps at 0..n-1, a zero at n, the
-anticausal ones at 2n - 1 .. n + 1. O(n log n) per channel; the kernel of length n is the only long tensor beside
-the input. causal_tail is the direct form of the decoding step: the outputs at the last m positions of a history.
+convolution of length 2n (u padded by n zeros, so nothing wraps): the causal taps at 0..n-1, the anticausal ones
+at 2n - 1 .. n (lag -n reads only the padding). O(n log n) per channel; the kernel of length n is the only long
+tensor beside the input. causal_tail is the direct form of the decoding step: the outputs at the last m positions of a history.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 
 
 def two_sided(k: torch.Tensor, k_back: torch.Tensor) -> torch.Tensor:
-    """[..., 2n]: the causal taps k [..., n], a zero, the anticausal taps k_back [..., n] (its first n - 1) reversed."""
-    n = k.shape[-1]
-    return torch.cat((k, torch.zeros_like(k[..., :1]), k_back[..., :n - 1].flip(-1)), -1)
+    """[..., 2n]: the causal taps k [..., n], then the anticausal taps k_back [..., n] reversed (no slice at n: a
+    symbolic n exports)."""
+    return torch.cat((k, k_back.flip(-1)), -1)  # k_back's last tap sits at lag -n, on the padding: it reads zeros
 
 
 def fft_conv(u: torch.Tensor, k: torch.Tensor, k_back: torch.Tensor | None = None) -> torch.Tensor:
