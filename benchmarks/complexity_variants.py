@@ -138,6 +138,12 @@ def variants(args) -> list[tuple[str, str]]:
             ("sru, scan", "sru, scan=true"),  # v = 0: the chunked scan
             ("sru, attention", "sru, attention=true, scan=true")]  # SRU++: one causal head, O(n^2 p)
     rnns += [("rfwp", f"rfwp, heads={args.heads}")]  # the Recurrent Delta Net: a loop over tokens, O(n H dh^2)
+    ssms += [("s4d", "s4d"),  # the Vandermonde kernel [d, n] and its FFT convolution: O(n N d + n log n d)
+             ("bigs", "bigs"),  # two S4D branches, forward and flipped, gated: O(n N d + n log n d + n d^2)
+             ("h3", "h3")]  # the shift and diagonal SSMs around k v^T: O(n s d + n N d + n log n d + n d^2)
+    longconvs += [("long", f"long, max_len={n_max}"),  # the learned [d, L] kernel, by FFT: O(n log n d)
+                  ("sgconv", f"sgconv, max_len={n_max}"),  # log2(L / 32) + 1 sub-kernels, upsampled: O(L d + n log n d)
+                  ("hyena", f"hyena, max_len={n_max}")]  # order 2: two FFT convolutions and gates, O(n log n d + n d^2)
     return ([(f"mha({label})", f"mha({call}, heads={args.heads})") for label, call in mha]
             + [(f"mixer({label})", f"mixer({call})") for label, call in mixers]
             + [(f"ssm({label})", f"ssm({call})") for label, call in ssms]
@@ -150,7 +156,8 @@ BIDIRECTIONAL_ONLY = ("linformer", "efficient", "fastformer", "ufo", "separable"
                       "etc",
                       "fnet", "hamburger",
                       "colt5", "yoso", "clustered", "probsparse", "chord", "smyrf",
-                      "sinkformer")  # no causal form: bidirectional only
+                      "sinkformer",
+                      "bigs")  # no causal form: bidirectional only
 CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: causal only
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences
 CAUSAL_ONLY += ("based", "fwp", "lightning", "hedgehog",)  # feature-map linear attention and fast weights (issue 14)
@@ -160,3 +167,4 @@ CAUSAL_ONLY += ("hgrn2", "mlstm")  # the linear RNNs
 CAUSAL_ONLY += ("lru", "s5", "qrnn", "gilr", "sru")  # the diagonal linear recurrences
 CAUSAL_ONLY += ("lmu, order=64",)  # the Legendre memory
 CAUSAL_ONLY += ("rfwp",)  # the Recurrent Delta Net (issue 14)
+CAUSAL_ONLY += ("hyena",)  # the Hyena operator is defined causal

@@ -334,6 +334,11 @@ LONGCONV = ["norm -> longconv(ckconv, max_len=16) -> norm -> ffn",
             "norm -> ssm(lmu, order=6, theta=8.0, units=2, max_len=16) -> norm -> ffn"]  # the LMU's memory [U, q]
 # the Recurrent Delta Net: the fast weights and the last output of every head (a prefill loops over its tokens)
 MAMBA += ["norm -> rnn(rfwp, heads=4) -> norm -> ffn", "norm -> rnn(rfwp, heads=2, head_dim=4, bias=false) -> norm -> ffn"]
+# the FFT long convolutions: S4D's diagonal state; the others' growing histories of inputs
+FFTCONV = ["norm -> ssm(s4d, N=8) -> norm -> ffn -> norm -> ssm(s4d, N=4, glu=false)",
+            "norm -> longconv(long, max_len=64) -> norm -> ffn -> norm -> longconv(sgconv, max_len=16, kernel_dim=4)",
+            "norm -> longconv(hyena, max_len=64, filter_order=8) -> norm -> longconv(hyena, max_len=64, order=1, filter_order=4)",
+            "norm -> ssm(h3, N=8, shift=4) -> norm -> ffn -> norm -> ssm(h3, N=4, shift=2, head_dim=2)"]
 CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS if not p.startswith(SOFTMAX_ONLY) for b in BANDED + SPAN + CHUNK]
          + [(p, b) for p in POSITIONS if p.startswith(("pos(rope", "pos(learned", "pos(sin")) for b in LINEAR + RANDOM_FEATURES]
@@ -363,7 +368,7 @@ CASES = ([(p, b) for p in POSITIONS for b in BLOCKS]
          + [(p, b) for p in POSITIONS for b in QKNORM]
          + [(p, b) for p in POSITIONS if not p.startswith(("pos(xpos", "pos(kerple", "pos(randomized_rope"))
             for b in NGPT]
-         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in MAMBA + RWKV + RNN + DIAGONAL + LONGCONV])
+         + [(p, b) for p in POSITIONS if p.startswith(("pos(learned", "pos(sin")) for b in MAMBA + RWKV + RNN + DIAGONAL + LONGCONV + FFTCONV])
 
 
 def _lean(cases: list) -> list:

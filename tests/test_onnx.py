@@ -105,6 +105,8 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("longconv", "talk"): "l_max=6, heads=4",
     ("ssm", "lmu"): "order=8, theta=20.0, units=2, max_len=128",  # the impulse buffer past the longest length
     ("rnn", "rfwp"): "heads=4",
+    ("ssm", "s4d"): "N=8", ("ssm", "h3"): "N=8, shift=4, head_dim=2", ("longconv", "long"): "max_len=128",
+    ("longconv", "sgconv"): "max_len=40, kernel_dim=4", ("longconv", "hyena"): "max_len=128, filter_order=8",
     ("mha", "chord"): "max_len=128",
     ("mha", "skip_reuse"): "k=5",
     ("pos", "learned"): "max_len=128", ("head", "linear"): "d_out=8", ("xattn", "softmax"): "kv=x", ("xattn", "merged"): "kv=x",
@@ -268,6 +270,10 @@ OTHER_FORMS |= {("rnn", "mlstm")}
 OTHER_FORMS |= {("rnn", "qrnn")}
 # the Recurrent Delta Net: torch loops over the tokens; the export runs the same core as one scan (an ONNX Scan node)
 OTHER_FORMS |= {("rnn", "rfwp")}
+# Hyena: its short depthwise convolution is a Conv node, which the MatMul / Gemm count leaves out
+OTHER_FORMS |= {("longconv", "hyena")}
+# H3: its shift SSM is a depthwise Conv node, which the MatMul / Gemm count leaves out
+OTHER_FORMS |= {("ssm", "h3")}
 
 
 CHAIN = 12  # ops per bidirectional chain case
@@ -299,8 +305,10 @@ def op_cases() -> list[Case]:
             continue
         assert family in WRAPPERS, f"add a wrapper for the new op family {family!r} to tests/test_onnx.py"
         key = (family,) if WRAPPERS[family][2] else (family, variant)
-        if family in SEQUENCE_FAMILIES:  # chains of SEQUENCE_CHAIN ops, those whose export is torch's form apart
-            kind = "other" if (family, variant) in OTHER_FORMS else "same"
+        if family in SEQUENCE_FAMILIES:  # chains of SEQUENCE_CHAIN ops, those whose export is torch's form apart,
+            # and those with no causal form (a bidirectional model) apart from the rest (a causal one)
+            kind = ("other" if (family, variant) in OTHER_FORMS else "same") + \
+                ("-bidirectional" if REGISTRY[family, variant].causal == "no" else "")
             group = [k for k in groups if k[:2] == (family, kind)]
             key = group[-1] if group and len(groups[group[-1]]) < SEQUENCE_CHAIN else (family, kind, len(group))
         groups.setdefault(key, []).append(variant)

@@ -208,6 +208,15 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "talk-bidir": ("longconv", "talk", False, {"l_max": 6, "r_max": 9, "heads": 4}, ("right", "left")),
              "lmu": ("ssm", "lmu", True, {"order": 6, "theta": 8.0, "units": 2}, ("left",))}  # u zeroed: no memory
 SEQ_BUILD |= {"rfwp": ("rnn", "rfwp", True, {"heads": 4}, ("right", "left"))}  # a padded token is skipped: W, y kept
+SEQ_BUILD |= {"s4d": ("ssm", "s4d", True, {"N": 8}, ("right", "left")),
+             "s4d-bidir": ("ssm", "s4d", False, {"N": 8}, ("right", "left")),
+             "long": ("longconv", "long", True, {"max_len": 80}, ("right", "left")),
+             "long-bidir": ("longconv", "long", False, {"max_len": 80}, ("right", "left")),
+             "sgconv": ("longconv", "sgconv", True, {"max_len": 40, "kernel_dim": 4}, ("right", "left")),
+             "sgconv-bidir": ("longconv", "sgconv", False, {"max_len": 40, "kernel_dim": 4}, ("right", "left")),
+             "hyena": ("longconv", "hyena", True, {"max_len": 80, "filter_order": 8}, ("right", "left")),
+             "bigs": ("ssm", "bigs", False, {"N": 8}, ("right", "left")),
+             "h3": ("ssm", "h3", True, {"N": 8, "shift": 4, "head_dim": 2}, ("right", "left"))}
 SEQ_CASES = [(k, side) for k, (*_, sides) in SEQ_BUILD.items() for side in sides]
 
 

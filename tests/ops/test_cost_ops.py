@@ -124,6 +124,24 @@ CASES = [
     # the Recurrent Delta Net (issue 14): its loop over the tokens, a state a token kept; narrow heads without biases
     *[("rnn", "rfwp", lambda d, a=a: {"causal": True, **a}) for a in (
         {"heads": 4}, {"heads": 2, "head_dim": 8, "bias": False})],
+    # S4D: a small and the default state, bidirectional (two kernels in one two-sided one), no GLU
+    *[("ssm", "s4d", lambda d, a=a: a) for a in (
+        {"causal": True, "N": 8}, {"causal": True}, {"causal": False, "N": 16}, {"causal": True, "N": 4, "glu": False})],
+    # the long convolution: smoothed, unsmoothed without GLU, bidirectional (two kernels) past n
+    *[("longconv", "long", lambda d, a=a: {"max_len": 80, **a}) for a in (
+        {"causal": True}, {"causal": True, "smooth": 1, "glu": False}, {"causal": False, "smooth": 5, "lam": 0.0})],
+    # SGConv: one scale, several (kernel shorter and longer than n), bidirectional, no GLU
+    *[("longconv", "sgconv", lambda d, a=a: a) for a in (
+        {"causal": True, "max_len": 16, "kernel_dim": 16}, {"causal": True, "max_len": 80, "kernel_dim": 8},
+        {"causal": False, "max_len": 64, "kernel_dim": 4, "alpha": 0.7}, {"causal": True, "max_len": 200, "kernel_dim": 8, "glu": False})],
+    # Hyena (causal only): order 2 and a narrow filter, order 1, order 3 with no short convolution and wide features
+    *[("longconv", "hyena", lambda d, a=a: {"causal": True, "max_len": 64, **a}) for a in (
+        {"filter_order": 16}, {"order": 1, "filter_order": 8}, {"order": 3, "short": 1, "emb": 7, "filter_order": 16})],
+    # BiGS (bidirectional only): a small state, the default, no widening
+    *[("ssm", "bigs", lambda d, a=a: a) for a in ({"N": 8}, {}, {"N": 16, "expand": 1})],
+    # H3: one channel a head with a short shift, heads of 2 (the outer product), a one-tap shift
+    *[("ssm", "h3", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"N": 8, "shift": 4}, {"N": 8, "shift": 4, "head_dim": 2}, {"N": 16, "shift": 1})],
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True}),
     ("embed", "token", lambda d: {"in_shapes": TOKENS, "vocab": V, "d_model": d, "scale": True, "segments": 2}),

@@ -230,6 +230,13 @@ SEQ_ARGS = {
     "talk": ("longconv", "talk", False, {"l_max": 16, "heads": 4}),  # a prefix table and gathers: O(n)
     "lmu": ("ssm", "lmu", True, {"order": 16, "theta": 64.0, "units": 2, "max_len": 8192}),  # memories b n U q: O(n)
     "rfwp": ("rnn", "rfwp", True, {"heads": 4}),  # a loop over tokens: n H dh^2 FLOPs, the fast weights of every step kept
+    # the FFT long convolutions: matmuls linear in n (the FFTs, n log n, are other FLOPs), kernels [d, n]
+    "s4d": ("ssm", "s4d", True, {"N": 8}), "s4d-bidir": ("ssm", "s4d", False, {"N": 8}),
+    "long": ("longconv", "long", True, {"max_len": 8192}),
+    "sgconv": ("longconv", "sgconv", True, {"max_len": 64, "kernel_dim": 8}),  # 64 taps, zero past them: any n
+    "hyena": ("longconv", "hyena", True, {"max_len": 8192, "filter_order": 16}),  # the filter's FFN on n positions
+    "bigs": ("ssm", "bigs", False, {"N": 8}),  # two S4D kernels [d, n], bidirectional only
+    "h3": ("ssm", "h3", True, {"N": 8, "shift": 4}),
 }
 
 
