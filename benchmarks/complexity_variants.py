@@ -79,6 +79,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("exp_smoothing", "exp_smoothing"),
         ("retention", "retention"),  # chunks of 64: n 64 dh + n dh^2, the state dh^2 a head
         ("gla", "gla"),  # chunks of 16, a decay per key channel: n 16 dh + n dh^2
+        ("gsa", "gsa"),  # two GLA passes over 64 slots in chunks of 16: n 16 (dh + m) + n m dh
         ("deltanet", "deltanet"),  # the WY form in chunks of 64: n 64 dh + n dh^2, a [64, 64] solve a chunk
         ("gated_deltanet", "gated_deltanet"),
         ("mgk, components=2", "mgk, components=2"),
@@ -151,5 +152,6 @@ CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked
 CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces
 CAUSAL_ONLY += ("rwkv4", "rwkv6")  # the RWKV recurrences
 CAUSAL_ONLY += ("hgrn2", "mlstm")  # the linear RNNs
+CAUSAL_ONLY += ("gsa",)  # Gated Slot Attention: two chunked GLA passes
 CAUSAL_ONLY += ("lru", "s5", "qrnn", "gilr", "sru")  # the diagonal linear recurrences
 CAUSAL_ONLY += ("lmu, order=64",)  # the Legendre memory

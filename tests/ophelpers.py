@@ -18,6 +18,7 @@ CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")
 DISCRETE = ("lsh", "yoso", "smart_bird", "moba", "nsa", "colt5", "routing", "clustered", "topk", "probsparse",
             "smyrf", "scatterbrain")  # smyrf, scatterbrain: the sort of the E2LSH projections
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences (_linear_recurrent.py)
+CAUSAL_ONLY += ("gsa",)  # Gated Slot Attention: two chunked GLA passes over the slots
 
 
 def make_op(family: str, variant: str, d: int = 32, causal: bool = False, pos=None, seed: int = 0,

@@ -93,6 +93,7 @@ ARGS = {
     "exp_smoothing": {},  # chunks of 64: n 64 dh FLOPs, O(n) bytes
     "deltanet": {}, "gated_deltanet": {},  # the WY form in chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes
     "gla": {},  # chunks of 16: n 16 dh + n dh^2 FLOPs, O(n) bytes
+    "gsa": {"slots": 16},  # two passes in chunks of 16: n 16 (dh + m) + n m dh FLOPs, O(n) bytes
     "retention": {},  # chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes (the states: n / 64 dh^2)
     "synthesizer": {"kind": "dense", "max_len": 8192},  # n^2 (hidden + dh) time, the [b, h, n, n] weights: n^2 bytes
     "nap": {},  # the explicit scores: n^2 dh time, n^2 bytes (a row's statistics need all of it)
@@ -123,6 +124,7 @@ SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid"
         "el",  # el: h heads of width-d scores (h times softmax's n^2 FLOPs), 41 s bidirectional here
         "scatterbrain",  # scatterbrain: [n, n / 2] scores and feature products at n = 8k (~38 s here)
         "deltanet", "gated_deltanet")  # their loops over 128 chunks of 64 at n = 8k, forward and backward (50-60 s here)
+SLOW += ("gsa",)  # gsa: two passes, each a loop over 512 chunks of 16 at n = 8k, forward and backward
 # the bidirectional row of a variant whose causal row runs by default (or, colt5, its one row) at 10-20 s alone
 SLOW_BIDIRECTIONAL = ("nsa", "fmm", "multiscale", "colt5")
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW or (not causal and v in SLOW_BIDIRECTIONAL) else [])

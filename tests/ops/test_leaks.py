@@ -54,6 +54,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "exp_smoothing": {},  # chunks of 64: N = 70 spans two (the carry)
     "retention": {"chunk": 16},  # N = 70: five chunks, the state carried
     "gla": {"chunk": 16},
+    "gsa": {"chunk": 16, "slots": 8},  # N = 70: five chunks, both passes carry their slot states
     "deltanet": {"chunk": 16}, "gated_deltanet": {"chunk": 16},  # and the short convolutions (4 taps)
     "synthesizer": {"kind": "mixture", "mix": "dense_random_vanilla", "max_len": 80},  # three kinds' logits summed
     "nap": {},  # each row's statistics over its past keys
