@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import sympy as sp
 
 from ..cost import Cost, Symbols, linear
 from ..registry import OpEnv
@@ -26,15 +25,36 @@ def gsa_cost(p, env: OpEnv, s: Symbols) -> Cost:
     core = Cost(params=h * dh, fwd=f1 + f2, bwd=b1 + b2)  # the norm's scale
     t, T = b * h * n * dh * by, b * h * N * dh * by  # a head tensor, its chunked copy
     u, U = b * h * n * M * by, b * h * N * M * by  # a slot tensor, its chunked copy
-    R = b * h * mc * C ** 2 * by
-    state = b * h * dh * M * by
-    chunked, schunked = t + padded * (T - t), u + padded * (U - u)
-    # kept (an estimate from the graph): the projections' swish inputs and outputs (q, k, v), the gate's logsigmoid
-    # input and output and the slot writes; per pass the chunked queries, keys, values and log decays, B's exp
-    # (and exp(-B), exp(B_C - B)), the scores [C, C] and the states before every chunk; the softmax's output; the
-    # output side: swish's input and output, the rms, o_proj's input
-    saved = (6 * t + 3 * u + 2 * (3 * chunked + 3 * schunked + 3 * U + R + mc * state)
-             + u + 4 * t + b * n * by)
-    peak = 3 * t + 3 * u + 3 * chunked + 3 * schunked + 3 * U + R + (mc + 1) * state
-    bwd_peak = sp.Max(2 * t, 2 * u)
-    return replace(total + core, saved=saved, peak=peak, cache=2 * state, bwd_peak=bwd_peak, saves_input=True)
+    tk, uk = b * kv * n * dh * by, b * kv * n * M * by  # the same for the K/V heads
+    R, state, carry = b * h * mc * C ** 2 * by, b * h * dh * M * by, b * h * mc * M * by
+    chunked, schunked, unpadded = t + padded * (T - t), u + padded * (U - u), 1 - padded
+    grouped = 0 if p.kv_heads in (None, p.heads) else 1
+    # the layer: logsigmoid's input and buffer, expm1's result; swish's inputs (q, k, v)
+    layer = 3 * uk + 2 * tk + t
+    # pass 1 (chunked_slot_decay): q and k for q k^T (padded: their chunked copies; unpadded, the matmuls copy q's
+    # token-major layout, twice, and k's, twice unless the grouped heads' repeat is already head-major), the
+    # mask, the slot writes (chunked), exp(B_C - B) and its product, exp(B), exp(-B), the values so decayed, the
+    # sum the decay multiplies, the scores, the carries, the states (each before its chunk, and stacked)
+    first = (2 * padded * T + unpadded * (3 - grouped) * t + C ** 2 + schunked + 6 * U + R + carry + 2 * mc * state)
+    # pass 2 (chunked_decay): the softmax's output, the chunked copies of it and of the slot writes (padded), exp(B),
+    # exp(-B), the decayed queries and keys, exp(B_C - B) and the keys so decayed, the mask, the carries, the
+    # chunked values, the scores, the states (each, and stacked)
+    second = u + 2 * padded * U + 6 * U + C ** 2 + carry + chunked + R + 2 * mc * state
+    # the output side: swish's input (the chunked output), the token-major copy, the rms, the normed and scaled heads
+    finish = T + 3 * t + b * n * by
+    # one chunk: the chunk's own states (into the state after, which nothing reads) keep nothing: pass 1's
+    # decayed slot writes, k's transposed copy (unpadded, ungrouped) and the zero state, pass 2's decayed keys and its
+    # zero state
+    single = (1 - several) * (2 * U + 2 * state + unpadded * (1 - grouped) * t)
+    saved = layer + first + second + finish - single
+    out = b * n * s.d * by
+    # the inference peak, at pass 2's last sum: q, k, v, the slot writes and log decays, pass 1's output and its
+    # softmax, the chunked copies (padded), B, the decayed queries and keys, the scores, the decayed keys, the
+    # states (each, the last, the chunks' own, stacked), the two products and their sum
+    peak = (3 * t + 2 * u + U + u + padded * (3 * U + T) + 3 * U + R + U + (3 * mc + 1) * state + 3 * T + C ** 2
+            + carry)
+    # the backward's peak: the output side, the normed heads' gradients beside the input's (the rms released); measured at
+    # m <= 2 dh (the harness rows); with many more slots than a head's width the slot-side gradients lead (m = 64, dh = 24:
+    # 2 t + b kv n m bytes), which this does not follow
+    bwd_peak = 3 * t - b * n * by
+    return replace(total + core, saved=saved, peak=peak - out, cache=2 * state, bwd_peak=bwd_peak, saves_input=True)
