@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-
 from ..cost import Cost, Symbols, linear
 from ..registry import OpEnv
 from ._common import head_symbols, projections_cost
