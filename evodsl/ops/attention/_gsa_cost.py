@@ -52,8 +52,8 @@ def gsa_cost(p, env: OpEnv, s: Symbols) -> Cost:
     # states (each, the last, the chunks' own, stacked), the two products and their sum
     peak = (3 * t + 2 * u + U + u + padded * (3 * U + T) + 3 * U + R + U + (3 * mc + 1) * state + 3 * T + C ** 2
             + carry)
-    # the backward's peak: the output side, the normed heads' gradients beside the input's (the rms released); measured at
-    # m <= 2 dh (the harness rows); with many more slots than a head's width the slot-side gradients lead (m = 64, dh = 24:
-    # 2 t + b kv n m bytes), which this does not follow
+    # the backward's peak: the output side, the normed heads' gradients beside the input's (the rms released); it
+    # holds (exactly, at the storage tracker) for m up to dh, and m = 2 dh in one chunk; with more slots than a head's
+    # width over several chunks the slot-side gradients lead (m = 64, dh = 24: 2 t + b kv n m bytes, 36% above this)
     bwd_peak = 3 * t - b * n * by
     return replace(total + core, saved=saved, peak=peak - out, cache=2 * state, bwd_peak=bwd_peak, saves_input=True)
