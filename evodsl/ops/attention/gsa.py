@@ -44,7 +44,8 @@ from ._linear_recurrent import recurrent_shape
 
 class GSAParams(AttentionParams):
     slots: int = Field(64, ge=1, le=4096, description="m: memory slots a head")
-    normalizer: float = Field(8.0, gt=0.0, description="the gate's temperature: log alpha = logsigmoid(x W_f) / normalizer")
+    normalizer: float = Field(8.0, gt=0.0,
+                              description="the gate's temperature: log alpha = logsigmoid(x W_f) / normalizer")
     chunk: int = Field(16, ge=1, le=4096, description="tokens a chunk of the chunked form (the result is the same)")
 
 
@@ -99,8 +100,8 @@ OP = register(Op(
     family="mha", variant="gsa", params=GSAParams, module=GatedSlotAttention,
     causal="yes", shape=recurrent_shape("mha(gsa)"), supports=frozenset(),
     paper="Gated Slot Attention for Efficient Linear-Time Sequence Modeling, Zhang et al. 2024, arXiv:2409.07146",
-    summary="K~_t = diag(alpha_t) K~_(t-1) + (1 - alpha_t) k_t^T, V~_t likewise with v_t, o_t = V~_t^T softmax(K~_t q_t), "
-            "alpha_t = sigmoid(x W_f)^(1/8) over m slots; swish q, k, v; RMSNorm(swish(o)); causal only; two chunked "
+    summary="K~_t = diag(alpha_t) K~_(t-1) + (1 - alpha_t) k_t^T, V~_t likewise with v_t, "
+            "o_t = V~_t^T softmax(K~_t q_t), alpha_t = sigmoid(x W_f)^(1/8) over m slots; swish q, k, v; RMSNorm(swish(o)); causal only; two chunked "
             "GLA passes, O(n C (d + m h) + n m d)",
     cost=gsa_cost,
 ))
