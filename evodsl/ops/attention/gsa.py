@@ -101,7 +101,7 @@ OP = register(Op(
     causal="yes", shape=recurrent_shape("mha(gsa)"), supports=frozenset(),
     paper="Gated Slot Attention for Efficient Linear-Time Sequence Modeling, Zhang et al. 2024, arXiv:2409.07146",
     summary="K~_t = diag(alpha_t) K~_(t-1) + (1 - alpha_t) k_t^T, V~_t likewise with v_t, "
-            "o_t = V~_t^T softmax(K~_t q_t), alpha_t = sigmoid(x W_f)^(1/8) over m slots; swish q, k, v; RMSNorm(swish(o)); causal only; two chunked "
-            "GLA passes, O(n C (d + m h) + n m d)",
+            "o_t = V~_t^T softmax(K~_t q_t), alpha_t = sigmoid(x W_f)^(1/8) over m slots; swish q, k, v; "
+            "RMSNorm(swish(o)); causal only; two chunked GLA passes, O(n C (d + m h) + n m d)",
     cost=gsa_cost,
 ))
