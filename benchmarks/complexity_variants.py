@@ -79,6 +79,7 @@ def variants(args) -> list[tuple[str, str]]:
         ("exp_smoothing", "exp_smoothing"),
         ("retention", "retention"),  # chunks of 64: n 64 dh + n dh^2, the state dh^2 a head
         ("gla", "gla"),  # chunks of 16, a decay per key channel: n 16 dh + n dh^2
+        ("gsa", "gsa"),  # two GLA passes over 64 slots in chunks of 16: n 16 (dh + m) + n m dh
         ("deltanet", "deltanet"),  # the WY form in chunks of 64: n 64 dh + n dh^2, a [64, 64] solve a chunk
         ("gated_deltanet", "gated_deltanet"),
         ("based", "based"),  # Taylor features (273 a head) in chunks of 64 and a window of 64: n 64 f^2 + n f^2 dh
@@ -164,6 +165,7 @@ CAUSAL_ONLY += ("based", "fwp", "lightning", "hedgehog",)  # feature-map linear 
 CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces
 CAUSAL_ONLY += ("rwkv4", "rwkv6")  # the RWKV recurrences
 CAUSAL_ONLY += ("hgrn2", "mlstm")  # the linear RNNs
+CAUSAL_ONLY += ("gsa",)  # Gated Slot Attention: two chunked GLA passes
 CAUSAL_ONLY += ("lru", "s5", "qrnn", "gilr", "sru")  # the diagonal linear recurrences
 CAUSAL_ONLY += ("lmu, order=64",)  # the Legendre memory
 CAUSAL_ONLY += ("rfwp",)  # the Recurrent Delta Net (issue 14)

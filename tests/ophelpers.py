@@ -19,6 +19,7 @@ DISCRETE = ("lsh", "yoso", "smart_bird", "moba", "nsa", "colt5", "routing", "clu
             "smyrf", "scatterbrain")  # smyrf, scatterbrain: the sort of the E2LSH projections
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences (_linear_recurrent.py)
 CAUSAL_ONLY += ("based", "fwp", "lightning", "hedgehog",)  # feature-map linear attention in chunks, a state carried forward (issue 14)
+CAUSAL_ONLY += ("gsa",)  # Gated Slot Attention: two chunked GLA passes over the slots
 
 
 def make_op(family: str, variant: str, d: int = 32, causal: bool = False, pos=None, seed: int = 0,

@@ -244,6 +244,7 @@ EXP_SMOOTHING = ["norm -> mha(exp_smoothing) -> norm -> ffn", "norm -> mha(exp_s
 RECURRENT = ["norm -> mha(retention, chunk=4) -> norm -> ffn", "norm -> mha(retention, v_factor=2, chunk=4) -> norm -> ffn",
              "norm -> mha(retention, kv_heads=2, gamma=0.9, rotate=false) -> norm -> ffn",
              "norm -> mha(gla, chunk=4, kv_heads=2) -> norm -> ffn",
+             "norm -> mha(gsa, slots=6, chunk=4, kv_heads=2) -> norm -> ffn",
              "norm -> mha(deltanet, chunk=4, kv_heads=2) -> norm -> ffn", "norm -> mha(gated_deltanet, chunk=8, conv=3) -> norm -> ffn"]
 # issue 14: Based's linear state and window (3 keys over the 29 tokens), chunks of 4 across the prefill
 RECURRENT += ["norm -> mha(based, chunk=4, window=3, feature_dim=4, kv_heads=2) -> norm -> ffn",

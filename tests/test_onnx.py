@@ -96,6 +96,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("ssm", "mamba2"): "N=8, heads=4, groups=2",
     ("rnn", "rwkv6"): "head_size=8, mix_rank=4, decay_rank=8",
     ("rnn", "hgrn2"): "heads=4, expand=8, lower_bound=0.2",
+    ("mha", "gsa"): "slots=8, kv_heads=2, chunk=8",
     ("rnn", "mlstm"): "heads=4, expand=1, forget=exp",
     ("ssm", "lru"): "N=8, chunk=8",
     ("ssm", "s5"): "P=8, blocks=2, chunk=8",
@@ -262,6 +263,9 @@ OTHER_FORMS |= {("rnn", "rwkv6")}
 # HGRN2: torch runs GLA's chunks with a loop over them; the export (a symbolic n) the one-piece parallel form
 # (_chunked_linear.parallel_decay: [n, n, e] decay ratios), no loop to trace
 OTHER_FORMS |= {("rnn", "hgrn2")}
+# GSA: torch runs both passes in chunks with a loop over them; the export (a symbolic n) the one-piece parallel form
+# of both ([n, n, m] decay ratios, _gsa_kernel.parallel_slot_decay and _chunked_linear.parallel_decay)
+OTHER_FORMS |= {("mha", "gsa")}
 # mLSTM: torch runs chunks carrying the stabilised state; the export xLSTM's one-piece stabilised parallel form ([n, n]
 # log weights)
 OTHER_FORMS |= {("rnn", "mlstm")}

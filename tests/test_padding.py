@@ -38,7 +38,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "differential": {}, "sigmoid": {"block": 16}, "ngpt": {}, "clustered": {"clusters": 3, "bits": 8, "iterations": 3}, "routing": {"clusters": 3, "window": 4},
          "sinkformer": {"iters": 3}, "sparse_sinkhorn": {"block": 4, "max_len": 128}, "topk": {"k": 5, "chunk": 8}, "sac": {"k": 5, "chunk": 8}, "probsparse": {"factor": 2},
          "chord": {"max_len": 128},  # pad_alone=False: the links wrap mod the padded n; none into padding has weight
-         "slim": {"features": 16}, "exp_smoothing": {}, "retention": {"chunk": 16}, "gla": {"chunk": 16}, "deltanet": {"chunk": 16}, "gated_deltanet": {"chunk": 16}, "based": {"chunk": 16, "window": 5, "feature_dim": 4}, "fwp": {"chunk": 16}, "lightning": {"chunk": 16, "depth": 0.9}, "hedgehog": {"chunk": 16}, "mgk": {"components": 2}, "etc": {"radius": 5, "globals": 3, "segment": 8},
+         "slim": {"features": 16}, "exp_smoothing": {}, "retention": {"chunk": 16}, "gla": {"chunk": 16}, "gsa": {"chunk": 16, "slots": 8}, "deltanet": {"chunk": 16}, "gated_deltanet": {"chunk": 16}, "based": {"chunk": 16, "window": 5, "feature_dim": 4}, "fwp": {"chunk": 16}, "lightning": {"chunk": 16, "depth": 0.9}, "hedgehog": {"chunk": 16}, "mgk": {"components": 2}, "etc": {"radius": 5, "globals": 3, "segment": 8},
          "synthesizer": {"kind": "mixture", "mix": "dense_random_vanilla", "max_len": 80}, "nap": {},
          "el": {}, "fixed": {"pattern": "mixed", "window": 3},
          "smyrf": {"clusters": 3, "rounds": 2}, "scatterbrain": {"clusters": 3, "features": 16, "window": 4},

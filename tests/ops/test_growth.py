@@ -93,6 +93,7 @@ ARGS = {
     "exp_smoothing": {},  # chunks of 64: n 64 dh FLOPs, O(n) bytes
     "deltanet": {}, "gated_deltanet": {},  # the WY form in chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes
     "gla": {},  # chunks of 16: n 16 dh + n dh^2 FLOPs, O(n) bytes
+    "gsa": {"slots": 16},  # two passes in chunks of 16: n 16 (dh + m) + n m dh FLOPs, O(n) bytes
     "retention": {},  # chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes (the states: n / 64 dh^2)
     "based": {"feature_dim": 8},  # Taylor features (73 a head) in chunks of 64, a window of 64: O(n) FLOPs and bytes
     "fwp": {},  # the WY form on 2 dh features in chunks of 64: n 64 dh + n dh^2 FLOPs, O(n) bytes
@@ -128,6 +129,7 @@ SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid"
         "scatterbrain",  # scatterbrain: [n, n / 2] scores and feature products at n = 8k (~38 s here)
         "deltanet", "gated_deltanet")  # their loops over 128 chunks of 64 at n = 8k, forward and backward (50-60 s here)
 SLOW += ("based", "fwp")  # issue 14: 273 Taylor features a head (10 s here), the WY form's loop over 128 chunks (14 s)
+SLOW += ("gsa",)  # gsa: two passes, each a loop over 512 chunks of 16 at n = 8k, forward and backward
 # the bidirectional row of a variant whose causal row runs by default (or, colt5, its one row) at 10-20 s alone
 SLOW_BIDIRECTIONAL = ("nsa", "fmm", "multiscale", "colt5")
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW or (not causal and v in SLOW_BIDIRECTIONAL) else [])

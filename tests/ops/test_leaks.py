@@ -54,6 +54,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "exp_smoothing": {},  # chunks of 64: N = 70 spans two (the carry)
     "retention": {"chunk": 16},  # N = 70: five chunks, the state carried
     "gla": {"chunk": 16},
+    "gsa": {"chunk": 16, "slots": 8},  # N = 70: five chunks, both passes carry their slot states
     "deltanet": {"chunk": 16}, "gated_deltanet": {"chunk": 16},  # and the short convolutions (4 taps)
     "based": {"chunk": 16, "window": 6, "feature_dim": 4},  # the linear state over five chunks, the window of 6
     "fwp": {"chunk": 16, "nu": 2},  # the fast weights over five chunks (the WY form)
