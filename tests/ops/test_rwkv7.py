@@ -125,3 +125,20 @@ def test_validation():
     for bad in ("chunk=0", "chunk=65", "head_size=0", "decay_rank=0", "a_rank=0", "gate_rank=0", "eps=0.0"):
         with pytest.raises(EvoError, match=bad.split("=")[0]):
             evodsl.parse(base.format(c="true", a=", " + bad))
+
+
+def test_the_export_form_equals_the_chunked_form():
+    """The one-piece form that a symbolic n exports (parallel_dplr, a zero state) is the same map."""
+    m, _, _ = make_op("rnn", "rwkv7", d=D, causal=True, chunk=4, **SMALL)
+    perturb_params(m)
+    x = torch.randn(2, 13, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = m(x, Ctx())
+        import evodsl.ops.rnn.rwkv7 as mod
+        real = mod.chunked_dplr
+        mod.chunked_dplr = lambda r, k, v, g, a, b, s0, chunk: (mod.parallel_dplr(r, k, v, g, a, b), None)
+        try:
+            got = m(x, Ctx())
+        finally:
+            mod.chunked_dplr = real
+    assert close(got, want)

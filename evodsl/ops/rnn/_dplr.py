@@ -78,3 +78,23 @@ def recurrent_dplr(r, k, v, g, alpha, beta, state=None):
         s = g[:, :, t, :, None].exp() * s + alpha[:, :, t, :, None] * u + k[:, :, t, :, None] * v[:, :, t, None, :]
         out.append((r[:, :, t, None, :] @ s).squeeze(2))
     return torch.stack(out, 2), s
+
+
+def parallel_dplr(r, k, v, g, alpha, beta):
+    """The same outputs from a zero state in one piece, no loop (the export's form, a symbolic n): the system of one
+    chunk as long as the sequence with its per-channel ratios exp(B_i - B_j) as an [n, n, dk] tensor (no
+    factorisation to overflow), the unit lower-triangular inverse as the product (I + L)(I + L^2)(I + L^4) ... of
+    its strictly lower part L (nilpotent: exact once 2^k >= n; 16 factors, n up to 65536). O(n^2 dk) memory."""
+    n = r.shape[2]
+    future = torch.ones(n, n, dtype=torch.bool, device=r.device).triu(1)
+    B = g.cumsum(2)
+    diff = B[..., :, None, :] - B[..., None, :, :]  # [b, h, n, n, dk]: B_i - B_j
+    incl = diff.masked_fill(future[..., None], float("-inf")).exp()  # j <= i
+    excl = (diff - g[..., :, None, :]).masked_fill(~future.T[..., None], float("-inf")).exp()  # j < i: B_{i-1} - B_j
+    r_a, r_k = (torch.einsum("bhic,bhijc,bhjc->bhij", r, incl, t) for t in (alpha, k))
+    b_a, b_k = (torch.einsum("bhic,bhijc,bhjc->bhij", beta, excl, t) for t in (alpha, k))
+    inverse, power = torch.eye(n, dtype=r.dtype, device=r.device) + b_a, b_a @ b_a
+    for _ in range(15):
+        inverse = inverse + inverse @ power
+        power = power @ power
+    return r_a @ (inverse @ (b_k @ v)) + r_k @ v

@@ -14,8 +14,9 @@ Training form: the generalised delta rule, diagonal plus rank one, chunked by th
 alpha = a * kh, beta = -kh on the transposed state), a triangular solve for every chunk at once and a loop over
 chunks only (T tokens a chunk), exact in float64 (1e-10 against the token recurrence). The per-channel decay ratios
 are factorised as exp(B_i) exp(-B_j): with |log w| <= e^-0.5 that stays finite for chunks up to 64 in float32
-(chunk is bounded there). Causal only. Step form: the last input [d] and S [H, N, N]. ONNX: the same chunked form
-(torch's), traced at the export's length.
+(chunk is bounded there). Causal only. Step form: the last input [d] and S [H, N, N]. ONNX (a symbolic n): one piece
+from a zero state (_dplr.parallel_dplr: [n, n, N] decay ratios a head, the triangle's inverse as a product of 16
+factors), not the torch form.
 
 Choices where the paper is silent or which the project makes, as the authors' x070 code: no biases; the value
 residual (v mixed with the first layer's v by a LoRA gate) is left out: it needs cross-layer wiring that a sublayer
@@ -36,7 +37,7 @@ from pydantic import Field
 from torch import nn
 
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, register, sequence_shape
-from ._dplr import chunked_dplr, recurrent_dplr
+from ._dplr import chunked_dplr, parallel_dplr, recurrent_dplr
 from ._rwkv7_cost import rwkv7_cost
 from ._token_shift import cached, keep_mask, previous
 
@@ -114,7 +115,9 @@ class RWKV7TimeMix(nn.Module):
             k, logw, alpha = k * m, logw * m, alpha * m
         r, k, v, logw, alpha, beta = (t.view(b, n, H, N).transpose(1, 2) for t in (r, k, v, logw, alpha, -kh))
         s0 = None if state is None else state[1]
-        if key is not None and n == 1:
+        if not isinstance(n, int) or torch.compiler.is_exporting():
+            o, s = parallel_dplr(r, k, v, logw, alpha, beta), None  # the export (a symbolic n): one piece, zero state
+        elif key is not None and n == 1:
             o, s = recurrent_dplr(r, k, v, logw, alpha, beta, s0)
         else:
             o, s = chunked_dplr(r, k, v, logw, alpha, beta, s0, self.chunk)
