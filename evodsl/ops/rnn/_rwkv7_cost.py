@@ -59,5 +59,6 @@ def rwkv7_cost(p, env: OpEnv, s: Symbols) -> Cost:
     saved = 36 * tD + 17 * P + 5 * K + sp.Rational(3, 2) * Z + tR + 4 * E + 13 * tH - S
     peak = 36 * tD + 68 * P + sp.Rational(15, 2) * K + 3 * S + 12 * tH + sp.Rational(3, 10) * tR - 2 * E
     return Cost(params=params, fwd=projs.fwd + kf, bwd=projs.bwd + kb, fwd_other=other, bwd_other=2 * other,
-                saves_input=False, saved=saved * by, peak=peak * by, bwd_peak=sp.Max(2 * tD, sp.Rational(5, 2) * K) * by,
+                saves_input=False, saved=saved * by, peak=peak * by,
+                bwd_peak=sp.Max(2 * tD, sp.Rational(5, 2) * K) * by,
                 cache=b * (d + H * N ** 2) * by)

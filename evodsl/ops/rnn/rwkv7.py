@@ -23,9 +23,10 @@ residual (v mixed with the first layer's v by a LoRA gate) is left out: it needs
 does not have (every layer here is the paper's layer 0, where v is its own); GroupNorm eps 64e-5 with a learned
 scale and shift; LoRA ranks decay 64, a 64, gate 128 (params); the init at mid-depth (their ratios 0.5): mu_r, mu_g
 = 1 - (c/d)^0.1, mu_w, mu_a = 1 - (c/d)^0.45, mu_k = 1 - (c/d)^0.45 - 0.2, mu_v = 1 - (c/d)^0.2 - 0.3, w0_c = -6.5 +
-5 (c / (d-1))^(0.85 + 0.5^0.5), k_k 0.85, k_a 1, r_k -0.04, a0 0; W_1, A_1, G_1 zero, W_2, A_2, G_2 uniform +-0.1
-(their orthogonal init at 0.1 scale, not copied). Padding: a padded position's input is zeroed before the shift,
-its key and rank-one term zeroed and its decay 1, so a padded row equals the sequence alone on either side.
+5 (c / (d-1))^(0.85 + 0.5^0.5), r_k -0.04, a0 0, k_a 1, k_k a constant 0.85 (ours: the authors vary it by
+channel); W_1, A_1, G_1 zero, W_2, A_2, G_2 uniform +-0.1 (their orthogonal init at 0.1 scale, not copied).
+Padding: a padded position's input is zeroed before the shift, its key and rank-one term zeroed and its decay 1,
+so a padded row equals the sequence alone on either side.
 """
 from __future__ import annotations
 
