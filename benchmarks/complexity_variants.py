@@ -131,6 +131,7 @@ def variants(args) -> list[tuple[str, str]]:
     longconvs += [(f"talk, l_max={args.window}", f"talk, l_max={args.window}, heads=4")]  # prefix sums, 4 gathers: O(n d)
     rnns = [("rwkv4", "rwkv4"),  # RWKV-4's WKV in chunks of 16: O(n T d)
             ("rwkv6", "rwkv6"),  # RWKV-6: GLA's chunked kernel, heads of 64: O(n T d + n d N)
+            ("rwkv7", "rwkv7"),  # RWKV-7: the WY-chunked diagonal-plus-rank-one rule, heads of 64: O(n T d + n d N)
             ("hgrn2", "hgrn2"),  # GLA's chunks of 16 with a decay per key channel: O(n C e + n e d / H)
             ("mlstm", "mlstm"),  # chunks of 64 carrying the stabilised (C', n', m): O(n C dh + n dh^2) a head
             ("qrnn", "qrnn"),  # a width-2 convolution and fo-pooling's chunked scan: O(n d (d k + log T))
@@ -163,7 +164,7 @@ CAUSAL_ONLY = ("forgetting", "moba", "exp_smoothing")  # no bidirectional form: 
 CAUSAL_ONLY += ("retention", "gla", "deltanet", "gated_deltanet")  # the chunked linear recurrences
 CAUSAL_ONLY += ("based", "fwp", "lightning", "hedgehog",)  # feature-map linear attention and fast weights (issue 14)
 CAUSAL_ONLY += ("mamba", "mamba2")  # the selective state spaces
-CAUSAL_ONLY += ("rwkv4", "rwkv6")  # the RWKV recurrences
+CAUSAL_ONLY += ("rwkv4", "rwkv6", "rwkv7")  # the RWKV recurrences
 CAUSAL_ONLY += ("hgrn2", "mlstm")  # the linear RNNs
 CAUSAL_ONLY += ("gsa",)  # Gated Slot Attention: two chunked GLA passes
 CAUSAL_ONLY += ("lru", "s5", "qrnn", "gilr", "sru")  # the diagonal linear recurrences

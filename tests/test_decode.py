@@ -312,7 +312,9 @@ MAMBA = ["norm -> ssm(mamba, chunk=4) -> norm -> ffn", "norm -> ssm(mamba, N=4, 
 # RWKV-4: the time mix's last input and WKV's (num, den, max), the channel mix's last input (chunks of 4 and 7)
 RWKV = ["norm -> rnn(rwkv4, chunk=4) -> norm -> ffn(rwkv)", "norm -> rnn(rwkv4, chunk=7) -> norm -> ffn(rwkv, d_ff=40) -> norm -> ffn",
         # RWKV-6: the last input and the heads' N x N states
-        "norm -> rnn(rwkv6, head_size=8, chunk=4) -> norm -> ffn(rwkv)"]
+        "norm -> rnn(rwkv6, head_size=8, chunk=4) -> norm -> ffn(rwkv)",
+        # RWKV-7: the last input and the heads' N x N states (chunks of 7 across the prompt)
+        "norm -> rnn(rwkv7, head_size=8, decay_rank=4, a_rank=4, gate_rank=8, chunk=7) -> norm -> ffn(rwkv)"]
 # the linear RNNs (the rnn family): their recurrent states (HGRN2: e x d / H a head; chunks of 4 and 7 across the
 # prompt, a lower bound, an rnn after an rnn)
 RNN = ["norm -> rnn(hgrn2, heads=4, expand=8, chunk=4) -> norm -> ffn",

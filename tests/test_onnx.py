@@ -95,6 +95,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("mixer", "hamburger"): "r=4, steps=3",
     ("ssm", "mamba2"): "N=8, heads=4, groups=2",
     ("rnn", "rwkv6"): "head_size=8, mix_rank=4, decay_rank=8",
+    ("rnn", "rwkv7"): "head_size=8, decay_rank=4, a_rank=4, gate_rank=8",
     ("rnn", "hgrn2"): "heads=4, expand=8, lower_bound=0.2",
     ("mha", "gsa"): "slots=8, kv_heads=2, chunk=8",
     ("rnn", "mlstm"): "heads=4, expand=1, forget=exp",
@@ -260,6 +261,9 @@ OTHER_FORMS |= {("rnn", "rwkv4")}
 # RWKV-6: torch runs GLA's chunked kernel (chunks of T, carried states); the export its one-piece form ([n, n, N] decay
 # ratios a head)
 OTHER_FORMS |= {("rnn", "rwkv6")}
+# RWKV-7: torch runs the WY-chunked diagonal-plus-rank-one kernel (chunks of T, carried states); the export its
+# one-piece form from a zero state ([n, n, N] decay ratios a head, the triangle's inverse as a product)
+OTHER_FORMS |= {("rnn", "rwkv7")}
 # HGRN2: torch runs GLA's chunks with a loop over them; the export (a symbolic n) the one-piece parallel form
 # (_chunked_linear.parallel_decay: [n, n, e] decay ratios), no loop to trace
 OTHER_FORMS |= {("rnn", "hgrn2")}

@@ -185,6 +185,9 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "mamba2": ("ssm", "mamba2", True, {"chunk": 4, "N": 4, "heads": 4, "groups": 2}, ("right", "left")),
              "rwkv4": ("rnn", "rwkv4", True, {"chunk": 4}, ("right", "left")),
              "rwkv6": ("rnn", "rwkv6", True, {"chunk": 4, "head_size": 8}, ("right", "left")),
+             # RWKV-7: a padded position's key and rank-one term zeroed, its decay 1
+             "rwkv7": ("rnn", "rwkv7", True, {"chunk": 4, "head_size": 8, "decay_rank": 4, "a_rank": 4, "gate_rank": 8},
+                       ("right", "left")),
              # HGRN2: a padded position's key 1 - f is zeroed; its decay acts on a still-zero state (left padding)
              "hgrn2": ("rnn", "hgrn2", True, {"chunk": 4, "heads": 4, "expand": 8}, ("right", "left")),
              # mLSTM: a padded position writes nothing (i~ = -inf), decays nothing, and is no convolution input

@@ -83,6 +83,10 @@ CASES = [
     *[("rnn", "rwkv6", lambda d, a=a: {"causal": True, **a}) for a in (
         {"chunk": 16, "head_size": 16}, {"chunk": 8, "head_size": 32, "mix_rank": 4, "decay_rank": 8},
         {"chunk": 64, "head_size": 16}, {"chunk": 5, "head_size": 8})],
+    # RWKV-7: chunks dividing n with heads of 32 and small LoRAs, short chunks with a padded last one (the rows where
+    # the backward's peak is modelled: _rwkv7_cost.py)
+    *[("rnn", "rwkv7", lambda d, a=a: {"causal": True, **a}) for a in (
+        {"chunk": 8, "head_size": 32, "decay_rank": 4, "a_rank": 4, "gate_rank": 8}, {"chunk": 5, "head_size": 8})],
     # HGRN2: chunks dividing n (16), not (7: the last padded; wide states lead the peak)
     *[("rnn", "hgrn2", lambda d, a=a: {"causal": True, **a}) for a in (
         {"heads": 4, "expand": 16}, {"heads": 2, "expand": 24, "chunk": 7, "lower_bound": 0.3})],

@@ -217,6 +217,7 @@ SEQ_ARGS = {
     "mamba2": ("ssm", "mamba2", True, {"N": 16, "chunk": 32, "heads": 4}),  # chunks' [T, T] scores, carried states: O(n)
     "rwkv4": ("rnn", "rwkv4", True, {"chunk": 16}),  # chunks' [T, T] log-weights a channel, carried (num, den, max): O(n)
     "rwkv6": ("rnn", "rwkv6", True, {"chunk": 16, "head_size": 16}),  # GLA's chunked kernel, N x N states a head: O(n)
+    "rwkv7": ("rnn", "rwkv7", True, {"chunk": 16, "head_size": 16}),  # the WY-chunked diagonal-plus-rank-one rule: O(n)
     "hgrn2": ("rnn", "hgrn2", True, {"heads": 2, "expand": 32, "chunk": 16}),  # GLA's chunks, per-key decay: O(n C e + n e d)
     "mlstm": ("rnn", "mlstm", True, {"heads": 4, "expand": 1, "chunk": 32}),  # chunks carrying (C', n', m): O(n C dh + n dh^2)
     "lru": ("ssm", "lru", True, {"N": 16, "chunk": 16}),  # the chunked doubling scan: O(n N log T), states b n N complex

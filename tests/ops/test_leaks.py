@@ -153,6 +153,7 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm",
              "mamba2": ("ssm", "mamba2", {"chunk": 8, "N": 8, "heads": 4, "groups": 2}),
              "rwkv4": ("rnn", "rwkv4", {"chunk": 8}),  # RWKV: several chunks and a partial one across N
              "rwkv6": ("rnn", "rwkv6", {"chunk": 16, "head_size": 8, "mix_rank": 4, "decay_rank": 8}),
+             "rwkv7": ("rnn", "rwkv7", {"chunk": 16, "head_size": 8, "decay_rank": 4, "a_rank": 4, "gate_rank": 8}),
              "hgrn2": ("rnn", "hgrn2", {"chunk": 32, "heads": 2, "expand": 8, "lower_bound": 0.2}),
              "mlstm": ("rnn", "mlstm", {"chunk": 32, "heads": 2, "expand": 1}),
              "lru": ("ssm", "lru", {"chunk": 4, "N": 8}),
