@@ -125,7 +125,7 @@ def head_projections(m, x: torch.Tensor):
     b, n, _ = x.shape
 
     def proj(layer, heads):  # a head's width from the layer's (values may be wider than queries: v_factor)
-        return (x @ layer.weight.T + (0 if layer.bias is None else layer.bias)).view(b, n, heads, -1)
+        return (x @ layer.weight.T + (0 if layer.bias is None else layer.bias)).view(b, n, heads, layer.weight.shape[0] // heads)
 
     return proj(m.q_proj, m.heads), proj(m.k_proj, m.kv_heads), proj(m.v_proj, m.kv_heads)
 

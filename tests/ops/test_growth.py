@@ -129,7 +129,7 @@ SLOW = ("smart_bird", "memory_compressed", "fourier_integral", "moba", "sigmoid"
         "scatterbrain",  # scatterbrain: [n, n / 2] scores and feature products at n = 8k (~38 s here)
         "deltanet", "gated_deltanet")  # their loops over 128 chunks of 64 at n = 8k, forward and backward (50-60 s here)
 SLOW += ("based", "fwp")  # issue 14: 273 Taylor features a head (10 s here), the WY form's loop over 128 chunks (14 s)
-SLOW += ("gsa",)  # gsa: two passes, each a loop over 512 chunks of 16 at n = 8k, forward and backward
+SLOW += ("gsa", "nsa")  # gsa: two passes, each a loop over 512 chunks of 16 at n = 8k; nsa: its chunked selection, 20 s
 # the bidirectional row of a variant whose causal row runs by default (or, colt5, its one row) at 10-20 s alone
 SLOW_BIDIRECTIONAL = ("nsa", "fmm", "multiscale", "colt5")
 CASES = [pytest.param(v, causal, marks=[pytest.mark.slow] if v in SLOW or (not causal and v in SLOW_BIDIRECTIONAL) else [])
