@@ -1,13 +1,15 @@
-"""RWKV's token shift (rnn(rwkv4), ffn(rwkv)): each position reads the previous token's input, the first one zeros
+"""RWKV's token shift (rnn(rwkv4), rnn(rwkv6), rnn(rwkv7), ffn(rwkv)): each position reads the previous token's input, the first one zeros
 (or, decoding, the last token of the previous call, kept in the cache), and the layer mixes the two by learned
 per-channel weights, mix x + (1 - mix) x_prev. A padded position's input is zeroed first, so that the first real
-token of a left-padded row reads zeros, as alone."""
+token of a left-padded row reads zeros, as alone. Also what the headed time mixes (rwkv6, rwkv7) share: their
+shape rule and their inits' per-channel ramps."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from ...decode import slot
+from ..registry import ShapeProblem, sequence_shape
 
 
 def keep_mask(ctx):
@@ -34,3 +36,22 @@ def cached(ctx, owner):
 def mix(x, prev, mu):
     """mu x + (1 - mu) x_prev."""
     return prev + mu * (x - prev)
+
+
+def ramp(d: int, power: float) -> torch.Tensor:
+    """(c / d)^power over the channels c, [1, 1, d]: the RWKV inits' per-channel ramps."""
+    return (torch.arange(d, dtype=torch.float32) / d).pow(power).reshape(1, 1, d)
+
+
+def headed_shape(op_id: str):
+    """The shape rule of a headed RWKV time mix (rwkv6, rwkv7): causal only, d_model a multiple of head_size."""
+    def shape(p, env):
+        out = sequence_shape(p, env)
+        if not env.causal:
+            raise ShapeProblem(f"{op_id} is causal only: its recurrence runs forward in time", None,
+                               "use it in a causal model (head(lm)), or a mixer for a bidirectional one")
+        if env.d % p.head_size:
+            raise ShapeProblem(f"d_model {env.d} is not a multiple of head_size {p.head_size}", "head_size",
+                               "heads are head_size channels each: pick a divisor of d_model")
+        return out
+    return shape

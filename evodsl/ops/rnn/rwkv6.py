@@ -36,9 +36,9 @@ from pydantic import Field
 from torch import nn
 
 from ..attention._chunked_linear import chunked_decay, parallel_decay
-from ..registry import Op, OpEnv, OpParams, ShapeProblem, register, sequence_shape
+from ..registry import Op, OpEnv, OpParams, register
 from ._rwkv6_cost import rwkv6_cost
-from ._token_shift import cached, keep_mask, previous
+from ._token_shift import cached, headed_shape, keep_mask, previous, ramp
 
 
 class RWKV6Params(OpParams):
@@ -50,33 +50,18 @@ class RWKV6Params(OpParams):
     eps: float = Field(64e-5, gt=0.0, lt=1.0, description="the GroupNorm's eps")
 
 
-def rwkv6_shape(p: RWKV6Params, env: OpEnv):
-    shape = sequence_shape(p, env)
-    if not env.causal:
-        raise ShapeProblem("rnn(rwkv6) is causal only: its recurrence runs forward in time", None,
-                           "use it in a causal model (head(lm)), or a mixer for a bidirectional one")
-    if env.d % p.head_size:
-        raise ShapeProblem(f"d_model {env.d} is not a multiple of head_size {p.head_size}", "head_size",
-                           "heads are head_size channels each: pick a divisor of d_model")
-    return shape
-
-
-def _ramp(d: int, power: float) -> torch.Tensor:
-    return (torch.arange(d, dtype=torch.float32) / d).pow(power).reshape(1, 1, d)
-
-
 class RWKV6TimeMix(nn.Module):
     def __init__(self, p: RWKV6Params, env: OpEnv):
         super().__init__()
         d, N, R = env.d, p.head_size, p.mix_rank
         self.H, self.N, self.chunk = d // N, N, p.chunk
         c = torch.arange(d, dtype=torch.float32)
-        self.time_maa_x = nn.Parameter(1 - _ramp(d, 0.5))
-        self.time_maa_w = nn.Parameter(1 - _ramp(d, 0.5))
-        self.time_maa_k = nn.Parameter(1 - _ramp(d, 0.5))
-        self.time_maa_v = nn.Parameter(1 - _ramp(d, 0.5) - 0.15)
-        self.time_maa_r = nn.Parameter(1 - _ramp(d, 0.25))
-        self.time_maa_g = nn.Parameter(1 - _ramp(d, 0.25))
+        self.time_maa_x = nn.Parameter(1 - ramp(d, 0.5))
+        self.time_maa_w = nn.Parameter(1 - ramp(d, 0.5))
+        self.time_maa_k = nn.Parameter(1 - ramp(d, 0.5))
+        self.time_maa_v = nn.Parameter(1 - ramp(d, 0.5) - 0.15)
+        self.time_maa_r = nn.Parameter(1 - ramp(d, 0.25))
+        self.time_maa_g = nn.Parameter(1 - ramp(d, 0.25))
         self.time_maa_w1 = nn.Parameter(torch.zeros(d, 5 * R))
         self.time_maa_w2 = nn.Parameter(torch.empty(5, R, d).uniform_(-0.01, 0.01))
         self.time_decay = nn.Parameter((-6 + 5 * (c / max(d - 1, 1)) ** 1.35).reshape(1, 1, d))
@@ -125,7 +110,7 @@ class RWKV6TimeMix(nn.Module):
 
 OP = register(Op(
     decode="the last token's input [d] (the shift) and the state S [N, N] of every head: constant in the length",
-    family="rnn", variant="rwkv6", params=RWKV6Params, module=RWKV6TimeMix, causal="yes", shape=rwkv6_shape,
+    family="rnn", variant="rwkv6", params=RWKV6Params, module=RWKV6TimeMix, causal="yes", shape=headed_shape("rnn(rwkv6)"),
     paper="Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence, Peng et al. 2024, arXiv:2404.05892",
     summary="ddlerp token shift (LoRA); r, k, v, g = W x_*; w_t = exp(-exp(w0 + LoRA(x_w))); S_t = diag(w_t) S_{t-1} "
             "+ k_t^T v_t; o_t = r_t (S_{t-1} + diag(u) k_t^T v_t); W_o (GroupNorm(o) silu(g)); chunked O(n T d + n d N)",

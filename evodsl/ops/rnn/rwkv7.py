@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..registry import Op, OpEnv, OpParams, ShapeProblem, register, sequence_shape
+from ..registry import Op, OpEnv, OpParams, register
 from ._dplr import chunked_dplr, parallel_dplr, recurrent_dplr
 from ._rwkv7_cost import rwkv7_cost
-from ._token_shift import cached, keep_mask, previous
+from ._token_shift import cached, headed_shape, keep_mask, previous, ramp
 
 SLOW = math.exp(-0.5)  # the largest -log w_t
 
@@ -55,31 +55,16 @@ class RWKV7Params(OpParams):
     eps: float = Field(64e-5, gt=0.0, lt=1.0, description="the GroupNorm's eps")
 
 
-def rwkv7_shape(p: RWKV7Params, env: OpEnv):
-    shape = sequence_shape(p, env)
-    if not env.causal:
-        raise ShapeProblem("rnn(rwkv7) is causal only: its recurrence runs forward in time", None,
-                           "use it in a causal model (head(lm)), or a mixer for a bidirectional one")
-    if env.d % p.head_size:
-        raise ShapeProblem(f"d_model {env.d} is not a multiple of head_size {p.head_size}", "head_size",
-                           "heads are head_size channels each: pick a divisor of d_model")
-    return shape
-
-
-def _ramp(d: int, power: float) -> torch.Tensor:
-    return (torch.arange(d, dtype=torch.float32) / d).pow(power).reshape(1, 1, d)
-
-
 class RWKV7TimeMix(nn.Module):
     def __init__(self, p: RWKV7Params, env: OpEnv):
         super().__init__()
         d, N = env.d, p.head_size
         self.H, self.N, self.chunk = d // N, N, p.chunk
         c = torch.arange(d, dtype=torch.float32)
-        self.x_r, self.x_g = nn.Parameter(1 - _ramp(d, 0.1)), nn.Parameter(1 - _ramp(d, 0.1))
-        self.x_w, self.x_a = nn.Parameter(1 - _ramp(d, 0.45)), nn.Parameter(1 - _ramp(d, 0.45))
-        self.x_k = nn.Parameter(1 - _ramp(d, 0.45) - 0.2)
-        self.x_v = nn.Parameter(1 - _ramp(d, 0.2) - 0.3)
+        self.x_r, self.x_g = nn.Parameter(1 - ramp(d, 0.1)), nn.Parameter(1 - ramp(d, 0.1))
+        self.x_w, self.x_a = nn.Parameter(1 - ramp(d, 0.45)), nn.Parameter(1 - ramp(d, 0.45))
+        self.x_k = nn.Parameter(1 - ramp(d, 0.45) - 0.2)
+        self.x_v = nn.Parameter(1 - ramp(d, 0.2) - 0.3)
         self.w0 = nn.Parameter((-6.5 + 5 * (c / max(d - 1, 1)) ** (0.85 + 0.5 ** 0.5)).reshape(1, 1, d))
         self.w1 = nn.Parameter(torch.zeros(d, p.decay_rank))
         self.w2 = nn.Parameter(torch.empty(p.decay_rank, d).uniform_(-0.1, 0.1))
@@ -131,7 +116,7 @@ class RWKV7TimeMix(nn.Module):
 
 OP = register(Op(
     decode="the last token's input [d] (the shift) and the state S [N, N] of every head: constant in the length",
-    family="rnn", variant="rwkv7", params=RWKV7Params, module=RWKV7TimeMix, causal="yes", shape=rwkv7_shape,
+    family="rnn", variant="rwkv7", params=RWKV7Params, module=RWKV7TimeMix, causal="yes", shape=headed_shape("rnn(rwkv7)"),
     paper='RWKV-7 "Goose" with Expressive Dynamic State Evolution, Peng et al. 2025, arXiv:2503.14456',
     summary="token shift; r, k, v = W x_*; w_t = exp(-e^-0.5 sigmoid(LoRA)); a_t = sigmoid(LoRA); kh = norm(k k_k); "
             "S_t = S_{t-1} (diag(w_t) - kh^T (a kh)) + v^T k'; o = S_t r_t; W_o ((GroupNorm(o) + bonus) LoRA gate); "
