@@ -13,7 +13,7 @@ from torch import nn
 
 from ..registry import ShapeProblem
 from ._deberta_cost import deberta_attention_cost
-from ._inattention import InAttentionPosition
+from ._inattention import InAttentionPosition, refuse_own_score_options
 
 
 def check_deberta(p, env) -> None:
@@ -23,14 +23,7 @@ def check_deberta(p, env) -> None:
     if width != d:
         raise ShapeProblem(f"pos(deberta)'s table is d_model={d} wide, but the attention's heads x head_dim is "
                            f"{width}", "head_dim", "pos(deberta) needs heads x head_dim = d_model: drop head_dim=")
-    for field in ("softcap", "sink_logit", "talking", "collab", "qk_norm", "scale"):
-        if getattr(p, field, None) not in (None, False):
-            raise ShapeProblem(f"mha(softmax, {field}=...) has no form with pos(deberta), whose scores are "
-                               f"(q·k + c2p + p2c) / sqrt(3 dh)", field,
-                               f"drop {field}=, or use another position scheme")
-    if env.residual_scores or env.memory:
-        raise ShapeProblem("pos(deberta) runs its own scores: residual(..., scores=true) and memory(xl) have no "
-                           "form with it", None, "drop the residual scores / the memory, or use pos(xl_rel)")
+    refuse_own_score_options(p, env, "pos(deberta)", "(q·k + c2p + p2c) / sqrt(3 dh)")
 
 
 class DebertaRelative(InAttentionPosition):

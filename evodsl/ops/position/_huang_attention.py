@@ -11,21 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import ShapeProblem
 from ._huang_cost import huang_attention_cost
-from ._inattention import InAttentionPosition
+from ._inattention import InAttentionPosition, refuse_own_score_options
 
 
 def check_huang(p, env) -> None:
     """mha(softmax)'s options that have no form with Huang et al.'s scores, refused."""
-    for field in ("softcap", "sink_logit", "talking", "collab", "qk_norm", "scale"):
-        if getattr(p, field, None) not in (None, False):
-            raise ShapeProblem(f"mha(softmax, {field}=...) has no form with pos(huang), whose scores are its own "
-                               f"(q·k and the relative embeddings over sqrt(dh))", field,
-                               f"drop {field}=, or use another position scheme")
-    if env.residual_scores or env.memory:
-        raise ShapeProblem("pos(huang) runs its own scores: residual(..., scores=true) and memory(xl) have no form "
-                           "with it", None, "drop the residual scores / the memory, or use pos(xl_rel)")
+    refuse_own_score_options(p, env, "pos(huang)", "its own (q·k and the relative embeddings over sqrt(dh))")
 
 
 class HuangRelative(InAttentionPosition):

@@ -5,6 +5,20 @@ import torch
 from torch import nn
 
 
+def refuse_own_score_options(p, env, scheme: str, scores: str) -> None:
+    """A scheme that runs mha(softmax)'s scores itself (pos(deberta), pos(huang)): the attention options that
+    change those scores, the residual scores and memory(xl), refused with the scheme's name and its scores."""
+    from ..registry import ShapeProblem  # here, as below: the registry imports the position schemes' modules
+
+    for field in ("softcap", "sink_logit", "talking", "collab", "qk_norm", "scale"):
+        if getattr(p, field, None) not in (None, False):
+            raise ShapeProblem(f"mha(softmax, {field}=...) has no form with {scheme}, whose scores are {scores}", field,
+                               f"drop {field}=, or use another position scheme")
+    if env.residual_scores or env.memory:
+        raise ShapeProblem(f"{scheme} runs its own scores: residual(..., scores=true) and memory(xl) have no form "
+                           "with it", None, "drop the residual scores / the memory, or use pos(xl_rel)")
+
+
 class InAttentionPosition(nn.Module):
     """rotate(q, k, offset) acts on q, k [b, h, n, dh] at positions offset..offset+n-1 (decoding: the new
     positions); bias(i, j) returns an additive score bias [h, *broadcast(i, j)] for query positions i and key
