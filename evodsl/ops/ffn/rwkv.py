@@ -19,7 +19,7 @@ from torch import nn
 
 from ..cost import Cost, linear
 from ..registry import Op, OpEnv, OpParams, register, sequence_shape
-from ..rnn._token_shift import cached, keep_mask, mix, previous
+from ..rnn._token_shift import mix, previous, shift_input
 
 
 class RWKVFFNParams(OpParams):
@@ -41,10 +41,7 @@ class RWKVChannelMix(nn.Module):
         self.value = nn.Linear(f, d, bias=False)
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        keep = keep_mask(ctx)
-        if keep is not None:
-            x = x * keep[..., None].to(x.dtype)
-        key, state = cached(ctx, self)
+        x, _, key, state = shift_input(x, ctx, self)
         prev = previous(x, None if state is None else state[0])
         if key is not None:
             ctx.cache.caches[key] = (x[:, -1].clone(),)

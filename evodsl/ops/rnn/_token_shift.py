@@ -18,6 +18,15 @@ def keep_mask(ctx):
     return None if ctx is None or ctx.mask is None or ctx.right_padded else ctx.mask
 
 
+def shift_input(x: torch.Tensor, ctx, owner):
+    """Where every RWKV layer starts: (x with its padded positions zeroed, the padding mask or None, the cache slot
+    of `owner` in this call and its state or None)."""
+    keep = keep_mask(ctx)
+    if keep is not None:
+        x = x * keep[..., None].to(x.dtype)
+    return (x, keep, *cached(ctx, owner))
+
+
 def previous(x: torch.Tensor, last) -> torch.Tensor:
     """x_prev [b, n, d]: x shifted one position later, `last` [b, d] (or zeros) first."""
     if last is None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..registry import Op, OpEnv, OpParams, ShapeProblem, register, sequence_shape
 from ._rwkv4_cost import rwkv4_cost
-from ._token_shift import cached, keep_mask, mix, previous
+from ._token_shift import mix, previous, shift_input
 from ._wkv import chunk_wkv, wkv
 
 
@@ -65,10 +65,7 @@ class RWKV4TimeMix(nn.Module):
         self.output = nn.Linear(C, d, bias=False)
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        keep = keep_mask(ctx)
-        if keep is not None:
-            x = x * keep[..., None].to(x.dtype)
-        key, state = cached(ctx, self)
+        x, keep, key, state = shift_input(x, ctx, self)
         prev = previous(x, None if state is None else state[0])
         k = self.key(mix(x, prev, self.time_mix_key))
         v = self.value(mix(x, prev, self.time_mix_value))

@@ -38,7 +38,7 @@ from torch import nn
 from ..attention._chunked_linear import chunked_decay, parallel_decay
 from ..registry import Op, OpEnv, OpParams, register
 from ._rwkv6_cost import rwkv6_cost
-from ._token_shift import cached, headed_shape, keep_mask, previous, ramp
+from ._token_shift import headed_shape, previous, ramp, shift_input
 
 
 class RWKV6Params(OpParams):
@@ -72,10 +72,7 @@ class RWKV6TimeMix(nn.Module):
         self.ln_x = nn.GroupNorm(self.H, d, eps=p.eps)
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        keep = keep_mask(ctx)
-        if keep is not None:
-            x = x * keep[..., None].to(x.dtype)
-        key, state = cached(ctx, self)
+        x, keep, key, state = shift_input(x, ctx, self)
         b, n, d = x.shape
         H, N = self.H, self.N
         dx = previous(x, None if state is None else state[0]) - x

@@ -40,7 +40,7 @@ from torch import nn
 from ..registry import Op, OpEnv, OpParams, register
 from ._dplr import chunked_dplr, parallel_dplr, recurrent_dplr
 from ._rwkv7_cost import rwkv7_cost
-from ._token_shift import cached, headed_shape, keep_mask, previous, ramp
+from ._token_shift import headed_shape, previous, ramp, shift_input
 
 SLOW = math.exp(-0.5)  # the largest -log w_t
 
@@ -80,10 +80,7 @@ class RWKV7TimeMix(nn.Module):
         self.ln_x = nn.GroupNorm(self.H, d, eps=p.eps)
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        keep = keep_mask(ctx)
-        if keep is not None:
-            x = x * keep[..., None].to(x.dtype)
-        key, state = cached(ctx, self)
+        x, keep, key, state = shift_input(x, ctx, self)
         b, n, d = x.shape
         H, N = self.H, self.N
         dx = previous(x, None if state is None else state[0]) - x
