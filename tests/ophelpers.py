@@ -248,3 +248,25 @@ def assert_padded_row_alone(m, side: str, d: int = 32) -> None:
         y = m(x, Ctx(mask=mask))
         alone = m(x[1:, real], Ctx())[0]
     assert (y[1, real] - alone).abs().max().item() < 1e-10 * max(alone.abs().max().item(), 1.0)
+
+
+def assert_decodes_with_constant_state(m, family: str, variant: str, d: int, build: dict) -> list[int]:
+    """A causal sequence layer in float64: pieces of several sizes through one decoding cache give the forward
+    (1e-10 of its scale), and after 1, 4 and 30 tokens the state's bytes equal the cost's kv_cache (b = 2), the
+    same at every length. Returns those byte counts, for a test to hold to its own formula."""
+    from costhelpers import declared
+
+    x = torch.randn(2, 30, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = m(x, Ctx())
+        for sizes in ((5, 1, 3, 1, 20), (1,) * 30, (30,)):
+            y, _ = decode_in_pieces(m, x, sizes)
+            assert (y - want).abs().max().item() <= 1e-10 * want.abs().max().item()
+        nbytes = []
+        for t in (1, 4, 30):
+            _, state = decode_in_pieces(m, x[:, :t], (1,) * t)
+            _, _, cost, ev = declared(family, variant, 2, t, dtype=torch.float64, d=d, causal=True, **build)
+            assert state.nbytes() == ev(cost.cache)
+            nbytes.append(state.nbytes())
+    assert len(set(nbytes)) == 1, f"the state grows with the length: {nbytes}"
+    return nbytes

@@ -11,7 +11,7 @@ import torch
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_every_parameter_learns, assert_padded_row_alone, decode_in_pieces, make_op, perturb_params
+from ophelpers import assert_decodes_with_constant_state, assert_every_parameter_learns, assert_padded_row_alone, make_op, perturb_params
 
 D = 16
 
@@ -55,19 +55,9 @@ def test_qrnn_matches_fo_pooling(args, n):
 
 @pytest.mark.parametrize("args", ARGS[:2] + ARGS[3:], ids=["default", "k1", "k5"])
 def test_decodes_in_pieces_with_a_constant_state(args):
-    from costhelpers import declared
-
     m = perturbed(**args)
-    x = torch.randn(2, 30, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        want = m(x, Ctx())
-        for sizes in ((5, 1, 3, 1, 20), (1,) * 30, (30,)):
-            y, _ = decode_in_pieces(m, x, sizes)
-            assert (y - want).abs().max().item() <= 1e-10 * want.abs().max().item()
-        for t in (1, 4, 30):
-            _, state = decode_in_pieces(m, x[:, :t], (1,) * t)
-            _, _, cost, ev = declared("rnn", "qrnn", 2, t, dtype=torch.float64, d=D, causal=True, **args)
-            assert state.nbytes() == ev(cost.cache) == 2 * D * m.k * 8
+    nbytes = assert_decodes_with_constant_state(m, "rnn", "qrnn", D, args)
+    assert nbytes[0] == 2 * D * m.k * 8
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
