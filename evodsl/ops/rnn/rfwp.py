@@ -106,8 +106,9 @@ class RecurrentDeltaNet(nn.Module):
         else:
             keep = None if mask is None else mask.to(x.dtype)
             outs = []
-            for t, xt in enumerate(zip(*(u.unbind(1) for u in xs))):  # the recurrent core: a loop over tokens
-                S, y = core_step(S, y, xt, self.R, None if keep is None else keep[:, t])
+            keeps = [None] * n if keep is None else keep.unbind(1)  # unbound, not indexed: see sru's light_recurrence
+            for xt, kt in zip(zip(*(u.unbind(1) for u in xs)), keeps):  # the recurrent core: a loop over tokens
+                S, y = core_step(S, y, xt, self.R, kt)
                 outs.append(y)
             out = torch.stack(outs, 1)
         if cache is not None:

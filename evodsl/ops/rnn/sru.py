@@ -48,19 +48,22 @@ def proj_width(p: SRUParams, d: int) -> int:
 
 
 def light_recurrence(U, v, bias, c, keep):
-    """The elementwise core, token by token (U [b, n, 3 d] precomputed; v [2 d]; c [b, d] or None): (C, R) [b, n, d]."""
+    """The elementwise core, token by token (U [b, n, 3 d] precomputed; v [2 d]; c [b, d] or None): (C, R) [b, n, d].
+    The tokens are unbound, not indexed: an index's backward writes into a zero tensor of the whole length, once per
+    token (quadratic); unbind's is one stack."""
     b, n, three = U.shape
     d = three // 3
     c = U.new_zeros(b, d) if c is None else c
     vf, vr = v.split(d)
     bf, br = bias.split(d)
     cs, rs = [], []
-    for t in range(n):
-        z, u, s = U[:, t].split(d, -1)
+    keeps = [None] * n if keep is None else keep.unbind(1)
+    for Ut, kt in zip(U.unbind(1), keeps):
+        z, u, s = Ut.split(d, -1)
         f = torch.sigmoid(u + vf * c + bf)
         rs.append(torch.sigmoid(s + vr * c + br))
         new = z + f * (c - z)
-        c = new if keep is None else torch.where(keep[:, t, None], new, c)
+        c = new if kt is None else torch.where(kt[:, None], new, c)
         cs.append(c)
     return torch.stack(cs, 1), torch.stack(rs, 1)
 
