@@ -1,5 +1,6 @@
 """Issue 14's table: every state-space, linear-recurrent and long-convolution layer (the ssm, rnn and longconv
-families, and the mha variants whose decoding state is constant in the context), beside causal SDPA (mha(softmax))
+families, and issue 14's recurrent mha variants: retention, GLA, DeltaNet, Gated DeltaNet, FWP, Based, GSA, Hedgehog,
+Lightning; --all-mha adds every mha variant whose decoding state is constant in the context), beside causal SDPA (mha(softmax))
 and mha(linear). Two measurements per layer, one thread, float32, batch 1, d_model 256 (4 heads where a layer has
 heads), each layer in a one-layer spec at the sizes benchmarks/complexity_variants.py gives it:
 
@@ -13,7 +14,7 @@ heads), each layer in a one-layer spec at the sizes benchmarks/complexity_varian
   and the decoding state's bytes (DecodeState.nbytes(), checked equal to `evodsl cost`'s memory.kv_cache).
 
     .venv/bin/python benchmarks/bench_recurrent.py [--ns 1024,2048,4096,8192,16384] [--contexts 1024,4096,16384]
-        [--steps 16] [--rounds 3] [--only mamba,softmax] [--plot benchmarks/recurrent.png]
+        [--steps 16] [--rounds 3] [--only mamba,softmax] [--all-mha] [--plot benchmarks/recurrent.png]
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ from complexity_variants import BIDIRECTIONAL_ONLY, variants  # noqa: E402
 
 SEQUENCE = ("ssm(", "rnn(", "longconv(")
 BASELINES = ("mha(softmax)", "mha(linear)")
+# issue 14's recurrent mha variants (the rest of the constant-state mha rows join with --all-mha)
+WAVE4_MHA = ("retention", "gla", "deltanet", "gated_deltanet", "fwp", "based", "gsa", "hedgehog", "lightning")
 LAYER = "d_model = {d}\nmodel layer(causal=true) = input(features, d={d}) -> residual({call})\n"
 LM = ("d_model = {d}\nmodel lm(causal=true) = input(tokens, vocab=256) -> embed(token) -> norm(rmsnorm) -> {call} "
       "-> norm(rmsnorm) -> head(lm)\n")
@@ -54,14 +57,15 @@ def constant_state(call: str, d: int) -> bool:
 
 
 def rows(args) -> list[tuple[str, str]]:
-    """(label, call) of every layer the table covers: the sequence families' rows of complexity_variants, the mha
-    rows whose state is constant, the two baselines."""
+    """(label, call) of every layer the table covers: the sequence families' rows of complexity_variants, issue 14's
+    recurrent mha variants (--all-mha: every mha row whose state is constant), the two baselines."""
     out = []
     for label, call in variants(args):
         name = label.split("(", 1)[1].split(",")[0].rstrip(")")
         if name in BIDIRECTIONAL_ONLY:
             continue
-        if label.startswith(SEQUENCE) or label in BASELINES or (label.startswith("mha(") and constant_state(call, args.d)):
+        recurrent_mha = label.startswith("mha(") and (name in WAVE4_MHA or args.all_mha) and constant_state(call, args.d)
+        if label.startswith(SEQUENCE) or label in BASELINES or recurrent_mha:
             out.append((label, call))
     if args.only:
         keep = args.only.split(",")
@@ -129,6 +133,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default=None, help="comma-separated variant names")
+    ap.add_argument("--all-mha", action="store_true", help="every mha variant whose decoding state is constant")
     ap.add_argument("--plot", default=None)
     # the sizes complexity_variants reads (bench_complexity's defaults)
     for flag, default in (("window", 128), ("max_span", 256), ("R", 32), ("k", 256), ("r_lambda", 23), ("s_bird", 32),
