@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from evodsl.ops.attention._chunked_delta import parallel_delta
-from ophelpers import decode_in_pieces, make_op, output_projection, perturb_params, refuses
+from ophelpers import (assert_decodes_with_constant_state, decode_in_pieces, make_op, output_projection, perturb_params,
+                       refuses)
 
 D = 32
 
@@ -95,18 +96,14 @@ def test_forms_agree(variant, n, build):
 
 @pytest.mark.parametrize("variant", ["deltanet", "gated_deltanet"])
 def test_decoding_state_is_constant(variant):
-    """The state (dh x dh a query head) and the three convolutions' last K - 1 inputs: the cost's kv_cache, the same
-    after 5 tokens and after 40."""
-    from costhelpers import declared
-    from evodsl.decode import DecodeState
-    from evodsl.ops import Ctx
-
-    m, _, cost, ev = declared("mha", variant, 2, 5, d=D, causal=True, heads=4, kv_heads=2)
-    state, x, sizes = DecodeState(), torch.randn(2, 40, D), {}
-    for at in range(40):
-        m(x[:, at:at + 1], Ctx(cache=state, offset=at))
-        sizes[at + 1] = state.nbytes()
-    assert sizes[5] == sizes[40] == ev(cost.cache) == (2 * 4 * 8 * 8 + 2 * 3 * (32 + 16 + 16)) * 4  # float32
+    """The state (dh x dh a query head) and the three convolutions' last K - 1 inputs. Pieces of several sizes
+    through the cache give the forward (float64); the state's bytes equal the cost's kv_cache after 1, 4 and 30
+    tokens."""
+    build = {"heads": 4, "kv_heads": 2}
+    m, _, _ = make_op("mha", variant, d=D, causal=True, **build)
+    perturb_params(m)
+    nbytes = assert_decodes_with_constant_state(m, "mha", variant, D, build)
+    assert nbytes[0] == (2 * 4 * 8 * 8 + 2 * 3 * (32 + 16 + 16)) * 8  # float64
 
 
 @pytest.mark.parametrize("variant", ["deltanet", "gated_deltanet"])

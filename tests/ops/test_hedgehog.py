@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ophelpers import (assert_every_parameter_learns, assert_padded_row_alone, decode_in_pieces, head_projections,
-                       make_op, output_projection, perturb_params, refuses)
+from ophelpers import (assert_decodes_with_constant_state, assert_every_parameter_learns, assert_padded_row_alone,
+                       decode_in_pieces, head_projections, make_op, output_projection, perturb_params, refuses)
 
 D = 32
 
@@ -77,17 +77,13 @@ def test_padding_and_learning():
 
 
 def test_decoding_state_is_constant():
-    """The state [S z] (2 f x (dh + 1) a query head): the cost's kv_cache, the same after 5 tokens and after 24."""
-    from costhelpers import declared
-    from evodsl.decode import DecodeState
-    from evodsl.ops import Ctx
-
-    m, _, cost, ev = declared("mha", "hedgehog", 2, 5, d=D, causal=True, heads=4, kv_heads=2, feature_dim=5)
-    state, x, sizes = DecodeState(), torch.randn(2, 24, D), {}
-    for at in range(24):
-        m(x[:, at:at + 1], Ctx(cache=state, offset=at))
-        sizes[at + 1] = state.nbytes()
-    assert sizes[5] == sizes[24] == ev(cost.cache) == 2 * 4 * 10 * 9 * 4  # float32
+    """The state [S z] (2 f x (dh + 1) a query head). Pieces of several sizes through the cache give the forward
+    (float64); the state's bytes equal the cost's kv_cache after 1, 4 and 30 tokens."""
+    build = {"heads": 4, "kv_heads": 2, "feature_dim": 5}
+    m, _, _ = make_op("mha", "hedgehog", d=D, causal=True, **build)
+    perturb_params(m)
+    nbytes = assert_decodes_with_constant_state(m, "mha", "hedgehog", D, build)
+    assert nbytes[0] == 2 * 4 * 10 * 9 * 8  # float64
 
 
 def test_refusals():

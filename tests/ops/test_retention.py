@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from evodsl.ops.attention._chunked_linear import parallel_decay
-from ophelpers import decode_in_pieces, head_projections, make_op, output_projection, perturb_params, refuses
+from ophelpers import (assert_decodes_with_constant_state, decode_in_pieces, head_projections, make_op,
+                       output_projection, perturb_params, refuses)
 
 D = 32
 
@@ -85,16 +86,10 @@ def test_refusals():
 
 
 def test_decoding_state_is_constant():
-    """The decoding state is the dh x dh state of every query head: its bytes equal the cost's kv_cache and stay
-    the same after 5 tokens and after 30."""
-    from costhelpers import declared
-    from evodsl.decode import DecodeState
-    from evodsl.ops import Ctx
-
-    m, _, cost, ev = declared("mha", "retention", 2, 5, d=D, causal=True, heads=4, kv_heads=2)
-    state, x = DecodeState(), torch.randn(2, 30, D)
-    sizes = {}
-    for at in range(30):
-        m(x[:, at:at + 1], Ctx(cache=state, offset=at))
-        sizes[at + 1] = state.nbytes()
-    assert sizes[5] == sizes[30] == ev(cost.cache) == 2 * 4 * 8 * 8 * 4  # float32
+    """The state is dh x dh a query head. Pieces of several sizes through the cache give the forward (float64); the
+    state's bytes equal the cost's kv_cache after 1, 4 and 30 tokens."""
+    build = {"heads": 4, "kv_heads": 2}
+    m, _, _ = make_op("mha", "retention", d=D, causal=True, **build)
+    perturb_params(m)
+    nbytes = assert_decodes_with_constant_state(m, "mha", "retention", D, build)
+    assert nbytes[0] == 2 * 4 * 8 * 8 * 8  # float64

@@ -11,7 +11,8 @@ import torch
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_no_leak, assert_padded_row_alone, decode_in_pieces, make_op, perturb_params
+from ophelpers import (assert_decodes_with_constant_state, assert_no_leak, assert_padded_row_alone, make_op,
+                       perturb_params)
 
 D = 16
 
@@ -103,20 +104,10 @@ def test_channel_mix_matches_the_paper(n):
 def test_decodes_with_a_constant_state(family, variant, args):
     """The step form equals the forward piece by piece (single tokens, uneven pieces, a prompt); its state is the
     declared kv_cache, the same at every length (rnn(rwkv4)'s leak test: test_leaks.py; ffn(rwkv)'s below)."""
-    from costhelpers import declared
-
     m, _, _ = make_op(family, variant, d=D, causal=True, **args)
     perturb_params(m)
-    x = torch.randn(2, 30, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        want = m(x, Ctx())
-        for sizes in ((5, 1, 3, 1, 20), (1,) * 30, (30,)):
-            y, _ = decode_in_pieces(m, x, sizes)
-            assert close(y, want)
-        for t in (1, 30):
-            _, state = decode_in_pieces(m, x[:, :t], (1,) * t)
-            _, _, cost, ev = declared(family, variant, 2, t, dtype=torch.float64, d=D, causal=True, **args)
-            assert state.nbytes() == ev(cost.cache) == 2 * D * (4 if family == "rnn" else 1) * 8
+    nbytes = assert_decodes_with_constant_state(m, family, variant, D, args)
+    assert nbytes[0] == 2 * D * (4 if family == "rnn" else 1) * 8
 
 
 def test_channel_mix_does_not_leak():

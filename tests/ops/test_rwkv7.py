@@ -15,7 +15,8 @@ import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
 from evodsl.ops.rnn._dplr import chunked_dplr, recurrent_dplr
-from ophelpers import assert_padded_row_alone, decode_in_pieces, make_op, perturb_params
+from ophelpers import (assert_decodes_with_constant_state, assert_padded_row_alone, make_op,
+                       perturb_params)
 
 D = 16
 SMALL = {"head_size": 4, "decay_rank": 3, "a_rank": 5, "gate_rank": 6}
@@ -89,22 +90,12 @@ def test_the_chunked_kernel_is_the_recurrence(n):
 
 @pytest.mark.parametrize("chunk", [4, 7])
 def test_decodes_with_a_constant_state(chunk):
-    """The step form equals the forward piece by piece (single tokens, uneven pieces); its state is the declared
-    kv_cache (the last input and H states of N x N), the same at every length."""
-    from costhelpers import declared
-
+    """The step form equals the forward piece by piece (single tokens, uneven pieces, a prompt); its state is the
+    declared kv_cache (the last input and H states of N x N), the same at every length (the leak test: test_leaks.py)."""
     m, _, _ = make_op("rnn", "rwkv7", d=D, causal=True, chunk=chunk, **SMALL)
     perturb_params(m)
-    x = torch.randn(2, 30, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        want = m(x, Ctx())
-        for sizes in ((5, 1, 3, 1, 20), (1,) * 30):
-            y, _ = decode_in_pieces(m, x, sizes)
-            assert close(y, want)
-        for t in (1, 30):
-            _, state = decode_in_pieces(m, x[:, :t], (1,) * t)
-            _, _, cost, ev = declared("rnn", "rwkv7", 2, t, dtype=torch.float64, d=D, causal=True, chunk=chunk, **SMALL)
-            assert state.nbytes() == ev(cost.cache) == 2 * (D + 4 * 4 * 4) * 8
+    nbytes = assert_decodes_with_constant_state(m, "rnn", "rwkv7", D, {"chunk": chunk, **SMALL})
+    assert nbytes[0] == 2 * (D + 4 * 4 * 4) * 8
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
