@@ -6,7 +6,8 @@ from functools import lru_cache
 import sympy as sp
 
 from .ops.cost import B, M, N, cost_field
-from .passes.cost import DTYPE_BYTES, Report, _sizes, collect, complexity
+from .passes.complexity import complexity
+from .passes.cost import DTYPE_BYTES, Report, _sizes, collect
 
 # the Cost fields the report reads: summed over the model, and per layer (the peak is not summed: the memory
 # passes walk it; summing its Max terms symbolically took seconds on ETC's and Longformer's specs)

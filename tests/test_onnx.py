@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import evodsl
-from evodsl.backends.lower_onnx import example_input, io_names, matmul_flops
+from evodsl.backends.lower_onnx import example_input, io_names
+from evodsl.backends.onnx_flops import matmul_flops
 from evodsl.ops import REGISTRY, load_all
 from ophelpers import CAUSAL_ONLY, DISCRETE
 from spechelpers import output_causal, output_input, small

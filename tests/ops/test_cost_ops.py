@@ -10,7 +10,7 @@ import torch
 import costhelpers
 from costhelpers import check_op_cost, declared, make_input, measure_op
 from evodsl.ops import REGISTRY, OpEnv, load_all, lookup
-from evodsl.passes.cost import complexity
+from evodsl.passes.complexity import complexity
 from ophelpers import make_op
 
 SIZES = [(2, 32, 64), (1, 48, 96)]  # (b, n, d)
