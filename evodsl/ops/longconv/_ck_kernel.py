@@ -59,14 +59,15 @@ class SirenKernel(nn.Module):
 
 
 class ContinuousConv(nn.Module):
-    """y = W_o (k * x) + b_o: the depthwise FFT convolution with a SirenKernel, then the pointwise mix. Padded
-    positions are zeroed before the convolution (they enter no output); decoding keeps every input so far."""
+    """y = W_o (k * x) + b_o: the depthwise FFT convolution with a SirenKernel (or `kernel`, a module of the same
+    call: lags, keep -> [T, d], such as _magnet.MagnetKernel), then the pointwise mix. Padded positions are zeroed
+    before the convolution (they enter no output); decoding keeps every input so far."""
 
     def __init__(self, d: int, hidden: int, layers: int, omega_0: float, max_len: int, causal: bool,
-                 mask: float | None = None, bias: bool = True):
+                 mask: float | None = None, bias: bool = True, kernel: nn.Module | None = None):
         super().__init__()
         self.causal = causal
-        self.kernel = SirenKernel(d, hidden, layers, omega_0, max_len, causal, mask)
+        self.kernel = kernel if kernel is not None else SirenKernel(d, hidden, layers, omega_0, max_len, causal, mask)
         self.mix = nn.Linear(d, d, bias=bias)
 
     def taps(self, n, like: torch.Tensor) -> torch.Tensor:

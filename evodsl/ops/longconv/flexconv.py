@@ -16,26 +16,42 @@ the convolution, decoding keeps every input so far (an explicit long convolution
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..registry import Op, OpEnv, OpParams, register, sequence_shape
 from ._ck_cost import ck_cost
 from ._ck_kernel import ContinuousConv
+from ._magnet import MagnetKernel
 
 
 class FlexConvParams(OpParams):
+    kernel: Literal["magnet", "siren"] = Field("magnet", description="the kernel network: MAGNet (the paper's "
+                                               "multiplicative Gabor network, _magnet.py) or CKConv's SIREN")
     hidden: int = Field(32, ge=1, le=4096, description="H: the kernel network's width")
-    layers: int = Field(3, ge=2, le=8, description="the kernel network's linear maps (sines between them)")
-    omega_0: float = Field(30.0, gt=0, le=1000, description="the sines' frequency scale (SIREN)")
+    layers: int = Field(3, ge=2, le=8, description="the kernel network's linear maps (MAGNet: as many Gabor filters)")
+    omega_0: float = Field(30.0, gt=0, le=1000, description="the sines' frequency scale (kernel=siren)")
+    input_scale: float = Field(25.6, gt=0, le=10000, description="the Gabor filters' frequency scale at init "
+                                                                 "(kernel=magnet, the authors' input_scale)")
     max_len: int = Field(1024, ge=2, le=1 << 20, description="the lag normalised to p = +-1 (past it: extrapolated)")
     sigma: float = Field(0.5, gt=0, le=100, description="the Gaussian mask's width at init (in p's units)")
     bias: bool = Field(True, description="a bias on the pointwise mix")
 
+    @model_validator(mode="after")
+    def _one_kernel(self):
+        other = "input_scale" if self.kernel == "siren" else "omega_0"
+        if other in self.model_fields_set:
+            raise ValueError(f"{other} is an option of kernel={'magnet' if other == 'input_scale' else 'siren'}, "
+                             f"not of kernel={self.kernel}")
+        return self
+
 
 class FlexConv(ContinuousConv):
     def __init__(self, p: FlexConvParams, env: OpEnv):
-        super().__init__(env.d, p.hidden, p.layers, p.omega_0, p.max_len, env.causal, p.sigma, p.bias)
+        net = (MagnetKernel(env.d, p.hidden, p.layers, p.input_scale, p.max_len, env.causal, p.sigma)
+               if p.kernel == "magnet" else None)
+        super().__init__(env.d, p.hidden, p.layers, p.omega_0, p.max_len, env.causal, p.sigma, p.bias, net)
 
 
 OP = register(Op(
