@@ -1,5 +1,6 @@
-"""The continuous kernel of ckconv, flexconv and ccnn: a SIREN MLP (Sitzmann et al. 2020, as CKConv's kernel network)
-from a normalised relative position p to one kernel value per channel,
+"""The continuous kernel of ckconv, flexconv (kernel=siren; its default, MAGNet, is _magnet.py) and ccnn: a SIREN MLP
+(Sitzmann et al. 2020, as CKConv's kernel network) from a normalised relative position p to one kernel value per
+channel,
 
     h_1 = sin(omega_0 (W_1 p + b_1)),  h_{l+1} = sin(omega_0 (W_{l+1} h_l + b_{l+1})),  k(p) = W_L h_{L-1} + b_L
 

@@ -1,17 +1,21 @@
 """longconv(flexconv): FlexConv's continuous kernel convolution with a learned, differentiable kernel size (Romero et
-al. 2021, arXiv:2110.08059): CKConv's kernel (longconv(ckconv), _ck_kernel.py) times a Gaussian mask over the
-normalised relative position p,
+al. 2021, arXiv:2110.08059): a kernel network over the normalised relative position p times a Gaussian mask,
 
-    k(p) = SIREN_psi(p) * exp(-(p - mu)^2 / (2 sigma^2))        mu, sigma learned (one pair for the layer)
+    k(p) = MAGNet_psi(p) * exp(-(p - mu)^2 / (2 sigma^2))       mu, sigma learned (one pair for the layer)
     y_t  = W_o (sum_s k(t - s) * x_s) + b_o                      depthwise, then a pointwise mix; FFT (_ck_fft.py)
 
-The mask's width is the kernel's size: it is learned with the rest by gradient descent. Choices where the paper is
-silent or differs: the kernel generator is the SIREN network (the paper's MAGNet, a multiplicative Gabor network,
-is left out); the mask is one Gaussian for every channel, centred at init on the newest token (causal, p = +1) or
-on lag 0 (bidirectional, p = 0), of width `sigma` at init; the paper crops the kernel where the mask is below a
-threshold to save compute, here the FFT runs over every lag (the masked taps are multiplied, not skipped: the same
-result up to the threshold, O(b n d log n) whatever the width). Lags normalised by max_len, padding zeroed before
-the convolution, decoding keeps every input so far (an explicit long convolution has no finite state), as ckconv.
+The kernel network is the paper's MAGNet by default (kernel=magnet, _magnet.py: L Gabor filters
+exp(-gamma_l^2 (p - mu_l)^2 / 2) sin(w_l p + c_l) multiplied into L - 1 linear maps, its init from a Gamma
+distribution per layer, `input_scale` its frequencies' scale) or CKConv's SIREN (kernel=siren, _ck_kernel.py, with
+`omega_0`; each network refuses the other's knob). The mask's width is the kernel's size: it is learned with the rest
+by gradient descent. Choices where the paper is silent or differs: `layers` counts the network's linear maps for
+both networks (MAGNet: as many Gabor filters; the authors' no_layers=3 is layers=4 here); the mask is one Gaussian
+for every channel, centred at init on the newest token (causal, p = +1) or on lag 0 (bidirectional, p = 0), of
+width `sigma` at init, and MAGNet's Gabor windows start around it (within 1.667 sigma, the authors' ratio); the
+paper crops the kernel where the mask is below a threshold to save compute, here the FFT runs over every lag (the
+masked taps are multiplied, not skipped: the same result up to the threshold, O(b n d log n) whatever the width).
+Lags normalised by max_len, padding zeroed before the convolution, decoding keeps every input so far (an explicit
+long convolution has no finite state), as ckconv.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ OP = register(Op(
     family="longconv", variant="flexconv", params=FlexConvParams, module=FlexConv, causal="yes", shape=sequence_shape,
     paper="FlexConv: Continuous Kernel Convolutions with Differentiable Kernel Sizes, Romero et al. 2021, "
           "arXiv:2110.08059",
-    summary="k(p) = SIREN(p) exp(-(p - mu)^2 / 2 sigma^2), mu and sigma learned (the kernel's size); "
-            "y = W_o (k * x) + b_o; FFT O(n d log n)",
+    summary="k(p) = MAGNet(p) (or SIREN(p)) exp(-(p - mu)^2 / 2 sigma^2), mu and sigma learned (the kernel's "
+            "size); y = W_o (k * x) + b_o; FFT O(n d log n)",
     cost=partial(ck_cost, mask=True), note="LongConv/013.md",
 ))
