@@ -35,8 +35,8 @@ def magnet(net, p):
     """MAGNet written out from the paper, unit by unit: g_l(p) = exp(-gamma_l^2 (p - mu_l)^2 / 2) sin(w_l p + c_l),
     h_1 = g_1, h_(l+1) = (W_l h_l + b_l) g_(l+1), k = W_L h_L + b_L; then FlexConv's mask. p [T] -> [T, d]."""
     L, H = net.gamma.shape
-    g = [[torch.exp(-net.gamma[l, j] ** 2 * (p - net.mu_g[l, j]) ** 2 / 2) * torch.sin(net.freq[l, j] * p + net.phase[l, j])
-          for j in range(H)] for l in range(L)]  # g[l][j]: [T]
+    g = [[torch.exp(-net.gamma[l, j] ** 2 * (p - net.mu_g[l, j]) ** 2 / 2)
+          * torch.sin(net.freq[l, j] * p + net.phase[l, j]) for j in range(H)] for l in range(L)]  # g[l][j]: [T]
     h = g[0]
     for l in range(1, L):
         W, b = net.linears[l - 1].weight, net.linears[l - 1].bias
@@ -149,11 +149,16 @@ def test_every_parameter_learns_mu_and_sigma_too(kernel):
 def test_validation():
     base = "d_model = 32\nmodel m(causal=true) = input(features, d=32) -> residual(longconv(flexconv{a})) -> head(linear, d_out=2)\n"
     evodsl.parse(base.format(a=", sigma=0.2"))
+    assert next(evodsl.compile(base.format(a=""), device="meta").parameters()).is_meta  # MAGNet's Gamma init too
     evodsl.parse(base.format(a=", kernel=siren, omega_0=10.0"))
     evodsl.parse(base.format(a=", kernel=magnet, input_scale=10.0"))
     for bad in ("sigma=0.0", "hidden=0", "layers=1", "max_len=1", "kernel=gabor", "input_scale=0.0"):
         with pytest.raises(EvoError, match=bad.split("=")[0]):
             evodsl.parse(base.format(a=", " + bad))
-    for bad, other in (("omega_0=10.0", "kernel=siren"), ("kernel=siren, input_scale=2.0", "kernel=magnet")):
-        with pytest.raises(EvoError, match=other):  # a knob of the other network: refused, not ignored
+    for bad, field, owner in (("omega_0=10.0", "omega_0", "siren"), ("kernel=siren, input_scale=2.0", "input_scale",
+                                                                       "magnet")):
+        with pytest.raises(EvoError) as err:  # a knob of the other network: refused, not ignored
             evodsl.parse(base.format(a=", " + bad))
+        text = str(err.value)
+        assert f"error[E250]: {field} is an option of kernel={owner}" in text
+        assert f"help: drop {field}, or write kernel={owner}" in text

@@ -37,7 +37,8 @@ class MagnetKernel(nn.Module):
         L, H = layers, hidden
         centre = 1.0 if causal else 0.0
         spread = min(1.0, 1.667 * mask)
-        gamma = torch.stack([torch.distributions.Gamma(ALPHA / (l + 1), BETA).sample((H,)) for l in range(L)])
+        shape = (ALPHA / torch.arange(1.0, L + 1))[:, None].expand(L, H)  # Gamma(alpha / l, beta), layer l's row
+        gamma = torch.distributions.Gamma(shape, torch.full_like(shape, BETA), validate_args=False).sample()
         self.gamma = nn.Parameter(gamma)  # [L, H]
         self.mu_g = nn.Parameter(centre + spread * (2 * torch.rand(L, H) - 1))  # the Gabor windows' centres
         self.freq = nn.Parameter((2 * torch.rand(L, H) - 1) * input_scale / math.sqrt(L) * gamma)  # w_l

@@ -7,8 +7,8 @@ al. 2021, arXiv:2110.08059): a kernel network over the normalised relative posit
 The kernel network is the paper's MAGNet by default (kernel=magnet, _magnet.py: L Gabor filters
 exp(-gamma_l^2 (p - mu_l)^2 / 2) sin(w_l p + c_l) multiplied into L - 1 linear maps, its init from a Gamma
 distribution per layer, `input_scale` its frequencies' scale) or CKConv's SIREN (kernel=siren, _ck_kernel.py, with
-`omega_0`; each network refuses the other's knob). The mask's width is the kernel's size: it is learned with the rest
-by gradient descent. Choices where the paper is silent or differs: `layers` counts the network's linear maps for
+`omega_0`; a knob of the other network is refused, E250). The mask's width is the kernel's size: it is learned
+with the rest by gradient descent. Choices where the paper is silent or differs: `layers` counts the network's linear maps for
 both networks (MAGNet: as many Gabor filters; the authors' no_layers=3 is layers=4 here); the mask is one Gaussian
 for every channel, centred at init on the newest token (causal, p = +1) or on lag 0 (bidirectional, p = 0), of
 width `sigma` at init, and MAGNet's Gabor windows start around it (within 1.667 sigma, the authors' ratio); the
@@ -22,9 +22,9 @@ from __future__ import annotations
 from functools import partial
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from ..registry import Op, OpEnv, OpParams, register, sequence_shape
+from ..registry import Op, OpEnv, OpParams, ShapeProblem, register, sequence_shape
 from ._ck_cost import ck_cost
 from ._ck_kernel import ContinuousConv
 from ._magnet import MagnetKernel
@@ -42,13 +42,14 @@ class FlexConvParams(OpParams):
     sigma: float = Field(0.5, gt=0, le=100, description="the Gaussian mask's width at init (in p's units)")
     bias: bool = Field(True, description="a bias on the pointwise mix")
 
-    @model_validator(mode="after")
-    def _one_kernel(self):
-        other = "input_scale" if self.kernel == "siren" else "omega_0"
-        if other in self.model_fields_set:
-            raise ValueError(f"{other} is an option of kernel={'magnet' if other == 'input_scale' else 'siren'}, "
-                             f"not of kernel={self.kernel}")
-        return self
+def flexconv_shape(p: FlexConvParams, env: OpEnv):
+    """The sequence's shape; E250 for a knob of the kernel network not chosen (it would be silently ignored)."""
+    other = "input_scale" if p.kernel == "siren" else "omega_0"
+    if other in p.model_fields_set:
+        owner = "magnet" if other == "input_scale" else "siren"
+        raise ShapeProblem(f"{other} is an option of kernel={owner}; this longconv(flexconv) has kernel={p.kernel}",
+                           field=other, hint=f"drop {other}, or write kernel={owner}", code="E250")
+    return sequence_shape(p, env)
 
 
 class FlexConv(ContinuousConv):
@@ -60,7 +61,8 @@ class FlexConv(ContinuousConv):
 
 OP = register(Op(
     decode="every input so far [t, d]: an explicit long convolution has no finite state (grows with the length)",
-    family="longconv", variant="flexconv", params=FlexConvParams, module=FlexConv, causal="yes", shape=sequence_shape,
+    family="longconv", variant="flexconv", params=FlexConvParams, module=FlexConv, causal="yes",
+    shape=flexconv_shape,
     paper="FlexConv: Continuous Kernel Convolutions with Differentiable Kernel Sizes, Romero et al. 2021, "
           "arXiv:2110.08059",
     summary="k(p) = MAGNet(p) (or SIREN(p)) exp(-(p - mu)^2 / 2 sigma^2), mu and sigma learned (the kernel's "
