@@ -126,7 +126,8 @@ def variants(args) -> list[tuple[str, str]]:
             ("s5", "s5")]  # the same, ZOH-discretised HiPPO-N decays
     ssms += [("lmu, order=64", f"lmu, order=64, theta={n_max}.0, max_len={n_max}")]  # the Legendre memory by FFT: O(n q log n)
     longconvs = [("ckconv", f"ckconv, max_len={n_max}")]  # SIREN kernel at 2n lags, FFT: O(n d log n + n d^2)
-    longconvs += [("flexconv", f"flexconv, max_len={n_max}")]  # ckconv's kernel times a learned Gaussian mask
+    longconvs += [("flexconv", f"flexconv, max_len={n_max}")]  # MAGNet's Gabor kernel times a learned Gaussian mask
+    longconvs += [("flexconv, siren", f"flexconv, kernel=siren, max_len={n_max}")]  # ckconv's kernel, masked
     longconvs += [("ccnn", f"ccnn, max_len={n_max}")]  # the CCNN block: norm, FlexConv, GELU, linear, GELU, residual
     longconvs += [(f"talk, l_max={args.window}", f"talk, l_max={args.window}, heads=4")]  # prefix sums, 4 gathers: O(n d)
     rnns = [("rwkv4", "rwkv4"),  # RWKV-4's WKV in chunks of 16: O(n T d)

@@ -331,7 +331,8 @@ DIAGONAL = ["norm -> ssm(lru, N=8, chunk=4) -> norm -> ffn", "norm -> ssm(lru, N
             "norm -> rnn(sru, attention=true) -> norm -> rnn(sru, attention=true, scan=true, proj=4, chunk=4)"]  # SRU++: c, K, V
 # long convolutions: CKConv keeps every input so far (no finite state)
 LONGCONV = ["norm -> longconv(ckconv, max_len=16) -> norm -> ffn",
-            "norm -> longconv(flexconv, max_len=16, hidden=8) -> norm -> ffn",
+            "norm -> longconv(flexconv, max_len=16, hidden=8) -> norm -> ffn",  # MAGNet
+            "norm -> longconv(flexconv, max_len=16, hidden=8, kernel=siren) -> norm -> ffn",
             "longconv(ccnn, max_len=16) -> longconv(ccnn, max_len=16, hidden=8) -> norm -> ffn",  # the block's own norm, residual
             "norm -> longconv(talk, l_max=5, heads=4) -> norm -> longconv(talk, l_max=1)",  # TaLK: the last l_max inputs
             "norm -> ssm(lmu, order=6, theta=8.0, units=2, max_len=16) -> norm -> ffn"]  # the LMU's memory [U, q]

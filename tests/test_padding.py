@@ -203,7 +203,9 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              # (causal, right: a token never reads its right, so the left side is the check)
              "ckconv": ("longconv", "ckconv", True, {"max_len": 64, "hidden": 8}, ("left",)),
              "ckconv-bidir": ("longconv", "ckconv", False, {"max_len": 64, "hidden": 8}, ("right", "left")),
-             "flexconv-bidir": ("longconv", "flexconv", False, {"max_len": 64, "sigma": 1.0, "hidden": 8}, ("left",)),
+             "flexconv-bidir": ("longconv", "flexconv", False, {"max_len": 64, "sigma": 1.0, "hidden": 8, "kernel": "siren"}, ("left",)),
+             "flexconv-magnet": ("longconv", "flexconv", True, {"max_len": 64, "sigma": 1.0, "hidden": 8}, ("left",)),
+             "flexconv-magnet-bidir": ("longconv", "flexconv", False, {"max_len": 64, "sigma": 1.0, "hidden": 8}, ("right", "left")),
              "ccnn": ("longconv", "ccnn", True, {"max_len": 64, "sigma": 1.0, "hidden": 8}, ("left",)),
              "ccnn-bidir": ("longconv", "ccnn", False, {"max_len": 64, "sigma": 1.0, "hidden": 8}, ("right",)),
              # TaLK: a padded input is zeroed before the prefix sums (its windows' normaliser is a constant)

@@ -29,11 +29,12 @@ class NoParams(OpParams):
 
 
 class ShapeProblem(Exception):
-    """Raised by a shape rule; becomes a diagnostic pointing at `field`'s argument (or the call)."""
+    """Raised by a shape rule; becomes a diagnostic pointing at `field`'s argument (or the call), with `code` (E300,
+    a shape, unless the op's task gave it its own)."""
 
-    def __init__(self, message: str, field: str | None = None, hint: str = ""):
+    def __init__(self, message: str, field: str | None = None, hint: str = "", code: str = "E300"):
         super().__init__(message)
-        self.message, self.field, self.hint = message, field, hint
+        self.message, self.field, self.hint, self.code = message, field, hint, code
 
 
 @dataclass(frozen=True)

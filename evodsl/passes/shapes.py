@@ -154,13 +154,13 @@ def _call(n: Node, ins, c: Collector, where: _Where, in_causal: tuple, top: Grap
     try:
         shape = op.shape(n.params, env)
     except ShapeProblem as p:
-        c.error("E300", p.message, spans.get(p.field, n.span), help=p.hint)
+        c.error(p.code, p.message, spans.get(p.field, n.span), help=p.hint)
         raise _Stop from None
     if op.family == "mha" and pos is not None and pos[0].variant in op.supports:
         try:  # the scheme's own checks against this attention's heads (e.g. rope's rotated channels)
             pos[0].attach(pos[1], n.params.heads, n.params.head_dim or env.d // n.params.heads)
         except ShapeProblem as p:
-            c.error("E300", p.message, pos_node.meta.get("arg_spans", {}).get(p.field, pos_node.span),
+            c.error(p.code, p.message, pos_node.meta.get("arg_spans", {}).get(p.field, pos_node.span),
                     help=p.hint)
     n.meta["shape"], n.meta["env"] = tuple(shape), env
     if op.attach is not None:

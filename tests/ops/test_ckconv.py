@@ -103,9 +103,10 @@ def test_validation():
 
 @pytest.mark.slow  # ~30 s: an export (test_onnx.py exports each long convolution causal in the default run)
 def test_the_bidirectional_long_convolutions_export(tmp_path):
-    """ckconv, flexconv, ccnn and talk bidirectional in one model: one ONNX file (a symbolic n; the FFT over 2 n,
+    """ckconv, flexconv (MAGNet and SIREN), ccnn and talk bidirectional in one model: one ONNX file (a symbolic n; the FFT over 2 n,
     TaLK's gathers), onnxruntime against torch at n = 7, 33, 70, batches of 1 and 3, a right-padded row."""
     src = ("d_model = 32\nmodel m(causal=false) = input(features, d=32) -> norm -> residual(longconv(ckconv, max_len=128)) "
-           "-> norm -> residual(longconv(flexconv, max_len=128)) -> longconv(ccnn, max_len=128) "
+           "-> norm -> residual(longconv(flexconv, max_len=128)) -> residual(longconv(flexconv, kernel=siren, max_len=128)) "
+           "-> longconv(ccnn, max_len=128) "
            "-> norm -> residual(longconv(talk, l_max=6, r_max=3, heads=4)) -> head(linear, d_out=8)\n")
     assert spec_onnx_parity(src, tmp_path) <= 1e-4

@@ -112,8 +112,12 @@ CASES = [
     ("longconv", "ckconv", lambda d: {"causal": True, "max_len": 64}),
     ("longconv", "ckconv", lambda d: {"causal": False, "hidden": 8, "layers": 4, "bias": False}),
     # FlexConv: the same with the Gaussian mask (its steps kept for backward)
+    ("longconv", "flexconv", lambda d: {"causal": False, "max_len": 64, "kernel": "siren"}),
+    ("longconv", "flexconv", lambda d: {"causal": True, "hidden": 8, "layers": 2, "sigma": 0.1, "bias": False, "kernel": "siren"}),
+    # MAGNet (the default): L Gabor filters [2 n, L, H] kept, L - 1 maps
     ("longconv", "flexconv", lambda d: {"causal": False, "max_len": 64}),
     ("longconv", "flexconv", lambda d: {"causal": True, "hidden": 8, "layers": 2, "sigma": 0.1, "bias": False}),
+    ("longconv", "flexconv", lambda d: {"causal": True, "hidden": 16, "layers": 5, "max_len": 64}),
     # the CCNN block (norm, FlexConv, GELUs, linear, residual): causal, and bidirectional with dropout in training
     ("longconv", "ccnn", lambda d: {"causal": True, "max_len": 64}),
     ("longconv", "ccnn", lambda d: {"causal": False, "hidden": 8, "layers": 2, "dropout": 0.1}),

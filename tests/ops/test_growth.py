@@ -228,7 +228,8 @@ SEQ_ARGS = {
     # storage tracker would sweep at every op (quadratic in n to measure), so its row is the cost test's
     "sru-scan": ("rnn", "sru", True, {"scan": True, "chunk": 16}),
     "ckconv": ("longconv", "ckconv", False, {"hidden": 16}),  # the kernel at 2n lags, spectra [n + 1, d]: O(n) bytes
-    "flexconv": ("longconv", "flexconv", True, {"hidden": 16}),
+    "flexconv": ("longconv", "flexconv", True, {"hidden": 16, "kernel": "siren"}),
+    "flexconv-magnet": ("longconv", "flexconv", True, {"hidden": 16}),  # Gabor filters [2 n, L, H]: O(n) bytes
     "ccnn": ("longconv", "ccnn", False, {"hidden": 16}),
     "talk": ("longconv", "talk", False, {"l_max": 16, "heads": 4}),  # a prefix table and gathers: O(n)
     "lmu": ("ssm", "lmu", True, {"order": 16, "theta": 64.0, "units": 2, "max_len": 8192}),  # memories b n U q: O(n)

@@ -163,7 +163,8 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm",
              "sru": ("rnn", "sru", {}), "sru-scan": ("rnn", "sru", {"scan": True, "chunk": 4}),
              "sru++": ("rnn", "sru", {"attention": True, "scan": True, "chunk": 4}),
              "ckconv": ("longconv", "ckconv", {"max_len": 16, "hidden": 8}),  # lags past max_len: the kernel extrapolated
-             "flexconv": ("longconv", "flexconv", {"max_len": 16, "sigma": 2.0, "hidden": 8}),
+             "flexconv": ("longconv", "flexconv", {"max_len": 16, "sigma": 2.0, "hidden": 8, "kernel": "siren"}),
+             "flexconv-magnet": ("longconv", "flexconv", {"max_len": 16, "sigma": 2.0, "hidden": 8, "layers": 4}),
              "ccnn": ("longconv", "ccnn", {"max_len": 16, "sigma": 2.0, "hidden": 8}),
              "talk": ("longconv", "talk", {"l_max": 9, "heads": 4}),
              "lmu": ("ssm", "lmu", {"order": 6, "theta": 8.0, "units": 2, "max_len": 16})}

@@ -1,5 +1,6 @@
-"""The continuous kernel of ckconv, flexconv and ccnn: a SIREN MLP (Sitzmann et al. 2020, as CKConv's kernel network)
-from a normalised relative position p to one kernel value per channel,
+"""The continuous kernel of ckconv, flexconv (kernel=siren; its default, MAGNet, is _magnet.py) and ccnn: a SIREN MLP
+(Sitzmann et al. 2020, as CKConv's kernel network) from a normalised relative position p to one kernel value per
+channel,
 
     h_1 = sin(omega_0 (W_1 p + b_1)),  h_{l+1} = sin(omega_0 (W_{l+1} h_l + b_{l+1})),  k(p) = W_L h_{L-1} + b_L
 
@@ -59,14 +60,15 @@ class SirenKernel(nn.Module):
 
 
 class ContinuousConv(nn.Module):
-    """y = W_o (k * x) + b_o: the depthwise FFT convolution with a SirenKernel, then the pointwise mix. Padded
-    positions are zeroed before the convolution (they enter no output); decoding keeps every input so far."""
+    """y = W_o (k * x) + b_o: the depthwise FFT convolution with a SirenKernel (or `kernel`, a module of the same
+    call: lags, keep -> [T, d], such as _magnet.MagnetKernel), then the pointwise mix. Padded positions are zeroed
+    before the convolution (they enter no output); decoding keeps every input so far."""
 
     def __init__(self, d: int, hidden: int, layers: int, omega_0: float, max_len: int, causal: bool,
-                 mask: float | None = None, bias: bool = True):
+                 mask: float | None = None, bias: bool = True, kernel: nn.Module | None = None):
         super().__init__()
         self.causal = causal
-        self.kernel = SirenKernel(d, hidden, layers, omega_0, max_len, causal, mask)
+        self.kernel = kernel if kernel is not None else SirenKernel(d, hidden, layers, omega_0, max_len, causal, mask)
         self.mix = nn.Linear(d, d, bias=bias)
 
     def taps(self, n, like: torch.Tensor) -> torch.Tensor:
