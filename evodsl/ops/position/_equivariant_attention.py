@@ -16,21 +16,23 @@ def sinusoids(t: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
     return torch.stack((a.sin(), a.cos()), -1).flatten(-2)
 
 
-def clipped_sums(c: torch.Tensor, w: torch.Tensor, k: int, causal: bool, far: torch.Tensor | None = None):
-    """sum_j c_i[clip(j - i, k)] w_j over every key j, c [b, h, n, 2k + 1] (offset t = j - i at column t + k;
-    causal: columns 0..k), w [b, h, k + n (+ k), e] the keys' rows with the k before the first query in front (zeros
-    in training; decoding: the window kept) and, bidirectional, k zero rows behind; far [b, h, e] the sum of the
-    keys before those (decoding), or None. Keys past ±k share column 0 / 2k: their sums are prefix sums of w."""
-    n = c.shape[2]
-    cum = F.pad(w.cumsum(2), (0, 0, 1, 0))  # [b, h, rows + 1, e]: P_r = sum of the rows before r
-    i = torch.arange(n, device=c.device)
+def clipped_sums(c: torch.Tensor, w: torch.Tensor, k: int, causal: bool, pre: int = 0, far=None):
+    """sum_j c_i[clip(j - i, k)] w_j over every key j: c [b, h, n, 2k + 1] (offset t = j - i at column t + k;
+    causal: columns 0..k read), w [b, h, pre + n, e] the keys' rows, query a at row pre + a (decoding: the window of
+    the `pre` tokens before the new ones in front), far [b, h, e] the sum of the keys before w's first row, or None.
+    The 2k + 1 inner offsets (causal: k + 1) gathered and summed directly; the keys past -k / +k share column
+    0 / 2k, their sums prefix sums of w. Indices, never slices with n in them (export)."""
+    n, L = c.shape[2], w.shape[2]
+    cum = F.pad(w.cumsum(2), (0, 0, 1, 0))  # [b, h, L + 1, e]: P_r = the sum of rows before r
+    i = torch.arange(n, device=c.device) + pre
     width = k + 1 if causal else 2 * k + 1
-    rows = w[:, :, i[:, None] + torch.arange(width, device=c.device)]  # [b, h, n, width, e]: offsets -k..
-    o = (c[..., None, :width] @ rows).squeeze(-2)  # the 2k + 1 inner offsets (causal: k + 1), directly
-    left = cum[:, :, :n] if far is None else cum[:, :, :n] + far[:, :, None]  # keys before i - k
-    o = o + c[..., :1] * left
-    if not causal:  # keys after i + k: all of them less those up to i + k
-        o = o + c[..., -1:] * (cum[:, :, -1:] - cum[:, :, i + 2 * k + 1])
+    at = i[:, None] + torch.arange(width, device=c.device) - k  # [n, width]: the rows at offsets -k..
+    inside = ((at >= 0) & (at < L)).to(c.dtype)
+    o = ((c[..., :width] * inside)[..., None, :] @ w[:, :, at.clamp(0, L - 1)]).squeeze(-2)
+    left = cum[:, :, (i - k).clamp(min=0)]  # rows before i - k
+    o = o + c[..., :1] * (left if far is None else left + far[:, :, None])
+    if not causal:  # rows after i + k: all of them less those up to i + k
+        o = o + c[..., -1:] * (cum[:, :, -1:] - cum[:, :, (i + k + 1).clamp(max=L)])
     return o
 
 
@@ -99,11 +101,10 @@ class EquivariantRelative(InAttentionPosition):
                 window = w.new_zeros(b, w.shape[1], K, w.shape[-1]) if state is None else state[1]
                 far = w.new_zeros(b, w.shape[1], w.shape[-1]) if state is None else state[2]
                 rows = torch.cat((window, w), 2)
-                o = o + clipped_sums(c, att.expand_kv(rows), K, True, att.expand_kv(far))
-                s = (s, rows[:, :, n:], far + rows[:, :, :n].sum(2))
+                o = o + clipped_sums(c, att.expand_kv(rows), K, True, K, att.expand_kv(far))
+                s = (s, rows[:, :, n:].clone(), far + rows[:, :, :n].sum(2))
             else:
-                rows = F.pad(w, (0, 0, K, 0 if att.causal else K))
-                o = o + clipped_sums(c, att.expand_kv(rows), K, att.causal)
+                o = o + clipped_sums(c, att.expand_kv(w), K, att.causal)
         if decoding:
             ctx.cache.caches[slot(ctx, att)] = s if isinstance(s, tuple) else (s,)
         num, den = o[..., :-1], o[..., -1:]
