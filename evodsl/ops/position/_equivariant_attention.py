@@ -78,6 +78,7 @@ class EquivariantRelative(InAttentionPosition):
         state = ctx.cache.caches.get(slot(ctx, att)) if decoding else None
         phi = FEATURE_MAPS[att.phi]
         fq, fk = phi(q), phi(k)
+        del q, k  # phi's inputs: autograd keeps what it needs
         keep = None if key_mask is None else key_mask[:, None, :, None].to(fk.dtype)
         if self.method == "rotation":  # [phi(q) u_i R rho] . [phi(k) u_j 1]
             pq, u, rho = self.position_features(start, n, x.device)
