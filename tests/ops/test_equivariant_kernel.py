@@ -100,7 +100,7 @@ def test_decodes_at_an_offset(method, extra):
 @pytest.mark.parametrize("method", [ROT, CLIP])
 def test_decodes_with_constant_state(method):
     build_args = {"heads": 2, "pos": ("equivariant_kernel", {"method": method[0], **method[1]})}
-    m = build(method, True, {"d": 16} and {})
+    m = build(method, True)
     assert_decodes_with_constant_state(m, "mha", "linear", 16, build_args)
 
 
