@@ -4,10 +4,14 @@ ones). The kernel (phi(K)^T [V 1], phi(Q) times it; causal, in chunks of 64) is 
 F' features:
 
 - rotation: F' = F + 2m + 1, the features [phi(q) u_i R rho] and [phi(k) u_j 1] concatenated (copies), the
-  position features [h, n, 2m] / [n, 2m] made per call;
-- clipped: F' = F, plus phi(q) phi(r)^T [b, h, n, W] (W = 2k + 1; causal k + 1 of them read), the [v 1] rows
-  padded by k (either side) and their prefix sums, the gather of W rows a query [b, h, n, W, e] and its matmul,
-  the far keys' two (causal: one) prefix-sum terms.
+  position features [h, n, 2m] and [n, 2m] made per call;
+- clipped: F' = F, plus phi(q) phi(r)^T [b, h, n, 2k + 1] (W = 2k + 1 columns read; causal k + 1), the [v 1] rows
+  and their prefix sums [n + 1], the gather of W rows a query [b, h, n, W, e] and its matmul, the far keys' one
+  (causal) or two prefix-sum terms. O(n (F + k) e) time and memory, never n x n.
+
+Memory from the measured traces: the features stay alive until the attention returns (they are attend()'s
+locals), so the last phase holds them beside the division and o_proj's copy; clipped, the gather's phase
+(every term above at once) leads the inference peak.
 """
 from __future__ import annotations
 
