@@ -119,5 +119,9 @@ def test_refusals():
         evodsl.compile("model m = input(features, d=32) -> pos(equivariant_kernel) -> mha(performer)")
     with pytest.raises(EvoError, match="E302(.|\n)*pos\\(equivariant_kernel\\) works inside: mha\\(linear\\)"):
         evodsl.compile("model m = input(features, d=32) -> pos(equivariant_kernel, method=clipped) -> mha(softmax)")
+    with pytest.raises(EvoError, match="E300(.|\n)*scales= is for method=rotation, not method=clipped"):
+        evodsl.compile("model m = input(features, d=32) -> pos(equivariant_kernel, method=clipped, scales=2) -> mha(linear)")
+    with pytest.raises(EvoError, match="E300(.|\n)*clip= is for method=clipped"):
+        evodsl.compile("model m = input(features, d=32) -> pos(equivariant_kernel, clip=4) -> mha(linear)")
     with pytest.raises(EvoError, match="clip"):
         evodsl.compile("model m = input(features, d=32) -> pos(equivariant_kernel, method=clipped, clip=0) -> mha(linear)")

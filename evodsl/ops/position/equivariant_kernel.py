@@ -44,7 +44,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..cost import Cost
-from ..registry import Op, OpParams, register, sequence_shape
+from ..registry import Op, OpParams, ShapeProblem, register, sequence_shape
 from ._equivariant_attention import EquivariantRelative
 from ._inattention import InAttentionStream
 
@@ -59,10 +59,21 @@ class EquivariantKernelParams(OpParams):
     seed: int = Field(0, ge=0, le=2 ** 62, description="rotation: the generator the blocks are drawn from")
 
 
+_ONLY = {"scales": "rotation", "max_timescale": "rotation", "seed": "rotation", "clip": "clipped"}
+
+
+def equivariant_shape(p: EquivariantKernelParams, env):
+    for f in sorted(p.model_fields_set & set(_ONLY)):
+        if _ONLY[f] != p.method:
+            raise ShapeProblem(f"{f}= is for method={_ONLY[f]}, not method={p.method}", f,
+                               f"remove {f}=, or choose method={_ONLY[f]}")
+    return sequence_shape(p, env)
+
+
 OP = register(Op(
     decode="rotation: the state [(F + 2m + 1) x (dv + 1)] per K/V head; clipped: the state [F x (dv + 1)], the last "
            "clip tokens' [v 1] and the sum of those before: constant in the length",
-    shape=sequence_shape, family="pos", variant="equivariant_kernel", params=EquivariantKernelParams,
+    shape=equivariant_shape, family="pos", variant="equivariant_kernel", params=EquivariantKernelParams,
     module=InAttentionStream, causal="yes", attach=EquivariantRelative,
     attach_cost=lambda p, s, h, kv, dh: Cost(),  # its whole cost is the attention's (_equivariant_cost.py)
     cost=lambda p, env, s: Cost(inplace=True),  # the identity on the stream
