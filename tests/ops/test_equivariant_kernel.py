@@ -67,26 +67,35 @@ def test_matches_the_equation(method, extra, b, n, causal):
     torch.testing.assert_close(m(x, Ctx()), reference(m, x, causal), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("method", [ROT, CLIP])
-@pytest.mark.parametrize("causal", [False, True])
-def test_shifting_every_position_leaves_the_outputs(method, causal):
-    """The paper's claim: the same tokens at positions s..s+n-1 (a decoding cache's offset) give the outputs they
-    give at 0..n-1. The control: the rotation's position features themselves differ between the two."""
-    m = build(method, causal)
+@pytest.mark.parametrize("method", [ROT, CLIP, (("rotation", {"scales": 8, "max_timescale": 100.0}))])
+def test_shifting_every_position_leaves_the_outputs(method):
+    """The paper's claim: the same tokens at positions s..s+n-1 (a decoding cache's offset, one piece) give the
+    outputs they give at 0..n-1, in float64 to 1e-10."""
+    m = build(method, True)
     x = torch.randn(2, 20, 16, dtype=torch.float64)
     want = m(x, Ctx())
     for s in (1, 7, 1000):
-        got = m(x, Ctx(cache=DecodeState(), offset=s)) if causal else None
-        if got is not None:
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    if method is ROT:
-        p0, _, _ = m.pos.position_features(0, 20, x.device)
-        p7, _, _ = m.pos.position_features(7, 20, x.device)
-        assert (p0 - p7).abs().max() > 0.1
-        # the score term itself: <u_(i+s) R, u_(j+s)> == <u_i R, u_j>
-        p0, u0, _ = m.pos.position_features(0, 20, x.device)
-        p7, u7, _ = m.pos.position_features(7, 20, x.device)
-        torch.testing.assert_close(p7 @ u7.T, p0 @ u0.T, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(m(x, Ctx(cache=DecodeState(), offset=s)), want, rtol=1e-10, atol=1e-10)
+
+
+def test_shifting_moves_an_absolute_scheme():
+    """The control for the test above: rope before phi (mha(linear)'s absolute positions through the feature map)
+    changes with the offset, so the offset does reach the positions."""
+    m, _, _ = make_op("mha", "linear", d=16, heads=2, causal=True, pos=("rope", {}))
+    perturb_params(m, scale=0.3)
+    x = torch.randn(2, 20, 16, dtype=torch.float64)
+    assert (m(x, Ctx(cache=DecodeState(), offset=7)) - m(x, Ctx())).abs().max() > 1e-3
+
+
+def test_the_rotation_score_depends_on_the_offset_alone():
+    """<u_(i+s) R, u_(j+s)> == <u_i R, u_j> (the score term, both sides), while u_i R itself moves with s (the
+    control: an absolute encoding would pass nothing through the first check)."""
+    m = build(ROT, False)
+    p0, u0, _ = m.pos.position_features(0, 20, "cpu")
+    for s in (7, 1000):
+        ps, us, _ = m.pos.position_features(s, 20, "cpu")
+        assert (ps - p0).abs().max() > 0.1
+        torch.testing.assert_close(ps @ us.T, p0 @ u0.T, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("method,extra", [(ROT, {"kv_heads": 1}), (CLIP, {}), (("clipped", {"clip": 5}), {"kv_heads": 1})])
