@@ -2,8 +2,10 @@
 kernelized attention (Horn, Shridhar, Groenewald, Baumann 2021, "Translational Equivariance in Kernelizable
 Attention", arXiv:2102.07680, §3), run inside every mha(linear) downstream; on the stream it is the identity.
 The paper splits the score of query i and key j into a content term and a position term; either form keeps the
-attention linear, O(n F dv) a head (F = dh features, dv = dh), and each weight depends on positions only through
-j - i, so shifting every position by s changes no output.
+attention linear in n (F = dh features a head, dv = dh), and each weight depends on positions only through j - i,
+so shifting every position by s changes no output (tests/ops/test_equivariant_kernel.py checks it at offsets up
+to 1000). A parameter of the other method (scales=, max_timescale=, seed= with clipped; clip= with rotation) is
+refused (E300).
 
 - method=rotation (the paper's strategy 1): sinusoids u_x = [sin(w_1 x), cos(w_1 x), ..., sin(w_m x), cos(w_m x)]
   (m = scales), the query's projected by R_h = blockdiag([[a_s, b_s], [-b_s, a_s]]) (learned per head), the key's
@@ -29,13 +31,16 @@ Choices where the paper is silent (it runs FAVOR+ softmax features; mha(linear) 
 - rotation: the paper's additive score u_i W_q* W_k*^T u_j^T (cross terms dropped) is kept as it is, beside the
   content kernel rather than inside it (phi of the position features would make the product depend on absolute
   positions); it is shifted by rho_h so that every weight stays >= 0 (the denominator positive). w_s start at
-  1 / max_timescale^(s/m) and are learned (the authors' LearnableSinusoidEncoding), per attention layer; a, b start
-  N(0, 1) from torch.Generator(seed) (the authors' init).
+  1 / max_timescale^(s/m) and are learned (the authors' LearnableSinusoidEncoding, there one for the model; here
+  one per attention layer); a, b start N(0, 1) from torch.Generator(seed) (the authors' init; rho's gradient is
+  undefined only at a_s = b_s = 0).
 - clipped: the paper's 2k + 1 signed offsets (the authors' image code keeps k + 1 unsigned distances); the content
   and the relative terms are summed in every head (the authors give them to separate halves of the heads); r
   starts at 0 (the authors'), so that the relative term starts uniform.
-- mha(linear) only: mha(performer)'s random features are equivariant only in expectation, and its per-sequence
-  stabiliser would have to cover the offset vectors too; not done.
+- mha(linear) only (E302 elsewhere, naming it): in mha(performer) the authors' form (the position features
+  concatenated to q and k before FAVOR+) is equivariant only in expectation over the random features, and the
+  additive form here would need performer's per-query and per-key stabilisers (exp(-max)) to cancel across two
+  terms they do not share; not done.
 """
 from __future__ import annotations
 
