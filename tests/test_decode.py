@@ -391,6 +391,8 @@ CASES += [(f"pos(huang, method={m}, k=3)", b) for m in (1, 2, 3, 4) for b in BLO
 # PermuteFormer (pos(permute)): the decayed state, the new features permuted at their positions
 CASES += [("pos(permute)", b) for b in LINEAR + RANDOM_FEATURES[:2]]
 CASES += [("pos(kernel_rpe, max_len=64)", b) for b in LINEAR]  # every key's features kept
+# translation-equivariant kernelized positions: the rotation's wider state; the clipped window and far sum
+CASES += [(f"pos(equivariant_kernel{a})", b) for a in ("", ", method=clipped, clip=3") for b in LINEAR]
 CASES = _lean(CASES)
 
 

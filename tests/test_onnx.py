@@ -121,6 +121,7 @@ ARGS = {  # one entry per line: helpers add rows side by side
     ("ffn", "ngpt"): "s_init=0.1",  # its sqrt(d) s_v on weights not unit-norm: else it dwarfs the chain's leak signal
     ("pos", "tupe"): "max_len=128, mode=rel, cls=true",
     ("pos", "kernel_rpe"): "max_len=128",
+    ("pos", "equivariant_kernel"): "method=clipped, clip=3",  # the gathers and prefix sums
     ("pos", "huang"): "method=3, k=4",  # the band's loop and the far matmuls (method 4 is SDPA's float mask)
 }
 FEATURES, OUT = "input(features, d=32)", "head(linear, d_out=8)"
@@ -152,6 +153,7 @@ TOKEN_MODELS = {("embed", "token"): f"input(tokens) -> {{ops}} -> mha -> {OUT}",
                 ("embed", "complex"): f"input(tokens) -> {{ops}} -> mha -> {OUT}",
                 ("pos", "permute"): f"{FEATURES} -> {{ops}} -> mha(performer, features=16) -> {OUT}",
                 ("pos", "kernel_rpe"): f"{FEATURES} -> {{ops}} -> mha(linear) -> {OUT}",
+                ("pos", "equivariant_kernel"): f"{FEATURES} -> {{ops}} -> mha(linear) -> {OUT}",
                 ("head", "lm"): "input(tokens) -> embed(token) -> mha -> {ops}",
                 ("head", "ngpt"): "input(tokens) -> embed(token) -> mha -> {ops}",
                 ("memory", "rmt"): f"{{{{ mem = {{ops}}  x = {FEATURES} -> cat(seq, prefix=mem, suffix=mem) -> mha  "

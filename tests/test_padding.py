@@ -52,7 +52,9 @@ POSITIONS = {"rope": ("rope", {}), "xpos": ("xpos", {"scale_base": 16.0}), "alib
              "deberta": ("deberta", {"k": 16}), "diet": ("diet", {"mode": "abs", "max_len": N}),
              "tupe": ("tupe", {"heads": 4, "max_len": N, "mode": "rel", "cls": True, "buckets": 8, "max_distance": 20}),
              "huang": ("huang", {"method": 3, "k": 3}), "permute": ("permute", {}),
-             "kernel_rpe": ("kernel_rpe", {"max_len": 128})}  # relative: the distances between tokens are padding's either side
+             "kernel_rpe": ("kernel_rpe", {"max_len": 128}),
+             "equivariant_rotation": ("equivariant_kernel", {}),  # relative either way: padding shifts no weight
+             "equivariant_clipped": ("equivariant_kernel", {"method": "clipped", "clip": 3})}  # relative: the distances between tokens are padding's either side
 ABSOLUTE = ("diet", "tupe")  # position terms read from each row's start: left padding is refused (E409, their tests)
 ATTENTION = sorted(v for f, v in REGISTRY if f == "mha")
 KERNELIZED = ("linear", "performer", "rfa", "learned_kernel", "slim")  # chunked causal forms; phi after rope (absolute positions)
@@ -72,7 +74,7 @@ def _cases():
     for variant in ATTENTION:
         supports = REGISTRY[("mha", variant)].supports
         for causal in (True,) if variant in CAUSAL_ONLY else (False, True) if REGISTRY[("mha", variant)].causal != "no" else (False,):
-            for pos in [None, *(p for p in POSITIONS if p in supports)]:
+            for pos in [None, *(p for p in POSITIONS if POSITIONS[p][0] in supports)]:
                 yield pytest.param(variant, causal, pos, False,
                                    id=f"{variant}-{'causal' if causal else 'bidir'}-{pos or 'nopos'}")
             if "residual_scores" in supports:

@@ -170,7 +170,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                ({"pos": HALF_ROPE}, SMALL),
                ({"pos": ("permute", {})}, ODD), ({"pos": ("permute", {"r": 0.9}), "kv_heads": 2}, SMALL),  # PermuteFormer
                # kernelized RPE (pos(kernel_rpe)): B = phi(k) [v 1]^T, its Toeplitz sums by FFT
-               ({"pos": ("kernel_rpe", {"max_len": 256}), "kv_heads": 2}, ODD)],
+               ({"pos": ("kernel_rpe", {"max_len": 256}), "kv_heads": 2}, ODD),
+               # translation-equivariant (pos(equivariant_kernel)): the rotation's wider features; the clipped offsets
+               ({"pos": ("equivariant_kernel", {})}, SMALL), ({"pos": ("equivariant_kernel", {"scales": 3}), "kv_heads": 2}, ODD),
+               ({"pos": ("equivariant_kernel", {"method": "clipped"})}, SMALL),
+               ({"pos": ("equivariant_kernel", {"method": "clipped", "clip": 3}), "kv_heads": 2}, ODD)],
     "fanet": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "simpletron": [({}, BOTH), ({"kv_heads": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD)],
     "separable": [({}, BOTH), ({"heads": 1}, BOTH), ({"heads": 2, "head_dim": 8, "bias": False}, ODD),

@@ -303,3 +303,18 @@ def test_classes_are_told_apart(cls):
 def test_series_prints_its_class():
     assert str(Series(NS, tuple(float(n * n) for n in NS))).startswith("n^2 (exponent 2.00")
     assert math.isclose(slope(NS, [n * n for n in NS]), 2.0)
+
+
+# pos(equivariant_kernel) inside mha(linear): the rotation's F + 2m + 1 features; the clipped offsets' gathers of
+# 2k + 1 rows and prefix sums a query: linear in n
+EQUIVARIANT = [("rotation", {}), ("clipped", {"method": "clipped", "clip": 4})]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("key,pos", EQUIVARIANT, ids=[k for k, _ in EQUIVARIANT])
+def test_equivariant_kernel_grows_linearly(key, pos, causal):
+    got, flops, peak, bwd = _growth("mha", "linear", causal, {"heads": HEADS, "pos": ("equivariant_kernel", pos)})
+    assert flops.cls == peak.cls == "n", (flops, peak)
+    check_growth(f"mha(linear) pos(equivariant_kernel, {key}) {'causal' if causal else 'bidirectional'}", got, flops,
+                 peak, bwd)

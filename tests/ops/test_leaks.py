@@ -82,7 +82,10 @@ POSITIONS = {"rope": ("rope", {}), "rope_half": ("rope", {"fraction": 0.5}), "al
              "tupe_rel": ("tupe", {"heads": 4, "max_len": 128, "mode": "rel", "buckets": 8, "max_distance": 20}),
              # pos(huang): its explicit scores (method 3's band and far matmuls; methods 1, 2 share the path) and SDPA's mask
              "huang3": ("huang", {"method": 3, "k": 3}), "huang4": ("huang", {"method": 4, "k": 3}),
-             "permute": ("permute", {}), "kernel_rpe": ("kernel_rpe", {"max_len": 128})}
+             "permute": ("permute", {}), "kernel_rpe": ("kernel_rpe", {"max_len": 128}),
+             # pos(equivariant_kernel): the rotation form in 64-token chunks; the clipped window past several k
+             "equivariant_rotation": ("equivariant_kernel", {}),
+             "equivariant_clipped": ("equivariant_kernel", {"method": "clipped", "clip": 3})}
 
 
 def test_every_causal_attention_is_covered():

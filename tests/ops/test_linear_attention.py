@@ -114,7 +114,7 @@ def test_padding_keeps_gradients_finite_with_eps_zero():
 def test_params_and_shape_rule():
     load_all()
     op = lookup("mha", "linear")
-    assert op.causal == "yes" and op.supports == frozenset({"rope", "permute", "kernel_rpe"})
+    assert op.causal == "yes" and op.supports == frozenset({"rope", "permute", "kernel_rpe", "equivariant_kernel"})
     with pytest.raises(ValidationError):
         op.params(phi="relu")
     with pytest.raises(ValidationError):

@@ -232,7 +232,7 @@ def linear_attention_cost(p: LinearAttentionParams, env: OpEnv, s: Symbols) -> C
 OP = register(Op(
     decode="the running sums S [dh x dh] and z [dh] per K/V head: constant in the tokens seen",
     family="mha", variant="linear", params=LinearAttentionParams, module=LinearAttention,
-    causal="yes", shape=weightless_shape("mha(linear)"), supports=frozenset({"rope", "permute", "kernel_rpe"}),
+    causal="yes", shape=weightless_shape("mha(linear)"), supports=frozenset({"rope", "permute", "kernel_rpe", "equivariant_kernel"}),
     paper="Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention, Katharopoulos et al. "
           "2020, arXiv:2006.16236",
     summary="phi(q_i)^T sum_j phi(k_j) v_j^T / (phi(q_i)^T sum_j phi(k_j) + eps), phi = elu + 1; causal: j <= i",
