@@ -327,6 +327,7 @@ DIAGONAL = ["norm -> ssm(lru, N=8, chunk=4) -> norm -> ffn", "norm -> ssm(lru, N
             # QRNN: the last k - 1 inputs and the cell c; a per-token window
             "norm -> rnn(qrnn, window=3, chunk=4) -> norm -> ffn", "norm -> rnn(qrnn, window=1, chunk=7) -> rnn(qrnn, bias=false)",
             "norm -> rnn(gilr, chunk=4) -> norm -> rnn(gilr, chunk=7, bias=false)",  # GILR: h
+            "norm -> rnn(gilr, chunk=4, lstm=true) -> norm -> rnn(gilr, chunk=7, lstm=true, bias=false)",  # GILR-LSTM: h~, c
             "norm -> rnn(sru) -> norm -> rnn(sru, scan=true, chunk=4) -> norm -> ffn",  # SRU: c, both forms
             "norm -> rnn(sru, attention=true) -> norm -> rnn(sru, attention=true, scan=true, proj=4, chunk=4)"]  # SRU++: c, K, V
 # long convolutions: CKConv keeps every input so far (no finite state)

@@ -196,6 +196,7 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "s5": ("ssm", "s5", True, {"chunk": 4, "P": 8}, ("right", "left")),
              "qrnn": ("rnn", "qrnn", True, {"chunk": 4, "window": 3}, ("right", "left")),  # no input, decay 1, window zeroed
              "gilr": ("rnn", "gilr", True, {"chunk": 4}, ("right", "left")),
+             "gilr-lstm": ("rnn", "gilr", True, {"chunk": 4, "lstm": True}, ("right", "left")),  # h~ and c kept
              "sru": ("rnn", "sru", True, {}, ("right", "left")), "sru-scan": ("rnn", "sru", True, {"scan": True, "chunk": 4}, ("right", "left")),
              "sru++": ("rnn", "sru", True, {"attention": True}, ("right", "left")),  # padded keys get no weight
              # continuous-kernel convolutions: a padded input is zeroed before the FFT (a lag does not depend on the

@@ -224,6 +224,7 @@ SEQ_ARGS = {
     "s5": ("ssm", "s5", True, {"P": 16, "chunk": 16, "blocks": 2}),  # the same scan, ZOH-discretised decays
     "qrnn": ("rnn", "qrnn", True, {"window": 2, "chunk": 16}),  # a width-k convolution and fo-pooling's scan: O(n d (d k + log T))
     "gilr": ("rnn", "gilr", True, {"chunk": 16}),  # two projections and the scan: O(n d (d + log T))
+    "gilr-lstm": ("rnn", "gilr", True, {"chunk": 16, "lstm": True}),  # ten projections, two scans: O(n d (d + log T))
     # SRU's parallel form (v = 0); its light recurrence loops over tokens, whose thousands of live [b, d] tensors the
     # storage tracker would sweep at every op (quadratic in n to measure), so its row is the cost test's
     "sru-scan": ("rnn", "sru", True, {"scan": True, "chunk": 16}),

@@ -159,7 +159,7 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm",
              "lru": ("ssm", "lru", {"chunk": 4, "N": 8}),
              "s5": ("ssm", "s5", {"chunk": 4, "P": 8, "blocks": 2}),
              "qrnn": ("rnn", "qrnn", {"chunk": 4, "window": 3}),
-             "gilr": ("rnn", "gilr", {"chunk": 4}),
+             "gilr": ("rnn", "gilr", {"chunk": 4}), "gilr-lstm": ("rnn", "gilr", {"chunk": 4, "lstm": True}),
              "sru": ("rnn", "sru", {}), "sru-scan": ("rnn", "sru", {"scan": True, "chunk": 4}),
              "sru++": ("rnn", "sru", {"attention": True, "scan": True, "chunk": 4}),
              "ckconv": ("longconv", "ckconv", {"max_len": 16, "hidden": 8}),  # lags past max_len: the kernel extrapolated
