@@ -335,7 +335,8 @@ LONGCONV = ["norm -> longconv(ckconv, max_len=16) -> norm -> ffn",
             "norm -> longconv(flexconv, max_len=16, hidden=8) -> norm -> ffn",
             "longconv(ccnn, max_len=16) -> longconv(ccnn, max_len=16, hidden=8) -> norm -> ffn",  # the block's own norm, residual
             "norm -> longconv(talk, l_max=5, heads=4) -> norm -> longconv(talk, l_max=1)",  # TaLK: the last l_max inputs
-            "norm -> ssm(lmu, order=6, theta=8.0, units=2, max_len=16) -> norm -> ffn"]  # the LMU's memory [U, q]
+            "norm -> ssm(lmu, order=6, theta=8.0, units=2, max_len=16) -> norm -> ffn",  # the LMU's memory [U, q]
+            "norm -> ssm(lmu, order=4, theta=8.0, units=2, feedback=true) -> norm -> ffn"]  # the 2019 cell: m and h
 # the Recurrent Delta Net: the fast weights and the last output of every head (a prefill loops over its tokens)
 MAMBA += ["norm -> rnn(rfwp, heads=4) -> norm -> ffn", "norm -> rnn(rfwp, heads=2, head_dim=4, bias=false) -> norm -> ffn"]
 # the FFT long convolutions: S4D's diagonal state; the others' growing histories of inputs

@@ -212,6 +212,8 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "talk-bidir": ("longconv", "talk", False, {"l_max": 6, "r_max": 9, "heads": 4}, ("right", "left")),
              "lmu": ("ssm", "lmu", True, {"order": 6, "theta": 8.0, "units": 2}, ("left",))}  # u zeroed: no memory
 SEQ_BUILD |= {"rfwp": ("rnn", "rfwp", True, {"heads": 4}, ("right", "left"))}  # a padded token is skipped: W, y kept
+SEQ_BUILD |= {"lmu-feedback": ("ssm", "lmu", True, {"order": 6, "theta": 8.0, "units": 2, "feedback": True},
+                               ("right", "left"))}  # the 2019 cell: a padded token is skipped, m and h kept
 SEQ_BUILD |= {"s4d": ("ssm", "s4d", True, {"N": 8}, ("right", "left")),
              "s4d-bidir": ("ssm", "s4d", False, {"N": 8}, ("right", "left")),
              "long": ("longconv", "long", True, {"max_len": 80}, ("right", "left")),

@@ -127,6 +127,10 @@ CASES = [
     *[("ssm", "lmu", lambda d, a=a: {"causal": True, **a}) for a in (
         {"order": 6, "theta": 10.0, "units": 3, "max_len": 16},
         {"order": 32, "theta": 100.0, "units": 8})],
+    # the 2019 cell's feedback: a loop over the tokens; a narrow memory (the input maps' gradients lead the backward's
+    # peak) and a wide one (a token's memory gradient leads it)
+    *[("ssm", "lmu", lambda d, a=a: {"causal": True, "feedback": True, **a}) for a in (
+        {"order": 6, "theta": 10.0, "units": 3, "max_len": 16}, {"order": 32, "theta": 100.0, "units": 8})],
     # the Recurrent Delta Net (issue 14): its loop over the tokens, a state a token kept; narrow heads without biases
     *[("rnn", "rfwp", lambda d, a=a: {"causal": True, **a}) for a in (
         {"heads": 4}, {"heads": 2, "head_dim": 8, "bias": False})],
