@@ -11,8 +11,8 @@ Decoding: h, b d, whatever n.
 The GILR-LSTM (lstm=true): Linear(d, 6 d) and U's Linear(d, 4 d) (no bias), 20 t d^2; other FLOPs: six sigmoids and
 tanhs (4 t d each), 1 - g, (1 - g) j, i z, the in-place add and o c (t d each), two scans. Kept for backward (read
 off the saved-tensor hooks): 10 t d (the activations g, j, f, i, o, z, the scans' h~ and c, h~ shifted, the products
-(1 - g) j's and i z's factors), the input, not the output (o c's factors are kept). Inference peak: 11 t d and the
-zero first h~ [b, d] (the gates' [t, 4 d] beside h~, its shift, the activations and the scan's outputs).
+(1 - g) j's and i z's factors), the input, not the output (o c's factors are kept). Inference peak: 11 t d (the gates'
+[t, 4 d] beside h~, its shift, the activations and the scan's outputs).
 Backward's peak: 6 t d and b d. Decoding: h~ and c, 2 b d.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def gilr_cost(p, env: OpEnv, s) -> Cost:
         other = 29 * t * d + 2 * t * d * (3 * L + 2)
         return Cost(params=proj.params, fwd=proj.fwd, bwd=proj.bwd, fwd_other=other,
                     bwd_other=2 * other + proj.bwd_other, saved=10 * t * d * by, saves_input=True, saves_output=False,
-                    peak=(11 * t * d + b * d) * by, bwd_peak=(6 * t * d + b * d) * by, cache=2 * b * d * by)
+                    peak=11 * t * d * by, bwd_peak=(6 * t * d + b * d) * by, cache=2 * b * d * by)
     proj = linear(s, d, 2 * d, p.bias)
     other = 10 * t * d + t * d * (3 * L + 2)
     return Cost(params=proj.params, fwd=proj.fwd, bwd=proj.bwd, fwd_other=other, bwd_other=2 * other + proj.bwd_other,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 from torch import nn
+from torch.nn import functional as F
 
 from ...decode import slot
 from ..registry import Op, OpEnv, OpParams, register
@@ -73,9 +74,11 @@ class GILR(nn.Module):
         h0 = None if state is None else state[0]
         hs = run_scan(self, a, u, ctx, h0)  # h~_t for every t
         del a, u
-        first = x.new_zeros(x.shape[0], 1, d) if h0 is None else h0[:, None]
-        gates = self.recur(torch.cat((first, hs[:, :-1]), 1)).add_(pre)  # U h~_{t-1} + V x_t + b (in place: U h~ is
-        del pre  #                                                          no backward's input)
+        prev = F.pad(hs, (0, 0, 1, -1))  # h~_{t-1}: shifted one token, h~_{-1} = 0 (no slice: the export's n)
+        if h0 is not None:  # decoding: the carried h~
+            prev = torch.cat((h0[:, None], prev[:, 1:]), 1)
+        gates = self.recur(prev).add_(pre)  # U h~_{t-1} + V x_t + b (in place: U h~ is no backward's input)
+        del pre, prev
         f, i, o, z = gates.split(d, -1)
         f, o, u = torch.sigmoid(f), torch.sigmoid(o), torch.sigmoid(i) * torch.tanh(z)
         del gates, i, z
