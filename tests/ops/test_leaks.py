@@ -169,7 +169,7 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm",
              "lmu": ("ssm", "lmu", {"order": 6, "theta": 8.0, "units": 2, "max_len": 16})}
 SEQ_BUILD |= {"rfwp": ("rnn", "rfwp", {"heads": 4})}  # the Recurrent Delta Net: every token through y_(t-1) and W
 SEQ_BUILD |= {"lmu-feedback": ("ssm", "lmu", {"order": 6, "theta": 8.0, "units": 2, "max_len": 16, "feedback": True})}
-#              (the 2019 LMU cell: every token through h_{t-1} and m_{t-1})  # the Recurrent Delta Net: every token through y_(t-1) and W
+#              (the 2019 LMU cell: every token through h_{t-1} and m_{t-1})
 SEQ_BUILD |= {"s4d": ("ssm", "s4d", {"N": 8}), "long": ("longconv", "long", {"max_len": 80}),
              "sgconv": ("longconv", "sgconv", {"max_len": 40, "kernel_dim": 4}),
              "hyena": ("longconv", "hyena", {"max_len": 80, "filter_order": 8}),
