@@ -175,6 +175,7 @@ OP = register(Op(
           "NeurIPS; Parallelizing Legendre Memory Unit Training, Chilkuri and Eliasmith 2021, arXiv:2102.11417",
     summary="u_t = W_u x_t; m_t = A_bar m_{t-1} + B_bar u_t (Legendre A, B by ZOH over theta), by FFT with "
             "H_k = A_bar^k B_bar; h_t = tanh(W_x x_t + W_m m_t + b); O(n units q log n); feedback: the 2019 cell, "
-            "u_t + e_h h_{t-1} + e_m m_{t-1}, h_t + W_h h_{t-1}, a loop over tokens",
+            "e_h h_{t-1} + e_m m_{t-1} added to u_t and W_h h_{t-1} inside h_t's tanh, a loop over tokens, "
+            "O(n (d^2 + d units q + units q^2))",
     cost=lmu_cost, note="LongConv/002.md",
 ))
