@@ -19,11 +19,11 @@ A nonlinear recurrence (h_{t-1} through tanh): no parallel form. Training comput
 for all tokens at once and loops the recurrent core over the tokens (per token two products, h_{t-1} [e_h; W_h]
 and m_t [W_m; e_m] (W_m m_t for h_t, e_m m_t for u_{t+1}), and m A_bar^T): O(n (d^2 + d units q + units q^2)), the
 state of every token kept for the backward. The export (a symbolic n) runs the same core as one scan (torch's
-higher-order scan: an ONNX Scan node). Decoding carries (m, h): [units q + d], constant in the length. The paper
-initialises e_h, e_m and W_h (like e_x) its own way; here they are Linear's default (no bias).
+higher-order scan: an ONNX Scan node; it reads no impulse buffer: no max_len bound). Decoding carries (m, h):
+[units q + d], constant in the length.
 Choices where the paper is silent: no bias on u (the 2019 e_x has none), a bias on the hidden map, tanh as the
-2019 cell's f; H is a buffer of max_len taps (extended by doubling past it; the export, whose n is symbolic, reads
-the buffer: n <= max_len there).
+2019 cell's f, e_h, e_m and W_h without biases and with Linear's default init (as every map here); H is a buffer of
+max_len taps (extended by doubling past it; the export, whose n is symbolic, reads the buffer: n <= max_len there).
 Padding: a padded position's u is zeroed: it enters no memory (left padding leaves m = 0 until the first token,
 right padding comes after every real token), so a padded row equals the sequence alone on either side; with the
 feedback a padded position is skipped (m and h kept as they were).
