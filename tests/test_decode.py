@@ -327,6 +327,7 @@ DIAGONAL = ["norm -> ssm(lru, N=8, chunk=4) -> norm -> ffn", "norm -> ssm(lru, N
             # QRNN: the last k - 1 inputs and the cell c; a per-token window
             "norm -> rnn(qrnn, window=3, chunk=4) -> norm -> ffn", "norm -> rnn(qrnn, window=1, chunk=7) -> rnn(qrnn, bias=false)",
             "norm -> rnn(gilr, chunk=4) -> norm -> rnn(gilr, chunk=7, bias=false)",  # GILR: h
+            "norm -> rnn(gilr, chunk=4, lstm=true) -> norm -> rnn(gilr, chunk=7, lstm=true, bias=false)",  # GILR-LSTM: h~, c
             "norm -> rnn(sru) -> norm -> rnn(sru, scan=true, chunk=4) -> norm -> ffn",  # SRU: c, both forms
             "norm -> rnn(sru, attention=true) -> norm -> rnn(sru, attention=true, scan=true, proj=4, chunk=4)"]  # SRU++: c, K, V
 # long convolutions: CKConv keeps every input so far (no finite state)
@@ -335,7 +336,8 @@ LONGCONV = ["norm -> longconv(ckconv, max_len=16) -> norm -> ffn",
             "norm -> longconv(flexconv, max_len=16, hidden=8, kernel=siren) -> norm -> ffn",
             "longconv(ccnn, max_len=16) -> longconv(ccnn, max_len=16, hidden=8) -> norm -> ffn",  # the block's own norm, residual
             "norm -> longconv(talk, l_max=5, heads=4) -> norm -> longconv(talk, l_max=1)",  # TaLK: the last l_max inputs
-            "norm -> ssm(lmu, order=6, theta=8.0, units=2, max_len=16) -> norm -> ffn"]  # the LMU's memory [U, q]
+            "norm -> ssm(lmu, order=6, theta=8.0, units=2, max_len=16) -> norm -> ffn",  # the LMU's memory [U, q]
+            "norm -> ssm(lmu, order=4, theta=8.0, units=2, feedback=true) -> norm -> ffn"]  # the 2019 cell: m and h
 # the Recurrent Delta Net: the fast weights and the last output of every head (a prefill loops over its tokens)
 MAMBA += ["norm -> rnn(rfwp, heads=4) -> norm -> ffn", "norm -> rnn(rfwp, heads=2, head_dim=4, bias=false) -> norm -> ffn"]
 # the FFT long convolutions: S4D's diagonal state; the others' growing histories of inputs

@@ -198,6 +198,7 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "s5": ("ssm", "s5", True, {"chunk": 4, "P": 8}, ("right", "left")),
              "qrnn": ("rnn", "qrnn", True, {"chunk": 4, "window": 3}, ("right", "left")),  # no input, decay 1, window zeroed
              "gilr": ("rnn", "gilr", True, {"chunk": 4}, ("right", "left")),
+             "gilr-lstm": ("rnn", "gilr", True, {"chunk": 4, "lstm": True}, ("right", "left")),  # h~ and c kept
              "sru": ("rnn", "sru", True, {}, ("right", "left")), "sru-scan": ("rnn", "sru", True, {"scan": True, "chunk": 4}, ("right", "left")),
              "sru++": ("rnn", "sru", True, {"attention": True}, ("right", "left")),  # padded keys get no weight
              # continuous-kernel convolutions: a padded input is zeroed before the FFT (a lag does not depend on the
@@ -215,6 +216,8 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", True, {"chunk": 4}, ("right", "left")),
              "talk-bidir": ("longconv", "talk", False, {"l_max": 6, "r_max": 9, "heads": 4}, ("right", "left")),
              "lmu": ("ssm", "lmu", True, {"order": 6, "theta": 8.0, "units": 2}, ("left",))}  # u zeroed: no memory
 SEQ_BUILD |= {"rfwp": ("rnn", "rfwp", True, {"heads": 4}, ("right", "left"))}  # a padded token is skipped: W, y kept
+SEQ_BUILD |= {"lmu-feedback": ("ssm", "lmu", True, {"order": 6, "theta": 8.0, "units": 2, "feedback": True},
+                               ("right", "left"))}  # the 2019 cell: a padded token is skipped, m and h kept
 SEQ_BUILD |= {"s4d": ("ssm", "s4d", True, {"N": 8}, ("right", "left")),
              "s4d-bidir": ("ssm", "s4d", False, {"N": 8}, ("right", "left")),
              "long": ("longconv", "long", True, {"max_len": 80}, ("right", "left")),

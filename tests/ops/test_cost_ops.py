@@ -104,6 +104,8 @@ CASES = [
         {}, {"window": 1, "chunk": 8}, {"window": 4, "chunk": 16, "bias": False}, {"window": 3, "chunk": 5})],
     # GILR: one chunk past n (the scan's buffers lead the peak), short chunks, chunks not dividing n
     *[("rnn", "gilr", lambda d, a=a: {"causal": True, **a}) for a in ({}, {"chunk": 8, "bias": False}, {"chunk": 5})],
+    # the GILR-LSTM: two scans (h~, then c), one chunk past n and chunks not dividing n
+    *[("rnn", "gilr", lambda d, a=a: {"causal": True, "lstm": True, **a}) for a in ({}, {"chunk": 5, "bias": False})],
     # SRU: the light recurrence (a token loop), the parallel form (v = 0) over one chunk and chunks not dividing n
     *[("rnn", "sru", lambda d, a=a: {"causal": True, **a}) for a in ({}, {"scan": True}, {"scan": True, "chunk": 5})],
     # SRU++: the attention sublayer in place of W x, with the light recurrence and the scan, a narrower head
@@ -129,6 +131,10 @@ CASES = [
     *[("ssm", "lmu", lambda d, a=a: {"causal": True, **a}) for a in (
         {"order": 6, "theta": 10.0, "units": 3, "max_len": 16},
         {"order": 32, "theta": 100.0, "units": 8})],
+    # the 2019 cell's feedback: a loop over the tokens; a narrow memory (the input maps' gradients lead the backward's
+    # peak) and a wide one (a token's memory gradient leads it)
+    *[("ssm", "lmu", lambda d, a=a: {"causal": True, "feedback": True, **a}) for a in (
+        {"order": 6, "theta": 10.0, "units": 3, "max_len": 16}, {"order": 32, "theta": 100.0, "units": 8})],
     # the Recurrent Delta Net (issue 14): its loop over the tokens, a state a token kept; narrow heads without biases
     *[("rnn", "rfwp", lambda d, a=a: {"causal": True, **a}) for a in (
         {"heads": 4}, {"heads": 2, "head_dim": 8, "bias": False})],

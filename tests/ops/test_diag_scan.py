@@ -88,7 +88,7 @@ def test_pieces_and_steps_carry_the_state(complex_):
         close(join(*h), want[:, t])
 
 
-@pytest.mark.parametrize("family,variant,args", [("ssm", "lru", {}), ("ssm", "s5", {}), ("rnn", "qrnn", {}), ("rnn", "gilr", {}),
+@pytest.mark.parametrize("family,variant,args", [("ssm", "lru", {}), ("ssm", "s5", {}), ("rnn", "qrnn", {}), ("rnn", "gilr", {}), ("rnn", "gilr", {"lstm": True}),
                                                  ("rnn", "sru", {"scan": True, "attention": True})])
 def test_runs_under_bfloat16_autocast(family, variant, args):
     """Autocast's bfloat16 inputs meet float32 decays; a complex scan runs in float32 (there is no complex bfloat16)."""

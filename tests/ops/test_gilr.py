@@ -1,7 +1,8 @@
 """rnn(gilr) against the paper's recurrence (Martin and Cundy 2018, Section 4), in float64, written here token by
 token from the module's weights: g = sigmoid(W_g x + b_g), z = tanh(W_z x + b_z), h_t = g_t h_{t-1} + (1 - g_t) z_t.
 The chunked scan equals it at every chunk size; the step form equals the forward piece by piece with a state of
-constant size."""
+constant size. The GILR-LSTM (lstm=true) against its equations, token by token from the weights: h~ by the GILR
+recurrence, f, i, o, z from x_t and h~_{t-1}, c_t = f_t c_{t-1} + i_t z_t, y_t = o_t c_t."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_every_parameter_learns, assert_padded_row_alone, decode_in_pieces, make_op, perturb_params
+from ophelpers import (assert_decodes_with_constant_state, assert_every_parameter_learns, assert_padded_row_alone,
+                       decode_in_pieces, make_op, perturb_params)
 
 D = 16
 
@@ -27,6 +29,24 @@ def reference(m, x):
     return torch.stack(hs, 1)
 
 
+def lstm_reference(m, x):
+    """The GILR-LSTM token by token (the paper's equations), from the module's weights, in float64."""
+    W, bias, U = m.proj.weight, m.proj.bias, m.recur.weight
+    b, n, _ = x.shape
+    ht, c = torch.zeros(b, D, dtype=x.dtype), torch.zeros(b, D, dtype=x.dtype)
+    ys = []
+    for t in range(n):
+        pre = x[:, t] @ W.T + (0 if bias is None else bias)
+        gates = pre[:, 2 * D:] + ht @ U.T  # U h~_{t-1} + V x_t + b
+        f, i, o = (torch.sigmoid(gates[:, k * D:(k + 1) * D]) for k in range(3))
+        z = torch.tanh(gates[:, 3 * D:])
+        c = f * c + i * z
+        ys.append(o * c)
+        g, j = torch.sigmoid(pre[:, :D]), torch.tanh(pre[:, D:2 * D])
+        ht = g * ht + (1 - g) * j  # h~_t, read by the next token's gates
+    return torch.stack(ys, 1)
+
+
 def perturbed(**args):
     m, _, _ = make_op("rnn", "gilr", d=D, causal=True, **args)
     perturb_params(m, scale=0.3)
@@ -41,6 +61,23 @@ def test_gilr_matches_the_recurrence(args, n):
     with torch.no_grad():
         want, got = reference(m, x), m(x, Ctx())
     assert (got - want).abs().max().item() <= 1e-10 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("args", [{"lstm": True}, {"lstm": True, "chunk": 4, "bias": False}, {"lstm": True, "chunk": 7}],
+                         ids=["default", "T4", "T7"])
+@pytest.mark.parametrize("n", [1, 6, 37])
+def test_gilr_lstm_matches_the_recurrence(args, n):
+    m = perturbed(**args)
+    x = torch.randn(2, n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        want, got = lstm_reference(m, x), m(x, Ctx())
+    assert want.abs().max().item() > 1e-2  # a signal to compare
+    assert (got - want).abs().max().item() <= 1e-10 * want.abs().max().item()
+
+
+def test_gilr_lstm_decodes_with_a_constant_state():
+    assert assert_decodes_with_constant_state(perturbed(chunk=4, lstm=True), "rnn", "gilr", D,
+                                              {"chunk": 4, "lstm": True}) == [2 * 2 * D * 8] * 3  # h~ and c
 
 
 def test_decodes_in_pieces_with_a_constant_state():
@@ -64,8 +101,14 @@ def test_padding_enters_no_state(side):
     assert_padded_row_alone(perturbed(chunk=4), side, d=D)
 
 
-def test_every_parameter_learns():
-    assert_every_parameter_learns(perturbed(chunk=4), d=D)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_gilr_lstm_padding_enters_no_state(side):
+    assert_padded_row_alone(perturbed(chunk=4, lstm=True), side, d=D)
+
+
+@pytest.mark.parametrize("args", [{"chunk": 4}, {"chunk": 4, "lstm": True}], ids=["gilr", "lstm"])
+def test_every_parameter_learns(args):
+    assert_every_parameter_learns(perturbed(**args), d=D)
 
 
 def test_validation():

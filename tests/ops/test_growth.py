@@ -224,6 +224,7 @@ SEQ_ARGS = {
     "s5": ("ssm", "s5", True, {"P": 16, "chunk": 16, "blocks": 2}),  # the same scan, ZOH-discretised decays
     "qrnn": ("rnn", "qrnn", True, {"window": 2, "chunk": 16}),  # a width-k convolution and fo-pooling's scan: O(n d (d k + log T))
     "gilr": ("rnn", "gilr", True, {"chunk": 16}),  # two projections and the scan: O(n d (d + log T))
+    "gilr-lstm": ("rnn", "gilr", True, {"chunk": 16, "lstm": True}),  # ten projections, two scans: O(n d (d + log T))
     # SRU's parallel form (v = 0); its light recurrence loops over tokens, whose thousands of live [b, d] tensors the
     # storage tracker would sweep at every op (quadratic in n to measure), so its row is the cost test's
     "sru-scan": ("rnn", "sru", True, {"scan": True, "chunk": 16}),
@@ -234,6 +235,8 @@ SEQ_ARGS = {
     "talk": ("longconv", "talk", False, {"l_max": 16, "heads": 4}),  # a prefix table and gathers: O(n)
     "lmu": ("ssm", "lmu", True, {"order": 16, "theta": 64.0, "units": 2, "max_len": 8192}),  # memories b n U q: O(n)
     "rfwp": ("rnn", "rfwp", True, {"heads": 4}),  # a loop over tokens: n H dh^2 FLOPs, the fast weights of every step kept
+    # (the LMU's feedback=true, a loop over tokens like SRU's light recurrence, did not finish within 2 CPU minutes
+    # (the storage tracker's sweep over thousands of live [b, d] tensors): its row is the cost test's)
     # the FFT long convolutions: matmuls linear in n (the FFTs, n log n, are other FLOPs), kernels [d, n]
     "s4d": ("ssm", "s4d", True, {"N": 8}), "s4d-bidir": ("ssm", "s4d", False, {"N": 8}),
     "long": ("longconv", "long", True, {"max_len": 8192}),

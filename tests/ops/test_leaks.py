@@ -162,7 +162,7 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm",
              "lru": ("ssm", "lru", {"chunk": 4, "N": 8}),
              "s5": ("ssm", "s5", {"chunk": 4, "P": 8, "blocks": 2}),
              "qrnn": ("rnn", "qrnn", {"chunk": 4, "window": 3}),
-             "gilr": ("rnn", "gilr", {"chunk": 4}),
+             "gilr": ("rnn", "gilr", {"chunk": 4}), "gilr-lstm": ("rnn", "gilr", {"chunk": 4, "lstm": True}),
              "sru": ("rnn", "sru", {}), "sru-scan": ("rnn", "sru", {"scan": True, "chunk": 4}),
              "sru++": ("rnn", "sru", {"attention": True, "scan": True, "chunk": 4}),
              "ckconv": ("longconv", "ckconv", {"max_len": 16, "hidden": 8}),  # lags past max_len: the kernel extrapolated
@@ -172,6 +172,8 @@ SEQ_BUILD = {"mamba": ("ssm", "mamba", {"chunk": 4, "N": 8}), "mamba-7": ("ssm",
              "talk": ("longconv", "talk", {"l_max": 9, "heads": 4}),
              "lmu": ("ssm", "lmu", {"order": 6, "theta": 8.0, "units": 2, "max_len": 16})}
 SEQ_BUILD |= {"rfwp": ("rnn", "rfwp", {"heads": 4})}  # the Recurrent Delta Net: every token through y_(t-1) and W
+SEQ_BUILD |= {"lmu-feedback": ("ssm", "lmu", {"order": 6, "theta": 8.0, "units": 2, "max_len": 16, "feedback": True})}
+#              (the 2019 LMU cell: every token through h_{t-1} and m_{t-1})
 SEQ_BUILD |= {"s4d": ("ssm", "s4d", {"N": 8}), "long": ("longconv", "long", {"max_len": 80}),
              "sgconv": ("longconv", "sgconv", {"max_len": 40, "kernel_dim": 4}),
              "hyena": ("longconv", "hyena", {"max_len": 80, "filter_order": 8}),

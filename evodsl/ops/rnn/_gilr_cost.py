@@ -8,6 +8,12 @@ Inference peak (less the output): the projection's [t, 2 d] output beside g and 
 chunk's decays and one level's product (b (2 T' - 1) d).
 Backward's peak (read off the storage tracker): 4 t d gradients and the reverse scan's [b, 1, d] zero decay.
 Decoding: h, b d, whatever n.
+The GILR-LSTM (lstm=true): Linear(d, 6 d) and U's Linear(d, 4 d) (no bias), 20 t d^2; other FLOPs: six sigmoids and
+tanhs (4 t d each), 1 - g, (1 - g) j, i z, the in-place add and o c (t d each), two scans. Kept for backward (read
+off the saved-tensor hooks): 10 t d (the activations g, j, f, i, o, z, the scans' h~ and c, h~ shifted, the products
+(1 - g) j's and i z's factors), the input, not the output (o c's factors are kept). Inference peak: 11 t d (the gates'
+[t, 4 d] beside h~, its shift, the activations and the scan's outputs).
+Backward's peak: 6 t d and b d. Decoding: h~ and c, 2 b d.
 """
 from __future__ import annotations
 
@@ -22,6 +28,12 @@ def gilr_cost(p, env: OpEnv, s) -> Cost:
     d, b, n, by = s.d, s.b, s.n, s.bytes
     T, L = s.sym("T", p.chunk), len(levels(p.chunk))
     t = b * n
+    if p.lstm:
+        proj = linear(s, d, 6 * d, p.bias) + linear(s, d, 4 * d, False)
+        other = 29 * t * d + 2 * t * d * (3 * L + 2)
+        return Cost(params=proj.params, fwd=proj.fwd, bwd=proj.bwd, fwd_other=other,
+                    bwd_other=2 * other + proj.bwd_other, saved=10 * t * d * by, saves_input=True, saves_output=False,
+                    peak=11 * t * d * by, bwd_peak=(6 * t * d + b * d) * by, cache=2 * b * d * by)
     proj = linear(s, d, 2 * d, p.bias)
     other = 10 * t * d + t * d * (3 * L + 2)
     return Cost(params=proj.params, fwd=proj.fwd, bwd=proj.bwd, fwd_other=other, bwd_other=2 * other + proj.bwd_other,

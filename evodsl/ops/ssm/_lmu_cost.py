@@ -20,6 +20,8 @@ def lmu_cost(p, env: OpEnv, s: Symbols) -> Cost:
     d, b, n, by = s.d, s.b, s.n, s.bytes
     U, q = s.sym("U", p.units), s.sym("q", p.order)
     t = b * n
+    if p.feedback:
+        return feedback_cost(s, d, b, n, by, U, q)
     proj = linear(s, d, U, False) + linear(s, d, d, True) + linear(s, U * q, d, False)
     P = 2 * n
     fft = 5 * (b * U + q + b * U * q) * P * sp.log(P, 2)  # rfft of u and H, irfft of the products
@@ -30,3 +32,28 @@ def lmu_cost(p, env: OpEnv, s: Symbols) -> Cost:
     bwd_peak = sp.Max(t * (3 * U * q + d) * by + hf, t * (3 * d - U * q - 2 * U) * by - hf)
     return Cost(params=proj.params, fwd=proj.fwd, bwd=proj.bwd, fwd_other=other, bwd_other=2 * other + proj.bwd_other,
                 saves_input=True, saves_output=True, saved=saved, peak=peak, bwd_peak=bwd_peak, cache=b * U * q * by)
+
+
+def feedback_cost(s: Symbols, d, b, n, by, U, q) -> Cost:
+    """feedback=true: the input maps at once, then per token h_{t-1} [e_h; W_h]^T, m A_bar^T and m_t [W_m; e_m]^T.
+    The first token's h_{t-1} and m_{t-1} are zeros (no gradient): its h product has only the weights' backward,
+    its A_bar product none (A_bar is a buffer: the other products' backward is the input's alone)."""
+    t = b * n
+    inputs = linear(s, d, U, False) + linear(s, d, d, True)
+    params = inputs.params + d * U + U * q * U + d * d + U * q * d  # e_h, e_m, W_h, W_m
+    hp, ap, mp = 2 * d * (U + d), 2 * U * q * q, 2 * U * q * (d + U)  # a token's products
+    fwd = inputs.fwd + t * (hp + ap + mp)
+    bwd = inputs.bwd + 2 * t * hp - b * hp + (t - b) * ap + 2 * t * mp
+    other = t * (3 * U + 2 * U * q + 3 * d)  # the sums into u, u B_bar and its add, the sums into h and tanh
+    R = (d + U * q) * (d + U)  # [e_h; W_h] and [W_m; e_m], made once a forward
+    # kept: every token's h_{t-1} and m_t (the products' inputs; h_t is also tanh's output), the zero h_0, both R
+    saved = (t * (d + U * q) + b * d + R) * by
+    # the loop's last token: the input maps (t (U + d)), the outputs so far (t d), both R, a token's temporaries
+    peak = (t * U + 2 * t * d + R + b * d + b * (d + U) + 2 * b * U * q) * by
+    # the backward (fitted to the storage tracker, d 32..96, U q 4..256): the last token's gradients (two zero-padded
+    # slices' [b, d + U], and h's or m's), or at the end the input maps' three [t, d] (two and their sum) less all
+    # that the loop kept (released)
+    bwd_peak = sp.Max(2 * b * (d + U) + b * U + b * sp.Max(d + U, U * q), 2 * t * d - t * U * q - R) * by
+    return Cost(params=params, fwd=fwd, bwd=bwd, fwd_other=other, bwd_other=2 * other + inputs.bwd_other,
+                saves_input=True, saves_output=False, saved=saved, peak=peak, bwd_peak=bwd_peak,
+                cache=b * (U * q + d) * by)
