@@ -19,6 +19,7 @@ import sympy as sp
 from ..cost import Cost, linear
 from ..longconv._fftconv_cost import fft_flops, fft_saved
 from ..registry import OpEnv
+from ._s4d_cost import s4d_kernel_cost
 
 
 def bigs_cost(p, env: OpEnv, s) -> Cost:
@@ -26,12 +27,12 @@ def bigs_cost(p, env: OpEnv, s) -> Cost:
     E, M = s.sym("E", p.expand * env.d), s.sym("M", p.N // 2)
     t = b * n
     U, tE = t * H * by, t * E * by
-    vand = 4 * H * M * n
-    other = 2 * (fft_flops(b * H, H, n) + 8 * H * M * n) + 8 * t * E
-    kernels = Cost(params=2 * (4 * H * M + H) + 2 * H, fwd=2 * vand, bwd=4 * vand, fwd_other=other, bwd_other=2 * other)
-    total = (linear(s, H, E, True).scaled(2) + linear(s, H, H, True).scaled(2) + linear(s, E, H, True) + kernels)
-    kernel_saved = 6 * H * M * n * by + n * by + 16 * H * M * by + 2 * H * by
-    saved = 3 * U + 2 * (fft_saved(b * H, H, n, by) + kernel_saved + U) + 3 * U + 5 * tE
-    peak = sp.Max(3 * U + 6 * H * M * n * by + 11 * H * M * by + 2 * n * by, 3 * tE + 2 * U) - U
+    kernel, kernel_peak, _ = s4d_kernel_cost(H, M, 1, s)
+    other = 2 * fft_flops(b * H, H, n) + 8 * t * E
+    layer = Cost(params=2 * H, fwd_other=other, bwd_other=2 * other)
+    total = (linear(s, H, E, True).scaled(2) + linear(s, H, H, True).scaled(2) + linear(s, E, H, True)
+             + kernel.scaled(2) + layer)
+    saved = 3 * U + 2 * (fft_saved(b * H, H, n, by) + kernel.saved + U) + 3 * U + 5 * tE
+    peak = sp.Max(3 * U + kernel_peak + n * by, 3 * tE + 2 * U) - U
     return Cost(params=total.params, fwd=total.fwd, bwd=total.bwd, fwd_other=total.fwd_other,
                 bwd_other=total.bwd_other, saved=saved, saves_input=True, peak=peak, bwd_peak=2 * tE)
