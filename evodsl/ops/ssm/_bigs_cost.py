@@ -2,14 +2,14 @@
 U = t d elements.
 
 FLOPs in matmuls: W_v, W_u (d -> E), W_f, W_b (d -> d), W_o (E -> d), and two S4D Vandermonde products (4 H M n
-each, _s4d_cost.py); backward twice each. Other FLOPs: two FFT convolutions (_fftconv_cost.py), the Vandermondes'
-exp, cos, sin (8 H M n each), ~8 t E for the GELUs and products.
+each, _s4d_cost.py); backward twice each. Other FLOPs: two FFT convolutions (_fftconv_cost.py), the kernels' powers
+and coefficients (_s4d_cost.py), ~8 t E for the GELUs and products.
 Kept for backward: the GELU inputs of F and B and the flipped input (W_b's input), each S4D's kernel tensors (as
-_s4d_cost.py: 6 H M n + n + 16 H M + 2 H), FFT tensors and its input (the GELU's output), the two branches meeting
-(U_l and the flipped U_r), W_u's input (a contiguous copy), and on [t, E]: W_u's and W_v's outputs, their GELUs, and
-W_o's input.
-Inference peak (less the output, which the harness counts apart): the larger of the second S4D kernel's Vandermonde
-(6 H M n beside ~11 H M), with F, B and U_l alive, and the output end (3 [t, E] and 2 U). Backward's peak (fitted to
+_s4d_cost.py's, by blocks of 2 ceil(sqrt(n)) lags), FFT tensors and its input (the GELU's output), the two branches
+meeting (U_l and the flipped U_r), W_u's input (a contiguous copy), and on [t, E]: W_u's and W_v's outputs, their
+GELUs, and W_o's input.
+Inference peak (less the output, which the harness counts apart): the larger of the second S4D kernel's construction
+(_s4d_cost.py) and one [n], with F, B and U_l alive, and the output end (3 [t, E] and 2 U). Backward's peak (fitted to
 the storage tracker at b 1..4, n 16..128, d 16..96): 2 t E, the [t, E] gradients.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ over R rows, the Vandermonde's exp, cos, sin, the outer products and the q contr
 Kept for backward: k padded [b, d, n + s - 1] and the flipped taps [d, s], k, k~ and v (5 U with q, o's input and
 the head views), kv and y (G U each), the kernel's tensors (as _s4d_cost.py) and the FFT convolution's.
 Inference peak (less the output, which the harness counts apart): with k, k~, v and kv alive ((3 + G) U), the larger
-of the kernel's Vandermonde (6 H M n beside ~11 H M) and the spectral product (both spectra over R rows and their
+of the kernel's construction (by blocks, _s4d_cost.py) and the spectral product (both spectra over R rows and their
 product). Backward's peak (fitted to the storage tracker at b 1..4, n 16..128, d 16..96, G 1..2): 6 G U + (2 G - 4)
 d n. Decoding: the shift register [b, d, s - 1] and the state [b, G^2, H, M] complex, whatever n.
 """

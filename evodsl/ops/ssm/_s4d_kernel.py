@@ -13,10 +13,11 @@ bidirectional layer's forward and backward C). The step form: `advance` (the sta
 By blocks of T = 2 ceil(sqrt(n)) lags (the S4D paper's O(N + L) space): with l = k T + t (t < T),
 dA^l = dA^(kT) dA^t, so K[kT + t] = 2 Re(sum_j (C~_j dA_j^(kT)) dA_j^t): the whole blocks' coefficients C~ dA^(kT)
 [H, floor(n/T), M] times the first block's Vandermonde [H, M, T], one batched matmul, and the last block's r < T
-lags by a second (4 H M n FLOPs in all, as the one-shot product); nothing of size n x M exists, in the forward or in
-autograd's backward (which keeps the factors, O(H M sqrt(n)), and recomputes nothing). Each power is exp(a l) (cos, sin)(w l) of its own lag, as the one-shot
-form computes it: no error accumulates over blocks. An export (or a symbolic n) runs one block of n lags: the
-one-shot product.
+lags by a second (4 H M n FLOPs in all, as the one-shot product); nothing of size n x M exists, in the forward or
+in autograd's backward (which keeps the factors, O(H M sqrt(n)), and recomputes nothing). Each power is
+exp(a l) (cos, sin)(w l) of its own lag, as the one-shot form computes it: no error accumulates over blocks (in
+float32 at n = 64k the error equals the one-shot form's). An export (or a symbolic n) runs one block of n lags:
+the one-shot product, in real arithmetic. H M n time, H M sqrt(n) + c H n memory.
 """
 from __future__ import annotations
 
