@@ -70,6 +70,89 @@ def test_the_kernel_is_the_papers_formula():
             assert (K[c, :, l] - want).abs().max().item() <= 1e-12 * want.abs().max().item()
 
 
+def dense_kernel(k, n):
+    """K_l = 2 Re(sum_j C~_j dA_j^l) [c, H, n], the whole complex Vandermonde at once (differentiable)."""
+    A = -torch.exp(k.log_A_real) + 1j * k.A_imag
+    dtA = torch.exp(k.log_dt)[:, None] * A
+    CB = torch.view_as_complex(k.C) * (torch.exp(dtA) - 1) / A
+    return 2 * torch.einsum("chm,hml->chl", CB, torch.exp(dtA[..., None] * torch.arange(n))).real
+
+
+# n = 16: T = 8 divides it; 37 and 150: the last block runs past n (T = 14, 26); 1: one block of T = 2
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n", [1, 16, 37, 150])
+def test_the_blocked_kernel_and_its_gradients_are_the_formulas(causal, n):
+    m, _, _ = make_op("ssm", "s4d", d=D, causal=causal, N=10)
+    perturb_params(m)
+    k = m.kernel
+    g = torch.randn(k.channels, D, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    params = [k.log_dt, k.log_A_real, k.A_imag, k.C]
+    got, want = k(n), dense_kernel(k, n)
+    assert (got - want).abs().max().item() <= 1e-10 * want.abs().max().item()
+    for a, b in zip(torch.autograd.grad((got * g).sum(), params), torch.autograd.grad((want * g).sum(), params)):
+        assert (a - b).abs().max().item() <= 1e-10 * b.abs().max().item()
+
+
+@pytest.mark.parametrize("m_new", [1, 9, 40])
+def test_the_state_steps_are_the_recurrence(m_new):
+    """from_state: 2 Re(C~ dA^(l+1) h) for l < m; advance: h <- dA h + u_t token by token (blocks of the lags)."""
+    m, _, _ = make_op("ssm", "s4d", d=D, causal=True, N=8)
+    perturb_params(m)
+    dA, CB = modes(m)
+    gen = torch.Generator().manual_seed(m_new)
+    h = torch.complex(torch.randn(2, D, 4, dtype=torch.float64, generator=gen),
+                      torch.randn(2, D, 4, dtype=torch.float64, generator=gen))
+    u = torch.randn(2, D, m_new, dtype=torch.float64, generator=gen)
+    want_y, want_h = torch.zeros(2, D, m_new, dtype=torch.float64), h
+    for t in range(m_new):
+        want_y[:, :, t] = 2 * (CB[0] * dA ** (t + 1) * h).sum(-1).real
+        want_h = dA * want_h + u[:, :, t, None]
+    with torch.no_grad():
+        y, new = m.kernel.from_state(h, m_new), m.kernel.advance(h, u)
+    assert (y - want_y).abs().max().item() <= 1e-10 * want_y.abs().max().item()
+    assert (new - want_h).abs().max().item() <= 1e-10 * want_h.abs().max().item()
+
+
+def test_the_kernel_keeps_nothing_of_the_length_times_the_modes():
+    """At n = 4096 (blocks of T = 128 lags), no tensor autograd keeps holds n M / 8 elements, and the kernel's
+    saved bytes are what _s4d_cost.py declares."""
+    from evodsl.ops.cost import Symbols
+    from evodsl.ops.ssm._s4d_cost import s4d_kernel_cost
+    from evodsl.passes.cost import _num
+
+    m, _, env = make_op("ssm", "s4d", d=4, causal=False, N=32, dtype=torch.float32)
+    sizes = {}
+
+    def pack(t):
+        sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m.kernel(4096)
+    kept = {p: b for p, b in sizes.items() if p not in {q.untyped_storage().data_ptr() for q in m.parameters()}}
+    assert max(kept.values()) < 4 * 16 * 4096 // 8 * 4
+    s = Symbols(4, 4)
+    assert sum(kept.values()) == _num(s4d_kernel_cost(4, 16, 2, s)[0].saved, s.values, 1, 4096)
+
+
+def test_float32_blocks_are_as_precise_as_the_one_shot_product(monkeypatch):
+    """At n = 64k in float32, against float64: the blocked kernel's error is no larger than the one-shot product's
+    (one block of n lags, as an export runs it)."""
+    from evodsl.ops.ssm import _s4d_kernel
+
+    m, _, _ = make_op("ssm", "s4d", d=2, causal=True, dtype=torch.float32)
+    n = 65536
+    with torch.no_grad():
+        want = dense_kernel(m.kernel.double(), n)
+        m.kernel.float()
+        blocked = m.kernel(n).double()
+        monkeypatch.setattr(_s4d_kernel, "block_of", lambda n: None)
+        one_shot = m.kernel(n).double()
+    scale = want.abs().amax(-1, keepdim=True)
+    err_blocked, err_one = ((blocked - want).abs() / scale).max().item(), ((one_shot - want).abs() / scale).max().item()
+    assert err_blocked <= 1e-4 and err_blocked <= 1.5 * err_one, (err_blocked, err_one)
+
+
 def test_the_default_init_is_s4d_lin():
     m, _, _ = make_op("ssm", "s4d", d=D, causal=True, dtype=torch.float32)
     k = m.kernel

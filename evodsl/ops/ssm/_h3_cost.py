@@ -8,7 +8,7 @@ over R rows, the Vandermonde's exp, cos, sin, the outer products and the q contr
 Kept for backward: k padded [b, d, n + s - 1] and the flipped taps [d, s], k, k~ and v (5 U with q, o's input and
 the head views), kv and y (G U each), the kernel's tensors (as _s4d_cost.py) and the FFT convolution's.
 Inference peak (less the output, which the harness counts apart): with k, k~, v and kv alive ((3 + G) U), the larger
-of the kernel's Vandermonde (6 H M n beside ~11 H M) and the spectral product (both spectra over R rows and their
+of the kernel's construction (by blocks, _s4d_cost.py) and the spectral product (both spectra over R rows and their
 product). Backward's peak (fitted to the storage tracker at b 1..4, n 16..128, d 16..96, G 1..2): 6 G U + (2 G - 4)
 d n. Decoding: the shift register [b, d, s - 1] and the state [b, G^2, H, M] complex, whatever n.
 """
@@ -19,6 +19,7 @@ import sympy as sp
 from ..cost import Cost, linear
 from ..longconv._fftconv_cost import fft_flops, fft_saved
 from ..registry import OpEnv
+from ._s4d_cost import s4d_kernel_cost
 
 
 def h3_cost(p, env: OpEnv, s) -> Cost:
@@ -29,16 +30,13 @@ def h3_cost(p, env: OpEnv, s) -> Cost:
     U = t * d * by
     R = b * G * d
     conv = 2 * t * d * k
-    vand = 4 * H * M * n
-    other = fft_flops(R, H, n) + 8 * H * M * n + 4 * t * d * G + 2 * t * d
-    core = Cost(params=d * k + d + 2 * H * M + H + 2 * H * M + H, fwd=conv + vand, bwd=conv + conv * d + 2 * vand,
-                fwd_other=other, bwd_other=2 * other)
+    kernel, kernel_peak, kernel_alive = s4d_kernel_cost(H, M, 1, s)
+    other = fft_flops(R, H, n) + 4 * t * d * G + 2 * t * d
+    core = Cost(params=d * k + d + H, fwd=conv, bwd=conv + conv * d, fwd_other=other, bwd_other=2 * other) + kernel
     total = linear(s, d, d, True).scaled(4) + core
-    kernel_saved = 6 * H * M * n * by + n * by + 16 * H * M * by + 2 * H * by
-    saved = (b * d * (n + k - 1) * by + d * k * by + 5 * U + 2 * G * U + kernel_saved + fft_saved(R, H, n, by))
+    saved = b * d * (n + k - 1) * by + d * k * by + 5 * U + 2 * G * U + kernel.saved + fft_saved(R, H, n, by)
     alive = (3 + G) * U
-    phases = sp.Max(6 * H * M * n * by + 11 * H * M * by + n * by,
-                    H * n * by + 4 * R * (n + 1) * by + 2 * H * (n + 1) * by)
+    phases = sp.Max(kernel_peak, kernel_alive + 4 * R * (n + 1) * by + 2 * H * (n + 1) * by)
     return Cost(params=total.params, fwd=total.fwd, bwd=total.bwd, fwd_other=total.fwd_other,
                 bwd_other=total.bwd_other, saved=saved, saves_input=True, peak=alive + phases - U,
                 bwd_peak=6 * G * U + (2 * G - 4) * d * n * by,
