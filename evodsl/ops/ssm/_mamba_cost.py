@@ -26,7 +26,7 @@ import sympy as sp
 
 from ..cost import Cost, Symbols, linear
 from ..registry import OpEnv
-from ._mamba_scan import levels
+from ..rnn._diag_scan import levels
 
 
 def mamba_cost(p, env: OpEnv, s: Symbols) -> Cost:
