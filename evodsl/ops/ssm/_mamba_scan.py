@@ -24,115 +24,126 @@ from __future__ import annotations
 import torch
 
 
-def _prepare(dt_c, A, B_c, x_c, a, u):
-    """a = exp(dt A) and u = (dt x) B into the buffers a, u [m, b, E, N] (inputs time-major [m, b, .]); dt x."""
-    torch.mul(dt_c[..., None], A, out=a).exp_()
+def _prepare(dt_c, At, B_c, x_c, a, u):
+    """a = exp(dt A) and u = (dt x) B into the buffers a, u [m, b, N, E] (inputs time-major [m, b, .], At = A
+    transposed [N, E]); returns dt x [m, b, E]."""
+    torch.exp(torch.mul(dt_c[:, :, None, :], At, out=a), out=a)
     dtx = dt_c * x_c
-    torch.mul(dtx[..., None], B_c[:, :, None, :], out=u)
+    torch.mul(B_c[..., None], dtx[:, :, None, :], out=u)
     return dtx
 
 
 def _states(a, h, h_in):
     """h_t <- a_t h_{t-1} + h_t in place, token by token from h_in (None: zero); the last state (a view)."""
-    for a_t, h_t in zip(a, h):
+    for a_t, h_t in zip(a.unbind(0), h.unbind(0)):
         if h_in is not None:
             h_t.addcmul_(a_t, h_in)
         h_in = h_t
     return h_in
 
 
-def _forward(dt, A, B, C, x, h0, chunk: int, carries=None):
-    """(y [b, n, E], the last state [b, E, N]); carries [m - 1, b, E, N] (or None) receives each later chunk's
-    incoming state."""
-    b, n, E = x.shape
-    N = A.shape[1]
-    y = x.new_empty(b, n, E)
-    T = min(chunk, n)
-    a_buf, h_buf = x.new_empty(T, b, E, N), x.new_empty(T, b, E, N)
-    h = h0
-    for i, s in enumerate(range(0, n, T)):
-        e = min(s + T, n)
+def _buffers(x, T, N, k):
+    b, _, E = x.shape
+    return [x.new_empty(T, b, N, E) for _ in range(k)]
+
+
+def _chunks(n, T):
+    return [(s, min(s + T, n)) for s in range(0, n, T)]
+
+
+def _forward(dt, A, B, C, x, h0, T: int, carries=None):
+    """(y [b, n, E], the last state [b, N, E]) from h0 [b, N, E] or None; carries [m - 1, b, N, E] (or None)
+    receives each later chunk's incoming state."""
+    n = x.shape[1]
+    y = torch.empty_like(x)
+    a_buf, h_buf = _buffers(x, T, A.shape[1], 2)
+    h, At = h0, A.t().contiguous()
+    for i, (s, e) in enumerate(_chunks(n, T)):
         dt_c, B_c, C_c, x_c = (t[:, s:e].transpose(0, 1) for t in (dt, B, C, x))
         a, hs = a_buf[:e - s], h_buf[:e - s]
-        _prepare(dt_c, A, B_c, x_c, a, hs)
+        _prepare(dt_c, At, B_c, x_c, a, hs)
         h = _states(a, hs, h)
-        y[:, s:e] = (hs @ C_c[..., None]).squeeze(-1).transpose(0, 1)
+        y[:, s:e] = (C_c[:, :, None, :] @ hs).squeeze(-2).transpose(0, 1)
         if e < n:  # out of the buffers, which the next chunk overwrites
             h = h.clone() if carries is None else carries[i].copy_(h)
     return y, h.clone()
 
 
-class _SelectiveScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, dt, A, B, C, x, h0, chunk):
-        b, n, E = x.shape
-        T = min(chunk, n)
-        carries = x.new_empty(-(-n // T) - 1, b, E, A.shape[1])
-        with torch.autocast(x.device.type, enabled=False):
-            y, h = _forward(dt, A, B, C, x, h0, T, carries)
-        ctx.save_for_backward(dt, A, B, C, x, h0, carries)
-        ctx.chunk = T
-        ctx.set_materialize_grads(False)
-        return y, h
-
-    @staticmethod
-    def backward(ctx, dy, dh_last):
-        dt, A, B, C, x, h0, carries = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            return (*_backward(dt, A, B, C, x, h0, carries, ctx.chunk, dy, dh_last), None)
-
-
 def _backward(dt, A, B, C, x, h0, carries, T, dy, g):
-    """The gradients (dt, A, B, C, x, h0) from dy [b, n, E] (or None) and g, the last state's gradient (or None)."""
-    b, n, E = x.shape
-    N = A.shape[1]
+    """The gradients (dt, A, B, C, x, h0) from dy [b, n, E] (or None) and g, the last state's gradient [b, N, E]
+    (or None); h0 and the carries [b, N, E]."""
+    n = x.shape[1]
     ddt, dB, dC, dx = torch.empty_like(dt), torch.empty_like(B), torch.zeros_like(C), torch.empty_like(x)
-    dA = torch.zeros_like(A)
-    a_buf, h_buf, g_buf = (x.new_empty(T, b, E, N) for _ in range(3))
-    starts = list(range(0, n, T))
-    for i in reversed(range(len(starts))):
-        s = starts[i]
-        e = min(s + T, n)
-        m = e - s
-        h_in = h0 if i == 0 else carries[i - 1]
+    dAt, At = torch.zeros_like(A.t()), A.t().contiguous()
+    a_buf, h_buf, g_buf, tmp_buf = _buffers(x, T, A.shape[1], 4)
+    chunks = _chunks(n, T)
+    for i in reversed(range(len(chunks))):
+        s, e = chunks[i]
+        m, h_in = e - s, (h0 if i == 0 else carries[i - 1])
         dt_c, B_c, C_c, x_c = (t[:, s:e].transpose(0, 1) for t in (dt, B, C, x))
-        a, hs, gs = a_buf[:m], h_buf[:m], g_buf[:m]
-        dtx = _prepare(dt_c, A, B_c, x_c, a, hs)
+        a, hs, gs, tmp = a_buf[:m], h_buf[:m], g_buf[:m], tmp_buf[:m]
+        dtx = _prepare(dt_c, At, B_c, x_c, a, hs)
         _states(a, hs, h_in)
         if dy is None:
             gs.zero_()
-        else:
+        else:  # g_t starts as C_t dy_t; dC_t = dy_t . h_t
             dy_c = dy[:, s:e].transpose(0, 1)
-            torch.mul(dy_c[..., None], C_c[:, :, None, :], out=gs)
-            dC[:, s:e] = (dy_c[:, :, None, :] @ hs).squeeze(-2).transpose(0, 1)
+            torch.mul(C_c[..., None], dy_c[:, :, None, :], out=gs)
+            dC[:, s:e] = torch.mul(hs, dy_c[:, :, None, :], out=tmp).sum(-1).transpose(0, 1)
         if g is not None:
             gs[-1] += g
+        a_t, g_t = a.unbind(0), gs.unbind(0)
         for t in range(m - 2, -1, -1):
-            gs[t].addcmul_(a[t + 1], gs[t + 1])
-        dB[:, s:e] = (dtx[:, :, None, :] @ gs).squeeze(-2).transpose(0, 1)
-        gB = (gs @ B_c[..., None]).squeeze(-1)  # dL/d(dt x) [m, b, E]
-        q = a.mul_(gs)  # a_t g_t: the gradient of h_{t-1} through the decay
+            g_t[t].addcmul_(a_t[t + 1], g_t[t + 1])
+        dB[:, s:e] = torch.mul(gs, dtx[:, :, None, :], out=tmp).sum(-1).transpose(0, 1)
+        gB = (B_c[:, :, None, :] @ gs).squeeze(-2)  # dL/d(dt x) [m, b, E]
+        q = a.mul_(gs)  # a_t g_t: the gradient of h_{t-1}
         g = q[0].clone()
-        q[1:].mul_(hs[:-1])
+        q[1:].mul_(hs[:-1])  # q_t = a_t g_t h_{t-1}: dL/d(dt_t A)
         if h_in is None:
             q[0].zero_()
         else:
             q[0].mul_(h_in)
-        dA += torch.einsum("tbe,tben->en", dt_c, q)
-        ddt[:, s:e] = (gB * x_c + q.mul_(A).sum(-1)).transpose(0, 1)
+        dAt += torch.mul(q, dt_c[:, :, None, :], out=tmp).sum((0, 1))
+        ddt[:, s:e] = torch.mul(q, At, out=tmp).sum(-2).addcmul_(gB, x_c).transpose(0, 1)
         dx[:, s:e] = (gB * dt_c).transpose(0, 1)
-    return ddt, dA, dB, dC, dx, (None if h0 is None else g)
+    return ddt, dAt.t(), dB, dC, dx, (None if h0 is None else g)
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """selective_scan's training form: the forward keeps each later chunk's incoming state, the backward
+    recomputes a chunk's states from it (_backward)."""
+
+    @staticmethod
+    def forward(ctx, dt, A, B, C, x, h0, T):
+        b, n, E = x.shape
+        carries = x.new_empty(len(_chunks(n, T)) - 1, b, A.shape[1], E)
+        with torch.autocast(x.device.type, enabled=False):
+            y, h = _forward(dt, A, B, C, x, h0, T, carries)
+        ctx.save_for_backward(dt, A, B, C, x, h0, carries)
+        ctx.T = T
+        ctx.set_materialize_grads(False)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        dt, A, B, C, x, h0, carries = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            return (*_backward(dt, A, B, C, x, h0, carries, ctx.T, dy, dh), None)
 
 
 def selective_scan(dt, A, B, C, x, h0=None, chunk: int = 32):
-    """The whole sequence, chunk by chunk: (y [b, n, E], the last state [b, E, N]), in the inputs' common dtype."""
+    """The whole sequence, chunk by chunk: (y [b, n, E], the last state [b, E, N]) from h0 [b, E, N] or None, in
+    the inputs' common dtype."""
     dtype = torch.promote_types(torch.promote_types(dt.dtype, A.dtype), torch.promote_types(B.dtype, x.dtype))
-    dtype = torch.promote_types(dtype, C.dtype)
-    dt, A, B, C, x = (t.to(dtype) for t in (dt, A, B, C, x))
-    h0 = None if h0 is None else h0.to(dtype)
+    dt, A, B, C, x = (t.to(torch.promote_types(dtype, C.dtype)) for t in (dt, A, B, C, x))
+    h0 = None if h0 is None else h0.to(x.dtype).transpose(1, 2)  # [b, N, E] inside
+    T = min(chunk, x.shape[1])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (dt, A, B, C, x, h0)):
-        return _SelectiveScan.apply(dt, A, B, C, x, h0, chunk)
-    return _forward(dt, A, B, C, x, h0, chunk)
+        y, h = _SelectiveScan.apply(dt, A, B, C, x, h0, T)
+    else:
+        y, h = _forward(dt, A, B, C, x, h0, T)
+    return y, h.transpose(1, 2)
 
 
 EXPORT_LEVELS = 16  # the export's doubling levels: exact for n <= 2^16
