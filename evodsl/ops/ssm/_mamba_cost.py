@@ -9,9 +9,9 @@ mha(skip_reuse)). Other FLOPs (a convention): the scan's dt A, exp, dt x B and t
 state; ~12 t E for silu, softplus, D x and the gate. Backward: the chunk's recomputation (5 per state), C dy, dC,
 the reverse recurrence, dB, a g, q, dA and q A (13 per state), and twice the rest.
 Kept for backward: the scan's Function keeps each later chunk's incoming state [b, E, N] (m - 1 of them, m = ceil(n /
-T)) and no inner state; beside it in_proj's output (x, z), the padded convolution input, its output, x, x_proj's
-output, dt before and after softplus, x_proj's and dt_proj's inputs made contiguous, C h + D x, silu(z), out_proj's
-input, -exp(A_log) and exp(A_log) (at b = 1 one tE less: a contiguous input is not copied).
+T)) and no inner state; beside it in_proj's output (x, z), the padded convolution input, its output, x (made
+token-major once: x_proj's input and the scan's), x_proj's output, dt before and after softplus, dt_proj's input
+made contiguous, C h + D x, silu(z), out_proj's input, -exp(A_log) and exp(A_log).
 Inference peak: the scan's two chunk buffers (decays, states: 2 U_T), A and its transpose, a chunk's dt x, beside
 in_proj's output, x, dt, y and x_proj's output; or the gate's end, 6 t E. Backward's peak: the scan's four chunk
 buffers (decays, states, their gradients, a temporary: 4 U_T) beside the gradients of B and C (2 t N), of A, A
@@ -48,7 +48,7 @@ def mamba_cost(p, env: OpEnv, s: Symbols) -> Cost:
              + scan + linear(s, E, s.d, p.bias))
     tE = t * E * by
     carries = (sp.ceiling(n / T) - 1) * b * E * N * by  # each later chunk's incoming state
-    saved = carries + 10 * tE + b * E * (n + k - 1) * by + t * (R + 2 * N) * by + 2 * E * N * by
+    saved = carries + 9 * tE + b * E * (n + k - 1) * by + t * (R + 2 * N) * by + 2 * E * N * by
     Tn = sp.Min(T, n)
     UT = b * Tn * E * N * by
     xp = t * (R + 2 * N) * by

@@ -51,6 +51,12 @@ def _chunks(n, T):
     return [(s, min(s + T, n)) for s in range(0, n, T)]
 
 
+def _chunk_inputs(ts, s, e):
+    """Tokens s..e of each [b, n, .] input, time-major [m, b, .] (views: mamba.py gives x token-major, so every
+    broadcast product reads its innermost dimension contiguously)."""
+    return [t[:, s:e].transpose(0, 1) for t in ts]
+
+
 def _forward(dt, A, B, C, x, h0, T: int, carries=None):
     """(y [b, n, E], the last state [b, N, E]) from h0 [b, N, E] or None; carries [m - 1, b, N, E] (or None)
     receives each later chunk's incoming state."""
@@ -59,7 +65,7 @@ def _forward(dt, A, B, C, x, h0, T: int, carries=None):
     a_buf, h_buf = _buffers(x, T, A.shape[1], 2)
     h, At = h0, A.t().contiguous()
     for i, (s, e) in enumerate(_chunks(n, T)):
-        dt_c, B_c, C_c, x_c = (t[:, s:e].transpose(0, 1) for t in (dt, B, C, x))
+        dt_c, B_c, C_c, x_c = _chunk_inputs((dt, B, C, x), s, e)
         a, hs = a_buf[:e - s], h_buf[:e - s]
         _prepare(dt_c, At, B_c, x_c, a, hs)
         h = _states(a, hs, h)
@@ -80,7 +86,7 @@ def _backward(dt, A, B, C, x, h0, carries, T, dy, g):
     for i in reversed(range(len(chunks))):
         s, e = chunks[i]
         m, h_in = e - s, (h0 if i == 0 else carries[i - 1])
-        dt_c, B_c, C_c, x_c = (t[:, s:e].transpose(0, 1) for t in (dt, B, C, x))
+        dt_c, B_c, C_c, x_c = _chunk_inputs((dt, B, C, x), s, e)
         a, hs, gs, tmp = a_buf[:m], h_buf[:m], g_buf[:m], tmp_buf[:m]
         dtx = _prepare(dt_c, At, B_c, x_c, a, hs)
         _states(a, hs, h_in)

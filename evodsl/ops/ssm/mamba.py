@@ -94,7 +94,7 @@ class MambaMixer(nn.Module):
             xc = torch.cat((state[0], x), 2)
         if cache is not None:
             conv_state = xc[:, :, xc.shape[2] - (self.k - 1):].clone()
-        x = F.silu(self.conv1d(xc)).transpose(1, 2)  # [b, n, E]
+        x = F.silu(self.conv1d(xc)).transpose(1, 2).contiguous()  # [b, n, E], token-major for the projection and scan
         del xc
         dt, B, C = self.x_proj(x).split((self.R, self.N, self.N), -1)
         dt = F.softplus(self.dt_proj(dt))
