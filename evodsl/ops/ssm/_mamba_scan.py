@@ -3,9 +3,11 @@
     h_t = a_t h_{t-1} + u_t,      a_t = exp(dt_t A),      u_t = dt_t x_t B_t,      y_t = C_t . h_t
 
 Training and prefill (selective_scan): an autograd Function over chunks of T tokens. The states [b, n, E, N] never
-exist for the whole sequence at once: a chunk's decays a and inputs u go into [T, b, E, N] buffers made once, and
-its states are written over u token by token (one multiply-add of [b, E, N] a token; no exp(-S) that could
-overflow, no division), then y = h C for the chunk (a batched matmul). The forward keeps only each chunk's
+exist for the whole sequence at once: a chunk's decays a and inputs u go into [T, b, N, E] buffers made once (N
+before E: y = C h and B g are row-vector matmuls, dB and dC reductions over the contiguous E), and its states are
+written over u token by token (one multiply-add of [b, N, E] a token; no exp(-S) that could overflow, no
+division), then y = C h for the chunk (a batched matmul). The state that leaves or enters selective_scan is
+[b, E, N] (the decoding state). The forward keeps only each chunk's
 incoming state (the carry). The backward walks the chunks in reverse: it recomputes a chunk's states from its
 carry, runs the reverse recurrence (Martin and Cundy 2018, arXiv:1709.04057, Section 3)
 
