@@ -141,6 +141,45 @@ def test_the_export_form_equals_the_chunked_scan():
     assert (got - want).abs().max().item() <= 1e-12 * want.abs().max().item()
 
 
+def scan_reference(dt, A, B, C, x, h0):
+    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t, y_t = C_t . h_t, token by token (autograd through the loop)."""
+    h, ys = h0, []
+    for t in range(x.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[..., None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(ys, 1), h
+
+
+@pytest.mark.parametrize("n", [1, 6, 37])
+@pytest.mark.parametrize("T", [1, 4, 16, 64])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_the_scan_gradients_equal_the_token_loop(n, T, with_h0):
+    """The scan's Function (a forward that keeps chunk carries, a backward by the reverse recurrence and closed
+    forms) against autograd through the token loop: y and the last state, and the gradients of dt, A, B, C, x and
+    h0 under random output and last-state gradients, at chunk sizes dividing n, not, and past it."""
+    from evodsl.ops.ssm._mamba_scan import selective_scan
+
+    g = torch.Generator().manual_seed(10 * n + T)
+    b, E, N = 2, 5, 3
+    f64 = dict(generator=g, dtype=torch.float64)
+    dt, x = torch.rand(b, n, E, **f64), torch.randn(b, n, E, **f64)
+    B, C = torch.randn(b, n, N, **f64), torch.randn(b, n, N, **f64)
+    A = -torch.rand(E, N, **f64) * 3
+    h0 = torch.randn(b, E, N, **f64) if with_h0 else torch.zeros(b, E, N, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (dt, A, B, C, x, h0)]
+    dy, dh = torch.randn(b, n, E, **f64), torch.randn(b, E, N, **f64)
+    results = []
+    for run in (lambda: scan_reference(*leaves), lambda: selective_scan(*leaves[:5], h0 if with_h0 else None, T)):
+        y, h = run()
+        grads = torch.autograd.grad((y * dy).sum() + (h * dh).sum(), leaves, allow_unused=True)
+        results.append((y, h, *grads))
+    for name, want, got in zip(("y", "h", "dt", "A", "B", "C", "x", "h0"), *results):
+        if name == "h0" and not with_h0:
+            assert got is None
+            continue
+        assert (got - want).abs().max().item() <= 1e-10 * want.abs().max().item(), name
+
+
 @pytest.mark.slow  # ~25 s: an export (test_onnx.py exports it at its init in the default run)
 def test_exports_with_a_symbolic_length(tmp_path):
     """One ONNX file (the doubling form), weights off their init (A, dt's bias, D, the projections), onnxruntime

@@ -1,60 +1,157 @@
-"""The selective scan of ssm(mamba) (mamba.py), chunked: per channel e and state n,
+"""The selective scan of ssm(mamba) (mamba.py): per channel e and state n,
 
-    h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,      y_t = C_t . h_t
+    h_t = a_t h_{t-1} + u_t,      a_t = exp(dt_t A),      u_t = dt_t x_t B_t,      y_t = C_t . h_t
 
-over chunks of T tokens (a Python loop over chunks, never over tokens). Inside a chunk, with the cumulative
-log-decays S_t = sum_{s <= t} dt_s A (per e, n; S_t - S_s <= 0 for s <= t, so every factor below is at most 1),
+Training and prefill (selective_scan): an autograd Function over chunks of T tokens. The states [b, n, E, N] never
+exist for the whole sequence at once: a chunk's decays a and inputs u go into [T, b, N, E] buffers made once (N
+before E: y = C h and B g are row-vector matmuls, dB and dC reductions over the contiguous E), and its states are
+written over u token by token (one multiply-add of [b, N, E] a token; no exp(-S) that could overflow, no
+division), then y = C h for the chunk (a batched matmul). The state that leaves or enters selective_scan is
+[b, E, N] (the decoding state). The forward keeps only each chunk's
+incoming state (the carry). The backward walks the chunks in reverse: it recomputes a chunk's states from its
+carry, runs the reverse recurrence (Martin and Cundy 2018, arXiv:1709.04057, Section 3)
 
-    h_t = sum_{s <= t} exp(S_t - S_s) u_s,      u_s = dt_s B_s x_s, and u_0 += exp(S_0) h_prev (the carry)
+    g_t = C_t dy_t + a_{t+1} g_{t+1}      (g after the chunk's last token: the next chunk's a_0 g_0, or the
+                                           last state's gradient)
 
-summed by doubling (Hillis-Steele): after level j, h_t holds the terms s in (t - 2^j, t]; level j adds
-exp(S_t - S_{t - 2^j}) h_{t - 2^j}. log2(T) levels of [b, T, E, N] multiply-adds: O(n E N log T) = O(n E N) for a
-fixed T, exact (no exp(-S) that could overflow as the cumsum form's would). y_t = h_t C_t is a batched matmul.
-
-Training keeps no chunk's inner states: each chunk runs under activation checkpointing (torch.utils.checkpoint,
-non-reentrant), which keeps its inputs (views of the whole-sequence dt, B, C, x, kept anyway) and its incoming
-carry, and recomputes the chunk's levels in backward, one chunk at a time. Kept for the scan: a [b, E, N] carry a
-chunk, in place of (2 L + 1) states a token (L = log2 T levels): 11 n E N numbers at T = 32.
+and forms the gradients in closed form: du_t = g_t, so dx_t = dt_t (g_t B_t), dB_t = (dt_t x_t) . g_t;
+dC_t = dy_t . h_t; with q_t = a_t g_t h_{t-1} (the decay's share), ddt_t = x_t (g_t B_t) + q_t A and
+dA = sum_t dt_t q_t; dh0 = a_0 g_0. Every token runs the same arithmetic at every T: T sets the buffers' size
+and the number of carries kept, not the result (the chunk loops over tokens: measured on one CPU thread, a
+doubling scan's log2 T passes over the chunk cost more than its T steps; benchmarks/bench_recurrent.py).
+The export (exported_scan, a symbolic n) runs a doubling scan over the whole sequence instead.
 """
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 
-def levels(T: int) -> list:
-    """The doubling shifts 1, 2, 4, ... below T."""
-    out, k = [], 1
-    while k < T:
-        out.append(k)
-        k *= 2
-    return out
+def _prepare(dt_c, At, B_c, x_c, a, u):
+    """a = exp(dt A) and u = (dt x) B into the buffers a, u [m, b, N, E] (inputs time-major [m, b, .], At = A
+    transposed [N, E]); returns dt x [m, b, E]."""
+    torch.exp(torch.mul(dt_c[:, :, None, :], At, out=a), out=a)
+    dtx = dt_c * x_c
+    torch.mul(B_c[..., None], dtx[:, :, None, :], out=u)
+    return dtx
 
 
-def chunk_scan(dt, A, B, C, x, h0):
-    """One chunk: dt, x [b, T, E], A [E, N], B, C [b, T, N], h0 [b, E, N] or None -> (y [b, T, E], h_T [b, E, N])."""
-    S = (dt[..., None] * A).cumsum(1)  # [b, T, E, N]
-    h = (dt * x)[..., None] * B[:, :, None, :]
-    if h0 is not None:
-        h[:, 0].add_(S[:, 0].exp() * h0)
-    for k in levels(h.shape[1]):
-        h = torch.cat((h[:, :k], h[:, k:] + (S[:, k:] - S[:, :-k]).exp() * h[:, :-k]), 1)
-    y = (h @ C[..., None]).squeeze(-1)
-    return y, h[:, -1].clone()  # not a view: the chunk's states die with it (inference)
+def _states(a, h, h_in):
+    """h_t <- a_t h_{t-1} + h_t in place, token by token from h_in (None: zero); the last state (a view)."""
+    for a_t, h_t in zip(a.unbind(0), h.unbind(0)):
+        if h_in is not None:
+            h_t.addcmul_(a_t, h_in)
+        h_in = h_t
+    return h_in
+
+
+def _buffers(x, T, N, k):
+    b, _, E = x.shape
+    return [x.new_empty(T, b, N, E) for _ in range(k)]
+
+
+def _chunks(n, T):
+    return [(s, min(s + T, n)) for s in range(0, n, T)]
+
+
+def _chunk_inputs(ts, s, e):
+    """Tokens s..e of each [b, n, .] input, time-major [m, b, .] (views: mamba.py gives x token-major, so every
+    broadcast product reads its innermost dimension contiguously)."""
+    return [t[:, s:e].transpose(0, 1) for t in ts]
+
+
+def _forward(dt, A, B, C, x, h0, T: int, carries=None):
+    """(y [b, n, E], the last state [b, N, E]) from h0 [b, N, E] or None; carries [m - 1, b, N, E] (or None)
+    receives each later chunk's incoming state."""
+    n = x.shape[1]
+    y = torch.empty_like(x)
+    a_buf, h_buf = _buffers(x, T, A.shape[1], 2)
+    h, At = h0, A.t().contiguous()
+    for i, (s, e) in enumerate(_chunks(n, T)):
+        dt_c, B_c, C_c, x_c = _chunk_inputs((dt, B, C, x), s, e)
+        a, hs = a_buf[:e - s], h_buf[:e - s]
+        _prepare(dt_c, At, B_c, x_c, a, hs)
+        h = _states(a, hs, h)
+        y[:, s:e] = (C_c[:, :, None, :] @ hs).squeeze(-2).transpose(0, 1)
+        if e < n:  # out of the buffers, which the next chunk overwrites
+            h = h.clone() if carries is None else carries[i].copy_(h)
+    return y, h.clone()
+
+
+def _backward(dt, A, B, C, x, h0, carries, T, dy, g):
+    """The gradients (dt, A, B, C, x, h0) from dy [b, n, E] (or None) and g, the last state's gradient [b, N, E]
+    (or None); h0 and the carries [b, N, E]."""
+    n = x.shape[1]
+    ddt, dB, dC, dx = torch.empty_like(dt), torch.empty_like(B), torch.zeros_like(C), torch.empty_like(x)
+    dAt, At = torch.zeros_like(A.t()), A.t().contiguous()
+    a_buf, h_buf, g_buf, tmp_buf = _buffers(x, T, A.shape[1], 4)
+    chunks = _chunks(n, T)
+    for i in reversed(range(len(chunks))):
+        s, e = chunks[i]
+        m, h_in = e - s, (h0 if i == 0 else carries[i - 1])
+        dt_c, B_c, C_c, x_c = _chunk_inputs((dt, B, C, x), s, e)
+        a, hs, gs, tmp = a_buf[:m], h_buf[:m], g_buf[:m], tmp_buf[:m]
+        dtx = _prepare(dt_c, At, B_c, x_c, a, hs)
+        _states(a, hs, h_in)
+        if dy is None:
+            gs.zero_()
+        else:  # g_t starts as C_t dy_t; dC_t = dy_t . h_t
+            dy_c = dy[:, s:e].transpose(0, 1)
+            torch.mul(C_c[..., None], dy_c[:, :, None, :], out=gs)
+            dC[:, s:e] = torch.mul(hs, dy_c[:, :, None, :], out=tmp).sum(-1).transpose(0, 1)
+        if g is not None:
+            gs[-1] += g
+        a_t, g_t = a.unbind(0), gs.unbind(0)
+        for t in range(m - 2, -1, -1):
+            g_t[t].addcmul_(a_t[t + 1], g_t[t + 1])
+        dB[:, s:e] = torch.mul(gs, dtx[:, :, None, :], out=tmp).sum(-1).transpose(0, 1)
+        gB = (B_c[:, :, None, :] @ gs).squeeze(-2)  # dL/d(dt x) [m, b, E]
+        q = a.mul_(gs)  # a_t g_t: the gradient of h_{t-1}
+        g = q[0].clone()
+        q[1:].mul_(hs[:-1])  # q_t = a_t g_t h_{t-1}: dL/d(dt_t A)
+        if h_in is None:
+            q[0].zero_()
+        else:
+            q[0].mul_(h_in)
+        dAt += torch.mul(q, dt_c[:, :, None, :], out=tmp).sum((0, 1))
+        ddt[:, s:e] = torch.mul(q, At, out=tmp).sum(-2).addcmul_(gB, x_c).transpose(0, 1)
+        dx[:, s:e] = (gB * dt_c).transpose(0, 1)
+    return ddt, dAt.t(), dB, dC, dx, (None if h0 is None else g)
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """selective_scan's training form: the forward keeps each later chunk's incoming state, the backward
+    recomputes a chunk's states from it (_backward)."""
+
+    @staticmethod
+    def forward(ctx, dt, A, B, C, x, h0, T):
+        b, n, E = x.shape
+        carries = x.new_empty(len(_chunks(n, T)) - 1, b, A.shape[1], E)
+        with torch.autocast(x.device.type, enabled=False):
+            y, h = _forward(dt, A, B, C, x, h0, T, carries)
+        ctx.save_for_backward(dt, A, B, C, x, h0, carries)
+        ctx.T = T
+        ctx.set_materialize_grads(False)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        dt, A, B, C, x, h0, carries = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            return (*_backward(dt, A, B, C, x, h0, carries, ctx.T, dy, dh), None)
 
 
 def selective_scan(dt, A, B, C, x, h0=None, chunk: int = 32):
-    """The whole sequence, chunk by chunk: (y [b, n, E], the last state [b, E, N]). The inputs are split, not
-    sliced (a slice's backward writes into a zero tensor of the whole length, once per chunk: quadratic)."""
-    ys = []
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (dt, A, B, C, x))
-    for dt_c, B_c, C_c, x_c in zip(*(t.split(chunk, 1) for t in (dt, B, C, x))):
-        if recompute:
-            y, h0 = checkpoint(chunk_scan, dt_c, A, B_c, C_c, x_c, h0, use_reentrant=False)
-        else:
-            y, h0 = chunk_scan(dt_c, A, B_c, C_c, x_c, h0)
-        ys.append(y)
-    return (ys[0] if len(ys) == 1 else torch.cat(ys, 1)), h0
+    """The whole sequence, chunk by chunk: (y [b, n, E], the last state [b, E, N]) from h0 [b, E, N] or None, in
+    the inputs' common dtype."""
+    dtype = torch.promote_types(torch.promote_types(dt.dtype, A.dtype), torch.promote_types(B.dtype, x.dtype))
+    dt, A, B, C, x = (t.to(torch.promote_types(dtype, C.dtype)) for t in (dt, A, B, C, x))
+    h0 = None if h0 is None else h0.to(x.dtype).transpose(1, 2)  # [b, N, E] inside
+    T = min(chunk, x.shape[1])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (dt, A, B, C, x, h0)):
+        y, h = _SelectiveScan.apply(dt, A, B, C, x, h0, T)
+    else:
+        y, h = _forward(dt, A, B, C, x, h0, T)
+    return y, h.transpose(1, 2)
 
 
 EXPORT_LEVELS = 16  # the export's doubling levels: exact for n <= 2^16

@@ -11,8 +11,9 @@ arXiv:2312.00752, Algorithm 2 and Section 3.6), as a sublayer (the block's norm 
     y_t    = C_t . h_t + D * x_t
     out    = out_proj(y * silu(z))
 
-The scan is chunked (_mamba_scan.py): a loop over chunks of T = chunk tokens, cumulative log-decays and doubling
-inside each, O(n E N) for the fixed T; the result does not depend on T. Causal only (the recurrence is the op); the
+The scan is chunked (_mamba_scan.py): an autograd Function over chunks of T = chunk tokens, the states of one chunk
+at a time in reused buffers, O(n E N); training keeps a state a chunk and the backward recomputes each chunk's
+states from it and runs the reverse recurrence; the result does not depend on T. Causal only (the recurrence is the op); the
 step form keeps the convolution's last k - 1 inputs [b, E, k - 1] and the state h [b, E, N], whatever the length:
 a prefill and a single step run the same code from that state. The ONNX export (a symbolic n) runs a doubling scan
 over the whole sequence instead (exported_scan: 16 levels, exact for n <= 65536). Choices where the paper is silent, as HF's
@@ -93,7 +94,7 @@ class MambaMixer(nn.Module):
             xc = torch.cat((state[0], x), 2)
         if cache is not None:
             conv_state = xc[:, :, xc.shape[2] - (self.k - 1):].clone()
-        x = F.silu(self.conv1d(xc)).transpose(1, 2)  # [b, n, E]
+        x = F.silu(self.conv1d(xc)).transpose(1, 2).contiguous()  # [b, n, E], token-major for the projection and scan
         del xc
         dt, B, C = self.x_proj(x).split((self.R, self.N, self.N), -1)
         dt = F.softplus(self.dt_proj(dt))
