@@ -186,11 +186,11 @@ COMPLEXITY = {  # spec: (time, memory) in n (and m, an encoder-decoder's target)
     # DecBERT and DeBERTa: BERT's dropout on the attention weights keeps the [b, h, n, n] mask
     "decbert": ("O(n^2 d)", "O(n^2 h)"),
     "deberta_base": ("O(n^2 d)", "O(n^2 h)"),
-    # Mamba: the projections' n E d and the head lead the time (the selective scan's n E N, ~27 FLOPs a state
-    # forward and backward, is under 5% of them at N = 16); its chunks recomputed in backward, so what training
+    # Mamba: the selective scan's n E N (~60 FLOPs a state forward and backward: its doubling's log2 T levels), the
+    # projections' n E d and the head lead the time; its chunks recomputed in backward, so what training
     # keeps is the [n, E] activations around it, a carry a chunk (n E N / T, half of one [n, E] at N = 16, T = 32)
     # and the [n, d] stream's norms and residuals
-    "mamba_130m": ("O(n E d + n V d)", "O(n E N/T + n E + n d)"),
+    "mamba_130m": ("O(n E N + n E d + n V d)", "O(n E N/T + n E + n d)"),
     # RWKV-4: the time mix's chunks of T keep a [T, T] table a channel (n T d); the channel mix's relu^2, n f
     "rwkv4_169m": ("O(n V d + n d f + n d^2)", "O(n T d + n f)"),
     # merged attention: the decoder (m) has no m^2 term (a running average of its values), only its cross-attention

@@ -5,10 +5,10 @@
 Training and prefill (selective_scan): an autograd Function over chunks of T tokens. The states [b, n, E, N] never
 exist for the whole sequence at once: a chunk's decays a and inputs u go into [T, b, N, E] buffers made once (N
 before E: y = C h and B g are row-vector matmuls, dB and dC reductions over the contiguous E), and its states are
-written over u token by token (one multiply-add of [b, N, E] a token; no exp(-S) that could overflow, no
-division), then y = C h for the chunk (a batched matmul). The state that leaves or enters selective_scan is
-[b, E, N] (the decoding state). The forward keeps only each chunk's
-incoming state (the carry). The backward walks the chunks in reverse: it recomputes a chunk's states from its
+written over u by a doubling scan (_states: ceil(log2 T) levels over the whole chunk, products of decays only, no
+exp(-S) that could overflow, no division; a Python loop over chunks and levels, never over tokens), then y = C h for
+the chunk (a batched matmul). The state that leaves or enters selective_scan is [b, E, N] (the decoding state). The
+forward keeps only each chunk's incoming state (the carry). The backward walks the chunks in reverse: it recomputes a chunk's states from its
 carry, runs the reverse recurrence (Martin and Cundy 2018, arXiv:1709.04057, Section 3)
 
     g_t = C_t dy_t + a_{t+1} g_{t+1}      (g after the chunk's last token: the next chunk's a_0 g_0, or the
@@ -16,9 +16,9 @@ carry, runs the reverse recurrence (Martin and Cundy 2018, arXiv:1709.04057, Sec
 
 and forms the gradients in closed form: du_t = g_t, so dx_t = dt_t (g_t B_t), dB_t = (dt_t x_t) . g_t;
 dC_t = dy_t . h_t; with q_t = a_t g_t h_{t-1} (the decay's share), ddt_t = x_t (g_t B_t) + q_t A and
-dA = sum_t dt_t q_t; dh0 = a_0 g_0. Every token runs the same arithmetic at every T: T sets the buffers' size
-and the number of carries kept, not the result (the chunk loops over tokens: measured on one CPU thread, a
-doubling scan's log2 T passes over the chunk cost more than its T steps; benchmarks/bench_recurrent.py).
+dA = sum_t dt_t q_t; dh0 = a_0 g_0; the reverse recurrence runs by the same doubling from the chunk's end
+(_reverse_states). T sets the buffers' size, the levels and the number of carries kept; the result is the same up
+to rounding.
 The export (exported_scan, a symbolic n) runs a doubling scan over the whole sequence instead.
 """
 from __future__ import annotations
@@ -35,13 +35,42 @@ def _prepare(dt_c, At, B_c, x_c, a, u):
     return dtx
 
 
-def _states(a, h, h_in):
-    """h_t <- a_t h_{t-1} + h_t in place, token by token from h_in (None: zero); the last state (a view)."""
-    for a_t, h_t in zip(a.unbind(0), h.unbind(0)):
-        if h_in is not None:
-            h_t.addcmul_(a_t, h_in)
-        h_in = h_t
-    return h_in
+def _levels(m: int):
+    """The doubling shifts 1, 2, 4, ... below m."""
+    k = 1
+    while k < m:
+        yield k
+        k *= 2
+
+
+def _states(a, h, h_in, P, tmp):
+    """h_t <- a_t h_{t-1} + h_t over the chunk in place, from h_in (None: zero), by doubling (Hillis-Steele) on pairs
+    (P, h), P a copy of the decays (a is kept): level k adds P_t h_{t-k} to h_t and multiplies P_t by P_{t-k}, so
+    that after ceil(log2 m) levels h_t = sum_{s <= t} (a_{s+1} .. a_t) u_s and P_t = a_0 .. a_t; then the carry,
+    h_t += P_t h_in. Products of decays only (each at most 1: no exp(-S) to overflow). P, tmp: scratch buffers of
+    a's shape. Returns the last state (a view)."""
+    m = a.shape[0]
+    P.copy_(a)
+    for k in _levels(m):
+        h[k:] += torch.mul(P[k:], h[:m - k], out=tmp[:m - k])
+        if 2 * k < m or h_in is not None:  # the last level's products serve only the carry
+            P[k:] = torch.mul(P[k:], P[:m - k], out=tmp[:m - k])
+    if h_in is not None:
+        h.addcmul_(P, h_in)
+    return h[-1]
+
+
+def _reverse_states(a, g, P, tmp):
+    """g_t <- g_t + a_{t+1} g_{t+1} over the chunk in place (the reverse recurrence; g's last row already holds what
+    comes from after the chunk), by the same doubling from the end: P_t starts as a_{t+1} (P's last row 1, never
+    read), level k adds P_t g_{t+k} to g_t and multiplies P_t by P_{t+k}."""
+    m = a.shape[0]
+    P[:m - 1] = a[1:]
+    P[m - 1].fill_(1)
+    for k in _levels(m):
+        g[:m - k] += torch.mul(P[:m - k], g[k:], out=tmp[:m - k])
+        if 2 * k < m:
+            P[:m - k] = torch.mul(P[:m - k], P[k:], out=tmp[:m - k])
 
 
 def _buffers(x, T, N, k):
@@ -64,13 +93,13 @@ def _forward(dt, A, B, C, x, h0, T: int, carries=None):
     receives each later chunk's incoming state."""
     n = x.shape[1]
     y = torch.empty_like(x)
-    a_buf, h_buf = _buffers(x, T, A.shape[1], 2)
+    a_buf, h_buf, p_buf, tmp_buf = _buffers(x, T, A.shape[1], 4)
     h, At = h0, A.t().contiguous()
     for i, (s, e) in enumerate(_chunks(n, T)):
         dt_c, B_c, C_c, x_c = _chunk_inputs((dt, B, C, x), s, e)
         a, hs = a_buf[:e - s], h_buf[:e - s]
         _prepare(dt_c, At, B_c, x_c, a, hs)
-        h = _states(a, hs, h)
+        h = _states(a, hs, h, p_buf[:e - s], tmp_buf[:e - s])
         y[:, s:e] = (C_c[:, :, None, :] @ hs).squeeze(-2).transpose(0, 1)
         if e < n:  # out of the buffers, which the next chunk overwrites
             h = h.clone() if carries is None else carries[i].copy_(h)
@@ -83,7 +112,7 @@ def _backward(dt, A, B, C, x, h0, carries, T, dy, g):
     n = x.shape[1]
     ddt, dB, dC, dx = torch.empty_like(dt), torch.empty_like(B), torch.zeros_like(C), torch.empty_like(x)
     dAt, At = torch.zeros_like(A.t()), A.t().contiguous()
-    a_buf, h_buf, g_buf, tmp_buf = _buffers(x, T, A.shape[1], 4)
+    a_buf, h_buf, g_buf, tmp_buf, p_buf = _buffers(x, T, A.shape[1], 5)
     chunks = _chunks(n, T)
     for i in reversed(range(len(chunks))):
         s, e = chunks[i]
@@ -91,7 +120,7 @@ def _backward(dt, A, B, C, x, h0, carries, T, dy, g):
         dt_c, B_c, C_c, x_c = _chunk_inputs((dt, B, C, x), s, e)
         a, hs, gs, tmp = a_buf[:m], h_buf[:m], g_buf[:m], tmp_buf[:m]
         dtx = _prepare(dt_c, At, B_c, x_c, a, hs)
-        _states(a, hs, h_in)
+        _states(a, hs, h_in, gs, tmp)  # g's buffer as scratch: it is filled below
         if dy is None:
             gs.zero_()
         else:  # g_t starts as C_t dy_t; dC_t = dy_t . h_t
@@ -100,9 +129,7 @@ def _backward(dt, A, B, C, x, h0, carries, T, dy, g):
             dC[:, s:e] = torch.mul(hs, dy_c[:, :, None, :], out=tmp).sum(-1).transpose(0, 1)
         if g is not None:
             gs[-1] += g
-        a_t, g_t = a.unbind(0), gs.unbind(0)
-        for t in range(m - 2, -1, -1):
-            g_t[t].addcmul_(a_t[t + 1], g_t[t + 1])
+        _reverse_states(a, gs, p_buf[:m], tmp)
         dB[:, s:e] = torch.mul(gs, dtx[:, :, None, :], out=tmp).sum(-1).transpose(0, 1)
         gB = (B_c[:, :, None, :] @ gs).squeeze(-2)  # dL/d(dt x) [m, b, E]
         q = a.mul_(gs)  # a_t g_t: the gradient of h_{t-1}
