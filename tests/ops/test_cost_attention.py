@@ -389,10 +389,11 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     # gsa: two passes over 16 slots in chunks of 16 (four, ten), 24 (padded, grouped), 32 (padded, one K/V head), 64 (one)
     "gsa": [({"slots": 16}, BOTH), ({"slots": 16, "kv_heads": 2, "chunk": 24}, BOTH),
             ({"slots": 8, "kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD), ({"slots": 32, "chunk": 64}, SMALL),
-            # slots far wider than a head (64 against 16 and 24) over several chunks: pass 2's backward at qd @ states
-            # leads (the stacked states' and the decayed queries' gradients). Not held yet: one or few large chunks
-            # with m >> dh (slots 96 in chunks of 64: 33-68% under), where its backward at q k^T leads
-            ({"slots": 64, "chunk": 16}, BOTH), ({"slots": 64, "kv_heads": 2, "chunk": 24}, SMALL)],
+            # slots far wider than a head (48 .. 128 against 8 .. 24): pass 2's backward leads, at qd @ states (many
+            # small chunks: the stacked states' gradient) or at qd kd^T (one or few large chunks: three m-wide gradients)
+            ({"slots": 64, "chunk": 16}, BOTH), ({"slots": 64, "kv_heads": 2, "chunk": 24}, SMALL),
+            ({"slots": 96, "chunk": 64}, BOTH), ({"slots": 128, "kv_heads": 2, "chunk": 40}, BOTH),
+            ({"slots": 48, "kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD)],
     # the delta rule's WY form: chunks of 64 (one at n = 64, three padded at 160), 24 (padded), 32, 16; no convolutions
     "deltanet": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "conv": 0}, ODD),
                  ({"chunk": 16}, SMALL)],

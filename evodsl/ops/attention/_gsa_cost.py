@@ -59,7 +59,13 @@ def gsa_cost(p, env: OpEnv, s: Symbols) -> Cost:
     # the token-major copy, the normed and scaled heads and the rms, and a @ v its a and o: the gradients of o (in
     # chunks), of the chunked values, of a, of the stacked states (several chunks; one chunk's state before is zero)
     # and of the decayed queries (m slots wide), which lead where the slots outnumber a head's width
+    # Then its backward at the decayed queries and keys (a = qd kd^T masked), once the stacked states, the chunked
+    # values and the chunks' saved states are released too: three gradients m slots wide (of qd from the states and
+    # from the scores, of kd; several chunks: qd's summed, then q's and exp(B)'s from qd = q exp(B), the chunk keys'
+    # decayed copy kc released, the states before each chunk but the last's and the carries' exp)
     output_side = 3 * t - b * n * by
     at_states = T + U + several * mc * state - 3 * t - b * n * by
-    bwd_peak = sp.Max(output_side, at_states)
+    at_scores = (3 * U - (1 + several * (2 * mc - 2)) * state - chunked - 3 * t - b * n * by
+                 - (1 - several) * C ** 2)
+    bwd_peak = sp.Max(output_side, at_states, at_scores)
     return replace(total + core, saved=saved, peak=peak - out, cache=2 * state, bwd_peak=bwd_peak, saves_input=True)
