@@ -392,7 +392,12 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
             ({"chunk": 64, "rank": 8}, SMALL)],
     # gsa: two passes over 16 slots in chunks of 16 (four, ten), 24 (padded, grouped), 32 (padded, one K/V head), 64 (one)
     "gsa": [({"slots": 16}, BOTH), ({"slots": 16, "kv_heads": 2, "chunk": 24}, BOTH),
-            ({"slots": 8, "kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD), ({"slots": 32, "chunk": 64}, SMALL)],
+            ({"slots": 8, "kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD), ({"slots": 32, "chunk": 64}, SMALL),
+            # slots far wider than a head (48 .. 128 against 8 .. 24): pass 2's backward leads, at qd @ states (many
+            # small chunks: the stacked states' gradient) or at qd kd^T (one or few large chunks: three m-wide gradients)
+            ({"slots": 64, "chunk": 16}, BOTH), ({"slots": 64, "kv_heads": 2, "chunk": 24}, SMALL),
+            ({"slots": 96, "chunk": 64}, BOTH), ({"slots": 128, "kv_heads": 2, "chunk": 40}, BOTH),
+            ({"slots": 48, "kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD)],
     # the delta rule's WY form: chunks of 64 (one at n = 64, three padded at 160), 24 (padded), 32, 16; no convolutions
     "deltanet": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "conv": 0}, ODD),
                  ({"chunk": 16}, SMALL)],
@@ -408,6 +413,17 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "hedgehog": [({}, BOTH), ({"kv_heads": 2, "feature_dim": 8, "chunk": 24}, BOTH), ({"chunk": 16}, SMALL),
                  ({"kv_heads": 1, "head_dim": 16, "bias": False, "chunk": 32}, ODD),
                  ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, SMALL), ({"kv_heads": 2, "feature_dim": 12}, ODD)],
+    # based: Taylor features (F = 1 + f + f^2) in chunks of 64 (one at n = 64, three padded at 160), 24 and 16 (several),
+    # 200 and 1000 (one chunk: no state read; its scores lead the peak at f = 1), beside windows of 64 (the whole
+    # sequence at n = 64: one SDPA call), 16, 5, 1 (blocks, overrunning n at n = 160), 200 and 100 (one call); grouped and
+    # single K/V heads, narrow and wide heads
+    "based": [({}, BOTH), ({"kv_heads": 2}, ODD), ({"kv_heads": 1, "head_dim": 8, "bias": False}, ODD),
+              ({"feature_dim": 8, "window": 16, "chunk": 24}, BOTH),
+              ({"feature_dim": 4, "window": 5, "chunk": 16, "kv_heads": 2}, BOTH),
+              ({"window": 200, "chunk": 32, "kv_heads": 2}, ODD), ({"feature_dim": 8, "chunk": 200}, ODD),
+              ({"feature_dim": 1, "chunk": 1000, "kv_heads": 2}, ODD),
+              ({"feature_dim": 2, "window": 1, "chunk": 24, "kv_heads": 1}, SMALL),
+              ({"heads": 2, "head_dim": 40, "feature_dim": 3, "window": 100, "chunk": 48}, SMALL)],
     # fwp: DPFP-1..3 features into the WY form, chunks of 64 (one at n = 64, three padded at 160), 24, 32, 16
     "fwp": [({}, BOTH), ({"kv_heads": 2, "chunk": 24, "nu": 2}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "nu": 3}, ODD),
             ({"chunk": 16}, SMALL), ({"kv_heads": 2, "nu": 2}, ODD)],

@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import sympy as sp
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from costhelpers import declared
 from evodsl.ops import REGISTRY, Ctx, load_all
@@ -225,9 +227,9 @@ SEQ_ARGS = {
     "qrnn": ("rnn", "qrnn", True, {"window": 2, "chunk": 16}),  # a width-k convolution and fo-pooling's scan: O(n d (d k + log T))
     "gilr": ("rnn", "gilr", True, {"chunk": 16}),  # two projections and the scan: O(n d (d + log T))
     "gilr-lstm": ("rnn", "gilr", True, {"chunk": 16, "lstm": True}),  # ten projections, two scans: O(n d (d + log T))
-    # SRU's parallel form (v = 0); its light recurrence loops over tokens, whose thousands of live [b, d] tensors the
-    # storage tracker would sweep at every op (quadratic in n to measure), so its row is the cost test's
+    # SRU's parallel form (v = 0), and its light recurrence (v . c_(t-1) in the gates: a loop over tokens, unbound)
     "sru-scan": ("rnn", "sru", True, {"scan": True, "chunk": 16}),
+    "sru-light": ("rnn", "sru", True, {"scan": False}),
     "ckconv": ("longconv", "ckconv", False, {"hidden": 16}),  # the kernel at 2n lags, spectra [n + 1, d]: O(n) bytes
     "flexconv": ("longconv", "flexconv", True, {"hidden": 16, "kernel": "siren"}),
     "flexconv-magnet": ("longconv", "flexconv", True, {"hidden": 16}),  # Gabor filters [2 n, L, H]: O(n) bytes
@@ -252,7 +254,8 @@ def test_every_sequence_layer_is_in_the_harness():
     assert ops <= {(f, v) for f, v, _, _ in SEQ_ARGS.values()}, "add it to SEQ_ARGS"
 
 
-@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.slow) for k in SEQ_ARGS])  # ~2 CPU minutes each
+# ~2 CPU minutes each at most (rfwp's and sru-light's token loops: ~1 each, the storage tracker's cost constant per storage)
+@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.slow) for k in SEQ_ARGS])
 def test_sequence_layer_grows_as_declared(key):
     family, variant, causal, args = SEQ_ARGS[key]
     got, flops, peak, bwd = _growth(family, variant, causal, args)
@@ -321,3 +324,58 @@ def test_equivariant_kernel_grows_linearly(key, pos, causal):
     assert flops.cls == peak.cls == "n", (flops, peak)
     check_growth(f"mha(linear) pos(equivariant_kernel, {key}) {'causal' if causal else 'bidirectional'}", got, flops,
                  peak, bwd)
+# pos(kernel_rpe) inside mha(linear): the Toeplitz sums by FFT (rfft of B [b, h, 2n, F (dv + 1)] and of the 2n
+# coefficients, one irfft), O(n log n F dv). FlopCounterMode counts no FFT: the transforms it executes are counted
+# here at 5/2 L log2 L each (the cost's convention, mixer(fnet)'s), against the declared FFT FLOPs, the terms of
+# fwd_other in log n; the matmuls (linear in n) and the bytes (B, its spectra: O(n F dv)) by check_growth.
+FFT_OPS = {torch.ops.aten._fft_r2c.default, torch.ops.aten._fft_c2r.default, torch.ops.aten._fft_c2c.default}
+
+
+class FFTFlops(TorchDispatchMode):
+    """5/2 L log2 L FLOPs per one-dimensional transform of length L that runs (batched: one per other element)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in FFT_OPS:
+            x, dims = args[0], args[1]
+            assert len(dims) == 1, "a one-dimensional transform"
+            L = args[3] if func is torch.ops.aten._fft_c2r.default else x.shape[dims[0]]  # c2r: the real length
+            self.flops += 2.5 * L * math.log2(L) * x.numel() / x.shape[dims[0]]
+        return func(*args, **(kwargs or {}))
+
+
+def _log_terms(expr) -> sp.Expr:
+    """The part of a declared FLOP formula that carries a log of the sizes: its FFTs (each L log2 L term whole)."""
+    no_logs = expr.replace(lambda e: isinstance(e, sp.log) and e.free_symbols, lambda e: sp.Integer(0))
+    return expr - no_logs
+
+
+@pytest.mark.slow  # growth rows are slow tests (here ~7 CPU s a case: n = 1k..8k, 1056 columns of B a head)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_kernel_rpe_grows_n_log_n(causal):
+    args = {"heads": HEADS, "pos": ("kernel_rpe", {"max_len": 512})}
+    build = _build("mha", "linear", causal, args)
+    module = build(NS[0])[0].train()
+    fft_fwd = []
+
+    def run(x):
+        with FFTFlops() as count:
+            out = module(x, Ctx())
+        if not torch.is_grad_enabled():  # the inference forward (measure_growth's training forward runs it again)
+            fft_fwd.append(count.flops)
+        return out
+
+    got = measure_growth(run, _x, exclude=[module], train=True)
+    flops, peak, bwd = _declared(build)
+    check_growth(f"mha(linear) + pos(kernel_rpe) {'causal' if causal else 'bidirectional'}", got, flops, peak, bwd)
+    want = []
+    for n in NS:
+        _, _, cost, ev = build(n)
+        want.append(float(ev(_log_terms(cost.fwd_other))))
+    measured = Series(NS, tuple(fft_fwd))
+    assert measured.cls == "n log n" and Series(NS, tuple(want)).cls == "n log n", f"FFT FLOPs measured {measured}"
+    for n, w, m in zip(NS, want, fft_fwd):
+        assert abs(w - m) <= 0.01 * m, f"n = {n}: FFT FLOPs declared {w}, executed {m}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import sympy as sp
+
 from ..cost import Cost, Symbols, linear
 from ..registry import OpEnv
 from ._common import head_symbols, projections_cost
@@ -52,8 +54,18 @@ def gsa_cost(p, env: OpEnv, s: Symbols) -> Cost:
     # states (each, the last, the chunks' own, stacked), the two products and their sum
     peak = (3 * t + 2 * u + U + u + padded * (3 * U + T) + 3 * U + R + U + (3 * mc + 1) * state + 3 * T + C ** 2
             + carry)
-    # the backward's peak: the output side, the normed heads' gradients beside the input's (the rms released); it
-    # holds (exactly, at the storage tracker) for m up to dh, and m = 2 dh in one chunk; with more slots than a head's
-    # width over several chunks the slot-side gradients lead (m = 64, dh = 24: 2 t + b kv n m bytes, 36% above this)
-    bwd_peak = 3 * t - b * n * by
+    # the backward's peak: the output side, the normed heads' gradients beside the input's (the rms released); or
+    # pass 2's backward at qd @ states (chunked_decay: o = qd @ states + a @ v), once the output side has released
+    # the token-major copy, the normed and scaled heads and the rms, and a @ v its a and o: the gradients of o (in
+    # chunks), of the chunked values, of a, of the stacked states (several chunks; one chunk's state before is zero)
+    # and of the decayed queries (m slots wide), which lead where the slots outnumber a head's width
+    # Then its backward at the decayed queries and keys (a = qd kd^T masked), once the stacked states, the chunked
+    # values and the chunks' saved states are released too: three gradients m slots wide (of qd from the states and
+    # from the scores, of kd; several chunks: qd's summed, then q's and exp(B)'s from qd = q exp(B), the chunk keys'
+    # decayed copy kc released, the states before each chunk but the last's and the carries' exp)
+    output_side = 3 * t - b * n * by
+    at_states = T + U + several * mc * state - 3 * t - b * n * by
+    at_scores = (3 * U - (1 + several * (2 * mc - 2)) * state - chunked - 3 * t - b * n * by
+                 - (1 - several) * C ** 2)
+    bwd_peak = sp.Max(output_side, at_states, at_scores)
     return replace(total + core, saved=saved, peak=peak - out, cache=2 * state, bwd_peak=bwd_peak, saves_input=True)

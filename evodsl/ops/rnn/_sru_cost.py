@@ -7,8 +7,9 @@ Kept for backward: the token loop's gates, differences and cells stacked or held
 form's W x (3 t d, its split parts' storage), f, r, 1 - f, c and c - x (8 t d in all). The input besides.
 Inference peak (less the output), read off the storage tracker: 6 t d + b d (the loop: W x, the per-token cells
 and gates and their stacked copies) or 8 t d (the parallel form: W x, the gates and the scan's tensors).
-Backward's peak: 10 t d - 7 b d (the loop's per-token gradients beside the stacked ones) or 6 t d + b d (the
-parallel form's gradients and the reverse scan's zero decay).
+Backward's peak: 3 t d at the highway's backward, the gradients of r, of c - x and of x (the loop's per-token
+gradients are [b, d] each, gathered by unbind's backward into one [b, n, 3 d] once the kept gates are released), or
+6 t d + b d (the parallel form's gradients and the reverse scan's zero decay).
 SRU++ (attention=true, p = proj): W x becomes W_o (Q + alpha A): three projections (2 t p (d + 2 p + 3 d)) and one
 causal head, counted over all n^2 pairs as FlopCounterMode counts SDPA, 4 b n^2 p forward and 10 b n^2 p backward
 (the scores recomputed); it keeps Q, K and V, A, Q + alpha A (5 t p) and SDPA's logsumexp (b n) besides; the peaks
@@ -38,7 +39,7 @@ def sru_cost(p, env: OpEnv, s) -> Cost:
         saved, peak, bwd_peak = 8 * t * d, 8 * t * d, 6 * t * d + b * d
     else:
         other = 14 * t * d + 3 * t * d
-        saved, peak, bwd_peak = 6 * t * d, 6 * t * d + b * d, 10 * t * d - 7 * b * d
+        saved, peak, bwd_peak = 6 * t * d, 6 * t * d + b * d, 3 * t * d
     return Cost(params=W.params + 2 * d + (0 if p.scan else 2 * d), fwd=W.fwd, bwd=W.bwd, fwd_other=other,
                 bwd_other=2 * other + 2 * t * d, saved=(saved + extra) * by, saves_input=True, peak=peak * by,
                 bwd_peak=bwd_peak * by, cache=(b * d + 2 * b * att * n) * by)
