@@ -237,8 +237,8 @@ SEQ_ARGS = {
     "talk": ("longconv", "talk", False, {"l_max": 16, "heads": 4}),  # a prefix table and gathers: O(n)
     "lmu": ("ssm", "lmu", True, {"order": 16, "theta": 64.0, "units": 2, "max_len": 8192}),  # memories b n U q: O(n)
     "rfwp": ("rnn", "rfwp", True, {"heads": 4}),  # a loop over tokens: n H dh^2 FLOPs, the fast weights of every step kept
-    # (the LMU's feedback=true, a loop over tokens like SRU's light recurrence, did not finish within 2 CPU minutes
-    # (the storage tracker's sweep over thousands of live [b, d] tensors): its row is the cost test's)
+    # the 2019 LMU cell (feedback=true): a loop over tokens, unbound, like SRU's light recurrence
+    "lmu-feedback": ("ssm", "lmu", True, {"order": 8, "theta": 64.0, "units": 2, "feedback": True}),
     # the FFT long convolutions: matmuls linear in n (the FFTs, n log n, are other FLOPs), kernels [d, n]
     "s4d": ("ssm", "s4d", True, {"N": 8}), "s4d-bidir": ("ssm", "s4d", False, {"N": 8}),
     "long": ("longconv", "long", True, {"max_len": 8192}),
