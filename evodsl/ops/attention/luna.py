@@ -43,6 +43,7 @@ from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, register
 from ...decode import slot
 from ._common import LSE_BYTES, AttentionBase, AttentionParams, attention_cost, head_symbols
+from ._chunked_linear import chunked_plain
 from .isab import no_dropout_shape
 
 
@@ -52,13 +53,14 @@ ACTIVATIONS = {"elu1": lambda t: F.elu(t) + 1, "softplus": F.softplus}
 class LunaParams(AttentionParams):
     l: int = Field(16, ge=1, le=1 << 16, description="L: length of the packed sequence (learned P)")  # noqa: E741
     act: Literal["elu1", "softplus"] = Field("elu1", description="causal form: the pack weights' activation")
+    chunk: int = Field(64, ge=1, le=4096, description="causal form: tokens a chunk of its chunked kernel")
 
 
 class LunaAttention(AttentionBase):
     def __init__(self, p: LunaParams, env: OpEnv):
         super().__init__(p, env)
         self.p_q = nn.Parameter(torch.empty(p.l, self.heads * self.head_dim).normal_(0.0, 1.0))  # P W_q
-        self.act = p.act
+        self.act, self.chunk = p.act, p.chunk
 
     def forward(self, x, ctx):
         if self.causal:
@@ -86,10 +88,12 @@ class LunaAttention(AttentionBase):
 
 
     def _causal(self, x, ctx):
-        """The causal form; decoding (ctx.cache) continues the prefix sums from the state it keeps."""
+        """The causal form: two chunked linear attentions (the prefix sums' states carried chunk to chunk, never
+        [n, L, dh] a head); decoding (ctx.cache) continues them from the states it keeps."""
         b, n, _ = x.shape
         h, dh = self.heads, self.head_dim
-        start = ctx.offset if ctx is not None and ctx.cache is not None else 0
+        cache = ctx.cache if ctx is not None else None
+        start = ctx.offset if cache is not None else 0
         q, k, v = self.qkv(x)
         k, v = self.expand_kv(k), self.expand_kv(v)
         p = self.p_q.view(-1, h, dh).transpose(0, 1)  # [h, L, dh]
@@ -101,19 +105,27 @@ class LunaAttention(AttentionBase):
             keep = key_mask[:, None, :, None].to(x.dtype)
             a = a * keep
             t = keep.cumsum(2).clamp(min=1)  # [b, 1, n, 1]
-        sk = (a[..., None] * k[..., None, :]).cumsum_(2)  # [b, h, n, L, dh]: sum_{j<=t} a_j k_j^T
-        sv = (a[..., None] * v[..., None, :]).cumsum_(2)
-        del a
-        if start:
-            old = ctx.cache.caches[slot(ctx, self)]
-            sk, sv = sk + old[0][:, :, None], sv + old[1][:, :, None]
-        if ctx is not None and ctx.cache is not None:
-            ctx.cache.caches[slot(ctx, self)] = (sk[:, :, -1], sv[:, :, -1])
-        w = ((sk @ q[..., None]).squeeze(-1) / t * dh ** -0.5).softmax(-1)  # [b, h, n, L]
-        del sk, q, k, v
-        o = (w[..., None, :] @ sv).squeeze(-2) / t
-        del w, sv
-        return self.out(o)
+        if not isinstance(n, int) or torch.jit.is_tracing():  # a symbolic n (export): the prefix sums themselves
+            return self.out(_prefix_sums(q, k, v, a, t, dh))
+        old = cache.caches[slot(ctx, self)] if start else (None, None)
+        scores, sk = chunked_plain(q, k, a, old[0], self.chunk)  # q_t . sum_{j<=t} k_j a_j^T, [b, h, n, L]
+        w = (scores * (dh ** -0.5 / t)).softmax(-1)
+        del scores, q, k
+        o, sv = chunked_plain(w, a, v, old[1], self.chunk)  # w_t^T sum_{j<=t} a_j v_j^T, [b, h, n, dh]
+        if cache is not None:
+            cache.caches[slot(ctx, self)] = (sk.clone(), sv.clone())
+        del w, a, v
+        return self.out(o / t)
+
+
+def _prefix_sums(q, k, v, a, t, dh):
+    """The causal form with [b, h, n, L, dh] prefix sums of a_j k_j^T and a_j v_j^T: the export's (a symbolic n),
+    no loop to trace."""
+    sk = (a[..., None] * k[..., None, :]).cumsum(2)  # [b, h, n, L, dh]: sum_{j<=t} a_j k_j^T
+    w = ((sk @ q[..., None]).squeeze(-1) * (dh ** -0.5 / t)).softmax(-1)  # [b, h, n, L]
+    del sk
+    sv = (a[..., None] * v[..., None, :]).cumsum(2)
+    return (w[..., None, :] @ sv).squeeze(-2) / t
 
 
 def luna_cost(p: LunaParams, env: OpEnv, s: Symbols) -> Cost:
