@@ -74,7 +74,9 @@ def chunked_plain(q, k, v, state=None, chunk: int = 64):
     b, h, n, dk = q.shape
     C = min(chunk, n)
     pad = -n % C
-    q, k, v = (_chunks(t, C, pad) for t in (q, k, v))  # [b, h, m, C, ...]
+    # [b, h, m, C, ...]: one contiguous copy at most (padded, or a strided input made contiguous), which every
+    # matmul below reads as a view
+    q, k, v = (_chunks(t if pad or t.is_contiguous() else t.contiguous(), C, pad) for t in (q, k, v))
     future = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
     a = (q @ k.transpose(-1, -2)).masked_fill_(future, 0.0)  # [b, h, m, C, C]
     total = (k.transpose(-1, -2) @ v).cumsum(2)  # [b, h, m, dk, dv]: the state after each chunk

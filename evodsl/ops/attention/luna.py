@@ -25,13 +25,16 @@ mean over the prefix, f_t(X, Y, Z) = (1/t) x_t sum_{j<=t} y_j^T z_j:
     a_j = w(P_q k_j / sqrt(dh)) in R^L,   K~_t = (1/t) sum_{j<=t} a_j k_j^T,   V~_t = (1/t) sum_{j<=t} a_j v_j^T
     out_t = softmax_r(q_t . K~_t,r / sqrt(dh)) V~_t
 
-computed with prefix sums of the [L, dh] states per head: O(n L d) time and memory, never n x n. Decoding keeps
-the two sums (and reads t from the positions seen). Left padding: padded positions add nothing to the sums
-and are not counted in t.
+computed as two causal linear attentions (_chunked_linear.chunked_plain, chunks of `chunk` tokens, the states
+carried chunk to chunk): t K~_t q_t = sum_{j<=t} (q_t . k_j) a_j (query q, key k, value a), then with
+w_t = softmax(K~_t q_t / sqrt(dh)), t out_t = sum_{j<=t} (w_t . a_j) v_j (query w_t, key a, value v). O(n C (dh + L)
++ n L dh) time, no n x n and no [n, L, dh] tensor; their states are the two sums sum_j k_j a_j^T and sum_j a_j v_j^T,
+which decoding keeps (and reads t from the positions seen). The export (a symbolic n) runs the prefix sums of
+a_j k_j^T and a_j v_j^T ([n, L, dh] a head) instead. Left padding: padded positions add nothing to the sums and
+are not counted in t.
 """
 from __future__ import annotations
 
-import sympy as sp
 import torch
 import torch.nn.functional as F
 from typing import Literal
@@ -39,11 +42,11 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, register
 from ...decode import slot
-from ._common import LSE_BYTES, AttentionBase, AttentionParams, attention_cost, head_symbols
+from ._common import AttentionBase, AttentionParams
 from ._chunked_linear import chunked_plain
+from ._luna_cost import luna_cost
 from .isab import no_dropout_shape
 
 
@@ -128,60 +131,8 @@ def _prefix_sums(q, k, v, a, t, dh):
     return (w[..., None, :] @ sv).squeeze(-2) / t
 
 
-def luna_cost(p: LunaParams, env: OpEnv, s: Symbols) -> Cost:
-    """The projections, the pack (P's learned queries) as two SDPA calls over
-    [b, h, L, n] scores, the unpack as one over [b, h, n, L]."""
-    h, kv, dh = head_symbols(p, s)
-    b, n, by = s.b, s.n, s.bytes
-    L = s.sym("L", p.l)
-    pq = Cost(params=L * h * dh)  # P's queries, learned
-    if env.causal:
-        return causal_luna_cost(p, s, h, kv, dh, L, pq)
-    scores = b * h * L * n
-    core = Cost(params=pq.params, fwd=12 * scores * dh, bwd=30 * scores * dh, fwd_other=15 * scores,
-                bwd_other=30 * scores)
-    q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
-    cb = b * L * h * dh * by  # K~ or V~
-    lse_l, lse_n = LSE_BYTES * b * h * L, LSE_BYTES * b * h * n
-    saved = 2 * kvb + 2 * (cb + lse_l) + q + q + lse_n  # the unpack: q, K~, V~ (kept), its output, lse
-    phases = [2 * kvb + 2 * cb + lse_l,  # the second pack
-              q + 2 * cb + q + lse_n,  # the unpack
-              q + out]  # at o_proj
-    # backward: the unpack's gradients beside o's; the second pack's (P's queries, k's, v's) beside K~'s and the
-    # input's, the unpack's saved tensors released; then the input's from v_proj, summed, beside k's and K~'s,
-    # the second pack's saved tensors released too
-    late = 2 * q + lse_n
-    bwd = [2 * q + 2 * cb, out + 3 * cb + 2 * kvb - late, 3 * out + cb + kvb - (late + kvb + cb + lse_l)]
-    return attention_cost(p, s, h, kv, dh, core, Cost(), saved, phases, cache=0, bwd_phases=bwd)
-
-
-def causal_luna_cost(p: LunaParams, s: Symbols, h, kv, dh, L, pq: Cost) -> Cost:
-    """The pack scores K P_q^T ([n, dh] x [dh, L] per head), the prefix sums of a_j k_j^T and a_j v_j^T
-    ([b, h, n, L, dh], elementwise and cumsum), the unpack scores and output (per position [L, dh] x [dh] and
-    [L] x [L, dh])."""
-    b, n, by = s.b, s.n, s.bytes
-    e = b * h * n * L * dh  # one prefix-sum tensor
-    core = Cost(params=pq.params, fwd=6 * e, bwd=12 * e, fwd_other=4 * e + 12 * b * h * n * L,
-                bwd_other=8 * e + 24 * b * h * n * L)
-    q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
-    sums, sl = e * by, b * h * n * L * by  # one prefix-sum tensor; the pack scores (or weights)
-    # kept: P_q^T for every sequence (the batched matmul's copy), k for it (a copy; grouped K/V heads: their
-    # repetition, contiguous), the pack scores, a, k and v (at h heads), q (a copy, for the per-position
-    # matmul), both prefix sums, t, the unpack weights, o_proj's input (a copy)
-    kv_kept = q * sp.Min(1, b - 1) + 2 * kvb if kv == h else 2 * q  # one sequence: k is read uncopied
-    saved = b * L * h * dh * by + kv_kept + 3 * sl + 2 * q + 2 * sums + n * by
-    # at the unpack scores: q, k and v (h heads), P_q, both prefix sums, q's copy, the scores
-    phases = [4 * q + 2 * sums + sl + n * by,
-              2 * q + out + n * by]  # at o_proj: o, its copy (o_proj's input)
-    # backward: the prefix sums' (flip, cumsum, flip of one sum's gradient, beside the other's), the unpack's
-    # saved tensors released
-    bwd = [3 * sums - q - sl - n * by]
-    return attention_cost(p, s, h, kv, dh, core, Cost(), saved, phases, cache=2 * b * h * L * dh * by,
-                          bwd_phases=bwd)
-
-
 OP = register(Op(
-    decode="the two prefix sums sum_j a_j k_j^T and sum_j a_j v_j^T, [L x dh] per head: constant in the tokens seen",
+    decode="the two sums sum_j k_j a_j^T [dh x L] and sum_j a_j v_j^T [L x dh] per head: constant in the tokens seen",
     family="mha", variant="luna", params=LunaParams, module=LunaAttention,
     causal="yes", shape=no_dropout_shape("mha(luna)"), cost=luna_cost,
     paper="Luna: Linear Unified Nested Attention, Ma et al. 2021, arXiv:2106.01540",
