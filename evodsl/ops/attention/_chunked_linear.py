@@ -70,8 +70,13 @@ def chunked_decay(q, k, v, g, state=None, chunk: int = 64):
 def chunked_plain(q, k, v, state=None, chunk: int = 64):
     """chunked_decay with no decay (g = 0: no exp, no ratios), the state before each chunk an exclusive cumulative
     sum of the chunks' own states (no loop): o_i = q_i^T S + sum_{j<=i, same chunk} (q_i . k_j) v_j. Same arguments
-    (less g) and result; the state after is a view of the chunks' sums unless a state was given."""
+    (less g) and result; the state after is a view of the chunks' sums unless a state was given. One token after a
+    state (a decoding step) runs the recurrence's step itself."""
     b, h, n, dk = q.shape
+    if n == 1 and state is not None:  # one decoding step: the state taken in, then read (no chunks, no mask)
+        after = torch.baddbmm(state.flatten(0, 1), k.flatten(0, 1).transpose(-1, -2), v.flatten(0, 1))
+        after = after.view(state.shape)
+        return q @ after, after
     C = min(chunk, n)
     pad = -n % C
     # [b, h, m, C, ...]: one contiguous copy at most (padded, or a strided input made contiguous), which every

@@ -116,7 +116,8 @@ class LunaAttention(AttentionBase):
         del scores, q, k
         o, sv = chunked_plain(w, a, v, old[1], self.chunk)  # w_t^T sum_{j<=t} a_j v_j^T, [b, h, n, dh]
         if cache is not None:
-            cache.caches[slot(ctx, self)] = (sk.clone(), sv.clone())
+            # from no state, the states after are views of every chunk's: kept alone
+            cache.caches[slot(ctx, self)] = (sk, sv) if start else (sk.clone(), sv.clone())
         del w, a, v
         return self.out(o / t)
 
