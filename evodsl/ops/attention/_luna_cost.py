@@ -61,36 +61,37 @@ def causal_luna_cost(p, s: Symbols, h, kv, dh, L, pq: Cost) -> Cost:
     T, l, TL = b * h * N * dh * by, b * h * n * L * by, b * h * N * L * by
     R, Z, mask, t = b * h * m * C ** 2 * by, b * h * m * dh * L * by, C ** 2, n * by
     grouped = 0 if kv == h else 1  # k, v repeated to the query heads: contiguous, read in place
+    unpadded = 1 - padded
     head = q + padded * (T - q)  # a chunked q, k or v: its padded copy, or its contiguous copy
+    k_copy = head - grouped * unpadded * q  # k chunked (grouped, unpadded: the repeated k itself, kept already)
     small = padded * TL  # a chunked a or w: its padded copy (unpadded: the tensor itself)
     # kept: P_q^T for every sequence (the batched matmul's copy, b > 1), k for the pack scores (its copy; one sequence
-    # or grouped heads: the tensor itself), the pack scores; pass 1: chunked q and k (grouped, unpadded: k itself),
-    # a (or its padded copy), the mask, the states before, the blocks; t's scale, w (the softmax's output);
-    # pass 2: chunked w and a (padded copies), chunked v (grouped, unpadded: the repeated v), the mask, the states
-    # before, the blocks; t (the division), o_proj's input (a copy)
-    a_kept = (1 - padded) * l + padded * TL
+    # or grouped heads: the tensor itself), the pack scores; pass 1: chunked q and k, a (or its padded copy), the
+    # mask, the states before, the blocks; t's scale, w (the softmax's output); pass 2: chunked w and a (padded
+    # copies), chunked v (grouped, unpadded: the repeated v), the mask, the states before, the blocks; t (the
+    # division), o_proj's input (a copy)
+    a_kept = unpadded * l + padded * TL
     saved = (sp.Min(1, b - 1) * b * L * h * dh * by + q + l
-             + head + (head - grouped * (1 - padded) * q) + a_kept + mask + Z + R + t + l
+             + head + k_copy + a_kept + mask + Z + R + t + l
              + 2 * small + head + mask + Z + R + t + q)
     # inference: q, k, v (at h heads), a, t beside each pass at the sum of its two products (the chunked copies, the
     # mask, the blocks, the chunks' summed states and the states before, the two products, [b, h, N, dv] each), or
     # beside the unpack's softmax (pass 1's last state kept); pass 2 after q and k and pass 1's scores are released;
     # o_proj: pass 2's products (one of them released), o / t, its copy, the output, both last states
-    k_copy = head - grouped * (1 - padded) * q
     first = 3 * q + l + t + head + k_copy + padded * TL + mask + R + 2 * Z + 2 * TL
-    second = q + 2 * l + t + Z + 2 * small + (head - grouped * (1 - padded) * q) + mask + R + 2 * Z + 2 * T
+    second = q + 2 * l + t + Z + 2 * small + k_copy + mask + R + 2 * Z + 2 * T
     softmax = 3 * q + l + t + Z + TL + 2 * l  # pass 1's scores (chunked: padded), scaled, and their softmax
     phases = [first, softmax, second, T + 2 * q + out + 2 * Z + t]
-    # backward, at pass 2's blocks: the incoming gradient of its products (unpadded: o's gradient made contiguous, the
-    # division's gradient beside it; padded: the slice's zero-padded gradient, the division's released), then the
-    # values' gradient through the blocks and the blocks' own; o_proj's input copy and t released
-    # or at its end (wide packs): the gradients of w (through the states and through the blocks) and of a (likewise)
-    # and v's, beside what pass 2's backward has released (o_proj's input copy, t, the states before, the mask; the
-    # values' chunked copy); unpadded, w's two gradients are summed there (one more TL), the blocks and the
-    # contiguous v released; padded, the sum waits for the slice's backward
-    # With several chunks, or at pass 2's states (the cumulative sum's backward: a flip, a cumsum and a flip of the
-    # states' gradient, beside the slice's gradient and w's gradient through the states, o's gradient held, t released)
-    unpadded = 1 - padded
+    # backward (pass 2's, where it peaks), o_proj's input copy and t released:
+    # - at its blocks: the incoming gradient of its products (unpadded: o's gradient made contiguous, the division's
+    #   gradient beside it; padded: the slice's zero-padded gradient, the division's released), the values' gradient
+    #   through the blocks and the blocks' own;
+    # - at its end (wide packs): the gradients of w (through the states and through the blocks) and of a (likewise)
+    #   and v's, the states before, the mask and the values' chunked copy released; unpadded, w's two gradients are
+    #   summed there (one more TL), the blocks and the contiguous v released; padded, the sum waits for the slice's
+    #   backward;
+    # - with several chunks, at its states: the cumulative sum's backward (a flip, a cumsum and a flip of the
+    #   states' gradient) beside the slice's gradient and w's gradient through the states, o's gradient held
     bwd = [2 * T + R - t - padded * q,
            4 * TL + T + unpadded * TL - (q + t + Z + mask) - unpadded * (R + q) - padded * T,
            several * (TL + 3 * Z - t)]
