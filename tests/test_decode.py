@@ -144,8 +144,8 @@ CHUNK = ["norm -> mha(chunk, c=5) -> norm -> ffn", "norm -> mha(chunk, c=40, kv_
 # FMMformer: the band's last w keys and values beside each feature map's running sums
 FMM = ["norm -> mha(fmm, w=5) -> norm -> ffn", "norm -> mha(fmm, w=40, kv_heads=2, kernels=3) -> norm -> ffn",
        "norm -> mha(fmm, w=3, kv_heads=1, kernels=1, head_dim=4, bias=false) -> norm -> ffn"]
-# causal Luna: its prefix sums continued from the state (the positions seen give t)
-LUNA = ["norm -> mha(luna, l=5) -> norm -> ffn", "norm -> mha(luna, l=3, kv_heads=2, act=softplus) -> norm -> ffn"]
+# causal Luna: its prefix sums continued from the state (the positions seen give t); chunks of 4 across the prefill
+LUNA = ["norm -> mha(luna, l=5) -> norm -> ffn", "norm -> mha(luna, l=3, kv_heads=2, act=softplus, chunk=4) -> norm -> ffn"]
 # BP-Transformer: spans of up to 16 tokens across the 29 (the cache: every key and value)
 BPT = ["norm -> mha(bpt, k=2) -> norm -> ffn", "norm -> mha(bpt, k=1, kv_heads=2, rel_pos=false) -> norm -> ffn"]
 # memory-compressed attention: the finished slots and the unfinished slot's raw tokens (29 tokens, k = 3 and 4), k past

@@ -28,7 +28,7 @@ BUILD = {"softmax": {}, "local": {"window": 6}, "longformer": {"window": 6, "dil
          "sparse": {"stride": 6}, "tglobal": {"radius": 5, "block": 8},
          "chunk": {"c": 16}, "jukebox": {"block": 6}, "logsparse": {"window": 2, "conv": 3}, "blockwise": {"blocks": 3, "identity": 2},
          "long_short": {"w": 8, "r": 4}, "fmm": {"w": 6, "kernels": 3},
-         "isab": {"m": 6}, "luna": {"l": 6}, "star": {"rounds": 2},
+         "isab": {"m": 6}, "luna": {"l": 6, "chunk": 16}, "star": {"rounds": 2},
          "skyformer": {"landmarks": 24}, "soft": {"landmarks": 24}, "bigbird": {"block": 8, "random": 1},
          "bpt": {"k": 2}, "memory_compressed": {"k": 3}, "lsh": {"buckets": 4, "chunk": 5, "rounds": 2}, "combiner": {"block": 6}, "dilated": {"pattern": "dilated_mem", "layer": 2}, "lara": {"C": 5, "m": 2}, "learned_kernel": {"components": 1, "features": 16},
          "colt5": {"window": 6, "k_q": 8, "k_kv": 24}, "hierarchical": {"block": 4}, "multiscale": {"window": 2},

@@ -33,7 +33,7 @@ BUILD = {  # mha variant -> small-window arguments, so that N spans several band
     "fmm": {"w": 6, "kernels": 3},
     "lsh": {"buckets": 2, "chunk": 4, "rounds": 2},  # two buckets: every chunk mixes earlier and later tokens
     "scatterbrain": {"window": 6, "features": 16},  # windows of 6 over blocks of 6; the prefix sums in chunks of 16
-    "luna": {"l": 6},
+    "luna": {"l": 6, "chunk": 16},  # N = 70: five chunks, both passes carry their states
     "bpt": {"k": 2},  # levels of 2, 4, 8 .. tokens: spans across the whole 70
     "momentum": {},
     "flowformer": {},

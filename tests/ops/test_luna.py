@@ -94,9 +94,12 @@ def reference_causal_luna(m, x, keep=None):
     return output_projection(m, out.reshape(b, n, h * dh))
 
 
-@pytest.mark.parametrize("n,L,kv_heads,act", [(23, 8, None, "elu1"), (17, 5, 2, "softplus"), (9, 3, 1, "elu1")])
-def test_causal_luna_matches_equation(n, L, kv_heads, act):
-    m, _, _ = make_op("mha", "luna", d=D, causal=True, heads=4, kv_heads=kv_heads, l=L, act=act)
+# chunks of 4 (six, the last one short), 5 (four, short), 8 (four, whole), 64 (one), 1 (a chunk a token)
+@pytest.mark.parametrize("n,L,kv_heads,act,chunk", [(23, 8, None, "elu1", 4), (17, 5, 2, "softplus", 5),
+                                                    (32, 6, 2, "elu1", 8), (9, 3, 1, "elu1", 64),
+                                                    (7, 4, None, "softplus", 1)])
+def test_causal_luna_matches_equation(n, L, kv_heads, act, chunk):
+    m, _, _ = make_op("mha", "luna", d=D, causal=True, heads=4, kv_heads=kv_heads, l=L, act=act, chunk=chunk)
     perturb_params(m)
     x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     with torch.no_grad():

@@ -67,6 +67,32 @@ def chunked_decay(q, k, v, g, state=None, chunk: int = 64):
     return o.reshape(b, h, -1, v.shape[-1])[:, :, :n], s
 
 
+def chunked_plain(q, k, v, state=None, chunk: int = 64):
+    """chunked_decay with no decay (g = 0: no exp, no ratios), the state before each chunk an exclusive cumulative
+    sum of the chunks' own states (no loop): o_i = q_i^T S + sum_{j<=i, same chunk} (q_i . k_j) v_j. Same arguments
+    (less g) and result; the state after is a view of the chunks' sums unless a state was given. One token after a
+    state (a decoding step) runs the recurrence's step itself."""
+    b, h, n, dk = q.shape
+    if n == 1 and state is not None:  # one decoding step: the state taken in, then read (no chunks, no mask)
+        after = torch.baddbmm(state.flatten(0, 1), k.flatten(0, 1).transpose(-1, -2), v.flatten(0, 1))
+        after = after.view(state.shape)
+        return q @ after, after
+    C = min(chunk, n)
+    pad = -n % C
+    # [b, h, m, C, ...]: one contiguous copy at most (padded, or a strided input made contiguous), which every
+    # matmul below reads as a view
+    q, k, v = (_chunks(t if pad or t.is_contiguous() else t.contiguous(), C, pad) for t in (q, k, v))
+    future = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+    a = (q @ k.transpose(-1, -2)).masked_fill_(future, 0.0)  # [b, h, m, C, C]
+    total = (k.transpose(-1, -2) @ v).cumsum(2)  # [b, h, m, dk, dv]: the state after each chunk
+    before = F.pad(total[:, :, :-1], (0, 0, 0, 0, 1, 0))  # and before it
+    if state is not None:
+        before = before + state[:, :, None]
+    o = (q @ before).add_(a @ v)
+    after = total[:, :, -1] if state is None else total[:, :, -1] + state
+    return o.reshape(b, h, -1, v.shape[-1])[:, :, :n], after
+
+
 def recurrent_decay(q, k, v, g, state=None):
     """The recurrence itself, token by token (decoding: a few tokens at a time): same arguments and result as
     chunked_decay."""

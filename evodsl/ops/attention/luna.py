@@ -25,13 +25,16 @@ mean over the prefix, f_t(X, Y, Z) = (1/t) x_t sum_{j<=t} y_j^T z_j:
     a_j = w(P_q k_j / sqrt(dh)) in R^L,   K~_t = (1/t) sum_{j<=t} a_j k_j^T,   V~_t = (1/t) sum_{j<=t} a_j v_j^T
     out_t = softmax_r(q_t . K~_t,r / sqrt(dh)) V~_t
 
-computed with prefix sums of the [L, dh] states per head: O(n L d) time and memory, never n x n. Decoding keeps
-the two sums (and reads t from the positions seen). Left padding: padded positions add nothing to the sums
-and are not counted in t.
+computed as two causal linear attentions (_chunked_linear.chunked_plain, chunks of `chunk` tokens, the states
+carried chunk to chunk): t K~_t q_t = sum_{j<=t} (q_t . k_j) a_j (query q, key k, value a), then with
+w_t = softmax(K~_t q_t / sqrt(dh)), t out_t = sum_{j<=t} (w_t . a_j) v_j (query w_t, key a, value v). O(n C (dh + L)
++ n L dh) time, no n x n and no [n, L, dh] tensor; their states are the two sums sum_j k_j a_j^T and sum_j a_j v_j^T,
+which decoding keeps (and reads t from the positions seen). The export (a symbolic n) runs the prefix sums of
+a_j k_j^T and a_j v_j^T ([n, L, dh] a head) instead. Left padding: padded positions add nothing to the sums and
+are not counted in t.
 """
 from __future__ import annotations
 
-import sympy as sp
 import torch
 import torch.nn.functional as F
 from typing import Literal
@@ -39,10 +42,11 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from ..cost import Cost, Symbols
 from ..registry import Op, OpEnv, register
 from ...decode import slot
-from ._common import LSE_BYTES, AttentionBase, AttentionParams, attention_cost, head_symbols
+from ._common import AttentionBase, AttentionParams
+from ._chunked_linear import chunked_plain
+from ._luna_cost import luna_cost
 from .isab import no_dropout_shape
 
 
@@ -52,13 +56,14 @@ ACTIVATIONS = {"elu1": lambda t: F.elu(t) + 1, "softplus": F.softplus}
 class LunaParams(AttentionParams):
     l: int = Field(16, ge=1, le=1 << 16, description="L: length of the packed sequence (learned P)")  # noqa: E741
     act: Literal["elu1", "softplus"] = Field("elu1", description="causal form: the pack weights' activation")
+    chunk: int = Field(64, ge=1, le=4096, description="causal form: tokens a chunk of its chunked kernel")
 
 
 class LunaAttention(AttentionBase):
     def __init__(self, p: LunaParams, env: OpEnv):
         super().__init__(p, env)
         self.p_q = nn.Parameter(torch.empty(p.l, self.heads * self.head_dim).normal_(0.0, 1.0))  # P W_q
-        self.act = p.act
+        self.act, self.chunk = p.act, p.chunk
 
     def forward(self, x, ctx):
         if self.causal:
@@ -86,10 +91,12 @@ class LunaAttention(AttentionBase):
 
 
     def _causal(self, x, ctx):
-        """The causal form; decoding (ctx.cache) continues the prefix sums from the state it keeps."""
+        """The causal form: two chunked linear attentions (the prefix sums' states carried chunk to chunk, never
+        [n, L, dh] a head); decoding (ctx.cache) continues them from the states it keeps."""
         b, n, _ = x.shape
         h, dh = self.heads, self.head_dim
-        start = ctx.offset if ctx is not None and ctx.cache is not None else 0
+        cache = ctx.cache if ctx is not None else None
+        start = ctx.offset if cache is not None else 0
         q, k, v = self.qkv(x)
         k, v = self.expand_kv(k), self.expand_kv(v)
         p = self.p_q.view(-1, h, dh).transpose(0, 1)  # [h, L, dh]
@@ -101,75 +108,32 @@ class LunaAttention(AttentionBase):
             keep = key_mask[:, None, :, None].to(x.dtype)
             a = a * keep
             t = keep.cumsum(2).clamp(min=1)  # [b, 1, n, 1]
-        sk = (a[..., None] * k[..., None, :]).cumsum_(2)  # [b, h, n, L, dh]: sum_{j<=t} a_j k_j^T
-        sv = (a[..., None] * v[..., None, :]).cumsum_(2)
-        del a
-        if start:
-            old = ctx.cache.caches[slot(ctx, self)]
-            sk, sv = sk + old[0][:, :, None], sv + old[1][:, :, None]
-        if ctx is not None and ctx.cache is not None:
-            ctx.cache.caches[slot(ctx, self)] = (sk[:, :, -1], sv[:, :, -1])
-        w = ((sk @ q[..., None]).squeeze(-1) / t * dh ** -0.5).softmax(-1)  # [b, h, n, L]
-        del sk, q, k, v
-        o = (w[..., None, :] @ sv).squeeze(-2) / t
-        del w, sv
-        return self.out(o)
+        if not isinstance(n, int) or torch.jit.is_tracing():  # a symbolic n (export): the prefix sums themselves
+            return self.out(_prefix_sums(q, k, v, a, t, dh))
+        old = cache.caches[slot(ctx, self)] if start else (None, None)
+        scores, sk = chunked_plain(q, k, a, old[0], self.chunk)  # q_t . sum_{j<=t} k_j a_j^T, [b, h, n, L]
+        w = (scores * (dh ** -0.5 / t)).softmax(-1)
+        del scores, q, k
+        o, sv = chunked_plain(w, a, v, old[1], self.chunk)  # w_t^T sum_{j<=t} a_j v_j^T, [b, h, n, dh]
+        if cache is not None:
+            # from no state, the states after are views of every chunk's: kept alone
+            cache.caches[slot(ctx, self)] = (sk, sv) if start else (sk.clone(), sv.clone())
+        del w, a, v
+        return self.out(o / t)
 
 
-def luna_cost(p: LunaParams, env: OpEnv, s: Symbols) -> Cost:
-    """The projections, the pack (P's learned queries) as two SDPA calls over
-    [b, h, L, n] scores, the unpack as one over [b, h, n, L]."""
-    h, kv, dh = head_symbols(p, s)
-    b, n, by = s.b, s.n, s.bytes
-    L = s.sym("L", p.l)
-    pq = Cost(params=L * h * dh)  # P's queries, learned
-    if env.causal:
-        return causal_luna_cost(p, s, h, kv, dh, L, pq)
-    scores = b * h * L * n
-    core = Cost(params=pq.params, fwd=12 * scores * dh, bwd=30 * scores * dh, fwd_other=15 * scores,
-                bwd_other=30 * scores)
-    q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
-    cb = b * L * h * dh * by  # K~ or V~
-    lse_l, lse_n = LSE_BYTES * b * h * L, LSE_BYTES * b * h * n
-    saved = 2 * kvb + 2 * (cb + lse_l) + q + q + lse_n  # the unpack: q, K~, V~ (kept), its output, lse
-    phases = [2 * kvb + 2 * cb + lse_l,  # the second pack
-              q + 2 * cb + q + lse_n,  # the unpack
-              q + out]  # at o_proj
-    # backward: the unpack's gradients beside o's; the second pack's (P's queries, k's, v's) beside K~'s and the
-    # input's, the unpack's saved tensors released; then the input's from v_proj, summed, beside k's and K~'s,
-    # the second pack's saved tensors released too
-    late = 2 * q + lse_n
-    bwd = [2 * q + 2 * cb, out + 3 * cb + 2 * kvb - late, 3 * out + cb + kvb - (late + kvb + cb + lse_l)]
-    return attention_cost(p, s, h, kv, dh, core, Cost(), saved, phases, cache=0, bwd_phases=bwd)
-
-
-def causal_luna_cost(p: LunaParams, s: Symbols, h, kv, dh, L, pq: Cost) -> Cost:
-    """The pack scores K P_q^T ([n, dh] x [dh, L] per head), the prefix sums of a_j k_j^T and a_j v_j^T
-    ([b, h, n, L, dh], elementwise and cumsum), the unpack scores and output (per position [L, dh] x [dh] and
-    [L] x [L, dh])."""
-    b, n, by = s.b, s.n, s.bytes
-    e = b * h * n * L * dh  # one prefix-sum tensor
-    core = Cost(params=pq.params, fwd=6 * e, bwd=12 * e, fwd_other=4 * e + 12 * b * h * n * L,
-                bwd_other=8 * e + 24 * b * h * n * L)
-    q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
-    sums, sl = e * by, b * h * n * L * by  # one prefix-sum tensor; the pack scores (or weights)
-    # kept: P_q^T for every sequence (the batched matmul's copy), k for it (a copy; grouped K/V heads: their
-    # repetition, contiguous), the pack scores, a, k and v (at h heads), q (a copy, for the per-position
-    # matmul), both prefix sums, t, the unpack weights, o_proj's input (a copy)
-    kv_kept = q * sp.Min(1, b - 1) + 2 * kvb if kv == h else 2 * q  # one sequence: k is read uncopied
-    saved = b * L * h * dh * by + kv_kept + 3 * sl + 2 * q + 2 * sums + n * by
-    # at the unpack scores: q, k and v (h heads), P_q, both prefix sums, q's copy, the scores
-    phases = [4 * q + 2 * sums + sl + n * by,
-              2 * q + out + n * by]  # at o_proj: o, its copy (o_proj's input)
-    # backward: the prefix sums' (flip, cumsum, flip of one sum's gradient, beside the other's), the unpack's
-    # saved tensors released
-    bwd = [3 * sums - q - sl - n * by]
-    return attention_cost(p, s, h, kv, dh, core, Cost(), saved, phases, cache=2 * b * h * L * dh * by,
-                          bwd_phases=bwd)
+def _prefix_sums(q, k, v, a, t, dh):
+    """The causal form with [b, h, n, L, dh] prefix sums of a_j k_j^T and a_j v_j^T: the export's (a symbolic n),
+    no loop to trace."""
+    sk = (a[..., None] * k[..., None, :]).cumsum(2)  # [b, h, n, L, dh]: sum_{j<=t} a_j k_j^T
+    w = ((sk @ q[..., None]).squeeze(-1) * (dh ** -0.5 / t)).softmax(-1)  # [b, h, n, L]
+    del sk
+    sv = (a[..., None] * v[..., None, :]).cumsum(2)
+    return (w[..., None, :] @ sv).squeeze(-2) / t
 
 
 OP = register(Op(
-    decode="the two prefix sums sum_j a_j k_j^T and sum_j a_j v_j^T, [L x dh] per head: constant in the tokens seen",
+    decode="the two sums sum_j k_j a_j^T [dh x L] and sum_j a_j v_j^T [L x dh] per head: constant in the tokens seen",
     family="mha", variant="luna", params=LunaParams, module=LunaAttention,
     causal="yes", shape=no_dropout_shape("mha(luna)"), cost=luna_cost,
     paper="Luna: Linear Unified Nested Attention, Ma et al. 2021, arXiv:2106.01540",
