@@ -332,7 +332,8 @@ FFT_OPS = {torch.ops.aten._fft_r2c.default, torch.ops.aten._fft_c2r.default, tor
 
 
 class FFTFlops(TorchDispatchMode):
-    """5/2 L log2 L FLOPs per one-dimensional transform of length L that runs (batched: one per other element)."""
+    """5/2 L log2 L FLOPs per one-dimensional real transform of length L that runs (batched: one per other
+    element), 5 L log2 L per complex one (mixer(fnet)'s count; a real transform is half a complex one)."""
 
     def __init__(self):
         super().__init__()
@@ -343,7 +344,8 @@ class FFTFlops(TorchDispatchMode):
             x, dims = args[0], args[1]
             assert len(dims) == 1, "a one-dimensional transform"
             L = args[3] if func is torch.ops.aten._fft_c2r.default else x.shape[dims[0]]  # c2r: the real length
-            self.flops += 2.5 * L * math.log2(L) * x.numel() / x.shape[dims[0]]
+            per = 5.0 if func is torch.ops.aten._fft_c2c.default else 2.5
+            self.flops += per * L * math.log2(L) * x.numel() / x.shape[dims[0]]
         return func(*args, **(kwargs or {}))
 
 
@@ -379,3 +381,27 @@ def test_kernel_rpe_grows_n_log_n(causal):
     assert measured.cls == "n log n" and Series(NS, tuple(want)).cls == "n log n", f"FFT FLOPs measured {measured}"
     for n, w, m in zip(NS, want, fft_fwd):
         assert abs(w - m) <= 0.01 * m, f"n = {n}: FFT FLOPs declared {w}, executed {m}"
+
+
+# The FFT long convolutions' declared FFT FLOPs (the log-n terms of fwd_other, at 5/2 L log2 L a transform) against
+# the transforms their forward executes, at each n: the matmul FLOPs and bytes are check_growth's (above); this
+# holds the n log n part, which FlopCounterMode does not see.
+FFT_LAYERS = ["s4d", "s4d-bidir", "h3", "long", "sgconv", "hyena", "ckconv", "flexconv", "flexconv-magnet", "ccnn", "lmu"]
+
+
+@pytest.mark.slow  # ~10 CPU s a layer: the forward alone at n = 1k..8k
+@pytest.mark.parametrize("key", FFT_LAYERS)
+def test_fft_flops_are_the_transforms_that_run(key):
+    family, variant, causal, args = SEQ_ARGS[key]
+    build = _build(family, variant, causal, args)
+    module = build(NS[0])[0].eval()
+    measured, want = [], []
+    for n in NS:
+        with torch.no_grad(), FFTFlops() as count:
+            module(_x(n), Ctx())
+        _, _, cost, ev = build(n)
+        measured.append(count.flops)
+        want.append(float(ev(_log_terms(cost.fwd_other))))
+    assert Series(NS, tuple(measured)).cls == "n log n", f"{key}: FFT FLOPs executed {measured}"
+    for n, w, m in zip(NS, want, measured):
+        assert abs(w - m) <= 0.01 * m, f"{key} at n = {n}: FFT FLOPs declared {w:.4g}, executed {m:.4g}"

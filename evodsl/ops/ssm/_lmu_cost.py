@@ -1,6 +1,6 @@
 """The cost of ssm(lmu) (lmu.py), from the form that runs: t = b n tokens, U = units, q = order.
 
-FLOPs in matmuls: u = W_u x, W_x x + b, W_m m. Other FLOPs (a convention): the FFTs (5 L log2 L a transform of
+FLOPs in matmuls: u = W_u x, W_x x + b, W_m m. Other FLOPs (a convention): the FFTs (5/2 L log2 L a real transform of
 length L = 2 n: u's b U, H's q and the products' b U q), the complex products, the sum and tanh. Kept for backward:
 u zero-padded to 2 n (its transform's input), H's spectrum, the memory m [t, U q] (W_m's input) and the output (tanh's).
 The inference peak: the projections' outputs beside m and u, or the products of spectra and their transform
@@ -24,7 +24,7 @@ def lmu_cost(p, env: OpEnv, s: Symbols) -> Cost:
         return feedback_cost(s, d, b, n, by, U, q)
     proj = linear(s, d, U, False) + linear(s, d, d, True) + linear(s, U * q, d, False)
     P = 2 * n
-    fft = 5 * (b * U + q + b * U * q) * P * sp.log(P, 2)  # rfft of u and H, irfft of the products
+    fft = sp.Rational(5, 2) * (b * U + q + b * U * q) * P * sp.log(P, 2)  # rfft of u and H, irfft of the products
     other = fft + 6 * b * (n + 1) * U * q + 3 * t * d  # the complex products, the sum and tanh
     saved = (2 * b * U * n + b * n * U * q) * by + (n + 1) * q * 2 * by  # u padded, m; H's spectrum
     hf = (n + 1) * q * 2 * by  # H's spectrum [q, n + 1], complex
