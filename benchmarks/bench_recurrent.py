@@ -60,7 +60,9 @@ def rows(args) -> list[tuple[str, str]]:
     """(label, call) of every layer the table covers: the sequence families' rows of complexity_variants, issue 14's
     recurrent mha variants (--all-mha: every mha row whose state is constant), the two baselines."""
     out = []
-    for label, call in variants(args):
+    # the sizes (max_len, theta) for the longest sequence either part runs: the last context and its decoded steps
+    longest = max([int(n) for n in args.ns.split(",")] + [int(c) + args.steps for c in args.contexts.split(",")])
+    for label, call in variants(argparse.Namespace(**{**vars(args), "ns": f"{args.ns},{longest}"})):
         name = label.split("(", 1)[1].split(",")[0].rstrip(")")
         if name in BIDIRECTIONAL_ONLY:
             continue
@@ -156,7 +158,13 @@ def main() -> None:
         layer = next(x for x in costs[0]["layers"] if x["op"].startswith(("mha(",) + SEQUENCE))
         declared[label] = (slope(ns, flops), layer["complexity"]["time"])
     train = train_times(models, ns, args.d, args.rounds)
-    decode = {label: decode_latency(LM.format(d=args.d, call=call), contexts, args.steps) for label, call in layers}
+    decode = {}
+    for label, call in layers:
+        try:
+            decode[label] = decode_latency(LM.format(d=args.d, call=call), contexts, args.steps)
+        except evodsl.EvoError as err:  # reported in the table, not lost with the rest
+            print(f"{label}: decoding refused: {err}", file=sys.stderr)
+            decode[label] = ({c: float("nan") for c in contexts}, {c: 0 for c in contexts})
     print(f"Recurrent layers: training-form time growth and per-token decode latency; d_model {args.d}, batch 1, "
           f"float32, {args.threads} thread(s), CPU clock; torch {torch.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} cores; {datetime.date.today()}; load {load0:.2f} -> {os.getloadavg()[0]:.2f}")
