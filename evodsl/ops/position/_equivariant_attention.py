@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._equivariant_cost import equivariant_attention_cost
-from ._inattention import InAttentionPosition
+from ._inattention import InAttentionPosition, kernel_inputs
 
 
 def sinusoids(t: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
@@ -70,12 +70,8 @@ class EquivariantRelative(InAttentionPosition):
         from ..attention.linear import FEATURE_MAPS
         from ...decode import slot
 
-        decoding = ctx is not None and ctx.cache is not None
-        start = ctx.offset if decoding else 0
-        q, k, v = att.qkv(x, start)
+        decoding, start, q, k, v, key_mask, state = kernel_inputs(att, x, ctx)
         b, n = x.shape[0], x.shape[1]
-        key_mask = None if decoding else att.key_mask(ctx)
-        state = ctx.cache.caches.get(slot(ctx, att)) if decoding else None
         phi = FEATURE_MAPS[att.phi]
         fq, fk = phi(q), phi(k)
         del q, k  # phi's inputs: autograd keeps what it needs

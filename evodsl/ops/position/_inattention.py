@@ -19,6 +19,21 @@ def refuse_own_score_options(p, env, scheme: str, scores: str) -> None:
                            "with it", None, "drop the residual scores / the memory, or use pos(xl_rel)")
 
 
+def kernel_inputs(att, x: torch.Tensor, ctx):
+    """What a scheme that runs a kernelized attention itself (pos(permute), pos(kernel_rpe), pos(equivariant_kernel))
+    reads first: (decoding, start, q, k, v, key_mask, state): positions from the decoding offset (0 outside
+    decoding), the attention's projections there, its key mask (none while decoding: the cache holds real tokens
+    only) and the state its last call cached (None outside decoding or at the first call)."""
+    from ...decode import slot
+
+    decoding = ctx is not None and ctx.cache is not None
+    start = ctx.offset if decoding else 0
+    q, k, v = att.qkv(x, start)
+    key_mask = None if decoding else att.key_mask(ctx)
+    state = ctx.cache.caches.get(slot(ctx, att)) if decoding else None
+    return decoding, start, q, k, v, key_mask, state
+
+
 class InAttentionPosition(nn.Module):
     """rotate(q, k, offset) acts on q, k [b, h, n, dh] at positions offset..offset+n-1 (decoding: the new
     positions); bias(i, j) returns an additive score bias [h, *broadcast(i, j)] for query positions i and key

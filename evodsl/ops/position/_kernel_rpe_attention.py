@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._inattention import InAttentionPosition
+from ._inattention import InAttentionPosition, kernel_inputs
 from ._kernel_rpe_cost import kernel_rpe_attention_cost
 
 
@@ -42,14 +42,10 @@ class KernelRelative(InAttentionPosition):
         from ..attention.linear import FEATURE_MAPS
         from ...decode import slot
 
-        decoding = ctx is not None and ctx.cache is not None
-        start = ctx.offset if decoding else 0
-        q, k, v = att.qkv(x, start)
+        decoding, start, q, k, v, key_mask, cached = kernel_inputs(att, x, ctx)
         n = x.shape[1]
-        cached = ctx.cache.caches.get(slot(ctx, att)) if decoding else None
         phi = FEATURE_MAPS[att.phi]
         fq, fk = phi(q), phi(k)
-        key_mask = None if decoding else att.key_mask(ctx)
         if key_mask is not None:  # padded keys add nothing to the sums
             fk = fk * key_mask[:, None, :, None].to(fk.dtype)
         fk, vv = att.expand_kv(fk), ones_column(att.expand_kv(v))

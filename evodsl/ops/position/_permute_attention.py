@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..registry import is_symbolic
-from ._inattention import InAttentionPosition
+from ._inattention import InAttentionPosition, kernel_inputs
 from ._permute_cost import permute_attention_cost
 
 
@@ -67,12 +67,8 @@ class PermuteRelative(InAttentionPosition):
         from ..attention.linear import FEATURE_MAPS
         from ...decode import slot
 
-        decoding = ctx is not None and ctx.cache is not None
-        start = ctx.offset if decoding else 0
-        q, k, v = att.qkv(x, start)
+        decoding, start, q, k, v, key_mask, state = kernel_inputs(att, x, ctx)
         b, n = x.shape[0], x.shape[1]
-        key_mask = None if decoding else att.key_mask(ctx)
-        state = ctx.cache.caches.get(slot(ctx, att)) if decoding else None
         performer = hasattr(att, "w")
         if performer:  # exp of the logits less a constant per query / per key head (performer.py's stabilisation)
             fq, uk = att._query_features(q), att._key_logits(k)
