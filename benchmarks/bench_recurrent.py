@@ -75,6 +75,11 @@ def rows(args) -> list[tuple[str, str]]:
     return out
 
 
+def kib(nbytes: int) -> str:
+    """KiB, to a tenth below 10 (a diagonal state of d numbers is under 1 KiB)."""
+    return f"{nbytes / 1024:.1f}" if nbytes < 10 * 1024 else f"{nbytes / 1024:.0f}"
+
+
 def slope(xs, ys) -> float:
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
     mx, my = statistics.fmean(lx), statistics.fmean(ly)
@@ -177,14 +182,14 @@ def main() -> None:
         print(f"| `{label}` | {declared[label][1]} | {t[ns[0]]:.1f} | {t[ns[-1]]:.1f} | "
               f"{slope(ns, [t[n] for n in ns]):.2f} | {declared[label][0]:.2f} | "
               + " | ".join(f"{ms[c]:.2f}" for c in contexts) + f" | {ms[contexts[-1]] / ms[contexts[0]]:.2f} | "
-              f"{nb[contexts[-1]] / 1024:.0f} |")
+              f"{kib(nb[contexts[-1]])} |")
     if args.plot:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5.5), constrained_layout=True)
+        fig, (a, b) = plt.subplots(1, 2, figsize=(15, 6), constrained_layout=True)
         for label, _ in layers:
             style = dict(lw=2.5, color="black") if label in BASELINES else dict(lw=1)
             ls = "--" if label == "mha(linear)" else "-"
@@ -198,7 +203,7 @@ def main() -> None:
             ax.set_ylabel(y)
             ax.set_title(title)
             ax.grid(alpha=0.3)
-        fig.legend(loc="outside right center", fontsize=7)
+        fig.legend(loc="outside right center", fontsize=7, ncols=2 if len(layers) > 24 else 1)
         fig.savefig(args.plot, dpi=110)
         print(f"\nplot: {args.plot}")
 
