@@ -79,10 +79,14 @@ CASES = [
     *[("rnn", "rwkv4", lambda d, a=a: {"causal": True, **a}) for a in ({"chunk": 16}, {"chunk": 64}, {"chunk": 5})],
     ("ffn", "rwkv", lambda d: {}), ("ffn", "rwkv", lambda d: {"d_ff": 40}),
     # RWKV-6: heads of 16, of 32 with small LoRAs (the states' gradients lead the backward), one chunk past n (its
-    # blocks lead), short chunks with a padded last one
+    # blocks lead), short chunks with a padded last one; one head as wide as d in two or three chunks (its stacked
+    # states' gradient leads); padded chunks of 12; chunks of 32 (one at n = 32, blocks leading;
+    # two padded at 48)
     *[("rnn", "rwkv6", lambda d, a=a: {"causal": True, **a}) for a in (
         {"chunk": 16, "head_size": 16}, {"chunk": 8, "head_size": 32, "mix_rank": 4, "decay_rank": 8},
-        {"chunk": 64, "head_size": 16}, {"chunk": 5, "head_size": 8})],
+        {"chunk": 64, "head_size": 16}, {"chunk": 5, "head_size": 8}, {"chunk": 12, "head_size": 32},
+        {"chunk": 32, "head_size": 8})],
+    ("rnn", "rwkv6", lambda d: {"causal": True, "chunk": 16, "head_size": d, "mix_rank": 4, "decay_rank": 8}),
     # RWKV-7: chunks dividing n with heads of 32 and small LoRAs, short chunks with a padded last one (the rows where
     # the backward's peak is modelled: _rwkv7_cost.py)
     *[("rnn", "rwkv7", lambda d, a=a: {"causal": True, **a}) for a in (
