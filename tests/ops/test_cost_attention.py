@@ -405,7 +405,8 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "deltanet": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "conv": 0}, ODD),
                  ({"chunk": 16}, SMALL), ({"head_dim": 32}, BOTH), ({"head_dim": 8, "chunk": 16}, SMALL),
                  ({"head_dim": 24, "kv_heads": 2, "chunk": 24}, SMALL),
-                 ({"heads": 2, "head_dim": 64, "kv_heads": 1, "chunk": 40}, ODD)],
+                 ({"heads": 2, "head_dim": 64, "kv_heads": 1, "chunk": 40}, ODD),
+                 ({"head_dim": 4, "chunk": 16, "conv": 0}, SMALL)],  # the chunks' [C, C] gradients lead, in the loop
     # gated_deltanet: one chunk at n = 64, three (padded) at n = 160, its backward's peak then at the scores' decay
     # after the loop's releases (_recurrent_cost.py); the same head widths as deltanet's
     "gated_deltanet": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, ODD), ({"chunk": 16}, BOTH),

@@ -160,6 +160,7 @@ def _delta_cost(p, env: OpEnv, s: Symbols, gated: bool) -> Cost:
     # output, T), its rsqrt and output and o_proj's input (gated: the heads' copy, the gate's input and swish and
     # their product), every chunk's U (T in all), the states before each chunk and the masked scores (R)
     c, rowN, row = b * n * h * by, b * h * N * by, b * h * n * by
+    terms = []
     first = 2 * t if gated else 3 * t - c
     if gated:
         # at the scores' decay (qk * ratio): the input's gradient (g_proj's, summed into: out), the stacked gradients
@@ -175,7 +176,16 @@ def _delta_cost(p, env: OpEnv, s: Symbols, gated: bool) -> Cost:
         # also the causal mask (C^2 bytes) and q's chunked copy
         grads = 6 * T + 2 * R
         released = (2 * t + row + T) + T + R + m * state + C ** 2 + chunked
-    terms = [first, grads - released]
+        # or, with several chunks, in the loop's backward at the first chunk's scores (qkc @ u, the last product it
+        # meets): o's gradient (T) beside the chunks' gradients, held until they are stacked: the scores' (R / m) of
+        # every chunk; of q and W (T / m) of all but the first (not yet reached), of k of all but the last (whose
+        # state after is not read), of U of every chunk, the first's in its two parts (from its update and its
+        # scores): 4 m - 2 of T / m; at b > 1 a bmm's copy of one more (seen at the storage tracker). Released by
+        # then: the output side's, and every chunk's U and state before but the first's
+        head_grads = (4 * m - 2 + sp.Min(1, b - 1)) * T / m
+        in_loop = several * (T + R + head_grads - (2 * t + row + T) - (m - 1) * (T / m + state))
+        terms.append(in_loop)
+    terms = [first, grads - released, *terms]
     bwd_peak = sp.Max(*terms)
     return replace(total + core, saved=layer + kernel, peak=sp.Max(*phases) - out, cache=cache, bwd_peak=bwd_peak,
                    saves_input=True)
