@@ -399,12 +399,21 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
             ({"slots": 96, "chunk": 64}, BOTH), ({"slots": 128, "kv_heads": 2, "chunk": 40}, BOTH),
             ({"slots": 48, "kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD)],
     # the delta rule's WY form: chunks of 64 (one at n = 64, three padded at 160), 24 (padded), 32, 16; no convolutions
+    # heads wider and narrower than d / h (one chunk and three padded; four of 16; grouped, padded chunks of 24; two
+    # heads of 64 in four equal chunks of 40 on one K/V head): the backward's peak leads at the output side or in
+    # the solve's backward (_recurrent_cost.py)
     "deltanet": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "conv": 0}, ODD),
-                 ({"chunk": 16}, SMALL)],
+                 ({"chunk": 16}, SMALL), ({"head_dim": 32}, BOTH), ({"head_dim": 8, "chunk": 16}, SMALL),
+                 ({"head_dim": 24, "kv_heads": 2, "chunk": 24}, SMALL),
+                 ({"heads": 2, "head_dim": 64, "kv_heads": 1, "chunk": 40}, ODD),
+                 ({"head_dim": 4, "chunk": 16, "conv": 0}, SMALL)],  # the chunks' [C, C] gradients lead, in the loop
     # gated_deltanet: one chunk at n = 64, three (padded) at n = 160, its backward's peak then at the scores' decay
-    # after the loop's releases (_recurrent_cost.py)
+    # after the loop's releases (_recurrent_cost.py); the same head widths as deltanet's
     "gated_deltanet": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, ODD), ({"chunk": 16}, BOTH),
-                       ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "conv": 0}, BOTH)],
+                       ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32, "conv": 0}, BOTH),
+                       ({"head_dim": 32}, BOTH), ({"head_dim": 8, "chunk": 16}, SMALL),
+                       ({"head_dim": 24, "kv_heads": 2, "chunk": 24}, SMALL),
+                       ({"heads": 2, "head_dim": 64, "kv_heads": 1, "chunk": 40}, ODD)],
     # issue 14: Lightning Attention-2's tiles of 64 (one at n = 64, three padded at 160), 24, 32, 16 with one decay
     "lightning": [({}, BOTH), ({"kv_heads": 2, "chunk": 24}, BOTH), ({"kv_heads": 1, "head_dim": 8, "bias": False, "chunk": 32}, ODD),
                   ({"chunk": 16, "decay": 0.9}, SMALL)],

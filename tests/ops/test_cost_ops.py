@@ -79,14 +79,23 @@ CASES = [
     *[("rnn", "rwkv4", lambda d, a=a: {"causal": True, **a}) for a in ({"chunk": 16}, {"chunk": 64}, {"chunk": 5})],
     ("ffn", "rwkv", lambda d: {}), ("ffn", "rwkv", lambda d: {"d_ff": 40}),
     # RWKV-6: heads of 16, of 32 with small LoRAs (the states' gradients lead the backward), one chunk past n (its
-    # blocks lead), short chunks with a padded last one
+    # blocks lead), short chunks with a padded last one; one head as wide as d in two or three chunks (its stacked
+    # states' gradient leads); padded chunks of 12; chunks of 32 (one at n = 32, blocks leading;
+    # two padded at 48)
     *[("rnn", "rwkv6", lambda d, a=a: {"causal": True, **a}) for a in (
         {"chunk": 16, "head_size": 16}, {"chunk": 8, "head_size": 32, "mix_rank": 4, "decay_rank": 8},
-        {"chunk": 64, "head_size": 16}, {"chunk": 5, "head_size": 8})],
-    # RWKV-7: chunks dividing n with heads of 32 and small LoRAs, short chunks with a padded last one (the rows where
-    # the backward's peak is modelled: _rwkv7_cost.py)
+        {"chunk": 64, "head_size": 16}, {"chunk": 5, "head_size": 8}, {"chunk": 12, "head_size": 32},
+        {"chunk": 32, "head_size": 8})],
+    ("rnn", "rwkv6", lambda d: {"causal": True, "chunk": 16, "head_size": d, "mix_rank": 4, "decay_rank": 8}),
+    # RWKV-7: chunks dividing n with heads of 32 and small LoRAs, short chunks with a padded last one; the backward's
+    # other peaks (_rwkv7_cost._bwd_peak): two and three chunks of 16 (the ends' products after the loop), one chunk
+    # past n (out_v's backward; the solve's at b = 1), one head as wide as d (the loop's last chunks), padded chunks
+    # of 12 and 32 (the [C, C] blocks)
     *[("rnn", "rwkv7", lambda d, a=a: {"causal": True, **a}) for a in (
-        {"chunk": 8, "head_size": 32, "decay_rank": 4, "a_rank": 4, "gate_rank": 8}, {"chunk": 5, "head_size": 8})],
+        {"chunk": 8, "head_size": 32, "decay_rank": 4, "a_rank": 4, "gate_rank": 8}, {"chunk": 5, "head_size": 8},
+        {"chunk": 16, "head_size": 16}, {"chunk": 64, "head_size": 16}, {"chunk": 12, "head_size": 32},
+        {"chunk": 32, "head_size": 8})],
+    ("rnn", "rwkv7", lambda d: {"causal": True, "chunk": 16, "head_size": d, "decay_rank": 4, "a_rank": 4, "gate_rank": 8}),
     # HGRN2: chunks dividing n (16), not (7: the last padded; wide states lead the peak)
     *[("rnn", "hgrn2", lambda d, a=a: {"causal": True, **a}) for a in (
         {"heads": 4, "expand": 16}, {"heads": 2, "expand": 24, "chunk": 7, "lower_bound": 0.3})],

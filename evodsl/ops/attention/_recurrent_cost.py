@@ -154,23 +154,39 @@ def _delta_cost(p, env: OpEnv, s: Symbols, gated: bool) -> Cost:
     phases = [base + 4 * R + extra, base + 3 * R + extra + T - T / m + 4 * T / m + S1 * m,
               base + 3 * R + extra + T + (m + 1) * S1 + T / m]
     out = b * n * s.d * by
-    # the backward's peak: the output side's gradients (three of the heads' width, beta's released), or the
-    # triangle's gradient in the solve's backward, -grad [U0 W] [U0 W]^T and its negation, beside what the loop's
-    # backward has left (fitted at the harness sizes: deltanet within 10%). Gated DeltaNet with several chunks peaks
-    # elsewhere: at the scores' decay (qk * ratio), the first [C, C] product its backward meets, whose gradients
-    # grad * ratio and grad * scores (2 R) come beside the scores' incoming gradient after the loop's backward has
-    # released the states it kept, the decayed queries and keys and the output side's head tensors: 9/4 R - T - 4 t,
-    # fitted to the storage tracker at n 64..160, chunks 16..64, two to ten chunks, within 6 % (the triangle's bound
-    # above counted the states and blocks as still held there: 2x at n = 160 in chunks of 64). Unpadded, with heads
-    # narrower than d / h (head_dim 8 at n = 64 in chunks of 32), fewer are released by then: the triangle's bound
-    # holds there (within 5 %), and is kept beside the fit for unpadded chunks
-    c = b * n * h * by
-    first = 2 * out if gated else 3 * t - c  # the output side's (gated: the input's gradient beside the gate's)
-    triangle = R + T - T / (2 * m) + (0 if gated else c)
+    # the backward's peak, derived from the code path (each term names its tensors): the output side's gradients
+    # (DeltaNet: three of the heads' width, beta's released; Gated DeltaNet: o_proj's input's, then the gate's and the
+    # heads'), or, after the loop's backward, one moment in the kernel. Released by then: o_norm's input (the kernel's
+    # output, T), its rsqrt and output and o_proj's input (gated: the heads' copy, the gate's input and swish and
+    # their product), every chunk's U (T in all), the states before each chunk and the masked scores (R)
+    c, rowN, row = b * n * h * by, b * h * N * by, b * h * n * by
+    terms = []
+    first = 2 * t if gated else 3 * t - c
     if gated:
-        fit = sp.Rational(9, 4) * R - T - 4 * t
-        triangle = (1 - several) * triangle + several * sp.Max(fit, (1 - padded) * triangle)
-    bwd_peak = sp.Max(first, triangle)
+        # at the scores' decay (qk * ratio): the input's gradient (g_proj's, summed into: out), the stacked gradients
+        # of U0 and W (T each) and of the scores (R), qs's mul backward (the gradient of q, T, and of exp(B), summed
+        # over channels: rowN), with several chunks kc's (of k and exp(B_C - B)) and the carries' (B's, rowN), then
+        # grad * ratio and grad * scores (2 R). Released also, with several chunks, qs and kc and the carries' exp
+        # (one chunk: qs is not kept against the zero state, and kc's product, the unread state after, never runs)
+        grads = out + 3 * R + (3 + several) * T + (1 + 2 * several) * rowN
+        released = (5 * t + row + T) + T + R + (1 + several * (m - 1)) * state + several * (2 * T + b * h * m * by)
+    else:
+        # in the solve's backward: the gradients of q and k (the loop's and q k^T's, summed: T each), of the solution
+        # [U0 W] (2 T) and of the right side (2 T), the triangle's -grad [U0 W]^T (R) and its negation (R). Released
+        # also the causal mask (C^2 bytes) and q's chunked copy
+        grads = 6 * T + 2 * R
+        released = (2 * t + row + T) + T + R + m * state + C ** 2 + chunked
+        # or, with several chunks, in the loop's backward at the first chunk's scores (qkc @ u, the last product it
+        # meets): o's gradient (T) beside the chunks' gradients, held until they are stacked: the scores' (R / m) of
+        # every chunk; of q and W (T / m) of all but the first (not yet reached), of k of all but the last (whose
+        # state after is not read), of U of every chunk, the first's in its two parts (from its update and its
+        # scores): 4 m - 2 of T / m; at b > 1 a bmm's copy of one more (seen at the storage tracker). Released by
+        # then: the output side's, and every chunk's U and state before but the first's
+        head_grads = (4 * m - 2 + sp.Min(1, b - 1)) * T / m
+        in_loop = several * (T + R + head_grads - (2 * t + row + T) - (m - 1) * (T / m + state))
+        terms.append(in_loop)
+    terms = [first, grads - released, *terms]
+    bwd_peak = sp.Max(*terms)
     return replace(total + core, saved=layer + kernel, peak=sp.Max(*phases) - out, cache=cache, bwd_peak=bwd_peak,
                    saves_input=True)
 
