@@ -87,6 +87,10 @@ CASES = [
         {"chunk": 64, "head_size": 16}, {"chunk": 5, "head_size": 8}, {"chunk": 12, "head_size": 32},
         {"chunk": 32, "head_size": 8})],
     ("rnn", "rwkv6", lambda d: {"causal": True, "chunk": 16, "head_size": d, "mix_rank": 4, "decay_rank": 8}),
+    # saved and the inference peak (derived): one head as wide as d in padded chunks of 10 (the stacked states lead;
+    # was 12 % under at n = 48), one chunk of 64 with heads of 8 (the scores lead)
+    ("rnn", "rwkv6", lambda d: {"causal": True, "chunk": 10, "head_size": d}),
+    ("rnn", "rwkv6", lambda d: {"causal": True, "chunk": 64, "head_size": 8}),
     # RWKV-7: chunks dividing n with heads of 32 and small LoRAs, short chunks with a padded last one; the backward's
     # other peaks (_rwkv7_cost._bwd_peak): two and three chunks of 16 (the ends' products after the loop), one chunk
     # past n (out_v's backward; the solve's at b = 1), one head as wide as d (the loop's last chunks), padded chunks
