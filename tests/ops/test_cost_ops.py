@@ -100,6 +100,10 @@ CASES = [
         {"chunk": 16, "head_size": 16}, {"chunk": 64, "head_size": 16}, {"chunk": 12, "head_size": 32},
         {"chunk": 32, "head_size": 8})],
     ("rnn", "rwkv7", lambda d: {"causal": True, "chunk": 16, "head_size": d, "decay_rank": 4, "a_rank": 4, "gate_rank": 8}),
+    # saved and the inference peak (derived): one head as wide as d in padded chunks of 10 (was 11 % under at n = 48),
+    # one chunk of heads of 4 (the [T', 2 T'] blocks lead: at the loop's update at n = 32, at the solve at n = 48)
+    ("rnn", "rwkv7", lambda d: {"causal": True, "chunk": 10, "head_size": d}),
+    ("rnn", "rwkv7", lambda d: {"causal": True, "chunk": 64, "head_size": 4}),
     # HGRN2: chunks dividing n (16), not (7: the last padded; wide states lead the peak)
     *[("rnn", "hgrn2", lambda d, a=a: {"causal": True, **a}) for a in (
         {"heads": 4, "expand": 16}, {"heads": 2, "expand": 24, "chunk": 7, "lower_bound": 0.3})],

@@ -9,17 +9,13 @@ counted). Backward: each product twice, but the first chunk's W S and r S (a zer
 chunk's update (the state after it is not read), and the solve's gradient for the triangle, -grad [U0, W] [U0, W]^T
 (2 Nr T' 2N). Other FLOPs (a convention): ~40 t d for the shift, the six lerps, sigmoids, the normalised key, the
 bonus and the GroupNorm; backward twice that.
-Memory (elements; tD = t d, K = b H m T'^2 the chunks' [T', T'] blocks, Z = b H m N^2 the states before every
-chunk, P = b (m T' - n) d the padding, S = b H N^2 one state, E = b m T' d with several chunks, tH = t H): fitted
-by least squares to the storage tracker at 14 sizes (b 1..3, n 20..72, d 32..128, T 5..64, N 4..64, LoRA ranks 2..128;
-saved within 2 %, the inference peak within 7 %). Kept: ~36 tD (the shift's difference, the six lerps' inputs, the
-maps' and LoRAs' inputs, sigmoid's and tanh's outputs, the normalised key and its norm, the chunked r, k, v, g,
-alpha, beta and their decayed copies, exp(B), exp(-B), exp(B_C - B), the GroupNorm's input and output, the bonus,
-W_o's input), 17 P, 5 K (the [T', 2 T'] blocks, their masks, the triangle), 1.5 Z (the states before every chunk),
-t (Dw + Da + Dg), 4 E (the decays into the state), 13 tH (the norms, the bonus' sums, the GroupNorm's statistics),
-less one state. Inference peak: 36 tD + 68 P + 7.5 K + 3 S + 12 tH + 0.3 t (Dw + Da + Dg) - 2 E. The backward's
-peak is derived from the code path (_bwd_peak, each term naming its tensors): exact at the storage tracker in 26 builds
-(b 1..3, n 32..70, d 32..128, T 5..64, N 8..96; one head and many, one chunk, two to six, padded last chunks).
+Memory (elements; tD = t d, T = b m T' d a chunked head tensor, its padding included, K = b H m T'^2 the chunks'
+[T', T'] blocks, S = b H N^2 one state, tH = t H): saved and the inference peak are derived from the code path,
+each term naming its tensor (_saved, _peak): exact at the saved-tensor hooks and the storage tracker in 17 builds
+(b 1..3, n 20..64, d 32..96, T 7..64, N 4..96; one head and many, one chunk, several, a padded last one, the
+[T', 2 T'] blocks leading the peak). The backward's peak is derived likewise (_bwd_peak, each term naming its
+tensors): exact at the storage tracker in 26 builds (b 1..3, n 32..70, d 32..128, T 5..64, N 8..96; one head and
+many, one chunk, two to six, padded last chunks).
 """
 from __future__ import annotations
 
@@ -53,11 +49,11 @@ def rwkv7_cost(p, env: OpEnv, s: Symbols) -> Cost:
     params = 4 * d * d + 2 * (Dw + Da + Dg) * d + 6 * d + 2 * d + 2 * d + d + 2 * d  # maps, LoRAs, mixes, w0 a0,
     # k_k k_a, r_k, GroupNorm
     other = 40 * t * d
-    tD, P, K, Z = t * d, b * (rows - n) * d, b * H * m * C ** 2, b * H * m * N ** 2
-    S, E, tH, tR = b * H * N ** 2, several * b * rows * d, t * H, t * (Dw + Da + Dg)
-    saved = 36 * tD + 17 * P + 5 * K + sp.Rational(3, 2) * Z + tR + 4 * E + 13 * tH - S
-    peak = 36 * tD + 68 * P + sp.Rational(15, 2) * K + 3 * S + 12 * tH + sp.Rational(3, 10) * tR - 2 * E
-    bwd_peak = _bwd_peak(b, H, N, m, T=b * rows * d, tD=tD, tH=tH, K=K, S=S, several=several, padded=padded)
+    tD, T, K, S = t * d, b * rows * d, b * H * m * C ** 2, b * H * N ** 2
+    tH, tR = t * H, t * (Dw + Da + Dg)
+    saved = _saved(b, H, N, m, C, by, T=T, tD=tD, tH=tH, tR=tR, K=K, S=S, several=several, padded=padded)
+    peak = _peak(b, H, N, m, C, by, T=T, tD=tD, K=K, S=S, padded=padded)
+    bwd_peak = _bwd_peak(b, H, N, m, T=T, tD=tD, tH=tH, K=K, S=S, several=several, padded=padded)
     return Cost(params=params, fwd=projs.fwd + kf, bwd=projs.bwd + kb, fwd_other=other, bwd_other=2 * other,
                 saves_input=False, saved=saved * by, peak=peak * by, bwd_peak=bwd_peak * by,
                 cache=b * (d + H * N ** 2) * by)
@@ -109,3 +105,55 @@ def _bwd_peak(b, H, N, m, T, tD, tH, K, S, several, padded):
     at_solve = one * (held + 5 * T + 2 * K - out_rel - S - (1 - padded) * (1 - v_in_place) * T)
     # the output's backward: W_o's input's gradient, then o g's two (W_o's input released)
     return sp.Max(2 * tD, at_last, at_second, at_ends, at_outv, at_solve)
+
+
+def _saved(b, H, N, m, C, by, T, tD, tH, tR, K, S, several, padded):
+    """What rwkv7.py and _dplr.chunked_dplr keep for backward (elements), each tensor named, as the saved-tensor hooks
+    see it: a tensor that its own node saves (exp's result) stays with its node even where nothing reads it."""
+    many_heads, batched, one = sp.Min(1, H - 1), sp.Min(1, b - 1), 1 - several
+    gn_view = (1 - many_heads) * (1 - padded * batched)  # as in _bwd_peak
+    v_in_place = 1 - many_heads * (1 - one * (1 - batched))
+    rq_copies = (1 - padded) * many_heads * batched
+    rq_viewed = (1 - padded) * many_heads * (1 - batched) * several
+    # before the kernel: the shift's dx, the inputs of W_r, W_k, W_v and of the three LoRAs (x_w, x_a, x_g), the
+    # decay's sigmoid, a, k, k k_k, a - 1 and 1 + (a - 1) k_a (k's factor), kh: 14 tD; the LoRAs' tanh(x_w A_w),
+    # x_a A_a and sigmoid(x_g A_g) (t (Dw + Da + Dg)); the norm of k k_k and its clamped, expanded divisor (2 tH)
+    before = 14 * tD + tR + 2 * tH
+    # the kernel: exp(B), exp(-B), exp(B_{i-1}) (3 T); alpha and beta (2 T; padded, also r, k and v: their copies,
+    # else the bonus' r, k, v); the keys [alpha exp(-B); k exp(-B)] (2 T), rq and bq (or the copies matmul lays out
+    # for the products with the keys: 2 T), the solution [U0, W] (2 T), exp(B_C - B) (T) and the carries exp(B_C)
+    # (b H m N; kept with one chunk too); the masked [C, 2C] products of rq and bq with the keys (2 K each) and the
+    # triangle I - L (K); the two bool masks ([C, 2C]); every chunk's u (T), the states before every chunk (m S);
+    # with several chunks the ends (2 T) and [u; v] of every update but the last's (never read). Unpadded, the copies
+    # of v for b_k @ v and r_k @ v (2 T, unless bmm reads v in place), and for rqc @ s in chunks 2..m copies of rq's
+    # chunks (b > 1, many heads) or rq itself (b = 1)
+    kernel = (3 * T + 2 * T + 3 * padded * T + 2 * T + 2 * T + 2 * T + T + b * H * m * N + 5 * K
+              + 2 * (2 * C ** 2) / by + T + m * S + several * (2 * T + 2 * T * (m - 1) / m)
+              + 2 * (1 - padded) * (1 - v_in_place) * T + rq_copies * T * (m - 1) / m + rq_viewed * T)
+    # after it: the bonus' r, k, v, r r_k (4 tD) and its sum (tH); the GroupNorm's input (a view of the stacked
+    # outputs, T, or its copy, tD), mean and rstd (2 tH); the gate's output, the norm's output plus the bonus, W_o's
+    # input (3 tD)
+    after = 4 * tD + tH + gn_view * T + (1 - gn_view) * tD + 2 * tH + 3 * tD
+    return before + kernel + after
+
+
+def _peak(b, H, N, m, C, by, T, tD, K, S, padded):
+    """The inference forward's peak (elements), less its output (tD, which the cost pass counts apart). rwkv7.py holds
+    to the kernel's end the shift's dx, the six x_*, r, v, the log decay, a, the gate's output, kh, k (its
+    replacement: the first k is released), alpha and -kh (16 tD). chunked_dplr holds every local to its end: the
+    padded copies of r, k, v, g, alpha, beta (6 T, padded), B, exp(B), exp(-B), exp(B_{i-1}) (4 T), the bool mask
+    and the identity (C^2 bytes and elements), rq, bq, alpha exp(-B), k exp(-B) (4 T), the keys (2 T), the products
+    rs and bs [C, 2C] and their masked copies (8 K), the right side [b_k v, bq] and the solution (4 T), out_v (T),
+    exp(B_C - B) (T), the ends (2 T), the carries (b H m N). Then the moments: in the loop's last chunk, with every
+    chunk's output (T) and its u (T / m): at the update's product endc @ [u; v] ([u; v], 2 T / m, and s, c s and the
+    product, 3 S), or at its sum (the state after too: 4 S); after the loop, at the stack of the outputs (T) beside
+    the state after (S). Where the [C, 2C] blocks lead (long chunks, narrow heads): at the triangular solve,
+    before out_v and what follows it, beside the triangle I - b_a (K)."""
+    t1 = T / m
+    outside = 16 * tD
+    base = (outside + 6 * padded * T + 4 * T + C ** 2 / by + C ** 2 + 4 * T + 2 * T + 8 * K + 4 * T + T + T + 2 * T
+            + b * H * m * N)
+    loop = base + T + t1
+    at_product, at_sum, at_stack = loop + 2 * t1 + 3 * S, loop + 4 * S, loop + S + T
+    at_solve = base - 4 * T - b * H * m * N + K  # before out_v, the tail, the ends, the carries: the triangle I - b_a
+    return sp.Max(at_solve, at_product, at_sum, at_stack) - tD
