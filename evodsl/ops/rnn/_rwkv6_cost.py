@@ -45,10 +45,10 @@ def rwkv6_cost(p, env: OpEnv, s: Symbols) -> Cost:
     copied = (1 - padded) * (1 - in_place)  # a @ v and kc^T @ v each keep their own copy of v (T)
     # the kernel keeps (chunked_decay): exp(B), q (F.pad's copy of r, or its padded copy), exp(-B), k exp(-B) and
     # q exp(B) (the scores' factors), exp(B_C - B), k exp(B_C - B) (7 T; the last not with one chunk: the only
-    # update is never read, its saved tensors freed); padded, the copies of k and v (2 T; else they are the bonus' k
-    # and v); matmul's copies of v (a @ v's, and kc^T @ v's with several chunks); the masked scores (K), the stacked
-    # states (Z), the states read by an update that is read (the zeros and those after chunks 1..m - 2: (m - 1) S),
-    # the carries exp(B_C) (b H m N) and the bool mask
+    # update is never read, its saved tensors freed, but for exp's results, which exp's own node keeps); padded,
+    # the copies of k and v (2 T; else they are the bonus' k and v); matmul's copies of v (a @ v's, and kc^T @ v's
+    # with several chunks); the masked scores (K), the stacked states (Z), the states read by an update that is read
+    # (the zeros and those after chunks 1..m - 2: (m - 1) S), the carries exp(B_C) (b H m N) and the bool mask
     kernel = (7 - one) * T + 2 * padded * T + copied * (1 + several) * T + K + Z + (m - 1) * S + b * H * m * N + mask
     saved = _saved_outside(tD, tH, t * R, t * D) + kernel
     peak = _peak(tD, t * R, T, K, Z, S, m, b * H * m * N, mask, padded, copied)
