@@ -8,7 +8,7 @@ silu, the bonus and the GroupNorm; backward twice that.
 Memory (elements; tD = t d, T = b m T' d a chunked head tensor, its padding included, K = b H m T'^2 the chunks'
 [T', T'] blocks, Z = b H m N^2 the states before every chunk, S = b H N^2 one state, tH = t H): saved and the
 inference peak are derived from the code path, each term naming its tensor (_saved_outside, the kernel's below,
-_peak): exact at the saved-tensor hooks and the storage tracker in 15 builds (b 1..3, n 20..64, d 32..96, T 5..64,
+_peak): exact at the saved-tensor hooks and the storage tracker in 20 builds (b 1..3, n 20..72, d 32..128, T 5..64,
 N 4..96; one head and many, one chunk, several, a padded last one, the scores leading the peak). The backward's
 peak is derived likewise, each term below naming its tensors: exact at the storage tracker in 23 builds (b 1..3,
 n 20..72, d 32..128, T 5..64, N 4..64; one head and many, one chunk, several, a padded last one).

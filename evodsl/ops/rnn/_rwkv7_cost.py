@@ -11,8 +11,8 @@ chunk's update (the state after it is not read), and the solve's gradient for th
 bonus and the GroupNorm; backward twice that.
 Memory (elements; tD = t d, T = b m T' d a chunked head tensor, its padding included, K = b H m T'^2 the chunks'
 [T', T'] blocks, S = b H N^2 one state, tH = t H): saved and the inference peak are derived from the code path,
-each term naming its tensor (_saved, _peak): exact at the saved-tensor hooks and the storage tracker in 17 builds
-(b 1..3, n 20..64, d 32..96, T 7..64, N 4..96; one head and many, one chunk, several, a padded last one, the
+each term naming its tensor (_saved, _peak): exact at the saved-tensor hooks and the storage tracker in 22 builds
+(b 1..3, n 20..72, d 32..128, T 7..64, N 4..96; one head and many, one chunk, several, a padded last one, the
 [T', 2 T'] blocks leading the peak). The backward's peak is derived likewise (_bwd_peak, each term naming its
 tensors): exact at the storage tracker in 26 builds (b 1..3, n 32..70, d 32..128, T 5..64, N 8..96; one head and
 many, one chunk, two to six, padded last chunks).
