@@ -390,7 +390,7 @@ SLOW_SPECS = {"spec:etc_base", "spec:bigbird_base", "spec:longformer_base", "spe
 SLOW_SPECS |= {"spec:rwkv4_169m"}  # rnn(rwkv4) and ffn(rwkv) export in the op cases; its ln0 is a norm after the embedding
 PARAMS = [pytest.param(c, id=c.id, marks=[pytest.mark.xdist_group(re.sub(r"\W", "_", c.id))]
                        + ([pytest.mark.slow] if c.id in SLOW_SPECS else [])) for c in CASES]
-# The bidirectional chains (every token mixer once more in a bidirectional model: 13 chains, 16-27 s each to pad)
+# The bidirectional chains (every token mixer once more in a bidirectional model: 13 chains, 8-29 s each to pad)
 # check their padding in the slow run; their parity and causality stay in the default one. Padding stays covered by
 # test_padding.py (each op's both forms, in torch) and, in ONNX Runtime, by each op's own case (its causal form where
 # it has one) and the specs (bert, t5, deberta, ...: bidirectional encoders)
