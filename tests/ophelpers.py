@@ -250,6 +250,15 @@ def assert_padded_row_alone(m, side: str, d: int = 32) -> None:
     assert (y[1, real] - alone).abs().max().item() < 1e-10 * max(alone.abs().max().item(), 1.0)
 
 
+def assert_steps_and_pieces_agree(m, x: torch.Tensor, y: torch.Tensor, scale=1.0) -> None:
+    """A causal layer decoded through one cache, a token at a time and in pieces (a prompt, one token, the rest),
+    gives y, its forward on x (float64): within 1e-10 * scale."""
+    n = x.shape[1]
+    steps, _ = decode_in_pieces(m, x, [1] * n)
+    pieces, _ = decode_in_pieces(m, x, [s for s in (n // 2, 1, n - n // 2 - 1) if s])
+    assert (steps - y).abs().max() < 1e-10 * scale and (pieces - y).abs().max() < 1e-10 * scale
+
+
 def assert_decodes_with_constant_state(m, family: str, variant: str, d: int, build: dict) -> list[int]:
     """A causal sequence layer in float64: pieces of several sizes through one decoding cache give the forward
     (1e-10 of its scale), and after 1, 4 and 30 tokens the state's bytes equal the cost's kv_cache (b = 2), the

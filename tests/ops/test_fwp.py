@@ -9,7 +9,8 @@ import torch
 
 from evodsl.ops.attention._chunked_delta import parallel_delta
 from ophelpers import (assert_decodes_with_constant_state, assert_every_parameter_learns, assert_padded_row_alone,
-                       decode_in_pieces, head_projections, make_op, output_projection, perturb_params, refuses)
+                       assert_steps_and_pieces_agree, head_projections, make_op, output_projection, perturb_params,
+                       refuses)
 
 D = 32
 
@@ -62,9 +63,7 @@ def test_forms_agree(n, build):
     perturb_params(m)
     x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     y = m(x, None)
-    steps, _ = decode_in_pieces(m, x, [1] * n)
-    pieces, _ = decode_in_pieces(m, x, [n // 2, 1, n - n // 2 - 1])
-    assert (steps - y).abs().max() < 1e-10 and (pieces - y).abs().max() < 1e-10
+    assert_steps_and_pieces_agree(m, x, y)
     q, k, v, g, beta = m.features(x, None, 0)
     assert (m.finish(x, parallel_delta(q, k, v, beta, g)) - y).abs().max() < 1e-10
 

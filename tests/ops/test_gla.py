@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evodsl.ops.attention._chunked_linear import parallel_decay
-from ophelpers import (assert_decodes_with_constant_state, decode_in_pieces, head_projections, make_op,
+from ophelpers import (assert_decodes_with_constant_state, assert_steps_and_pieces_agree, head_projections, make_op,
                        output_projection, perturb_params, refuses)
 
 D = 32
@@ -54,9 +54,7 @@ def test_forms_agree(n, build):
     perturb_params(m)
     x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     y = m(x, None)
-    steps, _ = decode_in_pieces(m, x, [1] * n)
-    pieces, _ = decode_in_pieces(m, x, [n // 2, 1, n - n // 2 - 1])
-    assert (steps - y).abs().max() < 1e-10 and (pieces - y).abs().max() < 1e-10
+    assert_steps_and_pieces_agree(m, x, y)
     q, k, v, g, _ = m.features(x, None, 0)
     assert (m.finish(x, parallel_decay(q, k, v, g)) - y).abs().max() < 1e-10
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from evodsl.ops.attention._chunked_linear import parallel_decay
 from evodsl.ops.attention._gsa_kernel import parallel_slot_decay
-from ophelpers import decode_in_pieces, head_projections, make_op, output_projection, perturb_params, refuses
+from ophelpers import (assert_steps_and_pieces_agree, head_projections, make_op, output_projection, perturb_params,
+                       refuses)
 
 D = 32
 
@@ -59,9 +60,7 @@ def test_forms_agree(n, build):
     perturb_params(m)
     x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     y = m(x, None)
-    steps, _ = decode_in_pieces(m, x, [1] * n)
-    pieces, _ = decode_in_pieces(m, x, [n // 2, 1, n - n // 2 - 1])
-    assert (steps - y).abs().max() < 1e-10 and (pieces - y).abs().max() < 1e-10
+    assert_steps_and_pieces_agree(m, x, y)
     q, k, v, s, g = m.features(x)
     assert (m.finish(parallel_decay(parallel_slot_decay(q, k, s, g).softmax(-1), s, v, g)) - y).abs().max() < 1e-10
 

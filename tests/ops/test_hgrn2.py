@@ -12,7 +12,8 @@ import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
 from evodsl.ops.attention._chunked_linear import parallel_decay
-from ophelpers import assert_no_leak, assert_padded_row_alone, decode_in_pieces, make_op, perturb_params
+from ophelpers import (assert_no_leak, assert_padded_row_alone, assert_steps_and_pieces_agree, decode_in_pieces,
+                       make_op, perturb_params)
 
 D = 32
 
@@ -65,9 +66,7 @@ def test_forms_agree(n, build):
         for C in (1, 3, 7, 64):
             m.chunk = C
             assert (m(x, Ctx()) - y).abs().max() < 1e-10
-        steps, _ = decode_in_pieces(m, x, [1] * n)
-        pieces, _ = decode_in_pieces(m, x, [n // 2, 1, n - n // 2 - 1])
-        assert (steps - y).abs().max() < 1e-10 and (pieces - y).abs().max() < 1e-10
+        assert_steps_and_pieces_agree(m, x, y)
         q, k, v, g = m.features(x)
         o = parallel_decay(q, k, v, g).transpose(1, 2).reshape(2, n, D)
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + m.eps) * m.norm_weight

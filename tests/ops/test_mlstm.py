@@ -14,7 +14,8 @@ import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
 from evodsl.ops.rnn._mlstm_kernel import chunked_mlstm, parallel_mlstm, recurrent_mlstm
-from ophelpers import assert_no_leak, assert_padded_row_alone, decode_in_pieces, make_op, perturb_params
+from ophelpers import (assert_no_leak, assert_padded_row_alone, assert_steps_and_pieces_agree, decode_in_pieces,
+                       make_op, perturb_params)
 
 D = 16
 
@@ -82,9 +83,7 @@ def test_forms_agree(n, build):
         for C in (1, 3, 7, 64):
             m.chunk = C
             assert (m(x, Ctx()) - y).abs().max() < 1e-10 * y.abs().max()
-        steps, _ = decode_in_pieces(m, x, [1] * n)
-        pieces, _ = decode_in_pieces(m, x, [n // 2, 1, n - n // 2 - 1])
-        assert (steps - y).abs().max() < 1e-10 * y.abs().max() and (pieces - y).abs().max() < 1e-10 * y.abs().max()
+        assert_steps_and_pieces_agree(m, x, y, scale=y.abs().max())
 
 
 @pytest.mark.parametrize("forget", ["sigmoid", "exp"])

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ophelpers import assert_every_parameter_learns, assert_padded_row_alone, decode_in_pieces, make_op, perturb_params
+from ophelpers import (assert_every_parameter_learns, assert_padded_row_alone, assert_steps_and_pieces_agree, make_op,
+                       perturb_params)
 
 D = 32
 
@@ -56,9 +57,7 @@ def test_forms_agree(n, build):
     perturb_params(m)
     x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     y = m(x, None)
-    steps, _ = decode_in_pieces(m, x, [1] * n)
-    pieces, _ = decode_in_pieces(m, x, [n // 2, 1, n - n // 2 - 1])
-    assert (steps - y).abs().max() < 1e-10 and (pieces - y).abs().max() < 1e-10
+    assert_steps_and_pieces_agree(m, x, y)
 
 
 def test_padding_and_learning():
