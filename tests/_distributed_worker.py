@@ -117,8 +117,15 @@ def _worker(rank: int, port: int, out: str) -> None:
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(results, f)
+        dist.barrier()  # neither rank tears down while the other may still talk to it
     finally:
         dist.destroy_process_group()
+    # skip the interpreter's finalization: gloo's threads and the TCP store's server, torn down by static
+    # destructors at exit, can abort ("terminate called without an active exception", SIGABRT) after the work
+    # is done and written; that is torch's teardown, not the step this checks
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -39,12 +39,18 @@ def two_ranks(tmp_path_factory):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("dist") / "results.json"
-    run = subprocess.run([sys.executable, str(WORKER), str(_free_port()), str(out)], capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
+    tries = []
+    for _ in range(2):  # a second try only where a rank died by a signal (torch's gloo teardown, seen once in CI)
+        run = subprocess.run([sys.executable, str(WORKER), str(_free_port()), str(out)], capture_output=True,
+                             text=True, timeout=300)
+        tries.append(run.stderr[-3000:])
+        if run.returncode == 0 or "terminated with signal" not in run.stderr:
+            break
+    assert run.returncode == 0, "\n---- next try ----\n".join(tries)
     return json.loads(out.read_text())
 
 
+@pytest.mark.xdist_group("distributed")  # one xdist worker, so the 2-rank run happens once
 @pytest.mark.parametrize("spec, kind", [(s, k) for s in ("gpt2", "llama") for k in ("ddp", "fsdp", "tp")]
                          + [("span", "ddp"),  # an aux loss added after the forward (model.aux_loss())
                             ("local", "tp"),  # mha(local): the band kernel on the local heads
