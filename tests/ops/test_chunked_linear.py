@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from evodsl.ops.attention._chunked_delta import chunked_delta, recurrent_delta
-from evodsl.ops.attention._chunked_linear import chunked_decay, recurrent_decay
+from evodsl.ops.attention._chunked_linear import chunked_decay, factorisable, recurrent_decay
 
 B, H, DK, DV = 2, 3, 5, 4
 
@@ -86,3 +86,39 @@ def test_chunks_continue_each_other():
     first, s = chunked_delta(q[:, :, :25], k[:, :, :25], v[:, :, :25], beta[:, :, :25], g[:, :, :25, 0], chunk=16)
     rest, _ = chunked_delta(q[:, :, 25:], k[:, :, 25:], v[:, :, 25:], beta[:, :, 25:], g[:, :, 25:, 0], s, chunk=16)
     assert (torch.cat((first, rest), 2) - whole).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("dtype,rate", [(torch.float64, 150.0), (torch.float32, 20.0)], ids=["float64", "float32"])
+def test_vector_decay_past_the_float_range(dtype, rate):
+    """A chunk whose decay passes exp(-ln(max float) / 2) (a gate that forgets at once; GLA's logsigmoid / 16 of a
+    large negative activation, RWKV-6's exp(-e^w)) leaves the factorisation q_i exp(B_i) . k_j exp(-B_j) for the
+    ratios exp(B_i - B_j) <= 1: the outputs, the state and every gradient stay the recurrence's, against the
+    reference in float64 (1e-10 relative in float64, 1e-5 in float32; at these rates the factorised form gives nan
+    in both)."""
+    q, k, v, s0, u, _ = inputs(37, seed=3)
+    g = -rate * u(B, H, 37, DK)
+    assert not factorisable(g[:, :, :16].to(dtype).sum(2))  # the chunks of 16 do pass it
+    want, state = decay_reference(q, k, v, g, s0)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    args = [t.to(dtype).requires_grad_() for t in (q, k, v, g, s0)]
+    o, s = chunked_decay(*args[:4], args[4], 16)
+    assert (o.double() - want).abs().max() <= tol * want.abs().max()
+    assert (s.double() - state).abs().max() <= tol * state.abs().max()
+    if dtype == torch.float64:  # the gradients against autograd through the recurrence
+        w = torch.randn(o.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+        got = torch.autograd.grad((o * w).sum() + s.sum(), args)
+        ref = [t.detach().requires_grad_() for t in args]
+        ro, rs = recurrent_decay(*ref[:4], ref[4])
+        for a, b in zip(got, torch.autograd.grad((ro * w).sum() + rs.sum(), ref)):
+            assert (a - b).abs().max() <= 1e-10 * b.abs().max()
+
+
+def test_vector_decay_compiles_whole():
+    """torch.compile(fullgraph=True) takes the vector-decay kernel with no branch on the data (compiled, it always
+    takes the ratios): the same outputs and state, with a decay past the float range."""
+    q, k, v, s0, u, _ = inputs(37, seed=5)
+    g = -150.0 * u(B, H, 37, DK)
+    want = chunked_decay(q, k, v, g, s0, 16)
+    got = torch.compile(chunked_decay, backend="eager", fullgraph=True)(q, k, v, g, s0, 16)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 1e-12 * b.abs().max()

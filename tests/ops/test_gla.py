@@ -73,3 +73,19 @@ def test_refusals():
     refuses("gla", {"chunk=0": "chunk", "tau=0": "tau", "rank=0": "rank"}, causal=True, ok="chunk=16")
     refuses("gla", {"chunk=16": "causal only"}, causal=False)
     refuses("gla", {"dropout=0.1": "dropout", "kv_heads=3": "kv_heads"}, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_a_gate_that_closes_at_once(dtype):
+    """Gate pre-activations in the hundreds (channels that forget at once): the chunks decay past exp(-ln(max
+    float) / 2), where the factorisation exp(B_i) exp(-B_j) gives inf and nan, and take the ratios one lag at a
+    time; against the float64 recurrence (1e-10 relative in float64, 1e-4 in float32)."""
+    m, _, _ = make_op("mha", "gla", d=D, causal=True, heads=4, chunk=16)
+    perturb_params(m)
+    with torch.no_grad():
+        m.gk_up.weight.mul_(3000.0)
+    x = torch.randn(2, 40, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with torch.no_grad():
+        want = reference(m.double(), x)
+        got = m.to(dtype)(x.to(dtype), None).double()
+    assert (got - want).abs().max() <= (1e-10 if dtype == torch.float64 else 1e-4) * want.abs().max()

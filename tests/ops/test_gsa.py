@@ -83,3 +83,19 @@ def test_refusals():
     refuses("gsa", {"chunk=0": "chunk", "slots=0": "slots", "normalizer=0": "normalizer"}, causal=True, ok="slots=8")
     refuses("gsa", {"slots=8": "causal only"}, causal=False)
     refuses("gsa", {"dropout=0.1": "dropout", "kv_heads=3": "kv_heads"}, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_a_gate_that_closes_at_once(dtype):
+    """Gate pre-activations in the hundreds (slots that forget at once, or keep all): both passes' chunks decay
+    past exp(-ln(max float) / 2), where the factorisation exp(B_i) exp(-B_j) gives inf and nan, and take the ratios
+    one lag at a time; against the float64 recurrence (1e-10 relative in float64, 1e-4 in float32)."""
+    m, _, _ = make_op("mha", "gsa", d=D, causal=True, heads=4, slots=5, chunk=16)
+    perturb_params(m)
+    with torch.no_grad():
+        m.f_proj.weight.mul_(400.0)
+    x = torch.randn(2, 40, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with torch.no_grad():
+        want = reference(m.double(), x, 5)
+        got = m.to(dtype)(x.to(dtype), None).double()
+    assert (got - want).abs().max() <= (1e-10 if dtype == torch.float64 else 1e-4) * want.abs().max()

@@ -116,3 +116,19 @@ def test_validation():
     for bad in ("lower_bound=1.0", "lower_bound=-0.1", "expand=0", "heads=0", "chunk=0"):
         with pytest.raises(EvoError, match=bad.split("=")[0]):
             evodsl.parse(base.format(c="true", a=", " + bad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_a_gate_that_closes_at_once(dtype):
+    """No lower bound (HGRN2's first layer) and forget-gate pre-activations in the hundreds: the chunks decay past
+    exp(-ln(max float) / 2), where the factorisation exp(B_i) exp(-B_j) gives inf and nan, and take the ratios one
+    lag at a time; against the float64 recurrence (1e-10 relative in float64, 1e-4 in float32)."""
+    m, _, _ = make_op("rnn", "hgrn2", d=D, causal=True, heads=2, expand=8, chunk=16, lower_bound=0.0)
+    perturb_params(m)
+    with torch.no_grad():
+        m.f_proj.weight.mul_(400.0)
+    x = torch.randn(2, 40, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with torch.no_grad():
+        want = reference(m.double(), x)
+        got = m.to(dtype)(x.to(dtype), Ctx()).double()
+    assert (got - want).abs().max() <= (1e-10 if dtype == torch.float64 else 1e-4) * want.abs().max()

@@ -113,3 +113,37 @@ def test_validation():
     for bad in ("chunk=0", "head_size=0", "mix_rank=0", "decay_rank=0", "eps=0.0"):
         with pytest.raises(EvoError, match=bad.split("=")[0]):
             evodsl.parse(base.format(c="true", a=", " + bad))
+
+
+@pytest.mark.parametrize("chunk", [8, 16])
+def test_a_channel_that_forgets_at_once(chunk):
+    """Decays of exp(-e^2) to exp(-e^6) a token (trained models have channels that forget at once), in float32:
+    the chunk's decay passes e^-44, where the kernel's factorisation exp(B_i) exp(-B_j) would leave the float
+    range, so it takes the ratios one lag at a time; against the float64 recurrence. A floor on the decay (what it
+    had, -5.5 a token at T = 8) keeps a factor of 0.004 in place of e^-7.4 and fails this."""
+    m, _, _ = make_op("rnn", "rwkv6", d=D, causal=True, chunk=chunk, **SMALL)
+    perturb_params(m)
+    with torch.no_grad():
+        m.time_decay.copy_(torch.linspace(2.0, 6.0, D).view(1, 1, D))
+    x = torch.randn(2, 40, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = reference(m.double(), x)
+        got = m.float()(x.float(), Ctx()).double()
+    assert torch.isfinite(got).all() and close(got, want, 1e-4), (got - want).abs().max() / want.abs().max()
+
+
+def test_a_channel_that_forgets_at_once_costs_no_more():
+    """The declared costs are the factorised kernel's; where the decay takes the ratios instead, the layer keeps and
+    peaks at no more than that, measured (it keeps B in place of exp(-B) and k exp(-B); its [T, T] scores are
+    elementwise, not a matmul, so the counted matmul FLOPs are the declared less those scores')."""
+    from costhelpers import declared, make_input, measure_op
+    from evodsl.passes.cost import cost_field
+
+    module, env, cost, ev = declared("rnn", "rwkv6", 2, 64, causal=True, chunk=16, head_size=16)
+    with torch.no_grad():
+        module.time_decay.add_(6.0)
+    m = measure_op(module, make_input(env, 2, 64, torch.float32))
+    for key in ("saved", "peak", "bwd_peak"):
+        assert 0.9 * ev(getattr(cost, key)) <= m[key] <= ev(getattr(cost, key)), (key, m[key], ev(getattr(cost, key)))
+    scores = 2 * 2 * (64 // 16) * 2 * 16 * 16 * 16  # b 2, H 2 heads of N 16, 4 chunks: 2 T^2 N each
+    assert m["fwd"] == ev(cost_field(cost, "fwd")) - scores and m["bwd"] == ev(cost_field(cost, "bwd")) - 2 * scores

@@ -15,12 +15,16 @@ chunks of C tokens, with B_i = g_1 + .. + g_i the decay accumulated in the chunk
 The intra-chunk products of all chunks run at once ([C, C] blocks); only the state is carried chunk to chunk (a
 Python loop over the ceil(n / C) chunks, never over tokens): O(n C dk + n dk dv) time, no n x n tensor.
 Scalar decay: the ratios exp(B_i - B_j) form a [C, C] matrix per head (j <= i: at most 1, no overflow). Vector
-decay: q_i exp(B_i) against k_j exp(-B_j) (GLA's factorisation), which keeps the blocks [C, C] but needs exp(-B_j)
-finite: float32 holds it while a chunk's decay stays above exp(-80) per channel (C = 16 tokens of GLA's gates,
-whose log decay is logsigmoid / 16 >= -0.07 per token for activations above -1.1, is far inside that).
+decay: q_i exp(B_i) against k_j exp(-B_j) (GLA's factorisation), which keeps the blocks [C, C] as one matmul but
+needs exp(-B_j) finite. Where some chunk's decay passes exp(-ln(max float) / 2) in some channel (float32: e^-44;
+a gate that forgets at once), the scores take the ratios exp(B_i - B_j) <= 1 instead, one lag at a time
+(DecayScores), exact at any decay; the ops' declared costs are the factorised form's, which that form does not
+exceed in memory (it keeps B in place of exp(-B) and k exp(-B)) and whose [C, C] matmul it runs elementwise.
 Tokens past n (the last chunk padded) have k = 0 and g = 0: they change neither the outputs nor the state.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +50,11 @@ def chunked_decay(q, k, v, g, state=None, chunk: int = 64):
     last = B[:, :, :, -1:]  # B_C of every chunk
     future = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
     if vector:
-        qd, kd = q * B.exp(), k * (-B).exp()
-        a = (qd @ kd.transpose(-1, -2)).masked_fill(future, 0.0)  # [b, h, m, C, C]
+        if not torch.compiler.is_compiling() and factorisable(last):  # (compiled: no branch on the data)
+            qd, kd = q * B.exp(), k * (-B).exp()
+            a = (qd @ kd.transpose(-1, -2)).masked_fill(future, 0.0)  # [b, h, m, C, C]
+        else:  # exp(-B_j) would leave the float range: the ratios, each at most 1, one lag at a time
+            qd, a = q * B.exp(), DecayScores.apply(q, k, B)
         kc = k * (last - B).exp()  # k_j exp(B_C - B_j): into the state
         carry = last.squeeze(3).exp()[..., None]  # [b, h, m, dk, 1]
     else:
@@ -65,6 +72,47 @@ def chunked_decay(q, k, v, g, state=None, chunk: int = 64):
         s = keep * s + own
     o = qd @ torch.stack(before, 2) + a @ v  # [b, h, m, C, dv]
     return o.reshape(b, h, -1, v.shape[-1])[:, :, :n], s
+
+
+def factorisable(last: torch.Tensor) -> bool:
+    """Whether GLA's factorisation q_i exp(B_i) . k_j exp(-B_j) is safe for chunks whose decay reaches `last`
+    (B_C, every chunk and channel): exp(-B_C) at most sqrt(max float) (float32: e^44), so that it neither
+    overflows nor pushes exp(B_i) into the subnormals. A data-dependent test (one reduction, read on the host)."""
+    return bool(last.min() >= -0.5 * math.log(torch.finfo(last.dtype).max))
+
+
+class DecayScores(torch.autograd.Function):
+    """a_ij = sum_c q_ic k_jc exp(B_ic - B_jc) for j <= i (0 above), q, k, B [..., C, dk] -> a [..., C, C]: the
+    intra-chunk scores of a vector decay where the factorisation would overflow. Every ratio is at most 1 (B does
+    not increase), so any decay is exact; one lag j = i - l at a time, so no [C, C, dk] tensor is held: the
+    forward and the backward (which recomputes the ratios) hold [C, dk] tensors, and it saves only its inputs.
+    2.5 C^2 dk multiply-adds and C^2 dk / 2 exps a chunk, against the factorised form's C^2 dk matmul."""
+
+    @staticmethod
+    def forward(ctx, q, k, B):
+        C = q.shape[-2]
+        a = q.new_zeros(*q.shape[:-1], C)
+        for lag in range(C):
+            qi, kj = q[..., lag:, :], k[..., :C - lag, :]
+            ratio = (B[..., lag:, :] - B[..., :C - lag, :]).exp_()
+            a.diagonal(-lag, -2, -1).copy_((qi * kj * ratio).sum(-1))
+        ctx.save_for_backward(q, k, B)
+        return a
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, B = ctx.saved_tensors
+        C = q.shape[-2]
+        gq, gk, gB = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(B)
+        for lag in range(C):
+            qi, kj = q[..., lag:, :], k[..., :C - lag, :]
+            t = (B[..., lag:, :] - B[..., :C - lag, :]).exp_().mul_(grad.diagonal(-lag, -2, -1)[..., None])
+            gq[..., lag:, :] += t * kj
+            gk[..., :C - lag, :] += t * qi
+            t.mul_(qi).mul_(kj)  # d a_ij / d B_i = a_ij's term, d / d B_j its negative
+            gB[..., lag:, :] += t
+            gB[..., :C - lag, :] -= t
+        return gq, gk, gB
 
 
 def chunked_plain(q, k, v, state=None, chunk: int = 64):

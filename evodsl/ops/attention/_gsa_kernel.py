@@ -13,15 +13,17 @@ Chunked, with B_i = g_1 + .. + g_i accumulated in the chunk (log space, per slot
     o_i = exp(B_i) * (q_i^T S  +  sum_{j<=i} (q_i . k_j) (v_j * exp(-B_j)))
     S'  = S diag(exp(B_C)) + sum_j k_j (v_j * exp(B_C - B_j))^T
 
-The same factorisation as GLA's (exp(-B_j) finite over a chunk: float32 holds a chunk's summed log decay above
--80 a slot); the [C, C] products of every chunk at once, a Python loop over chunks only. Tokens past n (the last
+The same factorisation as GLA's, and the same way out where exp(-B_j) would leave the float range (a chunk's
+summed log decay past -ln(max float) / 2 in some slot): the ratios exp(B_i - B_j) <= 1 one lag at a time
+(DecayValues), exact at any decay, within the factorised form's declared memory. The [C, C] products of every
+chunk at once, a Python loop over chunks only. Tokens past n (the last
 chunk padded) have k = 0 and g = 0: they change neither the outputs nor the state.
 """
 from __future__ import annotations
 
 import torch
 
-from ._chunked_linear import _chunks
+from ._chunked_linear import _chunks, factorisable
 
 
 def chunked_slot_decay(q, k, v, g, state=None, chunk: int = 64):
@@ -42,8 +44,43 @@ def chunked_slot_decay(q, k, v, g, state=None, chunk: int = 64):
     for keep, own in zip(carry.unbind(2), local.unbind(2)):  # a loop over chunks only
         before.append(s)
         s = keep * s + own
-    o = B.exp() * (q @ torch.stack(before, 2) + a @ (v * (-B).exp()))  # [b, h, c, C, m]
+    if not torch.compiler.is_compiling() and factorisable(last):  # (compiled: no branch on the data)
+        o = B.exp() * (q @ torch.stack(before, 2) + a @ (v * (-B).exp()))  # [b, h, c, C, m]
+    else:  # exp(-B_j) would leave the float range: the ratios, each at most 1, one lag at a time
+        o = B.exp() * (q @ torch.stack(before, 2)) + DecayValues.apply(a, v, B)
     return o.reshape(b, h, -1, v.shape[-1])[:, :, :n], s
+
+
+class DecayValues(torch.autograd.Function):
+    """o_im = sum_{j<=i} a_ij v_jm exp(B_im - B_jm), a [..., C, C] (read at j <= i), v, B [..., C, m] -> o [..., C,
+    m]: the intra-chunk outputs of a decay on the value side where the factorisation would overflow (the value-side
+    twin of _chunked_linear.DecayScores). Every ratio is at most 1; one lag j = i - l at a time, no [C, C, m]
+    tensor, the ratios recomputed in the backward, only the inputs saved."""
+
+    @staticmethod
+    def forward(ctx, a, v, B):
+        C = v.shape[-2]
+        o = torch.zeros_like(v)
+        for lag in range(C):
+            ratio = (B[..., lag:, :] - B[..., :C - lag, :]).exp_()
+            o[..., lag:, :] += a.diagonal(-lag, -2, -1)[..., None] * v[..., :C - lag, :] * ratio
+        ctx.save_for_backward(a, v, B)
+        return o
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, v, B = ctx.saved_tensors
+        C = v.shape[-2]
+        ga, gv, gB = torch.zeros_like(a), torch.zeros_like(v), torch.zeros_like(B)
+        for lag in range(C):
+            vj, aij = v[..., :C - lag, :], a.diagonal(-lag, -2, -1)[..., None]
+            t = (B[..., lag:, :] - B[..., :C - lag, :]).exp_().mul_(grad[..., lag:, :])
+            ga.diagonal(-lag, -2, -1).copy_((t * vj).sum(-1))
+            gv[..., :C - lag, :] += aij * t
+            t.mul_(vj).mul_(aij)  # d o_im / d B_im = its term; d / d B_jm the negative
+            gB[..., lag:, :] += t
+            gB[..., :C - lag, :] -= t
+        return ga, gv, gB
 
 
 def recurrent_slot_decay(q, k, v, g, state=None):

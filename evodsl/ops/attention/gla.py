@@ -14,8 +14,8 @@ ratios, a symbolic n only).
 Choices where the paper is silent or leaves a detail to fla's layer: the per-head norm is an RMSNorm with a learned
 scale shared by the heads (fla's g_norm; the paper writes LayerNorm); keys and values are as wide as the heads
 (fla's expand_k = 0.5 is d_model's business here); the queries carry the 1/sqrt(dk) (fla's scale); the gate has a
-bias on W_2 only (fla's gk_proj); chunks of 16 tokens by default (the factorised form needs exp(-B) of a chunk's
-decay finite: float32 holds a gate pre-activation down to about -80 a token over 16 tokens). Grouped K/V heads
+bias on W_2 only (fla's gk_proj); chunks of 16 tokens by default (a chunk whose decay is too fast for the
+factorised form, a gate that closes at once, takes the decay ratios one lag at a time: exact). Grouped K/V heads
 (kv_heads) share the key and value projections; each query head has its own gate and state.
 """
 from __future__ import annotations

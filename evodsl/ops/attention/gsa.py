@@ -21,8 +21,8 @@ no short convolution, use_norm): the scores carry no 1/sqrt(dk) (fla's layer pas
 swish (fla's); the norm is one RMSNorm over the h dv output channels with a learned scale (fla's g_norm over the
 hidden size) applied to swish(o); the gate projection W_f has no bias and gives kv_heads x m gates (fla's f_proj),
 shared by the query heads of a K/V group, as the keys and values are; each query head keeps its own slot state.
-Keys and values are as wide as the heads. Chunks of 16 by default (exp(-B) of a chunk's decay stays finite in
-float32 while a chunk's summed log alpha stays above -80 a slot: pre-activations above about -40 a token).
+Keys and values are as wide as the heads. Chunks of 16 by default; any gate is exact (a chunk whose decay is
+too fast for the factorisation exp(B_i) exp(-B_j) takes the ratios one lag at a time, in both passes).
 Padding: a padded position writes nothing (its slot write 1 - alpha is zeroed) and decays nothing (alpha = 1
 there), so either side pads.
 """

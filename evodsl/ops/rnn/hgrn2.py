@@ -14,11 +14,10 @@ the recurrence (the state: e x d / H a head, constant in the tokens seen) and ex
 ([n, n, e] decay ratios: a symbolic n only; tests/test_onnx.py OTHER_FORMS).
 Choices where the paper is silent, as fla's layer: no biases; q carries fla's scale e^-1/2 (chunk_gla's default);
 no output gate (the paper's figure has one, fla's layer has not); no short convolution (fla's default); heads = d /
-expand when not given (fla's num_heads), d divisible by the heads. Numerics: the vector-decay factorisation needs
-exp(-B) of a chunk's summed log decay finite: in float32 a chunk of C tokens holds a mean log f above -80 / C (C =
-16: f above e^-5 a token on average, x W_f above about -5); a lower bound lb > 0 makes it hold always (log f >= log
-lb). Padding: a padded position's key 1 - f is zeroed (nothing enters the state); under left padding its decay
-acts on a state that is still zero, so either side pads.
+expand when not given (fla's num_heads), d divisible by the heads. Numerics: any forget gate is exact, down to
+f = 0 with no lower bound (a chunk too fast for the vector-decay factorisation takes the decay ratios one lag at a
+time, _chunked_linear.DecayScores). Padding: a padded position's key 1 - f is zeroed (nothing enters the state);
+under left padding its decay acts on a state that is still zero, so either side pads.
 """
 from __future__ import annotations
 

@@ -12,12 +12,11 @@ eq. 11-19; BlinkDL's RWKV-v6 code), as a sublayer; d channels in H = d / N heads
 Training form: the chunked vector-decay kernel of gated linear attention (attention/_chunked_linear.py, unchanged)
 on the queries shifted one token earlier: its o'_t = q_t S_t with q_t = r_{t+1} is r_{t+1} S_t, the r_t S_{t-1}
 above one position later (the first position reads the state before, r_0 S_{-1}); the bonus adds (r_t . (u k_t))
-v_t. Chunks of T tokens, a loop over chunks only. The kernel factorises the decay as exp(B_i) exp(-B_j), which must
-stay finite over a chunk: the log decay is floored at -ln(max float) / (2 T) a token (float32, T = 8: -5.5, a decay
-of at least 0.004 a token; float64: -44): exact while exp(w0 + LoRA) stays above the floor (the authors' init: at
-most e^-1 = 0.37), a faster decay keeps that small factor instead of a smaller one; the factorisation also loses digits as T |log w|
-grows (float64, decays of e^3 a token: 1e-14 at T = 8, 4e-10 at T = 16). Causal only. Step form: the last input [d] and S [H, N, N]. ONNX:
-the kernel's one-piece form ([n, n, N] decay ratios, a symbolic n only).
+v_t. Chunks of T tokens, a loop over chunks only. Any decay is exact: where a chunk's decay is too fast for the
+kernel's factorisation exp(B_i) exp(-B_j) (exp(-B) past sqrt(max float)), it takes the ratios exp(B_i - B_j) <= 1
+one lag at a time instead (_chunked_linear.DecayScores: no [T, T, N] tensor), so a channel that forgets at once
+(exp(w0 + LoRA) of e^3 or more, as trained models have) is computed as such. Causal only. Step form: the last
+input [d] and S [H, N, N]. ONNX: the kernel's one-piece form ([n, n, N] decay ratios, a symbolic n only).
 
 Choices where the paper is silent, as the authors' x060 code: no biases; GroupNorm eps 1e-5 * 8^2 with a learned
 scale and shift; LoRA ranks 32 (mixes) and 64 (decay); the init at mid-depth (their ratios 0.5): mu = 1 -
@@ -27,8 +26,6 @@ as theirs). Padding: a padded position's input is zeroed before the shift, its k
 padded row equals the sequence alone on either side.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +42,7 @@ class RWKV6Params(OpParams):
     head_size: int = Field(64, ge=1, le=1024, description="N: channels a head (d / N heads, each an N x N state)")
     mix_rank: int = Field(32, ge=1, le=4096, description="R: the rank of the five mixes' LoRA")
     decay_rank: int = Field(64, ge=1, le=4096, description="the rank of the decay's LoRA")
-    chunk: int = Field(8, ge=1, le=4096, description="T: tokens a chunk of the kernel (the result is the same while "
-                       "no decay passes the floor, below)")
+    chunk: int = Field(8, ge=1, le=4096, description="T: tokens a chunk of the kernel (the result is the same)")
     eps: float = Field(64e-5, gt=0.0, lt=1.0, description="the GroupNorm's eps")
 
 
@@ -84,7 +80,6 @@ class RWKV6TimeMix(nn.Module):
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         g = F.silu(self.gate(xg))
         logw = -(self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).exp()  # log w_t <= 0
-        logw = logw.clamp(min=-math.log(torch.finfo(logw.dtype).max) / (2 * self.chunk))  # exp(-B) stays finite
         if keep is not None:
             k, logw = k * keep[..., None].to(k.dtype), logw * keep[..., None].to(logw.dtype)
         r, k, v, logw = (t.view(b, n, H, N).transpose(1, 2) for t in (r, k, v, logw))  # [b, H, n, N]
