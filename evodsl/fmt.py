@@ -7,7 +7,10 @@ canonical):
 - a run of consecutive one-line assignments (bindings and short definitions, no blank line or comment between)
   has its `=` aligned, and its trailing comments;
 - a pipeline continues on lines indented one level (4 spaces) deeper than its statement, each starting with
-  `-> `; a line that would pass LIMIT characters is broken before the stage that passes it;
+  `-> `; a line that would pass LIMIT characters is broken before the stage that passes it; a stage still too
+  long alone is broken inside: its call's arguments on lines one level deeper (a pipeline argument, such as a
+  residual's body, on one line if it fits, else a stage a line; plain arguments filled line by line), `)` back
+  on a line of its own, and the next stage on the next line;
 - a comment on its own line stays on its own line before the statement (or stream, or stage) that follows it;
   a comment at the end of a line stays at the end of the line that ends with the same stage; at most one blank
   line between statements, none at the start, one newline at the end.
@@ -44,6 +47,7 @@ class _Src:
 
 @dataclass
 class _Stage:
+    node: object
     text: str
     first: int  # its first and last source lines
     last: int
@@ -107,7 +111,7 @@ def _stages(body, src: _Src, header_line: int, taken: set) -> list[_Stage]:
     items = body.items if isinstance(body, Pipe) else (body,)
     stages, prev_last = [], header_line
     for item in items:
-        s = _Stage(_expr(item, src), item.span.line, item.span.end_line)
+        s = _Stage(item, _expr(item, src), item.span.line, item.span.end_line)
         s.break_before = s.first > prev_last
         s.before = [src.own[i] for i in range(prev_last + 1, s.first) if i in src.own and i not in taken]
         taken.update(i for i in range(prev_last + 1, s.first) if i in src.own)
@@ -124,7 +128,7 @@ def _stages(body, src: _Src, header_line: int, taken: set) -> list[_Stage]:
     return stages
 
 
-def _layout(head: str, stages: list[_Stage], indent: str, head_trailing: str = "") -> list[str]:
+def _layout(head: str, stages: list[_Stage], indent: str, src: _Src, head_trailing: str = "") -> list[str]:
     """`head` (e.g. 'block =') then the stages, on lines as the author broke them (and as comments force),
     broken further where a line would pass LIMIT."""
     cont = indent + INDENT
@@ -137,13 +141,17 @@ def _layout(head: str, stages: list[_Stage], indent: str, head_trailing: str = "
         joined = f"{cur} {piece}"
         brk = force or s.break_before or bool(s.before) or len(joined) > LIMIT and not (on_head and i == 0 and
                                                                                     len(cur) <= len(indent))
+        lead = "" if i == 0 else "-> "
         if brk:
             lines.append(cur)
             lines += [cont + c for c in s.before]
-            cur, on_head = cont + piece, False
+            prefix, own, on_head = cont + lead, cont, False
         else:
-            cur = joined
-        force = bool(s.trailing)
+            prefix, own = f"{cur} {lead}", cur[:len(cur) - len(cur.lstrip())]
+        broken = _broken(s.node, s.text, prefix, own, src)
+        lines += broken[:-1]
+        cur = broken[-1]
+        force = bool(s.trailing) or len(broken) > 1
         if s.trailing:  # the first at the line's end; more (a stage written over lines) on lines of their own
             cur += f"  {s.trailing[0]}"
             if len(s.trailing) > 1:
@@ -152,6 +160,59 @@ def _layout(head: str, stages: list[_Stage], indent: str, head_trailing: str = "
                 lines += [where + c for c in s.trailing[1:-1]]
                 cur = where + s.trailing[-1]
     lines.append(cur)
+    return lines
+
+
+def _call_parts(node) -> tuple[str, list] | None:
+    """A call-like node's name and arguments, in their order; None for any other node."""
+    if isinstance(node, Call):
+        return node.name, [*node.args, *node.kwargs]
+    if isinstance(node, Residual):
+        return "residual", [node.body, *node.kwargs]
+    if isinstance(node, Parallel):
+        return "parallel", [*node.branches, *node.kwargs]
+    if isinstance(node, Repeat):
+        return "repeat", [node.body, node.count, *node.kwargs]
+    return None
+
+
+def _broken(node, text: str, prefix: str, indent: str, src: _Src) -> list[str]:
+    """`prefix` + the node's one-line `text`, or, past LIMIT, the node over lines: a call's arguments one level
+    deeper than `indent` (the line's own indent) and `)` back at it; a pipeline argument on one line if it fits,
+    else a stage a line (each broken the same way); plain arguments filled line by line."""
+    parts = _call_parts(node)
+    if len(prefix) + len(text) <= LIMIT or not parts or not parts[1]:
+        return [prefix + text]
+    name, args = parts
+    inner = indent + INDENT
+    lines, cur = [f"{prefix}{name}("], None
+    for k, arg in enumerate(args):
+        comma = "," if k + 1 < len(args) else ""
+        if isinstance(arg, Pipe):
+            if cur is not None:
+                lines.append(cur)
+                cur = None
+            whole = _expr(arg, src)
+            if len(inner) + len(whole) + len(comma) <= LIMIT:
+                lines.append(inner + whole + comma)
+                continue
+            for j, item in enumerate(arg.items):
+                lines += _broken(item, _expr(item, src), inner + ("-> " if j else ""), inner, src)
+            lines[-1] += comma
+            continue
+        piece = _expr(arg, src) + comma
+        if cur is not None and len(cur) + 1 + len(piece) <= LIMIT:
+            cur += " " + piece
+            continue
+        if cur is not None:
+            lines.append(cur)
+        sub = _broken(arg, piece[:len(piece) - len(comma)], inner, inner, src)
+        sub[-1] += comma
+        lines += sub[:-1]
+        cur = sub[-1]
+    if cur is not None:
+        lines.append(cur)
+    lines.append(indent + ")")
     return lines
 
 
@@ -184,7 +245,7 @@ def format_source(text: str, file: str = "<string>") -> str:
         out += lead
         if isinstance(st, Assign):
             head_trailing = _head_trailing(src, st.name_span.line, st.value.span.line, taken)
-            lines = _layout(f"{st.name} =", _stages(st.value, src, st.name_span.line, taken), "", head_trailing)
+            lines = _layout(f"{st.name} =", _stages(st.value, src, st.name_span.line, taken), "", src, head_trailing)
             code = [ln for ln in lines if not ln.lstrip().startswith("#")]
             if len(code) == 1:  # one line of code (comments moved below it end the run, as they will next time)
                 align.append((len(out), st.name))
@@ -216,7 +277,7 @@ def _model(m: ModelDef, src: _Src, taken: set) -> list[str]:
     head = f"model {m.name}{_kwargs(m.options, src)}"
     if m.body is not None:
         head_trailing = _head_trailing(src, m.name_span.line, m.body.span.line, taken)
-        return _layout(f"{head} =", _stages(m.body, src, m.name_span.line, taken), "", head_trailing)
+        return _layout(f"{head} =", _stages(m.body, src, m.name_span.line, taken), "", src, head_trailing)
     top = m.name_span.line
     lines = [f"{head} {{" + (f"  {src.trailing[top]}" if top in src.trailing and top < m.streams[0].span.line
                              and not taken.add(top) else "")]
@@ -225,7 +286,7 @@ def _model(m: ModelDef, src: _Src, taken: set) -> list[str]:
     for s, name in zip(m.streams, names):
         lines += _gap(src, prev_end, s.span.line, taken, INDENT, prev_end != top)
         head_trailing = _head_trailing(src, s.name_span.line, s.body.span.line, taken)
-        lines += _layout(f"{INDENT}{name} =", _stages(s.body, src, s.name_span.line, taken), INDENT,
+        lines += _layout(f"{INDENT}{name} =", _stages(s.body, src, s.name_span.line, taken), INDENT, src,
                          head_trailing)
         prev_end = s.span.end_line
     end = m.span.end_line

@@ -126,3 +126,26 @@ def test_cli_check_rewrite_and_refusal(tmp_path, capsys):
     assert f"{bad}:2:" in capsys.readouterr().err
     assert bad.read_text() == "d_model = 16\nblock = norm -> mha(\n"  # left as it was
     assert main(["fmt", str(tmp_path / "missing.evo")]) == 1
+
+
+def test_a_stage_too_long_alone_is_broken_inside():
+    """A residual's body, a call's arguments, parallel branches: one level deeper, `)` back on its own line; the
+    body on one line where it fits, a stage a line where not; the next stage on the next line."""
+    args = ", ".join(f"k{i}={i}" for i in range(30))
+    body = "norm(layernorm, eps=1e-5) -> mha(softmax, heads=4, bias=false, dropout=0.1) -> dropout(p=0.1)"
+    text = (f"d_model = 16\nblock = residual({body} -> ffn(mlp, d_ff=64)) -> norm\n"
+            f"wide = norm -> ffn(mlp, {args})  # end\n"
+            f"two = parallel({body}, {body}, merge=sum) -> norm\n"
+            f"deep = residual(norm -> ffn(mlp, {args}) -> {body})\n")
+    out = check(text)
+    assert all(len(line) <= LIMIT for line in out.split("\n"))
+    assert out.split("\n")[1:9] == [
+        "block =", "    residual(", "        norm(layernorm, eps=1e-5)", "        -> mha(softmax, heads=4, bias=false, "
+        "dropout=0.1)", "        -> dropout(p=0.1)", "        -> ffn(mlp, d_ff=64)", "    )", "    -> norm"]
+    wide = out[out.index("wide ="):out.index("two =")].split("\n")
+    assert wide[0] == "wide = norm" and wide[1] == "    -> ffn(" and wide[2].startswith("        mlp, k0=0, k1=1,")
+    assert wide[-2] == "    )  # end"
+    two = out[out.index("two ="):out.index("deep =")].split("\n")
+    assert two[1:6] == ["    parallel(", f"        {body},", f"        {body},", "        merge=sum", "    )"]
+    deep = out[out.index("deep ="):].split("\n")
+    assert deep[1:4] == ["    residual(", "        norm", "        -> ffn("] and deep[4].startswith("            mlp, k0=0")
