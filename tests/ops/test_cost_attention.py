@@ -63,6 +63,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"pos": ("rope", {"scaling": "dynamic_ntk", "factor": 4.0, "original_max_len": 16}),
                   "kv_heads": 2}, ODD),
                 ({"pos": ("xpos", {})}, BOTH), ({"pos": ("xpos", {"fraction": 0.5}), "kv_heads": 2}, SMALL),
+                # xpos inside the explicit-score kernel (the cap; the sink logit with talking heads)
+                ({"pos": ("xpos", {}), "softcap": 50.0}, ODD),
+                ({"pos": ("xpos", {}), "sink_logit": True, "talking": True}, SMALL),
                 ({"pos": ("kerple", {})}, BOTH), ({"pos": ("kerple", {"kind": "power"}), "kv_heads": 2}, BOTH),
                 ({"pos": ("kerple", {}), "dropout": 0.1}, SMALL),
                 ({"pos": ("randomized_rope", {"max_len": 256})}, SMALL),
@@ -81,6 +84,7 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
     "local": [({"window": 16}, BOTH), ({"window": 40, "kv_heads": 2}, BOTH), ({"window": 16, "pos": ALIBI}, BOTH),
               ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
               ({"window": 16, "pos": ("xpos", {})}, SMALL),
+              ({"window": 16, "pos": ("xpos", {}), "softcap": 50.0, "sinks": 2}, ODD),
               ({"window": 200}, ODD), ({"window": 16, "dropout": 0.1}, SMALL),
               # causal bands as wide as the sequence at n = 64 (one SDPA call), the prefix and blocks at n = 160
               ({"window": 80, "kv_heads": 2}, BOTH), ({"window": 100, "pos": ALIBI}, BOTH),

@@ -79,10 +79,12 @@ def ref_rope_at(x, pos, base=10000.0):
     return y
 
 
+@pytest.mark.parametrize("cap", [None, 0.7], ids=["plain", "softcap"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_randomized_rope_through_softmax_attention(causal):
-    """Training (dropout 0): softmax(QK^T/sqrt(dh)) V with Q, K turned at the sampled positions (GQA)."""
-    m, _, _ = make_op("mha", "softmax", d=32, heads=4, kv_heads=2, causal=causal,
+def test_randomized_rope_through_softmax_attention(causal, cap):
+    """Training (dropout 0): softmax(QK^T/sqrt(dh)) V with Q, K turned at the sampled positions (GQA); with
+    softcap= (the explicit-score kernel, which binds the sample too) the scores capped, c tanh(s / c)."""
+    m, _, _ = make_op("mha", "softmax", d=32, heads=4, kv_heads=2, causal=causal, softcap=cap,
                       pos=("randomized_rope", {"max_len": 64}))
     perturb_params(m, scale=0.3)
     x = _randn(2, 15, 32)
@@ -92,6 +94,8 @@ def test_randomized_rope_through_softmax_attention(causal):
     q, k, v = ref_rope_at(proj(m.q_proj, 4), pos), ref_rope_at(proj(m.k_proj, 2), pos), proj(m.v_proj, 2)
     kv_of = [0, 0, 1, 1]
     s = q @ k[:, kv_of].transpose(-1, -2) / math.sqrt(8)
+    if cap is not None:
+        s = cap * torch.tanh(s / cap)
     if causal:
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     want = (s.softmax(-1) @ v[:, kv_of]).transpose(1, 2).reshape(b, n, 32) @ m.o_proj.weight.T + m.o_proj.bias
@@ -100,7 +104,7 @@ def test_randomized_rope_through_softmax_attention(causal):
     with torch.no_grad():
         assert torch.allclose(m(x, None), want, atol=1e-10, rtol=0)
     mode(m, False)  # outside training: pos(rope)
-    rope, _, _ = make_op("mha", "softmax", d=32, heads=4, kv_heads=2, causal=causal, pos=("rope", {}))
+    rope, _, _ = make_op("mha", "softmax", d=32, heads=4, kv_heads=2, causal=causal, softcap=cap, pos=("rope", {}))
     rope.load_state_dict(m.state_dict())
     with torch.no_grad():
         assert torch.allclose(m(x, None), rope(x, None), atol=1e-12, rtol=0)
@@ -125,9 +129,13 @@ def test_every_layer_reads_the_same_sample():
     assert seen == [None] * 3
 
 
-def test_decoding_and_no_leak():
+@pytest.mark.parametrize("mods", [{}, {"softcap": 0.7}, {"sink_logit": True}, {"talking": True}],
+                         ids=["plain", "softcap", "sink_logit", "talking"])
+def test_decoding_and_no_leak(mods):
+    """Decoding in pieces equals the forward; in training, at the sampled positions, no position reads a later one
+    (the plain kernel and the explicit-score one of the modifiers)."""
     m, _, _ = make_op("mha", "softmax", d=32, heads=4, kv_heads=2, causal=True,
-                      pos=("randomized_rope", {"max_len": 64}))
+                      pos=("randomized_rope", {"max_len": 256}), **mods)
     perturb_params(m)
     mode(m, False)
     x = _randn(2, 21, 32)
@@ -136,7 +144,8 @@ def test_decoding_and_no_leak():
         assert torch.allclose(got, m(x, None), atol=1e-10, rtol=0)
         mode(m, True)
         torch.manual_seed(0)
-        assert_no_leak(lambda t: (torch.manual_seed(0), m(t, None))[1])  # the same sample for every call
+        # the same sample for every call; n = 70: two blocks of the explicit-score kernel's 64 queries
+        assert_no_leak(lambda t: (torch.manual_seed(0), m(t, None))[1], n=70)
 
 
 def test_refusals():

@@ -16,11 +16,14 @@ from ophelpers import assert_no_leak, head_projections, make_op, onnx_parity, ou
 D = 32
 
 
-def reference(m, x, causal, softcap, window=None, sinks=0, logit=None, scale=None, key_mask=None):
+def reference(m, x, causal, softcap, window=None, sinks=0, logit=None, scale=None, key_mask=None, turn=None):
     """o_t = sum_r softmax_r(c tanh(q_t.k_r * scale / c)) v_r over query t's keys: softmax, r <= t (causal) or all;
     local, |t - r| < w (causal: t - w < r <= t), and the first `sinks` tokens (causal: r <= t); `logit` [h]: one
-    more term exp(a_h) in the denominator. key_mask: padded keys out."""
+    more term exp(a_h) in the denominator. key_mask: padded keys out. turn(q, k): a position scheme's q and k at
+    positions 0..n-1 ([b, n, heads, dh])."""
     q, k, v = head_projections(m, x)
+    if turn is not None:
+        q, k = turn(q, k)
     b, n, h, dh = q.shape
     g = h // k.shape[2]
     scale = scale or 1 / math.sqrt(dh)
@@ -104,9 +107,37 @@ def test_padding_keeps_every_sequence_alone(variant, build, causal):
             assert (y[row, mask[row]] - alone[0]).abs().max().item() < 1e-10
 
 
+def xpos_turn(q, k, scale_base=8.0):
+    """pos(xpos)'s q and k ([b, n, heads, dh]) from test_xpos's scalar reference."""
+    from .test_xpos import ref_xpos
+
+    turn = lambda t, sign: ref_xpos(t.transpose(1, 2), t.shape[-1], sign, scale_base=scale_base).transpose(1, 2)  # noqa
+    return turn(q, +1), turn(k, -1)
+
+
+@pytest.mark.parametrize("variant, causal, n, build", [
+    ("softmax", True, 70, {}), ("softmax", False, 9, {"kv_heads": 2}),  # two blocks of queries; one
+    ("local", True, 70, {"window": 6, "sinks": 2}), ("local", False, 45, {"window": 8, "kv_heads": 2}),
+    ("softmax", True, 20, {"sink_logit": True})])
+def test_xpos_inside_the_modified_kernel(variant, causal, n, build):
+    """pos(xpos) (q turned and scaled by zeta^(t/B), k by zeta^(-t/B)) with the cap, sinks and the sink logit: the
+    scores are the turned q.k, capped; against the equation with test_xpos's reference turn."""
+    c = 0.7
+    m, _, _ = make_op("mha", variant, d=D, causal=causal, heads=4, softcap=c, pos=("xpos", {"scale_base": 8.0}),
+                      **build)
+    perturb_params(m)
+    x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    args = dict(window=build.get("window"), sinks=build.get("sinks", 0), logit=m.sink_logit)
+    with torch.no_grad():
+        y = m(x, Ctx())
+        ref = reference(m, x, causal, c, turn=xpos_turn, **args)
+        assert (y - ref).abs().max().item() < 1e-10 * max(ref.abs().max().item(), 1.0)
+        assert (y - reference(m, x, causal, c, **args)).abs().max().item() > 1e-3  # the check sees the scheme
+
+
 @pytest.mark.parametrize("variant, build", [("softmax", {}), ("local", {"window": 6}), ("local", {"window": 40})])
 def test_causal_does_not_leak(variant, build):
-    for pos in (None, ("rope", {})):
+    for pos in (None, ("rope", {}), ("xpos", {"scale_base": 8.0})):
         m, _, _ = make_op("mha", variant, d=D, causal=True, heads=4, kv_heads=2, softcap=0.7, pos=pos, **build)
         perturb_params(m)
         with torch.no_grad():
@@ -114,7 +145,8 @@ def test_causal_does_not_leak(variant, build):
 
 
 def test_refusals():
-    cases = [(dict(softcap=5.0, dropout=0.1), "no dropout"), (dict(softcap=5.0, pos=("alibi", {})), "rope as its only"),
+    cases = [(dict(softcap=5.0, dropout=0.1), "no dropout"),
+             (dict(softcap=5.0, pos=("alibi", {})), "only the position schemes that turn q and k"),
              (dict(softcap=5.0, residual_scores=True), "RealFormer")]
     for build, message in cases:
         with pytest.raises(Exception, match=message):
@@ -127,7 +159,8 @@ def test_refusals_are_evo_errors():
     import evodsl
 
     src = "d_model = 32\nmodel m(causal=true) = input(tokens, vocab=50) -> embed -> pos(alibi) -> mha(softmax, softcap=50) -> head(lm)\n"
-    with pytest.raises(EvoError, match=r"(?s)E\d+.*rope as its only.*pos\(alibi\)"):
+    with pytest.raises(EvoError, match=r"(?s)E\d+.*turn q and k \(pos\(randomized_rope\), pos\(rope\), pos\(xpos\)\).*"
+                                      r"not pos\(alibi\)"):
         evodsl.compile(evodsl.parse(src))
 
 
@@ -172,16 +205,17 @@ ONNX_SPECS = {  # the modifiers in one model each way; the export's symbolic n r
 }
 
 
-@pytest.mark.parametrize("mode", sorted(ONNX_SPECS))
-def test_onnx_export_one_file_parity_at_three_lengths(mode, tmp_path):
+@pytest.mark.parametrize("mode, pos", [(m, "rope") for m in sorted(ONNX_SPECS)] + [("causal", "xpos, scale_base=16")])
+def test_onnx_export_one_file_parity_at_three_lengths(mode, pos, tmp_path):
     """One exported file (a symbolic n, no branch on it) gives torch's numbers in onnxruntime at n = 7, 33 and 70
-    (past the 64-query blocks), within 1e-4 of the output's scale (float32)."""
+    (past the 64-query blocks), within 1e-4 of the output's scale (float32); with rope, and xpos in the causal
+    chain."""
 
     import evodsl
 
     chain = " -> ".join(f"norm -> {op}" for op in ONNX_SPECS[mode].split(" -> "))
     src = (f"d_model = 32\nheads = 4\nkv_heads = 2\nmodel m(causal={str(mode == 'causal').lower()}) = "
-           f"input(tokens, vocab=61) -> embed(token) -> pos(rope) -> {chain} -> norm -> head(lm, softcap=3)\n")
+           f"input(tokens, vocab=61) -> embed(token) -> pos({pos}) -> {chain} -> norm -> head(lm, softcap=3)\n")
     path = tmp_path / "m.onnx"
     evodsl.export(src, path)  # the weights compile builds from seed 0; the sink logits at their initial 0
     graph, model = evodsl.parse(src), evodsl.compile(src)

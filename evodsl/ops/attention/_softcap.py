@@ -5,7 +5,9 @@ attention logit is squashed into (-c, c),
 
 SDPA cannot apply it (its kernels take an additive mask only), so an attention with softcap= runs the row-blocked
 explicit-score kernel (_scored.py). The cap applies to the scaled scores q.k * scale; the learned sink logit
-(_sinks.py) is not capped (gpt-oss, its source, has no cap; our choice)."""
+(_sinks.py) is not capped (gpt-oss, its source, has no cap; our choice). Positions inside attention: the schemes
+that only turn q and k (rope, xpos, randomized_rope), which the projections apply; no score bias (alibi, kerple,
+t5_bias: refused)."""
 from __future__ import annotations
 
 from pydantic import Field
@@ -33,6 +35,16 @@ def modifiers(p) -> list[str]:
     return out
 
 
+def rotations() -> list[str]:
+    """The position schemes that act inside attention by turning (and scaling) q and k only, no score bias: the
+    explicit-score kernel takes them as they are, through the projections (rope, xpos, randomized_rope)."""
+    from ..position.rope import Rotary
+    from ..registry import lookup, variants
+
+    return [v for v in variants("pos") if isinstance(lookup("pos", v).attach, type)
+            and issubclass(lookup("pos", v).attach, Rotary)]
+
+
 def check_modifiers(op_id: str, p, env: OpEnv) -> None:
     """What the explicit-score kernel does not model: refused with the field to point at."""
     mods = modifiers(p)
@@ -43,10 +55,12 @@ def check_modifiers(op_id: str, p, env: OpEnv) -> None:
     if p.dropout:
         raise ShapeProblem(f"{op_id} with {what} has no dropout on its weights", "dropout",
                            "remove dropout=, or put dropout(standard) on the stream")
-    if env.pos is not None and env.pos[0].variant != "rope":
-        raise ShapeProblem(f"{op_id} with {what} takes rope as its only position scheme inside attention, "
-                           f"not pos({env.pos[0].variant})", field,
-                           "use pos(rope), or a position scheme added to the stream (pos(sinusoidal), pos(learned))")
+    if env.pos is not None and env.pos[0].variant not in rotations():
+        names = ", ".join(f"pos({v})" for v in rotations())
+        raise ShapeProblem(f"{op_id} with {what} takes only the position schemes that turn q and k ({names}) "
+                           f"inside attention, not pos({env.pos[0].variant})", field,
+                           f"use one of {names}, or a position scheme added to the stream (pos(sinusoidal), "
+                           "pos(learned))")
     if env.residual_scores or env.memory is not None:
         raise ShapeProblem(f"{op_id} with {what} runs no RealFormer residual scores and keeps no memory(xl)", field,
                            "drop the modifier, or the residual(..., scores=true) / memory(xl) around it")
