@@ -250,6 +250,17 @@ def assert_padded_row_alone(m, side: str, d: int = 32) -> None:
     assert (y[1, real] - alone).abs().max().item() < 1e-10 * max(alone.abs().max().item(), 1.0)
 
 
+def assert_matches_in_float32_and_float64(m, x: torch.Tensor, reference, dtype, ctx=None, tol32: float = 1e-4) -> None:
+    """m in `dtype` on x against reference(m in float64, x) (the equation, float64): within 1e-10 of the
+    reference's scale in float64, tol32 in float32 (a kernel that overflows in either fails)."""
+    with torch.no_grad():
+        want = reference(m.double(), x)
+        got = m.to(dtype)(x.to(dtype), ctx).double()
+    tol = 1e-10 if dtype == torch.float64 else tol32
+    assert torch.isfinite(got).all() and (got - want).abs().max() <= tol * want.abs().max(), \
+        f"{dtype}: {((got - want).abs().max() / want.abs().max()).item():.2e} of the reference's scale"
+
+
 def assert_steps_and_pieces_agree(m, x: torch.Tensor, y: torch.Tensor, scale=1.0) -> None:
     """A causal layer decoded through one cache, a token at a time and in pieces (a prompt, one token, the rest),
     gives y, its forward on x (float64): within 1e-10 * scale."""

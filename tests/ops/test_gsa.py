@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from evodsl.ops.attention._chunked_linear import parallel_decay
 from evodsl.ops.attention._gsa_kernel import parallel_slot_decay
-from ophelpers import (assert_steps_and_pieces_agree, head_projections, make_op, output_projection, perturb_params,
-                       refuses)
+from ophelpers import (assert_matches_in_float32_and_float64, assert_steps_and_pieces_agree, head_projections,
+                       make_op, output_projection, perturb_params, refuses)
 
 D = 32
 
@@ -95,7 +95,4 @@ def test_a_gate_that_closes_at_once(dtype):
     with torch.no_grad():
         m.f_proj.weight.mul_(400.0)
     x = torch.randn(2, 40, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    with torch.no_grad():
-        want = reference(m.double(), x, 5)
-        got = m.to(dtype)(x.to(dtype), None).double()
-    assert (got - want).abs().max() <= (1e-10 if dtype == torch.float64 else 1e-4) * want.abs().max()
+    assert_matches_in_float32_and_float64(m, x, lambda m, x: reference(m, x, 5), dtype)

@@ -12,8 +12,8 @@ import evodsl
 from evodsl import EvoError
 from evodsl.ops import Ctx
 from evodsl.ops.attention._chunked_linear import parallel_decay
-from ophelpers import (assert_no_leak, assert_padded_row_alone, assert_steps_and_pieces_agree, decode_in_pieces,
-                       make_op, perturb_params)
+from ophelpers import (assert_matches_in_float32_and_float64, assert_no_leak, assert_padded_row_alone,
+                       assert_steps_and_pieces_agree, decode_in_pieces, make_op, perturb_params)
 
 D = 32
 
@@ -128,7 +128,4 @@ def test_a_gate_that_closes_at_once(dtype):
     with torch.no_grad():
         m.f_proj.weight.mul_(400.0)
     x = torch.randn(2, 40, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    with torch.no_grad():
-        want = reference(m.double(), x)
-        got = m.to(dtype)(x.to(dtype), Ctx()).double()
-    assert (got - want).abs().max() <= (1e-10 if dtype == torch.float64 else 1e-4) * want.abs().max()
+    assert_matches_in_float32_and_float64(m, x, reference, dtype, Ctx())

@@ -81,6 +81,13 @@ def factorisable(last: torch.Tensor) -> bool:
     return bool(last.min() >= -0.5 * math.log(torch.finfo(last.dtype).max))
 
 
+def lag_ratios(B: torch.Tensor, lag: int) -> torch.Tensor:
+    """exp(B_i - B_(i-lag)) for i = lag..C-1, B [..., C, dk] -> [..., C - lag, dk]: each at most 1 (B does not
+    increase along the chunk), so no decay overflows."""
+    C = B.shape[-2]
+    return (B[..., lag:, :] - B[..., :C - lag, :]).exp_()
+
+
 class DecayScores(torch.autograd.Function):
     """a_ij = sum_c q_ic k_jc exp(B_ic - B_jc) for j <= i (0 above), q, k, B [..., C, dk] -> a [..., C, C]: the
     intra-chunk scores of a vector decay where the factorisation would overflow. Every ratio is at most 1 (B does
@@ -94,8 +101,7 @@ class DecayScores(torch.autograd.Function):
         a = q.new_zeros(*q.shape[:-1], C)
         for lag in range(C):
             qi, kj = q[..., lag:, :], k[..., :C - lag, :]
-            ratio = (B[..., lag:, :] - B[..., :C - lag, :]).exp_()
-            a.diagonal(-lag, -2, -1).copy_((qi * kj * ratio).sum(-1))
+            a.diagonal(-lag, -2, -1).copy_((qi * kj * lag_ratios(B, lag)).sum(-1))
         ctx.save_for_backward(q, k, B)
         return a
 
@@ -106,7 +112,7 @@ class DecayScores(torch.autograd.Function):
         gq, gk, gB = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(B)
         for lag in range(C):
             qi, kj = q[..., lag:, :], k[..., :C - lag, :]
-            t = (B[..., lag:, :] - B[..., :C - lag, :]).exp_().mul_(grad.diagonal(-lag, -2, -1)[..., None])
+            t = lag_ratios(B, lag).mul_(grad.diagonal(-lag, -2, -1)[..., None])
             gq[..., lag:, :] += t * kj
             gk[..., :C - lag, :] += t * qi
             t.mul_(qi).mul_(kj)  # d a_ij / d B_i = a_ij's term, d / d B_j its negative

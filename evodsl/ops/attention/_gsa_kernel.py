@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._chunked_linear import _chunks, factorisable
+from ._chunked_linear import _chunks, factorisable, lag_ratios
 
 
 def chunked_slot_decay(q, k, v, g, state=None, chunk: int = 64):
@@ -62,8 +62,7 @@ class DecayValues(torch.autograd.Function):
         C = v.shape[-2]
         o = torch.zeros_like(v)
         for lag in range(C):
-            ratio = (B[..., lag:, :] - B[..., :C - lag, :]).exp_()
-            o[..., lag:, :] += a.diagonal(-lag, -2, -1)[..., None] * v[..., :C - lag, :] * ratio
+            o[..., lag:, :] += a.diagonal(-lag, -2, -1)[..., None] * v[..., :C - lag, :] * lag_ratios(B, lag)
         ctx.save_for_backward(a, v, B)
         return o
 
@@ -74,7 +73,7 @@ class DecayValues(torch.autograd.Function):
         ga, gv, gB = torch.zeros_like(a), torch.zeros_like(v), torch.zeros_like(B)
         for lag in range(C):
             vj, aij = v[..., :C - lag, :], a.diagonal(-lag, -2, -1)[..., None]
-            t = (B[..., lag:, :] - B[..., :C - lag, :]).exp_().mul_(grad[..., lag:, :])
+            t = lag_ratios(B, lag).mul_(grad[..., lag:, :])
             ga.diagonal(-lag, -2, -1).copy_((t * vj).sum(-1))
             gv[..., :C - lag, :] += aij * t
             t.mul_(vj).mul_(aij)  # d o_im / d B_im = its term; d / d B_jm the negative
