@@ -90,7 +90,7 @@ def test_chunks_continue_each_other():
 
 @pytest.mark.parametrize("dtype,rate", [(torch.float64, 150.0), (torch.float32, 20.0)], ids=["float64", "float32"])
 def test_vector_decay_past_the_float_range(dtype, rate):
-    """A chunk whose decay passes exp(-ln(max float) / 2) (a gate that forgets at once; GLA's logsigmoid / 16 of a
+    """A chunk whose decay passes exp(-0.8 ln(max float)) (a gate that forgets at once; GLA's logsigmoid / 16 of a
     large negative activation, RWKV-6's exp(-e^w)) leaves the factorisation q_i exp(B_i) . k_j exp(-B_j) for the
     ratios exp(B_i - B_j) <= 1: the outputs, the state and every gradient stay the recurrence's, against the
     reference in float64 (1e-10 relative in float64, 1e-5 in float32; at these rates the factorised form gives nan

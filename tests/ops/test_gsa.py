@@ -88,7 +88,7 @@ def test_refusals():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_a_gate_that_closes_at_once(dtype):
     """Gate pre-activations in the hundreds (slots that forget at once, or keep all): both passes' chunks decay
-    past exp(-ln(max float) / 2), where the factorisation exp(B_i) exp(-B_j) gives inf and nan, and take the ratios
+    past exp(-0.8 ln(max float)), where the factorisation exp(B_i) exp(-B_j) gives inf and nan, and take the ratios
     one lag at a time; against the float64 recurrence (1e-10 relative in float64, 1e-4 in float32)."""
     m, _, _ = make_op("mha", "gsa", d=D, causal=True, heads=4, slots=5, chunk=16)
     perturb_params(m)

@@ -121,7 +121,7 @@ def test_validation():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_a_gate_that_closes_at_once(dtype):
     """No lower bound (HGRN2's first layer) and forget-gate pre-activations in the hundreds: the chunks decay past
-    exp(-ln(max float) / 2), where the factorisation exp(B_i) exp(-B_j) gives inf and nan, and take the ratios one
+    exp(-0.8 ln(max float)), where the factorisation exp(B_i) exp(-B_j) gives inf and nan, and take the ratios one
     lag at a time; against the float64 recurrence (1e-10 relative in float64, 1e-4 in float32)."""
     m, _, _ = make_op("rnn", "hgrn2", d=D, causal=True, heads=2, expand=8, chunk=16, lower_bound=0.0)
     perturb_params(m)

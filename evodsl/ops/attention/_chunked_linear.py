@@ -16,10 +16,12 @@ The intra-chunk products of all chunks run at once ([C, C] blocks); only the sta
 Python loop over the ceil(n / C) chunks, never over tokens): O(n C dk + n dk dv) time, no n x n tensor.
 Scalar decay: the ratios exp(B_i - B_j) form a [C, C] matrix per head (j <= i: at most 1, no overflow). Vector
 decay: q_i exp(B_i) against k_j exp(-B_j) (GLA's factorisation), which keeps the blocks [C, C] as one matmul but
-needs exp(-B_j) finite. Where some chunk's decay passes exp(-ln(max float) / 2) in some channel (float32: e^-44;
-a gate that forgets at once), the scores take the ratios exp(B_i - B_j) <= 1 instead, one lag at a time
-(DecayScores), exact at any decay; the ops' declared costs are the factorised form's, which that form does not
-exceed in memory (it keeps B in place of exp(-B) and k exp(-B)) and whose [C, C] matmul it runs elementwise.
+needs exp(-B_j) finite. Where some chunk's decay passes exp(-0.8 ln(max float)) in some channel (float32: e^-71;
+a gate that forgets at once, where the factorised form would give inf and nan), the scores take the ratios
+exp(B_i - B_j) <= 1 instead, one lag at a time (DecayScores), exact at any decay. The ops' declared costs are the
+factorised form's: the ratios' form runs its [C, C] products elementwise (no matmul FLOPs) and its memory differs
+(measured: rnn(rwkv6) keeps and peaks at a few % less; mha(gsa)'s backward, whose fused gradients are made at
+once, peaks at about twice the declared; benchmarks/bench_decay_ratios.py has its time).
 Tokens past n (the last chunk padded) have k = 0 and g = 0: they change neither the outputs nor the state.
 """
 from __future__ import annotations
@@ -76,9 +78,11 @@ def chunked_decay(q, k, v, g, state=None, chunk: int = 64):
 
 def factorisable(last: torch.Tensor) -> bool:
     """Whether GLA's factorisation q_i exp(B_i) . k_j exp(-B_j) is safe for chunks whose decay reaches `last`
-    (B_C, every chunk and channel): exp(-B_C) at most sqrt(max float) (float32: e^44), so that it neither
-    overflows nor pushes exp(B_i) into the subnormals. A data-dependent test (one reduction, read on the host)."""
-    return bool(last.min() >= -0.5 * math.log(torch.finfo(last.dtype).max))
+    (B_C, every chunk and channel): exp(-B_C) at most max float^0.8 (float32: e^71, float64: e^568), which leaves
+    the keys a factor of max float^0.2 (float32: e^17.7) before k exp(-B) overflows, and exp(B) normal. Past it the
+    factorised form gives inf and nan, so the ratios' form runs only where this one would fail. A data-dependent
+    test (one reduction of the detached decay, read on the host: min() would keep B alive for a backward)."""
+    return bool(last.detach().min() >= -0.8 * math.log(torch.finfo(last.dtype).max))
 
 
 def lag_ratios(B: torch.Tensor, lag: int) -> torch.Tensor:

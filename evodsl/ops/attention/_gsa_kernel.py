@@ -14,10 +14,10 @@ Chunked, with B_i = g_1 + .. + g_i accumulated in the chunk (log space, per slot
     S'  = S diag(exp(B_C)) + sum_j k_j (v_j * exp(B_C - B_j))^T
 
 The same factorisation as GLA's, and the same way out where exp(-B_j) would leave the float range (a chunk's
-summed log decay past -ln(max float) / 2 in some slot): the ratios exp(B_i - B_j) <= 1 one lag at a time
-(DecayValues), exact at any decay, within the factorised form's declared memory. The [C, C] products of every
-chunk at once, a Python loop over chunks only. Tokens past n (the last
-chunk padded) have k = 0 and g = 0: they change neither the outputs nor the state.
+summed log decay past -0.8 ln(max float) in some slot, _chunked_linear.factorisable): the ratios exp(B_i - B_j)
+<= 1 one lag at a time (DecayValues), exact at any decay (its costs: _chunked_linear.py's docstring). The [C, C]
+products of every chunk at once, a Python loop over chunks only. Tokens past n (the last chunk padded) have k = 0
+and g = 0: they change neither the outputs nor the state.
 """
 from __future__ import annotations
 
