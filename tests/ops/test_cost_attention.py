@@ -65,6 +65,10 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
                 ({"pos": ("xpos", {})}, BOTH), ({"pos": ("xpos", {"fraction": 0.5}), "kv_heads": 2}, SMALL),
                 # xpos inside the explicit-score kernel (the cap; the sink logit with talking heads)
                 ({"pos": ("xpos", {}), "softcap": 50.0}, ODD),
+                # ALiBi's bias inside the explicit-score kernel, block by block: the cap (three blocks at n = 160),
+                # the sink logit with GQA, talking heads
+                ({"pos": ALIBI, "softcap": 50.0}, BOTH), ({"pos": ALIBI, "sink_logit": True, "kv_heads": 2}, ODD),
+                ({"pos": ALIBI, "talking": True}, SMALL),
                 ({"pos": ("xpos", {}), "sink_logit": True, "talking": True}, SMALL),
                 ({"pos": ("kerple", {})}, BOTH), ({"pos": ("kerple", {"kind": "power"}), "kv_heads": 2}, BOTH),
                 ({"pos": ("kerple", {}), "dropout": 0.1}, SMALL),
@@ -85,6 +89,9 @@ CASES = {  # variant: [(build arguments, sizes)], each run causal and bidirectio
               ({"window": 33, "heads": 2, "head_dim": 8, "bias": False}, ODD), ({"window": 16, "pos": ROPE}, SMALL),
               ({"window": 16, "pos": ("xpos", {})}, SMALL),
               ({"window": 16, "pos": ("xpos", {}), "softcap": 50.0, "sinks": 2}, ODD),
+              # ALiBi in the band (all blocks at once; with sinks), and a window past n (the full layout)
+              ({"window": 16, "pos": ALIBI, "softcap": 50.0}, ODD), ({"window": 40, "sinks": 4, "pos": ALIBI, "softcap": 30.0}, ODD),
+              ({"window": 200, "pos": ALIBI, "sink_logit": True}, SMALL),
               ({"window": 200}, ODD), ({"window": 16, "dropout": 0.1}, SMALL),
               # causal bands as wide as the sequence at n = 64 (one SDPA call), the prefix and blocks at n = 160
               ({"window": 80, "kv_heads": 2}, BOTH), ({"window": 100, "pos": ALIBI}, BOTH),

@@ -11,16 +11,18 @@ import torch
 
 from evodsl import EvoError
 from evodsl.ops import Ctx
-from ophelpers import assert_no_leak, head_projections, make_op, onnx_parity, output_projection, perturb_params
+from ophelpers import (assert_no_leak, decode_in_pieces, head_projections, make_op, onnx_parity, output_projection,
+                       perturb_params)
 
 D = 32
 
 
-def reference(m, x, causal, softcap, window=None, sinks=0, logit=None, scale=None, key_mask=None, turn=None):
+def reference(m, x, causal, softcap, window=None, sinks=0, logit=None, scale=None, key_mask=None, turn=None,
+              bias=None):
     """o_t = sum_r softmax_r(c tanh(q_t.k_r * scale / c)) v_r over query t's keys: softmax, r <= t (causal) or all;
     local, |t - r| < w (causal: t - w < r <= t), and the first `sinks` tokens (causal: r <= t); `logit` [h]: one
     more term exp(a_h) in the denominator. key_mask: padded keys out. turn(q, k): a position scheme's q and k at
-    positions 0..n-1 ([b, n, heads, dh])."""
+    positions 0..n-1 ([b, n, heads, dh]); bias(head, t, r): a score bias added after the cap."""
     q, k, v = head_projections(m, x)
     if turn is not None:
         q, k = turn(q, k)
@@ -43,6 +45,8 @@ def reference(m, x, causal, softcap, window=None, sinks=0, logit=None, scale=Non
                 s = torch.stack([q[bi, t, hh] @ k[bi, r, hh // g] * scale for r in keys])
                 if softcap is not None:
                     s = softcap * torch.tanh(s / softcap)
+                if bias is not None:
+                    s = s + torch.tensor([bias(hh, t, r) for r in keys], dtype=x.dtype)
                 e = torch.exp(s - s.max())
                 z = e.sum() + (0 if logit is None else torch.exp(logit[hh] - s.max()))
                 out[bi, t, hh] = sum(e[i] / z * v[bi, r, hh // g] for i, r in enumerate(keys))
@@ -135,9 +139,36 @@ def test_xpos_inside_the_modified_kernel(variant, causal, n, build):
         assert (y - reference(m, x, causal, c, **args)).abs().max().item() > 1e-3  # the check sees the scheme
 
 
+def alibi(hh, t, r, heads=4):
+    """ALiBi's bias (Press et al. 2021) for 4 heads, written from the paper: -m_h |t - r|, m_h = 2^(-8 h / 4)."""
+    return -(2.0 ** (-8.0 * (hh + 1) / heads)) * abs(t - r)
+
+
+@pytest.mark.parametrize("variant, causal, n, build", [
+    ("softmax", True, 70, {}), ("softmax", False, 9, {"kv_heads": 2}),
+    ("local", True, 70, {"window": 6, "sinks": 2}), ("local", False, 45, {"window": 8, "kv_heads": 2}),
+    ("local", True, 10, {"window": 16}), ("softmax", True, 20, {"sink_logit": True})])
+def test_alibi_inside_the_modified_kernel(variant, causal, n, build):
+    """pos(alibi) with the cap, sinks (StreamingLLM on an ALiBi model) and the sink logit: the capped scores plus
+    -m_h |t - r| (the bias is not capped); against the equation, the full, band and decoding forms."""
+    c = 0.7
+    m, _, _ = make_op("mha", variant, d=D, causal=causal, heads=4, softcap=c, pos=("alibi", {}), **build)
+    perturb_params(m)
+    x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    args = dict(window=build.get("window"), sinks=build.get("sinks", 0), logit=m.sink_logit)
+    with torch.no_grad():
+        y = m(x, Ctx())
+        ref = reference(m, x, causal, c, bias=alibi, **args)
+        assert (y - ref).abs().max().item() < 1e-10 * max(ref.abs().max().item(), 1.0)
+        assert (y - reference(m, x, causal, c, **args)).abs().max().item() > 1e-3  # the check sees the bias
+        if causal:
+            got, _ = decode_in_pieces(m, x, [5, 1, 1, n - 7])
+            assert (got - y).abs().max().item() < 1e-10 * max(y.abs().max().item(), 1.0)
+
+
 @pytest.mark.parametrize("variant, build", [("softmax", {}), ("local", {"window": 6}), ("local", {"window": 40})])
 def test_causal_does_not_leak(variant, build):
-    for pos in (None, ("rope", {}), ("xpos", {"scale_base": 8.0})):
+    for pos in (None, ("rope", {}), ("xpos", {"scale_base": 8.0}), ("alibi", {})):
         m, _, _ = make_op("mha", variant, d=D, causal=True, heads=4, kv_heads=2, softcap=0.7, pos=pos, **build)
         perturb_params(m)
         with torch.no_grad():
@@ -146,7 +177,7 @@ def test_causal_does_not_leak(variant, build):
 
 def test_refusals():
     cases = [(dict(softcap=5.0, dropout=0.1), "no dropout"),
-             (dict(softcap=5.0, pos=("alibi", {})), "only the position schemes that turn q and k"),
+             (dict(softcap=5.0, pos=("kerple", {})), "only the position schemes that turn q and k"),
              (dict(softcap=5.0, residual_scores=True), "RealFormer")]
     for build, message in cases:
         with pytest.raises(Exception, match=message):
@@ -158,9 +189,10 @@ def test_refusals():
 def test_refusals_are_evo_errors():
     import evodsl
 
-    src = "d_model = 32\nmodel m(causal=true) = input(tokens, vocab=50) -> embed -> pos(alibi) -> mha(softmax, softcap=50) -> head(lm)\n"
-    with pytest.raises(EvoError, match=r"(?s)E\d+.*turn q and k \(pos\(randomized_rope\), pos\(rope\), pos\(xpos\)\).*"
-                                      r"not pos\(alibi\)"):
+    src = ("d_model = 32\nmodel m(causal=true) = input(tokens, vocab=50) -> embed -> pos(kerple) "
+           "-> mha(softmax, softcap=50) -> head(lm)\n")
+    with pytest.raises(EvoError, match=r"(?s)E\d+.*turn q and k, or ALiBi's bias \(pos\(alibi\), "
+                                      r"pos\(randomized_rope\), pos\(rope\), pos\(xpos\)\).*not pos\(kerple\)"):
         evodsl.compile(evodsl.parse(src))
 
 
@@ -205,11 +237,12 @@ ONNX_SPECS = {  # the modifiers in one model each way; the export's symbolic n r
 }
 
 
-@pytest.mark.parametrize("mode, pos", [(m, "rope") for m in sorted(ONNX_SPECS)] + [("causal", "xpos, scale_base=16")])
+@pytest.mark.parametrize("mode, pos", [(m, "rope") for m in sorted(ONNX_SPECS)] + [("causal", "xpos, scale_base=16"),
+                                                                                      ("bidirectional", "alibi")])
 def test_onnx_export_one_file_parity_at_three_lengths(mode, pos, tmp_path):
     """One exported file (a symbolic n, no branch on it) gives torch's numbers in onnxruntime at n = 7, 33 and 70
-    (past the 64-query blocks), within 1e-4 of the output's scale (float32); with rope, and xpos in the causal
-    chain."""
+    (past the 64-query blocks), within 1e-4 of the output's scale (float32); with rope, xpos in the causal chain
+    and ALiBi in the bidirectional one."""
 
     import evodsl
 

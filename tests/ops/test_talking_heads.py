@@ -155,7 +155,7 @@ def test_refusals_are_evo_errors():
     head = "d_model = 32\nmodel m(causal=true) = input(tokens, vocab=50) -> embed -> "
     cases = [("mha(linear, talking=true)", r"(?s)E203.*unknown parameter 'talking' for mha\(linear\)"),
              ("mha(softmax, talking=true, dropout=0.1)", r"(?s)talking=true has no dropout"),
-             ("pos(alibi) -> mha(softmax, talking=true)", r"(?s)turn q and k.*not pos\(alibi\)"),
+             ("pos(kerple) -> mha(softmax, talking=true)", r"(?s)turn q and k.*not pos\(kerple\)"),
              ("mha(local, talking=3, dropout=0.1)", r"(?s)talking=3 has no dropout"),
              ("mha(softmax, talking=0)", r"(?s)talking"), ("mha(softmax, talking=2.5)", r"(?s)talking")]
     for chain, message in cases:

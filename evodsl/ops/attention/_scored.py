@@ -15,7 +15,9 @@ Row blocks of B queries:
     padding masked), with the S sink keys prepended (a copy per block); queries padded to nb B rows, cut.
     One batched form, not a loop: a loop's slices of tensors that need a gradient would each allocate a
     full-size zero gradient in the backward (n^2 / B bytes in all).
-The learned sink logit is one more column of the scores, a_h, with a zero value (gpt-oss's "sinks"). A symbolic
+The learned sink logit is one more column of the scores, a_h, with a zero value (gpt-oss's "sinks"). A position
+scheme's additive bias (ALiBi's -m_h |t - r|) is added to the capped scores, before talking heads mix them; each
+layout builds it for its own pairs (a block's, all blocks', each query's gathered keys), never n x n. A symbolic
 n (export) runs _gathered: each query gathers its W = lo + hi + 1 band keys and the S sinks, [b, h, n, S + W].
 """
 from __future__ import annotations
@@ -72,13 +74,22 @@ def _own_fallback(allowed, own_col):
     return allowed | (own & ~allowed.any(-1, keepdim=True))
 
 
+def _biased(sc, bias, i, j):
+    """The scores plus a position scheme's bias(i, j) [h, ...] (ALiBi's), after the cap: in place without autograd."""
+    if bias is None:
+        return sc
+    add = bias(i, j).to(sc.dtype)
+    return sc.add_(add) if not sc.requires_grad else sc + add
+
+
 def scored_attention(q, k, v, lo: int, hi: int, causal: bool, scale: float, softcap: float | None = None,
-                     sinks: int = 0, logit=None, key_mask=None, talk=None) -> torch.Tensor:
+                     sinks: int = 0, logit=None, key_mask=None, talk=None, bias=None) -> torch.Tensor:
     """q, k, v [b, h, n, dh] (K/V heads already expanded) -> o [b, h, n, dh]; key_mask bool [b, n] (False =
-    padding) takes padded keys out; talk: talking heads' mixing matrices (_talking.py)."""
+    padding) takes padded keys out; talk: talking heads' mixing matrices (_talking.py); bias(i, j): a position
+    scheme's additive score bias [h, ...] for query positions i and key positions j (after the cap)."""
     b, h, n, dh = q.shape
     if not isinstance(n, int) or torch.jit.is_tracing():
-        return _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask, talk)
+        return _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask, talk, bias)
     form, B, lo, hi = layout(n, lo, hi, causal)
     dev = q.device
     if form == "full":  # row blocks, one at a time
@@ -92,7 +103,7 @@ def scored_attention(q, k, v, lo: int, hi: int, causal: bool, scale: float, soft
             allowed = j <= i if causal else torch.ones(e - s, K, dtype=torch.bool, device=dev)
             if key_mask is not None:
                 allowed = _own_fallback(allowed & key_mask[:, None, None, :K], i[:, 0])
-            sc = _cap(q[:, :, s:e] @ k[:, :, :K].transpose(-1, -2), scale, softcap)
+            sc = _biased(_cap(q[:, :, s:e] @ k[:, :, :K].transpose(-1, -2), scale, softcap), bias, i, j)
             w = _weights(sc, allowed, logit, talk)
             del sc, allowed
             o[:, :, s:e] = w @ v[:, :, :K]
@@ -121,13 +132,13 @@ def scored_attention(q, k, v, lo: int, hi: int, causal: bool, scale: float, soft
         keep = key_mask[:, j[:, 0].clamp(0, n - 1)]  # [b, nb, S + K]
         allowed = allowed & keep[:, None, :, None, :]
         allowed = allowed | (own & ~allowed.any(-1, keepdim=True))
-    sc = _cap(qb @ kb.transpose(-1, -2), scale, softcap)
+    sc = _biased(_cap(qb @ kb.transpose(-1, -2), scale, softcap), bias, i, j)
     w = _weights(sc, allowed, logit, talk)
     del sc, allowed
     return (w @ vb).view(b, h, nb * B, dh)[:, :, :n]
 
 
-def _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask, talk):
+def _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask, talk, bias=None):
     """The same for a symbolic n (export): query t gathers keys t - lo .. t + hi (clamped, the outside masked)
     and the S sinks; softmax's band (lo = n - 1) is every key, masked."""
     b, h, n, dh = q.shape
@@ -135,7 +146,7 @@ def _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask, t
     if lo is None:  # every key
         j = torch.arange(n, device=q.device)[None, :].expand(n, n)
         inside = (j <= i) if causal else torch.ones_like(j, dtype=torch.bool)
-        sc = _cap(q @ k.transpose(-1, -2), scale, softcap)
+        sc = _biased(_cap(q @ k.transpose(-1, -2), scale, softcap), bias, i, j)
         allowed = inside[None, None]
         if key_mask is not None:
             allowed = allowed & key_mask[:, None, None, :]
@@ -153,6 +164,7 @@ def _gathered(q, k, v, lo, hi, causal, scale, softcap, sinks, logit, key_mask, t
     jc = j.clamp(0, n - 1)
     kg, vg = k[:, :, jc], v[:, :, jc]  # [b, h, n, W', dh]
     sc = _cap((q.unsqueeze(-2) @ kg.transpose(-1, -2)).squeeze(-2), scale, softcap)  # [b, h, n, W']
+    sc = _biased(sc, bias, i, j)
     allowed = inside[None, None]
     if key_mask is not None:
         allowed = allowed & key_mask[:, jc][:, None]
@@ -176,8 +188,16 @@ def scored_forward(m, x, ctx):
     n = x.shape[1]
     lo, hi = bounds(m, n)
     o = scored_attention(q, m.expand_kv(k), m.expand_kv(v), lo, hi, m.causal, m.score_scale, m.softcap, m.sinks,
-                         m.sink_logit, key_mask, getattr(m, "talking", None))
+                         m.sink_logit, key_mask, getattr(m, "talking", None), score_bias(m))
     return m.out(o)
+
+
+def score_bias(m):
+    """The bias(i, j) of m's position scheme where it has one (ALiBi's), else None (none, or one that turns q, k)."""
+    from ..position._inattention import InAttentionPosition
+
+    pos = m.pos
+    return None if pos is None or type(pos).bias is InAttentionPosition.bias else pos.bias
 
 
 def bounds(m, n):
@@ -200,6 +220,7 @@ def _step(m, x, ctx):
         k, v = append_kv(ctx, m, k, v)
         j = torch.arange(start + T, device=x.device)[None, :]
         allowed = j <= i
+        keys = j
     else:  # local: the sink list (the first S <= sinks keys) and the window list (the last w, then the new ones)
         key = slot(ctx, m)
         old = ctx.cache.caches.get(key)
@@ -217,7 +238,8 @@ def _step(m, x, ctx):
         ctx.cache.caches[key] = (torch.cat((ks, kn[:, :, :add]), 2), torch.cat((vs, vn[:, :, :add]), 2),
                                  k[:, :, drop:].clone(), v[:, :, drop:].clone())
         k, v = torch.cat((ks, k), 2), torch.cat((vs, v), 2)
-    sc = _cap(q @ m.expand_kv(k).transpose(-1, -2), m.score_scale, m.softcap)
+        keys = torch.cat((js, j), -1)
+    sc = _biased(_cap(q @ m.expand_kv(k).transpose(-1, -2), m.score_scale, m.softcap), score_bias(m), i, keys)
     return _weights(sc, allowed, m.sink_logit, getattr(m, "talking", None)) @ m.expand_kv(v)
 
 

@@ -6,8 +6,8 @@ attention logit is squashed into (-c, c),
 SDPA cannot apply it (its kernels take an additive mask only), so an attention with softcap= runs the row-blocked
 explicit-score kernel (_scored.py). The cap applies to the scaled scores q.k * scale; the learned sink logit
 (_sinks.py) is not capped (gpt-oss, its source, has no cap; our choice). Positions inside attention: the schemes
-that only turn q and k (rope, xpos, randomized_rope), which the projections apply; no score bias (alibi, kerple,
-t5_bias: refused)."""
+that only turn q and k (rope, xpos, randomized_rope), which the projections apply, and ALiBi's bias, added to the
+capped scores (capping it would flatten its distance penalty at c); a learned bias (kerple, t5_bias) is refused."""
 from __future__ import annotations
 
 from pydantic import Field
@@ -45,6 +45,12 @@ def rotations() -> list[str]:
             and issubclass(lookup("pos", v).attach, Rotary)]
 
 
+def inside() -> list[str]:
+    """The position schemes the explicit-score kernel takes inside attention: those that turn q and k, and ALiBi's
+    bias (added to the capped scores block by block; a learned bias, KERPLE's or T5's, is not modelled)."""
+    return sorted([*rotations(), "alibi"])
+
+
 def check_modifiers(op_id: str, p, env: OpEnv) -> None:
     """What the explicit-score kernel does not model: refused with the field to point at."""
     mods = modifiers(p)
@@ -55,10 +61,10 @@ def check_modifiers(op_id: str, p, env: OpEnv) -> None:
     if p.dropout:
         raise ShapeProblem(f"{op_id} with {what} has no dropout on its weights", "dropout",
                            "remove dropout=, or put dropout(standard) on the stream")
-    if env.pos is not None and env.pos[0].variant not in rotations():
-        names = ", ".join(f"pos({v})" for v in rotations())
-        raise ShapeProblem(f"{op_id} with {what} takes only the position schemes that turn q and k ({names}) "
-                           f"inside attention, not pos({env.pos[0].variant})", field,
+    if env.pos is not None and env.pos[0].variant not in inside():
+        names = ", ".join(f"pos({v})" for v in inside())
+        raise ShapeProblem(f"{op_id} with {what} takes only the position schemes that turn q and k, or ALiBi's "
+                           f"bias ({names}) inside attention, not pos({env.pos[0].variant})", field,
                            f"use one of {names}, or a position scheme added to the stream (pos(sinusoidal), "
                            "pos(learned))")
     if env.residual_scores or env.memory is not None:
