@@ -158,10 +158,10 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
                   + 2 * mask + mixed,
                   qkv + grouped + made * qb + built + copy + block + col + qb,  # weights @ values (the values' copy)
                   qkv + qb + q + out]  # o_proj: the blocks' output and its copy
-        # without sinks (read from the allocations): the blocks' rows of o's gradient (nb B, padded), the weights'
-        # gradient and the values' beside each other, o_proj's saved copy of o (q) released by then; with sinks
-        # (measured): the scores' gradient beside q's and the keys'
-        bwd = [qb + block + col + keys / 2 - q if S == 0 else made * qb + block + col + keys / 2]
+        # read from the allocations: the blocks' rows of o's gradient (nb B, padded: a copy), the weights' gradient
+        # and the values' beside each other, o_proj's saved copy of o (q) released by then; or, a step later, the
+        # softmax's gradient beside the weights' and the values', the saved copy of the values (keys / 2) released
+        bwd = [qb + block + col + keys / 2 - q, 2 * (block + col) - q]
         if talk:  # measured: q's blocks' gradient is gone by then; with H > h heads, the weights' and the mixed
             # scores' gradients (H heads each; with the logit the weights' alone), the saved mixed weights (h) and
             # q's blocks' gradient released
