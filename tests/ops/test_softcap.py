@@ -119,48 +119,37 @@ def xpos_turn(q, k, scale_base=8.0):
     return turn(q, +1), turn(k, -1)
 
 
-@pytest.mark.parametrize("variant, causal, n, build", [
-    ("softmax", True, 70, {}), ("softmax", False, 9, {"kv_heads": 2}),  # two blocks of queries; one
-    ("local", True, 70, {"window": 6, "sinks": 2}), ("local", False, 45, {"window": 8, "kv_heads": 2}),
-    ("softmax", True, 20, {"sink_logit": True})])
-def test_xpos_inside_the_modified_kernel(variant, causal, n, build):
-    """pos(xpos) (q turned and scaled by zeta^(t/B), k by zeta^(-t/B)) with the cap, sinks and the sink logit: the
-    scores are the turned q.k, capped; against the equation with test_xpos's reference turn."""
-    c = 0.7
-    m, _, _ = make_op("mha", variant, d=D, causal=causal, heads=4, softcap=c, pos=("xpos", {"scale_base": 8.0}),
-                      **build)
-    perturb_params(m)
-    x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
-    args = dict(window=build.get("window"), sinks=build.get("sinks", 0), logit=m.sink_logit)
-    with torch.no_grad():
-        y = m(x, Ctx())
-        ref = reference(m, x, causal, c, turn=xpos_turn, **args)
-        assert (y - ref).abs().max().item() < 1e-10 * max(ref.abs().max().item(), 1.0)
-        assert (y - reference(m, x, causal, c, **args)).abs().max().item() > 1e-3  # the check sees the scheme
-
-
 def alibi(hh, t, r, heads=4):
     """ALiBi's bias (Press et al. 2021) for 4 heads, written from the paper: -m_h |t - r|, m_h = 2^(-8 h / 4)."""
     return -(2.0 ** (-8.0 * (hh + 1) / heads)) * abs(t - r)
 
 
+SCHEMES = {  # pos(...) inside the modified kernel, and how the reference applies it
+    "xpos": (("xpos", {"scale_base": 8.0}), dict(turn=xpos_turn)),  # q, k turned and scaled (zeta^(+-t/B))
+    "alibi": (("alibi", {}), dict(bias=alibi)),  # -m_h |t - r| added to the capped scores (not capped)
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
 @pytest.mark.parametrize("variant, causal, n, build", [
-    ("softmax", True, 70, {}), ("softmax", False, 9, {"kv_heads": 2}),
-    ("local", True, 70, {"window": 6, "sinks": 2}), ("local", False, 45, {"window": 8, "kv_heads": 2}),
+    ("softmax", True, 70, {}), ("softmax", False, 9, {"kv_heads": 2}),  # two blocks of queries; one
+    ("local", True, 70, {"window": 6, "sinks": 2}), ("local", False, 45, {"window": 8, "kv_heads": 2}),  # the band
     ("local", True, 10, {"window": 16}), ("softmax", True, 20, {"sink_logit": True})])
-def test_alibi_inside_the_modified_kernel(variant, causal, n, build):
-    """pos(alibi) with the cap, sinks (StreamingLLM on an ALiBi model) and the sink logit: the capped scores plus
-    -m_h |t - r| (the bias is not capped); against the equation, the full, band and decoding forms."""
+def test_position_inside_the_modified_kernel(scheme, variant, causal, n, build):
+    """pos(xpos) and pos(alibi) with the cap, sinks (StreamingLLM; on an ALiBi model, as MPT) and the sink logit:
+    against the equation with test_xpos's reference turn or ALiBi's bias from the paper; causal, decoding in pieces
+    gives the same."""
     c = 0.7
-    m, _, _ = make_op("mha", variant, d=D, causal=causal, heads=4, softcap=c, pos=("alibi", {}), **build)
+    pos, applied = SCHEMES[scheme]
+    m, _, _ = make_op("mha", variant, d=D, causal=causal, heads=4, softcap=c, pos=pos, **build)
     perturb_params(m)
     x = torch.randn(2, n, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     args = dict(window=build.get("window"), sinks=build.get("sinks", 0), logit=m.sink_logit)
     with torch.no_grad():
         y = m(x, Ctx())
-        ref = reference(m, x, causal, c, bias=alibi, **args)
+        ref = reference(m, x, causal, c, **applied, **args)
         assert (y - ref).abs().max().item() < 1e-10 * max(ref.abs().max().item(), 1.0)
-        assert (y - reference(m, x, causal, c, **args)).abs().max().item() > 1e-3  # the check sees the bias
+        assert (y - reference(m, x, causal, c, **args)).abs().max().item() > 1e-3  # the check sees the scheme
         if causal:
             got, _ = decode_in_pieces(m, x, [5, 1, 1, n - 7])
             assert (got - y).abs().max().item() < 1e-10 * max(y.abs().max().item(), 1.0)
