@@ -200,13 +200,13 @@ def _broken(node, text: str, prefix: str, indent: str, src: _Src) -> list[str]:
                 lines += _broken(item, _expr(item, src), inner + ("-> " if j else ""), inner, src)
             lines[-1] += comma
             continue
-        piece = _expr(arg, src) + comma
-        if cur is not None and len(cur) + 1 + len(piece) <= LIMIT:
-            cur += " " + piece
+        text = _expr(arg, src)
+        if cur is not None and len(cur) + 1 + len(text) + len(comma) <= LIMIT:
+            cur += f" {text}{comma}"
             continue
         if cur is not None:
             lines.append(cur)
-        sub = _broken(arg, piece[:len(piece) - len(comma)], inner, inner, src)
+        sub = _broken(arg, text, inner, inner, src)
         sub[-1] += comma
         lines += sub[:-1]
         cur = sub[-1]

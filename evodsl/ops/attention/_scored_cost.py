@@ -7,8 +7,8 @@ the last r = n - (nb - 1) B long: causal, block c reads keys 0 .. e_c - 1, I = B
 block c reads its S + B_c + lo + hi keys, I = (nb - 1) B (S + B + lo + hi) + r (S + r + lo + hi).
 Matmuls: q k^T and w v, 4 I dh forward, twice that backward (explicit matmuls). Elementwise: the scale 1, the cap
 (divide, tanh, multiply) 3, the mask 1, softmax 5 per score.
-ALiBi (pos(alibi)) adds its bias block by block after the cap: |i - j| per pair (2), a product a head and a sum a
-score, no gradient and nothing kept; the block's bias [h, ...] and its int64 distances live beside its scores.
+ALiBi (pos(alibi)) adds its bias block by block after the cap: its attach_cost for the I pairs and the largest
+block's, whose bias [h, ...] and int64 distances live beside its scores.
 Memory: autograd keeps, per block, the weights (with the sink logit, one column more), the tanh (softcap) and the
 bool mask; the keys and values the matmuls read: the expanded (GQA) or zero-padded (band) copies, or each block's
 [S + K] keys with sinks; q made contiguous. Without autograd the kernel works in place: one block's scores and
@@ -23,6 +23,7 @@ import sympy as sp
 from ..cost import Cost, Symbols, piecewise
 from ..registry import OpEnv
 from ._common import attention_cost, head_symbols, position_cost, rotates
+from ._softcap import rotations
 from ._scored import FULL_BLOCK, MIN_BAND_BLOCK
 
 
@@ -68,11 +69,11 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
     talk = bool(getattr(p, "talking", False))  # talking heads: the scores and the weights mixed across heads
     # H: the softmax heads between the mixings (talking=H; h otherwise), which the mask and the softmax run on
     H = s.sym("H", p.talking) if talk and p.talking is not True else h
-    alibi = env.pos is not None and env.pos[0].variant == "alibi"
-    # ALiBi's bias, built block by block: |i - j| for each pair a block computes (int64: the difference, then its
-    # absolute value), one product a head, one sum a score; no gradient, nothing kept (its dense attach_cost is
-    # SDPA's [h, n, n] bias, which this kernel never builds)
-    pos = Cost(fwd_other=(2 + h + b * h) * I) if alibi else position_cost(env, s, h, kv, dh)
+    # a score bias (ALiBi's, _softcap.inside()) is built block by block: its cost for this kernel's I pairs a
+    # sequence, the largest block's top at once, never SDPA's [h, n, n]
+    biased = env.pos is not None and env.pos[0].variant not in rotations()
+    pos = env.pos[0].attach_cost(env.pos[1], s, h, kv, dh, pairs=I, top=top) if biased else \
+        position_cost(env, s, h, kv, dh)
     scores, mixed_scores = b * h * I, b * H * I
     q, kvb, out = b * n * h * dh * by, b * n * kv * dh * by, b * n * s.d * by
     qkv = q + 2 * kvb
@@ -166,9 +167,9 @@ def _cost(p, env, s, h, kv, dh, I, top, B, nb, last, before, band, S, cache) -> 
             # scores' gradients (H heads each; with the logit the weights' alone), the saved mixed weights (h) and
             # q's blocks' gradient released
             bwd = [block + col + keys / 2, blockH - q if logit else 2 * blockH - block - q]
-    if alibi:  # the largest block's bias [h, ...] and its distances (int64) beside its scores, added in place
+    if biased:  # the largest block's bias (and what builds it) beside its scores, added in place
         phases.append(qkv + grouped + (q if band is None else made * qb) + (0 if band is None else built) + block
-                      + mask + 8 * top + h * top * by)
+                      + mask + pos.peak)
     elif env.pos is not None:
         phases.append(qkv + pos.peak)
     cost = attention_cost(p, s, h, kv, dh, core, pos, saved, phases, cache, bwd_phases=bwd)

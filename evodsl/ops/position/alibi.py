@@ -47,13 +47,16 @@ class AlibiBias(InAttentionPosition):
 
 
 
-def alibi_attach_cost(p: AlibiParams, s: Symbols, heads, kv_heads, head_dim) -> Cost:
-    """Inside dense attention: the [h, n, n] bias, built from int64 distances |i - j| (2 FLOPs per pair, then
-    one product per head) and added to every score; nothing of it needs a gradient. At its construction the
-    bias and the distances are alive besides q, k, v: ALiBi's O(n^2) memory."""
-    n2 = s.n ** 2
-    return Cost(fwd_other=(2 + heads) * n2 + s.b * heads * n2, bwd_other=0,
-                peak=heads * n2 * s.bytes + 8 * n2)
+def alibi_attach_cost(p: AlibiParams, s: Symbols, heads, kv_heads, head_dim, pairs=None, top=None) -> Cost:
+    """The bias of `pairs` (query, key) pairs a sequence, built from int64 distances |i - j| (2 FLOPs per pair,
+    then one product per head) and added to every score; nothing of it needs a gradient. Inside dense attention
+    (SDPA) pairs = n^2 at once: the [h, n, n] bias and its distances alive besides q, k, v, ALiBi's O(n^2) memory.
+    A kernel that builds it block by block (_scored.py) gives its pairs and its largest block's `top`: its peak is
+    that block's bias and distances."""
+    pairs = s.n ** 2 if pairs is None else pairs
+    top = pairs if top is None else top
+    return Cost(fwd_other=(2 + heads) * pairs + s.b * heads * pairs, bwd_other=0,
+                peak=heads * top * s.bytes + 8 * top)
 
 
 OP = register(Op(
